@@ -1,0 +1,56 @@
+"""Framework layouts, found by name through a registry so imports stay a tree.
+
+>>> from weightport.layouts import get_layout, layout_names
+>>> "torch" in layout_names()
+True
+>>> get_layout("torch").NAME
+'torch'
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from weightport.errors import LayoutError
+from weightport.layouts.base import LayoutPlan, Pairing, Rule
+
+__all__ = ["LayoutPlan", "Pairing", "Rule", "get_layout", "layout_names", "register_layout", "detect_layout"]
+
+_REGISTRY: dict[str, str] = {
+    "torch": "weightport.layouts.torch",
+    "keras": "weightport.layouts.keras",
+    "flax": "weightport.layouts.flax",
+    "onnx": "weightport.layouts.onnx",
+}
+
+
+def register_layout(name: str, module_path: str) -> None:
+    """Add a layout module by import path; an existing name is never overwritten."""
+    if name in _REGISTRY:
+        raise LayoutError(f"layout '{name}' is already registered (as {_REGISTRY[name]}); pick another name")
+    _REGISTRY[name] = module_path
+
+
+def layout_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_layout(name: str) -> ModuleType:
+    """The layout module registered as ``name``."""
+    try:
+        path = _REGISTRY[name]
+    except KeyError:
+        raise LayoutError(f"unknown layout '{name}'; choose one of {', '.join(layout_names())}") from None
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError as e:
+        if e.name == path:
+            raise LayoutError(f"layout '{name}' is not available in this version of weightport") from None
+        raise
+
+
+def detect_layout(source: object) -> str:
+    """The layout a source declares (``metadata['layout']``), else ``"torch"`` (names as in PyTorch)."""
+    metadata = getattr(source, "metadata", {})
+    return str(metadata.get("layout", "torch"))

@@ -1,0 +1,65 @@
+"""What every framework layout produces: rules from source tensors to target tensors.
+
+A layout module (one file per framework under ``weightport.layouts``) exposes:
+
+- ``NAME``: its registry name (``"torch"``, ``"keras"``, ...);
+- ``claims(source) -> bool``: whether a source looks like its framework's;
+- ``plan(module, source, mapping) -> LayoutPlan``: the rules for this module;
+- ``export(module, ...) -> dict[str, np.ndarray]``: the reverse direction.
+
+Rules are data: which source keys feed which target, through which
+:mod:`weightport.transforms` op. The planner checks them; layouts never write.
+
+>>> from weightport.transforms import Transpose
+>>> Rule("fc.weight", ("dense/kernel",), Transpose((1, 0))).describe()
+"dense/kernel -> fc.weight (transpose)"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from weightport.transforms import Identity, Op
+
+__all__ = ["Rule", "Pairing", "LayoutPlan"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Target tensor ``target`` is ``op(*source tensors)``; ``origin`` says where it came from."""
+
+    target: str
+    sources: tuple[str, ...]
+    op: Op = field(default_factory=Identity)
+    origin: str = ""
+
+    def describe(self) -> str:
+        return f"{', '.join(self.sources) or '(none)'} -> {self.target} ({self.op.describe()})"
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """One source layer paired with one module, and why (``"by order and kind"``, ``"mapping="``)."""
+
+    source_layer: str
+    source_kind: str
+    module_path: str
+    module_kind: str
+    how: str
+
+
+@dataclass
+class LayoutPlan:
+    """A layout's answer for one module: the rules, how layers were paired, what it left unchecked.
+
+    ``unmatched`` lists source tensors no rule reads (reported as ignored with
+    ``strict=False``, an error otherwise); ``unchecked`` lists settings the source
+    did not carry, so they could not be held against the module.
+    """
+
+    layout: str
+    rules: list[Rule]
+    pairings: list[Pairing] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    scope: str = ""

@@ -1,0 +1,63 @@
+"""The PyTorch layout: source names are state-dict names, values go in as they are.
+
+Prefixes that ``torch.compile`` (``_orig_mod.``) and DataParallel (``module.``)
+add are dropped when every source name carries them and the module does not.
+
+>>> import numpy as np, torch
+>>> from weightport.sources import open_source
+>>> src = open_source({"module.weight": np.ones((2, 2), np.float32), "module.bias": np.ones(2, np.float32)})
+>>> [r.target for r in plan(torch.nn.Linear(2, 2), src).rules]
+['weight', 'bias']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from weightport.layouts.base import LayoutPlan, Rule
+from weightport.sources.base import Source
+
+NAME = "torch"
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def claims(source: Source) -> bool:
+    return source.metadata.get("layout", NAME) == NAME
+
+
+def strip_wrapper_prefixes(names: list[str], module_names: set[str]) -> str:
+    """The wrapper prefix to drop from every name ('' if none applies)."""
+    dropped = ""
+    current = names
+    changed = True
+    while changed and current:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(n.startswith(prefix) for n in current) and not any(n in module_names for n in current):
+                dropped += prefix
+                current = [n[len(prefix) :] for n in current]
+                changed = True
+    return dropped
+
+
+def plan(module: torch.nn.Module, source: Source, mapping: Mapping[str, str] | None = None) -> LayoutPlan:
+    """One identity rule per source tensor; ``mapping`` renames source names first."""
+    mapping = dict(mapping or {})
+    module_names = set(module.state_dict(keep_vars=True))
+    names = list(source.infos)
+    dropped = strip_wrapper_prefixes([n for n in names if n not in mapping], module_names)
+    rules = []
+    for name in names:
+        target = mapping.get(name, name[len(dropped) :] if name.startswith(dropped) else name)
+        rules.append(Rule(target, (name,), origin=f"{source.description} '{name}'"))
+    return LayoutPlan(layout=NAME, rules=rules)
+
+
+def export(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Every state-dict tensor as a NumPy copy, under its own name."""
+    from weightport.export import to_numpy
+
+    return to_numpy(module)

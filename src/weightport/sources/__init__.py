@@ -1,0 +1,120 @@
+"""Sources: lazy name -> array collections from mappings and files.
+
+:func:`open_source` turns what a user passes into a :class:`Source`. File formats
+are found through a registry of reader modules (one file each), imported only
+when a file of theirs shows up. Each reader module exposes
+``claims(path) -> bool`` and ``open(path) -> Source``; object readers expose
+``claims_object(obj) -> bool`` and ``open_object(obj) -> Source``.
+
+>>> import numpy as np
+>>> src = open_source({"fc.weight": np.eye(2)})
+>>> list(src.infos), src.description
+(['fc.weight'], 'the given mapping')
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Union
+
+from weightport.errors import SourceError
+from weightport.sources.base import Source, TensorInfo, check_extent
+from weightport.sources.mapping import MappingSource
+
+__all__ = [
+    "Source",
+    "TensorInfo",
+    "MappingSource",
+    "SourceLike",
+    "check_extent",
+    "open_source",
+    "register_format",
+    "format_names",
+]
+
+SourceLike = Union[Source, Mapping[str, Any], str, "os.PathLike[str]", Any]
+
+# Order matters: the first reader that claims a path opens it.
+_FORMATS: dict[str, str] = {
+    "safetensors-index": "weightport.sources.sharded",
+    "safetensors": "weightport.sources.safetensors",
+    "npz": "weightport.sources.npz",
+    "npy": "weightport.sources.npy",
+    "keras": "weightport.sources.keras",
+    "flax-msgpack": "weightport.sources.flax",
+    "onnx": "weightport.sources.onnx",
+    "npy-folder": "weightport.sources.npy_folder",
+    "safetensors-folder": "weightport.sources.sharded",
+}
+_OBJECT_READERS: list[str] = ["weightport.sources.keras_live"]
+
+
+def register_format(name: str, module_path: str) -> None:
+    """Add a reader module; an existing name is never overwritten."""
+    if name in _FORMATS:
+        raise SourceError(f"format '{name}' is already registered (as {_FORMATS[name]}); pick another name")
+    _FORMATS[name] = module_path
+
+
+def format_names() -> list[str]:
+    return list(_FORMATS)
+
+
+def _reader(path: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError as e:
+        if e.name == path:
+            return None  # a format not built into this version
+        raise
+
+
+def open_source(obj: SourceLike, *, format: str | None = None) -> Source:
+    """A :class:`Source` for a mapping, a path, or an object a reader knows.
+
+    Args:
+        obj: a Source; a mapping of names to arrays (nested mappings are joined
+            with ``/``); a path to a file or folder; or a framework object.
+        format: a name from :func:`format_names` to skip detection.
+    """
+    if isinstance(obj, Source):
+        return obj
+    if isinstance(obj, Mapping):
+        return MappingSource.from_mapping(obj)
+    if isinstance(obj, (str, os.PathLike)):
+        return _open_path(Path(obj), format)
+    for path in _OBJECT_READERS:
+        reader = _reader(path)
+        if reader is not None and reader.claims_object(obj):
+            return reader.open_object(obj)  # type: ignore[no-any-return]
+    raise SourceError(
+        f"cannot read weights from a {type(obj).__name__}: pass a mapping of names to arrays, "
+        f"a path to a file or folder ({', '.join(_FORMATS)}), or a Keras model"
+    )
+
+
+def _open_path(given: Path, format: str | None) -> Source:
+    try:
+        path = given.resolve(strict=True)  # the user's own path: links are followed once, here
+    except FileNotFoundError:
+        raise SourceError(f"'{given}': no such file or folder. Fix: check the path.") from None
+    except OSError as e:
+        raise SourceError(f"'{given}': cannot be opened ({e.strerror or e}). Fix: check the path.") from None
+    if format is not None:
+        if format not in _FORMATS:
+            raise SourceError(f"unknown format '{format}'; choose one of {', '.join(_FORMATS)}")
+        names = [format]
+    else:
+        names = list(_FORMATS)
+    for name in names:
+        reader = _reader(_FORMATS[name])
+        if reader is not None and (format is not None or reader.claims(path)):
+            return reader.open(path)  # type: ignore[no-any-return]
+    raise SourceError(
+        f"'{given}': not a format weightport reads. Fix: use one of .npz, .npy, a folder of .npy, "
+        f".safetensors (or its .index.json), .weights.h5, .keras, .h5, .msgpack, .onnx."
+    )

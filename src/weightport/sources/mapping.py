@@ -1,0 +1,83 @@
+"""A source over arrays already in memory: a dict of NumPy arrays, tensors, lists.
+
+Values are converted once when the source is made (``np.asarray``; torch tensors
+through ``.detach().cpu()``), and refused when no real array can be made of them
+(ragged lists, strings, objects). Nested mappings are flattened with ``/``.
+
+>>> import numpy as np
+>>> src = MappingSource.from_mapping({"dense": {"kernel": np.ones((2, 3))}})
+>>> list(src.infos)
+['dense/kernel']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from weightport.dtypes import BFLOAT16
+from weightport.errors import SourceError
+from weightport.sources.base import Source, TensorInfo
+
+__all__ = ["MappingSource", "to_array"]
+
+
+def to_array(name: str, value: Any) -> np.ndarray:
+    """``value`` as a NumPy array (a view where possible), or a SourceError that says why not."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch here
+        tensor = value.detach().cpu()
+        if str(tensor.dtype) == "torch.bfloat16":
+            return tensor.view(dtype=_torch_int16()).numpy().view(BFLOAT16)
+        return np.asarray(tensor.numpy())
+    try:
+        array = np.asarray(value)
+    except ValueError as e:
+        raise SourceError(
+            f"'{name}': cannot be made into an array ({e}); ragged nested lists are not tensors. "
+            "Fix: pass a NumPy array of one shape."
+        ) from None
+    if array.dtype.kind in "OUSVM":
+        raise SourceError(
+            f"'{name}': holds {array.dtype} values, not numbers. Fix: pass a numeric NumPy array."
+        )
+    return array
+
+
+def _torch_int16() -> Any:
+    import torch
+
+    return torch.int16
+
+
+@dataclass
+class MappingSource(Source):
+    """Arrays in memory by name; reading never fails and never copies."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], description: str = "the given mapping") -> MappingSource:
+        arrays: dict[str, np.ndarray] = {}
+        _flatten(mapping, "", arrays)
+        infos = {n: TensorInfo(n, tuple(int(d) for d in a.shape), a.dtype) for n, a in arrays.items()}
+        return cls(description=description, infos=infos, in_memory=True, arrays=arrays)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        np.copyto(out, self.arrays[name], casting="no")
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str, out: dict[str, np.ndarray]) -> None:
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise SourceError(f"key {key!r} is a {type(key).__name__}; tensor names must be strings")
+        name = prefix + key
+        if isinstance(value, Mapping):
+            _flatten(value, name + "/", out)
+        else:
+            out[name] = to_array(name, value)
