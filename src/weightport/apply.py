@@ -1,0 +1,136 @@
+"""Writing a checked plan into the module: in place, all or nothing.
+
+Existing tensors get one in-place ``copy_`` each under ``torch.no_grad()``: the
+Parameter objects, their device, dtype, ``requires_grad`` and memory format stay,
+and an RNN's flat weight buffer stays valid. Tensors on the ``meta`` device have no
+storage, so new ones are made from the source and swapped in only after every
+one was read. A KeyboardInterrupt while writing is held until writing ends.
+When a lazily read file fails mid-way, what was written is put back from a copy
+of each tensor taken just before it is overwritten (``rollback=True``: extra
+memory up to the size of what is loaded; pass ``rollback=False`` to skip it).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from weightport.dtypes import as_torch, to_numpy_dtype
+from weightport.errors import SourceError
+from weightport.plan import Entry, Plan
+from weightport.sources.base import Source
+
+__all__ = ["apply_plan", "deferred_interrupts"]
+
+Progress = Callable[[Entry], None]
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[object] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def host_view(tensor: torch.Tensor) -> np.ndarray | None:
+    """A writable NumPy view of a CPU, contiguous tensor's memory, else None."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_meta:
+        return None
+    data = tensor.detach()
+    if data.dtype == torch.bfloat16:
+        return data.view(torch.int16).numpy().view(to_numpy_dtype(torch.bfloat16))
+    try:
+        return data.numpy()
+    except (TypeError, RuntimeError):
+        return None
+
+
+def _value(entry: Entry, source: Source) -> np.ndarray:
+    return entry.rule.op(*(source.read(s) for s in entry.rule.sources))
+
+
+def _write(entry: Entry, source: Source) -> None:
+    tensor = entry.tensor
+    rule = entry.rule
+    if (
+        not source.in_memory
+        and len(rule.sources) == 1
+        and rule.op.describe() == "as is"
+        and entry.inputs[0].dtype.isnative
+    ):
+        view = host_view(tensor)
+        if view is not None and view.dtype == entry.inputs[0].dtype:
+            source.read_into(rule.sources[0], view)
+            return
+    tensor.detach().copy_(as_torch(_value(entry, source)))
+
+
+def _materialize(entry: Entry, source: Source) -> torch.Tensor:
+    tensor = entry.tensor
+    new = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="cpu")
+    new.copy_(as_torch(_value(entry, source)))
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(new, requires_grad=tensor.requires_grad)
+    return new
+
+
+def _swap_in(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
+    touched = set()
+    for owner in module.modules():
+        for store in (owner._parameters, owner._buffers):
+            for local, old in store.items():
+                if old is not None and id(old) in new:
+                    store[local] = new[id(old)]
+                    touched.add(owner)
+    for owner in touched:
+        if isinstance(owner, nn.RNNBase):
+            owner._init_flat_weights()
+
+
+def apply_plan(plan: Plan, source: Source, *, rollback: bool = True, progress: Progress | None = None) -> None:
+    """Write every planned tensor; on a read error put back what was written and raise."""
+    done: set[int] = set()
+    backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+    materialized: dict[int, torch.Tensor] = {}
+    keep = rollback and not source.in_memory
+    with deferred_interrupts(), torch.no_grad():
+        try:
+            for entry in plan.entries:
+                if id(entry.tensor) in done:
+                    continue
+                done.add(id(entry.tensor))
+                if entry.tensor.is_meta:
+                    materialized[id(entry.tensor)] = _materialize(entry, source)
+                else:
+                    if keep:
+                        backups.append((entry.tensor, entry.tensor.detach().clone()))
+                    _write(entry, source)
+                if progress is not None:
+                    progress(entry)
+        except Exception as e:
+            for tensor, saved in backups:
+                tensor.detach().copy_(saved)
+            restored = "every tensor written so far was put back" if keep else (
+                "the module is PARTLY WRITTEN (rollback=False)"
+            )
+            raise SourceError(
+                f"reading {source.description} failed while writing '{entry.target}': {e}; {restored}. "
+                "Fix: check the file is complete and not being changed, then load again."
+            ) from e
+        if materialized:
+            _swap_in(plan.module, materialized)

@@ -1,0 +1,130 @@
+"""A module's tensors out as NumPy arrays and files (``.npz``, ``.safetensors``).
+
+Arrays are copies, never views of the module's memory. Files are written to a
+temporary name beside the target and renamed into place, so a failed save never
+leaves half a file.
+
+>>> import torch, weightport
+>>> arrays = weightport.to_numpy(torch.nn.Linear(2, 3))
+>>> {k: v.shape for k, v in arrays.items()}
+{'weight': (3, 2), 'bias': (3,)}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from weightport.dtypes import BFLOAT16, to_numpy_dtype
+from weightport.errors import SourceError
+
+__all__ = ["to_numpy", "save", "write_npz", "write_safetensors", "SAFETENSORS_DTYPES"]
+
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": BFLOAT16,
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy copy of ``tensor`` (any device; bfloat16 through ml_dtypes)."""
+    if tensor.is_meta:
+        raise SourceError("a tensor on the meta device has no values to export; load or initialize it first")
+    data = tensor.detach().to("cpu").contiguous()
+    if data.dtype == torch.bfloat16:
+        return data.view(torch.int16).numpy().view(BFLOAT16).copy()
+    return data.numpy().copy()
+
+
+def to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
+    """Every tensor of ``module.state_dict()`` as a NumPy copy, by state-dict name."""
+    return {name: tensor_to_numpy(t) for name, t in module.state_dict().items()}
+
+
+def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-type]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
+    """Write ``arrays`` to an uncompressed ``.npz`` (bfloat16 goes in as exact float32)."""
+    out = {k: (np.asarray(v, np.float32) if v.dtype == BFLOAT16 else np.asarray(v)) for k, v in arrays.items()}
+    target = Path(path)
+    _atomic_write(target, lambda f: np.savez(f, **out))
+    return target
+
+
+def write_safetensors(
+    arrays: Mapping[str, np.ndarray], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``arrays`` to a ``.safetensors`` file (little-endian, C order)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    prepared = []
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+        code = _CODES.get(data.dtype)
+        if code is None:
+            raise SourceError(f"'{name}': dtype {array.dtype} cannot be stored in .safetensors")
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+        prepared.append(data)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+
+    def write(f: object) -> None:
+        f.write(len(blob).to_bytes(8, "little"))  # type: ignore[attr-defined]
+        f.write(blob)  # type: ignore[attr-defined]
+        for data in prepared:
+            f.write(memoryview(data.reshape(-1).view(np.uint8)))  # type: ignore[attr-defined]
+
+    target = Path(path)
+    _atomic_write(target, write)
+    return target
+
+
+def save(module: nn.Module | Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
+    """Save a module's tensors (or a dict of arrays) to ``.npz`` or ``.safetensors`` by suffix.
+
+    Loading the file back with :func:`weightport.load` restores the module exactly.
+    """
+    arrays = to_numpy(module) if isinstance(module, nn.Module) else dict(module)
+    target = Path(path)
+    if target.suffix == ".npz":
+        return write_npz(arrays, target)
+    if target.suffix == ".safetensors":
+        return write_safetensors(arrays, target)
+    raise SourceError(f"'{target}': cannot save to '{target.suffix}'. Fix: use a .npz or .safetensors path.")
+
+
+def numpy_dtype(tensor: torch.Tensor) -> np.dtype:
+    return to_numpy_dtype(tensor.dtype)

@@ -1,0 +1,186 @@
+"""``weightport.load``: arrays into a module, checked first, written in place, all or nothing.
+
+>>> import numpy as np, torch, weightport
+>>> rnn = torch.nn.RNN(3, 4)
+>>> rng = np.random.RandomState(313)
+>>> arrays = {name: rng.uniform(-0.5, 0.5, tuple(p.shape)) for name, p in rnn.named_parameters()}
+>>> report = weightport.load(rnn, arrays)
+>>> bool(np.allclose(rnn.weight_ih_l0.detach().numpy(), arrays["weight_ih_l0"]))
+True
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+from torch import nn
+
+from weightport.apply import apply_plan
+from weightport.dtypes import describe_dtype
+from weightport.errors import LoadError, Problem, UncheckedConfigWarning
+from weightport.layouts import detect_layout, get_layout
+from weightport.plan import NonFinite, Plan, build_plan, check_values
+from weightport.report import LoadReport, ReportRow
+from weightport.sources import Source, SourceLike, open_source
+
+__all__ = ["load", "plan_load"]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module that owns the weights under torch.compile and DataParallel wrappers."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            module = inner
+            continue
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+            continue
+        return module
+
+
+def _scope(module: nn.Module, prefix: str | None) -> tuple[nn.Module, str]:
+    if not prefix:
+        return module, ""
+    path = prefix.rstrip(".")
+    try:
+        return module.get_submodule(path), path + "."
+    except AttributeError:
+        children = [n for n, _ in module.named_modules() if n]
+        raise LoadError(
+            [Problem(prefix, "the path of a submodule", "no such submodule",
+                     f"use one of {', '.join(children[:12]) or '(none: the module has no submodules)'}")],
+            target=type(module).__name__,
+        ) from None
+
+
+def plan_load(
+    module: nn.Module,
+    source: Source,
+    *,
+    strict: bool = True,
+    prefix: str | None = None,
+    allow_nonfinite: NonFinite = False,
+    layout: str | None = None,
+    mapping: Mapping[str, str] | None = None,
+    check_values_: bool = True,
+) -> Plan:
+    """Everything :func:`load` checks, without writing: the checked plan, problems included."""
+    scope, prefix_ = _scope(_unwrap(module), prefix)
+    layout_module = get_layout(layout or detect_layout(source))
+    layout_plan = layout_module.plan(scope, source, mapping)
+    plan = build_plan(scope, source, layout_plan, strict=strict, prefix=prefix_)
+    plan.ignored.extend(source.ignored)
+    if check_values_:
+        check_values(plan, source, allow_nonfinite)
+    return plan
+
+
+def load(
+    module: nn.Module,
+    source: SourceLike,
+    *,
+    strict: bool = True,
+    prefix: str | None = None,
+    allow_nonfinite: NonFinite = False,
+    dry_run: bool = False,
+    layout: str | None = None,
+    mapping: Mapping[str, str] | None = None,
+    check_values: bool = True,
+    rollback: bool = True,
+    progress: bool | None = None,
+) -> LoadReport:
+    """Load arrays into ``module``'s parameters and buffers, in place, all or nothing.
+
+    Args:
+        module: any ``nn.Module``; tensors on the ``meta`` device are materialized.
+        source: a mapping of state-dict names to arrays (NumPy, torch, lists), or a
+            path to ``.npz``, a folder of ``.npy``, ``.safetensors``, or a framework file.
+        strict: refuse names the module lacks and tensors the source lacks.
+        prefix: load into the submodule at this path (``"encoder."``).
+        allow_nonfinite: accept NaN/Inf (True, or a set of target names).
+        dry_run: check everything and return the report without writing.
+        layout: how the source names its tensors (``"torch"``, ``"keras"``,
+            ``"flax"``, ``"onnx"``); inferred from the file when not given.
+        mapping: source layer (or name) -> module path, overriding the pairing.
+        check_values: scan values for NaN/Inf, range and exact casts (on by default).
+        rollback: keep a copy of each tensor overwritten from a lazily read file so a
+            read error mid-way puts everything back (costs memory up to the model's size).
+        progress: show a progress bar (None: only for big loads on a terminal).
+
+    Returns:
+        A :class:`LoadReport`; printing it shows the plan as a table.
+
+    Raises:
+        LoadError: with ``.problems``; the module is unchanged.
+        SourceError: the source could not be read; the module is unchanged.
+    """
+    owned = not isinstance(source, Source)
+    src = open_source(source)
+    try:
+        plan = plan_load(
+            module, src, strict=strict, prefix=prefix, allow_nonfinite=allow_nonfinite,
+            layout=layout, mapping=mapping, check_values_=check_values,
+        )
+        if plan.problems:
+            raise LoadError(plan.problems, target=_describe(module))
+        if plan.layout.unchecked:
+            warnings.warn(
+                UncheckedConfigWarning(
+                    f"{src.description} holds weights only, so these settings were not checked against the "
+                    f"module: {'; '.join(plan.layout.unchecked)}"
+                ),
+                stacklevel=2,
+            )
+        if not dry_run:
+            _apply(plan, src, rollback=rollback, progress=progress)
+        return _report(plan, src, module, dry_run)
+    finally:
+        if owned:
+            src.close()
+
+
+def _apply(plan: Plan, source: Source, *, rollback: bool, progress: bool | None) -> None:
+    from weightport.progress import progress_callback
+
+    with progress_callback(plan, source, progress) as callback:
+        apply_plan(plan, source, rollback=rollback, progress=callback)
+
+
+def _describe(module: nn.Module) -> str:
+    return type(_unwrap(module)).__name__
+
+
+def _report(plan: Plan, source: Source, module: nn.Module, dry_run: bool) -> LoadReport:
+    seen: set[int] = set()
+    rows = []
+    nbytes = 0
+    for entry in plan.entries:
+        if id(entry.tensor) in seen:
+            continue
+        seen.add(id(entry.tensor))
+        nbytes += entry.nbytes
+        rows.append(
+            ReportRow(
+                target=entry.target,
+                shape=entry.shape,
+                dtype=describe_dtype(entry.tensor.dtype),
+                source_dtype=describe_dtype(entry.source_dtype),
+                transform=entry.rule.op.describe(),
+                origin=entry.rule.origin or ", ".join(entry.rule.sources),
+                aliases=entry.aliases,
+            )
+        )
+    return LoadReport(
+        module=_describe(module),
+        source=source.description,
+        layout=plan.layout.layout,
+        rows=rows,
+        ignored=list(plan.ignored),
+        missing=list(plan.missing),
+        pairings=list(plan.layout.pairings),
+        unchecked=list(plan.layout.unchecked),
+        nbytes=nbytes,
+        dry_run=dry_run,
+    )

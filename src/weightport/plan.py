@@ -1,0 +1,301 @@
+"""The plan: every tensor a load will write, checked against the module before any write.
+
+:func:`build_plan` checks names, shapes and dtypes from the source's infos alone
+(no data read); :func:`check_values` then reads the data once for the checks that
+need values (NaN/Inf, float range, exact integer casts, tied weights).
+
+>>> import numpy as np, torch
+>>> from weightport.layouts import get_layout
+>>> from weightport.sources import open_source
+>>> lin = torch.nn.Linear(3, 2)
+>>> src = open_source({"weight": np.zeros((3, 2)), "bias": np.zeros(2)})
+>>> plan = build_plan(lin, src, get_layout("torch").plan(lin, src))
+>>> print(plan.problems[0])
+'weight': expected shape (2, 3) = (out_features, in_features) of Linear(in_features=3, out_features=2), found shape (3, 2) from the given mapping 'weight'. Fix: pass an array of shape (2, 3); (3, 2) looks transposed: pass its .T.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from weightport import values
+from weightport.dtypes import describe_dtype, to_numpy_dtype
+from weightport.errors import Problem
+from weightport.layouts.base import LayoutPlan, Rule
+from weightport.shapes import explain_shape
+from weightport.sources.base import Source, TensorInfo
+
+__all__ = ["Entry", "Plan", "build_plan", "check_values", "NonFinite"]
+
+NonFinite = bool | Collection[str]
+
+
+@dataclass
+class Entry:
+    """One tensor to write: where it goes, where it comes from, how it is cast."""
+
+    target: str
+    tensor: torch.Tensor
+    rule: Rule
+    inputs: tuple[TensorInfo, ...]
+    source_dtype: np.dtype
+    check: str  # what the values need: see values.cast_kind
+    aliases: tuple[str, ...] = ()  # other names of the same (tied) tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.tensor.element_size()
+
+    @property
+    def cast(self) -> str:
+        """``'float64 -> float32'`` when the dtype changes, else ``''``."""
+        src, dst = describe_dtype(self.source_dtype), describe_dtype(self.tensor.dtype)
+        return "" if src == dst else f"{src} -> {dst}"
+
+
+@dataclass
+class Plan:
+    """What a load will do, and every problem found with it."""
+
+    module: nn.Module
+    prefix: str
+    layout: LayoutPlan
+    entries: list[Entry] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.state_dict(keep_vars=True))
+
+
+def _owner(module: nn.Module, name: str) -> nn.Module:
+    path = name.rpartition(".")[0]
+    return module.get_submodule(path) if path else module
+
+
+def _suggest(name: str, candidates: Collection[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(f"'{c}'" for c in close) + "? Rename it, or pass strict=False to skip it"
+    return "remove it, or pass strict=False to skip names the module does not have"
+
+
+def _parametrized_hint(name: str, names: Collection[str]) -> str | None:
+    module_path, _, leaf = name.rpartition(".")
+    original = f"{module_path + '.' if module_path else ''}parametrizations.{leaf}.original"
+    found = [n for n in names if n.startswith(original)]
+    if found:
+        listed = " and ".join(f"'{n}'" for n in sorted(found))
+        return f"'{name}' is computed by a parametrization; load {listed} instead (or remove the parametrization)"
+    return None
+
+
+def build_plan(
+    module: nn.Module,
+    source: Source,
+    layout: LayoutPlan,
+    *,
+    strict: bool = True,
+    prefix: str = "",
+) -> Plan:
+    """Check every rule of ``layout`` against ``module`` using infos only (no data read)."""
+    plan = Plan(module=module, prefix=prefix, layout=layout)
+    tensors = _tensors(module)
+    by_identity: dict[int, list[str]] = {}
+    for name, tensor in tensors.items():
+        by_identity.setdefault(id(tensor), []).append(name)
+    problems = plan.problems
+    written: dict[int, Entry] = {}
+    seen_targets: set[str] = set()
+
+    for rule in layout.rules:
+        target = rule.target
+        full = prefix + target
+        if target in seen_targets:
+            problems.append(Problem(full, "one value", "two source rules for it", "give each tensor once"))
+            continue
+        seen_targets.add(target)
+        if target not in tensors:
+            if strict:
+                hint = _parametrized_hint(target, tensors) or _suggest(target, tensors)
+                problems.append(Problem(full, "a name the module has", f"an unknown name from {_origin(rule)}", hint))
+            else:
+                plan.ignored.extend(rule.sources or (target,))
+            continue
+        tensor = tensors[target]
+        entry = _entry(module, full, target, tensor, rule, source, problems)
+        if entry is None:
+            continue
+        first = written.get(id(tensor))
+        if first is not None:
+            first.aliases = (*first.aliases, full)
+            plan.entries.append(entry)  # kept so check_values compares the tied values
+            continue
+        written[id(tensor)] = entry
+        plan.entries.append(entry)
+
+    used = {s for r in layout.rules for s in r.sources}
+    for name in layout.unmatched:
+        if name not in used:
+            if strict:
+                problems.append(
+                    Problem(name, "a tensor the layout can place", f"'{name}' in {source.description}",
+                            "pass strict=False to skip it, or mapping= to place its layer")
+                )
+            else:
+                plan.ignored.append(name)
+
+    for name, tensor in tensors.items():
+        if id(tensor) in written:
+            continue
+        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            continue  # reported by _entry when targeted; lazy and untouched is fine
+        if strict:
+            problems.append(
+                Problem(prefix + name, "a value for it", f"nothing in {source.description}",
+                        _suggest_missing(name, [r.target for r in layout.rules if r.target not in tensors]))
+            )
+        elif tensor.is_meta:
+            problems.append(
+                Problem(prefix + name, "a value for it (it is on the meta device and has no data)",
+                        f"nothing in {source.description}", "add it to the source, or build the module off meta")
+            )
+        else:
+            plan.missing.append(prefix + name)
+        written[id(tensor)] = None  # type: ignore[assignment]  # reported once per tied group
+    return plan
+
+
+def _suggest_missing(name: str, unknown: list[str]) -> str:
+    close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.6)
+    if close:
+        return f"the source has '{close[0]}': rename it to '{name}'"
+    return "add it to the source, or pass strict=False to leave it as it is"
+
+
+def _origin(rule: Rule) -> str:
+    return rule.origin or ", ".join(rule.sources) or "the layout"
+
+
+def _entry(
+    module: nn.Module,
+    full: str,
+    target: str,
+    tensor: torch.Tensor,
+    rule: Rule,
+    source: Source,
+    problems: list[Problem],
+) -> Entry | None:
+    if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+        problems.append(
+            Problem(full, "an initialized tensor", "a lazy module's uninitialized parameter",
+                    "run one forward pass with a sample input first, or use the non-lazy module class")
+        )
+        return None
+    missing = [s for s in rule.sources if s not in source.infos]
+    if missing:
+        problems.append(
+            Problem(full, f"source tensor(s) {', '.join(missing)}", f"none in {source.description}",
+                    "check the file, or pass mapping= to pair its layers")
+        )
+        return None
+    inputs = tuple(source.infos[s] for s in rule.sources)
+    origin = _origin(rule)
+    try:
+        shape = tuple(rule.op.out_shape([i.shape for i in inputs]))
+    except ValueError as e:
+        problems.append(Problem(full, f"source shapes that {rule.op.describe()} accepts", f"{e} ({origin})",
+                                "check the source layer's sizes against the module"))
+        return None
+    expected = tuple(tensor.shape)
+    if shape != expected:
+        why = explain_shape(_owner(module, target), target.rpartition(".")[2])
+        exp = f"shape {why or expected}"
+        via = f" after {rule.op.describe()}" if rule.op.describe() != "as is" else ""
+        problems.append(Problem(full, exp, f"shape {shape} from {origin}{via}", _shape_fix(expected, shape)))
+        return None
+    source_dtype = np.result_type(*(i.dtype for i in inputs)) if inputs else np.dtype(np.float32)
+    check, refusal = values.cast_kind(source_dtype, tensor.dtype)
+    if refusal:
+        problems.append(Problem(full, f"dtype {describe_dtype(tensor.dtype)}",
+                                f"{describe_dtype(source_dtype)} from {origin}", refusal))
+        return None
+    return Entry(full, tensor, rule, inputs, source_dtype, check)
+
+
+def _shape_fix(expected: tuple[int, ...], found: tuple[int, ...]) -> str:
+    if len(expected) == 2 and found == expected[::-1]:
+        return f"pass an array of shape {expected}; {found} looks transposed: pass its .T"
+    if math.prod(expected) == math.prod(found):
+        return f"pass an array of shape {expected} (same size: reshape it if the order is right)"
+    return f"pass an array of shape {expected}, or build the module with sizes that match"
+
+
+def check_values(plan: Plan, source: Source, allow_nonfinite: NonFinite = False) -> None:
+    """Read each planned source tensor once and add a problem for each bad value found."""
+    checked: dict[tuple[str, str, bool], str | None] = {}
+    firsts: dict[int, tuple[Entry, np.ndarray]] = {}
+    for entry in plan.entries:
+        allowed = _allowed(entry.target, allow_nonfinite)
+        arrays = [source.read(s) for s in entry.rule.sources]
+        tied = id(entry.tensor) in firsts
+        if tied or entry.aliases:
+            value = entry.rule.op(*arrays)
+            if tied:
+                first, first_value = firsts[id(entry.tensor)]
+                if not np.array_equal(first_value, value, equal_nan=True):
+                    plan.problems.append(
+                        Problem(entry.target, f"the same values as '{first.target}' (they are one tied tensor)",
+                                "different values", "give the tied tensor once, or equal values under both names")
+                    )
+                continue
+            firsts[id(entry.tensor)] = (entry, value)
+        if entry.check == "none":
+            continue
+        checked_inputs = zip(entry.rule.sources, arrays) if entry.rule.op.value_preserving else [
+            (entry.target, entry.rule.op(*arrays))
+        ]
+        for key, array in checked_inputs:
+            memo = (key, str(entry.tensor.dtype), allowed)
+            if memo not in checked:
+                checked[memo] = values.find_bad_values(array, entry.tensor.dtype, entry.check, allowed)
+            bad = checked[memo]
+            if bad:
+                plan.problems.append(Problem(entry.target, f"values that fit {describe_dtype(entry.tensor.dtype)}",
+                                             f"{bad} in {_origin(entry.rule)}", _value_fix(bad)))
+                break
+
+
+def _allowed(name: str, allow_nonfinite: NonFinite) -> bool:
+    if isinstance(allow_nonfinite, bool):
+        return allow_nonfinite
+    return name in allow_nonfinite
+
+
+def _value_fix(bad: str) -> str:
+    if "NaN" in bad or "Inf" in bad:
+        return "replace them, or pass allow_nonfinite=True (or a set of names) if they belong there"
+    if "range" in bad:
+        return "scale the values, or load into a wider dtype (module.double())"
+    return "round or convert the values first, or load into a tensor of a dtype that holds them"
+
+
+def numpy_dtype_of(tensor: torch.Tensor) -> np.dtype:
+    return to_numpy_dtype(tensor.dtype)

@@ -1,0 +1,152 @@
+"""``nn.RNN``/``nn.LSTM``/``nn.GRU`` (and their cells) by layer, direction and gate.
+
+Gates are named by letter in PyTorch's own order: LSTM ``i, f, g, o``; GRU
+``r, z, n``; a plain RNN has one block. Values are arrays, or dicts by gate letter
+(gates not given keep their current values). Every write goes through
+:func:`weightport.load`, so it is checked first and all or nothing.
+
+>>> import numpy as np, torch
+>>> lstm = torch.nn.LSTM(3, 4)
+>>> _ = set_layer(lstm, 0, bias_ih={"f": np.ones(4)})
+>>> get_layer(lstm, 0, gates=True)["bias_ih"]["f"].tolist()
+[1.0, 1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from weightport.errors import LoadError, Problem
+from weightport.export import tensor_to_numpy
+from weightport.loading import load
+from weightport.report import LoadReport
+from weightport.shapes import describe_module
+
+__all__ = ["GATES", "gates_of", "param_name", "set_layer", "get_layer"]
+
+GATES = {"RNN": ("",), "LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n")}
+ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+
+def _kind(module: nn.Module) -> str:
+    for kind in ("LSTM", "GRU", "RNN"):
+        if type(module).__name__.startswith(kind) and isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+            return kind
+    raise TypeError(
+        f"{type(module).__name__} is not an nn.RNN, nn.LSTM, nn.GRU or one of their cells; "
+        "use weightport.load with state-dict names for other modules"
+    )
+
+
+def gates_of(module: nn.Module) -> tuple[str, ...]:
+    """The gate letters of ``module`` in PyTorch's order (``('',)`` for a plain RNN)."""
+    return GATES[_kind(module)]
+
+
+def param_name(module: nn.Module, role: str, layer: int = 0, *, reverse: bool = False) -> str:
+    """The state-dict name of ``role`` in ``layer`` and direction, checked against the module.
+
+    >>> param_name(nn.GRU(2, 3, num_layers=2, bidirectional=True), "bias_hh", 1, reverse=True)
+    'bias_hh_l1_reverse'
+    """
+    _kind(module)
+    desc = describe_module(module)
+    if role not in ROLES:
+        raise ValueError(f"unknown parameter role '{role}'; use one of {', '.join(ROLES)}")
+    if isinstance(module, nn.RNNCellBase):
+        if layer != 0 or reverse:
+            raise ValueError(f"{desc} is a single cell: use layer=0 and reverse=False")
+        name = role
+    else:
+        if not 0 <= layer < module.num_layers:
+            raise ValueError(f"layer {layer} does not exist: {desc} has num_layers={module.num_layers}")
+        if reverse and not module.bidirectional:
+            raise ValueError(f"reverse=True needs a bidirectional module; {desc} is not")
+        name = f"{role}_l{layer}{'_reverse' if reverse else ''}"
+    if role.startswith("bias") and not getattr(module, "bias", True):
+        raise ValueError(f"{desc} was built with bias=False: it has no '{name}'")
+    if role == "weight_hr" and not getattr(module, "proj_size", 0):
+        raise ValueError(f"{desc} has no projection (proj_size=0): it has no '{name}'")
+    return name
+
+
+def _assemble(module: nn.Module, name: str, role: str, value: Any, problems: list[Problem]) -> Any:
+    if not isinstance(value, Mapping):
+        return value
+    gates = gates_of(module)
+    if role == "weight_hr" or gates == ("",):
+        problems.append(Problem(name, "one array (it has no gates)", "a dict by gate", "pass the whole array"))
+        return None
+    unknown = sorted(set(value) - set(gates))
+    if unknown:
+        problems.append(Problem(name, f"gate letters {', '.join(gates)}", f"{', '.join(map(repr, unknown))}",
+                                f"name gates as PyTorch does for {type(module).__name__}: {', '.join(gates)}"))
+        return None
+    current = tensor_to_numpy(getattr(module, name)).astype(np.float64)
+    block = current.shape[0] // len(gates)
+    for letter, part in value.items():
+        array = np.asarray(part)
+        expected = (block, *current.shape[1:])
+        if array.shape != expected:
+            problems.append(Problem(f"{name} gate '{letter}'", f"shape {expected} (hidden_size{', ' + str(expected[1]) if len(expected) > 1 else ''})",
+                                    f"shape {array.shape}", f"pass one gate's block of shape {expected}"))
+            continue
+        index = gates.index(letter)
+        current[index * block : (index + 1) * block] = array
+    return current
+
+
+def set_layer(
+    module: nn.Module,
+    layer: int = 0,
+    *,
+    reverse: bool = False,
+    weight_ih: Any = None,
+    weight_hh: Any = None,
+    bias_ih: Any = None,
+    bias_hh: Any = None,
+    weight_hr: Any = None,
+) -> LoadReport:
+    """Set one layer and direction's tensors (arrays, or dicts by gate letter), all or nothing."""
+    given = {"weight_ih": weight_ih, "weight_hh": weight_hh, "bias_ih": bias_ih, "bias_hh": bias_hh,
+             "weight_hr": weight_hr}
+    arrays: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for role, value in given.items():
+        if value is None:
+            continue
+        try:
+            name = param_name(module, role, layer, reverse=reverse)
+        except ValueError as e:
+            problems.append(Problem(role, "a tensor the module has", str(e), "check layer, reverse and the module"))
+            continue
+        assembled = _assemble(module, name, role, value, problems)
+        if assembled is not None:
+            arrays[name] = assembled
+    if problems:
+        raise LoadError(problems, target=describe_module(module))
+    return load(module, arrays, strict=False)
+
+
+def get_layer(module: nn.Module, layer: int = 0, *, reverse: bool = False, gates: bool = False) -> dict[str, Any]:
+    """Copies of one layer and direction's tensors by role, split by gate letter if ``gates``."""
+    out: dict[str, Any] = {}
+    letters = gates_of(module)
+    for role in ROLES:
+        try:
+            name = param_name(module, role, layer, reverse=reverse)
+        except ValueError:
+            if role.startswith("bias") or role == "weight_hr":
+                continue
+            raise
+        array = tensor_to_numpy(getattr(module, name))
+        if gates and role != "weight_hr" and letters != ("",):
+            block = array.shape[0] // len(letters)
+            out[role] = {g: array[i * block : (i + 1) * block].copy() for i, g in enumerate(letters)}
+        else:
+            out[role] = array
+    return out

@@ -1,0 +1,98 @@
+"""Low-level file reading shared by the readers: exact positioned reads, ``.npy`` headers.
+
+>>> import io, numpy as np
+>>> buf = io.BytesIO(); np.save(buf, np.zeros((2, 3), np.float32)); _ = buf.seek(0)
+>>> header = parse_npy_header(buf, "'x.npy'")
+>>> header.shape, header.dtype, header.fortran_order, header.data_offset
+((2, 3), dtype('float32'), False, 128)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+from weightport.errors import SourceError
+
+__all__ = ["NpyHeader", "parse_npy_header", "read_exact", "byte_view", "open_no_follow"]
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    data_offset: int  # bytes from the start of the .npy data stream
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def parse_npy_header(f: BinaryIO, where: str) -> NpyHeader:
+    """Parse a ``.npy`` header without unpickling; refuse object (pickled) arrays."""
+    fmt = np.lib.format
+    try:
+        start = f.tell()
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f, max_header_size=65536)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f, max_header_size=65536)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        offset = f.tell() - start
+    except (ValueError, SyntaxError, EOFError, OSError) as e:
+        raise SourceError(
+            f"{where}: not a valid .npy header ({e}); the file is corrupt or not a .npy. Fix: re-create it."
+        ) from None
+    if dtype.hasobject or dtype.kind in "OV":
+        raise SourceError(
+            f"{where}: holds Python objects (a pickled array); weightport never unpickles. "
+            "Fix: save numeric arrays only (np.save of a float or int array)."
+        )
+    if any(int(d) < 0 for d in shape):
+        raise SourceError(f"{where}: negative dimension in shape {shape}; the file is corrupt.")
+    return NpyHeader(tuple(int(d) for d in shape), dtype, bool(fortran), offset)
+
+
+def byte_view(out: np.ndarray) -> memoryview:
+    """A writable byte view of a C-contiguous array (bfloat16 included)."""
+    return memoryview(out.reshape(-1).view(np.uint8))
+
+
+def read_exact(fd: int, offset: int, out: memoryview, where: str, name: str) -> None:
+    """Fill ``out`` from file descriptor ``fd`` at ``offset``, or raise SourceError on a short read."""
+    done = 0
+    total = len(out)
+    while done < total:
+        try:
+            count = os.preadv(fd, [out[done:]], offset + done) if hasattr(os, "preadv") else _pread_into(
+                fd, out[done:], offset + done
+            )
+        except OSError as e:
+            raise SourceError(f"{where}: reading tensor '{name}' failed: {e}") from e
+        if count == 0:
+            raise SourceError(
+                f"{where}: tensor '{name}' ends after {done} of {total} bytes; the file was truncated "
+                "or changed while reading. Fix: re-create it, and do not modify it during the load."
+            )
+        done += count
+
+
+def _pread_into(fd: int, out: memoryview, offset: int) -> int:
+    data = os.pread(fd, len(out), offset)
+    out[: len(data)] = data
+    return len(data)
+
+
+def open_no_follow(path: os.PathLike[str] | str) -> int:
+    """Open a file for reading without following a symbolic link at its last component."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags)
+    except OSError as e:
+        raise SourceError(f"'{path}': cannot be opened ({e.strerror or e}); links inside a folder are not followed.") from None

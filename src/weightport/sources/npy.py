@@ -1,0 +1,78 @@
+"""A single ``.npy`` file as a one-tensor source (named by its file stem).
+
+>>> import numpy as np, tempfile, os
+>>> path = os.path.join(tempfile.mkdtemp(), "fc.weight.npy"); np.save(path, np.eye(2))
+>>> src = open(__import__("pathlib").Path(path)); list(src.infos)
+['fc.weight']
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from weightport.sources.base import Source, TensorInfo, check_extent
+from weightport.sources.files import NpyHeader, byte_view, open_no_follow, parse_npy_header, read_exact
+
+__all__ = ["NpyFile", "NpyFiles", "claims", "open", "read_npy_into"]
+
+
+def claims(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".npy"
+
+
+@dataclass(frozen=True)
+class NpyFile:
+    """Where one tensor lies: its ``.npy`` file and parsed header."""
+
+    path: Path
+    header: NpyHeader
+
+
+def inspect_npy(path: Path, where: str, name: str) -> NpyHeader:
+    """Parse ``path``'s header and check that the declared data fits in the file."""
+    fd = open_no_follow(path)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            header = parse_npy_header(f, where)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    check_extent(where, name, header.data_offset, header.nbytes, size)
+    return header
+
+
+def read_npy_into(fd: int, header: NpyHeader, out: np.ndarray, where: str, name: str, base: int = 0) -> None:
+    """Read the data of a ``.npy`` (at byte ``base`` of ``fd``) into C-contiguous ``out``."""
+    if header.fortran_order and out.ndim > 1:
+        staging = np.empty(header.shape[::-1], header.dtype)
+        read_exact(fd, base + header.data_offset, byte_view(staging), where, name)
+        np.copyto(out, staging.T)
+    else:
+        read_exact(fd, base + header.data_offset, byte_view(out), where, name)
+
+
+@dataclass
+class NpyFiles(Source):
+    """Tensors each in its own ``.npy`` file; files are opened per read, links never followed."""
+
+    files: dict[str, NpyFile] = field(default_factory=dict)
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        entry = self.files[name]
+        fd = open_no_follow(entry.path)
+        try:
+            read_npy_into(fd, entry.header, out, f"'{entry.path}'", name)
+        finally:
+            os.close(fd)
+
+
+def open(path: Path) -> Source:  # noqa: A001 - the reader contract's name
+    where = f"'{path.name}'"
+    name = path.name.removesuffix(".npy")
+    header = inspect_npy(path, where, name)
+    info = TensorInfo(name, header.shape, header.dtype)
+    return NpyFiles(description=where, infos={name: info}, files={name: NpyFile(path, header)})

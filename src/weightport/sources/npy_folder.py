@@ -1,0 +1,55 @@
+"""A folder of ``.npy`` files, one tensor each, named by file stem (``encoder.weight_ih_l0.npy``).
+
+Only regular files directly in the folder are read; links, subfolders and other
+files are listed in ``ignored`` (and so in the load report), never followed.
+
+>>> import numpy as np, tempfile, pathlib
+>>> folder = pathlib.Path(tempfile.mkdtemp()); np.save(folder / "bias.npy", np.zeros(2))
+>>> (folder / "notes.txt").write_text("hi")
+2
+>>> src = open(folder); list(src.infos), src.ignored
+(['bias'], ['notes.txt (not a .npy file)'])
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from weightport.errors import SourceError
+from weightport.sources.base import Source, TensorInfo
+from weightport.sources.npy import NpyFile, NpyFiles, inspect_npy
+
+__all__ = ["claims", "open"]
+
+
+def claims(path: Path) -> bool:
+    return path.is_dir() and not (path / "model.safetensors.index.json").exists() and not any(
+        e.name.endswith(".safetensors") for e in os.scandir(path)
+    )
+
+
+def open(path: Path) -> Source:  # noqa: A001 - the reader contract's name
+    where = f"folder '{path.name}'"
+    files: dict[str, NpyFile] = {}
+    infos: dict[str, TensorInfo] = {}
+    ignored: list[str] = []
+    with os.scandir(path) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.is_symlink():
+                ignored.append(f"{entry.name} (a link: not followed)")
+            elif not entry.is_file(follow_symlinks=False):
+                ignored.append(f"{entry.name} (not a regular file)")
+            elif not entry.name.endswith(".npy"):
+                ignored.append(f"{entry.name} (not a .npy file)")
+            else:
+                name = entry.name.removesuffix(".npy")
+                file = Path(entry.path)
+                header = inspect_npy(file, f"'{path.name}/{entry.name}'", name)
+                files[name] = NpyFile(file, header)
+                infos[name] = TensorInfo(name, header.shape, header.dtype)
+    if not files:
+        raise SourceError(
+            f"{where}: holds no .npy files. Fix: save each tensor as <state-dict name>.npy in it."
+        )
+    return NpyFiles(description=where, infos=infos, ignored=ignored, files=files)

@@ -1,0 +1,149 @@
+"""``.npz`` archives (``np.savez``/``np.savez_compressed``), read member by member.
+
+Stored (uncompressed) members are read straight from their offset in the file;
+compressed ones are streamed and never decompressed past their declared size.
+Every member's declared size must equal its ``.npy`` header plus shape times
+itemsize, member names with ``..`` or an absolute path are refused, and nothing
+is unpickled.
+
+>>> import numpy as np, tempfile, pathlib
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "w.npz"; np.savez(path, weight=np.eye(2))
+>>> src = open(path); src.infos["weight"].shape
+(2, 2)
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from weightport.errors import SourceError
+from weightport.sources.base import Source, TensorInfo, check_extent
+from weightport.sources.files import NpyHeader, byte_view, parse_npy_header, read_exact
+from weightport.sources.npy import read_npy_into
+
+__all__ = ["claims", "open", "NpzSource", "unsafe_member_name"]
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... name length, extra length
+_CHUNK = 1 << 22
+
+
+def claims(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".npz"
+
+
+def unsafe_member_name(name: str) -> bool:
+    """True for names that climb out of an archive or are absolute (``../x``, ``/x``, ``C:x``)."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
+
+
+@dataclass(frozen=True)
+class Member:
+    info: zipfile.ZipInfo
+    header: NpyHeader
+    data_start: int  # offset of the member's (possibly compressed) bytes in the file
+
+
+@dataclass
+class NpzSource(Source):
+    path: Path = Path()
+    members: dict[str, Member] = field(default_factory=dict)
+    _fd: int = -1
+    _zip: zipfile.ZipFile | None = None
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        member = self.members[name]
+        if member.info.compress_type == zipfile.ZIP_STORED:
+            read_npy_into(self._fd, member.header, out, self.description, name, base=member.data_start)
+            return
+        self._read_compressed(name, member, out)
+
+    def _read_compressed(self, name: str, member: Member, out: np.ndarray) -> None:
+        assert self._zip is not None
+        header = member.header
+        target = np.empty(header.shape[::-1], header.dtype) if header.fortran_order and out.ndim > 1 else out
+        view = byte_view(target)
+        try:
+            with self._zip.open(member.info) as stream:
+                stream.read(header.data_offset)
+                done = 0
+                while done < len(view):
+                    count = stream.readinto(view[done : done + _CHUNK])
+                    if not count:
+                        break
+                    done += count
+                if done < len(view):
+                    raise SourceError(f"{self.description}: member '{name}' ends after {done} of {len(view)} bytes")
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # zlib errors, CRC mismatches
+            raise SourceError(
+                f"{self.description}: member '{name}' is corrupt ({e}). Fix: re-create the file."
+            ) from e
+        if target is not out:
+            np.copyto(out, target.T)
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def open(path: Path) -> Source:  # noqa: A001 - the reader contract's name
+    where = f"'{path.name}'"
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise SourceError(f"{where}: not a readable .npz ({e}); it is truncated or corrupt. Fix: re-create it.") from None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    source = NpzSource(description=where, path=path, _fd=fd, _zip=archive)
+    try:
+        _index(source, archive, fd, where)
+    except BaseException:
+        source.close()
+        raise
+    return source
+
+
+def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> None:
+    size = os.fstat(fd).st_size
+    for info in archive.infolist():
+        if unsafe_member_name(info.filename):
+            raise SourceError(f"{where}: member name '{info.filename}' leaves the archive; refusing the file.")
+        if info.is_dir() or not info.filename.endswith(".npy"):
+            source.ignored.append(f"{info.filename} (not a .npy member)")
+            continue
+        name = info.filename.removesuffix(".npy")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise SourceError(f"{where}: member '{name}' uses an unsupported compression ({info.compress_type}).")
+        local = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
+        if len(local) < _LOCAL_HEADER.size:
+            raise SourceError(f"{where}: member '{name}' lies past the end of the file; it is truncated.")
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(local)
+        if signature != b"PK\x03\x04":
+            raise SourceError(f"{where}: member '{name}' has a corrupt local header. Fix: re-create the file.")
+        data_start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        check_extent(where, name, data_start, info.compress_size, size)
+        try:
+            with archive.open(info) as stream:
+                header = parse_npy_header(stream, f"{where} member '{name}'")  # type: ignore[arg-type]
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise SourceError(f"{where}: member '{name}' is corrupt ({e}). Fix: re-create the file.") from None
+        if header.data_offset + header.nbytes != info.file_size:
+            raise SourceError(
+                f"{where}: member '{name}' declares shape {header.shape} ({header.nbytes} bytes of data) but holds "
+                f"{info.file_size - header.data_offset} bytes; the file is corrupt. Fix: re-create it."
+            )
+        if info.compress_type == zipfile.ZIP_STORED:
+            check_extent(where, name, data_start + header.data_offset, header.nbytes, size)
+        source.members[name] = Member(info, header, data_start)
+        source.infos[name] = TensorInfo(name, header.shape, header.dtype)
+    if not source.infos:
+        raise SourceError(f"{where}: holds no arrays. Fix: save arrays with np.savez(path, name=array).")
