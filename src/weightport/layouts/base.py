@@ -12,7 +12,7 @@ Rules are data: which source keys feed which target, through which
 
 >>> from weightport.transforms import Transpose
 >>> Rule("fc.weight", ("dense/kernel",), Transpose((1, 0))).describe()
-"dense/kernel -> fc.weight (transpose)"
+'dense/kernel -> fc.weight (transpose)'
 """
 
 from __future__ import annotations
