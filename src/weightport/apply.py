@@ -95,14 +95,16 @@ def _swap_in(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
         for store in (owner._parameters, owner._buffers):
             for local, old in store.items():
                 if old is not None and id(old) in new:
-                    store[local] = new[id(old)]
+                    store[local] = new[id(old)]  # type: ignore[assignment]
                     touched.add(owner)
     for owner in touched:
         if isinstance(owner, nn.RNNBase):
             owner._init_flat_weights()
 
 
-def apply_plan(plan: Plan, source: Source, *, rollback: bool = True, progress: Progress | None = None) -> None:
+def apply_plan(
+    plan: Plan, source: Source, *, rollback: bool = True, progress: Progress | None = None
+) -> None:
     """Write every planned tensor; on a read error put back what was written and raise."""
     done: set[int] = set()
     backups: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -125,8 +127,10 @@ def apply_plan(plan: Plan, source: Source, *, rollback: bool = True, progress: P
         except Exception as e:
             for tensor, saved in backups:
                 tensor.detach().copy_(saved)
-            restored = "every tensor written so far was put back" if keep else (
-                "the module is PARTLY WRITTEN (rollback=False)"
+            restored = (
+                "every tensor written so far was put back"
+                if keep
+                else ("the module is PARTLY WRITTEN (rollback=False)")
             )
             raise SourceError(
                 f"reading {source.description} failed while writing '{entry.target}': {e}; {restored}. "

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ def to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
     return {name: tensor_to_numpy(t) for name, t in module.state_dict().items()}
 
 
-def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-type]
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -74,9 +75,11 @@ def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-ty
 
 def write_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
     """Write ``arrays`` to an uncompressed ``.npz`` (bfloat16 goes in as exact float32)."""
-    out = {k: (np.asarray(v, np.float32) if v.dtype == BFLOAT16 else np.asarray(v)) for k, v in arrays.items()}
+    out = {
+        k: (np.asarray(v, np.float32) if v.dtype == BFLOAT16 else np.asarray(v)) for k, v in arrays.items()
+    }
     target = Path(path)
-    _atomic_write(target, lambda f: np.savez(f, **out))
+    _atomic_write(target, lambda f: np.savez(f, **out))  # type: ignore[arg-type]
     return target
 
 
@@ -95,17 +98,21 @@ def write_safetensors(
         code = _CODES.get(data.dtype)
         if code is None:
             raise SourceError(f"'{name}': dtype {array.dtype} cannot be stored in .safetensors")
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + data.nbytes]}
+        header[name] = {
+            "dtype": code,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + data.nbytes],
+        }
         offset += data.nbytes
         prepared.append(data)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
 
-    def write(f: object) -> None:
-        f.write(len(blob).to_bytes(8, "little"))  # type: ignore[attr-defined]
-        f.write(blob)  # type: ignore[attr-defined]
+    def write(f: BinaryIO) -> None:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
         for data in prepared:
-            f.write(memoryview(data.reshape(-1).view(np.uint8)))  # type: ignore[attr-defined]
+            f.write(data.reshape(-1).view(np.uint8).data)
 
     target = Path(path)
     _atomic_write(target, write)

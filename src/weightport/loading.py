@@ -49,8 +49,14 @@ def _scope(module: nn.Module, prefix: str | None) -> tuple[nn.Module, str]:
     except AttributeError:
         children = [n for n, _ in module.named_modules() if n]
         raise LoadError(
-            [Problem(prefix, "the path of a submodule", "no such submodule",
-                     f"use one of {', '.join(children[:12]) or '(none: the module has no submodules)'}")],
+            [
+                Problem(
+                    prefix,
+                    "the path of a submodule",
+                    "no such submodule",
+                    f"use one of {', '.join(children[:12]) or '(none: the module has no submodules)'}",
+                )
+            ],
             target=type(module).__name__,
         ) from None
 
@@ -120,8 +126,14 @@ def load(
     src = open_source(source)
     try:
         plan = plan_load(
-            module, src, strict=strict, prefix=prefix, allow_nonfinite=allow_nonfinite,
-            layout=layout, mapping=mapping, check_values_=check_values,
+            module,
+            src,
+            strict=strict,
+            prefix=prefix,
+            allow_nonfinite=allow_nonfinite,
+            layout=layout,
+            mapping=mapping,
+            check_values_=check_values,
         )
         if plan.problems:
             raise LoadError(plan.problems, target=_describe(module))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from weightport import values
 from weightport.dtypes import describe_dtype, to_numpy_dtype
@@ -93,7 +94,11 @@ def _owner(module: nn.Module, name: str) -> nn.Module:
 def _suggest(name: str, candidates: Collection[str]) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
     if close:
-        return "did you mean " + " or ".join(f"'{c}'" for c in close) + "? Rename it, or pass strict=False to skip it"
+        return (
+            "did you mean "
+            + " or ".join(f"'{c}'" for c in close)
+            + "? Rename it, or pass strict=False to skip it"
+        )
     return "remove it, or pass strict=False to skip names the module does not have"
 
 
@@ -123,6 +128,7 @@ def build_plan(
         by_identity.setdefault(id(tensor), []).append(name)
     problems = plan.problems
     written: dict[int, Entry] = {}
+    targeted: set[int] = set()
     seen_targets: set[str] = set()
 
     for rule in layout.rules:
@@ -135,11 +141,14 @@ def build_plan(
         if target not in tensors:
             if strict:
                 hint = _parametrized_hint(target, tensors) or _suggest(target, tensors)
-                problems.append(Problem(full, "a name the module has", f"an unknown name from {_origin(rule)}", hint))
+                problems.append(
+                    Problem(full, "a name the module has", f"an unknown name from {_origin(rule)}", hint)
+                )
             else:
                 plan.ignored.extend(rule.sources or (target,))
             continue
         tensor = tensors[target]
+        targeted.add(id(tensor))
         entry = _entry(module, full, target, tensor, rule, source, problems)
         if entry is None:
             continue
@@ -156,30 +165,42 @@ def build_plan(
         if name not in used:
             if strict:
                 problems.append(
-                    Problem(name, "a tensor the layout can place", f"'{name}' in {source.description}",
-                            "pass strict=False to skip it, or mapping= to place its layer")
+                    Problem(
+                        name,
+                        "a tensor the layout can place",
+                        f"'{name}' in {source.description}",
+                        "pass strict=False to skip it, or mapping= to place its layer",
+                    )
                 )
             else:
                 plan.ignored.append(name)
 
     for name, tensor in tensors.items():
-        if id(tensor) in written:
+        if id(tensor) in targeted:
             continue
-        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+        if is_lazy(tensor):
             continue  # reported by _entry when targeted; lazy and untouched is fine
         if strict:
             problems.append(
-                Problem(prefix + name, "a value for it", f"nothing in {source.description}",
-                        _suggest_missing(name, [r.target for r in layout.rules if r.target not in tensors]))
+                Problem(
+                    prefix + name,
+                    "a value for it",
+                    f"nothing in {source.description}",
+                    _suggest_missing(name, [r.target for r in layout.rules if r.target not in tensors]),
+                )
             )
         elif tensor.is_meta:
             problems.append(
-                Problem(prefix + name, "a value for it (it is on the meta device and has no data)",
-                        f"nothing in {source.description}", "add it to the source, or build the module off meta")
+                Problem(
+                    prefix + name,
+                    "a value for it (it is on the meta device and has no data)",
+                    f"nothing in {source.description}",
+                    "add it to the source, or build the module off meta",
+                )
             )
         else:
             plan.missing.append(prefix + name)
-        written[id(tensor)] = None  # type: ignore[assignment]  # reported once per tied group
+        targeted.add(id(tensor))  # report a tied group once
     return plan
 
 
@@ -203,17 +224,25 @@ def _entry(
     source: Source,
     problems: list[Problem],
 ) -> Entry | None:
-    if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+    if is_lazy(tensor):
         problems.append(
-            Problem(full, "an initialized tensor", "a lazy module's uninitialized parameter",
-                    "run one forward pass with a sample input first, or use the non-lazy module class")
+            Problem(
+                full,
+                "an initialized tensor",
+                "a lazy module's uninitialized parameter",
+                "run one forward pass with a sample input first, or use the non-lazy module class",
+            )
         )
         return None
     missing = [s for s in rule.sources if s not in source.infos]
     if missing:
         problems.append(
-            Problem(full, f"source tensor(s) {', '.join(missing)}", f"none in {source.description}",
-                    "check the file, or pass mapping= to pair its layers")
+            Problem(
+                full,
+                f"source tensor(s) {', '.join(missing)}",
+                f"none in {source.description}",
+                "check the file, or pass mapping= to pair its layers",
+            )
         )
         return None
     inputs = tuple(source.infos[s] for s in rule.sources)
@@ -221,8 +250,14 @@ def _entry(
     try:
         shape = tuple(rule.op.out_shape([i.shape for i in inputs]))
     except ValueError as e:
-        problems.append(Problem(full, f"source shapes that {rule.op.describe()} accepts", f"{e} ({origin})",
-                                "check the source layer's sizes against the module"))
+        problems.append(
+            Problem(
+                full,
+                f"source shapes that {rule.op.describe()} accepts",
+                f"{e} ({origin})",
+                "check the source layer's sizes against the module",
+            )
+        )
         return None
     expected = tuple(tensor.shape)
     if shape != expected:
@@ -234,8 +269,14 @@ def _entry(
     source_dtype = np.result_type(*(i.dtype for i in inputs)) if inputs else np.dtype(np.float32)
     check, refusal = values.cast_kind(source_dtype, tensor.dtype)
     if refusal:
-        problems.append(Problem(full, f"dtype {describe_dtype(tensor.dtype)}",
-                                f"{describe_dtype(source_dtype)} from {origin}", refusal))
+        problems.append(
+            Problem(
+                full,
+                f"dtype {describe_dtype(tensor.dtype)}",
+                f"{describe_dtype(source_dtype)} from {origin}",
+                refusal,
+            )
+        )
         return None
     return Entry(full, tensor, rule, inputs, source_dtype, check)
 
@@ -262,24 +303,36 @@ def check_values(plan: Plan, source: Source, allow_nonfinite: NonFinite = False)
                 first, first_value = firsts[id(entry.tensor)]
                 if not np.array_equal(first_value, value, equal_nan=True):
                     plan.problems.append(
-                        Problem(entry.target, f"the same values as '{first.target}' (they are one tied tensor)",
-                                "different values", "give the tied tensor once, or equal values under both names")
+                        Problem(
+                            entry.target,
+                            f"the same values as '{first.target}' (they are one tied tensor)",
+                            "different values",
+                            "give the tied tensor once, or equal values under both names",
+                        )
                     )
                 continue
             firsts[id(entry.tensor)] = (entry, value)
         if entry.check == "none":
             continue
-        checked_inputs = zip(entry.rule.sources, arrays) if entry.rule.op.value_preserving else [
-            (entry.target, entry.rule.op(*arrays))
-        ]
+        checked_inputs = (
+            zip(entry.rule.sources, arrays)
+            if entry.rule.op.value_preserving
+            else [(entry.target, entry.rule.op(*arrays))]
+        )
         for key, array in checked_inputs:
             memo = (key, str(entry.tensor.dtype), allowed)
             if memo not in checked:
                 checked[memo] = values.find_bad_values(array, entry.tensor.dtype, entry.check, allowed)
             bad = checked[memo]
             if bad:
-                plan.problems.append(Problem(entry.target, f"values that fit {describe_dtype(entry.tensor.dtype)}",
-                                             f"{bad} in {_origin(entry.rule)}", _value_fix(bad)))
+                plan.problems.append(
+                    Problem(
+                        entry.target,
+                        f"values that fit {describe_dtype(entry.tensor.dtype)}",
+                        f"{bad} in {_origin(entry.rule)}",
+                        _value_fix(bad),
+                    )
+                )
                 break
 
 

@@ -30,7 +30,9 @@ def wanted(progress: bool | None, nbytes: int) -> bool:
 
 
 @contextmanager
-def progress_callback(plan: Any, source: Any, progress: bool | None) -> Iterator[Callable[[Any], None] | None]:
+def progress_callback(
+    plan: Any, source: Any, progress: bool | None
+) -> Iterator[Callable[[Any], None] | None]:
     """Yield a per-tensor callback that advances a bar, or None when no bar is wanted."""
     if plan is None or not wanted(progress, plan.nbytes):
         yield None
@@ -44,8 +46,15 @@ def progress_callback(plan: Any, source: Any, progress: bool | None) -> Iterator
             ) from None
         yield None
         return
-    with tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-              desc=f"loading {source.description}", leave=False) as bar:
+    with tqdm(
+        total=plan.nbytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        desc=f"loading {source.description}",
+        leave=False,
+    ) as bar:
 
         def advance(entry: Any) -> None:
             bar.set_postfix_str(entry.target, refresh=False)

@@ -79,16 +79,30 @@ class LoadReport:
             lines.append("Pairing:")
             lines += format_table(
                 ("source layer", "kind", "module", "module kind", "how"),
-                [(p.source_layer, p.source_kind, p.module_path or "(root)", p.module_kind, p.how)
-                 for p in self.pairings],
+                [
+                    (p.source_layer, p.source_kind, p.module_path or "(root)", p.module_kind, p.how)
+                    for p in self.pairings
+                ],
             )
         lines += format_table(
             ("target", "shape", "dtype", "from", "transform", "source"),
-            [(r.target + "".join(f" (= {a})" for a in r.aliases), str(r.shape), r.dtype, r.source_dtype,
-              r.transform, r.origin) for r in self.rows],
+            [
+                (
+                    r.target + "".join(f" (= {a})" for a in r.aliases),
+                    str(r.shape),
+                    r.dtype,
+                    r.source_dtype,
+                    r.transform,
+                    r.origin,
+                )
+                for r in self.rows
+            ],
         )
-        for title, names in (("Ignored", self.ignored), ("Missing (left as they were)", self.missing),
-                             ("Not checked (the source does not carry them)", self.unchecked)):
+        for title, names in (
+            ("Ignored", self.ignored),
+            ("Missing (left as they were)", self.missing),
+            ("Not checked (the source does not carry them)", self.unchecked),
+        ):
             if names:
                 lines.append(f"{title}: {', '.join(names)}")
         return "\n".join(lines)

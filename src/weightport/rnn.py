@@ -62,7 +62,7 @@ def param_name(module: nn.Module, role: str, layer: int = 0, *, reverse: bool = 
             raise ValueError(f"{desc} is a single cell: use layer=0 and reverse=False")
         name = role
     else:
-        if not 0 <= layer < module.num_layers:
+        if not 0 <= layer < module.num_layers:  # type: ignore[operator]
             raise ValueError(f"layer {layer} does not exist: {desc} has num_layers={module.num_layers}")
         if reverse and not module.bidirectional:
             raise ValueError(f"reverse=True needs a bidirectional module; {desc} is not")
@@ -79,12 +79,20 @@ def _assemble(module: nn.Module, name: str, role: str, value: Any, problems: lis
         return value
     gates = gates_of(module)
     if role == "weight_hr" or gates == ("",):
-        problems.append(Problem(name, "one array (it has no gates)", "a dict by gate", "pass the whole array"))
+        problems.append(
+            Problem(name, "one array (it has no gates)", "a dict by gate", "pass the whole array")
+        )
         return None
     unknown = sorted(set(value) - set(gates))
     if unknown:
-        problems.append(Problem(name, f"gate letters {', '.join(gates)}", f"{', '.join(map(repr, unknown))}",
-                                f"name gates as PyTorch does for {type(module).__name__}: {', '.join(gates)}"))
+        problems.append(
+            Problem(
+                name,
+                f"gate letters {', '.join(gates)}",
+                f"{', '.join(map(repr, unknown))}",
+                f"name gates as PyTorch does for {type(module).__name__}: {', '.join(gates)}",
+            )
+        )
         return None
     current = tensor_to_numpy(getattr(module, name)).astype(np.float64)
     block = current.shape[0] // len(gates)
@@ -92,8 +100,14 @@ def _assemble(module: nn.Module, name: str, role: str, value: Any, problems: lis
         array = np.asarray(part)
         expected = (block, *current.shape[1:])
         if array.shape != expected:
-            problems.append(Problem(f"{name} gate '{letter}'", f"shape {expected} (hidden_size{', ' + str(expected[1]) if len(expected) > 1 else ''})",
-                                    f"shape {array.shape}", f"pass one gate's block of shape {expected}"))
+            problems.append(
+                Problem(
+                    f"{name} gate '{letter}'",
+                    f"shape {expected} (hidden_size{', ' + str(expected[1]) if len(expected) > 1 else ''})",
+                    f"shape {array.shape}",
+                    f"pass one gate's block of shape {expected}",
+                )
+            )
             continue
         index = gates.index(letter)
         current[index * block : (index + 1) * block] = array
@@ -112,8 +126,13 @@ def set_layer(
     weight_hr: Any = None,
 ) -> LoadReport:
     """Set one layer and direction's tensors (arrays, or dicts by gate letter), all or nothing."""
-    given = {"weight_ih": weight_ih, "weight_hh": weight_hh, "bias_ih": bias_ih, "bias_hh": bias_hh,
-             "weight_hr": weight_hr}
+    given = {
+        "weight_ih": weight_ih,
+        "weight_hh": weight_hh,
+        "bias_ih": bias_ih,
+        "bias_hh": bias_hh,
+        "weight_hr": weight_hr,
+    }
     arrays: dict[str, Any] = {}
     problems: list[Problem] = []
     for role, value in given.items():
@@ -122,7 +141,9 @@ def set_layer(
         try:
             name = param_name(module, role, layer, reverse=reverse)
         except ValueError as e:
-            problems.append(Problem(role, "a tensor the module has", str(e), "check layer, reverse and the module"))
+            problems.append(
+                Problem(role, "a tensor the module has", str(e), "check layer, reverse and the module")
+            )
             continue
         assembled = _assemble(module, name, role, value, problems)
         if assembled is not None:
@@ -132,7 +153,9 @@ def set_layer(
     return load(module, arrays, strict=False)
 
 
-def get_layer(module: nn.Module, layer: int = 0, *, reverse: bool = False, gates: bool = False) -> dict[str, Any]:
+def get_layer(
+    module: nn.Module, layer: int = 0, *, reverse: bool = False, gates: bool = False
+) -> dict[str, Any]:
     """Copies of one layer and direction's tensors by role, split by gate letter if ``gates``."""
     out: dict[str, Any] = {}
     letters = gates_of(module)

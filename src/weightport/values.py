@@ -24,7 +24,14 @@ from weightport.dtypes import as_torch, to_numpy_dtype
 __all__ = ["cast_kind", "find_bad_values"]
 
 _FLOAT_MANTISSA = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}
-_REFUSED_KINDS = {"O": "objects", "U": "strings", "S": "bytes", "V": "raw records", "M": "dates", "m": "time deltas"}
+_REFUSED_KINDS = {
+    "O": "objects",
+    "U": "strings",
+    "S": "bytes",
+    "V": "raw records",
+    "M": "dates",
+    "m": "time deltas",
+}
 
 
 def _mantissa(dtype: np.dtype | torch.dtype) -> int:
@@ -47,7 +54,10 @@ def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
             return "finite", None
         return "exact", None
     if source.kind == "c":
-        return "none", "complex values have no place in a real tensor; pass .real if the imaginary part is zero"
+        return (
+            "none",
+            "complex values have no place in a real tensor; pass .real if the imaginary part is zero",
+        )
     if target.is_floating_point:
         if src_float:
             src_bits, dst_bits = _mantissa(source), _mantissa(target)

@@ -51,8 +51,10 @@ class VerifyReport:
         lines = [f"verify against {self.against}: {status} (rtol={self.rtol:g}, atol={self.atol:g})"]
         for o in self.outputs:
             mark = "ok  " if o.ok else "FAIL"
-            lines.append(f"  {mark} {o.name:<10} {o.shape!s:<16} max abs err {o.max_abs:.3g}  max rel err "
-                         f"{o.max_rel:.3g}{'  ' + o.note if o.note else ''}")
+            lines.append(
+                f"  {mark} {o.name:<10} {o.shape!s:<16} max abs err {o.max_abs:.3g}  max rel err "
+                f"{o.max_rel:.3g}{'  ' + o.note if o.note else ''}"
+            )
         return "\n".join(lines)
 
     def raise_if_failed(self) -> VerifyReport:
@@ -145,8 +147,14 @@ def verify(
 
 def _compare(name: str, actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float) -> OutputCheck:
     if actual.shape != expected.shape:
-        return OutputCheck(name, actual.shape, float("inf"), float("inf"), False,
-                           f"shape {actual.shape} but expected {expected.shape}")
+        return OutputCheck(
+            name,
+            actual.shape,
+            float("inf"),
+            float("inf"),
+            False,
+            f"shape {actual.shape} but expected {expected.shape}",
+        )
     a = actual.astype(np.float64)
     e = expected.astype(np.float64)
     diff = np.abs(a - e)

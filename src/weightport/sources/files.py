@@ -61,7 +61,7 @@ def parse_npy_header(f: BinaryIO, where: str) -> NpyHeader:
 
 def byte_view(out: np.ndarray) -> memoryview:
     """A writable byte view of a C-contiguous array (bfloat16 included)."""
-    return memoryview(out.reshape(-1).view(np.uint8))
+    return out.reshape(-1).view(np.uint8).data
 
 
 def read_exact(fd: int, offset: int, out: memoryview, where: str, name: str) -> None:
@@ -70,8 +70,10 @@ def read_exact(fd: int, offset: int, out: memoryview, where: str, name: str) -> 
     total = len(out)
     while done < total:
         try:
-            count = os.preadv(fd, [out[done:]], offset + done) if hasattr(os, "preadv") else _pread_into(
-                fd, out[done:], offset + done
+            count = (
+                os.preadv(fd, [out[done:]], offset + done)
+                if hasattr(os, "preadv")
+                else _pread_into(fd, out[done:], offset + done)
             )
         except OSError as e:
             raise SourceError(f"{where}: reading tensor '{name}' failed: {e}") from e
@@ -95,4 +97,6 @@ def open_no_follow(path: os.PathLike[str] | str) -> int:
     try:
         return os.open(path, flags)
     except OSError as e:
-        raise SourceError(f"'{path}': cannot be opened ({e.strerror or e}); links inside a folder are not followed.") from None
+        raise SourceError(
+            f"'{path}': cannot be opened ({e.strerror or e}); links inside a folder are not followed."
+        ) from None

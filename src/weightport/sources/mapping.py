@@ -59,7 +59,9 @@ class MappingSource(Source):
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any], description: str = "the given mapping") -> MappingSource:
+    def from_mapping(
+        cls, mapping: Mapping[str, Any], description: str = "the given mapping"
+    ) -> MappingSource:
         arrays: dict[str, np.ndarray] = {}
         _flatten(mapping, "", arrays)
         infos = {n: TensorInfo(n, tuple(int(d) for d in a.shape), a.dtype) for n, a in arrays.items()}

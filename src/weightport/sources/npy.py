@@ -70,7 +70,7 @@ class NpyFiles(Source):
             os.close(fd)
 
 
-def open(path: Path) -> Source:  # noqa: A001 - the reader contract's name
+def open(path: Path) -> Source:
     where = f"'{path.name}'"
     name = path.name.removesuffix(".npy")
     header = inspect_npy(path, where, name)

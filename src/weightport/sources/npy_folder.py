@@ -24,12 +24,14 @@ __all__ = ["claims", "open"]
 
 
 def claims(path: Path) -> bool:
-    return path.is_dir() and not (path / "model.safetensors.index.json").exists() and not any(
-        e.name.endswith(".safetensors") for e in os.scandir(path)
+    return (
+        path.is_dir()
+        and not (path / "model.safetensors.index.json").exists()
+        and not any(e.name.endswith(".safetensors") for e in os.scandir(path))
     )
 
 
-def open(path: Path) -> Source:  # noqa: A001 - the reader contract's name
+def open(path: Path) -> Source:
     where = f"folder '{path.name}'"
     files: dict[str, NpyFile] = {}
     infos: dict[str, TensorInfo] = {}

@@ -24,7 +24,7 @@ import numpy as np
 
 from weightport.errors import SourceError
 from weightport.sources.base import Source, TensorInfo, check_extent
-from weightport.sources.files import NpyHeader, byte_view, parse_npy_header, read_exact
+from weightport.sources.files import NpyHeader, byte_view, parse_npy_header
 from weightport.sources.npy import read_npy_into
 
 __all__ = ["claims", "open", "NpzSource", "unsafe_member_name"]
@@ -74,12 +74,14 @@ class NpzSource(Source):
                 stream.read(header.data_offset)
                 done = 0
                 while done < len(view):
-                    count = stream.readinto(view[done : done + _CHUNK])
+                    count = stream.readinto(view[done : done + _CHUNK])  # type: ignore[attr-defined]
                     if not count:
                         break
                     done += count
                 if done < len(view):
-                    raise SourceError(f"{self.description}: member '{name}' ends after {done} of {len(view)} bytes")
+                    raise SourceError(
+                        f"{self.description}: member '{name}' ends after {done} of {len(view)} bytes"
+                    )
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # zlib errors, CRC mismatches
             raise SourceError(
                 f"{self.description}: member '{name}' is corrupt ({e}). Fix: re-create the file."
@@ -96,12 +98,14 @@ class NpzSource(Source):
             self._fd = -1
 
 
-def open(path: Path) -> Source:  # noqa: A001 - the reader contract's name
+def open(path: Path) -> Source:
     where = f"'{path.name}'"
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise SourceError(f"{where}: not a readable .npz ({e}); it is truncated or corrupt. Fix: re-create it.") from None
+        raise SourceError(
+            f"{where}: not a readable .npz ({e}); it is truncated or corrupt. Fix: re-create it."
+        ) from None
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     source = NpzSource(description=where, path=path, _fd=fd, _zip=archive)
     try:
@@ -116,26 +120,34 @@ def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> 
     size = os.fstat(fd).st_size
     for info in archive.infolist():
         if unsafe_member_name(info.filename):
-            raise SourceError(f"{where}: member name '{info.filename}' leaves the archive; refusing the file.")
+            raise SourceError(
+                f"{where}: member name '{info.filename}' leaves the archive; refusing the file."
+            )
         if info.is_dir() or not info.filename.endswith(".npy"):
             source.ignored.append(f"{info.filename} (not a .npy member)")
             continue
         name = info.filename.removesuffix(".npy")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise SourceError(f"{where}: member '{name}' uses an unsupported compression ({info.compress_type}).")
+            raise SourceError(
+                f"{where}: member '{name}' uses an unsupported compression ({info.compress_type})."
+            )
         local = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
         if len(local) < _LOCAL_HEADER.size:
             raise SourceError(f"{where}: member '{name}' lies past the end of the file; it is truncated.")
         signature, name_len, extra_len = _LOCAL_HEADER.unpack(local)
         if signature != b"PK\x03\x04":
-            raise SourceError(f"{where}: member '{name}' has a corrupt local header. Fix: re-create the file.")
+            raise SourceError(
+                f"{where}: member '{name}' has a corrupt local header. Fix: re-create the file."
+            )
         data_start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
         check_extent(where, name, data_start, info.compress_size, size)
         try:
             with archive.open(info) as stream:
                 header = parse_npy_header(stream, f"{where} member '{name}'")  # type: ignore[arg-type]
         except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise SourceError(f"{where}: member '{name}' is corrupt ({e}). Fix: re-create the file.") from None
+            raise SourceError(
+                f"{where}: member '{name}' is corrupt ({e}). Fix: re-create the file."
+            ) from None
         if header.data_offset + header.nbytes != info.file_size:
             raise SourceError(
                 f"{where}: member '{name}' declares shape {header.shape} ({header.nbytes} bytes of data) but holds "

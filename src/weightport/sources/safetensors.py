@@ -16,6 +16,7 @@ not needed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -87,7 +88,7 @@ def read_header(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, i
         offsets[name] = base + begin
         spans.append((begin, end, name))
     spans.sort()
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+    for (_, end_a, a), (begin_b, _, b) in itertools.pairwise(spans):
         if begin_b < end_a:
             raise SourceError(f"{where}: tensors '{a}' and '{b}' overlap in the file; it is corrupt.")
     return infos, offsets, {str(k): str(v) for k, v in dict(metadata).items()}
@@ -99,9 +100,13 @@ def _entry(name: str, entry: object, where: str) -> tuple[TensorInfo, int, int]:
         shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
         begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
     except KeyError as e:
-        raise SourceError(f"{where}: tensor '{name}' has an unsupported dtype or a missing field {e}.") from None
+        raise SourceError(
+            f"{where}: tensor '{name}' has an unsupported dtype or a missing field {e}."
+        ) from None
     except (TypeError, ValueError):
-        raise SourceError(f"{where}: tensor '{name}' has a malformed header entry; the file is corrupt.") from None
+        raise SourceError(
+            f"{where}: tensor '{name}' has a malformed header entry; the file is corrupt."
+        ) from None
     if any(d < 0 for d in shape) or begin < 0 or end - begin != math.prod(shape) * dtype.itemsize:
         raise SourceError(
             f"{where}: tensor '{name}' declares shape {shape} of {dtype.name} ({math.prod(shape) * dtype.itemsize} "
@@ -110,7 +115,7 @@ def _entry(name: str, entry: object, where: str) -> tuple[TensorInfo, int, int]:
     return TensorInfo(name, shape, dtype), begin, end
 
 
-def open(path: Path) -> Source:  # noqa: A001 - the reader contract's name
+def open(path: Path) -> Source:
     where = f"'{path.name}'"
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -118,5 +123,6 @@ def open(path: Path) -> Source:  # noqa: A001 - the reader contract's name
     except BaseException:
         os.close(fd)
         raise
-    return SafetensorsSource(description=where, infos=infos, metadata={"safetensors": metadata},
-                             offsets=offsets, _fd=fd)
+    return SafetensorsSource(
+        description=where, infos=infos, metadata={"safetensors": metadata}, offsets=offsets, _fd=fd
+    )

@@ -1,0 +1,177 @@
+"""The ``weightport`` command line: a thin layer over the public API.
+
+Verbs: ``demo``, ``inspect FILE``, ``load FACTORY SOURCE``, ``verify FACTORY SOURCE IO.npz``.
+Exit codes: 0 ok, 1 verification failed, 2 usage or input error (one line on
+stderr; ``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "load_factory"]
+
+
+class UsageError(Exception):
+    """A bad command line or argument, reported as one line with exit code 2."""
+
+
+def load_factory(spec: str) -> Any:
+    """Call ``package.module:function`` (no arguments) and return the model it builds."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"factory '{spec}' must look like package.module:function")
+    sys.path.insert(0, ".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"factory '{spec}': cannot import '{module_name}' ({e})") from None
+    finally:
+        sys.path.remove(".")
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise UsageError(f"factory '{spec}': '{module_name}' has no '{attr}'")
+        target = getattr(target, part)
+    model = target() if callable(target) and not hasattr(target, "state_dict") else target
+    if not hasattr(model, "state_dict"):
+        raise UsageError(f"factory '{spec}' returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _mapping(pairs: Sequence[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        src, sep, dst = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--map '{pair}' must look like SOURCE_LAYER=module.path")
+        out[src] = dst
+    return out
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from weightport.demo import run_demo
+
+    return run_demo()
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from weightport.inspect import describe_source
+
+    info = describe_source(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from weightport.inspect import format_description
+
+    print(format_description(info))
+    return 0
+
+
+def _load(args: argparse.Namespace, dry_run: bool) -> tuple[Any, Any]:
+    import weightport
+
+    model = load_factory(args.factory)
+    report = weightport.load(
+        model,
+        args.source,
+        layout=args.layout,
+        mapping=_mapping(args.map),
+        dry_run=dry_run,
+        strict=not args.lenient,
+    )
+    return model, report
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    import weightport
+
+    model, report = _load(args, args.dry_run)
+    print(report)
+    if args.out and not args.dry_run:
+        path = weightport.save(model, args.out)
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import weightport
+    from weightport.sources import open_source
+
+    model, _ = _load(args, False)
+    with open_source(args.io) as io:
+        inputs = [io.read(n) for n in sorted(io.infos) if n.startswith("input")]
+        expected = [io.read(n) for n in sorted(io.infos) if n.startswith("output")]
+    if not inputs:
+        raise UsageError(
+            f"'{args.io}' has no arrays named input*/output*: save inputs as input_0, ... and "
+            "the expected outputs as output_0, ..."
+        )
+    check = weightport.verify(
+        model, tuple(inputs), tuple(expected) if expected else None, rtol=args.rtol, atol=args.atol
+    )
+    print(check)
+    return 0 if check else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weightport", description="Put NumPy-world weights into PyTorch modules."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("demo", help="the nn.RNN-from-NumPy case end to end").set_defaults(run=_cmd_demo)
+
+    inspect = verbs.add_parser("inspect", help="list the tensors (and layers) in a weights file")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(run=_cmd_inspect)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("factory", help="package.module:function that returns the PyTorch model")
+        p.add_argument("source", help="weights file or folder")
+        p.add_argument("--layout", choices=["torch", "keras", "flax", "onnx"], help="default: from the file")
+        p.add_argument(
+            "--map", action="append", metavar="SRC=DST", help="pair a source layer with a module path"
+        )
+        p.add_argument("--lenient", action="store_true", help="strict=False: skip names on either side")
+
+    load = verbs.add_parser("load", help="load a weights file into a model and save the result")
+    model_args(load)
+    load.add_argument("--out", help="write the filled model's weights (.safetensors or .npz)")
+    load.add_argument("--dry-run", action="store_true", help="check and show the plan, write nothing")
+    load.set_defaults(run=_cmd_load)
+
+    verify = verbs.add_parser("verify", help="load, run on IO.npz inputs, compare with its outputs")
+    model_args(verify)
+    verify.add_argument("io", help=".npz with input_0.. and output_0..")
+    verify.add_argument("--rtol", type=float, default=1e-5)
+    verify.add_argument("--atol", type=float, default=1e-6)
+    verify.set_defaults(run=_cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``weightport`` command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from weightport.errors import WeightportError
+
+    try:
+        return int(args.run(args))
+    except (UsageError, WeightportError, OSError) as e:
+        if args.debug:
+            traceback.print_exc()
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        print(f"weightport: error: {lines[0]}", file=sys.stderr)
+        for line in lines[1:]:  # a LoadError lists its problems, one per line
+            print(f"  {line.strip()}", file=sys.stderr)
+        return 2

@@ -1,0 +1,579 @@
+"""NumPy-RNG initializers: PyTorch's and Keras's default schemes, drawn from a NumPy generator.
+
+:func:`init` fills every parameter of a module from an ``np.random.Generator`` or
+``np.random.RandomState`` and writes the values with :func:`weightport.load`, so the
+usual checks and all-or-nothing apply. :func:`init_arrays` returns the arrays
+without writing them.
+
+Order. Tensors are drawn one after another in ``module.state_dict()`` order (a tied
+tensor once, under its first name), each by the rule of the module that owns it
+(``named_modules()``, own tensors only), so adding a module at the end never changes
+the values drawn for the ones before it. A parent's rule wins over its children's
+where PyTorch's own constructor does the same: ``nn.MultiheadAttention`` zeroes
+``out_proj.bias``; ``nn.Transformer`` redraws every tensor of two or more
+dimensions with Xavier-uniform. (PyTorch's ``TransformerEncoder`` starts all its
+layers as copies of one; here each layer is drawn on its own.)
+
+Buffers. The running statistics of BatchNorm / InstanceNorm / SyncBatchNorm go
+back to their defaults (mean 0, variance 1, ``num_batches_tracked`` 0), as a new
+module has them; every other buffer is left as it is (give it in ``overrides`` to
+set it).
+
+Reproducibility. Values are drawn in float64 with ``rng.uniform`` and
+``rng.normal`` (methods that ``Generator`` and ``RandomState`` share) and rounded
+to each tensor's dtype when written. The same seed and NumPy version therefore give
+bit-identical weights on every machine (``RandomState`` streams are frozen by
+NumPy's compatibility policy; ``Generator`` streams may change in a NumPy feature
+release). One exception: Keras's orthogonal recurrent kernels come from LAPACK's QR,
+whose last bits depend on the BLAS build, so they agree across machines to about
+1e-6 rather than bit for bit.
+
+>>> import numpy as np, torch
+>>> arrays = init_arrays(torch.nn.Linear(2, 1), np.random.RandomState(313))
+>>> {name: a.round(6).tolist() for name, a in arrays.items()}
+{'weight': [[-0.472998, 0.070858]], 'bias': [0.51035]}
+>>> lstm = torch.nn.LSTM(3, 4)
+>>> report = init(lstm, np.random.default_rng(0), "keras")
+>>> lstm.bias_ih_l0.tolist()[4:8], lstm.bias_hh_l0.abs().sum().item()  # Keras's forget-gate bias 1
+([1.0, 1.0, 1.0, 1.0], 0.0)
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from weightport.errors import LayoutError
+from weightport.loading import load
+from weightport.report import LoadReport
+from weightport.transforms import ReorderBlocks
+
+__all__ = ["SCHEMES", "init", "init_arrays"]
+
+Rng = np.random.Generator | np.random.RandomState
+Shape = tuple[int, ...]
+Draw = Callable[[Shape, Any], np.ndarray]
+"""One tensor's initializer: ``(shape, rng) -> array``."""
+ModuleInit = Callable[[nn.Module, Any], Mapping[str, Any]]
+"""A per-module-type initializer: ``(module, rng) -> {own tensor name: array}``."""
+
+SCHEMES = ("torch", "keras")
+_MAX_LISTED = 12
+
+
+class _NoRule(Exception):
+    """A scheme has no rule for a module; the message says why."""
+
+
+# Distributions. Each returns a Draw; all draw float64.
+
+
+def _uniform(bound: float) -> Draw:
+    return lambda shape, rng: np.asarray(rng.uniform(-bound, bound, shape), dtype=np.float64)
+
+
+def _normal(std: float) -> Draw:
+    return lambda shape, rng: np.asarray(rng.normal(0.0, std, shape), dtype=np.float64)
+
+
+def _constant(value: float) -> Draw:
+    return lambda shape, rng: np.full(shape, value, dtype=np.float64)
+
+
+def _padded(draw: Draw, padding_idx: int | None) -> Draw:
+    """``draw`` with row ``padding_idx`` zeroed, as ``nn.Embedding`` does."""
+    if padding_idx is None:
+        return draw
+
+    def padded(shape: Shape, rng: Rng) -> np.ndarray:
+        array = draw(shape, rng)
+        array[padding_idx] = 0.0
+        return array
+
+    return padded
+
+
+# PyTorch's fans and bounds (torch.nn.init's formulas, same float arithmetic).
+
+
+def _torch_fans(shape: Shape) -> tuple[int, int]:
+    receptive = math.prod(shape[2:])
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def _kaiming_uniform_sqrt5(shape: Shape) -> Draw:
+    """``kaiming_uniform_(w, a=sqrt(5))``: Linear's and Conv's default weight init."""
+    fan_in = _torch_fans(shape)[0]
+    if fan_in == 0:
+        return _constant(0.0)
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+    return _uniform(math.sqrt(3.0) * (gain / math.sqrt(fan_in)))
+
+
+def _fan_in_uniform(weight_shape: Shape) -> Draw:
+    """Linear's and Conv's bias: uniform(±1/sqrt(fan_in of the weight))."""
+    fan_in = _torch_fans(weight_shape)[0]
+    return _uniform(1 / math.sqrt(fan_in) if fan_in > 0 else 0)
+
+
+def _xavier_uniform(shape: Shape) -> Draw:
+    fan_in, fan_out = _torch_fans(shape)
+    return _uniform(math.sqrt(3.0) * math.sqrt(2.0 / float(fan_in + fan_out)))
+
+
+def _xavier_normal(shape: Shape) -> Draw:
+    fan_in, fan_out = _torch_fans(shape)
+    return _normal(math.sqrt(2.0 / float(fan_in + fan_out)))
+
+
+# Keras's initializers, drawn in Keras's kernel shape.
+
+
+def _keras_fans(shape: Shape) -> tuple[int, int]:
+    if len(shape) == 1:
+        return shape[0], shape[0]
+    receptive = math.prod(shape[:-2])
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+def _glorot_uniform(shape: Shape, rng: Rng) -> np.ndarray:
+    fan_in, fan_out = _keras_fans(shape)
+    limit = math.sqrt(3.0 / max(1.0, (fan_in + fan_out) / 2.0))
+    return np.asarray(rng.uniform(-limit, limit, shape), dtype=np.float64)
+
+
+def _orthogonal(shape: Shape, rng: Rng) -> np.ndarray:
+    """Keras's ``Orthogonal``: QR of a tall normal matrix, signs fixed by diag(R), transposed if wide.
+
+    Of an ``(H, G*H)`` recurrent kernel the rows are orthonormal: ``Q @ Q.T == I``.
+    """
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    if rows == 0 or cols == 0:
+        return np.zeros(shape)
+    normal = np.asarray(rng.standard_normal((max(rows, cols), min(rows, cols))), dtype=np.float64)
+    q, r = np.linalg.qr(normal)
+    q = q * np.sign(np.diag(r))
+    return (q.T if rows < cols else q).reshape(shape)
+
+
+def _keras_kernel(draw: Draw, gate_order: tuple[int, ...] | None = None) -> Draw:
+    """A PyTorch weight drawn as Keras's kernel and moved to PyTorch's layout.
+
+    PyTorch ``(out, in, *k)`` is Keras ``(*k, in, out)`` (ConvTranspose: PyTorch
+    ``(in, out, *k)``, Keras ``(*k, out, in)``); ``gate_order`` reorders Keras's gate
+    blocks (columns) into PyTorch's.
+    """
+
+    def drawn(shape: Shape, rng: Rng) -> np.ndarray:
+        kernel = draw((*shape[2:], shape[1], shape[0]), rng)
+        if gate_order is not None:
+            kernel = ReorderBlocks(axis=kernel.ndim - 1, order=gate_order)(kernel)
+        n = len(shape) - 2
+        return np.ascontiguousarray(kernel.transpose(n + 1, n, *range(n)))
+
+    return drawn
+
+
+def _stacked(draw: Draw, count: int) -> Draw:
+    """``count`` independent draws of ``shape[0] // count`` rows each, one after another."""
+
+    def drawn(shape: Shape, rng: Rng) -> np.ndarray:
+        part = (shape[0] // count, *shape[1:])
+        return np.concatenate([draw(part, rng) for _ in range(count)])
+
+    return drawn
+
+
+# Rules: module -> {tensor name relative to the module: Draw}.
+
+
+def _own(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in module.named_parameters(recurse=False)}
+
+
+def _norm_rules(module: nn.Module) -> dict[str, Draw]:
+    rules = {"weight": _constant(1.0), "bias": _constant(0.0)}
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        rules |= {"running_mean": _constant(0.0), "running_var": _constant(1.0)}
+        rules["num_batches_tracked"] = lambda shape, rng: np.zeros(shape, dtype=np.int64)
+    return rules
+
+
+def _torch_weight_bias(module: nn.Module) -> dict[str, Draw]:
+    weight = _own(module).get("weight")
+    if weight is None:
+        raise _NoRule(f"it has no 'weight' parameter, so {type(module).__name__}'s rule does not apply")
+    shape = tuple(weight.shape)
+    return {"weight": _kaiming_uniform_sqrt5(shape), "bias": _fan_in_uniform(shape)}
+
+
+def _torch_bilinear(module: nn.Bilinear) -> dict[str, Draw]:
+    bound = 1 / math.sqrt(module.in1_features)
+    return {"weight": _uniform(bound), "bias": _uniform(bound)}
+
+
+def _torch_rnn(module: nn.RNNBase | nn.RNNCellBase) -> dict[str, Draw]:
+    bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
+    return {name: _uniform(bound) for name in _own(module)}
+
+
+def _torch_attention(module: nn.MultiheadAttention) -> dict[str, Draw]:
+    rules = {n: _xavier_uniform(tuple(p.shape)) for n, p in _own(module).items() if n.endswith("proj_weight")}
+    if module.in_proj_bias is not None:
+        rules |= {"in_proj_bias": _constant(0.0), "out_proj.bias": _constant(0.0)}
+    for name in ("bias_k", "bias_v"):
+        tensor = getattr(module, name)
+        if tensor is not None:
+            rules[name] = _xavier_normal(tuple(tensor.shape))
+    return rules
+
+
+def _torch_transformer(module: nn.Transformer) -> dict[str, Draw]:
+    return {n: _xavier_uniform(tuple(p.shape)) for n, p in module.named_parameters() if p.dim() > 1}
+
+
+_CONV = nn.modules.conv._ConvNd
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+_TORCH_RULES: list[tuple[Any, Callable[[Any], dict[str, Draw]]]] = [
+    ((nn.RNNBase, nn.RNNCellBase), _torch_rnn),
+    ((nn.Linear, _CONV), _torch_weight_bias),
+    (nn.Bilinear, _torch_bilinear),
+    (_EMBEDDINGS, lambda m: {"weight": _padded(_normal(1.0), m.padding_idx)}),
+    (_NORMS, _norm_rules),
+    (nn.MultiheadAttention, _torch_attention),
+    (nn.PReLU, lambda m: {"weight": _constant(m.init)}),
+    (nn.Transformer, _torch_transformer),
+]
+
+_KERAS_GRU_TO_TORCH = (1, 0, 2)  # Keras z, r, h -> PyTorch r, z, n
+
+
+def _keras_rnn(module: nn.RNNBase | nn.RNNCellBase) -> dict[str, Draw]:
+    if isinstance(module, nn.RNNBase):
+        mode = module.mode
+        if module.proj_size:
+            raise _NoRule(f"Keras's LSTM has no projection (proj_size={module.proj_size})")
+    else:
+        mode = {nn.LSTMCell: "LSTM", nn.GRUCell: "GRU"}.get(type(module), "RNN_TANH")
+    order = _KERAS_GRU_TO_TORCH if mode == "GRU" else None
+    hidden = module.hidden_size
+    rules: dict[str, Draw] = {}
+    for name in _own(module):
+        if name.startswith("weight_ih"):
+            rules[name] = _keras_kernel(_glorot_uniform, order)
+        elif name.startswith("weight_hh"):
+            rules[name] = _keras_kernel(_orthogonal, order)
+        elif name.startswith("bias_ih") and mode == "LSTM":  # unit_forget_bias=True: f-block 1
+            rules[name] = lambda shape, rng: np.repeat([0.0, 1.0, 0.0, 0.0], hidden)
+        elif name.startswith("bias"):
+            rules[name] = _constant(0.0)
+    return rules
+
+
+def _keras_dense_conv(module: nn.Module) -> dict[str, Draw]:
+    if isinstance(module, _CONV) and module.transposed and module.groups > 1:
+        raise _NoRule(f"Keras's transposed convolutions have no groups (groups={module.groups})")
+    return {"weight": _keras_kernel(_glorot_uniform), "bias": _constant(0.0)}
+
+
+def _keras_attention(module: nn.MultiheadAttention) -> dict[str, Draw]:
+    if module.bias_k is not None:
+        raise _NoRule("Keras's MultiHeadAttention has no bias_k / bias_v (add_bias_kv=True)")
+    dense = _keras_kernel(_glorot_uniform)  # query, key, value kernels drawn one by one, as Keras does
+    return {
+        "in_proj_weight": _stacked(dense, 3),
+        "q_proj_weight": dense,
+        "k_proj_weight": dense,
+        "v_proj_weight": dense,
+        "in_proj_bias": _constant(0.0),
+    }
+
+
+def _keras_none(module: nn.Module) -> dict[str, Draw]:
+    raise _NoRule(f"Keras has no layer equivalent to {type(module).__name__}")
+
+
+_KERAS_RULES: list[tuple[Any, Callable[[Any], dict[str, Draw]]]] = [
+    ((nn.RNNBase, nn.RNNCellBase), _keras_rnn),
+    ((nn.Linear, _CONV), _keras_dense_conv),
+    (nn.Embedding, lambda m: {"weight": _padded(_uniform(0.05), m.padding_idx)}),
+    (_NORMS, _norm_rules),
+    (nn.MultiheadAttention, _keras_attention),
+    (nn.PReLU, lambda m: {"weight": _constant(0.0)}),  # Keras PReLU: alpha_initializer="zeros"
+    ((nn.Bilinear, nn.EmbeddingBag), _keras_none),
+]
+
+_RULES = {"torch": _TORCH_RULES, "keras": _KERAS_RULES}
+
+
+def init(
+    module: nn.Module,
+    rng: Rng,
+    scheme: str = "torch",
+    *,
+    overrides: Mapping[str | type[nn.Module], Any] | None = None,
+) -> LoadReport:
+    """Fill every parameter of ``module`` from a NumPy generator, in place, all or nothing.
+
+    Args:
+        module: any ``nn.Module`` (on any device, or ``meta``: it is materialized).
+        rng: ``np.random.Generator`` or ``np.random.RandomState``; it is advanced.
+        scheme: ``"torch"``: the distributions of each PyTorch module's own
+            ``reset_parameters`` (RNNs uniform(±1/sqrt(hidden)), Linear and Conv
+            Kaiming-uniform(a=sqrt(5)) with bias uniform(±1/sqrt(fan_in)), Embedding
+            normal(0, 1) with the padding row zeroed, norms ones and zeros,
+            MultiheadAttention Xavier, PReLU its ``init``). ``"keras"``: what Keras 3
+            does for the equivalent layer (kernels Glorot-uniform in Keras's kernel
+            shape, recurrent kernels orthogonal as a whole ``(H, gates*H)`` matrix,
+            biases zero but the LSTM forget gate's 1 in ``bias_ih``, Embedding
+            uniform(±0.05), PReLU 0), drawn in Keras's layout and gate order and then
+            moved to PyTorch's, so exporting with the Keras layout gives the drawn arrays.
+        overrides: ``{"state.dict.name": array or (shape, rng) -> array}`` for single
+            tensors, and ``{ModuleType: (module, rng) -> {own tensor name: array}}`` for
+            every module of a type (custom modules); these win over the scheme.
+
+    Returns:
+        The :class:`LoadReport` of the load that wrote the values.
+
+    Raises:
+        LayoutError: a parameter has no rule in ``scheme`` and no override (the
+            message names it, its module and the fix), or an override names nothing.
+        LoadError: an override has the wrong shape or bad values; nothing was written.
+
+    >>> import numpy as np, torch
+    >>> rnn = torch.nn.RNN(3, 4)
+    >>> report = init(rnn, np.random.RandomState(313), overrides={"bias_hh_l0": np.zeros(4)})
+    >>> rnn.bias_hh_l0.abs().sum().item(), bool(rnn.weight_ih_l0.abs().max() <= 0.5)
+    (0.0, True)
+    """
+    arrays = init_arrays(module, rng, scheme, overrides=overrides)
+    complete = all(name in arrays for name in module.state_dict(keep_vars=True))
+    return load(module, arrays, strict=complete)
+
+
+def init_arrays(
+    module: nn.Module,
+    rng: Rng,
+    scheme: str = "torch",
+    *,
+    overrides: Mapping[str | type[nn.Module], Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """The arrays :func:`init` writes, by state-dict name, without writing them.
+
+    Drawn values are float64 (``num_batches_tracked`` int64); they are rounded to
+    each tensor's dtype when loaded. Buffers without a rule are left out.
+
+    >>> import numpy as np, torch
+    >>> arrays = init_arrays(torch.nn.BatchNorm1d(2), np.random.default_rng(0))
+    >>> {name: a.tolist() for name, a in arrays.items()}
+    {'weight': [1.0, 1.0], 'bias': [0.0, 0.0], 'running_mean': [0.0, 0.0], 'running_var': [1.0, 1.0], 'num_batches_tracked': 0}
+    """  # noqa: E501
+    if not isinstance(rng, (np.random.Generator, np.random.RandomState)):
+        raise TypeError(
+            f"rng must be a np.random.Generator or np.random.RandomState (for example "
+            f"np.random.default_rng(0) or np.random.RandomState(313)), got {type(rng).__name__}"
+        )
+    if scheme not in _RULES:
+        raise LayoutError(
+            f"unknown initializer scheme {scheme!r}: use one of {', '.join(map(repr, SCHEMES))}"
+        )
+    tensors = module.state_dict(keep_vars=True)
+    by_name, by_type = _split_overrides(module, tensors, overrides or {})
+    owners = _owners(module)
+    rules, refusals = _scheme_rules(module, scheme)
+
+    plan: dict[int, tuple[str, Any]] = {}
+    uncovered: list[tuple[str, str, nn.Module, str]] = []
+    for name, tensor in tensors.items():
+        key = id(tensor)
+        if key in plan:
+            continue
+        path, owner, leaf, is_param = owners[key]
+        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            raise LayoutError(
+                f"'{name}' of {_where(path, owner)} is not materialized yet (a lazy module): run one forward "
+                "pass (or its initialize_parameters) before weightport.init"
+            )
+        if name in by_name:
+            plan[key] = ("name", by_name[name])
+        elif (module_init := _type_override(owner, by_type)) is not None:
+            plan[key] = ("type", module_init)
+        elif key in rules:
+            plan[key] = ("rule", rules[key])
+        elif is_param:
+            reason = refusals.get(path, f"the '{scheme}' scheme has no rule for it")
+            uncovered.append((name, path, owner, reason))
+    if uncovered:
+        raise LayoutError(_uncovered_message(scheme, uncovered))
+
+    values: dict[int, Any] = {}
+    module_values: dict[int, Mapping[str, Any]] = {}
+    for name, tensor in tensors.items():
+        key = id(tensor)
+        if key in values or key not in plan:
+            continue
+        how, what = plan[key]
+        shape = tuple(tensor.shape)
+        if how == "rule":
+            values[key] = what(shape, rng)
+        elif how == "name":
+            values[key] = _as_array(what(shape, rng) if callable(what) else what)
+        else:
+            path, owner, leaf, _ = owners[key]
+            if id(owner) not in module_values:
+                module_values[id(owner)] = _call_module_init(what, path, owner, rng)
+            produced = module_values[id(owner)]
+            if leaf not in produced:
+                raise LayoutError(
+                    f"the override for {type(owner).__name__} returned no '{leaf}' for "
+                    f"{_where(path, owner)}: return every own parameter ({', '.join(_own(owner))}) "
+                    f"or give '{name}' in overrides"
+                )
+            values[key] = _as_array(produced[leaf])
+    return {name: values[id(t)] for name, t in tensors.items() if id(t) in values}
+
+
+def _as_array(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else np.asarray(value)
+
+
+def _where(path: str, module: nn.Module) -> str:
+    return f"'{path}' ({type(module).__name__})" if path else f"the root module ({type(module).__name__})"
+
+
+def _owners(module: nn.Module) -> dict[int, tuple[str, nn.Module, str, bool]]:
+    """id(tensor) -> (module path, owning module, name in it, is a parameter); first owner wins."""
+    owners: dict[int, tuple[str, nn.Module, str, bool]] = {}
+    for path, sub in module.named_modules():
+        for leaf, param in sub.named_parameters(recurse=False):
+            owners.setdefault(id(param), (path, sub, leaf, True))
+        for leaf, buffer in sub.named_buffers(recurse=False):
+            owners.setdefault(id(buffer), (path, sub, leaf, False))
+    return owners
+
+
+def _tensor_at(module: nn.Module, name: str) -> torch.Tensor | None:
+    path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    own = dict(owner.named_parameters(recurse=False)) | dict(owner.named_buffers(recurse=False))
+    return own.get(leaf)
+
+
+def _scheme_rules(module: nn.Module, scheme: str) -> tuple[dict[int, Draw], dict[str, str]]:
+    """id(tensor) -> Draw from the scheme's rules, and module path -> why a rule refused.
+
+    Modules are visited children first, so a parent's rule for a child's tensor wins.
+    """
+    rules: dict[int, Draw] = {}
+    refusals: dict[str, str] = {}
+    for path, sub in reversed(list(module.named_modules())):
+        make = next((rule for types, rule in _RULES[scheme] if isinstance(sub, types)), None)
+        if make is None:
+            continue
+        try:
+            found = make(sub)
+        except _NoRule as e:
+            refusals[path] = str(e)
+            continue
+        for name, draw in found.items():
+            tensor = _tensor_at(sub, name)
+            if tensor is not None:
+                rules[id(tensor)] = draw
+    return rules, refusals
+
+
+def _split_overrides(
+    module: nn.Module, tensors: Mapping[str, torch.Tensor], overrides: Mapping[Any, Any]
+) -> tuple[dict[str, Any], dict[type, ModuleInit]]:
+    by_name: dict[str, Any] = {}
+    by_type: dict[type, ModuleInit] = {}
+    unknown: list[str] = []
+    for key, value in overrides.items():
+        if isinstance(key, str):
+            if key in tensors:
+                by_name[key] = value
+            else:
+                unknown.append(key)
+        elif isinstance(key, type) and issubclass(key, nn.Module):
+            if not callable(value):
+                raise LayoutError(
+                    f"overrides[{key.__name__}] must be a callable (module, rng) -> "
+                    f"{{own tensor name: array}}, got {type(value).__name__}"
+                )
+            if not any(isinstance(m, key) for m in module.modules()):
+                raise LayoutError(
+                    f"overrides[{key.__name__}]: {type(module).__name__} has no {key.__name__} module; "
+                    "remove it, or check the type"
+                )
+            by_type[key] = value
+        else:
+            raise LayoutError(
+                f"overrides key {key!r}: expected a state-dict name (str) or an nn.Module subclass"
+            )
+    if unknown:
+        hints = []
+        for name in unknown[:_MAX_LISTED]:
+            close = difflib.get_close_matches(name, list(tensors), n=1, cutoff=0.6)
+            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise LayoutError(
+            f"overrides name {', '.join(hints)} is not a tensor of {type(module).__name__}: use its "
+            f"state-dict names (module.state_dict().keys()), such as "
+            f"{', '.join(map(repr, list(tensors)[:3]))}"
+        )
+    return by_name, by_type
+
+
+def _type_override(module: nn.Module, by_type: Mapping[type, ModuleInit]) -> ModuleInit | None:
+    """The override for the most specific of ``module``'s classes, if any."""
+    return next((by_type[cls] for cls in type(module).__mro__ if cls in by_type), None)
+
+
+def _call_module_init(module_init: ModuleInit, path: str, module: nn.Module, rng: Rng) -> Mapping[str, Any]:
+    produced = module_init(module, rng)
+    if not isinstance(produced, Mapping):
+        raise LayoutError(
+            f"the override for {type(module).__name__} returned {type(produced).__name__} for "
+            f"{_where(path, module)}: return a dict of its own tensor names to arrays"
+        )
+    own = set(_own(module)) | {n for n, _ in module.named_buffers(recurse=False)}
+    extra = sorted(set(produced) - own)
+    if extra:
+        raise LayoutError(
+            f"the override for {type(module).__name__} returned {', '.join(map(repr, extra))} for "
+            f"{_where(path, module)}, which has only {', '.join(map(repr, sorted(own)))}: use its own "
+            "tensor names (no dots)"
+        )
+    return produced
+
+
+def _uncovered_message(
+    scheme: str,
+    uncovered: list[tuple[str, str, nn.Module, str]],
+) -> str:
+    count = len(uncovered)
+    lines = [
+        f"weightport.init(scheme={scheme!r}) has no rule for {count} parameter{'s' * (count != 1)}; "
+        "nothing was drawn or written:"
+    ]
+    lines += [
+        f"  - '{name}' of {_where(path, owner)}: {why}" for name, path, owner, why in uncovered[:_MAX_LISTED]
+    ]
+    if count > _MAX_LISTED:
+        lines.append(f"  ... and {count - _MAX_LISTED} more")
+    name, _, owner, _ = uncovered[0]
+    kind = type(owner).__name__
+    leaf = name.rpartition(".")[2]
+    lines.append(
+        f"Fix: pass overrides={{'{name}': array_or_callable, ...}} (a callable gets (shape, rng) and "
+        f"returns an array), or overrides={{{kind}: fn}} where fn(module, rng) returns "
+        f"{{'{leaf}': array, ...}} for every {kind}."
+    )
+    return "\n".join(lines)
