@@ -130,7 +130,7 @@ def apply_plan(
             restored = (
                 "every tensor written so far was put back"
                 if keep
-                else ("the module is PARTLY WRITTEN (rollback=False)")
+                else "the module may be PARTLY WRITTEN (rollback=False, or a bug: please report it)"
             )
             raise SourceError(
                 f"reading {source.description} failed while writing '{entry.target}': {e}; {restored}. "

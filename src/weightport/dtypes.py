@@ -72,7 +72,7 @@ def as_torch(array: np.ndarray) -> torch.Tensor:
     if any(s < 0 for s in array.strides):
         array = np.ascontiguousarray(array)
     if array.dtype == BFLOAT16:
-        return as_torch(array.view(np.uint16)).view(torch.bfloat16)
+        return as_torch(array.view(np.int16)).view(torch.bfloat16)
     if array.dtype.kind == "u" and array.dtype.itemsize > 1:
         return torch.from_numpy(array.astype(np.int64))
     if not array.flags.writeable:

@@ -373,9 +373,9 @@ def init_arrays(
 
     >>> import numpy as np, torch
     >>> arrays = init_arrays(torch.nn.BatchNorm1d(2), np.random.default_rng(0))
-    >>> {name: a.tolist() for name, a in arrays.items()}
-    {'weight': [1.0, 1.0], 'bias': [0.0, 0.0], 'running_mean': [0.0, 0.0], 'running_var': [1.0, 1.0], 'num_batches_tracked': 0}
-    """  # noqa: E501
+    >>> arrays["weight"], arrays["running_var"], arrays["num_batches_tracked"]
+    (array([1., 1.]), array([1., 1.]), array(0))
+    """
     if not isinstance(rng, (np.random.Generator, np.random.RandomState)):
         raise TypeError(
             f"rng must be a np.random.Generator or np.random.RandomState (for example "
@@ -386,33 +386,29 @@ def init_arrays(
             f"unknown initializer scheme {scheme!r}: use one of {', '.join(map(repr, SCHEMES))}"
         )
     tensors = module.state_dict(keep_vars=True)
-    by_name, by_type = _split_overrides(module, tensors, overrides or {})
     owners = _owners(module)
+    _refuse_lazy(tensors, owners)
+    by_name, by_type = _split_overrides(module, tensors, overrides or {})
     rules, refusals = _scheme_rules(module, scheme)
 
     plan: dict[int, tuple[str, Any]] = {}
-    uncovered: list[tuple[str, str, nn.Module, str]] = []
+    uncovered: dict[int, list[str]] = {}  # id(module) -> its parameters without a rule
     for name, tensor in tensors.items():
         key = id(tensor)
         if key in plan:
             continue
         path, owner, leaf, is_param = owners[key]
-        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
-            raise LayoutError(
-                f"'{name}' of {_where(path, owner)} is not materialized yet (a lazy module): run one forward "
-                "pass (or its initialize_parameters) before weightport.init"
-            )
-        if name in by_name:
-            plan[key] = ("name", by_name[name])
+        named = [n for n, t in tensors.items() if t is tensor and n in by_name]
+        if named:
+            plan[key] = ("name", by_name[named[0]])
         elif (module_init := _type_override(owner, by_type)) is not None:
             plan[key] = ("type", module_init)
         elif key in rules:
             plan[key] = ("rule", rules[key])
         elif is_param:
-            reason = refusals.get(path, f"the '{scheme}' scheme has no rule for it")
-            uncovered.append((name, path, owner, reason))
+            uncovered.setdefault(id(owner), []).append(name)
     if uncovered:
-        raise LayoutError(_uncovered_message(scheme, uncovered))
+        raise LayoutError(_uncovered_message(scheme, uncovered, owners, tensors, refusals))
 
     values: dict[int, Any] = {}
     module_values: dict[int, Mapping[str, Any]] = {}
@@ -554,25 +550,41 @@ def _call_module_init(module_init: ModuleInit, path: str, module: nn.Module, rng
     return produced
 
 
+def _refuse_lazy(
+    tensors: Mapping[str, torch.Tensor], owners: Mapping[int, tuple[str, nn.Module, str, bool]]
+) -> None:
+    for name, tensor in tensors.items():
+        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            path, owner, _, _ = owners[id(tensor)]
+            raise LayoutError(
+                f"'{name}' of {_where(path, owner)} is not materialized yet (a lazy module): run one forward "
+                "pass first, then weightport.init"
+            )
+
+
 def _uncovered_message(
     scheme: str,
-    uncovered: list[tuple[str, str, nn.Module, str]],
+    uncovered: Mapping[int, list[str]],
+    owners: Mapping[int, tuple[str, nn.Module, str, bool]],
+    tensors: Mapping[str, torch.Tensor],
+    refusals: Mapping[str, str],
 ) -> str:
-    count = len(uncovered)
+    count = sum(len(names) for names in uncovered.values())
     lines = [
         f"weightport.init(scheme={scheme!r}) has no rule for {count} parameter{'s' * (count != 1)}; "
         "nothing was drawn or written:"
     ]
-    lines += [
-        f"  - '{name}' of {_where(path, owner)}: {why}" for name, path, owner, why in uncovered[:_MAX_LISTED]
-    ]
-    if count > _MAX_LISTED:
-        lines.append(f"  ... and {count - _MAX_LISTED} more")
-    name, _, owner, _ = uncovered[0]
+    for names in list(uncovered.values())[:_MAX_LISTED]:
+        path, owner, _, _ = owners[id(tensors[names[0]])]
+        why = refusals.get(path, f"the {scheme!r} scheme has no rule for {type(owner).__name__}")
+        lines.append(f"  - {', '.join(map(repr, names))} of {_where(path, owner)}: {why}")
+    if len(uncovered) > _MAX_LISTED:
+        lines.append(f"  ... and those of {len(uncovered) - _MAX_LISTED} more modules")
+    first = next(iter(uncovered.values()))[0]
+    _, owner, leaf, _ = owners[id(tensors[first])]
     kind = type(owner).__name__
-    leaf = name.rpartition(".")[2]
     lines.append(
-        f"Fix: pass overrides={{'{name}': array_or_callable, ...}} (a callable gets (shape, rng) and "
+        f"Fix: pass overrides={{'{first}': array_or_callable, ...}} (a callable gets (shape, rng) and "
         f"returns an array), or overrides={{{kind}: fn}} where fn(module, rng) returns "
         f"{{'{leaf}': array, ...}} for every {kind}."
     )

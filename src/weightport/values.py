@@ -46,7 +46,7 @@ def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
     ``range`` (narrower float: finite and in range), ``exact`` (each value must
     survive the cast unchanged).
     """
-    if source.kind in _REFUSED_KINDS:
+    if source.kind in _REFUSED_KINDS and source.name != "bfloat16":
         return "none", f"{_REFUSED_KINDS[source.kind]} are not tensor values; pass a numeric array"
     src_float = source.kind == "f" or source.name == "bfloat16"
     if target.is_complex:

@@ -152,7 +152,7 @@ def _flatten(msgpack: Any, where: str, node: Any, prefix: str, out: dict[str, np
             out[name] = _decode(msgpack, where, name, value.data)
             value.data = b""  # the array holds its own copy now: free the payload early
         else:
-            ignored.append(f"{name} (a {_kind(value)}, not an array)")
+            ignored.append(f"{name} ({_kind(value)}: not an array)")
 
 
 def _kind(value: Any) -> str:

@@ -39,9 +39,18 @@ def to_array(name: str, value: Any) -> np.ndarray:
             f"'{name}': cannot be made into an array ({e}); ragged nested lists are not tensors. "
             "Fix: pass a NumPy array of one shape."
         ) from None
-    if array.dtype.kind in "OUSVM":
+    kinds = {
+        "O": "objects",
+        "U": "strings",
+        "S": "bytes",
+        "V": "raw records",
+        "M": "dates",
+        "m": "time deltas",
+    }
+    if array.dtype.kind in kinds and array.dtype != BFLOAT16:
         raise SourceError(
-            f"'{name}': holds {array.dtype} values, not numbers. Fix: pass a numeric NumPy array."
+            f"'{name}': holds {kinds[array.dtype.kind]} ({array.dtype}), not numbers. "
+            "Fix: pass a numeric NumPy array."
         )
     return array
 

@@ -102,7 +102,9 @@ class OnnxSource(Source):
         fd = _open_inside(self.folder, ext.location, self.description, name)
         with os.fdopen(fd, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size  # the file may have changed since it was opened
-            check_extent(f"{self.description} (external file '{ext.location}')", name, ext.offset, ext.nbytes, size)
+            check_extent(
+                f"{self.description} (external file '{ext.location}')", name, ext.offset, ext.nbytes, size
+            )
             if ext.nbytes == 0:
                 return
             view = memoryview(out.reshape(-1).view(np.uint8))
@@ -118,7 +120,7 @@ class OnnxSource(Source):
                 done += got
 
 
-def open(path: Path) -> OnnxSource:  # noqa: A001 - the reader contract's name
+def open(path: Path) -> OnnxSource:
     """Parse ``path`` (not its external data) and list its tensors.
 
     Raises:
@@ -209,7 +211,9 @@ def _add(source: OnnxSource, name: str, tensor: Any, sizes: dict[str, int]) -> b
         return False
     shape = tuple(int(d) for d in tensor.dims)
     if any(d < 0 for d in shape):
-        raise SourceError(f"{where}: tensor '{name}' declares shape {shape}; the file is corrupt. Fix: re-export it.")
+        raise SourceError(
+            f"{where}: tensor '{name}' declares shape {shape}; the file is corrupt. Fix: re-export it."
+        )
     info = TensorInfo(name, shape, dtype)
     if tensor.data_location == _EXTERNAL:
         source.payloads[name] = _external(source, info, tensor, sizes)
@@ -239,7 +243,9 @@ def _embedded_array(tensor: Any, info: TensorInfo) -> np.ndarray:
         return np.frombuffer(tensor.raw_data, info.dtype).reshape(info.shape)
     from onnx import numpy_helper
 
-    return np.asarray(numpy_helper.to_array(tensor)).reshape(info.shape)  # data is in the proto: no file access
+    return np.asarray(numpy_helper.to_array(tensor)).reshape(
+        info.shape
+    )  # data is in the proto: no file access
 
 
 def _external(source: OnnxSource, info: TensorInfo, tensor: Any, sizes: dict[str, int]) -> _External:
@@ -304,7 +310,9 @@ def _open_inside(folder: Path, location: str, where: str, name: str) -> int:
             try:
                 for i, part in enumerate(parts):
                     if stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                        raise SourceError(refuse.format(why=f"is a symbolic link at '{'/'.join(parts[: i + 1])}'"))
+                        raise SourceError(
+                            refuse.format(why=f"is a symbolic link at '{'/'.join(parts[: i + 1])}'")
+                        )
                     last = i == len(parts) - 1
                     fd = os.open(part, flags if last else dir_flags, dir_fd=dir_fd)
                     if last:
@@ -318,7 +326,9 @@ def _open_inside(folder: Path, location: str, where: str, name: str) -> int:
             for i, part in enumerate(parts):
                 current = current / part
                 if stat.S_ISLNK(os.lstat(current).st_mode):
-                    raise SourceError(refuse.format(why=f"is a symbolic link at '{'/'.join(parts[: i + 1])}'"))
+                    raise SourceError(
+                        refuse.format(why=f"is a symbolic link at '{'/'.join(parts[: i + 1])}'")
+                    )
             fd = os.open(current, flags)
     except FileNotFoundError:
         raise SourceError(

@@ -1,0 +1,280 @@
+"""HDF5 files read safely: every dataset a tensor named by its path, checked before any read.
+
+The whole tree is walked once when the file is opened, and the file is refused
+if anything in it could make a read touch other files or more memory than the
+file holds: soft, external or user-defined links, external storage, virtual
+datasets, an unknown (plugin) filter, a second hard link to one object, or a
+dataset whose declared shape times itemsize is not backed by the bytes stored
+(contiguous data must lie inside the file; compressed chunks may not expand past
+:data:`MAX_EXPANSION` times their stored size). h5py is imported only here and
+in :mod:`weightport.sources.keras`; TensorFlow and Keras never are.
+
+>>> import io, numpy as np, h5py
+>>> buf = io.BytesIO()
+>>> with h5py.File(buf, "w") as f:
+...     f["layers/dense/vars/0"] = np.ones((2, 3), np.float32)
+>>> src = open_h5(buf, "'x.h5'", len(buf.getvalue()))
+>>> src.infos["layers/dense/vars/0"].shape, float(src.read("layers/dense/vars/0").sum())
+((2, 3), 6.0)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weightport.dtypes import BFLOAT16
+from weightport.errors import MissingDependencyError, SourceError
+from weightport.sources.base import Source, TensorInfo, check_extent
+
+__all__ = ["H5Source", "open_h5", "import_h5py", "write_h5", "MAX_EXPANSION", "EXPANSION_FLOOR"]
+
+# Filters h5py reads without plugins; anything else is refused before a read is tried.
+_FILTERS = {1: "deflate", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit", 6: "scaleoffset", 32000: "lzf"}
+_COMPRESSING = {1, 4, 5, 6, 32000}
+MAX_EXPANSION = 1000  # compressed data may declare at most this many times the bytes it stores ...
+EXPANSION_FLOOR = 1 << 26  # ... once it declares more than 64 MiB
+_FIX = "Fix: re-save the weights with Keras (model.save_weights) or h5py without it"
+
+Skip = Callable[[str], "str | None"]
+
+
+def import_h5py(where: str) -> Any:
+    """h5py, or a :class:`MissingDependencyError` that says how to install it."""
+    try:
+        import h5py
+    except ImportError:
+        raise MissingDependencyError(f"Reading {where} needs h5py: pip install 'weightport[keras]'") from None
+    return h5py
+
+
+@dataclass
+class H5Source(Source):
+    """Datasets of one open HDF5 file; ``groups`` lists every group path, ``attrs`` their attributes."""
+
+    datasets: dict[str, Any] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)
+    vars_names: dict[str, str] = field(default_factory=dict)  # layer group path -> its 'vars' group's name
+    _file: Any = None
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        dataset = self.datasets[name]
+        if out.size == 0:
+            return
+        target = out.view(dataset.dtype) if out.dtype == BFLOAT16 else out
+        try:
+            dataset.read_direct(target)
+        except (OSError, ValueError, TypeError, RuntimeError) as e:
+            raise SourceError(
+                f"{self.description}: reading tensor '{name}' failed ({e}); the file is corrupt. "
+                "Fix: re-create it."
+            ) from e
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def root_attrs(self) -> Mapping[str, Any]:
+        assert self._file is not None
+        return self._file.attrs
+
+    def group_attrs(self, path: str) -> Mapping[str, Any]:
+        """Attributes of a group the walk already checked (so reaching it follows no link)."""
+        assert self._file is not None and path in self.groups
+        return self._file[path].attrs
+
+
+def open_h5(file: str | os.PathLike[str] | Any, where: str, file_size: int, skip: Skip | None = None) -> H5Source:
+    """Open and check an HDF5 file (a path or a binary file object) of ``file_size`` bytes.
+
+    Args:
+        file: a path, or a seekable binary file object (a ``.keras`` member in memory).
+        where: how messages name the file, e.g. ``"'model.weights.h5'"``.
+        file_size: the real size in bytes, which every stored extent must fit in.
+        skip: ``skip(path)`` returns a reason to leave a group or dataset unread
+            (it goes to ``ignored``), or None to read it.
+    """
+    h5py = import_h5py(where)
+    try:
+        handle = h5py.File(file if not isinstance(file, Path) else str(file), "r")
+    except (OSError, ValueError) as e:
+        raise SourceError(
+            f"{where}: not a readable HDF5 file ({e}); it is truncated, corrupt or not HDF5. "
+            "Fix: re-create or re-download it."
+        ) from None
+    source = H5Source(description=where, _file=handle)
+    try:
+        _walk(h5py, handle, "", source, file_size, set(), skip or (lambda path: None))
+    except BaseException:
+        source.close()
+        raise
+    return source
+
+
+def _walk(h5py: Any, group: Any, prefix: str, source: H5Source, size: int, seen: set[int], skip: Skip) -> None:
+    where = source.description
+    for key in group:
+        path = prefix + key
+        link = group.get(key, getlink=True)
+        if isinstance(link, h5py.SoftLink):
+            raise SourceError(
+                f"{where}: '{path}' is a soft link to '{link.path}'; weightport follows no links inside a "
+                f"file. {_FIX}."
+            )
+        if isinstance(link, h5py.ExternalLink):
+            raise SourceError(
+                f"{where}: '{path}' is an external link to '{link.filename}:{link.path}', which would read "
+                f"another file; refusing the file. {_FIX}."
+            )
+        if not isinstance(link, h5py.HardLink):
+            raise SourceError(f"{where}: '{path}' is a user-defined link; refusing the file. {_FIX}.")
+        reason = skip(path)
+        if reason is not None:
+            source.ignored.append(f"{path} ({reason})")
+            continue
+        obj = group[key]
+        address = h5py.h5o.get_info(obj.id).addr
+        if address in seen:
+            raise SourceError(
+                f"{where}: '{path}' is a second link to an object already seen; Keras never writes "
+                f"that, so the file was crafted or damaged. {_FIX}."
+            )
+        seen.add(address)
+        if isinstance(obj, h5py.Group):
+            source.groups.append(path)
+            if key == "vars" and "name" in obj.attrs:
+                source.vars_names[prefix.rstrip("/")] = _text(obj.attrs["name"])
+            _walk(h5py, obj, path + "/", source, size, seen, skip)
+        elif isinstance(obj, h5py.Dataset):
+            _add_dataset(h5py, obj, path, source, size)
+        else:
+            source.ignored.append(f"{path} (a named datatype, not an array)")
+
+
+def _add_dataset(h5py: Any, dataset: Any, name: str, source: H5Source, file_size: int) -> None:
+    where = source.description
+    if dataset.is_virtual:
+        raise SourceError(
+            f"{where}: dataset '{name}' is virtual (its data lives in other datasets or files); "
+            f"refusing the file. {_FIX}."
+        )
+    if dataset.external:
+        files = ", ".join(str(e[0]) for e in dataset.external)
+        raise SourceError(
+            f"{where}: dataset '{name}' keeps its data in external file(s) {files}; refusing the file. {_FIX}."
+        )
+    dtype = dataset.dtype
+    if dtype.kind == "V" and dtype.itemsize == 2 and _text(dataset.attrs.get("dtype", "")) == "bfloat16":
+        dtype = BFLOAT16  # how Keras 3 stores bfloat16: 2-byte opaque + a dtype attribute
+    elif dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
+        source.ignored.append(f"{name} (holds {dtype}, not numbers)")
+        return
+    if dataset.shape is None:
+        source.ignored.append(f"{name} (an empty dataspace, no array)")
+        return
+    shape = tuple(int(d) for d in dataset.shape)
+    declared = math.prod(shape) * dtype.itemsize
+    _check_storage(h5py, dataset, name, declared, where, file_size)
+    source.datasets[name] = dataset
+    source.infos[name] = TensorInfo(name, shape, dtype)
+
+
+def _check_storage(h5py: Any, dataset: Any, name: str, declared: int, where: str, file_size: int) -> None:
+    plist = dataset.id.get_create_plist()
+    layout = plist.get_layout()
+    stored = dataset.id.get_storage_size()
+    if layout == h5py.h5d.COMPACT:
+        if stored != declared:
+            raise SourceError(
+                f"{where}: dataset '{name}' declares {declared} bytes but its compact storage holds {stored}; "
+                f"the file is corrupt or crafted. {_FIX}."
+            )
+    elif layout == h5py.h5d.CONTIGUOUS:
+        offset = dataset.id.get_offset()
+        if declared and (offset is None or stored < declared):
+            raise SourceError(
+                f"{where}: dataset '{name}' declares {declared} bytes but stores {stored}; "
+                f"the file is truncated or crafted. {_FIX}."
+            )
+        if declared:
+            check_extent(where, name, int(offset), declared, file_size)
+    elif layout == h5py.h5d.CHUNKED:
+        filters = [int(plist.get_filter(i)[0]) for i in range(plist.get_nfilters())]
+        unknown = [f for f in filters if f not in _FILTERS]
+        if unknown:
+            raise SourceError(
+                f"{where}: dataset '{name}' uses HDF5 filter {unknown[0]}, which needs a plugin; weightport "
+                f"reads only {', '.join(_FILTERS.values())}. {_FIX}."
+            )
+        for offset, nbytes in _chunks(dataset):
+            check_extent(where, name, offset, nbytes, file_size)
+        if not any(f in _COMPRESSING for f in filters):
+            if stored < declared:
+                raise SourceError(
+                    f"{where}: dataset '{name}' declares {declared} bytes but stores {stored}; "
+                    f"the file is truncated or crafted. {_FIX}."
+                )
+        elif declared > EXPANSION_FLOOR and declared > MAX_EXPANSION * stored:
+            raise SourceError(
+                f"{where}: dataset '{name}' declares {declared} bytes from {stored} compressed bytes "
+                f"(more than {MAX_EXPANSION} times); refusing a decompression bomb. {_FIX}."
+            )
+    else:
+        raise SourceError(f"{where}: dataset '{name}' uses an HDF5 storage layout weightport does not read.")
+
+
+def _chunks(dataset: Any) -> list[tuple[int, int]]:
+    """(file offset, stored size) of every allocated chunk."""
+    found: list[tuple[int, int]] = []
+    dsid = dataset.id
+    if hasattr(dsid, "chunk_iter"):
+        dsid.chunk_iter(lambda info: found.append((int(info.byte_offset), int(info.size))))
+    else:  # pragma: no cover - old HDF5
+        for i in range(dsid.get_num_chunks()):
+            info = dsid.get_chunk_info(i)
+            found.append((int(info.byte_offset), int(info.size)))
+    return found
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def write_h5(
+    arrays: Mapping[str, np.ndarray],
+    path: str | os.PathLike[str],
+    group_attrs: Mapping[str, Mapping[str, str]] | None = None,
+) -> Path:
+    """Write ``arrays`` as datasets at their ``/``-separated names (atomically: temp file, then rename).
+
+    ``group_attrs`` sets string attributes on groups (Keras's ``vars`` groups carry
+    the layer's ``name``). bfloat16 is stored as Keras 3 stores it.
+    """
+    target = Path(path)
+    h5py = import_h5py(f"'{target.name}'")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for group, attrs in (group_attrs or {}).items():
+                g = f.require_group(group) if group else f
+                for k, v in attrs.items():
+                    g.attrs[k] = v
+            for name, value in arrays.items():
+                array = np.ascontiguousarray(value)
+                if array.dtype == BFLOAT16:
+                    f.create_dataset(name, data=array.view(np.dtype("V2"))).attrs["dtype"] = "bfloat16"
+                else:
+                    f[name] = array
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,96 @@
+"""A live Keras model or layer (Keras 3 or tf_keras) as a source, without importing Keras.
+
+Keras objects are recognised by the module their class comes from (``keras...``
+or ``tf_keras...``). Their variables are read with ``np.asarray`` and named as
+Keras 3 would file them in a ``.weights.h5`` (``layers/lstm/cell/vars/0``), so
+the Keras layout treats a live model and its saved weights alike. Unlike a
+weights file, a live model knows its layer order and each layer's
+``get_config()``, which go into ``metadata["layers"]`` as the ``.keras`` reader
+puts them.
+
+>>> class Dense:  # a stand-in: real Keras layers are claimed the same way
+...     __module__ = "keras.src.layers.core.dense"
+>>> claims_object(Dense()), claims_object(object())
+(True, False)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from weightport.sources.base import Source
+from weightport.sources.keras import snake_case
+from weightport.sources.mapping import MappingSource
+
+__all__ = ["claims_object", "open_object"]
+
+_MODULES = ("keras", "tf_keras")
+# Keras's own order of a layer's variables, by variable name.
+_ROLE_ORDER = ("kernel", "recurrent_kernel", "bias", "embeddings", "gamma", "beta", "moving_mean", "moving_variance")
+
+
+def claims_object(obj: object) -> bool:
+    """True for instances of classes defined in Keras 3 or tf_keras."""
+    module = type(obj).__module__ or ""
+    return module.split(".", 1)[0] in _MODULES
+
+
+def open_object(obj: Any) -> Source:
+    """The variables of a Keras model or layer, named as in a Keras 3 ``.weights.h5``."""
+    arrays: dict[str, np.ndarray] = {}
+    layers: list[dict[str, Any]] = []
+    _add(obj, "", arrays, layers)
+    name = getattr(obj, "name", "")
+    source = MappingSource.from_mapping(arrays, description=f"the Keras {type(obj).__name__} '{name}'")
+    source.metadata.update(layout="keras", keras_file="live", layers=layers)
+    return source
+
+
+def _is_container(obj: Any) -> bool:
+    return isinstance(getattr(obj, "layers", None), list) and not hasattr(obj, "forward_layer")
+
+
+def _add(obj: Any, path: str, arrays: dict[str, np.ndarray], layers: list[dict[str, Any]]) -> None:
+    if _is_container(obj):
+        counts: dict[str, int] = {}
+        for layer in obj.layers:
+            base = snake_case(type(layer).__name__)
+            key = base if base not in counts else f"{base}_{counts[base] + 1}"
+            counts[base] = counts.get(base, -1) + 1
+            _add(layer, f"{path}layers/{key}/", arrays, layers)
+        return
+    record = {"path": path.rstrip("/"), "name": getattr(obj, "name", None), "class_name": type(obj).__name__}
+    record["config"] = _config(obj)
+    layers.append(record)
+    if hasattr(obj, "forward_layer") and hasattr(obj, "backward_layer"):
+        for side in ("forward_layer", "backward_layer"):
+            _add_vars(getattr(obj, side), f"{path}{side}/", arrays)
+    else:
+        _add_vars(obj, path, arrays)
+
+
+def _add_vars(layer: Any, path: str, arrays: dict[str, np.ndarray]) -> None:
+    cell = getattr(layer, "cell", None)
+    if cell is not None and hasattr(cell, "weights"):
+        layer, path = cell, f"{path}cell/"
+    variables = list(layer.weights)
+    names = [_short_name(v) for v in variables]
+    if all(n in _ROLE_ORDER for n in names) and len(set(names)) == len(names):
+        variables = [v for _, v in sorted(zip(names, variables), key=lambda p: _ROLE_ORDER.index(p[0]))]
+    for i, variable in enumerate(variables):
+        arrays[f"{path}vars/{i}"] = np.array(np.asarray(variable), copy=True)
+
+
+def _short_name(variable: Any) -> str:
+    name = str(getattr(variable, "name", ""))
+    return name.rsplit("/", 1)[-1].split(":", 1)[0]
+
+
+def _config(layer: Any) -> dict[str, Any] | None:
+    try:
+        config = layer.get_config()
+    except (NotImplementedError, TypeError, ValueError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None

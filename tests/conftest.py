@@ -1,0 +1,33 @@
+"""Shared helpers: module state snapshots for the all-or-nothing checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from weightport.export import tensor_to_numpy
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, tuple[bytes, str, tuple[int, ...], int]]:
+    """Bytes, dtype, shape and identity of every state-dict tensor."""
+    return {
+        name: (tensor_to_numpy(t).tobytes(), str(t.dtype), tuple(t.shape), id(t))
+        for name, t in module.state_dict(keep_vars=True).items()
+    }
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def random_state(module: torch.nn.Module, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random arrays (float64, as NumPy makes them) for every float tensor of ``module``."""
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point():
+            out[name] = rng.uniform(-1, 1, tuple(tensor.shape))
+        else:
+            out[name] = tensor_to_numpy(tensor)
+    return out

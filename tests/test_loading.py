@@ -1,0 +1,539 @@
+"""weightport.load: the seed scenario, the bad-input matrix, all-or-nothing, options."""
+
+from __future__ import annotations
+
+import os
+import signal
+import zipfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from conftest import random_state, snapshot
+from torch import nn
+
+import weightport
+from weightport import LoadError, SourceError
+from weightport.export import write_safetensors
+from weightport.sources.files import open_no_follow
+
+
+def rnn_and_arrays(seed: int = 313) -> tuple[nn.RNN, dict[str, np.ndarray]]:
+    rnn = nn.RNN(3, 4, 2)
+    rng = np.random.RandomState(seed)
+    return rnn, {n: rng.uniform(-0.5, 0.5, tuple(p.shape)) for n, p in rnn.named_parameters()}
+
+
+def test_seed_scenario_loads_checks_and_verifies() -> None:
+    rnn, arrays = rnn_and_arrays()
+    params_before = {n: p for n, p in rnn.named_parameters()}
+    report = weightport.load(rnn, arrays)
+    assert report.written == list(arrays)
+    for name, p in rnn.named_parameters():
+        assert p is params_before[name] and p.dtype == torch.float32 and p.requires_grad
+        np.testing.assert_array_equal(p.detach().numpy(), arrays[name].astype(np.float32))
+    assert report.cast == [f"{n}: float64 -> float32" for n in arrays]
+    x = np.random.RandomState(1).standard_normal((5, 2, 3)).astype(np.float32)
+    assert weightport.verify(rnn, x)
+
+
+def test_seed_mistake_is_refused_with_the_shape_explained() -> None:
+    rnn, arrays = rnn_and_arrays()
+    before = snapshot(rnn)
+    arrays["weight_ih_l0"] = np.zeros((4, 4))
+    with pytest.raises(LoadError) as info:
+        weightport.load(rnn, arrays)
+    assert snapshot(rnn) == before
+    (problem,) = info.value.problems
+    assert problem.name == "weight_ih_l0"
+    assert "(4, 3) = (hidden_size, input_size) of RNN(input_size=3, hidden_size=4)" in str(info.value)
+    assert "found shape (4, 4)" in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, weightport.WeightportError)
+
+
+def test_no_aliasing_of_numpy_memory() -> None:
+    lin = nn.Linear(2, 2)
+    w = np.ones((2, 2), np.float32)
+    weightport.load(lin, {"weight": w, "bias": np.zeros(2, np.float32)})
+    w[:] = 5
+    assert lin.weight.detach().numpy().max() == 1.0
+
+
+def test_rnn_flat_weights_stay_valid() -> None:
+    lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    flat_before = [id(w) for w in lstm._flat_weights]
+    weightport.load(lstm, random_state(lstm, np.random.default_rng(0)))
+    assert [id(w) for w in lstm._flat_weights] == flat_before
+    lstm(torch.zeros(5, 1, 3))  # no warning (warnings are errors)
+
+
+# --- the bad-input matrix: each refused with a message naming the tensor and the fix, module unchanged ---
+
+
+def _lin_arrays() -> dict[str, np.ndarray]:
+    return {"weight": np.ones((2, 3)), "bias": np.zeros(2)}
+
+
+BAD_INPUTS = {
+    "unknown name": (
+        {"weight": np.ones((2, 3)), "bias": np.zeros(2), "bais": np.zeros(2)},
+        "'bais'",
+        "did you mean 'bias'",
+    ),
+    "missing name": ({"weight": np.ones((2, 3))}, "'bias'", "add it to the source"),
+    "misspelt name": ({"weight": np.ones((2, 3)), "bia": np.zeros(2)}, "'bias'", "rename it to 'bias'"),
+    "transposed": ({"weight": np.ones((3, 2)), "bias": np.zeros(2)}, "'weight'", "looks transposed"),
+    "wrong size": ({"weight": np.ones((2, 4)), "bias": np.zeros(2)}, "'weight'", "shape (2, 3)"),
+    "wrong rank": ({"weight": np.ones((2, 3, 1)), "bias": np.zeros(2)}, "'weight'", "reshape it"),
+    "scalar": ({"weight": np.ones((2, 3)), "bias": np.float64(1.0)}, "'bias'", "shape (2,)"),
+    "float64 overflow": (
+        {"weight": np.full((2, 3), 1e39), "bias": np.zeros(2)},
+        "'weight'",
+        "float32's range",
+    ),
+    "nan": (
+        {"weight": np.array([[1, np.nan, 0], [0, 0, 0]]), "bias": np.zeros(2)},
+        "'weight'",
+        "allow_nonfinite",
+    ),
+    "inf": ({"weight": np.ones((2, 3)), "bias": np.array([np.inf, 0])}, "'bias'", "NaN/Inf"),
+    "int not exact": (
+        {"weight": np.full((2, 3), 2**24 + 1, np.int64), "bias": np.zeros(2)},
+        "'weight'",
+        "exactly",
+    ),
+    "complex": ({"weight": np.ones((2, 3), np.complex64), "bias": np.zeros(2)}, "'weight'", "pass .real"),
+    "float16 overflow": (
+        {"weight": np.ones((2, 3)), "bias": np.array([7e4, 0], np.float32)},
+        "'bias'",
+        "float16's range",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_and_nothing_written(case: str) -> None:
+    arrays, names, fix = BAD_INPUTS[case]
+    lin = nn.Linear(3, 2)
+    if case == "float16 overflow":
+        lin = lin.half()
+    before = snapshot(lin)
+    with pytest.raises(LoadError) as info:
+        weightport.load(lin, arrays)
+    message = str(info.value)
+    assert names in message and fix in message, message
+    assert "nothing was written" in message
+    assert snapshot(lin) == before
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (np.array(["a", "b"]), "strings"),
+        (np.array([object(), object()], dtype=object), "objects"),
+        ([[1.0, 2.0], [3.0]], "ragged"),
+    ],
+)
+def test_non_numeric_values_are_refused(value: object, error: str) -> None:
+    lin = nn.Linear(3, 2)
+    before = snapshot(lin)
+    with pytest.raises(SourceError, match=error) as info:
+        weightport.load(lin, {"weight": np.ones((2, 3)), "bias": value})
+    assert "'bias'" in str(info.value)
+    assert snapshot(lin) == before
+
+
+def test_all_problems_are_collected_sorted_and_capped() -> None:
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(30)])
+    arrays = {f"{i}.weight": np.ones((3, 3)) for i in range(30)} | {
+        f"{i}.bias": np.zeros(2) for i in range(30)
+    }
+    with pytest.raises(LoadError) as info:
+        weightport.load(model, arrays)
+    assert len(info.value.problems) == 30
+    assert info.value.problems == sorted(info.value.problems)
+    assert "... and 5 more" in str(info.value)
+
+
+# --- dtypes that are accepted, and copied correctly ---
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda a: a.astype(">f4"), id="big-endian"),
+        pytest.param(lambda a: a[::-1, ::-1].copy()[::-1, ::-1], id="negative-strides"),
+        pytest.param(lambda a: np.asfortranarray(a), id="fortran-order"),
+        pytest.param(lambda a: np.repeat(a, 2, axis=1)[:, ::2], id="non-contiguous"),
+        pytest.param(lambda a: a.astype(np.float16), id="float16"),
+        pytest.param(lambda a: a.astype(ml_dtypes.bfloat16), id="bfloat16"),
+        pytest.param(lambda a: torch.from_numpy(a.copy()), id="torch-tensor"),
+        pytest.param(lambda a: a.tolist(), id="nested-list"),
+    ],
+)
+def test_unusual_arrays_are_accepted_and_copied_exactly(make) -> None:  # type: ignore[no-untyped-def]
+    values = np.arange(6, dtype=np.float32).reshape(2, 3) / 4  # exact in every float dtype
+    given = make(values)
+    if isinstance(given, np.ndarray) and given.dtype.kind == "f" and given.dtype.itemsize == 4:
+        given.flags.writeable = False  # read-only too: no torch warning, still copied
+    lin = nn.Linear(3, 2)
+    weightport.load(lin, {"weight": given, "bias": np.zeros(2)})
+    np.testing.assert_array_equal(lin.weight.detach().numpy(), values)
+
+
+def test_float16_and_bfloat16_in_and_out() -> None:
+    lin = nn.Linear(3, 2).to(torch.bfloat16)
+    w = (np.arange(6).reshape(2, 3) / 3).astype(np.float32)  # rounds in bfloat16: allowed
+    weightport.load(lin, {"weight": w, "bias": np.zeros(2, ml_dtypes.bfloat16)})
+    assert lin.weight.dtype == torch.bfloat16
+    np.testing.assert_array_equal(weightport.to_numpy(lin)["weight"], w.astype(ml_dtypes.bfloat16))
+    half = nn.Linear(3, 2).half()
+    weightport.load(half, {"weight": w.astype(np.float16), "bias": np.zeros(2, np.float16)})
+    np.testing.assert_array_equal(half.weight.detach().numpy(), w.astype(np.float16))
+
+
+def test_ints_and_bools_go_in_only_when_exact() -> None:
+    lin = nn.Linear(3, 2)
+    weightport.load(
+        lin, {"weight": np.arange(6, dtype=np.int64).reshape(2, 3), "bias": np.array([True, False])}
+    )
+    assert lin.weight.detach().numpy().tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert lin.bias.detach().numpy().tolist() == [1.0, 0.0]
+    bn = nn.BatchNorm1d(2)
+    state = random_state(bn, np.random.default_rng(0))
+    state["num_batches_tracked"] = np.float64(7.0)  # integral: fine
+    weightport.load(bn, state)
+    assert int(bn.num_batches_tracked) == 7
+    state["num_batches_tracked"] = np.float64(7.5)
+    with pytest.raises(LoadError, match="num_batches_tracked.*cannot hold exactly"):
+        weightport.load(bn, state)
+
+
+def test_allow_nonfinite_everywhere_or_by_name() -> None:
+    model = nn.Module()
+    model.register_buffer("mask", torch.zeros(2, 2))
+    model.lin = nn.Linear(2, 2)
+    arrays = {
+        "mask": np.array([[0, -np.inf], [0, 0]]),
+        "lin.weight": np.ones((2, 2)),
+        "lin.bias": np.zeros(2),
+    }
+    with pytest.raises(LoadError, match="'mask'"):
+        weightport.load(model, arrays)
+    weightport.load(model, arrays, allow_nonfinite={"mask"})
+    assert model.mask[0, 1] == -np.inf
+    arrays["lin.bias"] = np.array([np.nan, 0])
+    with pytest.raises(LoadError, match="'lin.bias'"):
+        weightport.load(model, arrays, allow_nonfinite={"mask"})
+    weightport.load(model, arrays, allow_nonfinite=True)
+    assert torch.isnan(model.lin.bias[0])
+
+
+def test_nonfinite_allowed_but_finite_values_still_range_checked() -> None:
+    lin = nn.Linear(1, 2)
+    with pytest.raises(LoadError, match="range"):
+        weightport.load(
+            lin, {"weight": np.array([[np.inf], [1e40]]), "bias": np.zeros(2)}, allow_nonfinite=True
+        )
+
+
+def test_check_values_off_skips_scans() -> None:
+    lin = nn.Linear(1, 2)
+    weightport.load(lin, {"weight": np.array([[np.nan], [1.0]]), "bias": np.zeros(2)}, check_values=False)
+    assert torch.isnan(lin.weight[0, 0])
+
+
+# --- tied weights, buffers, parametrizations, lazy and meta modules ---
+
+
+def tied_model() -> nn.Module:
+    model = nn.Module()
+    model.embed = nn.Embedding(5, 3)
+    model.head = nn.Linear(3, 5, bias=False)
+    model.head.weight = model.embed.weight
+    return model
+
+
+def test_tied_weights_need_one_value_or_equal_values() -> None:
+    model = tied_model()
+    w = np.random.default_rng(0).standard_normal((5, 3))
+    report = weightport.load(model, {"embed.weight": w})
+    assert report.rows[0].aliases == ()
+    weightport.load(model, {"embed.weight": w, "head.weight": w})
+    np.testing.assert_array_equal(model.head.weight.detach().numpy(), w.astype(np.float32))
+    before = snapshot(model)
+    with pytest.raises(LoadError, match="tied tensor"):
+        weightport.load(model, {"embed.weight": w, "head.weight": w + 1})
+    assert snapshot(model) == before
+
+
+def test_buffers_load_with_parameters() -> None:
+    bn = nn.BatchNorm1d(3)
+    state = {
+        "weight": np.ones(3),
+        "bias": np.zeros(3),
+        "running_mean": np.array([1.0, 2.0, 3.0]),
+        "running_var": np.array([4.0, 5.0, 6.0]),
+        "num_batches_tracked": np.int64(9),
+    }
+    weightport.load(bn, state)
+    assert bn.running_var.tolist() == [4.0, 5.0, 6.0] and bn.num_batches_tracked.item() == 9
+
+
+def test_parametrized_module_loads_originals_and_hints_at_them() -> None:
+    lin = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))
+    names = set(lin.state_dict())
+    assert {"parametrizations.weight.original0", "parametrizations.weight.original1"} <= names
+    with pytest.raises(LoadError, match="computed by a parametrization"):
+        weightport.load(lin, {"weight": np.ones((2, 3)), "bias": np.zeros(2)})
+    weightport.load(
+        lin,
+        {
+            "parametrizations.weight.original0": np.full((2, 1), 2.0),
+            "parametrizations.weight.original1": np.ones((2, 3)),
+            "bias": np.zeros(2),
+        },
+    )
+    np.testing.assert_allclose(lin.weight.detach().numpy(), np.full((2, 3), 2 / np.sqrt(3)), rtol=1e-6)
+
+
+def test_lazy_module_is_refused_with_a_reason() -> None:
+    lazy = nn.LazyLinear(2)
+    with pytest.raises(LoadError, match="run one forward pass"):
+        weightport.load(lazy, {"weight": np.ones((2, 3)), "bias": np.zeros(2)})
+
+
+def test_meta_module_is_materialized_in_place() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.LSTM(3, 4, num_layers=2), nn.Linear(4, 2))
+    reference = nn.Sequential(nn.LSTM(3, 4, num_layers=2), nn.Linear(4, 2))
+    arrays = weightport.to_numpy(reference)
+    weightport.load(model, arrays)
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert all(p.requires_grad for p in model.parameters())
+    x = torch.randn(5, 1, 3)
+    out, _ = model[0](x)
+    np.testing.assert_array_equal(out.detach().numpy(), reference[0](x)[0].detach().numpy())
+
+
+def test_meta_module_with_tensors_missing_is_refused_even_lenient() -> None:
+    with torch.device("meta"):
+        lin = nn.Linear(3, 2)
+    with pytest.raises(LoadError, match="meta device"):
+        weightport.load(lin, {"weight": np.ones((2, 3))}, strict=False)
+    assert lin.weight.is_meta
+
+
+def test_meta_tied_weights_stay_tied() -> None:
+    with torch.device("meta"):
+        model = tied_model()
+    weightport.load(model, {"embed.weight": np.ones((5, 3))})
+    assert model.embed.weight is model.head.weight and not model.head.weight.is_meta
+
+
+# --- options ---
+
+
+def test_strict_false_reports_ignored_and_missing_but_refuses_bad_shapes() -> None:
+    lin = nn.Linear(3, 2)
+    report = weightport.load(lin, {"weight": np.ones((2, 3)), "extra": np.ones(1)}, strict=False)
+    assert report.ignored == ["extra"] and report.missing == ["bias"]
+    with pytest.raises(LoadError, match="'weight'"):
+        weightport.load(lin, {"weight": np.ones((3, 2))}, strict=False)
+
+
+def test_prefix_loads_into_a_submodule() -> None:
+    model = nn.Sequential()
+    model.add_module("encoder", nn.GRU(3, 4))
+    model.add_module("head", nn.Linear(4, 1))
+    arrays = random_state(model.encoder, np.random.default_rng(0))
+    head_before = snapshot(model.head)
+    report = weightport.load(model, arrays, prefix="encoder.")
+    assert report.written[0] == "encoder.weight_ih_l0"
+    assert snapshot(model.head) == head_before
+    with pytest.raises(LoadError, match="submodule"):
+        weightport.load(model, arrays, prefix="decoder.")
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapper_prefixes_are_recognised(prefix: str) -> None:
+    lin = nn.Linear(3, 2)
+    arrays = {prefix + k: v for k, v in _lin_arrays().items()}
+    assert weightport.load(lin, arrays).written == ["weight", "bias"]
+
+
+def test_wrapped_modules_are_unwrapped() -> None:
+    wrapped = nn.DataParallel(nn.Linear(3, 2))
+    assert weightport.load(wrapped, _lin_arrays()).written == ["weight", "bias"]
+
+
+def test_dry_run_writes_nothing() -> None:
+    lin = nn.Linear(3, 2)
+    before = snapshot(lin)
+    report = weightport.load(lin, _lin_arrays(), dry_run=True)
+    assert report.dry_run and report.written == [] and len(report.rows) == 2
+    assert "Would load 2 tensors" in str(report)
+    assert snapshot(lin) == before
+
+
+# --- files: truncated, corrupt, pickled, stray, read errors, interrupts ---
+
+
+def _lstm_and_state() -> tuple[nn.LSTM, dict[str, np.ndarray]]:
+    lstm = nn.LSTM(3, 4, num_layers=2)
+    return lstm, {k: v.astype(np.float32) for k, v in random_state(lstm, np.random.default_rng(1)).items()}
+
+
+@pytest.mark.parametrize("kind", ["npz", "npz-compressed", "safetensors", "npy-folder"])
+def test_every_file_format_loads_exactly(tmp_path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    lstm, state = _lstm_and_state()
+    path = _write(tmp_path, kind, state)
+    report = weightport.load(lstm, path)
+    assert len(report.written) == len(state)
+    for name, value in weightport.to_numpy(lstm).items():
+        np.testing.assert_array_equal(value, state[name])
+
+
+def _write(tmp_path, kind: str, state: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+    if kind == "npz":
+        np.savez(tmp_path / "w.npz", **state)
+        return tmp_path / "w.npz"
+    if kind == "npz-compressed":
+        np.savez_compressed(tmp_path / "w.npz", **state)
+        return tmp_path / "w.npz"
+    if kind == "safetensors":
+        return write_safetensors(state, tmp_path / "w.safetensors")
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for name, value in state.items():
+        np.save(folder / f"{name}.npy", value)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["npz", "npz-compressed", "safetensors"])
+def test_truncated_files_fail_before_any_write(tmp_path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    lstm, state = _lstm_and_state()
+    path = _write(tmp_path, kind, state)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])
+    before = snapshot(lstm)
+    with pytest.raises(SourceError, match="truncated|corrupt"):
+        weightport.load(lstm, path)
+    assert snapshot(lstm) == before
+
+
+def test_truncated_npy_in_folder_fails_before_any_write(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lstm, state = _lstm_and_state()
+    folder = _write(tmp_path, "npy-folder", state)
+    victim = folder / "weight_hh_l1.npy"
+    victim.write_bytes(victim.read_bytes()[:-8])
+    before = snapshot(lstm)
+    with pytest.raises(SourceError, match="weight_hh_l1.*truncated"):
+        weightport.load(lstm, folder)
+    assert snapshot(lstm) == before
+
+
+def test_corrupt_compressed_npz_member_fails_before_any_write(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lstm, state = _lstm_and_state()
+    path = _write(tmp_path, "npz-compressed", state)
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("weight_hh_l1.npy")
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + 40
+    data[start : start + 20] = bytes(20)
+    path.write_bytes(bytes(data))
+    before = snapshot(lstm)
+    with pytest.raises(SourceError, match="weight_hh_l1.*corrupt"):
+        weightport.load(lstm, path)
+    assert snapshot(lstm) == before
+
+
+def test_safetensors_header_lies_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lin = nn.Linear(3, 2)
+    path = write_safetensors(
+        {k: v.astype(np.float32) for k, v in _lin_arrays().items()}, tmp_path / "w.safetensors"
+    )
+    data = bytearray(path.read_bytes())
+    data[:8] = (10**12).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match="header claims"):
+        weightport.load(lin, path)
+
+
+def test_pickled_npy_is_never_unpickled(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "w"
+    folder.mkdir()
+    np.save(folder / "weight.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.save(folder / "bias.npy", np.zeros(2))
+    with pytest.raises(SourceError, match="never unpickles"):
+        weightport.load(nn.Linear(3, 2), folder)
+
+
+def test_folder_with_stray_files_and_links(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lin = nn.Linear(3, 2)
+    folder = tmp_path / "w"
+    folder.mkdir()
+    for k, v in _lin_arrays().items():
+        np.save(folder / f"{k}.npy", v)
+    (folder / "README.txt").write_text("notes")
+    outside = tmp_path / "outside.npy"
+    np.save(outside, np.ones(2))
+    os.symlink(outside, folder / "extra.npy")
+    report = weightport.load(lin, folder)
+    assert report.ignored == ["README.txt (not a .npy file)", "extra.npy (a link: not followed)"]
+    assert "Ignored: README.txt" in str(report)
+
+
+def test_missing_path_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SourceError, match="no such file"):
+        weightport.load(nn.Linear(3, 2), tmp_path / "nope.npz")
+
+
+def test_read_error_while_writing_puts_everything_back(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    lstm, state = _lstm_and_state()
+    path = _write(tmp_path, "safetensors", state)
+    from weightport.sources import safetensors as reader
+
+    calls = {"n": 0}
+    original = reader.SafetensorsSource.read_into
+
+    def flaky(self, name, out):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == len(state) + 3:  # the value checks read each once; fail on the 3rd write
+            raise OSError(5, "Input/output error")
+        return original(self, name, out)
+
+    monkeypatch.setattr(reader.SafetensorsSource, "read_into", flaky)
+    before = snapshot(lstm)
+    with pytest.raises(SourceError, match="put back"):
+        weightport.load(lstm, path)
+    assert snapshot(lstm) == before
+
+
+def test_keyboard_interrupt_while_writing_is_deferred(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    lstm, state = _lstm_and_state()
+    from weightport import apply
+
+    original = apply._write
+    count = {"n": 0}
+
+    def interrupted(entry, source):  # type: ignore[no-untyped-def]
+        count["n"] += 1
+        if count["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(entry, source)
+
+    monkeypatch.setattr(apply, "_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        weightport.load(lstm, state)
+    for name, value in weightport.to_numpy(lstm).items():  # fully written before the interrupt surfaced
+        np.testing.assert_array_equal(value, state[name])
+
+
+def test_links_inside_folders_are_not_opened(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "real.npy"
+    np.save(target, np.zeros(1))
+    os.symlink(target, tmp_path / "link.npy")
+    with pytest.raises(SourceError, match="not followed"):
+        open_no_follow(tmp_path / "link.npy")
