@@ -10,10 +10,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import random_state, snapshot
 from torch import nn
 
 import weightport
+from conftest import random_state, snapshot
 from weightport import LoadError, SourceError
 from weightport.export import write_safetensors
 from weightport.sources.files import open_no_follow
