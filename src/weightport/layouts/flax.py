@@ -90,6 +90,7 @@ NAME = "flax"
 FRAMEWORK = "Flax"
 APIS = ("linen", "nnx")
 COLLECTIONS = ("params", "batch_stats")
+ROOT = "(root)"  # the name of a layer whose params sit at the top of the tree
 _STATS = ("mean", "var")
 _RECURRENT = ("LSTM", "GRU", "RNN")
 
@@ -143,11 +144,10 @@ def _zeros(blocks: int) -> Callable[[int], Op]:
     return make
 
 
-def _gates_in(names: Sequence[str], leaf: str, blocks: int) -> tuple[str, Op]:
-    """Rule parts for a PyTorch matrix made of one Flax Dense kernel per gate."""
-    return tuple(f"{n}/{leaf}" for n in names), (  # type: ignore[return-value]
-        Chain(Concat(1, blocks), _T) if leaf == "kernel" else Concat(0, blocks)
-    )
+def _gates_in(names: Sequence[str], leaf: str, blocks: int) -> tuple[tuple[str, ...], Op]:
+    """Rule parts for a PyTorch tensor made of one Flax Dense per gate: kernels or biases, concatenated."""
+    op: Op = Chain(Concat(1, blocks), _T) if leaf == "kernel" else Concat(0, blocks)
+    return tuple(f"{n}/{leaf}" for n in names), op
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,9 @@ def _fused(flavor: str, kind: str, blocks: int, i: str, h: str, bias_on_h: bool)
         export[f"{i}/bias"] = (("bias_ih", "bias_hh"), Sum(2))
         if kind == "GRU":
             zero = (("bias_hh", 2),)  # b_hn sits inside r * (...): it cannot move to the input side
-    return _CellSpec(flavor, kind, blocks, load, export, hidden=f"{h}/kernel", fused=True, zero_for_export=zero)
+    return _CellSpec(
+        flavor, kind, blocks, load, export, hidden=f"{h}/kernel", fused=True, zero_for_export=zero
+    )
 
 
 _CELLS: tuple[_CellSpec, ...] = (
@@ -265,9 +267,6 @@ _UNSUPPORTED_CELLS = {
     frozenset({"ih", "hh"}): "ConvLSTMCell (a convolutional LSTM: PyTorch has no such layer)",
 }
 _GATE_NAME = re.compile(r"^(?:[ih][a-z]?_?|dense_[ih])$")
-
-# Plain layers: leaf names -> (kind, {PyTorch param: Flax leaf}); Conv kinds depend on the kernel's rank.
-_NORM_KINDS = {"LayerNorm", "BatchNorm"}
 
 
 def claims(source: Source) -> bool:
@@ -345,7 +344,7 @@ class _Layer:
     detail: str
     leaves: dict[str, str] = field(default_factory=dict)  # leaf relative to the layer -> source name
     cell: _CellSpec | None = None
-    backward: dict[str, str] | None = None  # a Bidirectional's backward cell leaves
+    backward: tuple[_CellSpec, dict[str, str]] | None = None  # a Bidirectional's backward cell
 
 
 def _leaves(node: Tree, prefix: str = "") -> dict[str, str]:
@@ -418,33 +417,39 @@ def _plain(path: str, node: Tree, source: Source) -> _Layer | None:
         return _Layer(path, "BatchNorm", "BatchNorm", leaves)
     if names and names <= {"scale", "bias"}:
         is_batch = path.rsplit("/", 1)[-1].startswith("BatchNorm")
-        return _Layer(path, "BatchNorm" if is_batch else "LayerNorm", "BatchNorm" if is_batch else "LayerNorm",
-                      leaves)
+        return _Layer(
+            path, "BatchNorm" if is_batch else "LayerNorm", "BatchNorm" if is_batch else "LayerNorm", leaves
+        )
     return None
 
 
 def _find_layers(node: Tree, path: str, source: Source, out: list[_Layer]) -> None:
-    if path:
-        found = _cell(path, node, source)
-        if found is not None:
-            spec, leaves = found
-            out.append(_Layer(path, spec.kind, spec.flavor, leaves, spec))
-            return
-        layer = _plain(path, node, source)
-        if layer is not None:
-            out.append(layer)
-            return
+    name = path or ROOT
+    found = _cell(name, node, source)
+    if found is not None:
+        spec, leaves = found
+        out.append(_Layer(name, spec.kind, spec.flavor, leaves, spec))
+        return
+    layer = _plain(name, node, source)
+    if layer is not None:
+        out.append(layer)
+        return
     keys = _ordered(list(node))
     if "forward_rnn" in node and "backward_rnn" in node:
         forward = _rnn_cell(f"{path}/forward_rnn".lstrip("/"), node["forward_rnn"], source)
         backward = _rnn_cell(f"{path}/backward_rnn".lstrip("/"), node["backward_rnn"], source)
         if forward and backward and forward[0].kind == backward[0].kind:
-            name = path or "(root)"
-            out.append(_Layer(name, forward[0].kind, f"Bidirectional {forward[0].flavor}", forward[1],
-                              forward[0], backward[1]))
-            if backward[0] is not forward[0]:
-                out[-1].detail += f" / {backward[0].flavor}"
-                out[-1].backward = {"__spec__": backward[0].flavor, **backward[1]}
+            flavors = dict.fromkeys((forward[0].flavor, backward[0].flavor))
+            out.append(
+                _Layer(
+                    name,
+                    forward[0].kind,
+                    f"Bidirectional {' / '.join(flavors)}",
+                    forward[1],
+                    forward[0],
+                    backward,
+                )
+            )
             keys = [k for k in keys if k not in ("forward_rnn", "backward_rnn")]
     for key in keys:
         child = node[key]
@@ -453,10 +458,6 @@ def _find_layers(node: Tree, path: str, source: Source, out: list[_Layer]) -> No
 
 
 # --- rules -----------------------------------------------------------------------------------------------
-
-
-def _spec_named(flavor: str) -> _CellSpec:
-    return next(spec for spec in _CELLS if spec.flavor == flavor)
 
 
 def _cell_rules(layer: _Layer, pair: Paired, source: Source) -> list[Rule]:
@@ -475,11 +476,10 @@ def _cell_rules(layer: _Layer, pair: Paired, source: Source) -> list[Rule]:
             f"Flax layer '{layer.name}' {have} but '{slot.label}' is {slot.describe()}. "
             f"Fix: build it with {fix}, or pass mapping= to pair the layers yourself."
         )
-    directions: list[tuple[bool, _CellSpec, dict[str, str]]] = [(False, layer.cell, layer.leaves)]  # type: ignore[list-item]
+    assert layer.cell is not None
+    directions = [(False, layer.cell, layer.leaves)]
     if layer.backward is not None:
-        backward = dict(layer.backward)
-        spec = _spec_named(backward.pop("__spec__")) if "__spec__" in backward else layer.cell
-        directions.append((True, spec, backward))  # type: ignore[arg-type]
+        directions.append((True, *layer.backward))
     rules = []
     for reverse, spec, leaves in directions:
         hidden = int(source.infos[leaves[spec.hidden]].shape[0])
@@ -512,11 +512,18 @@ def _plain_rules(layer: _Layer, pair: Paired, source: Source) -> list[Rule]:
             op: Op = _T if rank == 2 else Transpose(_conv_axes(rank))
             rules.append(Rule(slot.name("weight"), (name,), op, origin))
         else:
-            param = {"bias": "bias", "embedding": "weight", "scale": "weight", "mean": "running_mean",
-                     "var": "running_var"}[role]
+            param = {
+                "bias": "bias",
+                "embedding": "weight",
+                "scale": "weight",
+                "mean": "running_mean",
+                "var": "running_var",
+            }[role]
             rules.append(Rule(slot.name(param), (name,), Identity(), origin))
     if layer.kind == "BatchNorm" and getattr(slot.module, "num_batches_tracked", None) is not None:
-        rules.append(Rule(slot.name("num_batches_tracked"), (), Zeros(()), f"{origin}: Flax keeps no batch count"))
+        rules.append(
+            Rule(slot.name("num_batches_tracked"), (), Zeros(()), f"{origin}: Flax keeps no batch count")
+        )
     return rules
 
 
@@ -581,8 +588,13 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
         layout=NAME,
         rules=rules,
         pairings=[
-            Pairing(p.source.name, p.source.detail or p.source.kind, p.slot.label, type(p.slot.module).__name__,
-                    p.how)
+            Pairing(
+                p.source.name,
+                p.source.detail or p.source.kind,
+                p.slot.label,
+                type(p.slot.module).__name__,
+                p.how,
+            )
             for p in paired
         ],
         unmatched=[n for n in names if n not in used],
@@ -615,14 +627,16 @@ def _export_cell(
         )
     spec = _EXPORT_CELLS[api][slot.kind]
     params = "params/" if api == "linen" else ""
-    directions = [(False, f"{path}/forward_rnn/cell"), (True, f"{path}/backward_rnn/cell")] if slot.bidirectional \
+    directions = (
+        [(False, f"{path}/forward_rnn/cell"), (True, f"{path}/backward_rnn/cell")]
+        if slot.bidirectional
         else [(False, path)]
-    hidden = int(module.hidden_size)
+    )
     for reverse, cell_path in directions:
         env: dict[str, np.ndarray] = {}
         for param in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             name = slot.name(param, reverse=reverse)
-            env[param] = state[name] if name in state else np.zeros(spec.blocks * hidden, np.float32)
+            env[param] = state[name] if name in state else np.zeros(len(env["weight_hh"]), env["weight_hh"].dtype)
         for param, block in spec.zero_for_export:
             part = SliceBlocks(0, block, spec.blocks)(env[param])
             if np.any(part):

@@ -485,7 +485,7 @@ def _recurrent_rules(
     if direction != "reverse" and (directions == 2) != bidirectional:
         issues.add(
             node,
-            f"direction={direction} but '{slot.label}' is {slot.describe()}. Fix: build the "
+            f"direction={direction}, but it is paired with {slot.describe()}. Fix: build the "
             f"module with bidirectional={directions == 2}.",
         )
     if getattr(module, "proj_size", 0):
@@ -532,7 +532,7 @@ def _recurrent_rules(
                     )
                 )
         else:
-            rules.append(rule("bias_ih", "B", bias, select, SliceBlocks(0, 0, 2), *reorder))
+            rules.append(rule("bias_ih", "B", bias, select, SliceBlocks(0, 1, 2), *reorder))
             rules.append(rule("bias_hh", "B", bias, select, SliceBlocks(0, 1, 2), *reorder))
     return rules
 
@@ -560,7 +560,7 @@ def _check_recurrent_module(node: _Node, slot: Slot, how: str, direction: str, i
     if hidden is not None and hidden != module.hidden_size:
         issues.add(
             node,
-            f"hidden_size={hidden} but '{slot.label}' is {slot.describe()}. Fix: build it with "
+            f"hidden_size={hidden}, but it is paired with {slot.describe()}. Fix: build it with "
             f"hidden_size={hidden}.",
         )
     if node.op_type == "RNN":

@@ -99,7 +99,7 @@ def open(path: Path) -> Source:
     try:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             tree = msgpack.unpackb(data, ext_hook=_Ext, raw=False, strict_map_key=False)
-    except (ValueError, TypeError, msgpack.exceptions.ExtraData) as e:  # UnpackValueError and co. are ValueErrors
+    except (ValueError, TypeError, msgpack.exceptions.ExtraData) as e:  # msgpack's errors are ValueErrors
         raise SourceError(
             f"{where}: not a valid msgpack file ({type(e).__name__}: {e}); it is truncated, corrupt, or not "
             "written by flax.serialization.to_bytes. Fix: re-create it."
@@ -138,7 +138,9 @@ def _key(where: str, prefix: str, key: Any) -> str:
     )
 
 
-def _flatten(msgpack: Any, where: str, node: Any, prefix: str, out: dict[str, np.ndarray], ignored: list[str]) -> None:
+def _flatten(
+    msgpack: Any, where: str, node: Any, prefix: str, out: dict[str, np.ndarray], ignored: list[str]
+) -> None:
     items = node.items() if isinstance(node, dict) else enumerate(node)
     for key, value in items:
         name = prefix + _key(where, prefix, key)
@@ -176,7 +178,9 @@ def _decode(msgpack: Any, where: str, name: str, payload: bytes) -> np.ndarray:
         isinstance(shape, (list, tuple))
         and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise SourceError(f"{where}: array '{name}' has shape {shape!r}, not a list of sizes; the file is corrupt.")
+        raise SourceError(
+            f"{where}: array '{name}' has shape {shape!r}, not a list of sizes; the file is corrupt."
+        )
     dtype = _dtype(where, name, dtype_name)
     if not isinstance(buffer, bytes):
         raise SourceError(f"{where}: array '{name}' has no byte string of data; the file is corrupt.")

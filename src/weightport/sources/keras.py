@@ -66,7 +66,7 @@ def claims(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(_SUFFIXES)
 
 
-def open(path: Path) -> Source:  # noqa: A001 - the reader contract's name
+def open(path: Path) -> Source:
     where = f"'{path.name}'"
     if path.name.lower().endswith(".keras"):
         return _open_archive(path, where)
@@ -127,7 +127,9 @@ def _legacy_layers(source: H5Source, prefix: str, config: dict[str, Any] | None)
     for name in names:
         path = prefix + name
         if path not in source.groups:
-            raise SourceError(f"{where}: lists layer '{name}' but has no group '{path}'; the file is corrupt.")
+            raise SourceError(
+                f"{where}: lists layer '{name}' but has no group '{path}'; the file is corrupt."
+            )
         weights = [f"{path}/{w}" for w in _list_attr(source.group_attrs(path), "weight_names") or []]
         missing = [w for w in weights if w not in source.infos]
         if missing:
@@ -184,7 +186,9 @@ def _open_archive(path: Path, where: str) -> Source:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise SourceError(f"{where}: not a readable .keras archive ({e}); it is truncated or corrupt.") from None
+        raise SourceError(
+            f"{where}: not a readable .keras archive ({e}); it is truncated or corrupt."
+        ) from None
     with archive:
         members: dict[str, zipfile.ZipInfo] = {}
         for info in archive.infolist():
@@ -201,13 +205,17 @@ def _open_archive(path: Path, where: str) -> Source:
             raise SourceError(f"{where}: holds no model.weights.h5{sharded}; it is not a Keras 3 model file.")
         config = None
         if "config.json" in members:
-            config = _json(_read_member(archive, members["config.json"], where, _CONFIG_CAP), where, "config.json")
+            config = _json(
+                _read_member(archive, members["config.json"], where, _CONFIG_CAP), where, "config.json"
+            )
         data = _read_member(archive, members["model.weights.h5"], where, None)
     source = open_h5(io.BytesIO(data), where, len(data), _skip)
     source.in_memory = True
     try:
         meta = source.metadata
-        meta.update(layout="keras", keras_file="keras", vars_names=dict(source.vars_names), model_config=config)
+        meta.update(
+            layout="keras", keras_file="keras", vars_names=dict(source.vars_names), model_config=config
+        )
         layers = _config_layers(config or {}, source, "")
         if layers:
             meta["layers"] = layers
@@ -225,7 +233,9 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, ca
             f"(more than {ZIP_MAX_EXPANSION} times); refusing a zip bomb. Fix: re-save the model with Keras."
         )
     if cap is not None and info.file_size > cap:
-        raise SourceError(f"{where}: member '{name}' declares {info.file_size} bytes, more than {cap} allowed.")
+        raise SourceError(
+            f"{where}: member '{name}' declares {info.file_size} bytes, more than {cap} allowed."
+        )
     out = bytearray()
     try:
         with archive.open(info) as stream:

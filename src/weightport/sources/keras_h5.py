@@ -91,7 +91,9 @@ class H5Source(Source):
         return self._file[path].attrs
 
 
-def open_h5(file: str | os.PathLike[str] | Any, where: str, file_size: int, skip: Skip | None = None) -> H5Source:
+def open_h5(
+    file: str | os.PathLike[str] | Any, where: str, file_size: int, skip: Skip | None = None
+) -> H5Source:
     """Open and check an HDF5 file (a path or a binary file object) of ``file_size`` bytes.
 
     Args:
@@ -118,7 +120,9 @@ def open_h5(file: str | os.PathLike[str] | Any, where: str, file_size: int, skip
     return source
 
 
-def _walk(h5py: Any, group: Any, prefix: str, source: H5Source, size: int, seen: set[int], skip: Skip) -> None:
+def _walk(
+    h5py: Any, group: Any, prefix: str, source: H5Source, size: int, seen: set[int], skip: Skip
+) -> None:
     where = source.description
     for key in group:
         path = prefix + key

@@ -28,13 +28,21 @@ __all__ = ["claims_object", "open_object"]
 
 _MODULES = ("keras", "tf_keras")
 # Keras's own order of a layer's variables, by variable name.
-_ROLE_ORDER = ("kernel", "recurrent_kernel", "bias", "embeddings", "gamma", "beta", "moving_mean", "moving_variance")
+_ROLE_ORDER = (
+    "kernel",
+    "recurrent_kernel",
+    "bias",
+    "embeddings",
+    "gamma",
+    "beta",
+    "moving_mean",
+    "moving_variance",
+)
 
 
 def claims_object(obj: object) -> bool:
-    """True for instances of classes defined in Keras 3 or tf_keras."""
-    module = type(obj).__module__ or ""
-    return module.split(".", 1)[0] in _MODULES
+    """True for instances of Keras 3 or tf_keras classes, subclasses included (e.g. a user's Model)."""
+    return any((getattr(c, "__module__", "") or "").split(".", 1)[0] in _MODULES for c in type(obj).__mro__)
 
 
 def open_object(obj: Any) -> Source:
