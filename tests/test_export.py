@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -74,11 +76,11 @@ def test_save_refuses_unknown_suffix(tmp_path) -> None:  # type: ignore[no-untyp
 )
 def test_property_export_then_load_is_identity(tmp_path_factory, sizes, suffix, seed) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(seed)
-    layers = [nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])]
+    layers = [nn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
     model = nn.Sequential(*layers)
     path = weightport.save(model, tmp_path_factory.mktemp("e") / f"m{suffix}")
     torch.manual_seed(seed + 1)
-    fresh = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])])
+    fresh = nn.Sequential(*[nn.Linear(a, b) for a, b in itertools.pairwise(sizes)])
     weightport.load(fresh, path)
     for (k, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), k
