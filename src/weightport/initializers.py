@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from weightport.errors import LayoutError
 from weightport.loading import load
@@ -554,7 +555,7 @@ def _refuse_lazy(
     tensors: Mapping[str, torch.Tensor], owners: Mapping[int, tuple[str, nn.Module, str, bool]]
 ) -> None:
     for name, tensor in tensors.items():
-        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+        if is_lazy(tensor):
             path, owner, _, _ = owners[id(tensor)]
             raise LayoutError(
                 f"'{name}' of {_where(path, owner)} is not materialized yet (a lazy module): run one forward "

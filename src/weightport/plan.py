@@ -290,15 +290,18 @@ def _shape_fix(expected: tuple[int, ...], found: tuple[int, ...]) -> str:
 
 
 def check_values(plan: Plan, source: Source, allow_nonfinite: NonFinite = False) -> None:
-    """Read each planned source tensor once and add a problem for each bad value found."""
+    """Read each planned source tensor once and add a problem for each bad value found.
+
+    Values stream through :meth:`Source.iter_chunks` (one small buffer for files);
+    only tied tensors and value-making ops need whole arrays.
+    """
     checked: dict[tuple[str, str, bool], str | None] = {}
     firsts: dict[int, tuple[Entry, np.ndarray]] = {}
     for entry in plan.entries:
         allowed = _allowed(entry.target, allow_nonfinite)
-        arrays = [source.read(s) for s in entry.rule.sources]
         tied = id(entry.tensor) in firsts
         if tied or entry.aliases:
-            value = entry.rule.op(*arrays)
+            value = entry.rule.op(*(source.read(s) for s in entry.rule.sources))
             if tied:
                 first, first_value = firsts[id(entry.tensor)]
                 if not np.array_equal(first_value, value, equal_nan=True):
@@ -314,26 +317,34 @@ def check_values(plan: Plan, source: Source, allow_nonfinite: NonFinite = False)
             firsts[id(entry.tensor)] = (entry, value)
         if entry.check == "none":
             continue
-        checked_inputs = (
-            zip(entry.rule.sources, arrays)
-            if entry.rule.op.value_preserving
-            else [(entry.target, entry.rule.op(*arrays))]
-        )
-        for key, array in checked_inputs:
-            memo = (key, str(entry.tensor.dtype), allowed)
-            if memo not in checked:
-                checked[memo] = values.find_bad_values(array, entry.tensor.dtype, entry.check, allowed)
-            bad = checked[memo]
-            if bad:
-                plan.problems.append(
-                    Problem(
-                        entry.target,
-                        f"values that fit {describe_dtype(entry.tensor.dtype)}",
-                        f"{bad} in {_origin(entry.rule)}",
-                        _value_fix(bad),
-                    )
+        bad = None
+        if entry.rule.op.value_preserving:
+            for key in entry.rule.sources:
+                memo = (key, str(entry.tensor.dtype), allowed)
+                if memo not in checked:
+                    checked[memo] = _scan(source, key, entry, allowed)
+                bad = bad or checked[memo]
+        else:
+            value = entry.rule.op(*(source.read(s) for s in entry.rule.sources))
+            bad = values.find_bad_values(value, entry.tensor.dtype, entry.check, allowed)
+        if bad:
+            plan.problems.append(
+                Problem(
+                    entry.target,
+                    f"values that fit {describe_dtype(entry.tensor.dtype)}",
+                    f"{bad} in {_origin(entry.rule)}",
+                    _value_fix(bad),
                 )
-                break
+            )
+
+
+def _scan(source: Source, key: str, entry: Entry, allowed: bool) -> str | None:
+    """The first bad-value description for source tensor ``key``, streaming through chunks."""
+    for chunk in source.iter_chunks(key):
+        if values.find_bad_values(chunk, entry.tensor.dtype, entry.check, allowed):
+            # describe it with indices of the whole tensor (the error path: reading it all is fine)
+            return values.find_bad_values(source.read(key), entry.tensor.dtype, entry.check, allowed)
+    return None
 
 
 def _allowed(name: str, allow_nonfinite: NonFinite) -> bool:

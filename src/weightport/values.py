@@ -16,6 +16,9 @@ range (float64 -> float32); *checked* when each value must survive exactly
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import torch
 
@@ -39,6 +42,7 @@ def _mantissa(dtype: np.dtype | torch.dtype) -> int:
     return _FLOAT_MANTISSA.get(name, 0)
 
 
+@functools.lru_cache(maxsize=256)
 def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
     """``(check, refusal)``: the value check a cast needs, or why it is refused.
 
@@ -95,33 +99,30 @@ def find_bad_values(array: np.ndarray, target: torch.dtype, check: str, allow_no
     return _inexact(array, target)
 
 
-def _nonfinite(tensor: torch.Tensor) -> torch.Tensor | None:
-    """A mask of NaN/Inf values, or None when there are none (a fast sum decides most cases)."""
-    total = tensor.sum()  # finite total => no NaN/Inf; an overflowed total falls back to the mask
-    if bool(torch.isfinite(total).all()):
-        return None
-    mask = ~torch.isfinite(tensor)
-    return mask if bool(mask.any()) else None
-
-
 def _bad_floats(tensor: torch.Tensor, target: torch.dtype, check: str, allow_nonfinite: bool) -> str | None:
-    mask = _nonfinite(tensor)
-    if mask is not None and not allow_nonfinite:
-        count = int(mask.sum())
-        index = _first_index(mask)
-        value = tensor[index].item()
-        noun = "value" if count == 1 else "values"
-        return f"{count} NaN/Inf {noun} (first at index {index}: {value})"
-    if check != "range" or tensor.is_complex():
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+        check = "finite"
+    # One read-only pass: NaN propagates into aminmax, and +-Inf shows as an extreme.
+    low, high = (float(x) for x in torch.aminmax(tensor))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        mask = ~torch.isfinite(tensor)
+        if not allow_nonfinite:
+            count = int(mask.sum())
+            index = _first_index(mask)
+            value = tensor[index].item()
+            noun = "value" if count == 1 else "values"
+            return f"{count} NaN/Inf {noun} (first at index {index}: {value})"
+        finite = tensor[~mask]
+        if check != "range" or finite.numel() == 0:
+            return None
+        low, high = (float(x) for x in torch.aminmax(finite))
+    if check != "range":
         return None
-    finite = tensor if mask is None else tensor[~mask]
-    if finite.numel() == 0:
-        return None
-    low, high = torch.aminmax(finite)
-    limit = float(torch.finfo(target).max)
-    for extreme in (float(low), float(high)):
+    for extreme in (low, high):
         rounded = torch.tensor(extreme, dtype=torch.float64).to(target)
         if not bool(torch.isfinite(rounded)):
+            limit = float(torch.finfo(target).max)
             return f"value {extreme:.6g} outside {str(target).removeprefix('torch.')}'s range (±{limit:.4g})"
     return None
 

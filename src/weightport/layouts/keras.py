@@ -649,7 +649,10 @@ def _check_config(found: _Resolved, part: _Part, slot: Slot, refusals: list[str]
         axis = cfg.get("axis", -1)
         axes = sorted(axis if isinstance(axis, list) else [axis])
         rank = len(m.normalized_shape)
-        if not all(a < 0 for a in axes) or axes != list(range(-rank, 0)):
+        # tf_keras records positive axes once built, without the input's rank: consecutive ones are
+        # taken as trailing (gamma's shape, which the planner checks, must then be normalized_shape).
+        built = all(a >= 0 for a in axes) and axes == list(range(axes[0], axes[0] + rank))
+        if not built and axes != list(range(-rank, 0)):
             mismatch(
                 f"normalization over the last {rank} axes",
                 f"Keras axis={axis}",

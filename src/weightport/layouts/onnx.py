@@ -53,6 +53,7 @@ from the module and reported as unchecked.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,10 +110,10 @@ class _Node:
     outputs: tuple[str, ...]
     attributes: dict[str, Any]
     synthetic: bool = False  # made from export()'s keys: no attributes to check
+    label: str = ""  # how messages and mapping= name it: its name, made unique
 
-    @property
-    def label(self) -> str:
-        return self.name or f"{self.op_type}#{self.index}"
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name or f"{self.op_type}#{self.index}"
 
     def input(self, position: int) -> str:
         return self.inputs[position] if position < len(self.inputs) else ""
@@ -164,7 +165,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     issues = _Issues(source.description)
     target = type(module).__name__
     if "nodes" in source.metadata:
-        nodes = [_node(i, n) for i, n in enumerate(source.metadata["nodes"])]
+        nodes = _nodes(source.metadata["nodes"])
         unchecked: list[str] = []
     else:
         nodes, pins = _nodes_from_keys(module, source)
@@ -208,16 +209,24 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     )
 
 
-def _node(index: int, raw: Mapping[str, Any]) -> _Node:
-    op = raw["op_type"] if raw.get("domain", "") in ("", "ai.onnx") else f"{raw['domain']}.{raw['op_type']}"
-    return _Node(
-        index,
-        op,
-        raw.get("name", ""),
-        tuple(raw["inputs"]),
-        tuple(raw["outputs"]),
-        dict(raw.get("attributes", {})),
-    )
+def _nodes(raw_nodes: list[Mapping[str, Any]]) -> list[_Node]:
+    """The reader's node dicts as nodes; a name that is empty or not unique gets ``#index``."""
+    names = Counter(raw.get("name", "") for raw in raw_nodes)
+    nodes = []
+    for index, raw in enumerate(raw_nodes):
+        domain, op, name = raw.get("domain", ""), raw["op_type"], raw.get("name", "")
+        nodes.append(
+            _Node(
+                index,
+                op if domain in ("", "ai.onnx") else f"{domain}.{op}",
+                name,
+                tuple(raw["inputs"]),
+                tuple(raw["outputs"]),
+                dict(raw.get("attributes", {})),
+                label="" if names[name] == 1 else f"{name or op}#{index}",
+            )
+        )
+    return nodes
 
 
 def _weight_names(source: Source) -> list[str]:
@@ -254,7 +263,7 @@ def _find_layers(nodes: list[_Node], source: Source, issues: _Issues, validated:
         elif node.op_type == "MatMul":
             layer = _matmul_layer(node, stored, producers, consumers, source, fused)
         elif node.op_type == "Conv":
-            layer = _conv_layer(node, stored, source)
+            layer = _conv_layer(node, stored, source, issues)
         else:
             layer = None
         if layer is not None:
@@ -450,12 +459,16 @@ def _matmul_layer(
     return _Layer(node, "Linear", tensors, ops, detail=f"ONNX MatMul node {shape}")
 
 
-def _conv_layer(node: _Node, stored: set[str], source: Source) -> _Layer | None:
+def _conv_layer(node: _Node, stored: set[str], source: Source, issues: _Issues) -> _Layer | None:
     weight, bias = node.input(1), node.input(2)
     if weight not in stored or len(source.infos[weight].shape) not in _CONV_KINDS:
         return None
     tensors = {"weight": weight}
-    if bias in stored:
+    if bias and bias not in stored:
+        issues.add(
+            node, f"input B '{bias}' is computed by the graph, not stored in the file. Fix: {_FIX_COMPUTED}."
+        )
+    elif bias:
         tensors["bias"] = bias
     shape = source.infos[weight].shape
     return _Layer(node, _CONV_KINDS[len(shape)], tensors, detail=f"ONNX Conv node {shape}")
@@ -471,7 +484,8 @@ def _origin(source: Source, layer: _Layer, role: str, name: str) -> str:
 def _recurrent_rules(
     layer: _Layer, pair: Paired, source: Source, issues: _Issues, validated: set[str]
 ) -> list[Rule]:
-    node, slot, module = layer.node, pair.slot, pair.slot.module
+    node, slot = layer.node, pair.slot
+    module: Any = slot.module  # nn.RNNBase or nn.RNNCellBase
     blocks, order, _ = _RECURRENT[layer.kind]
     hidden = int(module.hidden_size)
     bidirectional = bool(getattr(module, "bidirectional", False))
@@ -532,13 +546,13 @@ def _recurrent_rules(
                     )
                 )
         else:
-            rules.append(rule("bias_ih", "B", bias, select, SliceBlocks(0, 1, 2), *reorder))
+            rules.append(rule("bias_ih", "B", bias, select, SliceBlocks(0, 0, 2), *reorder))
             rules.append(rule("bias_hh", "B", bias, select, SliceBlocks(0, 1, 2), *reorder))
     return rules
 
 
 def _check_recurrent_module(node: _Node, slot: Slot, how: str, direction: str, issues: _Issues) -> None:
-    module = slot.module
+    module: Any = slot.module
     if direction == "reverse":
         if how != "mapping=":
             issues.add(
@@ -577,7 +591,8 @@ def _check_recurrent_module(node: _Node, slot: Slot, how: str, direction: str, i
 def _plain_rules(
     layer: _Layer, pair: Paired, source: Source, issues: _Issues, validated: set[str]
 ) -> list[Rule]:
-    slot, module, node = pair.slot, pair.slot.module, layer.node
+    slot, node = pair.slot, layer.node
+    module: Any = slot.module
     if layer.kind.startswith("Conv") and not node.synthetic:
         _check_conv(node, slot, issues)
     rules = [
@@ -621,7 +636,7 @@ def _plain_rules(
 
 
 def _check_conv(node: _Node, slot: Slot, issues: _Issues) -> None:
-    module = slot.module
+    module: Any = slot.module
     dims = len(module.kernel_size)
     kernel = tuple(module.kernel_size)
     found = {
@@ -673,7 +688,7 @@ def _onnx_pads(
     return pads[:dims], pads[dims:]
 
 
-def _torch_pads(module: nn.Module, kernel: tuple[int, ...], dims: int) -> tuple[tuple, tuple]:
+def _torch_pads(module: Any, kernel: tuple[int, ...], dims: int) -> tuple[tuple, tuple]:
     if module.padding == "valid":
         return (0,) * dims, (0,) * dims
     if module.padding == "same":
@@ -698,15 +713,18 @@ def _nodes_from_keys(module: nn.Module, source: Source) -> tuple[list[_Node], di
             f"weightport.layouts.onnx.export writes them; {', '.join(repr(u) for u in unknown)} name no layer of "
             f"{type(module).__name__}. Its layers: {', '.join(repr(s) for s in slots) or 'none'}."
         )
-    nodes = []
+    nodes: list[_Node] = []
     for label, roles in groups.items():
         kind = slots[label].kind
+        inputs: tuple[str, ...]
         if kind in _RECURRENT:
             op, inputs = kind, ("", roles.get("W", ""), roles.get("R", ""), roles.get("B", ""))
         elif kind == "Linear":
             op, inputs = "Gemm", ("", roles.get("B", ""), roles.get("C", ""))
-        else:
+        elif kind in _CONV_KINDS.values():
             op, inputs = "Conv", ("", roles.get("W", ""), roles.get("B", ""))
+        else:
+            continue  # no ONNX node: its arrays stay unmatched
         attributes = {"transB": 1} if op == "Gemm" else {}
         nodes.append(_Node(len(nodes), op, label, inputs, (), attributes, synthetic=True))
     return nodes, {node.label: node.name for node in nodes}

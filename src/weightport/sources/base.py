@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,15 @@ class Source(ABC):
         out = np.empty(info.shape, info.dtype)
         self.read_into(name, out)
         return out
+
+    def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
+        """Tensor ``name``'s values as flat chunks in any order, for value checks.
+
+        Readers of files override this to stream through one small reused buffer,
+        so checking a tensor never holds all of it in memory; chunks are only
+        valid until the next one is yielded.
+        """
+        yield self.read(name).reshape(-1)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files; the default has nothing to release."""

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -83,6 +84,21 @@ def read_exact(fd: int, offset: int, out: memoryview, where: str, name: str) -> 
                 "or changed while reading. Fix: re-create it, and do not modify it during the load."
             )
         done += count
+
+
+CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def pread_chunks(
+    fd: int, offset: int, info_dtype: np.dtype, count: int, where: str, name: str
+) -> Iterator[np.ndarray]:
+    """``count`` values of ``info_dtype`` at ``offset``, as flat chunks in one reused buffer."""
+    per_chunk = max(1, CHUNK_BYTES // max(1, info_dtype.itemsize))
+    buffer = np.empty(min(per_chunk, max(count, 1)), info_dtype)
+    for start in range(0, count, per_chunk):
+        part = buffer[: min(per_chunk, count - start)]
+        read_exact(fd, offset + start * info_dtype.itemsize, byte_view(part), where, name)
+        yield part
 
 
 def _pread_into(fd: int, out: memoryview, offset: int) -> int:

@@ -9,13 +9,21 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from weightport.sources.base import Source, TensorInfo, check_extent
-from weightport.sources.files import NpyHeader, byte_view, open_no_follow, parse_npy_header, read_exact
+from weightport.sources.files import (
+    NpyHeader,
+    byte_view,
+    open_no_follow,
+    parse_npy_header,
+    pread_chunks,
+    read_exact,
+)
 
 __all__ = ["NpyFile", "NpyFiles", "claims", "open", "read_npy_into"]
 
@@ -66,6 +74,17 @@ class NpyFiles(Source):
         fd = open_no_follow(entry.path)
         try:
             read_npy_into(fd, entry.header, out, f"'{entry.path}'", name)
+        finally:
+            os.close(fd)
+
+    def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
+        entry = self.files[name]
+        count = entry.header.nbytes // max(1, entry.header.dtype.itemsize)
+        fd = open_no_follow(entry.path)
+        try:
+            yield from pread_chunks(
+                fd, entry.header.data_offset, entry.header.dtype, count, f"'{entry.path}'", name
+            )
         finally:
             os.close(fd)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from weightport.errors import SourceError
 from weightport.sources.base import Source, TensorInfo, check_extent
-from weightport.sources.files import NpyHeader, byte_view, parse_npy_header
+from weightport.sources.files import NpyHeader, byte_view, parse_npy_header, pread_chunks
 from weightport.sources.npy import read_npy_into
 
 __all__ = ["claims", "open", "NpzSource", "unsafe_member_name"]
@@ -63,6 +64,16 @@ class NpzSource(Source):
             read_npy_into(self._fd, member.header, out, self.description, name, base=member.data_start)
             return
         self._read_compressed(name, member, out)
+
+    def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
+        member = self.members[name]
+        if member.info.compress_type != zipfile.ZIP_STORED:
+            yield from super().iter_chunks(name)
+            return
+        header = member.header
+        count = header.nbytes // max(1, header.dtype.itemsize)
+        offset = member.data_start + header.data_offset
+        yield from pread_chunks(self._fd, offset, header.dtype, count, self.description, name)
 
     def _read_compressed(self, name: str, member: Member, out: np.ndarray) -> None:
         assert self._zip is not None

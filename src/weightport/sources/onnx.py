@@ -107,7 +107,7 @@ class OnnxSource(Source):
             )
             if ext.nbytes == 0:
                 return
-            view = memoryview(out.reshape(-1).view(np.uint8))
+            view = out.reshape(-1).view(np.uint8).data
             f.seek(ext.offset)
             done = 0
             while done < ext.nbytes:

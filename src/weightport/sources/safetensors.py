@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 from weightport.errors import SourceError
 from weightport.export import SAFETENSORS_DTYPES
 from weightport.sources.base import Source, TensorInfo
-from weightport.sources.files import byte_view, read_exact
+from weightport.sources.files import byte_view, pread_chunks, read_exact
 
 __all__ = ["claims", "open", "SafetensorsSource", "read_header"]
 
@@ -46,6 +47,11 @@ class SafetensorsSource(Source):
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         read_exact(self._fd, self.offsets[name], byte_view(out), self.description, name)
+
+    def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
+        info = self.infos[name]
+        count = info.nbytes // max(1, info.dtype.itemsize)
+        yield from pread_chunks(self._fd, self.offsets[name], info.dtype, count, self.description, name)
 
     def close(self) -> None:
         if self._fd >= 0:
