@@ -8,8 +8,10 @@ without writing them.
 Order. Tensors are drawn one after another in ``module.state_dict()`` order (a tied
 tensor once, under its first name), each by the rule of the module that owns it
 (``named_modules()``, own tensors only), so adding a module at the end never changes
-the values drawn for the ones before it. A parent's rule wins over its children's
-where PyTorch's own constructor does the same: ``nn.MultiheadAttention`` zeroes
+the values drawn for the ones before it. An override takes its tensor's place in
+that order (an array draws nothing, a callable draws what it draws). A parent's
+rule wins over its children's where PyTorch's constructor does the same:
+``nn.MultiheadAttention`` zeroes
 ``out_proj.bias``; ``nn.Transformer`` redraws every tensor of two or more
 dimensions with Xavier-uniform. (PyTorch's ``TransformerEncoder`` starts all its
 layers as copies of one; here each layer is drawn on its own.)
@@ -335,7 +337,8 @@ def init(
             does for the equivalent layer (kernels Glorot-uniform in Keras's kernel
             shape, recurrent kernels orthogonal as a whole ``(H, gates*H)`` matrix,
             biases zero but the LSTM forget gate's 1 in ``bias_ih``, Embedding
-            uniform(±0.05), PReLU 0), drawn in Keras's layout and gate order and then
+            uniform(±0.05) (its padding row zeroed, as PyTorch's contract has it),
+            PReLU 0; no rule for Bilinear, EmbeddingBag, LSTM ``proj_size``), drawn in Keras's layout and gate order and then
             moved to PyTorch's, so exporting with the Keras layout gives the drawn arrays.
         overrides: ``{"state.dict.name": array or (shape, rng) -> array}`` for single
             tensors, and ``{ModuleType: (module, rng) -> {own tensor name: array}}`` for

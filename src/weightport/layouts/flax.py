@@ -378,14 +378,27 @@ def _cell(path: str, node: Tree, source: Source) -> tuple[_CellSpec, dict[str, s
             continue
         return spec, leaves
     if candidates or (len(children) > 1 and all(_GATE_NAME.match(c) for c in children)):
-        expected = "; or ".join(
-            f"{spec.flavor}: {', '.join(sorted(spec.leaves))}" for spec in (candidates or _CELLS)
-        )
+        if candidates:
+            expected = "; ".join(_difference(spec, leaves, source) for spec in candidates)
+        else:
+            expected = "one of: " + "; ".join(f"{s.flavor} ({', '.join(sorted(s.leaves))})" for s in _CELLS)
         raise UnsupportedConfigError(
             f"{source.description}: Flax layer '{path}' looks like a recurrent cell but matches none PyTorch "
             f"can run; found {found}. Expected {expected}. Fix: port it by hand, or leave it out of the source."
         )
     return None
+
+
+def _difference(spec: _CellSpec, leaves: Mapping[str, str], source: Source) -> str:
+    """How ``leaves`` differ from what ``spec`` needs, for messages."""
+    missing = sorted(spec.leaves - set(leaves))
+    extra = sorted(set(leaves) - spec.leaves)
+    parts = [f"missing {', '.join(missing)}"] if missing else []
+    parts += [f"unexpected {', '.join(extra)}"] if extra else []
+    if not parts:
+        shape = tuple(source.infos[leaves[spec.hidden]].shape)
+        parts = [f"{spec.hidden} of shape (H, {spec.blocks}*H), not {shape}"]
+    return f"a {spec.flavor} ({'; '.join(parts)})"
 
 
 def _rnn_cell(path: str, node: object, source: Source) -> tuple[_CellSpec, dict[str, str]] | None:
@@ -636,7 +649,9 @@ def _export_cell(
         env: dict[str, np.ndarray] = {}
         for param in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             name = slot.name(param, reverse=reverse)
-            env[param] = state[name] if name in state else np.zeros(len(env["weight_hh"]), env["weight_hh"].dtype)
+            env[param] = (
+                state[name] if name in state else np.zeros(len(env["weight_hh"]), env["weight_hh"].dtype)
+            )
         for param, block in spec.zero_for_export:
             part = SliceBlocks(0, block, spec.blocks)(env[param])
             if np.any(part):

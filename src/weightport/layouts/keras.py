@@ -150,8 +150,9 @@ _EXPORT: dict[str, list[tuple[str, tuple[str, ...], Op]]] = {
 }
 _EXPORT["LSTM"] = _EXPORT["RNN"]
 
+# layers/<key>[/forward_layer|/backward_layer][/cell]/vars/<i>; the layer path may be empty (a lone layer)
 _VARS = re.compile(
-    r"^(?:(?P<layer>.*?)/)?(?:(?P<side>forward_layer|backward_layer)/)?(?:(?P<cell>cell)/)?vars/(?P<i>\d+)$"
+    r"^(?:(?P<layer>.*?)/)??(?:(?P<side>forward_layer|backward_layer)/)?(?:(?P<cell>cell)/)?vars/(?P<i>\d+)$"
 )
 _KEY = re.compile(r"^(?P<base>.*?)(?:_(?P<n>\d+))?$")
 _SIDES = ("forward_layer", "backward_layer")
@@ -599,8 +600,9 @@ def _refusals(found: _Resolved, part: _Part, cfg: Mapping[str, Any]) -> list[str
         )
     if kind == "LayerNorm" and cfg.get("rms_scaling"):
         out.append(
-            f"{label} has rms_scaling=True (x / rms(x) * gamma, no mean removed): nn.LayerNorm removes the "
-            "mean. Fix: use nn.RMSNorm(eps=...) in the model and load its weight from gamma yourself."
+            f"{label} has rms_scaling=True: Keras computes x * gamma / sqrt(var(x) + epsilon), removing no mean "
+            "(and has no beta); nn.LayerNorm and nn.RMSNorm compute otherwise. Fix: write that normalization "
+            "as a module of your own and load gamma into it with the torch layout."
         )
     if kind in ("BatchNorm", "LayerNorm") and not cfg.get("scale", True) and cfg.get("center", True):
         out.append(

@@ -40,7 +40,7 @@ SourceLike = Union[Source, Mapping[str, Any], str, "os.PathLike[str]", Any]
 
 # Order matters: the first reader that claims a path opens it.
 _FORMATS: dict[str, str] = {
-    "safetensors-index": "weightport.sources.sharded",
+    "safetensors-sharded": "weightport.sources.sharded",
     "safetensors": "weightport.sources.safetensors",
     "npz": "weightport.sources.npz",
     "npy": "weightport.sources.npy",
@@ -48,7 +48,6 @@ _FORMATS: dict[str, str] = {
     "flax-msgpack": "weightport.sources.flax",
     "onnx": "weightport.sources.onnx",
     "npy-folder": "weightport.sources.npy_folder",
-    "safetensors-folder": "weightport.sources.sharded",
 }
 _OBJECT_READERS: list[str] = ["weightport.sources.keras_live"]
 

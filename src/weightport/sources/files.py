@@ -60,6 +60,12 @@ def parse_npy_header(f: BinaryIO, where: str) -> NpyHeader:
     return NpyHeader(tuple(int(d) for d in shape), dtype, bool(fortran), offset)
 
 
+def folder_has(path: os.PathLike[str] | str, suffix: str) -> bool:
+    """Whether a folder directly holds an entry whose name ends with ``suffix``."""
+    with os.scandir(path) as entries:
+        return any(e.name.endswith(suffix) for e in entries)
+
+
 def byte_view(out: np.ndarray) -> memoryview:
     """A writable byte view of a C-contiguous array (bfloat16 included)."""
     return out.reshape(-1).view(np.uint8).data

@@ -18,17 +18,14 @@ from pathlib import Path
 
 from weightport.errors import SourceError
 from weightport.sources.base import Source, TensorInfo
+from weightport.sources.files import folder_has
 from weightport.sources.npy import NpyFile, NpyFiles, inspect_npy
 
 __all__ = ["claims", "open"]
 
 
 def claims(path: Path) -> bool:
-    return (
-        path.is_dir()
-        and not (path / "model.safetensors.index.json").exists()
-        and not any(e.name.endswith(".safetensors") for e in os.scandir(path))
-    )
+    return path.is_dir() and not folder_has(path, ".safetensors")
 
 
 def open(path: Path) -> Source:

@@ -1,0 +1,144 @@
+"""Sharded ``.safetensors``: an ``*.safetensors.index.json`` with its shards, or a folder of them.
+
+Every shard must be a plain file name inside the index's own folder (no ``..``,
+no path, no link); every name must live in exactly one shard, and where an index
+is given, in the shard it names.
+
+>>> import numpy as np, tempfile, pathlib
+>>> from weightport.export import write_safetensors
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> _ = write_safetensors({"a": np.ones(2, np.float32)}, folder / "part-1.safetensors")
+>>> _ = write_safetensors({"b": np.zeros(3, np.float32)}, folder / "part-2.safetensors")
+>>> src = open(folder); sorted(src.infos), src.description  # doctest: +ELLIPSIS
+(['a', 'b'], "2 shards in folder '...'")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from weightport.errors import SourceError
+from weightport.sources.base import Source
+from weightport.sources.files import folder_has, open_no_follow
+from weightport.sources.safetensors import SafetensorsSource, read_header
+
+__all__ = ["claims", "open", "ShardedSource"]
+
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+def claims(path: Path) -> bool:
+    if path.is_file():
+        return path.name.endswith(".safetensors.index.json")
+    return path.is_dir() and folder_has(path, ".safetensors")
+
+
+@dataclass
+class ShardedSource(Source):
+    """Several safetensors files read as one source; each name maps to its shard."""
+
+    shards: dict[str, SafetensorsSource] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        self.shards[self.owner[name]].read_into(name, out)
+
+    def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
+        yield from self.shards[self.owner[name]].iter_chunks(name)
+
+    def close(self) -> None:
+        for shard in self.shards.values():
+            shard.close()
+
+
+def _open_shard(folder: Path, file_name: str, where: str) -> SafetensorsSource:
+    if not file_name or "/" in file_name or "\\" in file_name or file_name in (".", ".."):
+        raise SourceError(
+            f"{where}: shard '{file_name}' is not a plain file name in the index's folder; refusing it. "
+            "Fix: keep every shard beside the index."
+        )
+    fd = open_no_follow(folder / file_name)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceError(f"{where}: shard '{file_name}' is not a regular file.")
+        infos, offsets, metadata = read_header(fd, f"'{file_name}'")
+    except BaseException:
+        os.close(fd)
+        raise
+    return SafetensorsSource(
+        description=f"'{file_name}'", infos=infos, metadata={"safetensors": metadata}, offsets=offsets, _fd=fd
+    )
+
+
+def _assemble(source: ShardedSource, where: str, expected: dict[str, str] | None) -> ShardedSource:
+    for file_name, shard in source.shards.items():
+        for name, info in shard.infos.items():
+            if name in source.owner:
+                raise SourceError(
+                    f"{where}: tensor '{name}' is in both '{source.owner[name]}' and '{file_name}'. "
+                    "Fix: keep each tensor in one shard."
+                )
+            if expected is not None and expected.get(name) != file_name:
+                listed = f"lists it in '{expected[name]}'" if name in expected else "does not list it"
+                raise SourceError(f"{where}: tensor '{name}' is in '{file_name}' but the index {listed}.")
+            source.owner[name] = file_name
+            source.infos[name] = info
+    if expected is not None:
+        absent = sorted(set(expected) - set(source.owner))
+        if absent:
+            raise SourceError(
+                f"{where}: the index lists {', '.join(repr(a) for a in absent[:5])} but no shard holds them; "
+                "a shard is missing or truncated."
+            )
+    return source
+
+
+def open(path: Path) -> Source:
+    source = ShardedSource(description="")
+    try:
+        if path.is_file():
+            _open_index(source, path)
+        else:
+            _open_folder(source, path)
+    except BaseException:
+        source.close()
+        raise
+    return source
+
+
+def _open_index(source: ShardedSource, path: Path) -> None:
+    where = f"'{path.name}'"
+    if path.stat().st_size > MAX_INDEX_BYTES:
+        raise SourceError(f"{where}: an index over {MAX_INDEX_BYTES} bytes is not plausible; refusing it.")
+    try:
+        index = json.loads(path.read_bytes())
+        weight_map = {str(k): str(v) for k, v in index["weight_map"].items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise SourceError(
+            f"{where}: not a valid safetensors index ({e}); it needs a 'weight_map' object."
+        ) from None
+    for file_name in dict.fromkeys(weight_map.values()):
+        source.shards[file_name] = _open_shard(path.parent, file_name, where)
+    source.description = f"{where} ({len(source.shards)} shards)"
+    _assemble(source, where, weight_map)
+
+
+def _open_folder(source: ShardedSource, path: Path) -> None:
+    where = f"folder '{path.name}'"
+    with os.scandir(path) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if not entry.name.endswith(".safetensors"):
+                source.ignored.append(f"{entry.name} (not a .safetensors file)")
+            elif entry.is_symlink():
+                source.ignored.append(f"{entry.name} (a link: not followed)")
+            else:
+                source.shards[entry.name] = _open_shard(path, entry.name, where)
+    source.description = f"{len(source.shards)} shards in {where}"
+    _assemble(source, where, None)

@@ -1,0 +1,167 @@
+"""Readers: sharded safetensors, npz member safety, streaming memory, infos before data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+from torch import nn
+
+import weightport
+from conftest import snapshot
+from weightport import SourceError
+from weightport.export import write_safetensors
+from weightport.sources import open_source
+
+
+def _state(module: nn.Module) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {k: rng.standard_normal(tuple(v.shape)).astype(np.float32) for k, v in module.state_dict().items()}
+
+
+def _shard(tmp_path, state: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+    names = list(state)
+    half = len(names) // 2
+    parts = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
+    for file_name, keys in parts.items():
+        write_safetensors({k: state[k] for k in keys}, tmp_path / file_name)
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in parts.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return tmp_path / "model.safetensors.index.json", index
+
+
+def test_sharded_index_and_folder_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lstm = nn.LSTM(3, 4, num_layers=2)
+    state = _state(lstm)
+    index_path, _ = _shard(tmp_path, state)
+    for given in (index_path, tmp_path):
+        fresh = nn.LSTM(3, 4, num_layers=2)
+        weightport.load(fresh, given)
+        for k, v in weightport.to_numpy(fresh).items():
+            np.testing.assert_array_equal(v, state[k])
+
+
+def test_shard_outside_the_folder_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lstm = nn.LSTM(3, 4)
+    index_path, index = _shard(tmp_path, _state(lstm))
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../elsewhere.safetensors"
+    index_path.write_text(json.dumps(index))
+    before = snapshot(lstm)
+    with pytest.raises(SourceError, match="not a plain file name"):
+        weightport.load(lstm, index_path)
+    assert snapshot(lstm) == before
+
+
+def test_shard_behind_a_link_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lstm = nn.LSTM(3, 4)
+    index_path, index = _shard(tmp_path, _state(lstm))
+    shard = tmp_path / "model-00001-of-00002.safetensors"
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.safetensors"
+    shard.rename(outside)
+    os.symlink(outside, shard)
+    with pytest.raises(SourceError, match="not followed"):
+        weightport.load(lstm, index_path)
+
+
+def test_name_in_two_shards_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    write_safetensors({"weight": np.ones((2, 3), np.float32)}, tmp_path / "a.safetensors")
+    write_safetensors(
+        {"weight": np.ones((2, 3), np.float32), "bias": np.ones(2, np.float32)}, tmp_path / "b.safetensors"
+    )
+    with pytest.raises(SourceError, match="'weight' is in both"):
+        open_source(tmp_path)
+
+
+def test_index_naming_a_missing_tensor_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    index_path, index = _shard(tmp_path, _state(nn.Linear(3, 2)))
+    index["weight_map"]["ghost"] = "model-00001-of-00002.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(SourceError, match="no shard holds"):
+        open_source(index_path)
+
+
+def _zip_with_member(path, member: str, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(member, data)
+
+
+def test_npz_member_climbing_out_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones(2))
+    _zip_with_member(tmp_path / "bad.npz", "../bias.npy", buf.getvalue())
+    with pytest.raises(SourceError, match="leaves the archive"):
+        open_source(tmp_path / "bad.npz")
+
+
+def test_npz_member_whose_header_lies_about_its_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones(1000))
+    data = buf.getvalue()[:-4000]  # header says 1000 values; 500 are stored
+    _zip_with_member(tmp_path / "bad.npz", "bias.npy", data)
+    with pytest.raises(SourceError, match="declares shape"):
+        open_source(tmp_path / "bad.npz")
+
+
+def test_infos_come_before_any_data(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    path = write_safetensors({"w": np.ones((2, 3), np.float32)}, tmp_path / "m.safetensors")
+    from weightport.sources import files
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("data read while listing")
+
+    monkeypatch.setattr(files, "read_exact", refuse)
+    src = open_source(path)
+    assert src.infos["w"].shape == (2, 3)
+
+
+STREAM_CHECK = textwrap.dedent(
+    """
+    import sys, tracemalloc, numpy as np, torch, weightport
+    path, kind = sys.argv[1], sys.argv[2]
+    model = torch.nn.LSTM(512, 512, num_layers=2)   # 16 tensors, 8.4 MB; largest 1 MB
+    weightport.load(model, path)  # warm imports and caches
+    tracemalloc.start()
+    weightport.load(model, path)
+    peak = tracemalloc.get_traced_memory()[1]
+    largest = max(p.numel() * 4 for p in model.parameters())
+    print(peak, largest)
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "npz", "npy-folder"])
+def test_file_loads_stream_through_at_most_one_tensor(tmp_path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    model = nn.LSTM(512, 512, num_layers=2)
+    state = _state(model)
+    if kind == "safetensors":
+        path = write_safetensors(state, tmp_path / "m.safetensors")
+    elif kind == "npz":
+        path = tmp_path / "m.npz"
+        np.savez(path, **state)
+    else:
+        path = tmp_path / "folder"
+        path.mkdir()
+        for k, v in state.items():
+            np.save(path / f"{k}.npy", v)
+    script = tmp_path / "check.py"
+    script.write_text(STREAM_CHECK)
+    out = subprocess.run(
+        [sys.executable, str(script), str(path), kind], capture_output=True, text=True, check=True
+    ).stdout
+    peak, largest = (int(x) for x in out.split())
+    total = sum(v.nbytes for v in state.values())
+    assert peak <= largest + 512 * 1024, (peak, largest, total)  # never more than one tensor beyond the model
