@@ -22,6 +22,7 @@ from weightport.errors import (
     WeightportError,
 )
 from weightport.export import save, to_numpy
+from weightport.initializers import init
 from weightport.loading import load
 from weightport.report import LoadReport
 from weightport.sources import Source, TensorInfo, open_source
@@ -44,6 +45,7 @@ __all__ = [
     "VerifyReport",
     "WeightportError",
     "__version__",
+    "init",
     "load",
     "open_source",
     "reference",

@@ -53,7 +53,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from weightport.errors import LayoutError
-from weightport.loading import load
+from weightport.loading import load, unwrap
 from weightport.report import LoadReport
 from weightport.transforms import ReorderBlocks
 
@@ -359,7 +359,7 @@ def init(
     (0.0, True)
     """
     arrays = init_arrays(module, rng, scheme, overrides=overrides)
-    complete = all(name in arrays for name in module.state_dict(keep_vars=True))
+    complete = all(name in arrays for name in unwrap(module).state_dict(keep_vars=True))
     return load(module, arrays, strict=complete)
 
 
@@ -389,6 +389,7 @@ def init_arrays(
         raise LayoutError(
             f"unknown initializer scheme {scheme!r}: use one of {', '.join(map(repr, SCHEMES))}"
         )
+    module = unwrap(module)  # torch.compile and DataParallel wrappers: their names are the inner module's
     tensors = module.state_dict(keep_vars=True)
     owners = _owners(module)
     _refuse_lazy(tensors, owners)

@@ -24,10 +24,10 @@ from weightport.plan import NonFinite, Plan, build_plan, check_values
 from weightport.report import LoadReport, ReportRow
 from weightport.sources import Source, SourceLike, open_source
 
-__all__ = ["load", "plan_load"]
+__all__ = ["load", "plan_load", "unwrap"]
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
     """The module that owns the weights under torch.compile and DataParallel wrappers."""
     while True:
         inner = getattr(module, "_orig_mod", None)
@@ -73,7 +73,7 @@ def plan_load(
     check_values_: bool = True,
 ) -> Plan:
     """Everything :func:`load` checks, without writing: the checked plan, problems included."""
-    scope, prefix_ = _scope(_unwrap(module), prefix)
+    scope, prefix_ = _scope(unwrap(module), prefix)
     layout_module = get_layout(layout or detect_layout(source))
     layout_plan = layout_module.plan(scope, source, mapping)
     plan = build_plan(scope, source, layout_plan, strict=strict, prefix=prefix_)
@@ -161,7 +161,7 @@ def _apply(plan: Plan, source: Source, *, rollback: bool, progress: bool | None)
 
 
 def _describe(module: nn.Module) -> str:
-    return type(_unwrap(module)).__name__
+    return type(unwrap(module)).__name__
 
 
 def _report(plan: Plan, source: Source, module: nn.Module, dry_run: bool) -> LoadReport:

@@ -398,7 +398,11 @@ def _difference(spec: _CellSpec, leaves: Mapping[str, str], source: Source) -> s
     if not parts:
         shape = tuple(source.infos[leaves[spec.hidden]].shape)
         parts = [f"{spec.hidden} of shape (H, {spec.blocks}*H), not {shape}"]
-    return f"a {spec.flavor} ({'; '.join(parts)})"
+    return f"{_a(spec.flavor)} ({'; '.join(parts)})"
+
+
+def _a(flavor: str) -> str:
+    return f"{'an' if flavor.startswith('nnx') else 'a'} {flavor}"
 
 
 def _rnn_cell(path: str, node: object, source: Source) -> tuple[_CellSpec, dict[str, str]] | None:
@@ -656,7 +660,7 @@ def _export_cell(
             part = SliceBlocks(0, block, spec.blocks)(env[param])
             if np.any(part):
                 raise UnsupportedConfigError(
-                    f"cannot export '{slot.name(param, reverse=reverse)}' to a {spec.flavor}: its block "
+                    f"cannot export '{slot.name(param, reverse=reverse)}' to {_a(spec.flavor)}: its block "
                     f"{block + 1} of {spec.blocks} is non-zero, and that cell has no place for it (b_hn is "
                     "multiplied by the reset gate). Fix: export with api='linen', whose GRUCell has it."
                 )

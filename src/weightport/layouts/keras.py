@@ -350,12 +350,8 @@ def _index_roles(
             scale, center = bool(cfg.get("scale", True)), bool(cfg.get("center", True))
         elif len(tensors) == len(roles) - 2:
             scale = center = False
-        elif len(tensors) != len(roles):
-            raise LayoutError(
-                f"{where}: Keras {cls} '{layer.name}' has {len(tensors)} variables and no configuration says "
-                "whether gamma (scale) or beta (center) is the one missing. Fix: load the .keras file "
-                "(model.save('model.keras')), which records it."
-            )
+        elif len(tensors) == len(roles) - 1:
+            center = False  # scale=False with center=True has no PyTorch form; reported as unchecked
         roles = [r for r in roles if (r != "gamma" or scale) and (r != "beta" or center)]
     if len(tensors) > len(roles):
         return {}
@@ -395,9 +391,10 @@ def _guess(
         if len(fitting) > 1:
             shown = ", ".join(f"{n} {s}" for n, s in zip(tensors, dims))
             raise LayoutError(
-                f"{where}: Keras layer '{layer.name}' ({shown}) could be a {' or a '.join(fitting)}, and the "
-                f"module has both kinds. Fix: pass mapping={{'{layer.name}': 'module.path'}} to say which module "
-                "it fills, or load the .keras file, which records each layer's class."
+                f"{where}: Keras layer '{layer.name}' ({shown}) fits more than one Keras class "
+                f"({', '.join(fitting)}), and the module has layers of each kind "
+                f"({', '.join(_KINDS[c] for c in fitting)}). Fix: pass mapping={{'{layer.name}': 'module.path'}} "
+                "to say which module it fills, or load the .keras file, which records each layer's class."
             )
         candidates = fitting or candidates
     return candidates[0] if candidates else None
@@ -753,6 +750,8 @@ def _check_weights_only(
         settings.append(f"activation (assumed '{slot.module.nonlinearity}', as the module)")
     if kind in ("BatchNorm", "LayerNorm"):
         settings.append(f"epsilon (the module has eps={slot.module.eps:g}; Keras's default is 1e-3)")
+        if "gamma" in part.vars and "beta" not in part.vars:
+            settings.append("center (one of gamma, beta is missing: taken as gamma, center=False)")
     if kind in ("Conv1d", "Conv2d"):
         settings.append("strides, padding, dilation_rate, groups")
     if settings and not part.reverse:

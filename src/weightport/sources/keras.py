@@ -60,6 +60,7 @@ _CHUNK = 1 << 22
 _SUFFIXES = (".h5", ".hdf5", ".keras")
 _NOT_WEIGHTS = {"optimizer": "optimizer state", "optimizer_weights": "optimizer state"}
 _CONTAINERS = ("Sequential", "Functional", "Model")
+_KERAS3_NAME = re.compile(r"(^|/)vars/\d+$")  # Keras 3 files a layer's variables as <layer>/vars/<i>
 
 
 def claims(path: Path) -> bool:
@@ -112,7 +113,9 @@ def _describe_h5(source: H5Source) -> None:
         config = _json(attrs["model_config"], source.description, "model_config")
         meta["model_config"] = config
         meta["layers"] = _legacy_layers(source, "model_weights/", config)
-    elif any(g in source.groups for g in ("layers", "vars", "_layer_checkpoint_dependencies")):
+    elif source.description.lower().endswith(".weights.h5'") or any(
+        _KERAS3_NAME.search(n) for n in source.infos
+    ):
         meta.update(layout="keras", keras_file="weights.h5", vars_names=dict(source.vars_names))
     if "keras_version" in attrs:
         meta["keras_version"] = _text(attrs["keras_version"])

@@ -40,7 +40,7 @@ _FILTERS = {1: "deflate", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit", 6
 _COMPRESSING = {1, 4, 5, 6, 32000}
 MAX_EXPANSION = 1000  # compressed data may declare at most this many times the bytes it stores ...
 EXPANSION_FLOOR = 1 << 26  # ... once it declares more than 64 MiB
-_FIX = "Fix: re-save the weights with Keras (model.save_weights) or h5py without it"
+_FIX = "Fix: re-save the weights with Keras (model.save_weights), or write the arrays plainly with h5py"
 
 Skip = Callable[[str], "str | None"]
 
