@@ -19,15 +19,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import extra_peak, interleaved, print_ratios  # noqa: E402
+from _common import extra_peak, interleaved, print_ratios
 
-import weightport  # noqa: E402
+import weightport
 
 
 def arrays_for(module: torch.nn.Module, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
-        n: rng.standard_normal(tuple(p.shape), dtype=np.float32) * 0.05 for n, p in module.state_dict().items()
+        n: rng.standard_normal(tuple(p.shape), dtype=np.float32) * 0.05
+        for n, p in module.state_dict().items()
     }
 
 
@@ -42,7 +43,9 @@ def main() -> None:
     lstm = torch.nn.LSTM(h, h, num_layers=4, bidirectional=True)
     arrays = arrays_for(lstm)
     nbytes = sum(a.nbytes for a in arrays.values())
-    print(f"LSTM({h}, {h}, num_layers=4, bidirectional=True): {len(arrays)} tensors, {nbytes / 1e6:.0f} MB float32")
+    print(
+        f"LSTM({h}, {h}, num_layers=4, bidirectional=True): {len(arrays)} tensors, {nbytes / 1e6:.0f} MB float32"
+    )
     floor_dst = {k: np.empty_like(v) for k, v in arrays.items()}
     for v in floor_dst.values():
         v.fill(1)  # touched
@@ -70,8 +73,12 @@ def main() -> None:
     classic_lstm = torch.nn.LSTM(h, h, num_layers=4, bidirectional=True)
     params = dict(classic_lstm.named_parameters())
     medians |= interleaved({"classic .data = torch.tensor(arr)": classic}, args.rounds)
-    print_ratios("Time (median of interleaved rounds)", medians, "memcpy floor (np.copyto)",
-                 ("load_state_dict(torch.from_numpy)",))
+    print_ratios(
+        "Time (median of interleaved rounds)",
+        medians,
+        "memcpy floor (np.copyto)",
+        ("load_state_dict(torch.from_numpy)",),
+    )
 
     print("\nExtra peak RSS during one load (peak minus RSS before), as a multiple of the model's bytes")
     for name, fn in [

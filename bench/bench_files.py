@@ -132,15 +132,40 @@ def main() -> None:
         paths, nbytes = write_files(folder, args.hidden)
         rows = [
             ("safetensors: existing model", "weightport:st", paths["safetensors"], "safetensors.load_model"),
-            ("safetensors: existing, check_values=False", "weightport:st:nocheck", paths["safetensors"], None),
+            (
+                "safetensors: existing, check_values=False",
+                "weightport:st:nocheck",
+                paths["safetensors"],
+                None,
+            ),
             ("safetensors.load_model (anchor)", "safetensors.load_model", paths["safetensors"], None),
             ("npz (stored): existing model", "weightport:npz", paths["npz"], "np.load+load_state_dict"),
             ("np.load + load_state_dict (anchor)", "np.load+load_state_dict", paths["npz"], None),
-            ("npy folder: existing model", "weightport:npy", paths["npy-folder"], "torch.load(mmap)+load_state_dict"),
-            ("torch.load(mmap) + load_state_dict (anchor)", "torch.load(mmap)+load_state_dict", paths["pt"], None),
-            ("safetensors: meta model, build + load", "meta:st", paths["safetensors"], "default-init+load_state_dict"),
+            (
+                "npy folder: existing model",
+                "weightport:npy",
+                paths["npy-folder"],
+                "torch.load(mmap)+load_state_dict",
+            ),
+            (
+                "torch.load(mmap) + load_state_dict (anchor)",
+                "torch.load(mmap)+load_state_dict",
+                paths["pt"],
+                None,
+            ),
+            (
+                "safetensors: meta model, build + load",
+                "meta:st",
+                paths["safetensors"],
+                "default-init+load_state_dict",
+            ),
             ("npz: meta model, build + load", "meta:npz", paths["npz"], "default-init+load_state_dict"),
-            ("npy folder: meta model, build + load", "meta:npy", paths["npy-folder"], "default-init+load_state_dict"),
+            (
+                "npy folder: meta model, build + load",
+                "meta:npy",
+                paths["npy-folder"],
+                "default-init+load_state_dict",
+            ),
             ("default init + load_state_dict (anchor)", "default-init+load_state_dict", paths["npz"], None),
         ]
         if "keras" in paths:
@@ -159,20 +184,26 @@ def main() -> None:
             for _, case, path, _ in rows:
                 out = subprocess.run(
                     [sys.executable, str(script), case, str(path), str(args.hidden)],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 ).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 results[case].append((r["seconds"], r["extra"]))
         floor = statistics.median(floors)
         medians = {case: statistics.median(t for t, _ in v) for case, v in results.items()}
         peaks = {case: statistics.median(m for _, m in v) for case, v in results.items()}
-        print(f"LSTM({args.hidden}, {args.hidden}, 4 layers, bidirectional): {nbytes / 1e6:.0f} MB; memcpy floor "
-              f"{floor * 1e3:.1f} ms; {args.rounds} interleaved rounds, a fresh process per load")
+        print(
+            f"LSTM({args.hidden}, {args.hidden}, 4 layers, bidirectional): {nbytes / 1e6:.0f} MB; memcpy floor "
+            f"{floor * 1e3:.1f} ms; {args.rounds} interleaved rounds, a fresh process per load"
+        )
         print(f"{'load':<46} {'ms':>8} {'x floor':>8} {'x anchor':>9} {'extra peak':>11}")
         for label, case, _, anchor in rows:
             ratio = f"{medians[case] / medians[anchor]:8.2f}x" if anchor else " " * 9
-            print(f"{label:<46} {medians[case] * 1e3:8.1f} {medians[case] / floor:7.2f}x {ratio} "
-                  f"{peaks[case] / nbytes:10.3f}x")
+            print(
+                f"{label:<46} {medians[case] * 1e3:8.1f} {medians[case] / floor:7.2f}x {ratio} "
+                f"{peaks[case] / nbytes:10.3f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from weightport.dtypes import as_torch, to_numpy_dtype
 from weightport.errors import SourceError
 from weightport.plan import Entry, Plan
 from weightport.sources.base import Source
+from weightport.staging import Stager
 
 __all__ = ["apply_plan", "deferred_interrupts"]
 
@@ -64,9 +65,19 @@ def _value(entry: Entry, source: Source) -> np.ndarray:
     return entry.rule.op(*(source.read(s) for s in entry.rule.sources))
 
 
-def _write(entry: Entry, source: Source) -> None:
+def goes_through_staging(tensor: torch.Tensor) -> bool:
+    """Whether writes to ``tensor`` go through pinned host buffers (tensors off the CPU)."""
+    return tensor.device.type not in ("cpu", "meta")
+
+
+def _write(entry: Entry, source: Source, stagers: dict[torch.device, Stager] | None = None) -> None:
     tensor = entry.tensor
     rule = entry.rule
+    if stagers is not None and goes_through_staging(tensor):
+        if tensor.device not in stagers:
+            stagers[tensor.device] = Stager(tensor.device)
+        stagers[tensor.device].write(tensor, _value(entry, source))
+        return
     if (
         not source.in_memory
         and len(rule.sources) == 1
@@ -109,6 +120,7 @@ def apply_plan(
     done: set[int] = set()
     backups: list[tuple[torch.Tensor, torch.Tensor]] = []
     materialized: dict[int, torch.Tensor] = {}
+    stagers: dict[torch.device, Stager] = {}
     keep = rollback and not source.in_memory
     with deferred_interrupts(), torch.no_grad():
         try:
@@ -121,10 +133,14 @@ def apply_plan(
                 else:
                     if keep:
                         backups.append((entry.tensor, entry.tensor.detach().clone()))
-                    _write(entry, source)
+                    _write(entry, source, stagers)
                 if progress is not None:
                     progress(entry)
+            for stager in stagers.values():
+                stager.finish()
         except Exception as e:
+            for stager in stagers.values():
+                stager.finish()
             for tensor, saved in backups:
                 tensor.detach().copy_(saved)
             restored = (

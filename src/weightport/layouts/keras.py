@@ -59,7 +59,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from torch import nn
@@ -281,8 +281,14 @@ def _inner(config: dict[str, Any] | None, key: str) -> tuple[str | None, dict[st
     return None, None
 
 
-def _resolve(layer: _Layer, source: Source, slot_kinds: set[str], where: str) -> _Resolved | None:
-    """The layer's kind and its variables by role; None for layers this layout has no rule for."""
+def _resolve(
+    layer: _Layer, source: Source, slot_kinds: set[str], mapped: bool, where: str
+) -> _Resolved | None:
+    """The layer's kind and its variables by role; None for layers this layout has no rule for.
+
+    A layer of a class this layout does not know (``MultiHeadAttention``, a custom class) is
+    left alone unless ``mapping=`` pairs it; one without a recorded class is judged by its shapes.
+    """
     shapes = {n: source.infos[n].shape for n in layer.tensors}
     if layer.legacy is not None:
         groups = _legacy_groups(layer)
@@ -301,9 +307,10 @@ def _resolve(layer: _Layer, source: Source, slot_kinds: set[str], where: str) ->
         configs = [(layer.class_name, layer.config)]
     if len(groups) != len(configs):
         return None
-    parts = []
+    parts: list[_Part] = []
     for (cls, cfg), tensors in zip(configs, groups):
-        cls = cls if cls in _KINDS else _guess(tensors, shapes, layer, slot_kinds, where)
+        if cls not in _KINDS:
+            cls = _guess(tensors, shapes, layer, slot_kinds, where) if cls is None or mapped else None
         if cls is None:
             return None
         roles = (
@@ -424,7 +431,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
         kinds = (
             {_kind_of_target(mapping[layer.name], slots)} - {None} if layer.name in mapping else slot_kinds
         )
-        found = _resolve(layer, source, kinds, where)  # type: ignore[arg-type]
+        found = _resolve(layer, source, kinds, layer.name in mapping, where)  # type: ignore[arg-type]
         if found is None:
             unmatched += layer.tensors
         else:
@@ -512,7 +519,7 @@ def _order(
 
 def _check_direction(found: _Resolved, slot: Slot, where: str) -> None:
     two_way = len(found.parts) == 2
-    if slot.layer is None or two_way == slot.bidirectional:
+    if two_way == slot.bidirectional:
         return
     m = slot.module
     if two_way:
@@ -614,7 +621,8 @@ def _check_config(found: _Resolved, part: _Part, slot: Slot, refusals: list[str]
     """Problems between the layer's Keras configuration and the module; refusals go to ``refusals``."""
     cfg = part.config or {}
     refusals += _refusals(found, part, cfg)
-    m, kind, label = slot.module, found.kind, f"{slot.label} <- Keras {part.cls} '{found.layer.name}'"
+    m: Any = slot.module
+    kind, label = found.kind, f"{slot.label} <- Keras {part.cls} '{found.layer.name}'"
     problems = []
 
     def mismatch(expected: str, found_: str, fix: str) -> None:
@@ -663,7 +671,8 @@ def _check_config(found: _Resolved, part: _Part, slot: Slot, refusals: list[str]
 
 
 def _check_bias(found: _Resolved, part: _Part, slot: Slot, problems: list[Problem], label: str) -> None:
-    m, kind = slot.module, found.kind
+    m: Any = slot.module
+    kind = found.kind
     checks: list[tuple[str, str, bool]] = []
     if kind in _GATES:
         checks.append(("use_bias", "bias", bool(m.bias)))
@@ -689,7 +698,7 @@ def _check_bias(found: _Resolved, part: _Part, slot: Slot, problems: list[Proble
             )
 
 
-def _check_conv(cfg: Mapping[str, Any], m: nn.Module, mismatch: Any) -> None:
+def _check_conv(cfg: Mapping[str, Any], m: Any, mismatch: Any) -> None:
     pairs = [
         ("strides", "stride", cfg.get("strides")),
         ("dilation_rate", "dilation", cfg.get("dilation_rate")),
@@ -747,9 +756,11 @@ def _check_weights_only(
     if kind in ("LSTM", "GRU"):
         settings.append("activation, recurrent_activation (assumed tanh, sigmoid)")
     if kind == "RNN":
-        settings.append(f"activation (assumed '{slot.module.nonlinearity}', as the module)")
+        settings.append(f"activation (assumed '{cast(Any, slot.module).nonlinearity}', as the module)")
     if kind in ("BatchNorm", "LayerNorm"):
-        settings.append(f"epsilon (the module has eps={slot.module.eps:g}; Keras's default is 1e-3)")
+        settings.append(
+            f"epsilon (the module has eps={cast(Any, slot.module).eps:g}; Keras's default is 1e-3)"
+        )
         if "gamma" in part.vars and "beta" not in part.vars:
             settings.append("center (one of gamma, beta is missing: taken as gamma, center=False)")
     if kind in ("Conv1d", "Conv2d"):
@@ -781,13 +792,13 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
     counts: dict[str, int] = {}
     out: dict[str, np.ndarray] = {}
     for slot in module_slots(module):
-        kind, m = slot.kind, slot.module
+        kind, m = slot.kind, cast(Any, slot.module)
         if kind not in _EXPORT:
             raise LayoutError(
                 f"'{slot.label}' is {type(m).__name__}, which the Keras layout cannot export; it exports "
                 f"{', '.join(sorted(_CLASS_OF_KIND))} modules."
             )
-        if kind == "LSTM" and getattr(m, "proj_size", 0):
+        if kind == "LSTM" and getattr(m, "proj_size", None):
             raise UnsupportedConfigError(
                 f"'{slot.label}' has proj_size={m.proj_size}; Keras LSTM has no projection."
             )
