@@ -64,7 +64,7 @@ def test_shard_outside_the_folder_is_refused(tmp_path) -> None:  # type: ignore[
 
 def test_shard_behind_a_link_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     lstm = nn.LSTM(3, 4)
-    index_path, index = _shard(tmp_path, _state(lstm))
+    index_path, _ = _shard(tmp_path, _state(lstm))
     shard = tmp_path / "model-00001-of-00002.safetensors"
     outside = tmp_path.parent / f"{tmp_path.name}-outside.safetensors"
     shard.rename(outside)
