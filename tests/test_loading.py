@@ -518,11 +518,11 @@ def test_keyboard_interrupt_while_writing_is_deferred(monkeypatch) -> None:  # t
     original = apply._write
     count = {"n": 0}
 
-    def interrupted(entry, source):  # type: ignore[no-untyped-def]
+    def interrupted(entry, source, *rest):  # type: ignore[no-untyped-def]
         count["n"] += 1
         if count["n"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        original(entry, source)
+        original(entry, source, *rest)
 
     monkeypatch.setattr(apply, "_write", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -11,6 +11,7 @@ from weightport.transforms import (
     Chain,
     Concat,
     Identity,
+    PadBlocks,
     ReorderBlocks,
     Reshape,
     Select,
@@ -84,3 +85,12 @@ def test_value_making_ops_say_so() -> None:
     assert Stack(2).out_shape([(3,), (3,)]) == (2, 3)
     with pytest.raises(ValueError, match="no inverse"):
         Zeros((1,)).inverse()
+
+
+def test_pad_blocks_and_its_inverse() -> None:
+    x = np.arange(6).reshape(3, 2)
+    op = PadBlocks(0, 2, 3)
+    y = op(x)
+    assert y.shape == op.out_shape([x.shape]) == (9, 2)
+    assert (y[:6] == 0).all()
+    np.testing.assert_array_equal(op.inverse()(y), x)

@@ -70,8 +70,14 @@ def goes_through_staging(tensor: torch.Tensor) -> bool:
     return tensor.device.type not in ("cpu", "meta")
 
 
-def _write(entry: Entry, source: Source, stagers: dict[torch.device, Stager] | None = None) -> None:
-    tensor = entry.tensor
+def _write(
+    entry: Entry,
+    source: Source,
+    stagers: dict[torch.device, Stager] | None = None,
+    tensor: torch.Tensor | None = None,
+) -> None:
+    """Fill ``tensor`` (default: the entry's own) with the entry's value, by the cheapest path."""
+    tensor = entry.tensor if tensor is None else tensor
     rule = entry.rule
     if stagers is not None and goes_through_staging(tensor):
         if tensor.device not in stagers:
@@ -94,7 +100,7 @@ def _write(entry: Entry, source: Source, stagers: dict[torch.device, Stager] | N
 def _materialize(entry: Entry, source: Source) -> torch.Tensor:
     tensor = entry.tensor
     new = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="cpu")
-    new.copy_(as_torch(_value(entry, source)))
+    _write(entry, source, tensor=new)
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(new, requires_grad=tensor.requires_grad)
     return new

@@ -33,6 +33,7 @@ __all__ = [
     "Chain",
     "Zeros",
     "Sum",
+    "PadBlocks",
 ]
 
 Shape = tuple[int, ...]
@@ -350,3 +351,41 @@ class Sum(Op):
 
     def describe(self) -> str:
         return "sum"
+
+
+@dataclass(frozen=True)
+class PadBlocks(Op):
+    """Put the input as block ``index`` of ``count`` along ``axis``, zeros elsewhere.
+
+    Linen's GRU has only ``b_hn`` on the hidden side: ``bias_hh = [0, 0, b_hn]``.
+    The inverse is :class:`SliceBlocks` (the zero blocks carry nothing).
+    """
+
+    axis: int
+    index: int
+    count: int
+    value_preserving = False
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        array = arrays[0]
+        shape = list(array.shape)
+        size = shape[self.axis]
+        shape[self.axis] = size * self.count
+        out = np.zeros(shape, array.dtype)
+        key = [slice(None)] * array.ndim
+        key[self.axis] = slice(self.index * size, (self.index + 1) * size)
+        out[tuple(key)] = array
+        return out
+
+    def out_shape(self, shapes: Sequence[Shape]) -> Shape:
+        shape = list(shapes[0])
+        if len(shape) <= self.axis:
+            raise ValueError(f"no axis {self.axis} in shape {tuple(shape)}")
+        shape[self.axis] *= self.count
+        return tuple(shape)
+
+    def inverse(self) -> Op:
+        return SliceBlocks(self.axis, self.index, self.count)
+
+    def describe(self) -> str:
+        return f"as block {self.index + 1} of {self.count}, zeros elsewhere"

@@ -78,6 +78,7 @@ from weightport.transforms import (
     Concat,
     Identity,
     Op,
+    PadBlocks,
     SliceBlocks,
     Sum,
     Transpose,
@@ -97,44 +98,6 @@ _RECURRENT = ("LSTM", "GRU", "RNN")
 _T = Transpose((1, 0))
 Tree = dict[str, "Tree | str"]  # a node's children; a leaf is its full source name
 OpOrSized = Op | Callable[[int], Op]  # an op, or one made from the hidden size
-
-
-@dataclass(frozen=True)
-class _PadBlocks(Op):
-    """Put the input as block ``index`` of ``count`` along ``axis``, zeros elsewhere.
-
-    Linen's GRU has only ``b_hn`` on the hidden side: ``bias_hh = [0, 0, b_hn]``.
-    The inverse is :class:`SliceBlocks` (the zero blocks carry nothing).
-    """
-
-    axis: int
-    index: int
-    count: int
-    value_preserving = False
-
-    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
-        array = arrays[0]
-        shape = list(array.shape)
-        size = shape[self.axis]
-        shape[self.axis] = size * self.count
-        out = np.zeros(shape, array.dtype)
-        key = [slice(None)] * array.ndim
-        key[self.axis] = slice(self.index * size, (self.index + 1) * size)
-        out[tuple(key)] = array
-        return out
-
-    def out_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-        shape = list(shapes[0])
-        if len(shape) <= self.axis:
-            raise ValueError(f"no axis {self.axis} in shape {tuple(shape)}")
-        shape[self.axis] *= self.count
-        return tuple(shape)
-
-    def inverse(self) -> Op:
-        return SliceBlocks(self.axis, self.index, self.count)
-
-    def describe(self) -> str:
-        return f"as block {self.index + 1} of {self.count}, zeros elsewhere"
 
 
 def _zeros(blocks: int) -> Callable[[int], Op]:
@@ -218,7 +181,7 @@ def _linen_gru() -> _CellSpec:
             "weight_ih": _gates_in(i_side, "kernel", 3),
             "weight_hh": _gates_in(h_side, "kernel", 3),
             "bias_ih": _gates_in(i_side, "bias", 3),
-            "bias_hh": (("hn/bias",), _PadBlocks(0, 2, 3)),
+            "bias_hh": (("hn/bias",), PadBlocks(0, 2, 3)),
         },
         export=export,
         hidden="hr/kernel",

@@ -18,7 +18,13 @@ What maps, and how (each a rule over :mod:`weightport.transforms`):
 
 Layers are paired with the module's by order within kind
 (:func:`~weightport.layouts.pairing.pair_layers`); ``mapping={keras layer: "module.path[layer]"}``
-pairs by hand, naming a Keras layer by its name or its group path.
+pairs by hand, naming a Keras layer by its name or its group path. Where the source records no
+class (a subclassed model's weights), the kind follows from the variables' shapes (three with a
+square-ish recurrent kernel: recurrent, 4H/3H/H columns for LSTM/GRU/SimpleRNN; a 2-D kernel and
+a bias: Dense; 3-D/4-D kernels: Conv; four vectors: BatchNormalization); shapes that fit two
+kinds (a lone 2-D array: Dense without bias or Embedding) are settled by the kinds the module
+has, else refused with the candidates. Layers of other classes (attention, custom layers) are
+left unread (``unmatched``) unless ``mapping=`` pairs them.
 
 Order. ``.keras`` files, legacy ``.h5`` files and live models record the model
 order. A bare Keras 3 ``.weights.h5`` does not: it files each layer under its
@@ -474,10 +480,9 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
 
 def _translate(mapping: Mapping[str, str] | None, layers: list[_Layer]) -> dict[str, str]:
     """Mapping keys given as group paths become the layer names pairing uses."""
+    names = {layer.name for layer in layers}
     by_path = {layer.path: layer.name for layer in layers}
-    return {
-        by_path.get(k, k) if k not in {la.name for la in layers} else k: v for k, v in (mapping or {}).items()
-    }
+    return {(k if k in names else by_path.get(k, k)): v for k, v in (mapping or {}).items()}
 
 
 def _kind_of_target(target: str, slots: list[Slot]) -> str | None:
@@ -495,7 +500,8 @@ def _order(
     for kind in kinds:
         group = [r for r in resolved if r.kind == kind and r.layer.name not in mapping]
         group.sort(key=lambda r: (r.layer.seq, r.layer.index))
-        if len({r.layer.seq for r in group}) > 1:
+        free = [s for s in slots if s.kind == kind and s.label not in mapped and s.path not in mapped]
+        if len({r.layer.seq for r in group}) > 1 and len(free) == len(group):  # else pairing says why
             two_way = [r for r in group if len(r.parts) == 2]
             one_way = [r for r in group if len(r.parts) == 1]
             if len({r.layer.seq for r in two_way}) > 1 or len({r.layer.seq for r in one_way}) > 1:
@@ -506,7 +512,6 @@ def _order(
                     f"'{group[0].layer.name}': 'module.path', ...}} to pair them, or load the .keras file "
                     "(model.save('model.keras')), which records the order."
                 )
-            free = [s for s in slots if s.kind == kind and s.label not in mapped and s.path not in mapped]
             merged: list[_Resolved] = []
             for s in free:
                 queue = two_way if s.bidirectional else one_way

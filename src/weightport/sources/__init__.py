@@ -49,7 +49,7 @@ _FORMATS: dict[str, str] = {
     "onnx": "weightport.sources.onnx",
     "npy-folder": "weightport.sources.npy_folder",
 }
-_OBJECT_READERS: list[str] = ["weightport.sources.keras_live"]
+_OBJECT_READERS: list[str] = ["weightport.sources.keras_live", "weightport.sources.flax"]
 
 
 def register_format(name: str, module_path: str) -> None:
@@ -82,14 +82,15 @@ def open_source(obj: SourceLike, *, format: str | None = None) -> Source:
     """
     if isinstance(obj, Source):
         return obj
-    if isinstance(obj, Mapping):
-        return MappingSource.from_mapping(obj)
     if isinstance(obj, (str, os.PathLike)):
         return _open_path(Path(obj), format)
-    for path in _OBJECT_READERS:
-        reader = _reader(path)
-        if reader is not None and reader.claims_object(obj):
-            return reader.open_object(obj)  # type: ignore[no-any-return]
+    if type(obj) is not dict:  # framework containers (an nnx State is a Mapping) go to their reader
+        for path in _OBJECT_READERS:
+            reader = _reader(path)
+            if reader is not None and reader.claims_object(obj):
+                return reader.open_object(obj)  # type: ignore[no-any-return]
+    if isinstance(obj, Mapping):
+        return MappingSource.from_mapping(obj)
     raise SourceError(
         f"cannot read weights from a {type(obj).__name__}: pass a mapping of names to arrays, "
         f"a path to a file or folder ({', '.join(_FORMATS)}), or a Keras model"

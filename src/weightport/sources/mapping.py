@@ -85,6 +85,8 @@ class MappingSource(Source):
 
 def _flatten(mapping: Mapping[str, Any], prefix: str, out: dict[str, np.ndarray]) -> None:
     for key, value in mapping.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)  # list positions in pytrees (nnx to_pure_dict)
         if not isinstance(key, str):
             raise SourceError(f"key {key!r} is a {type(key).__name__}; tensor names must be strings")
         name = prefix + key
