@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightport.dtypes import as_torch, to_numpy_dtype
+from weightport.copying import copy_into
+from weightport.dtypes import to_numpy_dtype
 from weightport.errors import SourceError
 from weightport.plan import Entry, Plan
 from weightport.sources.base import Source
 from weightport.staging import Stager
+from weightport.transforms import view_pieces
 
 __all__ = ["apply_plan", "deferred_interrupts"]
 
@@ -94,7 +96,13 @@ def _write(
         if view is not None and view.dtype == entry.inputs[0].dtype:
             source.read_into(rule.sources[0], view)
             return
-    tensor.detach().copy_(as_torch(_value(entry, source)))
+    arrays = [source.read(s) for s in rule.sources]
+    pieces = view_pieces(rule.op, arrays)
+    if pieces is None:
+        copy_into(tensor.detach(), rule.op(*arrays))
+        return
+    for region, view in pieces:  # the transform fused into the copy: no intermediate array
+        copy_into(tensor.detach()[region], view)
 
 
 def _materialize(entry: Entry, source: Source) -> torch.Tensor:

@@ -34,6 +34,7 @@ __all__ = [
     "Zeros",
     "Sum",
     "PadBlocks",
+    "view_pieces",
 ]
 
 Shape = tuple[int, ...]
@@ -389,3 +390,77 @@ class PadBlocks(Op):
 
     def describe(self) -> str:
         return f"as block {self.index + 1} of {self.count}, zeros elsewhere"
+
+
+Region = tuple[slice, ...]
+
+
+def view_pieces(op: Op, arrays: Sequence[np.ndarray]) -> list[tuple[Region, np.ndarray]] | None:
+    """``op(*arrays)`` as (output region, NumPy view) pieces without copying, or None.
+
+    Gate reorders, transposes, selections and block slices are all views of the
+    input: writing each piece into its region of the destination fuses the
+    transform into the copy (no intermediate array). Ops that make new arrays
+    (concatenations, zeros, sums, reshapes) give None.
+
+    >>> x = np.arange(12).reshape(2, 6)
+    >>> pieces = view_pieces(Chain(ReorderBlocks(1, (1, 0, 2)), Transpose((1, 0))), [x])
+    >>> out = np.empty((6, 2), int)
+    >>> for region, view in pieces:
+    ...     out[region] = view
+    >>> bool((out == Chain(ReorderBlocks(1, (1, 0, 2)), Transpose((1, 0)))(x)).all())
+    True
+    """
+    ops = op.ops if isinstance(op, Chain) else (op,)
+    if len(arrays) != 1 or ops[0].arity != 1:
+        return None
+    shape = tuple(arrays[0].shape)
+    pieces: list[tuple[Region, np.ndarray]] = [(tuple(slice(0, d) for d in shape), arrays[0])]
+    for step in ops:
+        mapped = _map_pieces(step, pieces, shape)
+        if mapped is None:
+            return None
+        pieces, shape = mapped
+    return pieces
+
+
+def _full(region: Region, axis: int, size: int) -> bool:
+    return region[axis].start == 0 and region[axis].stop == size
+
+
+def _map_pieces(
+    op: Op, pieces: list[tuple[Region, np.ndarray]], shape: Shape
+) -> tuple[list[tuple[Region, np.ndarray]], Shape] | None:
+    if isinstance(op, Identity):
+        return pieces, shape
+    if isinstance(op, Transpose):
+        return [(tuple(r[a] for a in op.axes), v.transpose(op.axes)) for r, v in pieces], op.out_shape([shape])
+    if isinstance(op, ReorderBlocks):
+        axis, count = op.axis, len(op.order)
+        if not all(_full(r, axis, shape[axis]) for r, _ in pieces):
+            return None
+        size = shape[axis] // count
+        out = []
+        for region, view in pieces:
+            for i, block in enumerate(op.order):
+                key = [slice(None)] * view.ndim
+                key[axis] = slice(block * size, (block + 1) * size)
+                new = list(region)
+                new[axis] = slice(i * size, (i + 1) * size)
+                out.append((tuple(new), view[tuple(key)]))
+        return out, shape
+    if isinstance(op, (Select, SliceBlocks)):
+        axis = 0 if isinstance(op, Select) else op.axis
+        if not all(_full(r, axis, shape[axis]) for r, _ in pieces):
+            return None
+        new_shape = op.out_shape([shape])
+        out = []
+        for region, view in pieces:
+            new = list(region)
+            if isinstance(op, Select):
+                del new[0]
+            else:
+                new[axis] = slice(0, new_shape[axis])
+            out.append((tuple(new), op(view)))
+        return out, new_shape
+    return None

@@ -10,6 +10,7 @@ puts them.
 
 >>> class Dense:  # a stand-in: real Keras layers are claimed the same way
 ...     __module__ = "keras.src.layers.core.dense"
+...     weights = []
 >>> claims_object(Dense()), claims_object(object())
 (True, False)
 """
@@ -41,8 +42,10 @@ _ROLE_ORDER = (
 
 
 def claims_object(obj: object) -> bool:
-    """True for instances of Keras 3 or tf_keras classes, subclasses included (e.g. a user's Model)."""
-    return any((getattr(c, "__module__", "") or "").split(".", 1)[0] in _MODULES for c in type(obj).__mro__)
+    """True for Keras 3 or tf_keras layers and models, subclasses included (e.g. a user's Model)."""
+    return hasattr(type(obj), "weights") and any(
+        (getattr(c, "__module__", "") or "").split(".", 1)[0] in _MODULES for c in type(obj).__mro__
+    )
 
 
 def open_object(obj: Any) -> Source:
