@@ -76,7 +76,8 @@ def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
     step = -(-rows // workers)
     step += -step % BAND_ROWS
     futures = [
-        _executor().submit(_copy_bands, dst, src, start, min(start + step, rows)) for start in range(0, rows, step)
+        _executor().submit(_copy_bands, dst, src, start, min(start + step, rows))
+        for start in range(0, rows, step)
     ]
     for future in futures:
         future.result()

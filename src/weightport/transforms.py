@@ -434,7 +434,9 @@ def _map_pieces(
     if isinstance(op, Identity):
         return pieces, shape
     if isinstance(op, Transpose):
-        return [(tuple(r[a] for a in op.axes), v.transpose(op.axes)) for r, v in pieces], op.out_shape([shape])
+        return [(tuple(r[a] for a in op.axes), v.transpose(op.axes)) for r, v in pieces], op.out_shape(
+            [shape]
+        )
     if isinstance(op, ReorderBlocks):
         axis, count = op.axis, len(op.order)
         if not all(_full(r, axis, shape[axis]) for r, _ in pieces):
