@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import weightport
@@ -83,3 +85,23 @@ def test_bad_factory_and_shape_mismatch_exit_2(tmp_path) -> None:  # type: ignor
     assert missing.returncode == 2 and "cannot import 'nomodule'" in missing.stderr
     shape = run("load", "mymodels:make", str(src), "--lenient", cwd=tmp_path)
     assert shape.returncode == 2 and "'0.weight': expected shape (4, 3)" in shape.stderr
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+@pytest.mark.parametrize(
+    ("path", "layout", "layer"),
+    [
+        ("keras/model.keras", "keras", "lstm: LSTM, 3 tensors (units=4"),
+        ("keras/model.weights.h5", "keras", "lstm: LSTM, 3 tensors"),
+        ("onnx/lstm.onnx", "onnx", "/LSTM: LSTM, 3 tensors (hidden_size=4, direction=bidirectional)"),
+        ("flax/lstm.msgpack", "flax", "cell: linen LSTMCell, 12 tensors"),
+    ],
+)
+def test_inspect_framework_files_shows_layers(path: str, layout: str, layer: str) -> None:
+    result = run("inspect", str(GOLDEN / path))
+    assert result.returncode == 0, result.stderr
+    assert f"(layout {layout})" in result.stdout and layer in result.stdout
+    info = json.loads(run("inspect", str(GOLDEN / path), "--json").stdout)
+    assert info["layout"] == layout and info["layers"] and all(t["bytes"] > 0 for t in info["tensors"])

@@ -14,10 +14,30 @@ import os
 from typing import Any
 
 from weightport.dtypes import describe_dtype
+from weightport.layouts import get_layout
 from weightport.report import format_table
-from weightport.sources import open_source
+from weightport.sources import Source, open_source
 
 __all__ = ["describe_source", "format_description"]
+
+
+# The settings worth a glance in the table (--json has every one the file records).
+_SHOWN = (
+    "units",
+    "hidden_size",
+    "activation",
+    "activations",
+    "recurrent_activation",
+    "use_bias",
+    "reset_after",
+    "direction",
+    "linear_before_reset",
+    "filters",
+    "kernel_size",
+    "kernel_shape",
+    "strides",
+    "epsilon",
+)
 
 
 def _plain(value: Any) -> Any:
@@ -29,6 +49,13 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def _layers(source: Source) -> list[Any]:
+    """The layers the source's layout recognises (none for plain state dicts)."""
+    layout = source.metadata.get("layout", "torch")
+    describe = getattr(get_layout(layout), "describe", None)
+    return describe(source) if describe is not None else []
 
 
 def describe_source(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -43,7 +70,7 @@ def describe_source(path: str | os.PathLike[str]) -> dict[str, Any]:
             "layout": source.metadata.get("layout", "torch"),
             "tensors": tensors,
             "total_bytes": sum(t["bytes"] for t in tensors),
-            "layers": _plain(source.metadata.get("layers", [])),
+            "layers": _plain(_layers(source)),
             "ignored": list(source.ignored),
         }
 
@@ -62,16 +89,13 @@ def format_description(info: dict[str, Any]) -> str:
     if info["layers"]:
         lines.append("Layers:")
         for layer in info["layers"]:
-            if isinstance(layer, dict):
-                name = layer.get("name", "?")
-                kind = layer.get("kind") or layer.get("class_name") or ""
-                config = layer.get("config", {})
-                settings = (
-                    ", ".join(f"{k}={v}" for k, v in config.items()) if isinstance(config, dict) else ""
-                )
-                lines.append(f"  {name}: {kind}" + (f" ({settings})" if settings else ""))
-            else:
-                lines.append(f"  {layer}")
+            config = layer.get("config") or {}
+            settings = ", ".join(f"{k}={config[k]}" for k in _SHOWN if k in config)
+            count = len(layer.get("tensors", []))
+            lines.append(
+                f"  {layer.get('name', '?')}: {layer.get('kind', '')}, {count} tensors"
+                + (f" ({settings})" if settings else "")
+            )
     if info["ignored"]:
         lines.append(f"Ignored: {', '.join(info['ignored'])}")
     return "\n".join(lines)

@@ -65,6 +65,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -718,3 +719,13 @@ def export(
         else:
             _export_plain(slot, state, api, path, out)
     return out
+
+
+def describe(source: Source) -> list[dict[str, Any]]:
+    """The Flax layers recognised in ``source``: name, kind and tensors (for ``weightport inspect``)."""
+    layers: list[_Layer] = []
+    _find_layers(_model_tree(_tree(list(source.infos))), "", source, layers)
+    return [
+        {"name": layer.name, "kind": layer.detail or layer.kind, "tensors": sorted(layer.leaves.values())}
+        for layer in layers
+    ]

@@ -850,3 +850,18 @@ def save_weights_h5(
         if m and m["layer"]:  # Keras names each layer in its 'vars' group
             attrs[f"{m['layer']}/vars"] = {"name": m["layer"].rsplit("/", 1)[-1]}
     return write_h5(arrays, path, attrs)
+
+
+def describe(source: Source) -> list[dict[str, Any]]:
+    """The Keras layers in ``source`` in model order where known (for ``weightport inspect``)."""
+    layers, _ = _collect(source)
+    layers.sort(key=lambda layer: (layer.seq, layer.index))
+    return [
+        {
+            "name": layer.name,
+            "kind": layer.class_name or "(from shapes)",
+            "config": layer.config or {},
+            "tensors": layer.tensors,
+        }
+        for layer in layers
+    ]

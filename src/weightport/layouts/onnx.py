@@ -776,3 +776,18 @@ def export(module: nn.Module) -> dict[str, np.ndarray]:
             "Fix: export those layers with weightport.to_numpy instead."
         )
     return arrays
+
+
+def describe(source: Source) -> list[dict[str, Any]]:
+    """The weight-holding ONNX nodes: name, op, attributes and tensors (for ``weightport inspect``)."""
+    nodes = _nodes(list(source.metadata.get("nodes", [])))
+    layers = _find_layers(nodes, source, _Issues(source.description), set())
+    return [
+        {
+            "name": layer.node.label,
+            "kind": layer.node.op_type,
+            "config": layer.node.attributes,
+            "tensors": list(layer.tensors.values()),
+        }
+        for layer in layers
+    ]
