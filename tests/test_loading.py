@@ -537,3 +537,12 @@ def test_links_inside_folders_are_not_opened(tmp_path) -> None:  # type: ignore[
     os.symlink(target, tmp_path / "link.npy")
     with pytest.raises(SourceError, match="not followed"):
         open_no_follow(tmp_path / "link.npy")
+
+
+def test_finite_values_whose_sum_overflows_are_accepted() -> None:
+    lin = nn.Linear(3, 2)
+    big = np.full((2, 3), 3e38, np.float32)  # every value finite; their float32 sum is not
+    weightport.load(lin, {"weight": big, "bias": np.zeros(2, np.float32)})
+    assert lin.weight.max().item() == np.float32(3e38)
+    with pytest.raises(LoadError, match="float16's range"):
+        weightport.load(lin.half(), {"weight": big, "bias": np.zeros(2, np.float32)})

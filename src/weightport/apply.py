@@ -27,7 +27,7 @@ from weightport.errors import SourceError
 from weightport.plan import Entry, Plan
 from weightport.sources.base import Source
 from weightport.staging import Stager
-from weightport.transforms import view_pieces
+from weightport.transforms import Identity, view_pieces
 
 __all__ = ["apply_plan", "deferred_interrupts"]
 
@@ -97,12 +97,24 @@ def _write(
             source.read_into(rule.sources[0], view)
             return
     arrays = [source.read(s) for s in rule.sources]
+    if type(rule.op) is Identity:
+        copy_into(tensor.detach(), arrays[0])
+        return
     pieces = view_pieces(rule.op, arrays)
     if pieces is None:
         copy_into(tensor.detach(), rule.op(*arrays))
         return
+    whole = tensor.detach()
     for region, view in pieces:  # the transform fused into the copy: no intermediate array
-        copy_into(tensor.detach()[region], view)
+        copy_into(_region(whole, region), view)
+
+
+def _region(tensor: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
+    """``tensor[region]`` through ``narrow`` (indexing with slices costs far more per call)."""
+    for axis, (part, size) in enumerate(zip(region, tensor.shape)):
+        if part.start != 0 or part.stop != size:
+            tensor = tensor.narrow(axis, part.start, part.stop - part.start)
+    return tensor
 
 
 def _materialize(entry: Entry, source: Source) -> torch.Tensor:

@@ -44,8 +44,8 @@ def _executor() -> ThreadPoolExecutor:
 def _is_transposed(dst: torch.Tensor, src: np.ndarray) -> bool:
     """A 2-D source read along its columns into a row-major destination."""
     return (
-        dst.dim() == 2
-        and src.ndim == 2
+        src.ndim == 2
+        and dst.dim() == 2
         and dst.stride(1) == 1
         and src.strides[0] != 0
         and abs(src.strides[0]) < abs(src.strides[1])

@@ -9,6 +9,8 @@ torch.float16
 
 from __future__ import annotations
 
+import functools
+
 import ml_dtypes
 import numpy as np
 import torch
@@ -53,6 +55,7 @@ def to_numpy_dtype(dtype: torch.dtype) -> np.dtype:
         raise TypeError(f"torch dtype {dtype} has no NumPy equivalent") from None
 
 
+@functools.lru_cache(maxsize=128)
 def describe_dtype(dtype: np.dtype | torch.dtype) -> str:
     """A short name: ``float32``, ``bfloat16``, ``>float32`` for non-native byte order."""
     if isinstance(dtype, torch.dtype):
@@ -67,6 +70,14 @@ def as_torch(array: np.ndarray) -> torch.Tensor:
     is reinterpreted bit for bit; read-only arrays are shared without torch's
     warning (weightport only ever reads from them).
     """
+    dtype = array.dtype
+    if (
+        dtype.kind in "fcib"
+        and dtype.isnative
+        and array.flags.writeable
+        and min(array.strides, default=0) >= 0
+    ):
+        return torch.from_numpy(array)  # the common case, checked cheaply
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     if any(s < 0 for s in array.strides):

@@ -266,7 +266,10 @@ def _entry(
         via = f" after {rule.op.describe()}" if rule.op.describe() != "as is" else ""
         problems.append(Problem(full, exp, f"shape {shape} from {origin}{via}", _shape_fix(expected, shape)))
         return None
-    source_dtype = np.result_type(*(i.dtype for i in inputs)) if inputs else np.dtype(np.float32)
+    if len(inputs) == 1:
+        source_dtype = inputs[0].dtype
+    else:
+        source_dtype = np.result_type(*(i.dtype for i in inputs)) if inputs else np.dtype(np.float32)
     check, refusal = values.cast_kind(source_dtype, tensor.dtype)
     if refusal:
         problems.append(

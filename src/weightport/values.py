@@ -103,10 +103,16 @@ def _bad_floats(tensor: torch.Tensor, target: torch.dtype, check: str, allow_non
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
         check = "finite"
-    # One read-only pass: NaN propagates into aminmax, and +-Inf shows as an extreme.
-    low, high = (float(x) for x in torch.aminmax(tensor))
-    if not (math.isfinite(low) and math.isfinite(high)):
-        mask = ~torch.isfinite(tensor)
+    if check == "finite" and allow_nonfinite:
+        return None
+    if check == "finite":
+        # One read-only pass: a finite sum means no NaN/Inf (an overflowed sum falls through to the mask).
+        low = high = float(tensor.sum())
+    else:
+        # One read-only pass: NaN propagates into aminmax, and +-Inf shows as an extreme.
+        low, high = (float(x) for x in torch.aminmax(tensor))
+    mask = None if math.isfinite(low) and math.isfinite(high) else ~torch.isfinite(tensor)
+    if mask is not None and bool(mask.any()):
         if not allow_nonfinite:
             count = int(mask.sum())
             index = _first_index(mask)
@@ -117,6 +123,8 @@ def _bad_floats(tensor: torch.Tensor, target: torch.dtype, check: str, allow_non
         if check != "range" or finite.numel() == 0:
             return None
         low, high = (float(x) for x in torch.aminmax(finite))
+    elif mask is not None and check == "range":  # the values were finite after all
+        low, high = (float(x) for x in torch.aminmax(tensor))
     if check != "range":
         return None
     for extreme in (low, high):

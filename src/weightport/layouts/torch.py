@@ -46,9 +46,11 @@ def strip_wrapper_prefixes(names: list[str], module_names: set[str]) -> str:
 def plan(module: torch.nn.Module, source: Source, mapping: Mapping[str, str] | None = None) -> LayoutPlan:
     """One identity rule per source tensor; ``mapping`` renames source names first."""
     mapping = dict(mapping or {})
-    module_names = set(module.state_dict(keep_vars=True))
     names = list(source.infos)
-    dropped = strip_wrapper_prefixes([n for n in names if n not in mapping], module_names)
+    dropped = ""
+    if any(n.startswith(WRAPPER_PREFIXES) for n in names):
+        module_names = set(module.state_dict(keep_vars=True))
+        dropped = strip_wrapper_prefixes([n for n in names if n not in mapping], module_names)
     rules = []
     for name in names:
         target = mapping.get(name, name[len(dropped) :] if name.startswith(dropped) else name)

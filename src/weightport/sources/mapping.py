@@ -27,6 +27,8 @@ __all__ = ["MappingSource", "to_array"]
 
 def to_array(name: str, value: Any) -> np.ndarray:
     """``value`` as a NumPy array (a view where possible), or a SourceError that says why not."""
+    if type(value) is np.ndarray and value.dtype.kind in "fiucb":
+        return value  # the common case, nothing to check
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch here
         tensor = value.detach().cpu()
         if str(tensor.dtype) == "torch.bfloat16":
@@ -73,7 +75,7 @@ class MappingSource(Source):
     ) -> MappingSource:
         arrays: dict[str, np.ndarray] = {}
         _flatten(mapping, "", arrays)
-        infos = {n: TensorInfo(n, tuple(int(d) for d in a.shape), a.dtype) for n, a in arrays.items()}
+        infos = {n: TensorInfo(n, a.shape, a.dtype) for n, a in arrays.items()}
         return cls(description=description, infos=infos, in_memory=True, arrays=arrays)
 
     def read(self, name: str) -> np.ndarray:
