@@ -1,0 +1,34 @@
+"""The scripts in examples/ run to completion (each checks its own outputs and exits non-zero if off)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NEEDS = {
+    "rnn_from_numpy.py": [],
+    "keras_to_pytorch.py": ["keras", "tensorflow", "h5py"],
+    "flax_to_pytorch.py": ["flax", "jax", "msgpack"],
+    "onnx_to_pytorch.py": ["onnx", "onnxruntime"],
+}
+
+
+def test_every_example_is_listed() -> None:
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(NEEDS)
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS))
+def test_example_runs(name: str) -> None:
+    missing = [m for m in NEEDS[name] if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
