@@ -53,13 +53,22 @@ def _is_transposed(dst: torch.Tensor, src: np.ndarray) -> bool:
     )
 
 
-def _copy_bands(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> None:
-    scratch = np.empty((src.shape[1], BAND_ROWS), src.dtype.newbyteorder("="))
+def _copy_rows(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> None:
+    """Rows ``start:stop`` through torch's blocked transposing copy (a whole transposed array)."""
+    dst[start:stop].copy_(as_torch(src[start:stop]))
+
+
+def _copy_gathered(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> None:
+    """Columns ``start:stop``: each band of the original's rows (contiguous runs) is gathered into a
+    small scratch buffer, then transposed into place: fast where ``src`` is a block of columns of a
+    wider array (a gate of a Keras kernel), which torch's copy reads one element at a time."""
+    original = src.T
+    scratch = np.empty((BAND_ROWS, original.shape[1]), src.dtype.newbyteorder("="))
     for a in range(start, stop, BAND_ROWS):
         b = min(a + BAND_ROWS, stop)
-        band = scratch[:, : b - a]
-        np.copyto(band, src[a:b].T)  # gathers rows of the original (contiguous runs)
-        dst[a:b].copy_(as_torch(band).T)  # a cache-resident transpose (and cast, if any)
+        band = scratch[: b - a]
+        np.copyto(band, original[a:b])
+        dst[:, a:b].copy_(as_torch(band).T)
 
 
 def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
@@ -67,17 +76,15 @@ def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
     if not _is_transposed(dst, src) or dst.device.type != "cpu":
         dst.copy_(as_torch(src))
         return
-    rows = src.shape[0]
+    whole = src.T.flags.c_contiguous
+    work, length = (_copy_rows, src.shape[0]) if whole else (_copy_gathered, src.shape[1])
     nbytes = src.size * src.itemsize
     workers = _threads() if nbytes >= PARALLEL_BYTES else 1
     if workers == 1:
-        _copy_bands(dst, src, 0, rows)
+        work(dst, src, 0, length)
         return
-    step = -(-rows // workers)
+    step = -(-length // workers)
     step += -step % BAND_ROWS
-    futures = [
-        _executor().submit(_copy_bands, dst, src, start, min(start + step, rows))
-        for start in range(0, rows, step)
-    ]
+    futures = [_executor().submit(work, dst, src, a, min(a + step, length)) for a in range(0, length, step)]
     for future in futures:
         future.result()
