@@ -59,16 +59,16 @@ def _copy_rows(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> Non
 
 
 def _copy_gathered(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> None:
-    """Columns ``start:stop``: each band of the original's rows (contiguous runs) is gathered into a
-    small scratch buffer, then transposed into place: fast where ``src`` is a block of columns of a
-    wider array (a gate of a Keras kernel), which torch's copy reads one element at a time."""
-    original = src.T
-    scratch = np.empty((BAND_ROWS, original.shape[1]), src.dtype.newbyteorder("="))
+    """Rows ``start:stop`` where ``src`` is a block of columns of a wider array (a gate of a Keras
+    kernel): each band's columns are gathered (contiguous runs) into a small scratch buffer whose
+    transpose torch copies with its fast path; torch would read the block one element at a time."""
+    scratch = np.empty((src.shape[1], BAND_ROWS), src.dtype.newbyteorder("="))
     for a in range(start, stop, BAND_ROWS):
         b = min(a + BAND_ROWS, stop)
-        band = scratch[: b - a]
-        np.copyto(band, original[a:b])
-        dst[:, a:b].copy_(as_torch(band).T)
+        # torch's fast transposing copy needs a contiguous source: the last, narrower band gets its own
+        band = scratch if b - a == BAND_ROWS else np.empty((src.shape[1], b - a), scratch.dtype)
+        np.copyto(band, src[a:b].T)
+        dst[a:b].copy_(as_torch(band).T)
 
 
 def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
@@ -76,8 +76,8 @@ def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
     if not _is_transposed(dst, src) or dst.device.type != "cpu":
         dst.copy_(as_torch(src))
         return
-    whole = src.T.flags.c_contiguous
-    work, length = (_copy_rows, src.shape[0]) if whole else (_copy_gathered, src.shape[1])
+    work = _copy_rows if src.T.flags.c_contiguous else _copy_gathered
+    length = src.shape[0]
     nbytes = src.size * src.itemsize
     workers = _threads() if nbytes >= PARALLEL_BYTES else 1
     if workers == 1:

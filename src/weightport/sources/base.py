@@ -24,7 +24,18 @@ import numpy as np
 
 from weightport.errors import SourceError
 
-__all__ = ["TensorInfo", "Source", "check_extent"]
+__all__ = ["TensorInfo", "Source", "Region", "check_extent", "region_shape"]
+
+Region = tuple[slice, ...]
+
+
+def region_shape(region: Region) -> tuple[int, ...]:
+    """The shape of a box given as one ``slice(start, stop)`` per axis.
+
+    >>> region_shape((slice(2, 5), slice(0, 4)))
+    (3, 4)
+    """
+    return tuple(part.stop - part.start for part in region)
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,9 @@ class Source(ABC):
         ignored: entries seen but not read (stray files in a folder), for the report.
         metadata: format facts that layouts use (layer order, configuration).
         in_memory: True when reading cannot fail (data already in memory).
+        bytes_read: bytes of tensor data delivered so far (read from the file, or
+            handed out from memory): the reader's own accounting, for tests and
+            benchmarks.
     """
 
     description: str
@@ -57,6 +71,7 @@ class Source(ABC):
     ignored: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     in_memory: bool = False
+    bytes_read: int = field(default=0, init=False, repr=False, compare=False)
 
     @abstractmethod
     def read_into(self, name: str, out: np.ndarray) -> None:
@@ -67,6 +82,19 @@ class Source(ABC):
         info = self.infos[name]
         out = np.empty(info.shape, info.dtype)
         self.read_into(name, out)
+        return out
+
+    def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
+        """The values of tensor ``name`` in ``region`` (one ``slice(start, stop)`` per axis).
+
+        Fills ``out`` (C-contiguous, of the region's shape) when given, else returns
+        an array the caller must not write to. Readers of files override this to
+        read only the region's bytes; this default reads the whole tensor.
+        """
+        part = self.read(name)[region]
+        if out is None:
+            return np.array(part)  # a copy, so the whole tensor is freed
+        np.copyto(out, part)
         return out
 
     def iter_chunks(self, name: str) -> Iterator[np.ndarray]:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -18,7 +19,15 @@ import numpy as np
 
 from weightport.errors import SourceError
 
-__all__ = ["NpyHeader", "parse_npy_header", "read_exact", "byte_view", "open_no_follow"]
+__all__ = [
+    "NpyHeader",
+    "parse_npy_header",
+    "read_exact",
+    "byte_view",
+    "open_no_follow",
+    "contiguous_runs",
+    "read_region_exact",
+]
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,58 @@ def pread_chunks(
         part = buffer[: min(per_chunk, count - start)]
         read_exact(fd, offset + start * info_dtype.itemsize, byte_view(part), where, name)
         yield part
+
+
+def contiguous_runs(shape: tuple[int, ...], region: tuple[slice, ...]) -> Iterator[tuple[int, int]]:
+    """``(first element, element count)`` of each contiguous run of ``region`` in a C-order array, in order.
+
+    Rows ``a:b`` of a matrix are one run; its columns ``a:b`` are one run per row.
+
+    >>> list(contiguous_runs((4, 3), (slice(1, 3), slice(0, 3))))
+    [(3, 6)]
+    >>> list(contiguous_runs((4, 3), (slice(0, 2), slice(1, 3))))
+    [(1, 2), (4, 2)]
+    """
+    lengths = [part.stop - part.start for part in region]
+    if not shape:
+        yield 0, 1
+        return
+    if any(n <= 0 for n in lengths):
+        return
+    axis = len(shape) - 1  # the runs go along this axis: every axis after it is whole
+    while axis > 0 and region[axis].start == 0 and region[axis].stop == shape[axis]:
+        axis -= 1
+    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+    run = lengths[axis] * strides[axis]
+    base = sum(part.start * stride for part, stride in zip(region[: axis + 1], strides))
+    if axis == 0:
+        yield base, run
+        return
+    for index in np.ndindex(*lengths[:axis]):
+        yield base + sum(i * stride for i, stride in zip(index, strides)), run
+
+
+def read_region_exact(
+    fd: int,
+    offset: int,
+    shape: tuple[int, ...],
+    region: tuple[slice, ...],
+    out: np.ndarray,
+    where: str,
+    name: str,
+) -> int:
+    """Fill C-contiguous ``out`` with ``region`` of the C-order array of ``shape`` at byte ``offset``.
+
+    One positioned read per contiguous run; returns the bytes read.
+    """
+    itemsize = out.dtype.itemsize
+    flat = byte_view(out)
+    done = 0
+    for first, count in contiguous_runs(shape, region):
+        nbytes = count * itemsize
+        read_exact(fd, offset + first * itemsize, flat[done : done + nbytes], where, name)
+        done += nbytes
+    return done
 
 
 def _pread_into(fd: int, out: memoryview, offset: int) -> int:
