@@ -8,14 +8,23 @@ stderr; ``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import json
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 __all__ = ["main", "load_factory"]
+
+
+def _paint(text: str, colour: str, stream: TextIO) -> str:
+    """``text`` in red or green when ``stream`` is a terminal and NO_COLOR is unset."""
+    if not stream.isatty() or os.environ.get("NO_COLOR"):
+        return text
+    code = {"red": "31", "green": "32"}[colour]
+    return f"\033[{code}m{text}\033[0m"
 
 
 class UsageError(Exception):
@@ -118,7 +127,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     check = weightport.verify(
         model, tuple(inputs), tuple(expected) if expected else None, rtol=args.rtol, atol=args.atol
     )
-    print(check)
+    lines = str(check).splitlines()
+    lines[0] = _paint(lines[0], "green" if check else "red", sys.stdout)
+    print("\n".join(lines))
     return 0 if check else 1
 
 
@@ -171,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         lines = str(e).strip().splitlines() or [type(e).__name__]
-        print(f"weightport: error: {lines[0]}", file=sys.stderr)
+        print(f"{_paint('weightport: error:', 'red', sys.stderr)} {lines[0]}", file=sys.stderr)
         for line in lines[1:]:  # a LoadError lists its problems, one per line
             print(f"  {line.strip()}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ import numpy as np
 
 from weightport.dtypes import BFLOAT16
 from weightport.errors import MissingDependencyError, SourceError
-from weightport.sources.base import Source, TensorInfo, check_extent
+from weightport.sources.base import Region, Source, TensorInfo, check_extent, region_shape
 
 __all__ = ["H5Source", "open_h5", "import_h5py", "write_h5", "MAX_EXPANSION", "EXPANSION_FLOOR"]
 
@@ -64,17 +64,30 @@ class H5Source(Source):
     _file: Any = None
 
     def read_into(self, name: str, out: np.ndarray) -> None:
+        self._read(name, out, None)
+
+    def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
+        """Only the region's elements, through an HDF5 hyperslab selection (``read_direct``)."""
+        out = np.empty(region_shape(region), self.infos[name].dtype) if out is None else out
+        self._read(name, out, region)
+        return out
+
+    def _read(self, name: str, out: np.ndarray, region: Region | None) -> None:
         dataset = self.datasets[name]
         if out.size == 0:
             return
         target = out.view(dataset.dtype) if out.dtype == BFLOAT16 else out
         try:
-            dataset.read_direct(target)
+            if region is None or not region:
+                dataset.read_direct(target)
+            else:
+                dataset.read_direct(target, source_sel=region)
         except (OSError, ValueError, TypeError, RuntimeError) as e:
             raise SourceError(
                 f"{self.description}: reading tensor '{name}' failed ({e}); the file is corrupt. "
                 "Fix: re-create it."
             ) from e
+        self.bytes_read += out.nbytes
 
     def close(self) -> None:
         if self._file is not None:

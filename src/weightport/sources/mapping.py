@@ -20,7 +20,7 @@ import numpy as np
 
 from weightport.dtypes import BFLOAT16
 from weightport.errors import SourceError
-from weightport.sources.base import Source, TensorInfo
+from weightport.sources.base import Region, Source, TensorInfo
 
 __all__ = ["MappingSource", "to_array"]
 
@@ -79,10 +79,21 @@ class MappingSource(Source):
         return cls(description=description, infos=infos, in_memory=True, arrays=arrays)
 
     def read(self, name: str) -> np.ndarray:
-        return self.arrays[name]
+        array = self.arrays[name]
+        self.bytes_read += array.nbytes
+        return array
+
+    def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
+        part = self.arrays[name][region]  # a view: nothing is copied
+        self.bytes_read += part.nbytes
+        if out is None:
+            return part
+        np.copyto(out, part, casting="no")
+        return out
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         np.copyto(out, self.arrays[name], casting="no")
+        self.bytes_read += out.nbytes
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str, out: dict[str, np.ndarray]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weightport.sources.base import Source, TensorInfo, check_extent
+from weightport.sources.base import Region, Source, TensorInfo, check_extent, region_shape
 from weightport.sources.files import (
     NpyHeader,
     byte_view,
@@ -23,9 +23,10 @@ from weightport.sources.files import (
     parse_npy_header,
     pread_chunks,
     read_exact,
+    read_region_exact,
 )
 
-__all__ = ["NpyFile", "NpyFiles", "claims", "open", "read_npy_into"]
+__all__ = ["NpyFile", "NpyFiles", "claims", "open", "read_npy_into", "read_npy_region"]
 
 
 def claims(path: Path) -> bool:
@@ -63,6 +64,32 @@ def read_npy_into(fd: int, header: NpyHeader, out: np.ndarray, where: str, name:
         read_exact(fd, base + header.data_offset, byte_view(out), where, name)
 
 
+def read_npy_region(
+    fd: int,
+    header: NpyHeader,
+    region: Region,
+    out: np.ndarray | None,
+    where: str,
+    name: str,
+    base: int = 0,
+) -> tuple[np.ndarray, int]:
+    """``region`` of a ``.npy``'s data (at byte ``base`` of ``fd``): the array and the bytes read.
+
+    A Fortran-order array is the C-order array of the reversed shape, so its
+    region is read reversed and handed back transposed (a view).
+    """
+    offset = base + header.data_offset
+    if header.fortran_order and len(region) > 1:
+        staging = np.empty(region_shape(region)[::-1], header.dtype)
+        nbytes = read_region_exact(fd, offset, header.shape[::-1], region[::-1], staging, where, name)
+        if out is None:
+            return staging.T, nbytes
+        np.copyto(out, staging.T)
+        return out, nbytes
+    out = np.empty(region_shape(region), header.dtype) if out is None else out
+    return out, read_region_exact(fd, offset, header.shape, region, out, where, name)
+
+
 @dataclass
 class NpyFiles(Source):
     """Tensors each in its own ``.npy`` file; files are opened per read, links never followed."""
@@ -76,15 +103,28 @@ class NpyFiles(Source):
             read_npy_into(fd, entry.header, out, f"'{entry.path}'", name)
         finally:
             os.close(fd)
+        self.bytes_read += out.nbytes
+
+    def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
+        entry = self.files[name]
+        fd = open_no_follow(entry.path)
+        try:
+            array, nbytes = read_npy_region(fd, entry.header, region, out, f"'{entry.path}'", name)
+        finally:
+            os.close(fd)
+        self.bytes_read += nbytes
+        return array
 
     def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
         entry = self.files[name]
         count = entry.header.nbytes // max(1, entry.header.dtype.itemsize)
         fd = open_no_follow(entry.path)
         try:
-            yield from pread_chunks(
+            for chunk in pread_chunks(
                 fd, entry.header.data_offset, entry.header.dtype, count, f"'{entry.path}'", name
-            )
+            ):
+                self.bytes_read += chunk.nbytes
+                yield chunk
         finally:
             os.close(fd)
 

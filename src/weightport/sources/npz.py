@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from weightport.errors import SourceError
-from weightport.sources.base import Source, TensorInfo, check_extent
-from weightport.sources.files import NpyHeader, byte_view, parse_npy_header, pread_chunks
-from weightport.sources.npy import read_npy_into
+from weightport.sources.base import Region, Source, TensorInfo, check_extent, region_shape
+from weightport.sources.files import NpyHeader, byte_view, contiguous_runs, parse_npy_header, pread_chunks
+from weightport.sources.npy import read_npy_into, read_npy_region
 
 __all__ = ["claims", "open", "NpzSource", "unsafe_member_name"]
 
@@ -62,8 +62,64 @@ class NpzSource(Source):
         member = self.members[name]
         if member.info.compress_type == zipfile.ZIP_STORED:
             read_npy_into(self._fd, member.header, out, self.description, name, base=member.data_start)
-            return
-        self._read_compressed(name, member, out)
+        else:
+            self._read_compressed(name, member, out)
+        self.bytes_read += out.nbytes
+
+    def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored members: one positioned read per contiguous run. Compressed ones are
+        decompressed in order up to the region's last byte, keeping only its runs."""
+        member = self.members[name]
+        if member.info.compress_type == zipfile.ZIP_STORED:
+            array, nbytes = read_npy_region(
+                self._fd, member.header, region, out, self.description, name, base=member.data_start
+            )
+            self.bytes_read += nbytes
+            return array
+        header = member.header
+        fortran = header.fortran_order and len(region) > 1
+        shape, box = (header.shape[::-1], region[::-1]) if fortran else (header.shape, region)
+        target = np.empty(region_shape(box), header.dtype)
+        self._stream_runs(name, member, shape, box, target)
+        array = target.T if fortran else target
+        if out is None:
+            return array
+        np.copyto(out, array)
+        return out
+
+    def _stream_runs(
+        self, name: str, member: Member, shape: tuple[int, ...], box: Region, target: np.ndarray
+    ) -> None:
+        assert self._zip is not None
+        itemsize = member.header.dtype.itemsize
+        flat = byte_view(target)
+        scratch = memoryview(bytearray(min(_CHUNK, max(1, member.header.nbytes))))
+        position = done = 0
+        try:
+            with self._zip.open(member.info) as stream:
+                stream.read(member.header.data_offset)
+                for first, count in contiguous_runs(shape, box):
+                    start, nbytes = first * itemsize, count * itemsize
+                    while position < start:  # skip to the run: decompress into the scratch buffer
+                        got = stream.readinto(scratch[: min(len(scratch), start - position)])  # type: ignore[attr-defined]
+                        if not got:
+                            break
+                        position += got
+                    end = done + nbytes
+                    while done < end:
+                        got = stream.readinto(flat[done : min(end, done + _CHUNK)])  # type: ignore[attr-defined]
+                        if not got:
+                            raise SourceError(
+                                f"{self.description}: member '{name}' ends after {position} bytes of data"
+                            )
+                        done += got
+                        position += got
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # zlib errors, CRC mismatches
+            raise SourceError(
+                f"{self.description}: member '{name}' is corrupt ({e}). Fix: re-create the file."
+            ) from e
+        finally:
+            self.bytes_read += position
 
     def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
         member = self.members[name]
@@ -73,7 +129,9 @@ class NpzSource(Source):
         header = member.header
         count = header.nbytes // max(1, header.dtype.itemsize)
         offset = member.data_start + header.data_offset
-        yield from pread_chunks(self._fd, offset, header.dtype, count, self.description, name)
+        for chunk in pread_chunks(self._fd, offset, header.dtype, count, self.description, name):
+            self.bytes_read += chunk.nbytes
+            yield chunk
 
     def _read_compressed(self, name: str, member: Member, out: np.ndarray) -> None:
         assert self._zip is not None

@@ -28,8 +28,8 @@ import numpy as np
 
 from weightport.errors import SourceError
 from weightport.export import SAFETENSORS_DTYPES
-from weightport.sources.base import Source, TensorInfo
-from weightport.sources.files import byte_view, pread_chunks, read_exact
+from weightport.sources.base import Region, Source, TensorInfo, region_shape
+from weightport.sources.files import byte_view, pread_chunks, read_exact, read_region_exact
 
 __all__ = ["claims", "open", "SafetensorsSource", "read_header"]
 
@@ -47,11 +47,22 @@ class SafetensorsSource(Source):
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         read_exact(self._fd, self.offsets[name], byte_view(out), self.description, name)
+        self.bytes_read += out.nbytes
+
+    def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
+        info = self.infos[name]
+        out = np.empty(region_shape(region), info.dtype) if out is None else out
+        self.bytes_read += read_region_exact(
+            self._fd, self.offsets[name], info.shape, region, out, self.description, name
+        )
+        return out
 
     def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
         info = self.infos[name]
         count = info.nbytes // max(1, info.dtype.itemsize)
-        yield from pread_chunks(self._fd, self.offsets[name], info.dtype, count, self.description, name)
+        for chunk in pread_chunks(self._fd, self.offsets[name], info.dtype, count, self.description, name):
+            self.bytes_read += chunk.nbytes
+            yield chunk
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from weightport.errors import SourceError
-from weightport.sources.base import Source
+from weightport.sources.base import Region, Source
 from weightport.sources.files import folder_has, open_no_follow
 from weightport.sources.safetensors import SafetensorsSource, read_header
 
@@ -49,9 +49,20 @@ class ShardedSource(Source):
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         self.shards[self.owner[name]].read_into(name, out)
+        self.bytes_read += out.nbytes
+
+    def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
+        shard = self.shards[self.owner[name]]
+        before = shard.bytes_read
+        try:
+            return shard.read_region(name, region, out)
+        finally:
+            self.bytes_read += shard.bytes_read - before
 
     def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
-        yield from self.shards[self.owner[name]].iter_chunks(name)
+        for chunk in self.shards[self.owner[name]].iter_chunks(name):
+            self.bytes_read += chunk.nbytes
+            yield chunk
 
     def close(self) -> None:
         for shard in self.shards.values():
