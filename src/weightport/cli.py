@@ -8,9 +8,9 @@ stderr; ``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
-import os
 import importlib
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
