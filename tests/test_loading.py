@@ -546,3 +546,10 @@ def test_finite_values_whose_sum_overflows_are_accepted() -> None:
     assert lin.weight.max().item() == np.float32(3e38)
     with pytest.raises(LoadError, match="float16's range"):
         weightport.load(lin.half(), {"weight": big, "bias": np.zeros(2, np.float32)})
+
+
+def test_torch_compile_wrapper_is_unwrapped() -> None:
+    lin = nn.Linear(3, 2)
+    compiled = torch.compile(lin)  # compiles lazily, on the first call; never called here
+    assert weightport.load(compiled, _lin_arrays()).written == ["weight", "bias"]
+    assert lin.weight.sum().item() == 6.0
