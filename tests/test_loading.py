@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 import zipfile
 
 import ml_dtypes
@@ -550,6 +551,8 @@ def test_finite_values_whose_sum_overflows_are_accepted() -> None:
 
 def test_torch_compile_wrapper_is_unwrapped() -> None:
     lin = nn.Linear(3, 2)
-    compiled = torch.compile(lin)  # compiles lazily, on the first call; never called here
+    with warnings.catch_warnings():  # importing torch._dynamo warns about torch.jit internals
+        warnings.simplefilter("ignore", DeprecationWarning)
+        compiled = torch.compile(lin)  # compiles lazily, on the first call; never called here
     assert weightport.load(compiled, _lin_arrays()).written == ["weight", "bias"]
     assert lin.weight.sum().item() == 6.0
