@@ -15,9 +15,19 @@ import ml_dtypes
 import numpy as np
 import torch
 
-__all__ = ["BFLOAT16", "to_torch_dtype", "to_numpy_dtype", "as_torch", "describe_dtype"]
+__all__ = ["BFLOAT16", "NON_NUMERIC_KINDS", "to_torch_dtype", "to_numpy_dtype", "as_torch", "describe_dtype"]
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+# NumPy dtype kinds that hold no tensor values, by what they hold (bfloat16's kind is "V" too: check it first).
+NON_NUMERIC_KINDS = {
+    "O": "objects",
+    "U": "strings",
+    "S": "bytes",
+    "V": "raw records",
+    "M": "dates",
+    "m": "time deltas",
+}
 
 _PAIRS: list[tuple[np.dtype, torch.dtype]] = [
     (np.dtype(np.float64), torch.float64),

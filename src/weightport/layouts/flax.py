@@ -71,8 +71,8 @@ import numpy as np
 from torch import nn
 
 from weightport.errors import LayoutError, UnsupportedConfigError
-from weightport.layouts.base import LayoutPlan, Pairing, Rule
-from weightport.layouts.pairing import Paired, Slot, SourceLayer, module_slots, pair_layers
+from weightport.layouts.base import LayoutPlan, Rule
+from weightport.layouts.pairing import Paired, Slot, SourceLayer, as_pairings, module_slots, pair_layers
 from weightport.sources.base import Source
 from weightport.transforms import (
     Chain,
@@ -568,16 +568,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     return LayoutPlan(
         layout=NAME,
         rules=rules,
-        pairings=[
-            Pairing(
-                p.source.name,
-                p.source.detail or p.source.kind,
-                p.slot.label,
-                type(p.slot.module).__name__,
-                p.how,
-            )
-            for p in paired
-        ],
+        pairings=as_pairings(paired),
         unmatched=[n for n in names if n not in used],
         unchecked=_unchecked(list(zip(layers, paired))),
     )

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from weightport.errors import LayoutError
+from weightport.layouts.base import Pairing
 
-__all__ = ["Slot", "SourceLayer", "Paired", "module_slots", "pair_layers", "slot_kind", "pairing_table"]
+__all__ = ["Slot", "SourceLayer", "Paired", "module_slots", "pair_layers", "slot_kind", "as_pairings"]
 
 _RNN_KINDS = {nn.RNN: "RNN", nn.LSTM: "LSTM", nn.GRU: "GRU"}
 _CELL_KINDS = {nn.RNNCell: "RNN", nn.LSTMCell: "LSTM", nn.GRUCell: "GRU"}
@@ -184,9 +185,11 @@ def pair_layers(
     return [result[layer.name] for layer in layers]
 
 
-def pairing_table(pairs: list[Paired], framework: str) -> list[tuple[str, str, str, str, str]]:
-    """Rows (source layer, its kind, module slot, module kind, how) for reports."""
+def as_pairings(pairs: list[Paired]) -> list[Pairing]:
+    """What a :class:`~weightport.layouts.base.LayoutPlan` reports of each pair."""
     return [
-        (p.source.name, p.source.detail or p.source.kind, p.slot.label, type(p.slot.module).__name__, p.how)
+        Pairing(
+            p.source.name, p.source.detail or p.source.kind, p.slot.label, type(p.slot.module).__name__, p.how
+        )
         for p in pairs
     ]

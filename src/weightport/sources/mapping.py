@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from weightport.dtypes import BFLOAT16
+from weightport.dtypes import BFLOAT16, NON_NUMERIC_KINDS
 from weightport.errors import SourceError
 from weightport.sources.base import Region, Source, TensorInfo
 
@@ -41,17 +41,9 @@ def to_array(name: str, value: Any) -> np.ndarray:
             f"'{name}': cannot be made into an array ({e}); ragged nested lists are not tensors. "
             "Fix: pass a NumPy array of one shape."
         ) from None
-    kinds = {
-        "O": "objects",
-        "U": "strings",
-        "S": "bytes",
-        "V": "raw records",
-        "M": "dates",
-        "m": "time deltas",
-    }
-    if array.dtype.kind in kinds and array.dtype != BFLOAT16:
+    if array.dtype.kind in NON_NUMERIC_KINDS and array.dtype != BFLOAT16:
         raise SourceError(
-            f"'{name}': holds {kinds[array.dtype.kind]} ({array.dtype}), not numbers. "
+            f"'{name}': holds {NON_NUMERIC_KINDS[array.dtype.kind]} ({array.dtype}), not numbers. "
             "Fix: pass a numeric NumPy array."
         )
     return array
