@@ -59,7 +59,9 @@ def run():
     base = rss_bytes()
     start = time.perf_counter()
     if case.startswith("weightport:"):
-        weightport.load(model, path, layout=kind_layout, check_values=not case.endswith("nocheck"))
+        weightport.load(
+            model, path, layout=kind_layout, check_values="nocheck" not in case, rollback="norollback" not in case
+        )
     elif case == "safetensors.load_model":
         import safetensors.torch
         safetensors.torch.load_model(model, path)
@@ -73,6 +75,15 @@ def run():
     return time.perf_counter() - start
 
 kind_layout = "keras" if path.endswith(".h5") else None
+# Warm up outside the measurement: imports (h5py, safetensors, ...) and first calls cost time and RSS
+# once per process, not per load.
+import safetensors.torch  # noqa: F401
+from weightport.layouts import get_layout
+from weightport.sources import open_source
+if not path.endswith(".pt"):
+    open_source(path).close()
+    get_layout(kind_layout or "torch")
+weightport.load(torch.nn.LSTM(2, 2), weightport.to_numpy(torch.nn.LSTM(2, 2)))
 base = None
 if case.startswith("meta:") or case.startswith("default-init"):
     reset_peak(); base = rss_bytes()
@@ -130,47 +141,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         paths, nbytes = write_files(folder, args.hidden)
-        rows = [
-            ("safetensors: existing model", "weightport:st", paths["safetensors"], "safetensors.load_model"),
+        st, npz, npy, pt = paths["safetensors"], paths["npz"], paths["npy-folder"], paths["pt"]
+        st_anchor, npz_anchor = "safetensors.load_model", "np.load+load_state_dict"
+        pt_anchor, init_anchor = "torch.load(mmap)+load_state_dict", "default-init+load_state_dict"
+        rows = [  # (label, case run by the child, file, anchor case or None)
+            ("safetensors: existing model", "weightport:st", st, st_anchor),
+            ("safetensors: existing, rollback=False", "weightport:st:norollback", st, st_anchor),
             (
-                "safetensors: existing, check_values=False",
-                "weightport:st:nocheck",
-                paths["safetensors"],
-                None,
+                "safetensors: no value checks, rollback=False",
+                "weightport:st:nocheck:norollback",
+                st,
+                st_anchor,
             ),
-            ("safetensors.load_model (anchor)", "safetensors.load_model", paths["safetensors"], None),
-            ("npz (stored): existing model", "weightport:npz", paths["npz"], "np.load+load_state_dict"),
-            ("np.load + load_state_dict (anchor)", "np.load+load_state_dict", paths["npz"], None),
-            (
-                "npy folder: existing model",
-                "weightport:npy",
-                paths["npy-folder"],
-                "torch.load(mmap)+load_state_dict",
-            ),
-            (
-                "torch.load(mmap) + load_state_dict (anchor)",
-                "torch.load(mmap)+load_state_dict",
-                paths["pt"],
-                None,
-            ),
-            (
-                "safetensors: meta model, build + load",
-                "meta:st",
-                paths["safetensors"],
-                "default-init+load_state_dict",
-            ),
-            ("npz: meta model, build + load", "meta:npz", paths["npz"], "default-init+load_state_dict"),
-            (
-                "npy folder: meta model, build + load",
-                "meta:npy",
-                paths["npy-folder"],
-                "default-init+load_state_dict",
-            ),
-            ("default init + load_state_dict (anchor)", "default-init+load_state_dict", paths["npz"], None),
+            ("safetensors.load_model (anchor)", st_anchor, st, None),
+            ("npz (stored): existing model", "weightport:npz", npz, npz_anchor),
+            ("npz (stored): existing, rollback=False", "weightport:npz:norollback", npz, npz_anchor),
+            ("np.load + load_state_dict (anchor)", npz_anchor, npz, None),
+            ("npy folder: existing model", "weightport:npy", npy, pt_anchor),
+            ("npy folder: existing, rollback=False", "weightport:npy:norollback", npy, pt_anchor),
+            ("torch.load(mmap) + load_state_dict (anchor)", pt_anchor, pt, None),
+            ("safetensors: meta model, build + load", "meta:st", st, init_anchor),
+            ("npz: meta model, build + load", "meta:npz", npz, init_anchor),
+            ("npy folder: meta model, build + load", "meta:npy", npy, init_anchor),
+            ("default init + load_state_dict (anchor)", init_anchor, npz, None),
         ]
         if "keras" in paths:
-            rows.insert(7, ("keras .weights.h5: existing model", "weightport:keras", paths["keras"], None))
-            rows.append(("keras .weights.h5: meta model, build + load", "meta:keras", paths["keras"], None))
+            rows.insert(10, ("keras .weights.h5: existing model", "weightport:keras", paths["keras"], None))
+            rows.insert(
+                11,
+                (
+                    "keras .weights.h5: existing, rollback=False",
+                    "weightport:keras:norollback",
+                    paths["keras"],
+                    None,
+                ),
+            )
+            rows.append(
+                ("keras .weights.h5: meta model, build + load", "meta:keras", paths["keras"], init_anchor)
+            )
         script = folder / "child.py"
         script.write_text(CHILD.format(here=str(HERE)))
         results: dict[str, list[tuple[float, int]]] = {case: [] for _, case, _, _ in rows}
