@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from torch import nn
 
 from weightport.apply import apply_plan
+from weightport.distributed import ShardedWrite, has_dtensors
+from weightport.distributed import prepare as prepare_sharded
 from weightport.dtypes import describe_dtype
 from weightport.errors import LoadError, Problem, UncheckedConfigWarning
 from weightport.layouts import detect_layout, get_layout
@@ -101,6 +103,9 @@ def load(
 
     Args:
         module: any ``nn.Module``; tensors on the ``meta`` device are materialized.
+            DTensor parameters (a sharded model) make the load a collective:
+            every rank calls it, and each reads only its own shard (see
+            :mod:`weightport.distributed`).
         source: a mapping of state-dict names to arrays (NumPy, torch, lists), or a
             path to ``.npz``, a folder of ``.npy``, ``.safetensors``, or a framework file.
         strict: refuse names the module lacks and tensors the source lacks.
@@ -123,18 +128,41 @@ def load(
         SourceError: the source could not be read; the module is unchanged.
     """
     owned = not isinstance(source, Source)
-    src = open_source(source)
-    try:
-        plan = plan_load(
-            module,
-            src,
-            strict=strict,
-            prefix=prefix,
+    sharded: ShardedWrite | None = None
+    if has_dtensors(unwrap(module)):  # a collective: every rank reads its own shard, then the ranks agree
+        src, plan, sharded = prepare_sharded(
+            unwrap(module),
+            lambda: open_source(source),
+            lambda opened: plan_load(
+                module,
+                opened,
+                strict=strict,
+                prefix=prefix,
+                layout=layout,
+                mapping=mapping,
+                check_values_=False,
+            ),
+            close_on_error=owned,
+            target=_describe(module),
             allow_nonfinite=allow_nonfinite,
-            layout=layout,
-            mapping=mapping,
-            check_values_=check_values,
+            check_values=check_values,
+            rollback=rollback,
+            dry_run=dry_run,
         )
+    else:
+        src = open_source(source)
+    try:
+        if sharded is None:
+            plan = plan_load(
+                module,
+                src,
+                strict=strict,
+                prefix=prefix,
+                allow_nonfinite=allow_nonfinite,
+                layout=layout,
+                mapping=mapping,
+                check_values_=check_values,
+            )
         if plan.problems:
             raise LoadError(plan.problems, target=_describe(module))
         if plan.layout.unchecked:
@@ -146,18 +174,23 @@ def load(
                 stacklevel=2,
             )
         if not dry_run:
-            _apply(plan, src, rollback=rollback, progress=progress)
+            _apply(plan, src, rollback=rollback, progress=progress, sharded=sharded)
         return _report(plan, src, module, dry_run)
     finally:
         if owned:
             src.close()
 
 
-def _apply(plan: Plan, source: Source, *, rollback: bool, progress: bool | None) -> None:
+def _apply(
+    plan: Plan, source: Source, *, rollback: bool, progress: bool | None, sharded: ShardedWrite | None
+) -> None:
     from weightport.progress import progress_callback
 
     with progress_callback(plan, source, progress) as callback:
-        apply_plan(plan, source, rollback=rollback, progress=callback)
+        if sharded is not None:
+            sharded.commit(callback)
+        else:
+            apply_plan(plan, source, rollback=rollback, progress=callback)
 
 
 def _describe(module: nn.Module) -> str:

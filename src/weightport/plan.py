@@ -33,7 +33,7 @@ from weightport.layouts.base import LayoutPlan, Rule
 from weightport.shapes import explain_shape
 from weightport.sources.base import Source, TensorInfo
 
-__all__ = ["Entry", "Plan", "build_plan", "check_values", "NonFinite"]
+__all__ = ["Entry", "Plan", "build_plan", "check_values", "NonFinite", "value_problem", "allowed_nonfinite"]
 
 NonFinite = bool | Collection[str]
 
@@ -331,14 +331,17 @@ def check_values(plan: Plan, source: Source, allow_nonfinite: NonFinite = False)
             value = entry.rule.op(*(source.read(s) for s in entry.rule.sources))
             bad = values.find_bad_values(value, entry.tensor.dtype, entry.check, allowed)
         if bad:
-            plan.problems.append(
-                Problem(
-                    entry.target,
-                    f"values that fit {describe_dtype(entry.tensor.dtype)}",
-                    f"{bad} in {_origin(entry.rule)}",
-                    _value_fix(bad),
-                )
-            )
+            plan.problems.append(value_problem(entry, bad))
+
+
+def value_problem(entry: Entry, bad: str, where: str = "") -> Problem:
+    """The problem of ``entry``'s bad values (``bad`` as :func:`values.find_bad_values` says them)."""
+    return Problem(
+        entry.target,
+        f"values that fit {describe_dtype(entry.tensor.dtype)}",
+        f"{bad} in {_origin(entry.rule)}{where}",
+        _value_fix(bad),
+    )
 
 
 def _scan(source: Source, key: str, entry: Entry, allowed: bool) -> str | None:
@@ -348,6 +351,11 @@ def _scan(source: Source, key: str, entry: Entry, allowed: bool) -> str | None:
             # describe it with indices of the whole tensor (the error path: reading it all is fine)
             return values.find_bad_values(source.read(key), entry.tensor.dtype, entry.check, allowed)
     return None
+
+
+def allowed_nonfinite(name: str, allow_nonfinite: NonFinite) -> bool:
+    """Whether target ``name`` may hold NaN/Inf under ``allow_nonfinite`` (a bool, or a set of names)."""
+    return _allowed(name, allow_nonfinite)
 
 
 def _allowed(name: str, allow_nonfinite: NonFinite) -> bool:

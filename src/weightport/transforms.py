@@ -485,6 +485,10 @@ class Piece:
     region: Region
     axes: tuple[int, ...]
 
+    def clip(self, axis: int, low: int, high: int) -> Piece | None:
+        """The part of this piece with ``low <= index < high`` on output ``axis`` (None: empty)."""
+        return _clip(self, axis, low, high)
+
     def view(self, array: np.ndarray) -> np.ndarray:
         """``array`` (the input's values in ``region``) as the values of ``dst`` (a view)."""
         kept = [a for a in self.axes if a >= 0]
@@ -541,7 +545,9 @@ def _first_pieces(op: Op, shapes: Sequence[Shape]) -> tuple[list[Piece], Shape] 
             offset += shape[op.axis]
         return out, op.out_shape(shapes)
     if isinstance(op, Stack):
-        stacked = [Piece((slice(i, i + 1), *p.dst), p.src, p.region, (-1, *p.axes)) for i, p in enumerate(whole)]
+        stacked = [
+            Piece((slice(i, i + 1), *p.dst), p.src, p.region, (-1, *p.axes)) for i, p in enumerate(whole)
+        ]
         return stacked, op.out_shape(shapes)
     if op.arity != 1 or len(shapes) != 1:
         return None

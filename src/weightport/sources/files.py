@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-import os
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
