@@ -15,7 +15,10 @@ NEEDS = {
     "keras_to_pytorch.py": ["keras", "tensorflow", "h5py"],
     "flax_to_pytorch.py": ["flax", "jax", "msgpack"],
     "onnx_to_pytorch.py": ["onnx", "onnxruntime"],
+    "sharded_torchrun.py": [],
 }
+# Launched the way its docstring says: torchrun with two processes.
+LAUNCH = {"sharded_torchrun.py": ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]}
 
 
 def test_every_example_is_listed() -> None:
@@ -27,8 +30,12 @@ def test_example_runs(name: str) -> None:
     missing = [m for m in NEEDS[name] if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=600
-    )
+    command = [sys.executable, *LAUNCH.get(name, []), str(EXAMPLES / name)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "Traceback" not in result.stderr
+    if name == "sharded_torchrun.py":
+        assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank")) == [
+            "rank 0: read 0.50 of the checkpoint",
+            "rank 1: read 0.50 of the checkpoint",
+        ]

@@ -1,0 +1,32 @@
+"""Load a checkpoint into a model sharded over processes: each rank reads only its own rows.
+
+Run: torchrun --standalone --nproc-per-node 2 examples/sharded_torchrun.py
+"""
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import weightport
+
+dist.init_process_group("gloo")  # on GPUs: torch.cuda.set_device(local_rank), then "nccl" and a "cuda" mesh
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+folder = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
+dist.broadcast_object_list(folder)
+path = os.path.join(folder[0], "lstm.safetensors")
+if dist.get_rank() == 0:  # a checkpoint to load: any file weightport reads, in any layout
+    weightport.save(torch.nn.LSTM(256, 256, num_layers=2), path)
+dist.barrier()
+
+with torch.device("meta"):
+    model = torch.nn.LSTM(256, 256, num_layers=2)  # no memory, no init
+fully_shard(model, mesh=mesh)  # every parameter a DTensor placed Shard(0)
+with weightport.open_source(path) as source:
+    weightport.load(model, source)  # a collective: each rank reads only its own rows
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"rank {dist.get_rank()}: read {source.bytes_read / total:.2f} of the checkpoint")
+dist.destroy_process_group()
