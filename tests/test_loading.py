@@ -556,3 +556,51 @@ def test_torch_compile_wrapper_is_unwrapped() -> None:
         compiled = torch.compile(lin)  # compiles lazily, on the first call; never called here
     assert weightport.load(compiled, _lin_arrays()).written == ["weight", "bias"]
     assert lin.weight.sum().item() == 6.0
+
+
+def test_meta_values_are_checked_as_they_fill_and_nothing_is_swapped_in(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with torch.device("meta"):
+        lstm = nn.LSTM(3, 4)
+    state = {
+        k: v.astype(np.float32) for k, v in random_state(nn.LSTM(3, 4), np.random.default_rng(0)).items()
+    }
+    state["weight_hh_l0"][2, 1] = np.nan
+    path = write_safetensors(state, tmp_path / "m.safetensors")
+    with pytest.raises(LoadError, match=r"'weight_hh_l0'.*NaN/Inf value \(first at index \(2, 1\)"):
+        weightport.load(lstm, path)
+    assert all(p.is_meta for p in lstm.parameters())
+    with pytest.raises(LoadError, match="weight_hh_l0"):
+        weightport.load(lstm, path, dry_run=True)  # a dry run checks too, without filling anything
+
+
+def test_undo_log_spills_beyond_its_memory_budget(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from weightport import apply
+
+    monkeypatch.setattr(apply, "UNDO_MEMORY_BYTES", 100)  # everything but the smallest spills to disk
+    lstm, state = _lstm_and_state()
+    path = _write(tmp_path, "safetensors", state)
+    from weightport.sources import safetensors as reader
+
+    calls = {"n": 0}
+    original = reader.SafetensorsSource.read_into
+
+    def flaky(self, name, out):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError(5, "Input/output error")
+        return original(self, name, out)
+
+    monkeypatch.setattr(reader.SafetensorsSource, "read_into", flaky)
+    spilled = []
+    original_keep = apply.UndoLog.keep
+
+    def keep(self, tensor):  # type: ignore[no-untyped-def]
+        original_keep(self, tensor)
+        spilled.append(isinstance(self.saved[-1][1], int))
+
+    monkeypatch.setattr(apply.UndoLog, "keep", keep)
+    before = snapshot(lstm)
+    with pytest.raises(SourceError, match="put back"):
+        weightport.load(lstm, path)
+    assert snapshot(lstm) == before
+    assert any(spilled), "nothing went to the spill file"

@@ -13,9 +13,11 @@ memory up to the size of what is loaded; pass ``rollback=False`` to skip it).
 from __future__ import annotations
 
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -23,13 +25,17 @@ from torch import nn
 
 from weightport.copying import copy_into
 from weightport.dtypes import to_numpy_dtype
-from weightport.errors import SourceError
-from weightport.plan import Entry, Plan
+from weightport.errors import LoadError, Problem, SourceError
+from weightport.plan import Entry, Plan, value_problem
 from weightport.sources.base import Source
+from weightport.sources.files import byte_view, read_exact
 from weightport.staging import Stager
 from weightport.transforms import Identity, view_pieces
+from weightport.values import find_bad_values
 
-__all__ = ["apply_plan", "deferred_interrupts"]
+__all__ = ["apply_plan", "deferred_interrupts", "UndoLog", "UNDO_MEMORY_BYTES"]
+
+UNDO_MEMORY_BYTES = 64 * 1024 * 1024
 
 Progress = Callable[[Entry], None]
 
@@ -139,15 +145,72 @@ def _swap_in(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
             owner._init_flat_weights()
 
 
+class UndoLog:
+    """Copies of tensors about to be overwritten, to put back if a later read fails.
+
+    Up to ``memory_bytes`` stay in memory; beyond that, CPU tensors are spilled to an
+    unlinked temporary file (the page cache holds them, not this process), so a huge
+    load keeps its extra memory small. Costs one extra copy of the overwritten bytes.
+    """
+
+    def __init__(self, memory_bytes: int | None = None) -> None:
+        self.memory_left = UNDO_MEMORY_BYTES if memory_bytes is None else memory_bytes
+        self.saved: list[tuple[torch.Tensor, torch.Tensor | int]] = []
+        self._spill: BinaryIO | None = None
+        self._spilled = 0
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        view = host_view(tensor)
+        if nbytes <= self.memory_left or view is None:
+            self.memory_left -= nbytes
+            self.saved.append((tensor, tensor.detach().clone()))
+            return
+        if self._spill is None:
+            self._spill = tempfile.TemporaryFile(prefix="weightport-undo-")  # noqa: SIM115 - closed by close()
+        self.saved.append((tensor, self._spilled))
+        self._spill.write(byte_view(view))
+        self._spilled += nbytes
+
+    def restore(self) -> None:
+        if self._spill is not None:
+            self._spill.flush()
+        for tensor, saved in self.saved:
+            if isinstance(saved, torch.Tensor):
+                tensor.detach().copy_(saved)
+            else:
+                view = host_view(tensor)
+                assert view is not None and self._spill is not None
+                read_exact(self._spill.fileno(), saved, byte_view(view), "the undo log", "(saved tensor)")
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        self.saved.clear()
+
+
+def _check_filled(entry: Entry, new: torch.Tensor) -> Problem | None:
+    """The problem with a materialized tensor's values, for entries checked after the fill."""
+    if entry.check_after_fill is None:
+        return None
+    bad = find_bad_values(host_view(new.detach()), new.dtype, "finite", entry.check_after_fill)  # type: ignore[arg-type]
+    return value_problem(entry, bad) if bad else None
+
+
 def apply_plan(
     plan: Plan, source: Source, *, rollback: bool = True, progress: Progress | None = None
 ) -> None:
-    """Write every planned tensor; on a read error put back what was written and raise."""
+    """Write every planned tensor; on a read error put back what was written and raise.
+
+    Meta tensors are read into new storage and swapped in at the end, only if every one
+    was read (and, where the checks were left for after the fill, passed them).
+    """
     done: set[int] = set()
-    backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+    undo = UndoLog() if rollback and not source.in_memory else None
     materialized: dict[int, torch.Tensor] = {}
+    problems: list[Problem] = []
     stagers: dict[torch.device, Stager] = {}
-    keep = rollback and not source.in_memory
     with deferred_interrupts(), torch.no_grad():
         try:
             for entry in plan.entries:
@@ -155,10 +218,13 @@ def apply_plan(
                     continue
                 done.add(id(entry.tensor))
                 if entry.tensor.is_meta:
-                    materialized[id(entry.tensor)] = _materialize(entry, source)
+                    new = materialized[id(entry.tensor)] = _materialize(entry, source)
+                    problem = _check_filled(entry, new)
+                    if problem is not None:
+                        problems.append(problem)
                 else:
-                    if keep:
-                        backups.append((entry.tensor, entry.tensor.detach().clone()))
+                    if undo is not None:
+                        undo.keep(entry.tensor)
                     _write(entry, source, stagers)
                 if progress is not None:
                     progress(entry)
@@ -167,16 +233,21 @@ def apply_plan(
         except Exception as e:
             for stager in stagers.values():
                 stager.finish()
-            for tensor, saved in backups:
-                tensor.detach().copy_(saved)
+            if undo is not None:
+                undo.restore()
             restored = (
                 "every tensor written so far was put back"
-                if keep
+                if undo is not None
                 else "the module may be PARTLY WRITTEN (rollback=False, or a bug: please report it)"
             )
             raise SourceError(
                 f"reading {source.description} failed while writing '{entry.target}': {e}; {restored}. "
                 "Fix: check the file is complete and not being changed, then load again."
             ) from e
+        finally:
+            if undo is not None:
+                undo.close()
+        if problems:
+            raise LoadError(problems, target=type(plan.module).__name__)
         if materialized:
             _swap_in(plan.module, materialized)

@@ -73,15 +73,20 @@ def plan_load(
     layout: str | None = None,
     mapping: Mapping[str, str] | None = None,
     check_values_: bool = True,
+    after_fill: bool = False,
 ) -> Plan:
-    """Everything :func:`load` checks, without writing: the checked plan, problems included."""
+    """Everything :func:`load` checks, without writing: the checked plan, problems included.
+
+    ``after_fill=True`` leaves the NaN/Inf scan of meta tensors to the writing pass, which
+    checks their new storage as it fills it (one read of the file instead of two).
+    """
     scope, prefix_ = _scope(unwrap(module), prefix)
     layout_module = get_layout(layout or detect_layout(source))
     layout_plan = layout_module.plan(scope, source, mapping)
     plan = build_plan(scope, source, layout_plan, strict=strict, prefix=prefix_)
     plan.ignored.extend(source.ignored)
     if check_values_:
-        check_values(plan, source, allow_nonfinite)
+        check_values(plan, source, allow_nonfinite, after_fill=after_fill)
     return plan
 
 
@@ -162,6 +167,7 @@ def load(
                 layout=layout,
                 mapping=mapping,
                 check_values_=check_values,
+                after_fill=not dry_run,
             )
         if plan.problems:
             raise LoadError(plan.problems, target=_describe(module))

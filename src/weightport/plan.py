@@ -49,6 +49,9 @@ class Entry:
     source_dtype: np.dtype
     check: str  # what the values need: see values.cast_kind
     aliases: tuple[str, ...] = ()  # other names of the same (tied) tensor
+    # Set by check_values for a meta tensor whose values can be checked after they are read into its new
+    # storage (a cast that keeps NaN/Inf as they are): the one read fills and checks; None: checked already.
+    check_after_fill: bool | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -292,7 +295,9 @@ def _shape_fix(expected: tuple[int, ...], found: tuple[int, ...]) -> str:
     return f"pass an array of shape {expected}, or build the module with sizes that match"
 
 
-def check_values(plan: Plan, source: Source, allow_nonfinite: NonFinite = False) -> None:
+def check_values(
+    plan: Plan, source: Source, allow_nonfinite: NonFinite = False, *, after_fill: bool = False
+) -> None:
     """Read each planned source tensor once and add a problem for each bad value found.
 
     Values stream through :meth:`Source.iter_chunks` (one small buffer for files);
@@ -319,6 +324,9 @@ def check_values(plan: Plan, source: Source, allow_nonfinite: NonFinite = False)
                 continue
             firsts[id(entry.tensor)] = (entry, value)
         if entry.check == "none":
+            continue
+        if after_fill and entry.tensor.is_meta and entry.check == "finite" and entry.rule.op.value_preserving:
+            entry.check_after_fill = allowed  # nothing to undo: the new tensors go in only when all pass
             continue
         bad = None
         if entry.rule.op.value_preserving:
