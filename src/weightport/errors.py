@@ -87,4 +87,4 @@ class VerifyError(WeightportError, AssertionError):
 
 
 class UncheckedConfigWarning(UserWarning):
-    """The source carries weights only, so some settings could not be checked."""
+    """The source does not record some settings (a weights-only file), so they could not be checked."""

@@ -174,7 +174,7 @@ def load(
         if plan.layout.unchecked:
             warnings.warn(
                 UncheckedConfigWarning(
-                    f"{src.description} holds weights only, so these settings were not checked against the "
+                    f"{src.description} does not record these settings, so they were not checked against the "
                     f"module: {'; '.join(plan.layout.unchecked)}"
                 ),
                 stacklevel=2,
