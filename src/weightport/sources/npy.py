@@ -23,6 +23,7 @@ from weightport.sources.files import (
     parse_npy_header,
     pread_chunks,
     read_exact,
+    read_mapped,
     read_region_exact,
 )
 
@@ -61,7 +62,7 @@ def read_npy_into(fd: int, header: NpyHeader, out: np.ndarray, where: str, name:
         read_exact(fd, base + header.data_offset, byte_view(staging), where, name)
         np.copyto(out, staging.T)
     else:
-        read_exact(fd, base + header.data_offset, byte_view(out), where, name)
+        read_mapped(fd, base + header.data_offset, out, where, name)
 
 
 def read_npy_region(

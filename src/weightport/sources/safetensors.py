@@ -29,7 +29,7 @@ import numpy as np
 from weightport.errors import SourceError
 from weightport.export import SAFETENSORS_DTYPES
 from weightport.sources.base import Region, Source, TensorInfo, region_shape
-from weightport.sources.files import byte_view, pread_chunks, read_exact, read_region_exact
+from weightport.sources.files import pread_chunks, read_mapped, read_region_exact
 
 __all__ = ["claims", "open", "SafetensorsSource", "read_header"]
 
@@ -46,7 +46,7 @@ class SafetensorsSource(Source):
     _fd: int = -1
 
     def read_into(self, name: str, out: np.ndarray) -> None:
-        read_exact(self._fd, self.offsets[name], byte_view(out), self.description, name)
+        read_mapped(self._fd, self.offsets[name], out, self.description, name)
         self.bytes_read += out.nbytes
 
     def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
