@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import numpy as np
 from weightport.dtypes import BFLOAT16
 from weightport.errors import MissingDependencyError, SourceError
 from weightport.sources.base import Region, Source, TensorInfo, check_extent, region_shape
+from weightport.sources.files import mapped_chunks, open_no_follow, read_mapped
 
 __all__ = ["H5Source", "open_h5", "import_h5py", "write_h5", "MAX_EXPANSION", "EXPANSION_FLOOR"]
 
@@ -61,10 +62,24 @@ class H5Source(Source):
     datasets: dict[str, Any] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)
     vars_names: dict[str, str] = field(default_factory=dict)  # layer group path -> its 'vars' group's name
+    offsets: dict[str, int] = field(default_factory=dict)  # plain contiguous datasets: their bytes' offset
     _file: Any = None
+    _fd: int = -1
 
     def read_into(self, name: str, out: np.ndarray) -> None:
+        if name in self.offsets and out.size:  # raw bytes straight from the file, past the HDF5 library
+            read_mapped(self._fd, self.offsets[name], out, self.description, name)
+            self.bytes_read += out.nbytes
+            return
         self._read(name, out, None)
+
+    def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
+        if name not in self.offsets:
+            yield from super().iter_chunks(name)
+            return
+        info = self.infos[name]
+        count = info.nbytes // max(1, info.dtype.itemsize)
+        yield from mapped_chunks(self._fd, self.offsets[name], info.dtype, count, self.description, name)
 
     def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
         """Only the region's elements, through an HDF5 hyperslab selection (``read_direct``)."""
@@ -93,6 +108,9 @@ class H5Source(Source):
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def root_attrs(self) -> Mapping[str, Any]:
         assert self._file is not None
@@ -127,10 +145,31 @@ def open_h5(
     source = H5Source(description=where, _file=handle)
     try:
         _walk(h5py, handle, "", source, file_size, set(), skip or (lambda path: None))
+        if isinstance(file, (str, os.PathLike)):
+            _index_raw_datasets(source, Path(file), file_size)
     except BaseException:
         source.close()
         raise
     return source
+
+
+def _index_raw_datasets(source: H5Source, path: Path, file_size: int) -> None:
+    """Offsets of datasets stored as plain contiguous bytes (no chunks, no filters, no external storage).
+
+    Those are read with memory-mapped windows of the file itself, which is several times faster than
+    going through HDF5; every other dataset still goes through ``read_direct``.
+    """
+    for name, dataset in source.datasets.items():
+        info = source.infos.get(name)
+        if info is None or dataset.chunks is not None or dataset.id.get_create_plist().get_nfilters():
+            continue
+        offset = dataset.id.get_offset()
+        if offset is None or dataset.dtype.itemsize != info.dtype.itemsize:
+            continue
+        check_extent(source.description, name, offset, info.nbytes, file_size)
+        source.offsets[name] = offset
+    if source.offsets:
+        source._fd = open_no_follow(path)
 
 
 def _walk(
