@@ -491,25 +491,44 @@ def test_missing_path_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-unt
         weightport.load(nn.Linear(3, 2), tmp_path / "nope.npz")
 
 
-def test_read_error_while_writing_puts_everything_back(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    lstm, state = _lstm_and_state()
-    path = _write(tmp_path, "safetensors", state)
-    from weightport.sources import safetensors as reader
+def _fail_third_compressed_write(monkeypatch, tensors: int) -> None:  # type: ignore[no-untyped-def]
+    """Make the 3rd streamed read of the writing pass (after one read per tensor for the value
+    checks) raise, as a failing disk would."""
+    from weightport.sources import npz as reader
 
     calls = {"n": 0}
-    original = reader.SafetensorsSource.read_into
+    original = reader.NpzSource._read_compressed
 
-    def flaky(self, name, out):  # type: ignore[no-untyped-def]
+    def flaky(self, name, member, out):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] == 3:  # value checks stream through iter_chunks; this fails the 3rd write
+        if calls["n"] == tensors + 3:
             raise OSError(5, "Input/output error")
-        return original(self, name, out)
+        return original(self, name, member, out)
 
-    monkeypatch.setattr(reader.SafetensorsSource, "read_into", flaky)
+    monkeypatch.setattr(reader.NpzSource, "_read_compressed", flaky)
+
+
+def test_read_error_while_writing_puts_everything_back(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    lstm, state = _lstm_and_state()
+    path = _write(tmp_path, "npz-compressed", state)
+    _fail_third_compressed_write(monkeypatch, len(state))
     before = snapshot(lstm)
     with pytest.raises(SourceError, match="put back"):
         weightport.load(lstm, path)
     assert snapshot(lstm) == before
+
+
+def test_memory_mapped_sources_need_no_undo_copies(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from weightport import apply
+
+    lstm, state = _lstm_and_state()
+    kept: list[str] = []
+    monkeypatch.setattr(apply.UndoLog, "keep", lambda self, tensor: kept.append("kept"))
+    for kind in ("safetensors", "npz", "npy-folder"):
+        weightport.load(lstm, _write(tmp_path / kind, kind, state) if (tmp_path / kind).mkdir() is None else None)
+    assert kept == []
+    weightport.load(lstm, _write(tmp_path, "npz-compressed", state))  # streamed: copies are kept
+    assert len(kept) == len(state)
 
 
 def test_keyboard_interrupt_while_writing_is_deferred(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -578,19 +597,8 @@ def test_undo_log_spills_beyond_its_memory_budget(tmp_path, monkeypatch) -> None
 
     monkeypatch.setattr(apply, "UNDO_MEMORY_BYTES", 100)  # everything but the smallest spills to disk
     lstm, state = _lstm_and_state()
-    path = _write(tmp_path, "safetensors", state)
-    from weightport.sources import safetensors as reader
-
-    calls = {"n": 0}
-    original = reader.SafetensorsSource.read_into
-
-    def flaky(self, name, out):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise OSError(5, "Input/output error")
-        return original(self, name, out)
-
-    monkeypatch.setattr(reader.SafetensorsSource, "read_into", flaky)
+    path = _write(tmp_path, "npz-compressed", state)
+    _fail_third_compressed_write(monkeypatch, len(state))
     spilled = []
     original_keep = apply.UndoLog.keep
 

@@ -35,7 +35,7 @@ from weightport.values import find_bad_values
 
 __all__ = ["apply_plan", "deferred_interrupts", "UndoLog", "UNDO_MEMORY_BYTES"]
 
-UNDO_MEMORY_BYTES = 64 * 1024 * 1024
+UNDO_MEMORY_BYTES = 256 * 1024 * 1024
 
 Progress = Callable[[Entry], None]
 
@@ -148,9 +148,11 @@ def _swap_in(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
 class UndoLog:
     """Copies of tensors about to be overwritten, to put back if a later read fails.
 
-    Up to ``memory_bytes`` stay in memory; beyond that, CPU tensors are spilled to an
-    unlinked temporary file (the page cache holds them, not this process), so a huge
-    load keeps its extra memory small. Costs one extra copy of the overwritten bytes.
+    Only tensors whose reads can fail mid-way are kept (streamed, compressed or
+    HDF5-library reads; memory-mapped and in-memory sources cannot raise there). Up to
+    ``memory_bytes`` stay in memory; beyond that, CPU tensors are spilled to an unlinked
+    temporary file, so a huge load keeps its extra memory small. Costs one extra copy of
+    the overwritten bytes.
     """
 
     def __init__(self, memory_bytes: int | None = None) -> None:
@@ -207,7 +209,8 @@ def apply_plan(
     was read (and, where the checks were left for after the fill, passed them).
     """
     done: set[int] = set()
-    undo = UndoLog() if rollback and not source.in_memory else None
+    undo = UndoLog() if rollback else None
+    unsaved = 0  # tensors written without an undo copy (their reads cannot fail, or rollback=False)
     materialized: dict[int, torch.Tensor] = {}
     problems: list[Problem] = []
     stagers: dict[torch.device, Stager] = {}
@@ -223,8 +226,10 @@ def apply_plan(
                     if problem is not None:
                         problems.append(problem)
                 else:
-                    if undo is not None:
+                    if undo is not None and any(source.read_can_fail(s) for s in entry.rule.sources):
                         undo.keep(entry.tensor)
+                    else:
+                        unsaved += 1
                     _write(entry, source, stagers)
                 if progress is not None:
                     progress(entry)
@@ -235,11 +240,12 @@ def apply_plan(
                 stager.finish()
             if undo is not None:
                 undo.restore()
-            restored = (
-                "every tensor written so far was put back"
-                if undo is not None
-                else "the module may be PARTLY WRITTEN (rollback=False, or a bug: please report it)"
-            )
+            if undo is not None and unsaved == 0:
+                restored = "every tensor written so far was put back"
+            elif undo is None:
+                restored = "the module may be PARTLY WRITTEN (rollback=False)"
+            else:  # a memory-mapped file shrank during the writing pass, or a bug
+                restored = "the module may be PARTLY WRITTEN (the file changed while it was being read)"
             raise SourceError(
                 f"reading {source.description} failed while writing '{entry.target}': {e}; {restored}. "
                 "Fix: check the file is complete and not being changed, then load again."

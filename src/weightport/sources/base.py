@@ -77,6 +77,15 @@ class Source(ABC):
     def read_into(self, name: str, out: np.ndarray) -> None:
         """Fill ``out`` (C-contiguous, of the tensor's shape and dtype) with tensor ``name``."""
 
+    def read_can_fail(self, name: str) -> bool:
+        """Whether reading ``name`` can raise after the source was opened and checked.
+
+        False for data in memory, and for data read through memory maps: there a vanished
+        page ends the process (SIGBUS) instead of raising, so no caller ever sees a module
+        half-written by a read error, and no undo copy is needed.
+        """
+        return not self.in_memory
+
     def read(self, name: str) -> np.ndarray:
         """Return tensor ``name`` as an array that the caller must not write to."""
         info = self.infos[name]

@@ -66,6 +66,9 @@ class H5Source(Source):
     _file: Any = None
     _fd: int = -1
 
+    def read_can_fail(self, name: str) -> bool:
+        return not self.in_memory and name not in self.offsets  # raw datasets are memory-mapped
+
     def read_into(self, name: str, out: np.ndarray) -> None:
         if name in self.offsets and out.size:  # raw bytes straight from the file, past the HDF5 library
             read_mapped(self._fd, self.offsets[name], out, self.description, name)

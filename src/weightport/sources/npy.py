@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from weightport.sources.files import (
     read_mapped,
     read_region_exact,
 )
+
+KEEP_OPEN = 256
 
 __all__ = ["NpyFile", "NpyFiles", "claims", "open", "read_npy_into", "read_npy_region"]
 
@@ -93,41 +96,63 @@ def read_npy_region(
 
 @dataclass
 class NpyFiles(Source):
-    """Tensors each in its own ``.npy`` file; files are opened per read, links never followed."""
+    """Tensors each in its own ``.npy`` file, links never followed.
+
+    Up to :data:`KEEP_OPEN` files stay open from the moment the source is opened, so a file
+    deleted or replaced later cannot fail the writing pass half-way; beyond that many, each
+    file is opened when it is read (and an undo copy protects the load).
+    """
 
     files: dict[str, NpyFile] = field(default_factory=dict)
+    fds: dict[str, int] = field(default_factory=dict)
+
+    def keep_open(self) -> None:
+        if len(self.files) <= KEEP_OPEN:
+            for name, entry in self.files.items():
+                self.fds[name] = open_no_follow(entry.path)
+
+    def read_can_fail(self, name: str) -> bool:
+        # C-order data is memory-mapped from a file opened up front: nothing left to fail
+        return self.files[name].header.fortran_order or name not in self.fds
+
+    @contextlib.contextmanager
+    def _fd(self, name: str) -> Iterator[int]:
+        if name in self.fds:
+            yield self.fds[name]
+            return
+        fd = open_no_follow(self.files[name].path)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         entry = self.files[name]
-        fd = open_no_follow(entry.path)
-        try:
+        with self._fd(name) as fd:
             read_npy_into(fd, entry.header, out, f"'{entry.path}'", name)
-        finally:
-            os.close(fd)
         self.bytes_read += out.nbytes
 
     def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
         entry = self.files[name]
-        fd = open_no_follow(entry.path)
-        try:
+        with self._fd(name) as fd:
             array, nbytes = read_npy_region(fd, entry.header, region, out, f"'{entry.path}'", name)
-        finally:
-            os.close(fd)
         self.bytes_read += nbytes
         return array
 
     def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
         entry = self.files[name]
         count = entry.header.nbytes // max(1, entry.header.dtype.itemsize)
-        fd = open_no_follow(entry.path)
-        try:
+        with self._fd(name) as fd:
             for chunk in pread_chunks(
                 fd, entry.header.data_offset, entry.header.dtype, count, f"'{entry.path}'", name
             ):
                 self.bytes_read += chunk.nbytes
                 yield chunk
-        finally:
+
+    def close(self) -> None:
+        for fd in self.fds.values():
             os.close(fd)
+        self.fds.clear()
 
 
 def open(path: Path) -> Source:
@@ -135,4 +160,6 @@ def open(path: Path) -> Source:
     name = path.name.removesuffix(".npy")
     header = inspect_npy(path, where, name)
     info = TensorInfo(name, header.shape, header.dtype)
-    return NpyFiles(description=where, infos={name: info}, files={name: NpyFile(path, header)})
+    source = NpyFiles(description=where, infos={name: info}, files={name: NpyFile(path, header)})
+    source.keep_open()
+    return source

@@ -51,4 +51,6 @@ def open(path: Path) -> Source:
         raise SourceError(
             f"{where}: holds no .npy files. Fix: save each tensor as <state-dict name>.npy in it."
         )
-    return NpyFiles(description=where, infos=infos, ignored=ignored, files=files)
+    source = NpyFiles(description=where, infos=infos, ignored=ignored, files=files)
+    source.keep_open()
+    return source

@@ -58,6 +58,10 @@ class NpzSource(Source):
     _fd: int = -1
     _zip: zipfile.ZipFile | None = None
 
+    def read_can_fail(self, name: str) -> bool:
+        member = self.members[name]  # stored C-order members are memory-mapped; the rest stream
+        return member.info.compress_type != zipfile.ZIP_STORED or member.header.fortran_order
+
     def read_into(self, name: str, out: np.ndarray) -> None:
         member = self.members[name]
         if member.info.compress_type == zipfile.ZIP_STORED:

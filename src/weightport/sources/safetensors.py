@@ -45,6 +45,9 @@ class SafetensorsSource(Source):
     offsets: dict[str, int] = field(default_factory=dict)
     _fd: int = -1
 
+    def read_can_fail(self, name: str) -> bool:
+        return False  # memory-mapped reads
+
     def read_into(self, name: str, out: np.ndarray) -> None:
         read_mapped(self._fd, self.offsets[name], out, self.description, name)
         self.bytes_read += out.nbytes

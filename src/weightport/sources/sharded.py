@@ -47,6 +47,9 @@ class ShardedSource(Source):
     shards: dict[str, SafetensorsSource] = field(default_factory=dict)
     owner: dict[str, str] = field(default_factory=dict)
 
+    def read_can_fail(self, name: str) -> bool:
+        return self.shards[self.owner[name]].read_can_fail(name)
+
     def read_into(self, name: str, out: np.ndarray) -> None:
         self.shards[self.owner[name]].read_into(name, out)
         self.bytes_read += out.nbytes
