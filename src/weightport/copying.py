@@ -76,8 +76,10 @@ def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
     if not _is_transposed(dst, src) or dst.device.type != "cpu":
         dst.copy_(as_torch(src))
         return
-    work = _copy_rows if src.T.flags.c_contiguous else _copy_gathered
-    length = src.shape[0]
+    if src.T.flags.c_contiguous:  # a whole transposed array: torch's own transposing copy, in one call
+        _copy_rows(dst, src, 0, src.shape[0])
+        return
+    work, length = _copy_gathered, src.shape[0]
     nbytes = src.size * src.itemsize
     workers = _threads() if nbytes >= PARALLEL_BYTES else 1
     if workers == 1:
