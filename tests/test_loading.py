@@ -525,7 +525,9 @@ def test_memory_mapped_sources_need_no_undo_copies(tmp_path, monkeypatch) -> Non
     kept: list[str] = []
     monkeypatch.setattr(apply.UndoLog, "keep", lambda self, tensor: kept.append("kept"))
     for kind in ("safetensors", "npz", "npy-folder"):
-        weightport.load(lstm, _write(tmp_path / kind, kind, state) if (tmp_path / kind).mkdir() is None else None)
+        weightport.load(
+            lstm, _write(tmp_path / kind, kind, state) if (tmp_path / kind).mkdir() is None else None
+        )
     assert kept == []
     weightport.load(lstm, _write(tmp_path, "npz-compressed", state))  # streamed: copies are kept
     assert len(kept) == len(state)
