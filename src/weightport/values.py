@@ -22,19 +22,11 @@ import math
 import numpy as np
 import torch
 
-from weightport.dtypes import as_torch, to_numpy_dtype
+from weightport.dtypes import NON_NUMERIC_KINDS, as_torch, to_numpy_dtype
 
 __all__ = ["cast_kind", "find_bad_values"]
 
 _FLOAT_MANTISSA = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}
-_REFUSED_KINDS = {
-    "O": "objects",
-    "U": "strings",
-    "S": "bytes",
-    "V": "raw records",
-    "M": "dates",
-    "m": "time deltas",
-}
 
 
 def _mantissa(dtype: np.dtype | torch.dtype) -> int:
@@ -50,8 +42,8 @@ def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
     ``range`` (narrower float: finite and in range), ``exact`` (each value must
     survive the cast unchanged).
     """
-    if source.kind in _REFUSED_KINDS and source.name != "bfloat16":
-        return "none", f"{_REFUSED_KINDS[source.kind]} are not tensor values; pass a numeric array"
+    if source.kind in NON_NUMERIC_KINDS and source.name != "bfloat16":
+        return "none", f"{NON_NUMERIC_KINDS[source.kind]} are not tensor values; pass a numeric array"
     src_float = source.kind == "f" or source.name == "bfloat16"
     if target.is_complex:
         if source.kind == "c" or src_float:
