@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightport.dtypes import BFLOAT16, to_numpy_dtype
+from weightport.dtypes import BFLOAT16
 from weightport.errors import SourceError
 
 __all__ = ["to_numpy", "save", "write_npz", "write_safetensors", "SAFETENSORS_DTYPES"]
@@ -131,7 +131,3 @@ def save(module: nn.Module | Mapping[str, np.ndarray], path: str | os.PathLike[s
     if target.suffix == ".safetensors":
         return write_safetensors(arrays, target)
     raise SourceError(f"'{target}': cannot save to '{target.suffix}'. Fix: use a .npz or .safetensors path.")
-
-
-def numpy_dtype(tensor: torch.Tensor) -> np.dtype:
-    return to_numpy_dtype(tensor.dtype)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from weightport import values
-from weightport.dtypes import describe_dtype, to_numpy_dtype
+from weightport.dtypes import describe_dtype
 from weightport.errors import Problem
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.shapes import explain_shape
@@ -378,7 +378,3 @@ def _value_fix(bad: str) -> str:
     if "range" in bad:
         return "scale the values, or load into a wider dtype (module.double())"
     return "round or convert the values first, or load into a tensor of a dtype that holds them"
-
-
-def numpy_dtype_of(tensor: torch.Tensor) -> np.dtype:
-    return to_numpy_dtype(tensor.dtype)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from weightport.dtypes import describe_dtype
 from weightport.layouts.base import Pairing
 
 __all__ = ["ReportRow", "LoadReport", "format_table"]
@@ -115,7 +114,3 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[s
     """Left-aligned columns separated by two spaces."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     return ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in (header, *rows)]
-
-
-def dtype_name(dtype: object) -> str:
-    return describe_dtype(dtype)  # type: ignore[arg-type]
