@@ -53,11 +53,6 @@ def _is_transposed(dst: torch.Tensor, src: np.ndarray) -> bool:
     )
 
 
-def _copy_rows(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> None:
-    """Rows ``start:stop`` through torch's blocked transposing copy (a whole transposed array)."""
-    dst[start:stop].copy_(as_torch(src[start:stop]))
-
-
 def _copy_gathered(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> None:
     """Rows ``start:stop`` where ``src`` is a block of columns of a wider array (a gate of a Keras
     kernel): each band's columns are gathered (contiguous runs) into a small scratch buffer whose
@@ -73,11 +68,10 @@ def _copy_gathered(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) ->
 
 def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
     """``dst.copy_(src)`` for a NumPy view of any strides; dtype casts as ``copy_`` does."""
-    if not _is_transposed(dst, src) or dst.device.type != "cpu":
+    # A whole transposed array goes through torch's own transposing copy, in one call, like any
+    # other view; only a block of columns of a wider array is gathered band by band.
+    if not _is_transposed(dst, src) or src.T.flags.c_contiguous or dst.device.type != "cpu":
         dst.copy_(as_torch(src))
-        return
-    if src.T.flags.c_contiguous:  # a whole transposed array: torch's own transposing copy, in one call
-        _copy_rows(dst, src, 0, src.shape[0])
         return
     work, length = _copy_gathered, src.shape[0]
     nbytes = src.size * src.itemsize

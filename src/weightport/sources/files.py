@@ -1,4 +1,4 @@
-"""Low-level file reading shared by the readers: exact positioned reads, ``.npy`` headers.
+"""Low-level file reading shared by the readers: memory-mapped windows, positioned reads, ``.npy`` headers.
 
 >>> import io, numpy as np
 >>> buf = io.BytesIO(); np.save(buf, np.zeros((2, 3), np.float32)); _ = buf.seek(0)
@@ -103,7 +103,6 @@ def read_exact(fd: int, offset: int, out: memoryview, where: str, name: str) -> 
         done += count
 
 
-CHUNK_BYTES = 4 * 1024 * 1024
 WINDOW_BYTES = 16 * 1024 * 1024
 
 
@@ -155,13 +154,6 @@ def read_mapped(fd: int, offset: int, out: np.ndarray, where: str, name: str) ->
         as_torch(flat[done : done + chunk.size]).copy_(as_torch(chunk))
         done += chunk.size
         del chunk
-
-
-def pread_chunks(
-    fd: int, offset: int, info_dtype: np.dtype, count: int, where: str, name: str
-) -> Iterator[np.ndarray]:
-    """``count`` values of ``info_dtype`` at ``offset``, as flat read-only chunks (mapped windows)."""
-    yield from mapped_chunks(fd, offset, info_dtype, count, where, name)
 
 
 def contiguous_runs(shape: tuple[int, ...], region: tuple[slice, ...]) -> Iterator[tuple[int, int]]:

@@ -20,9 +20,9 @@ from weightport.sources.base import Region, Source, TensorInfo, check_extent, re
 from weightport.sources.files import (
     NpyHeader,
     byte_view,
+    mapped_chunks,
     open_no_follow,
     parse_npy_header,
-    pread_chunks,
     read_exact,
     read_mapped,
     read_region_exact,
@@ -143,7 +143,7 @@ class NpyFiles(Source):
         entry = self.files[name]
         count = entry.header.nbytes // max(1, entry.header.dtype.itemsize)
         with self._fd(name) as fd:
-            for chunk in pread_chunks(
+            for chunk in mapped_chunks(
                 fd, entry.header.data_offset, entry.header.dtype, count, f"'{entry.path}'", name
             ):
                 self.bytes_read += chunk.nbytes

@@ -25,7 +25,7 @@ import numpy as np
 
 from weightport.errors import SourceError
 from weightport.sources.base import Region, Source, TensorInfo, check_extent, region_shape
-from weightport.sources.files import NpyHeader, byte_view, contiguous_runs, parse_npy_header, pread_chunks
+from weightport.sources.files import NpyHeader, byte_view, contiguous_runs, mapped_chunks, parse_npy_header
 from weightport.sources.npy import read_npy_into, read_npy_region
 
 __all__ = ["claims", "open", "NpzSource", "unsafe_member_name"]
@@ -133,7 +133,7 @@ class NpzSource(Source):
         header = member.header
         count = header.nbytes // max(1, header.dtype.itemsize)
         offset = member.data_start + header.data_offset
-        for chunk in pread_chunks(self._fd, offset, header.dtype, count, self.description, name):
+        for chunk in mapped_chunks(self._fd, offset, header.dtype, count, self.description, name):
             self.bytes_read += chunk.nbytes
             yield chunk
 

@@ -1,4 +1,4 @@
-"""``.safetensors`` files, read with positioned reads straight into the destination.
+"""``.safetensors`` files, read from memory-mapped windows straight into the destination.
 
 The header is checked before any data is read: its length against the file, each
 tensor's ``data_offsets`` against its dtype and shape and against the file's
@@ -29,7 +29,7 @@ import numpy as np
 from weightport.errors import SourceError
 from weightport.export import SAFETENSORS_DTYPES
 from weightport.sources.base import Region, Source, TensorInfo, region_shape
-from weightport.sources.files import pread_chunks, read_mapped, read_region_exact
+from weightport.sources.files import mapped_chunks, read_mapped, read_region_exact
 
 __all__ = ["claims", "open", "SafetensorsSource", "read_header"]
 
@@ -63,7 +63,7 @@ class SafetensorsSource(Source):
     def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
         info = self.infos[name]
         count = info.nbytes // max(1, info.dtype.itemsize)
-        for chunk in pread_chunks(self._fd, self.offsets[name], info.dtype, count, self.description, name):
+        for chunk in mapped_chunks(self._fd, self.offsets[name], info.dtype, count, self.description, name):
             self.bytes_read += chunk.nbytes
             yield chunk
 
