@@ -94,8 +94,7 @@ def _write(
         return
     if (
         not source.in_memory
-        and len(rule.sources) == 1
-        and rule.op.describe() == "as is"
+        and type(rule.op) is Identity
         and entry.inputs[0].dtype.isnative
     ):
         view = host_view(tensor)
