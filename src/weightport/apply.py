@@ -92,11 +92,7 @@ def _write(
             stagers[tensor.device] = Stager(tensor.device)
         stagers[tensor.device].write(tensor, _value(entry, source))
         return
-    if (
-        not source.in_memory
-        and type(rule.op) is Identity
-        and entry.inputs[0].dtype.isnative
-    ):
+    if not source.in_memory and type(rule.op) is Identity and entry.inputs[0].dtype.isnative:
         view = host_view(tensor)
         if view is not None and view.dtype == entry.inputs[0].dtype:
             source.read_into(rule.sources[0], view)
