@@ -3,7 +3,8 @@
 Side by side in one run (median of interleaved rounds), as ratios to the memcpy floor
 (``np.copyto`` of the same bytes into preallocated, touched arrays):
 
-- weightport.load(layout="keras"), every check on, on all cores and on one thread;
+- weightport.load(layout="keras"), every check on, on all cores and on one thread, and on all
+  cores without the compiled transposing kernel (torch's copy, as where no C compiler was found);
 - the naive NumPy chain: transpose, gate reorder, ``np.ascontiguousarray``, then ``copy_``;
 - ``param.copy_(torch.from_numpy(kernel).T)``, per gate block where the gates move (GRU).
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved, print_ratios
 
 import weightport
+from weightport import copying
 from weightport.layouts import get_layout
 
 KERAS_TO_TORCH = {"LSTM": (0, 1, 2, 3), "GRU": (1, 0, 2)}  # z,r,h -> r,z,n
@@ -81,6 +83,15 @@ def case(kind: str, hidden: int, layers: int, rounds: int) -> None:
         finally:
             torch.set_num_threads(threads)
 
+    kernel = copying._transpose
+
+    def no_kernel() -> None:
+        copying._transpose = None  # type: ignore[assignment]
+        try:
+            weightport.load(model, keras, layout="keras")
+        finally:
+            copying._transpose = kernel
+
     medians = interleaved(
         {
             "memcpy floor (np.copyto)": floor,
@@ -88,11 +99,13 @@ def case(kind: str, hidden: int, layers: int, rounds: int) -> None:
                 model, keras, layout="keras"
             ),
             "weightport.load, all checks (1 thread)": one_thread,
+            f"weightport.load, no compiled kernel ({threads} threads)": no_kernel,
             "naive NumPy chain + copy_": naive,
             "copy_(from_numpy(kernel).T) per block": torch_transposed,
         },
         rounds,
     )
+    print(f"compiled transposing kernel: {'built' if kernel is not None else 'NOT BUILT'}")
     print_ratios("Time (median of interleaved rounds)", medians, "memcpy floor (np.copyto)")
     x = torch.randn(3, 1, hidden)
     weightport.load(model, keras, layout="keras")

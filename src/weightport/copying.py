@@ -1,10 +1,11 @@
 """Copying a NumPy view into a torch tensor at memory speed, transposed views included.
 
-A transposed source (a Keras kernel ``(in, gates*hidden)`` going into PyTorch's
-``(gates*hidden, in)``) is copied in bands of destination rows: each band's
-columns are gathered into a small scratch buffer that stays in cache, then
-transposed into place. Large tensors split their bands over a few threads
-(NumPy and torch release the GIL while copying).
+A transposed source (a Keras kernel ``(in, gates*hidden)``, or one gate's block of
+its columns, going into PyTorch's ``(gates*hidden, in)``) goes through the compiled
+kernel in ``_transpose.c`` (cache-blocked, GIL released), split over a few threads
+by rows when large. Where that extension was not built (no C compiler at install),
+it is copied in bands of destination rows instead: each band's columns are gathered
+into a small scratch buffer that stays in cache, then transposed into place by torch.
 
 >>> import numpy as np, torch
 >>> dst = torch.empty(3, 2)
@@ -21,7 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from weightport.dtypes import as_torch
+from weightport.dtypes import as_torch, to_torch_dtype
+
+try:
+    from weightport import _transpose
+except ImportError:  # the optional extension was not built: the torch fallback below does the work
+    _transpose = None  # type: ignore[assignment]
 
 __all__ = ["copy_into", "BAND_ROWS", "PARALLEL_BYTES"]
 
@@ -66,14 +72,61 @@ def _copy_gathered(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) ->
         dst[a:b].copy_(as_torch(band).T)
 
 
+def _kernel_fits(dst: torch.Tensor, src: np.ndarray) -> bool:
+    """Whether the compiled kernel can do this copy: a same-dtype 2-D source laid out along the
+    destination's columns (``src[i, j]`` at ``i * itemsize + j * stride``) into row-major rows,
+    on the CPU, with no memory shared between the two."""
+    if _transpose is None or src.ndim != 2 or dst.dim() != 2 or dst.device.type != "cpu":
+        return False
+    size = src.itemsize
+    rows, cols = src.shape
+    if (
+        size not in (2, 4, 8)
+        or tuple(dst.shape) != src.shape
+        or to_torch_dtype(src.dtype) != dst.dtype
+        or not src.dtype.isnative
+        or dst.is_conj()
+        or dst.is_neg()
+        or src.strides[0] != size
+        or src.strides[1] <= size
+        or src.strides[1] % size
+        or dst.stride(1) != 1
+        or dst.stride(0) < cols
+        or rows < 2
+    ):
+        return False
+    src_start = src.__array_interface__["data"][0]
+    src_end = src_start + (rows - 1) * size + (cols - 1) * src.strides[1] + size
+    dst_start = dst.data_ptr()
+    dst_end = dst_start + ((rows - 1) * dst.stride(0) + cols) * size
+    return src_end <= dst_start or dst_end <= src_start
+
+
+def _copy_kernel(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> None:
+    """Rows ``start:stop`` through the compiled kernel (which releases the GIL)."""
+    size, row = src.itemsize, dst.stride(0)
+    _transpose.transpose(
+        dst.data_ptr() + start * row * size,
+        src.__array_interface__["data"][0] + start * size,
+        stop - start,
+        src.shape[1],
+        src.strides[1] // size,
+        row,
+        size,
+    )
+
+
 def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
     """``dst.copy_(src)`` for a NumPy view of any strides; dtype casts as ``copy_`` does."""
-    # A whole transposed array goes through torch's own transposing copy, in one call, like any
-    # other view; only a block of columns of a wider array is gathered band by band.
-    if not _is_transposed(dst, src) or src.T.flags.c_contiguous or dst.device.type != "cpu":
+    if _kernel_fits(dst, src):
+        work, length = _copy_kernel, src.shape[0]
+    elif not _is_transposed(dst, src) or src.T.flags.c_contiguous or dst.device.type != "cpu":
+        # Without the kernel, a whole transposed array goes through torch's own transposing copy,
+        # in one call, like any other view; a block of columns of a wider array is gathered.
         dst.copy_(as_torch(src))
         return
-    work, length = _copy_gathered, src.shape[0]
+    else:
+        work, length = _copy_gathered, src.shape[0]
     nbytes = src.size * src.itemsize
     workers = _threads() if nbytes >= PARALLEL_BYTES else 1
     if workers == 1:

@@ -1,0 +1,138 @@
+/* weightport._transpose: a cache-blocked transposing copy that releases the GIL.
+ *
+ * transpose(dst, src, rows, cols, src_col_stride, dst_row_stride, itemsize)
+ *   dst[i * dst_row_stride + j] = src[i + j * src_col_stride]   for i < rows, j < cols
+ * Addresses are integers, strides count elements, itemsize is 2, 4 or 8 bytes.
+ *
+ * This is the copy of a Keras kernel (in, gates*hidden), or one gate's block of its columns,
+ * into PyTorch's row-major (gates*hidden, in) weight. Neither NumPy nor torch has a blocked,
+ * thread-friendly kernel for a strided block: element-wise loops miss the cache and the TLB on
+ * every read. Here the matrix goes in TILE x TILE tiles (whose rows stay in the TLB and L2), each
+ * in 8 x 8 blocks transposed in registers (AVX2 for 4-byte items where the CPU has it).
+ *
+ * The caller (weightport.copying) checks shapes, strides and non-overlap; this file trusts them.
+ * Built at install as an optional extension: where it is missing, copying falls back to torch.
+ */
+#define Py_LIMITED_API 0x030A0000
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define TILE 256
+#define BLOCK 8
+
+#define DEFINE_SCALAR(NAME, T)                                                                     \
+    static void NAME(T *dst, const T *src, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t sc,       \
+                     Py_ssize_t dr) {                                                              \
+        for (Py_ssize_t j0 = 0; j0 < cols; j0 += TILE) {                                           \
+            Py_ssize_t j1 = j0 + TILE < cols ? j0 + TILE : cols;                                   \
+            for (Py_ssize_t i0 = 0; i0 < rows; i0 += TILE) {                                       \
+                Py_ssize_t i1 = i0 + TILE < rows ? i0 + TILE : rows;                               \
+                Py_ssize_t ie = i0 + (i1 - i0) / BLOCK * BLOCK;                                    \
+                Py_ssize_t je = j0 + (j1 - j0) / BLOCK * BLOCK;                                    \
+                for (Py_ssize_t i = i0; i < ie; i += BLOCK)                                        \
+                    for (Py_ssize_t j = j0; j < je; j += BLOCK) {                                  \
+                        T buf[BLOCK][BLOCK];                                                       \
+                        for (int b = 0; b < BLOCK; b++)                                            \
+                            for (int a = 0; a < BLOCK; a++) buf[a][b] = src[i + a + (j + b) * sc]; \
+                        for (int a = 0; a < BLOCK; a++)                                            \
+                            for (int b = 0; b < BLOCK; b++) dst[(i + a) * dr + j + b] = buf[a][b]; \
+                    }                                                                              \
+                for (Py_ssize_t i = i0; i < i1; i++) /* the ragged edges */                        \
+                    for (Py_ssize_t j = (i < ie ? je : j0); j < j1; j++)                           \
+                        dst[i * dr + j] = src[i + j * sc];                                         \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+DEFINE_SCALAR(transpose_u16, uint16_t)
+DEFINE_SCALAR(transpose_u32, uint32_t)
+DEFINE_SCALAR(transpose_u64, uint64_t)
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+
+/* Eight source rows of eight 4-byte items become eight destination rows, in registers. */
+__attribute__((target("avx2"))) static inline void block8_avx2(float *d, const float *s,
+                                                               Py_ssize_t sc, Py_ssize_t dr) {
+    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + sc);
+    __m256 r2 = _mm256_loadu_ps(s + 2 * sc), r3 = _mm256_loadu_ps(s + 3 * sc);
+    __m256 r4 = _mm256_loadu_ps(s + 4 * sc), r5 = _mm256_loadu_ps(s + 5 * sc);
+    __m256 r6 = _mm256_loadu_ps(s + 6 * sc), r7 = _mm256_loadu_ps(s + 7 * sc);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(d + dr, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(d + 2 * dr, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(d + 3 * dr, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(d + 4 * dr, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(d + 5 * dr, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(d + 6 * dr, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(d + 7 * dr, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+/* 4-byte items are moved as float bit patterns: loads and stores never touch the values. */
+__attribute__((target("avx2"))) static void transpose_u32_avx2(uint32_t *dst, const uint32_t *src,
+                                                               Py_ssize_t rows, Py_ssize_t cols,
+                                                               Py_ssize_t sc, Py_ssize_t dr) {
+    float *d = (float *)dst;
+    const float *s = (const float *)src;
+    for (Py_ssize_t j0 = 0; j0 < cols; j0 += TILE) {
+        Py_ssize_t j1 = j0 + TILE < cols ? j0 + TILE : cols;
+        for (Py_ssize_t i0 = 0; i0 < rows; i0 += TILE) {
+            Py_ssize_t i1 = i0 + TILE < rows ? i0 + TILE : rows;
+            Py_ssize_t ie = i0 + (i1 - i0) / BLOCK * BLOCK;
+            Py_ssize_t je = j0 + (j1 - j0) / BLOCK * BLOCK;
+            for (Py_ssize_t i = i0; i < ie; i += BLOCK)
+                for (Py_ssize_t j = j0; j < je; j += BLOCK) block8_avx2(d + i * dr + j, s + i + j * sc, sc, dr);
+            for (Py_ssize_t i = i0; i < i1; i++)
+                for (Py_ssize_t j = (i < ie ? je : j0); j < j1; j++) dst[i * dr + j] = src[i + j * sc];
+        }
+    }
+}
+#endif
+
+static PyObject *transpose(PyObject *self, PyObject *args) {
+    Py_ssize_t dst, src, rows, cols, sc, dr, itemsize;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnnnnn:transpose", &dst, &src, &rows, &cols, &sc, &dr, &itemsize))
+        return NULL;
+    if (rows < 0 || cols < 0 || sc < 1 || dr < cols || (itemsize != 2 && itemsize != 4 && itemsize != 8)) {
+        PyErr_SetString(PyExc_ValueError, "transpose: bad shape, stride or itemsize");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 2) {
+        transpose_u16((uint16_t *)dst, (const uint16_t *)src, rows, cols, sc, dr);
+    } else if (itemsize == 8) {
+        transpose_u64((uint64_t *)dst, (const uint64_t *)src, rows, cols, sc, dr);
+    } else {
+#ifdef HAVE_AVX2_PATH
+        if (__builtin_cpu_supports("avx2"))
+            transpose_u32_avx2((uint32_t *)dst, (const uint32_t *)src, rows, cols, sc, dr);
+        else
+#endif
+            transpose_u32((uint32_t *)dst, (const uint32_t *)src, rows, cols, sc, dr);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"transpose", transpose, METH_VARARGS,
+     "transpose(dst, src, rows, cols, src_col_stride, dst_row_stride, itemsize): "
+     "dst[i*dst_row_stride + j] = src[i + j*src_col_stride]; addresses as integers, strides in items."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_transpose", NULL, 0, methods};
+
+PyMODINIT_FUNC PyInit__transpose(void) { return PyModule_Create(&module); }

@@ -1,0 +1,3 @@
+def transpose(
+    dst: int, src: int, rows: int, cols: int, src_col_stride: int, dst_row_stride: int, itemsize: int, /
+) -> None: ...
