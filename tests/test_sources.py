@@ -1,4 +1,4 @@
-"""Readers: sharded safetensors, npz member safety, streaming memory, infos before data."""
+"""Readers: sharded safetensors, npz member safety, streaming memory, infos before data, mapped views."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import weightport
 from conftest import snapshot
 from weightport import SourceError
 from weightport.export import write_safetensors
+from weightport.layouts import get_layout
 from weightport.sources import open_source
 
 
@@ -143,11 +144,16 @@ STREAM_CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kind", ["safetensors", "npz", "npy-folder"])
+@pytest.mark.parametrize("kind", ["safetensors", "npz", "npy-folder", "keras-weights-h5"])
 def test_file_loads_stream_through_at_most_one_tensor(tmp_path, kind: str) -> None:  # type: ignore[no-untyped-def]
     model = nn.LSTM(512, 512, num_layers=2)
     state = _state(model)
-    if kind == "safetensors":
+    if kind == "keras-weights-h5":  # kernels transposed straight out of the mapped file: no copy of any tensor
+        pytest.importorskip("h5py")
+        weightport.load(model, state)
+        path = tmp_path / "m.weights.h5"
+        get_layout("keras").save_weights_h5(model, path)
+    elif kind == "safetensors":
         path = write_safetensors(state, tmp_path / "m.safetensors")
     elif kind == "npz":
         path = tmp_path / "m.npz"
@@ -165,3 +171,64 @@ def test_file_loads_stream_through_at_most_one_tensor(tmp_path, kind: str) -> No
     peak, largest = (int(x) for x in out.split())
     total = sum(v.nbytes for v in state.values())
     assert peak <= largest + 512 * 1024, (peak, largest, total)  # never more than one tensor beyond the model
+    if kind == "keras-weights-h5":
+        assert peak <= 512 * 1024, (peak, largest, total)
+
+
+def _files_of_every_kind(tmp_path, state: dict[str, np.ndarray]) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    paths: dict[str, object] = {"safetensors": write_safetensors(state, tmp_path / "m.safetensors")}
+    np.savez(tmp_path / "stored.npz", **state)
+    paths["npz stored"] = tmp_path / "stored.npz"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for k, v in state.items():
+        np.save(folder / f"{k}.npy", np.asfortranarray(v) if k.startswith("weight_ih") else v)
+    paths["npy folder (C and Fortran order)"] = folder
+    paths["sharded"] = _shard(tmp_path, state)[0]
+    return paths
+
+
+def test_mapped_views_equal_the_values_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``mapped`` (no copy) gives exactly what ``read`` gives, read-only; unmappable data says None."""
+    state = _state(nn.LSTM(8, 6, num_layers=2))
+    for kind, path in _files_of_every_kind(tmp_path, state).items():
+        with open_source(path) as source:
+            for name in source.infos:
+                view = source.mapped(name)
+                assert view is not None, (kind, name)
+                assert not view.flags.writeable, (kind, name)
+                assert view.shape == state[name].shape and view.dtype == state[name].dtype
+                assert np.array_equal(view, source.read(name)), (kind, name)
+                assert np.array_equal(view, state[name]), (kind, name)
+    np.savez_compressed(tmp_path / "small.npz", **state)
+    with open_source(tmp_path / "small.npz") as source:
+        assert all(source.mapped(name) is None for name in source.infos)
+    with open_source(dict(state)) as source:
+        assert all(source.mapped(name) is None for name in source.infos)
+
+
+def test_mapped_keras_datasets_equal_what_h5py_reads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "m.weights.h5"
+    get_layout("keras").save_weights_h5(nn.GRU(5, 7, num_layers=2), path)
+    with open_source(path) as source, h5py.File(path, "r") as f:
+        assert source.infos
+        for name in source.infos:
+            view = source.mapped(name)
+            assert view is not None and not view.flags.writeable, name
+            assert np.array_equal(view, f[name][()]), name
+    chunked = tmp_path / "chunked.h5"
+    with h5py.File(chunked, "w") as f:
+        f.create_dataset("layers/dense/vars/0", data=np.ones((4, 3), np.float32), chunks=(2, 3))
+    with open_source(chunked) as source:
+        assert all(source.mapped(name) is None for name in source.infos)
+
+
+def test_mapped_view_of_a_truncated_file_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    state = _state(nn.Linear(64, 64))
+    path = write_safetensors(state, tmp_path / "m.safetensors")
+    with open_source(path) as source:
+        os.truncate(path, os.path.getsize(path) - 100)  # shrinks after the source checked the sizes
+        last = max(source.infos, key=lambda n: source.offsets[n])  # type: ignore[attr-defined]
+        with pytest.raises(SourceError, match=f"tensor '{last}' ends at byte .* Fix"):
+            source.mapped(last)

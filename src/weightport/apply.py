@@ -97,7 +97,7 @@ def _write(
         if view is not None and view.dtype == entry.inputs[0].dtype:
             source.read_into(rule.sources[0], view)
             return
-    arrays = [source.read(s) for s in rule.sources]
+    arrays = [_array(source, s) for s in rule.sources]
     if type(rule.op) is Identity:
         copy_into(tensor.detach(), arrays[0])
         return
@@ -108,6 +108,12 @@ def _write(
     whole = tensor.detach()
     for region, view in pieces:  # the transform fused into the copy: no intermediate array
         copy_into(_region(whole, region), view)
+
+
+def _array(source: Source, name: str) -> np.ndarray:
+    """Tensor ``name`` in place in its file where the reader can map it, else read into memory."""
+    array = source.mapped(name)
+    return source.read(name) if array is None else array
 
 
 def _region(tensor: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:

@@ -93,6 +93,14 @@ class Source(ABC):
         self.read_into(name, out)
         return out
 
+    def mapped(self, name: str) -> np.ndarray | None:
+        """Tensor ``name`` as a read-only array over the file's bytes in place (memory-mapped), or
+        None where the reader cannot (compressed or chunked data, data in memory: use :meth:`read`).
+
+        For writes that read the tensor out of order (transposed kernels): no intermediate copy.
+        """
+        return None
+
     def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
         """The values of tensor ``name`` in ``region`` (one ``slice(start, stop)`` per axis).
 

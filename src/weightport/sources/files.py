@@ -144,6 +144,38 @@ def mapped_chunks(
                 window.close()
 
 
+def map_array(
+    fd: int,
+    offset: int,
+    dtype: np.dtype,
+    shape: tuple[int, ...],
+    where: str,
+    name: str,
+    fortran_order: bool = False,
+) -> np.ndarray:
+    """A read-only array over the bytes at ``offset`` of ``fd``, memory-mapped in place: no copy.
+
+    For transforms that read a tensor out of order (a Keras kernel transposed into PyTorch's
+    layout): they read straight from the page cache instead of from a copy of the tensor. The
+    mapping lives as long as the array (or a view of it); the size is checked against the file.
+    """
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    _check_within(fd, offset + nbytes, where, name)
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY
+    window = mmap.mmap(
+        fd,
+        offset - base + nbytes,
+        flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),  # one call maps every page (Linux)
+        prot=mmap.PROT_READ,
+        offset=base,
+    )
+    flat = np.frombuffer(window, dtype, count=count, offset=offset - base)
+    return flat.reshape(shape[::-1]).T if fortran_order and len(shape) > 1 else flat.reshape(shape)
+
+
 def read_mapped(fd: int, offset: int, out: np.ndarray, where: str, name: str) -> None:
     """Fill C-contiguous ``out`` from the file at ``offset`` through mapped windows (torch's parallel copy)."""
     from weightport.dtypes import as_torch

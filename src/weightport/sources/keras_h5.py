@@ -32,7 +32,7 @@ import numpy as np
 from weightport.dtypes import BFLOAT16
 from weightport.errors import MissingDependencyError, SourceError
 from weightport.sources.base import Region, Source, TensorInfo, check_extent, region_shape
-from weightport.sources.files import mapped_chunks, open_no_follow, read_mapped
+from weightport.sources.files import map_array, mapped_chunks, open_no_follow, read_mapped
 
 __all__ = ["H5Source", "open_h5", "import_h5py", "write_h5", "MAX_EXPANSION", "EXPANSION_FLOOR"]
 
@@ -75,6 +75,14 @@ class H5Source(Source):
             self.bytes_read += out.nbytes
             return
         self._read(name, out, None)
+
+    def mapped(self, name: str) -> np.ndarray | None:
+        if name not in self.offsets:
+            return None
+        info = self.infos[name]
+        array = map_array(self._fd, self.offsets[name], info.dtype, info.shape, self.description, name)
+        self.bytes_read += array.nbytes
+        return array
 
     def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
         if name not in self.offsets:

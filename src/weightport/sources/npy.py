@@ -20,6 +20,7 @@ from weightport.sources.base import Region, Source, TensorInfo, check_extent, re
 from weightport.sources.files import (
     NpyHeader,
     byte_view,
+    map_array,
     mapped_chunks,
     open_no_follow,
     parse_npy_header,
@@ -131,6 +132,22 @@ class NpyFiles(Source):
         with self._fd(name) as fd:
             read_npy_into(fd, entry.header, out, f"'{entry.path}'", name)
         self.bytes_read += out.nbytes
+
+    def mapped(self, name: str) -> np.ndarray | None:
+        if name not in self.fds:
+            return None
+        header = self.files[name].header
+        array = map_array(
+            self.fds[name],
+            header.data_offset,
+            header.dtype,
+            header.shape,
+            f"'{self.files[name].path}'",
+            name,
+            fortran_order=header.fortran_order,
+        )
+        self.bytes_read += array.nbytes
+        return array
 
     def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
         entry = self.files[name]

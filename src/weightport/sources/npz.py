@@ -25,7 +25,14 @@ import numpy as np
 
 from weightport.errors import SourceError
 from weightport.sources.base import Region, Source, TensorInfo, check_extent, region_shape
-from weightport.sources.files import NpyHeader, byte_view, contiguous_runs, mapped_chunks, parse_npy_header
+from weightport.sources.files import (
+    NpyHeader,
+    byte_view,
+    contiguous_runs,
+    map_array,
+    mapped_chunks,
+    parse_npy_header,
+)
 from weightport.sources.npy import read_npy_into, read_npy_region
 
 __all__ = ["claims", "open", "NpzSource", "unsafe_member_name"]
@@ -69,6 +76,23 @@ class NpzSource(Source):
         else:
             self._read_compressed(name, member, out)
         self.bytes_read += out.nbytes
+
+    def mapped(self, name: str) -> np.ndarray | None:
+        member = self.members[name]
+        if member.info.compress_type != zipfile.ZIP_STORED:
+            return None
+        header = member.header
+        array = map_array(
+            self._fd,
+            member.data_start + header.data_offset,
+            header.dtype,
+            header.shape,
+            self.description,
+            name,
+            fortran_order=header.fortran_order,
+        )
+        self.bytes_read += array.nbytes
+        return array
 
     def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
         """Stored members: one positioned read per contiguous run. Compressed ones are

@@ -29,7 +29,7 @@ import numpy as np
 from weightport.errors import SourceError
 from weightport.export import SAFETENSORS_DTYPES
 from weightport.sources.base import Region, Source, TensorInfo, region_shape
-from weightport.sources.files import mapped_chunks, read_mapped, read_region_exact
+from weightport.sources.files import map_array, mapped_chunks, read_mapped, read_region_exact
 
 __all__ = ["claims", "open", "SafetensorsSource", "read_header"]
 
@@ -51,6 +51,12 @@ class SafetensorsSource(Source):
     def read_into(self, name: str, out: np.ndarray) -> None:
         read_mapped(self._fd, self.offsets[name], out, self.description, name)
         self.bytes_read += out.nbytes
+
+    def mapped(self, name: str) -> np.ndarray | None:
+        info = self.infos[name]
+        array = map_array(self._fd, self.offsets[name], info.dtype, info.shape, self.description, name)
+        self.bytes_read += array.nbytes
+        return array
 
     def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
         info = self.infos[name]

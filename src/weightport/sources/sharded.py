@@ -54,6 +54,11 @@ class ShardedSource(Source):
         self.shards[self.owner[name]].read_into(name, out)
         self.bytes_read += out.nbytes
 
+    def mapped(self, name: str) -> np.ndarray | None:
+        array = self.shards[self.owner[name]].mapped(name)
+        self.bytes_read += 0 if array is None else array.nbytes
+        return array
+
     def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
         shard = self.shards[self.owner[name]]
         before = shard.bytes_read
