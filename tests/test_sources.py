@@ -148,7 +148,7 @@ STREAM_CHECK = textwrap.dedent(
 def test_file_loads_stream_through_at_most_one_tensor(tmp_path, kind: str) -> None:  # type: ignore[no-untyped-def]
     model = nn.LSTM(512, 512, num_layers=2)
     state = _state(model)
-    if kind == "keras-weights-h5":  # kernels transposed straight out of the mapped file: no copy of any tensor
+    if kind == "keras-weights-h5":  # kernels transposed straight out of the mapped file: no tensor copied
         pytest.importorskip("h5py")
         weightport.load(model, state)
         path = tmp_path / "m.weights.h5"
