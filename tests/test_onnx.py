@@ -91,18 +91,28 @@ def recurrent_file(
     hidden: int = 4,
     bias: bool = True,
     peepholes: np.ndarray | None = None,
+    initial_state: float | None = None,
     **attrs: Any,
 ) -> tuple[Path, dict[str, np.ndarray]]:
-    """One hand-built LSTM/GRU/RNN node with random weights; returns the file and the arrays."""
+    """One hand-built LSTM/GRU/RNN node with random weights; returns the file and the arrays.
+
+    ``initial_state``: stores initial_h (and initial_c) filled with that value, as initializers.
+    """
     d = 2 if direction == "bidirectional" else 1
     g = BLOCKS[kind]
     arrays = {"W": rand(rng, d, g * hidden, features), "R": rand(rng, d, g * hidden, hidden)}
     if bias:
         arrays["B"] = rand(rng, d, 2 * g * hidden)
-    inputs = ["X", "W", "R", "B" if bias else ""]
+    inputs = ["X", "W", "R", "B" if bias else "", "", "", "", ""]
+    if initial_state is not None:
+        for role, position in [("initial_h", 5)] + ([("initial_c", 6)] if kind == "LSTM" else []):
+            arrays[role] = np.full((d, B, hidden), initial_state, np.float32)
+            inputs[position] = role
     if peepholes is not None:
         arrays["P"] = peepholes
-        inputs += ["", "", "", "P"]
+        inputs[7] = "P"
+    while inputs[-1] == "":
+        inputs.pop()
     outputs = ["Y", "Y_h"] + (["Y_c"] if kind == "LSTM" else [])
     node = helper.make_node(
         kind, inputs, outputs, name="rec", hidden_size=hidden, direction=direction, **attrs
@@ -159,6 +169,43 @@ def test_torch_export_loads_into_a_fresh_model(
     assert pairs == [(f"rnn[{i}]", "by order and kind") for i in range(layers)] + [
         ("head", "by order and kind")
     ]
+
+
+def dynamo_export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """torch.onnx.export's default exporter (dynamo, through onnxscript)."""
+    pytest.importorskip("onnxscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on flat weights and pytree deprecations
+        torch.onnx.export(model.eval(), (x,), str(path), dynamo=True, verbose=False)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_torch_dynamo_export_loads_into_a_fresh_model(tmp_path: Path, kind: str) -> None:
+    """The dynamo exporter's LSTM/GRU nodes: zero initial states stored, MatMul + Add heads."""
+    torch.manual_seed(0)
+    x = torch.randn(B, T, 3)
+    dynamo_export(Seq(kind, True, 2), x, tmp_path / "m.onnx")
+    (expected,) = run_ort(tmp_path / "m.onnx", {"x": x.numpy()})
+    torch.manual_seed(1)
+    fresh = Seq(kind, True, 2).eval()
+    assert max_err(fresh(x), expected) > 1e-2
+    report = weightport.load(fresh, tmp_path / "m.onnx")
+    assert max_err(fresh(x), expected) < TOL
+    assert [p.module_path for p in report.pairings] == ["rnn[0]", "rnn[1]", "head"]
+
+
+def test_torch_dynamo_export_of_an_unrolled_rnn_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    """The dynamo exporter unrolls nn.RNN into per-step MatMul nodes: nothing maps back; say so."""
+    torch.manual_seed(0)
+    x = torch.randn(B, T, 3)
+    dynamo_export(Seq("RNN", True, 2), x, tmp_path / "m.onnx")
+    fresh = Seq("RNN", True, 2)
+    before = snapshot(fresh)
+    with pytest.raises(
+        LayoutError, match=r"has no ONNX RNN node for 'rnn' \(RNN\).*unrolls.*Fix: export with .*dynamo=False"
+    ):
+        weightport.load(fresh, tmp_path / "m.onnx")
+    assert snapshot(fresh) == before
 
 
 def test_torch_export_without_bias_and_with_relu(tmp_path: Path) -> None:
@@ -381,6 +428,40 @@ def test_all_zero_peepholes_and_bias_are_accepted(tmp_path: Path, rng: np.random
     model_proto.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.zeros((1, 24), np.float32), "B"))
     onnx.save(model_proto, str(path))
     weightport.load(no_bias, path)  # all-zero B fits bias=False
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_stored_zero_initial_states_are_accepted(tmp_path: Path, rng: np.random.Generator, kind: str) -> None:
+    """torch.onnx.export's dynamo exporter stores zero initial_h/initial_c: PyTorch's own default."""
+    attrs = {"linear_before_reset": 1} if kind == "GRU" else {}
+    path, _ = recurrent_file(
+        tmp_path / "m.onnx", rng, kind, direction="bidirectional", initial_state=0.0, **attrs
+    )
+    x = rand(rng, T, B, 3)
+    y = run_ort(path, {"X": x})[0]
+    model = make_rnn(kind, 3, 4, bidirectional=True)
+    report = weightport.load(model, path)  # strict: the zero states count as placed
+    assert max_err(model(torch.from_numpy(x))[0], as_torch_output(y)) < TOL
+    assert len(report.rows) == 8 and not report.ignored
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_stored_non_zero_initial_states_are_refused(
+    tmp_path: Path, rng: np.random.Generator, kind: str
+) -> None:
+    attrs = {"linear_before_reset": 1} if kind == "GRU" else {}
+    path, _ = recurrent_file(tmp_path / "m.onnx", rng, kind, initial_state=0.5, **attrs)
+    x = rand(rng, T, B, 3)
+    run_ort(path, {"X": x})  # a valid file that onnxruntime runs
+    model = make_rnn(kind, 3, 4)
+    before = snapshot(model)
+    with pytest.raises(
+        UnsupportedConfigError,
+        match=rf"node 'rec' \({kind}\): input initial_h 'initial_h' is a stored, non-zero initial state.*"
+        r"Fix: pass those values as h_0 when calling the module",
+    ):
+        weightport.load(model, path)
+    assert snapshot(model) == before
 
 
 def test_layout_attribute_changes_no_weights(tmp_path: Path) -> None:

@@ -64,7 +64,15 @@ from torch import nn
 from weightport.dtypes import BFLOAT16
 from weightport.errors import LayoutError, UnsupportedConfigError
 from weightport.layouts.base import LayoutPlan, Rule
-from weightport.layouts.pairing import Paired, Slot, SourceLayer, as_pairings, module_slots, pair_layers
+from weightport.layouts.pairing import (
+    Paired,
+    Slot,
+    SourceLayer,
+    as_pairings,
+    module_slots,
+    pair_layers,
+    slot_kind,
+)
 from weightport.sources.base import Source
 from weightport.transforms import (
     Chain,
@@ -177,12 +185,16 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     validated: set[str] = set()
     layers = _find_layers(nodes, source, issues, validated)
     issues.raise_if_any(target)
-    paired = pair_layers(
-        module,
-        [SourceLayer(lay.node.label, lay.kind, lay.detail) for lay in layers],
-        mapping,
-        framework=FRAMEWORK,
-    )
+    try:
+        paired = pair_layers(
+            module,
+            [SourceLayer(lay.node.label, lay.kind, lay.detail) for lay in layers],
+            mapping,
+            framework=FRAMEWORK,
+        )
+    except LayoutError as e:
+        _explain_unrolled_recurrence(module, layers, source.description, e)
+        raise
     rules: list[Rule] = []
     for layer, pair in zip(layers, paired):
         if layer.kind in _RECURRENT:
@@ -218,6 +230,28 @@ def _nodes(raw_nodes: list[Mapping[str, Any]]) -> list[_Node]:
             )
         )
     return nodes
+
+
+def _explain_unrolled_recurrence(
+    module: nn.Module, layers: list[_Layer], where: str, error: LayoutError
+) -> None:
+    """When pairing failed and a recurrent module has no node of its kind in the graph, say why.
+
+    Exporters that unroll the recurrence into per-step MatMul/Add nodes (torch.onnx.export's dynamo
+    exporter does so for nn.RNN) leave nothing that maps back to the module's weights.
+    """
+    found = {layer.kind for layer in layers}
+    for path, sub in module.named_modules():
+        kind = slot_kind(sub)
+        if isinstance(sub, nn.RNNBase) and kind in _RECURRENT and kind not in found:
+            raise LayoutError(
+                f"{where} has no ONNX {kind} node for '{path}' ({type(sub).__name__}): the graph computes "
+                "the recurrence some other way (an exporter that unrolls it into per-step MatMul and Add "
+                "nodes, as torch.onnx.export's dynamo exporter does for nn.RNN), and those nodes do not "
+                f"map back to the module's weights. Fix: export with torch.onnx.export(..., dynamo=False), "
+                f"which writes {kind} nodes, or save the PyTorch weights themselves (weightport.save). "
+                f"(Pairing said: {error})"
+            ) from error
 
 
 def _weight_names(source: Source) -> list[str]:
@@ -294,6 +328,35 @@ def _recurrent_layer(
     )
 
 
+def _check_initial_states(node: _Node, source: Source, issues: _Issues, validated: set[str]) -> None:
+    """Initial states stored in the file (torch.onnx.export's dynamo exporter writes zeros there).
+
+    All zero is what PyTorch's module starts from when ``forward`` gets no state: accepted. Anything
+    else is an input of the computation, not a weight the module can hold: refused. States computed by
+    the graph (from its inputs) are the caller's, as in PyTorch.
+    """
+    states = (
+        (("initial_h", 5, "h_0"), ("initial_c", 6, "c_0"))
+        if node.op_type == "LSTM"
+        else (("initial_h", 5, "h_0"),)
+    )
+    for role, position, torch_name in states:
+        name = node.input(position)
+        if not name or name not in source.infos:
+            continue
+        if _all_zero(source, name):
+            validated.add(name)
+            continue
+        issues.add(
+            node,
+            f"input {role} '{name}' is a stored, non-zero initial state; PyTorch's {node.op_type} starts "
+            f"from zeros unless forward() is given {torch_name}, and a module holds no state to load it "
+            f"into. Fix: pass those values as {torch_name} when calling the module (read them with "
+            f"weightport.open_source), or re-export without a constant initial state.",
+            unsupported=True,
+        )
+
+
 def _check_recurrent_node(
     node: _Node, tensors: dict[str, str], source: Source, issues: _Issues, validated: set[str]
 ) -> None:
@@ -319,6 +382,7 @@ def _check_recurrent_node(
                 "without peepholes (P absent or all zero).",
                 unsupported=True,
             )
+    _check_initial_states(node, source, issues, validated)
     if node.attr("clip") is not None:
         issues.add(
             node,
