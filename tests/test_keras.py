@@ -108,6 +108,19 @@ class Mixed(nn.Module):
         return self.fc(h_n[-1])
 
 
+class EmbedLSTMSteps(nn.Module):
+    """Embedding -> LSTM (every step) -> TimeDistributed(Dense): one Linear applied at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(self.embed(x))[0])
+
+
 class DenseBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -143,6 +156,7 @@ class Case:
     run: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     unchecked: bool = True  # a weights-only file leaves settings unchecked
     ints: int = 0  # integer inputs below this (Embedding)
+    export_mapping: dict[str, str] | None = None  # Keras groups the torch model cannot name (wrappers)
 
 
 CASES: dict[str, Case] = {
@@ -243,6 +257,18 @@ CASES: dict[str, Case] = {
         unchecked=False,
         ints=10,
     ),
+    "embedding_lstm_time_distributed_dense": Case(
+        lambda K: [
+            K.layers.Embedding(10, 4),
+            K.layers.LSTM(5, return_sequences=True),
+            K.layers.TimeDistributed(K.layers.Dense(3)),
+        ],
+        (T,),
+        EmbedLSTMSteps,
+        call,
+        ints=10,
+        export_mapping={"layers/time_distributed/layer": "fc"},
+    ),
     "batch_normalization": Case(
         lambda K: [K.layers.Dense(4), K.layers.BatchNormalization()], (3,), DenseBN, call
     ),
@@ -302,7 +328,8 @@ def test_keras_files_and_live_model_give_keras_outputs(name: str, tmp_path: Path
 
 
 LEGACY = ["simple_rnn_relu", "lstm", "gru", "bidirectional_lstm_last", "stacked_lstm", "conv1d_lstm_dense", "dense_x12_order",
-          "conv2d", "embedding", "batch_normalization", "layer_normalization", "lstm_no_bias"]  # fmt: skip
+          "conv2d", "embedding", "batch_normalization", "layer_normalization", "lstm_no_bias",
+          "embedding_lstm_time_distributed_dense"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", LEGACY)
@@ -533,7 +560,7 @@ def test_keras_loads_what_save_weights_h5_wrote(name: str, tmp_path: Path) -> No
     rng = np.random.default_rng(sum(map(ord, name)) + 2)
     module = case.torch()
     randomize_torch(module, rng)
-    path = save_weights_h5(module, tmp_path / "from_torch.weights.h5")
+    path = save_weights_h5(module, tmp_path / "from_torch.weights.h5", case.export_mapping)
     model = keras_model(keras, case)
     model.load_weights(path)
     x = make_input(case, rng)

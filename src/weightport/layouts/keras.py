@@ -832,7 +832,9 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
 
 
 def save_weights_h5(
-    module_or_arrays: nn.Module | Mapping[str, np.ndarray], path: str | os.PathLike[str]
+    module_or_arrays: nn.Module | Mapping[str, np.ndarray],
+    path: str | os.PathLike[str],
+    mapping: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a ``.weights.h5`` that Keras's ``model.load_weights(path)`` reads into the equivalent model.
 
@@ -840,10 +842,15 @@ def save_weights_h5(
         module_or_arrays: a PyTorch module (exported with :func:`export`), or arrays
             already keyed as a Keras 3 ``.weights.h5`` (``layers/<key>/vars/<i>``).
         path: the file to write; it should end in ``.weights.h5``, as Keras requires.
+        mapping: as for :func:`export`, e.g. ``{"layers/time_distributed/layer": "fc"}`` for a
+            Linear that the Keras model wraps in ``TimeDistributed``.
     """
     from weightport.sources.keras_h5 import write_h5
 
-    arrays = export(module_or_arrays) if isinstance(module_or_arrays, nn.Module) else dict(module_or_arrays)
+    if isinstance(module_or_arrays, nn.Module):
+        arrays = export(module_or_arrays, mapping)
+    else:
+        arrays = dict(module_or_arrays)
     attrs: dict[str, dict[str, str]] = {}
     for name in arrays:
         m = _VARS.match(name)

@@ -138,6 +138,8 @@ def _legacy_layers(source: H5Source, prefix: str, config: dict[str, Any] | None)
         if missing:
             raise SourceError(f"{where}: layer '{name}' lists weight '{missing[0]}', which the file lacks.")
         cls, cfg = configs.get(name, (None, None))
+        if cls is not None and cfg is not None:
+            cls, cfg, _ = unwrap_time_distributed(cls, cfg)
         layers.append({"path": path, "name": name, "class_name": cls, "config": cfg, "weights": weights})
     return layers
 
@@ -152,6 +154,24 @@ def _config_entries(config: dict[str, Any] | None) -> list[tuple[str, str, dict[
         if isinstance(cfg, dict):
             out.append((str(cfg.get("name", entry.get("name", ""))), str(entry.get("class_name")), cfg))
     return out
+
+
+def unwrap_time_distributed(cls: str, cfg: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
+    """The layer a ``TimeDistributed`` wrapper applies at every time step, with one set of weights.
+
+    Returns its class, its config, and the path under the wrapper's group where Keras 3 keeps its
+    variables (``/layer``); anything else comes back as it is.
+
+    >>> unwrap_time_distributed("TimeDistributed", {"layer": {"class_name": "Dense", "config": {"units": 3}}})
+    ('Dense', {'units': 3}, '/layer')
+    """
+    inner = ""
+    while cls == "TimeDistributed" and isinstance(cfg.get("layer"), dict):
+        wrapped = cfg["layer"]
+        if not isinstance(wrapped.get("config"), dict):
+            break
+        cls, cfg, inner = str(wrapped.get("class_name")), wrapped["config"], inner + "/layer"
+    return cls, cfg, inner
 
 
 def _list_attr(attrs: Any, name: str) -> list[str] | None:
@@ -281,6 +301,8 @@ def _config_layers(config: dict[str, Any], source: H5Source, prefix: str) -> lis
         key = base if base not in counts else f"{base}_{counts[base] + 1}"
         counts[base] = counts.get(base, -1) + 1
         path = by_name.get(name, f"{container}/{key}")
+        cls, cfg, inner = unwrap_time_distributed(cls, cfg)
+        path += inner
         if cls in _CONTAINERS and isinstance(cfg.get("layers"), list):
             layers += _config_layers({"class_name": cls, "config": cfg}, source, path + "/")
         else:

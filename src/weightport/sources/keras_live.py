@@ -72,7 +72,10 @@ def _add(obj: Any, path: str, arrays: dict[str, np.ndarray], layers: list[dict[s
             counts[base] = counts.get(base, -1) + 1
             _add(layer, f"{path}layers/{key}/", arrays, layers)
         return
-    record = {"path": path.rstrip("/"), "name": getattr(obj, "name", None), "class_name": type(obj).__name__}
+    name = getattr(obj, "name", None)
+    while type(obj).__name__ == "TimeDistributed" and getattr(obj, "layer", None) is not None:
+        obj, path = obj.layer, f"{path}layer/"  # one layer applied at every step: that layer's weights
+    record = {"path": path.rstrip("/"), "name": name, "class_name": type(obj).__name__}
     record["config"] = _config(obj)
     layers.append(record)
     if hasattr(obj, "forward_layer") and hasattr(obj, "backward_layer"):
