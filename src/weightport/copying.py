@@ -76,23 +76,23 @@ def _kernel_fits(dst: torch.Tensor, src: np.ndarray) -> bool:
     """Whether the compiled kernel can do this copy: a same-dtype 2-D source laid out along the
     destination's columns (``src[i, j]`` at ``i * itemsize + j * stride``) into row-major rows,
     on the CPU, with no memory shared between the two."""
-    if _transpose is None or src.ndim != 2 or dst.dim() != 2 or dst.device.type != "cpu":
-        return False
     size = src.itemsize
+    if _transpose is None or src.ndim != 2 or src.strides[0] != size or dst.dim() != 2:
+        return False  # the common case (a row-major source) leaves here
     rows, cols = src.shape
     if (
         size not in (2, 4, 8)
+        or src.strides[1] <= size
+        or src.strides[1] % size
+        or rows < 2
         or tuple(dst.shape) != src.shape
+        or dst.device.type != "cpu"
+        or dst.stride(1) != 1
+        or dst.stride(0) < cols
         or to_torch_dtype(src.dtype) != dst.dtype
         or not src.dtype.isnative
         or dst.is_conj()
         or dst.is_neg()
-        or src.strides[0] != size
-        or src.strides[1] <= size
-        or src.strides[1] % size
-        or dst.stride(1) != 1
-        or dst.stride(0) < cols
-        or rows < 2
     ):
         return False
     src_start = src.__array_interface__["data"][0]
@@ -118,6 +118,9 @@ def _copy_kernel(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> N
 
 def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
     """``dst.copy_(src)`` for a NumPy view of any strides; dtype casts as ``copy_`` does."""
+    if src.flags.c_contiguous:  # the common case: one plain copy
+        dst.copy_(as_torch(src))
+        return
     if _kernel_fits(dst, src):
         work, length = _copy_kernel, src.shape[0]
     elif not _is_transposed(dst, src) or src.T.flags.c_contiguous or dst.device.type != "cpu":
