@@ -103,6 +103,9 @@ def _close(found: Any, expected: Any, what: str = "") -> None:
     expected = np.asarray(expected)
     assert found.shape == expected.shape, what
     error = float(np.max(np.abs(found - expected))) if found.size else 0.0
+    print(
+        f"maxerr {os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]} {what}: {error:.2e}"
+    )  # pytest -s
     assert error <= TOL, f"{what}: max error {error}"
 
 

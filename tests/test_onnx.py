@@ -132,7 +132,9 @@ def make_rnn(kind: str, *args: Any, **kwargs: Any) -> nn.Module:
 
 
 def max_err(a: Any, b: np.ndarray) -> float:
-    return float(np.abs(np.asarray(a.detach().numpy() if hasattr(a, "detach") else a) - b).max())
+    error = float(np.abs(np.asarray(a.detach().numpy() if hasattr(a, "detach") else a) - b).max())
+    print(f"maxerr {os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}: {error:.2e}")  # pytest -s
+    return error
 
 
 # --- torch.onnx.export: real exported files, loaded into fresh models --------------------------------------
