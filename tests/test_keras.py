@@ -423,6 +423,58 @@ def test_plain_and_bidirectional_lstms_pair_by_direction_in_a_weights_file(tmp_p
     )
 
 
+class Branched(nn.Module):
+    """Conv1D -> Bidirectional LSTM (a nested Sequential), then a GRU branch and a pooled Dense branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3)
+        self.lstm = nn.LSTM(6, 5, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(10, 4, batch_first=True)
+        self.proj = nn.Linear(10, 4)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lstm(self.conv(x.transpose(1, 2)).transpose(1, 2))[0]
+        return self.out(torch.cat([self.gru(h)[1][-1], self.proj(h.mean(1))], 1))
+
+
+def branched_keras_model(K: Any) -> Any:
+    inner = K.Sequential(
+        [K.layers.Conv1D(6, 3), K.layers.Bidirectional(K.layers.LSTM(5, return_sequences=True))], name="enc"
+    )
+    inputs = K.Input((9, 4))
+    h = inner(inputs)
+    a = K.layers.GRU(4)(h)
+    b = K.layers.Dense(4)(K.layers.GlobalAveragePooling1D()(h))
+    return K.Model(inputs, K.layers.Dense(2)(K.layers.Concatenate()([a, b])))
+
+
+@pytest.mark.parametrize("api", ["keras", "tf_keras"])
+def test_nested_functional_model_with_branches(api: str, tmp_path: Path) -> None:
+    """A nested model's layers fill their modules from every kind of file (legacy .h5 lists a nested
+    model as one layer whose weights are named by its own layers)."""
+    K = keras if api == "keras" else pytest.importorskip("tf_keras")
+    rng = np.random.default_rng(11)
+    model = branched_keras_model(K)
+    model.set_weights([rng.uniform(-0.5, 0.5, w.shape).astype(np.float32) for w in model.get_weights()])
+    x = rng.standard_normal((B, 9, 4)).astype(np.float32)
+    expected = keras_output(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf_keras warns that .h5 is a legacy format
+        if api == "keras":
+            model.save_weights(tmp_path / "w.weights.h5")
+            model.save(tmp_path / "m.keras")
+        else:
+            model.save_weights(tmp_path / "w.h5")
+            model.save(tmp_path / "m.h5")
+    sources = [*sorted(tmp_path.iterdir()), model]
+    for source in sources:
+        module = Branched()
+        load(module, source)
+        assert_close(module(torch.from_numpy(x)).detach().numpy(), expected, f"branched {api} {source}")
+
+
 def test_nested_model_order_comes_from_the_keras_config(tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3), keras.layers.Dense(3)])

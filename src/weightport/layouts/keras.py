@@ -379,7 +379,7 @@ def _guess(
     names = [t.rsplit("/", 1)[-1].split(":", 1)[0] for t in tensors] if layer.legacy is not None else []
     candidates: list[str] = []
     recurrent = bool(layer.cell or layer.sides) and len(dims) in (2, 3) and len(dims[1]) == 2
-    if "recurrent_kernel" in names or recurrent:
+    if ("recurrent_kernel" in names or recurrent) and len(dims) > 1 and len(dims[1]) == 2:
         rows, cols = dims[1]
         gates = cols // rows if rows and cols % rows == 0 else 0
         candidates = [c for c, k in _RECURRENT.items() if _GATES[k] == gates]

@@ -140,8 +140,43 @@ def _legacy_layers(source: H5Source, prefix: str, config: dict[str, Any] | None)
         cls, cfg = configs.get(name, (None, None))
         if cls is not None and cfg is not None:
             cls, cfg, _ = unwrap_time_distributed(cls, cfg)
+        by_prefix = _by_first_component(path, weights)
+        if len(by_prefix) > 1 or (cls in _CONTAINERS and by_prefix):
+            # a nested model: one entry in layer_names, its layers' weights named by their own layers
+            inner = _leaf_configs(cfg)
+            for sub, sub_weights in by_prefix.items():
+                sub_cls, sub_cfg = inner.get(sub, (None, None))
+                if sub_cls is not None and sub_cfg is not None:
+                    sub_cls, sub_cfg, _ = unwrap_time_distributed(sub_cls, sub_cfg)
+                layers.append(
+                    {"path": path, "name": sub, "class_name": sub_cls, "config": sub_cfg, "weights": sub_weights}
+                )
+            continue
         layers.append({"path": path, "name": name, "class_name": cls, "config": cfg, "weights": weights})
     return layers
+
+
+def _by_first_component(path: str, weights: list[str]) -> dict[str, list[str]]:
+    """A legacy layer's weights grouped by the layer that named them (``conv1d/kernel:0`` -> ``conv1d``).
+
+    A plain layer names all its weights after itself; a nested model lists its layers' weights,
+    each named after its own (leaf) layer, in the model's order.
+    """
+    groups: dict[str, list[str]] = {}
+    for weight in weights:
+        groups.setdefault(weight[len(path) + 1 :].split("/", 1)[0], []).append(weight)
+    return groups
+
+
+def _leaf_configs(config: dict[str, Any] | None) -> dict[str, tuple[str, dict[str, Any]]]:
+    """(class, config) of every non-container layer inside a model config, by layer name."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, cls, cfg in _config_entries({"config": config} if config is not None else None):
+        if cls in _CONTAINERS and isinstance(cfg.get("layers"), list):
+            found.update(_leaf_configs(cfg))
+        else:
+            found[name] = (cls, cfg)
+    return found
 
 
 def _config_entries(config: dict[str, Any] | None) -> list[tuple[str, str, dict[str, Any]]]:
