@@ -21,7 +21,13 @@ from torch import nn
 
 import weightport
 from conftest import snapshot
-from weightport.errors import LayoutError, SourceError, UncheckedConfigWarning, UnsupportedConfigError
+from weightport.errors import (
+    LayoutError,
+    LoadError,
+    SourceError,
+    UncheckedConfigWarning,
+    UnsupportedConfigError,
+)
 from weightport.layouts import onnx as onnx_layout
 from weightport.sources import onnx as onnx_source
 from weightport.sources import open_source
@@ -236,6 +242,131 @@ def test_torch_export_of_conv_and_linear(tmp_path: Path) -> None:
     report = weightport.load(fresh, tmp_path / "m.onnx")
     assert max_err(fresh(x), expected) < TOL
     assert [p.source_kind.split()[1] for p in report.pairings] == ["Conv", "Gemm"]
+
+
+class Tagger(nn.Module):
+    """Embedding -> Conv1d -> LayerNorm -> LSTM -> Linear: the Gather and LayerNormalization nodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 6)
+        self.conv = nn.Conv1d(6, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.lstm = nn.LSTM(8, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(self.embed(ids).transpose(1, 2))).transpose(1, 2)
+        return self.head(self.lstm(self.norm(x))[0])
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_torch_export_with_embedding_and_layer_norm(tmp_path: Path, dynamo: bool) -> None:
+    torch.manual_seed(0)
+    exported = Tagger().eval()
+    with torch.no_grad():  # LayerNorm's affine parameters unlike their defaults
+        exported.norm.weight.uniform_(0.5, 1.5)
+        exported.norm.bias.uniform_(-0.5, 0.5)
+    ids = torch.randint(0, 20, (B, T))
+    path = tmp_path / "m.onnx"
+    if dynamo:
+        dynamo_export(exported, ids, path)
+    else:
+        torch_export(exported, ids, path)
+    feed = onnx.load(str(path)).graph.input[0].name
+    (expected,) = run_ort(path, {feed: ids.numpy()})
+    torch.manual_seed(1)
+    fresh = Tagger().eval()
+    report = weightport.load(fresh, path)
+    assert max_err(fresh(ids), expected) < TOL
+    assert {p.module_path for p in report.pairings} == {"embed", "conv", "norm", "lstm[0]", "head"}
+
+
+def test_batch_norm_folded_by_the_exporter_is_explained(tmp_path: Path) -> None:
+    """Both exporters fold an eval-mode BatchNorm into the Conv before it: say so, write nothing."""
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.ReLU()).eval()
+    torch_export(model, torch.randn(B, 2, T), tmp_path / "m.onnx")
+    fresh = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.ReLU())
+    before = snapshot(fresh)
+    with pytest.raises(LoadError, match=r"'1.running_mean'.*no BatchNormalization node: exporters fold"):
+        weightport.load(fresh, tmp_path / "m.onnx")
+    assert snapshot(fresh) == before
+
+
+def norm_file(path: Path, rng: np.random.Generator, op: str, channels: int, **attrs: Any) -> Path:
+    """One BatchNormalization (N, C, L input) or LayerNormalization (N, L, C) node with random inputs."""
+    if op == "BatchNormalization":
+        inits = {
+            "scale": rng.uniform(0.5, 1.5, channels).astype(np.float32),
+            "B": rand(rng, channels),
+            "mean": rand(rng, channels),
+            "var": rng.uniform(0.5, 1.5, channels).astype(np.float32),
+        }
+        shape = [B, channels, T]
+    else:
+        inits = {"scale": rng.uniform(0.5, 1.5, channels).astype(np.float32), "B": rand(rng, channels)}
+        shape = [B, T, channels]
+    node = helper.make_node(op, ["X", *inits], ["Y"], name="norm", **attrs)
+    return save_model(path, [node], inits, {"X": shape}, ["Y"])
+
+
+@pytest.mark.parametrize("op", ["BatchNormalization", "LayerNormalization"])
+def test_normalization_nodes_match_onnxruntime(tmp_path: Path, rng: np.random.Generator, op: str) -> None:
+    path = norm_file(tmp_path / "m.onnx", rng, op, 4, epsilon=1e-3)
+    x = rand(rng, B, 4, T) if op == "BatchNormalization" else rand(rng, B, T, 4)
+    (expected,) = run_ort(path, {"X": x})
+    module = (nn.BatchNorm1d(4, eps=1e-3) if op == "BatchNormalization" else nn.LayerNorm(4, eps=1e-3)).eval()
+    report = weightport.load(module, path)
+    assert max_err(module(torch.from_numpy(x)), expected) < TOL
+    assert report.pairings[0].source_kind.startswith(f"ONNX {op}")
+
+
+@pytest.mark.parametrize("op", ["BatchNormalization", "LayerNormalization"])
+def test_normalization_settings_are_checked(tmp_path: Path, rng: np.random.Generator, op: str) -> None:
+    path = norm_file(tmp_path / "m.onnx", rng, op, 4, epsilon=1e-3)
+    module = nn.BatchNorm1d(4) if op == "BatchNormalization" else nn.LayerNorm(4)
+    before = snapshot(module)
+    with pytest.raises(
+        LayoutError, match=r"epsilon=0.001 but '' was built with eps=1e-05.*Fix: build it with eps=0.001"
+    ):
+        weightport.load(module, path)
+    # a BatchNorm without affine parameters (it still holds statistics); a LayerNorm without a bias
+    if op == "BatchNormalization":
+        partial, setting, held = nn.BatchNorm1d(4, eps=1e-3, affine=False), "affine", "scale 'scale'"
+    else:
+        partial, setting, held = nn.LayerNorm(4, eps=1e-3, bias=False), "bias", "B 'B'"
+    with pytest.raises(
+        LayoutError, match=rf"input {held} holds values but '' was built with {setting}=False"
+    ):
+        weightport.load(partial, path)
+    assert snapshot(module) == before
+
+
+def test_neutral_scale_and_bias_fit_a_module_without_them(tmp_path: Path, rng: np.random.Generator) -> None:
+    inits = {
+        "scale": np.ones(3, np.float32),
+        "B": np.zeros(3, np.float32),
+        "mean": rand(rng, 3),
+        "var": np.full(3, 2.0, np.float32),
+    }
+    node = helper.make_node("BatchNormalization", ["X", *inits], ["Y"], name="bn")
+    path = save_model(tmp_path / "m.onnx", [node], inits, {"X": [B, 3, T]}, ["Y"])
+    module = nn.BatchNorm1d(3, affine=False).eval()
+    weightport.load(module, path)
+    x = rand(rng, B, 3, T)
+    assert max_err(module(torch.from_numpy(x)), run_ort(path, {"X": x})[0]) < TOL
+
+
+def test_layer_norm_over_fewer_axes_than_its_scale_is_refused(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    inits = {"scale": np.ones((T, 4), np.float32)}
+    node = helper.make_node("LayerNormalization", ["X", "scale"], ["Y"], name="ln", axis=-1)
+    path = save_model(tmp_path / "m.onnx", [node], inits, {"X": [B, T, 4]}, ["Y"])
+    with pytest.raises(
+        UnsupportedConfigError, match=r"axis=-1 normalizes over the last 1 axes, but its Scale has 2"
+    ):
+        weightport.load(nn.LayerNorm((T, 4)), path)
 
 
 def test_export_without_constant_folding_is_refused_with_the_way_out(tmp_path: Path) -> None:
@@ -879,6 +1010,12 @@ class Mixed(nn.Module):
         self.cell = getattr(nn, f"{kind}Cell")(2, hidden, bias=bias)
         self.fc = nn.Linear(hidden, 3, bias=bias)
         self.conv = nn.Conv2d(2, 3, 2, bias=bias)
+        self.embed = nn.Embedding(5, 2)
+        self.bn = nn.BatchNorm2d(3, affine=bias)
+        self.ln = nn.LayerNorm((2, 3), elementwise_affine=bias)
+        with torch.no_grad():  # running statistics unlike the defaults, so the round trip shows them
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 1.5)
 
 
 @settings(max_examples=20, deadline=None)
@@ -905,8 +1042,8 @@ def test_export_then_load_is_the_identity(
 
 
 def test_export_refuses_layers_without_an_onnx_node() -> None:
-    with pytest.raises(LayoutError, match=r"cannot export Sequential to the ONNX layout: 1 \(BatchNorm1d\)"):
-        onnx_layout.export(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    with pytest.raises(LayoutError, match=r"cannot export Sequential to the ONNX layout: 1 \(PReLU\)"):
+        onnx_layout.export(nn.Sequential(nn.Linear(2, 2), nn.PReLU(2)))
 
 
 def test_keys_that_name_no_layer(rng: np.random.Generator) -> None:

@@ -189,7 +189,8 @@ def build_plan(
                     prefix + name,
                     "a value for it",
                     f"nothing in {source.description}",
-                    _suggest_missing(name, [r.target for r in layout.rules if r.target not in tensors]),
+                    _missing_hint(name, layout.missing_hints)
+                    or _suggest_missing(name, [r.target for r in layout.rules if r.target not in tensors]),
                 )
             )
         elif tensor.is_meta:
@@ -205,6 +206,12 @@ def build_plan(
             plan.missing.append(prefix + name)
         targeted.add(id(tensor))  # report a tied group once
     return plan
+
+
+def _missing_hint(name: str, hints: dict[str, str]) -> str | None:
+    """The layout's word on why the module that holds ``name`` got nothing, if it has one."""
+    module = name.rpartition(".")[0]
+    return hints.get(module)
 
 
 def _suggest_missing(name: str, unknown: list[str]) -> str:

@@ -54,7 +54,8 @@ class LayoutPlan:
 
     ``unmatched`` lists source tensors no rule reads (reported as ignored with
     ``strict=False``, an error otherwise); ``unchecked`` lists settings the source
-    did not carry, so they could not be held against the module.
+    did not carry, so they could not be held against the module; ``missing_hints``
+    says, per module path, why the source has nothing for that module.
     """
 
     layout: str
@@ -63,3 +64,5 @@ class LayoutPlan:
     unmatched: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
     scope: str = ""
+    # module path -> why the source has nothing for that module and what to do (for its missing tensors)
+    missing_hints: dict[str, str] = field(default_factory=dict)

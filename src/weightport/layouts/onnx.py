@@ -1,4 +1,5 @@
-"""The ONNX layout: weights of LSTM, GRU, RNN, Gemm, MatMul(+Add) and Conv nodes into PyTorch.
+"""The ONNX layout: weights of LSTM, GRU, RNN, Gemm, MatMul(+Add), Conv, Gather (embeddings),
+BatchNormalization and LayerNormalization nodes into PyTorch.
 
 Weights are found by a node's input position, not by name (``torch.onnx.export``
 names them ``onnx::LSTM_201``), from the node list the ONNX reader puts in
@@ -15,6 +16,11 @@ What maps, and how:
 - ``Gemm`` (``transA=0``; ``transB`` either way) and ``MatMul`` by a stored
   matrix, with the ``Add`` of a stored bias that follows it, become ``nn.Linear``
   (``weight = B.T`` for ``MatMul``). ``Conv`` becomes ``nn.Conv1d/2d/3d`` as is.
+- ``Gather`` of a stored float matrix along axis 0 becomes ``nn.Embedding``;
+  ``BatchNormalization`` (scale, B, mean, var) ``nn.BatchNorm*d`` and
+  ``LayerNormalization`` (Scale, B) ``nn.LayerNorm``, with ``epsilon`` checked
+  against ``eps``. Exporters fold an eval-mode BatchNorm into the layer before
+  it; a module's BatchNorm with no node is then reported with that reason.
 
 Refused, with the reason (:class:`UnsupportedConfigError`): GRU
 ``linear_before_reset=0`` (the ONNX default), non-zero peepholes ``P`` (all-zero
@@ -42,7 +48,8 @@ pads, dilations and groups.
 root module's is ``""`` or ``"[0]"``, and a root key is just the input name).
 Recurrent layers give ``W``, ``R``, ``B`` (no ``B`` with ``bias=False``), Linear
 gives Gemm's ``B`` (``transB=1``, so ``(out, in)``) and ``C``, Conv gives ``W``
-and ``B``. Planned without a graph (a plain mapping with ``layout="onnx"``),
+and ``B``, Embedding ``data``, BatchNorm ``scale``, ``B``, ``input_mean``,
+``input_var``, LayerNorm ``Scale`` and ``B``. Planned without a graph (a plain mapping with ``layout="onnx"``),
 keys of that scheme are read back as identity; node attributes are then taken
 from the module and reported as unchecked.
 
@@ -53,6 +60,7 @@ from the module and reported as unchecked.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,6 +106,16 @@ _RECURRENT: dict[str, tuple[int, tuple[int, ...], tuple[str, ...]]] = {
     "RNN": (1, (0,), ("Tanh",)),
 }
 _CONV_KINDS = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
+_WEIGHT_INPUT = {"Linear": "B", "Embedding": "data"}  # the ONNX input a plain layer's weight comes from
+# Normalization nodes: the module tensor each stored input (by position, from 1) fills, and its ONNX name.
+_NORMS = {
+    "BatchNormalization": ("weight", "bias", "running_mean", "running_var"),
+    "LayerNormalization": ("weight", "bias"),
+}
+_NORM_INPUTS = {
+    "BatchNormalization": ("scale", "B", "input_mean", "input_var"),
+    "LayerNormalization": ("Scale", "B"),
+}
 _FIX_COMPUTED = (
     "re-export with do_constant_folding=True (torch.onnx.export's default), which stores each weight; "
     "a model exported with do_constant_folding=False keeps PyTorch's own parameter names, so "
@@ -199,16 +217,29 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     for layer, pair in zip(layers, paired):
         if layer.kind in _RECURRENT:
             rules += _recurrent_rules(layer, pair, source, issues, validated)
+        elif layer.node.op_type in _NORMS:
+            rules += _norm_rules(layer, pair, source, issues, validated)
         else:
             rules += _plain_rules(layer, pair, source, issues, validated)
     issues.raise_if_any(target)
     used = {s for rule in rules for s in rule.sources} | validated
+    hints = {}
+    if "nodes" in source.metadata and not any(layer.kind == "BatchNorm" for layer in layers):
+        for slot in module_slots(module):
+            if slot.kind == "BatchNorm":
+                hints[slot.path] = (
+                    "the graph has no BatchNormalization node: exporters fold an eval-mode BatchNorm into "
+                    "the Conv or Gemm before it, so the file holds only the fused weights. Load into a model "
+                    "without this BatchNorm (the layer before it with bias=True), or export with the "
+                    "BatchNormalization nodes kept (e.g. in training mode)"
+                )
     return LayoutPlan(
         layout=NAME,
         rules=rules,
         pairings=as_pairings(paired),
         unmatched=[n for n in _weight_names(source) if n not in used],
         unchecked=unchecked,
+        missing_hints=hints,
     )
 
 
@@ -289,6 +320,10 @@ def _find_layers(nodes: list[_Node], source: Source, issues: _Issues, validated:
             layer = _matmul_layer(node, stored, producers, consumers, source, fused)
         elif node.op_type == "Conv":
             layer = _conv_layer(node, stored, source, issues)
+        elif node.op_type == "Gather":
+            layer = _gather_layer(node, stored, source)
+        elif node.op_type in _NORMS:
+            layer = _norm_layer(node, stored, source, issues)
         else:
             layer = None
         if layer is not None:
@@ -529,6 +564,40 @@ def _conv_layer(node: _Node, stored: set[str], source: Source, issues: _Issues) 
     return _Layer(node, _CONV_KINDS[len(shape)], tensors, detail=f"ONNX Conv node {shape}")
 
 
+def _gather_layer(node: _Node, stored: set[str], source: Source) -> _Layer | None:
+    """``Gather(data=stored matrix, indices)`` along axis 0: an embedding lookup."""
+    table = node.input(0)
+    if table not in stored or len(source.infos[table].shape) != 2 or node.attr("axis", 0) != 0:
+        return None  # indexing activations or shapes, not a table of weights
+    if source.infos[table].dtype.kind not in "fc" and source.infos[table].dtype.name != "bfloat16":
+        return None  # an integer lookup table is graph code
+    shape = source.infos[table].shape
+    return _Layer(node, "Embedding", {"weight": table}, detail=f"ONNX Gather node {shape}")
+
+
+def _norm_layer(node: _Node, stored: set[str], source: Source, issues: _Issues) -> _Layer | None:
+    """BatchNormalization (scale, B, mean, var) or LayerNormalization (Scale, B) with stored inputs."""
+    roles = _NORMS[node.op_type]
+    tensors = {}
+    for position, role in enumerate(roles, start=1):
+        name = node.input(position)
+        if not name:
+            continue
+        if name not in stored:
+            issues.add(
+                node,
+                f"input {_NORM_INPUTS[node.op_type][position - 1]} '{name}' is computed by the graph, not "
+                f"stored in the file. Fix: {_FIX_COMPUTED}.",
+            )
+            return None
+        tensors[role] = name
+    if "weight" not in tensors:
+        return None
+    kind = "BatchNorm" if node.op_type == "BatchNormalization" else "LayerNorm"
+    shape = source.infos[tensors["weight"]].shape
+    return _Layer(node, kind, tensors, detail=f"ONNX {node.op_type} node {shape}")
+
+
 # --- rules for a paired layer --------------------------------------------------------------------------
 
 
@@ -655,7 +724,7 @@ def _plain_rules(
             slot.name("weight"),
             (layer.tensors["weight"],),
             layer.ops.get("weight", Identity()),
-            _origin(source, layer, "B" if layer.kind == "Linear" else "W", layer.tensors["weight"]),
+            _origin(source, layer, _WEIGHT_INPUT.get(layer.kind, "W"), layer.tensors["weight"]),
         )
     ]
     bias = layer.tensors.get("bias")
@@ -688,6 +757,84 @@ def _plain_rules(
             )
         )
     return rules
+
+
+def _norm_rules(
+    layer: _Layer, pair: Paired, source: Source, issues: _Issues, validated: set[str]
+) -> list[Rule]:
+    """BatchNormalization -> nn.BatchNorm*d, LayerNormalization -> nn.LayerNorm, values as they are."""
+    node, slot = layer.node, pair.slot
+    module: Any = slot.module
+    if not node.synthetic:
+        _check_norm(node, layer, slot, source, issues)
+    inputs = dict(zip(_NORMS[node.op_type], _NORM_INPUTS[node.op_type]))
+    rules: list[Rule] = []
+    for role, name in layer.tensors.items():
+        if getattr(module, role, None) is not None:
+            rules.append(
+                Rule(slot.name(role), (name,), Identity(), _origin(source, layer, inputs[role], name))
+            )
+            continue
+        neutral = {"weight": 1.0, "bias": 0.0}.get(role)
+        if neutral is not None and bool(np.all(source.read(name) == neutral)):
+            validated.add(name)  # ones / zeros: what a module without that parameter computes
+            continue
+        setting = (
+            "track_running_stats"
+            if role.startswith("running")
+            else (
+                "affine"
+                if layer.kind == "BatchNorm"
+                else ("bias" if role == "bias" else "elementwise_affine")
+            )
+        )
+        issues.add(
+            node,
+            f"input {inputs[role]} '{name}' holds values but '{slot.label}' was built with {setting}=False. "
+            f"Fix: build it with {setting}=True.",
+        )
+    bias = getattr(module, "bias", None)
+    if "bias" not in layer.tensors and bias is not None:
+        rules.append(
+            Rule(
+                slot.name("bias"),
+                (),
+                Zeros(tuple(bias.shape)),
+                f"{source.description} node '{node.label}' has no B: zeros",
+            )
+        )
+    if layer.kind == "BatchNorm" and getattr(module, "num_batches_tracked", None) is not None:
+        rules.append(
+            Rule(
+                slot.name("num_batches_tracked"),
+                (),
+                Zeros(()),
+                f"{source.description} node '{node.label}': ONNX counts no batches; 0",
+            )
+        )
+    return rules
+
+
+def _check_norm(node: _Node, layer: _Layer, slot: Slot, source: Source, issues: _Issues) -> None:
+    module: Any = slot.module
+    epsilon = float(node.attr("epsilon", 1e-5))
+    if not math.isclose(epsilon, float(module.eps), rel_tol=1e-6):
+        issues.add(
+            node,
+            f"epsilon={epsilon:g} but '{slot.label}' was built with eps={module.eps:g}; the normalization "
+            f"divides by sqrt(var + eps). Fix: build it with eps={epsilon:g}.",
+        )
+    if layer.kind == "LayerNorm":
+        rank = len(source.infos[layer.tensors["weight"]].shape)
+        axis = int(node.attr("axis", -1))
+        if axis < 0 and axis != -rank:
+            issues.add(
+                node,
+                f"axis={axis} normalizes over the last {-axis} axes, but its Scale has {rank}; nn.LayerNorm "
+                "normalizes over exactly the axes its weight covers. Fix: re-export so Scale covers every "
+                "normalized axis.",
+                unsupported=True,
+            )
 
 
 def _check_conv(node: _Node, slot: Slot, issues: _Issues) -> None:
@@ -778,6 +925,11 @@ def _nodes_from_keys(module: nn.Module, source: Source) -> tuple[list[_Node], di
             op, inputs = "Gemm", ("", roles.get("B", ""), roles.get("C", ""))
         elif kind in _CONV_KINDS.values():
             op, inputs = "Conv", ("", roles.get("W", ""), roles.get("B", ""))
+        elif kind == "Embedding":
+            op, inputs = "Gather", (roles.get("data", ""), "")
+        elif kind in ("BatchNorm", "LayerNorm"):
+            op = "BatchNormalization" if kind == "BatchNorm" else "LayerNormalization"
+            inputs = ("", *(roles.get(name, "") for name in _NORM_INPUTS[op]))
         else:
             continue  # no ONNX node: its arrays stay unmatched
         attributes = {"transB": 1} if op == "Gemm" else {}
@@ -790,7 +942,7 @@ def export(module: nn.Module) -> dict[str, np.ndarray]:
 
     Raises:
         LayoutError: a layer has no ONNX node here (only RNN/LSTM/GRU and their
-            cells, Linear and Conv1d/2d/3d are exported).
+            cells, Linear, Conv1d/2d/3d, Embedding, BatchNorm and LayerNorm are exported).
     """
     from weightport.export import tensor_to_numpy
 
@@ -822,6 +974,19 @@ def export(module: nn.Module) -> dict[str, np.ndarray]:
             arrays[prefix + "W"] = tensor_to_numpy(state[slot.name("weight")])
             if sub.bias is not None:
                 arrays[prefix + "B"] = tensor_to_numpy(state[slot.name("bias")])
+        elif slot.kind == "Embedding":
+            arrays[prefix + "data"] = tensor_to_numpy(state[slot.name("weight")])
+        elif slot.kind in ("BatchNorm", "LayerNorm"):
+            # ONNX requires the scale (and BatchNormalization its B): a module without them computes ones/zeros
+            norm: Any = sub
+            size = (norm.num_features,) if slot.kind == "BatchNorm" else tuple(norm.normalized_shape)
+            neutral = {"weight": np.ones(size, np.float32), "bias": np.zeros(size, np.float32)}
+            op = "BatchNormalization" if slot.kind == "BatchNorm" else "LayerNormalization"
+            for role, name in zip(_NORMS[op], _NORM_INPUTS[op]):
+                if slot.name(role) in state:
+                    arrays[prefix + name] = tensor_to_numpy(state[slot.name(role)])
+                elif role == "weight" or (role == "bias" and slot.kind == "BatchNorm"):
+                    arrays[prefix + name] = neutral[role]
         else:
             refused.append(slot.describe())
     if refused:

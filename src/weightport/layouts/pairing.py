@@ -103,8 +103,9 @@ def module_slots(model: nn.Module) -> list[Slot]:
     """Every slot of ``model`` in registration order (the order ``named_modules`` gives)."""
     slots: list[Slot] = []
     for path, module in model.named_modules():
-        if not any(True for _ in module.parameters(recurse=False)):
-            continue
+        holds_stats = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        if not holds_stats and not any(True for _ in module.parameters(recurse=False)):
+            continue  # nothing to fill (a BatchNorm with affine=False still holds its running statistics)
         kind = slot_kind(module)
         if isinstance(module, nn.RNNBase):
             slots += [Slot(path, module, kind, layer) for layer in range(module.num_layers)]

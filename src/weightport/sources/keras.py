@@ -149,7 +149,13 @@ def _legacy_layers(source: H5Source, prefix: str, config: dict[str, Any] | None)
                 if sub_cls is not None and sub_cfg is not None:
                     sub_cls, sub_cfg, _ = unwrap_time_distributed(sub_cls, sub_cfg)
                 layers.append(
-                    {"path": path, "name": sub, "class_name": sub_cls, "config": sub_cfg, "weights": sub_weights}
+                    {
+                        "path": path,
+                        "name": sub,
+                        "class_name": sub_cls,
+                        "config": sub_cfg,
+                        "weights": sub_weights,
+                    }
                 )
             continue
         layers.append({"path": path, "name": name, "class_name": cls, "config": cfg, "weights": weights})
