@@ -992,7 +992,8 @@ def export(module: nn.Module) -> dict[str, np.ndarray]:
     if refused:
         raise LayoutError(
             f"cannot export {type(module).__name__} to the ONNX layout: {', '.join(refused)} have no ONNX "
-            "node weightport maps (RNN, LSTM, GRU and their cells without proj_size, Linear, Conv1d/2d/3d). "
+            "node weightport maps (RNN, LSTM, GRU and their cells without proj_size, Linear, Conv1d/2d/3d, "
+            "Embedding, BatchNorm, LayerNorm). "
             "Fix: export those layers with weightport.to_numpy instead."
         )
     return arrays
