@@ -475,6 +475,56 @@ def test_nested_functional_model_with_branches(api: str, tmp_path: Path) -> None
         assert_close(module(torch.from_numpy(x)).detach().numpy(), expected, f"branched {api} {source}")
 
 
+@keras.saving.register_keras_serializable(package="weightport_tests")
+class TwoEncoders(keras.Model):
+    """A subclassed Keras model: its files name layers by attribute, with no order between them."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.encoder = keras.layers.GRU(6, return_sequences=True)
+        self.decoder = keras.layers.GRU(4)
+        self.head = keras.layers.Dense(2)
+
+    def call(self, x: Any) -> Any:
+        return self.head(self.decoder(self.encoder(x)))
+
+
+class TorchTwoEncoders(nn.Module):
+    def __init__(self, names: tuple[str, str] = ("encoder", "decoder")) -> None:
+        super().__init__()
+        self.names = names
+        setattr(self, names[0], nn.GRU(3, 6, batch_first=True))
+        setattr(self, names[1], nn.GRU(6, 4, batch_first=True))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = (getattr(self, n) for n in self.names)
+        return self.head(second(first(x)[0])[1][-1])
+
+
+def test_subclassed_model_layers_pair_by_attribute_name(tmp_path: Path) -> None:
+    """No recorded order between two GRUs: their attribute names, when the module's are the same."""
+    rng = np.random.default_rng(12)
+    model = TwoEncoders()
+    x = rng.standard_normal((B, T, 3)).astype(np.float32)
+    model(x)
+    model.set_weights([rng.uniform(-0.5, 0.5, w.shape).astype(np.float32) for w in model.get_weights()])
+    expected = keras_output(model, x)
+    model.save_weights(tmp_path / "m.weights.h5")
+    model.save(tmp_path / "m.keras")
+    for path in (tmp_path / "m.weights.h5", tmp_path / "m.keras"):
+        module = TorchTwoEncoders()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UncheckedConfigWarning)
+            report = weightport.load(module, path)
+        assert_close(module(torch.from_numpy(x)).detach().numpy(), expected, f"subclassed {path.name}")
+        hows = {p.module_path: p.how for p in report.pairings}
+        assert hows["encoder[0]"] == hows["decoder[0]"] == "by name (the file records no order)"
+    renamed = TorchTwoEncoders(("first", "second"))  # other names: no order, no names, so no guess
+    with pytest.raises(LayoutError, match=r"does not record the order of its GRU layers"):
+        weightport.load(renamed, tmp_path / "m.weights.h5")
+
+
 def test_nested_model_order_comes_from_the_keras_config(tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3), keras.layers.Dense(3)])

@@ -35,7 +35,8 @@ is needed only when two classes fill the same kind of module, which happens for
 plain and ``Bidirectional`` recurrent layers, and is then taken from which of the
 module's layers are bidirectional. Layers filed under attribute names (subclassed
 models) have no recorded order: when more than one of a kind is left unpaired,
-the plan is refused with the candidates, never guessed.
+they pair by name where each one's path is exactly a module's path (``encoder``
+-> ``encoder``), and otherwise the plan is refused with the candidates, never guessed.
 
 Refused (:class:`~weightport.errors.UnsupportedConfigError`): GRU ``reset_after=False``,
 ``recurrent_activation`` other than sigmoid, LSTM/GRU ``activation`` other than
@@ -442,9 +443,13 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
             unmatched += layer.tensors
         else:
             resolved.append(found)
-    resolved = _order(resolved, slots, mapping, where)
+    by_name: dict[str, str] = {}
+    resolved = _order(resolved, slots, mapping, where, by_name)
     pairs = pair_layers(
-        module, [SourceLayer(r.layer.name, r.kind, r.detail) for r in resolved], mapping, framework="Keras"
+        module,
+        [SourceLayer(r.layer.name, r.kind, r.detail) for r in resolved],
+        {**mapping, **by_name},
+        framework="Keras",
     )
     rules: list[Rule] = []
     pairings: list[Pairing] = []
@@ -454,7 +459,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     for found, paired in zip(resolved, pairs):
         slot = paired.slot
         _check_direction(found, slot, where)
-        how = paired.how
+        how = "by name (the file records no order)" if found.layer.name in by_name else paired.how
         for part in found.parts:
             rules += _part_rules(found, part, slot, source)
             if part.config is not None:
@@ -491,9 +496,18 @@ def _kind_of_target(target: str, slots: list[Slot]) -> str | None:
 
 
 def _order(
-    resolved: list[_Resolved], slots: list[Slot], mapping: Mapping[str, str], where: str
+    resolved: list[_Resolved],
+    slots: list[Slot],
+    mapping: Mapping[str, str],
+    where: str,
+    by_name: dict[str, str],
 ) -> list[_Resolved]:
-    """Layers per kind in one order pairing can trust; refuse where the source records none."""
+    """Layers per kind in one order pairing can trust; refuse where the source records none.
+
+    Where it records none (a subclassed model files its layers under attribute names), layers whose
+    paths are exactly the module's own (``encoder`` -> ``encoder``, ``enc/gru`` -> ``enc.gru``) pair by
+    name; they are added to ``by_name`` (layer name -> slot label), which the caller passes as a mapping.
+    """
     out: list[_Resolved] = [r for r in resolved if r.layer.name in mapping]
     mapped = set(mapping.values())
     kinds = list(dict.fromkeys(r.kind for r in resolved))
@@ -505,6 +519,11 @@ def _order(
             two_way = [r for r in group if len(r.parts) == 2]
             one_way = [r for r in group if len(r.parts) == 1]
             if len({r.layer.seq for r in two_way}) > 1 or len({r.layer.seq for r in one_way}) > 1:
+                named = _same_paths(group, free)
+                if named is not None:  # a subclassed model's attributes, named as the module's own
+                    by_name.update(named)
+                    out += group
+                    continue
                 names = ", ".join(f"'{r.layer.name}'" for r in group)
                 raise LayoutError(
                     f"{where} does not record the order of its {kind} layers {names}: a Keras 3 .weights.h5 "
@@ -520,6 +539,18 @@ def _order(
             group = merged + two_way + one_way
         out += group
     return out
+
+
+def _same_paths(group: list[_Resolved], free: list[Slot]) -> dict[str, str] | None:
+    """Each layer of ``group`` paired with the free slot at its own path, if every one has exactly one."""
+    pairs: dict[str, str] = {}
+    for found in group:
+        path = found.layer.path.replace("/", ".")
+        at_path = [s for s in free if s.path == path]
+        if len(at_path) != 1 or at_path[0].bidirectional != (len(found.parts) == 2):
+            return None
+        pairs[found.layer.name] = at_path[0].label
+    return pairs if len(set(pairs.values())) == len(pairs) else None
 
 
 def _check_direction(found: _Resolved, slot: Slot, where: str) -> None:
