@@ -520,6 +520,9 @@ def test_subclassed_model_layers_pair_by_attribute_name(tmp_path: Path) -> None:
         assert_close(module(torch.from_numpy(x)).detach().numpy(), expected, f"subclassed {path.name}")
         hows = {p.module_path: p.how for p in report.pairings}
         assert hows["encoder[0]"] == hows["decoder[0]"] == "by name (the file records no order)"
+        # listed in the model's order, although the file lists decoder before encoder
+        assert [p.module_path for p in report.pairings] == ["encoder[0]", "decoder[0]", "head"]
+        assert report.rows[0].target == "encoder.weight_ih_l0" and report.rows[-1].target == "head.bias"
     renamed = TorchTwoEncoders(("first", "second"))  # other names: no order, no names, so no guess
     with pytest.raises(LayoutError, match=r"does not record the order of its GRU layers"):
         weightport.load(renamed, tmp_path / "m.weights.h5")

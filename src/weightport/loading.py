@@ -22,6 +22,8 @@ from weightport.distributed import prepare as prepare_sharded
 from weightport.dtypes import describe_dtype
 from weightport.errors import LoadError, Problem, UncheckedConfigWarning
 from weightport.layouts import detect_layout, get_layout
+from weightport.layouts.base import Pairing
+from weightport.layouts.pairing import module_slots
 from weightport.plan import NonFinite, Plan, build_plan, check_values
 from weightport.report import LoadReport, ReportRow
 from weightport.sources import Source, SourceLike, open_source
@@ -203,6 +205,15 @@ def _describe(module: nn.Module) -> str:
     return type(unwrap(module)).__name__
 
 
+def _in_module_order(plan: Plan) -> list[Pairing]:
+    """The layout's pairings in the order of the model's own modules (a file's order can be arbitrary)."""
+    pairings = list(plan.layout.pairings)
+    if len(pairings) < 2:
+        return pairings
+    position = {slot.label: i for i, slot in enumerate(module_slots(plan.module))}
+    return sorted(pairings, key=lambda p: position.get(p.module_path, len(position)))
+
+
 def _report(plan: Plan, source: Source, module: nn.Module, dry_run: bool) -> LoadReport:
     seen: set[int] = set()
     rows = []
@@ -223,6 +234,9 @@ def _report(plan: Plan, source: Source, module: nn.Module, dry_run: bool) -> Loa
                 aliases=entry.aliases,
             )
         )
+    if plan.layout.pairings:  # a framework's layout: rows in the model's own order, as its pairings
+        position = {plan.prefix + name: i for i, name in enumerate(plan.module.state_dict(keep_vars=True))}
+        rows.sort(key=lambda row: position.get(row.target, len(position)))
     return LoadReport(
         module=_describe(module),
         source=source.description,
@@ -230,7 +244,7 @@ def _report(plan: Plan, source: Source, module: nn.Module, dry_run: bool) -> Loa
         rows=rows,
         ignored=list(plan.ignored),
         missing=list(plan.missing),
-        pairings=list(plan.layout.pairings),
+        pairings=_in_module_order(plan),
         unchecked=list(plan.layout.unchecked),
         nbytes=nbytes,
         dry_run=dry_run,
