@@ -121,6 +121,19 @@ class EmbedLSTMSteps(nn.Module):
         return self.fc(self.lstm(self.embed(x))[0])
 
 
+class ConvFlattenDense(nn.Module):
+    """Conv2D -> Flatten -> Dense, flattened channels-last as Keras does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(4 * 5 * 3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x.permute(0, 3, 1, 2))  # NHWC input, as Keras takes it
+        return self.fc(h.permute(0, 2, 3, 1).flatten(1))
+
+
 class DenseBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -247,6 +260,12 @@ CASES: dict[str, Case] = {
         lambda K: [K.layers.Conv2D(4, 3, padding="same"), K.layers.Conv2D(2, (2, 3), strides=2)],
         (6, 7, 2),
         lambda: Permuted(nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 2, (2, 3), stride=2)),
+        call,
+    ),
+    "conv2d_flatten_dense": Case(
+        lambda K: [K.layers.Conv2D(3, 3), K.layers.Flatten(), K.layers.Dense(2)],
+        (6, 7, 2),
+        ConvFlattenDense,
         call,
     ),
     "embedding": Case(
