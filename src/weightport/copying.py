@@ -43,7 +43,10 @@ def _threads() -> int:
 def _executor() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="weightport-copy")
+        # as many workers as any later call may use: each call submits _threads() tasks at most
+        _pool = ThreadPoolExecutor(
+            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="weightport-copy"
+        )
     return _pool
 
 
