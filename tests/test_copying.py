@@ -69,6 +69,17 @@ def test_every_item_size_moves_bit_for_bit(kernel: bool, dtype: type) -> None:
     assert np.array_equal(dst.numpy(), view)
 
 
+def test_unaligned_source_lands_exactly(kernel: bool) -> None:
+    """A float32 view at an odd byte offset (as a memory-mapped file can give) is copied exactly."""
+    k = np.random.default_rng(3).standard_normal((40, 30)).astype(np.float32)
+    raw = np.zeros(k.nbytes + 1, np.uint8)
+    unaligned = np.frombuffer(raw.data, np.float32, count=k.size, offset=1).reshape(k.shape)
+    raw[1:] = k.view(np.uint8).reshape(-1)
+    dst = torch.empty(30, 40)
+    copying.copy_into(dst, unaligned.T)
+    assert torch.equal(dst, torch.from_numpy(k.T.copy()))
+
+
 def test_destination_rows_inside_a_wider_tensor(kernel: bool) -> None:
     """A block of a flat buffer (rows of a wider tensor): only the block is written."""
     k = np.random.default_rng(2).standard_normal((40, 60)).astype(np.float32)

@@ -99,6 +99,8 @@ def _kernel_fits(dst: torch.Tensor, src: np.ndarray) -> bool:
     ):
         return False
     src_start = src.__array_interface__["data"][0]
+    if src_start % size:
+        return False  # an unaligned view (a mapped file at an odd offset): torch's copy handles it
     src_end = src_start + (rows - 1) * size + (cols - 1) * src.strides[1] + size
     dst_start = dst.data_ptr()
     dst_end = dst_start + ((rows - 1) * dst.stride(0) + cols) * size
