@@ -107,14 +107,27 @@ _RECURRENT: dict[str, tuple[int, tuple[int, ...], tuple[str, ...]]] = {
 }
 _CONV_KINDS = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
 _WEIGHT_INPUT = {"Linear": "B", "Embedding": "data"}  # the ONNX input a plain layer's weight comes from
-# Normalization nodes: the module tensor each stored input (by position, from 1) fills, and its ONNX name.
+# Normalization nodes by module kind: the ONNX op, and for each stored input (by position, from 1) the
+# module tensor it fills and its ONNX name.
+_NORM_OPS = {"BatchNorm": "BatchNormalization", "LayerNorm": "LayerNormalization"}
+_KIND_OF_NORM_OP = {op: kind for kind, op in _NORM_OPS.items()}
 _NORMS = {
-    "BatchNormalization": ("weight", "bias", "running_mean", "running_var"),
-    "LayerNormalization": ("weight", "bias"),
+    "BatchNormalization": (
+        ("weight", "scale"),
+        ("bias", "B"),
+        ("running_mean", "input_mean"),
+        ("running_var", "input_var"),
+    ),
+    "LayerNormalization": (("weight", "Scale"), ("bias", "B")),
 }
-_NORM_INPUTS = {
-    "BatchNormalization": ("scale", "B", "input_mean", "input_var"),
-    "LayerNormalization": ("Scale", "B"),
+# The module setting that leaves it without a tensor the file holds (nn.LayerNorm(bias=False) keeps its weight).
+_NORM_SETTING = {
+    ("BatchNorm", "weight"): "affine",
+    ("BatchNorm", "bias"): "affine",
+    ("BatchNorm", "running_mean"): "track_running_stats",
+    ("BatchNorm", "running_var"): "track_running_stats",
+    ("LayerNorm", "weight"): "elementwise_affine",
+    ("LayerNorm", "bias"): "bias",
 }
 _FIX_COMPUTED = (
     "re-export with do_constant_folding=True (torch.onnx.export's default), which stores each weight; "
@@ -577,23 +590,22 @@ def _gather_layer(node: _Node, stored: set[str], source: Source) -> _Layer | Non
 
 def _norm_layer(node: _Node, stored: set[str], source: Source, issues: _Issues) -> _Layer | None:
     """BatchNormalization (scale, B, mean, var) or LayerNormalization (Scale, B) with stored inputs."""
-    roles = _NORMS[node.op_type]
     tensors = {}
-    for position, role in enumerate(roles, start=1):
+    for position, (role, onnx_name) in enumerate(_NORMS[node.op_type], start=1):
         name = node.input(position)
         if not name:
             continue
         if name not in stored:
             issues.add(
                 node,
-                f"input {_NORM_INPUTS[node.op_type][position - 1]} '{name}' is computed by the graph, not "
-                f"stored in the file. Fix: {_FIX_COMPUTED}.",
+                f"input {onnx_name} '{name}' is computed by the graph, not stored in the file. "
+                f"Fix: {_FIX_COMPUTED}.",
             )
             return None
         tensors[role] = name
     if "weight" not in tensors:
         return None
-    kind = "BatchNorm" if node.op_type == "BatchNormalization" else "LayerNorm"
+    kind = _KIND_OF_NORM_OP[node.op_type]
     shape = source.infos[tensors["weight"]].shape
     return _Layer(node, kind, tensors, detail=f"ONNX {node.op_type} node {shape}")
 
@@ -767,7 +779,7 @@ def _norm_rules(
     module: Any = slot.module
     if not node.synthetic:
         _check_norm(node, layer, slot, source, issues)
-    inputs = dict(zip(_NORMS[node.op_type], _NORM_INPUTS[node.op_type]))
+    inputs = dict(_NORMS[node.op_type])
     rules: list[Rule] = []
     for role, name in layer.tensors.items():
         if getattr(module, role, None) is not None:
@@ -779,15 +791,7 @@ def _norm_rules(
         if neutral is not None and bool(np.all(source.read(name) == neutral)):
             validated.add(name)  # ones / zeros: what a module without that parameter computes
             continue
-        setting = (
-            "track_running_stats"
-            if role.startswith("running")
-            else (
-                "affine"
-                if layer.kind == "BatchNorm"
-                else ("bias" if role == "bias" else "elementwise_affine")
-            )
-        )
+        setting = _NORM_SETTING[layer.kind, role]
         issues.add(
             node,
             f"input {inputs[role]} '{name}' holds values but '{slot.label}' was built with {setting}=False. "
@@ -927,9 +931,9 @@ def _nodes_from_keys(module: nn.Module, source: Source) -> tuple[list[_Node], di
             op, inputs = "Conv", ("", roles.get("W", ""), roles.get("B", ""))
         elif kind == "Embedding":
             op, inputs = "Gather", (roles.get("data", ""), "")
-        elif kind in ("BatchNorm", "LayerNorm"):
-            op = "BatchNormalization" if kind == "BatchNorm" else "LayerNormalization"
-            inputs = ("", *(roles.get(name, "") for name in _NORM_INPUTS[op]))
+        elif kind in _NORM_OPS:
+            op = _NORM_OPS[kind]
+            inputs = ("", *(roles.get(name, "") for _, name in _NORMS[op]))
         else:
             continue  # no ONNX node: its arrays stay unmatched
         attributes = {"transB": 1} if op == "Gemm" else {}
@@ -976,13 +980,12 @@ def export(module: nn.Module) -> dict[str, np.ndarray]:
                 arrays[prefix + "B"] = tensor_to_numpy(state[slot.name("bias")])
         elif slot.kind == "Embedding":
             arrays[prefix + "data"] = tensor_to_numpy(state[slot.name("weight")])
-        elif slot.kind in ("BatchNorm", "LayerNorm"):
+        elif slot.kind in _NORM_OPS:
             # ONNX requires the scale (and BatchNormalization its B): a module without them computes ones/zeros
             norm: Any = sub
             size = (norm.num_features,) if slot.kind == "BatchNorm" else tuple(norm.normalized_shape)
             neutral = {"weight": np.ones(size, np.float32), "bias": np.zeros(size, np.float32)}
-            op = "BatchNormalization" if slot.kind == "BatchNorm" else "LayerNormalization"
-            for role, name in zip(_NORMS[op], _NORM_INPUTS[op]):
+            for role, name in _NORMS[_NORM_OPS[slot.kind]]:
                 if slot.name(role) in state:
                     arrays[prefix + name] = tensor_to_numpy(state[slot.name(role)])
                 elif role == "weight" or (role == "bias" and slot.kind == "BatchNorm"):
