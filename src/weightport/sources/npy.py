@@ -69,6 +69,19 @@ def read_npy_into(fd: int, header: NpyHeader, out: np.ndarray, where: str, name:
         read_mapped(fd, base + header.data_offset, out, where, name)
 
 
+def map_npy(fd: int, header: NpyHeader, where: str, name: str, base: int = 0) -> np.ndarray:
+    """The data of a ``.npy`` (at byte ``base`` of ``fd``) as a read-only memory-mapped array, no copy."""
+    return map_array(
+        fd,
+        base + header.data_offset,
+        header.dtype,
+        header.shape,
+        where,
+        name,
+        fortran_order=header.fortran_order,
+    )
+
+
 def read_npy_region(
     fd: int,
     header: NpyHeader,
@@ -136,16 +149,8 @@ class NpyFiles(Source):
     def mapped(self, name: str) -> np.ndarray | None:
         if name not in self.fds:
             return None
-        header = self.files[name].header
-        array = map_array(
-            self.fds[name],
-            header.data_offset,
-            header.dtype,
-            header.shape,
-            f"'{self.files[name].path}'",
-            name,
-            fortran_order=header.fortran_order,
-        )
+        entry = self.files[name]
+        array = map_npy(self.fds[name], entry.header, f"'{entry.path}'", name)
         self.bytes_read += array.nbytes
         return array
 

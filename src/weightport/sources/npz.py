@@ -29,11 +29,10 @@ from weightport.sources.files import (
     NpyHeader,
     byte_view,
     contiguous_runs,
-    map_array,
     mapped_chunks,
     parse_npy_header,
 )
-from weightport.sources.npy import read_npy_into, read_npy_region
+from weightport.sources.npy import map_npy, read_npy_into, read_npy_region
 
 __all__ = ["claims", "open", "NpzSource", "unsafe_member_name"]
 
@@ -81,16 +80,7 @@ class NpzSource(Source):
         member = self.members[name]
         if member.info.compress_type != zipfile.ZIP_STORED:
             return None
-        header = member.header
-        array = map_array(
-            self._fd,
-            member.data_start + header.data_offset,
-            header.dtype,
-            header.shape,
-            self.description,
-            name,
-            fortran_order=header.fortran_order,
-        )
+        array = map_npy(self._fd, member.header, self.description, name, base=member.data_start)
         self.bytes_read += array.nbytes
         return array
 
