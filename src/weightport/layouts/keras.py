@@ -443,8 +443,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
             unmatched += layer.tensors
         else:
             resolved.append(found)
-    by_name: dict[str, str] = {}
-    resolved = _order(resolved, slots, mapping, where, by_name)
+    resolved, by_name = _order(resolved, slots, mapping, where)
     pairs = pair_layers(
         module,
         [SourceLayer(r.layer.name, r.kind, r.detail) for r in resolved],
@@ -496,19 +495,17 @@ def _kind_of_target(target: str, slots: list[Slot]) -> str | None:
 
 
 def _order(
-    resolved: list[_Resolved],
-    slots: list[Slot],
-    mapping: Mapping[str, str],
-    where: str,
-    by_name: dict[str, str],
-) -> list[_Resolved]:
+    resolved: list[_Resolved], slots: list[Slot], mapping: Mapping[str, str], where: str
+) -> tuple[list[_Resolved], dict[str, str]]:
     """Layers per kind in one order pairing can trust; refuse where the source records none.
 
     Where it records none (a subclassed model files its layers under attribute names), layers whose
     paths are exactly the module's own (``encoder`` -> ``encoder``, ``enc/gru`` -> ``enc.gru``) pair by
-    name; they are added to ``by_name`` (layer name -> slot label), which the caller passes as a mapping.
+    name. Returns the layers, and those name pairs (layer name -> slot label) for the caller to pass
+    on as a mapping.
     """
     out: list[_Resolved] = [r for r in resolved if r.layer.name in mapping]
+    by_name: dict[str, str] = {}
     mapped = set(mapping.values())
     kinds = list(dict.fromkeys(r.kind for r in resolved))
     for kind in kinds:
@@ -538,7 +535,7 @@ def _order(
                     merged.append(queue.pop(0))
             group = merged + two_way + one_way
         out += group
-    return out
+    return out, by_name
 
 
 def _same_paths(group: list[_Resolved], free: list[Slot]) -> dict[str, str] | None:

@@ -125,7 +125,7 @@ def _legacy_layers(source: H5Source, prefix: str, config: dict[str, Any] | None)
     where = source.description
     group_attrs = source.group_attrs(prefix.rstrip("/")) if prefix else source.root_attrs()
     names = _list_attr(group_attrs, "layer_names") or []
-    configs = {name: (cls, cfg) for name, cls, cfg in _config_entries(config)}
+    configs = {name: unwrap_time_distributed(cls, cfg)[:2] for name, cls, cfg in _config_entries(config)}
     layers = []
     for name in names:
         path = prefix + name
@@ -138,27 +138,25 @@ def _legacy_layers(source: H5Source, prefix: str, config: dict[str, Any] | None)
         if missing:
             raise SourceError(f"{where}: layer '{name}' lists weight '{missing[0]}', which the file lacks.")
         cls, cfg = configs.get(name, (None, None))
-        if cls is not None and cfg is not None:
-            cls, cfg, _ = unwrap_time_distributed(cls, cfg)
         by_prefix = _by_first_component(path, weights)
         if len(by_prefix) > 1 or (cls in _CONTAINERS and by_prefix):
             # a nested model: one entry in layer_names, its layers' weights named by their own layers
             inner = _leaf_configs(cfg)
-            for sub, sub_weights in by_prefix.items():
-                sub_cls, sub_cfg = inner.get(sub, (None, None))
-                if sub_cls is not None and sub_cfg is not None:
-                    sub_cls, sub_cfg, _ = unwrap_time_distributed(sub_cls, sub_cfg)
-                layers.append(
-                    {
-                        "path": path,
-                        "name": sub,
-                        "class_name": sub_cls,
-                        "config": sub_cfg,
-                        "weights": sub_weights,
-                    }
-                )
-            continue
-        layers.append({"path": path, "name": name, "class_name": cls, "config": cfg, "weights": weights})
+            parts = [
+                (sub, *inner.get(sub, (None, None)), sub_weights) for sub, sub_weights in by_prefix.items()
+            ]
+        else:
+            parts = [(name, cls, cfg, weights)]
+        for part_name, part_cls, part_cfg, part_weights in parts:
+            layers.append(
+                {
+                    "path": path,
+                    "name": part_name,
+                    "class_name": part_cls,
+                    "config": part_cfg,
+                    "weights": part_weights,
+                }
+            )
     return layers
 
 
@@ -181,7 +179,7 @@ def _leaf_configs(config: dict[str, Any] | None) -> dict[str, tuple[str, dict[st
         if cls in _CONTAINERS and isinstance(cfg.get("layers"), list):
             found.update(_leaf_configs(cfg))
         else:
-            found[name] = (cls, cfg)
+            found[name] = unwrap_time_distributed(cls, cfg)[:2]
     return found
 
 
