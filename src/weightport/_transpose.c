@@ -22,9 +22,20 @@
 #define TILE 256
 #define BLOCK 8
 
-#define DEFINE_SCALAR(NAME, T)                                                                     \
-    static void NAME(T *dst, const T *src, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t sc,       \
-                     Py_ssize_t dr) {                                                              \
+/* One 8 x 8 block, through a small buffer: src rows are destination columns. */
+#define DEFINE_BLOCK(NAME, T)                                                                      \
+    static inline void NAME(T *d, const T *s, Py_ssize_t sc, Py_ssize_t dr) {                      \
+        T buf[BLOCK][BLOCK];                                                                       \
+        for (int b = 0; b < BLOCK; b++)                                                            \
+            for (int a = 0; a < BLOCK; a++) buf[a][b] = s[a + b * sc];                             \
+        for (int a = 0; a < BLOCK; a++)                                                            \
+            for (int b = 0; b < BLOCK; b++) d[a * dr + b] = buf[a][b];                             \
+    }
+
+/* The whole copy: TILE x TILE tiles of BLOCK_FN blocks, then the ragged edges item by item. */
+#define DEFINE_TRANSPOSE(NAME, T, BLOCK_FN, ATTRIBUTES)                                            \
+    ATTRIBUTES static void NAME(T *dst, const T *src, Py_ssize_t rows, Py_ssize_t cols,            \
+                                Py_ssize_t sc, Py_ssize_t dr) {                                    \
         for (Py_ssize_t j0 = 0; j0 < cols; j0 += TILE) {                                           \
             Py_ssize_t j1 = j0 + TILE < cols ? j0 + TILE : cols;                                   \
             for (Py_ssize_t i0 = 0; i0 < rows; i0 += TILE) {                                       \
@@ -32,31 +43,32 @@
                 Py_ssize_t ie = i0 + (i1 - i0) / BLOCK * BLOCK;                                    \
                 Py_ssize_t je = j0 + (j1 - j0) / BLOCK * BLOCK;                                    \
                 for (Py_ssize_t i = i0; i < ie; i += BLOCK)                                        \
-                    for (Py_ssize_t j = j0; j < je; j += BLOCK) {                                  \
-                        T buf[BLOCK][BLOCK];                                                       \
-                        for (int b = 0; b < BLOCK; b++)                                            \
-                            for (int a = 0; a < BLOCK; a++) buf[a][b] = src[i + a + (j + b) * sc]; \
-                        for (int a = 0; a < BLOCK; a++)                                            \
-                            for (int b = 0; b < BLOCK; b++) dst[(i + a) * dr + j + b] = buf[a][b]; \
-                    }                                                                              \
-                for (Py_ssize_t i = i0; i < i1; i++) /* the ragged edges */                        \
+                    for (Py_ssize_t j = j0; j < je; j += BLOCK)                                    \
+                        BLOCK_FN(dst + i * dr + j, src + i + j * sc, sc, dr);                      \
+                for (Py_ssize_t i = i0; i < i1; i++)                                               \
                     for (Py_ssize_t j = (i < ie ? je : j0); j < j1; j++)                           \
                         dst[i * dr + j] = src[i + j * sc];                                         \
             }                                                                                      \
         }                                                                                          \
     }
 
-DEFINE_SCALAR(transpose_u16, uint16_t)
-DEFINE_SCALAR(transpose_u32, uint32_t)
-DEFINE_SCALAR(transpose_u64, uint64_t)
+DEFINE_BLOCK(block8_u16, uint16_t)
+DEFINE_BLOCK(block8_u32, uint32_t)
+DEFINE_BLOCK(block8_u64, uint64_t)
+DEFINE_TRANSPOSE(transpose_u16, uint16_t, block8_u16, )
+DEFINE_TRANSPOSE(transpose_u32, uint32_t, block8_u32, )
+DEFINE_TRANSPOSE(transpose_u64, uint64_t, block8_u64, )
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
 
-/* Eight source rows of eight 4-byte items become eight destination rows, in registers. */
-__attribute__((target("avx2"))) static inline void block8_avx2(float *d, const float *s,
+/* Eight source rows of eight 4-byte items become eight destination rows, in registers. The items are
+ * moved as float bit patterns: loads and stores never touch the values. */
+__attribute__((target("avx2"))) static inline void block8_avx2(uint32_t *dst, const uint32_t *src,
                                                                Py_ssize_t sc, Py_ssize_t dr) {
+    float *d = (float *)dst;
+    const float *s = (const float *)src;
     __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + sc);
     __m256 r2 = _mm256_loadu_ps(s + 2 * sc), r3 = _mm256_loadu_ps(s + 3 * sc);
     __m256 r4 = _mm256_loadu_ps(s + 4 * sc), r5 = _mm256_loadu_ps(s + 5 * sc);
@@ -79,25 +91,7 @@ __attribute__((target("avx2"))) static inline void block8_avx2(float *d, const f
     _mm256_storeu_ps(d + 7 * dr, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
-/* 4-byte items are moved as float bit patterns: loads and stores never touch the values. */
-__attribute__((target("avx2"))) static void transpose_u32_avx2(uint32_t *dst, const uint32_t *src,
-                                                               Py_ssize_t rows, Py_ssize_t cols,
-                                                               Py_ssize_t sc, Py_ssize_t dr) {
-    float *d = (float *)dst;
-    const float *s = (const float *)src;
-    for (Py_ssize_t j0 = 0; j0 < cols; j0 += TILE) {
-        Py_ssize_t j1 = j0 + TILE < cols ? j0 + TILE : cols;
-        for (Py_ssize_t i0 = 0; i0 < rows; i0 += TILE) {
-            Py_ssize_t i1 = i0 + TILE < rows ? i0 + TILE : rows;
-            Py_ssize_t ie = i0 + (i1 - i0) / BLOCK * BLOCK;
-            Py_ssize_t je = j0 + (j1 - j0) / BLOCK * BLOCK;
-            for (Py_ssize_t i = i0; i < ie; i += BLOCK)
-                for (Py_ssize_t j = j0; j < je; j += BLOCK) block8_avx2(d + i * dr + j, s + i + j * sc, sc, dr);
-            for (Py_ssize_t i = i0; i < i1; i++)
-                for (Py_ssize_t j = (i < ie ? je : j0); j < j1; j++) dst[i * dr + j] = src[i + j * sc];
-        }
-    }
-}
+DEFINE_TRANSPOSE(transpose_u32_avx2, uint32_t, block8_avx2, __attribute__((target("avx2"))))
 #endif
 
 static PyObject *transpose(PyObject *self, PyObject *args) {
@@ -133,6 +127,6 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_transpose", NULL, 0, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_transpose", NULL, 0, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__transpose(void) { return PyModule_Create(&module); }
