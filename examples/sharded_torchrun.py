@@ -13,20 +13,28 @@ from torch.distributed.fsdp import fully_shard
 
 import weightport
 
-dist.init_process_group("gloo")  # on GPUs: torch.cuda.set_device(local_rank), then "nccl" and a "cuda" mesh
-mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-folder = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
-dist.broadcast_object_list(folder)
-path = os.path.join(folder[0], "lstm.safetensors")
-if dist.get_rank() == 0:  # a checkpoint to load: any file weightport reads, in any layout
-    weightport.save(torch.nn.LSTM(256, 256, num_layers=2), path)
-dist.barrier()
 
-with torch.device("meta"):
-    model = torch.nn.LSTM(256, 256, num_layers=2)  # no memory, no init
-fully_shard(model, mesh=mesh)  # every parameter a DTensor placed Shard(0)
-with weightport.open_source(path) as source:
-    weightport.load(model, source)  # a collective: each rank reads only its own rows
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"rank {dist.get_rank()}: read {source.bytes_read / total:.2f} of the checkpoint")
-dist.destroy_process_group()
+def main() -> None:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    folder = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(folder)
+    path = os.path.join(folder[0], "lstm.safetensors")
+    if dist.get_rank() == 0:  # a checkpoint to load: any file weightport reads, in any layout
+        weightport.save(torch.nn.LSTM(256, 256, num_layers=2), path)
+    dist.barrier()
+
+    with torch.device("meta"):
+        model = torch.nn.LSTM(256, 256, num_layers=2)  # no memory, no init
+    fully_shard(model, mesh=mesh)  # every parameter a DTensor placed Shard(0)
+    with weightport.open_source(path) as source:
+        weightport.load(model, source)  # a collective: each rank reads only its own rows
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(f"rank {dist.get_rank()}: read {source.bytes_read / total:.2f} of the checkpoint")
+
+
+dist.init_process_group("gloo")  # on GPUs: torch.cuda.set_device(local_rank), then "nccl" and a "cuda" mesh
+try:
+    main()  # the model and mesh are freed when it returns, before the group is torn down
+    dist.barrier()  # every rank done before any tears down
+finally:
+    dist.destroy_process_group()
