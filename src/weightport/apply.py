@@ -75,7 +75,7 @@ def _value(entry: Entry, source: Source) -> np.ndarray:
 
 def goes_through_staging(tensor: torch.Tensor) -> bool:
     """Whether writes to ``tensor`` go through pinned host buffers (tensors off the CPU)."""
-    return tensor.device.type not in ("cpu", "meta")
+    return not (tensor.is_cpu or tensor.is_meta)
 
 
 def _write(
@@ -227,7 +227,11 @@ def apply_plan(
                     if problem is not None:
                         problems.append(problem)
                 else:
-                    if undo is not None and any(source.read_can_fail(s) for s in entry.rule.sources):
+                    if (
+                        undo is not None
+                        and not source.in_memory
+                        and any(source.read_can_fail(s) for s in entry.rule.sources)
+                    ):
                         undo.keep(entry.tensor)
                     else:
                         unsaved += 1

@@ -11,9 +11,13 @@ True
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
+from functools import partial
 
+import numpy as np
+import torch
 from torch import nn
 
 from weightport.apply import apply_plan
@@ -22,7 +26,7 @@ from weightport.distributed import prepare as prepare_sharded
 from weightport.dtypes import describe_dtype
 from weightport.errors import LoadError, Problem, UncheckedConfigWarning
 from weightport.layouts import detect_layout, get_layout
-from weightport.layouts.base import Pairing
+from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.pairing import module_slots
 from weightport.plan import NonFinite, Plan, build_plan, check_values
 from weightport.report import LoadReport, ReportRow
@@ -216,36 +220,43 @@ def _in_module_order(plan: Plan) -> list[Pairing]:
 
 def _report(plan: Plan, source: Source, module: nn.Module, dry_run: bool) -> LoadReport:
     seen: set[int] = set()
-    rows = []
-    nbytes = 0
+    entries = []
     for entry in plan.entries:
-        if id(entry.tensor) in seen:
-            continue
-        seen.add(id(entry.tensor))
-        nbytes += entry.nbytes
-        rows.append(
-            ReportRow(
-                target=entry.target,
-                shape=entry.shape,
-                dtype=describe_dtype(entry.tensor.dtype),
-                source_dtype=describe_dtype(entry.source_dtype),
-                transform=entry.rule.op.describe(),
-                origin=entry.rule.origin or ", ".join(entry.rule.sources),
-                aliases=entry.aliases,
-            )
-        )
+        if id(entry.tensor) not in seen:  # a tied tensor is one row
+            seen.add(id(entry.tensor))
+            entries.append(entry)
     if plan.layout.pairings:  # a framework's layout: rows in the model's own order, as its pairings
         position = {plan.prefix + name: i for i, name in enumerate(plan.module.state_dict(keep_vars=True))}
-        rows.sort(key=lambda row: position.get(row.target, len(position)))
+        entries.sort(key=lambda entry: position.get(entry.target, len(position)))
+    # What the rows need, without the module's tensors (a kept report must not keep them alive);
+    # the rows themselves are made when first asked for: most loads never look at them.
+    facts = [(e.target, e.shape, e.tensor.dtype, e.source_dtype, e.rule, e.aliases) for e in entries]
     return LoadReport(
         module=_describe(module),
         source=source.description,
         layout=plan.layout.layout,
-        rows=rows,
+        make_rows=partial(_rows, facts),
         ignored=list(plan.ignored),
         missing=list(plan.missing),
         pairings=_in_module_order(plan),
         unchecked=list(plan.layout.unchecked),
-        nbytes=nbytes,
+        nbytes=sum(math.prod(shape) * dtype.itemsize for _, shape, dtype, *_ in facts),
         dry_run=dry_run,
     )
+
+
+def _rows(
+    facts: list[tuple[str, tuple[int, ...], torch.dtype, np.dtype, Rule, tuple[str, ...]]],
+) -> list[ReportRow]:
+    return [
+        ReportRow(
+            target=target,
+            shape=shape,
+            dtype=describe_dtype(dtype),
+            source_dtype=describe_dtype(source_dtype),
+            transform=rule.op.describe(),
+            origin=rule.origin or ", ".join(rule.sources),
+            aliases=aliases,
+        )
+        for target, shape, dtype, source_dtype, rule, aliases in facts
+    ]

@@ -256,10 +256,10 @@ def _entry(
         )
         return None
     inputs = tuple(source.infos[s] for s in rule.sources)
-    origin = _origin(rule)
     try:
         shape = tuple(rule.op.out_shape([i.shape for i in inputs]))
     except ValueError as e:
+        origin = _origin(rule)
         problems.append(
             Problem(
                 full,
@@ -271,6 +271,7 @@ def _entry(
         return None
     expected = tuple(tensor.shape)
     if shape != expected:
+        origin = _origin(rule)
         why = explain_shape(_owner(module, target), target.rpartition(".")[2])
         exp = f"shape {why or expected}"
         via = f" after {rule.op.describe()}" if rule.op.describe() != "as is" else ""
@@ -286,7 +287,7 @@ def _entry(
             Problem(
                 full,
                 f"dtype {describe_dtype(tensor.dtype)}",
-                f"{describe_dtype(source_dtype)} from {origin}",
+                f"{describe_dtype(source_dtype)} from {_origin(rule)}",
                 refusal,
             )
         )
@@ -310,7 +311,7 @@ def check_values(
     Values stream through :meth:`Source.iter_chunks` (one small buffer for files);
     only tied tensors and value-making ops need whole arrays.
     """
-    checked: dict[tuple[str, str, bool], str | None] = {}
+    checked: dict[tuple[str, torch.dtype, bool], str | None] = {}
     firsts: dict[int, tuple[Entry, np.ndarray]] = {}
     for entry in plan.entries:
         allowed = _allowed(entry.target, allow_nonfinite)
@@ -338,7 +339,7 @@ def check_values(
         bad = None
         if entry.rule.op.value_preserving:
             for key in entry.rule.sources:
-                memo = (key, str(entry.tensor.dtype), allowed)
+                memo = (key, entry.tensor.dtype, allowed)
                 if memo not in checked:
                     checked[memo] = _scan(source, key, entry, allowed)
                 bad = bad or checked[memo]
@@ -361,6 +362,8 @@ def value_problem(entry: Entry, bad: str, where: str = "") -> Problem:
 
 def _scan(source: Source, key: str, entry: Entry, allowed: bool) -> str | None:
     """The first bad-value description for source tensor ``key``, streaming through chunks."""
+    if source.in_memory:  # one chunk: the array itself
+        return values.find_bad_values(source.read(key), entry.tensor.dtype, entry.check, allowed)
     for chunk in source.iter_chunks(key):
         if values.find_bad_values(chunk, entry.tensor.dtype, entry.check, allowed):
             # describe it with indices of the whole tensor (the error path: reading it all is fine)

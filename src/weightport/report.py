@@ -13,7 +13,9 @@ bias    (1,)    float32  float64 as is      the given mapping 'bias'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from weightport.layouts.base import Pairing
 
@@ -38,7 +40,8 @@ class LoadReport:
     """The outcome of :func:`weightport.load`.
 
     Attributes:
-        rows: every tensor written (or to be written, on a dry run), in order.
+        rows: every tensor written (or to be written, on a dry run), in order
+            (made from ``make_rows`` when first read).
         ignored: source names not used (``strict=False``), stray files.
         missing: module tensors left as they were (``strict=False``).
         pairings: how source layers were paired with modules (framework layouts).
@@ -49,13 +52,18 @@ class LoadReport:
     module: str
     source: str
     layout: str
-    rows: list[ReportRow] = field(default_factory=list)
+    make_rows: Callable[[], list[ReportRow]] = field(default=list, repr=False, compare=False)
     ignored: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     pairings: list[Pairing] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
     nbytes: int = 0
     dry_run: bool = False
+
+    @cached_property
+    def rows(self) -> list[ReportRow]:
+        """Every tensor written (or to be written, on a dry run), in order."""
+        return self.make_rows()
 
     @property
     def written(self) -> list[str]:
