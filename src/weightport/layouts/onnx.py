@@ -22,6 +22,15 @@ What maps, and how:
   against ``eps``. Exporters fold an eval-mode BatchNorm into the layer before
   it; a module's BatchNorm with no node is then reported with that reason.
 
+A weight may reach its node through ``Identity`` nodes (exporters write one for a tensor used twice)
+and ``Cast`` nodes that widen exactly (float16 storage read as float32); nothing else is evaluated.
+tf2onnx's forms are recognised: a Dense on a 3-D input adds its bias after a ``Reshape`` back to the
+leading axes (followed when the target shape's stored last entry is the output size), and a Keras
+Conv1D is a 2-D ``Conv`` over an axis an ``Unsqueeze`` made (kernel 1, stride 1, no padding there),
+which fills an ``nn.Conv1d``, with its bias added per channel after the ``Squeeze``. A node applied
+twice to the same stored tensors is one layer. Scalar initializers are graph constants, not weights.
+A recurrence left in a ``Loop``/``Scan`` (tf2onnx's SimpleRNN) maps nothing; the missing module says so.
+
 Refused, with the reason (:class:`UnsupportedConfigError`): GRU
 ``linear_before_reset=0`` (the ONNX default), non-zero peepholes ``P`` (all-zero
 ``P`` is accepted), ``clip``, ``input_forget=1``, activations other than
@@ -170,6 +179,7 @@ class _Layer:
     tensors: dict[str, str]
     ops: dict[str, Op] = field(default_factory=dict)  # Linear: how the stored tensor becomes weight/bias
     detail: str = ""
+    spatial: tuple[int, ...] | None = None  # Conv: the node's spatial axes the module's are (None: all)
 
 
 @dataclass
@@ -236,7 +246,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
             rules += _plain_rules(layer, pair, source, issues, validated)
     issues.raise_if_any(target)
     used = {s for rule in rules for s in rule.sources} | validated
-    hints = {}
+    hints = _loop_hints(module, layers, nodes, source) if "nodes" in source.metadata else {}
     if "nodes" in source.metadata and not any(layer.kind == "BatchNorm" for layer in layers):
         for slot in module_slots(module):
             if slot.kind == "BatchNorm":
@@ -298,10 +308,46 @@ def _explain_unrolled_recurrence(
             ) from error
 
 
+def _loop_hints(
+    module: nn.Module, layers: list[_Layer], nodes: list[_Node], source: Source
+) -> dict[str, str]:
+    """Why a recurrent module got nothing when the graph runs its recurrence in a ``Loop`` or ``Scan``.
+
+    tf2onnx rewrites Keras LSTM and GRU(reset_after=True) into ONNX LSTM/GRU nodes, but leaves SimpleRNN,
+    GRU(reset_after=False) and masked layers as a loop whose body (a subgraph, not read here) multiplies
+    by weights passed in as the loop's inputs: nothing says which input is which gate's matrix.
+    """
+    loops = [node for node in nodes if node.op_type in ("Loop", "Scan")]
+    found = {layer.kind for layer in layers}
+    hints = {}
+    for slot in module_slots(module):
+        if not loops or slot.kind not in _RECURRENT or slot.kind in found:
+            continue
+        loop = loops[0]
+        weights = [n for n in loop.inputs if n in source.infos and len(source.infos[n].shape) >= 1]
+        hints[slot.path] = (
+            f"the graph has no ONNX {slot.kind} node: {loop.op_type} node '{loop.label}' runs the recurrence "
+            f"step by step, its body (a subgraph, which weightport does not read) multiplying by "
+            f"{', '.join(repr(w) for w in weights[:4]) or 'tensors'} with nothing to say which is which gate's. "
+            "tf2onnx writes such loops for Keras SimpleRNN, GRU(reset_after=False) and masked layers. "
+            "Load the Keras weights file instead (weightport.load(model, 'model.weights.h5') maps SimpleRNN; "
+            "GRU(reset_after=False) computes what no PyTorch GRU does), or convert to ONNX from a model "
+            f"whose {slot.kind} becomes an ONNX {slot.kind} node"
+        )
+    return hints
+
+
 def _weight_names(source: Source) -> list[str]:
-    """Tensors that must be placed: floating-point initializers (Constant values are graph code)."""
+    """Tensors that must be placed: floating-point initializers with at least one axis.
+
+    Constant values are graph code, and so are scalars: no weight of a layer this layout maps is a
+    0-d tensor, while exporters that keep every constant as an initializer (tf2onnx) store the scalar
+    zero their initial states are expanded from, or a loop's bounds, that way.
+    """
     names = source.metadata.get("initializers", list(source.infos))
-    return [n for n in names if n in source.infos and _is_float(source.infos[n].dtype)]
+    return [
+        n for n in names if n in source.infos and _is_float(source.infos[n].dtype) and source.infos[n].shape
+    ]
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -315,58 +361,123 @@ def _all_zero(source: Source, name: str) -> bool:
 # --- finding the layers --------------------------------------------------------------------------------
 
 
+# ONNX Cast ``to`` codes and the stored dtypes each widens exactly (every value kept): such a Cast
+# between a stored tensor and a node (float16 storage read as float32) changes no value.
+_EXACT_CASTS = {
+    1: ("float16", "bfloat16", "float32"),
+    11: ("float16", "bfloat16", "float32", "float64"),
+    10: ("float16",),
+}
+_PASS_THROUGH = ("Identity", "Cast")  # the ops a stored tensor is followed through
+
+
+@dataclass
+class _Graph:
+    """The nodes' wiring, and which inputs are stored tensors (followed through Identity and exact Casts)."""
+
+    source: Source
+    producers: dict[str, _Node]
+    consumers: dict[str, list[_Node]]
+    fused: set[int] = field(default_factory=set)  # Add nodes already taken as some layer's bias
+
+    @classmethod
+    def of(cls, nodes: list[_Node], source: Source) -> _Graph:
+        consumers: dict[str, list[_Node]] = {}
+        for node in nodes:
+            for name in node.inputs:
+                consumers.setdefault(name, []).append(node)
+        return cls(source, {out: node for node in nodes for out in node.outputs}, consumers)
+
+    def stored(self, name: str, depth: int = 0) -> str | None:
+        """The stored tensor that input ``name`` holds, or None when the graph computes it.
+
+        ``Identity`` nodes (exporters write them for a tensor used twice) and ``Cast`` nodes that widen
+        exactly are followed; any other op would compute new values, and none is ever run.
+        """
+        if not name:
+            return None
+        if name in self.source.infos:
+            return name
+        node = self.producers.get(name)
+        if node is None or node.op_type not in _PASS_THROUGH or depth > len(self.producers):
+            return None
+        inner = self.stored(node.input(0), depth + 1)
+        if inner is None or node.op_type == "Identity":
+            return inner
+        dtype = self.source.infos[inner].dtype.name
+        return inner if dtype in _EXACT_CASTS.get(node.attr("to"), ()) else None
+
+    def ints(self, name: str) -> list[int] | None:
+        """The values of a small stored integer tensor (axes, perm, shape), or None."""
+        found = self.stored(name)
+        if found is None or self.source.infos[found].dtype.kind not in "iu":
+            return None
+        values = np.asarray(self.source.read(found)).reshape(-1)
+        return [int(v) for v in values] if values.size <= 64 else None
+
+    def only_consumer(self, node: _Node) -> _Node | None:
+        after = self.consumers.get(node.outputs[0], []) if node.outputs else []
+        return after[0] if len(after) == 1 else None
+
+
 def _find_layers(nodes: list[_Node], source: Source, issues: _Issues, validated: set[str]) -> list[_Layer]:
-    stored = set(source.infos)
-    producers = {out: node for node in nodes for out in node.outputs}
-    consumers: dict[str, list[_Node]] = {}
-    for node in nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
-    fused: set[int] = set()
+    graph = _Graph.of(nodes, source)
     layers: list[_Layer] = []
+    seen: set[tuple[Any, ...]] = set()
     for node in nodes:
         if node.op_type in _RECURRENT:
-            layer = _recurrent_layer(node, stored, source, issues, validated)
+            layer = _recurrent_layer(node, graph, issues, validated)
         elif node.op_type == "Gemm":
-            layer = _gemm_layer(node, stored, producers, source, issues)
+            layer = _gemm_layer(node, graph, issues)
         elif node.op_type == "MatMul":
-            layer = _matmul_layer(node, stored, producers, consumers, source, fused)
+            layer = _matmul_layer(node, graph)
         elif node.op_type == "Conv":
-            layer = _conv_layer(node, stored, source, issues)
+            layer = _conv_layer(node, graph, issues)
         elif node.op_type == "Gather":
-            layer = _gather_layer(node, stored, source)
+            layer = _gather_layer(node, graph)
         elif node.op_type in _NORMS:
-            layer = _norm_layer(node, stored, source, issues)
+            layer = _norm_layer(node, graph, issues)
         else:
             layer = None
-        if layer is not None:
+        if layer is None:
+            continue
+        # A layer applied twice (one Linear called in two places) shows as two nodes on the same stored
+        # tensors: it is one source layer, filled once.
+        key: tuple[Any, ...] = (
+            layer.kind,
+            tuple(sorted(layer.tensors.items())),
+            repr(sorted(layer.ops.items())),
+            repr(sorted(node.attributes.items())),
+            layer.spatial,
+        )
+        if key not in seen:
+            seen.add(key)
             layers.append(layer)
     return layers
 
 
-def _recurrent_layer(
-    node: _Node, stored: set[str], source: Source, issues: _Issues, validated: set[str]
-) -> _Layer | None:
+def _recurrent_layer(node: _Node, graph: _Graph, issues: _Issues, validated: set[str]) -> _Layer | None:
     kind = node.op_type
     tensors = {}
     for role, position in (("W", 1), ("R", 2), ("B", 3), ("P", 7)):
         name = node.input(position)
         if not name or (kind != "LSTM" and role == "P"):
             continue
-        if name not in stored:
+        found = graph.stored(name)
+        if found is None:
             issues.add(
                 node,
                 f"input {role} '{name}' is computed by the graph, not stored in the file. "
                 f"Fix: {_FIX_COMPUTED}.",
             )
             return None
-        tensors[role] = name
+        tensors[role] = found
     if "W" not in tensors or "R" not in tensors:
         issues.add(node, "has no W or R input; the graph is malformed. Fix: re-export the model.")
         return None
     if node.synthetic:
         return _Layer(node, kind, tensors, detail=f"ONNX {kind} arrays")
-    _check_recurrent_node(node, tensors, source, issues, validated)
+    _check_recurrent_node(node, tensors, graph, issues, validated)
     direction = node.attr("direction", "forward")
     return _Layer(
         node,
@@ -376,7 +487,7 @@ def _recurrent_layer(
     )
 
 
-def _check_initial_states(node: _Node, source: Source, issues: _Issues, validated: set[str]) -> None:
+def _check_initial_states(node: _Node, graph: _Graph, issues: _Issues, validated: set[str]) -> None:
     """Initial states stored in the file (torch.onnx.export's dynamo exporter writes zeros there).
 
     All zero is what PyTorch's module starts from when ``forward`` gets no state: accepted. Anything
@@ -389,10 +500,10 @@ def _check_initial_states(node: _Node, source: Source, issues: _Issues, validate
         else (("initial_h", 5, "h_0"),)
     )
     for role, position, torch_name in states:
-        name = node.input(position)
-        if not name or name not in source.infos:
+        name = graph.stored(node.input(position))
+        if name is None:
             continue
-        if _all_zero(source, name):
+        if _all_zero(graph.source, name):
             validated.add(name)
             continue
         issues.add(
@@ -406,9 +517,9 @@ def _check_initial_states(node: _Node, source: Source, issues: _Issues, validate
 
 
 def _check_recurrent_node(
-    node: _Node, tensors: dict[str, str], source: Source, issues: _Issues, validated: set[str]
+    node: _Node, tensors: dict[str, str], graph: _Graph, issues: _Issues, validated: set[str]
 ) -> None:
-    kind = node.op_type
+    kind, source = node.op_type, graph.source
     directions = 2 if node.attr("direction", "forward") == "bidirectional" else 1
     if kind == "GRU" and node.attr("linear_before_reset", 0) != 1:
         issues.add(
@@ -430,7 +541,7 @@ def _check_recurrent_node(
                 "without peepholes (P absent or all zero).",
                 unsupported=True,
             )
-    _check_initial_states(node, source, issues, validated)
+    _check_initial_states(node, graph, issues, validated)
     if node.attr("clip") is not None:
         issues.add(
             node,
@@ -473,24 +584,23 @@ def _bias_op(shape: tuple[int, ...], size: int) -> Op | None:
     return None
 
 
-def _stored_matrix(
-    name: str, stored: set[str], producers: dict[str, _Node], source: Source
-) -> tuple[str, bool] | None:
+def _stored_matrix(name: str, graph: _Graph) -> tuple[str, bool] | None:
     """The stored 2-D tensor behind input ``name`` and whether a Transpose node sits in between."""
-    if name in stored and len(source.infos[name].shape) == 2:
-        return name, False
-    node = producers.get(name)
+    infos = graph.source.infos
+    found = graph.stored(name)
+    if found is not None:
+        return (found, False) if len(infos[found].shape) == 2 else None
+    node = graph.producers.get(name)
     if node is not None and node.op_type == "Transpose" and node.attr("perm") in (None, [1, 0]):
-        inner = node.input(0)
-        if inner in stored and len(source.infos[inner].shape) == 2:
+        inner = graph.stored(node.input(0))
+        if inner is not None and len(infos[inner].shape) == 2:
             return inner, True
     return None
 
 
-def _gemm_layer(
-    node: _Node, stored: set[str], producers: dict[str, _Node], source: Source, issues: _Issues
-) -> _Layer | None:
-    found = _stored_matrix(node.input(1), stored, producers, source)
+def _gemm_layer(node: _Node, graph: _Graph, issues: _Issues) -> _Layer | None:
+    source = graph.source
+    found = _stored_matrix(node.input(1), graph)
     if found is None:
         return None
     name, transposed = found
@@ -521,8 +631,9 @@ def _gemm_layer(
                 "them. Fix: multiply C by beta and set beta=1 in the file.",
                 unsupported=True,
             )
-        op = _bias_op(source.infos[bias].shape, out_features) if bias in stored else None
-        if op is None:
+        stored_bias = graph.stored(bias)
+        op = _bias_op(source.infos[stored_bias].shape, out_features) if stored_bias else None
+        if stored_bias is None or op is None:
             issues.add(
                 node,
                 f"input C '{bias}' is not a stored bias vector of {out_features} values; "
@@ -530,83 +641,228 @@ def _gemm_layer(
                 unsupported=True,
             )
         else:
-            tensors["bias"], ops["bias"] = bias, op
+            tensors["bias"], ops["bias"] = stored_bias, op
     return _Layer(node, "Linear", tensors, ops, detail=f"ONNX Gemm node {shape}")
 
 
-def _matmul_layer(
-    node: _Node,
-    stored: set[str],
-    producers: dict[str, _Node],
-    consumers: dict[str, list[_Node]],
-    source: Source,
-    fused: set[int],
-) -> _Layer | None:
-    found = _stored_matrix(node.input(1), stored, producers, source)
+def _last_value(name: str, graph: _Graph, depth: int = 0) -> int | None:
+    """The last entry of a 1-D integer tensor, when the file fixes it: stored, or the last stored
+    part of a ``Concat`` (through ``Cast``), as exporters build a target shape from a computed batch size."""
+    values = graph.ints(name)
+    if values is not None:
+        return values[-1] if values else None
+    node = graph.producers.get(name)
+    if node is None or depth > 8:
+        return None
+    if node.op_type == "Cast":
+        return _last_value(node.input(0), graph, depth + 1)
+    if node.op_type == "Concat" and node.attr("axis") in (0, -1) and node.inputs:
+        return _last_value(node.inputs[-1], graph, depth + 1)
+    return None
+
+
+def _keeps_last_axis(node: _Node, size: int, graph: _Graph) -> bool:
+    """Whether ``node`` only regroups the leading axes of a tensor whose last axis has ``size`` entries.
+
+    tf2onnx writes Dense on a 3-D input as Reshape -> MatMul -> Reshape (back to the leading axes) -> Add,
+    so the bias is added after the second Reshape; it is still one bias per output when that Reshape's
+    target shape ends in the same ``size``.
+    """
+    if node.op_type == "Identity":
+        return True
+    if node.op_type != "Reshape":
+        return False
+    last = node.attr("shape", [None])[-1] if len(node.inputs) < 2 else _last_value(node.input(1), graph)
+    return last == size
+
+
+def _matmul_layer(node: _Node, graph: _Graph) -> _Layer | None:
+    found = _stored_matrix(node.input(1), graph)
     if found is None:
         return None  # a product of two activations: no weights
     name, transposed = found
-    shape = source.infos[name].shape
+    shape = graph.source.infos[name].shape
     out_features = shape[0] if transposed else shape[1]
     tensors = {"weight": name}
     ops: dict[str, Op] = {"weight": Identity() if transposed else Transpose((1, 0))}
-    after = consumers.get(node.outputs[0], []) if node.outputs else []
-    if len(after) == 1 and after[0].op_type == "Add" and after[0].index not in fused:
-        add = after[0]
-        others = [n for n in add.inputs if n != node.outputs[0]]
-        if len(others) == 1 and others[0] in stored:
-            op = _bias_op(source.infos[others[0]].shape, out_features)
-            if op is not None:
-                tensors["bias"], ops["bias"] = others[0], op
-                fused.add(add.index)
+    result, after = node, graph.only_consumer(node)
+    while after is not None and after.op_type != "Add" and _keeps_last_axis(after, out_features, graph):
+        result, after = after, graph.only_consumer(after)
+    if after is not None and after.op_type == "Add" and after.index not in graph.fused:
+        others = [n for n in after.inputs if n != result.outputs[0]]
+        bias = graph.stored(others[0]) if len(others) == 1 else None
+        op = _bias_op(graph.source.infos[bias].shape, out_features) if bias else None
+        if bias is not None and op is not None:
+            tensors["bias"], ops["bias"] = bias, op
+            graph.fused.add(after.index)
     return _Layer(node, "Linear", tensors, ops, detail=f"ONNX MatMul node {shape}")
 
 
-def _conv_layer(node: _Node, stored: set[str], source: Source, issues: _Issues) -> _Layer | None:
-    weight, bias = node.input(1), node.input(2)
-    if weight not in stored or len(source.infos[weight].shape) not in _CONV_KINDS:
+def _raw_axes(node: _Node, graph: _Graph) -> list[int] | None:
+    """The ``axes`` of a Squeeze/Unsqueeze: an attribute before opset 13, a stored input since."""
+    axes = node.attr("axes") if len(node.inputs) < 2 else graph.ints(node.input(1))
+    return list(axes) if axes else None  # Squeeze without axes drops whatever unit axes the input has
+
+
+def _axes(node: _Node, graph: _Graph, rank: int) -> list[int] | None:
+    """Those axes made non-negative; ``rank``: the Squeeze's input rank, the Unsqueeze's output rank."""
+    axes = _raw_axes(node, graph)
+    if axes is None:
         return None
+    normalized = [a + rank if a < 0 else a for a in axes]
+    return normalized if all(0 <= a < rank for a in normalized) else None
+
+
+def _unit_axis_from_unsqueeze(name: str, axis: int, rank: int, graph: _Graph) -> bool:
+    """Whether axis ``axis`` of input ``name`` (rank ``rank``) was put there by an ``Unsqueeze``,
+    followed back through ``Transpose`` and ``Identity`` nodes: then it has one entry."""
+    for _ in range(16):
+        node = graph.producers.get(name)
+        if node is None:
+            return False
+        if node.op_type == "Identity":
+            name = node.input(0)
+        elif node.op_type == "Transpose":
+            perm = node.attr("perm") or list(range(rank))[::-1]
+            if sorted(perm) != list(range(rank)):
+                return False
+            axis, name = perm[axis], node.input(0)
+        elif node.op_type == "Unsqueeze":
+            return axis in (_axes(node, graph, rank) or [])
+        else:
+            return False
+    return False
+
+
+def _conv_spatial(node: _Node, shape: tuple[int, ...], graph: _Graph) -> tuple[int, ...] | None:
+    """The spatial axes of a Conv that really convolve, when the others run over a unit axis.
+
+    tf2onnx writes Keras Conv1D as TensorFlow does: Unsqueeze the input to 2-D, a Conv with a kernel of
+    height 1, Squeeze. Along an axis the Unsqueeze made, with kernel 1, stride 1 and no padding, that Conv
+    is a Conv1d (None: every axis convolves).
+    """
+    dims = len(shape) - 2
+    kernel = tuple(shape[2:])
+    strides = node.attr("strides") or [1] * dims
+    dilations = node.attr("dilations") or [1] * dims
+    begin, end = _onnx_pads(node, kernel, tuple(dilations), dims)
+    unit = [
+        s
+        for s in range(dims)
+        if kernel[s] == 1
+        and strides[s] == 1
+        and begin[s] == end[s] == 0
+        and _unit_axis_from_unsqueeze(node.input(0), 2 + s, len(shape), graph)
+    ]
+    kept = tuple(s for s in range(dims) if s not in unit)
+    return kept if unit and kept else None
+
+
+def _channel_bias(node: _Node, channels: int, rank: int, graph: _Graph) -> tuple[str, Op] | None:
+    """A stored per-channel bias added after the Conv (tf2onnx adds it after the Squeeze of a Conv1D).
+
+    The channel axis is followed through ``Squeeze``/``Unsqueeze``/``Transpose``/``Identity`` to an
+    ``Add`` of a stored tensor that has ``channels`` entries on that axis and one on every other.
+    """
+    axis, current, after = 1, node, graph.only_consumer(node)
+    while after is not None and after.op_type != "Add":
+        if after.op_type in ("Squeeze", "Unsqueeze"):
+            squeeze = after.op_type == "Squeeze"
+            raw = _raw_axes(after, graph) or []
+            axes = _axes(after, graph, rank if squeeze else rank + len(raw))
+            if axes is None or (squeeze and axis in axes):
+                return None
+            if squeeze:
+                axis, rank = axis - sum(a < axis for a in axes), rank - len(axes)
+            else:
+                rank += len(axes)
+                for a in sorted(axes):
+                    axis += a <= axis
+        elif after.op_type == "Transpose":
+            perm = after.attr("perm") or list(range(rank))[::-1]
+            if sorted(perm) != list(range(rank)):
+                return None
+            axis = perm.index(axis)
+        elif after.op_type != "Identity":
+            return None
+        current, after = after, graph.only_consumer(after)
+    if after is None or after.index in graph.fused:
+        return None
+    others = [n for n in after.inputs if n != current.outputs[0]]
+    bias = graph.stored(others[0]) if len(others) == 1 else None
+    if bias is None:
+        return None
+    shape = graph.source.infos[bias].shape
+    aligned = axis - (rank - len(shape))  # the bias axis facing the channels (broadcasting aligns right)
+    if len(shape) > rank or not 0 <= aligned < len(shape) or shape[aligned] != channels:
+        return None
+    if any(d != 1 for i, d in enumerate(shape) if i != aligned):
+        return None
+    graph.fused.add(after.index)
+    return bias, Identity() if shape == (channels,) else Reshape(shape, (channels,))
+
+
+def _conv_layer(node: _Node, graph: _Graph, issues: _Issues) -> _Layer | None:
+    source = graph.source
+    weight = graph.stored(node.input(1))
+    if weight is None or len(source.infos[weight].shape) not in _CONV_KINDS:
+        return None
+    shape = source.infos[weight].shape
     tensors = {"weight": weight}
-    if bias and bias not in stored:
+    ops: dict[str, Op] = {}
+    spatial = _conv_spatial(node, shape, graph)
+    kind, detail = _CONV_KINDS[len(shape)], f"ONNX Conv node {shape}"
+    if spatial is not None:
+        target = (*shape[:2], *(shape[2 + s] for s in spatial))
+        kind, detail = _CONV_KINDS[len(target)], f"{detail} over unit axes (a {_CONV_KINDS[len(target)]})"
+        ops["weight"] = Reshape(shape, target)
+    bias = node.input(2)
+    stored_bias = graph.stored(bias)
+    if bias and stored_bias is None:
         issues.add(
             node, f"input B '{bias}' is computed by the graph, not stored in the file. Fix: {_FIX_COMPUTED}."
         )
-    elif bias:
-        tensors["bias"] = bias
-    shape = source.infos[weight].shape
-    return _Layer(node, _CONV_KINDS[len(shape)], tensors, detail=f"ONNX Conv node {shape}")
+    elif stored_bias is not None:
+        tensors["bias"] = stored_bias
+    else:
+        added = _channel_bias(node, shape[0], len(shape), graph)
+        if added is not None:
+            tensors["bias"], ops["bias"] = added
+    return _Layer(node, kind, tensors, ops, detail=detail, spatial=spatial)
 
 
-def _gather_layer(node: _Node, stored: set[str], source: Source) -> _Layer | None:
+def _gather_layer(node: _Node, graph: _Graph) -> _Layer | None:
     """``Gather(data=stored matrix, indices)`` along axis 0: an embedding lookup."""
-    table = node.input(0)
-    if table not in stored or len(source.infos[table].shape) != 2 or node.attr("axis", 0) != 0:
+    table = graph.stored(node.input(0))
+    infos = graph.source.infos
+    if table is None or len(infos[table].shape) != 2 or node.attr("axis", 0) != 0:
         return None  # indexing activations or shapes, not a table of weights
-    if source.infos[table].dtype.kind not in "fc" and source.infos[table].dtype.name != "bfloat16":
+    if not _is_float(infos[table].dtype):
         return None  # an integer lookup table is graph code
-    shape = source.infos[table].shape
+    shape = infos[table].shape
     return _Layer(node, "Embedding", {"weight": table}, detail=f"ONNX Gather node {shape}")
 
 
-def _norm_layer(node: _Node, stored: set[str], source: Source, issues: _Issues) -> _Layer | None:
+def _norm_layer(node: _Node, graph: _Graph, issues: _Issues) -> _Layer | None:
     """BatchNormalization (scale, B, mean, var) or LayerNormalization (Scale, B) with stored inputs."""
     tensors = {}
     for position, (role, onnx_name) in enumerate(_NORMS[node.op_type], start=1):
         name = node.input(position)
         if not name:
             continue
-        if name not in stored:
+        found = graph.stored(name)
+        if found is None:
             issues.add(
                 node,
                 f"input {onnx_name} '{name}' is computed by the graph, not stored in the file. "
                 f"Fix: {_FIX_COMPUTED}.",
             )
             return None
-        tensors[role] = name
+        tensors[role] = found
     if "weight" not in tensors:
         return None
     kind = _KIND_OF_NORM_OP[node.op_type]
-    shape = source.infos[tensors["weight"]].shape
+    shape = graph.source.infos[tensors["weight"]].shape
     return _Layer(node, kind, tensors, detail=f"ONNX {node.op_type} node {shape}")
 
 
@@ -730,7 +986,7 @@ def _plain_rules(
     slot, node = pair.slot, layer.node
     module: Any = slot.module
     if layer.kind.startswith("Conv") and not node.synthetic:
-        _check_conv(node, slot, issues)
+        _check_conv(node, layer, slot, source, issues)
     rules = [
         Rule(
             slot.name("weight"),
@@ -841,13 +1097,18 @@ def _check_norm(node: _Node, layer: _Layer, slot: Slot, source: Source, issues: 
             )
 
 
-def _check_conv(node: _Node, slot: Slot, issues: _Issues) -> None:
+def _check_conv(node: _Node, layer: _Layer, slot: Slot, source: Source, issues: _Issues) -> None:
     module: Any = slot.module
     dims = len(module.kernel_size)
-    kernel = tuple(module.kernel_size)
+    # The node's own axes (it may convolve over more, unit ones: see _conv_spatial), then the module's.
+    node_dims = len(source.infos[layer.tensors["weight"]].shape) - 2
+    axes = layer.spatial if layer.spatial is not None else tuple(range(node_dims))
+    node_kernel = tuple(source.infos[layer.tensors["weight"]].shape[2:])
+    strides = node.attr("strides") or [1] * node_dims
+    dilations = node.attr("dilations") or [1] * node_dims
     found = {
-        "strides": tuple(node.attr("strides", [1] * dims)),
-        "dilations": tuple(node.attr("dilations", [1] * dims)),
+        "strides": tuple(strides[a] for a in axes),
+        "dilations": tuple(dilations[a] for a in axes),
         "group": node.attr("group", 1),
     }
     expected = {"strides": tuple(module.stride), "dilations": tuple(module.dilation), "group": module.groups}
@@ -858,7 +1119,9 @@ def _check_conv(node: _Node, slot: Slot, issues: _Issues) -> None:
                 f"{key}={value} but '{slot.label}' has {expected[key]}. Fix: build the "
                 f"{type(module).__name__} to match.",
             )
-    begin, end = _onnx_pads(node, kernel, found["dilations"], dims)
+    kernel = tuple(module.kernel_size)
+    node_begin, node_end = _onnx_pads(node, node_kernel, tuple(dilations), node_dims)
+    begin, end = tuple(node_begin[a] for a in axes), tuple(node_end[a] for a in axes)
     if begin != end:
         issues.add(
             node,
