@@ -202,17 +202,34 @@ def _perturb_nnx(model: Any, seed: int = 2) -> None:
         nnx.update(model, state)
 
 
+def _by_key_paths(state: Any) -> dict[str, Any]:
+    """A State nested by its ``jax.tree_util`` key paths, as pytree checkpointers store it: ``kernel/value``."""
+    root: dict[str, Any] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        node = root
+        for part in names[:-1]:
+            node = node.setdefault(part, {})
+        node[names[-1]] = np.asarray(leaf)
+    return root
+
+
 def _nnx_forms(model: Any, tmp_path: Path) -> list[tuple[str, Any, str | None]]:
-    """An nnx model's weights as its State (read by the nnx reader), a flat .npz, and msgpack."""
-    pure = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)).to_pure_dict()
+    """An nnx model's weights as its State (read by the nnx reader), a flat .npz, and msgpack (pure and pytree)."""
+    weights = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    pure = weights.to_pure_dict()
     npz_path = tmp_path / "nnx.npz"
     np.savez(npz_path, **_flat(pure))
     msgpack_path = tmp_path / "nnx.msgpack"
     msgpack_path.write_bytes(serialization.msgpack_serialize(pure))
+    paths_path = tmp_path / "nnx_paths.msgpack"
+    paths_path.write_bytes(serialization.msgpack_serialize(_by_key_paths(weights)))
+    assert "value" in str(msgpack.unpackb(paths_path.read_bytes(), strict_map_key=False))
     return [
         ("State", flax_source.open_object(nnx.state(model)), None),
         ("npz", npz_path, "flax"),
         ("msgpack", msgpack_path, None),
+        ("pytree-paths msgpack", paths_path, None),
     ]
 
 

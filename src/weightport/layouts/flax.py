@@ -7,6 +7,9 @@ each layer is recognised by the names of its children, wherever it sits:
 bound inside ``@nn.compact``, with or without the ``params/`` and
 ``batch_stats/`` collection prefixes (which are merged; other top-level entries
 of a variables dict or ``TrainState``, like ``opt_state``, are left unmatched).
+An nnx ``State`` saved as a pytree holds each array one level down, as the
+variable's attribute (``kernel/value``; ``kernel/raw_value`` in Flax 0.8): such a
+node reads as its array.
 Layers pair with the module's by order within kind (``pairing.pair_layers``), or
 as ``mapping={"<layer name>": "module.path[layer]"}`` says; a layer's name is
 its path without the collection prefix, e.g. ``"encoder/cell"``, ``"Dense_0"``.
@@ -241,7 +244,10 @@ def claims(source: Source) -> bool:
 
 
 def _tree(names: Sequence[str]) -> Tree:
-    """Nested dicts from ``/``-joined names, in order; a name clashing with a folder is left out."""
+    """Nested dicts from ``/``-joined names, in order; a name clashing with a folder is left out.
+
+    nnx variables stored as their own pytree (``kernel/value``) become leaves (see :func:`_unwrap`).
+    """
     root: Tree = {}
     for name in names:
         node = root
@@ -253,7 +259,34 @@ def _tree(names: Sequence[str]) -> Tree:
             node = child
         else:
             node.setdefault(parts[-1], name)
-    return root
+    return _unwrap(root)
+
+
+_VARIABLE_VALUES = ("value", "raw_value")
+"""The attribute an nnx ``Variable`` / ``VariableState`` holds its array in, as its pytree key."""
+
+
+def _unwrap(node: Tree) -> Tree:
+    """``{"kernel": {"value": leaf}}`` -> ``{"kernel": leaf}``, everywhere in the tree.
+
+    An nnx ``State`` saved as a pytree (orbax, or any checkpointer that nests by
+    ``jax.tree_util`` key paths) stores each variable as a node whose one child is
+    its array, under the variable's attribute: ``value`` (``raw_value`` in Flax 0.8).
+    The pure-dict form (``State.to_pure_dict()``) has the array there already.
+
+    >>> _unwrap({"Dense": {"kernel": {"value": "Dense/kernel/value"}, "bias": "Dense/bias"}})
+    {'Dense': {'kernel': 'Dense/kernel/value', 'bias': 'Dense/bias'}}
+    """
+    for key, child in node.items():
+        if not isinstance(child, dict):
+            continue
+        if len(child) == 1:
+            ((attribute, leaf),) = child.items()
+            if attribute in _VARIABLE_VALUES and isinstance(leaf, str):
+                node[key] = leaf
+                continue
+        _unwrap(child)
+    return node
 
 
 def _merge(into: Tree, other: Tree) -> None:

@@ -250,10 +250,19 @@ def _unchunk(msgpack: Any, where: str, name: str, entry: dict[str, Any]) -> np.n
 # --- in-memory nnx State -------------------------------------------------------------------------------
 
 _KEPT_VARIABLES = ("Param", "BatchStat")
+_WRAPPER = "VariableState"  # Flax 0.8-0.10: State leaves wrap the array and name the Variable class as .type
 
 
 def _class_names(obj: Any) -> list[tuple[str, str]]:
-    return [(getattr(c, "__module__", ""), c.__name__) for c in type(obj).__mro__]
+    return _mro_names(type(obj))
+
+
+def _mro_names(cls: Any) -> list[tuple[str, str]]:
+    return [(getattr(c, "__module__", ""), c.__name__) for c in getattr(cls, "__mro__", ())]
+
+
+def _nnx_classes(names: list[tuple[str, str]]) -> set[str]:
+    return {cls for module, cls in names if module.startswith("flax.nnx")}
 
 
 def claims_object(obj: Any) -> bool:
@@ -264,7 +273,10 @@ def claims_object(obj: Any) -> bool:
 def open_object(obj: Any, description: str = "the given nnx State") -> Source:
     """A source over an nnx ``State``: ``Param``/``BatchStat`` leaves by ``/``-joined name.
 
-    RNG state (``RngKey``, ``RngCount``) and other variable kinds are listed in
+    The leaves are the variables themselves (Flax 0.11 on) or ``VariableState``
+    wrappers whose ``.type`` names the variable class (Flax 0.8 to 0.10); either
+    is read. RNG state (``RngKey``, ``RngCount``), other variable kinds and
+    variables holding ``None`` (0.10's bias of a Linear without one) are listed in
     ``Source.ignored``; integer keys (list indices) become names.
     """
     arrays: dict[str, np.ndarray] = {}
@@ -279,9 +291,16 @@ def _walk_state(node: Mapping[Any, Any], prefix: str, out: dict[str, np.ndarray]
         if isinstance(value, Mapping):
             _walk_state(value, name + "/", out, ignored)
             continue
-        classes = {cls for module, cls in _class_names(value) if module.startswith("flax.nnx")}
+        classes = _nnx_classes(_class_names(value))
+        kind = type(value).__name__
+        if _WRAPPER in classes and hasattr(value, "type"):
+            classes = _nnx_classes(_mro_names(value.type))
+            kind = getattr(value.type, "__name__", kind)
+            value = value.value
         if classes and not classes.intersection(_KEPT_VARIABLES):
-            kind = type(value).__name__
             ignored.append(f"{name} (an nnx {kind}, not a Param or BatchStat)")
+            continue
+        if value is None:
+            ignored.append(f"{name} (an nnx {kind} holding None, not an array)")
             continue
         out[name] = to_array(name, value)
