@@ -334,19 +334,27 @@ def _resolve(
 
 
 def _legacy_groups(layer: _Layer) -> list[list[str]]:
-    """A legacy layer's weights, split into forward and backward for a Bidirectional."""
+    """A legacy layer's weights, split into forward and backward for a Bidirectional.
+
+    Weight names start with what all of them share (the layer's name: ``bi/``; Keras 3 puts a
+    Sequential model's name first: ``sequential/bi/``); the next component names the side
+    (``forward_lstm``, ``backward_lstm``).
+    """
     weights = layer.legacy or []
     subs = [w[len(layer.path) + 1 :].split("/") for w in weights]
-    second = list(dict.fromkeys(s[1] for s in subs if len(s) > 2))
+    shared = 0
+    while subs and all(len(s) > shared + 1 for s in subs) and len({s[shared] for s in subs}) == 1:
+        shared += 1
+    sides = list(dict.fromkeys(s[shared] for s in subs if len(s) > shared + 1))
     if (
-        len(second) == 2
-        and all(len(s) > 2 for s in subs)
+        len(sides) == 2
+        and all(len(s) > shared + 1 for s in subs)
         and (
             layer.class_name == "Bidirectional"
-            or (layer.class_name is None and second[0].startswith("forward_"))
+            or (layer.class_name is None and sides[0].startswith("forward_"))
         )
     ):
-        return [[w for w, s in zip(weights, subs) if s[1] == side] for side in second]
+        return [[w for w, s in zip(weights, subs) if s[shared] == side] for side in sides]
     return [weights]
 
 

@@ -21,6 +21,9 @@ A bare ``.weights.h5`` records no layer order and no configuration (HDF5 lists
 groups alphabetically, ``dense_10`` before ``dense_2``); the Keras layout
 recovers the order from the per-class numbering of the keys.
 
+A ``.keras`` file that is HDF5 rather than a zip (Keras 2.12's ``model.save("m.keras")`` wrote
+the legacy full-model file) is read as the HDF5 file it is.
+
 Optimizer state and random-seed state are listed in ``ignored``, never read.
 A ``.keras`` zip is checked before its weights are read into memory: member
 names may not leave the archive, and a member may not expand to more than
@@ -60,6 +63,7 @@ _CHUNK = 1 << 22
 _SUFFIXES = (".h5", ".hdf5", ".keras")
 _NOT_WEIGHTS = {"optimizer": "optimizer state", "optimizer_weights": "optimizer state"}
 _CONTAINERS = ("Sequential", "Functional", "Model")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _KERAS3_NAME = re.compile(r"(^|/)vars/\d+$")  # Keras 3 files a layer's variables as <layer>/vars/<i>
 
 
@@ -69,7 +73,7 @@ def claims(path: Path) -> bool:
 
 def open(path: Path) -> Source:
     where = f"'{path.name}'"
-    if path.name.lower().endswith(".keras"):
+    if path.name.lower().endswith(".keras") and not _is_hdf5(path):
         return _open_archive(path, where)
     source = open_h5(path, where, os.path.getsize(path), _skip)
     try:
@@ -78,6 +82,15 @@ def open(path: Path) -> Source:
         source.close()
         raise
     return source
+
+
+def _is_hdf5(path: Path) -> bool:
+    """Whether the file starts with the HDF5 signature (Keras 2.12 saves ``m.keras`` as legacy HDF5)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    except OSError:
+        return False  # the archive reader says what is wrong with the file
 
 
 def _skip(path: str) -> str | None:
@@ -287,6 +300,26 @@ def _open_archive(path: Path, where: str) -> Source:
     return source
 
 
+def _numbered_key(base: str, index: int, keys: list[str]) -> str:
+    """The key of the ``index``-th layer of a class whose keys start with ``base``.
+
+    Keras numbers a container's layers per class in model order: ``dense``, ``dense_1``, ... The
+    numbers may have gaps (Keras 2.12 counted every layer with weights twice: ``dense``,
+    ``dense_2``), so the layer takes the ``index``-th of the keys present, by number; where the
+    file has fewer, the key Keras 3 would give.
+
+    >>> _numbered_key("dense", 1, ["dense_2", "dense", "gru", "dense_10"])
+    'dense_2'
+    >>> _numbered_key("dense", 3, ["dense"])
+    'dense_3'
+    """
+    pattern = re.compile(re.escape(base) + r"(?:_(\d+))?")
+    numbered = sorted((int(m[1] or 0), key) for key in keys if (m := pattern.fullmatch(key)) is not None)
+    if index < len(numbered):
+        return numbered[index][1]
+    return base if index == 0 else f"{base}_{index}"
+
+
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, cap: int | None) -> bytes:
     name = info.filename
     if info.file_size > ZIP_FLOOR and info.file_size > ZIP_MAX_EXPANSION * max(info.compress_size, 1):
@@ -319,9 +352,9 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, ca
 def _config_layers(config: dict[str, Any], source: H5Source, prefix: str) -> list[dict[str, Any]]:
     """The model's layers in config order, each matched to its group in the weights file.
 
-    A layer's group is found by its name (``layers/<key>/vars/@name``); files
+    A layer's group is found by its name (``layers/<key>/vars/@name``, Keras 3.4 on); files
     without that attribute fall back to Keras's own keys: the class name in snake
-    case, numbered per class in the order of ``model.layers``.
+    case, numbered per class in the order of ``model.layers`` (see :func:`_numbered_key`).
     """
     entries = _config_entries(config)
     if not entries:
@@ -330,6 +363,7 @@ def _config_layers(config: dict[str, Any], source: H5Source, prefix: str) -> lis
     if container not in source.groups and prefix + "_layer_checkpoint_dependencies" in source.groups:
         container = prefix + "_layer_checkpoint_dependencies"
     by_name = {name: path for path, name in source.vars_names.items() if path.rsplit("/", 1)[0] == container}
+    keys = [g[len(container) + 1 :] for g in source.groups if g.rsplit("/", 1)[0] == container]
     skip_input = config.get("class_name") == "Sequential"
     counts: dict[str, int] = {}
     layers: list[dict[str, Any]] = []
@@ -337,9 +371,8 @@ def _config_layers(config: dict[str, Any], source: H5Source, prefix: str) -> lis
         if skip_input and cls == "InputLayer":
             continue
         base = snake_case(cls)
-        key = base if base not in counts else f"{base}_{counts[base] + 1}"
         counts[base] = counts.get(base, -1) + 1
-        path = by_name.get(name, f"{container}/{key}")
+        path = by_name.get(name) or f"{container}/{_numbered_key(base, counts[base], keys)}"
         cls, cfg, inner = unwrap_time_distributed(cls, cfg)
         path += inner
         if cls in _CONTAINERS and isinstance(cfg.get("layers"), list):
