@@ -15,7 +15,7 @@ from torch import nn
 
 import weightport
 from conftest import snapshot
-from weightport import SourceError
+from weightport import LoadError, SourceError
 from weightport.export import write_safetensors
 from weightport.layouts import get_layout
 from weightport.sources import open_source
@@ -232,3 +232,18 @@ def test_mapped_view_of_a_truncated_file_is_refused(tmp_path) -> None:  # type: 
         last = max(source.infos, key=lambda n: source.offsets[n])  # type: ignore[attr-defined]
         with pytest.raises(SourceError, match=f"tensor '{last}' ends at byte .* Fix"):
             source.mapped(last)
+
+
+def test_none_in_a_mapping_is_no_tensor() -> None:
+    """A pytree's empty slot (Flax 0.10's ``bias: None`` of a layer built without one) is listed, not read;
+    a module tensor it leaves without a value is still an error that names it."""
+    weight = np.arange(6, dtype=np.float32).reshape(3, 2)
+    linear = nn.Linear(2, 3, bias=False)
+    report = weightport.load(linear, {"weight": weight, "bias": None}, strict=False)
+    assert report.ignored == ["bias (None, not an array)"]
+    assert np.array_equal(linear.weight.detach().numpy(), weight)
+    with_bias = nn.Linear(2, 3)
+    before = {k: v.clone().numpy() for k, v in with_bias.state_dict().items()}
+    with pytest.raises(LoadError, match=r"'bias': expected a value for it"):
+        weightport.load(with_bias, {"weight": weight, "bias": None})
+    assert all(np.array_equal(before[k], v.numpy()) for k, v in with_bias.state_dict().items())

@@ -66,9 +66,10 @@ class MappingSource(Source):
         cls, mapping: Mapping[str, Any], description: str = "the given mapping"
     ) -> MappingSource:
         arrays: dict[str, np.ndarray] = {}
-        _flatten(mapping, "", arrays)
+        ignored: list[str] = []
+        _flatten(mapping, "", arrays, ignored)
         infos = {n: TensorInfo(n, a.shape, a.dtype) for n, a in arrays.items()}
-        return cls(description=description, infos=infos, in_memory=True, arrays=arrays)
+        return cls(description=description, infos=infos, ignored=ignored, in_memory=True, arrays=arrays)
 
     def read(self, name: str) -> np.ndarray:
         array = self.arrays[name]
@@ -88,7 +89,9 @@ class MappingSource(Source):
         self.bytes_read += out.nbytes
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str, out: dict[str, np.ndarray]) -> None:
+def _flatten(mapping: Mapping[str, Any], prefix: str, out: dict[str, np.ndarray], ignored: list[str]) -> None:
+    """Nested mappings flattened to ``/``-joined names; ``None`` values (a pytree's empty slot, like
+    Flax 0.10's bias of a layer without one) hold no tensor and are listed in ``ignored``."""
     for key, value in mapping.items():
         if isinstance(key, int) and not isinstance(key, bool):
             key = str(key)  # list positions in pytrees (nnx to_pure_dict)
@@ -96,6 +99,8 @@ def _flatten(mapping: Mapping[str, Any], prefix: str, out: dict[str, np.ndarray]
             raise SourceError(f"key {key!r} is a {type(key).__name__}; tensor names must be strings")
         name = prefix + key
         if isinstance(value, Mapping):
-            _flatten(value, name + "/", out)
+            _flatten(value, name + "/", out, ignored)
+        elif value is None:
+            ignored.append(f"{name} (None, not an array)")
         else:
             out[name] = to_array(name, value)
