@@ -23,6 +23,7 @@ from torch import nn
 
 import weightport
 from conftest import snapshot
+from golden.onnx_exporter_models import Mixed, Shared
 from weightport.errors import LayoutError, LoadError, SourceError
 
 pytest.importorskip("onnx")
@@ -97,31 +98,6 @@ class Conv1dDense(nn.Module):
 
 
 # --- the torch.onnx.export models (as in make_onnx_exporters.py) ----------------------------------------
-
-
-class Mixed(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(F, 4, 3, padding=1)
-        self.gru = nn.GRU(4, 3, bidirectional=True, batch_first=True)
-        self.lstm = nn.LSTM(6, 4, batch_first=True)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv(x.transpose(1, 2))).transpose(1, 2)
-        return self.fc(self.lstm(self.gru(h)[0])[0])
-
-
-class Shared(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(7, 3)
-        self.fc = nn.Linear(3, 3)
-        self.head = nn.Linear(3, 7, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.fc(torch.tanh(self.fc(self.embed(ids)))))
 
 
 CASES: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
