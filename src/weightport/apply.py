@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from weightport.copying import copy_into
-from weightport.dtypes import to_numpy_dtype
+from weightport.dtypes import tensor_as_numpy
 from weightport.errors import LoadError, Problem, SourceError
 from weightport.plan import Entry, Plan, value_problem
 from weightport.sources.base import Source
@@ -60,11 +60,8 @@ def host_view(tensor: torch.Tensor) -> np.ndarray | None:
     """A writable NumPy view of a CPU, contiguous tensor's memory, else None."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_meta:
         return None
-    data = tensor.detach()
-    if data.dtype == torch.bfloat16:
-        return data.view(torch.int16).numpy().view(to_numpy_dtype(torch.bfloat16))
     try:
-        return data.numpy()
+        return tensor_as_numpy(tensor.detach())  # bfloat16 and float8 through ml_dtypes
     except (TypeError, RuntimeError):
         return None
 

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightport.dtypes import BFLOAT16
+from weightport.dtypes import BFLOAT16, ML_FLOATS, holds_all, tensor_as_numpy
 from weightport.errors import SourceError
 
-__all__ = ["to_numpy", "save", "write_npz", "write_safetensors", "SAFETENSORS_DTYPES"]
+__all__ = ["to_numpy", "save", "write_npz", "write_safetensors", "SAFETENSORS_DTYPES", "SAFETENSORS_REFUSED"]
 
+# The format's dtype codes (safetensors' Rust ``Dtype``; safetensors 0.8 has 22) that torch has a dtype for.
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -42,18 +43,34 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "U16": np.dtype("<u2"),
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
+    "C64": np.dtype("<c8"),
+}
+_ML_FLOATS_BY_NAME = {d.name: d for d in ML_FLOATS}  # those torch and ml_dtypes both have
+for _code, _name in (
+    ("F8_E4M3", "float8_e4m3fn"),  # the OCP "fn" variant: no infinity, NaN S.1111.111
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),  # MX block scales: powers of two
+):
+    if _name in _ML_FLOATS_BY_NAME:
+        SAFETENSORS_DTYPES[_code] = _ML_FLOATS_BY_NAME[_name]
+
+# Codes of the format that weightport refuses, with why; the reader names the tensor and the fix.
+SAFETENSORS_REFUSED: dict[str, str] = {
+    "F4": "4-bit float e2m1, two values packed per byte; torch keeps it only as packed pairs, "
+    "float4_e2m1fn_x2, and cannot cast those",
+    "F6_E2M3": "6-bit float e2m3, packed; torch has no 6-bit float dtype",
+    "F6_E3M2": "6-bit float e3m2, packed; torch has no 6-bit float dtype",
 }
 _CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A NumPy copy of ``tensor`` (any device; bfloat16 through ml_dtypes)."""
+    """A NumPy copy of ``tensor`` (any device; bfloat16 and float8 through ml_dtypes, bit for bit)."""
     if tensor.is_meta:
         raise SourceError("a tensor on the meta device has no values to export; load or initialize it first")
-    data = tensor.detach().to("cpu").contiguous()
-    if data.dtype == torch.bfloat16:
-        return data.view(torch.int16).numpy().view(BFLOAT16).copy()
-    return data.numpy().copy()
+    return tensor_as_numpy(tensor.detach().to("cpu").contiguous()).copy()
 
 
 def to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
@@ -74,13 +91,24 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def write_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
-    """Write ``arrays`` to an uncompressed ``.npz`` (bfloat16 goes in as exact float32)."""
-    out = {
-        k: (np.asarray(v, np.float32) if v.dtype == BFLOAT16 else np.asarray(v)) for k, v in arrays.items()
-    }
+    """Write ``arrays`` to an uncompressed ``.npz``.
+
+    NumPy's format has no bfloat16 or float8 (it would write raw bytes, ``V1``): bfloat16 goes in as
+    float32, float8 as float16 (float32 for float8_e8m0fnu), both exact; loading them back into the
+    same tensors gives the same bits, but for NaN: it stays NaN of the same sign, and float8_e5m2's
+    several NaN payloads become one (``.safetensors`` keeps every bit).
+    """
+    out = {k: _npz_ready(np.asarray(v)) for k, v in arrays.items()}
     target = Path(path)
     _atomic_write(target, lambda f: np.savez(f, **out))  # type: ignore[arg-type]
     return target
+
+
+def _npz_ready(array: np.ndarray) -> np.ndarray:
+    if array.dtype not in ML_FLOATS:
+        return array
+    wide = np.dtype(np.float16) if holds_all(array.dtype, np.dtype(np.float16)) else np.dtype(np.float32)
+    return array.astype(wide)
 
 
 def write_safetensors(

@@ -1,17 +1,23 @@
 """Which casts are allowed, and the value checks they need.
 
 A cast is *exact* when every value of the source dtype exists in the target
-(float16 -> float32); *rounded* when values may round but must stay finite and in
-range (float64 -> float32); *checked* when each value must survive exactly
-(int64 -> float32, float -> int, anything -> bool). Some are refused outright.
+(float16 -> float32, float8 -> float16); *rounded* when values may round but must
+stay finite and in range (float64 -> float32); *checked* when each value must
+survive exactly (int64 -> float32, float -> int, anything -> bool, and any
+narrowing cast into float8: its 2-3 mantissa bits would round most values, and
+torch saturates or makes NaN where float8 has no infinity). Some are refused outright.
 
 >>> import torch
 >>> cast_kind(np.dtype("float64"), torch.float32)
 ('range', None)
+>>> cast_kind(np.dtype("float32"), torch.float8_e4m3fn)
+('exact', None)
 >>> cast_kind(np.dtype("complex64"), torch.float32)[1]
 'complex values have no place in a real tensor; pass .real if the imaginary part is zero'
 >>> find_bad_values(np.array([1.0, np.nan]), torch.float32, "finite", False)
 '1 NaN/Inf value (first at index (1,): nan)'
+>>> find_bad_values(np.array([0.5, 0.1], np.float32), torch.float8_e4m3fn, "exact", False)
+'1 value that float8_e4m3fn cannot hold exactly (first at index (1,): np.float32(0.1))'
 """
 
 from __future__ import annotations
@@ -19,19 +25,24 @@ from __future__ import annotations
 import functools
 import math
 
+import ml_dtypes
 import numpy as np
 import torch
 
-from weightport.dtypes import NON_NUMERIC_KINDS, as_torch, to_numpy_dtype
+from weightport.dtypes import (
+    ML_FLOATS,
+    NON_NUMERIC_KINDS,
+    as_torch,
+    holds_all,
+    is_float,
+    is_numeric,
+    to_numpy_dtype,
+    to_torch_dtype,
+)
 
 __all__ = ["cast_kind", "find_bad_values"]
 
-_FLOAT_MANTISSA = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}
-
-
-def _mantissa(dtype: np.dtype | torch.dtype) -> int:
-    name = str(dtype).removeprefix("torch.")
-    return _FLOAT_MANTISSA.get(name, 0)
+_FLOAT8 = frozenset(d for d in ML_FLOATS if d.itemsize == 1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -40,11 +51,16 @@ def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
 
     Checks: ``none`` (every value fits exactly), ``finite`` (same or wider float),
     ``range`` (narrower float: finite and in range), ``exact`` (each value must
-    survive the cast unchanged).
+    survive the cast unchanged; narrower floats into float8 too).
     """
-    if source.kind in NON_NUMERIC_KINDS and source.name != "bfloat16":
+    if source.isbuiltin == 2 and to_torch_dtype(source) is None:
+        return "none", (
+            f"{source.name} (an ml_dtypes type) has no torch dtype; cast the array to one torch has "
+            "first (float32 holds every float4/float6/float8 value exactly)"
+        )
+    if not is_numeric(source):
         return "none", f"{NON_NUMERIC_KINDS[source.kind]} are not tensor values; pass a numeric array"
-    src_float = source.kind == "f" or source.name == "bfloat16"
+    src_float = is_float(source)
     if target.is_complex:
         if source.kind == "c" or src_float:
             return "finite", None
@@ -55,25 +71,27 @@ def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
             "complex values have no place in a real tensor; pass .real if the imaginary part is zero",
         )
     if target.is_floating_point:
+        try:
+            dst = to_numpy_dtype(target)
+        except TypeError:
+            return "none", f"weightport cannot write {target} tensors (torch has no casts into it)"
         if src_float:
-            src_bits, dst_bits = _mantissa(source), _mantissa(target)
-            wider = dst_bits >= src_bits and _range_rank(target) >= _range_rank(source)
-            return ("finite" if wider else "range"), None
+            if holds_all(source.newbyteorder("="), dst):
+                return "finite", None
+            return ("exact" if dst in _FLOAT8 else "range"), None
+        info = ml_dtypes.finfo(dst)
+        if float(info.min) >= 0:  # float8_e8m0fnu: powers of two only, no zero, no sign
+            return "exact", None
         if source.kind == "b":
             return "none", None
         int_bits = source.itemsize * 8 - (1 if source.kind == "i" else 0)
-        return ("none" if int_bits <= _mantissa(target) else "exact"), None
+        return ("none" if int_bits <= int(info.nmant) + 1 else "exact"), None
     if target == torch.bool:
         return ("none" if source.kind == "b" else "exact"), None
     # integer targets
     if source.kind == "b":
         return "none", None
     return "exact", None
-
-
-def _range_rank(dtype: np.dtype | torch.dtype) -> int:
-    name = str(dtype).removeprefix("torch.")
-    return {"float16": 0, "bfloat16": 1, "float32": 1, "float64": 2}.get(name, 0)
 
 
 def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
@@ -85,16 +103,68 @@ def find_bad_values(array: np.ndarray, target: torch.dtype, check: str, allow_no
     """A short description of the values of ``array`` that cannot go into ``target``, or None."""
     if array.size == 0 or check == "none":
         return None
+    if check == "exact" and to_numpy_dtype(target) in _FLOAT8:
+        return _inexact_float8(array, target, allow_nonfinite)
     tensor = as_torch(array)
     if check in ("finite", "range"):
         return _bad_floats(tensor, target, check, allow_nonfinite)
     return _inexact(array, target)
 
 
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    """float8 as float32 (exact): torch has no sum, min/max or isfinite for float8 on the CPU."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
+
+
+@functools.lru_cache(maxsize=16)
+def _has_inf(target: torch.dtype) -> bool:
+    return bool(torch.tensor(math.inf).to(target).float().isinf())
+
+
+def _nonfinite_message(mask: torch.Tensor, values: torch.Tensor, what: str = "NaN/Inf") -> str:
+    count = int(mask.sum())
+    index = _first_index(mask)
+    noun = "value" if count == 1 else "values"
+    return f"{count} {what} {noun} (first at index {index}: {values[index].item()})"
+
+
+def _inexact_float8(array: np.ndarray, target: torch.dtype, allow_nonfinite: bool) -> str | None:
+    """What of ``array`` would not survive torch's cast into float8 ``target`` unchanged, or None.
+
+    torch rounds, saturates (float8_e4m3fn takes inf as 448) or makes NaN (the ``fnuz`` and ``e8m0``
+    dtypes) without a word: each value is cast there and back and compared. NaN and Inf are refused
+    unless ``allow_nonfinite``; Inf then only where the target has an infinity (float8_e5m2).
+    """
+    source = as_torch(array)
+    converted = source.to(target)
+    if source.is_floating_point():
+        wide = _widened(source)
+        bad = ~torch.isfinite(wide)
+        if bool(bad.any()):
+            if not allow_nonfinite:
+                return _nonfinite_message(bad, wide)
+            inf = torch.isinf(wide)
+            if not _has_inf(target) and bool(inf.any()):
+                name = str(target).removeprefix("torch.")
+                return _nonfinite_message(inf, wide, "Inf") + f" that {name} cannot hold (it has no infinity)"
+        back = _widened(converted.to(source.dtype))
+        same = (back == wide) | (torch.isnan(back) & torch.isnan(wide))
+    else:
+        same = converted.to(source.dtype) == source
+    if bool(same.all()):
+        return None
+    index = _first_index(~same)
+    count = int((~same).sum())
+    noun = "value" if count == 1 else "values"
+    name = str(target).removeprefix("torch.")
+    return f"{count} {noun} that {name} cannot hold exactly (first at index {index}: {array[index]!r})"
+
+
 def _bad_floats(tensor: torch.Tensor, target: torch.dtype, check: str, allow_nonfinite: bool) -> str | None:
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
         check = "finite"
+    tensor = _widened(tensor)
     if check == "finite" and allow_nonfinite:
         return None
     if check == "finite":
@@ -130,7 +200,7 @@ def _bad_floats(tensor: torch.Tensor, target: torch.dtype, check: str, allow_non
 def _inexact(array: np.ndarray, target: torch.dtype) -> str | None:
     dst = to_numpy_dtype(target)
     with np.errstate(all="ignore"):
-        if array.dtype.kind in "fc" or array.dtype.name == "bfloat16":
+        if array.dtype.kind == "c" or is_float(array.dtype):
             wide = np.asarray(array, dtype=np.float64 if array.dtype.kind != "c" else np.complex128)
             bad = ~np.isfinite(wide)
             if bad.any():
@@ -141,6 +211,11 @@ def _inexact(array: np.ndarray, target: torch.dtype) -> str | None:
         same = back == array
         if dst.kind == "f":
             same &= np.isfinite(converted)
+        if (
+            array.dtype.kind in "iu" and dst.kind in "iu"
+        ):  # wrapped around (uint64 -> int64) survives a round trip
+            limits = np.iinfo(dst)
+            same &= (array >= limits.min) & (array <= limits.max)
     if bool(np.all(same)):
         return None
     index = tuple(int(i) for i in np.argwhere(~np.asarray(same))[0])

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from weightport.dtypes import BFLOAT16, NON_NUMERIC_KINDS
+from weightport.dtypes import NON_NUMERIC_KINDS, is_numeric, tensor_as_numpy
 from weightport.errors import SourceError
 from weightport.sources.base import Region, Source, TensorInfo
 
@@ -29,11 +29,8 @@ def to_array(name: str, value: Any) -> np.ndarray:
     """``value`` as a NumPy array (a view where possible), or a SourceError that says why not."""
     if type(value) is np.ndarray and value.dtype.kind in "fiucb":
         return value  # the common case, nothing to check
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch here
-        tensor = value.detach().cpu()
-        if str(tensor.dtype) == "torch.bfloat16":
-            return tensor.view(dtype=_torch_int16()).numpy().view(BFLOAT16)
-        return np.asarray(tensor.numpy())
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+        return _tensor_to_array(name, value)
     try:
         array = np.asarray(value)
     except ValueError as e:
@@ -41,7 +38,7 @@ def to_array(name: str, value: Any) -> np.ndarray:
             f"'{name}': cannot be made into an array ({e}); ragged nested lists are not tensors. "
             "Fix: pass a NumPy array of one shape."
         ) from None
-    if array.dtype.kind in NON_NUMERIC_KINDS and array.dtype != BFLOAT16:
+    if not is_numeric(array.dtype):
         raise SourceError(
             f"'{name}': holds {NON_NUMERIC_KINDS[array.dtype.kind]} ({array.dtype}), not numbers. "
             "Fix: pass a numeric NumPy array."
@@ -49,10 +46,25 @@ def to_array(name: str, value: Any) -> np.ndarray:
     return array
 
 
-def _torch_int16() -> Any:
+def _tensor_to_array(name: str, value: Any) -> np.ndarray:
+    """A torch tensor's values as NumPy holds them: bfloat16 (and other ``ml_dtypes`` types) bit for bit."""
     import torch
 
-    return torch.int16
+    if value.is_meta:
+        raise SourceError(
+            f"'{name}': a tensor on the meta device, which has no values. "
+            "Fix: pass a tensor with data (load or initialize it first)."
+        )
+    if value.layout != torch.strided:
+        raise SourceError(f"'{name}': a {value.layout} tensor, not a dense one. Fix: pass tensor.to_dense().")
+    tensor = value.detach().cpu().resolve_conj().resolve_neg()  # lazy conj/neg views: their real values
+    try:
+        return np.asarray(tensor_as_numpy(tensor))  # bfloat16, float8: through ml_dtypes, bit for bit
+    except TypeError:
+        raise SourceError(
+            f"'{name}': a {str(tensor.dtype).removeprefix('torch.')} tensor, a dtype NumPy cannot hold. "
+            "Fix: convert it first (tensor.float())."
+        ) from None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from weightport.errors import SourceError
-from weightport.export import SAFETENSORS_DTYPES
+from weightport.export import SAFETENSORS_DTYPES, SAFETENSORS_REFUSED
 from weightport.sources.base import Region, Source, TensorInfo, region_shape
 from weightport.sources.files import map_array, mapped_chunks, read_mapped, read_region_exact
 
@@ -122,23 +122,39 @@ def read_header(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, i
 
 def _entry(name: str, entry: object, where: str) -> tuple[TensorInfo, int, int]:
     try:
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]  # type: ignore[index]
+        code = entry["dtype"]  # type: ignore[index]
         shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
         begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
     except KeyError as e:
-        raise SourceError(
-            f"{where}: tensor '{name}' has an unsupported dtype or a missing field {e}."
-        ) from None
+        raise SourceError(f"{where}: tensor '{name}' has no {e} field; the file is corrupt.") from None
     except (TypeError, ValueError):
         raise SourceError(
             f"{where}: tensor '{name}' has a malformed header entry; the file is corrupt."
         ) from None
+    dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+    if dtype is None:
+        raise SourceError(_unsupported(name, code, where)) from None
     if any(d < 0 for d in shape) or begin < 0 or end - begin != math.prod(shape) * dtype.itemsize:
         raise SourceError(
             f"{where}: tensor '{name}' declares shape {shape} of {dtype.name} ({math.prod(shape) * dtype.itemsize} "
             f"bytes) but data_offsets [{begin}, {end}]; the file is corrupt. Fix: re-create it."
         )
     return TensorInfo(name, shape, dtype), begin, end
+
+
+def _unsupported(name: str, code: object, where: str) -> str:
+    why = SAFETENSORS_REFUSED.get(code) if isinstance(code, str) else None
+    if why is not None:
+        return (
+            f"{where}: tensor '{name}' has dtype {code} ({why}), which weightport "
+            "cannot load. Fix: dequantize it (to BF16, F16 or F32, or to F8_E4M3 with its scales) with the "
+            "tool that made the file, and load that file."
+        )
+    return (
+        f"{where}: tensor '{name}' has dtype {code!r}, which weightport does not know; it reads "
+        f"{', '.join(SAFETENSORS_DTYPES)}. Fix: convert the tensor to one of those, or update weightport "
+        "if the format has a new dtype."
+    )
 
 
 def open(path: Path) -> Source:
