@@ -614,3 +614,46 @@ def test_undo_log_spills_beyond_its_memory_budget(tmp_path, monkeypatch) -> None
         weightport.load(lstm, path)
     assert snapshot(lstm) == before
     assert any(spilled), "nothing went to the spill file"
+
+
+def test_strict_false_that_matches_nothing_is_refused() -> None:
+    """The usual sign of a forgotten prefix: nothing would be written, so nothing is, and it says why."""
+    linear = nn.Linear(3, 2)
+    before = snapshot(linear)
+    with pytest.raises(
+        LoadError, match=r"none of the source's 1 names match \(first: 'encoder.weight'\).*prefix="
+    ):
+        weightport.load(linear, {"encoder.weight": np.ones((2, 3), np.float32)}, strict=False)
+    assert snapshot(linear) == before
+    assert weightport.load(linear, {}, strict=False).written == []  # an empty source asks for nothing
+
+
+def test_a_module_that_is_not_a_module_is_refused() -> None:
+    with pytest.raises(LoadError, match="expected a torch.nn.Module, found an object of type dict"):
+        weightport.load({"weight": np.ones(2)}, nn.Linear(2, 1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("values", "target"),
+    [
+        (np.array([1, 2**64 - 1], np.uint64), torch.int64),
+        (np.array([3, 2**32 - 1], np.uint32), torch.int32),
+        (np.array([0, 200], np.uint8), torch.int8),
+        (np.array([5, -1], np.int8), torch.uint8),
+        (np.array([7, -1], np.int16), torch.int32 if not hasattr(torch, "uint32") else torch.uint32),
+    ],
+)
+def test_integers_that_would_wrap_around_are_refused(values: np.ndarray, target: torch.dtype) -> None:
+    """A cast there and back gives the same bits after two's-complement wraparound: range matters too."""
+    module = nn.Module()
+    module.register_buffer("counts", torch.zeros(2, dtype=target))
+    before = module.counts.clone()
+    if target == torch.int32 and values.dtype == np.int16:
+        pytest.skip("this torch has no uint32")
+    with pytest.raises(
+        LoadError, match=r"'counts'.*1 value that \w+ cannot hold exactly \(first at index \(1,\)"
+    ):
+        weightport.load(module, {"counts": values})
+    assert torch.equal(module.counts, before)
+    weightport.load(module, {"counts": values[:1].repeat(2)})  # in range: loads exactly
+    assert module.counts.tolist() == [int(values[0])] * 2

@@ -216,6 +216,19 @@ def test_torch_dynamo_export_of_an_unrolled_rnn_is_refused_with_the_way_out(tmp_
     assert snapshot(fresh) == before
 
 
+def test_a_module_of_another_recurrent_kind_is_named_as_the_problem(tmp_path: Path) -> None:
+    """An LSTM file into a GRU: the module is of the wrong class, not an unrolled export."""
+    torch_export(nn.LSTM(3, 4), torch.randn(T, B, 3), tmp_path / "lstm.onnx")
+    gru = nn.GRU(3, 4)
+    before = snapshot(gru)
+    with pytest.raises(
+        LayoutError, match=r"has ONNX LSTM node\(s\) but no GRU node for the model itself"
+    ) as info:
+        weightport.load(gru, tmp_path / "lstm.onnx")
+    assert "Fix: build the module as nn.LSTM" in str(info.value) and "unrolls" not in str(info.value)
+    assert snapshot(gru) == before
+
+
 def test_torch_export_without_bias_and_with_relu(tmp_path: Path) -> None:
     torch.manual_seed(0)
     exported = nn.RNN(3, 4, nonlinearity="relu", bias=False)

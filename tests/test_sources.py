@@ -74,6 +74,66 @@ def test_shard_behind_a_link_is_refused(tmp_path) -> None:  # type: ignore[no-un
         weightport.load(lstm, index_path)
 
 
+def _hub_cache(tmp_path, state):  # type: ignore[no-untyped-def]
+    """A Hugging Face cache snapshot: every file a link to a hash-named blob with no suffix."""
+    files = tmp_path / "files"
+    files.mkdir()
+    _shard(files, state)
+    blobs, snapshot_dir = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snapshot_dir.mkdir(parents=True)
+    for i, path in enumerate(sorted(files.iterdir())):
+        path.rename(blobs / f"{i:040x}")
+        os.symlink(f"../../blobs/{i:040x}", snapshot_dir / path.name)
+    return snapshot_dir
+
+
+def test_hub_cache_links_load_by_the_name_given_or_say_how(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The user's own path is a link to a suffixless blob: read by the name given. Links found inside a
+    folder or an index stay unfollowed, with the way out in the message."""
+    lstm = nn.LSTM(3, 4)
+    state = _state(lstm)
+    snapshot_dir = _hub_cache(tmp_path, state)
+    single = snapshot_dir / "single.safetensors"
+    write_safetensors(state, tmp_path / "blobs" / "single")
+    os.symlink("../../blobs/single", single)
+    fresh = nn.LSTM(3, 4)
+    weightport.load(fresh, single)
+    for k, v in weightport.to_numpy(fresh).items():
+        np.testing.assert_array_equal(v, state[k])
+    before = snapshot(fresh)
+    with pytest.raises(LoadError, match="expected a value for it"):  # one shard, read by its given name
+        weightport.load(fresh, snapshot_dir / "model-00001-of-00002.safetensors")
+    with pytest.raises(SourceError, match=r"symbolic link.*snapshot_download\(repo_id, local_dir=...\)"):
+        weightport.load(fresh, snapshot_dir / "model.safetensors.index.json")
+    with pytest.raises(SourceError, match=r"are symbolic links.*local_dir="):
+        open_source(snapshot_dir.parent / "rev" / ".." / "rev")  # the folder itself
+    assert snapshot(fresh) == before
+
+
+def test_a_folder_with_one_index_reads_what_it_lists(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A hub repository may keep consolidated.safetensors beside the shards: the index decides."""
+    lstm = nn.LSTM(3, 4)
+    state = _state(lstm)
+    _shard(tmp_path, state)
+    write_safetensors({"other." + k: v for k, v in state.items()}, tmp_path / "consolidated.safetensors")
+    fresh = nn.LSTM(3, 4)
+    report = weightport.load(fresh, tmp_path)
+    assert "consolidated.safetensors (not listed in model.safetensors.index.json)" in report.ignored
+    for k, v in weightport.to_numpy(fresh).items():
+        np.testing.assert_array_equal(v, state[k])
+
+
+def test_a_shard_the_index_lists_but_the_folder_lacks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    index_path, _ = _shard(tmp_path, _state(nn.LSTM(3, 4)))
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(
+        SourceError, match=r"model-00002-of-00002.safetensors': no such file. Fix: check"
+    ) as info:
+        open_source(index_path)
+    assert "link" not in str(info.value)
+
+
 def test_name_in_two_shards_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     write_safetensors({"weight": np.ones((2, 3), np.float32)}, tmp_path / "a.safetensors")
     write_safetensors(
@@ -247,3 +307,20 @@ def test_none_in_a_mapping_is_no_tensor() -> None:
     with pytest.raises(LoadError, match=r"'bias': expected a value for it"):
         weightport.load(with_bias, {"weight": weight, "bias": None})
     assert all(np.array_equal(before[k], v.numpy()) for k, v in with_bias.state_dict().items())
+
+
+def test_torch_tensors_in_a_mapping_give_their_values_or_a_clear_refusal() -> None:
+    import torch
+
+    base = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    linear = nn.Linear(3, 2, bias=False)
+    weightport.load(linear, {"weight": base.neg()._neg_view()})  # a lazy negation view
+    assert np.array_equal(linear.weight.detach().numpy(), base.numpy())
+    before = linear.weight.detach().clone()
+    for value, found in (
+        (base.to_sparse(), "a torch.sparse_coo tensor, not a dense one"),
+        (torch.empty(2, 3, device="meta"), "a tensor on the meta device"),
+    ):
+        with pytest.raises(SourceError, match=found):
+            weightport.load(linear, {"weight": value})
+    assert torch.equal(linear.weight.detach(), before)

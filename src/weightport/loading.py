@@ -91,6 +91,17 @@ def plan_load(
     layout_plan = layout_module.plan(scope, source, mapping)
     plan = build_plan(scope, source, layout_plan, strict=strict, prefix=prefix_)
     plan.ignored.extend(source.ignored)
+    if not plan.entries and not plan.problems and source.infos:  # strict=False, and nothing matched
+        names = list(source.infos)
+        plan.problems.append(
+            Problem(
+                prefix_ or _describe(module),
+                "at least one source tensor that names one of the module's",
+                f"none of the source's {len(names)} names match (first: '{names[0]}')",
+                "check the names against module.state_dict(); pass prefix= to load into a submodule, "
+                "layout= if the source is another framework's, or mapping= to pair them",
+            )
+        )
     if check_values_:
         check_values(plan, source, allow_nonfinite, after_fill=after_fill)
     return plan
@@ -138,6 +149,18 @@ def load(
         LoadError: with ``.problems``; the module is unchanged.
         SourceError: the source could not be read; the module is unchanged.
     """
+    if not isinstance(module, nn.Module):
+        raise LoadError(
+            [
+                Problem(
+                    "module",
+                    "a torch.nn.Module",
+                    f"an object of type {type(module).__name__}",
+                    "pass the model first and the arrays second: weightport.load(model, arrays)",
+                )
+            ],
+            target=type(module).__name__,
+        )
     owned = not isinstance(source, Source)
     sharded: ShardedWrite | None = None
     if has_dtensors(unwrap(module)):  # a collective: every rank reads its own shard, then the ranks agree

@@ -292,20 +292,31 @@ def _explain_unrolled_recurrence(
     """When pairing failed and a recurrent module has no node of its kind in the graph, say why.
 
     Exporters that unroll the recurrence into per-step MatMul/Add nodes (torch.onnx.export's dynamo
-    exporter does so for nn.RNN) leave nothing that maps back to the module's weights.
+    exporter does so for nn.RNN) leave nothing that maps back to the module's weights; a graph whose
+    recurrent nodes are of another kind (an LSTM file, a GRU module) is a module of the wrong class.
     """
     found = {layer.kind for layer in layers}
+    recurrent = sorted(found & set(_RECURRENT))
     for path, sub in module.named_modules():
         kind = slot_kind(sub)
-        if isinstance(sub, nn.RNNBase) and kind in _RECURRENT and kind not in found:
+        if not (isinstance(sub, nn.RNNBase) and kind in _RECURRENT and kind not in found):
+            continue
+        label = f"'{path}'" if path else "the model itself"
+        if recurrent:  # the graph recurs with another kind of node: the module is of the wrong class
             raise LayoutError(
-                f"{where} has no ONNX {kind} node for '{path}' ({type(sub).__name__}): the graph computes "
-                "the recurrence some other way (an exporter that unrolls it into per-step MatMul and Add "
-                "nodes, as torch.onnx.export's dynamo exporter does for nn.RNN), and those nodes do not "
-                f"map back to the module's weights. Fix: export with torch.onnx.export(..., dynamo=False), "
-                f"which writes {kind} nodes, or save the PyTorch weights themselves (weightport.save). "
-                f"(Pairing said: {error})"
+                f"{where} has ONNX {' and '.join(recurrent)} node(s) but no {kind} node for {label} "
+                f"({type(sub).__name__}): the weights of one kind of recurrent layer do not fit another. "
+                f"Fix: build the module as nn.{recurrent[0]} with the graph's sizes, or load a file exported "
+                f"from a model with a {kind}. (Pairing said: {error})"
             ) from error
+        raise LayoutError(
+            f"{where} has no ONNX {kind} node for {label} ({type(sub).__name__}): the graph computes "
+            "the recurrence some other way (an exporter that unrolls it into per-step MatMul and Add "
+            "nodes, as torch.onnx.export's dynamo exporter does for nn.RNN), and those nodes do not "
+            f"map back to the module's weights. Fix: export with torch.onnx.export(..., dynamo=False), "
+            f"which writes {kind} nodes, or save the PyTorch weights themselves (weightport.save). "
+            f"(Pairing said: {error})"
+        ) from error
 
 
 def _loop_hints(

@@ -110,9 +110,15 @@ def _open_path(given: Path, format: str | None) -> Source:
         names = [format]
     else:
         names = list(_FORMATS)
+    # A link (a hub cache's snapshots/<rev>/model.safetensors -> ../../blobs/<hash>) is claimed by the name
+    # the user gave, and read from the file it resolves to.
+    named = given if given.is_symlink() else path
     for name in names:
         reader = _reader(_FORMATS[name])
-        if reader is not None and (format is not None or reader.claims(path)):
+        if reader is not None and (format is not None or reader.claims(named)):
+            if named is given and getattr(reader, "FILES_BESIDE_IT", False):
+                # an index names files beside it: beside the link the user gave, in its resolved folder
+                return reader.open(given.parent.resolve() / given.name)  # type: ignore[no-any-return]
             return reader.open(path)  # type: ignore[no-any-return]
     raise SourceError(
         f"'{given}': not a format weightport reads. Fix: use one of .npz, .npy, a folder of .npy, "

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import mmap
 import os
@@ -252,6 +253,15 @@ def open_no_follow(path: os.PathLike[str] | str) -> int:
     try:
         return os.open(path, flags)
     except OSError as e:
-        raise SourceError(
-            f"'{path}': cannot be opened ({e.strerror or e}); links inside a folder are not followed."
-        ) from None
+        if e.errno == errno.ELOOP:
+            why = (
+                "it is a symbolic link, and links found inside a folder or an index are not followed "
+                "(a Hugging Face cache snapshot links every file to its blobs/ folder). Fix: load from a folder "
+                "of plain files (huggingface_hub.snapshot_download(repo_id, local_dir=...) writes one), or "
+                "pass a single file's own path"
+            )
+        elif e.errno == errno.ENOENT:
+            why = "no such file. Fix: check that every file the folder or index names is there"
+        else:
+            why = f"cannot be opened ({e.strerror or e}). Fix: check the file's permissions"
+        raise SourceError(f"'{path}': {why}.") from None

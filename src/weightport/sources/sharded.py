@@ -32,6 +32,7 @@ from weightport.sources.safetensors import SafetensorsSource, read_header
 __all__ = ["claims", "open", "ShardedSource"]
 
 MAX_INDEX_BYTES = 64 * 1024 * 1024
+FILES_BESIDE_IT = True  # an index given as a link names the shards beside the link, not beside its target
 
 
 def claims(path: Path) -> bool:
@@ -145,19 +146,41 @@ def _open_index(source: ShardedSource, path: Path) -> None:
         ) from None
     for file_name in dict.fromkeys(weight_map.values()):
         source.shards[file_name] = _open_shard(path.parent, file_name, where)
-    source.description = f"{where} ({len(source.shards)} shards)"
+    count = len(source.shards)
+    source.description = f"{where} ({count} shard{'s' if count != 1 else ''})"
     _assemble(source, where, weight_map)
 
 
 def _open_folder(source: ShardedSource, path: Path) -> None:
+    """Every ``.safetensors`` file in the folder; or, where the folder holds exactly one index, what it lists
+    (a hub repository may keep a consolidated copy beside the shards)."""
     where = f"folder '{path.name}'"
-    with os.scandir(path) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            if not entry.name.endswith(".safetensors"):
-                source.ignored.append(f"{entry.name} (not a .safetensors file)")
-            elif entry.is_symlink():
-                source.ignored.append(f"{entry.name} (a link: not followed)")
-            else:
-                source.shards[entry.name] = _open_shard(path, entry.name, where)
-    source.description = f"{len(source.shards)} shards in {where}"
+    with os.scandir(path) as scan:
+        entries = sorted(scan, key=lambda e: e.name)
+    indexes = [e for e in entries if e.name.endswith(".safetensors.index.json") and not e.is_symlink()]
+    if len(indexes) == 1 and indexes[0].is_file(follow_symlinks=False):
+        _open_index(source, Path(indexes[0].path))
+        listed = set(source.shards) | {indexes[0].name}
+        source.ignored += [
+            f"{e.name} (not listed in {indexes[0].name})" for e in entries if e.name not in listed
+        ]
+        return
+    links = []
+    for entry in entries:
+        if not entry.name.endswith(".safetensors"):
+            source.ignored.append(f"{entry.name} (not a .safetensors file)")
+        elif entry.is_symlink():
+            links.append(entry.name)
+            source.ignored.append(f"{entry.name} (a link: not followed)")
+        else:
+            source.shards[entry.name] = _open_shard(path, entry.name, where)
+    if not source.shards:
+        raise SourceError(
+            f"{where}: its .safetensors files ({', '.join(links[:3])}) are symbolic links, and links found "
+            "inside a folder are not followed (a Hugging Face cache snapshot links every file to its blobs/ "
+            "folder). Fix: load from a folder of plain files (huggingface_hub.snapshot_download(repo_id, "
+            "local_dir=...) writes one), or pass a single file's own path."
+        )
+    count = len(source.shards)
+    source.description = f"{count} shard{'s' if count != 1 else ''} in {where}"
     _assemble(source, where, None)
