@@ -386,3 +386,14 @@ def test_non_numeric_input_is_refused() -> None:
         LayoutError, match=r"input must be a NumPy array or torch tensor of numbers, found str"
     ):
         forward(make("rnn_tanh"), "not an array")
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel"])
+def test_wrapped_modules_are_read_through(wrap: str) -> None:
+    gru = make("gru", num_layers=2, bidirectional=True)
+    wrapped = torch.compile(gru, backend="eager") if wrap == "compile" else nn.DataParallel(gru)
+    x = np.random.default_rng(0).standard_normal((SEQ, BATCH, INPUT))
+    out, h_n = forward(wrapped, x)
+    expected, expected_h = forward(gru, x)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(h_n, expected_h)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -107,7 +108,7 @@ def test_shape_error_in_module_terms_and_nothing_written() -> None:
         (nn.GRU(3, 4, bias=False), {"bias_ih": np.zeros(12)}, "bias=False"),
         (nn.LSTM(3, 4), {"weight_hr": np.zeros((2, 4))}, "proj_size=0"),
         (nn.GRU(3, 4), {"weight_ih": {"i": np.zeros((4, 3))}}, "gate letters r, z, n"),
-        (nn.LSTM(3, 4), {"weight_ih": {"f": np.zeros((4, 4))}}, "gate 'f'"),
+        (nn.LSTM(3, 4), {"weight_ih": {"f": np.zeros((4, 4))}}, r"'weight_ih_l0\[gate f\]'"),
         (nn.RNN(3, 4), {"weight_ih": {"r": np.zeros((4, 3))}}, "it has no gates"),
     ],
 )
@@ -116,6 +117,89 @@ def test_structure_errors(module: nn.Module, kwargs: dict, message: str) -> None
     with pytest.raises(LoadError, match=message):
         set_layer(module, **kwargs)
     assert snapshot(module) == before
+
+
+def test_gate_shape_error_names_the_dims() -> None:
+    lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2)
+    with pytest.raises(LoadError) as info:
+        set_layer(lstm, 0, weight_ih={"f": np.zeros((4, 4))})
+    assert str(info.value).splitlines()[1] == (
+        "  - 'weight_ih_l0[gate f]': expected shape (4, 3) = (hidden_size, input_size) of "
+        "LSTM(input_size=3, hidden_size=4, proj_size=2, bidirectional=True), found shape (4, 4). "
+        "Fix: pass one gate's block of shape (4, 3)."
+    )
+    cases = [
+        (1, "weight_ih", (4, 4), "(hidden_size, 2*proj_size)"),
+        (1, "weight_hh", (4, 2), "(hidden_size, proj_size)"),
+        (0, "bias_hh", (4,), "(hidden_size,)"),
+    ]
+    for layer, role, shape, dims in cases:
+        wanted = f"gate o]': expected shape {shape} = {dims} of LSTM("
+        with pytest.raises(LoadError, match=re.escape(wanted)):
+            set_layer(lstm, layer, **{role: {"o": np.zeros((1, 1))}})
+
+
+def test_meta_module_with_every_gate_given() -> None:
+    with torch.device("meta"):
+        lstm = nn.LSTM(3, 4)
+    bias_hh = {"i": np.zeros(4), "f": np.ones(4), "g": np.full(4, 2.0), "o": np.full(4, 3.0)}
+    report = set_layer(
+        lstm, 0, weight_ih=np.ones((16, 3)), weight_hh=np.ones((16, 4)), bias_ih=np.zeros(16), bias_hh=bias_hh
+    )
+    assert report.written == ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+    assert not any(p.is_meta for p in lstm.parameters())
+    np.testing.assert_array_equal(
+        lstm.bias_hh_l0.detach().numpy(), np.repeat(np.arange(4.0, dtype=np.float32), 4)
+    )
+
+
+def test_meta_module_with_gates_missing_is_refused() -> None:
+    with torch.device("meta"):
+        gru = nn.GRU(3, 4)
+    with pytest.raises(LoadError) as info:
+        set_layer(gru, 0, bias_ih={"z": np.ones(4)}, weight_ih=np.ones((12, 3)))
+    assert [p.name for p in info.value.problems] == ["bias_ih_l0"]
+    assert str(info.value.problems[0]) == (
+        "'bias_ih_l0': expected every gate r, z, n (it is on the meta device: the gates not given have no "
+        "values), found only z; missing r, n. Fix: give every gate, or build the module off meta."
+    )
+    assert all(p.is_meta for p in gru.parameters())
+
+
+def test_allow_nonfinite_is_passed_to_the_load() -> None:
+    lstm = nn.LSTM(3, 4)
+    with pytest.raises(LoadError, match="allow_nonfinite=True"):
+        set_layer(lstm, 0, bias_ih={"f": np.full(4, np.nan)})
+    set_layer(lstm, 0, bias_ih={"f": np.full(4, np.nan)}, allow_nonfinite={"bias_ih_l0"})
+    assert np.isnan(get_layer(lstm, 0, gates=True)["bias_ih"]["f"]).all()
+    with pytest.raises(TypeError):
+        set_layer(lstm, 0, None, None, None, np.zeros(16), None, None, True)  # type: ignore[misc]
+
+
+def test_report_lists_only_what_was_set() -> None:
+    lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    report = set_layer(lstm, 1, reverse=True, bias_ih={"f": np.ones(4)})
+    assert report.written == ["bias_ih_l1_reverse"]
+    assert report.missing == []
+    assert "Missing" not in str(report)
+
+
+WRAPPERS = {
+    "compile": lambda m: torch.compile(m, backend="eager"),
+    "DataParallel": nn.DataParallel,
+}
+
+
+@pytest.mark.parametrize("wrap", list(WRAPPERS))
+def test_wrapped_modules(wrap: str) -> None:
+    lstm = nn.LSTM(3, 4, num_layers=2)
+    wrapped = WRAPPERS[wrap](lstm)
+    assert gates_of(wrapped) == ("i", "f", "g", "o")
+    assert param_name(wrapped, "bias_ih", 1) == "bias_ih_l1"
+    report = set_layer(wrapped, 1, bias_ih={"f": np.ones(4)})
+    assert report.written == ["bias_ih_l1"] and report.module == "LSTM"
+    np.testing.assert_array_equal(lstm.bias_ih_l1.detach().numpy()[4:8], np.ones(4, np.float32))
+    np.testing.assert_array_equal(get_layer(wrapped, 1)["bias_ih"], lstm.bias_ih_l1.detach().numpy())
 
 
 def test_non_rnn_is_refused() -> None:

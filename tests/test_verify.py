@@ -44,3 +44,13 @@ def test_initial_states_are_passed() -> None:
     x = np.ones((5, 1, 3), np.float32)
     h0 = np.full((1, 1, 4), 0.5, np.float32)
     assert weightport.verify(gru, (x, h0))
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel"])
+def test_wrapped_modules_against_the_reference(wrap: str) -> None:
+    lstm = nn.LSTM(3, 4, num_layers=2, batch_first=True)
+    wrapped = torch.compile(lstm, backend="eager") if wrap == "compile" else nn.DataParallel(lstm)
+    x = np.random.default_rng(0).standard_normal((2, 5, 3)).astype(np.float32)
+    report = weightport.verify(wrapped, x)
+    assert report and [o.name for o in report.outputs] == ["output", "h_n", "c_n"]
+    assert "the NumPy reference" in str(report)

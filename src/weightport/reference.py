@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from weightport.errors import LayoutError
+from weightport.loading import unwrap
 
 __all__ = ["forward", "SUPPORTED"]
 
@@ -134,7 +135,8 @@ def forward(module: nn.Module, x: Any, hx: Any = None) -> Any:
 
     Args:
         module: ``nn.RNN`` (tanh or relu), ``nn.LSTM`` (``proj_size`` too), ``nn.GRU``,
-            ``nn.RNNCell``, ``nn.LSTMCell`` or ``nn.GRUCell``.
+            ``nn.RNNCell``, ``nn.LSTMCell`` or ``nn.GRUCell``, also under
+            ``torch.compile`` or ``nn.DataParallel`` (the wrapped module is read).
         x: the input, a NumPy array or torch tensor shaped as the module expects:
             ``(T, B, F)`` (``(B, T, F)`` with ``batch_first``) or unbatched ``(T, F)``;
             for a cell ``(B, F)`` or unbatched ``(F,)``.
@@ -156,6 +158,7 @@ def forward(module: nn.Module, x: Any, hx: Any = None) -> Any:
     >>> h.shape, c.shape
     ((4, 2), (4, 2))
     """
+    module = unwrap(module)
     if isinstance(module, nn.RNNBase) and module.mode in _STEPS:
         return _forward_sequence(module, x, hx)
     if isinstance(module, (nn.RNNCell, nn.LSTMCell, nn.GRUCell)):

@@ -22,7 +22,8 @@ from torch import nn
 
 from weightport.errors import LoadError, Problem
 from weightport.export import tensor_to_numpy
-from weightport.loading import load
+from weightport.loading import load, unwrap
+from weightport.plan import NonFinite
 from weightport.report import LoadReport
 from weightport.shapes import describe_module
 
@@ -44,7 +45,7 @@ def _kind(module: nn.Module) -> str:
 
 def gates_of(module: nn.Module) -> tuple[str, ...]:
     """The gate letters of ``module`` in PyTorch's order (``('',)`` for a plain RNN)."""
-    return GATES[_kind(module)]
+    return GATES[_kind(unwrap(module))]
 
 
 def param_name(module: nn.Module, role: str, layer: int = 0, *, reverse: bool = False) -> str:
@@ -53,6 +54,7 @@ def param_name(module: nn.Module, role: str, layer: int = 0, *, reverse: bool = 
     >>> param_name(nn.GRU(2, 3, num_layers=2, bidirectional=True), "bias_hh", 1, reverse=True)
     'bias_hh_l1_reverse'
     """
+    module = unwrap(module)
     _kind(module)
     desc = describe_module(module)
     if role not in ROLES:
@@ -74,7 +76,22 @@ def param_name(module: nn.Module, role: str, layer: int = 0, *, reverse: bool = 
     return name
 
 
-def _assemble(module: nn.Module, name: str, role: str, value: Any, problems: list[Problem]) -> Any:
+def _gate_dims(module: nn.Module, role: str, layer: int) -> str:
+    """One gate's block shape in the module's terms: ``(hidden_size, input_size)``."""
+    if role.startswith("bias"):
+        return "(hidden_size,)"
+    hidden_in = "proj_size" if getattr(module, "proj_size", 0) else "hidden_size"
+    if role == "weight_hh":
+        return f"(hidden_size, {hidden_in})"
+    if layer == 0:
+        return "(hidden_size, input_size)"
+    return f"(hidden_size, {'2*' if getattr(module, 'bidirectional', False) else ''}{hidden_in})"
+
+
+def _assemble(
+    module: nn.Module, name: str, role: str, layer: int, value: Any, problems: list[Problem]
+) -> Any:
+    """``value``, or the whole tensor with the gates of a dict put in place (None on a problem)."""
     if not isinstance(value, Mapping):
         return value
     gates = gates_of(module)
@@ -83,7 +100,7 @@ def _assemble(module: nn.Module, name: str, role: str, value: Any, problems: lis
             Problem(name, "one array (it has no gates)", "a dict by gate", "pass the whole array")
         )
         return None
-    unknown = sorted(set(value) - set(gates))
+    unknown = sorted(set(value) - set(gates), key=str)
     if unknown:
         problems.append(
             Problem(
@@ -94,24 +111,43 @@ def _assemble(module: nn.Module, name: str, role: str, value: Any, problems: lis
             )
         )
         return None
-    current = tensor_to_numpy(getattr(module, name)).astype(np.float64)
-    block = current.shape[0] // len(gates)
+    tensor = getattr(module, name)
+    shape = tuple(tensor.shape)
+    block = shape[0] // len(gates)
+    expected = (block, *shape[1:])
+    missing = [g for g in gates if g not in value]
+    current: np.ndarray | None = None
+    if not missing:  # every gate given: the current values are never read (they may be on meta)
+        current = np.empty(shape, np.float64)
+    elif tensor.is_meta:
+        problems.append(
+            Problem(
+                name,
+                f"every gate {', '.join(gates)} (it is on the meta device: the gates not given have no values)",
+                f"only {', '.join(g for g in gates if g in value)}; missing {', '.join(missing)}",
+                "give every gate, or build the module off meta",
+            )
+        )
+    else:
+        current = tensor_to_numpy(tensor).astype(np.float64)
+    ok = current is not None
     for letter, part in value.items():
         array = np.asarray(part)
-        expected = (block, *current.shape[1:])
         if array.shape != expected:
             problems.append(
                 Problem(
-                    f"{name} gate '{letter}'",
-                    f"shape {expected} (hidden_size{', ' + str(expected[1]) if len(expected) > 1 else ''})",
+                    f"{name}[gate {letter}]",
+                    f"shape {expected} = {_gate_dims(module, role, layer)} of {describe_module(module)}",
                     f"shape {array.shape}",
                     f"pass one gate's block of shape {expected}",
                 )
             )
+            ok = False
             continue
-        index = gates.index(letter)
-        current[index * block : (index + 1) * block] = array
-    return current
+        if current is not None:
+            index = gates.index(letter)
+            current[index * block : (index + 1) * block] = array
+    return current if ok else None
 
 
 def set_layer(
@@ -124,8 +160,28 @@ def set_layer(
     bias_ih: Any = None,
     bias_hh: Any = None,
     weight_hr: Any = None,
+    allow_nonfinite: NonFinite = False,
 ) -> LoadReport:
-    """Set one layer and direction's tensors (arrays, or dicts by gate letter), all or nothing."""
+    """Set one layer and direction's tensors (arrays, or dicts by gate letter), all or nothing.
+
+    Args:
+        module: an ``nn.RNN``/``nn.LSTM``/``nn.GRU`` or cell, also under ``torch.compile``
+            or ``nn.DataParallel``. On the meta device, give every gate of a dict.
+        layer: the layer index (0 for a cell).
+        reverse: the reverse direction of a bidirectional module.
+        weight_ih, weight_hh, bias_ih, bias_hh, weight_hr: the whole tensor, or a dict
+            by gate letter (gates not given keep their current values); None leaves it.
+        allow_nonfinite: accept NaN/Inf, as in :func:`weightport.load` (True, or a set
+            of state-dict names such as ``{"bias_hh_l0"}``).
+
+    Returns:
+        The :class:`LoadReport` of the tensors set; the module's other tensors, left
+        as they were, are not listed as missing.
+
+    Raises:
+        LoadError: with every problem; nothing was written.
+    """
+    module = unwrap(module)
     given = {
         "weight_ih": weight_ih,
         "weight_hh": weight_hh,
@@ -145,18 +201,21 @@ def set_layer(
                 Problem(role, "a tensor the module has", str(e), "check layer, reverse and the module")
             )
             continue
-        assembled = _assemble(module, name, role, value, problems)
+        assembled = _assemble(module, name, role, layer, value, problems)
         if assembled is not None:
             arrays[name] = assembled
     if problems:
         raise LoadError(problems, target=describe_module(module))
-    return load(module, arrays, strict=False)
+    report = load(module, arrays, strict=False, allow_nonfinite=allow_nonfinite)
+    report.missing = []  # the other layers' tensors are meant to stay as they were
+    return report
 
 
 def get_layer(
     module: nn.Module, layer: int = 0, *, reverse: bool = False, gates: bool = False
 ) -> dict[str, Any]:
     """Copies of one layer and direction's tensors by role, split by gate letter if ``gates``."""
+    module = unwrap(module)
     out: dict[str, Any] = {}
     letters = gates_of(module)
     for role in ROLES:

@@ -18,6 +18,7 @@ from torch import nn
 
 from weightport.errors import VerifyError
 from weightport.export import tensor_to_numpy
+from weightport.loading import unwrap
 
 __all__ = ["OutputCheck", "VerifyReport", "verify", "flatten_outputs"]
 
@@ -109,7 +110,9 @@ def verify(
     """Run ``module(*inputs)`` in eval mode and compare with ``expected``.
 
     Args:
-        module: the module to run (its training mode is restored afterwards).
+        module: the module to run (its training mode is restored afterwards); under
+            ``torch.compile`` or ``nn.DataParallel`` the wrapper is run, and the
+            reference reads the wrapped module's weights.
         inputs: an array, or a tuple of arguments (arrays, or nested tuples like ``(h0, c0)``).
         expected: outputs in the module's own nesting; None compares an RNN-family
             module with :func:`weightport.reference.forward`.
@@ -133,7 +136,7 @@ def verify(
         expected = forward(module, *args)
         against = "the NumPy reference"
     wanted = flatten_outputs(expected)
-    names = _names(module, len(actual))
+    names = _names(unwrap(module), len(actual))
     report = VerifyReport(rtol=rtol, atol=atol, against=against)
     if len(wanted) != len(actual):
         raise VerifyError(
