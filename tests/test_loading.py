@@ -657,3 +657,33 @@ def test_integers_that_would_wrap_around_are_refused(values: np.ndarray, target:
     assert torch.equal(module.counts, before)
     weightport.load(module, {"counts": values[:1].repeat(2)})  # in range: loads exactly
     assert module.counts.tolist() == [int(values[0])] * 2
+
+
+class _Rope(nn.Module):
+    """A layer with a buffer that checkpoints leave out (persistent=False), as rotary embeddings have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("inv_freq", torch.arange(4.0), persistent=False)
+
+
+def test_non_persistent_buffers_are_optional_filled_when_given_and_never_left_on_meta() -> None:
+    arrays = {k: np.full(tuple(v.shape), 0.5, np.float32) for k, v in _Rope().state_dict().items()}
+    assert "inv_freq" not in arrays
+    rope = _Rope()
+    weightport.load(rope, arrays)  # not required
+    assert rope.inv_freq.tolist() == [0.0, 1.0, 2.0, 3.0]
+    weightport.load(rope, dict(arrays, inv_freq=np.ones(4, np.float32)))  # a source that holds it fills it
+    assert rope.inv_freq.tolist() == [1.0] * 4
+    with torch.device("meta"):
+        meta = _Rope()
+    for strict in (True, False):
+        with pytest.raises(
+            LoadError, match=r"'inv_freq': expected values for it \(a buffer registered with persistent=False"
+        ):
+            weightport.load(meta, arrays, strict=strict)
+        assert all(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
+    weightport.load(meta, dict(arrays, inv_freq=np.ones(4, np.float32)))
+    assert not any(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
+    assert meta.inv_freq.tolist() == [1.0] * 4

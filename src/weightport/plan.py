@@ -89,6 +89,18 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict(keep_vars=True))
 
 
+def _non_persistent(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers registered with ``persistent=False`` (rotary frequencies, position ids): no checkpoint is
+    required to hold them, but a source that does fills them, and on the meta device they need values."""
+    found: dict[str, torch.Tensor] = {}
+    for path, owner in module.named_modules(remove_duplicate=False):
+        for local in owner._non_persistent_buffers_set:
+            buffer = owner._buffers.get(local)
+            if buffer is not None:
+                found.setdefault(f"{path}.{local}" if path else local, buffer)
+    return found
+
+
 def _owner(module: nn.Module, name: str) -> nn.Module:
     path = name.rpartition(".")[0]
     return module.get_submodule(path) if path else module
@@ -126,6 +138,8 @@ def build_plan(
     """Check every rule of ``layout`` against ``module`` using infos only (no data read)."""
     plan = Plan(module=module, prefix=prefix, layout=layout)
     tensors = _tensors(module)
+    optional = {n: t for n, t in _non_persistent(module).items() if n not in tensors}
+    tensors.update(optional)
     by_identity: dict[int, list[str]] = {}
     for name, tensor in tensors.items():
         by_identity.setdefault(id(tensor), []).append(name)
@@ -183,6 +197,20 @@ def build_plan(
             continue
         if is_lazy(tensor):
             continue  # reported by _entry when targeted; lazy and untouched is fine
+        if name in optional:
+            if tensor.is_meta:
+                problems.append(
+                    Problem(
+                        prefix + name,
+                        "values for it (a buffer registered with persistent=False, which checkpoints leave "
+                        "out, on the meta device)",
+                        f"nothing in {source.description}",
+                        "build the module's buffers off meta (create only the parameters on meta, e.g. "
+                        "accelerate.init_empty_weights(include_buffers=False)), or give its values in the source",
+                    )
+                )
+            targeted.add(id(tensor))
+            continue
         if strict:
             problems.append(
                 Problem(
