@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import weightport
+from weightport.inspect import format_description
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
@@ -105,3 +107,131 @@ def test_inspect_framework_files_shows_layers(path: str, layout: str, layer: str
     assert f"(layout {layout})" in result.stdout and layer in result.stdout
     info = json.loads(run("inspect", str(GOLDEN / path), "--json").stdout)
     assert info["layout"] == layout and info["layers"] and all(t["bytes"] > 0 for t in info["tensors"])
+
+
+FAILING = textwrap.dedent(
+    """
+    import torch
+
+    def boom():
+        raise RuntimeError("no weights for you")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    class Weighted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, *xs):
+            return torch.stack([x * (i + 1) for i, x in enumerate(xs)]) * self.scale
+
+    def weighted():
+        return Weighted()
+    """
+)
+
+
+def test_a_failing_factory_is_one_line_and_exit_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "facs.py").write_text(FAILING)
+    src = weightport.save({"scale": np.ones(1)}, tmp_path / "w.npz")
+    result = run("load", "facs:boom", str(src), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "weightport: error: the factory 'facs:boom' raised RuntimeError: no weights for you. "
+        "Fix: make 'boom()' build the model with no arguments; --debug shows the traceback."
+    ]
+    debug = run("--debug", "load", "facs:boom", str(src), cwd=tmp_path)
+    assert debug.returncode == 2 and 'raise RuntimeError("no weights for you")' in debug.stderr
+    interrupted = run("load", "facs:interrupted", str(src), cwd=tmp_path)
+    assert interrupted.returncode not in (0, 1, 2) and "KeyboardInterrupt" in interrupted.stderr
+
+
+def test_a_failing_forward_is_one_line_and_exit_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "facs.py").write_text(FACTORY)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    src = weightport.save(model, tmp_path / "w.npz")
+    np.savez(tmp_path / "io.npz", input_0=np.ones((2, 5, 7), np.float32), output_0=np.ones((2, 5, 2)))
+    result = run("verify", "facs:make", str(src), str(tmp_path / "io.npz"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(
+        "weightport: error: the module's forward on input_0 of shape (2, 5, 7) raised RuntimeError: "
+    )
+    assert line.endswith(
+        "Fix: save the inputs in the shapes and order the module's forward takes; --debug shows the traceback."
+    )
+    debug = run("--debug", "verify", "facs:make", str(src), str(tmp_path / "io.npz"), cwd=tmp_path)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "torch" in debug.stderr
+
+
+def test_verify_orders_inputs_by_number_and_refuses_other_names(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "facs.py").write_text(FAILING)
+    src = weightport.save({"scale": np.ones(1, np.float32)}, tmp_path / "w.npz")
+    xs = {f"input_{i}": np.full(2, float(i), np.float32) for i in range(12)}
+    y = np.stack([x * (i + 1) for i, x in enumerate(xs.values())])
+    io = tmp_path / "io.npz"
+    np.savez(io, **xs, output_0=y)
+    ok = run("verify", "facs:weighted", str(src), str(io), cwd=tmp_path)
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
+
+    np.savez(io, **xs, output_0=y, extra=y)
+    bad = run("verify", "facs:weighted", str(src), str(io), cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        "weightport: error: 'io.npz': array 'extra' is not named input_N or output_N. Fix: save the "
+        "inputs as input_0, input_1, ... and the expected outputs as output_0, output_1, ..."
+    ]
+    np.savez(io, input_0=xs["input_0"], input_2=xs["input_2"], output_0=y)
+    gap = run("verify", "facs:weighted", str(src), str(io), cwd=tmp_path)
+    assert gap.returncode == 2 and "'io.npz': has input_0, input_2 but no input_1." in gap.stderr
+
+
+def test_verify_without_outputs_says_it_uses_the_reference(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "facs.py").write_text("import torch\ndef rnn():\n    return torch.nn.RNN(3, 4)\n")
+    torch.manual_seed(0)
+    src = weightport.save(torch.nn.RNN(3, 4), tmp_path / "w.npz")
+    np.savez(tmp_path / "io.npz", input_0=np.ones((5, 2, 3), np.float32))
+    result = run("verify", "facs:rnn", str(src), str(tmp_path / "io.npz"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "verify against the NumPy reference: OK (rtol=1e-05, atol=1e-06); 'io.npz' has no output_N, "
+        "so the expected outputs are weightport.reference.forward's"
+    )
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    read, write = os.pipe()
+    os.close(read)  # like `weightport demo | head -1` once head has gone
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "weightport", "demo"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert result.stderr == "" and result.returncode == 141
+
+
+def test_counts_are_pluralized() -> None:
+    info = {
+        "source": "'m.keras'",
+        "layout": "keras",
+        "tensors": [{"name": "dense/kernel", "shape": [2, 2], "dtype": "float32", "bytes": 16}],
+        "total_bytes": 16,
+        "layers": [{"name": "dense", "kind": "Dense", "tensors": ["dense/kernel"]}],
+        "ignored": [],
+    }
+    text = format_description(info)
+    assert text.startswith("'m.keras': 1 tensor, 16 bytes") and "  dense: Dense, 1 tensor\n" in text + "\n"
+
+
+def test_inspect_a_folder_of_one_shard(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    weightport.save({"a": np.ones(2, np.float32)}, tmp_path / "part-1.safetensors")
+    result = run("inspect", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"1 shard in folder '{tmp_path.name}': 1 tensor, 8 bytes")

@@ -8,9 +8,11 @@ stderr; ``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -40,7 +42,12 @@ def load_factory(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UsageError(f"factory '{spec}': cannot import '{module_name}' ({e})") from None
+        raise UsageError(f"factory '{spec}': cannot import '{module_name}' ({e})") from e
+    except Exception as e:
+        raise UsageError(
+            f"factory '{spec}': importing '{module_name}' raised {_summary(e)}. "
+            "Fix: make the module import cleanly; --debug shows the traceback."
+        ) from e
     finally:
         sys.path.remove(".")
     target: Any = module
@@ -48,10 +55,25 @@ def load_factory(spec: str) -> Any:
         if not hasattr(target, part):
             raise UsageError(f"factory '{spec}': '{module_name}' has no '{attr}'")
         target = getattr(target, part)
-    model = target() if callable(target) and not hasattr(target, "state_dict") else target
+    if callable(target) and not hasattr(target, "state_dict"):
+        try:
+            model = target()
+        except Exception as e:
+            raise UsageError(
+                f"the factory '{spec}' raised {_summary(e)}. Fix: make '{attr}()' build the model "
+                "with no arguments; --debug shows the traceback."
+            ) from e
+    else:
+        model = target
     if not hasattr(model, "state_dict"):
         raise UsageError(f"factory '{spec}' returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _summary(error: BaseException) -> str:
+    """``RuntimeError: first line of the message``, for one-line reports of foreign errors."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _mapping(pairs: Sequence[str] | None) -> dict[str, str] | None:
@@ -111,23 +133,67 @@ def _cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+_IO_NAME = re.compile(r"(input|output)_(0|[1-9][0-9]*)")
+
+
+def _io_names(where: str, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The ``input_N`` and ``output_N`` names in ``names``, each in numeric order.
+
+    >>> _io_names("'io.npz'", ["output_0", "input_10", "input_2"] + [f"input_{i}" for i in (0, 1, *range(3, 10))])[0][:4]
+    ['input_0', 'input_1', 'input_2', 'input_3']
+    """
+    numbered: dict[str, dict[int, str]] = {"input": {}, "output": {}}
+    for name in names:
+        match = _IO_NAME.fullmatch(name)
+        if match is None:
+            raise UsageError(
+                f"{where}: array '{name}' is not named input_N or output_N. Fix: save the inputs as "
+                "input_0, input_1, ... and the expected outputs as output_0, output_1, ..."
+            )
+        numbered[match[1]][int(match[2])] = name
+    for kind, found in numbered.items():
+        gaps = [f"{kind}_{i}" for i in range(len(found)) if i not in found]
+        if gaps:
+            raise UsageError(
+                f"{where}: has {', '.join(found[i] for i in sorted(found))} but no {gaps[0]}. "
+                f"Fix: number the {kind}s {kind}_0, {kind}_1, ... with no gaps."
+            )
+    return [numbered["input"][i] for i in sorted(numbered["input"])], [
+        numbered["output"][i] for i in sorted(numbered["output"])
+    ]
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     import weightport
+    from weightport.errors import WeightportError
     from weightport.sources import open_source
 
     model, _ = _load(args, False)
+    where = f"'{os.path.basename(args.io)}'"
     with open_source(args.io) as io:
-        inputs = [io.read(n) for n in sorted(io.infos) if n.startswith("input")]
-        expected = [io.read(n) for n in sorted(io.infos) if n.startswith("output")]
+        input_names, output_names = _io_names(where, list(io.infos))
+        inputs = [io.read(n) for n in input_names]
+        expected = [io.read(n) for n in output_names]
     if not inputs:
         raise UsageError(
-            f"'{args.io}' has no arrays named input*/output*: save inputs as input_0, ... and "
-            "the expected outputs as output_0, ..."
+            f"{where} has no arrays named input_N. Fix: save the inputs as input_0, input_1, ... and "
+            "the expected outputs as output_0, output_1, ..."
         )
-    check = weightport.verify(
-        model, tuple(inputs), tuple(expected) if expected else None, rtol=args.rtol, atol=args.atol
-    )
+    try:
+        check = weightport.verify(
+            model, tuple(inputs), tuple(expected) if expected else None, rtol=args.rtol, atol=args.atol
+        )
+    except WeightportError:
+        raise
+    except Exception as e:
+        given = ", ".join(f"{n} of shape {a.shape}" for n, a in zip(input_names, inputs))
+        raise UsageError(
+            f"the module's forward on {given} raised {_summary(e)}. Fix: save the inputs in the "
+            "shapes and order the module's forward takes; --debug shows the traceback."
+        ) from e
     lines = str(check).splitlines()
+    if not expected:
+        lines[0] += f"; {where} has no output_N, so the expected outputs are weightport.reference.forward's"
     lines[0] = _paint(lines[0], "green" if check else "red", sys.stdout)
     print("\n".join(lines))
     return 0 if check else 1
@@ -177,7 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from weightport.errors import WeightportError
 
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `weightport demo | head -1`: the reader has gone, so stop quietly
+        with contextlib.suppress(OSError, ValueError):  # Python's flush at exit then finds no pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what a shell reports for a command killed by SIGPIPE
     except (UsageError, WeightportError, OSError) as e:
         if args.debug:
             traceback.print_exc()

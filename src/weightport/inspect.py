@@ -93,7 +93,7 @@ def format_description(info: dict[str, Any]) -> str:
             settings = ", ".join(f"{k}={config[k]}" for k in _SHOWN if k in config)
             count = len(layer.get("tensors", []))
             lines.append(
-                f"  {layer.get('name', '?')}: {layer.get('kind', '')}, {count} tensors"
+                f"  {layer.get('name', '?')}: {layer.get('kind', '')}, {count} tensor{'s' if count != 1 else ''}"
                 + (f" ({settings})" if settings else "")
             )
     if info["ignored"]:
