@@ -6,6 +6,7 @@ import os
 import signal
 import warnings
 import zipfile
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -687,3 +688,59 @@ def test_non_persistent_buffers_are_optional_filled_when_given_and_never_left_on
     weightport.load(meta, dict(arrays, inv_freq=np.ones(4, np.float32)))
     assert not any(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
     assert meta.inv_freq.tolist() == [1.0] * 4
+
+
+def test_when_nothing_matches_the_layout_hint_comes_first() -> None:
+    """A Flax pytree given without layout='flax', or a framework file read with the wrong layout=."""
+    linear = nn.Linear(3, 2)
+    pytree = {"params": {"Dense_0": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}}
+    with pytest.raises(LoadError) as info:
+        weightport.load(linear, pytree)
+    first = info.value.problems[0]
+    assert first.name == "(layout)" and "pass layout='flax'" in first.fix
+    weightport.load(linear, pytree, layout="flax")
+    assert linear.weight.detach().numpy().tolist() == [[1.0] * 3] * 2
+    pytest.importorskip("h5py")
+    golden = Path(__file__).parent / "golden" / "keras" / "model.keras"
+    gru = nn.GRU(4, 2, batch_first=True)
+    with pytest.raises(LoadError) as info:
+        weightport.load(gru, golden, layout="torch")
+    first = info.value.problems[0]
+    assert first.name == "(layout)" and "but the file is in the 'keras' layout" in first.found
+
+
+def test_allow_nonfinite_names_must_be_tensors_being_loaded() -> None:
+    model = nn.Sequential()
+    model.add_module("enc", nn.Linear(2, 2))
+    arrays = {"enc.weight": np.ones((2, 2), np.float32), "enc.bias": np.array([np.inf, 0.0], np.float32)}
+    before = snapshot(model)
+    with pytest.raises(LoadError) as info:
+        weightport.load(model, arrays, allow_nonfinite={"bias"})
+    assert [(p.name, p.fix) for p in info.value.problems if p.name == "bias"] == [
+        ("bias", "write 'enc.bias'")
+    ]
+    assert snapshot(model) == before
+    weightport.load(model, arrays, allow_nonfinite={"enc.bias"})
+    assert model.enc.bias[0].item() == float("inf")
+
+
+def test_when_nothing_matches_a_name_prefix_on_one_side_is_named() -> None:
+    """A head model's checkpoint (``bert.*``) into the bare model, and the bare one into the head model."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = nn.Linear(2, 2)
+            self.cls = nn.Linear(2, 1)
+
+    head, bare = Head(), nn.Linear(2, 2)
+    head_arrays = {k: v.detach().numpy() for k, v in head.state_dict().items()}
+    with pytest.raises(LoadError) as info:
+        weightport.load(bare, head_arrays)
+    first = info.value.problems[0]
+    assert first.name == "(prefix)" and "source's names start with 'bert.'" in first.found
+    bare_arrays = {k: v.detach().numpy() for k, v in bare.state_dict().items()}
+    with pytest.raises(LoadError) as info:
+        weightport.load(head, bare_arrays)
+    assert info.value.problems[0].fix == "pass prefix='bert.' to load into that submodule"
+    weightport.load(head, bare_arrays, prefix="bert.")

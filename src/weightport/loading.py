@@ -11,8 +11,10 @@ True
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from functools import partial
 
@@ -91,6 +93,25 @@ def plan_load(
     layout_plan = layout_module.plan(scope, source, mapping)
     plan = build_plan(scope, source, layout_plan, strict=strict, prefix=prefix_)
     plan.ignored.extend(source.ignored)
+    if not isinstance(allow_nonfinite, bool):
+        targets = {entry.target for entry in plan.entries} | set(plan.missing)
+        for name in sorted(set(allow_nonfinite) - targets):
+            close = [t for t in targets if t.endswith("." + name)] or difflib.get_close_matches(
+                name, targets, n=1
+            )
+            plan.problems.append(
+                Problem(
+                    name,
+                    "in allow_nonfinite, a name of a tensor being loaded (the module's full state-dict name)",
+                    "no such tensor",
+                    f"write '{close[0]}'" if close else "check the name against the report's targets",
+                )
+            )
+    hint = None
+    if plan.problems and not plan.entries:
+        hint = _layout_hint(source, layout) or _prefix_hint(source, list(scope.state_dict(keep_vars=True)))
+    if hint is not None:  # nothing matched: the likely cause goes first, before one problem per name
+        plan.problems.insert(0, hint)
     if not plan.entries and not plan.problems and source.infos:  # strict=False, and nothing matched
         names = list(source.infos)
         plan.problems.append(
@@ -105,6 +126,53 @@ def plan_load(
     if check_values_:
         check_values(plan, source, allow_nonfinite, after_fill=after_fill)
     return plan
+
+
+def _layout_hint(source: Source, layout: str | None) -> Problem | None:
+    """Why no name matched, when the layout is the likely cause."""
+    declared = detect_layout(source)
+    if layout is not None and layout != declared and declared != "torch":
+        return Problem(
+            "(layout)",
+            f"the layout {source.description} is in",
+            f"layout='{layout}', but the file is in the '{declared}' layout",
+            "drop layout= (weightport reads it from the file)",
+        )
+    if (layout or declared) == "torch" and any("/" in name for name in source.infos):
+        return Problem(
+            "(layout)",
+            "PyTorch state-dict names (dotted: 'encoder.weight')",
+            f"'/'-joined names in {source.description} ('{next(n for n in source.infos if '/' in n)}')",
+            "pass layout='flax' for a Flax/JAX pytree or a flat Flax .npz",
+        )
+    return None
+
+
+def _prefix_hint(source: Source, module_names: list[str]) -> Problem | None:
+    """Why no name matched, when one side's names carry a leading component the other's lack
+    (a head model's checkpoint, ``bert.*``, into the bare model; or the other way round)."""
+    names = list(source.infos)
+    for have, want, side in ((names, module_names, "source"), (module_names, names, "module")):
+        wanted = set(want)
+        counts = Counter(n.split(".", 1)[0] for n in have if "." in n)
+        for first, _ in counts.most_common(3):
+            cut = len(first) + 1
+            if sum(n[cut:] in wanted for n in have if n.startswith(first + ".")) * 2 >= len(wanted):
+                if side == "module":
+                    fix = f"pass prefix='{first}.' to load into that submodule"
+                else:
+                    fix = (
+                        f"load the source's '{first}.' part: weightport.load(module, {{k.removeprefix('{first}.'): v "
+                        f"for k, v in arrays.items() if k.startswith('{first}.')}}), or build the model the "
+                        f"checkpoint was saved from"
+                    )
+                return Problem(
+                    "(prefix)",
+                    "names that match the module's state-dict names",
+                    f"the {side}'s names start with '{first}.' where the other side's do not",
+                    fix,
+                )
+    return None
 
 
 def load(
