@@ -744,3 +744,21 @@ def test_when_nothing_matches_a_name_prefix_on_one_side_is_named() -> None:
         weightport.load(head, bare_arrays)
     assert info.value.problems[0].fix == "pass prefix='bert.' to load into that submodule"
     weightport.load(head, bare_arrays, prefix="bert.")
+
+
+def test_old_weight_norm_names_fill_the_parametrization() -> None:
+    """Checkpoints from torch.nn.utils.weight_norm (weight_g, weight_v) load into its successor, as
+    PyTorch's own load_state_dict hook allows; the module's output is the old module's."""
+    import torch.nn.utils as nn_utils
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old API is deprecated
+        old = nn_utils.weight_norm(nn.Conv1d(2, 3, 3))
+    arrays = {k: v.detach().numpy() for k, v in old.state_dict().items()}
+    assert {"weight_g", "weight_v"} <= set(arrays)
+    new = nn_utils.parametrizations.weight_norm(nn.Conv1d(2, 3, 3))
+    report = weightport.load(new, arrays)
+    assert "parametrizations.weight.original0" in report.written
+    x = torch.randn(1, 2, 5)
+    assert torch.allclose(new(x), old(x), atol=1e-6)

@@ -414,5 +414,6 @@ def _value_fix(bad: str) -> str:
     if "NaN" in bad or "Inf" in bad:
         return "replace them, or pass allow_nonfinite=True (or a set of names) if they belong there"
     if "range" in bad:
-        return "scale the values, or load into a wider dtype (module.double())"
+        wider = "module.double()" if "float32's range" in bad else "module.float()"
+        return f"scale the values, or load into a wider dtype ({wider})"
     return "round or convert the values first, or load into a tensor of a dtype that holds them"
