@@ -408,6 +408,8 @@ def test_live_layer_alone() -> None:
     module = nn.GRU(2, 3, batch_first=True)
     assert load(module, layer) == []
     assert_close(module(torch.from_numpy(x))[0].detach().numpy(), np.asarray(layer(x)), "live GRU layer")
+    origins = [row.origin for row in weightport.load(module, layer, dry_run=True).rows]
+    assert origins[0] == f"the Keras GRU '{layer.name}' kernel"  # the layer named once
 
 
 def test_plain_and_bidirectional_lstms_pair_by_direction_in_a_weights_file(tmp_path: Path) -> None:

@@ -577,7 +577,13 @@ def _check_direction(found: _Resolved, slot: Slot, where: str) -> None:
 def _part_rules(found: _Resolved, part: _Part, slot: Slot, source: Source) -> list[Rule]:
     kind = found.kind
     rules = []
-    origin = f"{source.description} Keras {found.detail} '{found.layer.name}'"
+    layer = f"Keras {found.detail} '{found.layer.name}'"
+    # a live layer's source is that layer ("the Keras Dense 'dense'"): its name is said once
+    origin = (
+        source.description
+        if source.description.endswith(f"'{found.layer.name}'") and not found.layer.path
+        else f"{source.description} {layer}"
+    )
     for param, var, op in _RULES[kind]:
         if var not in part.vars:
             continue
