@@ -324,3 +324,16 @@ def test_torch_tensors_in_a_mapping_give_their_values_or_a_clear_refusal() -> No
         with pytest.raises(SourceError, match=found):
             weightport.load(linear, {"weight": value})
     assert torch.equal(linear.weight.detach(), before)
+
+
+def test_a_closed_source_is_a_source_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    linear = nn.Linear(2, 2)
+    write_safetensors(
+        {k: v.detach().numpy() for k, v in linear.state_dict().items()}, tmp_path / "m.safetensors"
+    )
+    source = open_source(tmp_path / "m.safetensors")
+    source.close()
+    before = snapshot(linear)
+    with pytest.raises(SourceError, match=r"reading 'm.safetensors' failed: .*the source was not closed"):
+        weightport.load(linear, source)
+    assert snapshot(linear) == before

@@ -26,7 +26,7 @@ from weightport.apply import apply_plan
 from weightport.distributed import ShardedWrite, has_dtensors
 from weightport.distributed import prepare as prepare_sharded
 from weightport.dtypes import describe_dtype
-from weightport.errors import LoadError, Problem, UncheckedConfigWarning
+from weightport.errors import LoadError, Problem, SourceError, UncheckedConfigWarning
 from weightport.layouts import detect_layout, get_layout
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.pairing import module_slots
@@ -124,7 +124,13 @@ def plan_load(
             )
         )
     if check_values_:
-        check_values(plan, source, allow_nonfinite, after_fill=after_fill)
+        try:
+            check_values(plan, source, allow_nonfinite, after_fill=after_fill)
+        except OSError as e:  # nothing is written yet: a read failure is the source's problem
+            raise SourceError(
+                f"reading {source.description} failed: {e.strerror or e}. Fix: check the file is complete and "
+                "readable, and that the source was not closed (a with-block that ended, or close())."
+            ) from e
     return plan
 
 

@@ -84,7 +84,9 @@ def read_header(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, i
     size = os.fstat(fd).st_size
     raw = os.pread(fd, 8, 0)
     if len(raw) < 8:
-        raise SourceError(f"{where}: {size} bytes is too short for a .safetensors file; it is truncated.")
+        raise SourceError(
+            f"{where}: {size} bytes is too short for a .safetensors file; it is truncated. Fix: re-create or re-download it."
+        )
     length = int.from_bytes(raw, "little")
     if length > min(size - 8, MAX_HEADER_BYTES):
         raise SourceError(
@@ -94,9 +96,13 @@ def read_header(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, i
     try:
         header = json.loads(os.pread(fd, length, 8))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{where}: header is not valid JSON ({e}); the file is corrupt.") from None
+        raise SourceError(
+            f"{where}: header is not valid JSON ({e}); the file is corrupt. Fix: re-create or re-download it."
+        ) from None
     if not isinstance(header, dict):
-        raise SourceError(f"{where}: header is not a JSON object; the file is corrupt.")
+        raise SourceError(
+            f"{where}: header is not a JSON object; the file is corrupt. Fix: re-create or re-download it."
+        )
     metadata = header.pop("__metadata__", None) or {}
     base = 8 + length
     data_size = size - base
@@ -116,7 +122,9 @@ def read_header(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, i
     spans.sort()
     for (_, end_a, a), (begin_b, _, b) in itertools.pairwise(spans):
         if begin_b < end_a:
-            raise SourceError(f"{where}: tensors '{a}' and '{b}' overlap in the file; it is corrupt.")
+            raise SourceError(
+                f"{where}: tensors '{a}' and '{b}' overlap in the file; it is corrupt. Fix: re-create or re-download it."
+            )
     return infos, offsets, {str(k): str(v) for k, v in dict(metadata).items()}
 
 
@@ -126,10 +134,12 @@ def _entry(name: str, entry: object, where: str) -> tuple[TensorInfo, int, int]:
         shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
         begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
     except KeyError as e:
-        raise SourceError(f"{where}: tensor '{name}' has no {e} field; the file is corrupt.") from None
+        raise SourceError(
+            f"{where}: tensor '{name}' has no {e} field; the file is corrupt. Fix: re-create or re-download it."
+        ) from None
     except (TypeError, ValueError):
         raise SourceError(
-            f"{where}: tensor '{name}' has a malformed header entry; the file is corrupt."
+            f"{where}: tensor '{name}' has a malformed header entry; the file is corrupt. Fix: re-create or re-download it."
         ) from None
     dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
