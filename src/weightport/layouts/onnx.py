@@ -36,9 +36,16 @@ Refused, with the reason (:class:`UnsupportedConfigError`): GRU
 ``P`` is accepted), ``clip``, ``input_forget=1``, activations other than
 PyTorch's (LSTM Sigmoid/Tanh/Tanh, GRU Sigmoid/Tanh, RNN Tanh or Relu), Gemm
 ``alpha``/``beta`` other than 1 (the transforms only move values; fold the
-factors into ``B`` and ``C`` first), ``transA=1``, asymmetric Conv pads. The
-RNN ``layout`` attribute only says how inputs and outputs are laid out (batch or
-time first), not the weights, so it is accepted whatever it is.
+factors into ``B`` and ``C`` first), ``transA=1``, asymmetric Conv pads (except padding='same''s, stride 1),
+``auto_pad=SAME_*`` with a stride above 1 (the padding depends on the input's
+length), BatchNormalization ``spatial=0``. Accepted, as they change no weight:
+the RNN ``layout`` (batch- or time-first inputs and outputs; noted in the
+pairing), ``sequence_lens`` (ONNX zeroes steps past each length, as PyTorch does
+for a packed input; noted), ``activation_alpha``/``activation_beta`` of Sigmoid
+and Tanh (which take none), BatchNormalization ``momentum`` and ``training_mode``,
+LayerNormalization ``stash_type``. A module with ``padding_mode`` other than
+'zeros' matches a ``Pad`` node before the Conv (torch.onnx.export's form); amounts
+the graph computes are reported as unchecked.
 
 A ``direction="reverse"`` node runs over the sequence backwards; PyTorch has no
 reverse-only layer, so it is refused unless ``mapping=`` names the
@@ -180,6 +187,10 @@ class _Layer:
     ops: dict[str, Op] = field(default_factory=dict)  # Linear: how the stored tensor becomes weight/bias
     detail: str = ""
     spatial: tuple[int, ...] | None = None  # Conv: the node's spatial axes the module's are (None: all)
+    # Conv: a Pad node right before it, as (PyTorch padding_mode, its pads on the node's spatial axes as
+    # (begin, end), or None where the graph computes them); torch.onnx.export writes one for padding_mode
+    # other than 'zeros'.
+    pad: tuple[str, tuple[tuple[int, ...], tuple[int, ...]] | None] | None = None
 
 
 @dataclass
@@ -243,7 +254,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
         elif layer.node.op_type in _NORMS:
             rules += _norm_rules(layer, pair, source, issues, validated)
         else:
-            rules += _plain_rules(layer, pair, source, issues, validated)
+            rules += _plain_rules(layer, pair, source, issues, validated, unchecked)
     issues.raise_if_any(target)
     used = {s for rule in rules for s in rule.sources} | validated
     hints = _loop_hints(module, layers, nodes, source) if "nodes" in source.metadata else {}
@@ -256,6 +267,8 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
                     "without this BatchNorm (the layer before it with bias=True), or export with the "
                     "BatchNormalization nodes kept (e.g. in training mode)"
                 )
+    if "nodes" in source.metadata:
+        _unmapped_hints(module, layers, nodes, source, hints)
     return LayoutPlan(
         layout=NAME,
         rules=rules,
@@ -264,6 +277,37 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
         unchecked=unchecked,
         missing_hints=hints,
     )
+
+
+def _unmapped_hints(
+    module: nn.Module, layers: list[_Layer], nodes: list[_Node], source: Source, hints: dict[str, str]
+) -> None:
+    """Why an Embedding or Linear got nothing when the graph uses a stored table or weight some other way:
+    ``Gather`` along an axis other than 0, ``MatMul`` by a stored tensor of 3 or more axes."""
+    graph = _Graph.of(nodes, source)
+    found = {layer.kind for layer in layers}
+    why: dict[str, str] = {}
+    for node in nodes:
+        first = graph.stored(node.input(0)) if node.op_type == "Gather" else None
+        second = graph.stored(node.input(1)) if node.op_type == "MatMul" else None
+        if first and len(source.infos[first].shape) == 2 and _is_float(source.infos[first].dtype):
+            why.setdefault(
+                "Embedding",
+                f"Gather node '{node.label}' takes entries of the stored table '{first}' along axis "
+                f"{node.attr('axis', 0)}, while nn.Embedding looks up rows (axis 0): the output's axes differ. "
+                "Fix: store the table transposed and gather along axis 0, or index the tensor in forward()",
+            )
+        if second and len(source.infos[second].shape) > 2:
+            why.setdefault(
+                "Linear",
+                f"MatMul node '{node.label}' multiplies by the stored {len(source.infos[second].shape)}-D "
+                f"tensor '{second}' {source.infos[second].shape}, a batched product with one matrix per "
+                "leading index, not one nn.Linear. Fix: hold it as an nn.Parameter and load it with "
+                "layout='torch' under its own name, or use torch.matmul in forward()",
+            )
+    for slot in module_slots(module):
+        if slot.kind in why and slot.kind not in found:
+            hints.setdefault(slot.path, why[slot.kind])
 
 
 def _nodes(raw_nodes: list[Mapping[str, Any]]) -> list[_Node]:
@@ -490,12 +534,17 @@ def _recurrent_layer(node: _Node, graph: _Graph, issues: _Issues, validated: set
         return _Layer(node, kind, tensors, detail=f"ONNX {kind} arrays")
     _check_recurrent_node(node, tensors, graph, issues, validated)
     direction = node.attr("direction", "forward")
-    return _Layer(
-        node,
-        kind,
-        tensors,
-        detail=f"ONNX {kind} node (hidden_size={node.attr('hidden_size')}, direction={direction})",
-    )
+    notes = [f"hidden_size={node.attr('hidden_size')}", f"direction={direction}"]
+    if node.attr("layout", 0):
+        notes.append("layout=1: X and Y batch-first, as batch_first=True takes them")
+    if node.input(4):
+        # ONNX zeroes Y past each sequence's length and takes Y_h at its last step: PyTorch does the same
+        # for a PackedSequence. The weights are the same either way; how forward() is called is the model's.
+        notes.append(
+            "sequence_lens: steps past each length give zeros, as PyTorch gives for a packed input "
+            "(nn.utils.rnn.pack_padded_sequence)"
+        )
+    return _Layer(node, kind, tensors, detail=f"ONNX {kind} node ({', '.join(notes)})")
 
 
 def _check_initial_states(node: _Node, graph: _Graph, issues: _Issues, validated: set[str]) -> None:
@@ -827,6 +876,7 @@ def _conv_layer(node: _Node, graph: _Graph, issues: _Issues) -> _Layer | None:
         target = (*shape[:2], *(shape[2 + s] for s in spatial))
         kind, detail = _CONV_KINDS[len(target)], f"{detail} over unit axes (a {_CONV_KINDS[len(target)]})"
         ops["weight"] = Reshape(shape, target)
+    pad = _pad_before(node, graph, len(shape) - 2, spatial)
     bias = node.input(2)
     stored_bias = graph.stored(bias)
     if bias and stored_bias is None:
@@ -839,7 +889,7 @@ def _conv_layer(node: _Node, graph: _Graph, issues: _Issues) -> _Layer | None:
         added = _channel_bias(node, shape[0], len(shape), graph)
         if added is not None:
             tensors["bias"], ops["bias"] = added
-    return _Layer(node, kind, tensors, ops, detail=detail, spatial=spatial)
+    return _Layer(node, kind, tensors, ops, detail=detail, spatial=spatial, pad=pad)
 
 
 def _gather_layer(node: _Node, graph: _Graph) -> _Layer | None:
@@ -874,7 +924,18 @@ def _norm_layer(node: _Node, graph: _Graph, issues: _Issues) -> _Layer | None:
         return None
     kind = _KIND_OF_NORM_OP[node.op_type]
     shape = graph.source.infos[tensors["weight"]].shape
-    return _Layer(node, kind, tensors, detail=f"ONNX {node.op_type} node {shape}")
+    if node.op_type == "BatchNormalization" and node.attr("spatial", 1) == 0:
+        issues.add(
+            node,
+            "spatial=0 (opset 7-8) keeps one mean and variance per channel and position, while "
+            "nn.BatchNorm*d keeps one per channel. Fix: re-export with spatial=1 (opset 9 or later).",
+            unsupported=True,
+        )
+        return None
+    detail = f"ONNX {node.op_type} node {shape}"
+    if node.attr("training_mode", 0):
+        detail += ", training_mode=1: normalizes with the batch's statistics, as the module does in train()"
+    return _Layer(node, kind, tensors, detail=detail)
 
 
 # --- rules for a paired layer --------------------------------------------------------------------------
@@ -992,12 +1053,17 @@ def _check_recurrent_module(node: _Node, slot: Slot, how: str, direction: str, i
 
 
 def _plain_rules(
-    layer: _Layer, pair: Paired, source: Source, issues: _Issues, validated: set[str]
+    layer: _Layer,
+    pair: Paired,
+    source: Source,
+    issues: _Issues,
+    validated: set[str],
+    unchecked: list[str],
 ) -> list[Rule]:
     slot, node = pair.slot, layer.node
     module: Any = slot.module
     if layer.kind.startswith("Conv") and not node.synthetic:
-        _check_conv(node, layer, slot, source, issues)
+        _check_conv(node, layer, slot, source, issues, unchecked)
     rules = [
         Rule(
             slot.name("weight"),
@@ -1108,13 +1174,23 @@ def _check_norm(node: _Node, layer: _Layer, slot: Slot, source: Source, issues: 
             )
 
 
-def _check_conv(node: _Node, layer: _Layer, slot: Slot, source: Source, issues: _Issues) -> None:
+def _check_conv(
+    node: _Node, layer: _Layer, slot: Slot, source: Source, issues: _Issues, unchecked: list[str]
+) -> None:
     module: Any = slot.module
     dims = len(module.kernel_size)
     # The node's own axes (it may convolve over more, unit ones: see _conv_spatial), then the module's.
     node_dims = len(source.infos[layer.tensors["weight"]].shape) - 2
     axes = layer.spatial if layer.spatial is not None else tuple(range(node_dims))
     node_kernel = tuple(source.infos[layer.tensors["weight"]].shape[2:])
+    declared = node.attr("kernel_shape")
+    if declared is not None and tuple(declared) != node_kernel:
+        issues.add(
+            node,
+            f"kernel_shape={list(declared)} but its weight W has kernel {list(node_kernel)}; the graph is "
+            "malformed (onnxruntime refuses it). Fix: re-export the model.",
+        )
+        return
     strides = node.attr("strides") or [1] * node_dims
     dilations = node.attr("dilations") or [1] * node_dims
     found = {
@@ -1130,23 +1206,118 @@ def _check_conv(node: _Node, layer: _Layer, slot: Slot, source: Source, issues: 
                 f"{key}={value} but '{slot.label}' has {expected[key]}. Fix: build the "
                 f"{type(module).__name__} to match.",
             )
+    auto = node.attr("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER") and any(s != 1 for s in found["strides"]):
+        issues.add(
+            node,
+            f"auto_pad={auto} with strides={found['strides']} pads each input so the output has "
+            "ceil(length / stride) steps: how much depends on the input's length, while PyTorch's Conv pads "
+            "a fixed amount. Fix: re-export with explicit pads (the input's shape fixed), or pad the input "
+            "yourself (F.pad) before a Conv with padding=0.",
+            unsupported=True,
+        )
+        return
     kernel = tuple(module.kernel_size)
     node_begin, node_end = _onnx_pads(node, node_kernel, tuple(dilations), node_dims)
     begin, end = tuple(node_begin[a] for a in axes), tuple(node_end[a] for a in axes)
-    if begin != end:
+    name = type(module).__name__
+    if module.padding_mode != "zeros" and any(_torch_pads(module, kernel, dims)[0]):
+        _check_pad_before(node, layer, slot, (begin, end), issues, unchecked)
+        return
+    if (begin, end) == _torch_pads(module, kernel, dims):
+        return
+    stride_one = all(s == 1 for s in found["strides"])
+    if stride_one and (begin, end) == _same_pads(kernel, tuple(module.dilation), upper=True):
         issues.add(
             node,
-            f"pads begin {begin}, end {end}: PyTorch's Conv pads both sides equally. Fix: put "
-            f"an explicit zero padding before a {type(module).__name__}(padding=0).",
+            f"pads begin {begin}, end {end} (auto_pad={auto}) are what padding='same' pads, but '{slot.label}' "
+            f"has padding={module.padding}. Fix: build it with padding='same'.",
+        )
+    elif begin != end:
+        issues.add(
+            node,
+            f"pads begin {begin}, end {end}: PyTorch's Conv pads both sides equally (padding='same' puts "
+            f"the odd one at the end, only with stride 1). Fix: put an explicit zero padding (F.pad) "
+            f"before a {name}(padding=0).",
             unsupported=True,
         )
-    elif module.padding_mode != "zeros" or (begin, end) != _torch_pads(module, kernel, dims):
+    else:
         issues.add(
             node,
-            f"pads {begin} (with zeros) but '{slot.label}' has padding={module.padding}, "
-            f"padding_mode='{module.padding_mode}'. Fix: build it with padding={begin}, "
-            "padding_mode='zeros'.",
+            f"pads {begin} (with zeros) but '{slot.label}' has padding={module.padding}. Fix: build it "
+            f"with padding={begin}.",
         )
+
+
+# ONNX Pad modes and the PyTorch padding_mode that pads the same way
+_PAD_MODES = {"constant": "zeros", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def _check_pad_before(
+    node: _Node,
+    layer: _Layer,
+    slot: Slot,
+    conv_pads: tuple[tuple[int, ...], tuple[int, ...]],
+    issues: _Issues,
+    unchecked: list[str],
+) -> None:
+    """A module with padding_mode other than 'zeros': the graph must pad that way in a Pad node before the
+    Conv (what torch.onnx.export writes), the Conv itself not at all."""
+    module: Any = slot.module
+    padding, mode = tuple(module.padding), module.padding_mode
+    if any(conv_pads[0] + conv_pads[1]) or layer.pad is None or layer.pad[0] != mode:
+        how = (
+            f"the Conv pads {conv_pads[0]} with zeros"
+            if any(conv_pads[0] + conv_pads[1])
+            else "no Pad node before it"
+            if layer.pad is None
+            else f"the Pad node before it pads as padding_mode='{layer.pad[0]}'"
+        )
+        issues.add(
+            node,
+            f"{how}, but '{slot.label}' has padding={padding}, padding_mode='{mode}'. Fix: build it with "
+            f"the graph's padding (padding_mode='zeros' and the Conv's pads, or the Pad node's mode).",
+        )
+        return
+    if layer.pad[1] is None:
+        unchecked.append(
+            f"how much the graph pads before Conv '{node.label}' (it computes the amounts); taken to be "
+            f"'{slot.label}''s padding={padding}"
+        )
+    elif layer.pad[1] != (padding, padding):
+        issues.add(
+            node,
+            f"the Pad node before it pads begin {layer.pad[1][0]}, end {layer.pad[1][1]}, but '{slot.label}' "
+            f"has padding={padding}. Fix: build it with the Pad node's amounts (equal on both sides).",
+            unsupported=layer.pad[1][0] != layer.pad[1][1],
+        )
+
+
+def _pad_before(node: _Node, graph: _Graph, dims: int, spatial: tuple[int, ...] | None) -> Any:
+    """The Pad node that makes a Conv's input, as _Layer.pad holds it (None: no Pad, or one PyTorch cannot
+    fold into a Conv: non-zero constant, or padding along the batch or channel axes)."""
+    pad = graph.producers.get(node.input(0))
+    while pad is not None and pad.op_type == "Identity":
+        pad = graph.producers.get(pad.input(0))
+    if pad is not None and pad.op_type == "Concat":
+        return "circular", None  # torch.onnx.export wraps the input around with Slice and Concat
+    if pad is None or pad.op_type != "Pad":
+        return None
+    raw_mode = pad.attr("mode", "constant")
+    mode = _PAD_MODES.get(raw_mode.decode() if isinstance(raw_mode, bytes) else str(raw_mode))
+    value = pad.attr("value", 0.0) if len(pad.inputs) < 3 else None
+    if mode is None or (mode == "zeros" and value != 0.0):
+        return None
+    pads = pad.attr("pads") if len(pad.inputs) < 2 else graph.ints(pad.input(1))
+    if len(pad.inputs) > 3 and pad.input(3):  # opset 18 axes: not followed
+        pads = None
+    rank = dims + 2
+    if pads is None or len(pads) != 2 * rank:
+        return mode, None
+    if any(pads[a] or pads[a + rank] for a in (0, 1)):
+        return None
+    axes = spatial if spatial is not None else tuple(range(dims))
+    return mode, (tuple(pads[2 + a] for a in axes), tuple(pads[2 + rank + a] for a in axes))
 
 
 def _same_pads(kernel: tuple[int, ...], dilation: tuple[int, ...], upper: bool) -> tuple[tuple, tuple]:

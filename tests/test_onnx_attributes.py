@@ -1,0 +1,319 @@
+"""ONNX node attributes held against the PyTorch module: refused where PyTorch cannot compute the same,
+a mismatch (saying which side to change) where the module is only built differently, and, where
+accepted, outputs equal to onnxruntime's."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import weightport
+from conftest import snapshot
+from weightport.errors import LayoutError, UncheckedConfigWarning, UnsupportedConfigError
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+TOL = 1e-5
+
+
+def save(path: Path, nodes: list, inits: dict[str, np.ndarray], inputs: dict, opset: int = 17) -> Path:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.asarray(a), n) for n, a in inits.items()],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    return path
+
+
+def run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)  # type: ignore[no-any-return]
+
+
+def torch_export(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
+        torch.onnx.export(model.eval(), (x,), str(path), opset_version=17, dynamo=False, input_names=["x"])
+    return path
+
+
+def rand(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-0.6, 0.6, shape).astype(np.float32)
+
+
+def refused(model: nn.Module, path: Path, error: type[Exception], match: str) -> None:
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        weightport.load(model, path)
+    assert snapshot(model) == before
+
+
+def fresh(cls: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    torch.manual_seed(7)
+    return cls(*args, **kwargs)
+
+
+# --- Conv: padding, auto_pad, kernel_shape ----------------------------------------------------------------
+
+
+def test_padding_same_with_even_kernel_loads(tmp_path: Path) -> None:
+    """torch writes padding='same' as auto_pad=SAME_UPPER: with an even kernel the odd pad goes at the end,
+    as PyTorch's padding='same' puts it."""
+    original = fresh(nn.Conv1d, 2, 3, 4, padding="same")
+    x = torch.randn(1, 2, 9)
+    path = torch_export(original, x, tmp_path / "m.onnx")
+    model = fresh(nn.Conv1d, 2, 3, 4, padding="same", bias=True)
+    nn.init.zeros_(model.weight)
+    weightport.load(model, path)
+    expected = run_ort(path, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)
+
+
+def test_same_upper_into_fixed_padding_says_build_same(tmp_path: Path) -> None:
+    path = torch_export(fresh(nn.Conv1d, 2, 3, 4, padding="same"), torch.randn(1, 2, 9), tmp_path / "m.onnx")
+    refused(
+        fresh(nn.Conv1d, 2, 3, 4, padding=1),
+        path,
+        LayoutError,
+        r"pads begin \(1,\), end \(2,\) \(auto_pad=SAME_UPPER\) are what padding='same' pads.*"
+        r"Fix: build it with padding='same'",
+    )
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_mode_from_torch_export_loads(tmp_path: Path, mode: str) -> None:
+    """torch writes padding_mode other than zeros as a Pad node (circular: Slice and Concat) before a Conv
+    with pads 0; the amounts are computed by the graph, so they are reported as unchecked."""
+    original = fresh(nn.Conv2d, 2, 3, 3, padding=1, padding_mode=mode)
+    x = torch.randn(1, 2, 6, 7)
+    path = torch_export(original, x, tmp_path / "m.onnx")
+    model = fresh(nn.Conv2d, 2, 3, 3, padding=1, padding_mode=mode)
+    nn.init.zeros_(model.weight)
+    with pytest.warns(UncheckedConfigWarning, match=r"how much the graph pads before Conv '/Conv'"):
+        weightport.load(model, path)
+    expected = run_ort(path, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)
+
+
+def pad_conv_file(path: Path, pads: list[int], mode: str = "reflect") -> Path:
+    nodes = [
+        helper.make_node("Pad", ["X", "pads"], ["P"], mode=mode),
+        helper.make_node("Conv", ["P", "W", "B"], ["Y"], name="conv", kernel_shape=[3]),
+    ]
+    inits = {"pads": np.array(pads, np.int64), "W": rand(3, 2, 3), "B": rand(3, seed=1)}
+    return save(path, nodes, inits, {"X": [1, 2, 8]})
+
+
+def test_stored_pad_before_conv_is_checked_and_loads(tmp_path: Path) -> None:
+    path = pad_conv_file(tmp_path / "m.onnx", [0, 0, 2, 0, 0, 2])
+    model = fresh(nn.Conv1d, 2, 3, 3, padding=2, padding_mode="reflect")
+    weightport.load(model, path)  # the amounts are stored: checked, no warning
+    x = rand(1, 2, 8, seed=2)
+    expected = run_ort(path, {"X": x})[0]
+    np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), expected, atol=TOL)
+
+
+@pytest.mark.parametrize(
+    ("pads", "kwargs", "error", "match"),
+    [
+        (
+            [0, 0, 1, 0, 0, 1],
+            {"padding": 2, "padding_mode": "reflect"},
+            LayoutError,
+            r"the Pad node before it pads begin \(1,\), end \(1,\), but '' has padding=\(2,\)",
+        ),
+        (
+            [0, 0, 1, 0, 0, 2],
+            {"padding": 1, "padding_mode": "reflect"},
+            UnsupportedConfigError,
+            r"pads begin \(1,\), end \(2,\)",
+        ),
+        (
+            [0, 0, 1, 0, 0, 1],
+            {"padding": 1, "padding_mode": "replicate"},
+            LayoutError,
+            r"the Pad node before it pads as padding_mode='reflect', but '' has padding=\(1,\), "
+            r"padding_mode='replicate'. Fix: build it with the graph's padding",
+        ),
+    ],
+)
+def test_pad_before_conv_mismatch(
+    tmp_path: Path, pads: list[int], kwargs: dict, error: type[Exception], match: str
+) -> None:
+    path = pad_conv_file(tmp_path / "m.onnx", pads)
+    refused(fresh(nn.Conv1d, 2, 3, 3, **kwargs), path, error, match)
+
+
+def test_padding_mode_without_pad_node_is_a_mismatch(tmp_path: Path) -> None:
+    path = torch_export(fresh(nn.Conv1d, 2, 3, 3, padding=1), torch.randn(1, 2, 8), tmp_path / "m.onnx")
+    refused(
+        fresh(nn.Conv1d, 2, 3, 3, padding=1, padding_mode="reflect"),
+        path,
+        LayoutError,
+        r"the Conv pads \(1,\) with zeros, but '' has padding=\(1,\), padding_mode='reflect'",
+    )
+
+
+def conv_file(path: Path, **attrs: Any) -> Path:
+    node = helper.make_node("Conv", ["X", "W"], ["Y"], name="conv", **attrs)
+    return save(path, [node], {"W": rand(3, 2, 3)}, {"X": [1, 2, 9]})
+
+
+def test_auto_pad_same_with_stride_is_refused(tmp_path: Path) -> None:
+    path = conv_file(tmp_path / "m.onnx", auto_pad="SAME_UPPER", strides=[2])
+    run_ort(path, {"X": rand(1, 2, 9)})  # a valid graph
+    refused(
+        fresh(nn.Conv1d, 2, 3, 3, stride=2, padding=1, bias=False),
+        path,
+        UnsupportedConfigError,
+        r"node 'conv' \(Conv\): auto_pad=SAME_UPPER with strides=\(2,\) pads each input so the output has "
+        r"ceil\(length / stride\) steps.*Fix: re-export with explicit pads",
+    )
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_LOWER", "SAME_UPPER", "VALID"])
+def test_auto_pad_with_stride_one_loads(tmp_path: Path, auto_pad: str) -> None:
+    path = conv_file(tmp_path / "m.onnx", auto_pad=auto_pad)
+    model = fresh(nn.Conv1d, 2, 3, 3, padding=0 if auto_pad == "VALID" else 1, bias=False)
+    weightport.load(model, path)
+    x = rand(1, 2, 9, seed=3)
+    np.testing.assert_allclose(
+        model(torch.from_numpy(x)).detach().numpy(), run_ort(path, {"X": x})[0], atol=TOL
+    )
+
+
+def test_kernel_shape_other_than_the_weight_is_malformed(tmp_path: Path) -> None:
+    path = conv_file(tmp_path / "m.onnx", kernel_shape=[5])
+    refused(
+        fresh(nn.Conv1d, 2, 3, 3, bias=False),
+        path,
+        LayoutError,
+        r"kernel_shape=\[5\] but its weight W has kernel \[3\]; the graph is malformed",
+    )
+
+
+# --- recurrent nodes: accepted attributes ----------------------------------------------------------------
+
+
+def lstm_file(path: Path, *, seq_lens: bool = False, **attrs: Any) -> Path:
+    inputs = ["X", "W", "R", "B"] + (["seq"] if seq_lens else [])
+    node = helper.make_node("LSTM", inputs, ["Y"], name="rec", hidden_size=4, **attrs)
+    graph_inputs: dict[str, Any] = {"X": [5, 2, 3]}
+    inits = {"W": rand(1, 16, 3, seed=4), "R": rand(1, 16, 4, seed=5), "B": rand(1, 32, seed=6)}
+    path = save(path, [node], inits, graph_inputs)
+    if seq_lens:
+        model = onnx.load(str(path))
+        model.graph.input.append(helper.make_tensor_value_info("seq", TensorProto.INT32, [2]))
+        onnx.save(model, str(path))
+    return path
+
+
+def test_activation_alpha_beta_of_default_activations_load(tmp_path: Path) -> None:
+    """Sigmoid and Tanh take no alpha or beta: onnxruntime ignores them, and so does the load."""
+    path = lstm_file(
+        tmp_path / "m.onnx",
+        activations=["Sigmoid", "Tanh", "Tanh"],
+        activation_alpha=[2.0, 3.0, 4.0],
+        activation_beta=[1.0, 1.0, 1.0],
+    )
+    model = fresh(nn.LSTM, 3, 4)
+    weightport.load(model, path)
+    x = rand(5, 2, 3, seed=7)
+    y = run_ort(path, {"X": x})[0]  # (T, 1, B, H)
+    np.testing.assert_allclose(model(torch.from_numpy(x))[0].detach().numpy(), y[:, 0], atol=TOL)
+
+
+def test_sequence_lens_loads_and_matches_a_packed_input(tmp_path: Path) -> None:
+    path = lstm_file(tmp_path / "m.onnx", seq_lens=True)
+    model = fresh(nn.LSTM, 3, 4)
+    report = weightport.load(model, path)
+    assert "sequence_lens: steps past each length give zeros" in str(report)
+    x, lengths = rand(5, 2, 3, seed=8), np.array([5, 3], np.int32)
+    y = run_ort(path, {"X": x, "seq": lengths})[0][:, 0]
+    packed = nn.utils.rnn.pack_padded_sequence(torch.from_numpy(x), torch.from_numpy(lengths).long())
+    out, _ = nn.utils.rnn.pad_packed_sequence(model(packed)[0], total_length=5)
+    np.testing.assert_allclose(out.detach().numpy(), y, atol=TOL)
+    assert not y[3:, 1].any()  # past the second sequence's length: zeros
+
+
+def test_layout_one_is_noted(tmp_path: Path) -> None:
+    path = lstm_file(tmp_path / "m.onnx", layout=1)
+    report = weightport.load(fresh(nn.LSTM, 3, 4, batch_first=True), path)
+    assert "layout=1: X and Y batch-first" in str(report)
+
+
+# --- normalization ---------------------------------------------------------------------------------------
+
+
+def bn_file(path: Path, opset: int = 17, **attrs: Any) -> Path:
+    outputs = ["Y", "running_mean", "running_var"] if attrs.get("training_mode") else ["Y"]
+    node = helper.make_node("BatchNormalization", ["X", "s", "b", "m", "v"], outputs, name="bn", **attrs)
+    inits = {"s": rand(3, seed=9), "b": rand(3, seed=10), "m": rand(3, seed=11), "v": 1 + rand(3, seed=12)}
+    return save(path, [node], inits, {"X": [2, 3, 4]}, opset=opset)
+
+
+def test_batchnorm_spatial_zero_is_refused(tmp_path: Path) -> None:
+    refused(
+        nn.BatchNorm1d(3),
+        bn_file(tmp_path / "m.onnx", opset=8, spatial=0),
+        UnsupportedConfigError,
+        r"node 'bn' \(BatchNormalization\): spatial=0 \(opset 7-8\) keeps one mean and variance per "
+        r"channel and position.*Fix: re-export with spatial=1",
+    )
+
+
+def test_batchnorm_momentum_and_training_mode_load(tmp_path: Path) -> None:
+    """momentum only steers the running statistics' update in training; training_mode=1 normalizes with
+    the batch's statistics, what the module does in train(): the weights are the same."""
+    path = bn_file(tmp_path / "m.onnx", momentum=0.5, training_mode=1)
+    model = nn.BatchNorm1d(3)
+    report = weightport.load(model, path)
+    assert "training_mode=1: normalizes with the batch's statistics" in str(report)
+    x = rand(2, 3, 4, seed=13)
+    np.testing.assert_allclose(
+        model.train()(torch.from_numpy(x)).detach().numpy(), run_ort(path, {"X": x})[0], atol=1e-4
+    )
+
+
+# --- Gather and MatMul that are no Embedding or Linear ----------------------------------------------------
+
+
+def test_gather_along_axis_one_says_why_the_embedding_is_empty(tmp_path: Path) -> None:
+    node = helper.make_node("Gather", ["T", "I"], ["Y"], name="g", axis=1)
+    path = tmp_path / "m.onnx"
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("I", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(rand(4, 6), "T")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    refused(
+        fresh(nn.Embedding, 6, 4),
+        path,
+        weightport.LoadError,
+        r"Gather node 'g' takes entries of the stored table 'T' along axis 1, while nn.Embedding looks up rows",
+    )
+
+
+def test_batched_matmul_says_why_the_linear_is_empty(tmp_path: Path) -> None:
+    node = helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")
+    path = save(tmp_path / "m.onnx", [node], {"W": rand(2, 3, 4)}, {"X": [2, 5, 3]})
+    refused(
+        fresh(nn.Linear, 3, 4),
+        path,
+        weightport.LoadError,
+        r"MatMul node 'mm' multiplies by the stored 3-D tensor 'W' \(2, 3, 4\), a batched product",
+    )
