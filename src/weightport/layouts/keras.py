@@ -41,7 +41,14 @@ they pair by name where each one's path is exactly a module's path (``encoder``
 Refused (:class:`~weightport.errors.UnsupportedConfigError`): GRU ``reset_after=False``,
 ``recurrent_activation`` other than sigmoid, LSTM/GRU ``activation`` other than
 tanh, SimpleRNN ``activation`` other than tanh/relu, LayerNormalization
-``rms_scaling``, BatchNormalization ``scale=False`` with ``center=True``.
+``rms_scaling``, BatchNormalization ``scale=False`` with ``center=True``, a ``Bidirectional``
+around a layer with ``go_backwards=True`` (its halves come out swapped).
+Settings that act on the input, the state or the output rather than inside the module load, with
+a note in the pairing's "how" saying what ``forward`` must do: ``go_backwards`` (flip the input),
+``stateful`` (pass the state on), a Dense/Conv ``activation`` (apply it), Conv ``padding='causal'``
+and ``'same'`` with stride > 1 (pad the input; the module must have ``padding=0``), Embedding
+``mask_zero`` (pack the sequences). Training-only settings (dropout, initializers, ``unit_forget_bias``,
+momentum) and ``unroll``, ``return_sequences``, ``return_state``, ``data_format`` load as they are.
 Settings checked where the source carries a configuration (``.keras``, a full
 legacy ``.h5``, a live model): activation vs ``nonlinearity``, ``use_bias`` vs
 ``bias=``, ``units`` vs ``hidden_size``, ``epsilon`` vs ``eps`` (Keras's default
@@ -308,7 +315,7 @@ def _resolve(
         fwd_cls, fwd_cfg = _inner(layer.config, "layer")
         bwd_cls, bwd_cfg = _inner(layer.config, "backward_layer")
         if fwd_cfg is not None and bwd_cfg is None:
-            bwd_cls, bwd_cfg = fwd_cls, {**fwd_cfg, "go_backwards": True}
+            bwd_cls, bwd_cfg = fwd_cls, {**fwd_cfg, "go_backwards": not fwd_cfg.get("go_backwards", False)}
         configs = [(fwd_cls, fwd_cfg), (bwd_cls, bwd_cfg)]
     else:
         configs = [(layer.class_name, layer.config)]
@@ -471,8 +478,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
             rules += _part_rules(found, part, slot, source)
             if part.config is not None:
                 problems += _check_config(found, part, slot, refusals)
-                if part.config.get("go_backwards") and not part.reverse:
-                    how += "; Keras runs it backwards (go_backwards=True): flip the input in time"
+                how += "".join(f"; {note}" for note in _notes(found, part, slot))
             else:
                 _check_weights_only(found, part, slot, source, problems, refusals, unchecked)
         pairings.append(Pairing(found.layer.name, found.detail, slot.label, type(slot.module).__name__, how))
@@ -649,6 +655,16 @@ def _refusals(found: _Resolved, part: _Part, cfg: Mapping[str, Any]) -> list[str
             f"{label} has activation='{act}': nn.RNN offers nonlinearity='tanh' or 'relu' only. Fix: rebuild "
             "the Keras layer with one of those and retrain, or write a custom cell."
         )
+    if kind in _GATES and len(found.parts) == 2 and not part.reverse and cfg.get("go_backwards"):
+        out.append(
+            f"Keras Bidirectional '{found.layer.name}' wraps a {part.cls} with go_backwards=True, so its "
+            "'forward' layer reads the input backwards and keeps its outputs in reversed time order while "
+            "the 'backward' one reads it forwards; a bidirectional PyTorch module runs its first direction "
+            "forwards and realigns the reverse one, so the halves of the output are swapped (and, with "
+            "return_sequences, flipped in time). Fix: rebuild the Keras layer with go_backwards=False (the "
+            "default) and retrain, or load the two layers into two one-way modules with mapping= and "
+            "combine their outputs as Keras does."
+        )
     if kind == "LayerNorm" and cfg.get("rms_scaling"):
         out.append(
             f"{label} has rms_scaling=True: Keras computes x * gamma / sqrt(var(x) + epsilon), removing no mean "
@@ -662,6 +678,50 @@ def _refusals(found: _Resolved, part: _Part, cfg: Mapping[str, Any]) -> list[str
             "the rest with strict=False."
         )
     return out
+
+
+def _notes(found: _Resolved, part: _Part, slot: Slot) -> list[str]:
+    """What the caller's ``forward`` must do around the module for Keras's outputs (the pairing's "how").
+
+    These settings act on the input, the state or the output, not on what the module computes, so
+    they load: weights are the same, and the note says what to do outside the module.
+    """
+    cfg, m, kind = part.config or {}, cast(Any, slot.module), found.kind
+    notes = []
+    if kind in _GATES and not part.reverse:
+        if cfg.get("go_backwards") and len(found.parts) == 1:
+            notes.append("Keras runs it backwards (go_backwards=True): flip the input in time")
+        if cfg.get("stateful"):
+            state = "h_n, c_n" if kind == "LSTM" else "h_n"
+            notes.append(
+                f"Keras carries the state between calls (stateful=True): pass the returned {state} as the "
+                "next call's initial state"
+            )
+    if kind in ("Linear", "Conv1d", "Conv2d") and _act(cfg.get("activation")) != "linear":
+        notes.append(
+            f"Keras applies activation='{_act(cfg.get('activation'))}' after it: apply it in forward"
+        )
+    if kind in ("Conv1d", "Conv2d"):
+        padding = str(cfg.get("padding", "valid")).lower()
+        if padding == "causal":
+            notes.append(
+                f"Keras pads causally: left-pad the input by {(m.kernel_size[0] - 1) * m.dilation[0]} steps "
+                "(dilation * (kernel - 1))"
+            )
+        elif padding == "same" and any(s != 1 for s in m.stride):
+            notes.append(f"Keras pads as TensorFlow's padding='same' with stride {m.stride}: {_TF_SAME}")
+    if kind == "Embedding" and cfg.get("mask_zero"):
+        notes.append(
+            "Keras masks id 0 (mask_zero=True), so later recurrent layers skip those steps: pass the lengths "
+            "with nn.utils.rnn.pack_padded_sequence"
+        )
+    return notes
+
+
+_TF_SAME = (
+    "pad each spatial axis of size n by max((ceil(n / stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0) "
+    "in all, half of it (rounded down) before and the rest after"
+)
 
 
 def _check_config(found: _Resolved, part: _Part, slot: Slot, refusals: list[str]) -> list[Problem]:
@@ -768,18 +828,32 @@ def _check_conv(cfg: Mapping[str, Any], m: Any, mismatch: Any) -> None:
     kernel, dilation = m.kernel_size, m.dilation
     same = tuple((k - 1) * d // 2 for k, d in zip(kernel, dilation))
     symmetric = all((k - 1) * d % 2 == 0 for k, d in zip(kernel, dilation))
+    unit_stride = all(s == 1 for s in m.stride)
+    unpadded = m.padding in ("valid", (0,) * len(kernel))
+    # Keras's 'same' with stride > 1 pads by an amount that depends on the input's size (TensorFlow's
+    # rule), which no fixed padding of the module gives; 'causal' pads on one side only. Both load into
+    # an unpadded module, and the pairing says how to pad the input.
     ok = {
-        "valid": m.padding in ("valid", (0,) * len(kernel)),
-        "same": m.padding == "same" or (symmetric and all(s == 1 for s in m.stride) and m.padding == same),
-        "causal": m.padding in ("valid", (0,) * len(kernel)),
+        "valid": unpadded,
+        "same": (m.padding == "same" or (symmetric and m.padding == same)) if unit_stride else unpadded,
+        "causal": unpadded,
     }.get(padding, False)
     if not ok:
         fix = {
             "valid": "build the module with padding=0",
-            "same": "build the module with padding='same' (stride 1), or pad the input as TensorFlow does",
-            "causal": f"build the module with padding=0 and left-pad the input by {(kernel[0] - 1) * dilation[0]} steps",
+            "same": "build the module with padding='same'"
+            if unit_stride
+            else f"build the module with padding=0 (PyTorch's padding='same' needs stride 1) and {_TF_SAME}",
+            "causal": "build the module with padding=0 (PyTorch has no causal padding) and left-pad the input "
+            f"by dilation * (kernel - 1) = {(kernel[0] - 1) * dilation[0]} steps",
         }.get(padding, "pad the input yourself")
         mismatch(f"padding equivalent to Keras padding='{padding}'", f"padding={m.padding}", fix)
+    elif not unpadded and m.padding_mode != "zeros":
+        mismatch(
+            "padding_mode='zeros' (Keras pads with zeros)",
+            f"padding_mode='{m.padding_mode}'",
+            "build the module with padding_mode='zeros'",
+        )
 
 
 def _check_weights_only(
@@ -804,6 +878,8 @@ def _check_weights_only(
         settings.append("activation, recurrent_activation (assumed tanh, sigmoid)")
     if kind == "RNN":
         settings.append(f"activation (assumed '{cast(Any, slot.module).nonlinearity}', as the module)")
+    if kind in _GATES:
+        settings.append("go_backwards (assumed False)")
     if kind in ("BatchNorm", "LayerNorm"):
         settings.append(
             f"epsilon (the module has eps={cast(Any, slot.module).eps:g}; Keras's default is 1e-3)"
