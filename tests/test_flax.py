@@ -737,16 +737,20 @@ def test_numbered_siblings_pair_in_numeric_order() -> None:
     ]
 
 
-def test_mapping_pairs_named_layers_by_hand() -> None:
+def test_named_layers_pair_by_name_and_mapping_overrides() -> None:
     tree = {"dec": _dense(4, 4), "enc": _dense(4, 4)}  # nnx and tree_map sort names: dec before enc
     tree["enc"]["bias"] = np.ones(4, np.float32)
     module = tnn.Sequential()
     module.add_module("enc", tnn.Linear(4, 4))
     module.add_module("dec", tnn.Linear(4, 4))
-    _load(module, tree)
-    assert module.dec.bias.sum().item() == 4.0  # by order: the source's first layer went to the first slot
-    _load(module, tree, mapping={"enc": "enc", "dec": "dec"})
-    assert module.enc.bias.sum().item() == 4.0 and module.dec.bias.sum().item() == 0.0
+    report = _load(module, tree)
+    assert module.enc.bias.sum().item() == 4.0 and module.dec.bias.sum().item() == 0.0  # not by order
+    assert {(p.source_layer, p.module_path, p.how) for p in report.pairings} == {
+        ("enc", "enc", "by name"),
+        ("dec", "dec", "by name"),
+    }
+    _load(module, tree, mapping={"enc": "dec", "dec": "enc"})
+    assert module.dec.bias.sum().item() == 4.0 and module.enc.bias.sum().item() == 0.0
 
 
 def _linen_gru_tree(hidden: int = 2, features: int = 3) -> dict[str, Any]:

@@ -240,7 +240,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     try:
         paired = pair_layers(
             module,
-            [SourceLayer(lay.node.label, lay.kind, lay.detail) for lay in layers],
+            [SourceLayer(lay.node.label, lay.kind, lay.detail, _named_path(lay)) for lay in layers],
             mapping,
             framework=FRAMEWORK,
         )
@@ -308,6 +308,14 @@ def _unmapped_hints(
     for slot in module_slots(module):
         if slot.kind in why and slot.kind not in found:
             hints.setdefault(slot.path, why[slot.kind])
+
+
+def _named_path(layer: _Layer) -> tuple[str, ...]:
+    """The module path a layer's stored tensors name, where they all share one (``head.weight``, ``head.bias``:
+    ``head``, as torch.onnx.export keeps parameter names); synthetic names (``onnx::LSTM_201``) name none."""
+    owners = {name.rpartition(".")[0] for name in layer.tensors.values()}
+    (owner,) = owners if len(owners) == 1 else ("",)
+    return (owner,) if owner and ":" not in owner else ()
 
 
 def _nodes(raw_nodes: list[Mapping[str, Any]]) -> list[_Node]:

@@ -3,9 +3,12 @@
 A PyTorch model is seen as a list of *slots*: each module with parameters of its
 own is one slot, except a multi-layer ``nn.RNN``/``nn.LSTM``/``nn.GRU``, which is
 one slot per layer (so stacked Keras LSTMs fill one ``nn.LSTM(num_layers=k)``).
-Source layers of a kind take the free slots of that kind in model order; a
-``mapping`` pins any of them first (``{"lstm_1": "encoder[1]"}`` names layer 1 of
-``encoder``). Unequal counts are an error that lists the candidates: never a guess.
+A ``mapping`` pins any source layer first (``{"lstm_1": "encoder[1]"}`` names layer 1
+of ``encoder``); then a source layer whose own name is a module's path (``fc1``;
+``encoder/cell`` is ``encoder.cell``; an ONNX node's ``head.weight`` tensors name
+``head``) takes that module when it is of its kind; the rest of a kind take the free
+slots of that kind in model order. Unequal counts are an error that lists the
+candidates: never a guess.
 
 >>> import torch
 >>> model = torch.nn.Sequential(torch.nn.LSTM(3, 4, num_layers=2), torch.nn.Linear(4, 2))
@@ -90,6 +93,7 @@ class SourceLayer:
     name: str
     kind: str
     detail: str = ""
+    paths: tuple[str, ...] = ()  # module paths the source's own names suggest (besides ``name`` itself)
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ def pair_layers(
     *,
     framework: str,
 ) -> list[Paired]:
-    """Pair each source layer with one slot: ``mapping`` first, then by order within each kind."""
+    """Pair each source layer with one slot: ``mapping`` first, then by name, then by order within each kind."""
     slots = module_slots(model)
     mapping = dict(mapping or {})
     unknown = sorted(set(mapping) - {layer.name for layer in layers})
@@ -169,6 +173,15 @@ def pair_layers(
                     f"mapping sends both '{taken[slot.label].source.name}' and '{layer.name}' to '{slot.label}'"
                 )
             taken[slot.label] = result[layer.name] = Paired(layer, slot, "mapping=")
+    by_path: dict[str, list[Slot]] = {}
+    for slot in slots:
+        by_path.setdefault(slot.path, []).append(slot)
+    for layer in layers:  # a name that is a module's path outranks order (a model may declare in any order)
+        for path in (layer.name.replace("/", "."), *layer.paths) if layer.name not in result else ():
+            found = by_path.get(path, [])
+            if len(found) == 1 and found[0].kind == layer.kind and found[0].label not in taken:
+                taken[found[0].label] = result[layer.name] = Paired(layer, found[0], "by name")
+                break
     for kind in dict.fromkeys(layer.kind for layer in layers):
         waiting = [layer for layer in layers if layer.kind == kind and layer.name not in result]
         free = [s for s in slots if s.kind == kind and s.label not in taken]
