@@ -826,18 +826,25 @@ def test_export_refuses_layers_flax_has_no_twin_of() -> None:
         flax_layout.export(tnn.Linear(2, 2), api="haiku")
 
 
-def test_other_variables_stay_unmatched() -> None:
+def test_a_train_states_optimizer_and_step_are_ignored_and_other_variables_unmatched() -> None:
     tree = {
         "step": np.array(3),
         "params": {"Dense_0": _dense(2, 2)},
         "opt_state": {"mu": {"Dense_0": _dense(2, 2)}},
     }
+    report = _load(tnn.Linear(2, 2), tree)  # a TrainState's checkpoint loads as it is
+    assert report.ignored == [
+        "step (training state)",
+        "opt_state/mu/Dense_0/kernel (training state)",
+        "opt_state/mu/Dense_0/bias (training state)",
+    ]
+    tree["ema"] = {"Dense_0": _dense(2, 2)}
     with pytest.raises(
-        weightport.LoadError, match=r"'opt_state/mu/Dense_0/kernel': expected a tensor the layout can place"
+        weightport.LoadError, match=r"'ema/Dense_0/kernel': expected a tensor the layout can place"
     ):
         _load(tnn.Linear(2, 2), tree)
     report = _load(tnn.Linear(2, 2), tree, strict=False)
-    assert report.ignored == ["step", "opt_state/mu/Dense_0/kernel", "opt_state/mu/Dense_0/bias"]
+    assert report.ignored[-2:] == ["ema/Dense_0/kernel", "ema/Dense_0/bias"]
 
 
 def test_unchecked_settings_are_reported() -> None:

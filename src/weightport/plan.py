@@ -178,6 +178,7 @@ def build_plan(
         plan.entries.append(entry)
 
     used = {s for r in layout.rules for s in r.sources}
+    plan.ignored.extend(layout.not_weights)
     for name in layout.unmatched:
         if name not in used:
             if strict:

@@ -66,3 +66,5 @@ class LayoutPlan:
     scope: str = ""
     # module path -> why the source has nothing for that module and what to do (for its missing tensors)
     missing_hints: dict[str, str] = field(default_factory=dict)
+    # source tensors that are not weights (a training state's optimizer moments): always ignored, with why
+    not_weights: list[str] = field(default_factory=list)

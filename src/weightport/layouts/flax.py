@@ -5,8 +5,9 @@ nested dict / ``FrozenDict``, or an nnx ``State``) is walked in its own order an
 each layer is recognised by the names of its children, wherever it sits:
 ``<attr>/cell/...`` for ``nn.RNN(cell)`` attributes, ``LSTMCell_0/...`` for cells
 bound inside ``@nn.compact``, with or without the ``params/`` and
-``batch_stats/`` collection prefixes (which are merged; other top-level entries
-of a variables dict or ``TrainState``, like ``opt_state``, are left unmatched).
+``batch_stats/`` collection prefixes (which are merged); a ``TrainState``'s
+``opt_state`` and ``step`` are listed as ignored (training state, not weights),
+and other top-level entries are left unmatched.
 An nnx ``State`` saved as a pytree holds each array one level down, as the
 variable's attribute (``kernel/value``; ``kernel/raw_value`` in Flax 0.8): such a
 node reads as its array.
@@ -95,6 +96,8 @@ NAME = "flax"
 FRAMEWORK = "Flax"
 APIS = ("linen", "nnx")
 COLLECTIONS = ("params", "batch_stats")
+# A flax.training TrainState's other top-level fields: optimizer moments and the step, never weights.
+TRAINING_STATE = ("opt_state", "step")
 ROOT = "(root)"  # the name of a layer whose params sit at the top of the tree
 _STATS = ("mean", "var")
 _RECURRENT = ("LSTM", "GRU", "RNN")
@@ -598,11 +601,13 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
         else:
             rules += _plain_rules(layer, pair, source)
     used = {s for rule in rules for s in rule.sources}
+    training = [n for n in names if n not in used and n.split("/", 1)[0] in TRAINING_STATE]
     return LayoutPlan(
         layout=NAME,
         rules=rules,
         pairings=as_pairings(paired),
-        unmatched=[n for n in names if n not in used],
+        unmatched=[n for n in names if n not in used and n not in training],
+        not_weights=[f"{n} (training state)" for n in training],
         unchecked=_unchecked(list(zip(layers, paired))),
     )
 
