@@ -410,6 +410,11 @@ def test_live_layer_alone() -> None:
     assert_close(module(torch.from_numpy(x))[0].detach().numpy(), np.asarray(layer(x)), "live GRU layer")
     origins = [row.origin for row in weightport.load(module, layer, dry_run=True).rows]
     assert origins[0] == f"the Keras GRU '{layer.name}' kernel"  # the layer named once
+    both = keras.layers.Bidirectional(keras.layers.GRU(3))
+    both(x)
+    rows = weightport.load(nn.GRU(2, 3, batch_first=True, bidirectional=True), both, dry_run=True).rows
+    sides = {row.target: row.origin.split("'")[-1].split()[0] for row in rows}
+    assert sides["weight_ih_l0"] == "forward_layer" and sides["weight_ih_l0_reverse"] == "backward_layer"
 
 
 def test_plain_and_bidirectional_lstms_pair_by_direction_in_a_weights_file(tmp_path: Path) -> None:

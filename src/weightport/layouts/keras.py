@@ -590,6 +590,7 @@ def _part_rules(found: _Resolved, part: _Part, slot: Slot, source: Source) -> li
         if source.description.endswith(f"'{found.layer.name}'") and not found.layer.path
         else f"{source.description} {layer}"
     )
+    side = (" backward_layer" if part.reverse else " forward_layer") if len(found.parts) > 1 else ""
     for param, var, op in _RULES[kind]:
         if var not in part.vars:
             continue
@@ -598,7 +599,7 @@ def _part_rules(found: _Resolved, part: _Part, slot: Slot, source: Source) -> li
             momentum = float(part.config["momentum"])
             note = f" (Keras momentum {momentum:g} is PyTorch momentum={1 - momentum:g}; it affects training only)"
         rules.append(
-            Rule(slot.name(param, reverse=part.reverse), (part.vars[var],), op, f"{origin} {var}{note}")
+            Rule(slot.name(param, reverse=part.reverse), (part.vars[var],), op, f"{origin}{side} {var}{note}")
         )
     if kind in ("RNN", "LSTM") and "bias" in part.vars:
         size = source.infos[part.vars["bias"]].shape
