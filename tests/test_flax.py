@@ -876,3 +876,22 @@ def test_fused_cell_of_unknown_width_is_refused() -> None:
         r"an nnx GRUCell \(dense_h/kernel of shape \(H, 3\*H\), not \(2, 4\)\)",
     ):
         _load(tnn.GRU(3, 2), {"cell": cell})
+
+
+def test_a_batchnorm_saved_without_its_batch_stats() -> None:
+    """``state.params`` alone: the BatchNorm's scale and bias look like a LayerNorm's; the module decides."""
+    tree = {
+        "params": {
+            "fc": _dense(3, 4),
+            "bn": {"scale": np.full(4, 2.0, np.float32), "bias": np.ones(4, np.float32)},
+        }
+    }
+    module = tnn.Sequential()
+    module.add_module("fc", tnn.Linear(3, 4))
+    module.add_module("bn", tnn.BatchNorm1d(4))
+    with pytest.raises(
+        weightport.LoadError, match=r"'bn.running_mean'.*batch_stats collection, which this source lacks"
+    ):
+        _load(module, tree)
+    report = _load(module, tree, strict=False)
+    assert module.bn.weight.tolist() == [2.0] * 4 and "bn.running_mean" in report.missing

@@ -578,6 +578,19 @@ def _unchecked(pairs: list[tuple[_Layer, Paired]]) -> list[str]:
     return notes
 
 
+def _settle_norm_kinds(layers: list[_Layer], module: nn.Module) -> None:
+    """A scale-and-bias layer not named ``BatchNorm_*`` reads as a LayerNorm, but a BatchNorm saved
+    without its ``batch_stats`` (``state.params`` alone, or an nnx ``Param`` filter) looks the same:
+    where the module has BatchNorms and no LayerNorm, such layers are BatchNorms (their running
+    statistics are then missing, and said to be)."""
+    kinds = {slot.kind for slot in module_slots(module)}
+    if "LayerNorm" in kinds or "BatchNorm" not in kinds:
+        return
+    for layer in layers:
+        if layer.kind == "LayerNorm":
+            layer.kind = layer.detail = "BatchNorm"
+
+
 def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = None) -> LayoutPlan:
     """Rules for ``module`` from the Flax layers found in ``source`` (see the module doc).
 
@@ -588,6 +601,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     names = list(source.infos)
     layers: list[_Layer] = []
     _find_layers(_model_tree(_tree(names)), "", source, layers)
+    _settle_norm_kinds(layers, module)
     paired = pair_layers(
         module,
         [SourceLayer(layer.name, layer.kind, layer.detail) for layer in layers],
@@ -609,6 +623,13 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
         unmatched=[n for n in names if n not in used and n not in training],
         not_weights=[f"{n} (training state)" for n in training],
         unchecked=_unchecked(list(zip(layers, paired))),
+        missing_hints={
+            pair.slot.path: "Flax keeps a BatchNorm's running statistics in the batch_stats collection, which "
+            "this source lacks: save the whole variables dict ({'params': ..., 'batch_stats': ...}), or pass "
+            "strict=False to keep the module's own"
+            for layer, pair in zip(layers, paired)
+            if layer.kind == "BatchNorm" and not set(_STATS) & set(layer.leaves)
+        },
     )
 
 
