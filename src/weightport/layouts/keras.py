@@ -985,9 +985,19 @@ def describe(source: Source) -> list[dict[str, Any]]:
     return [
         {
             "name": layer.name,
-            "kind": layer.class_name or "(from shapes)",
+            "kind": _wrapped_kind(layer.class_name, layer.config) or "(from shapes)",
             "config": layer.config or {},
             "tensors": layer.tensors,
         }
         for layer in layers
     ]
+
+
+def _wrapped_kind(class_name: str | None, config: dict[str, Any] | None) -> str | None:
+    """``Bidirectional(LSTM)``, ``TimeDistributed(Dense)``: a wrapper named with the layer it wraps.
+
+    >>> _wrapped_kind("Bidirectional", {"layer": {"class_name": "LSTM", "config": {}}})
+    'Bidirectional(LSTM)'
+    """
+    inner, _ = _inner(config, "layer")
+    return f"{class_name}({inner})" if class_name and inner else class_name
