@@ -78,6 +78,18 @@ def test_load_and_verify_with_a_factory(tmp_path) -> None:  # type: ignore[no-un
     assert bad.returncode == 1 and "FAILED" in bad.stdout
 
 
+def test_load_refuses_an_out_suffix_before_loading(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "mymodels.py").write_text(FACTORY)
+    src = weightport.save(
+        torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)), tmp_path / "w.npz"
+    )
+    result = run("load", "mymodels:make", str(src), "--out", str(tmp_path / "out.pt"), cwd=tmp_path)
+    assert result.returncode == 2 and "Loaded" not in result.stdout
+    assert "cannot save to '.pt'. Fix: use a .npz or .safetensors path." in result.stderr
+    dry = run("load", "mymodels:make", str(src), "--dry-run", "--out", str(tmp_path / "o.npz"), cwd=tmp_path)
+    assert dry.returncode == 0 and "not written" in dry.stdout and not (tmp_path / "o.npz").exists()
+
+
 def test_bad_factory_and_shape_mismatch_exit_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "mymodels.py").write_text(FACTORY)
     src = weightport.save({"0.weight": np.ones((3, 3))}, tmp_path / "w.npz")

@@ -624,3 +624,17 @@ def test_wrapped_modules_are_initialized_through_their_wrapper() -> None:
     init(wrapped, np.random.RandomState(313))
     expected = init_arrays(torch.nn.Linear(3, 2), np.random.RandomState(313))
     np.testing.assert_array_equal(inner.weight.detach().numpy(), expected["weight"].astype(np.float32))
+
+
+def test_a_meta_buffer_no_rule_draws_is_refused_in_inits_terms() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 5))
+        model.register_buffer("extra", torch.empty(3))
+    with pytest.raises(LoadError) as info:
+        init(model, np.random.default_rng(0))
+    (problem,) = info.value.problems
+    assert problem.name == "extra" and problem.found == "no rule of the scheme draws it"
+    assert problem.fix.startswith("give it with overrides={'extra': ...}")
+    assert all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    init(model, np.random.default_rng(0), overrides={"extra": np.zeros(3)})
+    assert model.extra.tolist() == [0.0] * 3 and not model[0].weight.is_meta

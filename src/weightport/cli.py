@@ -16,6 +16,7 @@ import re
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = ["main", "load_factory"]
@@ -125,9 +126,15 @@ def _load(args: argparse.Namespace, dry_run: bool) -> tuple[Any, Any]:
 def _cmd_load(args: argparse.Namespace) -> int:
     import weightport
 
+    if args.out and Path(args.out).suffix not in (".npz", ".safetensors"):  # before a load that may be long
+        raise UsageError(
+            f"--out '{args.out}': cannot save to '{Path(args.out).suffix}'. Fix: use a .npz or .safetensors path."
+        )
     model, report = _load(args, args.dry_run)
     print(report)
-    if args.out and not args.dry_run:
+    if args.out and args.dry_run:
+        print(f"dry run: {args.out} not written")
+    elif args.out:
         path = weightport.save(model, args.out)
         print(f"wrote {path}")
     return 0

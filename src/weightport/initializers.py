@@ -45,6 +45,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from weightport.errors import LayoutError
+from weightport.errors import LayoutError, LoadError
 from weightport.loading import load, unwrap
 from weightport.report import LoadReport
 from weightport.transforms import ReorderBlocks
@@ -360,7 +361,22 @@ def init(
     """
     arrays = init_arrays(module, rng, scheme, overrides=overrides)
     complete = all(name in arrays for name in unwrap(module).state_dict(keep_vars=True))
-    return load(module, arrays, strict=complete)
+    try:
+        return load(module, arrays, strict=complete)
+    except LoadError as error:  # said in init's terms: the "source" is the drawn arrays
+        raise LoadError(
+            [
+                replace(
+                    p,
+                    found="no rule of the scheme draws it",
+                    fix=f"give it with overrides={{'{p.name}': ...}}, or build the module off meta",
+                )
+                if p.found.startswith("nothing in")
+                else p
+                for p in error.problems
+            ],
+            target=type(unwrap(module)).__name__,
+        ) from None
 
 
 def init_arrays(
