@@ -4,6 +4,7 @@ Run: torchrun --standalone --nproc-per-node 2 examples/sharded_torchrun.py
 """
 
 import os
+import sys
 import tempfile
 
 import torch
@@ -29,7 +30,9 @@ def main() -> None:
     with weightport.open_source(path) as source:
         weightport.load(model, source)  # a collective: each rank reads only its own rows
         total = sum(p.numel() * p.element_size() for p in model.parameters())
-        print(f"rank {dist.get_rank()}: read {source.bytes_read / total:.2f} of the checkpoint")
+        line = f"rank {dist.get_rank()}: read {source.bytes_read / total:.2f} of the checkpoint\n"
+        sys.stdout.write(line)  # one write, so the ranks' lines never interleave on a shared pipe
+        sys.stdout.flush()
 
 
 dist.init_process_group("gloo")  # on GPUs: torch.cuda.set_device(local_rank), then "nccl" and a "cuda" mesh
