@@ -519,22 +519,36 @@ def _find_layers(nodes: list[_Node], source: Source, issues: _Issues, validated:
     return layers
 
 
-def _recurrent_layer(node: _Node, graph: _Graph, issues: _Issues, validated: set[str]) -> _Layer | None:
-    kind = node.op_type
+def _computed(node: _Node, role: str, name: str, issues: _Issues) -> None:
+    issues.add(
+        node, f"input {role} '{name}' is computed by the graph, not stored in the file. Fix: {_FIX_COMPUTED}."
+    )
+
+
+def _stored_inputs(
+    node: _Node, inputs: list[tuple[str, int, str]], graph: _Graph, issues: _Issues
+) -> dict[str, str] | None:
+    """``{key: stored tensor}`` for the node's ``(key, position, ONNX name)`` inputs that are given;
+    None (and an issue) when one of them is computed by the graph."""
     tensors = {}
-    for role, position in (("W", 1), ("R", 2), ("B", 3), ("P", 7)):
+    for key, position, role in inputs:
         name = node.input(position)
-        if not name or (kind != "LSTM" and role == "P"):
+        if not name:
             continue
         found = graph.stored(name)
         if found is None:
-            issues.add(
-                node,
-                f"input {role} '{name}' is computed by the graph, not stored in the file. "
-                f"Fix: {_FIX_COMPUTED}.",
-            )
+            _computed(node, role, name, issues)
             return None
-        tensors[role] = found
+        tensors[key] = found
+    return tensors
+
+
+def _recurrent_layer(node: _Node, graph: _Graph, issues: _Issues, validated: set[str]) -> _Layer | None:
+    kind = node.op_type
+    roles = [("W", 1), ("R", 2), ("B", 3)] + ([("P", 7)] if kind == "LSTM" else [])
+    tensors = _stored_inputs(node, [(role, position, role) for role, position in roles], graph, issues)
+    if tensors is None:
+        return None
     if "W" not in tensors or "R" not in tensors:
         issues.add(node, "has no W or R input; the graph is malformed. Fix: re-export the model.")
         return None
@@ -888,9 +902,7 @@ def _conv_layer(node: _Node, graph: _Graph, issues: _Issues) -> _Layer | None:
     bias = node.input(2)
     stored_bias = graph.stored(bias)
     if bias and stored_bias is None:
-        issues.add(
-            node, f"input B '{bias}' is computed by the graph, not stored in the file. Fix: {_FIX_COMPUTED}."
-        )
+        _computed(node, "B", bias, issues)
     elif stored_bias is not None:
         tensors["bias"] = stored_bias
     else:
@@ -914,21 +926,11 @@ def _gather_layer(node: _Node, graph: _Graph) -> _Layer | None:
 
 def _norm_layer(node: _Node, graph: _Graph, issues: _Issues) -> _Layer | None:
     """BatchNormalization (scale, B, mean, var) or LayerNormalization (Scale, B) with stored inputs."""
-    tensors = {}
-    for position, (role, onnx_name) in enumerate(_NORMS[node.op_type], start=1):
-        name = node.input(position)
-        if not name:
-            continue
-        found = graph.stored(name)
-        if found is None:
-            issues.add(
-                node,
-                f"input {onnx_name} '{name}' is computed by the graph, not stored in the file. "
-                f"Fix: {_FIX_COMPUTED}.",
-            )
-            return None
-        tensors[role] = found
-    if "weight" not in tensors:
+    inputs = [
+        (role, position, onnx_name) for position, (role, onnx_name) in enumerate(_NORMS[node.op_type], 1)
+    ]
+    tensors = _stored_inputs(node, inputs, graph, issues)
+    if tensors is None or "weight" not in tensors:
         return None
     kind = _KIND_OF_NORM_OP[node.op_type]
     shape = graph.source.infos[tensors["weight"]].shape
