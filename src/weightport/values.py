@@ -153,11 +153,9 @@ def _inexact_float8(array: np.ndarray, target: torch.dtype, allow_nonfinite: boo
         same = converted.to(source.dtype) == source
     if bool(same.all()):
         return None
-    index = _first_index(~same)
-    count = int((~same).sum())
-    noun = "value" if count == 1 else "values"
-    name = str(target).removeprefix("torch.")
-    return f"{count} {noun} that {name} cannot hold exactly (first at index {index}: {array[index]!r})"
+    return _inexact_message(
+        int((~same).sum()), str(target).removeprefix("torch."), _first_index(~same), array
+    )
 
 
 def _bad_floats(tensor: torch.Tensor, target: torch.dtype, check: str, allow_nonfinite: bool) -> str | None:
@@ -176,11 +174,7 @@ def _bad_floats(tensor: torch.Tensor, target: torch.dtype, check: str, allow_non
     mask = None if math.isfinite(low) and math.isfinite(high) else ~torch.isfinite(tensor)
     if mask is not None and bool(mask.any()):
         if not allow_nonfinite:
-            count = int(mask.sum())
-            index = _first_index(mask)
-            value = tensor[index].item()
-            noun = "value" if count == 1 else "values"
-            return f"{count} NaN/Inf {noun} (first at index {index}: {value})"
+            return _nonfinite_message(mask, tensor)
         finite = tensor[~mask]
         if check != "range" or finite.numel() == 0:
             return None
@@ -211,14 +205,15 @@ def _inexact(array: np.ndarray, target: torch.dtype) -> str | None:
         same = back == array
         if dst.kind == "f":
             same &= np.isfinite(converted)
-        if (
-            array.dtype.kind in "iu" and dst.kind in "iu"
-        ):  # wrapped around (uint64 -> int64) survives a round trip
-            limits = np.iinfo(dst)
+        if array.dtype.kind in "iu" and dst.kind in "iu":
+            limits = np.iinfo(dst)  # a wrapped-around value (uint64 -> int64) survives the round trip
             same &= (array >= limits.min) & (array <= limits.max)
     if bool(np.all(same)):
         return None
     index = tuple(int(i) for i in np.argwhere(~np.asarray(same))[0])
-    count = int(np.size(same) - np.count_nonzero(same))
+    return _inexact_message(int(np.size(same) - np.count_nonzero(same)), dst.name, index, array)
+
+
+def _inexact_message(count: int, target: str, index: tuple[int, ...], array: np.ndarray) -> str:
     noun = "value" if count == 1 else "values"
-    return f"{count} {noun} that {dst.name} cannot hold exactly (first at index {index}: {array[index]!r})"
+    return f"{count} {noun} that {target} cannot hold exactly (first at index {index}: {array[index]!r})"
