@@ -28,6 +28,7 @@ __all__ = [
     "read_exact",
     "byte_view",
     "open_no_follow",
+    "LINKS_NOT_FOLLOWED",
     "contiguous_runs",
     "read_region_exact",
 ]
@@ -247,6 +248,14 @@ def _pread_into(fd: int, out: memoryview, offset: int) -> int:
     return len(data)
 
 
+# Why a link found inside a folder or an index is refused, and the way out (for SourceError messages).
+LINKS_NOT_FOLLOWED = (
+    "and links found inside a folder or an index are not followed (a Hugging Face cache snapshot links "
+    "every file to its blobs/ folder). Fix: load from a folder of plain files "
+    "(huggingface_hub.snapshot_download(repo_id, local_dir=...) writes one), or pass a single file's own path"
+)
+
+
 def open_no_follow(path: os.PathLike[str] | str) -> int:
     """Open a file for reading without following a symbolic link at its last component."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -254,12 +263,7 @@ def open_no_follow(path: os.PathLike[str] | str) -> int:
         return os.open(path, flags)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            why = (
-                "it is a symbolic link, and links found inside a folder or an index are not followed "
-                "(a Hugging Face cache snapshot links every file to its blobs/ folder). Fix: load from a folder "
-                "of plain files (huggingface_hub.snapshot_download(repo_id, local_dir=...) writes one), or "
-                "pass a single file's own path"
-            )
+            why = f"it is a symbolic link, {LINKS_NOT_FOLLOWED}"
         elif e.errno == errno.ENOENT:
             why = "no such file. Fix: check that every file the folder or index names is there"
         else:

@@ -26,7 +26,7 @@ import numpy as np
 
 from weightport.errors import SourceError
 from weightport.sources.base import Region, Source
-from weightport.sources.files import folder_has, open_no_follow
+from weightport.sources.files import LINKS_NOT_FOLLOWED, folder_has, open_no_follow
 from weightport.sources.safetensors import SafetensorsSource, read_header
 
 __all__ = ["claims", "open", "ShardedSource"]
@@ -146,9 +146,12 @@ def _open_index(source: ShardedSource, path: Path) -> None:
         ) from None
     for file_name in dict.fromkeys(weight_map.values()):
         source.shards[file_name] = _open_shard(path.parent, file_name, where)
-    count = len(source.shards)
-    source.description = f"{where} ({count} shard{'s' if count != 1 else ''})"
+    source.description = f"{where} ({_shards(len(source.shards))})"
     _assemble(source, where, weight_map)
+
+
+def _shards(count: int) -> str:
+    return f"{count} shard{'s' if count != 1 else ''}"
 
 
 def _open_folder(source: ShardedSource, path: Path) -> None:
@@ -176,11 +179,7 @@ def _open_folder(source: ShardedSource, path: Path) -> None:
             source.shards[entry.name] = _open_shard(path, entry.name, where)
     if not source.shards:
         raise SourceError(
-            f"{where}: its .safetensors files ({', '.join(links[:3])}) are symbolic links, and links found "
-            "inside a folder are not followed (a Hugging Face cache snapshot links every file to its blobs/ "
-            "folder). Fix: load from a folder of plain files (huggingface_hub.snapshot_download(repo_id, "
-            "local_dir=...) writes one), or pass a single file's own path."
+            f"{where}: its .safetensors files ({', '.join(links[:3])}) are symbolic links, {LINKS_NOT_FOLLOWED}."
         )
-    count = len(source.shards)
-    source.description = f"{count} shard{'s' if count != 1 else ''} in {where}"
+    source.description = f"{_shards(len(source.shards))} in {where}"
     _assemble(source, where, None)
