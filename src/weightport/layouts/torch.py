@@ -51,15 +51,12 @@ def plan(module: torch.nn.Module, source: Source, mapping: Mapping[str, str] | N
     if any(n.startswith(WRAPPER_PREFIXES) for n in names):
         module_names = set(module.state_dict(keep_vars=True))
         dropped = strip_wrapper_prefixes([n for n in names if n not in mapping], module_names)
-    legacy = [n for n in names if n.endswith(_LEGACY_WEIGHT_NORM)]
-    renamed = _weight_norm_names(module, legacy, dropped) if legacy else {}
+    own = {name: name[len(dropped) :] if name.startswith(dropped) else name for name in names}
+    legacy = [n for n in own.values() if n.endswith(_LEGACY_WEIGHT_NORM)]
+    renamed = _weight_norm_names(module, legacy) if legacy else {}
     rules = []
     for name in names:
-        target = (
-            mapping.get(name)
-            or renamed.get(name)
-            or (name[len(dropped) :] if name.startswith(dropped) else name)
-        )
+        target = mapping.get(name, renamed.get(own[name], own[name]))
         rules.append(Rule(target, (name,), origin=f"{source.description} '{name}'"))
     return LayoutPlan(layout=NAME, rules=rules)
 
@@ -70,15 +67,14 @@ def plan(module: torch.nn.Module, source: Source, mapping: Mapping[str, str] | N
 _LEGACY_WEIGHT_NORM = ("_g", "_v")
 
 
-def _weight_norm_names(module: torch.nn.Module, legacy: list[str], dropped: str) -> dict[str, str]:
+def _weight_norm_names(module: torch.nn.Module, legacy: list[str]) -> dict[str, str]:
     """Old weight-norm names -> the parametrization's, where the module has those and not the old ones."""
     module_names = set(module.state_dict(keep_vars=True))
     renamed = {}
     for name in legacy:
-        own = name[len(dropped) :] if name.startswith(dropped) else name
-        path, _, leaf = own.rpartition(".")
+        path, _, leaf = name.rpartition(".")
         new = f"{path + '.' if path else ''}parametrizations.{leaf[:-2]}.original{0 if leaf.endswith('_g') else 1}"
-        if own not in module_names and new in module_names:
+        if name not in module_names and new in module_names:
             renamed[name] = new
     return renamed
 
