@@ -15,7 +15,7 @@ import difflib
 import math
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from functools import partial
 
 import numpy as np
@@ -94,35 +94,9 @@ def plan_load(
     plan = build_plan(scope, source, layout_plan, strict=strict, prefix=prefix_)
     plan.ignored.extend(source.ignored)
     if not isinstance(allow_nonfinite, bool):
-        targets = {entry.target for entry in plan.entries} | set(plan.missing)
-        for name in sorted(set(allow_nonfinite) - targets):
-            close = [t for t in targets if t.endswith("." + name)] or difflib.get_close_matches(
-                name, targets, n=1
-            )
-            plan.problems.append(
-                Problem(
-                    name,
-                    "in allow_nonfinite, a name of a tensor being loaded (the module's full state-dict name)",
-                    "no such tensor",
-                    f"write '{close[0]}'" if close else "check the name against the report's targets",
-                )
-            )
-    hint = None
-    if plan.problems and not plan.entries:
-        hint = _layout_hint(source, layout) or _prefix_hint(source, list(scope.state_dict(keep_vars=True)))
-    if hint is not None:  # nothing matched: the likely cause goes first, before one problem per name
-        plan.problems.insert(0, hint)
-    if not plan.entries and not plan.problems and source.infos:  # strict=False, and nothing matched
-        names = list(source.infos)
-        plan.problems.append(
-            Problem(
-                prefix_ or _describe(module),
-                "at least one source tensor that names one of the module's",
-                f"none of the source's {len(names)} names match (first: '{names[0]}')",
-                "check the names against module.state_dict(); pass prefix= to load into a submodule, "
-                "layout= if the source is another framework's, or mapping= to pair them",
-            )
-        )
+        plan.problems += _unknown_allowed(plan, allow_nonfinite)
+    if not plan.entries:
+        _explain_nothing_matched(plan, source, layout, scope, prefix_ or _describe(module))
     if check_values_:
         try:
             check_values(plan, source, allow_nonfinite, after_fill=after_fill)
@@ -132,6 +106,47 @@ def plan_load(
                 "readable, and that the source was not closed (a with-block that ended, or close())."
             ) from e
     return plan
+
+
+def _unknown_allowed(plan: Plan, allowed: Collection[str]) -> list[Problem]:
+    """A problem for each ``allow_nonfinite`` name that is not a tensor being loaded."""
+    targets = {entry.target for entry in plan.entries} | set(plan.missing)
+    problems = []
+    for name in sorted(set(allowed) - targets):
+        close = [t for t in targets if t.endswith("." + name)] or difflib.get_close_matches(
+            name, targets, n=1
+        )
+        problems.append(
+            Problem(
+                name,
+                "in allow_nonfinite, a name of a tensor being loaded (the module's full state-dict name)",
+                "no such tensor",
+                f"write '{close[0]}'" if close else "check the name against the report's targets",
+            )
+        )
+    return problems
+
+
+def _explain_nothing_matched(
+    plan: Plan, source: Source, layout: str | None, scope: nn.Module, label: str
+) -> None:
+    """With nothing planned: the likely cause goes first, before one problem per name; and a
+    ``strict=False`` load that would write nothing from a non-empty source is a problem itself."""
+    if plan.problems:
+        hint = _layout_hint(source, layout) or _prefix_hint(source, list(scope.state_dict(keep_vars=True)))
+        if hint is not None:
+            plan.problems.insert(0, hint)
+    elif source.infos:
+        names = list(source.infos)
+        plan.problems.append(
+            Problem(
+                label,
+                "at least one source tensor that names one of the module's",
+                f"none of the source's {len(names)} names match (first: '{names[0]}')",
+                "check the names against module.state_dict(); pass prefix= to load into a submodule, "
+                "layout= if the source is another framework's, or mapping= to pair them",
+            )
+        )
 
 
 def _layout_hint(source: Source, layout: str | None) -> Problem | None:
