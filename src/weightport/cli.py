@@ -16,7 +16,6 @@ import re
 import sys
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = ["main", "load_factory"]
@@ -125,11 +124,10 @@ def _load(args: argparse.Namespace, dry_run: bool) -> tuple[Any, Any]:
 
 def _cmd_load(args: argparse.Namespace) -> int:
     import weightport
+    from weightport.export import save_path
 
-    if args.out and Path(args.out).suffix not in (".npz", ".safetensors"):  # before a load that may be long
-        raise UsageError(
-            f"--out '{args.out}': cannot save to '{Path(args.out).suffix}'. Fix: use a .npz or .safetensors path."
-        )
+    if args.out:
+        save_path(args.out)  # refused before a load that may be long, not after it
     model, report = _load(args, args.dry_run)
     print(report)
     if args.out and args.dry_run:

@@ -26,7 +26,15 @@ from torch import nn
 from weightport.dtypes import BFLOAT16, ML_FLOATS, holds_all, tensor_as_numpy
 from weightport.errors import SourceError
 
-__all__ = ["to_numpy", "save", "write_npz", "write_safetensors", "SAFETENSORS_DTYPES", "SAFETENSORS_REFUSED"]
+__all__ = [
+    "to_numpy",
+    "save",
+    "save_path",
+    "write_npz",
+    "write_safetensors",
+    "SAFETENSORS_DTYPES",
+    "SAFETENSORS_REFUSED",
+]
 
 # The format's dtype codes (safetensors' Rust ``Dtype``; safetensors 0.8 has 22) that torch has a dtype for.
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
@@ -147,15 +155,28 @@ def write_safetensors(
     return target
 
 
+def save_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path :func:`save` can write (``.npz`` or ``.safetensors``), else a SourceError;
+    callers check it before long work whose result it is to hold."""
+    target = Path(path)
+    if target.suffix not in _WRITERS:
+        raise SourceError(
+            f"'{target}': cannot save to '{target.suffix}'. Fix: use a .npz or .safetensors path."
+        )
+    return target
+
+
 def save(module: nn.Module | Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
     """Save a module's tensors (or a dict of arrays) to ``.npz`` or ``.safetensors`` by suffix.
 
     Loading the file back with :func:`weightport.load` restores the module exactly.
     """
+    target = save_path(path)  # before copying the module's tensors out
     arrays = to_numpy(module) if isinstance(module, nn.Module) else dict(module)
-    target = Path(path)
-    if target.suffix == ".npz":
-        return write_npz(arrays, target)
-    if target.suffix == ".safetensors":
-        return write_safetensors(arrays, target)
-    raise SourceError(f"'{target}': cannot save to '{target.suffix}'. Fix: use a .npz or .safetensors path.")
+    return _WRITERS[target.suffix](arrays, target)
+
+
+_WRITERS: dict[str, Callable[[Mapping[str, np.ndarray], Path], Path]] = {
+    ".npz": write_npz,
+    ".safetensors": write_safetensors,
+}
