@@ -706,8 +706,7 @@ def _notes(found: _Resolved, part: _Part, slot: Slot) -> list[str]:
         padding = str(cfg.get("padding", "valid")).lower()
         if padding == "causal":
             notes.append(
-                f"Keras pads causally: left-pad the input by {(m.kernel_size[0] - 1) * m.dilation[0]} steps "
-                "(dilation * (kernel - 1))"
+                f"Keras pads causally: left-pad the input by {_causal_pad(m)} steps (dilation * (kernel - 1))"
             )
         elif padding == "same" and any(s != 1 for s in m.stride):
             notes.append(f"Keras pads as TensorFlow's padding='same' with stride {m.stride}: {_TF_SAME}")
@@ -717,6 +716,11 @@ def _notes(found: _Resolved, part: _Part, slot: Slot) -> list[str]:
             "with nn.utils.rnn.pack_padded_sequence"
         )
     return notes
+
+
+def _causal_pad(conv: Any) -> int:
+    """How many steps Keras's ``padding='causal'`` puts before the input of a Conv1D."""
+    return int((conv.kernel_size[0] - 1) * conv.dilation[0])
 
 
 _TF_SAME = (
@@ -846,7 +850,7 @@ def _check_conv(cfg: Mapping[str, Any], m: Any, mismatch: Any) -> None:
             if unit_stride
             else f"build the module with padding=0 (PyTorch's padding='same' needs stride 1) and {_TF_SAME}",
             "causal": "build the module with padding=0 (PyTorch has no causal padding) and left-pad the input "
-            f"by dilation * (kernel - 1) = {(kernel[0] - 1) * dilation[0]} steps",
+            f"by dilation * (kernel - 1) = {_causal_pad(m)} steps",
         }.get(padding, "pad the input yourself")
         mismatch(f"padding equivalent to Keras padding='{padding}'", f"padding={m.padding}", fix)
     elif not unpadded and m.padding_mode != "zeros":
