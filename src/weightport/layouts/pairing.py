@@ -177,7 +177,9 @@ def pair_layers(
     for slot in slots:
         by_path.setdefault(slot.path, []).append(slot)
     for layer in layers:  # a name that is a module's path outranks order (a model may declare in any order)
-        for path in (layer.name.replace("/", "."), *layer.paths) if layer.name not in result else ():
+        if layer.name in result:
+            continue
+        for path in (layer.name.replace("/", "."), *layer.paths):
             found = by_path.get(path, [])
             if len(found) == 1 and found[0].kind == layer.kind and found[0].label not in taken:
                 taken[found[0].label] = result[layer.name] = Paired(layer, found[0], "by name")
