@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,50 @@ def test_inspect_a_folder_of_one_shard(tmp_path) -> None:  # type: ignore[no-unt
     result = run("inspect", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"1 shard in folder '{tmp_path.name}': 1 tensor, 8 bytes")
+
+
+ONNX_FACTORY = textwrap.dedent(
+    """
+    import torch
+    def relu():
+        return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    def tanh():  # a port with the wrong activation: the weights load, the outputs differ
+        return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    """
+)
+
+
+def test_verify_an_onnx_source_without_outputs_runs_it_with_onnxruntime(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "ports.py").write_text(ONNX_FACTORY)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.bias.uniform_(-1, 1)
+    x = torch.randn(5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notices
+        torch.onnx.export(model.eval(), (x,), str(tmp_path / "m.onnx"), dynamo=False)
+    np.savez(tmp_path / "io.npz", input_0=x.numpy())
+
+    ok = run("verify", "ports:relu", "m.onnx", "io.npz", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[0] == (
+        "verify against 'm.onnx' run by onnxruntime: OK (rtol=1e-05, atol=1e-06); 'io.npz' has no "
+        "output_N, so the expected outputs are onnxruntime's"
+    )
+    bad = run("verify", "ports:tanh", "m.onnx", "io.npz", cwd=tmp_path)
+    assert bad.returncode == 1 and "run by onnxruntime: FAILED" in bad.stdout, bad.stderr
+    assert "FAIL output" in bad.stdout
+
+    y = model(x).detach().numpy()  # given outputs still win over the file's
+    np.savez(tmp_path / "io.npz", input_0=x.numpy(), output_0=y)
+    given = run("verify", "ports:relu", "m.onnx", "io.npz", cwd=tmp_path)
+    assert given.returncode == 0 and given.stdout.startswith("verify against expected outputs: OK")
+
+    np.savez(tmp_path / "io.npz", input_0=x.numpy(), input_1=x.numpy())
+    two = run("verify", "ports:relu", "m.onnx", "io.npz", cwd=tmp_path)
+    assert two.returncode == 2 and "Traceback" not in two.stderr
+    assert two.stderr.startswith("weightport: error: 'm.onnx' takes 1 input (")
+    assert "but 2 arrays were given" in two.stderr

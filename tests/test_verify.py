@@ -1,6 +1,11 @@
-"""weightport.verify: truthy within tolerance, errors per output, raise_if_failed."""
+"""weightport.verify: truthy within tolerance, errors per output, raise_if_failed, against= an ONNX file."""
 
 from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -8,7 +13,7 @@ import torch
 from torch import nn
 
 import weightport
-from weightport import VerifyError
+from weightport import MissingDependencyError, SourceError, VerifyError
 
 
 def test_verify_against_reference_and_expected() -> None:
@@ -54,3 +59,119 @@ def test_wrapped_modules_against_the_reference(wrap: str) -> None:
     report = weightport.verify(wrapped, x)
     assert report and [o.name for o in report.outputs] == ["output", "h_n", "c_n"]
     assert "the NumPy reference" in str(report)
+
+
+def export_onnx(
+    model: nn.Module, args: tuple[torch.Tensor | tuple[torch.Tensor, ...], ...], path: Path
+) -> Path:
+    """``torch.onnx.export`` with the legacy exporter, its notices silenced (export noise, not results)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", "Exporting a model to ONNX with a batch_size", UserWarning)
+        torch.onnx.export(model.eval(), args, str(path), opset_version=17, dynamo=False)
+    return path
+
+
+def random_biases(model: nn.Module) -> nn.Module:
+    """Non-zero biases, so a bias the exported graph dropped or moved shows up in the outputs."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "bias" in name:
+                param.uniform_(-1, 1)
+    return model
+
+
+class Head(nn.Module):
+    """An LSTM's output sequence alone: one ONNX output where the LSTM itself has three."""
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(x)[0]
+
+
+def onnx_cases() -> list[tuple[str, nn.Module, tuple[Any, ...]]]:
+    torch.manual_seed(0)
+    x2 = torch.randn(4, 3)
+    seq = torch.randn(2, 5, 3)
+    state = (torch.randn(1, 2, 4), torch.randn(1, 2, 4))
+    image = torch.randn(2, 2, 6, 6)
+    mlp = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+    return [
+        ("mlp", random_biases(mlp), (x2,)),
+        ("lstm", random_biases(nn.LSTM(3, 4, batch_first=True)), (seq, state)),
+        ("conv", random_biases(conv), (image,)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3), ids=["mlp", "lstm", "conv"])
+def test_verify_against_onnx_passes_and_fails_on_a_changed_weight(tmp_path: Path, case: int) -> None:
+    pytest.importorskip("onnxruntime")
+    name, model, args = onnx_cases()[case]
+    path = export_onnx(model, args, tmp_path / f"{name}.onnx")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = tuple(tuple(a.numpy() for a in x) if isinstance(x, tuple) else x.numpy() for x in args)
+    report = weightport.verify(model, inputs, against=path).raise_if_failed()
+    assert str(report).startswith(f"verify against '{name}.onnx' run by onnxruntime: OK")
+    count = 3 if name == "lstm" else 1
+    assert len(report.outputs) == count and all(o.max_abs < 1e-5 for o in report.outputs)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+    with torch.no_grad():
+        next(model.parameters())[0].add_(0.5)  # a first-layer weight: it reaches every output
+    failed = weightport.verify(model, inputs, against=str(path))
+    assert not failed and not failed.outputs[0].ok
+    with pytest.raises(VerifyError, match=rf"verify against '{name}.onnx' run by onnxruntime: FAILED"):
+        failed.raise_if_failed()
+
+
+def test_verify_against_onnx_casts_to_the_graph_input_type(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    mlp = random_biases(nn.Sequential(nn.Linear(3, 4), nn.Tanh()))
+    path = export_onnx(mlp, (torch.randn(2, 3),), tmp_path / "mlp.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 3))  # float64, into a float32 module and graph
+    assert weightport.verify(mlp, x, against=path)
+
+
+def test_verify_against_onnx_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    lstm = random_biases(nn.LSTM(3, 4, batch_first=True))
+    x = torch.randn(2, 5, 3)
+    path = export_onnx(lstm, (x,), tmp_path / "lstm.onnx")
+    xs = x.numpy()
+
+    with pytest.raises(SourceError, match=r"both expected= and against=; pass one of them"):
+        weightport.verify(lstm, xs, lstm(x)[0].detach().numpy(), against=path)
+    with pytest.raises(SourceError, match=r"'lstm\.h5': against= runs \.onnx files only"):
+        weightport.verify(lstm, xs, against=tmp_path / "lstm.h5")
+    with pytest.raises(SourceError, match=r"'lstm\.onnx' takes 1 input \(input\) but 2 arrays were given"):
+        weightport.verify(lstm, (xs, np.zeros((1, 2, 4), np.float32)), against=path)
+
+    head = export_onnx(Head(lstm), (x,), tmp_path / "head.onnx")
+    with pytest.raises(
+        VerifyError, match=r"returned 3 outputs \(flattened in order\) but 'head\.onnx' has 1 output \("
+    ):
+        weightport.verify(lstm, xs, against=head)
+
+    (tmp_path / "broken.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(SourceError, match=r"'broken\.onnx': onnxruntime cannot open it") as opened:
+        weightport.verify(lstm, xs, against=tmp_path / "broken.onnx")
+    assert "INVALID_PROTOBUF" in str(opened.value.__cause__)
+
+    with pytest.raises(
+        SourceError, match=r"onnxruntime could not run 'lstm\.onnx' on input float32 \[2, 6, 3\]"
+    ):
+        weightport.verify(lstm, np.zeros((2, 6, 3), np.float32), against=path)
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(
+        MissingDependencyError, match=r"'lstm\.onnx' needs onnxruntime: pip install onnxruntime"
+    ):
+        weightport.verify(lstm, xs, against=path)

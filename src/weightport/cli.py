@@ -1,6 +1,8 @@
 """The ``weightport`` command line: a thin layer over the public API.
 
-Verbs: ``demo``, ``inspect FILE``, ``load FACTORY SOURCE``, ``verify FACTORY SOURCE IO.npz``.
+Verbs: ``demo``, ``inspect FILE``, ``load FACTORY SOURCE``, ``verify FACTORY SOURCE IO.npz``
+(without ``output_N`` in IO.npz, compared with an ``.onnx`` SOURCE run by onnxruntime, or else
+with the NumPy reference).
 Exit codes: 0 ok, 1 verification failed, 2 usage or input error (one line on
 stderr; ``--debug`` shows the traceback).
 """
@@ -184,9 +186,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             f"{where} has no arrays named input_N. Fix: save the inputs as input_0, input_1, ... and "
             "the expected outputs as output_0, output_1, ..."
         )
+    # an ONNX file can be run: with no output_N its own outputs are the expected ones
+    against = args.source if not expected and args.source.lower().endswith(".onnx") else None
     try:
         check = weightport.verify(
-            model, tuple(inputs), tuple(expected) if expected else None, rtol=args.rtol, atol=args.atol
+            model,
+            tuple(inputs),
+            tuple(expected) if expected else None,
+            against=against,
+            rtol=args.rtol,
+            atol=args.atol,
         )
     except WeightportError:
         raise
@@ -198,7 +207,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         ) from e
     lines = str(check).splitlines()
     if not expected:
-        lines[0] += f"; {where} has no output_N, so the expected outputs are weightport.reference.forward's"
+        reference = "onnxruntime's" if against else "weightport.reference.forward's"
+        lines[0] += f"; {where} has no output_N, so the expected outputs are {reference}"
     lines[0] = _paint(lines[0], "green" if check else "red", sys.stdout)
     print("\n".join(lines))
     return 0 if check else 1
@@ -234,7 +244,10 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = verbs.add_parser("verify", help="load, run on IO.npz inputs, compare with its outputs")
     model_args(verify)
-    verify.add_argument("io", help=".npz with input_0.. and output_0..")
+    verify.add_argument(
+        "io",
+        help=".npz with input_0.. and output_0.. (without outputs: an .onnx SOURCE's, run by onnxruntime)",
+    )
     verify.add_argument("--rtol", type=float, default=1e-5)
     verify.add_argument("--atol", type=float, default=1e-6)
     verify.set_defaults(run=_cmd_verify)

@@ -1,4 +1,4 @@
-"""Run a module and compare its outputs with expected ones, or with the NumPy reference.
+"""Run a module and compare its outputs with expected ones, an ONNX file's, or the NumPy reference.
 
 >>> import numpy as np, torch, weightport
 >>> rnn = torch.nn.GRU(3, 4, batch_first=True)
@@ -9,14 +9,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from weightport.errors import VerifyError
+from weightport.errors import MissingDependencyError, SourceError, VerifyError
 from weightport.export import tensor_to_numpy
 from weightport.loading import unwrap
 
@@ -104,24 +106,66 @@ def verify(
     inputs: Any,
     expected: Any = None,
     *,
+    against: str | os.PathLike[str] | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-6,
 ) -> VerifyReport:
-    """Run ``module(*inputs)`` in eval mode and compare with ``expected``.
+    """Run ``module(*inputs)`` in eval mode and compare with ``expected``, or with an ONNX file.
+
+    The module is run under ``torch.no_grad()`` and its training mode is restored afterwards.
 
     Args:
-        module: the module to run (its training mode is restored afterwards); under
-            ``torch.compile`` or ``nn.DataParallel`` the wrapper is run, and the
-            reference reads the wrapped module's weights.
+        module: the module to run; under ``torch.compile`` or ``nn.DataParallel`` the wrapper
+            is run, and the reference reads the wrapped module's weights.
         inputs: an array, or a tuple of arguments (arrays, or nested tuples like ``(h0, c0)``).
-        expected: outputs in the module's own nesting; None compares an RNN-family
-            module with :func:`weightport.reference.forward`.
+        expected: outputs in the module's own nesting; None (and no ``against``) compares an
+            RNN-family module with :func:`weightport.reference.forward`.
+        against: an ``.onnx`` file, run with onnxruntime on the same inputs (flattened in order,
+            as the graph's inputs); each of the module's outputs, flattened depth-first
+            (``out, (h, c)`` is three), is compared with the graph's output in the same place.
         rtol, atol: an element passes when ``|a - e| <= atol + rtol * |e|``.
+
+    Returns:
+        A :class:`VerifyReport`: truthy when every output is within tolerance;
+        ``raise_if_failed()`` raises :class:`VerifyError` otherwise.
+
+    Raises:
+        SourceError: both ``expected`` and ``against`` given; ``against`` not an ``.onnx``
+            file, or one onnxruntime cannot open or run; inputs that are not the graph's.
+        MissingDependencyError: ``against`` given and onnxruntime is not installed.
+        VerifyError: the module returned a different number of outputs than expected.
+
+    Example:
+        >>> import os, tempfile, warnings, pytest, weightport
+        >>> _ = pytest.importorskip("onnxruntime")  # the doctest is skipped without it
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh())
+        >>> path = os.path.join(tempfile.mkdtemp(), "net.onnx")
+        >>> x = np.ones((1, 3), np.float32)
+        >>> with warnings.catch_warnings():  # the legacy exporter's deprecation notices
+        ...     warnings.simplefilter("ignore", DeprecationWarning)
+        ...     torch.onnx.export(net, (torch.from_numpy(x),), path, dynamo=False)
+        >>> report = weightport.verify(net, x, against=path)
+        >>> bool(report), report.against
+        (True, "'net.onnx' run by onnxruntime")
+        >>> with torch.no_grad():
+        ...     net[0].bias += 0.1
+        >>> bool(weightport.verify(net, x, against=path))
+        False
     """
+    if against is not None and expected is not None:
+        raise SourceError(
+            "verify got both expected= and against=; pass one of them: expected= for outputs you "
+            "computed, against= for an .onnx file to run."
+        )
     first = next(iter(module.parameters()), None)
     dtype = first.dtype if first is not None else torch.float32
     device = first.device if first is not None else torch.device("cpu")
     args = _as_inputs(inputs, dtype, device)
+    source, graph_outputs = "expected outputs", None
+    if against is not None:  # before the forward: a bad file or input count fails fast
+        onnx_file = f"'{Path(against).name}'"
+        expected, graph_outputs = _run_onnx(Path(against), args)
+        source = f"{onnx_file} run by onnxruntime"
     was_training = module.training
     module.eval()
     try:
@@ -129,15 +173,20 @@ def verify(
             actual = flatten_outputs(module(*args))
     finally:
         module.train(was_training)
-    against = "expected outputs"
     if expected is None:
         from weightport.reference import forward
 
         expected = forward(module, *args)
-        against = "the NumPy reference"
+        source = "the NumPy reference"
     wanted = flatten_outputs(expected)
     names = _names(unwrap(module), len(actual))
-    report = VerifyReport(rtol=rtol, atol=atol, against=against)
+    report = VerifyReport(rtol=rtol, atol=atol, against=source)
+    if len(wanted) != len(actual) and graph_outputs is not None:
+        raise VerifyError(
+            f"the module returned {_count(len(actual), 'output')} (flattened in order) but "
+            f"{onnx_file} has {_count(len(wanted), 'output')} ({', '.join(graph_outputs)}). Fix: "
+            "compare with the ONNX file exported from this module, or pass the outputs as expected=."
+        )
     if len(wanted) != len(actual):
         raise VerifyError(
             f"the module returned {len(actual)} outputs but {len(wanted)} were expected. "
@@ -146,6 +195,73 @@ def verify(
     for name, a, e in zip(names, actual, wanted):
         report.outputs.append(_compare(name, a, e, rtol, atol))
     return report
+
+
+_ONNX_FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+
+
+def _flat_tensors(args: Any) -> list[torch.Tensor]:
+    """The tensors of nested argument tuples, depth-first; None arguments are not graph inputs."""
+    if isinstance(args, (tuple, list)):
+        return [t for item in args for t in _flat_tensors(item)]
+    return [] if args is None else [args]
+
+
+def _run_onnx(path: Path, args: tuple[Any, ...]) -> tuple[list[np.ndarray], list[str]]:
+    """The outputs of the ONNX graph in ``path`` on ``args``, and the graph's output names."""
+    where = f"'{path.name}'"
+    if path.suffix.lower() != ".onnx":
+        raise SourceError(
+            f"cannot verify against {where}: against= runs .onnx files only (with onnxruntime). "
+            "Fix: pass an .onnx file, or the other framework's outputs as expected=."
+        )
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"Verifying against {where} needs onnxruntime: pip install onnxruntime"
+        ) from e
+    try:
+        session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's errors derive from Exception alone
+        raise SourceError(
+            f"{where}: onnxruntime cannot open it ({_first_line(e)}). Fix: check the path, and that "
+            "the file is a complete ONNX model."
+        ) from e
+    graph_inputs = session.get_inputs()
+    spec = ", ".join(f"{i.name} {i.type} {i.shape}" for i in graph_inputs)
+    tensors = _flat_tensors(args)
+    if len(tensors) != len(graph_inputs):
+        raise SourceError(
+            f"{where} takes {_count(len(graph_inputs), 'input')} "
+            f"({', '.join(i.name for i in graph_inputs)}) but {_count(len(tensors), 'array')} "
+            f"{'was' if len(tensors) == 1 else 'were'} given. Fix: pass the graph's inputs in its order "
+            f"({spec}); nested tuples such as (x, (h0, c0)) give one input per array."
+        )
+    feeds = {}
+    for info, tensor in zip(graph_inputs, tensors):
+        array = tensor_to_numpy(tensor)
+        wanted = _ONNX_FLOATS.get(info.type)
+        # a float64 module against a float32 graph: the graph's own type, as its exporter fed it
+        feeds[info.name] = array.astype(wanted) if wanted and tensor.is_floating_point() else array
+    try:
+        outputs = session.run(None, feeds)
+    except Exception as e:
+        given = ", ".join(f"{n} {a.dtype} {list(a.shape)}" for n, a in feeds.items())
+        raise SourceError(
+            f"onnxruntime could not run {where} on {given} ({_first_line(e)}). Fix: pass inputs of "
+            f"the shapes and types its graph takes: {spec}."
+        ) from e
+    return [np.asarray(o) for o in outputs], [o.name for o in session.get_outputs()]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _compare(name: str, actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float) -> OutputCheck:
