@@ -55,15 +55,15 @@ Run = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 ACCEPTED: dict[str, tuple[Callable[[], Any], tuple[int, ...], Callable[[], nn.Module], Run, str]] = {
     "go_backwards": (lambda: keras.layers.LSTM(4, go_backwards=True, return_sequences=True), (T, 3), lambda: nn.LSTM(3, 4, batch_first=True), lambda m, x: m(x.flip(1))[0], "flip the input in time"),
     "go_backwards_last_state": (lambda: keras.layers.GRU(4, go_backwards=True), (T, 3), lambda: nn.GRU(3, 4, batch_first=True), lambda m, x: m(x.flip(1))[1][0], "go_backwards=True"),
-    "unroll_dropout": (lambda: keras.layers.GRU(4, unroll=True, dropout=0.3, recurrent_dropout=0.2), (T, 3), lambda: nn.GRU(3, 4, batch_first=True), lambda m, x: m(x)[1][0], "by order and kind"),
-    "lstm_no_unit_forget_bias": (lambda: keras.layers.LSTM(4, unit_forget_bias=False), (T, 3), lambda: nn.LSTM(3, 4, batch_first=True), lambda m, x: m(x)[1][0][0], "by order and kind"),
+    "unroll_dropout": (lambda: keras.layers.GRU(4, unroll=True, dropout=0.3, recurrent_dropout=0.2), (T, 3), lambda: nn.GRU(3, 4, batch_first=True), lambda m, x: m(x)[1][0], "by a unique kind and shape"),
+    "lstm_no_unit_forget_bias": (lambda: keras.layers.LSTM(4, unit_forget_bias=False), (T, 3), lambda: nn.LSTM(3, 4, batch_first=True), lambda m, x: m(x)[1][0][0], "by a unique kind and shape"),
     "conv_causal": (lambda: keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2), (T, 3), lambda: nn.Conv1d(3, 4, 3, dilation=2), lambda m, x: channels_first(m, x, (4, 0)), "left-pad the input by 4 steps"),
     "conv_same_stride_2": (lambda: keras.layers.Conv1D(4, 3, padding="same", strides=2), (T, 3), lambda: nn.Conv1d(3, 4, 3, stride=2), lambda m, x: channels_first(m, x, (0, 1)), "TensorFlow's padding='same' with stride (2,)"),
     "conv_same_stride_2_odd": (lambda: keras.layers.Conv1D(4, 3, padding="same", strides=2), (T + 1, 3), lambda: nn.Conv1d(3, 4, 3, stride=2), lambda m, x: channels_first(m, x, (1, 1)), "half of it (rounded down) before"),
-    "conv_groups_dilation": (lambda: keras.layers.Conv1D(4, 2, groups=2, dilation_rate=2, padding="same"), (T, 4), lambda: nn.Conv1d(4, 4, 2, groups=2, dilation=2, padding="same"), channels_first, "by order and kind"),
+    "conv_groups_dilation": (lambda: keras.layers.Conv1D(4, 2, groups=2, dilation_rate=2, padding="same"), (T, 4), lambda: nn.Conv1d(4, 4, 2, groups=2, dilation=2, padding="same"), channels_first, "by a unique kind and shape"),
     "conv_activation": (lambda: keras.layers.Conv1D(4, 2, activation="relu"), (T, 3), lambda: nn.Conv1d(3, 4, 2), lambda m, x: torch.relu(channels_first(m, x)), "activation='relu' after it"),
     "dense_activation": (lambda: keras.layers.Dense(4, activation="sigmoid"), (3,), lambda: nn.Linear(3, 4), lambda m, x: torch.sigmoid(m(x)), "activation='sigmoid' after it: apply it in forward"),
-    "batch_norm_axis_1": (lambda: keras.layers.BatchNormalization(axis=1, center=False), (3, 4, 5), lambda: nn.BatchNorm2d(3, eps=1e-3), lambda m, x: m(x), "by order and kind"),
+    "batch_norm_axis_1": (lambda: keras.layers.BatchNormalization(axis=1, center=False), (3, 4, 5), lambda: nn.BatchNorm2d(3, eps=1e-3), lambda m, x: m(x), "by a unique kind and shape"),
 }  # fmt: skip
 
 

@@ -174,8 +174,8 @@ def test_torch_export_loads_into_a_fresh_model(
     report = weightport.load(fresh, tmp_path / "m.onnx")
     assert max_err(fresh(x), expected) < TOL
     pairs = [(p.module_path, p.how) for p in report.pairings]
-    assert pairs == [(f"rnn[{i}]", "by order and kind") for i in range(layers)] + [
-        ("head", "by order and kind")
+    assert pairs == [(f"rnn[{i}]", "by a unique kind and shape") for i in range(layers)] + [
+        ("head", "by a unique kind and shape")
     ]
 
 

@@ -42,7 +42,7 @@ def test_names_outrank_order_and_order_fills_the_rest() -> None:
     pairs = pair_layers(model, layers, None, framework="Test")
     assert [(p.source.name, p.slot.label, p.how) for p in pairs] == [
         ("a", "a", "by name"),
-        ("x", "c", "by order and kind"),
+        ("x", "c", "by a unique kind and shape"),
         ("b", "b", "by name"),
     ]
 

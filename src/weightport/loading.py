@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from weightport.apply import apply_plan
+from weightport.call_order import ExampleInputs, call_order
 from weightport.distributed import ShardedWrite, has_dtensors
 from weightport.distributed import prepare as prepare_sharded
 from weightport.dtypes import describe_dtype
 from weightport.errors import LoadError, Problem, SourceError, UncheckedConfigWarning
+from weightport.folded import folded_batchnorms
 from weightport.layouts import detect_layout, get_layout
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.pairing import module_slots
@@ -82,17 +84,28 @@ def plan_load(
     mapping: Mapping[str, str] | None = None,
     check_values_: bool = True,
     after_fill: bool = False,
+    example_inputs: ExampleInputs | None = None,
 ) -> Plan:
     """Everything :func:`load` checks, without writing: the checked plan, problems included.
 
     ``after_fill=True`` leaves the NaN/Inf scan of meta tensors to the writing pass, which
     checks their new storage as it fills it (one read of the file instead of two).
     """
-    scope, prefix_ = _scope(unwrap(module), prefix)
+    root = unwrap(module)
+    scope, prefix_ = _scope(root, prefix)
+    order = None if example_inputs is None else call_order(root, example_inputs)
     layout_module = get_layout(layout or detect_layout(source))
-    layout_plan = layout_module.plan(scope, source, mapping)
+    layout_plan = layout_module.plan(scope, source, mapping, call_order=_within(order, prefix_))
+    if layout_plan.scope:  # every layer pairs by name inside one submodule (a wrapped model): load into it
+        scope, prefix_ = _scope(root, prefix_ + layout_plan.scope)
+        inside = prefix_.rstrip(".")
+        layout_plan = layout_module.plan(scope, source, mapping, call_order=_within(order, prefix_))
+        layout_plan.scope = inside
     plan = build_plan(scope, source, layout_plan, strict=strict, prefix=prefix_)
     plan.ignored.extend(source.ignored)
+    folded = folded_batchnorms(scope, source, plan)
+    if folded is not None:  # the fused weights alone would load, leaving each BatchNorm as it was
+        plan.problems.append(folded)
     if not isinstance(allow_nonfinite, bool):
         plan.problems += _unknown_allowed(plan, allow_nonfinite)
     if not plan.entries:
@@ -106,6 +119,13 @@ def plan_load(
                 "readable, and that the source was not closed (a with-block that ended, or close())."
             ) from e
     return plan
+
+
+def _within(order: dict[str, int] | None, prefix: str) -> dict[str, int] | None:
+    """A call order of the whole model, with paths relative to the submodule at ``prefix``."""
+    if order is None or not prefix:
+        return order
+    return {path[len(prefix) :]: n for path, n in order.items() if path.startswith(prefix)}
 
 
 def _unknown_allowed(plan: Plan, allowed: Collection[str]) -> list[Problem]:
@@ -209,6 +229,7 @@ def load(
     check_values: bool = True,
     rollback: bool = True,
     progress: bool | None = None,
+    example_inputs: ExampleInputs | None = None,
 ) -> LoadReport:
     """Load arrays into ``module``'s parameters and buffers, in place, all or nothing.
 
@@ -230,6 +251,11 @@ def load(
         rollback: keep a copy of each tensor overwritten from a lazily read file so a
             read error mid-way puts everything back (costs memory up to the model's size).
         progress: show a progress bar (None: only for big loads on a terminal).
+        example_inputs: inputs for one forward pass of ``module`` (a tensor, a tuple of
+            positional inputs, or a dict of keyword inputs), run on meta tensors to learn
+            the order the model calls its submodules in; pairing matches it with the
+            order a framework file records where layers of one kind and shape could
+            otherwise be swapped. The module is not changed by it.
 
     Returns:
         A :class:`LoadReport`; printing it shows the plan as a table.
@@ -264,6 +290,7 @@ def load(
                 layout=layout,
                 mapping=mapping,
                 check_values_=False,
+                example_inputs=example_inputs,
             ),
             close_on_error=owned,
             target=_describe(module),
@@ -286,6 +313,7 @@ def load(
                 mapping=mapping,
                 check_values_=check_values,
                 after_fill=not dry_run,
+                example_inputs=example_inputs,
             )
         if plan.problems:
             raise LoadError(plan.problems, target=_describe(module))
@@ -354,6 +382,7 @@ def _report(plan: Plan, source: Source, module: nn.Module, dry_run: bool) -> Loa
         unchecked=list(plan.layout.unchecked),
         nbytes=sum(math.prod(shape) * dtype.itemsize for _, shape, dtype, *_ in facts),
         dry_run=dry_run,
+        scope=plan.layout.scope,
     )
 
 

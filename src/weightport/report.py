@@ -45,6 +45,8 @@ class LoadReport:
         ignored: source names not used (``strict=False``), stray files.
         missing: module tensors left as they were (``strict=False``).
         pairings: how source layers were paired with modules (framework layouts).
+        scope: the submodule loaded into when weightport found it by name (every source
+            layer pairs by name inside it: a wrapped model), as ``prefix=`` would.
         unchecked: settings the source did not carry, so they were not checked.
         dry_run: True when nothing was written.
     """
@@ -59,6 +61,7 @@ class LoadReport:
     unchecked: list[str] = field(default_factory=list)
     nbytes: int = 0
     dry_run: bool = False
+    scope: str = ""
 
     @cached_property
     def rows(self) -> list[ReportRow]:
@@ -82,6 +85,11 @@ class LoadReport:
             f"{verb} {count} tensor{'s' if count != 1 else ''} ({self.nbytes:,} bytes) into {self.module} "
             f"from {self.source} (layout {self.layout})."
         ]
+        if self.scope:
+            lines.append(
+                f"Loaded into '{self.scope}': every source layer pairs by name inside it "
+                f"(as prefix='{self.scope}.' would)."
+            )
         if self.pairings:
             lines.append("Pairing:")
             lines += format_table(

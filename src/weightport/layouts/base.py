@@ -4,7 +4,8 @@ A layout module (one file per framework under ``weightport.layouts``) exposes:
 
 - ``NAME``: its registry name (``"torch"``, ``"keras"``, ...);
 - ``claims(source) -> bool``: whether a source looks like its framework's;
-- ``plan(module, source, mapping) -> LayoutPlan``: the rules for this module;
+- ``plan(module, source, mapping, *, call_order=None) -> LayoutPlan``: the rules for this
+  module (``call_order``: module path -> position of its first call, from ``example_inputs=``);
 - ``export(module, ...) -> dict[str, np.ndarray]``: the reverse direction.
 
 Rules are data: which source keys feed which target, through which
@@ -63,6 +64,7 @@ class LayoutPlan:
     pairings: list[Pairing] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
+    # a submodule inside which every source layer pairs by name (a wrapped model): the load goes into it
     scope: str = ""
     # module path -> why the source has nothing for that module and what to do (for its missing tensors)
     missing_hints: dict[str, str] = field(default_factory=dict)

@@ -74,9 +74,19 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from weightport.errors import LayoutError, UnsupportedConfigError
+from weightport.errors import LayoutError, UnsupportedConfigError, WeightportError
 from weightport.layouts.base import LayoutPlan, Rule
-from weightport.layouts.pairing import Paired, Slot, SourceLayer, as_pairings, module_slots, pair_layers
+from weightport.layouts.pairing import (
+    Paired,
+    Slot,
+    SourceLayer,
+    as_pairings,
+    module_slots,
+    pair_layers,
+    rules_fit,
+    target_shapes,
+    wrapped_scope,
+)
 from weightport.sources.base import Source
 from weightport.transforms import (
     Chain,
@@ -314,6 +324,41 @@ def _model_tree(root: Tree) -> Tree:
 
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
+_AUTO_NAMED = re.compile(r"^([A-Z]\w*?)_(\d+)$")  # Flax names a compact submodule {Class}_{n}, n per class
+
+
+def _recorded_order(path: str) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+    """Flax's creation order, where its own numbering records it: ``Block_1/Dense_0`` comes after
+    ``Block_0/Dense_3`` (group ``Block_#/Dense_#``, position (1, 0)); a name given by the model's
+    author (``query``, ``layer/0``) records none.
+
+    >>> _recorded_order("Block_1/Dense_10"), _recorded_order("attention/query")
+    ((('Block_#', 'Dense_#'), (1, 10)), None)
+    """
+    group, position = [], []
+    for part in path.split("/"):
+        auto = _AUTO_NAMED.match(part)
+        group.append(f"{auto[1]}_#" if auto else part)
+        if auto:
+            position.append(int(auto[2]))
+    return (tuple(group), tuple(position)) if position else None
+
+
+def _name_paths(path: str) -> tuple[str, ...]:
+    """Module paths a Flax path may name besides its ``/``-to-``.`` form: linen's ``nn.Sequential``
+    files its layers as ``layers_0``, ``layers_1`` where PyTorch's has ``layers.0``.
+
+    >>> _name_paths("rnn/layers_1/cell"), _name_paths("mlp/layers_0")
+    (('rnn[1]', 'rnn.layers.1'), ('mlp[0]', 'mlp.layers.0'))
+    """
+    stacked = _STACKED.match(path)
+    # one layer of a stack of RNNs, as export() files it: 'rnn/layers_1/cell' is 'rnn[1]'
+    layer = (f"{stacked[1].replace('/', '.')}[{stacked[2]}]",) if stacked else ()
+    listed = re.sub(r"_(\d+)(?=/|$)", r".\1", path.removesuffix("/cell")).replace("/", ".")
+    return (*layer, listed) if listed != path.replace("/", ".") else layer
+
+
+_STACKED = re.compile(r"^(.+)/layers_(\d+)(?:/cell)?$")
 
 
 def _ordered(keys: list[str]) -> list[str]:
@@ -591,7 +636,13 @@ def _settle_norm_kinds(layers: list[_Layer], module: nn.Module) -> None:
             layer.kind = layer.detail = "BatchNorm"
 
 
-def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = None) -> LayoutPlan:
+def plan(
+    module: nn.Module,
+    source: Source,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    call_order: Mapping[str, int] | None = None,
+) -> LayoutPlan:
     """Rules for ``module`` from the Flax layers found in ``source`` (see the module doc).
 
     Raises:
@@ -602,11 +653,38 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     layers: list[_Layer] = []
     _find_layers(_model_tree(_tree(names)), "", source, layers)
     _settle_norm_kinds(layers, module)
+    wanted = [
+        SourceLayer(
+            layer.name,
+            layer.kind,
+            layer.detail,
+            paths=_name_paths(layer.name),
+            order=_recorded_order(layer.name),
+        )
+        for layer in layers
+    ]
+    shapes = target_shapes(module)
+
+    def fits(i: int, slot: Slot) -> bool:
+        layer, pair = layers[i], Paired(wanted[i], slot, "")
+        try:
+            rules = (
+                _cell_rules(layer, pair, source)
+                if layer.cell is not None
+                else _plain_rules(layer, pair, source)
+            )
+        except WeightportError:
+            return False
+        return rules_fit(rules, source, shapes)
+
     paired = pair_layers(
         module,
-        [SourceLayer(layer.name, layer.kind, layer.detail) for layer in layers],
+        wanted,
         mapping,
         framework=FRAMEWORK,
+        fits=fits,
+        call_order=call_order,
+        where=source.description,
     )
     rules: list[Rule] = []
     for layer, pair in zip(layers, paired):
@@ -620,6 +698,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
         layout=NAME,
         rules=rules,
         pairings=as_pairings(paired),
+        scope=wrapped_scope(paired),
         unmatched=[n for n in names if n not in used and n not in training],
         not_weights=[f"{n} (training state)" for n in training],
         unchecked=_unchecked(list(zip(layers, paired))),

@@ -16,27 +16,23 @@ What maps, and how (each a rule over :mod:`weightport.transforms`):
   moving_variance -> weight/bias/running_mean/running_var (``num_batches_tracked``
   is set to 0: Keras counts no batches), ``LayerNormalization`` gamma/beta.
 
-Layers are paired with the module's by order within kind
-(:func:`~weightport.layouts.pairing.pair_layers`); ``mapping={keras layer: "module.path[layer]"}``
-pairs by hand, naming a Keras layer by its name or its group path. Where the source records no
-class (a subclassed model's weights), the kind follows from the variables' shapes (three with a
-square-ish recurrent kernel: recurrent, 4H/3H/H columns for LSTM/GRU/SimpleRNN; a 2-D kernel and
-a bias: Dense; 3-D/4-D kernels: Conv; four vectors: BatchNormalization); shapes that fit two
-kinds (a lone 2-D array: Dense without bias or Embedding) are settled by the kinds the module
-has, else refused with the candidates. Layers of other classes (attention, custom layers) are
-left unread (``unmatched``) unless ``mapping=`` pairs them.
+Layers pair with the module's only where the pairing is proven
+(:func:`~weightport.layouts.pairing.pair_layers`): by name, by a unique kind and shape, or by
+the order the source records matched with the model's call order. ``mapping={keras layer:
+"module.path[layer]"}`` pairs by hand, naming a Keras layer by its name or its group path.
+Where the source records no class (a subclassed model's weights), the kind follows from the
+variables' shapes (three with a square-ish recurrent kernel: recurrent, 4H/3H/H columns for
+LSTM/GRU/SimpleRNN; a 2-D kernel and a bias: Dense; 3-D/4-D kernels: Conv; four vectors:
+BatchNormalization); shapes that fit two kinds (a lone 2-D array: Dense without bias or
+Embedding) are settled by the kinds the module has, else refused with the candidates. Layers of
+other classes (attention, custom layers) are left unread (``unmatched``) unless ``mapping=``
+pairs them.
 
-Order. ``.keras`` files, legacy ``.h5`` files and live models record the model
-order. A bare Keras 3 ``.weights.h5`` does not: it files each layer under its
-class name numbered per class in model order (``dense``, ``dense_1``, ...,
-``dense_10``), and HDF5 lists groups alphabetically. The rule used: within one
-class (and container) the order is the key's number; the order across classes
-is needed only when two classes fill the same kind of module, which happens for
-plain and ``Bidirectional`` recurrent layers, and is then taken from which of the
-module's layers are bidirectional. Layers filed under attribute names (subclassed
-models) have no recorded order: when more than one of a kind is left unpaired,
-they pair by name where each one's path is exactly a module's path (``encoder``
--> ``encoder``), and otherwise the plan is refused with the candidates, never guessed.
+Order. ``.keras`` files, legacy ``.h5`` files and live models record the model order. A bare
+Keras 3 ``.weights.h5`` records less: it files each layer under its class name numbered per
+class in model order (``dense``, ``dense_1``, ..., ``dense_10``; HDF5 lists groups
+alphabetically), so positions compare only within one class and container. Layers filed under
+attribute names (subclassed models) record none: they pair by name or by a unique fit.
 
 Refused (:class:`~weightport.errors.UnsupportedConfigError`): GRU ``reset_after=False``,
 ``recurrent_activation`` other than sigmoid, LSTM/GRU ``activation`` other than
@@ -78,9 +74,17 @@ from typing import Any, cast
 import numpy as np
 from torch import nn
 
-from weightport.errors import LayoutError, LoadError, Problem, UnsupportedConfigError
+from weightport.errors import LayoutError, LoadError, Problem, UnsupportedConfigError, WeightportError
 from weightport.layouts.base import LayoutPlan, Pairing, Rule
-from weightport.layouts.pairing import Slot, SourceLayer, module_slots, pair_layers
+from weightport.layouts.pairing import (
+    Slot,
+    SourceLayer,
+    module_slots,
+    pair_layers,
+    rules_fit,
+    target_shapes,
+    wrapped_scope,
+)
 from weightport.sources.base import Source
 from weightport.sources.keras import snake_case
 from weightport.transforms import Chain, Identity, Op, ReorderBlocks, Select, Stack, Sum, Transpose, Zeros
@@ -432,7 +436,13 @@ def _guess(
 # ---- plan ---------------------------------------------------------------------------------------------
 
 
-def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = None) -> LayoutPlan:
+def plan(
+    module: nn.Module,
+    source: Source,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    call_order: Mapping[str, int] | None = None,
+) -> LayoutPlan:
     """Rules that put the Keras layers of ``source`` into ``module``'s layers.
 
     Args:
@@ -440,6 +450,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
         source: a Keras file or live model source (``metadata["layout"] == "keras"``),
             or arrays keyed as :func:`export` writes them.
         mapping: ``{keras layer name or group path: "module.path" or "module.path[layer]"}``.
+        call_order: module path -> position of its first call in a forward pass (``example_inputs=``).
     """
     where = source.description
     layers, leftover = _collect(source)
@@ -458,12 +469,35 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
             unmatched += layer.tensors
         else:
             resolved.append(found)
-    resolved, by_name = _order(resolved, slots, mapping, where)
+    shapes = target_shapes(module)
+
+    def fits(i: int, slot: Slot) -> bool:
+        found = resolved[i]
+        if (len(found.parts) == 2) != slot.bidirectional:
+            return False
+        try:
+            rules = [r for part in found.parts for r in _part_rules(found, part, slot, source)]
+        except WeightportError:
+            return False
+        return rules_fit(rules, source, shapes)
+
     pairs = pair_layers(
         module,
-        [SourceLayer(r.layer.name, r.kind, r.detail) for r in resolved],
-        {**mapping, **by_name},
+        [
+            SourceLayer(
+                r.layer.name,
+                r.kind,
+                r.detail,
+                paths=(r.layer.path.replace("/", "."),) if r.layer.path else (),
+                order=_recorded_order(r.layer),
+            )
+            for r in resolved
+        ],
+        mapping,
         framework="Keras",
+        fits=fits,
+        call_order=call_order,
+        where=where,
     )
     rules: list[Rule] = []
     pairings: list[Pairing] = []
@@ -473,7 +507,7 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     for found, paired in zip(resolved, pairs):
         slot = paired.slot
         _check_direction(found, slot, where)
-        how = "by name (the file records no order)" if found.layer.name in by_name else paired.how
+        how = paired.how
         for part in found.parts:
             rules += _part_rules(found, part, slot, source)
             if part.config is not None:
@@ -493,7 +527,14 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
         )
     used = {s for rule in rules for s in rule.sources}
     unmatched += [t for r in resolved for t in r.layer.tensors if t not in used]
-    return LayoutPlan(layout=NAME, rules=rules, pairings=pairings, unmatched=unmatched, unchecked=unchecked)
+    return LayoutPlan(
+        layout=NAME,
+        rules=rules,
+        pairings=pairings,
+        unmatched=unmatched,
+        unchecked=unchecked,
+        scope=wrapped_scope(pairs),
+    )
 
 
 def _translate(mapping: Mapping[str, str] | None, layers: list[_Layer]) -> dict[str, str]:
@@ -508,60 +549,13 @@ def _kind_of_target(target: str, slots: list[Slot]) -> str | None:
     return kinds.pop() if len(kinds) == 1 else None
 
 
-def _order(
-    resolved: list[_Resolved], slots: list[Slot], mapping: Mapping[str, str], where: str
-) -> tuple[list[_Resolved], dict[str, str]]:
-    """Layers per kind in one order pairing can trust; refuse where the source records none.
-
-    Where it records none (a subclassed model files its layers under attribute names), layers whose
-    paths are exactly the module's own (``encoder`` -> ``encoder``, ``enc/gru`` -> ``enc.gru``) pair by
-    name. Returns the layers, and those name pairs (layer name -> slot label) for the caller to pass
-    on as a mapping.
-    """
-    out: list[_Resolved] = [r for r in resolved if r.layer.name in mapping]
-    by_name: dict[str, str] = {}
-    mapped = set(mapping.values())
-    kinds = list(dict.fromkeys(r.kind for r in resolved))
-    for kind in kinds:
-        group = [r for r in resolved if r.kind == kind and r.layer.name not in mapping]
-        group.sort(key=lambda r: (r.layer.seq, r.layer.index))
-        free = [s for s in slots if s.kind == kind and s.label not in mapped and s.path not in mapped]
-        if len({r.layer.seq for r in group}) > 1 and len(free) == len(group):  # else pairing says why
-            two_way = [r for r in group if len(r.parts) == 2]
-            one_way = [r for r in group if len(r.parts) == 1]
-            if len({r.layer.seq for r in two_way}) > 1 or len({r.layer.seq for r in one_way}) > 1:
-                named = _same_paths(group, free)
-                if named is not None:  # a subclassed model's attributes, named as the module's own
-                    by_name.update(named)
-                    out += group
-                    continue
-                names = ", ".join(f"'{r.layer.name}'" for r in group)
-                raise LayoutError(
-                    f"{where} does not record the order of its {kind} layers {names}: a Keras 3 .weights.h5 "
-                    "numbers layers per class and container only. Fix: pass mapping={"
-                    f"'{group[0].layer.name}': 'module.path', ...}} to pair them, or load the .keras file "
-                    "(model.save('model.keras')), which records the order."
-                )
-            merged: list[_Resolved] = []
-            for s in free:
-                queue = two_way if s.bidirectional else one_way
-                if queue:
-                    merged.append(queue.pop(0))
-            group = merged + two_way + one_way
-        out += group
-    return out, by_name
-
-
-def _same_paths(group: list[_Resolved], free: list[Slot]) -> dict[str, str] | None:
-    """Each layer of ``group`` paired with the free slot at its own path, if every one has exactly one."""
-    pairs: dict[str, str] = {}
-    for found in group:
-        path = found.layer.path.replace("/", ".")
-        at_path = [s for s in free if s.path == path]
-        if len(at_path) != 1 or at_path[0].bidirectional != (len(found.parts) == 2):
-            return None
-        pairs[found.layer.name] = at_path[0].label
-    return pairs if len(set(pairs.values())) == len(pairs) else None
+def _recorded_order(layer: _Layer) -> tuple[tuple[str, ...], int] | None:
+    """Where the source records the layer's place: the model's layer list (a ``.keras`` config, a
+    legacy ``.h5``'s ``layer_names``, a live model), or a ``.weights.h5`` key's number, which counts
+    layers of one class in one container; a subclassed model's attribute names record none."""
+    if layer.seq == ("model",) or len(layer.seq) == 2:
+        return layer.seq, layer.index
+    return None
 
 
 def _check_direction(found: _Resolved, slot: Slot, where: str) -> None:

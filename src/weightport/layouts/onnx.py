@@ -86,7 +86,8 @@ import numpy as np
 from torch import nn
 
 from weightport.dtypes import BFLOAT16
-from weightport.errors import LayoutError, UnsupportedConfigError
+from weightport.errors import LayoutError, LoadError, UnsupportedConfigError
+from weightport.folded import folded_batchnorms
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.pairing import (
     Paired,
@@ -95,7 +96,10 @@ from weightport.layouts.pairing import (
     as_pairings,
     module_slots,
     pair_layers,
+    rules_fit,
     slot_kind,
+    target_shapes,
+    wrapped_scope,
 )
 from weightport.sources.base import Source
 from weightport.transforms import (
@@ -215,7 +219,13 @@ class _Issues:
         raise cls(f"{self.where} cannot be loaded into {target}: {len(self.messages)} problems:\n{lines}")
 
 
-def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = None) -> LayoutPlan:
+def plan(
+    module: nn.Module,
+    source: Source,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    call_order: Mapping[str, int] | None = None,
+) -> LayoutPlan:
     """Rules for ``module`` from the weight-holding nodes of an ONNX graph (or export()'s keys).
 
     Raises:
@@ -227,6 +237,9 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     if "nodes" in source.metadata:
         nodes = _nodes(source.metadata["nodes"])
         unchecked: list[str] = []
+        folded = folded_batchnorms(module, source)
+        if folded is not None:  # the cause, said once: pairing would blame each fused layer's bias instead
+            raise LoadError([folded], target=target)
     else:
         nodes, pins = _nodes_from_keys(module, source)
         mapping = {**pins, **(mapping or {})}
@@ -237,46 +250,63 @@ def plan(module: nn.Module, source: Source, mapping: Mapping[str, str] | None = 
     validated: set[str] = set()
     layers = _find_layers(nodes, source, issues, validated)
     issues.raise_if_any(target)
+    shapes = target_shapes(module)
+    wanted = [
+        SourceLayer(
+            lay.node.label,
+            lay.kind,
+            lay.detail,
+            _named_path(lay),
+            order=None if lay.node.synthetic else ("graph", lay.node.index),  # nodes are in topological order
+        )
+        for lay in layers
+    ]
+
+    def fits(i: int, slot: Slot) -> bool:
+        trial = _Issues(source.description)
+        rules = _layer_rules(layers[i], Paired(wanted[i], slot, ""), source, trial, set(), [])
+        return not trial.messages and rules_fit(rules, source, shapes)
+
     try:
         paired = pair_layers(
             module,
-            [SourceLayer(lay.node.label, lay.kind, lay.detail, _named_path(lay)) for lay in layers],
+            wanted,
             mapping,
             framework=FRAMEWORK,
+            fits=fits,
+            call_order=call_order,
+            where=source.description,
         )
     except LayoutError as e:
         _explain_unrolled_recurrence(module, layers, source.description, e)
         raise
     rules: list[Rule] = []
     for layer, pair in zip(layers, paired):
-        if layer.kind in _RECURRENT:
-            rules += _recurrent_rules(layer, pair, source, issues, validated)
-        elif layer.node.op_type in _NORMS:
-            rules += _norm_rules(layer, pair, source, issues, validated)
-        else:
-            rules += _plain_rules(layer, pair, source, issues, validated, unchecked)
+        rules += _layer_rules(layer, pair, source, issues, validated, unchecked)
     issues.raise_if_any(target)
     used = {s for rule in rules for s in rule.sources} | validated
     hints = _loop_hints(module, layers, nodes, source) if "nodes" in source.metadata else {}
-    if "nodes" in source.metadata and not any(layer.kind == "BatchNorm" for layer in layers):
-        for slot in module_slots(module):
-            if slot.kind == "BatchNorm":
-                hints[slot.path] = (
-                    "the graph has no BatchNormalization node: exporters fold an eval-mode BatchNorm into "
-                    "the Conv or Gemm before it, so the file holds only the fused weights. Load into a model "
-                    "without this BatchNorm (the layer before it with bias=True), or export with the "
-                    "BatchNormalization nodes kept (e.g. in training mode)"
-                )
     if "nodes" in source.metadata:
         _unmapped_hints(module, layers, nodes, source, hints)
     return LayoutPlan(
         layout=NAME,
         rules=rules,
         pairings=as_pairings(paired),
+        scope=wrapped_scope(paired),
         unmatched=[n for n in _weight_names(source) if n not in used],
         unchecked=unchecked,
         missing_hints=hints,
     )
+
+
+def _layer_rules(
+    layer: _Layer, pair: Paired, source: Source, issues: _Issues, validated: set[str], unchecked: list[str]
+) -> list[Rule]:
+    if layer.kind in _RECURRENT:
+        return _recurrent_rules(layer, pair, source, issues, validated)
+    if layer.node.op_type in _NORMS:
+        return _norm_rules(layer, pair, source, issues, validated)
+    return _plain_rules(layer, pair, source, issues, validated, unchecked)
 
 
 def _unmapped_hints(

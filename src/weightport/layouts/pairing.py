@@ -1,55 +1,112 @@
-"""Pairing source layers with a PyTorch module's layers, by order and kind, or as told.
+"""Pairing source layers with a PyTorch module's layers: only where the pairing is proven.
 
 A PyTorch model is seen as a list of *slots*: each module with parameters of its
 own is one slot, except a multi-layer ``nn.RNN``/``nn.LSTM``/``nn.GRU``, which is
 one slot per layer (so stacked Keras LSTMs fill one ``nn.LSTM(num_layers=k)``).
-A ``mapping`` pins any source layer first (``{"lstm_1": "encoder[1]"}`` names layer 1
-of ``encoder``); then a source layer whose own name is a module's path (``fc1``;
-``encoder/cell`` is ``encoder.cell``; an ONNX node's ``head.weight`` tensors name
-``head``) takes that module when it is of its kind; the rest of a kind take the free
-slots of that kind in model order. Unequal counts are an error that lists the
-candidates: never a guess.
+A slot's *kind* is what its module is (``isinstance``, so subclasses of ``nn.Linear``
+count as ``Linear``); a module of no known kind never takes a source layer.
+
+Each source layer takes a slot by one of these proofs, tried in turn; the report
+says which:
+
+1. ``mapping=``: the user said so (``{"lstm_1": "encoder[1]"}`` names layer 1 of ``encoder``);
+2. **by name**: the slot's path is the layer's own name under its framework's naming
+   rules (``encoder/cell`` is ``encoder.cell``); when every layer pairs by name inside
+   one submodule and none at the root (a model wrapped as ``self.m``), inside it;
+3. **by a unique kind and shape**: among the layers and slots left, only one
+   assignment fits every layer (kinds equal, every converted shape equal);
+4. **by recorded order**: where several assignments fit, the source's own recorded
+   order (a ``.keras`` config, an ONNX graph's node order, Flax's ``Dense_0, Dense_1``
+   numbers; never a file's key order) matched with the model's *call* order: an
+   ``nn.Sequential``'s order and a multi-layer RNN's layer index by construction,
+   any other module's from ``example_inputs=`` (see :mod:`weightport.call_order`).
+
+Anything else is refused with the interchangeable layers on both sides listed:
+a refusal costs a minute, a crossed pairing days.
 
 >>> import torch
 >>> model = torch.nn.Sequential(torch.nn.LSTM(3, 4, num_layers=2), torch.nn.Linear(4, 2))
 >>> [s.label for s in module_slots(model)]
 ['0[0]', '0[1]', '1']
->>> pairs = pair_layers(model, [SourceLayer("lstm", "LSTM"), SourceLayer("lstm_1", "LSTM"),
-...                             SourceLayer("dense", "Linear")], None, framework="Keras")
->>> [(p.source.name, p.slot.label) for p in pairs]
-[('lstm', '0[0]'), ('lstm_1', '0[1]'), ('dense', '1')]
+>>> pairs = pair_layers(model, [SourceLayer("lstm", "LSTM", order=("model", 0)),
+...                             SourceLayer("lstm_1", "LSTM", order=("model", 1)),
+...                             SourceLayer("dense", "Linear", order=("model", 2))], None, framework="Keras")
+>>> [(p.source.name, p.slot.label, p.how) for p in pairs]  # doctest: +NORMALIZE_WHITESPACE
+[('lstm', '0[0]', 'by recorded order (Keras) and call order (the layer index)'),
+ ('lstm_1', '0[1]', 'by recorded order (Keras) and call order (the layer index)'),
+ ('dense', '1', 'by a unique kind and shape')]
 """
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from weightport.errors import LayoutError
-from weightport.layouts.base import Pairing
+from weightport.layouts.base import Pairing, Rule
+from weightport.sources.base import Source
 
-__all__ = ["Slot", "SourceLayer", "Paired", "module_slots", "pair_layers", "slot_kind", "as_pairings"]
+__all__ = [
+    "Slot",
+    "SourceLayer",
+    "Paired",
+    "module_slots",
+    "pair_layers",
+    "slot_kind",
+    "as_pairings",
+    "rules_fit",
+    "target_shapes",
+    "torch_class",
+    "wrapped_scope",
+    "KNOWN_KINDS",
+]
 
-_RNN_KINDS = {nn.RNN: "RNN", nn.LSTM: "LSTM", nn.GRU: "GRU"}
-_CELL_KINDS = {nn.RNNCell: "RNN", nn.LSTMCell: "LSTM", nn.GRUCell: "GRU"}
-_NORM_KINDS = (
+# What a module is, by isinstance, most specific first: a subclass counts as its base
+# (nn.MultiheadAttention's out_proj is a NonDynamicallyQuantizableLinear; timm's Conv2dSame a Conv2d).
+_KIND_CLASSES: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.LSTM, "LSTM"),
+    (nn.GRU, "GRU"),
+    (nn.RNN, "RNN"),
+    (nn.LSTMCell, "LSTM"),
+    (nn.GRUCell, "GRU"),
+    (nn.RNNCell, "RNN"),
+    (nn.Linear, "Linear"),
+    (nn.Conv1d, "Conv1d"),
+    (nn.Conv2d, "Conv2d"),
+    (nn.Conv3d, "Conv3d"),
+    (nn.Embedding, "Embedding"),
     (nn.modules.batchnorm._BatchNorm, "BatchNorm"),
     (nn.LayerNorm, "LayerNorm"),
 )
+KNOWN_KINDS = frozenset(kind for _, kind in _KIND_CLASSES)
+_TORCH_CLASS = {"RNN": "nn.RNN", "LSTM": "nn.LSTM", "GRU": "nn.GRU", "BatchNorm": "nn.BatchNorm1d/2d/3d"}
 
 
 def slot_kind(module: nn.Module) -> str:
-    """The kind a source layer must have to fill ``module``: ``LSTM``, ``Linear``, ``Conv2d``, ..."""
-    for cls, kind in {**_RNN_KINDS, **_CELL_KINDS}.items():
-        if type(module) is cls:
-            return kind
-    for cls, kind in _NORM_KINDS:
+    """The kind a source layer must have to fill ``module``: ``LSTM``, ``Linear``, ``Conv2d``, ...
+
+    A module of no known kind gets ``other:<class>``, which no source layer has, so it is
+    never filled by shape (transformers' ``Conv1D`` keeps its weight as ``(in, out)``: filling
+    it as an ``nn.Linear`` would be silently wrong).
+
+    >>> slot_kind(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2))
+    'Linear'
+    >>> slot_kind(nn.ConvTranspose2d(2, 2, 3))
+    'other:ConvTranspose2d'
+    """
+    for cls, kind in _KIND_CLASSES:
         if isinstance(module, cls):
             return kind
-    return type(module).__name__
+    return f"other:{type(module).__name__}"
+
+
+def torch_class(kind: str) -> str:
+    """How a message names the PyTorch module of a kind: ``nn.GRU``, ``nn.Linear``."""
+    return _TORCH_CLASS.get(kind, f"nn.{kind}")
 
 
 @dataclass(frozen=True)
@@ -85,15 +142,29 @@ class Slot:
             return f"{self.label} ({type(m).__name__}(input_size={m.input_size}, hidden_size={m.hidden_size}){extra})"
         return f"{self.label} ({type(m).__name__})"
 
+    def describe_with_shape(self) -> str:
+        """:meth:`describe` with the weight's shape, which tells two modules of one class apart."""
+        shape = getattr(getattr(self.module, "weight", None), "shape", None)
+        if isinstance(self.module, nn.RNNBase) or shape is None:
+            return self.describe()
+        return f"{self.label or '(root)'} ({type(self.module).__name__} {tuple(shape)})"
+
 
 @dataclass(frozen=True)
 class SourceLayer:
-    """One layer of the source: its name there, the slot kind it fills, and how to show it."""
+    """One layer of the source: its name there, the slot kind it fills, and how to show it.
+
+    ``order`` is ``(group, position)`` where the source records its layers' order:
+    positions compare only within one group (a Keras 3 ``.weights.h5`` numbers
+    layers per class; Flax numbers them per class and parent). ``None``: no
+    recorded order (a file's key order is not one).
+    """
 
     name: str
     kind: str
     detail: str = ""
     paths: tuple[str, ...] = ()  # module paths the source's own names suggest (besides ``name`` itself)
+    order: tuple[Hashable, int | tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +172,9 @@ class Paired:
     source: SourceLayer
     slot: Slot
     how: str
+
+
+Fits = Callable[[int, Slot], bool]
 
 
 def module_slots(model: nn.Module) -> list[Slot]:
@@ -116,6 +190,29 @@ def module_slots(model: nn.Module) -> list[Slot]:
         else:
             slots.append(Slot(path, module, kind))
     return slots
+
+
+def target_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of ``model``'s state dict (meta tensors included), by name."""
+    return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def rules_fit(rules: Iterable[Rule], source: Source, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether every rule's result has the shape of the module tensor it targets.
+
+    Targets the module lacks are not held against the fit: the plan reports them.
+    """
+    for rule in rules:
+        want = shapes.get(rule.target)
+        if want is None:
+            continue
+        try:
+            got = tuple(rule.op.out_shape([tuple(source.infos[s].shape) for s in rule.sources]))
+        except Exception:  # an op that cannot take these shapes does not fit
+            return False
+        if got != tuple(want):
+            return False
+    return True
 
 
 _TARGET = re.compile(r"^(?P<path>[\w.]*?)(?:\[(?P<layer>\d+)\])?$")
@@ -147,8 +244,21 @@ def pair_layers(
     mapping: Mapping[str, str] | None,
     *,
     framework: str,
+    fits: Fits | None = None,
+    call_order: Mapping[str, int] | None = None,
+    where: str = "",
 ) -> list[Paired]:
-    """Pair each source layer with one slot: ``mapping`` first, then by name, then by order within each kind."""
+    """Pair each source layer with one slot, each by a proof (see the module doc), or refuse.
+
+    Args:
+        model: the module being loaded (the scope).
+        layers: the source's layers.
+        mapping: ``{source layer name: "module.path" or "module.path[layer]"}``, pinned first.
+        framework: how messages name the source's framework.
+        fits: ``fits(i, slot)``: whether layer ``i``'s converted shapes are the slot's.
+        call_order: module path -> the position of its first call (``example_inputs=``).
+        where: how messages name the source.
+    """
     slots = module_slots(model)
     mapping = dict(mapping or {})
     unknown = sorted(set(mapping) - {layer.name for layer in layers})
@@ -157,48 +267,337 @@ def pair_layers(
             f"mapping names {', '.join(repr(u) for u in unknown)}, which the {framework} source does not have. "
             f"Its layers: {', '.join(layer.name for layer in layers) or 'none'}."
         )
-    taken: dict[str, Paired] = {}
-    result: dict[str, Paired] = {}
-    for layer in layers:
+    taken: set[str] = set()
+    result: dict[int, Paired] = {}
+    for i, layer in enumerate(layers):
         if layer.name in mapping:
             slot = _resolve(mapping[layer.name], slots, layer)
             if slot.kind != layer.kind:
                 raise LayoutError(
                     f"mapping '{layer.name}' -> '{slot.label}': {framework} layer '{layer.name}' is "
                     f"{layer.detail or layer.kind} but '{slot.label}' is {type(slot.module).__name__}. "
-                    f"Fix: map it to a {layer.kind} module."
+                    f"Fix: map it to a {torch_class(layer.kind)} module."
                 )
             if slot.label in taken:
-                raise LayoutError(
-                    f"mapping sends both '{taken[slot.label].source.name}' and '{layer.name}' to '{slot.label}'"
-                )
-            taken[slot.label] = result[layer.name] = Paired(layer, slot, "mapping=")
+                other = next(p.source.name for p in result.values() if p.slot.label == slot.label)
+                raise LayoutError(f"mapping sends both '{other}' and '{layer.name}' to '{slot.label}'")
+            taken.add(slot.label)
+            result[i] = Paired(layer, slot, "mapping=")
+    _pair_by_name(layers, slots, result, taken, "")
+    if not mapping and not result and layers:
+        inside = _wrapped_scope(layers, slots)
+        if inside is not None:
+            _pair_by_name(layers, slots, result, taken, inside)
+    _Prover(model, layers, slots, result, taken, framework, fits, call_order, where).run()
+    return [result[i] for i in range(len(layers))]
+
+
+def _name_paths(layer: SourceLayer) -> tuple[str, ...]:
+    return (layer.name.replace("/", "."), *layer.paths)
+
+
+def _pair_by_name(
+    layers: list[SourceLayer], slots: list[Slot], result: dict[int, Paired], taken: set[str], inside: str
+) -> None:
+    """A name that is a module's path (under ``inside``) outranks everything but ``mapping=``."""
     by_path: dict[str, list[Slot]] = {}
     for slot in slots:
         by_path.setdefault(slot.path, []).append(slot)
-    for layer in layers:  # a name that is a module's path outranks order (a model may declare in any order)
-        if layer.name in result:
+        if slot.layer is not None:
+            by_path[slot.label] = [slot]  # one layer of an RNN, named as mapping= names it: 'rnn[1]'
+    how = f"by name inside '{inside}'" if inside else "by name"
+    for i, layer in enumerate(layers):
+        if i in result:
             continue
-        for path in (layer.name.replace("/", "."), *layer.paths):
-            found = by_path.get(path, [])
+        for path in _name_paths(layer):
+            found = by_path.get(f"{inside}.{path}" if inside else path, [])
             if len(found) == 1 and found[0].kind == layer.kind and found[0].label not in taken:
-                taken[found[0].label] = result[layer.name] = Paired(layer, found[0], "by name")
+                taken.add(found[0].label)
+                result[i] = Paired(layer, found[0], how)
                 break
-    for kind in dict.fromkeys(layer.kind for layer in layers):
-        waiting = [layer for layer in layers if layer.kind == kind and layer.name not in result]
-        free = [s for s in slots if s.kind == kind and s.label not in taken]
-        if not waiting:
-            continue
-        if len(waiting) != len(free):
-            raise LayoutError(
-                f"cannot pair {framework} layers with the model by order and kind: the source has "
-                f"{len(waiting)} unpaired {kind} layer(s) ({', '.join(w.name for w in waiting)}) but the model "
-                f"has {len(free)} free {kind} slot(s) ({', '.join(s.describe() for s in free) or 'none'}). "
-                f"Fix: pass mapping={{'{waiting[0].name}': 'module.path'}} to pair them yourself."
+
+
+def _wrapped_scope(layers: list[SourceLayer], slots: list[Slot]) -> str | None:
+    """The one submodule inside which every layer pairs by name (``self.m = BertModel(...)``), if one."""
+    scopes: set[str] | None = None
+    for layer in layers:
+        here: set[str] = set()
+        for path in _name_paths(layer):
+            for slot in slots:
+                if slot.kind == layer.kind and slot.layer is None and slot.path.endswith("." + path):
+                    here.add(slot.path[: -len(path) - 1])
+        scopes = here if scopes is None else scopes & here
+        if not scopes:
+            return None
+    return next(iter(scopes)) if scopes is not None and len(scopes) == 1 else None
+
+
+class _Prover:
+    """The layers no name or mapping placed: a unique fit, else recorded order against call order."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[SourceLayer],
+        slots: list[Slot],
+        result: dict[int, Paired],
+        taken: set[str],
+        framework: str,
+        fits: Fits | None,
+        call_order: Mapping[str, int] | None,
+        where: str,
+    ) -> None:
+        self.model, self.layers, self.slots, self.result = model, layers, slots, result
+        self.framework, self.fits, self.call_order = framework, fits, call_order
+        self.where = where or f"the {framework} source"
+        self.waiting = [i for i in range(len(layers)) if i not in result]
+        self.free = [j for j, s in enumerate(slots) if s.label not in taken]
+        self.registration = {s.label: j for j, s in enumerate(slots)}
+
+    def run(self) -> None:
+        if not self.waiting:
+            return
+        edges = {i: self._candidates(i) for i in self.waiting}
+        homeless = [i for i in self.waiting if not edges[i]]
+        if homeless:
+            raise LayoutError(self._homeless(homeless))
+        for layer_ids, slot_ids in _components(edges):
+            self._settle(layer_ids, slot_ids, edges)
+
+    def _candidates(self, i: int) -> list[int]:
+        layer = self.layers[i]
+        of_kind = [j for j in self.free if self.slots[j].kind == layer.kind]
+        if self.fits is None:
+            return of_kind
+        fitting = [j for j in of_kind if self._fit(i, j)]
+        return fitting or of_kind  # none fits: any of its kind, and the plan says which shapes differ
+
+    def _fit(self, i: int, j: int) -> bool:
+        assert self.fits is not None
+        return self.fits(i, self.slots[j])
+
+    def _settle(self, layer_ids: list[int], slot_ids: list[int], edges: dict[int, list[int]]) -> None:
+        matching = _match(layer_ids, edges)
+        if len(matching) < len(layer_ids):
+            raise LayoutError(self._too_few(layer_ids, slot_ids))
+        if _unique(layer_ids, slot_ids, edges, matching):
+            for i, j in matching.items():
+                self.result[i] = Paired(self.layers[i], self.slots[j], "by a unique kind and shape")
+            return
+        ordered = self._by_order(layer_ids, slot_ids, edges)
+        if ordered is None:
+            raise LayoutError(self._interchangeable(layer_ids, slot_ids))
+        pairs, how = ordered
+        for i, j in pairs:
+            self.result[i] = Paired(self.layers[i], self.slots[j], how)
+
+    def _by_order(
+        self, layer_ids: list[int], slot_ids: list[int], edges: dict[int, list[int]]
+    ) -> tuple[list[tuple[int, int]], str] | None:
+        """The layers in their recorded order against the slots in call order, if both are known."""
+        orders = [self.layers[i].order for i in layer_ids]
+        if len(layer_ids) != len(slot_ids) or any(o is None for o in orders):
+            return None
+        if len({o[0] for o in orders if o is not None}) != 1:
+            return None  # positions in different groups do not compare (Keras numbers per class)
+        called = self._call_positions(slot_ids)
+        if called is None:
+            return None
+        by_source = sorted(layer_ids, key=lambda i: self.layers[i].order[1])  # type: ignore[index]
+        by_call = sorted(slot_ids, key=lambda j: called[0][j])
+        pairs = list(zip(by_source, by_call))
+        if any(j not in edges[i] for i, j in pairs):
+            return None
+        return pairs, f"by recorded order ({self.framework}) and call order ({called[1]})"
+
+    def _call_positions(self, slot_ids: list[int]) -> tuple[dict[int, tuple[int, int]], str] | None:
+        slots = self.slots
+        if self.call_order is not None:
+            if any(slots[j].path not in self.call_order for j in slot_ids):
+                return None
+            return {
+                j: (self.call_order[slots[j].path], slots[j].layer or 0) for j in slot_ids
+            }, "example_inputs"
+        ids = sorted(slot_ids, key=lambda j: self.registration[slots[j].label])
+        whats = set()
+        for a, b in itertools.pairwise(ids):
+            what = _known_order(slots[a], slots[b], self.model)
+            if what is None:
+                return None
+            whats.add(what)
+        return {j: (n, 0) for n, j in enumerate(ids)}, " and ".join(sorted(whats))
+
+    # ---- messages ------------------------------------------------------------------------------------
+
+    def _homeless(self, ids: list[int]) -> str:
+        lines = []
+        for i in ids:
+            layer = self.layers[i]
+            kinds = {s.kind for s in self.slots}
+            shown = layer.detail or layer.kind
+            what = (
+                f"{shown if shown.startswith(self.framework) else f'{self.framework} {shown}'} '{layer.name}'"
             )
-        for layer, slot in zip(waiting, free):
-            taken[slot.label] = result[layer.name] = Paired(layer, slot, "by order and kind")
-    return [result[layer.name] for layer in layers]
+            if layer.kind not in kinds:
+                others = sorted({s.kind for s in self.slots if s.kind.startswith("other:")})
+                lines.append(
+                    f"the source holds the {what}; the model has no {torch_class(layer.kind)}"
+                    + (
+                        f" (modules of kinds weightport cannot fill by structure: "
+                        f"{', '.join(o[6:] for o in others)})"
+                        if others
+                        else ""
+                    )
+                )
+            else:
+                taken = [p.slot.label for p in self.result.values() if p.slot.kind == layer.kind]
+                lines.append(
+                    f"the source's {what} has no free {torch_class(layer.kind)} left "
+                    f"(all taken: {', '.join(taken[:8])}{' ...' if len(taken) > 8 else ''})"
+                )
+        fix = (
+            "Fix: build the model with the module each of these layers needs, or load into the part of the "
+            "model that matches with prefix=; a layer the model should not take can be left out of the source."
+        )
+        return f"{self.where} cannot be paired with the model: " + "; ".join(lines) + ". " + fix
+
+    def _too_few(self, layer_ids: list[int], slot_ids: list[int]) -> str:
+        kinds = sorted({self.layers[i].kind for i in layer_ids})
+        names = ", ".join(self.layers[i].name for i in layer_ids[:12])
+        free = ", ".join(self.slots[j].describe_with_shape() for j in slot_ids[:12]) or "none"
+        return (
+            f"cannot pair {self.framework} layers with the model: the source has {len(layer_ids)} unpaired "
+            f"{'/'.join(kinds)} layer(s) ({names}) but the model has only {len(slot_ids)} free module(s) that "
+            f"can take them ({free}). Fix: build the model with one module per source layer, or pass "
+            f"mapping={{'{self.layers[layer_ids[0]].name}': 'module.path'}} to pair them yourself."
+        )
+
+    def _interchangeable(self, layer_ids: list[int], slot_ids: list[int]) -> str:
+        layers = [self.layers[i] for i in layer_ids]
+        names = ", ".join(f"'{layer.name}'" for layer in layers[:12]) + (" ..." if len(layers) > 12 else "")
+        slots = ", ".join(self.slots[j].describe_with_shape() for j in slot_ids[:12]) + (
+            " ..." if len(slot_ids) > 12 else ""
+        )
+        if any(layer.order is None for layer in layers):
+            why = f"{self.where} does not record the order of these layers (a file's key order is not one)"
+        elif len({layer.order[0] for layer in layers if layer.order is not None}) > 1:
+            why = (
+                f"{self.where} does not record the order of these layers as one sequence (it numbers "
+                "them within parts only, such as per class and container)"
+            )
+        elif len(layer_ids) != len(slot_ids):
+            why = f"the model has {len(slot_ids)} modules that could take these {len(layer_ids)} layers"
+        else:
+            why = (
+                "the order in which the model calls these modules is not known (only an nn.Sequential's and "
+                "a multi-layer RNN's are, by construction)"
+            )
+        first = layers[0].name
+        return (
+            f"cannot prove which module each {self.framework} layer fills: the layers {names} and the modules "
+            f"{slots} are interchangeable (same kind and shape), and {why}. Pairing them by declaration order "
+            f"could cross them silently. Fix: pass example_inputs= (inputs for one forward pass, which shows "
+            f"the order the model calls its modules in), or mapping={{'{first}': 'module.path', ...}} to "
+            "pair them yourself."
+        )
+
+
+def _known_order(a: Slot, b: Slot, model: nn.Module) -> str | None:
+    """Why ``a`` (registered first) runs before ``b`` by construction, or None where only a forward
+    pass could tell: layers of one RNN run in index order, children of an ``nn.Sequential`` (whose
+    ``forward`` is not overridden) in registration order."""
+    if a.path == b.path:
+        return "the layer index" if a.layer is not None else None
+    pa, pb = a.path.split(".") if a.path else [], b.path.split(".") if b.path else []
+    common = 0
+    while common < min(len(pa), len(pb)) and pa[common] == pb[common]:
+        common += 1
+    if common in (len(pa), len(pb)):
+        return None  # one contains the other: its own forward decides
+    parent = model.get_submodule(".".join(pa[:common]))
+    if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+        return "nn.Sequential"
+    return None
+
+
+def _components(edges: dict[int, list[int]]) -> list[tuple[list[int], list[int]]]:
+    """Connected parts of the layer-slot graph: (layer ids, slot ids), layers in source order."""
+    parent: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def find(x: tuple[str, int]) -> tuple[str, int]:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, js in edges.items():
+        for j in js:
+            parent[find(("l", i))] = find(("s", j))
+    groups: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+    for i in edges:
+        groups.setdefault(find(("l", i)), ([], []))[0].append(i)
+    for js in edges.values():
+        for j in js:
+            part = groups[find(("s", j))]
+            if j not in part[1]:
+                part[1].append(j)
+    return [(sorted(ls), sorted(ss)) for ls, ss in groups.values()]
+
+
+def _match(layer_ids: Sequence[int], edges: Mapping[int, list[int]]) -> dict[int, int]:
+    """A maximum matching layer -> slot (augmenting paths; components are small)."""
+    owner: dict[int, int] = {}
+
+    def augment(i: int, seen: set[int]) -> bool:
+        for j in edges[i]:
+            if j in seen:
+                continue
+            seen.add(j)
+            if j not in owner or augment(owner[j], seen):
+                owner[j] = i
+                return True
+        return False
+
+    for i in layer_ids:
+        augment(i, set())
+    return {i: j for j, i in owner.items()}
+
+
+def _unique(
+    layer_ids: list[int], slot_ids: list[int], edges: Mapping[int, list[int]], matching: Mapping[int, int]
+) -> bool:
+    """Whether ``matching`` is the only way to place every layer: no layer could move to a free slot,
+    and no cycle of layers could pass their slots round."""
+    held = set(matching.values())
+    if any(j not in held for i in layer_ids for j in edges[i]):
+        return False
+    owner = {j: i for i, j in matching.items()}
+    # layer i -> layer owner[j] for each other slot j it fits: a cycle is a rotation of slots
+    graph = {i: [owner[j] for j in edges[i] if j != matching[i]] for i in layer_ids}
+    state: dict[int, int] = {}
+    for start in layer_ids:
+        if state.get(start):
+            continue
+        stack = [(start, iter(graph[start]))]
+        state[start] = 1
+        while stack:
+            node, rest = stack[-1]
+            step = next(rest, None)
+            if step is None:
+                state[node] = 2
+                stack.pop()
+            elif state.get(step) == 1:
+                return False
+            elif not state.get(step):
+                state[step] = 1
+                stack.append((step, iter(graph[step])))
+    return True
+
+
+def wrapped_scope(pairs: list[Paired]) -> str:
+    """The submodule every layer paired by name inside (a wrapped model), else ``""``."""
+    found = {p.how.split("'")[1] for p in pairs if p.how.startswith("by name inside '")}
+    return found.pop() if len(found) == 1 and len(pairs) else ""
 
 
 def as_pairings(pairs: list[Paired]) -> list[Pairing]:

@@ -43,7 +43,13 @@ def strip_wrapper_prefixes(names: list[str], module_names: set[str]) -> str:
     return dropped
 
 
-def plan(module: torch.nn.Module, source: Source, mapping: Mapping[str, str] | None = None) -> LayoutPlan:
+def plan(
+    module: torch.nn.Module,
+    source: Source,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    call_order: Mapping[str, int] | None = None,
+) -> LayoutPlan:
     """One identity rule per source tensor; ``mapping`` renames source names first."""
     mapping = dict(mapping or {})
     names = list(source.infos)
