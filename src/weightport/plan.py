@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,14 +106,32 @@ def _owner(module: nn.Module, name: str) -> nn.Module:
     return module.get_submodule(path) if path else module
 
 
-def _suggest(name: str, candidates: Collection[str]) -> str:
+_LEFT_OVER = (
+    "give it the name of the module tensor it holds (converted to that tensor's layout), pass mapping= to "
+    "place its layer, or remove it if the model does not use it; not strict=False: the module also lacks "
+    "values, and this may be one of them in a form weightport does not map"
+)
+
+
+def _left_over_on_both_sides(
+    tensors: Mapping[str, torch.Tensor], optional: Collection[str], layout: LayoutPlan
+) -> bool:
+    planned = {id(tensors[r.target]) for r in layout.rules if r.target in tensors}
+    lacking = any(
+        id(t) not in planned and not is_lazy(t) and name not in optional for name, t in tensors.items()
+    )
+    used = {s for r in layout.rules for s in r.sources}
+    stray = any(r.target not in tensors for r in layout.rules) or any(n not in used for n in layout.unmatched)
+    return lacking and stray
+
+
+def _suggest(name: str, candidates: Collection[str], both_sides: bool = False) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
     if close:
-        return (
-            "did you mean "
-            + " or ".join(f"'{c}'" for c in close)
-            + "? Rename it, or pass strict=False to skip it"
-        )
+        skip = "" if both_sides else ", or pass strict=False to skip it"
+        return "did you mean " + " or ".join(f"'{c}'" for c in close) + f"? Rename it{skip}"
+    if both_sides:
+        return _LEFT_OVER
     return "remove it, or pass strict=False to skip names the module does not have"
 
 
@@ -147,6 +165,9 @@ def build_plan(
     written: dict[int, Entry] = {}
     targeted: set[int] = set()
     seen_targets: set[str] = set()
+    # Tensors on both sides left over: a source tensor may be a module tensor in a form no rule maps
+    # (a packed in_proj_bias, a cls_token under another name), so no fix may say strict=False.
+    both_sides = _left_over_on_both_sides(tensors, optional, layout)
 
     for rule in layout.rules:
         target = rule.target
@@ -157,7 +178,7 @@ def build_plan(
         seen_targets.add(target)
         if target not in tensors:
             if strict:
-                hint = _parametrized_hint(target, tensors) or _suggest(target, tensors)
+                hint = _parametrized_hint(target, tensors) or _suggest(target, tensors, both_sides)
                 problems.append(
                     Problem(full, "a name the module has", f"an unknown name from {_origin(rule)}", hint)
                 )
@@ -187,7 +208,9 @@ def build_plan(
                         name,
                         "a tensor the layout can place",
                         f"'{name}' in {source.description}",
-                        "pass strict=False to skip it, or mapping= to place its layer",
+                        _LEFT_OVER
+                        if both_sides
+                        else "pass strict=False to skip it, or mapping= to place its layer",
                     )
                 )
             else:
@@ -219,7 +242,9 @@ def build_plan(
                     "a value for it",
                     f"nothing in {source.description}",
                     _missing_hint(name, layout.missing_hints)
-                    or _suggest_missing(name, [r.target for r in layout.rules if r.target not in tensors]),
+                    or _suggest_missing(
+                        name, [r.target for r in layout.rules if r.target not in tensors], both_sides
+                    ),
                 )
             )
         elif tensor.is_meta:
@@ -243,10 +268,16 @@ def _missing_hint(name: str, hints: dict[str, str]) -> str | None:
     return hints.get(module)
 
 
-def _suggest_missing(name: str, unknown: list[str]) -> str:
+def _suggest_missing(name: str, unknown: list[str], both_sides: bool = False) -> str:
     close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.6)
     if close:
         return f"the source has '{close[0]}': rename it to '{name}'"
+    if both_sides:
+        return (
+            "add it to the source under this name (converted to this tensor's layout), or pass mapping= to "
+            "place its layer; not strict=False: the source also holds tensors no rule reads, and one of them "
+            "may be this tensor in a form weightport does not map"
+        )
     return "add it to the source, or pass strict=False to leave it as it is"
 
 

@@ -464,11 +464,14 @@ def plan(
         kinds = (
             {_kind_of_target(mapping[layer.name], slots)} - {None} if layer.name in mapping else slot_kinds
         )
-        found = _resolve(layer, source, kinds, layer.name in mapping, where)  # type: ignore[arg-type]
+        holds_a_model = len(_inner_layers(layer)) > 2  # one layer, or a Bidirectional's two sides, at most
+        found = None if holds_a_model else _resolve(layer, source, kinds, layer.name in mapping, where)  # type: ignore[arg-type]
         if found is None:
             unmatched += layer.tensors
         else:
             resolved.append(found)
+    if not resolved:
+        _refuse_whole_model_layer(layers, where)
     shapes = target_shapes(module)
 
     def fits(i: int, slot: Slot) -> bool:
@@ -547,6 +550,32 @@ def _translate(mapping: Mapping[str, str] | None, layers: list[_Layer]) -> dict[
 def _kind_of_target(target: str, slots: list[Slot]) -> str | None:
     kinds = {s.kind for s in slots if target in (s.label, s.path)}
     return kinds.pop() if len(kinds) == 1 else None
+
+
+def _refuse_whole_model_layer(layers: list[_Layer], where: str) -> None:
+    """Nothing pairs, and the weights sit under one layer that holds a whole model of layers
+    (transformers' ``tf_model.h5`` keeps 39 of BERT's tensors under ``bert``): say that, once,
+    instead of one problem per tensor."""
+    nested = [layer for layer in layers if len(_inner_layers(layer)) > 2]
+    if len(nested) != 1 or sum(len(layer.tensors) for layer in layers) > 2 * len(nested[0].tensors):
+        return
+    layer = nested[0]
+    inner = _inner_layers(layer)
+    raise LayoutError(
+        f"{where}: the weights sit under the one top-level Keras layer '{layer.name}' "
+        f"({layer.class_name or 'class not recorded'}: {len(layer.tensors)} tensors in {len(inner)} inner layers, "
+        f"such as '{inner[0]}'), a layer that holds a whole model, as transformers' TF checkpoints "
+        "(tf_model.h5) keep theirs. weightport pairs Keras layers that are one PyTorch module each (Dense, "
+        "Conv, LSTM, ...) and does not pair the layers inside such a layer by their inner names. Fix: convert "
+        "it with the library that wrote it (transformers: the PyTorch class's from_pretrained(folder, "
+        "from_tf=True)), then load or save that model's state_dict."
+    )
+
+
+def _inner_layers(layer: _Layer) -> list[str]:
+    """The distinct sub-layer paths inside a legacy layer's weight names (``bert/embeddings/...``)."""
+    inner = [name[len(layer.path) + 1 :].rpartition("/")[0] for name in layer.legacy or []]
+    return list(dict.fromkeys(i for i in inner if i))
 
 
 def _recorded_order(layer: _Layer) -> tuple[tuple[str, ...], int] | None:
