@@ -75,15 +75,19 @@ def folded_batchnorms(module: nn.Module, source: Source, plan: Plan | None = Non
     listed = ", ".join(f"'{prefix}{path}'" for path in affected[:_LISTED])
     if len(affected) > _LISTED:
         listed += f" and {len(affected) - _LISTED} more"
-    these = "this BatchNorm" if len(affected) == 1 else "these BatchNorms"
+    these, as_is, each = (
+        ("this BatchNorm", "as it is", "in its place")
+        if len(affected) == 1
+        else ("these BatchNorms", "as they are", "in place of each")
+    )
     return Problem(
         "(folded BatchNorm)",
         f"a BatchNormalization node in {source.description} for each BatchNorm that follows a Conv or Linear",
         f"none for {listed}: the exporter fused each eval-mode BatchNorm into the layer before it, so the file "
-        f"holds only the fused weights; loading them would leave {these} as they are and the outputs wrong",
+        f"holds only the fused weights; loading them would leave {these} {as_is} and the outputs wrong",
         "re-export keeping the BatchNormalization nodes: torch.onnx.export(model, args, path, dynamo=False, "
-        "training=torch.onnx.TrainingMode.PRESERVE); or load the file as it is (layout='onnx', the default "
-        f"for .onnx) into a model without {these}: nn.Identity() in place of each, and the layer before it "
+        "training=torch.onnx.TrainingMode.PRESERVE); or load this file (layout='onnx', the default "
+        f"for .onnx) into a model without {these}: nn.Identity() {each}, and the layer before it "
         "built with bias=True",
     )
 
