@@ -1,0 +1,256 @@
+"""Real transformers checkpoints (issue 10): exact against the framework's own output, or refused.
+
+transformers' ``flax_model.msgpack`` holds the params dict as it stands, and after any
+``jax.tree_util.tree_map`` (a training step, a cast) its keys come back sorted: BERT's
+``attention/output`` before ``attention/self``, ``position_embeddings`` before ``word_embeddings``.
+Pairing by key order crossed same-shaped layers and loaded silently wrong. Each case builds a tiny
+model in Flax or TensorFlow, perturbs every parameter (non-zero biases, norm scales that are not
+ones), saves it the way transformers does, and loads it into the PyTorch twin: the load reproduces
+the framework's ``last_hidden_state`` within 1e-4 or raises ``WeightportError`` having written
+nothing. It never loads wrong.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import weightport
+from conftest import snapshot
+from weightport import UncheckedConfigWarning, WeightportError
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37}
+# "equal" makes the three embedding tables one shape, so only names can tell them apart:
+# the case that loaded silently wrong (max error 5.4) when pairing went by key order.
+EMBEDDINGS = {"distinct": {}, "equal": {"max_position_embeddings": 99, "type_vocab_size": 99}}
+IDS = np.random.default_rng(1).integers(0, 99, (2, 7)).astype(np.int32)
+MASK = np.array([[1] * 7, [1] * 5 + [0] * 2], dtype=np.int32)
+
+
+class Wrap(nn.Module):
+    """A user's model holding the transformers model as ``self.m``, as in issue 10."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.m = inner
+
+
+def _bert_config(embeddings: str) -> Any:
+    return transformers.BertConfig(vocab_size=99, **SIZES, **EMBEDDINGS[embeddings])
+
+
+def _gpt2_config() -> Any:
+    return transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_inner=37, n_positions=64)
+
+
+def _noisy(seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``x + noise``, fresh noise per call: every bias non-zero, every norm scale off one."""
+    rng = np.random.default_rng(seed)
+    return lambda x: np.asarray(x) + rng.normal(0.0, 0.1, np.shape(x)).astype(np.float32)
+
+
+def _assert_all_random(arrays: dict[str, np.ndarray]) -> None:
+    for name, array in arrays.items():
+        assert np.all(array != 0) and np.ptp(array) > 0, name
+
+
+def _wrapped(model: nn.Module, wrap: bool) -> nn.Module:
+    return (Wrap(model) if wrap else model).eval()
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    return module.m if isinstance(module, Wrap) else module
+
+
+def _torch_output(module: nn.Module, mask: np.ndarray | None) -> np.ndarray:
+    kwargs = {} if mask is None else {"attention_mask": torch.from_numpy(mask).long()}
+    with torch.no_grad():
+        return _inner(module)(torch.from_numpy(IDS).long(), **kwargs).last_hidden_state.numpy()
+
+
+def _load(module: nn.Module, path: Path) -> weightport.LoadReport | WeightportError:
+    """The report, or the refusal, after checking that a refusal wrote nothing."""
+    before = snapshot(module)
+    # Neither file records LayerNorm's epsilon; transformers builds both twins with config.layer_norm_eps.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedConfigWarning)
+        try:
+            return weightport.load(module, path)
+        except WeightportError as e:
+            assert snapshot(module) == before, "a refused load wrote to the module"
+            return e
+
+
+def _exact_or_refused(
+    module: nn.Module, path: Path, expected: np.ndarray, mask: np.ndarray | None
+) -> weightport.LoadReport | WeightportError:
+    outcome = _load(module, path)
+    if isinstance(outcome, weightport.LoadReport):
+        error = np.abs(_torch_output(module, mask) - expected).max()
+        assert error < TOL, f"loaded silently wrong: max error {error}\n{outcome}"
+    return outcome
+
+
+def _converted(reference: Callable[[nn.Module, str], nn.Module], model: nn.Module, path: Path) -> nn.Module:
+    with warnings.catch_warnings():  # its torch.from_numpy of read-only arrays warns
+        warnings.simplefilter("ignore", UserWarning)
+        return reference(model, str(path))
+
+
+def _assert_same_state(loaded: nn.Module, reference: nn.Module) -> None:
+    ours, theirs = loaded.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs)
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+# --- Flax: BERT ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=sorted(EMBEDDINGS))
+def flax_bert(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Any, Path, np.ndarray]:
+    """(config, ``flax_model.msgpack`` with sorted keys, Flax's ``last_hidden_state``)."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("flax")
+    config = _bert_config(request.param)
+    model = transformers.FlaxBertModel(config, seed=0)
+    # tree_map sorts every dict's keys, as a training step does
+    model.params = jax.tree_util.tree_map(_noisy(0), model.params)
+    folder = tmp_path_factory.mktemp(f"flax_bert_{request.param}")
+    model.save_pretrained(folder)
+    path = folder / "flax_model.msgpack"
+    with weightport.open_source(path) as source:
+        names = list(source.infos)
+        _assert_all_random({name: source.read(name) for name in names})
+    # the issue's case: file order is not the model's order
+    assert names.index("encoder/layer/0/attention/output/dense/kernel") < names.index(
+        "encoder/layer/0/attention/self/query/kernel"
+    )
+    return config, path, np.asarray(model(IDS, attention_mask=MASK).last_hidden_state)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["direct", "wrapped"])
+def test_flax_bert_loads_exactly_or_is_refused(flax_bert: tuple[Any, Path, np.ndarray], wrap: bool) -> None:
+    config, path, expected = flax_bert
+    _exact_or_refused(_wrapped(transformers.BertModel(config), wrap), path, expected, MASK)
+
+
+def test_flax_bert_loads_exactly(flax_bert: tuple[Any, Path, np.ndarray]) -> None:
+    config, path, expected = flax_bert
+    model = _wrapped(transformers.BertModel(config), wrap=False)
+    report = _load(model, path)
+    assert isinstance(report, weightport.LoadReport), str(report)
+    assert np.abs(_torch_output(model, MASK) - expected).max() < TOL
+    assert {p.how for p in report.pairings} == {"by name"}
+
+
+def test_flax_bert_wrapped_as_self_m_loads_inside_m(flax_bert: tuple[Any, Path, np.ndarray]) -> None:
+    """Every layer pairs by name inside ``m`` alone: loaded as if ``prefix="m."`` were given."""
+    config, path, expected = flax_bert
+    wrapper = _wrapped(transformers.BertModel(config), wrap=True)
+    report = _load(wrapper, path)
+    assert isinstance(report, weightport.LoadReport), str(report)
+    assert np.abs(_torch_output(wrapper, MASK) - expected).max() < TOL
+    assert "'m'" in str(report)
+    assert all(name.startswith("m.") for name in report.written)
+    assert len(report.written) == len(wrapper.state_dict())
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["direct", "wrapped"])
+def test_flax_bert_matches_transformers_converter(
+    flax_bert: tuple[Any, Path, np.ndarray], wrap: bool
+) -> None:
+    # BertModel.from_pretrained(folder, from_flax=True) leaves every parameter on the meta device
+    # (transformers 4.57.6, torch 2.13), so the converter it calls is given a built model instead.
+    from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model
+
+    config, path, _ = flax_bert
+    module = _wrapped(transformers.BertModel(config), wrap)
+    assert isinstance(_load(module, path), weightport.LoadReport)
+    reference = _converted(load_flax_checkpoint_in_pytorch_model, transformers.BertModel(config), path)
+    _assert_same_state(_inner(module), reference)
+
+
+# --- Flax: GPT-2 (Conv1D: weight (in, out); c_proj is square, so only outputs show a wrong transpose) ---
+
+
+@pytest.fixture(scope="module")
+def flax_gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, np.ndarray]:
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("flax")
+    config = _gpt2_config()
+    model = transformers.FlaxGPT2Model(config, seed=0)
+    model.params = jax.tree_util.tree_map(_noisy(1), model.params)
+    folder = tmp_path_factory.mktemp("flax_gpt2")
+    model.save_pretrained(folder)
+    path = folder / "flax_model.msgpack"
+    with weightport.open_source(path) as source:
+        _assert_all_random({name: source.read(name) for name in source.infos})
+    return config, path, np.asarray(model(IDS).last_hidden_state)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["direct", "wrapped"])
+def test_flax_gpt2_loads_exactly_or_is_refused(flax_gpt2: tuple[Any, Path, np.ndarray], wrap: bool) -> None:
+    from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model
+
+    config, path, expected = flax_gpt2
+    module = _wrapped(transformers.GPT2Model(config), wrap)
+    if isinstance(_exact_or_refused(module, path, expected, None), weightport.LoadReport):
+        reference = _converted(load_flax_checkpoint_in_pytorch_model, transformers.GPT2Model(config), path)
+        _assert_same_state(_inner(module), reference)
+
+
+# --- TensorFlow: BERT's tf_model.h5 (every weight under the one top-level layer 'bert') ----------------
+
+
+@pytest.fixture(scope="module")
+def tf_bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, np.ndarray]:
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf_keras")  # transformers' TF models need Keras 2 beside Keras 3
+    pytest.importorskip("h5py")
+    config = _bert_config("distinct")
+    model = transformers.TFBertModel(config)
+    model(IDS)  # builds the weights
+    noisy = _noisy(2)
+    for variable in model.weights:
+        variable.assign(noisy(variable.numpy()))
+    folder = tmp_path_factory.mktemp("tf_bert")
+    model.save_pretrained(folder)
+    path = folder / "tf_model.h5"
+    with weightport.open_source(path) as source:
+        _assert_all_random({name: source.read(name) for name in source.infos})
+    return config, path, model(IDS, attention_mask=MASK).last_hidden_state.numpy()
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["direct", "wrapped"])
+def test_tf_bert_loads_exactly_or_is_refused(tf_bert: tuple[Any, Path, np.ndarray], wrap: bool) -> None:
+    from transformers.modeling_tf_pytorch_utils import load_tf2_checkpoint_in_pytorch_model
+
+    config, path, expected = tf_bert
+    module = _wrapped(transformers.BertModel(config), wrap)
+    if isinstance(_exact_or_refused(module, path, expected, MASK), weightport.LoadReport):
+        reference = _converted(load_tf2_checkpoint_in_pytorch_model, transformers.BertModel(config), path)
+        _assert_same_state(_inner(module), reference)
+
+
+def test_tf_bert_refusal_names_the_top_level_layer(tf_bert: tuple[Any, Path, np.ndarray]) -> None:
+    config, path, _ = tf_bert
+    outcome = _load(transformers.BertModel(config), path)
+    if isinstance(outcome, WeightportError):
+        assert "'bert'" in str(outcome)
