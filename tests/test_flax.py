@@ -850,7 +850,7 @@ def test_a_train_states_optimizer_and_step_are_ignored_and_other_variables_unmat
 def test_unchecked_settings_are_reported() -> None:
     tree = {"LayerNorm_0": {"scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}}
     with pytest.warns(
-        UncheckedConfigWarning, match=r"Flax LayerNorm's epsilon is 1e-6 by default, the module has eps=1e-05"
+        UncheckedConfigWarning, match=r"the module has eps=1e-05; Flax LayerNorm's epsilon is 1e-6 unless"
     ):
         weightport.load(tnn.LayerNorm(4), tree, layout="flax")
     with warnings.catch_warnings():

@@ -606,8 +606,9 @@ def _unchecked(pairs: list[tuple[_Layer, Paired]]) -> list[str]:
             )
         elif lay.kind == "LayerNorm":
             notes.append(
-                f"'{p.slot.label}': Flax LayerNorm's epsilon is 1e-6 by default, the module has "
-                f"eps={getattr(module, 'eps', '?')}; build it with the Flax model's epsilon"
+                f"'{p.slot.label}': the module has eps={getattr(module, 'eps', '?')}; Flax LayerNorm's epsilon "
+                "is 1e-6 unless the Flax model set another (transformers: config.layer_norm_eps), and the "
+                "module must use the same"
             )
         elif lay.kind == "BatchNorm":
             notes.append(

@@ -567,8 +567,9 @@ def _refuse_whole_model_layer(layers: list[_Layer], where: str) -> None:
         f"such as '{inner[0]}'), a layer that holds a whole model, as transformers' TF checkpoints "
         "(tf_model.h5) keep theirs. weightport pairs Keras layers that are one PyTorch module each (Dense, "
         "Conv, LSTM, ...) and does not pair the layers inside such a layer by their inner names. Fix: convert "
-        "it with the library that wrote it (transformers: the PyTorch class's from_pretrained(folder, "
-        "from_tf=True)), then load or save that model's state_dict."
+        "it with the library that wrote it (transformers: load_tf2_checkpoint_in_pytorch_model(model, path) "
+        "from transformers.modeling_tf_pytorch_utils, into the PyTorch class built from the same config), then "
+        "save that model's state_dict."
     )
 
 

@@ -430,29 +430,29 @@ class _Prover:
     # ---- messages ------------------------------------------------------------------------------------
 
     def _homeless(self, ids: list[int]) -> str:
+        """Layers no free module of their kind can take, said once per kind."""
+        kinds = {s.kind for s in self.slots}
         lines = []
-        for i in ids:
-            layer = self.layers[i]
-            kinds = {s.kind for s in self.slots}
-            shown = layer.detail or layer.kind
-            what = (
-                f"{shown if shown.startswith(self.framework) else f'{self.framework} {shown}'} '{layer.name}'"
+        for kind in dict.fromkeys(self.layers[i].kind for i in ids):
+            group = [self.layers[i] for i in ids if self.layers[i].kind == kind]
+            details = dict.fromkeys(layer.detail or layer.kind for layer in group)
+            shown = " / ".join(
+                d if d.startswith(self.framework) else f"{self.framework} {d}" for d in details
             )
-            if layer.kind not in kinds:
-                others = sorted({s.kind for s in self.slots if s.kind.startswith("other:")})
-                lines.append(
-                    f"the source holds the {what}; the model has no {torch_class(layer.kind)}"
-                    + (
-                        f" (modules of kinds weightport cannot fill by structure: "
-                        f"{', '.join(o[6:] for o in others)})"
-                        if others
-                        else ""
-                    )
+            names = ", ".join(f"'{layer.name}'" for layer in group[:8]) + (" ..." if len(group) > 8 else "")
+            what = f"{len(group)} {shown} layer{'s' if len(group) > 1 else ''} ({names})"
+            if kind not in kinds:
+                others = sorted({s.kind[6:] for s in self.slots if s.kind.startswith("other:")})
+                unknown = (
+                    f" (it has modules of kinds weightport cannot fill by structure: {', '.join(others)})"
+                    if others
+                    else ""
                 )
+                lines.append(f"the source holds {what}; the model has no {torch_class(kind)}{unknown}")
             else:
-                taken = [p.slot.label for p in self.result.values() if p.slot.kind == layer.kind]
+                taken = [p.slot.label for p in self.result.values() if p.slot.kind == kind]
                 lines.append(
-                    f"the source's {what} has no free {torch_class(layer.kind)} left "
+                    f"the source holds {what} and the model has no free {torch_class(kind)} left "
                     f"(all taken: {', '.join(taken[:8])}{' ...' if len(taken) > 8 else ''})"
                 )
         fix = (
