@@ -357,24 +357,27 @@ class _Prover:
     def run(self) -> None:
         if not self.waiting:
             return
-        edges = {i: self._candidates(i) for i in self.waiting}
-        homeless = [i for i in self.waiting if not edges[i]]
+        # free slots alike in kind and shapes fit alike: one question per layer and group, not per slot
+        groups: dict[Hashable, list[int]] = {}
+        for j in self.free:
+            groups.setdefault((self.slots[j].kind, _signature(self.slots[j])), []).append(j)
+        by_group = {i: self._candidates(i, groups) for i in self.waiting}
+        homeless = [i for i in self.waiting if not by_group[i]]
         if homeless:
             raise LayoutError(self._homeless(homeless))
-        for layer_ids, slot_ids in _components(edges):
+        edges = {i: [j for g in by_group[i] for j in groups[g]] for i in self.waiting}
+        for layer_ids, group_ids in _components(by_group):
+            slot_ids = sorted(j for g in group_ids for j in groups[g])
             self._settle(layer_ids, slot_ids, edges)
 
-    def _candidates(self, i: int) -> list[int]:
-        layer = self.layers[i]
-        of_kind = [j for j in self.free if self.slots[j].kind == layer.kind]
+    def _candidates(self, i: int, groups: Mapping[Hashable, list[int]]) -> list[Hashable]:
+        """The groups of free slots layer ``i`` fits; where none fits, every group of its kind (the plan
+        then says which shapes differ)."""
+        kind = self.layers[i].kind
+        of_kind = [g for g in groups if g[0] == kind]  # type: ignore[index]
         if self.fits is None:
             return of_kind
-        fitting = [j for j in of_kind if self._fit(i, j)]
-        return fitting or of_kind  # none fits: any of its kind, and the plan says which shapes differ
-
-    def _fit(self, i: int, j: int) -> bool:
-        assert self.fits is not None
-        return self.fits(i, self.slots[j])
+        return [g for g in of_kind if self.fits(i, self.slots[groups[g][0]])] or of_kind
 
     def _settle(self, layer_ids: list[int], slot_ids: list[int], edges: dict[int, list[int]]) -> None:
         matching = _match(layer_ids, edges)
@@ -502,6 +505,15 @@ class _Prover:
         )
 
 
+def _signature(slot: Slot) -> Hashable:
+    """What decides whether a layer fits a slot: its kind and its own tensors' names and shapes
+    (an RNN's layers differ by name, so each is its own)."""
+    if slot.layer is not None:
+        return slot.label, id(slot.module)
+    own = [*slot.module.named_parameters(recurse=False), *slot.module.named_buffers(recurse=False)]
+    return slot.kind, slot.bidirectional, tuple((name, tuple(t.shape)) for name, t in own)
+
+
 def _known_order(a: Slot, b: Slot, model: nn.Module) -> str | None:
     """Why ``a`` (registered first) runs before ``b`` by construction, or None where only a forward
     pass could tell: layers of one RNN run in index order, children of an ``nn.Sequential`` (whose
@@ -520,28 +532,25 @@ def _known_order(a: Slot, b: Slot, model: nn.Module) -> str | None:
     return None
 
 
-def _components(edges: dict[int, list[int]]) -> list[tuple[list[int], list[int]]]:
-    """Connected parts of the layer-slot graph: (layer ids, slot ids), layers in source order."""
-    parent: dict[tuple[str, int], tuple[str, int]] = {}
+def _components(by_group: Mapping[int, list[Hashable]]) -> list[tuple[list[int], list[Hashable]]]:
+    """Connected parts of the layer-slot graph, as (layer ids in source order, slot groups)."""
+    parent: dict[Hashable, Hashable] = {}
 
-    def find(x: tuple[str, int]) -> tuple[str, int]:
+    def find(x: Hashable) -> Hashable:
         while parent.setdefault(x, x) != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
         return x
 
-    for i, js in edges.items():
-        for j in js:
-            parent[find(("l", i))] = find(("s", j))
-    groups: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
-    for i in edges:
-        groups.setdefault(find(("l", i)), ([], []))[0].append(i)
-    for js in edges.values():
-        for j in js:
-            part = groups[find(("s", j))]
-            if j not in part[1]:
-                part[1].append(j)
-    return [(sorted(ls), sorted(ss)) for ls, ss in groups.values()]
+    for i, gs in by_group.items():
+        for g in gs:
+            parent[find(("layer", i))] = find(("group", g))
+    parts: dict[Hashable, tuple[list[int], list[Hashable]]] = {}
+    for i, gs in by_group.items():
+        part = parts.setdefault(find(("layer", i)), ([], []))
+        part[0].append(i)
+        part[1].extend(g for g in gs if g not in part[1])
+    return [(sorted(layers), groups) for layers, groups in parts.values()]
 
 
 def _match(layer_ids: Sequence[int], edges: Mapping[int, list[int]]) -> dict[int, int]:
@@ -559,7 +568,11 @@ def _match(layer_ids: Sequence[int], edges: Mapping[int, list[int]]) -> dict[int
         return False
 
     for i in layer_ids:
-        augment(i, set())
+        free = next((j for j in edges[i] if j not in owner), None)  # a free slot first: no search
+        if free is not None:
+            owner[free] = i
+        else:
+            augment(i, set())
     return {i: j for j, i in owner.items()}
 
 
