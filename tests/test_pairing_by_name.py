@@ -15,7 +15,8 @@ from torch import nn
 
 import weightport
 from weightport import UncheckedConfigWarning
-from weightport.layouts.pairing import SourceLayer, pair_layers
+from weightport.errors import LayoutError
+from weightport.layouts.pairing import SourceLayer, module_slots, pair_layers
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -107,3 +108,122 @@ def test_flax_layers_named_as_the_modules(tmp_path: Path) -> None:
     weightport.load(fresh, tmp_path / "m.msgpack")
     expected = np.asarray(Net().apply(variables, inputs))
     assert np.abs(fresh(torch.from_numpy(inputs)).detach().numpy() - expected).max() < 1e-5
+
+
+# ---- the proofs, one by one, on pair_layers itself ----------------------------------------------------
+
+
+def test_kinds_are_what_a_module_is_and_unknown_kinds_are_never_filled() -> None:
+    class Conv1D(nn.Module):  # transformers' Conv1D: Linear-like, weight stored (in, out)
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(4, 4))
+            self.bias = nn.Parameter(torch.zeros(4))
+
+    attention = nn.MultiheadAttention(4, 2)
+    model = nn.ModuleDict({"attn": attention, "proj": Conv1D()})
+    kinds = {slot.label: slot.kind for slot in module_slots(model)}
+    assert kinds == {"attn": "other:MultiheadAttention", "attn.out_proj": "Linear", "proj": "other:Conv1D"}
+    pairs = pair_layers(model, [SourceLayer("dense", "Linear")], None, framework="Test")
+    assert [(p.slot.label, p.how) for p in pairs] == [("attn.out_proj", "by a unique kind and shape")]
+    with pytest.raises(
+        LayoutError,
+        match=r"the source has 2 unpaired Linear layer\(s\) \(dense, dense_1\) but the model has only 1",
+    ):
+        pair_layers(
+            model, [SourceLayer("dense", "Linear"), SourceLayer("dense_1", "Linear")], None, framework="Test"
+        )
+    with pytest.raises(
+        LayoutError, match=r"the model has no nn.GRU \(it has modules of kinds weightport cannot fill"
+    ):
+        pair_layers(model, [SourceLayer("gru", "GRU")], None, framework="Test")
+
+
+def test_interchangeable_layers_need_a_recorded_order_and_a_call_order() -> None:
+    model = HeadFirst()  # equal shapes; declared head first, called body first
+    layers = [
+        SourceLayer("first", "Linear", order=("model", 0)),
+        SourceLayer("second", "Linear", order=("model", 1)),
+    ]
+    with pytest.raises(LayoutError, match=r"interchangeable.*example_inputs=.*mapping="):
+        pair_layers(model, layers, None, framework="Test")
+    pairs = pair_layers(model, layers, None, framework="Test", call_order={"body": 0, "head": 1})
+    assert [(p.source.name, p.slot.label) for p in pairs] == [("first", "body"), ("second", "head")]
+    assert {p.how for p in pairs} == {"by recorded order (Test) and call order (example_inputs)"}
+    unordered = [SourceLayer("first", "Linear"), SourceLayer("second", "Linear")]
+    with pytest.raises(LayoutError, match=r"does not record the order of these layers"):
+        pair_layers(model, unordered, None, framework="Test", call_order={"body": 0, "head": 1})
+    split = [SourceLayer("a", "Linear", order=("dense", 0)), SourceLayer("b", "Linear", order=("other", 0))]
+    with pytest.raises(LayoutError, match=r"as one sequence"):
+        pair_layers(model, split, None, framework="Test", call_order={"body": 0, "head": 1})
+
+
+def test_a_sequential_nested_in_a_custom_module_gives_no_call_order() -> None:
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+            self.extra = nn.Linear(2, 2)
+
+    layers = [SourceLayer(f"l{i}", "Linear", order=("m", i)) for i in range(2)]
+    pairs = pair_layers(Custom().blocks, layers, None, framework="Test")
+    assert [p.slot.label for p in pairs] == ["0", "1"]
+    with pytest.raises(LayoutError, match=r"the model has 3 modules that could take these 2 layers"):
+        pair_layers(Custom(), layers, None, framework="Test")
+    three = [SourceLayer(f"l{i}", "Linear", order=("m", i)) for i in range(3)]
+    with pytest.raises(LayoutError, match=r"order in which the model calls these modules is not known"):
+        pair_layers(Custom(), three, None, framework="Test")
+
+
+def test_shapes_prove_what_order_cannot() -> None:
+    """B fits one slot by shape and A none: one assignment places both (A's shapes then fail in the plan)."""
+    model = nn.Sequential()
+    model.add_module("wide", nn.Linear(2, 3))
+    model.add_module("narrow", nn.Linear(2, 2))
+    shapes = {0: (5, 5), 1: (2, 2)}
+    layers = [SourceLayer("a", "Linear"), SourceLayer("b", "Linear")]
+    pairs = pair_layers(
+        model, layers, None, framework="T", fits=lambda i, s: tuple(s.module.weight.shape) == shapes[i]
+    )
+    assert [(p.source.name, p.slot.label, p.how) for p in pairs] == [
+        ("a", "wide", "by a unique kind and shape"),
+        ("b", "narrow", "by a unique kind and shape"),
+    ]
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[1][0][-1])
+
+
+def test_a_wrapped_model_is_found_by_name_and_two_are_refused(tmp_path: Path) -> None:
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("h5py")
+    x = keras.Input((5, 3))
+    model = keras.Model(x, keras.layers.Dense(2, name="head")(keras.layers.LSTM(4, name="lstm")(x)))
+    rng = np.random.default_rng(3)
+    model.set_weights([rng.uniform(-0.5, 0.5, w.shape).astype(np.float32) for w in model.get_weights()])
+    model.save(tmp_path / "m.keras")
+    inputs = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    expected = np.asarray(model(inputs))
+
+    class Wrap(nn.Module):
+        def __init__(self, *names: str) -> None:
+            super().__init__()
+            for name in names:
+                self.add_module(name, Net())
+
+    one = Wrap("net")
+    report = weightport.load(one, tmp_path / "m.keras")
+    assert report.scope == "net" and "Loaded into 'net'" in str(report)
+    assert np.abs(one.net(torch.from_numpy(inputs)).detach().numpy() - expected).max() < 1e-5
+    two = Wrap("a", "b")
+    with pytest.raises(LayoutError, match=r"inside each of the submodules 'a', 'b'.*prefix='a.'"):
+        weightport.load(two, tmp_path / "m.keras")
+    weightport.load(two, tmp_path / "m.keras", prefix="b.")
+    assert np.abs(two.b(torch.from_numpy(inputs)).detach().numpy() - expected).max() < 1e-5

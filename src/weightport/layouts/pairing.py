@@ -285,9 +285,16 @@ def pair_layers(
             result[i] = Paired(layer, slot, "mapping=")
     _pair_by_name(layers, slots, result, taken, "")
     if not mapping and not result and layers:
-        inside = _wrapped_scope(layers, slots)
-        if inside is not None:
-            _pair_by_name(layers, slots, result, taken, inside)
+        inside = _wrapped_scopes(layers, slots)
+        if len(inside) > 1:
+            shown = ", ".join(f"'{p}'" for p in inside[:8])
+            raise LayoutError(
+                f"every layer of {where or f'the {framework} source'} pairs by name inside each of the "
+                f"submodules {shown}: they have the same structure, so the source could fill any of them. "
+                f"Fix: pass prefix='{inside[0]}.' (or another of them) to say which."
+            )
+        if inside:
+            _pair_by_name(layers, slots, result, taken, inside[0])
     _Prover(model, layers, slots, result, taken, framework, fits, call_order, where).run()
     return [result[i] for i in range(len(layers))]
 
@@ -317,19 +324,23 @@ def _pair_by_name(
                 break
 
 
-def _wrapped_scope(layers: list[SourceLayer], slots: list[Slot]) -> str | None:
-    """The one submodule inside which every layer pairs by name (``self.m = BertModel(...)``), if one."""
+def _wrapped_scopes(layers: list[SourceLayer], slots: list[Slot]) -> list[str]:
+    """The submodules inside which every layer pairs by name (``self.m = BertModel(...)``)."""
+    layers_at = {slot.path: 0 for slot in slots}
+    for slot in slots:
+        layers_at[slot.path] += 1
     scopes: set[str] | None = None
     for layer in layers:
         here: set[str] = set()
         for path in _name_paths(layer):
             for slot in slots:
-                if slot.kind == layer.kind and slot.layer is None and slot.path.endswith("." + path):
-                    here.add(slot.path[: -len(path) - 1])
+                named = slot.label if layers_at[slot.path] > 1 else slot.path  # 'rnn[1]' in a stack
+                if slot.kind == layer.kind and named.endswith("." + path):
+                    here.add(named[: -len(path) - 1])
         scopes = here if scopes is None else scopes & here
         if not scopes:
-            return None
-    return next(iter(scopes)) if scopes is not None and len(scopes) == 1 else None
+            return []
+    return sorted(scopes or ())
 
 
 class _Prover:
