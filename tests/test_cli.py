@@ -295,3 +295,42 @@ def test_verify_an_onnx_source_without_outputs_runs_it_with_onnxruntime(tmp_path
     assert two.returncode == 2 and "Traceback" not in two.stderr
     assert two.stderr.startswith("weightport: error: 'm.onnx' takes 1 input (")
     assert "but 2 arrays were given" in two.stderr
+
+
+HEAD_FIRST = textwrap.dedent(
+    """
+    import torch
+    class HeadFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3, 3)  # declared first, called last
+            self.body = torch.nn.Linear(3, 3)
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x)))
+    def make():
+        return HeadFirst()
+    """
+)
+
+
+def test_example_inputs_show_the_call_order_and_verify_uses_its_own_inputs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    keras = pytest.importorskip("keras")
+    (tmp_path / "mymodels.py").write_text(HEAD_FIRST)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(3)]
+    )
+    rng = np.random.default_rng(4)
+    model.set_weights([rng.uniform(-0.5, 0.5, w.shape).astype(np.float32) for w in model.get_weights()])
+    model.save(tmp_path / "m.keras")
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", input_0=x)
+    np.savez(tmp_path / "io.npz", input_0=x, output_0=np.asarray(model(x)))
+    refused = run("load", "mymodels:make", str(tmp_path / "m.keras"), cwd=tmp_path)
+    assert refused.returncode == 2 and "interchangeable" in refused.stderr
+    loaded = run(
+        "load", "mymodels:make", str(tmp_path / "m.keras"), "--example-inputs", "in.npz", cwd=tmp_path
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert "by recorded order (Keras) and call order (example_inputs)" in loaded.stdout
+    ok = run("verify", "mymodels:make", str(tmp_path / "m.keras"), "io.npz", "--atol", "1e-5", cwd=tmp_path)
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr

@@ -22,7 +22,7 @@ parameters and copies of its buffers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from torch import nn
 
 from weightport.errors import LayoutError
 
-__all__ = ["call_order", "ExampleInputs"]
+__all__ = ["call_order", "CallOrder", "ExampleInputs"]
 
 ExampleInputs = Any  # a tensor or array, a tuple of them (positional), or a dict (keyword arguments)
 
@@ -53,8 +53,8 @@ def call_order(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, int
         raise LayoutError(
             f"example_inputs: one forward pass of {type(model).__name__}, run to learn the order it calls "
             f"its modules in, failed: {type(error).__name__}: {error}. Fix: pass inputs its "
-            "forward accepts (a tensor, a tuple of positional inputs, or a dict of keyword inputs), or pass "
-            "mapping= to pair the layers yourself."
+            "forward accepts (a tensor, a tuple of positional inputs, or a dict of keyword inputs), or drop "
+            "example_inputs= and pass mapping= to pair the layers yourself."
         ) from error
     finally:
         for handle in handles:
@@ -63,6 +63,42 @@ def call_order(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, int
             if id(module) in flat:  # the swapped-in tensors: put the model's own back
                 module._flat_weights = flat[id(module)]  # type: ignore[assignment]
     return order
+
+
+class CallOrder(Mapping[str, int]):
+    """:func:`call_order` of ``model``, run only when first read (pairing reads it only where layers
+    could be swapped), with paths relative to the submodule at ``prefix``.
+
+    >>> import torch
+    >>> order = CallOrder(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.zeros(1, 2))
+    >>> dict(order.within("0."))  # nothing under '0.' but the Linear itself
+    {}
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: ExampleInputs, prefix: str = "") -> None:
+        self._model, self._inputs, self._prefix = model, example_inputs, prefix
+        self._whole: list[dict[str, int]] = []  # shared by every within(): one forward pass at most
+
+    def within(self, prefix: str) -> CallOrder:
+        view = CallOrder(self._model, self._inputs, prefix)
+        view._whole = self._whole
+        return view
+
+    @property
+    def _order(self) -> dict[str, int]:
+        if not self._whole:
+            self._whole.append(call_order(self._model, self._inputs))
+        p = self._prefix
+        return {path[len(p) :]: n for path, n in self._whole[0].items() if path.startswith(p) and path != p}
+
+    def __getitem__(self, path: str) -> int:
+        return self._order[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
 
 
 def _arguments(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:

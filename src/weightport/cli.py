@@ -109,10 +109,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, dry_run: bool) -> tuple[Any, Any]:
+def _load(args: argparse.Namespace, dry_run: bool, inputs: tuple[Any, ...] | None = None) -> tuple[Any, Any]:
+    """The factory's model, loaded; ``inputs`` (or ``--example-inputs``) show pairing its call order."""
     import weightport
 
     model = load_factory(args.factory)
+    if args.example_inputs:
+        inputs = tuple(_read_io(args.example_inputs)[0])
     report = weightport.load(
         model,
         args.source,
@@ -120,8 +123,26 @@ def _load(args: argparse.Namespace, dry_run: bool) -> tuple[Any, Any]:
         mapping=_mapping(args.map),
         dry_run=dry_run,
         strict=not args.lenient,
+        example_inputs=tuple(inputs) if inputs else None,
     )
     return model, report
+
+
+def _read_io(path: str) -> tuple[list[Any], list[Any]]:
+    """The ``input_N`` and ``output_N`` arrays of an ``.npz``, in order; at least one input."""
+    from weightport.sources import open_source
+
+    where = f"'{os.path.basename(path)}'"
+    with open_source(path) as io:
+        input_names, output_names = _io_names(where, list(io.infos))
+        inputs = [io.read(n) for n in input_names]
+        expected = [io.read(n) for n in output_names]
+    if not inputs:
+        raise UsageError(
+            f"{where} has no arrays named input_N. Fix: save the inputs as input_0, input_1, ... and "
+            "the expected outputs as output_0, output_1, ..."
+        )
+    return inputs, expected
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
@@ -173,19 +194,11 @@ def _io_names(where: str, names: Sequence[str]) -> tuple[list[str], list[str]]:
 def _cmd_verify(args: argparse.Namespace) -> int:
     import weightport
     from weightport.errors import WeightportError
-    from weightport.sources import open_source
 
-    model, _ = _load(args, False)
     where = f"'{os.path.basename(args.io)}'"
-    with open_source(args.io) as io:
-        input_names, output_names = _io_names(where, list(io.infos))
-        inputs = [io.read(n) for n in input_names]
-        expected = [io.read(n) for n in output_names]
-    if not inputs:
-        raise UsageError(
-            f"{where} has no arrays named input_N. Fix: save the inputs as input_0, input_1, ... and "
-            "the expected outputs as output_0, output_1, ..."
-        )
+    inputs, expected = _read_io(args.io)
+    input_names = [f"input_{i}" for i in range(len(inputs))]
+    model, _ = _load(args, False, tuple(inputs))  # the inputs also show pairing the model's call order
     # an ONNX file can be run: with no output_N its own outputs are the expected ones
     against = args.source if not expected and args.source.lower().endswith(".onnx") else None
     try:
@@ -235,6 +248,12 @@ def _parser() -> argparse.ArgumentParser:
             "--map", action="append", metavar="SRC=DST", help="pair a source layer with a module path"
         )
         p.add_argument("--lenient", action="store_true", help="strict=False: skip names on either side")
+        p.add_argument(
+            "--example-inputs",
+            metavar="IO.npz",
+            help="inputs (input_0, input_1, ...) for one forward pass that shows the order the model calls "
+            "its modules in (example_inputs=); verify uses its IO.npz inputs when this is not given",
+        )
 
     load = verbs.add_parser("load", help="load a weights file into a model and save the result")
     model_args(load)

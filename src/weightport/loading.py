@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from weightport.apply import apply_plan
-from weightport.call_order import ExampleInputs, call_order
+from weightport.call_order import CallOrder, ExampleInputs
 from weightport.distributed import ShardedWrite, has_dtensors
 from weightport.distributed import prepare as prepare_sharded
 from weightport.dtypes import describe_dtype
@@ -93,7 +93,7 @@ def plan_load(
     """
     root = unwrap(module)
     scope, prefix_ = _scope(root, prefix)
-    order = None if example_inputs is None else call_order(root, example_inputs)
+    order = None if example_inputs is None else CallOrder(root, example_inputs)  # run only if needed
     layout_module = get_layout(layout or detect_layout(source))
     layout_plan = layout_module.plan(scope, source, mapping, call_order=_within(order, prefix_))
     if layout_plan.scope:  # every layer pairs by name inside one submodule (a wrapped model): load into it
@@ -121,11 +121,9 @@ def plan_load(
     return plan
 
 
-def _within(order: dict[str, int] | None, prefix: str) -> dict[str, int] | None:
+def _within(order: CallOrder | None, prefix: str) -> CallOrder | None:
     """A call order of the whole model, with paths relative to the submodule at ``prefix``."""
-    if order is None or not prefix:
-        return order
-    return {path[len(prefix) :]: n for path, n in order.items() if path.startswith(prefix)}
+    return None if order is None else order.within(prefix)
 
 
 def _unknown_allowed(plan: Plan, allowed: Collection[str]) -> list[Problem]:
@@ -255,7 +253,7 @@ def load(
             positional inputs, or a dict of keyword inputs), run on meta tensors to learn
             the order the model calls its submodules in; pairing matches it with the
             order a framework file records where layers of one kind and shape could
-            otherwise be swapped. The module is not changed by it.
+            otherwise be swapped (the pass runs only then). The module is not changed by it.
 
     Returns:
         A :class:`LoadReport`; printing it shows the plan as a table.
