@@ -81,7 +81,7 @@ BAD_INPUTS = {
     "unknown name": (
         {"weight": np.ones((2, 3)), "bias": np.zeros(2), "bais": np.zeros(2)},
         "'bais'",
-        "did you mean 'bias'",
+        "remove it (it looks like 'bias', which the source gives already), or pass strict=False",
     ),
     "missing name": ({"weight": np.ones((2, 3))}, "'bias'", "add it to the source"),
     "misspelt name": ({"weight": np.ones((2, 3)), "bia": np.zeros(2)}, "'bias'", "rename it to 'bias'"),

@@ -106,33 +106,54 @@ def _owner(module: nn.Module, name: str) -> nn.Module:
     return module.get_submodule(path) if path else module
 
 
-_LEFT_OVER = (
-    "give it the name of the module tensor it holds (converted to that tensor's layout), pass mapping= to "
-    "place its layer, or remove it if the model does not use it; not strict=False: the module also lacks "
-    "values, and this may be one of them in a form weightport does not map"
+# Why strict=False alone is no fix where both sides have tensors left over, seen from each side.
+_MODULE_LACKS = (
+    "not strict=False alone: the module also lacks values, and this may be one of them in a form weightport "
+    "does not map"
+)
+_SOURCE_HOLDS = (
+    "not strict=False alone: the source also holds tensors no rule reads, and one of them may be this tensor "
+    "in a form weightport does not map"
 )
 
 
-def _left_over_on_both_sides(
-    tensors: Mapping[str, torch.Tensor], optional: Collection[str], layout: LayoutPlan
-) -> bool:
-    planned = {id(tensors[r.target]) for r in layout.rules if r.target in tensors}
-    lacking = any(
-        id(t) not in planned and not is_lazy(t) and name not in optional for name, t in tensors.items()
+def _left_over(name: str, torch_names: bool) -> str:
+    """The fix for a source tensor no rule reads while the module also lacks values."""
+    if torch_names:  # state-dict names: a name is all it takes
+        return (
+            f"give it the name of the module tensor it holds, converted to that tensor's layout "
+            f"(mapping={{'{name}': 'module.tensor'}} renames it), or remove it if the model does not use it; "
+            f"{_MODULE_LACKS}"
+        )
+    return (
+        "pass mapping= to place its layer; if weightport has no rule for that layer, load the rest with "
+        "strict=False, then this tensor, converted to the layout of the module tensor it holds: "
+        f"weightport.load(model, {{'module.tensor': array}}, strict=False); {_MODULE_LACKS}"
     )
+
+
+def _lacking(tensors: Mapping[str, torch.Tensor], optional: Collection[str], layout: LayoutPlan) -> list[str]:
+    """The module tensors no rule gives a value (lazy and non-persistent ones aside)."""
+    planned = {id(tensors[r.target]) for r in layout.rules if r.target in tensors}
+    return [n for n, t in tensors.items() if id(t) not in planned and not is_lazy(t) and n not in optional]
+
+
+def _stray(tensors: Mapping[str, torch.Tensor], layout: LayoutPlan) -> bool:
+    """Whether the source has tensors that no module tensor takes."""
     used = {s for r in layout.rules for s in r.sources}
-    stray = any(r.target not in tensors for r in layout.rules) or any(n not in used for n in layout.unmatched)
-    return lacking and stray
+    return any(r.target not in tensors for r in layout.rules) or any(n not in used for n in layout.unmatched)
 
 
-def _suggest(name: str, candidates: Collection[str], both_sides: bool = False) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+def _suggest(name: str, lacking: list[str], given: Collection[str], torch_names: bool) -> str:
+    # only names still without a value: renaming onto a given one would replace that value
+    close = difflib.get_close_matches(name, lacking, n=3, cutoff=0.6)
     if close:
-        skip = "" if both_sides else ", or pass strict=False to skip it"
-        return "did you mean " + " or ".join(f"'{c}'" for c in close) + f"? Rename it{skip}"
-    if both_sides:
-        return _LEFT_OVER
-    return "remove it, or pass strict=False to skip names the module does not have"
+        return "did you mean " + " or ".join(f"'{c}'" for c in close) + "? Rename it"
+    if lacking:
+        return _left_over(name, torch_names)
+    alike = difflib.get_close_matches(name, list(given), n=1, cutoff=0.6)
+    looks = f" (it looks like '{alike[0]}', which the source gives already)" if alike else ""
+    return f"remove it{looks}, or pass strict=False to skip names the module does not have"
 
 
 def _parametrized_hint(name: str, names: Collection[str]) -> str | None:
@@ -166,8 +187,10 @@ def build_plan(
     targeted: set[int] = set()
     seen_targets: set[str] = set()
     # Tensors on both sides left over: a source tensor may be a module tensor in a form no rule maps
-    # (a packed in_proj_bias, a cls_token under another name), so no fix may say strict=False.
-    both_sides = _left_over_on_both_sides(tensors, optional, layout)
+    # (a packed in_proj_bias, a cls_token under another name), so no fix may say strict=False alone.
+    lacking = _lacking(tensors, optional, layout)
+    both_sides = bool(lacking) and _stray(tensors, layout)
+    torch_names = layout.layout == "torch"
 
     for rule in layout.rules:
         target = rule.target
@@ -178,7 +201,7 @@ def build_plan(
         seen_targets.add(target)
         if target not in tensors:
             if strict:
-                hint = _parametrized_hint(target, tensors) or _suggest(target, tensors, both_sides)
+                hint = _parametrized_hint(target, tensors) or _suggest(target, lacking, tensors, torch_names)
                 problems.append(
                     Problem(full, "a name the module has", f"an unknown name from {_origin(rule)}", hint)
                 )
@@ -208,9 +231,9 @@ def build_plan(
                         name,
                         "a tensor the layout can place",
                         f"'{name}' in {source.description}",
-                        _LEFT_OVER
+                        _left_over(name, torch_names)
                         if both_sides
-                        else "pass strict=False to skip it, or mapping= to place its layer",
+                        else "pass strict=False to skip it: the module has a value for every tensor without it",
                     )
                 )
             else:
@@ -243,7 +266,11 @@ def build_plan(
                     f"nothing in {source.description}",
                     _missing_hint(name, layout.missing_hints)
                     or _suggest_missing(
-                        name, [r.target for r in layout.rules if r.target not in tensors], both_sides
+                        name,
+                        prefix + name,
+                        [r.target for r in layout.rules if r.target not in tensors],
+                        both_sides,
+                        torch_names,
                     ),
                 )
             )
@@ -268,17 +295,22 @@ def _missing_hint(name: str, hints: dict[str, str]) -> str | None:
     return hints.get(module)
 
 
-def _suggest_missing(name: str, unknown: list[str], both_sides: bool = False) -> str:
+def _suggest_missing(name: str, full: str, unknown: list[str], both_sides: bool, torch_names: bool) -> str:
     close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.6)
     if close:
         return f"the source has '{close[0]}': rename it to '{name}'"
-    if both_sides:
+    if not both_sides:
+        return "add it to the source, or pass strict=False to leave it as it is"
+    if torch_names:
         return (
-            "add it to the source under this name (converted to this tensor's layout), or pass mapping= to "
-            "place its layer; not strict=False: the source also holds tensors no rule reads, and one of them "
-            "may be this tensor in a form weightport does not map"
+            "add it to the source under this name, converted to this tensor's layout (mapping={'source name': "
+            f"'{name}'}} renames a source tensor to it); {_SOURCE_HOLDS}"
         )
-    return "add it to the source, or pass strict=False to leave it as it is"
+    return (
+        "pass mapping= to place the source layer that holds it; if weightport has no rule for that layer, load "
+        "the rest with strict=False, then this tensor, converted to its layout: "
+        f"weightport.load(model, {{'{full}': array}}, strict=False); {_SOURCE_HOLDS}"
+    )
 
 
 def _origin(rule: Rule) -> str:

@@ -41,7 +41,10 @@ def get_layout(name: str) -> ModuleType:
     try:
         path = _REGISTRY[name]
     except KeyError:
-        raise LayoutError(f"unknown layout '{name}'; choose one of {', '.join(layout_names())}") from None
+        raise LayoutError(
+            f"unknown layout '{name}'. Fix: pass layout= one of {', '.join(map(repr, layout_names()))}, or leave "
+            "it out (weightport reads it from the file)."
+        ) from None
     try:
         return importlib.import_module(path)
     except ModuleNotFoundError as e:

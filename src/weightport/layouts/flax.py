@@ -705,8 +705,9 @@ def plan(
         unchecked=_unchecked(list(zip(layers, paired))),
         missing_hints={
             pair.slot.path: "Flax keeps a BatchNorm's running statistics in the batch_stats collection, which "
-            "this source lacks: save the whole variables dict ({'params': ..., 'batch_stats': ...}), or pass "
-            "strict=False to keep the module's own"
+            "this source lacks: save the whole variables dict ({'params': ..., 'batch_stats': ...}); only if "
+            "the Flax model's were never updated (both start at mean 0, var 1), pass strict=False to keep the "
+            "module's own"
             for layer, pair in zip(layers, paired)
             if layer.kind == "BatchNorm" and not set(_STATS) & set(layer.leaves)
         },

@@ -687,8 +687,7 @@ def _refusals(found: _Resolved, part: _Part, cfg: Mapping[str, Any]) -> list[str
             "the 'backward' one reads it forwards; a bidirectional PyTorch module runs its first direction "
             "forwards and realigns the reverse one, so the halves of the output are swapped (and, with "
             "return_sequences, flipped in time). Fix: rebuild the Keras layer with go_backwards=False (the "
-            "default) and retrain, or load the two layers into two one-way modules with mapping= and "
-            "combine their outputs as Keras does."
+            "default) and retrain."
         )
     if kind == "LayerNorm" and cfg.get("rms_scaling"):
         out.append(
@@ -699,8 +698,8 @@ def _refusals(found: _Resolved, part: _Part, cfg: Mapping[str, Any]) -> list[str
     if kind in ("BatchNorm", "LayerNorm") and not cfg.get("scale", True) and cfg.get("center", True):
         out.append(
             f"{label} has scale=False but center=True: PyTorch norms have a weight whenever they have a bias, and "
-            "the transforms cannot make the ones it needs. Fix: set the module's weight to 1 after loading "
-            "the rest with strict=False."
+            "the transforms cannot make the ones it needs. Fix: rebuild the Keras layer with scale=True, set its "
+            "gamma to ones (which computes the same), copy the other weights over, save it and load that file."
         )
     return out
 

@@ -324,15 +324,15 @@ def _unmapped_hints(
             why.setdefault(
                 "Embedding",
                 f"Gather node '{node.label}' takes entries of the stored table '{first}' along axis "
-                f"{node.attr('axis', 0)}, while nn.Embedding looks up rows (axis 0): the output's axes differ. "
-                "Fix: store the table transposed and gather along axis 0, or index the tensor in forward()",
+                f"{node.attr('axis', 0)}, while nn.Embedding looks up rows (axis 0): the output's axes differ: "
+                "store the table transposed and gather along axis 0, or index the tensor in forward()",
             )
         if second and len(source.infos[second].shape) > 2:
             why.setdefault(
                 "Linear",
                 f"MatMul node '{node.label}' multiplies by the stored {len(source.infos[second].shape)}-D "
                 f"tensor '{second}' {source.infos[second].shape}, a batched product with one matrix per "
-                "leading index, not one nn.Linear. Fix: hold it as an nn.Parameter and load it with "
+                "leading index, not one nn.Linear: hold it as an nn.Parameter and load it with "
                 "layout='torch' under its own name, or use torch.matmul in forward()",
             )
     for slot in module_slots(module):

@@ -231,10 +231,15 @@ def _resolve(target: str, slots: list[Slot], source: SourceLayer) -> Slot:
                 f"mapping '{source.name}' -> '{target}': '{target}' has {len(found)} layers. "
                 f"Fix: name one, e.g. '{path}[0]' ... '{path}[{len(found) - 1}]'."
             )
-    candidates = ", ".join(s.label for s in slots if s.kind == source.kind) or "none"
+    candidates = [s.label for s in slots if s.kind == source.kind]
+    fix = (
+        f"map it to one of those, by its path: mapping={{'{source.name}': '{candidates[0]}'}}"
+        if candidates
+        else f"build the model with the {torch_class(source.kind)} this layer needs"
+    )
     raise LayoutError(
         f"mapping '{source.name}' -> '{target}': no module with parameters at '{target}'. "
-        f"Candidates of kind {source.kind}: {candidates}."
+        f"Candidates of kind {source.kind}: {', '.join(candidates) or 'none'}. Fix: {fix}."
     )
 
 
@@ -264,8 +269,11 @@ def pair_layers(
     unknown = sorted(set(mapping) - {layer.name for layer in layers})
     if unknown:
         raise LayoutError(
-            f"mapping names {', '.join(repr(u) for u in unknown)}, which the {framework} source does not have. "
-            f"Its layers: {', '.join(layer.name for layer in layers) or 'none'}."
+            f"mapping names {', '.join(repr(u) for u in unknown)}, which is not one of the layers of "
+            f"{where or f'the {framework} source'} that weightport maps: "
+            f"{', '.join(layer.name for layer in layers) or 'none'}. Fix: key mapping= by those names "
+            "(weightport inspect FILE lists the source's layers); a layer of a class weightport has no rule "
+            "for cannot be mapped: load its arrays yourself, under the module's names."
         )
     taken: set[str] = set()
     result: dict[int, Paired] = {}
@@ -280,7 +288,10 @@ def pair_layers(
                 )
             if slot.label in taken:
                 other = next(p.source.name for p in result.values() if p.slot.label == slot.label)
-                raise LayoutError(f"mapping sends both '{other}' and '{layer.name}' to '{slot.label}'")
+                raise LayoutError(
+                    f"mapping sends both '{other}' and '{layer.name}' to '{slot.label}'. "
+                    "Fix: map each source layer to a module of its own."
+                )
             taken.add(slot.label)
             result[i] = Paired(layer, slot, "mapping=")
     _pair_by_name(layers, slots, result, taken, "")
@@ -469,21 +480,37 @@ class _Prover:
                     f"the source holds {what} and the model has no free {torch_class(kind)} left "
                     f"(all taken: {', '.join(taken[:8])}{' ...' if len(taken) > 8 else ''})"
                 )
-        fix = (
-            "Fix: build the model with the module each of these layers needs, or load into the part of the "
-            "model that matches with prefix=; a layer the model should not take can be left out of the source."
-        )
+        fix = f"Fix: build the model with the module each of these layers needs; {self._leave_out()}."
         return f"{self.where} cannot be paired with the model: " + "; ".join(lines) + ". " + fix
+
+    def _leave_out(self) -> str:
+        """How to load a source without the layers the model should not take (weightport skips none)."""
+        if self.framework in ("Keras", "Flax"):
+            return (
+                "a layer the model should not take is left out by loading the source's other arrays as a dict "
+                f"(read with weightport.open_source) with layout='{self.framework.lower()}'"
+            )
+        return (
+            "a layer the model should not take must be left out of the source (export the model without it)"
+        )
 
     def _too_few(self, layer_ids: list[int], slot_ids: list[int]) -> str:
         kinds = sorted({self.layers[i].kind for i in layer_ids})
         names = ", ".join(self.layers[i].name for i in layer_ids[:12])
         free = ", ".join(self.slots[j].describe_with_shape() for j in slot_ids[:12]) or "none"
+        # as many free modules of their kinds as layers, some of other shapes: pairing by hand shows which differ
+        waiting = [i for i in self.waiting if self.layers[i].kind in kinds]
+        if len([j for j in self.free if self.slots[j].kind in kinds]) >= len(waiting):
+            fix = (
+                f"build the model with one module per source layer, or pass "
+                f"mapping={{'{self.layers[layer_ids[0]].name}': 'module.path'}} to pair them yourself"
+            )
+        else:
+            fix = f"build the model with one module per source layer; {self._leave_out()}"
         return (
             f"cannot pair {self.framework} layers with the model: the source has {len(layer_ids)} unpaired "
             f"{'/'.join(kinds)} layer(s) ({names}) but the model has only {len(slot_ids)} free module(s) that "
-            f"can take them ({free}). Fix: build the model with one module per source layer, or pass "
-            f"mapping={{'{self.layers[layer_ids[0]].name}': 'module.path'}} to pair them yourself."
+            f"can take them ({free}). Fix: {fix}."
         )
 
     def _interchangeable(self, layer_ids: list[int], slot_ids: list[int]) -> str:
@@ -492,6 +519,7 @@ class _Prover:
         slots = ", ".join(self.slots[j].describe_with_shape() for j in slot_ids[:12]) + (
             " ..." if len(slot_ids) > 12 else ""
         )
+        call_order_settles = False  # only one recorded order of these layers, one module each, can be matched
         if any(layer.order is None for layer in layers):
             why = f"{self.where} does not record the order of these layers (a file's key order is not one)"
         elif len({layer.order[0] for layer in layers if layer.order is not None}) > 1:
@@ -501,18 +529,25 @@ class _Prover:
             )
         elif len(layer_ids) != len(slot_ids):
             why = f"the model has {len(slot_ids)} modules that could take these {len(layer_ids)} layers"
+        elif self.call_order is not None:
+            why = "the forward pass on example_inputs= does not call each of these modules in an order that fits"
         else:
+            call_order_settles = True
             why = (
                 "the order in which the model calls these modules is not known (only an nn.Sequential's and "
                 "a multi-layer RNN's are, by construction)"
             )
-        first = layers[0].name
+        by_hand = f"mapping={{'{layers[0].name}': 'module.path', ...}} to pair them yourself"
+        fix = (
+            f"pass example_inputs= (inputs for one forward pass, which shows the order the model calls its "
+            f"modules in), or {by_hand}"
+            if call_order_settles
+            else f"pass {by_hand}"
+        )
         return (
             f"cannot prove which module each {self.framework} layer fills: the layers {names} and the modules "
             f"{slots} are interchangeable (same kind and shape), and {why}. Pairing them by declaration order "
-            f"could cross them silently. Fix: pass example_inputs= (inputs for one forward pass, which shows "
-            f"the order the model calls its modules in), or mapping={{'{first}': 'module.path', ...}} to "
-            "pair them yourself."
+            f"could cross them silently. Fix: {fix}."
         )
 
 
