@@ -74,17 +74,16 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from weightport.errors import LayoutError, UnsupportedConfigError, WeightportError
+from weightport.errors import LayoutError, UnsupportedConfigError
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.pairing import (
     Paired,
     Slot,
     SourceLayer,
     as_pairings,
+    fits_by_rules,
     module_slots,
     pair_layers,
-    rules_fit,
-    target_shapes,
     wrapped_scope,
 )
 from weightport.sources.base import Source
@@ -664,26 +663,19 @@ def plan(
         )
         for layer in layers
     ]
-    shapes = target_shapes(module)
 
-    def fits(i: int, slot: Slot) -> bool:
+    def rules_for(i: int, slot: Slot) -> list[Rule]:
         layer, pair = layers[i], Paired(wanted[i], slot, "")
-        try:
-            rules = (
-                _cell_rules(layer, pair, source)
-                if layer.cell is not None
-                else _plain_rules(layer, pair, source)
-            )
-        except WeightportError:
-            return False
-        return rules_fit(rules, source, shapes)
+        return (
+            _cell_rules(layer, pair, source) if layer.cell is not None else _plain_rules(layer, pair, source)
+        )
 
     paired = pair_layers(
         module,
         wanted,
         mapping,
         framework=FRAMEWORK,
-        fits=fits,
+        fits=fits_by_rules(module, source, rules_for),
         call_order=call_order,
         where=source.description,
     )

@@ -74,15 +74,14 @@ from typing import Any, cast
 import numpy as np
 from torch import nn
 
-from weightport.errors import LayoutError, LoadError, Problem, UnsupportedConfigError, WeightportError
+from weightport.errors import LayoutError, LoadError, Problem, UnsupportedConfigError
 from weightport.layouts.base import LayoutPlan, Pairing, Rule
 from weightport.layouts.pairing import (
     Slot,
     SourceLayer,
+    fits_by_rules,
     module_slots,
     pair_layers,
-    rules_fit,
-    target_shapes,
     wrapped_scope,
 )
 from weightport.sources.base import Source
@@ -472,17 +471,12 @@ def plan(
             resolved.append(found)
     if not resolved:
         _refuse_whole_model_layer(layers, where)
-    shapes = target_shapes(module)
 
-    def fits(i: int, slot: Slot) -> bool:
+    def rules_for(i: int, slot: Slot) -> list[Rule] | None:
         found = resolved[i]
         if (len(found.parts) == 2) != slot.bidirectional:
-            return False
-        try:
-            rules = [r for part in found.parts for r in _part_rules(found, part, slot, source)]
-        except WeightportError:
-            return False
-        return rules_fit(rules, source, shapes)
+            return None
+        return [r for part in found.parts for r in _part_rules(found, part, slot, source)]
 
     pairs = pair_layers(
         module,
@@ -498,7 +492,7 @@ def plan(
         ],
         mapping,
         framework="Keras",
-        fits=fits,
+        fits=fits_by_rules(module, source, rules_for),
         call_order=call_order,
         where=where,
     )

@@ -94,11 +94,10 @@ from weightport.layouts.pairing import (
     Slot,
     SourceLayer,
     as_pairings,
+    fits_by_rules,
     module_slots,
     pair_layers,
-    rules_fit,
     slot_kind,
-    target_shapes,
     wrapped_scope,
 )
 from weightport.sources.base import Source
@@ -250,7 +249,6 @@ def plan(
     validated: set[str] = set()
     layers = _find_layers(nodes, source, issues, validated)
     issues.raise_if_any(target)
-    shapes = target_shapes(module)
     wanted = [
         SourceLayer(
             lay.node.label,
@@ -262,10 +260,10 @@ def plan(
         for lay in layers
     ]
 
-    def fits(i: int, slot: Slot) -> bool:
+    def rules_for(i: int, slot: Slot) -> list[Rule] | None:
         trial = _Issues(source.description)
         rules = _layer_rules(layers[i], Paired(wanted[i], slot, ""), source, trial, set(), [])
-        return not trial.messages and rules_fit(rules, source, shapes)
+        return None if trial.messages else rules
 
     try:
         paired = pair_layers(
@@ -273,7 +271,7 @@ def plan(
             wanted,
             mapping,
             framework=FRAMEWORK,
-            fits=fits,
+            fits=fits_by_rules(module, source, rules_for),
             call_order=call_order,
             where=source.description,
         )

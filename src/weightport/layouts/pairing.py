@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from weightport.errors import LayoutError
+from weightport.errors import LayoutError, WeightportError
 from weightport.layouts.base import Pairing, Rule
 from weightport.sources.base import Source
 
@@ -59,6 +59,7 @@ __all__ = [
     "slot_kind",
     "as_pairings",
     "rules_fit",
+    "fits_by_rules",
     "target_shapes",
     "torch_class",
     "wrapped_scope",
@@ -195,6 +196,24 @@ def module_slots(model: nn.Module) -> list[Slot]:
 def target_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor of ``model``'s state dict (meta tensors included), by name."""
     return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def fits_by_rules(
+    model: nn.Module, source: Source, rules_for: Callable[[int, Slot], list[Rule] | None]
+) -> Fits:
+    """A ``fits`` for :func:`pair_layers` from a layout's own rule builder: layer ``i`` fits ``slot``
+    where its rules there build (``None`` or a :class:`WeightportError`: they do not) and give every
+    target its shape."""
+    shapes = target_shapes(model)
+
+    def fits(i: int, slot: Slot) -> bool:
+        try:
+            rules = rules_for(i, slot)
+        except WeightportError:
+            return False
+        return rules is not None and rules_fit(rules, source, shapes)
+
+    return fits
 
 
 def rules_fit(rules: Iterable[Rule], source: Source, shapes: Mapping[str, tuple[int, ...]]) -> bool:
