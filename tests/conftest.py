@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from weightport.export import tensor_to_numpy
+from weightport.tensors import numpy_of
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, tuple[bytes, str, tuple[int, ...], int]]:
     """Bytes, dtype, shape and identity of every state-dict tensor."""
     return {
-        name: (tensor_to_numpy(t).tobytes(), str(t.dtype), tuple(t.shape), id(t))
+        name: (numpy_of(t, copy=True).tobytes(), str(t.dtype), tuple(t.shape), id(t))
         for name, t in module.state_dict(keep_vars=True).items()
     }
 
@@ -29,5 +29,5 @@ def random_state(module: torch.nn.Module, rng: np.random.Generator) -> dict[str,
         if tensor.is_floating_point():
             out[name] = rng.uniform(-1, 1, tuple(tensor.shape))
         else:
-            out[name] = tensor_to_numpy(tensor)
+            out[name] = numpy_of(tensor, copy=True)
     return out

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from weightport.copying import copy_into
-from weightport.dtypes import tensor_as_numpy
 from weightport.errors import LoadError, Problem, SourceError
 from weightport.plan import Entry, Plan, value_problem
 from weightport.sources.base import Source
 from weightport.sources.files import byte_view, read_exact
 from weightport.staging import Stager
+from weightport.tensors import numpy_of
 from weightport.transforms import Identity, view_pieces
 from weightport.values import find_bad_values
 
@@ -61,7 +61,7 @@ def host_view(tensor: torch.Tensor) -> np.ndarray | None:
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_meta:
         return None
     try:
-        return tensor_as_numpy(tensor.detach())  # bfloat16 and float8 through ml_dtypes
+        return numpy_of(tensor)  # bfloat16 and float8 through ml_dtypes
     except (TypeError, RuntimeError):
         return None
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from weightport.dtypes import as_torch, to_torch_dtype
+from weightport.tensors import as_torch, to_torch_dtype
 
 try:
     from weightport import _transpose

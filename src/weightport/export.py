@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import torch
 from torch import nn
 
-from weightport.dtypes import BFLOAT16, ML_FLOATS, holds_all, tensor_as_numpy
+from weightport.dtypes import BFLOAT16, ML_FLOATS, holds_all
 from weightport.errors import SourceError
+from weightport.tensors import numpy_of
 
 __all__ = [
     "to_numpy",
@@ -74,16 +74,9 @@ SAFETENSORS_REFUSED: dict[str, str] = {
 _CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A NumPy copy of ``tensor`` (any device; bfloat16 and float8 through ml_dtypes, bit for bit)."""
-    if tensor.is_meta:
-        raise SourceError("a tensor on the meta device has no values to export; load or initialize it first")
-    return tensor_as_numpy(tensor.detach().to("cpu").contiguous()).copy()
-
-
 def to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
     """Every tensor of ``module.state_dict()`` as a NumPy copy, by state-dict name."""
-    return {name: tensor_to_numpy(t) for name, t in module.state_dict().items()}
+    return {name: numpy_of(t, copy=True) for name, t in module.state_dict().items()}
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:

@@ -54,8 +54,9 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from weightport.errors import LayoutError, LoadError
-from weightport.loading import load, unwrap
+from weightport.loading import load
 from weightport.report import LoadReport
+from weightport.tensors import unwrap
 from weightport.transforms import ReorderBlocks
 
 __all__ = ["SCHEMES", "init", "init_arrays"]

@@ -28,9 +28,9 @@ from weightport.distributed import ShardedWrite, has_dtensors
 from weightport.distributed import prepare as prepare_sharded
 from weightport.dtypes import describe_dtype
 from weightport.errors import LoadError, Problem, SourceError, UncheckedConfigWarning
-from weightport.folded import folded_batchnorms
 from weightport.layouts import detect_layout, get_layout
 from weightport.layouts.base import Pairing, Rule
+from weightport.layouts.folded import folded_batchnorms
 from weightport.layouts.pairing import module_slots
 from weightport.plan import NonFinite, Plan, build_plan, check_values
 from weightport.report import LoadReport, ReportRow
@@ -372,7 +372,7 @@ def _report(plan: Plan, source: Source, module: nn.Module, dry_run: bool) -> Loa
     return LoadReport(
         module=_describe(module),
         source=source.description,
-        layout=plan.layout.layout,
+        layout=plan.layout.name,
         make_rows=partial(_rows, facts),
         ignored=list(plan.ignored),
         missing=list(plan.missing),

@@ -30,8 +30,8 @@ from weightport import values
 from weightport.dtypes import describe_dtype
 from weightport.errors import Problem
 from weightport.layouts.base import LayoutPlan, Rule
-from weightport.shapes import explain_shape
 from weightport.sources.base import Source, TensorInfo
+from weightport.torch_facts import explain_shape
 
 __all__ = ["Entry", "Plan", "build_plan", "check_values", "NonFinite", "value_problem", "allowed_nonfinite"]
 
@@ -190,7 +190,7 @@ def build_plan(
     # (a packed in_proj_bias, a cls_token under another name), so no fix may say strict=False alone.
     lacking = _lacking(tensors, optional, layout)
     both_sides = bool(lacking) and _stray(tensors, layout)
-    torch_names = layout.layout == "torch"
+    torch_names = layout.name == "torch"
 
     for rule in layout.rules:
         target = rule.target

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from weightport.errors import LayoutError
-from weightport.loading import unwrap
+from weightport.tensors import unwrap
+from weightport.torch_facts import rnn_param
 
 __all__ = ["forward", "SUPPORTED"]
 
@@ -242,10 +243,8 @@ def _run(
 
 
 def _layer_weights(module: nn.RNNBase, layer: int, *, reverse: bool, dtype: np.dtype) -> _Weights:
-    suffix = f"_l{layer}{'_reverse' if reverse else ''}"
-
     def get(param: str) -> np.ndarray | None:
-        tensor = getattr(module, param + suffix, None)
+        tensor = getattr(module, rnn_param(param, layer, reverse=reverse), None)
         return None if tensor is None else _param(tensor, dtype)
 
     w_ih, w_hh = get("weight_ih"), get("weight_hh")

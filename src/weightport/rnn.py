@@ -21,22 +21,22 @@ import numpy as np
 from torch import nn
 
 from weightport.errors import LoadError, Problem
-from weightport.export import tensor_to_numpy
-from weightport.loading import load, unwrap
+from weightport.loading import load
 from weightport.plan import NonFinite
 from weightport.report import LoadReport
-from weightport.shapes import describe_module
+from weightport.tensors import numpy_of, unwrap
+from weightport.torch_facts import RNN_GATES, RNN_ROLES, describe_module, rnn_kind, rnn_param
 
 __all__ = ["GATES", "gates_of", "param_name", "set_layer", "get_layer"]
 
-GATES = {"RNN": ("",), "LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n")}
-ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+GATES = RNN_GATES  # gate letters by kind, in PyTorch's order
+ROLES = RNN_ROLES
 
 
 def _kind(module: nn.Module) -> str:
-    for kind in ("LSTM", "GRU", "RNN"):
-        if type(module).__name__.startswith(kind) and isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-            return kind
+    kind = rnn_kind(module)
+    if kind is not None:
+        return kind
     raise TypeError(
         f"{type(module).__name__} is not an nn.RNN, nn.LSTM, nn.GRU or one of their cells; "
         "use weightport.load with state-dict names for other modules"
@@ -68,7 +68,7 @@ def param_name(module: nn.Module, role: str, layer: int = 0, *, reverse: bool = 
             raise ValueError(f"layer {layer} does not exist: {desc} has num_layers={module.num_layers}")
         if reverse and not module.bidirectional:
             raise ValueError(f"reverse=True needs a bidirectional module; {desc} is not")
-        name = f"{role}_l{layer}{'_reverse' if reverse else ''}"
+        name = rnn_param(role, layer, reverse=reverse)
     if role.startswith("bias") and not getattr(module, "bias", True):
         raise ValueError(f"{desc} was built with bias=False: it has no '{name}'")
     if role == "weight_hr" and not getattr(module, "proj_size", 0):
@@ -129,7 +129,7 @@ def _assemble(
             )
         )
     else:
-        current = tensor_to_numpy(tensor).astype(np.float64)
+        current = numpy_of(tensor, copy=True).astype(np.float64)
     ok = current is not None
     for letter, part in value.items():
         array = np.asarray(part)
@@ -225,7 +225,7 @@ def get_layer(
             if role.startswith("bias") or role == "weight_hr":
                 continue
             raise
-        array = tensor_to_numpy(getattr(module, name))
+        array = numpy_of(getattr(module, name), copy=True)
         if gates and role != "weight_hr" and letters != ("",):
             block = array.shape[0] // len(letters)
             out[role] = {g: array[i * block : (i + 1) * block].copy() for i, g in enumerate(letters)}

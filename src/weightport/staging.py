@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightport.dtypes import to_numpy_dtype
+from weightport.tensors import to_numpy_dtype
 
 __all__ = ["Stager", "DEFAULT_BUFFER_BYTES"]
 

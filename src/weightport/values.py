@@ -29,20 +29,14 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from weightport.dtypes import (
-    ML_FLOATS,
-    NON_NUMERIC_KINDS,
-    as_torch,
-    holds_all,
-    is_float,
-    is_numeric,
-    to_numpy_dtype,
-    to_torch_dtype,
-)
+from weightport.dtypes import NON_NUMERIC_KINDS, holds_all, is_float, is_numeric, ml_floats
+from weightport.tensors import as_torch, to_numpy_dtype, to_torch_dtype
 
 __all__ = ["cast_kind", "find_bad_values"]
 
-_FLOAT8 = frozenset(d for d in ML_FLOATS if d.itemsize == 1)
+
+def _is_float8(dtype: np.dtype) -> bool:
+    return dtype.itemsize == 1 and dtype.isbuiltin == 2 and dtype in ml_floats()
 
 
 @functools.lru_cache(maxsize=256)
@@ -78,7 +72,7 @@ def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
         if src_float:
             if holds_all(source.newbyteorder("="), dst):
                 return "finite", None
-            return ("exact" if dst in _FLOAT8 else "range"), None
+            return ("exact" if _is_float8(dst) else "range"), None
         info = ml_dtypes.finfo(dst)
         if float(info.min) >= 0:  # float8_e8m0fnu: powers of two only, no zero, no sign
             return "exact", None
@@ -103,7 +97,7 @@ def find_bad_values(array: np.ndarray, target: torch.dtype, check: str, allow_no
     """A short description of the values of ``array`` that cannot go into ``target``, or None."""
     if array.size == 0 or check == "none":
         return None
-    if check == "exact" and to_numpy_dtype(target) in _FLOAT8:
+    if check == "exact" and _is_float8(to_numpy_dtype(target)):
         return _inexact_float8(array, target, allow_nonfinite)
     tensor = as_torch(array)
     if check in ("finite", "range"):

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from weightport.errors import MissingDependencyError, SourceError, VerifyError
-from weightport.export import tensor_to_numpy
-from weightport.loading import unwrap
+from weightport.tensors import numpy_of, unwrap
 
 __all__ = ["OutputCheck", "VerifyReport", "verify", "flatten_outputs"]
 
@@ -84,7 +83,7 @@ def flatten_outputs(outputs: Any) -> list[np.ndarray]:
     if isinstance(outputs, (tuple, list)):
         return [a for item in outputs for a in flatten_outputs(item)]
     if isinstance(outputs, torch.Tensor):
-        return [tensor_to_numpy(outputs)]
+        return [numpy_of(outputs, copy=True)]
     return [np.asarray(outputs)]
 
 
@@ -240,7 +239,7 @@ def _run_onnx(path: Path, args: tuple[Any, ...]) -> tuple[list[np.ndarray], list
         )
     feeds = {}
     for info, tensor in zip(graph_inputs, tensors):
-        array = tensor_to_numpy(tensor)
+        array = numpy_of(tensor, copy=True)
         wanted = _ONNX_FLOATS.get(info.type)
         # a float64 module against a float32 graph: the graph's own type, as its exporter fed it
         feeds[info.name] = array.astype(wanted) if wanted and tensor.is_floating_point() else array

@@ -59,7 +59,7 @@ class LayoutPlan:
     says, per module path, why the source has nothing for that module.
     """
 
-    layout: str
+    name: str  # the layout's registry name ("keras")
     rules: list[Rule]
     pairings: list[Pairing] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)

@@ -688,7 +688,7 @@ def plan(
     used = {s for rule in rules for s in rule.sources}
     training = [n for n in names if n not in used and n.split("/", 1)[0] in TRAINING_STATE]
     return LayoutPlan(
-        layout=NAME,
+        name=NAME,
         rules=rules,
         pairings=as_pairings(paired),
         scope=wrapped_scope(paired),
@@ -814,7 +814,7 @@ def export(
         UnsupportedConfigError: a layer has no Flax equivalent (proj_size, an nnx
             GRU with a non-zero ``b_hn``, other module types).
     """
-    from weightport.export import tensor_to_numpy
+    from weightport.tensors import numpy_of
 
     if api not in APIS:
         raise LayoutError(f"unknown Flax api '{api}'; choose one of {', '.join(APIS)}")
@@ -833,7 +833,7 @@ def export(
             "layer weightport maps (LSTM, GRU, RNN and their cells, Linear, Conv1d/2d/3d, Embedding, "
             "LayerNorm, BatchNorm). Fix: export those layers with weightport.to_numpy instead."
         )
-    state = {name: tensor_to_numpy(t) for name, t in module.state_dict().items()}
+    state = {name: numpy_of(t, copy=True) for name, t in module.state_dict().items()}
     out: dict[str, np.ndarray] = {}
     for slot in slots:
         path = _layer_path(slot, names)

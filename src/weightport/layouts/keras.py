@@ -525,7 +525,7 @@ def plan(
     used = {s for rule in rules for s in rule.sources}
     unmatched += [t for r in resolved for t in r.layer.tensors if t not in used]
     return LayoutPlan(
-        layout=NAME,
+        name=NAME,
         rules=rules,
         pairings=pairings,
         unmatched=unmatched,
@@ -929,7 +929,7 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
         module: the PyTorch model.
         mapping: ``{keras group path or key: "module.path[layer]"}`` to file a slot under another key.
     """
-    from weightport.export import tensor_to_numpy
+    from weightport.tensors import numpy_of
 
     state = module.state_dict()
     wanted = {v: (k if "/" in k else f"layers/{k}") for k, v in (mapping or {}).items()}
@@ -965,7 +965,7 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
                 if not all(n in state for n in names):
                     continue
                 out[f"{prefix}{index}"] = np.ascontiguousarray(
-                    op(*(tensor_to_numpy(state[n]) for n in names))
+                    op(*(numpy_of(state[n], copy=True) for n in names))
                 )
                 index += 1
     return out

@@ -85,10 +85,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from weightport.dtypes import BFLOAT16
+from weightport.dtypes import is_ml_float
 from weightport.errors import LayoutError, LoadError, UnsupportedConfigError
-from weightport.folded import folded_batchnorms
 from weightport.layouts.base import LayoutPlan, Rule
+from weightport.layouts.folded import folded_batchnorms
 from weightport.layouts.pairing import (
     Paired,
     Slot,
@@ -287,7 +287,7 @@ def plan(
     if "nodes" in source.metadata:
         _unmapped_hints(module, layers, nodes, source, hints)
     return LayoutPlan(
-        layout=NAME,
+        name=NAME,
         rules=rules,
         pairings=as_pairings(paired),
         scope=wrapped_scope(paired),
@@ -442,7 +442,7 @@ def _weight_names(source: Source) -> list[str]:
 
 
 def _is_float(dtype: np.dtype) -> bool:
-    return dtype.kind in "fc" or dtype == BFLOAT16
+    return dtype.kind in "fc" or is_ml_float(dtype)
 
 
 def _all_zero(source: Source, name: str) -> bool:
@@ -1431,7 +1431,7 @@ def export(module: nn.Module) -> dict[str, np.ndarray]:
         LayoutError: a layer has no ONNX node here (only RNN/LSTM/GRU and their
             cells, Linear, Conv1d/2d/3d, Embedding, BatchNorm and LayerNorm are exported).
     """
-    from weightport.export import tensor_to_numpy
+    from weightport.tensors import numpy_of
 
     state = module.state_dict()
     arrays: dict[str, np.ndarray] = {}
@@ -1445,7 +1445,7 @@ def export(module: nn.Module) -> dict[str, np.ndarray]:
             directions = (False, True) if slot.bidirectional else (False,)
 
             def get(param: str, reverse: bool) -> np.ndarray:
-                return back(tensor_to_numpy(state[slot.name(param, reverse=reverse)]))  # noqa: B023
+                return back(numpy_of(state[slot.name(param, reverse=reverse)], copy=True))  # noqa: B023
 
             arrays[prefix + "W"] = np.stack([get("weight_ih", r) for r in directions])
             arrays[prefix + "R"] = np.stack([get("weight_hh", r) for r in directions])
@@ -1454,15 +1454,15 @@ def export(module: nn.Module) -> dict[str, np.ndarray]:
                     [np.concatenate([get("bias_ih", r), get("bias_hh", r)]) for r in directions]
                 )
         elif slot.kind == "Linear":
-            arrays[prefix + "B"] = tensor_to_numpy(state[slot.name("weight")])
+            arrays[prefix + "B"] = numpy_of(state[slot.name("weight")], copy=True)
             if sub.bias is not None:
-                arrays[prefix + "C"] = tensor_to_numpy(state[slot.name("bias")])
+                arrays[prefix + "C"] = numpy_of(state[slot.name("bias")], copy=True)
         elif slot.kind in _CONV_KINDS.values():
-            arrays[prefix + "W"] = tensor_to_numpy(state[slot.name("weight")])
+            arrays[prefix + "W"] = numpy_of(state[slot.name("weight")], copy=True)
             if sub.bias is not None:
-                arrays[prefix + "B"] = tensor_to_numpy(state[slot.name("bias")])
+                arrays[prefix + "B"] = numpy_of(state[slot.name("bias")], copy=True)
         elif slot.kind == "Embedding":
-            arrays[prefix + "data"] = tensor_to_numpy(state[slot.name("weight")])
+            arrays[prefix + "data"] = numpy_of(state[slot.name("weight")], copy=True)
         elif slot.kind in _NORM_OPS:
             # ONNX requires the scale (and BatchNormalization its B): a module without them computes ones/zeros
             norm: Any = sub
@@ -1470,7 +1470,7 @@ def export(module: nn.Module) -> dict[str, np.ndarray]:
             neutral = {"weight": np.ones(size, np.float32), "bias": np.zeros(size, np.float32)}
             for role, name in _NORMS[_NORM_OPS[slot.kind]]:
                 if slot.name(role) in state:
-                    arrays[prefix + name] = tensor_to_numpy(state[slot.name(role)])
+                    arrays[prefix + name] = numpy_of(state[slot.name(role)], copy=True)
                 elif role == "weight" or (role == "bias" and slot.kind == "BatchNorm"):
                     arrays[prefix + name] = neutral[role]
         else:

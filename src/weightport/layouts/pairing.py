@@ -49,6 +49,7 @@ from torch import nn
 from weightport.errors import LayoutError, WeightportError
 from weightport.layouts.base import Pairing, Rule
 from weightport.sources.base import Source
+from weightport.torch_facts import rnn_param
 
 __all__ = [
     "Slot",
@@ -133,7 +134,7 @@ class Slot:
         >>> Slot("rnn", nn.GRU(2, 3, num_layers=2), "GRU", 1).name("bias_hh", reverse=True)
         'rnn.bias_hh_l1_reverse'
         """
-        local = param if self.layer is None else f"{param}_l{self.layer}{'_reverse' if reverse else ''}"
+        local = rnn_param(param, self.layer, reverse=reverse)
         return f"{self.path}.{local}" if self.path else local
 
     def describe(self) -> str:

@@ -64,7 +64,7 @@ def plan(
     for name in names:
         target = mapping.get(name, renamed.get(own[name], own[name]))
         rules.append(Rule(target, (name,), origin=f"{source.description} '{name}'"))
-    return LayoutPlan(layout=NAME, rules=rules)
+    return LayoutPlan(name=NAME, rules=rules)
 
 
 # torch.nn.utils.weight_norm (deprecated) stored g and v as <name>_g, <name>_v; its successor,
@@ -87,6 +87,6 @@ def _weight_norm_names(module: torch.nn.Module, legacy: list[str]) -> dict[str, 
 
 def export(module: torch.nn.Module) -> dict[str, np.ndarray]:
     """Every state-dict tensor as a NumPy copy, under its own name."""
-    from weightport.export import to_numpy
+    from weightport.tensors import numpy_of
 
-    return to_numpy(module)
+    return {name: numpy_of(t, copy=True) for name, t in module.state_dict().items()}

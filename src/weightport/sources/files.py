@@ -180,7 +180,7 @@ def map_array(
 
 def read_mapped(fd: int, offset: int, out: np.ndarray, where: str, name: str) -> None:
     """Fill C-contiguous ``out`` from the file at ``offset`` through mapped windows (torch's parallel copy)."""
-    from weightport.dtypes import as_torch
+    from weightport.tensors import as_torch
 
     flat = out.reshape(-1).view(np.uint8)  # bytes as they are: any dtype, any byte order
     done = 0

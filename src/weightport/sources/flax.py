@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from weightport.dtypes import BFLOAT16
+from weightport.dtypes import ml_float
 from weightport.errors import MissingDependencyError, SourceError
 from weightport.sources.base import Source, TensorInfo
 from weightport.sources.mapping import MappingSource, to_array
@@ -200,7 +200,7 @@ def _dtype(where: str, name: str, raw: Any) -> np.dtype:
     """
     text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
     if text == "bfloat16":
-        return BFLOAT16
+        return ml_float("bfloat16")  # type: ignore[return-value]
     try:
         dtype = np.dtype(text)
     except TypeError:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from weightport.dtypes import BFLOAT16
+from weightport.dtypes import is_ml_float, ml_float
 from weightport.errors import MissingDependencyError, SourceError
 from weightport.sources.base import Region, Source, TensorInfo, check_extent, region_shape
 from weightport.sources.files import map_array, mapped_chunks, open_no_follow, read_mapped
@@ -102,7 +102,7 @@ class H5Source(Source):
         dataset = self.datasets[name]
         if out.size == 0:
             return
-        target = out.view(dataset.dtype) if out.dtype == BFLOAT16 else out
+        target = out.view(dataset.dtype) if is_ml_float(out.dtype) else out
         try:
             if region is None or not region:
                 dataset.read_direct(target)
@@ -239,7 +239,7 @@ def _add_dataset(h5py: Any, dataset: Any, name: str, source: H5Source, file_size
         )
     dtype = dataset.dtype
     if dtype.kind == "V" and dtype.itemsize == 2 and _text(dataset.attrs.get("dtype", "")) == "bfloat16":
-        dtype = BFLOAT16  # how Keras 3 stores bfloat16: 2-byte opaque + a dtype attribute
+        dtype = ml_float("bfloat16")  # type: ignore[assignment]  # how Keras 3 stores bfloat16: 2-byte opaque + a dtype attribute
     elif dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
         source.ignored.append(f"{name} (holds {dtype}, not numbers)")
         return
@@ -336,7 +336,7 @@ def write_h5(
                     g.attrs[k] = v
             for name, value in arrays.items():
                 array = np.ascontiguousarray(value)
-                if array.dtype == BFLOAT16:
+                if array.dtype.name == "bfloat16" and is_ml_float(array.dtype):
                     f.create_dataset(name, data=array.view(np.dtype("V2"))).attrs["dtype"] = "bfloat16"
                 else:
                     f[name] = array

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from weightport.dtypes import NON_NUMERIC_KINDS, is_numeric, tensor_as_numpy
+from weightport.dtypes import NON_NUMERIC_KINDS, is_numeric
 from weightport.errors import SourceError
 from weightport.sources.base import Region, Source, TensorInfo
 
@@ -50,6 +50,8 @@ def _tensor_to_array(name: str, value: Any) -> np.ndarray:
     """A torch tensor's values as NumPy holds them: bfloat16 (and other ``ml_dtypes`` types) bit for bit."""
     import torch
 
+    from weightport.tensors import numpy_of
+
     if value.is_meta:
         raise SourceError(
             f"'{name}': a tensor on the meta device, which has no values. "
@@ -59,7 +61,7 @@ def _tensor_to_array(name: str, value: Any) -> np.ndarray:
         raise SourceError(f"'{name}': a {value.layout} tensor, not a dense one. Fix: pass tensor.to_dense().")
     tensor = value.detach().cpu().resolve_conj().resolve_neg()  # lazy conj/neg views: their real values
     try:
-        return np.asarray(tensor_as_numpy(tensor))  # bfloat16, float8: through ml_dtypes, bit for bit
+        return numpy_of(tensor)  # bfloat16, float8: through ml_dtypes, bit for bit
     except TypeError:
         raise SourceError(
             f"'{name}': a {str(tensor.dtype).removeprefix('torch.')} tensor, a dtype NumPy cannot hold. "

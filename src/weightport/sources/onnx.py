@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from weightport.dtypes import BFLOAT16
+from weightport.dtypes import ml_float
 from weightport.errors import MissingDependencyError, SourceError
 from weightport.sources.base import Source, TensorInfo, check_extent
 
@@ -56,9 +56,11 @@ _DTYPES: dict[int, np.dtype] = {
     for code, dt in {
         1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
         9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
-        14: np.complex64, 15: np.complex128, 16: BFLOAT16,
+        14: np.complex64, 15: np.complex128,
     }.items()
 }  # fmt: skip
+
+_BFLOAT16 = 16  # read as ml_dtypes' bfloat16 (imported only then)
 
 # Which typed field holds the values when raw_data is empty, and how many per element.
 _FIELDS: dict[int, tuple[str, int]] = {
@@ -205,7 +207,7 @@ def _add(source: OnnxSource, name: str, tensor: Any, sizes: dict[str, int]) -> b
         source.infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype)
         source.payloads[name] = tensor
         return True
-    dtype = _DTYPES.get(tensor.data_type)
+    dtype = ml_float("bfloat16") if tensor.data_type == _BFLOAT16 else _DTYPES.get(tensor.data_type)
     if dtype is None:
         source.ignored.append(f"{name} (ONNX data type {tensor.data_type}, which weightport does not read)")
         return False

@@ -1,4 +1,11 @@
-"""Expected shapes explained in a module's own terms, for error messages.
+"""PyTorch-side facts: the RNN family's names and gates, and shapes explained in a module's terms.
+
+Every layout, the RNN tools and the reference forward read these tables from here: one home.
+
+>>> rnn_param("bias_hh", 1, reverse=True)
+'bias_hh_l1_reverse'
+>>> RNN_GATES["GRU"], RNN_GATE_COUNT["LSTM"]
+(('r', 'z', 'n'), 4)
 
 >>> import torch
 >>> explain_shape(torch.nn.LSTM(3, 4), "weight_ih_l0")
@@ -13,10 +20,38 @@ import re
 
 from torch import nn
 
-__all__ = ["explain_shape", "describe_module"]
+__all__ = [
+    "RNN_KINDS",
+    "RNN_GATES",
+    "RNN_GATE_COUNT",
+    "RNN_ROLES",
+    "rnn_param",
+    "rnn_kind",
+    "explain_shape",
+    "describe_module",
+]
 
-_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+RNN_KINDS = ("RNN", "LSTM", "GRU")  # the recurrent kinds PyTorch has: nn.RNN/LSTM/GRU and their cells
+# Gate letters in PyTorch's order of the stacked blocks (a plain RNN has one block, no letter)
+RNN_GATES: dict[str, tuple[str, ...]] = {"RNN": ("",), "LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n")}
+RNN_GATE_COUNT = {kind: len(gates) for kind, gates in RNN_GATES.items()}
+RNN_ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _RNN_PARAM = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)(?:_l(\d+))?(_reverse)?$")
+
+
+def rnn_param(role: str, layer: int | None = None, *, reverse: bool = False) -> str:
+    """The state-dict name of ``role`` in ``layer`` (None: a cell's) and direction."""
+    return role if layer is None else f"{role}_l{layer}{'_reverse' if reverse else ''}"
+
+
+def rnn_kind(module: nn.Module) -> str | None:
+    """``"RNN"``, ``"LSTM"`` or ``"GRU"`` for PyTorch's recurrent modules and cells, else None."""
+    if not isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return None
+    for kind in ("LSTM", "GRU", "RNN"):
+        if type(module).__name__.startswith(kind):
+            return kind
+    return "RNN"
 
 
 def describe_module(module: nn.Module) -> str:
@@ -40,13 +75,6 @@ def describe_module(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def _rnn_kind(module: nn.Module) -> str:
-    for kind in _GATES:
-        if type(module).__name__.startswith(kind):
-            return kind
-    return "RNN"
-
-
 def explain_shape(module: nn.Module, local_name: str) -> str | None:
     """Why ``module``'s tensor ``local_name`` has its shape, or None when not known."""
     tensor = dict(module.named_parameters(recurse=False)).get(local_name)
@@ -65,7 +93,7 @@ def _formula(module: nn.Module, local_name: str) -> str | None:
         if not match:
             return None
         role, layer = match[1], int(match[2] or 0)
-        gates = _GATES[_rnn_kind(module)]
+        gates = RNN_GATE_COUNT[rnn_kind(module) or "RNN"]
         rows = f"{gates}*hidden_size" if gates > 1 else "hidden_size"
         proj = getattr(module, "proj_size", 0)
         hidden_in = "proj_size" if proj else "hidden_size"

@@ -1,0 +1,144 @@
+"""The torch side of the ground floor: dtype pairs, tensors <-> NumPy, and the wrapped module.
+
+torch tensors of bfloat16 and float8 are read and written bit for bit through an integer view of
+the same width (``torch.from_numpy`` and ``Tensor.numpy`` take none of them); :func:`numpy_of` is
+the one way a tensor becomes NumPy in weightport (a view of CPU memory, or a copy from anywhere).
+
+>>> import torch
+>>> to_torch_dtype(np.dtype("float16"))
+torch.float16
+>>> to_numpy_dtype(torch.bfloat16).name
+'bfloat16'
+>>> numpy_of(torch.ones(2, dtype=torch.bfloat16), copy=True).dtype.name
+'bfloat16'
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from weightport.dtypes import ML_FLOAT_NAMES, is_ml_float, ml_float
+from weightport.errors import SourceError
+
+__all__ = ["to_torch_dtype", "to_numpy_dtype", "as_torch", "numpy_of", "unwrap"]
+
+_PAIRS: list[tuple[np.dtype, torch.dtype]] = [
+    (np.dtype(np.float64), torch.float64),
+    (np.dtype(np.float32), torch.float32),
+    (np.dtype(np.float16), torch.float16),
+    (np.dtype(np.complex128), torch.complex128),
+    (np.dtype(np.complex64), torch.complex64),
+    (np.dtype(np.int64), torch.int64),
+    (np.dtype(np.int32), torch.int32),
+    (np.dtype(np.int16), torch.int16),
+    (np.dtype(np.int8), torch.int8),
+    (np.dtype(np.uint8), torch.uint8),
+    (np.dtype(np.bool_), torch.bool),
+]
+for _bits in (16, 32, 64):
+    _unsigned = getattr(torch, f"uint{_bits}", None)
+    if _unsigned is not None:
+        _PAIRS.append((np.dtype(f"uint{_bits}"), _unsigned))
+_TO_TORCH = {n: t for n, t in _PAIRS}
+_TO_NUMPY = {t: n for n, t in _PAIRS}
+# torch dtypes whose NumPy twin is an ml_dtypes float (ml_dtypes is imported when one is met)
+_ML_TORCH = {getattr(torch, name): name for name in ML_FLOAT_NAMES if hasattr(torch, name)}
+_SAME_WIDTH_INT: dict[int, tuple[np.dtype, torch.dtype]] = {
+    1: (np.dtype(np.int8), torch.int8),
+    2: (np.dtype(np.int16), torch.int16),
+}
+
+
+@functools.cache
+def _ml_pair(dtype: torch.dtype) -> np.dtype | None:
+    return ml_float(_ML_TORCH[dtype])
+
+
+def to_torch_dtype(dtype: np.dtype) -> torch.dtype | None:
+    """The torch dtype with the same values as ``dtype`` (any byte order), or None."""
+    native = dtype.newbyteorder("=")
+    found = _TO_TORCH.get(native)
+    if found is None and is_ml_float(native):
+        found = next((t for t, name in _ML_TORCH.items() if name == native.name), None)
+    return found
+
+
+def to_numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype holding the same values as torch ``dtype``."""
+    found = _TO_NUMPY.get(dtype)
+    if found is None and dtype in _ML_TORCH:
+        found = _ml_pair(dtype)
+    if found is None:
+        raise TypeError(f"torch dtype {dtype} has no NumPy equivalent")
+    return found
+
+
+def numpy_of(tensor: torch.Tensor, *, copy: bool = False) -> np.ndarray:
+    """``tensor``'s values in NumPy (bfloat16 and float8 as ml_dtypes, bit for bit).
+
+    ``copy=False``: a view of a CPU tensor's memory (writable: the caller writes through it);
+    ``copy=True``: a copy, from any device. Raises TypeError for dtypes NumPy cannot hold and
+    SourceError for a tensor without values (on the meta device).
+    """
+    if tensor.is_meta:
+        raise SourceError("a tensor on the meta device has no values to export; load or initialize it first")
+    tensor = tensor.detach()
+    if copy:
+        tensor = tensor.to("cpu").contiguous()
+    if tensor.dtype in _ML_TORCH:
+        dtype = to_numpy_dtype(tensor.dtype)
+        array = tensor.view(_SAME_WIDTH_INT[dtype.itemsize][1]).numpy().view(dtype)
+    else:
+        array = tensor.numpy()
+    return array.copy() if copy else array
+
+
+def as_torch(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over ``array``'s values, sharing memory where torch can.
+
+    Big-endian or negatively strided arrays are copied into native order; bfloat16
+    and float8 are reinterpreted bit for bit; read-only arrays are shared without
+    torch's warning (weightport only ever reads from them).
+    """
+    dtype = array.dtype
+    if (
+        dtype.kind in "fcib"
+        and dtype.isnative
+        and dtype.isbuiltin != 2  # NumPy's own dtypes; ml_dtypes' float8_e5m2 has kind "f" too
+        and array.flags.writeable
+        and min(array.strides, default=0) >= 0
+    ):
+        return torch.from_numpy(array)  # the common case, checked cheaply
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if any(s < 0 for s in array.strides):
+        array = np.ascontiguousarray(array)
+    if is_ml_float(array.dtype):
+        target = to_torch_dtype(array.dtype)
+        assert target is not None
+        return as_torch(array.view(_SAME_WIDTH_INT[array.dtype.itemsize][0])).view(target)
+    if array.dtype.kind == "u" and array.dtype.itemsize > 1:
+        return torch.from_numpy(array.astype(np.int64))
+    if not array.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(array)
+    return torch.from_numpy(array)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module that owns the weights under torch.compile and DataParallel wrappers."""
+    while True:
+        inner = module._modules.get("_orig_mod")  # not getattr: a missing attribute costs ~0.1 ms
+        if isinstance(inner, nn.Module):
+            module = inner
+            continue
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+            continue
+        return module
