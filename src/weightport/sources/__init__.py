@@ -2,9 +2,11 @@
 
 :func:`open_source` turns what a user passes into a :class:`Source`. File formats
 are found through a registry of reader modules (one file each), imported only
-when a file of theirs shows up. Each reader module exposes
-``claims(path) -> bool`` and ``open(path) -> Source``; object readers expose
-``claims_object(obj) -> bool`` and ``open_object(obj) -> Source``.
+when a file of theirs shows up. Each format module exposes
+``claims(path) -> bool`` and ``open(path) -> Source``; one that writes too exposes
+``SUFFIX`` and ``write(arrays, path) -> Path``, found by :func:`writer_for` (the one
+registry serves both directions). Object readers expose ``claims_object(obj) -> bool``
+and ``open_object(obj) -> Source``.
 
 >>> import numpy as np
 >>> src = open_source({"fc.weight": np.eye(2)})
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Union
+
+import numpy as np
 
 from weightport.errors import SourceError
 from weightport.sources.base import Source, TensorInfo, check_extent
@@ -34,6 +38,8 @@ __all__ = [
     "open_source",
     "register_format",
     "format_names",
+    "writer_for",
+    "written_suffixes",
 ]
 
 SourceLike = Union[Source, Mapping[str, Any], str, "os.PathLike[str]", Any]
@@ -50,13 +56,42 @@ _FORMATS: dict[str, str] = {
     "npy-folder": "weightport.sources.npy_folder",
 }
 _OBJECT_READERS: list[str] = ["weightport.sources.keras_live", "weightport.sources.flax"]
+# The formats a module's arrays can be saved to, by suffix (each format module's SUFFIX and write)
+_WRITTEN: dict[str, str] = {".npz": "npz", ".safetensors": "safetensors"}
 
 
-def register_format(name: str, module_path: str) -> None:
-    """Add a reader module; an existing name is never overwritten."""
+def register_format(name: str, module_path: str, *, writes: str | None = None) -> None:
+    """Add a format module; ``writes=".ext"`` makes :func:`weightport.save` write that suffix with
+    its ``write``. An existing name or suffix is never overwritten."""
     if name in _FORMATS:
         raise SourceError(f"format '{name}' is already registered (as {_FORMATS[name]}); pick another name")
+    if writes is not None and writes in _WRITTEN:
+        raise SourceError(f"suffix '{writes}' is already written by format '{_WRITTEN[writes]}'")
     _FORMATS[name] = module_path
+    if writes is not None:
+        _WRITTEN[writes] = name
+
+
+def written_suffixes() -> list[str]:
+    """The suffixes :func:`writer_for` has a writer for (``.npz``, ``.safetensors``)."""
+    return list(_WRITTEN)
+
+
+def writer_for(path: str | os.PathLike[str]) -> Callable[[Mapping[str, np.ndarray], Path], Path]:
+    """The ``write(arrays, path)`` of the format that ``path``'s suffix names, else a SourceError.
+
+    >>> writer_for("model.npz").__module__
+    'weightport.sources.npz'
+    """
+    target = Path(path)
+    name = _WRITTEN.get(target.suffix)
+    reader = None if name is None else _reader(_FORMATS[name])
+    if reader is None:
+        raise SourceError(
+            f"'{target}': cannot save to '{target.suffix}'. Fix: use a "
+            f"{' or '.join(written_suffixes())} path."
+        )
+    return reader.write  # type: ignore[no-any-return]
 
 
 def format_names() -> list[str]:

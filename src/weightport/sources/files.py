@@ -1,4 +1,5 @@
-"""Low-level file reading shared by the readers: memory-mapped windows, positioned reads, ``.npy`` headers.
+"""Low-level file access shared by the formats: memory-mapped windows, positioned reads, ``.npy``
+headers, and the atomic write every writer goes through.
 
 >>> import io, numpy as np
 >>> buf = io.BytesIO(); np.save(buf, np.zeros((2, 3), np.float32)); _ = buf.seek(0)
@@ -14,8 +15,10 @@ import errno
 import math
 import mmap
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -31,6 +34,7 @@ __all__ = [
     "LINKS_NOT_FOLLOWED",
     "contiguous_runs",
     "read_region_exact",
+    "atomic_write",
 ]
 
 
@@ -269,3 +273,18 @@ def open_no_follow(path: os.PathLike[str] | str) -> int:
         else:
             why = f"cannot be opened ({e.strerror or e}). Fix: check the file's permissions"
         raise SourceError(f"'{path}': {why}.") from None
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file through ``write(f)`` to a temporary name beside ``path``, then rename it into place:
+    a failed write never leaves half a file. Every format's writer goes through here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -17,16 +17,18 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from weightport.dtypes import holds_all, is_ml_float
 from weightport.errors import SourceError
 from weightport.sources.base import Region, Source, TensorInfo, check_extent, region_shape
 from weightport.sources.files import (
     NpyHeader,
+    atomic_write,
     byte_view,
     contiguous_runs,
     mapped_chunks,
@@ -34,7 +36,9 @@ from weightport.sources.files import (
 )
 from weightport.sources.npy import map_npy, read_npy_into, read_npy_region
 
-__all__ = ["claims", "open", "NpzSource", "unsafe_member_name"]
+__all__ = ["claims", "open", "write", "SUFFIX", "NpzSource", "unsafe_member_name"]
+
+SUFFIX = ".npz"
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... name length, extra length
 _CHUNK = 1 << 22
@@ -246,3 +250,22 @@ def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> 
         source.infos[name] = TensorInfo(name, header.shape, header.dtype)
     if not source.infos:
         raise SourceError(f"{where}: holds no arrays. Fix: save arrays with np.savez(path, name=array).")
+
+
+def write(arrays: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
+    """Write ``arrays`` to an uncompressed ``.npz``, atomically.
+
+    NumPy's format has no bfloat16 or float8 (it would write raw bytes, ``V1``): bfloat16 goes in as
+    float32, float8 as float16 (float32 for float8_e8m0fnu), both exact; loading them back into the
+    same tensors gives the same bits, but for NaN: it stays NaN of the same sign, and float8_e5m2's
+    several NaN payloads become one (``.safetensors`` keeps every bit).
+    """
+    out = {k: _npz_ready(np.asarray(v)) for k, v in arrays.items()}
+    return atomic_write(Path(path), lambda f: np.savez(f, **out))  # type: ignore[arg-type]
+
+
+def _npz_ready(array: np.ndarray) -> np.ndarray:
+    if not is_ml_float(array.dtype):
+        return array
+    wide = np.dtype(np.float16) if holds_all(array.dtype, np.dtype(np.float16)) else np.dtype(np.float32)
+    return array.astype(wide)

@@ -2,14 +2,13 @@
 
 The header is checked before any data is read: its length against the file, each
 tensor's ``data_offsets`` against its dtype and shape and against the file's
-real size, and no two tensors overlapping. Written by :mod:`weightport.export`.
+real size, and no two tensors overlapping. :func:`write` makes the files, with the same dtype codes.
 weightport reads the format itself (it is a JSON header and raw bytes) so it can
 read into a given buffer and check every size; the ``safetensors`` package is
 not needed.
 
 >>> import numpy as np, tempfile, pathlib
->>> from weightport.export import write_safetensors
->>> path = write_safetensors({"w": np.eye(2, dtype=np.float32)}, pathlib.Path(tempfile.mkdtemp()) / "m.safetensors")
+>>> path = write({"w": np.eye(2, dtype=np.float32)}, pathlib.Path(tempfile.mkdtemp()) / "m.safetensors")
 >>> src = open(path); src.read("w").tolist()
 [[1.0, 0.0], [0.0, 1.0]]
 """
@@ -20,20 +19,78 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from weightport.dtypes import ml_float
 from weightport.errors import SourceError
-from weightport.export import SAFETENSORS_DTYPES, SAFETENSORS_REFUSED
 from weightport.sources.base import Region, Source, TensorInfo, region_shape
-from weightport.sources.files import map_array, mapped_chunks, read_mapped, read_region_exact
+from weightport.sources.files import atomic_write, map_array, mapped_chunks, read_mapped, read_region_exact
 
-__all__ = ["claims", "open", "SafetensorsSource", "read_header"]
+__all__ = ["claims", "open", "write", "SUFFIX", "dtype_codes", "REFUSED", "SafetensorsSource", "read_header"]
 
+SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# The format's dtype codes (safetensors' Rust ``Dtype``; safetensors 0.8 has 22) that torch has a dtype for.
+_CODES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+    "C64": np.dtype("<c8"),
+}
+# Codes of ml_dtypes floats, by their ml_dtypes name (imported only when a file holds one)
+_ML_CODES = {
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",  # the OCP "fn" variant: no infinity, NaN S.1111.111
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",  # MX block scales: powers of two
+}
+
+# Codes of the format that weightport refuses, with why; the reader names the tensor and the fix.
+REFUSED: dict[str, str] = {
+    "F4": "4-bit float e2m1, two values packed per byte; torch keeps it only as packed pairs, "
+    "float4_e2m1fn_x2, and cannot cast those",
+    "F6_E2M3": "6-bit float e2m3, packed; torch has no 6-bit float dtype",
+    "F6_E3M2": "6-bit float e3m2, packed; torch has no 6-bit float dtype",
+}
+
+
+def _dtype_of(code: str) -> np.dtype | None:
+    """The NumPy dtype of a code (None for codes weightport does not read)."""
+    found = _CODES.get(code)
+    if found is None and code in _ML_CODES:
+        found = ml_float(_ML_CODES[code])
+    return found
+
+
+def dtype_codes() -> dict[str, np.dtype]:
+    """Every code weightport reads and writes, with its NumPy dtype (imports ml_dtypes).
+
+    >>> dtype_codes()["BF16"].name, dtype_codes()["F32"]
+    ('bfloat16', dtype('float32'))
+    """
+    codes = dict(_CODES)
+    for code, name in _ML_CODES.items():
+        dtype = ml_float(name)
+        if dtype is not None:
+            codes[code] = dtype
+    return codes
 
 
 def claims(path: Path) -> bool:
@@ -141,7 +198,7 @@ def _entry(name: str, entry: object, where: str) -> tuple[TensorInfo, int, int]:
         raise SourceError(
             f"{where}: tensor '{name}' has a malformed header entry; the file is corrupt. Fix: re-create or re-download it."
         ) from None
-    dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+    dtype = _dtype_of(code) if isinstance(code, str) else None
     if dtype is None:
         raise SourceError(_unsupported(name, code, where)) from None
     if any(d < 0 for d in shape) or begin < 0 or end - begin != math.prod(shape) * dtype.itemsize:
@@ -153,7 +210,7 @@ def _entry(name: str, entry: object, where: str) -> tuple[TensorInfo, int, int]:
 
 
 def _unsupported(name: str, code: object, where: str) -> str:
-    why = SAFETENSORS_REFUSED.get(code) if isinstance(code, str) else None
+    why = REFUSED.get(code) if isinstance(code, str) else None
     if why is not None:
         return (
             f"{where}: tensor '{name}' has dtype {code} ({why}), which weightport "
@@ -162,7 +219,7 @@ def _unsupported(name: str, code: object, where: str) -> str:
         )
     return (
         f"{where}: tensor '{name}' has dtype {code!r}, which weightport does not know; it reads "
-        f"{', '.join(SAFETENSORS_DTYPES)}. Fix: convert the tensor to one of those, or update weightport "
+        f"{', '.join([*_CODES, *_ML_CODES])}. Fix: convert the tensor to one of those, or update weightport "
         "if the format has a new dtype."
     )
 
@@ -178,3 +235,45 @@ def open(path: Path) -> Source:
     return SafetensorsSource(
         description=where, infos=infos, metadata={"safetensors": metadata}, offsets=offsets, _fd=fd
     )
+
+
+def write(
+    arrays: Mapping[str, np.ndarray], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``arrays`` to a ``.safetensors`` file (little-endian, C order), atomically."""
+    codes = {dtype: code for code, dtype in dtype_codes().items()} if _needs_ml(arrays) else _BY_DTYPE
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    prepared = []
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+        code = codes.get(data.dtype)
+        if code is None:
+            raise SourceError(f"'{name}': dtype {array.dtype} cannot be stored in .safetensors")
+        header[name] = {
+            "dtype": code,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + data.nbytes],
+        }
+        offset += data.nbytes
+        prepared.append(data)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+
+    def write_to(f: BinaryIO) -> None:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for data in prepared:
+            f.write(data.reshape(-1).view(np.uint8).data)
+
+    return atomic_write(Path(path), write_to)
+
+
+_BY_DTYPE = {dtype: code for code, dtype in _CODES.items()}
+
+
+def _needs_ml(arrays: Mapping[str, np.ndarray]) -> bool:
+    return any(np.asarray(a).dtype.isbuiltin == 2 for a in arrays.values())

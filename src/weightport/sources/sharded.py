@@ -5,7 +5,7 @@ no path, no link); every name must live in exactly one shard, and where an index
 is given, in the shard it names.
 
 >>> import numpy as np, tempfile, pathlib
->>> from weightport.export import write_safetensors
+>>> from weightport.sources.safetensors import write as write_safetensors
 >>> folder = pathlib.Path(tempfile.mkdtemp())
 >>> _ = write_safetensors({"a": np.ones(2, np.float32)}, folder / "part-1.safetensors")
 >>> _ = write_safetensors({"b": np.zeros(3, np.float32)}, folder / "part-2.safetensors")
