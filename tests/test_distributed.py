@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import weightport
+from weightport.boxes import region_pieces
 from weightport.distributed import has_dtensors
 from weightport.errors import LoadError, UncheckedConfigWarning
 from weightport.export import write_safetensors
@@ -46,7 +47,6 @@ from weightport.transforms import (
     Sum,
     Transpose,
     Zeros,
-    region_pieces,
 )
 
 dist = torch.distributed

@@ -23,14 +23,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from weightport.boxes import view_pieces
 from weightport.copying import copy_into
 from weightport.errors import LoadError, Problem, SourceError
 from weightport.plan import Entry, Plan, value_problem
 from weightport.sources.base import Source
 from weightport.sources.files import byte_view, read_exact
 from weightport.staging import Stager
-from weightport.tensors import numpy_of
-from weightport.transforms import Identity, view_pieces
+from weightport.tensors import narrow, numpy_of
+from weightport.transforms import Identity
 from weightport.values import find_bad_values
 
 __all__ = ["apply_plan", "deferred_interrupts", "UndoLog", "UNDO_MEMORY_BYTES"]
@@ -104,21 +105,13 @@ def _write(
         return
     whole = tensor.detach()
     for region, view in pieces:  # the transform fused into the copy: no intermediate array
-        copy_into(_region(whole, region), view)
+        copy_into(narrow(whole, region), view)
 
 
 def _array(source: Source, name: str) -> np.ndarray:
     """Tensor ``name`` in place in its file where the reader can map it, else read into memory."""
     array = source.mapped(name)
     return source.read(name) if array is None else array
-
-
-def _region(tensor: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
-    """``tensor[region]`` through ``narrow`` (indexing with slices costs far more per call)."""
-    for axis, (part, size) in enumerate(zip(region, tensor.shape)):
-        if part.start != 0 or part.stop != size:
-            tensor = tensor.narrow(axis, part.start, part.stop - part.start)
-    return tensor
 
 
 def _materialize(entry: Entry, source: Source) -> torch.Tensor:

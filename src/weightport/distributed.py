@@ -8,7 +8,7 @@ calls with the same model and source. Each rank:
 1. plans the load as a single process does (names, global shapes, dtypes);
 2. works out the box of each tensor it holds from the placements, maps it back
    through the layout's transform to boxes of the source tensors
-   (:func:`weightport.transforms.region_pieces`: rows ``a:b`` of a transposed
+   (:func:`weightport.boxes.region_pieces`: rows ``a:b`` of a transposed
    Keras kernel are its columns ``a:b``) and reads only those
    (:meth:`Source.read_region`: one positioned read per contiguous run),
    checking values as they arrive, into its new local shard (meta tensors) or a
@@ -48,11 +48,12 @@ from torch import nn
 
 from weightport import values
 from weightport.apply import deferred_interrupts, host_view
+from weightport.boxes import Piece, region_pieces
 from weightport.copying import copy_into
 from weightport.errors import LoadError, Problem, SourceError
 from weightport.plan import Entry, NonFinite, Plan, allowed_nonfinite, value_problem
 from weightport.sources.base import Region, Source, region_shape
-from weightport.transforms import Piece, region_pieces
+from weightport.tensors import narrow
 
 __all__ = ["is_dtensor", "has_dtensors", "local_region", "box_text", "prepare", "ShardedWrite"]
 
@@ -139,13 +140,6 @@ def _group(module: nn.Module) -> Any:
         if mesh.ndim == 1:
             return mesh.get_group()
     return None
-
-
-def _narrow(tensor: torch.Tensor, region: Region) -> torch.Tensor:
-    for axis, part in enumerate(region):
-        if part.start != 0 or part.stop != tensor.shape[axis]:
-            tensor = tensor.narrow(axis, part.start, part.stop - part.start)
-    return tensor
 
 
 def _at(bad: str, offset: tuple[int, ...]) -> str:
@@ -281,7 +275,7 @@ class ShardedWrite:
         for piece in pieces:
             if piece.src is None:
                 if out is not None:
-                    _narrow(out, piece.dst).zero_()
+                    narrow(out, piece.dst).zero_()
                 continue
             key = rule.sources[piece.src]
             itemsize = entry.inputs[piece.src].dtype.itemsize
@@ -295,7 +289,7 @@ class ShardedWrite:
     def _band(
         self, entry: Entry, key: str, band: Piece, out: torch.Tensor | None, *, check: bool, allowed: bool
     ) -> str | None:
-        destination = _narrow(out, band.dst) if out is not None else None
+        destination = narrow(out, band.dst) if out is not None else None
         view = host_view(destination) if destination is not None else None
         source_dtype = self.source.infos[key].dtype
         if view is not None and view.dtype == source_dtype and source_dtype.isnative and _straight(band):

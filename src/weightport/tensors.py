@@ -25,7 +25,7 @@ from torch import nn
 from weightport.dtypes import ML_FLOAT_NAMES, is_ml_float, ml_float
 from weightport.errors import SourceError
 
-__all__ = ["to_torch_dtype", "to_numpy_dtype", "as_torch", "numpy_of", "unwrap"]
+__all__ = ["to_torch_dtype", "to_numpy_dtype", "as_torch", "numpy_of", "narrow", "unwrap"]
 
 _PAIRS: list[tuple[np.dtype, torch.dtype]] = [
     (np.dtype(np.float64), torch.float64),
@@ -129,6 +129,18 @@ def as_torch(array: np.ndarray) -> torch.Tensor:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(array)
     return torch.from_numpy(array)
+
+
+def narrow(tensor: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
+    """``tensor[region]`` (a view) through ``narrow``: indexing with slices costs far more per call.
+
+    >>> narrow(torch.arange(6).reshape(2, 3), (slice(0, 2), slice(1, 3))).tolist()
+    [[1, 2], [4, 5]]
+    """
+    for axis, part in enumerate(region):
+        if part.start != 0 or part.stop != tensor.shape[axis]:
+            tensor = tensor.narrow(axis, part.start, part.stop - part.start)
+    return tensor
 
 
 def unwrap(module: nn.Module) -> nn.Module:
