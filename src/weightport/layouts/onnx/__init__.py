@@ -1,0 +1,206 @@
+"""The ONNX layout: weights of LSTM, GRU, RNN, Gemm, MatMul(+Add), Conv, Gather (embeddings),
+BatchNormalization and LayerNormalization nodes into PyTorch.
+
+Weights are found by a node's input position, not by name (``torch.onnx.export``
+names them ``onnx::LSTM_201``), from the node list the ONNX reader puts in
+``source.metadata["nodes"]``. Each node that holds weights is one source layer,
+paired with the module's layers by order within kind (``mapping={node name:
+"module.path[layer]"}`` pairs by hand); stacked recurrent nodes fill the layers
+of one multi-layer ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (or cells).
+
+What maps, and how:
+
+- LSTM ``W (D,4H,F)``, ``R (D,4H,H)``, ``B (D,8H) = [Wb, Rb]``: gates i,o,f,c are
+  reordered to PyTorch's i,f,g,o; direction index 1 goes to ``_reverse``. GRU
+  gates z,r,h become r,z,n; RNN blocks stay. A missing ``B`` means zero biases.
+- ``Gemm`` (``transA=0``; ``transB`` either way) and ``MatMul`` by a stored
+  matrix, with the ``Add`` of a stored bias that follows it, become ``nn.Linear``
+  (``weight = B.T`` for ``MatMul``). ``Conv`` becomes ``nn.Conv1d/2d/3d`` as is.
+- ``Gather`` of a stored float matrix along axis 0 becomes ``nn.Embedding``;
+  ``BatchNormalization`` (scale, B, mean, var) ``nn.BatchNorm*d`` and
+  ``LayerNormalization`` (Scale, B) ``nn.LayerNorm``, with ``epsilon`` checked
+  against ``eps``. Exporters fold an eval-mode BatchNorm into the layer before
+  it; a module's BatchNorm with no node is then reported with that reason.
+
+A weight may reach its node through ``Identity`` nodes (exporters write one for a tensor used twice)
+and ``Cast`` nodes that widen exactly (float16 storage read as float32); nothing else is evaluated.
+tf2onnx's forms are recognised: a Dense on a 3-D input adds its bias after a ``Reshape`` back to the
+leading axes (followed when the target shape's stored last entry is the output size), and a Keras
+Conv1D is a 2-D ``Conv`` over an axis an ``Unsqueeze`` made (kernel 1, stride 1, no padding there),
+which fills an ``nn.Conv1d``, with its bias added per channel after the ``Squeeze``. A node applied
+twice to the same stored tensors is one layer. Scalar initializers are graph constants, not weights.
+A recurrence left in a ``Loop``/``Scan`` (tf2onnx's SimpleRNN) maps nothing; the missing module says so.
+
+Refused, with the reason (:class:`UnsupportedConfigError`): GRU
+``linear_before_reset=0`` (the ONNX default), non-zero peepholes ``P`` (all-zero
+``P`` is accepted), ``clip``, ``input_forget=1``, activations other than
+PyTorch's (LSTM Sigmoid/Tanh/Tanh, GRU Sigmoid/Tanh, RNN Tanh or Relu), Gemm
+``alpha``/``beta`` other than 1 (the transforms only move values; fold the
+factors into ``B`` and ``C`` first), ``transA=1``, asymmetric Conv pads (except padding='same''s, stride 1),
+``auto_pad=SAME_*`` with a stride above 1 (the padding depends on the input's
+length), BatchNormalization ``spatial=0``. Accepted, as they change no weight:
+the RNN ``layout`` (batch- or time-first inputs and outputs; noted in the
+pairing), ``sequence_lens`` (ONNX zeroes steps past each length, as PyTorch does
+for a packed input; noted), ``activation_alpha``/``activation_beta`` of Sigmoid
+and Tanh (which take none), BatchNormalization ``momentum`` and ``training_mode``,
+LayerNormalization ``stash_type``. A module with ``padding_mode`` other than
+'zeros' matches a ``Pad`` node before the Conv (torch.onnx.export's form); amounts
+the graph computes are reported as unchecked.
+
+A ``direction="reverse"`` node runs over the sequence backwards; PyTorch has no
+reverse-only layer, so it is refused unless ``mapping=`` names the
+unidirectional layer (or cell) it goes into: its weights are then that layer's,
+and the model must flip its input and output in time
+(``y = flip(layer(flip(x)))``).
+
+Settings the node carries are checked against the module: ``hidden_size``,
+direction vs ``bidirectional``, the RNN activation vs ``nonlinearity``, a stored
+bias vs ``bias=`` (an all-zero one also fits ``bias=False``), Conv strides,
+pads, dilations and groups.
+
+:func:`export` writes the reverse: ONNX-layout arrays under keys
+``"<slot>/<ONNX input name>"``, where ``<slot>`` is the layer's label in
+:func:`~weightport.layouts.pairing.module_slots` (``"lstm[0]"``, ``"fc"``; the
+root module's is ``""`` or ``"[0]"``, and a root key is just the input name).
+Recurrent layers give ``W``, ``R``, ``B`` (no ``B`` with ``bias=False``), Linear
+gives Gemm's ``B`` (``transB=1``, so ``(out, in)``) and ``C``, Conv gives ``W``
+and ``B``, Embedding ``data``, BatchNorm ``scale``, ``B``, ``input_mean``,
+``input_var``, LayerNorm ``Scale`` and ``B``. Planned without a graph (a plain mapping with ``layout="onnx"``),
+keys of that scheme are read back as identity; node attributes are then taken
+from the module and reported as unchecked.
+
+The package, one phase a module (each imports only those before it): ``ops`` (what each ONNX op is in
+PyTorch), ``graph`` (nodes, wiring, values followed), ``issues`` (refusals), ``pads``, ``checks`` (node
+settings), ``layers`` (finding the layers), ``rules`` (rules for a paired layer), ``hints`` (why a module
+layer got nothing) and ``arrays`` (export() and its key scheme).
+
+>>> import torch
+>>> sorted((k, v.shape) for k, v in export(torch.nn.GRU(2, 3)).items())
+[('[0]/B', (1, 18)), ('[0]/R', (1, 9, 3)), ('[0]/W', (1, 9, 2))]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from weightport.errors import LayoutError, LoadError
+from weightport.layouts.base import LayoutPlan, Rule
+from weightport.layouts.folded import folded_batchnorms
+from weightport.layouts.onnx.arrays import export, nodes_from_keys
+from weightport.layouts.onnx.graph import read_nodes, weight_names
+from weightport.layouts.onnx.hints import explain_unrolled_recurrence, loop_hints, unmapped_hints
+from weightport.layouts.onnx.issues import Issues
+from weightport.layouts.onnx.layers import find_layers, named_path
+from weightport.layouts.onnx.rules import layer_rules
+from weightport.layouts.pairing import (
+    Paired,
+    Slot,
+    SourceLayer,
+    as_pairings,
+    fits_by_rules,
+    pair_layers,
+    wrapped_scope,
+)
+from weightport.sources.base import Source
+
+__all__ = ["NAME", "plan", "export", "describe"]
+
+NAME = "onnx"
+FRAMEWORK = "ONNX"
+
+
+def plan(
+    module: nn.Module,
+    source: Source,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    call_order: Mapping[str, int] | None = None,
+) -> LayoutPlan:
+    """Rules for ``module`` from the weight-holding nodes of an ONNX graph (or export()'s keys).
+
+    Raises:
+        UnsupportedConfigError: a node computes something PyTorch's module cannot.
+        LayoutError: nodes and module layers do not pair, or their settings differ.
+    """
+    issues = Issues(source.description)
+    target = type(module).__name__
+    if "nodes" in source.metadata:
+        nodes = read_nodes(source.metadata["nodes"])
+        unchecked: list[str] = []
+        folded = folded_batchnorms(module, source)
+        if folded is not None:  # the cause, said once: pairing would blame each fused layer's bias instead
+            raise LoadError([folded], target=target)
+    else:
+        nodes, pins = nodes_from_keys(module, source)
+        mapping = {**pins, **(mapping or {})}
+        unchecked = [
+            "ONNX node attributes (activations, clip, linear_before_reset, Conv strides and pads): "
+            "plain arrays carry no graph, so they are taken to match the module"
+        ]
+    validated: set[str] = set()
+    layers = find_layers(nodes, source, issues, validated)
+    issues.raise_if_any(target)
+    wanted = [
+        SourceLayer(
+            lay.node.label,
+            lay.kind,
+            lay.detail,
+            named_path(lay),
+            order=None if lay.node.synthetic else ("graph", lay.node.index),  # nodes are in topological order
+        )
+        for lay in layers
+    ]
+
+    def rules_for(i: int, slot: Slot) -> list[Rule] | None:
+        trial = Issues(source.description)
+        rules = layer_rules(layers[i], Paired(wanted[i], slot, ""), source, trial, set(), [])
+        return None if trial.messages else rules
+
+    try:
+        paired = pair_layers(
+            module,
+            wanted,
+            mapping,
+            framework=FRAMEWORK,
+            fits=fits_by_rules(module, source, rules_for),
+            call_order=call_order,
+            where=source.description,
+        )
+    except LayoutError as e:
+        explain_unrolled_recurrence(module, layers, source.description, e)
+        raise
+    rules: list[Rule] = []
+    for layer, pair in zip(layers, paired):
+        rules += layer_rules(layer, pair, source, issues, validated, unchecked)
+    issues.raise_if_any(target)
+    used = {s for rule in rules for s in rule.sources} | validated
+    hints = loop_hints(module, layers, nodes, source) if "nodes" in source.metadata else {}
+    if "nodes" in source.metadata:
+        unmapped_hints(module, layers, nodes, source, hints)
+    return LayoutPlan(
+        name=NAME,
+        rules=rules,
+        pairings=as_pairings(paired),
+        scope=wrapped_scope(paired),
+        unmatched=[n for n in weight_names(source) if n not in used],
+        unchecked=unchecked,
+        missing_hints=hints,
+    )
+
+
+def describe(source: Source) -> list[dict[str, Any]]:
+    """The weight-holding ONNX nodes: name, op, attributes and tensors (for ``weightport inspect``)."""
+    nodes = read_nodes(list(source.metadata.get("nodes", [])))
+    layers = find_layers(nodes, source, Issues(source.description), set())
+    return [
+        {
+            "name": layer.node.label,
+            "kind": layer.node.op_type,
+            "config": layer.node.attributes,
+            "tensors": list(layer.tensors.values()),
+        }
+        for layer in layers
+    ]

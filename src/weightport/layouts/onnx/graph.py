@@ -1,0 +1,257 @@
+"""The ONNX graph as this layout reads it: nodes, their wiring, and values followed through them.
+
+Values are followed, never computed: a stored tensor through ``Identity`` and exact ``Cast`` nodes,
+small integer constants (axes, shapes), and where a unit axis came from. A :class:`Layer` is what a
+weight-holding node becomes.
+
+>>> nodes = read_nodes([{"op_type": "Gemm", "inputs": ["x", "w"], "outputs": ["y"]}])
+>>> nodes[0].label, nodes[0].input(2)
+('Gemm#0', '')
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from weightport.dtypes import is_ml_float
+from weightport.sources.base import Source
+from weightport.transforms import Op
+
+__all__ = [
+    "Node",
+    "Layer",
+    "Graph",
+    "read_nodes",
+    "stored_matrix",
+    "last_value",
+    "keeps_last_axis",
+    "raw_axes",
+    "normalized_axes",
+    "unit_axis_from_unsqueeze",
+    "weight_names",
+    "is_float",
+    "all_zero",
+]
+
+
+@dataclass
+class Node:
+    index: int
+    op_type: str
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attributes: dict[str, Any]
+    synthetic: bool = False  # made from export()'s keys: no attributes to check
+    label: str = ""  # how messages and mapping= name it: its name, made unique
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name or f"{self.op_type}#{self.index}"
+
+    def input(self, position: int) -> str:
+        return self.inputs[position] if position < len(self.inputs) else ""
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.attributes.get(name, default)
+
+
+@dataclass
+class Layer:
+    """One node that holds weights: what it fills, and its stored tensors by role."""
+
+    node: Node
+    kind: str
+    tensors: dict[str, str]
+    ops: dict[str, Op] = field(default_factory=dict)  # Linear: how the stored tensor becomes weight/bias
+    detail: str = ""
+    spatial: tuple[int, ...] | None = None  # Conv: the node's spatial axes the module's are (None: all)
+    # Conv: a Pad node right before it, as (PyTorch padding_mode, its pads on the node's spatial axes as
+    # (begin, end), or None where the graph computes them); torch.onnx.export writes one for padding_mode
+    # other than 'zeros'.
+    pad: tuple[str, tuple[tuple[int, ...], tuple[int, ...]] | None] | None = None
+
+
+def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:
+    """The reader's node dicts as nodes; a name that is empty or not unique gets ``#index``."""
+    names = Counter(raw.get("name", "") for raw in raw_nodes)
+    nodes = []
+    for index, raw in enumerate(raw_nodes):
+        domain, op, name = raw.get("domain", ""), raw["op_type"], raw.get("name", "")
+        nodes.append(
+            Node(
+                index,
+                op if domain in ("", "ai.onnx") else f"{domain}.{op}",
+                name,
+                tuple(raw["inputs"]),
+                tuple(raw["outputs"]),
+                dict(raw.get("attributes", {})),
+                label="" if names[name] == 1 else f"{name or op}#{index}",
+            )
+        )
+    return nodes
+
+
+# ONNX Cast ``to`` codes and the stored dtypes each widens exactly (every value kept): such a Cast
+# between a stored tensor and a node (float16 storage read as float32) changes no value.
+_EXACT_CASTS = {
+    1: ("float16", "bfloat16", "float32"),
+    11: ("float16", "bfloat16", "float32", "float64"),
+    10: ("float16",),
+}
+_PASS_THROUGH = ("Identity", "Cast")  # the ops a stored tensor is followed through
+
+
+@dataclass
+class Graph:
+    """The nodes' wiring, and which inputs are stored tensors (followed through Identity and exact Casts)."""
+
+    source: Source
+    producers: dict[str, Node]
+    consumers: dict[str, list[Node]]
+    fused: set[int] = field(default_factory=set)  # Add nodes already taken as some layer's bias
+
+    @classmethod
+    def of(cls, nodes: list[Node], source: Source) -> Graph:
+        consumers: dict[str, list[Node]] = {}
+        for node in nodes:
+            for name in node.inputs:
+                consumers.setdefault(name, []).append(node)
+        return cls(source, {out: node for node in nodes for out in node.outputs}, consumers)
+
+    def stored(self, name: str, depth: int = 0) -> str | None:
+        """The stored tensor that input ``name`` holds, or None when the graph computes it.
+
+        ``Identity`` nodes (exporters write them for a tensor used twice) and ``Cast`` nodes that widen
+        exactly are followed; any other op would compute new values, and none is ever run.
+        """
+        if not name:
+            return None
+        if name in self.source.infos:
+            return name
+        node = self.producers.get(name)
+        if node is None or node.op_type not in _PASS_THROUGH or depth > len(self.producers):
+            return None
+        inner = self.stored(node.input(0), depth + 1)
+        if inner is None or node.op_type == "Identity":
+            return inner
+        dtype = self.source.infos[inner].dtype.name
+        return inner if dtype in _EXACT_CASTS.get(node.attr("to"), ()) else None
+
+    def ints(self, name: str) -> list[int] | None:
+        """The values of a small stored integer tensor (axes, perm, shape), or None."""
+        found = self.stored(name)
+        if found is None or self.source.infos[found].dtype.kind not in "iu":
+            return None
+        values = np.asarray(self.source.read(found)).reshape(-1)
+        return [int(v) for v in values] if values.size <= 64 else None
+
+    def only_consumer(self, node: Node) -> Node | None:
+        after = self.consumers.get(node.outputs[0], []) if node.outputs else []
+        return after[0] if len(after) == 1 else None
+
+
+def stored_matrix(name: str, graph: Graph) -> tuple[str, bool] | None:
+    """The stored 2-D tensor behind input ``name`` and whether a Transpose node sits in between."""
+    infos = graph.source.infos
+    found = graph.stored(name)
+    if found is not None:
+        return (found, False) if len(infos[found].shape) == 2 else None
+    node = graph.producers.get(name)
+    if node is not None and node.op_type == "Transpose" and node.attr("perm") in (None, [1, 0]):
+        inner = graph.stored(node.input(0))
+        if inner is not None and len(infos[inner].shape) == 2:
+            return inner, True
+    return None
+
+
+def last_value(name: str, graph: Graph, depth: int = 0) -> int | None:
+    """The last entry of a 1-D integer tensor, when the file fixes it: stored, or the last stored
+    part of a ``Concat`` (through ``Cast``), as exporters build a target shape from a computed batch size."""
+    values = graph.ints(name)
+    if values is not None:
+        return values[-1] if values else None
+    node = graph.producers.get(name)
+    if node is None or depth > 8:
+        return None
+    if node.op_type == "Cast":
+        return last_value(node.input(0), graph, depth + 1)
+    if node.op_type == "Concat" and node.attr("axis") in (0, -1) and node.inputs:
+        return last_value(node.inputs[-1], graph, depth + 1)
+    return None
+
+
+def keeps_last_axis(node: Node, size: int, graph: Graph) -> bool:
+    """Whether ``node`` only regroups the leading axes of a tensor whose last axis has ``size`` entries.
+
+    tf2onnx writes Dense on a 3-D input as Reshape -> MatMul -> Reshape (back to the leading axes) -> Add,
+    so the bias is added after the second Reshape; it is still one bias per output when that Reshape's
+    target shape ends in the same ``size``.
+    """
+    if node.op_type == "Identity":
+        return True
+    if node.op_type != "Reshape":
+        return False
+    last = node.attr("shape", [None])[-1] if len(node.inputs) < 2 else last_value(node.input(1), graph)
+    return last == size
+
+
+def raw_axes(node: Node, graph: Graph) -> list[int] | None:
+    """The ``axes`` of a Squeeze/Unsqueeze: an attribute before opset 13, a stored input since."""
+    axes = node.attr("axes") if len(node.inputs) < 2 else graph.ints(node.input(1))
+    return list(axes) if axes else None  # Squeeze without axes drops whatever unit axes the input has
+
+
+def normalized_axes(node: Node, graph: Graph, rank: int) -> list[int] | None:
+    """Those axes made non-negative; ``rank``: the Squeeze's input rank, the Unsqueeze's output rank."""
+    axes = raw_axes(node, graph)
+    if axes is None:
+        return None
+    normalized = [a + rank if a < 0 else a for a in axes]
+    return normalized if all(0 <= a < rank for a in normalized) else None
+
+
+def unit_axis_from_unsqueeze(name: str, axis: int, rank: int, graph: Graph) -> bool:
+    """Whether axis ``axis`` of input ``name`` (rank ``rank``) was put there by an ``Unsqueeze``,
+    followed back through ``Transpose`` and ``Identity`` nodes: then it has one entry."""
+    for _ in range(16):
+        node = graph.producers.get(name)
+        if node is None:
+            return False
+        if node.op_type == "Identity":
+            name = node.input(0)
+        elif node.op_type == "Transpose":
+            perm = node.attr("perm") or list(range(rank))[::-1]
+            if sorted(perm) != list(range(rank)):
+                return False
+            axis, name = perm[axis], node.input(0)
+        elif node.op_type == "Unsqueeze":
+            return axis in (normalized_axes(node, graph, rank) or [])
+        else:
+            return False
+    return False
+
+
+def weight_names(source: Source) -> list[str]:
+    """Tensors that must be placed: floating-point initializers with at least one axis.
+
+    Constant values are graph code, and so are scalars: no weight of a layer this layout maps is a
+    0-d tensor, while exporters that keep every constant as an initializer (tf2onnx) store the scalar
+    zero their initial states are expanded from, or a loop's bounds, that way.
+    """
+    names = source.metadata.get("initializers", list(source.infos))
+    return [
+        n for n in names if n in source.infos and is_float(source.infos[n].dtype) and source.infos[n].shape
+    ]
+
+
+def is_float(dtype: np.dtype) -> bool:
+    return dtype.kind in "fc" or is_ml_float(dtype)
+
+
+def all_zero(source: Source, name: str) -> bool:
+    return not np.any(source.read(name))

@@ -1,0 +1,105 @@
+"""Why a module layer got nothing: the graph computes it in a way no node maps back to (a recurrence
+unrolled or left in a ``Loop``/``Scan``, a ``Gather`` along another axis, a batched ``MatMul``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from weightport.errors import LayoutError
+from weightport.layouts.onnx.graph import Graph, Layer, Node, is_float
+from weightport.layouts.pairing import module_slots, slot_kind
+from weightport.sources.base import Source
+from weightport.torch_facts import RNN_KINDS
+
+__all__ = ["explain_unrolled_recurrence", "loop_hints", "unmapped_hints"]
+
+
+def explain_unrolled_recurrence(
+    module: nn.Module, layers: list[Layer], where: str, error: LayoutError
+) -> None:
+    """When pairing failed and a recurrent module has no node of its kind in the graph, say why.
+
+    Exporters that unroll the recurrence into per-step MatMul/Add nodes (torch.onnx.export's dynamo
+    exporter does so for nn.RNN) leave nothing that maps back to the module's weights; a graph whose
+    recurrent nodes are of another kind (an LSTM file, a GRU module) is a module of the wrong class.
+    """
+    found = {layer.kind for layer in layers}
+    recurrent = sorted(found & set(RNN_KINDS))
+    for path, sub in module.named_modules():
+        kind = slot_kind(sub)
+        if not (isinstance(sub, nn.RNNBase) and kind in RNN_KINDS and kind not in found):
+            continue
+        label = f"'{path}'" if path else "the model itself"
+        if recurrent:  # the graph recurs with another kind of node: the module is of the wrong class
+            raise LayoutError(
+                f"{where} has ONNX {' and '.join(recurrent)} node(s) but no {kind} node for {label} "
+                f"({type(sub).__name__}): the weights of one kind of recurrent layer do not fit another. "
+                f"Fix: build the module as nn.{recurrent[0]} with the graph's sizes, or load a file exported "
+                f"from a model with a {kind}. (Pairing said: {error})"
+            ) from error
+        raise LayoutError(
+            f"{where} has no ONNX {kind} node for {label} ({type(sub).__name__}): the graph computes "
+            "the recurrence some other way (an exporter that unrolls it into per-step MatMul and Add "
+            "nodes, as torch.onnx.export's dynamo exporter does for nn.RNN), and those nodes do not "
+            f"map back to the module's weights. Fix: export with torch.onnx.export(..., dynamo=False), "
+            f"which writes {kind} nodes, or save the PyTorch weights themselves (weightport.save). "
+            f"(Pairing said: {error})"
+        ) from error
+
+
+def loop_hints(module: nn.Module, layers: list[Layer], nodes: list[Node], source: Source) -> dict[str, str]:
+    """Why a recurrent module got nothing when the graph runs its recurrence in a ``Loop`` or ``Scan``.
+
+    tf2onnx rewrites Keras LSTM and GRU(reset_after=True) into ONNX LSTM/GRU nodes, but leaves SimpleRNN,
+    GRU(reset_after=False) and masked layers as a loop whose body (a subgraph, not read here) multiplies
+    by weights passed in as the loop's inputs: nothing says which input is which gate's matrix.
+    """
+    loops = [node for node in nodes if node.op_type in ("Loop", "Scan")]
+    found = {layer.kind for layer in layers}
+    hints = {}
+    for slot in module_slots(module):
+        if not loops or slot.kind not in RNN_KINDS or slot.kind in found:
+            continue
+        loop = loops[0]
+        weights = [n for n in loop.inputs if n in source.infos and len(source.infos[n].shape) >= 1]
+        hints[slot.path] = (
+            f"the graph has no ONNX {slot.kind} node: {loop.op_type} node '{loop.label}' runs the recurrence "
+            f"step by step, its body (a subgraph, which weightport does not read) multiplying by "
+            f"{', '.join(repr(w) for w in weights[:4]) or 'tensors'} with nothing to say which is which gate's. "
+            "tf2onnx writes such loops for Keras SimpleRNN, GRU(reset_after=False) and masked layers. "
+            "Load the Keras weights file instead (weightport.load(model, 'model.weights.h5') maps SimpleRNN; "
+            "GRU(reset_after=False) computes what no PyTorch GRU does), or convert to ONNX from a model "
+            f"whose {slot.kind} becomes an ONNX {slot.kind} node"
+        )
+    return hints
+
+
+def unmapped_hints(
+    module: nn.Module, layers: list[Layer], nodes: list[Node], source: Source, hints: dict[str, str]
+) -> None:
+    """Why an Embedding or Linear got nothing when the graph uses a stored table or weight some other way:
+    ``Gather`` along an axis other than 0, ``MatMul`` by a stored tensor of 3 or more axes."""
+    graph = Graph.of(nodes, source)
+    found = {layer.kind for layer in layers}
+    why: dict[str, str] = {}
+    for node in nodes:
+        first = graph.stored(node.input(0)) if node.op_type == "Gather" else None
+        second = graph.stored(node.input(1)) if node.op_type == "MatMul" else None
+        if first and len(source.infos[first].shape) == 2 and is_float(source.infos[first].dtype):
+            why.setdefault(
+                "Embedding",
+                f"Gather node '{node.label}' takes entries of the stored table '{first}' along axis "
+                f"{node.attr('axis', 0)}, while nn.Embedding looks up rows (axis 0): the output's axes differ: "
+                "store the table transposed and gather along axis 0, or index the tensor in forward()",
+            )
+        if second and len(source.infos[second].shape) > 2:
+            why.setdefault(
+                "Linear",
+                f"MatMul node '{node.label}' multiplies by the stored {len(source.infos[second].shape)}-D "
+                f"tensor '{second}' {source.infos[second].shape}, a batched product with one matrix per "
+                "leading index, not one nn.Linear: hold it as an nn.Parameter and load it with "
+                "layout='torch' under its own name, or use torch.matmul in forward()",
+            )
+    for slot in module_slots(module):
+        if slot.kind in why and slot.kind not in found:
+            hints.setdefault(slot.path, why[slot.kind])

@@ -1,0 +1,325 @@
+"""Finding the layers: each node that holds weights (LSTM, GRU, RNN, Gemm, MatMul(+Add), Conv, Gather,
+BatchNormalization, LayerNormalization) as one :class:`~weightport.layouts.onnx.graph.Layer`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from weightport.layouts.onnx.checks import check_recurrent_node
+from weightport.layouts.onnx.graph import (
+    Graph,
+    Layer,
+    Node,
+    is_float,
+    keeps_last_axis,
+    normalized_axes,
+    raw_axes,
+    stored_matrix,
+    unit_axis_from_unsqueeze,
+)
+from weightport.layouts.onnx.issues import Issues, computed
+from weightport.layouts.onnx.ops import CONV_KINDS, KIND_OF_NORM_OP, NORMS
+from weightport.layouts.onnx.pads import onnx_pads, pad_before
+from weightport.sources.base import Source
+from weightport.torch_facts import RNN_KINDS
+from weightport.transforms import Identity, Op, Reshape, Transpose
+
+__all__ = ["find_layers", "named_path"]
+
+
+def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: set[str]) -> list[Layer]:
+    graph = Graph.of(nodes, source)
+    layers: list[Layer] = []
+    seen: set[tuple[Any, ...]] = set()
+    for node in nodes:
+        if node.op_type in RNN_KINDS:
+            layer = _recurrent_layer(node, graph, issues, validated)
+        elif node.op_type == "Gemm":
+            layer = _gemm_layer(node, graph, issues)
+        elif node.op_type == "MatMul":
+            layer = _matmul_layer(node, graph)
+        elif node.op_type == "Conv":
+            layer = _conv_layer(node, graph, issues)
+        elif node.op_type == "Gather":
+            layer = _gather_layer(node, graph)
+        elif node.op_type in NORMS:
+            layer = _norm_layer(node, graph, issues)
+        else:
+            layer = None
+        if layer is None:
+            continue
+        # A layer applied twice (one Linear called in two places) shows as two nodes on the same stored
+        # tensors: it is one source layer, filled once.
+        key: tuple[Any, ...] = (
+            layer.kind,
+            tuple(sorted(layer.tensors.items())),
+            repr(sorted(layer.ops.items())),
+            repr(sorted(node.attributes.items())),
+            layer.spatial,
+        )
+        if key not in seen:
+            seen.add(key)
+            layers.append(layer)
+    return layers
+
+
+def named_path(layer: Layer) -> tuple[str, ...]:
+    """The module path a layer's stored tensors name, where they all share one (``head.weight``, ``head.bias``:
+    ``head``, as torch.onnx.export keeps parameter names); synthetic names (``onnx::LSTM_201``) name none."""
+    owners = {name.rpartition(".")[0] for name in layer.tensors.values()}
+    (owner,) = owners if len(owners) == 1 else ("",)
+    return (owner,) if owner and ":" not in owner else ()
+
+
+def _stored_inputs(
+    node: Node, inputs: list[tuple[str, int, str]], graph: Graph, issues: Issues
+) -> dict[str, str] | None:
+    """``{key: stored tensor}`` for the node's ``(key, position, ONNX name)`` inputs that are given;
+    None (and an issue) when one of them is computed by the graph."""
+    tensors = {}
+    for key, position, role in inputs:
+        name = node.input(position)
+        if not name:
+            continue
+        found = graph.stored(name)
+        if found is None:
+            computed(node, role, name, issues)
+            return None
+        tensors[key] = found
+    return tensors
+
+
+def _recurrent_layer(node: Node, graph: Graph, issues: Issues, validated: set[str]) -> Layer | None:
+    kind = node.op_type
+    roles = [("W", 1), ("R", 2), ("B", 3)] + ([("P", 7)] if kind == "LSTM" else [])
+    tensors = _stored_inputs(node, [(role, position, role) for role, position in roles], graph, issues)
+    if tensors is None:
+        return None
+    if "W" not in tensors or "R" not in tensors:
+        issues.add(node, "has no W or R input; the graph is malformed. Fix: re-export the model.")
+        return None
+    if node.synthetic:
+        return Layer(node, kind, tensors, detail=f"ONNX {kind} arrays")
+    check_recurrent_node(node, tensors, graph, issues, validated)
+    direction = node.attr("direction", "forward")
+    notes = [f"hidden_size={node.attr('hidden_size')}", f"direction={direction}"]
+    if node.attr("layout", 0):
+        notes.append("layout=1: X and Y batch-first, as batch_first=True takes them")
+    if node.input(4):
+        # ONNX zeroes Y past each sequence's length and takes Y_h at its last step: PyTorch does the same
+        # for a PackedSequence. The weights are the same either way; how forward() is called is the model's.
+        notes.append(
+            "sequence_lens: steps past each length give zeros, as PyTorch gives for a packed input "
+            "(nn.utils.rnn.pack_padded_sequence)"
+        )
+    return Layer(node, kind, tensors, detail=f"ONNX {kind} node ({', '.join(notes)})")
+
+
+def _bias_op(shape: tuple[int, ...], size: int) -> Op | None:
+    """How a stored bias of ``shape`` becomes a vector of ``size`` (None: it is no bias vector)."""
+    if shape == (size,):
+        return Identity()
+    if len(shape) > 1 and shape[-1] == size and all(d == 1 for d in shape[:-1]):
+        return Reshape(shape, (size,))
+    return None
+
+
+def _gemm_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
+    source = graph.source
+    found = stored_matrix(node.input(1), graph)
+    if found is None:
+        return None
+    name, transposed = found
+    trans_b = bool(node.attr("transB", 0)) != transposed  # True: the stored matrix is (out, in)
+    shape = source.infos[name].shape
+    out_features = shape[0] if trans_b else shape[1]
+    ops: dict[str, Op] = {"weight": Identity() if trans_b else Transpose((1, 0))}
+    tensors = {"weight": name}
+    if node.attr("transA", 0):
+        issues.add(
+            node,
+            "transA=1 transposes the layer's input itself; nn.Linear cannot. Fix: re-export with transA=0.",
+            unsupported=True,
+        )
+    if node.attr("alpha", 1.0) != 1.0:
+        issues.add(
+            node,
+            f"alpha={node.attr('alpha')} scales A*B; weightport only moves values, never scales "
+            "them. Fix: multiply B by alpha and set alpha=1 in the file.",
+            unsupported=True,
+        )
+    bias = node.input(2)
+    if bias:
+        if node.attr("beta", 1.0) != 1.0:
+            issues.add(
+                node,
+                f"beta={node.attr('beta')} scales C; weightport only moves values, never scales "
+                "them. Fix: multiply C by beta and set beta=1 in the file.",
+                unsupported=True,
+            )
+        stored_bias = graph.stored(bias)
+        op = _bias_op(source.infos[stored_bias].shape, out_features) if stored_bias else None
+        if stored_bias is None or op is None:
+            issues.add(
+                node,
+                f"input C '{bias}' is not a stored bias vector of {out_features} values; "
+                "nn.Linear adds one bias per output. Fix: re-export with a per-output bias.",
+                unsupported=True,
+            )
+        else:
+            tensors["bias"], ops["bias"] = stored_bias, op
+    return Layer(node, "Linear", tensors, ops, detail=f"ONNX Gemm node {shape}")
+
+
+def _matmul_layer(node: Node, graph: Graph) -> Layer | None:
+    found = stored_matrix(node.input(1), graph)
+    if found is None:
+        return None  # a product of two activations: no weights
+    name, transposed = found
+    shape = graph.source.infos[name].shape
+    out_features = shape[0] if transposed else shape[1]
+    tensors = {"weight": name}
+    ops: dict[str, Op] = {"weight": Identity() if transposed else Transpose((1, 0))}
+    result, after = node, graph.only_consumer(node)
+    while after is not None and after.op_type != "Add" and keeps_last_axis(after, out_features, graph):
+        result, after = after, graph.only_consumer(after)
+    if after is not None and after.op_type == "Add" and after.index not in graph.fused:
+        others = [n for n in after.inputs if n != result.outputs[0]]
+        bias = graph.stored(others[0]) if len(others) == 1 else None
+        op = _bias_op(graph.source.infos[bias].shape, out_features) if bias else None
+        if bias is not None and op is not None:
+            tensors["bias"], ops["bias"] = bias, op
+            graph.fused.add(after.index)
+    return Layer(node, "Linear", tensors, ops, detail=f"ONNX MatMul node {shape}")
+
+
+def _conv_spatial(node: Node, shape: tuple[int, ...], graph: Graph) -> tuple[int, ...] | None:
+    """The spatial axes of a Conv that really convolve, when the others run over a unit axis.
+
+    tf2onnx writes Keras Conv1D as TensorFlow does: Unsqueeze the input to 2-D, a Conv with a kernel of
+    height 1, Squeeze. Along an axis the Unsqueeze made, with kernel 1, stride 1 and no padding, that Conv
+    is a Conv1d (None: every axis convolves).
+    """
+    dims = len(shape) - 2
+    kernel = tuple(shape[2:])
+    strides = node.attr("strides") or [1] * dims
+    dilations = node.attr("dilations") or [1] * dims
+    begin, end = onnx_pads(node, kernel, tuple(dilations), dims)
+    unit = [
+        s
+        for s in range(dims)
+        if kernel[s] == 1
+        and strides[s] == 1
+        and begin[s] == end[s] == 0
+        and unit_axis_from_unsqueeze(node.input(0), 2 + s, len(shape), graph)
+    ]
+    kept = tuple(s for s in range(dims) if s not in unit)
+    return kept if unit and kept else None
+
+
+def _channel_bias(node: Node, channels: int, rank: int, graph: Graph) -> tuple[str, Op] | None:
+    """A stored per-channel bias added after the Conv (tf2onnx adds it after the Squeeze of a Conv1D).
+
+    The channel axis is followed through ``Squeeze``/``Unsqueeze``/``Transpose``/``Identity`` to an
+    ``Add`` of a stored tensor that has ``channels`` entries on that axis and one on every other.
+    """
+    axis, current, after = 1, node, graph.only_consumer(node)
+    while after is not None and after.op_type != "Add":
+        if after.op_type in ("Squeeze", "Unsqueeze"):
+            squeeze = after.op_type == "Squeeze"
+            raw = raw_axes(after, graph) or []
+            axes = normalized_axes(after, graph, rank if squeeze else rank + len(raw))
+            if axes is None or (squeeze and axis in axes):
+                return None
+            if squeeze:
+                axis, rank = axis - sum(a < axis for a in axes), rank - len(axes)
+            else:
+                rank += len(axes)
+                for a in sorted(axes):
+                    axis += a <= axis
+        elif after.op_type == "Transpose":
+            perm = after.attr("perm") or list(range(rank))[::-1]
+            if sorted(perm) != list(range(rank)):
+                return None
+            axis = perm.index(axis)
+        elif after.op_type != "Identity":
+            return None
+        current, after = after, graph.only_consumer(after)
+    if after is None or after.index in graph.fused:
+        return None
+    others = [n for n in after.inputs if n != current.outputs[0]]
+    bias = graph.stored(others[0]) if len(others) == 1 else None
+    if bias is None:
+        return None
+    shape = graph.source.infos[bias].shape
+    aligned = axis - (rank - len(shape))  # the bias axis facing the channels (broadcasting aligns right)
+    if len(shape) > rank or not 0 <= aligned < len(shape) or shape[aligned] != channels:
+        return None
+    if any(d != 1 for i, d in enumerate(shape) if i != aligned):
+        return None
+    graph.fused.add(after.index)
+    return bias, Identity() if shape == (channels,) else Reshape(shape, (channels,))
+
+
+def _conv_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
+    source = graph.source
+    weight = graph.stored(node.input(1))
+    if weight is None or len(source.infos[weight].shape) not in CONV_KINDS:
+        return None
+    shape = source.infos[weight].shape
+    tensors = {"weight": weight}
+    ops: dict[str, Op] = {}
+    spatial = _conv_spatial(node, shape, graph)
+    kind, detail = CONV_KINDS[len(shape)], f"ONNX Conv node {shape}"
+    if spatial is not None:
+        target = (*shape[:2], *(shape[2 + s] for s in spatial))
+        kind, detail = CONV_KINDS[len(target)], f"{detail} over unit axes (a {CONV_KINDS[len(target)]})"
+        ops["weight"] = Reshape(shape, target)
+    pad = pad_before(node, graph, len(shape) - 2, spatial)
+    bias = node.input(2)
+    stored_bias = graph.stored(bias)
+    if bias and stored_bias is None:
+        computed(node, "B", bias, issues)
+    elif stored_bias is not None:
+        tensors["bias"] = stored_bias
+    else:
+        added = _channel_bias(node, shape[0], len(shape), graph)
+        if added is not None:
+            tensors["bias"], ops["bias"] = added
+    return Layer(node, kind, tensors, ops, detail=detail, spatial=spatial, pad=pad)
+
+
+def _gather_layer(node: Node, graph: Graph) -> Layer | None:
+    """``Gather(data=stored matrix, indices)`` along axis 0: an embedding lookup."""
+    table = graph.stored(node.input(0))
+    infos = graph.source.infos
+    if table is None or len(infos[table].shape) != 2 or node.attr("axis", 0) != 0:
+        return None  # indexing activations or shapes, not a table of weights
+    if not is_float(infos[table].dtype):
+        return None  # an integer lookup table is graph code
+    shape = infos[table].shape
+    return Layer(node, "Embedding", {"weight": table}, detail=f"ONNX Gather node {shape}")
+
+
+def _norm_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
+    """BatchNormalization (scale, B, mean, var) or LayerNormalization (Scale, B) with stored inputs."""
+    inputs = [
+        (role, position, onnx_name) for position, (role, onnx_name) in enumerate(NORMS[node.op_type], 1)
+    ]
+    tensors = _stored_inputs(node, inputs, graph, issues)
+    if tensors is None or "weight" not in tensors:
+        return None
+    kind = KIND_OF_NORM_OP[node.op_type]
+    shape = graph.source.infos[tensors["weight"]].shape
+    if node.op_type == "BatchNormalization" and node.attr("spatial", 1) == 0:
+        issues.add(
+            node,
+            "spatial=0 (opset 7-8) keeps one mean and variance per channel and position, while "
+            "nn.BatchNorm*d keeps one per channel. Fix: re-export with spatial=1 (opset 9 or later).",
+            unsupported=True,
+        )
+        return None
+    detail = f"ONNX {node.op_type} node {shape}"
+    if node.attr("training_mode", 0):
+        detail += ", training_mode=1: normalizes with the batch's statistics, as the module does in train()"
+    return Layer(node, kind, tensors, detail=detail)

@@ -1,0 +1,214 @@
+"""Rules for a paired layer: which stored tensors fill which of the module's, through which op."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from weightport.layouts.base import Rule
+from weightport.layouts.onnx.checks import check_conv, check_norm, check_recurrent_module
+from weightport.layouts.onnx.graph import Layer, all_zero
+from weightport.layouts.onnx.issues import Issues
+from weightport.layouts.onnx.ops import GATE_ORDER, NORMS
+from weightport.layouts.pairing import Paired
+from weightport.sources.base import Source
+from weightport.torch_facts import RNN_GATE_COUNT, RNN_KINDS
+from weightport.transforms import Chain, Identity, Op, ReorderBlocks, Select, SliceBlocks, Zeros
+
+__all__ = ["layer_rules"]
+
+_WEIGHT_INPUT = {"Linear": "B", "Embedding": "data"}  # the ONNX input a plain layer's weight comes from
+# The module setting that leaves it without a tensor the file holds (nn.LayerNorm(bias=False) keeps its weight).
+_NORM_SETTING = {
+    ("BatchNorm", "weight"): "affine",
+    ("BatchNorm", "bias"): "affine",
+    ("BatchNorm", "running_mean"): "track_running_stats",
+    ("BatchNorm", "running_var"): "track_running_stats",
+    ("LayerNorm", "weight"): "elementwise_affine",
+    ("LayerNorm", "bias"): "bias",
+}
+
+
+def layer_rules(
+    layer: Layer, pair: Paired, source: Source, issues: Issues, validated: set[str], unchecked: list[str]
+) -> list[Rule]:
+    if layer.kind in RNN_KINDS:
+        return _recurrent_rules(layer, pair, source, issues, validated)
+    if layer.node.op_type in NORMS:
+        return _norm_rules(layer, pair, source, issues, validated)
+    return _plain_rules(layer, pair, source, issues, validated, unchecked)
+
+
+def _origin(source: Source, layer: Layer, role: str, name: str) -> str:
+    return f"{source.description} node '{layer.node.label}' input {role} '{name}'"
+
+
+def _recurrent_rules(
+    layer: Layer, pair: Paired, source: Source, issues: Issues, validated: set[str]
+) -> list[Rule]:
+    node, slot = layer.node, pair.slot
+    module: Any = slot.module  # nn.RNNBase or nn.RNNCellBase
+    blocks, order = RNN_GATE_COUNT[layer.kind], GATE_ORDER[layer.kind]
+    hidden = int(module.hidden_size)
+    bidirectional = bool(getattr(module, "bidirectional", False))
+    if node.synthetic:
+        w_shape = source.infos[layer.tensors["W"]].shape
+        direction = "bidirectional" if w_shape and w_shape[0] == 2 else "forward"
+    else:
+        direction = node.attr("direction", "forward")
+        check_recurrent_module(node, slot, pair.how, direction, issues)
+    directions = 2 if direction == "bidirectional" else 1
+    if direction != "reverse" and (directions == 2) != bidirectional:
+        issues.add(
+            node,
+            f"direction={direction}, but it is paired with {slot.describe()}. Fix: build the "
+            f"module with bidirectional={directions == 2}.",
+        )
+    if getattr(module, "proj_size", 0):
+        issues.add(
+            node,
+            f"'{slot.label}' has proj_size={module.proj_size}; ONNX's LSTM has no projection. "
+            "Fix: build the LSTM with proj_size=0.",
+            unsupported=True,
+        )
+    bias = layer.tensors.get("B")
+    if bias is not None and not module.bias:
+        if not all_zero(source, bias):
+            issues.add(
+                node,
+                f"input B '{bias}' holds biases but '{slot.label}' was built with bias=False. "
+                "Fix: build it with bias=True.",
+            )
+            return []
+        validated.add(bias)
+        bias = None
+    reorder: tuple[Op, ...] = (ReorderBlocks(0, order),) if blocks > 1 else ()
+    rules = []
+    for d in range(directions):
+        select = Select(d, directions)
+        reverse = d == 1
+
+        def rule(param: str, role: str, name: str, *ops: Op, reverse: bool = reverse) -> Rule:
+            return Rule(
+                slot.name(param, reverse=reverse), (name,), Chain(*ops), _origin(source, layer, role, name)
+            )
+
+        rules.append(rule("weight_ih", "W", layer.tensors["W"], select, *reorder))
+        rules.append(rule("weight_hh", "R", layer.tensors["R"], select, *reorder))
+        if not module.bias:
+            continue
+        if bias is None:
+            for param in ("bias_ih", "bias_hh"):
+                rules.append(
+                    Rule(
+                        slot.name(param, reverse=reverse),
+                        (),
+                        Zeros((blocks * hidden,)),
+                        f"{source.description} node '{node.label}' has no B: zeros",
+                    )
+                )
+        else:
+            rules.append(rule("bias_ih", "B", bias, select, SliceBlocks(0, 0, 2), *reorder))
+            rules.append(rule("bias_hh", "B", bias, select, SliceBlocks(0, 1, 2), *reorder))
+    return rules
+
+
+def _plain_rules(
+    layer: Layer,
+    pair: Paired,
+    source: Source,
+    issues: Issues,
+    validated: set[str],
+    unchecked: list[str],
+) -> list[Rule]:
+    slot, node = pair.slot, layer.node
+    module: Any = slot.module
+    if layer.kind.startswith("Conv") and not node.synthetic:
+        check_conv(node, layer, slot, source, issues, unchecked)
+    rules = [
+        Rule(
+            slot.name("weight"),
+            (layer.tensors["weight"],),
+            layer.ops.get("weight", Identity()),
+            _origin(source, layer, _WEIGHT_INPUT.get(layer.kind, "W"), layer.tensors["weight"]),
+        )
+    ]
+    bias = layer.tensors.get("bias")
+    has_bias = getattr(module, "bias", None) is not None
+    if bias is not None and not has_bias:
+        if all_zero(source, bias):
+            validated.add(bias)
+        else:
+            issues.add(
+                node,
+                f"has a bias '{bias}' but '{slot.label}' was built with bias=False. "
+                "Fix: build it with bias=True.",
+            )
+    elif bias is not None:
+        rules.append(
+            Rule(
+                slot.name("bias"),
+                (bias,),
+                layer.ops.get("bias", Identity()),
+                _origin(source, layer, "bias", bias),
+            )
+        )
+    elif has_bias:
+        rules.append(
+            Rule(
+                slot.name("bias"),
+                (),
+                Zeros(tuple(module.bias.shape)),
+                f"{source.description} node '{node.label}' has no bias: zeros",
+            )
+        )
+    return rules
+
+
+def _norm_rules(
+    layer: Layer, pair: Paired, source: Source, issues: Issues, validated: set[str]
+) -> list[Rule]:
+    """BatchNormalization -> nn.BatchNorm*d, LayerNormalization -> nn.LayerNorm, values as they are."""
+    node, slot = layer.node, pair.slot
+    module: Any = slot.module
+    if not node.synthetic:
+        check_norm(node, layer, slot, source, issues)
+    inputs = dict(NORMS[node.op_type])
+    rules: list[Rule] = []
+    for role, name in layer.tensors.items():
+        if getattr(module, role, None) is not None:
+            rules.append(
+                Rule(slot.name(role), (name,), Identity(), _origin(source, layer, inputs[role], name))
+            )
+            continue
+        neutral = {"weight": 1.0, "bias": 0.0}.get(role)
+        if neutral is not None and bool(np.all(source.read(name) == neutral)):
+            validated.add(name)  # ones / zeros: what a module without that parameter computes
+            continue
+        setting = _NORM_SETTING[layer.kind, role]
+        issues.add(
+            node,
+            f"input {inputs[role]} '{name}' holds values but '{slot.label}' was built with {setting}=False. "
+            f"Fix: build it with {setting}=True.",
+        )
+    bias = getattr(module, "bias", None)
+    if "bias" not in layer.tensors and bias is not None:
+        rules.append(
+            Rule(
+                slot.name("bias"),
+                (),
+                Zeros(tuple(bias.shape)),
+                f"{source.description} node '{node.label}' has no B: zeros",
+            )
+        )
+    if layer.kind == "BatchNorm" and getattr(module, "num_batches_tracked", None) is not None:
+        rules.append(
+            Rule(
+                slot.name("num_batches_tracked"),
+                (),
+                Zeros(()),
+                f"{source.description} node '{node.label}': ONNX counts no batches; 0",
+            )
+        )
+    return rules
