@@ -26,7 +26,8 @@ from torch import nn
 from weightport.boxes import view_pieces
 from weightport.copying import copy_into
 from weightport.errors import LoadError, Problem, SourceError
-from weightport.plan import Entry, Plan, value_problem
+from weightport.options import LoadOptions
+from weightport.plan import Entry, Plan, check_values, value_problem
 from weightport.sources.base import Source
 from weightport.sources.files import byte_view, read_exact
 from weightport.staging import Stager
@@ -34,7 +35,7 @@ from weightport.tensors import narrow, numpy_of
 from weightport.transforms import Identity
 from weightport.values import find_bad_values
 
-__all__ = ["apply_plan", "deferred_interrupts", "UndoLog", "UNDO_MEMORY_BYTES"]
+__all__ = ["LocalWrite", "apply_plan", "deferred_interrupts", "UndoLog", "UNDO_MEMORY_BYTES"]
 
 UNDO_MEMORY_BYTES = 256 * 1024 * 1024
 
@@ -67,10 +68,6 @@ def host_view(tensor: torch.Tensor) -> np.ndarray | None:
         return None
 
 
-def _value(entry: Entry, source: Source) -> np.ndarray:
-    return entry.rule.op(*(source.read(s) for s in entry.rule.sources))
-
-
 def goes_through_staging(tensor: torch.Tensor) -> bool:
     """Whether writes to ``tensor`` go through pinned host buffers (tensors off the CPU)."""
     return not (tensor.is_cpu or tensor.is_meta)
@@ -88,7 +85,7 @@ def _write(
     if stagers is not None and goes_through_staging(tensor):
         if tensor.device not in stagers:
             stagers[tensor.device] = Stager(tensor.device)
-        stagers[tensor.device].write(tensor, _value(entry, source))
+        stagers[tensor.device].write(tensor, entry.value(source))
         return
     if not source.in_memory and type(rule.op) is Identity and entry.inputs[0].dtype.isnative:
         view = host_view(tensor)
@@ -189,6 +186,35 @@ def _check_filled(entry: Entry, new: torch.Tensor) -> Problem | None:
         return None
     bad = find_bad_values(host_view(new.detach()), new.dtype, "finite", entry.check_after_fill)  # type: ignore[arg-type]
     return value_problem(entry, bad) if bad else None
+
+
+class LocalWrite:
+    """One load's write in this process: :meth:`read` checks the values, :meth:`commit` writes them
+    (the shape :class:`weightport.distributed.ShardedWrite` has too)."""
+
+    def __init__(self, plan: Plan, source: Source, options: LoadOptions) -> None:
+        self.plan, self.source, self.options = plan, source, options
+
+    def read(self) -> None:
+        """Scan the source's values for what the casts need; problems go into the plan.
+
+        A load that will write leaves the NaN/Inf scan of meta tensors to :meth:`commit`, which
+        checks their new storage as it fills it (one read of the file instead of two).
+        """
+        if not self.options.check_values:
+            return
+        try:
+            check_values(
+                self.plan, self.source, self.options.allow_nonfinite, after_fill=not self.options.dry_run
+            )
+        except OSError as e:  # nothing is written yet: a read failure is the source's problem
+            raise SourceError(
+                f"reading {self.source.description} failed: {e.strerror or e}. Fix: check the file is complete "
+                "and readable, and that the source was not closed (a with-block that ended, or close())."
+            ) from e
+
+    def commit(self, progress: Progress | None = None) -> None:
+        apply_plan(self.plan, self.source, rollback=self.options.rollback, progress=progress)
 
 
 def apply_plan(

@@ -51,11 +51,12 @@ from weightport.apply import deferred_interrupts, host_view
 from weightport.boxes import Piece, region_pieces
 from weightport.copying import copy_into
 from weightport.errors import LoadError, Problem, SourceError
-from weightport.plan import Entry, NonFinite, Plan, allowed_nonfinite, value_problem
+from weightport.options import LoadOptions
+from weightport.plan import Entry, Plan, allowed_nonfinite, value_problem
 from weightport.sources.base import Region, Source, region_shape
 from weightport.tensors import narrow
 
-__all__ = ["is_dtensor", "has_dtensors", "local_region", "box_text", "prepare", "ShardedWrite"]
+__all__ = ["is_dtensor", "has_dtensors", "local_region", "box_text", "agree", "ShardedWrite"]
 
 BAND_BYTES = 32 * 1024 * 1024
 """Pieces that cannot be read straight into their destination go through bands of at most this size."""
@@ -190,18 +191,22 @@ class _Target:
 class ShardedWrite:
     """The reading, checking and writing of one load on this rank (see the module docstring)."""
 
-    def __init__(self, plan: Plan, source: Source, *, rollback: bool) -> None:
+    def __init__(self, plan: Plan, source: Source, options: LoadOptions) -> None:
         self.plan = plan
         self.source = source
-        self.rollback = rollback
+        self.options = options
+        self.rollback = options.rollback
         self.targets: list[_Target] = []
         self._ties: list[tuple[Entry, _Target]] = []
         meshes = [cast(Any, e.tensor).device_mesh for e in plan.entries if is_dtensor(e.tensor)]
         # plain tensors on meta in a sharded model go where its shards live (a CUDA mesh: the current GPU)
         self.device = _mesh_device(meshes[0]) if meshes else torch.device("cpu")
 
-    def read(self, *, check: bool, allow_nonfinite: NonFinite, fill: bool) -> None:
-        """Read (and check) this rank's part of every planned tensor; fill buffers when ``fill``."""
+    def read(self) -> None:
+        """Read (and check) this rank's part of every planned tensor, into buffers unless nothing
+        will be written (a dry run, or problems found already)."""
+        check, allow_nonfinite = self.options.check_values, self.options.allow_nonfinite
+        fill = not self.options.dry_run and not self.plan.problems
         first: dict[int, _Target] = {}
         for entry in self.plan.entries:
             tensor = entry.tensor
@@ -265,7 +270,7 @@ class ShardedWrite:
         where = f", in the shard {box_text(region)}" if target.sharded else ""
         pieces = region_pieces(rule.op, [i.shape for i in entry.inputs], region)
         if pieces is None:  # an op with no box-to-box mapping: compute it whole, keep the box
-            value = rule.op(*(self.source.read(s) for s in rule.sources))[region]
+            value = entry.value(self.source)[region]
             bad = values.find_bad_values(value, entry.tensor.dtype, entry.check, allowed) if check else None
             if bad:
                 return value_problem(entry, _at(bad, tuple(p.start for p in region)), where)
@@ -318,14 +323,7 @@ class ShardedWrite:
         if mine.is_floating_point() or mine.is_complex():
             same |= mine.isnan() & theirs.isnan()
         if not bool(same.all()):
-            self.plan.problems.append(
-                Problem(
-                    entry.target,
-                    f"the same values as '{first.entry.target}' (they are one tied tensor)",
-                    "different values",
-                    "give the tied tensor once, or equal values under both names",
-                )
-            )
+            self.plan.problems.append(entry.tie_problem(first.entry))
 
     def commit(self, progress: Callable[[Entry], None] | None = None) -> None:
         """Write what was read (after every rank agreed): swap in new tensors, copy into existing ones."""
@@ -428,60 +426,25 @@ def _failure(error: BaseException | None) -> tuple[str, str] | None:
     return None if error is None else (type(error).__name__, str(error))
 
 
-def prepare(
-    module: nn.Module,
-    open_source: Callable[[], Source],
-    make_plan: Callable[[Source], Plan],
-    *,
-    close_on_error: bool,
-    target: str,
-    allow_nonfinite: NonFinite,
-    check_values: bool,
-    rollback: bool,
-    dry_run: bool,
-) -> tuple[Source, Plan, ShardedWrite]:
-    """Open, plan, read and check this rank's part, then agree with every rank (a collective).
+def agree(module: nn.Module, plan: Plan | None, error: BaseException | None, *, target: str) -> None:
+    """Agree with every rank on this load (a collective): afterwards ``plan.problems`` are every
+    rank's (the same list on every rank: those not found on every rank name their ranks).
 
-    Every rank takes part in the agreement whatever happened on it (a file
-    missing on one machine included), so no rank is left waiting.
-
-    Returns:
-        The open source; the plan, whose ``problems`` are every rank's (the same
-        list on every rank: those not found on every rank name their ranks);
-        and the write to commit when there are none.
+    Every rank calls it whatever happened on it: ``error`` is what opening, planning or reading
+    raised here (a file missing on one machine, say), so no rank is left waiting.
 
     Raises:
         LoadError: some ranks failed (raised the same on every rank).
-        Exception: the error every rank hit alike (a bad layout name, say).
+        Exception: the error every rank hit alike (a bad layout name, say), as it is.
     """
     import torch.distributed as dist
 
     group = _group(module)
-    source: Source | None = None
-    plan: Plan | None = None
-    write: ShardedWrite | None = None
-    error: BaseException | None = None
-    try:
-        source = open_source()
-        plan = make_plan(source)
-        write = ShardedWrite(plan, source, rollback=rollback)
-        write.read(
-            check=check_values, allow_nonfinite=allow_nonfinite, fill=not dry_run and not plan.problems
-        )
-    except Exception as e:
-        error = e
     mine = (dist.get_rank(), list(plan.problems) if plan is not None else [], _failure(error))
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    try:
-        dist.all_gather_object(gathered, mine, group=group)
-    except BaseException:
-        if close_on_error and source is not None:
-            source.close()
-        raise
+    dist.all_gather_object(gathered, mine, group=group)
     failures = [(r, f) for r, _, f in gathered if f is not None]
     if failures:
-        if close_on_error and source is not None:
-            source.close()
         if error is not None and len(failures) == len(gathered) and len({f for _, f in failures}) == 1:
             raise error  # the same error everywhere: raise it as it is
         problems = [
@@ -494,6 +457,5 @@ def prepare(
             for r, (kind, text) in failures
         ]
         raise LoadError(problems + _merge(gathered), target=target) from error
-    assert source is not None and plan is not None and write is not None
+    assert plan is not None
     plan.problems[:] = _merge(gathered)
-    return source, plan, write

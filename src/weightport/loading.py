@@ -22,34 +22,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightport.apply import apply_plan
+from weightport.apply import LocalWrite
 from weightport.call_order import CallOrder, ExampleInputs
-from weightport.distributed import ShardedWrite, has_dtensors
-from weightport.distributed import prepare as prepare_sharded
+from weightport.distributed import ShardedWrite, agree, has_dtensors
 from weightport.dtypes import describe_dtype
-from weightport.errors import LoadError, Problem, SourceError, UncheckedConfigWarning
+from weightport.errors import LoadError, Problem, UncheckedConfigWarning
 from weightport.layouts import detect_layout, get_layout
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.folded import folded_batchnorms
 from weightport.layouts.pairing import module_slots
-from weightport.plan import NonFinite, Plan, build_plan, check_values
+from weightport.options import LoadOptions, NonFinite
+from weightport.plan import Plan, build_plan
 from weightport.report import LoadReport, ReportRow
 from weightport.sources import Source, SourceLike, open_source
+from weightport.tensors import unwrap
 
 __all__ = ["load", "plan_load", "unwrap"]
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module that owns the weights under torch.compile and DataParallel wrappers."""
-    while True:
-        inner = module._modules.get("_orig_mod")  # not getattr: a missing attribute costs ~0.1 ms
-        if isinstance(inner, nn.Module):
-            module = inner
-            continue
-        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            module = module.module
-            continue
-        return module
 
 
 def _scope(module: nn.Module, prefix: str | None) -> tuple[nn.Module, str]:
@@ -73,51 +61,29 @@ def _scope(module: nn.Module, prefix: str | None) -> tuple[nn.Module, str]:
         ) from None
 
 
-def plan_load(
-    module: nn.Module,
-    source: Source,
-    *,
-    strict: bool = True,
-    prefix: str | None = None,
-    allow_nonfinite: NonFinite = False,
-    layout: str | None = None,
-    mapping: Mapping[str, str] | None = None,
-    check_values_: bool = True,
-    after_fill: bool = False,
-    example_inputs: ExampleInputs | None = None,
-) -> Plan:
-    """Everything :func:`load` checks, without writing: the checked plan, problems included.
-
-    ``after_fill=True`` leaves the NaN/Inf scan of meta tensors to the writing pass, which
-    checks their new storage as it fills it (one read of the file instead of two).
-    """
+def plan_load(module: nn.Module, source: Source, options: LoadOptions) -> Plan:
+    """Everything :func:`load` checks but the values, without writing: the plan, problems included
+    (the writer's ``read`` checks the values)."""
     root = unwrap(module)
-    scope, prefix_ = _scope(root, prefix)
-    order = None if example_inputs is None else CallOrder(root, example_inputs)  # run only if needed
-    layout_module = get_layout(layout or detect_layout(source))
-    layout_plan = layout_module.plan(scope, source, mapping, call_order=_within(order, prefix_))
+    scope, prefix_ = _scope(root, options.prefix)
+    inputs = options.example_inputs
+    order = None if inputs is None else CallOrder(root, inputs)  # run only if pairing needs it
+    layout = get_layout(options.layout or detect_layout(source))
+    layout_plan = layout.plan(scope, source, options.mapping, call_order=_within(order, prefix_))
     if layout_plan.scope:  # every layer pairs by name inside one submodule (a wrapped model): load into it
         scope, prefix_ = _scope(root, prefix_ + layout_plan.scope)
         inside = prefix_.rstrip(".")
-        layout_plan = layout_module.plan(scope, source, mapping, call_order=_within(order, prefix_))
+        layout_plan = layout.plan(scope, source, options.mapping, call_order=_within(order, prefix_))
         layout_plan.scope = inside
-    plan = build_plan(scope, source, layout_plan, strict=strict, prefix=prefix_)
+    plan = build_plan(scope, source, layout_plan, strict=options.strict, prefix=prefix_)
     plan.ignored.extend(source.ignored)
     folded = folded_batchnorms(scope, source, plan)
     if folded is not None:  # the fused weights alone would load, leaving each BatchNorm as it was
         plan.problems.append(folded)
-    if not isinstance(allow_nonfinite, bool):
-        plan.problems += _unknown_allowed(plan, allow_nonfinite)
+    if not isinstance(options.allow_nonfinite, bool):
+        plan.problems += _unknown_allowed(plan, options.allow_nonfinite)
     if not plan.entries:
-        _explain_nothing_matched(plan, source, layout, scope, prefix_ or _describe(module))
-    if check_values_:
-        try:
-            check_values(plan, source, allow_nonfinite, after_fill=after_fill)
-        except OSError as e:  # nothing is written yet: a read failure is the source's problem
-            raise SourceError(
-                f"reading {source.description} failed: {e.strerror or e}. Fix: check the file is complete and "
-                "readable, and that the source was not closed (a with-block that ended, or close())."
-            ) from e
+        _explain_nothing_matched(plan, source, options.layout, scope, prefix_ or _describe(module))
     return plan
 
 
@@ -274,45 +240,30 @@ def load(
             ],
             target=type(module).__name__,
         )
+    options = LoadOptions(
+        strict=strict,
+        prefix=prefix,
+        allow_nonfinite=allow_nonfinite,
+        dry_run=dry_run,
+        layout=layout,
+        mapping=mapping,
+        check_values=check_values,
+        rollback=rollback,
+        progress=progress,
+        example_inputs=example_inputs,
+    )
     owned = not isinstance(source, Source)
-    sharded: ShardedWrite | None = None
-    if has_dtensors(unwrap(module)):  # a collective: every rank reads its own shard, then the ranks agree
-        src, plan, sharded = prepare_sharded(
-            unwrap(module),
-            lambda: open_source(source),
-            lambda opened: plan_load(
-                module,
-                opened,
-                strict=strict,
-                prefix=prefix,
-                layout=layout,
-                mapping=mapping,
-                check_values_=False,
-                example_inputs=example_inputs,
-            ),
-            close_on_error=owned,
-            target=_describe(module),
-            allow_nonfinite=allow_nonfinite,
-            check_values=check_values,
-            rollback=rollback,
-            dry_run=dry_run,
-        )
+    sharded = has_dtensors(unwrap(module))
+    writer: LocalWrite | ShardedWrite
+    if sharded:  # a collective: every rank reads its own shard, then the ranks agree
+        src, plan, writer = _read_sharded(module, source, options, owned)
     else:
         src = open_source(source)
     try:
-        if sharded is None:
-            plan = plan_load(
-                module,
-                src,
-                strict=strict,
-                prefix=prefix,
-                allow_nonfinite=allow_nonfinite,
-                layout=layout,
-                mapping=mapping,
-                check_values_=check_values,
-                after_fill=not dry_run,
-                example_inputs=example_inputs,
-            )
+        if not sharded:
+            plan = plan_load(module, src, options)
+            writer = LocalWrite(plan, src, options)
+            writer.read()
         if plan.problems:
             raise LoadError(plan.problems, target=_describe(module))
         if plan.layout.unchecked:
@@ -324,23 +275,40 @@ def load(
                 stacklevel=2,
             )
         if not dry_run:
-            _apply(plan, src, rollback=rollback, progress=progress, sharded=sharded)
+            from weightport.progress import progress_callback
+
+            with progress_callback(plan, src, progress) as callback:
+                writer.commit(callback)
         return _report(plan, src, module, dry_run)
     finally:
         if owned:
             src.close()
 
 
-def _apply(
-    plan: Plan, source: Source, *, rollback: bool, progress: bool | None, sharded: ShardedWrite | None
-) -> None:
-    from weightport.progress import progress_callback
-
-    with progress_callback(plan, source, progress) as callback:
-        if sharded is not None:
-            sharded.commit(callback)
-        else:
-            apply_plan(plan, source, rollback=rollback, progress=callback)
+def _read_sharded(
+    module: nn.Module, given: SourceLike, options: LoadOptions, owned: bool
+) -> tuple[Source, Plan, ShardedWrite]:
+    """Open, plan, read and check this rank's part, then agree with every rank (see
+    :func:`weightport.distributed.agree`); whatever fails here, every rank still agrees."""
+    source: Source | None = None
+    plan: Plan | None = None
+    writer: ShardedWrite | None = None
+    error: BaseException | None = None
+    try:
+        source = open_source(given)
+        plan = plan_load(module, source, options)
+        writer = ShardedWrite(plan, source, options)
+        writer.read()
+    except Exception as e:
+        error = e
+    try:
+        agree(unwrap(module), plan, error, target=_describe(module))
+    except BaseException:
+        if owned and source is not None:
+            source.close()
+        raise
+    assert source is not None and plan is not None and writer is not None
+    return source, plan, writer
 
 
 def _describe(module: nn.Module) -> str:

@@ -30,12 +30,11 @@ from weightport import values
 from weightport.dtypes import describe_dtype
 from weightport.errors import Problem
 from weightport.layouts.base import LayoutPlan, Rule
+from weightport.options import NonFinite
 from weightport.sources.base import Source, TensorInfo
 from weightport.torch_facts import explain_shape
 
 __all__ = ["Entry", "Plan", "build_plan", "check_values", "NonFinite", "value_problem", "allowed_nonfinite"]
-
-NonFinite = bool | Collection[str]
 
 
 @dataclass
@@ -60,6 +59,20 @@ class Entry:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.tensor.element_size()
+
+    def value(self, source: Source) -> np.ndarray:
+        """The target's values: the rule's op over its source tensors, read whole (the one home of
+        a rule's value; the writers read boxes of it through :mod:`weightport.boxes`)."""
+        return self.rule.op(*(source.read(s) for s in self.rule.sources))
+
+    def tie_problem(self, first: Entry) -> Problem:
+        """The problem of a tied tensor given under two names with different values."""
+        return Problem(
+            self.target,
+            f"the same values as '{first.target}' (they are one tied tensor)",
+            "different values",
+            "give the tied tensor once, or equal values under both names",
+        )
 
     @property
     def cast(self) -> str:
@@ -409,18 +422,11 @@ def check_values(
         allowed = _allowed(entry.target, allow_nonfinite)
         tied = id(entry.tensor) in firsts
         if tied or entry.aliases:
-            value = entry.rule.op(*(source.read(s) for s in entry.rule.sources))
+            value = entry.value(source)
             if tied:
                 first, first_value = firsts[id(entry.tensor)]
                 if not np.array_equal(first_value, value, equal_nan=True):
-                    plan.problems.append(
-                        Problem(
-                            entry.target,
-                            f"the same values as '{first.target}' (they are one tied tensor)",
-                            "different values",
-                            "give the tied tensor once, or equal values under both names",
-                        )
-                    )
+                    plan.problems.append(entry.tie_problem(first))
                 continue
             firsts[id(entry.tensor)] = (entry, value)
         if entry.check == "none":
@@ -436,7 +442,7 @@ def check_values(
                     checked[memo] = _scan(source, key, entry, allowed)
                 bad = bad or checked[memo]
         else:
-            value = entry.rule.op(*(source.read(s) for s in entry.rule.sources))
+            value = entry.value(source)
             bad = values.find_bad_values(value, entry.tensor.dtype, entry.check, allowed)
         if bad:
             plan.problems.append(value_problem(entry, bad))

@@ -1,0 +1,34 @@
+"""The options of one load, decided once in :func:`weightport.load` and passed down as one value.
+
+>>> options = LoadOptions(strict=False)
+>>> options.strict, options.check_values, options.rollback
+(False, True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from weightport.call_order import ExampleInputs
+
+__all__ = ["LoadOptions", "NonFinite"]
+
+# accept NaN/Inf: everywhere (True), nowhere (False), or in the tensors of these target names
+NonFinite = bool | Collection[str]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What :func:`weightport.load` was asked to do (its keyword arguments; see its docstring)."""
+
+    strict: bool = True
+    prefix: str | None = None
+    allow_nonfinite: NonFinite = False
+    dry_run: bool = False
+    layout: str | None = None
+    mapping: Mapping[str, str] | None = None
+    check_values: bool = True
+    rollback: bool = True
+    progress: bool | None = None
+    example_inputs: ExampleInputs | None = None
