@@ -1,4 +1,5 @@
-"""HDF5 files read safely: every dataset a tensor named by its path, checked before any read.
+"""HDF5 files read safely (every dataset a tensor named by its path, checked before any read), and
+Keras 3 ``.weights.h5`` files written (:func:`write_weights_h5`).
 
 The whole tree is walked once when the file is opened, and the file is refused
 if anything in it could make a read touch other files or more memory than the
@@ -6,8 +7,8 @@ file holds: soft, external or user-defined links, external storage, virtual
 datasets, an unknown (plugin) filter, a second hard link to one object, or a
 dataset whose declared shape times itemsize is not backed by the bytes stored
 (contiguous data must lie inside the file; compressed chunks may not expand past
-:data:`MAX_EXPANSION` times their stored size). h5py is imported only here and
-in :mod:`weightport.sources.keras`; TensorFlow and Keras never are.
+:data:`MAX_EXPANSION` times their stored size). h5py is imported only here, when a file is
+opened or written (:func:`import_h5py`); TensorFlow and Keras never are.
 
 >>> import io, numpy as np, h5py
 >>> buf = io.BytesIO()
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,15 @@ from weightport.errors import MissingDependencyError, SourceError
 from weightport.sources.base import Region, Source, TensorInfo, check_extent, region_shape
 from weightport.sources.files import map_array, mapped_chunks, open_no_follow, read_mapped
 
-__all__ = ["H5Source", "open_h5", "import_h5py", "write_h5", "MAX_EXPANSION", "EXPANSION_FLOOR"]
+__all__ = [
+    "H5Source",
+    "open_h5",
+    "import_h5py",
+    "write_weights_h5",
+    "VARS_PATH",
+    "MAX_EXPANSION",
+    "EXPANSION_FLOOR",
+]
 
 # Filters h5py reads without plugins; anything else is refused before a read is tried.
 _FILTERS = {1: "deflate", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit", 6: "scaleoffset", 32000: "lzf"}
@@ -314,23 +324,42 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def write_h5(
-    arrays: Mapping[str, np.ndarray],
-    path: str | os.PathLike[str],
-    group_attrs: Mapping[str, Mapping[str, str]] | None = None,
-) -> Path:
-    """Write ``arrays`` as datasets at their ``/``-separated names (atomically: temp file, then rename).
+# ---- the writer ------------------------------------------------------------------------------------
 
-    ``group_attrs`` sets string attributes on groups (Keras's ``vars`` groups carry
-    the layer's ``name``). bfloat16 is stored as Keras 3 stores it.
+# Keras 3 files a layer's variables as <layer>[/forward_layer|/backward_layer][/cell]/vars/<i>; the layer path
+# may be empty (a lone layer)
+VARS_PATH = re.compile(
+    r"^(?:(?P<layer>.*?)/)??(?:(?P<side>forward_layer|backward_layer)/)?(?:(?P<cell>cell)/)?vars/(?P<i>\d+)$"
+)
+
+
+def write_weights_h5(arrays: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
+    """Write ``arrays`` keyed as in a Keras 3 ``.weights.h5`` (``layers/<key>/vars/<i>``) as that file.
+
+    Each array becomes a dataset at its ``/``-separated name, and each layer's ``vars`` group carries
+    the layer's ``name``, as Keras writes it; bfloat16 is stored as Keras 3 stores it (2-byte opaque
+    data with a ``dtype`` attribute). The file is written atomically: a temp file, then a rename.
+
+    >>> import pathlib, tempfile
+    >>> path = write_weights_h5({"layers/dense/vars/0": np.ones((3, 2), np.float32)},
+    ...                         pathlib.Path(tempfile.mkdtemp()) / "m.weights.h5")
+    >>> src = open_h5(path, "'m.weights.h5'", path.stat().st_size)
+    >>> list(src.infos), src.vars_names
+    (['layers/dense/vars/0'], {'layers/dense': 'dense'})
+    >>> src.close()
     """
+    group_attrs: dict[str, dict[str, str]] = {}
+    for name in arrays:
+        m = VARS_PATH.match(name)
+        if m and m["layer"]:  # Keras names each layer in its 'vars' group
+            group_attrs[f"{m['layer']}/vars"] = {"name": m["layer"].rsplit("/", 1)[-1]}
     target = Path(path)
     h5py = import_h5py(f"'{target.name}'")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
-            for group, attrs in (group_attrs or {}).items():
+            for group, attrs in group_attrs.items():
                 g = f.require_group(group) if group else f
                 for k, v in attrs.items():
                     g.attrs[k] = v

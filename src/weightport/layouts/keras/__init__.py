@@ -1,0 +1,259 @@
+"""The Keras layout: Keras 3 / Keras 2 weights into the equivalent PyTorch layers.
+
+What maps, and how (each a rule over :mod:`weightport.transforms`):
+
+- ``SimpleRNN`` -> ``nn.RNN`` (tanh or relu), ``LSTM`` -> ``nn.LSTM``:
+  ``weight_ih = kernel.T``, ``weight_hh = recurrent_kernel.T``,
+  ``bias_ih = bias``, ``bias_hh = 0`` (LSTM gates i,f,c,o are PyTorch's i,f,g,o).
+- ``GRU`` (``reset_after=True``) -> ``nn.GRU``: gate blocks z,r,h become r,z,n,
+  kernels transposed, ``bias (2, 3H)`` split into ``bias_ih = bias[0]`` and
+  ``bias_hh = bias[1]``.
+- ``Bidirectional``: ``forward_layer`` -> ``_l{k}``, ``backward_layer`` ->
+  ``_l{k}_reverse``; stacked recurrent layers fill one multi-layer module.
+- ``Dense`` -> ``nn.Linear`` (``weight = kernel.T``), ``Conv1D``/``Conv2D`` ->
+  ``nn.Conv1d``/``nn.Conv2d`` (``transpose(2,1,0)`` / ``transpose(3,2,0,1)``),
+  ``Embedding`` as is, ``BatchNormalization`` gamma/beta/moving_mean/
+  moving_variance -> weight/bias/running_mean/running_var (``num_batches_tracked``
+  is set to 0: Keras counts no batches), ``LayerNormalization`` gamma/beta.
+
+Layers pair with the module's only where the pairing is proven
+(:func:`~weightport.layouts.pairing.pair_layers`): by name, by a unique kind and shape, or by
+the order the source records matched with the model's call order. ``mapping={keras layer:
+"module.path[layer]"}`` pairs by hand, naming a Keras layer by its name or its group path.
+Where the source records no class (a subclassed model's weights), the kind follows from the
+variables' shapes (three with a square-ish recurrent kernel: recurrent, 4H/3H/H columns for
+LSTM/GRU/SimpleRNN; a 2-D kernel and a bias: Dense; 3-D/4-D kernels: Conv; four vectors:
+BatchNormalization); shapes that fit two kinds (a lone 2-D array: Dense without bias or
+Embedding) are settled by the kinds the module has, else refused with the candidates. Layers of
+other classes (attention, custom layers) are left unread (``unmatched``) unless ``mapping=``
+pairs them.
+
+Order. ``.keras`` files, legacy ``.h5`` files and live models record the model order. A bare
+Keras 3 ``.weights.h5`` records less: it files each layer under its class name numbered per
+class in model order (``dense``, ``dense_1``, ..., ``dense_10``; HDF5 lists groups
+alphabetically), so positions compare only within one class and container. Layers filed under
+attribute names (subclassed models) record none: they pair by name or by a unique fit.
+
+Refused (:class:`~weightport.errors.UnsupportedConfigError`): GRU ``reset_after=False``,
+``recurrent_activation`` other than sigmoid, LSTM/GRU ``activation`` other than
+tanh, SimpleRNN ``activation`` other than tanh/relu, LayerNormalization
+``rms_scaling``, BatchNormalization ``scale=False`` with ``center=True``, a ``Bidirectional``
+around a layer with ``go_backwards=True`` (its halves come out swapped).
+Settings that act on the input, the state or the output rather than inside the module load, with
+a note in the pairing's "how" saying what ``forward`` must do: ``go_backwards`` (flip the input),
+``stateful`` (pass the state on), a Dense/Conv ``activation`` (apply it), Conv ``padding='causal'``
+and ``'same'`` with stride > 1 (pad the input; the module must have ``padding=0``), Embedding
+``mask_zero`` (pack the sequences). Training-only settings (dropout, initializers, ``unit_forget_bias``,
+momentum) and ``unroll``, ``return_sequences``, ``return_state``, ``data_format`` load as they are.
+Settings checked where the source carries a configuration (``.keras``, a full
+legacy ``.h5``, a live model): activation vs ``nonlinearity``, ``use_bias`` vs
+``bias=``, ``units`` vs ``hidden_size``, ``epsilon`` vs ``eps`` (Keras's default
+1e-3 is not PyTorch's 1e-5), conv strides, dilation, groups and padding; a
+mismatch is a :class:`~weightport.errors.LoadError` saying how to build the module.
+Without a configuration they are listed in ``LayoutPlan.unchecked``.
+
+:func:`export` is the reverse (arrays keyed as in a Keras 3 ``.weights.h5``; a
+SimpleRNN/LSTM bias is ``bias_ih + bias_hh``, which computes the same outputs),
+and :func:`save_weights_h5` writes them for Keras's ``model.load_weights``.
+
+The phases live beside this module, each in its own: :mod:`.layers` (the layers a source holds and
+their kinds), :mod:`.rules` (Keras variable -> PyTorch parameter, per kind), :mod:`.checks` (settings
+held against the module), :mod:`.exporting` (PyTorch -> Keras arrays); :func:`plan` runs them.
+
+>>> import torch
+>>> sorted((k, v.shape) for k, v in export(torch.nn.Sequential(torch.nn.GRU(2, 3), torch.nn.Linear(3, 1))).items())
+[('layers/dense/vars/0', (3, 1)), ('layers/dense/vars/1', (1,)), ('layers/gru/cell/vars/0', (2, 9)), ('layers/gru/cell/vars/1', (3, 9)), ('layers/gru/cell/vars/2', (2, 9))]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from weightport.errors import LoadError, Problem, UnsupportedConfigError
+from weightport.layouts.base import LayoutPlan, Pairing, Rule
+from weightport.layouts.keras.checks import (
+    check_config,
+    check_direction,
+    check_weights_only,
+    notes,
+    refuse_whole_model_layer,
+)
+from weightport.layouts.keras.exporting import export
+from weightport.layouts.keras.layers import (
+    Layer,
+    Resolved,
+    collect,
+    inner_layers,
+    recorded_order,
+    resolve,
+    unique_names,
+    wrapped_kind,
+)
+from weightport.layouts.keras.rules import part_rules
+from weightport.layouts.pairing import (
+    Slot,
+    SourceLayer,
+    fits_by_rules,
+    module_slots,
+    pair_layers,
+    wrapped_scope,
+)
+from weightport.sources.base import Source
+from weightport.sources.keras_h5 import write_weights_h5
+
+__all__ = ["NAME", "plan", "export", "describe", "save_weights_h5"]
+
+NAME = "keras"
+
+
+def plan(
+    module: nn.Module,
+    source: Source,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    call_order: Mapping[str, int] | None = None,
+) -> LayoutPlan:
+    """Rules that put the Keras layers of ``source`` into ``module``'s layers.
+
+    Args:
+        module: the PyTorch model (or the submodule being loaded).
+        source: a Keras file or live model source (``metadata["layout"] == "keras"``),
+            or arrays keyed as :func:`export` writes them.
+        mapping: ``{keras layer name or group path: "module.path" or "module.path[layer]"}``.
+        call_order: module path -> position of its first call in a forward pass (``example_inputs=``).
+    """
+    where = source.description
+    layers, leftover = collect(source)
+    unique_names(layers)
+    mapping = _translate(mapping, layers)
+    slots = module_slots(module)
+    slot_kinds = {s.kind for s in slots}
+    resolved: list[Resolved] = []
+    unmatched = list(leftover)
+    for layer in layers:
+        kinds = (
+            {_kind_of_target(mapping[layer.name], slots)} - {None} if layer.name in mapping else slot_kinds
+        )
+        holds_a_model = len(inner_layers(layer)) > 2  # one layer, or a Bidirectional's two sides, at most
+        found = None if holds_a_model else resolve(layer, source, kinds, layer.name in mapping, where)  # type: ignore[arg-type]
+        if found is None:
+            unmatched += layer.tensors
+        else:
+            resolved.append(found)
+    if not resolved:
+        refuse_whole_model_layer(layers, where)
+
+    def rules_for(i: int, slot: Slot) -> list[Rule] | None:
+        found = resolved[i]
+        if (len(found.parts) == 2) != slot.bidirectional:
+            return None
+        return [r for part in found.parts for r in part_rules(found, part, slot, source)]
+
+    pairs = pair_layers(
+        module,
+        [
+            SourceLayer(
+                r.layer.name,
+                r.kind,
+                r.detail,
+                paths=(r.layer.path.replace("/", "."),) if r.layer.path else (),
+                order=recorded_order(r.layer),
+            )
+            for r in resolved
+        ],
+        mapping,
+        framework="Keras",
+        fits=fits_by_rules(module, source, rules_for),
+        call_order=call_order,
+        where=where,
+    )
+    rules: list[Rule] = []
+    pairings: list[Pairing] = []
+    problems: list[Problem] = []
+    refusals: list[str] = []
+    unchecked: list[str] = []
+    for found, paired in zip(resolved, pairs):
+        slot = paired.slot
+        check_direction(found, slot, where)
+        how = paired.how
+        for part in found.parts:
+            rules += part_rules(found, part, slot, source)
+            if part.config is not None:
+                problems += check_config(found, part, slot, refusals)
+                how += "".join(f"; {note}" for note in notes(found, part, slot))
+            else:
+                check_weights_only(found, part, slot, source, problems, refusals, unchecked)
+        pairings.append(Pairing(found.layer.name, found.detail, slot.label, type(slot.module).__name__, how))
+    if refusals:
+        raise UnsupportedConfigError("\n".join(dict.fromkeys(refusals)))
+    if problems:
+        raise LoadError(problems, target=type(module).__name__)
+    if unchecked:
+        unchecked = list(dict.fromkeys(unchecked))
+        unchecked.append(
+            "a .keras file (model.save('model.keras')) records these settings so they can be checked"
+        )
+    used = {s for rule in rules for s in rule.sources}
+    unmatched += [t for r in resolved for t in r.layer.tensors if t not in used]
+    return LayoutPlan(
+        name=NAME,
+        rules=rules,
+        pairings=pairings,
+        unmatched=unmatched,
+        unchecked=unchecked,
+        scope=wrapped_scope(pairs),
+    )
+
+
+def _translate(mapping: Mapping[str, str] | None, layers: list[Layer]) -> dict[str, str]:
+    """Mapping keys given as group paths become the layer names pairing uses."""
+    names = {layer.name for layer in layers}
+    by_path = {layer.path: layer.name for layer in layers}
+    return {(k if k in names else by_path.get(k, k)): v for k, v in (mapping or {}).items()}
+
+
+def _kind_of_target(target: str, slots: list[Slot]) -> str | None:
+    kinds = {s.kind for s in slots if target in (s.label, s.path)}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def save_weights_h5(
+    module_or_arrays: nn.Module | Mapping[str, np.ndarray],
+    path: str | os.PathLike[str],
+    mapping: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a ``.weights.h5`` that Keras's ``model.load_weights(path)`` reads into the equivalent model.
+
+    Args:
+        module_or_arrays: a PyTorch module (exported with :func:`export`), or arrays
+            already keyed as a Keras 3 ``.weights.h5`` (``layers/<key>/vars/<i>``).
+        path: the file to write; it should end in ``.weights.h5``, as Keras requires.
+        mapping: as for :func:`export`, e.g. ``{"layers/time_distributed/layer": "fc"}`` for a
+            Linear that the Keras model wraps in ``TimeDistributed``.
+    """
+    if isinstance(module_or_arrays, nn.Module):
+        arrays = export(module_or_arrays, mapping)
+    else:
+        arrays = dict(module_or_arrays)
+    return write_weights_h5(arrays, path)
+
+
+def describe(source: Source) -> list[dict[str, Any]]:
+    """The Keras layers in ``source`` in model order where known (for ``weightport inspect``)."""
+    layers, _ = collect(source)
+    layers.sort(key=lambda layer: (layer.seq, layer.index))
+    return [
+        {
+            "name": layer.name,
+            "kind": wrapped_kind(layer.class_name, layer.config) or "(from shapes)",
+            "config": layer.config or {},
+            "tensors": layer.tensors,
+        }
+        for layer in layers
+    ]

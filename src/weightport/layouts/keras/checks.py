@@ -1,0 +1,341 @@
+"""Keras settings held against the PyTorch module: refusals, mismatches, and what stays unchecked.
+
+Settings no PyTorch module expresses are refused; settings the module must be built with are compared
+with it (a :class:`~weightport.errors.Problem` each); settings that act outside the module become
+notes on what ``forward`` must do; without a configuration, what the variables show is checked and
+the rest listed as unchecked.
+
+>>> _act({"class_name": "function", "config": {"name": "ReLU"}}), _act(None)
+('relu', 'linear')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, cast
+
+from weightport.errors import LayoutError, Problem
+from weightport.layouts.keras.layers import Layer, Part, Resolved, inner_layers
+from weightport.layouts.pairing import Slot
+from weightport.sources.base import Source
+from weightport.torch_facts import RNN_KINDS
+
+__all__ = [
+    "notes",
+    "check_config",
+    "check_weights_only",
+    "check_direction",
+    "refuse_whole_model_layer",
+]
+
+
+def _act(value: Any) -> str:
+    if isinstance(value, dict):
+        value = (value.get("config") or {}).get("name") or value.get("class_name")
+    return "linear" if value is None else str(value).lower()
+
+
+def _refusals(found: Resolved, part: Part, cfg: Mapping[str, Any]) -> list[str]:
+    """Settings no PyTorch module of this kind can express, each with why and what to do."""
+    kind, label = found.kind, f"Keras {part.cls} '{found.layer.name}'"
+    out = []
+    act = _act(cfg.get("activation", "tanh"))
+    if kind == "GRU" and not cfg.get("reset_after", True):
+        out.append(
+            f"{label} has reset_after=False: Keras computes h~ = tanh(x W_h + (r * h) U_h + b_h) but "
+            "nn.GRU computes n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); they differ unless U_h is zero. "
+            "Fix: rebuild the Keras layer with reset_after=True (the default) and retrain, or write a custom cell."
+        )
+    if kind in ("LSTM", "GRU") and _act(cfg.get("recurrent_activation", "sigmoid")) != "sigmoid":
+        ra = _act(cfg.get("recurrent_activation"))
+        out.append(
+            f"{label} has recurrent_activation='{ra}': nn.{kind} gates use the logistic sigmoid only, and "
+            f"'{ra}' gives different gate values (hard_sigmoid is off by up to about 0.1). Fix: rebuild the Keras "
+            "layer with recurrent_activation='sigmoid' and retrain, or write a custom cell."
+        )
+    if kind in ("LSTM", "GRU") and act != "tanh":
+        out.append(
+            f"{label} has activation='{act}': nn.{kind} uses tanh only. Fix: rebuild the Keras layer with "
+            "activation='tanh' and retrain, or write a custom cell."
+        )
+    if kind == "RNN" and act not in ("tanh", "relu"):
+        out.append(
+            f"{label} has activation='{act}': nn.RNN offers nonlinearity='tanh' or 'relu' only. Fix: rebuild "
+            "the Keras layer with one of those and retrain, or write a custom cell."
+        )
+    if kind in RNN_KINDS and len(found.parts) == 2 and not part.reverse and cfg.get("go_backwards"):
+        out.append(
+            f"Keras Bidirectional '{found.layer.name}' wraps a {part.cls} with go_backwards=True, so its "
+            "'forward' layer reads the input backwards and keeps its outputs in reversed time order while "
+            "the 'backward' one reads it forwards; a bidirectional PyTorch module runs its first direction "
+            "forwards and realigns the reverse one, so the halves of the output are swapped (and, with "
+            "return_sequences, flipped in time). Fix: rebuild the Keras layer with go_backwards=False (the "
+            "default) and retrain."
+        )
+    if kind == "LayerNorm" and cfg.get("rms_scaling"):
+        out.append(
+            f"{label} has rms_scaling=True: Keras computes x * gamma / sqrt(var(x) + epsilon), removing no mean "
+            "(and has no beta); nn.LayerNorm and nn.RMSNorm compute otherwise. Fix: write that normalization "
+            "as a module of your own and load gamma into it with the torch layout."
+        )
+    if kind in ("BatchNorm", "LayerNorm") and not cfg.get("scale", True) and cfg.get("center", True):
+        out.append(
+            f"{label} has scale=False but center=True: PyTorch norms have a weight whenever they have a bias, and "
+            "the transforms cannot make the ones it needs. Fix: rebuild the Keras layer with scale=True, set its "
+            "gamma to ones (which computes the same), copy the other weights over, save it and load that file."
+        )
+    return out
+
+
+def notes(found: Resolved, part: Part, slot: Slot) -> list[str]:
+    """What the caller's ``forward`` must do around the module for Keras's outputs (the pairing's "how").
+
+    These settings act on the input, the state or the output, not on what the module computes, so
+    they load: weights are the same, and the note says what to do outside the module.
+    """
+    cfg, m, kind = part.config or {}, cast(Any, slot.module), found.kind
+    notes = []
+    if kind in RNN_KINDS and not part.reverse:
+        if cfg.get("go_backwards") and len(found.parts) == 1:
+            notes.append("Keras runs it backwards (go_backwards=True): flip the input in time")
+        if cfg.get("stateful"):
+            state = "h_n, c_n" if kind == "LSTM" else "h_n"
+            notes.append(
+                f"Keras carries the state between calls (stateful=True): pass the returned {state} as the "
+                "next call's initial state"
+            )
+    if kind in ("Linear", "Conv1d", "Conv2d") and _act(cfg.get("activation")) != "linear":
+        notes.append(
+            f"Keras applies activation='{_act(cfg.get('activation'))}' after it: apply it in forward"
+        )
+    if kind in ("Conv1d", "Conv2d"):
+        padding = str(cfg.get("padding", "valid")).lower()
+        if padding == "causal":
+            notes.append(
+                f"Keras pads causally: left-pad the input by {_causal_pad(m)} steps (dilation * (kernel - 1))"
+            )
+        elif padding == "same" and any(s != 1 for s in m.stride):
+            notes.append(f"Keras pads as TensorFlow's padding='same' with stride {m.stride}: {_TF_SAME}")
+    if kind == "Embedding" and cfg.get("mask_zero"):
+        notes.append(
+            "Keras masks id 0 (mask_zero=True), so later recurrent layers skip those steps: pass the lengths "
+            "with nn.utils.rnn.pack_padded_sequence"
+        )
+    return notes
+
+
+def _causal_pad(conv: Any) -> int:
+    """How many steps Keras's ``padding='causal'`` puts before the input of a Conv1D."""
+    return int((conv.kernel_size[0] - 1) * conv.dilation[0])
+
+
+_TF_SAME = (
+    "pad each spatial axis of size n by max((ceil(n / stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0) "
+    "in all, half of it (rounded down) before and the rest after"
+)
+
+
+def check_config(found: Resolved, part: Part, slot: Slot, refusals: list[str]) -> list[Problem]:
+    """Problems between the layer's Keras configuration and the module; refusals go to ``refusals``."""
+    cfg = part.config or {}
+    refusals += _refusals(found, part, cfg)
+    m: Any = slot.module
+    kind, label = found.kind, f"{slot.label} <- Keras {part.cls} '{found.layer.name}'"
+    problems = []
+
+    def mismatch(expected: str, found_: str, fix: str) -> None:
+        problems.append(Problem(label, expected, found_, fix))
+
+    if kind in RNN_KINDS:
+        if "units" in cfg and int(cfg["units"]) != m.hidden_size:
+            mismatch(
+                f"hidden_size={cfg['units']} (Keras units)",
+                f"hidden_size={m.hidden_size}",
+                f"build the module with hidden_size={cfg['units']}",
+            )
+        if kind == "RNN" and _act(cfg.get("activation", "tanh")) in ("tanh", "relu"):
+            act = _act(cfg.get("activation", "tanh"))
+            if m.nonlinearity != act:
+                mismatch(
+                    f"nonlinearity='{act}' (Keras activation)",
+                    f"nonlinearity='{m.nonlinearity}'",
+                    f"build nn.RNN(..., nonlinearity='{act}')",
+                )
+    _check_bias(found, part, slot, problems, label)
+    if kind in ("BatchNorm", "LayerNorm") and "epsilon" in cfg:
+        eps = float(cfg["epsilon"])
+        if not math.isclose(eps, m.eps, rel_tol=1e-6):
+            mismatch(
+                f"eps={eps:g} (Keras epsilon)",
+                f"eps={m.eps:g}",
+                f"build the PyTorch module with eps={eps:g}: Keras's default is 1e-3, PyTorch's 1e-5",
+            )
+    if kind == "LayerNorm":
+        axis = cfg.get("axis", -1)
+        axes = sorted(axis if isinstance(axis, list) else [axis])
+        rank = len(m.normalized_shape)
+        # tf_keras records positive axes once built, without the input's rank: consecutive ones are
+        # taken as trailing (gamma's shape, which the planner checks, must then be normalized_shape).
+        built = all(a >= 0 for a in axes) and axes == list(range(axes[0], axes[0] + rank))
+        if not built and axes != list(range(-rank, 0)):
+            mismatch(
+                f"normalization over the last {rank} axes",
+                f"Keras axis={axis}",
+                "permute the input so the normalized axes come last, and give nn.LayerNorm their sizes",
+            )
+    if kind in ("Conv1d", "Conv2d"):
+        _check_conv(cfg, m, mismatch)
+    return problems
+
+
+def _check_bias(found: Resolved, part: Part, slot: Slot, problems: list[Problem], label: str) -> None:
+    m: Any = slot.module
+    kind = found.kind
+    checks: list[tuple[str, str, bool]] = []
+    if kind in RNN_KINDS:
+        checks.append(("use_bias", "bias", bool(m.bias)))
+    elif kind in ("Linear", "Conv1d", "Conv2d"):
+        checks.append(("use_bias", "bias", m.bias is not None))
+    elif kind == "BatchNorm":
+        checks.append(("scale/center", "affine", bool(m.affine)))
+    elif kind == "LayerNorm":
+        checks.append(("scale", "elementwise_affine", m.weight is not None))
+        if "beta" in part.vars and m.bias is None:
+            checks.append(("center", "bias", False))
+    var = {"use_bias": "bias", "scale/center": "gamma", "scale": "gamma", "center": "beta"}
+    for setting, arg, has in checks:
+        keras_has = var[setting] in part.vars
+        if keras_has != has:
+            problems.append(
+                Problem(
+                    label,
+                    f"{arg}={keras_has} (Keras {setting}={keras_has})",
+                    f"{arg}={has}",
+                    f"build the module with {arg}={keras_has}",
+                )
+            )
+
+
+def _check_conv(cfg: Mapping[str, Any], m: Any, mismatch: Any) -> None:
+    pairs = [
+        ("strides", "stride", cfg.get("strides")),
+        ("dilation_rate", "dilation", cfg.get("dilation_rate")),
+    ]
+    for keras, torch_name, value in pairs:
+        if value is None:
+            continue
+        wanted = tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(m.stride)
+        if tuple(getattr(m, torch_name)) != wanted:
+            mismatch(
+                f"{torch_name}={wanted} (Keras {keras})",
+                f"{torch_name}={getattr(m, torch_name)}",
+                f"build the module with {torch_name}={wanted}",
+            )
+    if "groups" in cfg and int(cfg["groups"]) != m.groups:
+        mismatch(
+            f"groups={cfg['groups']}", f"groups={m.groups}", f"build the module with groups={cfg['groups']}"
+        )
+    padding = str(cfg.get("padding", "valid")).lower()
+    kernel, dilation = m.kernel_size, m.dilation
+    same = tuple((k - 1) * d // 2 for k, d in zip(kernel, dilation))
+    symmetric = all((k - 1) * d % 2 == 0 for k, d in zip(kernel, dilation))
+    unit_stride = all(s == 1 for s in m.stride)
+    unpadded = m.padding in ("valid", (0,) * len(kernel))
+    # Keras's 'same' with stride > 1 pads by an amount that depends on the input's size (TensorFlow's
+    # rule), which no fixed padding of the module gives; 'causal' pads on one side only. Both load into
+    # an unpadded module, and the pairing says how to pad the input.
+    ok = {
+        "valid": unpadded,
+        "same": (m.padding == "same" or (symmetric and m.padding == same)) if unit_stride else unpadded,
+        "causal": unpadded,
+    }.get(padding, False)
+    if not ok:
+        fix = {
+            "valid": "build the module with padding=0",
+            "same": "build the module with padding='same'"
+            if unit_stride
+            else f"build the module with padding=0 (PyTorch's padding='same' needs stride 1) and {_TF_SAME}",
+            "causal": "build the module with padding=0 (PyTorch has no causal padding) and left-pad the input "
+            f"by dilation * (kernel - 1) = {_causal_pad(m)} steps",
+        }.get(padding, "pad the input yourself")
+        mismatch(f"padding equivalent to Keras padding='{padding}'", f"padding={m.padding}", fix)
+    elif not unpadded and m.padding_mode != "zeros":
+        mismatch(
+            "padding_mode='zeros' (Keras pads with zeros)",
+            f"padding_mode='{m.padding_mode}'",
+            "build the module with padding_mode='zeros'",
+        )
+
+
+def check_weights_only(
+    found: Resolved,
+    part: Part,
+    slot: Slot,
+    source: Source,
+    problems: list[Problem],
+    refusals: list[str],
+    unchecked: list[str],
+) -> None:
+    """What the variables alone show, and which settings stay unchecked."""
+    kind, label = found.kind, f"Keras {found.detail} '{found.layer.name}' -> '{slot.label}'"
+    _check_bias(found, part, slot, problems, f"{slot.label} <- Keras {part.cls} '{found.layer.name}'")
+    settings: list[str] = []
+    if kind == "GRU":
+        if "bias" in part.vars and len(source.infos[part.vars["bias"]].shape) == 1:
+            refusals += _refusals(found, part, {"reset_after": False})
+        elif "bias" not in part.vars:
+            settings.append("reset_after (assumed True)")
+    if kind in ("LSTM", "GRU"):
+        settings.append("activation, recurrent_activation (assumed tanh, sigmoid)")
+    if kind == "RNN":
+        settings.append(f"activation (assumed '{cast(Any, slot.module).nonlinearity}', as the module)")
+    if kind in RNN_KINDS:
+        settings.append("go_backwards (assumed False)")
+    if kind in ("BatchNorm", "LayerNorm"):
+        settings.append(
+            f"epsilon (the module has eps={cast(Any, slot.module).eps:g}; Keras's default is 1e-3)"
+        )
+        if "gamma" in part.vars and "beta" not in part.vars:
+            settings.append("center (one of gamma, beta is missing: taken as gamma, center=False)")
+    if kind in ("Conv1d", "Conv2d"):
+        settings.append("strides, padding, dilation_rate, groups")
+    if settings and not part.reverse:
+        unchecked.append(f"{label}: {', '.join(settings)}")
+
+
+def check_direction(found: Resolved, slot: Slot, where: str) -> None:
+    two_way = len(found.parts) == 2
+    if two_way == slot.bidirectional:
+        return
+    m = slot.module
+    if two_way:
+        raise LayoutError(
+            f"{where}: Keras layer '{found.layer.name}' is {found.detail} but '{slot.label}' is a one-way "
+            f"{type(m).__name__}. Fix: build it with bidirectional=True, or pass mapping= to pair it with one."
+        )
+    raise LayoutError(
+        f"{where}: Keras layer '{found.layer.name}' ({found.detail}) runs one way but '{slot.label}' is a "
+        f"bidirectional {type(m).__name__}. Fix: build it with bidirectional=False, or pass mapping=."
+    )
+
+
+def refuse_whole_model_layer(layers: list[Layer], where: str) -> None:
+    """Nothing pairs, and the weights sit under one layer that holds a whole model of layers
+    (transformers' ``tf_model.h5`` keeps 39 of BERT's tensors under ``bert``): say that, once,
+    instead of one problem per tensor."""
+    nested = [layer for layer in layers if len(inner_layers(layer)) > 2]
+    if len(nested) != 1 or sum(len(layer.tensors) for layer in layers) > 2 * len(nested[0].tensors):
+        return
+    layer = nested[0]
+    inner = inner_layers(layer)
+    raise LayoutError(
+        f"{where}: the weights sit under the one top-level Keras layer '{layer.name}' "
+        f"({layer.class_name or 'class not recorded'}: {len(layer.tensors)} tensors in {len(inner)} inner layers, "
+        f"such as '{inner[0]}'), a layer that holds a whole model, as transformers' TF checkpoints "
+        "(tf_model.h5) keep theirs. weightport pairs Keras layers that are one PyTorch module each (Dense, "
+        "Conv, LSTM, ...) and does not pair the layers inside such a layer by their inner names. Fix: convert "
+        "it with the library that wrote it (transformers: load_tf2_checkpoint_in_pytorch_model(model, path) "
+        "from transformers.modeling_tf_pytorch_utils, into the PyTorch class built from the same config), then "
+        "save that model's state_dict."
+    )

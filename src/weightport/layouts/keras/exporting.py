@@ -1,0 +1,77 @@
+"""PyTorch -> Keras: a module's weights as the arrays a Keras 3 ``.weights.h5`` holds.
+
+>>> import torch
+>>> sorted(export(torch.nn.Linear(3, 2)))
+['layers/dense/vars/0', 'layers/dense/vars/1']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+
+import numpy as np
+from torch import nn
+
+from weightport.errors import LayoutError, UnsupportedConfigError
+from weightport.layouts.keras.layers import CLASS_OF_KIND
+from weightport.layouts.keras.rules import EXPORT
+from weightport.layouts.pairing import module_slots
+from weightport.sources.keras import snake_case
+from weightport.torch_facts import RNN_KINDS
+
+__all__ = ["export"]
+
+
+def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """``module``'s weights as a Keras 3 ``.weights.h5`` holds them for the equivalent Keras model.
+
+    Each slot (each layer of a multi-layer RNN) becomes one Keras layer, keyed by
+    its class in snake case numbered per class in module order (``layers/lstm``,
+    ``layers/lstm_1``, ``layers/bidirectional``, ``layers/dense``), which is how
+    Keras files a Sequential or functional model with those layers in that order.
+
+    Args:
+        module: the PyTorch model.
+        mapping: ``{keras group path or key: "module.path[layer]"}`` to file a slot under another key.
+    """
+    from weightport.tensors import numpy_of
+
+    state = module.state_dict()
+    wanted = {v: (k if "/" in k else f"layers/{k}") for k, v in (mapping or {}).items()}
+    taken = set(wanted.values())
+    counts: dict[str, int] = {}
+    out: dict[str, np.ndarray] = {}
+    for slot in module_slots(module):
+        kind, m = slot.kind, cast(Any, slot.module)
+        if kind not in EXPORT:
+            raise LayoutError(
+                f"'{slot.label}' is {type(m).__name__}, which the Keras layout cannot export; it exports "
+                f"{', '.join(sorted(CLASS_OF_KIND))} modules."
+            )
+        if kind == "LSTM" and getattr(m, "proj_size", None):
+            raise UnsupportedConfigError(
+                f"'{slot.label}' has proj_size={m.proj_size}; Keras LSTM has no projection."
+            )
+        base = "bidirectional" if slot.bidirectional else snake_case(CLASS_OF_KIND[kind])
+        path = wanted.get(slot.label) or wanted.get(slot.path)
+        while path is None or (path in taken and slot.label not in wanted and slot.path not in wanted):
+            n = counts.get(base, -1) + 1
+            counts[base] = n
+            path = f"layers/{base}" if n == 0 else f"layers/{base}_{n}"
+        taken.add(path)
+        sides = (
+            [("forward_layer/", False), ("backward_layer/", True)] if slot.bidirectional else [("", False)]
+        )
+        for side, reverse in sides:
+            prefix = f"{path}/{side}{'cell/' if kind in RNN_KINDS else ''}vars/"
+            index = 0
+            for _var, params, op in EXPORT[kind]:
+                names = [slot.name(p, reverse=reverse) for p in params]
+                if not all(n in state for n in names):
+                    continue
+                out[f"{prefix}{index}"] = np.ascontiguousarray(
+                    op(*(numpy_of(state[n], copy=True) for n in names))
+                )
+                index += 1
+    return out

@@ -1,0 +1,339 @@
+"""The Keras layers a source holds: their groups, each layer's parts and variables, and its kind.
+
+A layer is found from its tensors' group paths (or the layer list the source records), split into
+parts (one, or a ``Bidirectional``'s two sides), its variables named by role, and given the PyTorch
+kind it fills; a layer without a recorded class gets its Keras class from its variables' shapes.
+
+>>> wrapped_kind("TimeDistributed", {"layer": {"class_name": "Dense", "config": {}}})
+'TimeDistributed(Dense)'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from weightport.errors import LayoutError
+from weightport.sources.base import Source
+from weightport.sources.keras import snake_case
+from weightport.sources.keras_h5 import VARS_PATH
+from weightport.torch_facts import RNN_GATE_COUNT, RNN_KINDS
+
+__all__ = [
+    "KINDS",
+    "CLASS_OF_KIND",
+    "Layer",
+    "Part",
+    "Resolved",
+    "collect",
+    "unique_names",
+    "resolve",
+    "inner_layers",
+    "recorded_order",
+    "wrapped_kind",
+]
+
+# Keras class -> the PyTorch kind it fills
+_RECURRENT = {"SimpleRNN": "RNN", "LSTM": "LSTM", "GRU": "GRU"}
+KINDS = {
+    **_RECURRENT,
+    "Dense": "Linear",
+    "Conv1D": "Conv1d",
+    "Conv2D": "Conv2d",
+    "Embedding": "Embedding",
+    "BatchNormalization": "BatchNorm",
+    "LayerNormalization": "LayerNorm",
+}
+CLASS_OF_KIND = {kind: cls for cls, kind in KINDS.items()}
+_CLASS_OF_KEY = {snake_case(c): c for c in [*KINDS, "Bidirectional"]}
+
+# Keras's variable order per class, for files that number variables (vars/0, vars/1, ...).
+_ROLES = {
+    **{c: ("kernel", "recurrent_kernel", "bias") for c in _RECURRENT},
+    "Dense": ("kernel", "bias"),
+    "Conv1D": ("kernel", "bias"),
+    "Conv2D": ("kernel", "bias"),
+    "Embedding": ("embeddings",),
+    "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
+    "LayerNormalization": ("gamma", "beta"),
+}
+
+_KEY = re.compile(r"^(?P<base>.*?)(?:_(?P<n>\d+))?$")
+_SIDES = ("forward_layer", "backward_layer")
+
+
+# ---- what the source holds ------------------------------------------------------------------------------
+
+
+@dataclass
+class Layer:
+    """One Keras layer of the source and its tensors (by variable index, or legacy names in order)."""
+
+    path: str
+    name: str
+    class_name: str | None = None
+    config: dict[str, Any] | None = None
+    own: dict[int, str] = field(default_factory=dict)
+    cell: dict[int, str] = field(default_factory=dict)
+    sides: dict[str, dict[int, str]] = field(default_factory=dict)
+    legacy: list[str] | None = None
+    seq: tuple[str, ...] = ()
+    index: int = 0
+
+    @property
+    def tensors(self) -> list[str]:
+        found = [
+            *self.own.values(),
+            *self.cell.values(),
+            *(t for s in self.sides.values() for t in s.values()),
+        ]
+        return found + list(self.legacy or [])
+
+
+def collect(source: Source) -> tuple[list[Layer], list[str]]:
+    """The source's layers in model order where known, and the tensors no layer claims."""
+    records = source.metadata.get("layers")
+    parsed: dict[str, dict[str, dict[int, str]]] = {}
+    leftover: list[str] = []
+    for name in source.infos:
+        m = VARS_PATH.match(name)
+        if m is None:
+            leftover.append(name)
+            continue
+        slot = m["side"] or ("cell" if m["cell"] else "own")
+        parsed.setdefault(m["layer"] or "", {}).setdefault(slot, {})[int(m["i"])] = name
+    layers: list[Layer] = []
+    if records:
+        claimed: set[str] = set()
+        for position, rec in enumerate(records):
+            path = str(rec.get("path", ""))
+            layer = Layer(path, str(rec.get("name") or path), rec.get("class_name"), rec.get("config"))
+            layer.seq, layer.index = ("model",), position
+            if rec.get("weights") is not None:
+                layer.legacy = list(rec["weights"])
+            else:
+                _fill(layer, parsed.get(path, {}))
+            if layer.tensors:
+                claimed.update(layer.tensors)
+                layers.append(layer)
+        leftover = [n for n in source.infos if n not in claimed]
+        return layers, leftover
+    names = source.metadata.get("vars_names") or {}
+    for path, slots in parsed.items():
+        layer = Layer(path, str(names.get(path) or path or "(root)"))
+        container, _, key = path.rpartition("/")
+        if container.rsplit("/", 1)[-1] in ("layers", "_layer_checkpoint_dependencies"):
+            m = _KEY.match(key)
+            assert m is not None
+            layer.class_name = _CLASS_OF_KEY.get(m["base"])
+            layer.seq, layer.index = (container, m["base"]), int(m["n"] or 0)
+        else:
+            layer.seq = (path,)
+        _fill(layer, slots)
+        layers.append(layer)
+    return layers, leftover
+
+
+def _fill(layer: Layer, slots: dict[str, dict[int, str]]) -> None:
+    layer.own = slots.get("own", {})
+    layer.cell = slots.get("cell", {})
+    layer.sides = {s: slots[s] for s in _SIDES if s in slots}
+
+
+def unique_names(layers: list[Layer]) -> None:
+    seen: dict[str, int] = {}
+    for layer in layers:
+        seen[layer.name] = seen.get(layer.name, 0) + 1
+    for layer in layers:
+        if seen[layer.name] > 1:
+            layer.name = layer.path
+
+
+def inner_layers(layer: Layer) -> list[str]:
+    """The distinct sub-layer paths inside a legacy layer's weight names (``bert/embeddings/...``)."""
+    inner = [name[len(layer.path) + 1 :].rpartition("/")[0] for name in layer.legacy or []]
+    return list(dict.fromkeys(i for i in inner if i))
+
+
+def recorded_order(layer: Layer) -> tuple[tuple[str, ...], int] | None:
+    """Where the source records the layer's place: the model's layer list (a ``.keras`` config, a
+    legacy ``.h5``'s ``layer_names``, a live model), or a ``.weights.h5`` key's number, which counts
+    layers of one class in one container; a subclassed model's attribute names record none."""
+    if layer.seq == ("model",) or len(layer.seq) == 2:
+        return layer.seq, layer.index
+    return None
+
+
+# ---- what each layer is -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Part:
+    """One direction of one layer: the Keras class, its variables by role, its config."""
+
+    cls: str
+    vars: dict[str, str]
+    config: dict[str, Any] | None
+    reverse: bool = False
+
+
+@dataclass
+class Resolved:
+    layer: Layer
+    kind: str
+    detail: str
+    parts: list[Part]
+
+
+def _ordered(tensors: dict[int, str]) -> list[str]:
+    return [tensors[i] for i in sorted(tensors)]
+
+
+def _inner(config: dict[str, Any] | None, key: str) -> tuple[str | None, dict[str, Any] | None]:
+    entry = (config or {}).get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("config"), dict):
+        return entry.get("class_name"), entry["config"]
+    return None, None
+
+
+def wrapped_kind(class_name: str | None, config: dict[str, Any] | None) -> str | None:
+    """``Bidirectional(LSTM)``, ``TimeDistributed(Dense)``: a wrapper named with the layer it wraps.
+
+    >>> wrapped_kind("Bidirectional", {"layer": {"class_name": "LSTM", "config": {}}})
+    'Bidirectional(LSTM)'
+    """
+    inner, _ = _inner(config, "layer")
+    return f"{class_name}({inner})" if class_name and inner else class_name
+
+
+def resolve(layer: Layer, source: Source, slot_kinds: set[str], mapped: bool, where: str) -> Resolved | None:
+    """The layer's kind and its variables by role; None for layers this layout has no rule for.
+
+    A layer of a class this layout does not know (``MultiHeadAttention``, a custom class) is
+    left alone unless ``mapping=`` pairs it; one without a recorded class is judged by its shapes.
+    """
+    shapes = {n: source.infos[n].shape for n in layer.tensors}
+    if layer.legacy is not None:
+        groups = _legacy_groups(layer)
+    elif layer.sides:
+        groups = [_ordered(layer.sides[s]) for s in _SIDES if s in layer.sides]
+    else:
+        groups = [_ordered(layer.cell or layer.own)]
+    bidirectional = layer.class_name == "Bidirectional" or len(groups) == 2
+    if bidirectional:
+        fwd_cls, fwd_cfg = _inner(layer.config, "layer")
+        bwd_cls, bwd_cfg = _inner(layer.config, "backward_layer")
+        if fwd_cfg is not None and bwd_cfg is None:
+            bwd_cls, bwd_cfg = fwd_cls, {**fwd_cfg, "go_backwards": not fwd_cfg.get("go_backwards", False)}
+        configs = [(fwd_cls, fwd_cfg), (bwd_cls, bwd_cfg)]
+    else:
+        configs = [(layer.class_name, layer.config)]
+    if len(groups) != len(configs):
+        return None
+    parts: list[Part] = []
+    for (cls, cfg), tensors in zip(configs, groups):
+        if cls not in KINDS:
+            cls = _guess(tensors, shapes, layer, slot_kinds, where) if cls is None or mapped else None
+        if cls is None:
+            return None
+        roles = (
+            _legacy_roles(tensors)
+            if layer.legacy is not None
+            else _index_roles(cls, tensors, cfg, layer, where)
+        )
+        parts.append(Part(cls, roles, cfg, reverse=len(parts) == 1))
+    kind = KINDS[parts[0].cls]
+    if bidirectional and (kind not in RNN_KINDS or parts[1].cls != parts[0].cls):
+        return None
+    detail = f"Bidirectional({parts[0].cls})" if bidirectional else parts[0].cls
+    return Resolved(layer, kind, detail, parts)
+
+
+def _legacy_groups(layer: Layer) -> list[list[str]]:
+    """A legacy layer's weights, split into forward and backward for a Bidirectional.
+
+    Weight names start with what all of them share (the layer's name: ``bi/``; Keras 3 puts a
+    Sequential model's name first: ``sequential/bi/``); the next component names the side
+    (``forward_lstm``, ``backward_lstm``).
+    """
+    weights = layer.legacy or []
+    subs = [w[len(layer.path) + 1 :].split("/") for w in weights]
+    shared = 0
+    while subs and all(len(s) > shared + 1 for s in subs) and len({s[shared] for s in subs}) == 1:
+        shared += 1
+    sides = list(dict.fromkeys(s[shared] for s in subs if len(s) > shared + 1))
+    if (
+        len(sides) == 2
+        and all(len(s) > shared + 1 for s in subs)
+        and (
+            layer.class_name == "Bidirectional"
+            or (layer.class_name is None and sides[0].startswith("forward_"))
+        )
+    ):
+        return [[w for w, s in zip(weights, subs) if s[shared] == side] for side in sides]
+    return [weights]
+
+
+def _legacy_roles(tensors: list[str]) -> dict[str, str]:
+    return {t.rsplit("/", 1)[-1].split(":", 1)[0]: t for t in tensors}
+
+
+def _index_roles(
+    cls: str, tensors: list[str], cfg: dict[str, Any] | None, layer: Layer, where: str
+) -> dict[str, str]:
+    roles = list(_ROLES[cls])
+    if cls in ("BatchNormalization", "LayerNormalization"):
+        scale, center = True, True
+        if cfg is not None:
+            scale, center = bool(cfg.get("scale", True)), bool(cfg.get("center", True))
+        elif len(tensors) == len(roles) - 2:
+            scale = center = False
+        elif len(tensors) == len(roles) - 1:
+            center = False  # scale=False with center=True has no PyTorch form; reported as unchecked
+        roles = [r for r in roles if (r != "gamma" or scale) and (r != "beta" or center)]
+    if len(tensors) > len(roles):
+        return {}
+    return dict(zip(roles, tensors))
+
+
+def _guess(
+    tensors: list[str], shapes: dict[str, tuple[int, ...]], layer: Layer, slot_kinds: set[str], where: str
+) -> str | None:
+    """The Keras class a layer without a recorded class must be, from its variables' shapes."""
+    dims = [shapes[t] for t in tensors]
+    names = [t.rsplit("/", 1)[-1].split(":", 1)[0] for t in tensors] if layer.legacy is not None else []
+    candidates: list[str] = []
+    recurrent = bool(layer.cell or layer.sides) and len(dims) in (2, 3) and len(dims[1]) == 2
+    if ("recurrent_kernel" in names or recurrent) and len(dims) > 1 and len(dims[1]) == 2:
+        rows, cols = dims[1]
+        gates = cols // rows if rows and cols % rows == 0 else 0
+        candidates = [c for c, k in _RECURRENT.items() if RNN_GATE_COUNT[k] == gates]
+    elif "embeddings" in names:
+        candidates = ["Embedding"]
+    elif "moving_mean" in names:
+        candidates = ["BatchNormalization"]
+    elif "gamma" in names or "beta" in names:
+        candidates = ["LayerNormalization"]
+    elif dims and len(dims[0]) in (3, 4) and len(dims) <= 2:
+        candidates = ["Conv1D" if len(dims[0]) == 3 else "Conv2D"]
+    elif dims and len(dims[0]) == 2 and len(dims) == 2 and dims[1] == (dims[0][1],):
+        candidates = ["Dense"]
+    elif len(dims) == 1 and len(dims[0]) == 2:
+        candidates = ["Dense", "Embedding"]
+    elif all(len(d) == 1 for d in dims) and len({d for d in dims}) == 1:
+        candidates = {4: ["BatchNormalization"], 2: ["LayerNormalization", "BatchNormalization"]}.get(
+            len(dims), []
+        )
+    if len(candidates) > 1:
+        fitting = [c for c in candidates if KINDS[c] in slot_kinds]
+        if len(fitting) > 1:
+            shown = ", ".join(f"{n} {s}" for n, s in zip(tensors, dims))
+            raise LayoutError(
+                f"{where}: Keras layer '{layer.name}' ({shown}) fits more than one Keras class "
+                f"({', '.join(fitting)}), and the module has layers of each kind "
+                f"({', '.join(KINDS[c] for c in fitting)}). Fix: pass mapping={{'{layer.name}': 'module.path'}} "
+                "to say which module it fills, or load the .keras file, which records each layer's class."
+            )
+        candidates = fitting or candidates
+    return candidates[0] if candidates else None
