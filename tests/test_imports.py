@@ -34,3 +34,144 @@ def test_public_api() -> None:
         assert name in weightport.__all__ and hasattr(weightport, name)
     assert callable(weightport.reference.forward)
     assert issubclass(weightport.LoadError, ValueError)
+
+
+# The floors of the package, ground first (docs/design.md): a module imports only from its own floor or
+# below, never up, and the imports that run when a module loads form no circle.
+FLOORS: list[tuple[str, ...]] = [
+    (
+        "errors",
+        "dtypes",
+        "tensors",
+        "torch_facts",
+        "transforms",
+        "boxes",
+        "values",
+        "copying",
+        "staging",
+        "call_order",
+        "options",
+        "_transpose",
+    ),
+    ("sources",),
+    ("layouts",),
+    ("plan", "report", "progress"),
+    ("apply", "distributed"),
+    ("loading",),
+    ("rnn", "reference", "verify", "init_schemes", "initializers", "export", "inspect"),
+    ("cli", "demo", "__main__", ""),
+]
+
+
+def _floor(module: str) -> int:
+    name = module.removeprefix("weightport").removeprefix(".")
+    for level, names in enumerate(FLOORS):
+        if name.split(".")[0] in names:
+            return level
+    raise AssertionError(f"weightport.{name} is on no floor: add it to FLOORS and docs/design.md")
+
+
+def _imports() -> dict[str, list[tuple[str, bool]]]:
+    """Every module's weightport imports, each with whether it runs when the module loads."""
+    import ast
+    from pathlib import Path
+
+    root = Path(weightport.__file__).parent
+    found: dict[str, list[tuple[str, bool]]] = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        module = ".".join(parts[:-1] if path.name == "__init__.py" else parts)
+        tree = ast.parse(path.read_text())
+        skipped = {  # `if TYPE_CHECKING:` blocks never run
+            id(node)
+            for branch in ast.walk(tree)
+            if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+            for inner in branch.body
+            for node in ast.walk(inner)
+        }
+        top = {id(node) for node in tree.body}
+        out = found.setdefault(module, [])
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                name = ".".join(base + ([node.module] if node.module else []))
+                names = [name] if node.module else [f"{name}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            out += [(n, id(node) in top) for n in names if n.split(".")[0] == "weightport"]
+    return found
+
+
+def test_no_import_runs_up_a_floor() -> None:
+    upward = [
+        f"{module} -> {name}"
+        for module, names in _imports().items()
+        for name, _ in names
+        if name != "weightport" and _floor(name) > _floor(module)
+    ]
+    assert upward == []
+
+
+def test_module_level_imports_form_no_circle() -> None:
+    graph = {
+        module: {n for n, at_load in names if at_load and n != module and n in _imports()}
+        for module, names in _imports().items()
+    }
+    state: dict[str, int] = {}
+    circles: list[str] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                circles.append(" -> ".join([*path[path.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    # a package's __init__ importing its own submodules that import the package's base is not a circle
+    assert [c for c in circles if not _through_package_init(c)] == []
+
+
+def _through_package_init(circle: str) -> bool:
+    names = circle.split(" -> ")
+    return any(b.startswith(a + ".") for a, b in zip(names, names[1:]))
+
+
+def test_export_reference_and_verify_stay_in_their_rooms() -> None:
+    imports = _imports()
+    exporters = sorted(m for m, names in imports.items() if any(n == "weightport.export" for n, _ in names))
+    assert exporters == ["weightport", "weightport.cli"]
+    for module in ("weightport.reference", "weightport.verify"):
+        assert not any(n.startswith("weightport.loading") for n, _ in imports[module])
+
+
+def test_layouts_write_no_files() -> None:
+    from pathlib import Path
+
+    layouts = Path(weightport.__file__).parent / "layouts"
+    writers = [
+        str(p.relative_to(layouts))
+        for p in layouts.rglob("*.py")
+        if any(word in p.read_text() for word in ("atomic_write", "h5py.File(", "np.savez", "open(path, \"w"))
+    ]
+    assert writers == []
+
+
+def test_no_source_file_is_over_600_lines() -> None:
+    from pathlib import Path
+
+    long = {
+        str(p): n
+        for p in Path(weightport.__file__).parent.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 600
+    }
+    assert long == {}

@@ -53,9 +53,7 @@ def _plain(value: Any) -> Any:
 
 def _layers(source: Source) -> list[Any]:
     """The layers the source's layout recognises (none for plain state dicts)."""
-    layout = source.metadata.get("layout", "torch")
-    describe = getattr(get_layout(layout), "describe", None)
-    return describe(source) if describe is not None else []
+    return get_layout(source.metadata.get("layout", "torch")).describe(source)
 
 
 def describe_source(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -10,12 +10,21 @@ True
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import cast
 
 from weightport.errors import LayoutError
-from weightport.layouts.base import LayoutPlan, Pairing, Rule
+from weightport.layouts.base import Layout, LayoutPlan, Pairing, Rule
 
-__all__ = ["LayoutPlan", "Pairing", "Rule", "get_layout", "layout_names", "register_layout", "detect_layout"]
+__all__ = [
+    "Layout",
+    "LayoutPlan",
+    "Pairing",
+    "Rule",
+    "get_layout",
+    "layout_names",
+    "register_layout",
+    "detect_layout",
+]
 
 _REGISTRY: dict[str, str] = {
     "torch": "weightport.layouts.torch",
@@ -36,8 +45,8 @@ def layout_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_layout(name: str) -> ModuleType:
-    """The layout module registered as ``name``."""
+def get_layout(name: str) -> Layout:
+    """The layout registered as ``name`` (a module or package meeting :class:`Layout`)."""
     try:
         path = _REGISTRY[name]
     except KeyError:
@@ -46,7 +55,7 @@ def get_layout(name: str) -> ModuleType:
             "it out (weightport reads it from the file)."
         ) from None
     try:
-        return importlib.import_module(path)
+        return cast(Layout, importlib.import_module(path))
     except ModuleNotFoundError as e:
         if e.name == path:
             raise LayoutError(f"layout '{name}' is not available in this version of weightport") from None

@@ -1,12 +1,13 @@
-"""What every framework layout produces: rules from source tensors to target tensors.
+"""What every framework layout is and produces: the :class:`Layout` contract, and rules from source
+tensors to target tensors.
 
-A layout module (one file per framework under ``weightport.layouts``) exposes:
+A layout (a module or package per framework under ``weightport.layouts``) is a :class:`Layout`:
 
 - ``NAME``: its registry name (``"torch"``, ``"keras"``, ...);
-- ``claims(source) -> bool``: whether a source looks like its framework's;
 - ``plan(module, source, mapping, *, call_order=None) -> LayoutPlan``: the rules for this
   module (``call_order``: module path -> position of its first call, from ``example_inputs=``);
-- ``export(module, ...) -> dict[str, np.ndarray]``: the reverse direction.
+- ``export(module, ...) -> dict[str, np.ndarray]``: the reverse direction;
+- ``describe(source) -> list[dict]``: the layers it recognises in a source (for ``inspect``).
 
 Rules are data: which source keys feed which target, through which
 :mod:`weightport.transforms` op. The planner checks them; layouts never write.
@@ -18,11 +19,19 @@ Rules are data: which source keys feed which target, through which
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from weightport.transforms import Identity, Op
 
-__all__ = ["Rule", "Pairing", "LayoutPlan"]
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from weightport.sources.base import Source
+
+__all__ = ["Layout", "Rule", "Pairing", "LayoutPlan"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +79,22 @@ class LayoutPlan:
     missing_hints: dict[str, str] = field(default_factory=dict)
     # source tensors that are not weights (a training state's optimizer moments): always ignored, with why
     not_weights: list[str] = field(default_factory=list)
+
+
+class Layout(Protocol):
+    """The contract of a framework layout (each ``weightport.layouts`` module or package meets it)."""
+
+    NAME: str
+
+    def plan(
+        self,
+        module: nn.Module,
+        source: Source,
+        mapping: Mapping[str, str] | None,
+        *,
+        call_order: Mapping[str, int] | None = None,
+    ) -> LayoutPlan: ...
+
+    def export(self, module: nn.Module, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]: ...
+
+    def describe(self, source: Source) -> list[dict[str, Any]]: ...

@@ -13,6 +13,7 @@ add are dropped when every source name carries them and the module does not.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,10 +23,6 @@ from weightport.sources.base import Source
 
 NAME = "torch"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-def claims(source: Source) -> bool:
-    return source.metadata.get("layout", NAME) == NAME
 
 
 def strip_wrapper_prefixes(names: list[str], module_names: set[str]) -> str:
@@ -90,3 +87,8 @@ def export(module: torch.nn.Module) -> dict[str, np.ndarray]:
     from weightport.tensors import numpy_of
 
     return {name: numpy_of(t, copy=True) for name, t in module.state_dict().items()}
+
+
+def describe(source: Source) -> list[dict[str, Any]]:
+    """No layers: PyTorch's names are the model's own, one tensor each."""
+    return []

@@ -277,7 +277,7 @@ def open_no_follow(path: os.PathLike[str] | str) -> int:
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Write a file through ``write(f)`` to a temporary name beside ``path``, then rename it into place:
-    a failed write never leaves half a file. Every format's writer goes through here."""
+    a failed write never leaves half a file (h5py, which writes by name, does the same itself)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
