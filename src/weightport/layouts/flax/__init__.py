@@ -1,0 +1,165 @@
+"""The Flax layout: linen and nnx params (``(in, out)`` kernels, one Dense per gate) into PyTorch.
+
+A Flax pytree (from a msgpack file, a flat ``.npz`` with ``/``-joined keys, a
+nested dict / ``FrozenDict``, or an nnx ``State``) is walked in its own order and
+each layer is recognised by the names of its children, wherever it sits:
+``<attr>/cell/...`` for ``nn.RNN(cell)`` attributes, ``LSTMCell_0/...`` for cells
+bound inside ``@nn.compact``, with or without the ``params/`` and
+``batch_stats/`` collection prefixes (which are merged); a ``TrainState``'s
+``opt_state`` and ``step`` are listed as ignored (training state, not weights),
+and other top-level entries are left unmatched.
+An nnx ``State`` saved as a pytree holds each array one level down, as the
+variable's attribute (``kernel/value``; ``kernel/raw_value`` in Flax 0.8): such a
+node reads as its array.
+Layers pair with the module's as :func:`~weightport.layouts.pairing.pair_layers` proves
+(by name, by a unique kind and shape, or Flax's ``Dense_0, Dense_1`` numbers against the
+call order), or as ``mapping={"<layer name>": "module.path[layer]"}`` says; a layer's name is
+its path without the collection prefix, e.g. ``"encoder/cell"``, ``"Dense_0"``.
+The phases, one module each: :mod:`.tree` (the pytree), :mod:`.layers` (the layers in it,
+with :mod:`.cells` for recurrent cells), :mod:`.rules` (rules per kind), :mod:`.exporting`
+(PyTorch -> Flax); :mod:`.facts` holds Flax's names shared by them.
+
+=================================================  ==============  =========================================
+Flax children                                      kind            PyTorch
+=================================================  ==============  =========================================
+linen ``LSTMCell``/``OptimizedLSTMCell``:          LSTM            ``weight_ih = concat(ii..io kernels).T``,
+``ii if ig io`` (kernel), ``hi hf hg ho``                          ``weight_hh`` likewise, ``bias_hh =``
+(kernel, bias); nnx ``LSTMCell`` has ``if_``                       ``concat(hi..ho biases)``, ``bias_ih = 0``
+nnx ``OptimizedLSTMCell``: ``dense_i`` (F,4H),     LSTM            ``.T`` of each, gate order i,f,g,o kept;
+``dense_h`` (H,4H) + bias                                          ``bias_hh = dense_h bias``, ``bias_ih = 0``
+linen ``GRUCell``: ``ir iz in`` (kernel, bias),    GRU             ``bias_ih = [b_ir, b_iz, b_in]``,
+``hr hz`` (kernel), ``hn`` (kernel, bias)                          ``bias_hh = [0, 0, b_hn]``
+nnx ``GRUCell``: ``dense_i`` (F,3H) + bias,        GRU             ``bias_ih = dense_i bias``, ``bias_hh = 0``
+``dense_h`` (H,3H)
+linen ``SimpleCell``: ``i`` (kernel, bias), ``h``  RNN             ``bias_ih = i bias``, ``bias_hh = 0``
+(kernel); nnx: ``dense_i`` + bias, ``dense_h``
+``Bidirectional``: ``forward_rnn``,                as its cell     forward -> ``_l<k>``, backward ->
+``backward_rnn``                                                   ``_l<k>_reverse``
+``Dense``/``Linear``: kernel (in,out), bias        Linear          ``weight = kernel.T``
+``Conv``: kernel (k..., in, out), bias             Conv1d/2d/3d    ``weight`` axes (out, in, k...)
+``Embed``: embedding (V,D)                         Embedding       as is
+``LayerNorm``: scale, bias                         LayerNorm       ``weight = scale``
+``BatchNorm``: scale, bias + batch_stats mean, var BatchNorm       ``running_mean/var``; batch count 0
+=================================================  ==============  =========================================
+
+Flax's equations were checked against PyTorch's: linen's GRU computes
+``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))`` as PyTorch does; nnx's GRU has
+no ``b_hn``. Flax LSTM cells have one bias per gate, which goes to ``bias_hh``
+(export sums ``bias_ih + bias_hh`` back into it, so export -> load -> export is
+the identity). Cells PyTorch cannot express (``MGUCell``, ``ConvLSTMCell``, or
+gate Dense layers of any other shape) are refused with
+:class:`~weightport.errors.UnsupportedConfigError`. Params carry no settings,
+so activation functions, epsilons and Conv padding are listed as unchecked.
+
+Order: msgpack files and linen variables keep the module definition order
+(cells run by ``nn.RNN`` list their gates sorted, which does not matter here);
+trees that went through ``jax.tree_util`` and nnx ``State`` are sorted by name.
+Numbered siblings (``Dense_2``, ``Dense_10``; list indices) are put in numeric
+order either way; for other names, check the pairing in the report or pass
+``mapping=``.
+
+>>> import numpy as np, torch
+>>> from weightport.sources import open_source
+>>> src = open_source({"params": {"Dense_0": {"kernel": np.ones((3, 2), np.float32),
+...                                           "bias": np.zeros(2, np.float32)}}})
+>>> [r.describe() for r in plan(torch.nn.Linear(3, 2), src).rules]
+['params/Dense_0/kernel -> weight (transpose)', 'params/Dense_0/bias -> bias (as is)']
+>>> sorted(export(torch.nn.Linear(3, 2)))
+['params/Linear/bias', 'params/Linear/kernel']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from weightport.layouts.base import LayoutPlan, Rule
+from weightport.layouts.flax.exporting import export
+from weightport.layouts.flax.facts import APIS, COLLECTIONS, FRAMEWORK, ROOT, STATS, TRAINING_STATE
+from weightport.layouts.flax.layers import layers_in, settle_norm_kinds
+from weightport.layouts.flax.rules import MISSING_STATS, layer_rules, unchecked
+from weightport.layouts.flax.tree import name_paths, recorded_order
+from weightport.layouts.pairing import (
+    Paired,
+    Slot,
+    SourceLayer,
+    as_pairings,
+    fits_by_rules,
+    pair_layers,
+    wrapped_scope,
+)
+from weightport.sources.base import Source
+
+__all__ = ["NAME", "plan", "export", "describe", "APIS", "COLLECTIONS", "ROOT"]
+
+NAME = "flax"
+
+
+def plan(
+    module: nn.Module,
+    source: Source,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    call_order: Mapping[str, int] | None = None,
+) -> LayoutPlan:
+    """Rules for ``module`` from the Flax layers found in ``source`` (see the module doc).
+
+    Raises:
+        UnsupportedConfigError: a layer computes something the PyTorch module cannot.
+        LayoutError: layers and the module's slots do not pair, or differ in direction.
+    """
+    names = list(source.infos)
+    layers = layers_in(source)
+    settle_norm_kinds(layers, module)
+    wanted = [
+        SourceLayer(
+            layer.name,
+            layer.kind,
+            layer.detail,
+            paths=name_paths(layer.name),
+            order=recorded_order(layer.name),
+        )
+        for layer in layers
+    ]
+
+    def rules_for(i: int, slot: Slot) -> list[Rule]:
+        return layer_rules(layers[i], Paired(wanted[i], slot, ""), source)
+
+    paired = pair_layers(
+        module,
+        wanted,
+        mapping,
+        framework=FRAMEWORK,
+        fits=fits_by_rules(module, source, rules_for),
+        call_order=call_order,
+        where=source.description,
+    )
+    rules: list[Rule] = []
+    for layer, pair in zip(layers, paired):
+        rules += layer_rules(layer, pair, source)
+    used = {s for rule in rules for s in rule.sources}
+    training = [n for n in names if n not in used and n.split("/", 1)[0] in TRAINING_STATE]
+    return LayoutPlan(
+        name=NAME,
+        rules=rules,
+        pairings=as_pairings(paired),
+        scope=wrapped_scope(paired),
+        unmatched=[n for n in names if n not in used and n not in training],
+        not_weights=[f"{n} (training state)" for n in training],
+        unchecked=unchecked(list(zip(layers, paired))),
+        missing_hints={
+            pair.slot.path: MISSING_STATS
+            for layer, pair in zip(layers, paired)
+            if layer.kind == "BatchNorm" and not set(STATS) & set(layer.leaves)
+        },
+    )
+
+
+def describe(source: Source) -> list[dict[str, Any]]:
+    """The Flax layers recognised in ``source``: name, kind and tensors (for ``weightport inspect``)."""
+    return [
+        {"name": layer.name, "kind": layer.detail or layer.kind, "tensors": sorted(layer.leaves.values())}
+        for layer in layers_in(source)
+    ]

@@ -1,0 +1,139 @@
+"""The rules per kind: which Flax leaves fill which PyTorch tensor of a paired slot, through which op,
+and what the params cannot say (activations, epsilons, padding), listed as unchecked.
+
+>>> from weightport.layouts.flax.layers import Layer
+>>> from weightport.layouts.slots import Paired, Slot, SourceLayer
+>>> from weightport.sources import open_source
+>>> import numpy as np, torch
+>>> src = open_source({"Dense_0/kernel": np.ones((3, 2), np.float32)})
+>>> layer = Layer("Dense_0", "Linear", "Dense", {"kernel": "Dense_0/kernel"})
+>>> pair = Paired(SourceLayer("Dense_0", "Linear"), Slot("fc", torch.nn.Linear(3, 2), "Linear"), "by name")
+>>> [r.describe() for r in layer_rules(layer, pair, src)]
+['Dense_0/kernel -> fc.weight (transpose)']
+"""
+
+from __future__ import annotations
+
+from weightport.errors import LayoutError, UnsupportedConfigError
+from weightport.layouts.base import Rule
+from weightport.layouts.flax.facts import FRAMEWORK, T, conv_axes
+from weightport.layouts.flax.layers import Layer
+from weightport.layouts.slots import Paired
+from weightport.sources.base import Source
+from weightport.torch_facts import RNN_GATE_COUNT, RNN_KINDS
+from weightport.transforms import Identity, Op, Transpose, Zeros
+
+__all__ = ["layer_rules", "unchecked", "MISSING_STATS"]
+
+MISSING_STATS = (
+    "Flax keeps a BatchNorm's running statistics in the batch_stats collection, which "
+    "this source lacks: save the whole variables dict ({'params': ..., 'batch_stats': ...}); only if "
+    "the Flax model's were never updated (both start at mean 0, var 1), pass strict=False to keep the "
+    "module's own"
+)
+"""Why a BatchNorm read from params alone has no running statistics, and what to do."""
+
+
+def layer_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule]:
+    """The rules that put ``layer`` into ``pair.slot``: a cell's, or a plain layer's."""
+    return cell_rules(layer, pair, source) if layer.cell is not None else plain_rules(layer, pair, source)
+
+
+def cell_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule]:
+    """A recurrent cell's rules (both directions of a ``Bidirectional``), after checking the slot can run it."""
+    slot = pair.slot
+    module = slot.module
+    if getattr(module, "proj_size", 0):
+        raise UnsupportedConfigError(
+            f"Flax layer '{layer.name}' -> '{slot.label}': {slot.describe()} has proj_size={module.proj_size}, "
+            "which Flax LSTM cells do not have. Fix: build the LSTM with proj_size=0."
+        )
+    bidirectional = layer.backward is not None
+    if bidirectional != slot.bidirectional:
+        have = "is bidirectional (forward_rnn and backward_rnn)" if bidirectional else "runs one direction"
+        fix = "bidirectional=True" if bidirectional else "bidirectional=False"
+        raise LayoutError(
+            f"Flax layer '{layer.name}' {have} but '{slot.label}' is {slot.describe()}. "
+            f"Fix: build it with {fix}, or pass mapping= to pair the layers yourself."
+        )
+    assert layer.cell is not None
+    directions = [(False, layer.cell, layer.leaves)]
+    if layer.backward is not None:
+        directions.append((True, *layer.backward))
+    rules = []
+    for reverse, spec, leaves in directions:
+        hidden = int(source.infos[leaves[spec.hidden]].shape[0])
+        where = "backward_rnn of " if reverse else ""
+        for param, (roles, make) in spec.load.items():
+            op = make if isinstance(make, Op) else make(hidden)
+            rules.append(
+                Rule(
+                    slot.name(param, reverse=reverse),
+                    tuple(leaves[r] for r in roles),
+                    op,
+                    origin=f"{FRAMEWORK} {where}'{layer.name}' ({spec.flavor})",
+                )
+            )
+    return rules
+
+
+def plain_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule]:
+    """A Dense, Conv, Embed, LayerNorm or BatchNorm: one rule per leaf (and a zero batch count)."""
+    slot = pair.slot
+    origin = f"{FRAMEWORK} '{layer.name}' ({layer.detail})"
+    rules = []
+    for role, name in layer.leaves.items():
+        if role == "kernel":
+            rank = len(source.infos[name].shape)
+            op: Op = T if rank == 2 else Transpose(conv_axes(rank))
+            rules.append(Rule(slot.name("weight"), (name,), op, origin))
+        else:
+            param = {
+                "bias": "bias",
+                "embedding": "weight",
+                "scale": "weight",
+                "mean": "running_mean",
+                "var": "running_var",
+            }[role]
+            rules.append(Rule(slot.name(param), (name,), Identity(), origin))
+    if layer.kind == "BatchNorm" and getattr(slot.module, "num_batches_tracked", None) is not None:
+        rules.append(
+            Rule(slot.name("num_batches_tracked"), (), Zeros(()), f"{origin}: Flax keeps no batch count")
+        )
+    return rules
+
+
+def unchecked(pairs: list[tuple[Layer, Paired]]) -> list[str]:
+    """The settings each paired layer computes with that Flax params do not carry, for the report."""
+    notes = []
+    gated = [p.slot.label for lay, p in pairs if lay.kind in RNN_KINDS and RNN_GATE_COUNT[lay.kind] > 1]
+    if gated:
+        notes.append(
+            f"Flax cells' gate_fn and activation_fn ({', '.join(gated)}): PyTorch computes sigmoid gates and "
+            "tanh, Flax's defaults; a cell built with others computes something else"
+        )
+    for lay, p in pairs:
+        module = p.slot.module
+        if lay.kind == "RNN":
+            notes.append(
+                f"'{p.slot.label}': Flax SimpleCell's activation_fn (tanh by default) must be the module's "
+                f"nonlinearity='{getattr(module, 'nonlinearity', 'tanh')}', and residual=False"
+            )
+        elif lay.kind == "LayerNorm":
+            notes.append(
+                f"'{p.slot.label}': the module has eps={getattr(module, 'eps', '?')}; Flax LayerNorm's epsilon "
+                "is 1e-6 unless the Flax model set another (transformers: config.layer_norm_eps), and the "
+                "module must use the same"
+            )
+        elif lay.kind == "BatchNorm":
+            notes.append(
+                f"'{p.slot.label}': Flax BatchNorm's epsilon (1e-5 by default) must equal the module's "
+                f"eps={getattr(module, 'eps', '?')}; PyTorch's momentum is 1 - Flax's (0.01 for Flax's 0.99)"
+            )
+        elif lay.kind.startswith("Conv"):
+            notes.append(
+                f"'{p.slot.label}': Flax Conv's padding ('SAME' by default; the module has "
+                f"padding={getattr(module, 'padding', '?')}), strides and dilation; Flax takes channels-last "
+                "inputs, so permute them (and a Dense after a flatten sees channels-last order)"
+            )
+    return notes
