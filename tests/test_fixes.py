@@ -759,7 +759,7 @@ def keras_layer_of_an_unknown_class_mapping_places_it(ctx: Ctx) -> None:
     assert_outputs(run(module, port.x), port.expected)
 
 
-# --- pairing (layouts/pairing.py, keras.py, flax.py, onnx.py, call_order.py) ------------------------------------------
+# --- pairing (layouts/pairing.py, proof.py, the keras/, flax/, onnx/ layouts, call_order.py) ---------------------
 
 
 @scenario
@@ -1104,7 +1104,7 @@ def keras_ambiguous_class_mapping_says_which(ctx: Ctx) -> None:
     assert_outputs(run(module, ids.astype(np.int64)), np.asarray(model(ids)))
 
 
-# --- refusals whose fix rebuilds the source (keras.py) ------------------------------------------------------------
+# --- refusals whose fix rebuilds the source (layouts/keras/) --------------------------------------------------------
 
 
 @scenario

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
-from weightport import reference, rnn
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from weightport.errors import (
     LayoutError,
     LoadError,
@@ -21,12 +23,50 @@ from weightport.errors import (
     VerifyError,
     WeightportError,
 )
-from weightport.export import save, to_numpy
-from weightport.initializers import init
-from weightport.loading import load
-from weightport.report import LoadReport
-from weightport.sources import Source, TensorInfo, open_source
-from weightport.verify import VerifyReport, verify
+
+if TYPE_CHECKING:
+    from weightport import reference, rnn
+    from weightport.export import save, to_numpy
+    from weightport.initializers import init
+    from weightport.loading import load
+    from weightport.report import LoadReport
+    from weightport.sources import Source, TensorInfo, open_source
+    from weightport.verifying import VerifyReport, verify
+
+# The rest of the public API is imported on first use, so `weightport --help` and `inspect` start
+# without torch: name -> the module that defines it ("" for a submodule of that name).
+_LAZY = {
+    "reference": "",
+    "rnn": "",
+    "save": "weightport.export",
+    "to_numpy": "weightport.export",
+    "init": "weightport.initializers",
+    "load": "weightport.loading",
+    "LoadReport": "weightport.report",
+    "Source": "weightport.sources",
+    "TensorInfo": "weightport.sources",
+    "open_source": "weightport.sources",
+    "VerifyReport": "weightport.verifying",
+    "verify": "weightport.verifying",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _LAZY.get(name)
+    if home is None:
+        raise AttributeError(f"module 'weightport' has no attribute {name!r}")
+    value = (
+        importlib.import_module(f"weightport.{name}")
+        if home == ""
+        else getattr(importlib.import_module(home), name)
+    )
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -5,9 +5,10 @@ when a value needs one (a bfloat16 tensor in a file, a float8 target), so reader
 command line start without it (``BFLOAT16``, ``FLOAT8_E4M3FN``, ``FLOAT8_E5M2`` and ``ML_FLOATS``
 are made on first use); this module never imports torch (see :mod:`weightport.tensors`).
 
->>> BFLOAT16.name
+>>> ml_float("bfloat16").name
 'bfloat16'
->>> holds_all(FLOAT8_E4M3FN, np.dtype("float16")), holds_all(FLOAT8_E4M3FN, FLOAT8_E5M2)
+>>> e4m3, e5m2 = ml_float("float8_e4m3fn"), ml_float("float8_e5m2")
+>>> holds_all(e4m3, np.dtype("float16")), holds_all(e4m3, e5m2)
 (True, False)
 >>> is_float(np.dtype("float32")), is_numeric(np.dtype("U3"))
 (True, False)

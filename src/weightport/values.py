@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import math
 
-import ml_dtypes
 import numpy as np
 import torch
 
@@ -73,6 +72,8 @@ def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
             if holds_all(source.newbyteorder("="), dst):
                 return "finite", None
             return ("exact" if _is_float8(dst) else "range"), None
+        import ml_dtypes  # a float target: its limits (bfloat16 and float8 included)
+
         info = ml_dtypes.finfo(dst)
         if float(info.min) >= 0:  # float8_e8m0fnu: powers of two only, no zero, no sign
             return "exact", None
