@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from _vision import allow_torchvision_import
 from weightport.tensors import numpy_of
+
+allow_torchvision_import()  # transformers and timm import torchvision wherever it is installed
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, tuple[bytes, str, tuple[int, ...], int]]:

@@ -120,12 +120,12 @@ def test_kinds_are_what_a_module_is_and_unknown_kinds_are_never_filled() -> None
             self.weight = nn.Parameter(torch.zeros(4, 4))
             self.bias = nn.Parameter(torch.zeros(4))
 
-    attention = nn.MultiheadAttention(4, 2)
-    model = nn.ModuleDict({"attn": attention, "proj": Conv1D()})
+    attention = nn.MultiheadAttention(4, 2)  # one slot with its out_proj: a Dense never fills out_proj
+    model = nn.ModuleDict({"attn": attention, "proj": Conv1D(), "out": nn.Linear(4, 4)})
     kinds = {slot.label: slot.kind for slot in module_slots(model)}
-    assert kinds == {"attn": "other:MultiheadAttention", "attn.out_proj": "Linear", "proj": "other:Conv1D"}
+    assert kinds == {"attn": "MultiheadAttention", "proj": "other:Conv1D", "out": "Linear"}
     pairs = pair_layers(model, [SourceLayer("dense", "Linear")], None, framework="Test")
-    assert [(p.slot.label, p.how) for p in pairs] == [("attn.out_proj", "by a unique kind and shape")]
+    assert [(p.slot.label, p.how) for p in pairs] == [("out", "by a unique kind and shape")]
     with pytest.raises(
         LayoutError,
         match=r"the source has 2 unpaired Linear layer\(s\) \(dense, dense_1\) but the model has only 1",

@@ -42,16 +42,25 @@ _KIND_CLASSES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.LSTMCell, "LSTM"),
     (nn.GRUCell, "GRU"),
     (nn.RNNCell, "RNN"),
+    (nn.MultiheadAttention, "MultiheadAttention"),  # its out_proj is part of its slot (see module_slots)
     (nn.Linear, "Linear"),
     (nn.Conv1d, "Conv1d"),
     (nn.Conv2d, "Conv2d"),
     (nn.Conv3d, "Conv3d"),
+    (nn.ConvTranspose1d, "ConvTranspose1d"),
+    (nn.ConvTranspose2d, "ConvTranspose2d"),
+    (nn.ConvTranspose3d, "ConvTranspose3d"),
     (nn.Embedding, "Embedding"),
     (nn.modules.batchnorm._BatchNorm, "BatchNorm"),
     (nn.LayerNorm, "LayerNorm"),
+    (nn.GroupNorm, "GroupNorm"),
 )
-KNOWN_KINDS = frozenset(kind for _, kind in _KIND_CLASSES)
-_TORCH_CLASS = {"BatchNorm": "nn.BatchNorm1d/2d/3d"}  # any other kind: nn.<kind> (nn.LSTM, nn.Linear)
+# transformers' Conv1D (GPT-2's attention and MLP): a Linear whose weight is stored (in, out). Known by its
+# class name and home, so transformers is never imported to ask.
+TRANSFORMERS_CONV1D = "Conv1D"
+KNOWN_KINDS = frozenset({kind for _, kind in _KIND_CLASSES} | {TRANSFORMERS_CONV1D})
+# how a message names a kind's PyTorch module; any other kind: nn.<kind> (nn.LSTM, nn.Linear)
+_TORCH_CLASS = {"BatchNorm": "nn.BatchNorm1d/2d/3d", TRANSFORMERS_CONV1D: "transformers' Conv1D"}
 
 
 def slot_kind(module: nn.Module) -> str:
@@ -63,9 +72,12 @@ def slot_kind(module: nn.Module) -> str:
 
     >>> slot_kind(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2))
     'Linear'
-    >>> slot_kind(nn.ConvTranspose2d(2, 2, 3))
-    'other:ConvTranspose2d'
+    >>> slot_kind(nn.ConvTranspose2d(2, 2, 3)), slot_kind(nn.PReLU())
+    ('ConvTranspose2d', 'other:PReLU')
     """
+    cls_ = type(module)
+    if cls_.__name__ == "Conv1D" and cls_.__module__.startswith("transformers."):
+        return TRANSFORMERS_CONV1D
     for cls, kind in _KIND_CLASSES:
         if isinstance(module, cls):
             return kind
@@ -145,13 +157,22 @@ class Paired:
 
 
 def module_slots(model: nn.Module) -> list[Slot]:
-    """Every slot of ``model`` in registration order (the order ``named_modules`` gives)."""
+    """Every slot of ``model`` in registration order (the order ``named_modules`` gives).
+
+    An ``nn.MultiheadAttention`` is one slot with its ``out_proj`` (a framework's attention layer
+    holds all four projections): rules name ``out_proj.weight`` through :meth:`Slot.name`.
+    """
     slots: list[Slot] = []
+    inside: tuple[str, ...] = ()  # paths of attention modules whose children are part of their slot
     for path, module in model.named_modules():
+        if inside and any(path.startswith(p + ".") for p in inside):
+            continue
         holds_stats = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
         if not holds_stats and not any(True for _ in module.parameters(recurse=False)):
             continue  # nothing to fill (a BatchNorm with affine=False still holds its running statistics)
         kind = slot_kind(module)
+        if isinstance(module, nn.MultiheadAttention):
+            inside += (path,)
         if isinstance(module, nn.RNNBase):
             slots += [Slot(path, module, kind, layer) for layer in range(module.num_layers)]
         else:
