@@ -46,6 +46,7 @@ SourceLike = Union[Source, Mapping[str, Any], str, "os.PathLike[str]", Any]
 
 # Order matters: the first reader that claims a path opens it.
 _FORMATS: dict[str, str] = {
+    "transformers-snapshot": "weightport.sources.snapshot",
     "safetensors-sharded": "weightport.sources.sharded",
     "safetensors": "weightport.sources.safetensors",
     "npz": "weightport.sources.npz",
@@ -157,5 +158,6 @@ def _open_path(given: Path, format: str | None) -> Source:
             return reader.open(path)  # type: ignore[no-any-return]
     raise SourceError(
         f"'{given}': not a format weightport reads. Fix: use one of .npz, .npy, a folder of .npy, "
-        f".safetensors (or its .index.json), .weights.h5, .keras, .h5, .msgpack, .onnx."
+        f".safetensors (or its .index.json), .weights.h5, .keras, .h5, .msgpack, .onnx, or a transformers "
+        "snapshot folder (config.json with model.safetensors, tf_model.h5 or flax_model.msgpack)."
     )

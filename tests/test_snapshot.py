@@ -1,0 +1,111 @@
+"""A transformers snapshot folder (``save_pretrained``'s output): read as the one weights file it holds.
+
+The folders here are written by transformers itself; the oracle is loading the weights file inside
+the folder directly, and, for Flax BERT, the Flax model's own output.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import weightport
+from conftest import snapshot
+from weightport import SourceError
+
+transformers = pytest.importorskip("transformers")
+
+IDS = np.random.default_rng(2).integers(0, 99, (2, 7)).astype(np.int32)
+# Flax's msgpack does not record LayerNorm's epsilon (transformers' config.json does): said as a warning
+pytestmark = pytest.mark.filterwarnings("ignore::weightport.UncheckedConfigWarning")
+
+
+def _config() -> Any:
+    return transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+
+
+@pytest.fixture(scope="module")
+def flax_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    pytest.importorskip("flax")
+    model = transformers.FlaxBertModel(_config(), seed=0)
+    folder = tmp_path_factory.mktemp("flax_bert")
+    model.save_pretrained(folder)
+    return folder, np.asarray(model(IDS).last_hidden_state)
+
+
+def _bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.BertModel(_config()).eval()
+
+
+def test_a_snapshot_folder_loads_as_the_file_it_holds(flax_folder: tuple[Path, np.ndarray]) -> None:
+    folder, expected = flax_folder
+    from_folder, from_file = _bert(), _bert()
+    report = weightport.load(from_folder, folder)
+    weightport.load(from_file, folder / "flax_model.msgpack")
+    assert "transformers snapshot of BertModel" in report.source
+    assert all(
+        torch.equal(a, b) for a, b in zip(from_folder.state_dict().values(), from_file.state_dict().values())
+    )
+    with torch.no_grad():
+        out = from_folder(torch.from_numpy(IDS).long()).last_hidden_state.numpy()
+    assert np.abs(out - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+def test_two_weights_files_are_two_readings_refused_and_listed(
+    flax_folder: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    folder = tmp_path / "both"
+    folder.mkdir()
+    for name in ("config.json", "flax_model.msgpack"):
+        (folder / name).write_bytes((flax_folder[0] / name).read_bytes())
+    _bert().save_pretrained(tmp_path / "pt")  # model.safetensors of other (random) weights
+    (folder / "model.safetensors").write_bytes((tmp_path / "pt" / "model.safetensors").read_bytes())
+    module = _bert()
+    before = snapshot(module)
+    with pytest.raises(
+        SourceError, match=r"2 weights files \(model.safetensors, flax_model.msgpack\)"
+    ) as info:
+        weightport.load(module, folder)
+    assert "flax_model.msgpack'" in str(info.value) and "Fix: pass the file you mean" in str(info.value)
+    assert snapshot(module) == before
+    weightport.load(module, folder / "flax_model.msgpack")  # the fix it names loads
+
+
+def test_a_pickle_only_snapshot_is_refused(tmp_path: Path) -> None:
+    _bert().save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "pytorch_model.bin").exists()
+    with pytest.raises(SourceError, match=r"pytorch_model.bin, a pickle, which weightport never loads"):
+        weightport.load(_bert(), tmp_path)
+
+
+def test_a_linked_weights_file_inside_the_folder_is_not_followed(
+    flax_folder: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    (tmp_path / "config.json").write_bytes((flax_folder[0] / "config.json").read_bytes())
+    (tmp_path / "flax_model.msgpack").symlink_to(flax_folder[0] / "flax_model.msgpack")
+    with pytest.raises(SourceError, match=r"'flax_model.msgpack' is a symbolic link"):
+        weightport.load(_bert(), tmp_path)
+    weightport.load(_bert(), tmp_path / "flax_model.msgpack")  # the user's own path is resolved once
+
+
+@pytest.mark.parametrize("config", [b"{not json", b"[1, 2]"])
+def test_a_broken_config_is_a_source_error(
+    flax_folder: tuple[Path, np.ndarray], tmp_path: Path, config: bytes
+) -> None:
+    (tmp_path / "config.json").write_bytes(config)
+    (tmp_path / "flax_model.msgpack").write_bytes((flax_folder[0] / "flax_model.msgpack").read_bytes())
+    with pytest.raises(SourceError, match=r"config.json"):
+        weightport.open_source(tmp_path)
+    assert json.loads((flax_folder[0] / "config.json").read_text())["architectures"] == ["BertModel"]
