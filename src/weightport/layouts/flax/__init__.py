@@ -79,7 +79,9 @@ from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.flax.exporting import export
 from weightport.layouts.flax.facts import APIS, COLLECTIONS, FRAMEWORK, ROOT, STATS, TRAINING_STATE
 from weightport.layouts.flax.layers import layers_in, settle_norm_kinds
+from weightport.layouts.flax.loose import loose_rules
 from weightport.layouts.flax.rules import MISSING_STATS, layer_rules, unchecked
+from weightport.layouts.flax.settle import settle_conv1d
 from weightport.layouts.flax.tree import name_paths, recorded_order
 from weightport.layouts.pairing import (
     Paired,
@@ -113,6 +115,7 @@ def plan(
     names = list(source.infos)
     layers = layers_in(source)
     settle_norm_kinds(layers, module)
+    settle_conv1d(layers, module, mapping)
     wanted = [
         SourceLayer(
             layer.name,
@@ -139,12 +142,14 @@ def plan(
     rules: list[Rule] = []
     for layer, pair in zip(layers, paired):
         rules += layer_rules(layer, pair, source)
+    own, own_pairings = loose_rules(module, source, {s for rule in rules for s in rule.sources})
+    rules += own
     used = {s for rule in rules for s in rule.sources}
     training = [n for n in names if n not in used and n.split("/", 1)[0] in TRAINING_STATE]
     return LayoutPlan(
         name=NAME,
         rules=rules,
-        pairings=as_pairings(paired),
+        pairings=as_pairings(paired) + own_pairings,
         scope=wrapped_scope(paired),
         unmatched=[n for n in names if n not in used and n not in training],
         not_weights=[f"{n} (training state)" for n in training],

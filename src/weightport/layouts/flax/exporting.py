@@ -93,7 +93,7 @@ def _export_plain(
             continue
         array = state[name]
         if param == "weight":
-            if kind == "Linear":
+            if kind in ("Linear", "Conv1D"):  # Dense (in, out); transformers' FlaxConv1D (features, in)
                 array = T(array)
             elif kind.startswith("Conv"):
                 array = Transpose(conv_axes(array.ndim)).inverse()(array)
@@ -102,7 +102,13 @@ def _export_plain(
         out[f"{prefix}{path}/{leaf}"] = np.ascontiguousarray(array)
 
 
-_PLAIN_KINDS = {"Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "LayerNorm", "BatchNorm"}
+_PLAIN_KINDS = {"Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding", "LayerNorm", "BatchNorm"}
+
+
+def _own(slot: Slot) -> bool:
+    """A module of no kind weightport maps, not PyTorch's own (a model's ``ViTEmbeddings``): its own params
+    keep their names in Flax (``self.param("cls_token", ...)``), as loading reads them."""
+    return slot.kind.startswith("other:") and not type(slot.module).__module__.startswith("torch.")
 
 
 def export(
@@ -140,7 +146,9 @@ def export(
             f"names= has {', '.join(repr(u) for u in unknown)}, which {type(module).__name__} does not have. "
             f"Its layers: {', '.join(s.label for s in slots) or 'none'}."
         )
-    refused = [s.describe() for s in slots if s.kind not in _PLAIN_KINDS and s.kind not in RNN_KINDS]
+    refused = [
+        s.describe() for s in slots if s.kind not in _PLAIN_KINDS and s.kind not in RNN_KINDS and not _own(s)
+    ]
     if refused:
         raise UnsupportedConfigError(
             f"cannot export {type(module).__name__} to the Flax layout: {', '.join(refused)} have no Flax "
@@ -151,7 +159,11 @@ def export(
     out: dict[str, np.ndarray] = {}
     for slot in slots:
         path = _layer_path(slot, names)
-        if slot.kind in RNN_KINDS:
+        if _own(slot):  # a model's own params (ViT's cls_token): by name, as is
+            prefix = ("params/" if api == "linen" else "") + (f"{path}/" if slot.path else "")
+            for param, _ in slot.module.named_parameters(recurse=False):
+                out[f"{prefix}{param}"] = state[slot.name(param)]
+        elif slot.kind in RNN_KINDS:
             _export_cell(slot, state, api, path, out)
         else:
             _export_plain(slot, state, api, path, out)

@@ -112,6 +112,13 @@ def unchecked(pairs: list[tuple[Layer, Paired]]) -> list[str]:
             f"Flax cells' gate_fn and activation_fn ({', '.join(gated)}): PyTorch computes sigmoid gates and "
             "tanh, Flax's defaults; a cell built with others computes something else"
         )
+    conv1d = [p.slot.label for lay, p in pairs if lay.kind == "Conv1D"]
+    if conv1d:
+        notes.append(
+            f"{', '.join(conv1d)}: read as transformers' FlaxConv1D, whose kernel is (features, in), since the "
+            "module's are transformers' Conv1D; a Flax Dense's kernel is (in, features), which only a non-square "
+            "shape would show"
+        )
     for lay, p in pairs:
         module = p.slot.module
         if lay.kind == "RNN":
