@@ -216,7 +216,7 @@ def test_flax_gpt2_loads_exactly_or_is_refused(flax_gpt2: tuple[Any, Path, np.nd
         _assert_same_state(_inner(module), reference)
 
 
-# --- TensorFlow: BERT's tf_model.h5 (every weight under the one top-level layer 'bert') ----------------
+# --- TensorFlow: BERT's tf_model.h5 (every weight under the one top-level layer 'bert', paired by name) ---
 
 
 @pytest.fixture(scope="module")
@@ -249,8 +249,10 @@ def test_tf_bert_loads_exactly_or_is_refused(tf_bert: tuple[Any, Path, np.ndarra
         _assert_same_state(_inner(module), reference)
 
 
-def test_tf_bert_refusal_names_the_top_level_layer(tf_bert: tuple[Any, Path, np.ndarray]) -> None:
-    config, path, _ = tf_bert
-    outcome = _load(transformers.BertModel(config), path)
-    if isinstance(outcome, WeightportError):
-        assert "'bert'" in str(outcome)
+def test_tf_bert_loads_by_transformers_names(tf_bert: tuple[Any, Path, np.ndarray]) -> None:
+    """Issue 12: the inner layers of 'bert' pair by transformers' names (tests/test_transformers_tf.py)."""
+    config, path, expected = tf_bert
+    model = _wrapped(transformers.BertModel(config), wrap=False)
+    report = _load(model, path)
+    assert isinstance(report, weightport.LoadReport), str(report)
+    assert np.abs(_torch_output(model, MASK) - expected).max() < TOL

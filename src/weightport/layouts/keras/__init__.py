@@ -77,6 +77,7 @@ from torch import nn
 
 from weightport.errors import LoadError, Problem, UnsupportedConfigError
 from weightport.layouts.base import LayoutPlan, Pairing, Rule
+from weightport.layouts.keras import hf
 from weightport.layouts.keras.checks import (
     check_config,
     check_direction,
@@ -130,6 +131,8 @@ def plan(
     """
     where = source.description
     layers, leftover = collect(source)
+    if hf.claims(layers, source):  # transformers' tf_model.h5: by transformers' names
+        return hf.plan(module, source, layers, leftover, mapping)
     unique_names(layers)
     mapping = _translate(mapping, layers)
     slots = module_slots(module)

@@ -321,9 +321,9 @@ def check_direction(found: Resolved, slot: Slot, where: str) -> None:
 
 
 def refuse_whole_model_layer(layers: list[Layer], where: str) -> None:
-    """Nothing pairs, and the weights sit under one layer that holds a whole model of layers
-    (transformers' ``tf_model.h5`` keeps 39 of BERT's tensors under ``bert``): say that, once,
-    instead of one problem per tensor."""
+    """Nothing pairs, and the weights sit under one layer that holds a whole model of layers, named
+    otherwise than transformers' TF checkpoints (``tf_model.h5``, whose names :mod:`.hf` pairs): say
+    that, once, instead of one problem per tensor."""
     nested = [layer for layer in layers if len(inner_layers(layer)) > 2]
     if len(nested) != 1 or sum(len(layer.tensors) for layer in layers) > 2 * len(nested[0].tensors):
         return
@@ -332,10 +332,10 @@ def refuse_whole_model_layer(layers: list[Layer], where: str) -> None:
     raise LayoutError(
         f"{where}: the weights sit under the one top-level Keras layer '{layer.name}' "
         f"({layer.class_name or 'class not recorded'}: {len(layer.tensors)} tensors in {len(inner)} inner layers, "
-        f"such as '{inner[0]}'), a layer that holds a whole model, as transformers' TF checkpoints "
-        "(tf_model.h5) keep theirs. weightport pairs Keras layers that are one PyTorch module each (Dense, "
-        "Conv, LSTM, ...) and does not pair the layers inside such a layer by their inner names. Fix: convert "
-        "it with the library that wrote it (transformers: load_tf2_checkpoint_in_pytorch_model(model, path) "
-        "from transformers.modeling_tf_pytorch_utils, into the PyTorch class built from the same config), then "
-        "save that model's state_dict."
+        f"such as '{inner[0]}'), a layer that holds a whole model. weightport pairs Keras layers that are one "
+        "PyTorch module each (Dense, Conv, LSTM, ...), and the layers inside such a layer only where their "
+        f"names follow transformers' TF checkpoints ('<model>/{layer.name}/<inner layer>/.../kernel:0', each "
+        "named as its PyTorch twin names it); these do not. Fix: save the Keras model with those inner layers "
+        "at its top level (model.save('model.keras')), or convert it with the library that wrote it and save "
+        "that PyTorch model's state_dict."
     )

@@ -1,0 +1,318 @@
+"""transformers' TF checkpoints (``tf_model.h5``) into transformers' PyTorch classes, by transformers' names.
+
+``TFBertModel(config).save_pretrained(folder)`` writes a legacy Keras ``.h5`` of the model's top-level
+layers (``bert``; ``transformer`` for GPT-2; ``vit``; a head such as ``classifier`` beside it), each
+listing its weights as ``<model scope>/<layer>/<inner layers>/<variable>:0``
+(``tf_bert_model/bert/encoder/layer_._0/attention/self/query/kernel:0``). The PyTorch twin built from
+the same config names each of them by transformers' own conventions (its converter,
+``transformers.modeling_tf_pytorch_utils``, follows them too), so the pairing is by name, with the
+same general rules for every model and no table per model:
+
+- the model scope goes; ``_._`` separates a list index (``layer_._0`` is ``layer.0``); a component
+  ``a___b`` is ``b``; ``/`` is ``.``;
+- the variable: ``kernel``, ``embeddings`` and ``gamma`` are ``weight``, ``beta`` is ``bias``,
+  ``moving_mean``/``moving_variance`` are ``running_mean``/``running_var`` (a BatchNorm's
+  ``num_batches_tracked`` is 0: Keras counts no batches), ``pointwise_kernel``/``depthwise_kernel`` are
+  ``pointwise.weight``/``depthwise.weight``; other names (``weight``, ``bias``, ``cls_token``) stay;
+- a ``kernel`` is transposed: (in, out) -> (out, in), Conv2D's (kh, kw, in, out) -> (out, in, kh, kw),
+  Conv1D's (k, in, out) -> (out, in, k); every other variable keeps its layout. transformers' TF
+  ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``) stores ``weight`` as (in, out), as its PyTorch
+  ``Conv1D`` does, and its bias as (1, n): axes of size 1 are dropped or added to meet the module's
+  shape, never a real reshape;
+- the top-level layer's name stays where the module has a submodule of that name
+  (``BertForSequenceClassification.bert``) and goes where the module is that layer (``BertModel``), as
+  transformers' ``base_model_prefix`` does; ``mapping={"bert": "encoder"}`` puts it elsewhere, and a model
+  wrapped as ``self.m`` loads inside ``m``.
+
+What the module has and the file lacks: buffers registered with ``persistent=False`` (position ids,
+GPT-2's causal masks) stay as the module built them, as transformers' converter leaves them; anything
+else is a problem saying so. Tensors the module has no place for (a head the module lacks) are
+problems too (``strict=False`` skips them, as the converter skips them with a warning). A file of
+another architecture, whose names name nothing in the module, is refused once, saying so.
+
+>>> torch_path("tf_bert_model/bert/encoder/layer_._0/attention/self/query/kernel:0")
+['bert', 'encoder', 'layer', '0', 'attention', 'self', 'query', 'weight']
+>>> torch_path("tf_bert_for_pre_training/mlm___cls/predictions/transform/LayerNorm/gamma:0")
+['cls', 'predictions', 'transform', 'LayerNorm', 'weight']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from weightport.errors import LayoutError
+from weightport.layouts.base import LayoutPlan, Pairing, Rule
+from weightport.layouts.keras.layers import Layer, inner_layers
+from weightport.layouts.slots import TRANSFORMERS_CONV1D, slot_kind
+from weightport.sources.base import Source
+from weightport.transforms import Chain, Identity, Op, Reshape, Transpose, Zeros
+
+__all__ = ["claims", "plan", "torch_path"]
+
+# transformers' TF variable names -> the PyTorch tensor's last components
+_RENAMED = {
+    "kernel": ["weight"],
+    "embeddings": ["weight"],
+    "gamma": ["weight"],
+    "beta": ["bias"],
+    "moving_mean": ["running_mean"],
+    "moving_variance": ["running_var"],
+    "pointwise_kernel": ["pointwise", "weight"],
+    "depthwise_kernel": ["depthwise", "weight"],
+}
+_KERNELS = ("kernel", "pointwise_kernel", "depthwise_kernel")
+# TransfoXL's projection lists hold (in, out) matrices without the name 'kernel'
+_PROJECTION_LISTS = ("emb_projs", "out_projs")
+_DUPLICATED = re.compile(r"/[^/]*___([^/]*)/")  # '/a___b/' is '/b/': one TF layer under two names
+
+
+def _weight_name(layer: Layer, tensor: str) -> str:
+    """The weight's own name in the file (``tf_bert_model/bert/...:0``), without its layer's group."""
+    return tensor[len(layer.path) + 1 :] if tensor.startswith(layer.path + "/") else tensor
+
+
+def _components(weight_name: str) -> list[str]:
+    name = weight_name.replace(":0", "")
+    if "___" in name:
+        if len(name) > 2048 or name.count("___") > 10:
+            raise LayoutError(f"TF weight name '{weight_name[:200]}' is too long to convert")
+        name = _DUPLICATED.sub(r"/\1/", name)
+    return re.sub(r"//+", "/", name.replace("_._", "/")).split("/")
+
+
+def torch_path(weight_name: str) -> list[str]:
+    """The PyTorch state-dict name's components of a transformers TF weight, top-level layer first."""
+    parts = _components(weight_name)
+    if len(parts) > 1:
+        parts = parts[1:]  # the model's scope
+    parts[-1:] = _RENAMED.get(parts[-1], [parts[-1]])
+    return parts
+
+
+def claims(layers: list[Layer], source: Source) -> bool:
+    """Whether ``source`` is a transformers TF checkpoint: a legacy ``.h5`` whose layers' weights are
+    all named ``<one model scope>/<the layer>/...``, one of them a layer that holds a whole model."""
+    if source.metadata.get("keras_file") != "legacy-h5":
+        return False
+    weighted = [layer for layer in layers if layer.tensors]
+    if not weighted or any(layer.legacy is None for layer in weighted):
+        return False
+    scopes: set[str] = set()
+    for layer in weighted:
+        for tensor in layer.tensors:
+            parts = _components(_weight_name(layer, tensor))
+            if len(parts) < 3 or (parts[1] != layer.path and "___" not in _weight_name(layer, tensor)):
+                return False
+            scopes.add(parts[0])
+    return len(scopes) == 1 and any(len(inner_layers(layer)) > 2 for layer in weighted)
+
+
+@dataclass(frozen=True)
+class _Variable:
+    tensor: str  # the source's name
+    layer: str  # its top-level layer
+    path: tuple[str, ...]  # the PyTorch name's components, the top-level layer first
+    var: str  # the TF variable's own name ('kernel')
+    shape: tuple[int, ...]
+    inner: str  # the TF layer holding it, named without the model scope (for the report)
+
+
+def _variables(layers: list[Layer], source: Source) -> list[_Variable]:
+    found = []
+    for layer in layers:
+        for tensor in layer.tensors:
+            name = _weight_name(layer, tensor)
+            parts = _components(name)
+            raw = name.replace(":0", "").split("/")
+            inner = "/".join(raw[1:-1] if len(raw) > 2 else raw[:-1])
+            shape = source.infos[tensor].shape
+            found.append(_Variable(tensor, layer.path, tuple(torch_path(name)), parts[-1], shape, inner))
+    return found
+
+
+def _names(module: nn.Module) -> dict[str, str]:
+    """Every tensor the module could take (its state dict and non-persistent buffers) -> its kind."""
+    names = {n: "parameter" for n, _ in module.named_parameters(remove_duplicate=False)}
+    for path, owner in module.named_modules(remove_duplicate=False):
+        for local, buffer in owner._buffers.items():
+            if buffer is not None:
+                full = f"{path}.{local}" if path else local
+                names.setdefault(
+                    full, "buffer" if local not in owner._non_persistent_buffers_set else "optional"
+                )
+    return names
+
+
+def _whole_model_layers(layers: list[Layer]) -> set[str]:
+    return {layer.path for layer in layers if len(inner_layers(layer)) > 2}
+
+
+def _targets(
+    module: nn.Module, variables: list[_Variable], main: set[str], mapping: Mapping[str, str]
+) -> dict[str, str]:
+    """Source tensor -> the module's name for it (see the module doc for where the layer's name goes)."""
+    children = {name for name, _ in module.named_children()}
+    out = {}
+    for v in variables:
+        path = list(v.path)
+        if v.layer in mapping:
+            path = [mapping[v.layer], *path[1:]] if mapping[v.layer] else path[1:]
+        elif v.layer in main and path[0] == v.layer and v.layer not in children:
+            path = path[1:]  # the module is that layer (BertModel for 'bert')
+        out[v.tensor] = ".".join(path)
+    return out
+
+
+def _hits(module: nn.Module, variables: list[_Variable], main: set[str], mapping: Mapping[str, str]) -> int:
+    names = _names(module)
+    return sum(t in names for t in _targets(module, variables, main, mapping).values())
+
+
+def _scope(module: nn.Module, variables: list[_Variable], main: set[str], where: str) -> str:
+    """The one submodule inside which every tensor of the whole-model layers has a place (a model
+    wrapped as ``self.m``), or ``""``."""
+    inside = [v for v in variables if v.layer in main]
+    found = [
+        path for path, sub in module.named_modules() if path and _hits(sub, inside, main, {}) == len(inside)
+    ]
+    outermost = [p for p in found if not any(p.startswith(q + ".") for q in found)]
+    if len(outermost) > 1:
+        shown = ", ".join(f"'{p}'" for p in outermost[:8])
+        raise LayoutError(
+            f"every tensor of {where} has a place inside each of the submodules {shown}: they have the same "
+            f"structure, so the checkpoint could fill any of them. Fix: pass prefix='{outermost[0]}.' (or another "
+            "of them) to say which."
+        )
+    return outermost[0] if outermost else ""
+
+
+def _op(v: _Variable, owner: nn.Module | None, want: tuple[int, ...] | None) -> Op:
+    """Transpose a kernel (not into transformers' Conv1D, which keeps TF's (in, out)); then meet the
+    module's shape by dropping or adding axes of size 1, if that is all that differs."""
+    ops: list[Op] = []
+    shape = v.shape
+    conv1d = owner is not None and slot_kind(owner) == TRANSFORMERS_CONV1D
+    axes: tuple[int, ...] | None = None
+    if v.var == "kernel" and len(shape) == 4:
+        axes = (3, 2, 0, 1)
+    elif v.var == "kernel" and len(shape) == 3:
+        axes = (2, 1, 0)
+    elif (v.var in _KERNELS or any(p in _PROJECTION_LISTS for p in v.path)) and len(shape) > 1 and not conv1d:
+        axes = tuple(reversed(range(len(shape))))
+    if axes is not None:
+        ops.append(Transpose(axes))
+        shape = tuple(shape[a] for a in axes)
+    if want is not None and shape != want and [d for d in shape if d != 1] == [d for d in want if d != 1]:
+        ops.append(Reshape(shape, want))
+    if not ops:
+        return Identity()
+    return ops[0] if len(ops) == 1 else Chain(*ops)
+
+
+def _how(v: _Variable, stripped: bool) -> str:
+    return f"by name (the module is '{v.layer}')" if stripped else "by name"
+
+
+def plan(
+    module: nn.Module,
+    source: Source,
+    layers: list[Layer],
+    leftover: list[str],
+    mapping: Mapping[str, str] | None = None,
+) -> LayoutPlan:
+    """Rules that put a transformers TF checkpoint's weights into ``module`` by transformers' names."""
+    where = source.description
+    mapping = dict(mapping or {})
+    paths = [layer.path for layer in layers if layer.tensors]
+    unknown = sorted(set(mapping) - set(paths))
+    if unknown:
+        raise LayoutError(
+            f"mapping names {', '.join(repr(u) for u in unknown)}, which is not a top-level layer of {where} "
+            f"(a transformers TF checkpoint): {', '.join(paths)}. Fix: key mapping= by one of those, with the "
+            "module path that is that layer ('' for the module itself), or pass prefix= instead."
+        )
+    variables = _variables(layers, source)
+    main = _whole_model_layers(layers)
+    scope = ""
+    if not mapping and variables and _hits(module, variables, main, {}) == 0:
+        scope = _scope(module, variables, main, where)
+    inside = [v for v in variables if v.layer in main] or variables
+    hits = _hits(module.get_submodule(scope) if scope else module, inside, main, mapping)
+    if 2 * hits < len(inside):  # most of the model's own tensors have no place: another architecture
+        _refuse_other_model(module, inside, main, where, hits)
+    target_module = module.get_submodule(scope) if scope else module
+    targets = _targets(target_module, variables, main, mapping)
+    names = _names(target_module)
+    shapes = {n: tuple(t.shape) for n, t in target_module.state_dict(keep_vars=True).items()}
+    owners = dict(target_module.named_modules(remove_duplicate=False))
+    lead = f"{scope}." if scope else ""
+    rules: list[Rule] = []
+    pairings: dict[tuple[str, str], Pairing] = {}
+    batchnorms: list[str] = []
+    for v in variables:
+        target = targets[v.tensor]
+        module_path = target.rpartition(".")[0]
+        owner = owners.get(module_path)
+        op = _op(v, owner, shapes.get(target))
+        stripped = v.layer not in mapping and len(target.split(".")) < len(v.path)
+        rules.append(Rule(lead + target, (v.tensor,), op, f"{where} {v.tensor}"))
+        if target in names and owner is not None:
+            key = (v.inner, module_path)
+            if key not in pairings:
+                vars_ = ", ".join(u.var for u in variables if u.inner == v.inner)
+                pairings[key] = Pairing(
+                    v.inner, vars_, lead + module_path or "(root)", type(owner).__name__, _how(v, stripped)
+                )
+            if v.var == "moving_mean" and getattr(owner, "track_running_stats", False):
+                batchnorms.append(module_path)
+    for path in batchnorms:
+        name = f"{path}.num_batches_tracked" if path else "num_batches_tracked"
+        if name in names:
+            rules.append(Rule(lead + name, (), Zeros(()), f"{where}: Keras counts no batches; 0"))
+    filled = {r.target for r in rules}
+    hints = {}
+    for name, kind in names.items():
+        if kind == "buffer" and lead + name not in filled:
+            hints[lead + name.rpartition(".")[0]] = (
+                "a transformers TF checkpoint holds the TF model's weights only, and this buffer has none there; "
+                "transformers' converter leaves it as the module built it: pass strict=False to do the same"
+            )
+    for name, kind in names.items():
+        if kind == "parameter" and lead + name not in filled:
+            hints.pop(lead + name.rpartition(".")[0], None)  # a parameter is missing too: no such hint
+    return LayoutPlan(
+        name="keras",
+        rules=rules,
+        pairings=list(pairings.values()),
+        unmatched=list(leftover),
+        unchecked=[
+            f"{where} records no settings (LayerNorm epsilon, activations, attention heads): transformers keeps "
+            "them in config.json; build the PyTorch model from the same config"
+        ],
+        scope=scope,
+        missing_hints=hints,
+    )
+
+
+def _refuse_other_model(
+    module: nn.Module, variables: list[_Variable], main: set[str], where: str, hits: int
+) -> None:
+    """Most tensors of the file's model name no tensor of the module: another architecture's checkpoint."""
+    layers = ", ".join(f"'{layer}'" for layer in dict.fromkeys(v.layer for v in variables))
+    names = _names(module)
+    targets = _targets(module, variables, main, {})
+    example = next((v for v in variables if targets[v.tensor] not in names), variables[0])
+    theirs = list(module.state_dict())[:3]
+    raise LayoutError(
+        f"{where} is a transformers TF checkpoint (top-level layer {layers}), and {hits or 'none'} of its model's "
+        f"{len(variables)} tensors name a tensor of {type(module).__name__} under transformers' naming (its "
+        f"'{example.tensor}' would be '{targets[example.tensor]}'; the module has "
+        f"{', '.join(repr(t) for t in theirs) or 'nothing'}, ...): it holds another architecture's weights. "
+        "Nothing was written. Fix: build the PyTorch class of the checkpoint's architecture from the same config "
+        "(config.json's 'architectures' names the TF class: TFBertModel is BertModel), or pass prefix= to load "
+        "into the submodule that is that model."
+    )

@@ -1,0 +1,256 @@
+"""transformers' TF checkpoints (``tf_model.h5``) into transformers' PyTorch classes (issue 12).
+
+Each case builds a tiny TF model, gives every weight random values (non-zero biases, norm scales off
+one), saves it as ``save_pretrained`` does and loads the file into the PyTorch class built from the
+same config: the outputs match TensorFlow's within 1e-5 of their scale, and the state dict is bit for
+bit what transformers' own converter gives. GPT-2's ``c_proj`` is square, so only the outputs (and the
+value check against the file) show that its ``weight`` is not transposed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import weightport
+from conftest import snapshot
+from weightport import UncheckedConfigWarning, WeightportError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tensorflow")
+pytest.importorskip("tf_keras")  # transformers' TF models need Keras 2 beside Keras 3
+h5py = pytest.importorskip("h5py")
+
+SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37}
+IDS = np.random.default_rng(1).integers(0, 99, (2, 7)).astype(np.int32)
+MASK = np.array([[1] * 7, [1] * 5 + [0] * 2], dtype=np.int32)
+PIXELS = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
+TOL = 1e-5  # of the output's scale
+
+
+def _config(kind: str) -> Any:
+    if kind == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_inner=37, n_positions=64
+        )
+    if kind == "vit":
+        return transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, **SIZES)
+    return transformers.BertConfig(vocab_size=99, **SIZES)
+
+
+# kind -> (TF class, PyTorch class, inputs: name -> array)
+MODELS: dict[str, tuple[str, str, dict[str, np.ndarray]]] = {
+    "bert": ("TFBertModel", "BertModel", {"input_ids": IDS, "attention_mask": MASK}),
+    "gpt2": ("TFGPT2Model", "GPT2Model", {"input_ids": IDS, "attention_mask": MASK}),
+    "vit": ("TFViTModel", "ViTModel", {"pixel_values": PIXELS}),
+    "bert_classifier": (
+        "TFBertForSequenceClassification",
+        "BertForSequenceClassification",
+        {"input_ids": IDS, "attention_mask": MASK},
+    ),
+}
+
+
+def _tf_output(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    out = model(inputs, training=False)
+    return np.asarray(out.logits if hasattr(out, "logits") else out.last_hidden_state)
+
+
+def _torch_output(module: nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    args = {
+        k: torch.from_numpy(v).long() if v.dtype == np.int32 else torch.from_numpy(v)
+        for k, v in inputs.items()
+    }
+    with torch.no_grad():
+        out = module.eval()(**args)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+
+
+Checkpoint = tuple[str, Path, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Checkpoint]:
+    """kind -> (kind, ``tf_model.h5`` with random weights, TensorFlow's output), each built once."""
+    built: dict[str, Checkpoint] = {}
+
+    def get(kind: str) -> Checkpoint:
+        if kind not in built:
+            tf_class, _, inputs = MODELS[kind]
+            model = getattr(transformers, tf_class)(_config(kind))
+            model(model.dummy_inputs)  # builds the weights
+            rng = np.random.default_rng(3)
+            for variable in model.weights:
+                value = variable.numpy()
+                variable.assign(value + rng.normal(0.0, 0.1, value.shape).astype(value.dtype))
+            folder = tmp_path_factory.mktemp(f"tf_{kind}")
+            model.save_pretrained(folder)
+            built[kind] = (kind, folder / "tf_model.h5", _tf_output(model, inputs))
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(params=sorted(MODELS))
+def checkpoint(request: pytest.FixtureRequest, checkpoints: Callable[[str], Checkpoint]) -> Checkpoint:
+    return checkpoints(request.param)
+
+
+def _torch_model(kind: str) -> nn.Module:
+    return getattr(transformers, MODELS[kind][1])(_config(kind)).eval()
+
+
+def _load(module: nn.Module, path: Path, **kwargs: Any) -> weightport.LoadReport:
+    with warnings.catch_warnings():  # the file records no settings: the config builds both twins
+        warnings.simplefilter("ignore", UncheckedConfigWarning)
+        return weightport.load(module, path, **kwargs)
+
+
+def _refused(module: nn.Module, path: Path, **kwargs: Any) -> WeightportError:
+    before = snapshot(module)
+    with pytest.raises(WeightportError) as caught:
+        _load(module, path, **kwargs)
+    assert snapshot(module) == before, "a refused load wrote to the module"
+    return caught.value
+
+
+def _converted(kind: str, path: Path) -> nn.Module:
+    # from_pretrained(folder, from_tf=True) may leave meta parameters with torch 2.13: the converter
+    # it calls is given a built model instead
+    from transformers.modeling_tf_pytorch_utils import load_tf2_checkpoint_in_pytorch_model
+
+    with warnings.catch_warnings():  # its torch.from_numpy of read-only arrays warns
+        warnings.simplefilter("ignore", UserWarning)
+        return load_tf2_checkpoint_in_pytorch_model(_torch_model(kind), str(path))
+
+
+def test_loads_exactly(checkpoint: Checkpoint) -> None:
+    kind, path, expected = checkpoint
+    module = _torch_model(kind)
+    report = _load(module, path)
+    error = np.abs(_torch_output(module, MODELS[kind][2]) - expected).max()
+    assert error <= TOL * max(1.0, float(np.abs(expected).max())), f"max error {error}\n{report}"
+    assert len(report.written) == len(dict(module.named_parameters()))
+    assert all(p.how.startswith("by name") for p in report.pairings)
+
+
+def test_state_dict_is_transformers_converters_bit_for_bit(checkpoint: Checkpoint) -> None:
+    kind, path, _ = checkpoint
+    module = _torch_model(kind)
+    _load(module, path)
+    ours, theirs = module.state_dict(), _converted(kind, path).state_dict()
+    assert list(ours) == list(theirs)
+    for name in ours:
+        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+
+
+def test_gpt2_square_conv1d_weight_is_not_transposed(checkpoints: Callable[[str], Checkpoint]) -> None:
+    kind, path, _ = checkpoints("gpt2")
+    module = _torch_model(kind)
+    _load(module, path)
+    with h5py.File(path, "r") as f:
+        stored = np.asarray(f["transformer/tfgpt2_model/transformer/h_._0/attn/c_proj/weight:0"])
+        bias = np.asarray(f["transformer/tfgpt2_model/transformer/h_._0/attn/c_proj/bias:0"])
+    state = module.state_dict()
+    loaded = state["h.0.attn.c_proj.weight"].numpy()
+    assert stored.shape == loaded.shape == (32, 32) and not np.array_equal(stored, stored.T)
+    assert np.array_equal(loaded, stored)  # Conv1D keeps TF's (in, out)
+    assert bias.shape == (1, 32) and np.array_equal(state["h.0.attn.c_proj.bias"].numpy(), bias[0])
+
+
+def test_wrapped_model_loads_inside_its_attribute(checkpoint: Checkpoint) -> None:
+    kind, path, expected = checkpoint
+
+    class Wrap(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.m = inner
+
+    wrapper = Wrap(_torch_model(kind))
+    report = _load(wrapper, path)
+    assert all(name.startswith("m.") for name in report.written)
+    error = np.abs(_torch_output(wrapper.m, MODELS[kind][2]) - expected).max()
+    assert error <= TOL * max(1.0, float(np.abs(expected).max()))
+
+
+def test_head_the_module_lacks_is_refused_then_skipped_with_strict_false(
+    checkpoints: Callable[[str], Checkpoint],
+) -> None:
+    _, path, _ = checkpoints("bert_classifier")
+    error = _refused(_torch_model("bert"), path)
+    assert "classifier.weight" in str(error) and "strict=False" in str(error)
+    module = _torch_model("bert")
+    report = _load(module, path, strict=False)  # what transformers' converter does, with a warning
+    assert {"classifier/tf_bert_for_sequence_classification/classifier/kernel:0"} <= set(report.ignored)
+    reference = _converted("bert", path).state_dict()
+    assert all(torch.equal(t, reference[n]) for n, t in module.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("kind", "into"), [("bert", "gpt2"), ("gpt2", "bert"), ("bert", "vit"), ("vit", "bert")]
+)
+def test_another_architecture_is_refused_and_nothing_written(
+    checkpoints: Callable[[str], Checkpoint], kind: str, into: str
+) -> None:
+    _, path, _ = checkpoints(kind)
+    module = _torch_model(into)
+    message = str(_refused(module, path))
+    assert "another architecture" in message and "transformers TF checkpoint" in message
+    assert type(module).__name__ in message
+
+
+def test_layer_holding_a_model_with_other_names_is_still_refused(
+    checkpoints: Callable[[str], Checkpoint], tmp_path: Path
+) -> None:
+    """Weights under one layer that holds a whole model, named without transformers' model scope: no
+    naming weightport knows pairs the inner layers, so the one refusal names the layer."""
+    _, path, _ = checkpoints("bert")
+    other = tmp_path / "other.h5"
+    with h5py.File(path, "r") as src, h5py.File(other, "w") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        group = dst.create_group("bert")
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in src["bert"].attrs["weight_names"]]
+        renamed = [n.split("/", 1)[1] for n in names]  # 'bert/embeddings/...', no model scope
+        for name, new in zip(names, renamed):
+            group.create_dataset(new, data=np.asarray(src["bert"][name]))
+        group.attrs["weight_names"] = np.array([n.encode() for n in renamed])
+    error = _refused(_torch_model("bert"), other)
+    assert "'bert'" in str(error)
+
+
+def test_mapping_names_where_the_top_level_layer_goes(checkpoints: Callable[[str], Checkpoint]) -> None:
+    kind, path, expected = checkpoints("bert")
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = _torch_model("bert")
+            self.b = _torch_model("bert")
+
+    two = Two()
+    assert "prefix=" in str(_refused(two, path))  # either could take it
+    assert all(name.startswith("b.") for name in _load(two, path, prefix="b.").written)
+    two = Two()
+    report = _load(two, path, mapping={"bert": "b"}, strict=False)  # 'a' is left as it is
+    assert all(name.startswith("b.") for name in report.written)
+    assert report.missing and all(name.startswith("a.") for name in report.missing)
+    error = np.abs(_torch_output(two.b, MODELS[kind][2]) - expected).max()
+    assert error <= TOL * max(1.0, float(np.abs(expected).max()))
+    assert "'nope'" in str(_refused(_torch_model("bert"), path, mapping={"nope": ""}))
+
+
+def test_folder_of_save_pretrained_loads(checkpoints: Callable[[str], Checkpoint]) -> None:
+    """The folder ``save_pretrained`` wrote (config.json beside tf_model.h5) reads as its one weights file."""
+    kind, path, expected = checkpoints("vit")
+    module = _torch_model(kind)
+    _load(module, path.parent)
+    error = np.abs(_torch_output(module, MODELS[kind][2]) - expected).max()
+    assert error <= TOL * max(1.0, float(np.abs(expected).max()))
