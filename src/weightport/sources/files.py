@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import math
 import mmap
 import os
 import tempfile
+import tokenize
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,23 +52,49 @@ class NpyHeader:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
+MAX_NPY_HEADER = 65536  # NumPy's own default limit on a header's dictionary literal
+
+
 def parse_npy_header(f: BinaryIO, where: str) -> NpyHeader:
-    """Parse a ``.npy`` header without unpickling; refuse object (pickled) arrays."""
-    fmt = np.lib.format
+    """Parse a ``.npy`` header without unpickling; refuse object (pickled) arrays.
+
+    The header's length is checked against :data:`MAX_NPY_HEADER` before its bytes are read, and
+    only those bytes go to NumPy's parser (a damaged length or literal is a SourceError).
+    """
     try:
-        start = f.tell()
-        version = fmt.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(f, max_header_size=65536)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = fmt.read_array_header_2_0(f, max_header_size=65536)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-        offset = f.tell() - start
-    except (ValueError, SyntaxError, EOFError, OSError) as e:
+        prefix = _read_at_most(f, 8)
+        if len(prefix) < 8 or prefix[:6] != b"\x93NUMPY":
+            raise ValueError("no .npy magic string")
+        width = 2 if prefix[6] == 1 else 4
+        if prefix[6] not in (1, 2, 3) or prefix[7] != 0:
+            raise ValueError(f"unsupported .npy version {prefix[6]}.{prefix[7]}")
+        field = _read_at_most(f, width)
+        length = int.from_bytes(field, "little") if len(field) == width else -1
+        if not 0 <= length <= MAX_NPY_HEADER:
+            raise ValueError(f"header length {length} outside 0..{MAX_NPY_HEADER}")
+        header = _read_at_most(f, length)
+        if len(header) < length:
+            raise ValueError("the header is cut short")
+        stream = io.BytesIO(prefix + field + header)
+        fmt = np.lib.format
+        version = fmt.read_magic(stream)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read(stream, max_header_size=MAX_NPY_HEADER)
+        offset = len(prefix) + len(field) + len(header)
+    except (
+        ValueError,
+        SyntaxError,
+        EOFError,
+        OSError,
+        TypeError,
+        RecursionError,
+        MemoryError,
+        tokenize.TokenError,
+    ) as e:
         raise SourceError(
-            f"{where}: not a valid .npy header ({e}); the file is corrupt or not a .npy. Fix: re-create it."
-        ) from None
+            f"{where}: not a valid .npy header ({type(e).__name__}: {e}); the file is corrupt or not a .npy. "
+            "Fix: re-create it."
+        ) from e
     if dtype.hasobject or dtype.kind in "OV":
         raise SourceError(
             f"{where}: holds Python objects (a pickled array); weightport never unpickles. "
@@ -75,6 +103,18 @@ def parse_npy_header(f: BinaryIO, where: str) -> NpyHeader:
     if any(int(d) < 0 for d in shape):
         raise SourceError(f"{where}: negative dimension in shape {shape}; the file is corrupt.")
     return NpyHeader(tuple(int(d) for d in shape), dtype, bool(fortran), offset)
+
+
+def _read_at_most(f: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes from a file or stream (fewer only at its end)."""
+    chunks, left = [], size
+    while left > 0:
+        chunk = f.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def folder_has(path: os.PathLike[str] | str, suffix: str) -> bool:

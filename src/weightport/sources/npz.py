@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,9 @@ __all__ = ["claims", "open", "write", "SUFFIX", "NpzSource", "unsafe_member_name
 
 SUFFIX = ".npz"
 
+# What zipfile and zlib raise for a damaged archive: truncations, bad CRCs, damaged deflate streams,
+# compression methods or versions it does not support, members flagged as encrypted.
+_DAMAGE = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError, RuntimeError)
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... name length, extra length
 _CHUNK = 1 << 22
 
@@ -136,7 +140,7 @@ class NpzSource(Source):
                             )
                         done += got
                         position += got
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # zlib errors, CRC mismatches
+        except _DAMAGE as e:  # zlib errors, CRC mismatches
             raise SourceError(
                 f"{self.description}: member '{name}' is corrupt ({e}). Fix: re-create the file."
             ) from e
@@ -173,7 +177,8 @@ class NpzSource(Source):
                     raise SourceError(
                         f"{self.description}: member '{name}' ends after {done} of {len(view)} bytes"
                     )
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # zlib errors, CRC mismatches
+                stream.read(1)  # reaching the end makes zipfile compare the member's CRC-32
+        except _DAMAGE as e:  # zlib errors, CRC mismatches
             raise SourceError(
                 f"{self.description}: member '{name}' is corrupt ({e}). Fix: re-create the file."
             ) from e
@@ -193,10 +198,10 @@ def open(path: Path) -> Source:
     where = f"'{path.name}'"
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
+    except _DAMAGE as e:
         raise SourceError(
-            f"{where}: not a readable .npz ({e}); it is truncated or corrupt. Fix: re-create it."
-        ) from None
+            f"{where}: not a readable .npz ({type(e).__name__}: {e}); it is truncated or corrupt. Fix: re-create it."
+        ) from e
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     source = NpzSource(description=where, path=path, _fd=fd, _zip=archive)
     try:
@@ -209,10 +214,22 @@ def open(path: Path) -> Source:
 
 def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> None:
     size = os.fstat(fd).st_size
+    seen: set[str] = set()
     for info in archive.infolist():
         if unsafe_member_name(info.filename):
             raise SourceError(
                 f"{where}: member name '{info.filename}' leaves the archive; refusing the file."
+            )
+        if info.filename in seen:  # NumPy would take the last: one file, two readings
+            raise SourceError(
+                f"{where}: two members are named '{info.filename}', so readers disagree on its values (NumPy "
+                "takes the last); the archive is damaged or crafted. Fix: re-create the file with np.savez."
+            )
+        seen.add(info.filename)
+        if info.flag_bits & 0x1:
+            raise SourceError(
+                f"{where}: member '{info.filename}' is flagged as encrypted, which np.savez never writes. "
+                "Fix: re-create the file with np.savez."
             )
         if info.is_dir() or not info.filename.endswith(".npy"):
             source.ignored.append(f"{info.filename} (not a .npy member)")
@@ -221,6 +238,11 @@ def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> 
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise SourceError(
                 f"{where}: member '{name}' uses an unsupported compression ({info.compress_type})."
+            )
+        if not 0 <= info.header_offset < size:
+            raise SourceError(
+                f"{where}: member '{name}' starts at byte {info.header_offset}, outside the file's {size} bytes; "
+                "the file is corrupt. Fix: re-create it."
             )
         local = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
         if len(local) < _LOCAL_HEADER.size:
@@ -235,10 +257,10 @@ def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> 
         try:
             with archive.open(info) as stream:
                 header = parse_npy_header(stream, f"{where} member '{name}'")  # type: ignore[arg-type]
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except _DAMAGE as e:
             raise SourceError(
-                f"{where}: member '{name}' is corrupt ({e}). Fix: re-create the file."
-            ) from None
+                f"{where}: member '{name}' is corrupt ({type(e).__name__}: {e}). Fix: re-create the file."
+            ) from e
         if header.data_offset + header.nbytes != info.file_size:
             raise SourceError(
                 f"{where}: member '{name}' declares shape {header.shape} ({header.nbytes} bytes of data) but holds "

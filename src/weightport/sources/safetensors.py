@@ -34,7 +34,7 @@ from weightport.sources.files import atomic_write, map_array, mapped_chunks, rea
 __all__ = ["claims", "open", "write", "SUFFIX", "dtype_codes", "REFUSED", "SafetensorsSource", "read_header"]
 
 SUFFIX = ".safetensors"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # the format's limit, as the safetensors package enforces it
 
 # The format's dtype codes (safetensors' Rust ``Dtype``; safetensors 0.8 has 22) that torch has a dtype for.
 _CODES: dict[str, np.dtype] = {
@@ -145,14 +145,19 @@ def read_header(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, i
             f"{where}: {size} bytes is too short for a .safetensors file; it is truncated. Fix: re-create or re-download it."
         )
     length = int.from_bytes(raw, "little")
-    if length > min(size - 8, MAX_HEADER_BYTES):
+    if length > MAX_HEADER_BYTES:
+        raise SourceError(
+            f"{where}: header claims {length:,} bytes, over the format's limit of {MAX_HEADER_BYTES:,}; the file "
+            "is corrupt or not a .safetensors file. Fix: re-create it."
+        )
+    if length > size - 8:
         raise SourceError(
             f"{where}: header claims {length} bytes but the file has {size - 8} after the length field; "
             "the file is truncated or not a .safetensors file. Fix: re-create it."
         )
     try:
-        header = json.loads(os.pread(fd, length, 8))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        header = json.loads(os.pread(fd, length, 8), object_pairs_hook=_unique_keys)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise SourceError(
             f"{where}: header is not valid JSON ({e}); the file is corrupt. Fix: re-create or re-download it."
         ) from None
@@ -161,6 +166,10 @@ def read_header(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, i
             f"{where}: header is not a JSON object; the file is corrupt. Fix: re-create or re-download it."
         )
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SourceError(
+            f"{where}: __metadata__ is not a map of strings to strings; the file is corrupt. Fix: re-create it."
+        )
     base = 8 + length
     data_size = size - base
     infos: dict[str, TensorInfo] = {}
@@ -182,7 +191,32 @@ def read_header(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, i
             raise SourceError(
                 f"{where}: tensors '{a}' and '{b}' overlap in the file; it is corrupt. Fix: re-create or re-download it."
             )
+        if begin_b > end_a:
+            raise SourceError(
+                f"{where}: bytes {end_a}..{begin_b} of the data, between tensors '{a}' and '{b}', belong to no "
+                "tensor (the format covers its data buffer exactly); the file is corrupt. Fix: re-create it."
+            )
+    first, last = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+    if first != 0 or last != data_size:
+        what = (
+            f"the first tensor starts at byte {first}"
+            if first
+            else f"{data_size - last} bytes follow the last tensor"
+        )
+        raise SourceError(
+            f"{where}: {what}, but the data buffer must be covered exactly; the file is corrupt or has "
+            "bytes appended. Fix: re-create it."
+        )
     return infos, offsets, {str(k): str(v) for k, v in dict(metadata).items()}
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are all different (the format forbids repeats: readers would disagree)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        repeated = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+        raise ValueError(f"the key '{repeated}' appears twice")
+    return out
 
 
 def _entry(name: str, entry: object, where: str) -> tuple[TensorInfo, int, int]:
