@@ -93,9 +93,11 @@ from weightport.layouts.keras.layers import (
     inner_layers,
     recorded_order,
     resolve,
+    split,
     unique_names,
     wrapped_kind,
 )
+from weightport.layouts.keras.preprocessing import set_aside
 from weightport.layouts.keras.rules import part_rules
 from weightport.layouts.pairing import (
     Slot,
@@ -133,6 +135,7 @@ def plan(
     layers, leftover = collect(source)
     if hf.claims(layers, source):  # transformers' tf_model.h5: by transformers' names
         return hf.plan(module, source, layers, leftover, mapping)
+    layers, preprocessing = set_aside(layers, source)
     unique_names(layers)
     mapping = _translate(mapping, layers)
     slots = module_slots(module)
@@ -148,7 +151,7 @@ def plan(
         if found is None:
             unmatched += layer.tensors
         else:
-            resolved.append(found)
+            resolved += split(found)
     if not resolved:
         refuse_whole_model_layer(layers, where)
 
@@ -211,6 +214,7 @@ def plan(
         unmatched=unmatched,
         unchecked=unchecked,
         scope=wrapped_scope(pairs),
+        not_weights=preprocessing,
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from weightport.errors import LayoutError, Problem
 from weightport.layouts.keras.layers import Layer, Part, Resolved, inner_layers
+from weightport.layouts.keras.padding import padding_verdict, transpose_verdict
 from weightport.layouts.pairing import Slot
 from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
@@ -105,18 +106,14 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[str]:
                 f"Keras carries the state between calls (stateful=True): pass the returned {state} as the "
                 "next call's initial state"
             )
-    if kind in ("Linear", "Conv1d", "Conv2d") and _act(cfg.get("activation")) != "linear":
+    if kind in _WITH_ACTIVATION and _act(cfg.get("activation")) != "linear":
         notes.append(
             f"Keras applies activation='{_act(cfg.get('activation'))}' after it: apply it in forward"
         )
     if kind in ("Conv1d", "Conv2d"):
-        padding = str(cfg.get("padding", "valid")).lower()
-        if padding == "causal":
-            notes.append(
-                f"Keras pads causally: left-pad the input by {_causal_pad(m)} steps (dilation * (kernel - 1))"
-            )
-        elif padding == "same" and any(s != 1 for s in m.stride):
-            notes.append(f"Keras pads as TensorFlow's padding='same' with stride {m.stride}: {_TF_SAME}")
+        note, _ = padding_verdict(cfg, m, found.layer)
+        if note:
+            notes.append(note)
     if kind == "Embedding" and cfg.get("mask_zero"):
         notes.append(
             "Keras masks id 0 (mask_zero=True), so later recurrent layers skip those steps: pass the lengths "
@@ -125,15 +122,9 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[str]:
     return notes
 
 
-def _causal_pad(conv: Any) -> int:
-    """How many steps Keras's ``padding='causal'`` puts before the input of a Conv1D."""
-    return int((conv.kernel_size[0] - 1) * conv.dilation[0])
-
-
-_TF_SAME = (
-    "pad each spatial axis of size n by max((ceil(n / stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0) "
-    "in all, half of it (rounded down) before and the rest after"
-)
+_CONVS = ("Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d")
+_WITH_ACTIVATION = ("Linear", *_CONVS)
+_NORMS = ("BatchNorm", "LayerNorm", "GroupNorm")
 
 
 def check_config(found: Resolved, part: Part, slot: Slot, refusals: list[str]) -> list[Problem]:
@@ -163,7 +154,7 @@ def check_config(found: Resolved, part: Part, slot: Slot, refusals: list[str]) -
                     f"build nn.RNN(..., nonlinearity='{act}')",
                 )
     _check_bias(found, part, slot, problems, label)
-    if kind in ("BatchNorm", "LayerNorm") and "epsilon" in cfg:
+    if kind in _NORMS and "epsilon" in cfg:
         eps = float(cfg["epsilon"])
         if not math.isclose(eps, m.eps, rel_tol=1e-6):
             mismatch(
@@ -184,8 +175,20 @@ def check_config(found: Resolved, part: Part, slot: Slot, refusals: list[str]) -
                 f"Keras axis={axis}",
                 "permute the input so the normalized axes come last, and give nn.LayerNorm their sizes",
             )
-    if kind in ("Conv1d", "Conv2d"):
-        _check_conv(cfg, m, mismatch)
+    if kind == "GroupNorm" and "groups" in cfg and int(cfg["groups"]) != m.num_groups:
+        mismatch(
+            f"num_groups={cfg['groups']} (Keras groups)",
+            f"num_groups={m.num_groups}",
+            f"build nn.GroupNorm({cfg['groups']}, {m.num_channels}, ...)",
+        )
+    if kind == "GroupNorm" and cfg.get("axis", -1) not in (-1, 3):
+        mismatch(
+            "groups over the channel axis (Keras axis=-1)",
+            f"Keras axis={cfg.get('axis')}",
+            "rebuild the Keras layer with axis=-1 (channels last), which nn.GroupNorm's channel dim 1 matches",
+        )
+    if kind in _CONVS:
+        _check_conv(cfg, m, found.layer, mismatch)
     return problems
 
 
@@ -195,9 +198,9 @@ def _check_bias(found: Resolved, part: Part, slot: Slot, problems: list[Problem]
     checks: list[tuple[str, str, bool]] = []
     if kind in RNN_KINDS:
         checks.append(("use_bias", "bias", bool(m.bias)))
-    elif kind in ("Linear", "Conv1d", "Conv2d"):
+    elif kind in _WITH_ACTIVATION:
         checks.append(("use_bias", "bias", m.bias is not None))
-    elif kind == "BatchNorm":
+    elif kind in ("BatchNorm", "GroupNorm"):
         checks.append(("scale/center", "affine", bool(m.affine)))
     elif kind == "LayerNorm":
         checks.append(("scale", "elementwise_affine", m.weight is not None))
@@ -215,9 +218,32 @@ def _check_bias(found: Resolved, part: Part, slot: Slot, problems: list[Problem]
                     f"build the module with {arg}={keras_has}",
                 )
             )
+    if part.cls == "DepthwiseConv2D":
+        _check_depthwise(part, slot, problems, label)
 
 
-def _check_conv(cfg: Mapping[str, Any], m: Any, mismatch: Any) -> None:
+def _check_depthwise(part: Part, slot: Slot, problems: list[Problem], label: str) -> None:
+    """A depthwise kernel ``(kh, kw, in, multiplier)`` fills only a conv with ``groups == in_channels == in``:
+    its weight's shape ``(in * multiplier, 1, kh, kw)`` fits any conv whose groups equal its input channels,
+    but with other groups each output channel would read another input channel."""
+    m: Any = slot.module
+    shape = part.shapes.get("kernel", ())
+    if len(shape) != 4:
+        return
+    channels, multiplier = shape[2], shape[3]
+    if m.groups != channels or m.in_channels != channels:
+        problems.append(
+            Problem(
+                label,
+                f"groups={channels} and in_channels={channels} (Keras DepthwiseConv2D: each of the {channels} "
+                f"input channels its own depth_multiplier={multiplier} outputs, channel i * {multiplier} + m)",
+                f"in_channels={m.in_channels}, groups={m.groups}",
+                f"build nn.Conv2d({channels}, {channels * multiplier}, kernel_size, groups={channels})",
+            )
+        )
+
+
+def _check_conv(cfg: Mapping[str, Any], m: Any, layer: Layer, mismatch: Any) -> None:
     pairs = [
         ("strides", "stride", cfg.get("strides")),
         ("dilation_rate", "dilation", cfg.get("dilation_rate")),
@@ -236,36 +262,13 @@ def _check_conv(cfg: Mapping[str, Any], m: Any, mismatch: Any) -> None:
         mismatch(
             f"groups={cfg['groups']}", f"groups={m.groups}", f"build the module with groups={cfg['groups']}"
         )
-    padding = str(cfg.get("padding", "valid")).lower()
-    kernel, dilation = m.kernel_size, m.dilation
-    same = tuple((k - 1) * d // 2 for k, d in zip(kernel, dilation))
-    symmetric = all((k - 1) * d % 2 == 0 for k, d in zip(kernel, dilation))
-    unit_stride = all(s == 1 for s in m.stride)
-    unpadded = m.padding in ("valid", (0,) * len(kernel))
-    # Keras's 'same' with stride > 1 pads by an amount that depends on the input's size (TensorFlow's
-    # rule), which no fixed padding of the module gives; 'causal' pads on one side only. Both load into
-    # an unpadded module, and the pairing says how to pad the input.
-    ok = {
-        "valid": unpadded,
-        "same": (m.padding == "same" or (symmetric and m.padding == same)) if unit_stride else unpadded,
-        "causal": unpadded,
-    }.get(padding, False)
-    if not ok:
-        fix = {
-            "valid": "build the module with padding=0",
-            "same": "build the module with padding='same'"
-            if unit_stride
-            else f"build the module with padding=0 (PyTorch's padding='same' needs stride 1) and {_TF_SAME}",
-            "causal": "build the module with padding=0 (PyTorch has no causal padding) and left-pad the input "
-            f"by dilation * (kernel - 1) = {_causal_pad(m)} steps",
-        }.get(padding, "pad the input yourself")
-        mismatch(f"padding equivalent to Keras padding='{padding}'", f"padding={m.padding}", fix)
-    elif not unpadded and m.padding_mode != "zeros":
-        mismatch(
-            "padding_mode='zeros' (Keras pads with zeros)",
-            f"padding_mode='{m.padding_mode}'",
-            "build the module with padding_mode='zeros'",
-        )
+    _, problem = (
+        transpose_verdict(cfg, m)
+        if type(m).__name__.startswith("ConvTranspose")
+        else padding_verdict(cfg, m, layer)
+    )
+    if problem is not None:
+        mismatch(*problem)
 
 
 def check_weights_only(
@@ -292,14 +295,16 @@ def check_weights_only(
         settings.append(f"activation (assumed '{cast(Any, slot.module).nonlinearity}', as the module)")
     if kind in RNN_KINDS:
         settings.append("go_backwards (assumed False)")
-    if kind in ("BatchNorm", "LayerNorm"):
+    if kind in _NORMS:
         settings.append(
             f"epsilon (the module has eps={cast(Any, slot.module).eps:g}; Keras's default is 1e-3)"
         )
         if "gamma" in part.vars and "beta" not in part.vars:
             settings.append("center (one of gamma, beta is missing: taken as gamma, center=False)")
-    if kind in ("Conv1d", "Conv2d"):
+    if kind in _CONVS:
         settings.append("strides, padding, dilation_rate, groups")
+    if kind == "GroupNorm":
+        settings.append(f"groups (assumed num_groups={cast(Any, slot.module).num_groups}, as the module)")
     if settings and not part.reverse:
         unchecked.append(f"{label}: {', '.join(settings)}")
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from weightport.errors import LayoutError, UnsupportedConfigError
 from weightport.layouts.keras.layers import CLASS_OF_KIND
-from weightport.layouts.keras.rules import EXPORT
+from weightport.layouts.keras.rules import EXPORT, depthwise_op
 from weightport.layouts.pairing import module_slots
 from weightport.sources.keras import snake_case
 from weightport.torch_facts import RNN_KINDS
@@ -53,7 +53,15 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
             raise UnsupportedConfigError(
                 f"'{slot.label}' has proj_size={m.proj_size}; Keras LSTM has no projection."
             )
-        base = "bidirectional" if slot.bidirectional else snake_case(CLASS_OF_KIND[kind])
+        table = EXPORT[kind]
+        cls = CLASS_OF_KIND[kind]
+        if kind == "Conv2d" and m.groups > 1 and m.groups == m.in_channels:
+            # a Conv2d(groups=in_channels) is a DepthwiseConv2D: kernel (kh, kw, in, out // in)
+            kh, kw = m.kernel_size
+            shape = (kh, kw, m.in_channels, m.out_channels // m.in_channels)
+            table = [("kernel", ("weight",), depthwise_op(shape).inverse()), *EXPORT[kind][1:]]
+            cls = "DepthwiseConv2D"
+        base = "bidirectional" if slot.bidirectional else snake_case(cls)
         path = wanted.get(slot.label) or wanted.get(slot.path)
         while path is None or (path in taken and slot.label not in wanted and slot.path not in wanted):
             n = counts.get(base, -1) + 1
@@ -66,7 +74,7 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
         for side, reverse in sides:
             prefix = f"{path}/{side}{'cell/' if kind in RNN_KINDS else ''}vars/"
             index = 0
-            for _var, params, op in EXPORT[kind]:
+            for _var, params, op in table:
                 names = [slot.name(p, reverse=reverse) for p in params]
                 if not all(n in state for n in names):
                     continue

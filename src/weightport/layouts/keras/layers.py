@@ -11,10 +11,11 @@ kind it fills; a layer without a recorded class gets its Keras class from its va
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from weightport.errors import LayoutError
+from weightport.layouts.keras.graph import graph_of, note_padding
 from weightport.sources.base import Source
 from weightport.sources.keras import snake_case
 from weightport.sources.keras_h5 import VARS_PATH
@@ -29,6 +30,7 @@ __all__ = [
     "collect",
     "unique_names",
     "resolve",
+    "split",
     "inner_layers",
     "recorded_order",
     "wrapped_kind",
@@ -44,9 +46,19 @@ KINDS = {
     "Embedding": "Embedding",
     "BatchNormalization": "BatchNorm",
     "LayerNormalization": "LayerNorm",
+    "DepthwiseConv2D": "Conv2d",  # into Conv2d(groups=in_channels)
+    "SeparableConv2D": "Conv2d",  # split into its depthwise and pointwise halves, one Conv2d each
+    "Conv1DTranspose": "ConvTranspose1d",
+    "Conv2DTranspose": "ConvTranspose2d",
+    "GroupNormalization": "GroupNorm",
 }
-CLASS_OF_KIND = {kind: cls for cls, kind in KINDS.items()}
-_CLASS_OF_KEY = {snake_case(c): c for c in [*KINDS, "Bidirectional"]}
+CLASS_OF_KIND: dict[str, str] = {}
+for _cls, _kind in KINDS.items():
+    CLASS_OF_KIND.setdefault(_kind, _cls)  # export files a Conv2d as Conv2D, not as a SeparableConv2D half
+# Keras layers that hold no PyTorch weight but change what the model computes: set aside and reported
+# (with their values) instead of being left unread or silently dropped
+PREPROCESSING = ("Normalization", "Rescaling")
+_CLASS_OF_KEY = {snake_case(c): c for c in [*KINDS, *PREPROCESSING, "Bidirectional"]}
 
 # Keras's variable order per class, for files that number variables (vars/0, vars/1, ...).
 _ROLES = {
@@ -57,7 +69,14 @@ _ROLES = {
     "Embedding": ("embeddings",),
     "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
     "LayerNormalization": ("gamma", "beta"),
+    "DepthwiseConv2D": ("kernel", "bias"),
+    "SeparableConv2D": ("depthwise_kernel", "pointwise_kernel", "bias"),
+    "Conv1DTranspose": ("kernel", "bias"),
+    "Conv2DTranspose": ("kernel", "bias"),
+    "GroupNormalization": ("gamma", "beta"),
+    "Normalization": ("mean", "variance", "count"),
 }
+_NORMS = ("BatchNormalization", "LayerNormalization", "GroupNormalization")
 
 _KEY = re.compile(r"^(?P<base>.*?)(?:_(?P<n>\d+))?$")
 _SIDES = ("forward_layer", "backward_layer")
@@ -80,6 +99,11 @@ class Layer:
     legacy: list[str] | None = None
     seq: tuple[str, ...] = ()
     index: int = 0
+    sub: int = 0  # a SeparableConv2D's halves: 0 depthwise, 1 pointwise (the order they run in)
+    # a ZeroPadding1D/2D feeding this layer alone (.keras, legacy .h5): its name and (before, after) per axis
+    padded_by: str = ""
+    padding: tuple[tuple[int, int], ...] | None = None
+    built: tuple[int, ...] | None = None  # the input's spatial size as the layer was built (after padding)
 
     @property
     def tensors(self) -> list[str]:
@@ -106,10 +130,12 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
     layers: list[Layer] = []
     if records:
         claimed: set[str] = set()
+        graph = graph_of(source.metadata.get("model_config"))
         for position, rec in enumerate(records):
             path = str(rec.get("path", ""))
             layer = Layer(path, str(rec.get("name") or path), rec.get("class_name"), rec.get("config"))
             layer.seq, layer.index = ("model",), position
+            note_padding(layer, graph)
             if rec.get("weights") is not None:
                 layer.legacy = list(rec["weights"])
             else:
@@ -156,12 +182,12 @@ def inner_layers(layer: Layer) -> list[str]:
     return list(dict.fromkeys(i for i in inner if i))
 
 
-def recorded_order(layer: Layer) -> tuple[tuple[str, ...], int] | None:
+def recorded_order(layer: Layer) -> tuple[tuple[str, ...], tuple[int, int]] | None:
     """Where the source records the layer's place: the model's layer list (a ``.keras`` config, a
     legacy ``.h5``'s ``layer_names``, a live model), or a ``.weights.h5`` key's number, which counts
     layers of one class in one container; a subclassed model's attribute names record none."""
     if layer.seq == ("model",) or len(layer.seq) == 2:
-        return layer.seq, layer.index
+        return layer.seq, (layer.index, layer.sub)
     return None
 
 
@@ -176,6 +202,7 @@ class Part:
     vars: dict[str, str]
     config: dict[str, Any] | None
     reverse: bool = False
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # each variable's shape, by role
 
 
 @dataclass
@@ -242,12 +269,60 @@ def resolve(layer: Layer, source: Source, slot_kinds: set[str], mapped: bool, wh
             if layer.legacy is not None
             else _index_roles(cls, tensors, cfg, layer, where)
         )
-        parts.append(Part(cls, roles, cfg, reverse=len(parts) == 1))
+        if cls == "DepthwiseConv2D" and "depthwise_kernel" in roles:  # tf.keras's name for it
+            roles["kernel"] = roles.pop("depthwise_kernel")
+        parts.append(Part(cls, roles, cfg, len(parts) == 1, {r: tuple(shapes[t]) for r, t in roles.items()}))
     kind = KINDS[parts[0].cls]
     if bidirectional and (kind not in RNN_KINDS or parts[1].cls != parts[0].cls):
         return None
     detail = f"Bidirectional({parts[0].cls})" if bidirectional else parts[0].cls
     return Resolved(layer, kind, detail, parts)
+
+
+def split(found: Resolved) -> list[Resolved]:
+    """A ``SeparableConv2D`` as its two halves, each filling one ``Conv2d`` and paired on its own.
+
+    The depthwise half (``name/depthwise``: strides, padding, dilation, ``depth_multiplier``, no bias)
+    runs first, then the pointwise 1x1 half (``name/pointwise``: ``filters``, ``use_bias``,
+    ``activation``), as Keras computes it; any other layer is returned as it is.
+    """
+    part = found.parts[0]
+    if part.cls != "SeparableConv2D":
+        return [found]
+    cfg = part.config
+    depthwise: dict[str, Any] | None = None
+    pointwise: dict[str, Any] | None = None
+    if cfg is not None:
+        depthwise = {k: cfg[k] for k in ("strides", "padding", "dilation_rate", "data_format") if k in cfg}
+        depthwise |= {
+            "depth_multiplier": cfg.get("depth_multiplier", 1),
+            "use_bias": False,
+            "activation": None,
+        }
+        pointwise = {
+            "filters": cfg.get("filters"),
+            "strides": 1,
+            "padding": "valid",
+            "dilation_rate": 1,
+            "use_bias": cfg.get("use_bias", True),
+            "activation": cfg.get("activation"),
+        }
+    halves = [
+        ("depthwise", "DepthwiseConv2D", {"kernel": "depthwise_kernel"}, depthwise),
+        ("pointwise", "Conv2D", {"kernel": "pointwise_kernel", "bias": "bias"}, pointwise),
+    ]
+    out = []
+    for sub, (what, cls, roles, half_cfg) in enumerate(halves):
+        layer = replace(
+            found.layer, name=f"{found.layer.name}/{what}", path=f"{found.layer.path}/{what}", sub=sub
+        )
+        if sub:
+            layer.padded_by, layer.padding, layer.built = "", None, None  # the 1x1 half reads no padding
+        variables = {role: part.vars[var] for role, var in roles.items() if var in part.vars}
+        out.append(
+            Resolved(layer, "Conv2d", f"SeparableConv2D ({what} half)", [Part(cls, variables, half_cfg)])
+        )
+    return out
 
 
 def _legacy_groups(layer: Layer) -> list[list[str]]:
@@ -283,7 +358,7 @@ def _index_roles(
     cls: str, tensors: list[str], cfg: dict[str, Any] | None, layer: Layer, where: str
 ) -> dict[str, str]:
     roles = list(_ROLES[cls])
-    if cls in ("BatchNormalization", "LayerNormalization"):
+    if cls in _NORMS:
         scale, center = True, True
         if cfg is not None:
             scale, center = bool(cfg.get("scale", True)), bool(cfg.get("center", True))

@@ -15,9 +15,20 @@ from weightport.layouts.keras.layers import Part, Resolved
 from weightport.layouts.pairing import Slot
 from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
-from weightport.transforms import Chain, Identity, Op, ReorderBlocks, Select, Stack, Sum, Transpose, Zeros
+from weightport.transforms import (
+    Chain,
+    Identity,
+    Op,
+    ReorderBlocks,
+    Reshape,
+    Select,
+    Stack,
+    Sum,
+    Transpose,
+    Zeros,
+)
 
-__all__ = ["RULES", "EXPORT", "part_rules"]
+__all__ = ["RULES", "EXPORT", "part_rules", "depthwise_op"]
 
 _T = Transpose((1, 0))
 _GRU_KERNEL = Chain(ReorderBlocks(1, (1, 0, 2)), _T)  # Keras z,r,h (columns) -> PyTorch r,z,n (rows)
@@ -47,6 +58,11 @@ RULES: dict[str, list[tuple[str, str, Op]]] = {
         ("running_var", "moving_variance", Identity()),
     ],
     "LayerNorm": [("weight", "gamma", Identity()), ("bias", "beta", Identity())],
+    # Keras keeps a transposed conv's kernel as (k..., out, in) and PyTorch as (in, out/groups, k...): the
+    # same axis moves as a Conv's (kernel (k..., in, out) into (out, in/groups, k...))
+    "ConvTranspose1d": [("weight", "kernel", Transpose((2, 1, 0))), ("bias", "bias", Identity())],
+    "ConvTranspose2d": [("weight", "kernel", Transpose((3, 2, 0, 1))), ("bias", "bias", Identity())],
+    "GroupNorm": [("weight", "gamma", Identity()), ("bias", "beta", Identity())],
 }
 RULES["LSTM"] = RULES["RNN"]
 
@@ -67,6 +83,32 @@ EXPORT: dict[str, list[tuple[str, tuple[str, ...], Op]]] = {
 EXPORT["LSTM"] = EXPORT["RNN"]
 
 
+def depthwise_op(shape: tuple[int, ...]) -> Op:
+    """A ``DepthwiseConv2D`` kernel ``(kh, kw, in, multiplier)`` as a ``Conv2d(groups=in)`` weight
+    ``(in * multiplier, 1, kh, kw)``: Keras's output channel ``i * multiplier + m`` reads input channel
+    ``i`` (``tf.nn.depthwise_conv2d``), so the kernel goes to ``(in, multiplier, kh, kw)``, then reshapes.
+
+    >>> depthwise_op((3, 3, 4, 2)).out_shape([(3, 3, 4, 2)])
+    (8, 1, 3, 3)
+    """
+    kh, kw, channels, multiplier = shape
+    return Chain(
+        Transpose((2, 3, 0, 1)),
+        Reshape((channels, multiplier, kh, kw), (channels * multiplier, 1, kh, kw)),
+    )
+
+
+def _table(kind: str, part: Part, source: Source) -> list[tuple[str, str, Op]]:
+    """The (parameter, variable, op) rows for ``part``: its kind's, but a depthwise kernel's own op."""
+    kernel = part.vars.get("kernel")
+    if part.cls == "DepthwiseConv2D" and kernel is not None and len(source.infos[kernel].shape) == 4:
+        return [
+            ("weight", "kernel", depthwise_op(tuple(source.infos[kernel].shape))),
+            ("bias", "bias", Identity()),
+        ]
+    return RULES[kind]
+
+
 def part_rules(found: Resolved, part: Part, slot: Slot, source: Source) -> list[Rule]:
     """The rules that fill ``slot``'s parameters (one direction of them) from ``part``'s variables."""
     kind = found.kind
@@ -79,7 +121,7 @@ def part_rules(found: Resolved, part: Part, slot: Slot, source: Source) -> list[
         else f"{source.description} {layer}"
     )
     side = (" backward_layer" if part.reverse else " forward_layer") if len(found.parts) > 1 else ""
-    for param, var, op in RULES[kind]:
+    for param, var, op in _table(kind, part, source):
         if var not in part.vars:
             continue
         note = ""
@@ -99,7 +141,9 @@ def part_rules(found: Resolved, part: Part, slot: Slot, source: Source) -> list[
                 f"{origin}: Keras has one bias; bias_hh = 0",
             )
         )
-    no_beta = kind in ("BatchNorm", "LayerNorm") and "gamma" in part.vars and "beta" not in part.vars
+    no_beta = (
+        kind in ("BatchNorm", "LayerNorm", "GroupNorm") and "gamma" in part.vars and "beta" not in part.vars
+    )
     if no_beta and getattr(slot.module, "bias", None) is not None:
         size = source.infos[part.vars["gamma"]].shape
         rules.append(Rule(slot.name("bias"), (), Zeros(tuple(size)), f"{origin}: center=False, so bias = 0"))

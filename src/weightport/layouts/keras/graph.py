@@ -1,0 +1,94 @@
+"""What a Keras model config's graph says beyond the layer list: which ZeroPadding1D/2D feeds a layer
+alone (its explicit padding, held against the module's padding by :mod:`.checks`), and the input size
+each layer was built for.
+
+>>> g = graph_of({"class_name": "Sequential", "config": {"layers": [
+...     {"class_name": "ZeroPadding2D", "config": {"name": "pad", "padding": [[0, 1], [0, 1]]}},
+...     {"class_name": "Conv2D", "config": {"name": "conv"}, "build_config": {"input_shape": [None, 9, 9, 3]}}]}})
+>>> g["conv"][2], g["conv"][3]
+(['pad'], (None, 9, 9, 3))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["graph_of", "note_padding", "zero_padding"]
+
+_Node = tuple[str, dict[str, Any], list[str], tuple[int, ...] | None]
+
+
+def graph_of(model_config: Any) -> dict[str, _Node]:
+    """Layer name -> (class, config, the names of the layers feeding it, its built input shape), for the
+    top-level layers of a functional or Sequential model config (Keras 3 and tf.keras forms)."""
+    inner = model_config.get("config") if isinstance(model_config, dict) else None
+    entries = inner.get("layers") if isinstance(inner, dict) else None
+    if not isinstance(entries, list):
+        return {}
+    sequential = model_config.get("class_name") == "Sequential"
+    out: dict[str, _Node] = {}
+    previous: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+            continue
+        cfg = entry["config"]
+        name = str(cfg.get("name", entry.get("name", "")))
+        inputs = previous if sequential else list(dict.fromkeys(_histories(entry.get("inbound_nodes"))))
+        build = entry.get("build_config")
+        shape = build.get("input_shape") if isinstance(build, dict) else None
+        built = (
+            tuple(shape)
+            if isinstance(shape, list) and all(isinstance(d, (int, type(None))) for d in shape)
+            else None
+        )
+        out[name] = (str(entry.get("class_name")), cfg, inputs, built)  # type: ignore[arg-type]
+        previous = [name]
+    return out
+
+
+def _histories(nodes: Any) -> list[str]:
+    """The layer names a config's ``inbound_nodes`` read from (Keras 3 ``keras_history``, tf.keras lists)."""
+    if isinstance(nodes, dict):
+        history = nodes.get("keras_history")
+        if isinstance(history, list) and history and isinstance(history[0], str):
+            return [history[0]]
+        return [n for v in nodes.values() for n in _histories(v)]
+    if isinstance(nodes, list):
+        if len(nodes) >= 3 and isinstance(nodes[0], str) and isinstance(nodes[1], int):
+            return [nodes[0]]  # tf.keras: [layer name, node index, tensor index, kwargs]
+        return [n for v in nodes for n in _histories(v)]
+    return []
+
+
+def note_padding(layer: Any, graph: dict[str, _Node]) -> None:
+    """Record the ZeroPadding1D/2D that alone feeds ``layer``, and the size ``layer`` was built for."""
+    node = graph.get(layer.name)
+    if node is None:
+        return
+    _, cfg, inputs, built = node
+    fmt = str(cfg.get("data_format") or "channels_last")
+    if built is not None and len(built) >= 3:
+        layer.built = tuple(built[1:-1] if fmt == "channels_last" else built[2:])  # type: ignore[arg-type]
+    if len(inputs) != 1 or inputs[0] not in graph:
+        return
+    cls, pad_cfg, _, _ = graph[inputs[0]]
+    if cls not in ("ZeroPadding1D", "ZeroPadding2D"):
+        return
+    rank = 1 if cls == "ZeroPadding1D" else 2
+    layer.padded_by, layer.padding = inputs[0], zero_padding(pad_cfg.get("padding", 1), rank)
+
+
+def zero_padding(value: Any, rank: int) -> tuple[tuple[int, int], ...]:
+    """A ZeroPadding layer's ``padding`` as (before, after) per spatial axis.
+
+    >>> zero_padding(1, 2), zero_padding([[0, 1], [0, 1]], 2), zero_padding([2, 3], 1)
+    (((1, 1), (1, 1)), ((0, 1), (0, 1)), ((2, 3),))
+    """
+    if isinstance(value, int):
+        return ((value, value),) * rank
+    items = list(value)
+    if rank == 1:
+        return ((int(items[0]), int(items[1])),) if len(items) == 2 else ((int(items[0]),) * 2,)
+    if all(isinstance(v, int) for v in items):
+        return tuple((int(v), int(v)) for v in items)
+    return tuple((int(v[0]), int(v[1])) for v in items)

@@ -1,0 +1,189 @@
+"""How a Keras conv pads, held against how the PyTorch conv pads: equal, equal once ``forward`` pads the
+input (a note), or not expressible (a problem saying the amounts needed).
+
+Keras pads ``'valid'`` (nothing, or what a ``ZeroPadding1D/2D`` right before it adds), ``'same'``
+(TensorFlow's rule: an axis of size ``n`` gets ``max((ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)`` in
+all, half of it rounded down before; with stride 1 that is a fixed amount, above 1 it depends on ``n``)
+and ``'causal'``. A PyTorch conv pads a fixed symmetric amount; timm's ``Conv2dSame`` (its TF-ported
+models' strided convs) pads each input by TensorFlow's rule itself.
+
+>>> tf_same(224, 3, 2, 1), tf_same(225, 3, 2, 1), tf_same(8, 5, 1, 1)
+((0, 1), (1, 1), (2, 2))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["tf_same", "dynamic_same", "padding_verdict", "transpose_verdict", "TF_SAME"]
+
+TF_SAME = (
+    "pad each spatial axis of size n by max((ceil(n / stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0) "
+    "in all, half of it (rounded down) before and the rest after"
+)
+
+Verdict = tuple[str | None, tuple[str, str, str] | None]  # (a note for the pairing, or a problem)
+
+
+def tf_same(n: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's ``'same'`` padding (before, after) of an axis of size ``n``."""
+    total = max((math.ceil(n / stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0)
+    return total // 2, total - total // 2
+
+
+def dynamic_same(m: Any) -> bool:
+    """Whether the module pads each input by TensorFlow's ``'same'`` rule itself (timm's ``Conv2dSame``)."""
+    return type(m).__name__ == "Conv2dSame" and type(m).__module__.startswith("timm.")
+
+
+def _fixed(m: Any) -> tuple[tuple[int, int], ...] | None:
+    """The module's own padding as (before, after) per axis, where it is fixed."""
+    kernel, dilation = m.kernel_size, m.dilation
+    if dynamic_same(m):
+        return None
+    if m.padding == "valid":
+        return ((0, 0),) * len(kernel)
+    if m.padding == "same":  # PyTorch's (stride 1): total (k - 1) * d, the odd one after
+        return tuple(((k - 1) * d // 2, (k - 1) * d - (k - 1) * d // 2) for k, d in zip(kernel, dilation))
+    return tuple((p, p) for p in m.padding)
+
+
+def _by_size(m: Any) -> str:
+    """TensorFlow's 'same' amounts for this conv, per axis and per input size modulo the stride."""
+    axes = []
+    for k, s, d in zip(m.kernel_size, m.stride, m.dilation):
+        cases = [f"n % {s} == {r}: {tf_same(10 * s + r, k, s, d)}" for r in range(s)] if s > 1 else []
+        axes.append(", ".join(cases) or str(tf_same(10, k, s, d)))
+    return "; ".join(f"axis {i}: {a}" for i, a in enumerate(axes))
+
+
+def explicit_padding_matches(layer: Any, fixed: Any, padding: str) -> bool:
+    return padding == "valid" and bool(layer.padding) and tuple(layer.padding) == fixed
+
+
+def padding_verdict(cfg: Any, m: Any, layer: Any) -> Verdict:
+    """Whether the module pads as Keras does, for a Conv1D/Conv2D/DepthwiseConv2D ``cfg`` and its ``layer``."""
+    padding = str(cfg.get("padding", "valid")).lower()
+    fixed = _fixed(m)
+    rank = len(m.kernel_size)
+    zeros = ((0, 0),) * rank
+    explicit = tuple(layer.padding) if padding == "valid" and layer.padding else None
+    name = f"Keras {'ZeroPadding1D' if rank == 1 else 'ZeroPadding2D'} '{layer.padded_by}'"
+    mode = m.padding_mode == "zeros" or fixed == zeros
+    if not mode and padding in ("same", "valid") and fixed not in (None, zeros):
+        wrong_mode = (
+            "padding_mode='zeros' (Keras pads with zeros)",
+            f"padding_mode='{m.padding_mode}'",
+            "build the module with padding_mode='zeros'",
+        )
+        if padding == "same" and all(s == 1 for s in m.stride):
+            return None, wrong_mode
+        if explicit_padding_matches(layer, fixed, padding):
+            return None, wrong_mode
+    if padding == "valid" and explicit is None:
+        if fixed == zeros:
+            return None, None
+        return None, (
+            "padding equivalent to Keras padding='valid'",
+            "Conv2dSame, which pads each input as 'same'" if fixed is None else f"padding={m.padding}",
+            "build the module with padding=0 (a plain nn.Conv)",
+        )
+    if explicit is not None:
+        if fixed == explicit and mode:
+            return f"{name} before it pads as the module does, {explicit}", None
+        if fixed == zeros:
+            return f"{name} pads the input by {explicit} (before, after) per axis: pad it so in forward", None
+        if fixed is None and layer.built is not None:
+            sizes = [b - p[0] - p[1] for b, p in zip(layer.built, explicit)]
+            if None not in layer.built and all(
+                tf_same(n, k, s, d) == e
+                for n, k, s, d, e in zip(sizes, m.kernel_size, m.stride, m.dilation, explicit)
+            ):
+                return (
+                    f"{name} pads {explicit}, what Conv2dSame pads inputs of the size it was built for "
+                    f"({tuple(sizes)}); other sizes may differ",
+                    None,
+                )
+        symmetric = all(a == b for a, b in explicit)
+        return None, (
+            f"padding (before, after) per axis = {explicit} ({name}, then padding='valid')",
+            "Conv2dSame, which pads by TensorFlow's 'same' rule" if fixed is None else f"padding={m.padding}",
+            f"build the module with padding={tuple(a for a, _ in explicit)}"
+            if symmetric
+            else f"build the module with padding=0 and pad the input by {explicit} (F.pad) in forward",
+        )
+    if padding == "same":
+        unit = all(s == 1 for s in m.stride)
+        want = tuple(tf_same(10, k, 1, d) for k, d in zip(m.kernel_size, m.dilation))
+        if fixed is None or (unit and fixed == want and mode):
+            return None, None
+        if not unit and fixed == zeros:
+            return f"Keras pads as TensorFlow's padding='same' with stride {tuple(m.stride)}: {TF_SAME}", None
+        amounts = str(want) if unit else _by_size(m)
+        return None, (
+            f"padding as Keras padding='same' (before, after): {amounts}",
+            f"padding={m.padding}" + ("" if mode else f", padding_mode='{m.padding_mode}'"),
+            "build the module with padding='same'"
+            if unit
+            else f"build the module with padding=0 (PyTorch's padding='same' needs stride 1) and {TF_SAME} in "
+            "forward"
+            + (", or use timm's Conv2dSame, which pads each input so" if rank == 2 else "")
+            + " (a fixed symmetric padding cannot: the amounts depend on the input's size)",
+        )
+    if padding == "causal":
+        steps = (m.kernel_size[0] - 1) * m.dilation[0]
+        if fixed == zeros:
+            return f"Keras pads causally: left-pad the input by {steps} steps (dilation * (kernel - 1))", None
+        return None, (
+            "padding equivalent to Keras padding='causal'",
+            f"padding={m.padding}",
+            "build the module with padding=0 (PyTorch has no causal padding) and left-pad the input "
+            f"by dilation * (kernel - 1) = {steps} steps",
+        )
+    return None, (
+        f"padding equivalent to Keras padding='{padding}'",
+        f"padding={m.padding}",
+        "pad the input yourself",
+    )
+
+
+def transpose_verdict(cfg: Any, m: Any) -> Verdict:
+    """Whether a ConvTranspose crops as a Keras Conv1DTranspose/Conv2DTranspose with ``cfg``.
+
+    Keras gives ``(n - 1) * s + k_eff`` outputs for ``'valid'`` (plus ``output_padding`` at the end) and
+    ``n * s`` for ``'same'``, cropping ``P = k_eff - s`` of the full result, ``P // 2`` before; PyTorch
+    crops ``padding`` at both ends and adds ``output_padding`` at the end.
+    """
+    padding = str(cfg.get("padding", "valid")).lower()
+    extra = cfg.get("output_padding")
+    rank = len(m.kernel_size)
+    extra = (
+        (0,) * rank
+        if extra is None
+        else (tuple(extra) if isinstance(extra, (list, tuple)) else (extra,) * rank)
+    )
+    pads, outs = [], []
+    for k, s, d, e in zip(m.kernel_size, m.stride, m.dilation, extra):
+        if padding == "valid":
+            pads.append(0)
+            outs.append(e)
+            continue
+        crop = (k - 1) * d + 1 - s
+        if cfg.get("output_padding") is not None or (crop > 0 and crop % 2):
+            return None, (
+                f"a crop PyTorch can make (Keras padding='same' crops {crop // 2} before and "
+                f"{crop - crop // 2} after{' with output_padding' if cfg.get('output_padding') is not None else ''})",
+                f"padding={m.padding}, output_padding={m.output_padding}",
+                "nn.ConvTranspose crops the same amount at both ends: build the Keras layer with padding='valid' "
+                "and crop the output in forward",
+            )
+        pads.append(max(crop, 0) // 2)
+        outs.append(max(-crop, 0))
+    if tuple(m.padding) == tuple(pads) and tuple(m.output_padding) == tuple(outs):
+        return None, None
+    return None, (
+        f"padding={tuple(pads)}, output_padding={tuple(outs)} (Keras padding='{padding}')",
+        f"padding={m.padding}, output_padding={m.output_padding}",
+        f"build the module with padding={tuple(pads)}, output_padding={tuple(outs)}",
+    )

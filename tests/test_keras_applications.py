@@ -1,0 +1,124 @@
+"""keras.applications models into timm and torchvision, from the files Keras writes, paired by proof (the
+recorded layer order against the model's call order from ``example_inputs=``), compared in inference mode to
+1e-5 of the output's scale; where padding makes a port inexpressible, refused with the reason.
+
+Every Keras model is built with ``weights=None`` and its BatchNorm moving statistics randomized (random
+weights; nothing is downloaded). The Keras models' input stages (``Rescaling``, ``Normalization``) have no
+PyTorch module: the load reports them with their values, and the test applies them to the PyTorch side's input.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+keras = pytest.importorskip("keras")
+
+import weightport  # noqa: E402
+from _vision import timm, torchvision  # noqa: E402
+from weightport.errors import LoadError, UncheckedConfigWarning  # noqa: E402
+
+SIZE = 64
+
+
+def build(factory: Any, rng: np.random.Generator, size: int = SIZE) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras warns about input sizes it has no ImageNet weights for
+        model = factory(weights=None, input_shape=(size, size, 3), classifier_activation=None)
+    for w in model.weights:  # random moving statistics, so the BatchNorms' inference path is exercised
+        if "moving_mean" in w.path:
+            w.assign(rng.uniform(-0.2, 0.2, tuple(w.shape)).astype(np.float32))
+        elif "moving_variance" in w.path:
+            w.assign(rng.uniform(0.5, 1.5, tuple(w.shape)).astype(np.float32))
+    return model
+
+
+def compare(model: Any, module: nn.Module, x: np.ndarray, preprocessed: np.ndarray) -> float:
+    expected = np.asarray(model(x, training=False))
+    with torch.no_grad():
+        got = module(torch.from_numpy(preprocessed.astype(np.float32)).permute(0, 3, 1, 2)).numpy()
+    error = float(np.abs(got - expected).max() / np.abs(expected).max())
+    assert error < 1e-5, error
+    return error
+
+
+def test_efficientnet_b0_into_timm_tf_efficientnet_b0(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    model = build(keras.applications.EfficientNetB0, rng)
+    model.save(tmp_path / "b0.keras")
+    model.save_weights(tmp_path / "b0.weights.h5")
+    x = rng.uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    norm = next(layer for layer in model.layers if type(layer).__name__ == "Normalization")
+    scaling = next(layer for layer in model.layers if type(layer).__name__ == "Rescaling")
+    mean, variance = (np.asarray(v).reshape(-1) for v in norm.weights[:2])
+    preprocessed = (x / 255.0 - mean) / np.sqrt(variance)  # Keras's Rescaling(1/255) and Normalization
+    example = (torch.zeros(1, 3, SIZE, SIZE),)
+    for path in (tmp_path / "b0.keras", tmp_path / "b0.weights.h5"):
+        module = timm().create_model("tf_efficientnet_b0", pretrained=False).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UncheckedConfigWarning)  # a .weights.h5 records no settings
+            report = weightport.load(module, path, example_inputs=example)
+        compare(model, module, x, preprocessed)
+        ignored = " ".join(report.ignored)
+        assert f"Keras Normalization '{norm.name}' (mean [0, 0, 0], variance [1, 1, 1])" in ignored, ignored
+        hows = {p.how.split(";")[0] for p in report.pairings}
+        assert hows <= {
+            "by a unique kind and shape",
+            "by recorded order (Keras) and call order (example_inputs)",
+        }
+        if path.suffix == ".keras":
+            assert f"Keras Rescaling '{scaling.name}' (scale 0.00392157, offset 0)" in ignored, ignored
+            stem = next(p for p in report.pairings if p.module_path == "conv_stem")
+            assert "Keras ZeroPadding2D 'stem_conv_pad' pads ((0, 1), (0, 1))" in stem.how
+
+
+def test_mobilenet_v3_small_into_timm_tf_mobilenetv3_small_100(tmp_path: Path) -> None:
+    """Keras ends in a 1x1 Conv2D of logits where timm has a Linear after flattening: the test's timm
+    model gets that head as a 1x1 Conv2d before the flatten (the same computation)."""
+    rng = np.random.default_rng(1)
+    model = build(keras.applications.MobileNetV3Small, rng)
+    model.save(tmp_path / "v3.keras")
+    module = timm().create_model("tf_mobilenetv3_small_100", pretrained=False).eval()
+    module.flatten = nn.Identity()
+    module.classifier = nn.Sequential(nn.Conv2d(1024, 1000, 1), nn.Flatten())
+    report = weightport.load(module, tmp_path / "v3.keras", example_inputs=(torch.zeros(1, 3, SIZE, SIZE),))
+    x = rng.uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    compare(model, module, x, x / 127.5 - 1.0)  # Keras's Rescaling(1/127.5, offset=-1)
+    scaling = next(layer for layer in model.layers if type(layer).__name__ == "Rescaling")
+    said = f"Keras Rescaling '{scaling.name}' (scale 0.00784314, offset -1)"
+    assert any(said in i for i in report.ignored), report.ignored
+
+
+@pytest.mark.parametrize("zoo", ["torchvision", "timm"])
+def test_mobilenet_v2_is_refused_where_padding_makes_it_inexpressible(zoo: str, tmp_path: Path) -> None:
+    """Keras's MobileNetV2 pads its stride-2 convs by TensorFlow's 'same' rule ((0, 1) on an even map);
+    torchvision's and timm's pad (1, 1) symmetrically: other outputs, so the load is refused with the
+    amounts. The BatchNorms are rebuilt with Keras's eps=1e-3 first, so padding is what is left."""
+    rng = np.random.default_rng(2)
+    model = build(keras.applications.MobileNetV2, rng, size=96)
+    model.save(tmp_path / "v2.keras")
+    if zoo == "torchvision":
+        module = torchvision().models.mobilenet_v2(weights=None).eval()
+    else:
+        module = timm().create_model("mobilenetv2_100", pretrained=False).eval()
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 1e-3
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(LoadError) as caught:
+        weightport.load(module, tmp_path / "v2.keras", example_inputs=(torch.zeros(1, 3, 96, 96),))
+    problems = caught.value.problems
+    assert problems and all("padding" in p.expected for p in problems), [p.expected for p in problems]
+    text = str(caught.value)
+    assert "Keras padding='same' (before, after): axis 0: n % 2 == 0: (0, 1), n % 2 == 1: (1, 1)" in text
+    assert "(Keras ZeroPadding2D 'block_1_pad', then padding='valid'), found padding=(1, 1)" in text
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

@@ -1,0 +1,259 @@
+"""More Keras layer kinds, against Keras's own outputs: DepthwiseConv2D, SeparableConv2D (one layer filling a
+depthwise and a pointwise Conv2d), Conv1DTranspose/Conv2DTranspose, GroupNormalization; Normalization and
+Rescaling reported with their values; padding by ZeroPadding2D and strided 'same' into modules that pad so
+(timm's Conv2dSame), and refused with the amounts where a fixed padding cannot. Every comparison in inference
+mode, to 1e-5 of the output's scale.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+keras = pytest.importorskip("keras")
+
+import weightport  # noqa: E402
+from _vision import timm  # noqa: E402
+from weightport.errors import LoadError, UncheckedConfigWarning  # noqa: E402
+from weightport.layouts.keras import export, save_weights_h5  # noqa: E402
+
+B = 2
+
+
+def randomize(model: Any, rng: np.random.Generator) -> None:
+    model.set_weights([rng.uniform(-0.6, 0.6, tuple(w.shape)).astype(np.float32) for w in model.weights])
+
+
+def files(model: Any, tmp_path: Path) -> dict[str, Any]:
+    model.save(tmp_path / "m.keras")
+    model.save_weights(tmp_path / "m.weights.h5")
+    return {".keras": tmp_path / "m.keras", ".weights.h5": tmp_path / "m.weights.h5", "live": model}
+
+
+def load(target: nn.Module, source: Any) -> weightport.LoadReport:
+    """``weightport.load``; a bare ``.weights.h5`` records no settings, and says so."""
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore" if str(source).endswith(".weights.h5") else "error", UncheckedConfigWarning
+        )
+        return weightport.load(target, source)
+
+
+def nchw(run: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.ndarray:
+    """``run`` on a channels-last array, through channels-first PyTorch, back to channels last."""
+    t = torch.from_numpy(x)
+    t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.transpose(1, 2)
+    with torch.no_grad():
+        y = run(t)
+    return (y.permute(0, 2, 3, 1) if y.ndim == 4 else y.transpose(1, 2)).numpy()
+
+
+def close(got: np.ndarray, expected: np.ndarray) -> float:
+    assert got.shape == expected.shape
+    error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
+    assert error < 1e-5, error
+    return error
+
+
+# ---- the new kinds load, and give Keras's outputs -------------------------------------------------------
+
+Case = tuple[
+    Callable[[], list[Any]],
+    tuple[int, ...],
+    Callable[[], nn.Module],
+    Callable[[nn.Module, torch.Tensor], torch.Tensor],
+]
+CASES: dict[str, Case] = {
+    "depthwise_multiplier_2": (lambda: [keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same")], (7, 6, 4), lambda: nn.Conv2d(4, 8, 3, padding=1, groups=4), lambda m, x: m(x)),
+    "depthwise_strided_no_bias": (lambda: [keras.layers.DepthwiseConv2D((3, 2), strides=2, use_bias=False, dilation_rate=1)], (9, 8, 3), lambda: nn.Conv2d(3, 3, (3, 2), stride=2, groups=3, bias=False), lambda m, x: m(x)),
+    "separable": (lambda: [keras.layers.SeparableConv2D(5, 3, padding="same", depth_multiplier=2)], (6, 6, 3), lambda: nn.Sequential(OrderedDict(depthwise=nn.Conv2d(3, 6, 3, padding=1, groups=3, bias=False), pointwise=nn.Conv2d(6, 5, 1))), lambda m, x: m(x)),
+    "conv2d_transpose_valid": (lambda: [keras.layers.Conv2DTranspose(3, 3, strides=2)], (4, 5, 2), lambda: nn.ConvTranspose2d(2, 3, 3, stride=2), lambda m, x: m(x)),
+    "conv2d_transpose_same": (lambda: [keras.layers.Conv2DTranspose(3, 4, strides=2, padding="same")], (4, 5, 2), lambda: nn.ConvTranspose2d(2, 3, 4, stride=2, padding=1), lambda m, x: m(x)),
+    "conv2d_transpose_same_s3": (lambda: [keras.layers.Conv2DTranspose(2, 2, strides=3, padding="same")], (3, 4, 2), lambda: nn.ConvTranspose2d(2, 2, 2, stride=3, output_padding=1), lambda m, x: m(x)),
+    "conv1d_transpose": (lambda: [keras.layers.Conv1DTranspose(4, 3, strides=2, use_bias=False)], (5, 3), lambda: nn.ConvTranspose1d(3, 4, 3, stride=2, bias=False), lambda m, x: m(x)),
+    "group_norm": (lambda: [keras.layers.GroupNormalization(groups=3, epsilon=1e-3)], (4, 5, 6), lambda: nn.GroupNorm(3, 6, eps=1e-3), lambda m, x: m(x)),
+    "group_norm_no_center": (lambda: [keras.layers.GroupNormalization(groups=2, center=False)], (3, 4), lambda: nn.GroupNorm(2, 4, eps=1e-3), lambda m, x: m(x)),
+    "zero_padding_then_valid": (lambda: [keras.layers.ZeroPadding2D(((1, 1), (2, 2))), keras.layers.Conv2D(4, 3, strides=2)], (7, 6, 3), lambda: nn.Conv2d(3, 4, 3, stride=2, padding=(1, 2)), lambda m, x: m(x)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_new_kinds_give_keras_outputs(name: str, tmp_path: Path) -> None:
+    layers, shape, module, run = CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    model = keras.Sequential([keras.Input(shape), *layers()])
+    randomize(model, rng)
+    x = rng.standard_normal((B, *shape)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    for kind, source in files(model, tmp_path).items():
+        if kind == "live" and name.startswith("zero_padding"):
+            continue  # a live model's layers carry no graph: the ZeroPadding2D before the conv is not seen
+        target = module().eval()
+        report = load(target, source)
+        close(nchw(lambda t, m=target: run(m, t), x), expected)
+        assert report.pairings, kind
+
+
+def test_depthwise_output_channel_is_input_times_multiplier_plus_m(tmp_path: Path) -> None:
+    """Keras's output channel ``i * multiplier + m`` reads input channel ``i``: a kernel that is zero
+    except for input 1, multiplier slot 0 moves input 1 to output 2 only."""
+    model = keras.Sequential(
+        [keras.Input((3, 3, 2)), keras.layers.DepthwiseConv2D(1, depth_multiplier=2, use_bias=False)]
+    )
+    kernel = np.zeros((1, 1, 2, 2), np.float32)
+    kernel[0, 0, 1, 0] = 1.0
+    model.set_weights([kernel])
+    conv = nn.Conv2d(2, 4, 1, groups=2, bias=False)
+    weightport.load(conv, model)
+    assert conv.weight[:, 0, 0, 0].tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_separable_halves_pair_by_recorded_and_call_order(tmp_path: Path) -> None:
+    """Two SeparableConv2D of one shape in a Sequential: the four halves pair by Keras's order and
+    nn.Sequential's, each half named in the report."""
+    rng = np.random.default_rng(3)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 4)),
+            keras.layers.SeparableConv2D(4, 3, padding="same"),
+            keras.layers.SeparableConv2D(4, 3, padding="same"),
+        ]
+    )
+    randomize(model, rng)
+    x = rng.standard_normal((B, 6, 6, 4)).astype(np.float32)
+    expected = np.asarray(model(x))
+    for source in files(model, tmp_path).values():
+        target = nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.Conv2d(4, 4, 1),
+            nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.Conv2d(4, 4, 1),
+        )  # fmt: skip
+        report = load(target, source)
+        close(nchw(target, x), expected)
+        names = [p.source_layer for p in report.pairings]
+        assert names[0].endswith("/depthwise") and names[1].endswith("/pointwise"), names
+        assert all("order" in p.how or "unique" in p.how for p in report.pairings)
+
+
+def test_normalization_and_rescaling_are_reported_with_their_values(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    norm = keras.layers.Normalization()
+    norm.adapt(rng.standard_normal((50, 3)).astype(np.float32) * 2 + 1)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Rescaling(0.5, offset=-1.0), norm, keras.layers.Dense(2)]
+    )
+    x = rng.standard_normal((B, 3)).astype(np.float32)
+    expected = np.asarray(model(x))
+    mean, variance = (np.asarray(v) for v in norm.weights[:2])
+    for kind, source in {k: v for k, v in files(model, tmp_path).items() if k != "live"}.items():
+        dense = nn.Linear(3, 2)
+        report = load(dense, source)
+        ignored = " ".join(report.ignored)
+        assert "Keras Normalization" in ignored and f"{float(mean.reshape(-1)[0]):.6g}" in ignored, ignored
+        assert "compute (x - mean) / sqrt(variance) before the model" in ignored
+        if kind == ".keras":
+            assert "Keras Rescaling" in ignored and "scale 0.5, offset -1" in ignored, ignored
+        xt = (x * 0.5 - 1.0 - mean.reshape(-1)) / np.sqrt(variance.reshape(-1))  # the preprocessing, by hand
+        with torch.no_grad():
+            close(dense(torch.from_numpy(xt.astype(np.float32))).numpy(), expected)
+
+
+# ---- padding: into modules that pad so, and refused where a fixed padding cannot -----------------------
+
+
+def test_strided_same_and_zero_padding_load_into_timm_conv2d_same(tmp_path: Path) -> None:
+    Conv2dSame = timm().layers.Conv2dSame
+    rng = np.random.default_rng(5)
+    inputs = keras.Input((8, 10, 3))
+    y = keras.layers.Conv2D(4, 3, strides=2, padding="same")(inputs)
+    y = keras.layers.ZeroPadding2D(((0, 1), (1, 1)))(y)  # what TF's 'same' pads a (4, 5) map: correct_pad
+    y = keras.layers.DepthwiseConv2D(3, strides=2)(y)
+    model = keras.Model(inputs, y)
+    randomize(model, rng)
+    x = rng.standard_normal((B, 8, 10, 3)).astype(np.float32)
+    expected = np.asarray(model(x))
+    for kind in (".keras",):
+        target = nn.Sequential(Conv2dSame(3, 4, 3, stride=2), Conv2dSame(4, 4, 3, stride=2, groups=4))
+        report = weightport.load(target, files(model, tmp_path)[kind])
+        close(nchw(target, x), expected)
+        assert "Conv2dSame pads inputs of the size it was built for" in report.pairings[1].how
+
+
+def test_zero_padding_into_an_unpadded_conv_says_to_pad(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    model = keras.Sequential(
+        [keras.Input((6, 6, 2)), keras.layers.ZeroPadding2D(((0, 1), (2, 0))), keras.layers.Conv2D(3, 3)]
+    )
+    randomize(model, rng)
+    x = rng.standard_normal((B, 6, 6, 2)).astype(np.float32)
+    conv = nn.Conv2d(2, 3, 3)
+    model.save(tmp_path / "m.keras")
+    report = weightport.load(conv, tmp_path / "m.keras")
+    assert "pads the input by ((0, 1), (2, 0))" in report.pairings[0].how
+    close(nchw(lambda t: conv(F.pad(t, (2, 0, 0, 1))), x), np.asarray(model(x)))
+
+
+REFUSED: dict[str, tuple[Callable[[], list[Any]], tuple[int, ...], Callable[[], nn.Module], str]] = {
+    "depthwise_other_groups": (lambda: [keras.layers.DepthwiseConv2D(1, depth_multiplier=2)], (4, 4, 2), lambda: nn.Conv2d(4, 4, 1, groups=4), r"expected groups=2 and in_channels=2 \(Keras DepthwiseConv2D"),
+    "same_stride_2_symmetric": (lambda: [keras.layers.Conv2D(3, 3, strides=2, padding="same")], (6, 6, 2), lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1), r"axis 0: n % 2 == 0: \(0, 1\), n % 2 == 1: \(1, 1\)"),
+    "zero_padding_asymmetric_into_padded": (lambda: [keras.layers.ZeroPadding2D(((0, 1), (0, 1))), keras.layers.Conv2D(3, 3, strides=2)], (6, 6, 2), lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1), r"padding \(before, after\) per axis = \(\(0, 1\), \(0, 1\)\)"),
+    "valid_into_conv2d_same": (lambda: [keras.layers.Conv2D(3, 3, strides=2)], (6, 6, 2), lambda: timm().layers.Conv2dSame(2, 3, 3, stride=2), r"found Conv2dSame, which pads each input as 'same'"),
+    "transpose_odd_crop": (lambda: [keras.layers.Conv2DTranspose(3, 3, strides=2, padding="same")], (4, 4, 2), lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1), r"Keras padding='same' crops 0 before and 1 after"),
+    "group_norm_groups": (lambda: [keras.layers.GroupNormalization(groups=2)], (3, 4), lambda: nn.GroupNorm(4, 4, eps=1e-3), r"expected num_groups=2 \(Keras groups\), found num_groups=4"),
+    "group_norm_eps": (lambda: [keras.layers.GroupNormalization(groups=2)], (3, 4), lambda: nn.GroupNorm(2, 4), r"eps=0.001 \(Keras epsilon\)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_what_pytorch_cannot_express_is_refused_with_the_reason(name: str, tmp_path: Path) -> None:
+    layers, shape, module, message = REFUSED[name]
+    model = keras.Sequential([keras.Input(shape), *layers()])
+    model.save(tmp_path / "m.keras")
+    target = module()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(LoadError, match=message):
+        weightport.load(target, tmp_path / "m.keras")
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+# ---- export: the reverse, read back by Keras ---------------------------------------------------------------
+
+
+def test_export_of_the_new_kinds_is_what_keras_loads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    torch.manual_seed(7)
+    target = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, groups=3),
+        nn.ConvTranspose2d(6, 4, 3, stride=2),
+        nn.GroupNorm(2, 4, eps=1e-3),
+    ).eval()
+    with torch.no_grad():
+        target[2].weight.uniform_(0.5, 1.5)
+        target[2].bias.uniform_(-0.5, 0.5)
+    model = keras.Sequential(
+        [
+            keras.Input((5, 5, 3)),
+            keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
+            keras.layers.Conv2DTranspose(4, 3, strides=2),
+            keras.layers.GroupNormalization(groups=2),
+        ]
+    )
+    assert sorted(export(target)) == [
+        "layers/conv2d_transpose/vars/0", "layers/conv2d_transpose/vars/1", "layers/depthwise_conv2d/vars/0",
+        "layers/depthwise_conv2d/vars/1", "layers/group_normalization/vars/0", "layers/group_normalization/vars/1",
+    ]  # fmt: skip
+    save_weights_h5(target, tmp_path / "t.weights.h5")
+    model.load_weights(tmp_path / "t.weights.h5")
+    x = rng.standard_normal((B, 5, 5, 3)).astype(np.float32)
+    close(nchw(target, x), np.asarray(model(x)))
