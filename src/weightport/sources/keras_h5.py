@@ -118,7 +118,7 @@ class H5Source(Source):
                 dataset.read_direct(target)
             else:
                 dataset.read_direct(target, source_sel=region)
-        except (OSError, ValueError, TypeError, RuntimeError) as e:
+        except _H5_DAMAGE as e:
             raise SourceError(
                 f"{self.description}: reading tensor '{name}' failed ({e}); the file is corrupt. "
                 "Fix: re-create it."
@@ -135,12 +135,27 @@ class H5Source(Source):
 
     def root_attrs(self) -> Mapping[str, Any]:
         assert self._file is not None
-        return self._file.attrs
+        return self._attrs(self._file, "(root)")
 
     def group_attrs(self, path: str) -> Mapping[str, Any]:
         """Attributes of a group the walk already checked (so reaching it follows no link)."""
         assert self._file is not None and path in self.groups
-        return self._file[path].attrs
+        return self._attrs(self._file[path], path)
+
+    def _attrs(self, obj: Any, path: str) -> dict[str, Any]:
+        """Every attribute of ``obj``, read now: a damaged one is a SourceError here, not later."""
+        try:
+            return {str(k): obj.attrs[k] for k in obj.attrs}
+        except _H5_DAMAGE as e:
+            raise SourceError(
+                f"{self.description}: the attributes of '{path}' cannot be read ({type(e).__name__}: {e}); "
+                f"the file is corrupt. {_FIX}."
+            ) from e
+
+
+# What h5py raises reading a damaged file: HDF5's errors come as RuntimeError, KeyError, OSError,
+# ValueError or TypeError, depending on where its checks fail.
+_H5_DAMAGE = (RuntimeError, KeyError, OSError, ValueError, TypeError)
 
 
 def open_h5(
@@ -168,6 +183,14 @@ def open_h5(
         _walk(h5py, handle, "", source, file_size, set(), skip or (lambda path: None))
         if isinstance(file, (str, os.PathLike)):
             _index_raw_datasets(source, Path(file), file_size)
+    except SourceError:
+        source.close()
+        raise
+    except _H5_DAMAGE as e:  # HDF5's own checks of a damaged file (bad signatures, addresses past the end)
+        source.close()
+        raise SourceError(
+            f"{where}: HDF5 reports the file damaged ({type(e).__name__}: {e}); it is truncated or corrupt. {_FIX}."
+        ) from e
     except BaseException:
         source.close()
         raise

@@ -140,6 +140,8 @@ class NpzSource(Source):
                             )
                         done += got
                         position += got
+        except SourceError:
+            raise
         except _DAMAGE as e:  # zlib errors, CRC mismatches
             raise SourceError(
                 f"{self.description}: member '{name}' is corrupt ({e}). Fix: re-create the file."
@@ -178,6 +180,8 @@ class NpzSource(Source):
                         f"{self.description}: member '{name}' ends after {done} of {len(view)} bytes"
                     )
                 stream.read(1)  # reaching the end makes zipfile compare the member's CRC-32
+        except SourceError:
+            raise
         except _DAMAGE as e:  # zlib errors, CRC mismatches
             raise SourceError(
                 f"{self.description}: member '{name}' is corrupt ({e}). Fix: re-create the file."
@@ -198,6 +202,8 @@ def open(path: Path) -> Source:
     where = f"'{path.name}'"
     try:
         archive = zipfile.ZipFile(path)
+    except SourceError:
+        raise
     except _DAMAGE as e:
         raise SourceError(
             f"{where}: not a readable .npz ({type(e).__name__}: {e}); it is truncated or corrupt. Fix: re-create it."
@@ -257,6 +263,8 @@ def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> 
         try:
             with archive.open(info) as stream:
                 header = parse_npy_header(stream, f"{where} member '{name}'")  # type: ignore[arg-type]
+        except SourceError:
+            raise
         except _DAMAGE as e:
             raise SourceError(
                 f"{where}: member '{name}' is corrupt ({type(e).__name__}: {e}). Fix: re-create the file."
