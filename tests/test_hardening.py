@@ -7,6 +7,7 @@ damaged in the one way each test names; the module must be unchanged after the r
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -154,4 +155,62 @@ def test_npy_header_that_does_not_tokenize_is_refused(tmp_path: Path) -> None:
     literal = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3"  # never closed
     path.write_bytes(b"\x93NUMPY\x01\x00" + len(literal).to_bytes(2, "little") + literal)
     with pytest.raises(SourceError, match=r"not a valid .npy header"):
+        weightport.open_source(path)
+
+
+def test_an_empty_onnx_file_is_not_an_empty_model(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    _refused(path, r"an empty file \(0 bytes\), not an ONNX model")
+
+
+def _onnx_with_external_data(tmp_path: Path) -> Path:
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 3), np.float32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+        [weight],
+    )
+    model = helper.make_model(graph)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    return path
+
+
+def test_a_truncated_onnx_file_is_a_source_error(tmp_path: Path) -> None:
+    path = _onnx_with_external_data(tmp_path)
+    raw = path.read_bytes()
+    for cut in (1, len(raw) // 3, len(raw) - 1):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(SourceError, match=r"'m.onnx'"):
+            weightport.open_source(path)
+
+
+def test_onnx_external_data_in_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    path = _onnx_with_external_data(tmp_path)
+    (tmp_path / "m.data").unlink()
+    os.mkfifo(tmp_path / "m.data")  # opening it for reading would wait for a writer forever
+    with pytest.raises(SourceError, match=r"'m.data'.*not a regular file"):
+        weightport.open_source(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"\x81\xa1a" * 5000 + b"\xc0", r"StackError"),  # maps nested 5000 deep
+        (b"\xdf\xff\xff\xff\xff", r"exceeds max_map_len"),  # a map declaring 4,294,967,295 entries
+        (b"\xdd\xff\xff\xff\xff", r"exceeds max_array_len"),
+    ],
+)
+def test_msgpack_nesting_and_declared_sizes_are_bounded(tmp_path: Path, content: bytes, match: str) -> None:
+    pytest.importorskip("msgpack")
+    path = tmp_path / "w.msgpack"
+    path.write_bytes(content)
+    with pytest.raises(SourceError, match=match):
         weightport.open_source(path)

@@ -51,6 +51,21 @@ def test_initial_states_are_passed() -> None:
     assert weightport.verify(gru, (x, h0))
 
 
+def test_the_initial_state_reaches_both_the_module_and_the_reference() -> None:
+    torch.manual_seed(0)
+    gru = nn.GRU(3, 4)
+    x = np.random.default_rng(3).standard_normal((5, 1, 3)).astype(np.float32)
+    h0 = np.full((1, 1, 4), 0.5, np.float32)
+    with torch.no_grad():
+        with_state = [t.numpy() for t in gru(torch.from_numpy(x), torch.from_numpy(h0))]
+        from_zeros = [t.numpy() for t in gru(torch.from_numpy(x))]
+    assert np.abs(with_state[1] - from_zeros[1]).max() > 1e-3  # the state matters to this module
+    assert weightport.verify(gru, (x, h0), tuple(with_state))
+    assert not weightport.verify(gru, (x, h0), tuple(from_zeros))  # dropping h0 would pass this
+    reference = weightport.reference.forward(gru, x, h0)
+    assert np.abs(reference[1] - with_state[1]).max() < 1e-5
+
+
 @pytest.mark.parametrize("wrap", ["compile", "DataParallel"])
 def test_wrapped_modules_against_the_reference(wrap: str) -> None:
     lstm = nn.LSTM(3, 4, num_layers=2, batch_first=True)

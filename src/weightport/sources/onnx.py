@@ -139,6 +139,10 @@ def open(path: Path) -> OnnxSource:
         size = os.stat(path).st_size
     except OSError as e:
         raise SourceError(f"{where}: cannot be opened ({e.strerror or e}). Fix: check the path.") from None
+    if size == 0:
+        raise SourceError(
+            f"{where}: an empty file (0 bytes), not an ONNX model. Fix: re-export or re-download it."
+        )
     if size > MAX_MODEL_BYTES:
         raise SourceError(
             f"{where}: {size} bytes, over the {MAX_MODEL_BYTES} bytes protobuf can parse (it reads whole files). "
@@ -151,14 +155,25 @@ def open(path: Path) -> OnnxSource:
         raise SourceError(
             f"{where}: not a valid ONNX model ({type(e).__name__}: {e}). Fix: re-export or re-download it."
         ) from e
+    if not model.HasField("graph") or not model.ir_version:  # protobuf parses many damaged files as empty
+        raise SourceError(
+            f"{where}: holds no ONNX graph (ir_version {model.ir_version}); it is truncated, damaged or not an "
+            "ONNX model. Fix: re-export or re-download it."
+        )
     source = OnnxSource(description=where, folder=path.parent)
     _add_tensors(source, model.graph, onnx)
-    source.metadata.update(
-        layout="onnx",
-        nodes=[_node_dict(node, onnx) for node in model.graph.node],
-        opset={op.domain or "ai.onnx": int(op.version) for op in model.opset_import},
-        producer=f"{model.producer_name} {model.producer_version}".strip(),
-    )
+    try:
+        source.metadata.update(
+            layout="onnx",
+            nodes=[_node_dict(node, onnx) for node in model.graph.node],
+            opset={op.domain or "ai.onnx": int(op.version) for op in model.opset_import},
+            producer=f"{model.producer_name} {model.producer_version}".strip(),
+        )
+    except (TypeError, ValueError, KeyError, UnicodeDecodeError, RecursionError) as e:  # a damaged attribute
+        raise SourceError(
+            f"{where}: a node of its graph cannot be read ({type(e).__name__}: {e}); the file is damaged. "
+            "Fix: re-export or re-download it."
+        ) from e
     return source
 
 
@@ -304,7 +319,15 @@ def _open_inside(folder: Path, location: str, where: str, name: str) -> int:
         "{why}; weightport does not follow it. Fix: put the real data file in the model's folder."
     )
     nofollow = getattr(os, "O_NOFOLLOW", 0)
-    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0) | nofollow
+    # O_NONBLOCK: opening a FIFO or a device must not wait for a writer; fstat below refuses anything but a
+    # regular file (whose reads O_NONBLOCK does not change)
+    flags = (
+        os.O_RDONLY
+        | getattr(os, "O_BINARY", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+        | nofollow
+        | getattr(os, "O_NONBLOCK", 0)
+    )
     try:
         if nofollow and hasattr(os, "O_DIRECTORY") and os.open in os.supports_dir_fd:
             dir_flags = os.O_RDONLY | os.O_DIRECTORY | nofollow
