@@ -1,4 +1,5 @@
-"""A BatchNorm that torch.onnx.export folded into the conv before it is refused, in every layout."""
+"""A BatchNorm that torch.onnx.export folded into the conv before it: loaded as its exact eval-mode equivalent by
+the onnx layout (the default for .onnx), refused with the cause said once by any other."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import torch
 from torch import nn
 
 import weightport
-from weightport.errors import LayoutError, LoadError, WeightportError
+from weightport.errors import (
+    LayoutError,
+    LoadError,
+    UncheckedConfigWarning,
+    UnsupportedConfigError,
+    WeightportError,
+)
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -19,10 +26,11 @@ ort = pytest.importorskip("onnxruntime")
 X = torch.from_numpy(np.random.RandomState(5).standard_normal((2, 3, 8, 8)).astype(np.float32))
 
 FIX = (
-    "Fix: re-export keeping the BatchNormalization nodes: torch.onnx.export(model, args, path, dynamo=False, "
-    "training=torch.onnx.TrainingMode.PRESERVE); or load this file (layout='onnx', the default for .onnx) into "
-    "a model without these BatchNorms: nn.Identity() in place of each, and the layer before it built with "
-    "bias=True."
+    "Fix: load it with layout='onnx' (the default for .onnx), which loads each folded BatchNorm as its exact "
+    "eval-mode equivalent (weight 1, running_mean 0, running_var 1 - eps, the folded bias); or re-export keeping "
+    "the BatchNormalization nodes: torch.onnx.export(model, args, path, dynamo=False, "
+    "training=torch.onnx.TrainingMode.PRESERVE); or load it into a model without these BatchNorms: "
+    "nn.Identity() in place of each, and the layer before it built with bias=True."
 )
 
 
@@ -36,7 +44,8 @@ def _with_stats(model: nn.Module, seed: int) -> nn.Module:
                     tensor.copy_(torch.rand(tensor.shape, generator=gen) - 0.5)
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.running_var.uniform_(0.5, 2.0, generator=gen)
-                module.weight.uniform_(0.5, 1.5, generator=gen)
+                if module.affine:
+                    module.weight.uniform_(0.5, 1.5, generator=gen)
     return model.eval()
 
 
@@ -105,14 +114,13 @@ def _refusal(model: nn.Module, path: Path, **options: object) -> str:
     return str(caught.value)
 
 
-@pytest.mark.parametrize("layout", ["torch", "onnx"])
 @pytest.mark.parametrize("strict", [False, True])
-def test_a_folded_batchnorm_is_refused_with_its_cause_said_once(
-    folded: tuple[Path, bool], layout: str, strict: bool
+def test_a_folded_batchnorm_is_refused_with_its_cause_said_once_by_the_torch_layout(
+    folded: tuple[Path, bool], strict: bool
 ) -> None:
     path, bias = folded
-    message = _refusal(_cnn(1, bias=bias), path, layout=layout, strict=strict)
-    assert message.count("fold") == 1  # the problem's name: the cause is said once, not once per conv
+    message = _refusal(_cnn(1, bias=bias), path, layout="torch", strict=strict)
+    assert message.count("(folded BatchNorm)") == 1  # the cause is said once, not once per conv
     assert message.count("fused each eval-mode BatchNorm") == 1
     assert "none for '1', '4':" in message
     assert "build it with bias=True" not in message
@@ -192,10 +200,9 @@ class _Net(nn.Module):
         return self.classifier(self.features(x))
 
 
-@pytest.mark.parametrize("layout", ["torch", "onnx"])
-def test_nested_batchnorms_after_convs_and_a_linear(exporter: str, layout: str, tmp_path: Path) -> None:
+def test_nested_batchnorms_after_convs_and_a_linear(exporter: str, tmp_path: Path) -> None:
     path = _export(_with_stats(_Net(), 0), tmp_path / "m.onnx", dynamo=exporter == "dynamo")
-    message = _refusal(_with_stats(_Net(), 1), path, layout=layout, strict=False)
+    message = _refusal(_with_stats(_Net(), 1), path, layout="torch", strict=False)
     assert message.count("fused each eval-mode BatchNorm") == 1
     if exporter == "dynamo":  # folds the BatchNorm1d into the Gemm too
         assert "none for 'features.0.1', 'features.1.1', 'classifier.2':" in message
@@ -230,9 +237,135 @@ def test_one_batchnorm_is_named_in_the_singular(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model(0), (x,), str(tmp_path / "m.onnx"), dynamo=False)
-    message = _refusal(model(1), tmp_path / "m.onnx")
+    message = _refusal(model(1), tmp_path / "m.onnx", layout="torch")
     assert "none for '1': " in message
     assert "would leave this BatchNorm as it is and the outputs wrong" in message
     assert (
         "into a model without this BatchNorm: nn.Identity() in its place, and the layer before it" in message
     )
+
+
+# --- the onnx layout: a folded BatchNorm loads as its exact eval-mode equivalent ---------------------------------
+
+
+def _stored(path: Path) -> tuple[dict[str, np.ndarray], list[onnx.NodeProto]]:
+    model = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}, list(model.graph.node)
+
+
+def _load_onnx(model: nn.Module, path: Path, **options: object) -> weightport.LoadReport:
+    with pytest.warns(UncheckedConfigWarning, match=r"train\(\) normalizes each batch") as caught:
+        report = weightport.load(model, path, **options)  # type: ignore[arg-type]
+    assert sum("folded into the layer before them" in str(w.message) for w in caught) == 1
+    return report
+
+
+def _assert_close(model: nn.Module, path: Path, x: torch.Tensor = X) -> None:
+    with torch.no_grad():
+        out = model(x).numpy()
+    expected = _ort(path, x)
+    assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_the_onnx_layout_loads_a_folded_batchnorm_exactly(folded: tuple[Path, bool], strict: bool) -> None:
+    path, bias = folded
+    model = _cnn(1, bias=bias)
+    report = _load_onnx(model, path, strict=strict)
+    _assert_close(model, path)
+    stored, nodes = _stored(path)
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    for conv, bn_path, conv_path in zip(convs, ("1", "4"), ("0", "3")):
+        bn = model.get_submodule(bn_path)
+        conv_module = model.get_submodule(conv_path)
+        assert np.array_equal(conv_module.weight.detach().numpy(), stored[conv.input[1]])
+        folded_bias = stored[conv.input[2]]
+        assert torch.equal(bn.weight, torch.ones(bn.num_features))
+        assert torch.equal(bn.running_mean, torch.zeros(bn.num_features))
+        assert torch.equal(bn.running_var, torch.full((bn.num_features,), np.float32(1 - bn.eps)))
+        assert int(bn.num_batches_tracked) == 0  # as for a BatchNormalization node: ONNX counts no batches
+        if bias:  # the conv keeps the bias; the BatchNorm is the identity
+            assert np.array_equal(conv_module.bias.detach().numpy(), folded_bias)
+            assert torch.equal(bn.bias, torch.zeros(bn.num_features))
+        else:
+            assert np.array_equal(bn.bias.detach().numpy(), folded_bias)
+        (pairing,) = [p for p in report.pairings if p.module_path == bn_path]
+        assert pairing.how.startswith(f"folded into '{conv_path}' by the exporter")
+    origins = {row.target: row.origin for row in report.rows}
+    assert "folded into '0' by the exporter" in origins["1.running_var"]
+    assert ("0 (the bias stays in the layer)" in origins["1.bias"]) == bias
+
+
+def test_nested_batchnorms_after_convs_and_a_linear_load(exporter: str, tmp_path: Path) -> None:
+    x = torch.from_numpy(np.random.RandomState(6).standard_normal((2, 3, 8, 8)).astype(np.float32))
+    original = _with_stats(_Net(), 0)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(original, (x,), str(path), dynamo=exporter == "dynamo")
+    model = _with_stats(_Net(), 1)
+    report = _load_onnx(model, path)
+    _assert_close(model, path, x)
+    with torch.no_grad():
+        assert np.abs(model(x).numpy() - original(x).numpy()).max() < 1e-5 * original(x).abs().max().item()
+    folded = {p.module_path for p in report.pairings if p.how.startswith("folded into")}
+    assert folded == (
+        {"features.0.1", "features.1.1", "classifier.2"}
+        if exporter == "dynamo"
+        else {"features.0.1", "features.1.1"}  # the legacy exporter keeps the BatchNorm1d's node
+    )
+
+
+def test_a_batchnorm_without_affine_takes_the_bias_as_its_mean(exporter: str, tmp_path: Path) -> None:
+    def model(seed: int) -> nn.Module:
+        return _with_stats(
+            nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False), nn.ReLU()), seed
+        )
+
+    path = _export(model(0), tmp_path / "m.onnx", dynamo=exporter == "dynamo")
+    fresh = model(1)
+    _load_onnx(fresh, path)
+    _assert_close(fresh, path)
+    stored, nodes = _stored(path)
+    (conv,) = [n for n in nodes if n.op_type == "Conv"]
+    assert np.array_equal(fresh[1].running_mean.numpy(), -stored[conv.input[2]])
+    assert torch.equal(fresh[1].running_var, torch.full((4,), np.float32(1 - fresh[1].eps)))
+
+
+def test_a_batchnorm_with_batch_statistics_is_refused(tmp_path: Path) -> None:
+    """track_running_stats=False normalizes with each batch's statistics in eval() too: no weights undo that."""
+    path = _export(_cnn(0), tmp_path / "m.onnx")
+    model = _cnn(1)
+    model[1] = nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(UnsupportedConfigError, match=r"'1' \(BatchNorm2d\(track_running_stats=False\)\)"):
+        weightport.load(model, path)
+
+
+def test_a_folded_bias_with_nowhere_to_go_is_refused(exporter: str, tmp_path: Path) -> None:
+    """No BatchNorm after the conv, and the conv built with bias=False: the folded bias has no place."""
+    path = _export(_cnn(0), tmp_path / "m.onnx", dynamo=exporter == "dynamo")
+    message = _refusal(_cnn(1, batchnorm=False), path)
+    assert "was built with bias=False. Fix: build it with bias=True" in message
+
+
+def test_the_call_order_says_which_conv_a_batchnorm_follows(tmp_path: Path) -> None:
+    """Registered right after 'a' but, as example_inputs= shows, called right after 'b': b's BatchNorm."""
+
+    class Crossed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.b = nn.Conv2d(4, 4, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.b(torch.relu(self.a(x))))
+
+    path = _export(_with_stats(Crossed(), 0), tmp_path / "m.onnx")
+    model = _with_stats(Crossed(), 1)
+    # by registration, the BatchNorm would be a's, and b's folded bias would have nowhere to go
+    assert "'b' was built with bias=False" in _refusal(model, path)
+    report = _load_onnx(model, path, example_inputs=(X,))
+    _assert_close(model, path)
+    (pairing,) = [p for p in report.pairings if p.module_path == "bn"]
+    assert pairing.how.startswith("folded into 'b' by the exporter (the BatchNorm called right after it)")

@@ -1,10 +1,12 @@
-"""A BatchNorm that an ONNX exporter folded away is refused, never left as it was.
+"""A BatchNorm that an ONNX exporter folded away is never left as it was.
 
 ``torch.onnx.export`` (both exporters, by default) fuses each eval-mode BatchNorm into the
 Conv or Gemm before it: the graph then has no BatchNormalization node for it, only the fused
 weights (under the conv's name, or a synthetic one). Loading that file into the original model
-would fill the conv and leave the BatchNorm as it was: outputs silently off. Whatever the layout,
-such a load is refused with the cause said once.
+would fill the conv and leave the BatchNorm as it was: outputs silently off. The ``onnx`` layout
+(the default for ``.onnx``) loads such a BatchNorm as its exact eval-mode equivalent
+(:mod:`weightport.layouts.onnx.folding`); any other layout's load is refused with the cause said
+once, and the fix names ``layout='onnx'``.
 
 >>> import numpy as np, torch
 >>> from weightport.sources import open_source
@@ -85,10 +87,11 @@ def folded_batchnorms(module: nn.Module, source: Source, plan: Plan | None = Non
         f"a BatchNormalization node in {source.description} for each BatchNorm that follows a Conv or Linear",
         f"none for {listed}: the exporter fused each eval-mode BatchNorm into the layer before it, so the file "
         f"holds only the fused weights; loading them would leave {these} {as_is} and the outputs wrong",
-        "re-export keeping the BatchNormalization nodes: torch.onnx.export(model, args, path, dynamo=False, "
-        "training=torch.onnx.TrainingMode.PRESERVE); or load this file (layout='onnx', the default "
-        f"for .onnx) into a model without {these}: nn.Identity() {each}, and the layer before it "
-        "built with bias=True",
+        "load it with layout='onnx' (the default for .onnx), which loads each folded BatchNorm as its exact "
+        "eval-mode equivalent (weight 1, running_mean 0, running_var 1 - eps, the folded bias); or re-export "
+        "keeping the BatchNormalization nodes: torch.onnx.export(model, args, path, dynamo=False, "
+        "training=torch.onnx.TrainingMode.PRESERVE); or load it into a model without "
+        f"{these}: nn.Identity() {each}, and the layer before it built with bias=True",
     )
 
 

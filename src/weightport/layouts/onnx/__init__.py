@@ -19,8 +19,11 @@ What maps, and how:
 - ``Gather`` of a stored float matrix along axis 0 becomes ``nn.Embedding``;
   ``BatchNormalization`` (scale, B, mean, var) ``nn.BatchNorm*d`` and
   ``LayerNormalization`` (Scale, B) ``nn.LayerNorm``, with ``epsilon`` checked
-  against ``eps``. Exporters fold an eval-mode BatchNorm into the layer before
-  it; a module's BatchNorm with no node is then reported with that reason.
+  against ``eps``. Exporters fold an eval-mode BatchNorm into the Conv or Gemm
+  before it: a module's BatchNorm with no node, right after the layer it was folded
+  into, loads as its exact eval-mode equivalent (:mod:`.folding`), and the plan says
+  its training statistics are not in the file. A Conv bias the graph expands from a
+  stored zero (the dynamo exporter without ``optimize``) is no bias.
 
 A weight may reach its node through ``Identity`` nodes (exporters write one for a tensor used twice)
 and ``Cast`` nodes that widen exactly (float16 storage read as float32); nothing else is evaluated.
@@ -71,8 +74,9 @@ from the module and reported as unchecked.
 
 The package, one phase a module (each imports only those before it): ``ops`` (what each ONNX op is in
 PyTorch), ``graph`` (nodes, wiring, values followed), ``issues`` (refusals), ``pads``, ``checks`` (node
-settings), ``layers`` (finding the layers), ``rules`` (rules for a paired layer), ``hints`` (why a module
-layer got nothing) and ``arrays`` (export() and its key scheme).
+settings), ``layers`` (finding the layers), ``rules`` (rules for a paired layer), ``folding`` (BatchNorms folded
+into the layer before them), ``hints`` (why a module layer got nothing) and ``arrays`` (export() and its
+key scheme).
 
 >>> import torch
 >>> sorted((k, v.shape) for k, v in export(torch.nn.GRU(2, 3)).items())
@@ -86,10 +90,10 @@ from typing import Any
 
 from torch import nn
 
-from weightport.errors import LayoutError, LoadError
+from weightport.errors import LayoutError
 from weightport.layouts.base import LayoutPlan, Rule
-from weightport.layouts.folded import folded_batchnorms
 from weightport.layouts.onnx.arrays import export, nodes_from_keys
+from weightport.layouts.onnx.folding import FOLDS_INTO, fold_rules, followers, statistics_note
 from weightport.layouts.onnx.graph import read_nodes, weight_names
 from weightport.layouts.onnx.hints import explain_unrolled_recurrence, loop_hints, unmapped_hints
 from weightport.layouts.onnx.issues import Issues
@@ -130,10 +134,9 @@ def plan(
     if "nodes" in source.metadata:
         nodes = read_nodes(source.metadata["nodes"])
         unchecked: list[str] = []
-        folded = folded_batchnorms(module, source)
-        if folded is not None:  # the cause, said once: pairing would blame each fused layer's bias instead
-            raise LoadError([folded], target=target)
+        follow = followers(module, call_order)  # Conv/Linear -> the BatchNorm after it, which may be folded
     else:
+        follow = {}
         nodes, pins = nodes_from_keys(module, source)
         mapping = {**pins, **(mapping or {})}
         unchecked = [
@@ -156,7 +159,8 @@ def plan(
 
     def rules_for(i: int, slot: Slot) -> list[Rule] | None:
         trial = Issues(source.description)
-        rules = layer_rules(layers[i], Paired(wanted[i], slot, ""), source, trial, set(), [])
+        folds = layers[i].kind in FOLDS_INTO and slot.label in follow
+        rules = layer_rules(layers[i], Paired(wanted[i], slot, ""), source, trial, set(), [], folds=folds)
         return None if trial.messages else rules
 
     try:
@@ -173,9 +177,23 @@ def plan(
         explain_unrolled_recurrence(module, layers, source.description, e)
         raise
     rules: list[Rule] = []
+    pairings = as_pairings(paired)
+    # a BatchNorm that a BatchNormalization node fills is no folded one
+    taken = {pair.slot.label for pair in paired}
+    folded: list[str] = []
     for layer, pair in zip(layers, paired):
-        rules += layer_rules(layer, pair, source, issues, validated, unchecked)
+        bn, how = follow.get(pair.slot.label, (None, "")) if layer.kind in FOLDS_INTO else (None, "")
+        bn = bn if bn is not None and bn.label not in taken else None
+        rules += layer_rules(layer, pair, source, issues, validated, unchecked, folds=bn is not None)
+        if bn is not None:
+            more, pairing = fold_rules(layer, pair, bn, how, source, issues)
+            rules += more
+            if pairing is not None:
+                pairings.append(pairing)
+                folded.append(bn.label)
     issues.raise_if_any(target)
+    if folded:
+        unchecked.append(statistics_note(folded))
     used = {s for rule in rules for s in rule.sources} | validated
     hints = loop_hints(module, layers, nodes, source) if "nodes" in source.metadata else {}
     if "nodes" in source.metadata:
@@ -183,7 +201,7 @@ def plan(
     return LayoutPlan(
         name=NAME,
         rules=rules,
-        pairings=as_pairings(paired),
+        pairings=pairings,
         scope=wrapped_scope(paired),
         unmatched=[n for n in weight_names(source) if n not in used],
         unchecked=unchecked,

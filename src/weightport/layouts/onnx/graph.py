@@ -11,6 +11,7 @@ weight-holding node becomes.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ __all__ = [
     "normalized_axes",
     "unit_axis_from_unsqueeze",
     "weight_names",
+    "zero_filled",
     "is_float",
     "all_zero",
 ]
@@ -234,6 +236,27 @@ def unit_axis_from_unsqueeze(name: str, axis: int, rank: int, graph: Graph) -> b
         else:
             return False
     return False
+
+
+def zero_filled(name: str, graph: Graph) -> bool:
+    """Whether input ``name`` is zeros the graph spreads out: an ``Expand`` of a stored scalar zero (through
+    ``CastLike``, ``Cast``, ``Identity``). The dynamo exporter without optimization writes a Conv built with
+    ``bias=False`` so, its bias ``Expand(CastLike(0, x), shape)``: the same as no bias."""
+    node = graph.producers.get(name)
+    if node is None or node.op_type != "Expand":
+        return False
+    inner = node.input(0)
+    for _ in range(8):
+        step = graph.producers.get(inner)
+        if step is None or step.op_type not in ("CastLike", "Cast", "Identity"):
+            break
+        inner = step.input(0)
+    found = graph.stored(inner)
+    return (
+        found is not None
+        and math.prod(graph.source.infos[found].shape) == 1
+        and all_zero(graph.source, found)
+    )
 
 
 def weight_names(source: Source) -> list[str]:

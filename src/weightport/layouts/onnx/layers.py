@@ -16,6 +16,7 @@ from weightport.layouts.onnx.graph import (
     raw_axes,
     stored_matrix,
     unit_axis_from_unsqueeze,
+    zero_filled,
 )
 from weightport.layouts.onnx.issues import Issues, computed
 from weightport.layouts.onnx.ops import CONV_KINDS, KIND_OF_NORM_OP, NORMS
@@ -278,7 +279,9 @@ def _conv_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
     pad = pad_before(node, graph, len(shape) - 2, spatial)
     bias = node.input(2)
     stored_bias = graph.stored(bias)
-    if bias and stored_bias is None:
+    if bias and stored_bias is None and zero_filled(bias, graph):
+        detail += ", its bias zeros the graph expands (none)"
+    elif bias and stored_bias is None:
         computed(node, "B", bias, issues)
     elif stored_bias is not None:
         tensors["bias"] = stored_bias

@@ -31,13 +31,22 @@ _NORM_SETTING = {
 
 
 def layer_rules(
-    layer: Layer, pair: Paired, source: Source, issues: Issues, validated: set[str], unchecked: list[str]
+    layer: Layer,
+    pair: Paired,
+    source: Source,
+    issues: Issues,
+    validated: set[str],
+    unchecked: list[str],
+    *,
+    folds: bool = False,
 ) -> list[Rule]:
+    """The rules of ``layer`` in its slot; ``folds``: a BatchNorm the exporter folded into this Conv or Linear
+    follows it in the model, and takes the bias where the module has none (see :mod:`.folding`)."""
     if layer.kind in RNN_KINDS:
         return _recurrent_rules(layer, pair, source, issues, validated)
     if layer.node.op_type in NORMS:
         return _norm_rules(layer, pair, source, issues, validated)
-    return _plain_rules(layer, pair, source, issues, validated, unchecked)
+    return _plain_rules(layer, pair, source, issues, validated, unchecked, folds)
 
 
 def _origin(source: Source, layer: Layer, role: str, name: str) -> str:
@@ -121,6 +130,7 @@ def _plain_rules(
     issues: Issues,
     validated: set[str],
     unchecked: list[str],
+    folds: bool = False,
 ) -> list[Rule]:
     slot, node = pair.slot, layer.node
     module: Any = slot.module
@@ -137,7 +147,9 @@ def _plain_rules(
     bias = layer.tensors.get("bias")
     has_bias = getattr(module, "bias", None) is not None
     if bias is not None and not has_bias:
-        if all_zero(source, bias):
+        if folds:
+            pass  # the BatchNorm after it adds the bias (folding.fold_rules)
+        elif all_zero(source, bias):
             validated.add(bias)
         else:
             issues.add(
