@@ -24,11 +24,18 @@ same general rules for every model and no table per model:
   transformers' ``base_model_prefix`` does; ``mapping={"bert": "encoder"}`` puts it elsewhere, and a model
   wrapped as ``self.m`` loads inside ``m``.
 
+TF lists a weight under every top-level layer that uses it, and the file holds it again there (BERT's
+word embeddings under ``mlm___cls``; T5's ``shared``, built outside the model's scope as
+``shared/shared/embeddings:0``, under ``encoder`` and ``decoder``): the copy named after another layer
+is that layer's weight, read once from its own layer and the others ignored.
+
 What the module has and the file lacks: buffers registered with ``persistent=False`` (position ids,
-GPT-2's causal masks) stay as the module built them, as transformers' converter leaves them; anything
-else is a problem saying so. Tensors the module has no place for (a head the module lacks) are
-problems too (``strict=False`` skips them, as the converter skips them with a warning). A file of
-another architecture, whose names name nothing in the module, is refused once, saying so.
+GPT-2's causal masks) stay as the module built them, as transformers' converter leaves them; any other
+tensor is a problem saying so (a persistent buffer's says that the converter leaves it as built, and
+``strict=False`` does the same). Unlike that converter, which reads parameters only, BatchNorm's
+statistics load. Tensors the module has no place for (a head the module lacks) are problems too
+(``strict=False`` skips them, as the converter skips them with a warning). A file of another
+architecture, most of whose names name nothing in the module, is refused once, saying so.
 
 >>> torch_path("tf_bert_model/bert/encoder/layer_._0/attention/self/query/kernel:0")
 ['bert', 'encoder', 'layer', '0', 'attention', 'self', 'query', 'weight']
@@ -93,22 +100,41 @@ def torch_path(weight_name: str) -> list[str]:
     return parts
 
 
+def _copies(layers: list[Layer], source: Source) -> dict[str, str] | None:
+    """Tensors that are a second copy of another top-level layer's weight -> that layer's own tensor;
+    ``None`` where a weight's name follows no convention of transformers' TF checkpoints.
+
+    Each weight is named ``<scope>/<its layer>/...`` (the scope is the model's, or the layer's own for
+    a layer built outside the model, as T5's ``shared``); TF also lists a weight under every other
+    layer that uses it (BERT's word embeddings under ``mlm___cls``, ``shared`` under T5's ``encoder``),
+    and the file holds it again there.
+    """
+    copies: dict[str, str] = {}
+    for layer in layers:
+        for tensor in layer.tensors:
+            name = _weight_name(layer, tensor)
+            raw = name.split("/")
+            if len(raw) < 3:
+                return None
+            if raw[1] == layer.path:
+                continue
+            own = f"{raw[1]}/{name}"
+            if own not in source.infos:
+                return None
+            copies[tensor] = own
+    return copies
+
+
 def claims(layers: list[Layer], source: Source) -> bool:
     """Whether ``source`` is a transformers TF checkpoint: a legacy ``.h5`` whose layers' weights are
-    all named ``<one model scope>/<the layer>/...``, one of them a layer that holds a whole model."""
+    all named ``<scope>/<their layer>/...``, one of them a layer that holds a whole model."""
     if source.metadata.get("keras_file") != "legacy-h5":
         return False
     weighted = [layer for layer in layers if layer.tensors]
     if not weighted or any(layer.legacy is None for layer in weighted):
         return False
-    scopes: set[str] = set()
-    for layer in weighted:
-        for tensor in layer.tensors:
-            parts = _components(_weight_name(layer, tensor))
-            if len(parts) < 3 or (parts[1] != layer.path and "___" not in _weight_name(layer, tensor)):
-                return False
-            scopes.add(parts[0])
-    return len(scopes) == 1 and any(len(inner_layers(layer)) > 2 for layer in weighted)
+    copies = _copies(weighted, source)
+    return copies is not None and any(len(inner_layers(layer)) > 2 for layer in weighted)
 
 
 @dataclass(frozen=True)
@@ -121,10 +147,12 @@ class _Variable:
     inner: str  # the TF layer holding it, named without the model scope (for the report)
 
 
-def _variables(layers: list[Layer], source: Source) -> list[_Variable]:
+def _variables(layers: list[Layer], source: Source, copies: Mapping[str, str]) -> list[_Variable]:
     found = []
     for layer in layers:
         for tensor in layer.tensors:
+            if tensor in copies:
+                continue
             name = _weight_name(layer, tensor)
             parts = _components(name)
             raw = name.replace(":0", "").split("/")
@@ -235,7 +263,8 @@ def plan(
             f"(a transformers TF checkpoint): {', '.join(paths)}. Fix: key mapping= by one of those, with the "
             "module path that is that layer ('' for the module itself), or pass prefix= instead."
         )
-    variables = _variables(layers, source)
+    copies = _copies(layers, source) or {}
+    variables = _variables(layers, source, copies)
     main = _whole_model_layers(layers)
     scope = ""
     if not mapping and variables and _hits(module, variables, main, {}) == 0:
@@ -277,13 +306,13 @@ def plan(
     hints = {}
     for name, kind in names.items():
         if kind == "buffer" and lead + name not in filled:
-            hints[lead + name.rpartition(".")[0]] = (
+            hints[name.rpartition(".")[0]] = (
                 "a transformers TF checkpoint holds the TF model's weights only, and this buffer has none there; "
                 "transformers' converter leaves it as the module built it: pass strict=False to do the same"
             )
     for name, kind in names.items():
         if kind == "parameter" and lead + name not in filled:
-            hints.pop(lead + name.rpartition(".")[0], None)  # a parameter is missing too: no such hint
+            hints.pop(name.rpartition(".")[0], None)  # a parameter is missing too: no such hint
     return LayoutPlan(
         name="keras",
         rules=rules,
@@ -295,6 +324,7 @@ def plan(
         ],
         scope=scope,
         missing_hints=hints,
+        not_weights=list(copies),  # the same weight again, under a layer that uses it
     )
 
 
