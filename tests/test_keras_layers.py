@@ -257,3 +257,85 @@ def test_export_of_the_new_kinds_is_what_keras_loads(tmp_path: Path) -> None:
     model.load_weights(tmp_path / "t.weights.h5")
     x = rng.standard_normal((B, 5, 5, 3)).astype(np.float32)
     close(nchw(target, x), np.asarray(model(x)))
+
+
+# ---- MultiHeadAttention into nn.MultiheadAttention -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dim", "heads", "key_dim", "kv_dim"), [(8, 2, 4, None), (6, 3, 2, 5)])
+def test_multi_head_attention_gives_keras_outputs(
+    dim: int, heads: int, key_dim: int, kv_dim: int | None, tmp_path: Path
+) -> None:
+    """Packed ``in_proj_weight`` where key and value inputs have the query's size; separate
+    ``q/k/v_proj_weight`` (kdim, vdim) where they do not. Keras and PyTorch both scale by 1/sqrt(key_dim)."""
+    rng = np.random.default_rng(dim)
+    query, context = keras.Input((5, dim)), keras.Input((7, kv_dim or dim))
+    model = keras.Model([query, context], keras.layers.MultiHeadAttention(heads, key_dim)(query, context))
+    randomize(model, rng)
+    xq = rng.standard_normal((B, 5, dim)).astype(np.float32)
+    xc = rng.standard_normal((B, 7, kv_dim or dim)).astype(np.float32)
+    expected = np.asarray(model([xq, xc]))
+    for kind, source in files(model, tmp_path).items():
+        mha = nn.MultiheadAttention(dim, heads, batch_first=True, kdim=kv_dim, vdim=kv_dim).eval()
+        report = load(mha, source)
+        with torch.no_grad():
+            got = mha(torch.from_numpy(xq), torch.from_numpy(xc), torch.from_numpy(xc), need_weights=False)[0]
+        close(got.numpy(), expected)
+        if kind != ".weights.h5":
+            assert "Keras is called (query, value, key=value)" in report.pairings[0].how
+
+
+def test_multi_head_attention_pytorch_cannot_express_is_refused_with_the_sizes(tmp_path: Path) -> None:
+    query = keras.Input((5, 8))
+    model = keras.Model(query, keras.layers.MultiHeadAttention(2, 3)(query, query))  # 2 * 3 != 8
+    model.save(tmp_path / "m.keras")
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    before = {k: v.clone() for k, v in mha.state_dict().items()}
+    with pytest.raises(
+        LoadError, match=r"found Keras num_heads=2, key_dim=3, value_dim=3, query size 8, output size 8"
+    ):
+        weightport.load(mha, tmp_path / "m.keras")
+    assert all(torch.equal(before[k], v) for k, v in mha.state_dict().items())
+    with pytest.raises(LoadError, match=r"expected num_heads=2 \(the Keras layer's\), found num_heads=4"):
+        weightport.load(nn.MultiheadAttention(8, 4, batch_first=True), _attention_file(tmp_path, 8, 2, 4))
+
+
+def _attention_file(tmp_path: Path, dim: int, heads: int, key_dim: int) -> Path:
+    query = keras.Input((5, dim))
+    model = keras.Model(query, keras.layers.MultiHeadAttention(heads, key_dim)(query, query))
+    model.save(tmp_path / "a.keras")
+    return tmp_path / "a.keras"
+
+
+# ---- inspect names Keras variables and says what does not port -------------------------------------------
+
+
+def test_inspect_names_keras_variables_and_flags_what_does_not_port(tmp_path: Path) -> None:
+    from weightport.inspect import describe_source, format_description
+
+    inputs = keras.Input((4, 4, 3))
+    y = keras.layers.Rescaling(0.5)(inputs)
+    y = keras.layers.Conv2D(2, 3)(y)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.Reshape((4, 2))(y)
+    y = keras.layers.PReLU()(y)
+    model = keras.Model(inputs, y)
+    model.save_weights(tmp_path / "m.weights.h5")
+    model.save(tmp_path / "m.keras")
+    for path in (tmp_path / "m.weights.h5", tmp_path / "m.keras"):
+        info = describe_source(path)
+        names = {t: v for layer in info["layers"] for t, v in layer["variables"].items()}
+        assert names["layers/conv2d/vars/0"] == "kernel" and names["layers/conv2d/vars/1"] == "bias"
+        assert [names[f"layers/batch_normalization/vars/{i}"] for i in range(4)] == [
+            "gamma", "beta", "moving_mean", "moving_variance",
+        ]  # fmt: skip
+        text = format_description(info)
+        assert "batch_normalization moving_variance" in text, text
+        if path.suffix == ".keras":
+            assert "p_re_lu: PReLU, 1 tensor; not ported: weightport has no rule for Keras PReLU" in text, (
+                text
+            )
+        else:  # a bare .weights.h5 records no class: its shapes fit two kinds
+            assert (
+                "p_re_lu: (from shapes), 1 tensor; not ported: 'm.weights.h5': Keras layer 'p_re_lu'" in text
+            )

@@ -80,10 +80,25 @@ def format_description(info: dict[str, Any]) -> str:
         f"{info['source']}: {count} tensor{'s' if count != 1 else ''}, {info['total_bytes']:,} bytes "
         f"(layout {info['layout']})"
     ]
-    lines += format_table(
-        ("name", "shape", "dtype", "bytes"),
-        [(t["name"], str(tuple(t["shape"])), t["dtype"], f"{t['bytes']:,}") for t in info["tensors"]],
-    )
+    # the framework's own name of each tensor where the layout knows it (Keras: 'dense kernel' for vars/0)
+    own = {
+        t: f"{layer.get('name', '?')} {v}"
+        for layer in info["layers"]
+        for t, v in (layer.get("variables") or {}).items()
+    }
+    if own:
+        lines += format_table(
+            ("name", "variable", "shape", "dtype", "bytes"),
+            [
+                (t["name"], own.get(t["name"], ""), str(tuple(t["shape"])), t["dtype"], f"{t['bytes']:,}")
+                for t in info["tensors"]
+            ],
+        )
+    else:
+        lines += format_table(
+            ("name", "shape", "dtype", "bytes"),
+            [(t["name"], str(tuple(t["shape"])), t["dtype"], f"{t['bytes']:,}") for t in info["tensors"]],
+        )
     if info["layers"]:
         lines.append("Layers:")
         for layer in info["layers"]:
@@ -93,6 +108,7 @@ def format_description(info: dict[str, Any]) -> str:
             lines.append(
                 f"  {layer.get('name', '?')}: {layer.get('kind', '')}, {count} tensor{'s' if count != 1 else ''}"
                 + (f" ({settings})" if settings else "")
+                + (f"; not ported: {layer['not_ported']}" if layer.get("not_ported") else "")
             )
     if info["ignored"]:
         lines.append(f"Ignored: {', '.join(info['ignored'])}")

@@ -77,7 +77,7 @@ from torch import nn
 
 from weightport.errors import LoadError, Problem, UnsupportedConfigError
 from weightport.layouts.base import LayoutPlan, Pairing, Rule
-from weightport.layouts.keras import hf
+from weightport.layouts.keras import describing, hf
 from weightport.layouts.keras.checks import (
     check_config,
     check_direction,
@@ -95,7 +95,6 @@ from weightport.layouts.keras.layers import (
     resolve,
     split,
     unique_names,
-    wrapped_kind,
 )
 from weightport.layouts.keras.preprocessing import set_aside
 from weightport.layouts.keras.rules import part_rules
@@ -252,15 +251,6 @@ def save_weights_h5(
 
 
 def describe(source: Source) -> list[dict[str, Any]]:
-    """The Keras layers in ``source`` in model order where known (for ``weightport inspect``)."""
-    layers, _ = collect(source)
-    layers.sort(key=lambda layer: (layer.seq, layer.index))
-    return [
-        {
-            "name": layer.name,
-            "kind": wrapped_kind(layer.class_name, layer.config) or "(from shapes)",
-            "config": layer.config or {},
-            "tensors": layer.tensors,
-        }
-        for layer in layers
-    ]
+    """The Keras layers in ``source`` in model order where known (for ``weightport inspect``): each with
+    its variables' Keras names and, where weightport cannot port it, why (:mod:`.describing`)."""
+    return describing.describe(source)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from weightport.errors import LayoutError, Problem
+from weightport.layouts.keras.attention import attention_notes, attention_problems
 from weightport.layouts.keras.layers import Layer, Part, Resolved, inner_layers
 from weightport.layouts.keras.padding import padding_verdict, transpose_verdict
 from weightport.layouts.pairing import Slot
@@ -114,6 +115,8 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[str]:
         note, _ = padding_verdict(cfg, m, found.layer)
         if note:
             notes.append(note)
+    if kind == "MultiheadAttention":
+        notes += attention_notes(slot)
     if kind == "Embedding" and cfg.get("mask_zero"):
         notes.append(
             "Keras masks id 0 (mask_zero=True), so later recurrent layers skip those steps: pass the lengths "
@@ -220,6 +223,8 @@ def _check_bias(found: Resolved, part: Part, slot: Slot, problems: list[Problem]
             )
     if part.cls == "DepthwiseConv2D":
         _check_depthwise(part, slot, problems, label)
+    if kind == "MultiheadAttention":
+        problems += attention_problems(part, slot, label)
 
 
 def _check_depthwise(part: Part, slot: Slot, problems: list[Problem], label: str) -> None:

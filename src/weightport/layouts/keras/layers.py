@@ -51,6 +51,7 @@ KINDS = {
     "Conv1DTranspose": "ConvTranspose1d",
     "Conv2DTranspose": "ConvTranspose2d",
     "GroupNormalization": "GroupNorm",
+    "MultiHeadAttention": "MultiheadAttention",  # its four EinsumDense sublayers: one nn.MultiheadAttention
 }
 CLASS_OF_KIND: dict[str, str] = {}
 for _cls, _kind in KINDS.items():
@@ -78,6 +79,8 @@ _ROLES = {
 }
 _NORMS = ("BatchNormalization", "LayerNormalization", "GroupNormalization")
 
+# a MultiHeadAttention's sublayers, each a group of its own in the file (kernel, then bias)
+ATTENTION_PARTS = ("query_dense", "key_dense", "value_dense", "output_dense")
 _KEY = re.compile(r"^(?P<base>.*?)(?:_(?P<n>\d+))?$")
 _SIDES = ("forward_layer", "backward_layer")
 
@@ -96,6 +99,7 @@ class Layer:
     own: dict[int, str] = field(default_factory=dict)
     cell: dict[int, str] = field(default_factory=dict)
     sides: dict[str, dict[int, str]] = field(default_factory=dict)
+    subs: dict[str, dict[int, str]] = field(default_factory=dict)  # a MultiHeadAttention's sublayers
     legacy: list[str] | None = None
     seq: tuple[str, ...] = ()
     index: int = 0
@@ -111,6 +115,7 @@ class Layer:
             *self.own.values(),
             *self.cell.values(),
             *(t for s in self.sides.values() for t in s.values()),
+            *(t for s in self.subs.values() for t in s.values()),
         ]
         return found + list(self.legacy or [])
 
@@ -127,6 +132,7 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
             continue
         slot = m["side"] or ("cell" if m["cell"] else "own")
         parsed.setdefault(m["layer"] or "", {}).setdefault(slot, {})[int(m["i"])] = name
+    _gather_attention(parsed)
     layers: list[Layer] = []
     if records:
         claimed: set[str] = set()
@@ -161,7 +167,20 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
     return layers, leftover
 
 
+def _gather_attention(parsed: dict[str, dict[str, dict[int, str]]]) -> None:
+    """A group whose four subgroups are a MultiHeadAttention's sublayers (``query_dense`` ...
+    ``output_dense``) becomes one layer holding them."""
+    parents = {p.rpartition("/")[0] for p in parsed if p.rpartition("/")[2] in ATTENTION_PARTS}
+    for parent in parents:
+        paths = [f"{parent}/{sub}" for sub in ATTENTION_PARTS]
+        if all(p in parsed and set(parsed[p]) == {"own"} for p in paths):
+            entry = parsed.setdefault(parent, {})
+            for sub, p in zip(ATTENTION_PARTS, paths):
+                entry[sub] = parsed.pop(p)["own"]
+
+
 def _fill(layer: Layer, slots: dict[str, dict[int, str]]) -> None:
+    layer.subs = {s: slots[s] for s in ATTENTION_PARTS if s in slots}
     layer.own = slots.get("own", {})
     layer.cell = slots.get("cell", {})
     layer.sides = {s: slots[s] for s in _SIDES if s in slots}
@@ -241,6 +260,26 @@ def resolve(layer: Layer, source: Source, slot_kinds: set[str], mapped: bool, wh
     left alone unless ``mapping=`` pairs it; one without a recorded class is judged by its shapes.
     """
     shapes = {n: source.infos[n].shape for n in layer.tensors}
+    if layer.class_name == "MultiHeadAttention" and not layer.subs and len(layer.own) in (4, 8):
+        # a live layer lists its weights flat, as Keras builds them: query, key, value, output (kernel, bias)
+        step = len(layer.own) // 4
+        flat = _ordered(layer.own)
+        layer.subs = {
+            sub: dict(enumerate(flat[i * step : (i + 1) * step])) for i, sub in enumerate(ATTENTION_PARTS)
+        }
+        layer.own = {}
+    if layer.subs or layer.class_name == "MultiHeadAttention":
+        if not layer.subs or layer.class_name not in (None, "MultiHeadAttention"):
+            return None  # a legacy file's attention: its weights are named, not grouped by sublayer
+        roles = {
+            f"{sub.split('_')[0]}_{var}": t
+            for sub, tensors in layer.subs.items()
+            for var, t in zip(("kernel", "bias"), _ordered(tensors))
+        }
+        part = Part(
+            "MultiHeadAttention", roles, layer.config, False, {r: tuple(shapes[t]) for r, t in roles.items()}
+        )
+        return Resolved(layer, "MultiheadAttention", "MultiHeadAttention", [part])
     if layer.legacy is not None:
         groups = _legacy_groups(layer)
     elif layer.sides:

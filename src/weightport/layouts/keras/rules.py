@@ -11,6 +11,7 @@ same facts the other way round, for export.
 from __future__ import annotations
 
 from weightport.layouts.base import Rule
+from weightport.layouts.keras.attention import attention_rules
 from weightport.layouts.keras.layers import Part, Resolved
 from weightport.layouts.pairing import Slot
 from weightport.sources.base import Source
@@ -121,6 +122,8 @@ def part_rules(found: Resolved, part: Part, slot: Slot, source: Source) -> list[
         else f"{source.description} {layer}"
     )
     side = (" backward_layer" if part.reverse else " forward_layer") if len(found.parts) > 1 else ""
+    if kind == "MultiheadAttention":
+        return attention_rules(part, slot, origin)
     for param, var, op in _table(kind, part, source):
         if var not in part.vars:
             continue

@@ -1,0 +1,165 @@
+"""Keras ``MultiHeadAttention`` into ``nn.MultiheadAttention``: the rules, and what must agree.
+
+Keras keeps four EinsumDense sublayers: ``query_dense``/``key_dense``/``value_dense`` with kernels
+``(dim, heads, key_dim)`` (value: ``value_dim``) and biases ``(heads, key_dim)``, and ``output_dense`` with
+kernel ``(heads, value_dim, dim)`` and bias ``(dim,)``. PyTorch's projections are ``(heads * head_dim, dim)``
+matrices whose row ``h * head_dim + j`` is head ``h``'s ``j``-th feature, the order a C-order reshape of
+``(heads, head_dim)`` gives; packed ``in_proj_weight`` stacks q, k and v rows, separate
+``q/k/v_proj_weight`` are used when ``kdim``/``vdim`` differ from ``embed_dim``. Both scale scores by
+``1 / sqrt(head_dim)``, Keras by ``1 / sqrt(key_dim)``, the same where ``heads * key_dim == embed_dim``.
+
+>>> _flat((4, 2, 3)).out_shape([(4, 2, 3)])
+(6, 4)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from weightport.errors import Problem
+from weightport.layouts.base import Rule
+from weightport.layouts.keras.layers import Part
+from weightport.layouts.pairing import Slot
+from weightport.transforms import Chain, Concat, Identity, Op, Reshape, Transpose
+
+__all__ = ["attention_rules", "attention_problems", "attention_notes"]
+
+_T = Transpose((1, 0))
+_ROLES = ("query", "key", "value")
+
+
+def _flat(shape: tuple[int, ...]) -> Op:
+    """An input projection kernel ``(dim, heads, size)`` as PyTorch's ``(heads * size, dim)``."""
+    d, h, n = shape
+    return Chain(Reshape(shape, (d, h * n)), _T)
+
+
+def _shapes(part: Part) -> dict[str, tuple[int, ...]] | None:
+    kernels = {r: part.shapes.get(f"{r}_kernel", ()) for r in (*_ROLES, "output")}
+    return kernels if all(len(s) == 3 for s in kernels.values()) else None
+
+
+def attention_rules(part: Part, slot: Slot, origin: str) -> list[Rule]:
+    kernels = _shapes(part)
+    if kernels is None:
+        return []
+    m: Any = slot.module
+    v = part.vars
+    rules = []
+    q, k, val = (kernels[r] for r in _ROLES)
+    if m._qkv_same_embed_dim and q == k == val:
+        d, h, n = q
+        packed = Chain(Concat(1, 3), Reshape((d, 3 * h, n), (d, 3 * h * n)), _T)
+        sources = tuple(v[f"{r}_kernel"] for r in _ROLES)
+        rules.append(Rule(slot.name("in_proj_weight"), sources, packed, f"{origin} query/key/value kernels"))
+    elif not m._qkv_same_embed_dim:
+        for r in _ROLES:
+            rules.append(
+                Rule(
+                    slot.name(f"{r[0]}_proj_weight"),
+                    (v[f"{r}_kernel"],),
+                    _flat(kernels[r]),
+                    f"{origin} {r} kernel",
+                )
+            )
+    if (
+        all(f"{r}_bias" in v for r in _ROLES)
+        and part.shapes[f"{_ROLES[0]}_bias"] == part.shapes["value_bias"]
+    ):
+        h, n = part.shapes["query_bias"]
+        packed = Chain(Concat(0, 3), Reshape((3 * h, n), (3 * h * n,)))
+        sources = tuple(v[f"{r}_bias"] for r in _ROLES)
+        rules.append(Rule(slot.name("in_proj_bias"), sources, packed, f"{origin} query/key/value biases"))
+    h, n, out = kernels["output"]
+    rules.append(
+        Rule(
+            slot.name("out_proj.weight"),
+            (v["output_kernel"],),
+            Chain(Reshape((h, n, out), (h * n, out)), _T),
+            f"{origin} output kernel",
+        )
+    )
+    if "output_bias" in v:
+        rules.append(
+            Rule(slot.name("out_proj.bias"), (v["output_bias"],), Identity(), f"{origin} output bias")
+        )
+    return rules
+
+
+def attention_problems(part: Part, slot: Slot, label: str) -> list[Problem]:
+    """What ``nn.MultiheadAttention`` cannot compute, or is built otherwise than the Keras layer."""
+    kernels = _shapes(part)
+    m: Any = slot.module
+    if kernels is None:
+        return []
+    d, heads, key_dim = kernels["query"]
+    value_dim, out = kernels["value"][2], kernels["output"][2]
+    problems = []
+    if heads * key_dim != d or heads * value_dim != d or out != d:
+        problems.append(
+            Problem(
+                label,
+                "num_heads * key_dim == num_heads * value_dim == the query's size == the output's size "
+                "(nn.MultiheadAttention gives each of its heads embed_dim / num_heads of q, k and v, and "
+                "projects back to embed_dim)",
+                f"Keras num_heads={heads}, key_dim={key_dim}, value_dim={value_dim}, query size {d}, "
+                f"output size {out} ({heads} * {key_dim} = {heads * key_dim})",
+                f"no nn.MultiheadAttention computes this: rebuild the Keras layer with key_dim=value_dim={d // heads} "
+                "(and no output_shape) and retrain, or write an attention module of your own",
+            )
+        )
+        return problems
+    wanted = [
+        ("embed_dim", d, m.embed_dim),
+        ("num_heads", heads, m.num_heads),
+        ("kdim", kernels["key"][0], m.kdim),
+        ("vdim", kernels["value"][0], m.vdim),
+    ]
+    for name, keras, torch_ in wanted:
+        if keras != torch_:
+            problems.append(
+                Problem(
+                    label,
+                    f"{name}={keras} (the Keras layer's)",
+                    f"{name}={torch_}",
+                    f"build nn.MultiheadAttention with {name}={keras}",
+                )
+            )
+    has_bias = "query_bias" in part.vars
+    if has_bias != (m.in_proj_bias is not None):
+        problems.append(
+            Problem(
+                label,
+                f"bias={has_bias} (Keras use_bias={has_bias})",
+                f"bias={m.in_proj_bias is not None}",
+                f"build nn.MultiheadAttention with bias={has_bias}",
+            )
+        )
+    if m.bias_k is not None:
+        problems.append(
+            Problem(
+                label,
+                "add_bias_kv=False (Keras has no such biases)",
+                "add_bias_kv=True",
+                "build nn.MultiheadAttention with add_bias_kv=False",
+            )
+        )
+    axes = (part.config or {}).get("attention_axes")
+    if axes not in (None, [1], (1,), 1, [-2], -2):
+        problems.append(
+            Problem(
+                label,
+                "attention over the sequence axis (Keras attention_axes=None)",
+                f"Keras attention_axes={axes}",
+                "nn.MultiheadAttention attends over one sequence axis: rebuild the Keras layer with attention_axes=None",
+            )
+        )
+    return problems
+
+
+def attention_notes(slot: Slot) -> list[str]:
+    m: Any = slot.module
+    notes = ["Keras is called (query, value, key=value) and PyTorch (query, key, value)"]
+    if not m.batch_first:
+        notes.append("Keras takes (batch, time, features): build it with batch_first=True, or transpose")
+    return notes
