@@ -339,3 +339,44 @@ def test_inspect_names_keras_variables_and_flags_what_does_not_port(tmp_path: Pa
             assert (
                 "p_re_lu: (from shapes), 1 tensor; not ported: 'm.weights.h5': Keras layer 'p_re_lu'" in text
             )
+
+
+@pytest.mark.parametrize("kv_dim", [None, 5])
+def test_multi_head_attention_export_is_what_keras_loads(kv_dim: int | None, tmp_path: Path) -> None:
+    torch.manual_seed(8)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kv_dim, vdim=kv_dim).eval()
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.uniform_(-0.5, 0.5)
+    query, context = keras.Input((5, 8)), keras.Input((7, kv_dim or 8))
+    model = keras.Model([query, context], keras.layers.MultiHeadAttention(2, 4)(query, context))
+    save_weights_h5(mha, tmp_path / "t.weights.h5")
+    model.load_weights(tmp_path / "t.weights.h5")
+    rng = np.random.default_rng(9)
+    xq = rng.standard_normal((B, 5, 8)).astype(np.float32)
+    xc = rng.standard_normal((B, 7, kv_dim or 8)).astype(np.float32)
+    with torch.no_grad():
+        got = mha(torch.from_numpy(xq), torch.from_numpy(xc), torch.from_numpy(xc), need_weights=False)[0]
+    close(got.numpy(), np.asarray(model([xq, xc])))
+
+
+def test_legacy_h5_from_tf_keras_with_the_new_kinds(tmp_path: Path) -> None:
+    """tf.keras names a depthwise kernel ``depthwise_kernel`` and records ``groups=1`` for it."""
+    tf_keras = pytest.importorskip("tf_keras")
+    K = tf_keras.layers
+    model = tf_keras.Sequential(
+        [tf_keras.Input((6, 6, 3)), K.DepthwiseConv2D(3, depth_multiplier=2, padding="same"), K.SeparableConv2D(4, 3),
+         K.Conv2DTranspose(2, 3, strides=2), K.GroupNormalization(2)]
+    )  # fmt: skip
+    rng = np.random.default_rng(10)
+    randomize(model, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tf.keras calls HDF5 legacy
+        model.save(tmp_path / "m.h5")
+    x = rng.standard_normal((B, 6, 6, 3)).astype(np.float32)
+    target = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.Conv2d(6, 6, 3, groups=6, bias=False), nn.Conv2d(6, 4, 1),
+        nn.ConvTranspose2d(4, 2, 3, stride=2), nn.GroupNorm(2, 2, eps=1e-3),
+    ).eval()  # fmt: skip
+    weightport.load(target, tmp_path / "m.h5")
+    close(nchw(target, x), model(x).numpy())

@@ -14,15 +14,18 @@ matrices whose row ``h * head_dim + j`` is head ``h``'s ``j``-th feature, the or
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from weightport.errors import Problem
+import numpy as np
+
+from weightport.errors import Problem, UnsupportedConfigError
 from weightport.layouts.base import Rule
 from weightport.layouts.keras.layers import Part
 from weightport.layouts.pairing import Slot
 from weightport.transforms import Chain, Concat, Identity, Op, Reshape, Transpose
 
-__all__ = ["attention_rules", "attention_problems", "attention_notes"]
+__all__ = ["attention_rules", "attention_problems", "attention_notes", "attention_export"]
 
 _T = Transpose((1, 0))
 _ROLES = ("query", "key", "value")
@@ -163,3 +166,41 @@ def attention_notes(slot: Slot) -> list[str]:
     if not m.batch_first:
         notes.append("Keras takes (batch, time, features): build it with batch_first=True, or transpose")
     return notes
+
+
+def attention_export(slot: Slot, state: Mapping[str, Any], path: str) -> dict[str, np.ndarray]:
+    """The reverse: an ``nn.MultiheadAttention``'s weights as a Keras ``MultiHeadAttention``'s four
+    sublayers (``{path}/query_dense/vars/0`` ...), with ``key_dim = value_dim = embed_dim / num_heads``."""
+    from weightport.tensors import numpy_of
+
+    m: Any = slot.module
+    if m.bias_k is not None:
+        raise UnsupportedConfigError(
+            f"'{slot.label}' has add_bias_kv=True; Keras MultiHeadAttention has no such biases."
+        )
+    dim, heads = m.embed_dim, m.num_heads
+    size = dim // heads
+
+    def get(param: str) -> np.ndarray:
+        return numpy_of(state[slot.name(param)], copy=True)
+
+    if m._qkv_same_embed_dim:
+        weights = np.split(get("in_proj_weight"), 3, axis=0)
+    else:
+        weights = [get(f"{r[0]}_proj_weight") for r in _ROLES]
+    bias = get("in_proj_bias") if m.in_proj_bias is not None else None
+    out: dict[str, np.ndarray] = {}
+    for i, role in enumerate(_ROLES):
+        out[f"{path}/{role}_dense/vars/0"] = np.ascontiguousarray(
+            weights[i].T.reshape(weights[i].shape[1], heads, size)
+        )
+        if bias is not None:
+            out[f"{path}/{role}_dense/vars/1"] = np.ascontiguousarray(
+                bias[i * dim : (i + 1) * dim].reshape(heads, size)
+            )
+    out[f"{path}/output_dense/vars/0"] = np.ascontiguousarray(
+        get("out_proj.weight").T.reshape(heads, size, dim)
+    )
+    if m.out_proj.bias is not None:
+        out[f"{path}/output_dense/vars/1"] = get("out_proj.bias")
+    return out

@@ -191,7 +191,9 @@ def check_config(found: Resolved, part: Part, slot: Slot, refusals: list[str]) -
             "rebuild the Keras layer with axis=-1 (channels last), which nn.GroupNorm's channel dim 1 matches",
         )
     if kind in _CONVS:
-        _check_conv(cfg, m, found.layer, mismatch)
+        # tf.keras records groups=1 for a DepthwiseConv2D (a Conv subclass): its groups are checked by shape
+        conv_cfg = {k: v for k, v in cfg.items() if k != "groups"} if part.cls == "DepthwiseConv2D" else cfg
+        _check_conv(conv_cfg, m, found.layer, mismatch)
     return problems
 
 

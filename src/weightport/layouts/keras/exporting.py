@@ -14,6 +14,7 @@ import numpy as np
 from torch import nn
 
 from weightport.errors import LayoutError, UnsupportedConfigError
+from weightport.layouts.keras.attention import attention_export
 from weightport.layouts.keras.layers import CLASS_OF_KIND
 from weightport.layouts.keras.rules import EXPORT, depthwise_op
 from weightport.layouts.pairing import module_slots
@@ -44,7 +45,7 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
     out: dict[str, np.ndarray] = {}
     for slot in module_slots(module):
         kind, m = slot.kind, cast(Any, slot.module)
-        if kind not in EXPORT:
+        if kind not in EXPORT and kind != "MultiheadAttention":
             raise LayoutError(
                 f"'{slot.label}' is {type(m).__name__}, which the Keras layout cannot export; it exports "
                 f"{', '.join(sorted(CLASS_OF_KIND))} modules."
@@ -53,7 +54,7 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
             raise UnsupportedConfigError(
                 f"'{slot.label}' has proj_size={m.proj_size}; Keras LSTM has no projection."
             )
-        table = EXPORT[kind]
+        table = EXPORT.get(kind, [])
         cls = CLASS_OF_KIND[kind]
         if kind == "Conv2d" and m.groups > 1 and m.groups == m.in_channels:
             # a Conv2d(groups=in_channels) is a DepthwiseConv2D: kernel (kh, kw, in, out // in)
@@ -68,6 +69,9 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
             counts[base] = n
             path = f"layers/{base}" if n == 0 else f"layers/{base}_{n}"
         taken.add(path)
+        if kind == "MultiheadAttention":
+            out.update(attention_export(slot, state, path))
+            continue
         sides = (
             [("forward_layer/", False), ("backward_layer/", True)] if slot.bidirectional else [("", False)]
         )
