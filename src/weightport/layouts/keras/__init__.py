@@ -15,6 +15,13 @@ What maps, and how (each a rule over :mod:`weightport.transforms`):
   ``Embedding`` as is, ``BatchNormalization`` gamma/beta/moving_mean/
   moving_variance -> weight/bias/running_mean/running_var (``num_batches_tracked``
   is set to 0: Keras counts no batches), ``LayerNormalization`` gamma/beta.
+- ``DepthwiseConv2D`` -> ``nn.Conv2d(groups=in)`` (kernel ``(kh, kw, in, m)`` to ``(in, m, kh, kw)``,
+  reshaped to ``(in*m, 1, kh, kw)``), ``SeparableConv2D`` -> two ``nn.Conv2d`` (its ``/depthwise`` and
+  ``/pointwise`` halves, each paired by proof), ``Conv1DTranspose``/``Conv2DTranspose`` ->
+  ``nn.ConvTranspose1d/2d``, ``GroupNormalization`` -> ``nn.GroupNorm``, ``MultiHeadAttention`` ->
+  ``nn.MultiheadAttention`` (:mod:`.attention`); ``Normalization``/``Rescaling`` hold no PyTorch weight and
+  are reported as ignored with their values (:mod:`.preprocessing`); padding, including a ``ZeroPadding2D``
+  before a conv, is held against the module's (:mod:`.padding`, :mod:`.graph`).
 
 Layers pair with the module's only where the pairing is proven
 (:func:`~weightport.layouts.pairing.pair_layers`): by name, by a unique kind and shape, or by
