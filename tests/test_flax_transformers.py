@@ -223,3 +223,27 @@ def test_flax_vit_own_param_of_another_shape_is_refused(flax_vit: tuple[Any, Pat
     with pytest.raises(WeightportError, match=r"embeddings\.position_embeddings.*\(1, 26, 32\)"):
         _load(module, path)
     assert snapshot(module) == before
+
+
+# --- with their heads ----------------------------------------------------------------------------------
+
+
+def test_flax_gpt2_lm_head_and_vit_classifier_load_exactly(tmp_path: Path) -> None:
+    """GPT-2's tied lm_head takes wte's value; ViT's classifier is a Dense under its own name."""
+    gpt2 = transformers.FlaxGPT2LMHeadModel(_gpt2_config(), seed=0)
+    path = _save(gpt2, tmp_path / "gpt2", 4)
+    module = transformers.GPT2LMHeadModel(gpt2.config).eval()
+    _load(module, path)
+    with torch.no_grad():
+        logits = module(torch.from_numpy(IDS).long()).logits.numpy()
+    assert _error(logits, np.asarray(gpt2(IDS).logits)) <= TOL
+
+    config = transformers.ViTConfig(**{**_vit_config().to_dict(), "num_labels": 3})
+    vit = transformers.FlaxViTForImageClassification(config, seed=0)
+    path = _save(vit, tmp_path / "vit", 5)
+    module = transformers.ViTForImageClassification(config).eval()
+    _load(module, path)
+    with torch.no_grad():
+        logits = module(torch.from_numpy(PIXELS)).logits.numpy()
+    assert _error(logits, np.asarray(vit(PIXELS).logits)) <= TOL
+    _assert_same_state(module, _converted(transformers.ViTForImageClassification(config), path))

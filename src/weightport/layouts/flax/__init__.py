@@ -16,7 +16,9 @@ Layers pair with the module's as :func:`~weightport.layouts.pairing.pair_layers`
 call order), or as ``mapping={"<layer name>": "module.path[layer]"}`` says; a layer's name is
 its path without the collection prefix, e.g. ``"encoder/cell"``, ``"Dense_0"``.
 The phases, one module each: :mod:`.tree` (the pytree), :mod:`.layers` (the layers in it,
-with :mod:`.cells` for recurrent cells), :mod:`.rules` (rules per kind), :mod:`.exporting`
+with :mod:`.cells` for recurrent cells), :mod:`.settle` (kinds the params leave open, settled by
+the names both sides use), :mod:`.rules` (rules per kind, with :mod:`.attention` and
+:mod:`.convolutions`), :mod:`.loose` (a model's own params, by name), :mod:`.exporting`
 (PyTorch -> Flax); :mod:`.facts` holds Flax's names shared by them.
 
 =================================================  ==============  =========================================
@@ -36,7 +38,18 @@ linen ``SimpleCell``: ``i`` (kernel, bias), ``h``  RNN             ``bias_ih = i
 ``Bidirectional``: ``forward_rnn``,                as its cell     forward -> ``_l<k>``, backward ->
 ``backward_rnn``                                                   ``_l<k>_reverse``
 ``Dense``/``Linear``: kernel (in,out), bias        Linear          ``weight = kernel.T``
-``Conv``: kernel (k..., in, out), bias             Conv1d/2d/3d    ``weight`` axes (out, in, k...)
+``DenseGeneral``: kernel (in..., out...), bias     Linear          ``weight = kernel.reshape(in, out).T``
+(out...) (:mod:`.attention`)
+transformers' ``FlaxConv1D``: kernel (out, in)     Conv1D          ``weight = kernel.T`` (transformers'
+(named as the module's Conv1D: :mod:`.settle`)                     ``Conv1D`` keeps (in, out))
+``MultiHeadDotProductAttention``: query, key,      Multihead-      ``in_proj_weight``, ``out_proj``
+value, out (DenseGeneral) (:mod:`.attention`)      Attention       (or its parts into Linears)
+``Conv``: kernel (k..., in, out), bias             Conv1d/2d/3d    ``weight`` axes (out, in, k...);
+                                                                   ``feature_group_count`` is ``groups``
+``ConvTranspose``: kernel (k..., in, out), bias    ConvTranspose   flipped spatially, axes (in, out,
+(:mod:`.convolutions`)                             1d/2d/3d        k...); ``transpose_kernel``: no flip
+``GroupNorm``: scale, bias                         GroupNorm       ``weight = scale``
+a model's own ``self.param`` (ViT's cls_token)     (by its name)   as is (:mod:`.loose`)
 ``Embed``: embedding (V,D)                         Embedding       as is
 ``LayerNorm``: scale, bias                         LayerNorm       ``weight = scale``
 ``BatchNorm``: scale, bias + batch_stats mean, var BatchNorm       ``running_mean/var``; batch count 0
@@ -76,12 +89,13 @@ from typing import Any
 from torch import nn
 
 from weightport.layouts.base import LayoutPlan, Rule
+from weightport.layouts.flax.convolutions import torch_padding
 from weightport.layouts.flax.exporting import export
 from weightport.layouts.flax.facts import APIS, COLLECTIONS, FRAMEWORK, ROOT, STATS, TRAINING_STATE
 from weightport.layouts.flax.layers import layers_in, settle_norm_kinds
 from weightport.layouts.flax.loose import loose_rules
 from weightport.layouts.flax.rules import MISSING_STATS, layer_rules, unchecked
-from weightport.layouts.flax.settle import settle_conv1d
+from weightport.layouts.flax.settle import settle_attention, settle_by_name, settle_conv1d
 from weightport.layouts.flax.tree import name_paths, recorded_order
 from weightport.layouts.pairing import (
     Paired,
@@ -94,7 +108,7 @@ from weightport.layouts.pairing import (
 )
 from weightport.sources.base import Source
 
-__all__ = ["NAME", "plan", "export", "describe", "APIS", "COLLECTIONS", "ROOT"]
+__all__ = ["NAME", "plan", "export", "describe", "torch_padding", "APIS", "COLLECTIONS", "ROOT"]
 
 NAME = "flax"
 
@@ -114,6 +128,8 @@ def plan(
     """
     names = list(source.infos)
     layers = layers_in(source)
+    settle_attention(layers, module, mapping)
+    settle_by_name(layers, module, mapping)
     settle_norm_kinds(layers, module)
     settle_conv1d(layers, module, mapping)
     wanted = [

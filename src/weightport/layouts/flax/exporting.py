@@ -15,6 +15,7 @@ from torch import nn
 
 from weightport.errors import LayoutError, UnsupportedConfigError
 from weightport.layouts.flax.cells import EXPORT_CELLS, with_article
+from weightport.layouts.flax.convolutions import flip_and_permute
 from weightport.layouts.flax.facts import APIS, T, conv_axes
 from weightport.layouts.slots import Slot, module_slots
 from weightport.torch_facts import RNN_KINDS
@@ -95,14 +96,39 @@ def _export_plain(
         if param == "weight":
             if kind in ("Linear", "Conv1D"):  # Dense (in, out); transformers' FlaxConv1D (features, in)
                 array = T(array)
+            elif kind.startswith(
+                "ConvTranspose"
+            ):  # Flax's default transpose_kernel=False: (k..., in, out), unflipped
+                if getattr(module, "groups", 1) != 1:
+                    raise UnsupportedConfigError(
+                        f"cannot export '{slot.label}' ({slot.describe()}) to Flax: groups={module.groups}; "
+                        "Flax's ConvTranspose has no feature groups."
+                    )
+                array = flip_and_permute((*array.shape[2:], *array.shape[:2])).inverse()(array)
             elif kind.startswith("Conv"):
                 array = Transpose(conv_axes(array.ndim)).inverse()(array)
-            leaf = {"Embedding": "embedding", "LayerNorm": "scale", "BatchNorm": "scale"}.get(kind, leaf)
+            leaf = {
+                "Embedding": "embedding",
+                "LayerNorm": "scale",
+                "BatchNorm": "scale",
+                "GroupNorm": "scale",
+            }.get(kind, leaf)
         prefix = f"{collection}/" if api == "linen" else ""
         out[f"{prefix}{path}/{leaf}"] = np.ascontiguousarray(array)
 
 
-_PLAIN_KINDS = {"Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding", "LayerNorm", "BatchNorm"}
+_PLAIN_KINDS = {
+    "Linear",
+    "Conv1D",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Embedding",
+    "LayerNorm",
+    "BatchNorm",
+    "GroupNorm",
+}
+_PLAIN_KINDS |= {"ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"}
 
 
 def _own(slot: Slot) -> bool:
@@ -152,8 +178,8 @@ def export(
     if refused:
         raise UnsupportedConfigError(
             f"cannot export {type(module).__name__} to the Flax layout: {', '.join(refused)} have no Flax "
-            "layer weightport maps (LSTM, GRU, RNN and their cells, Linear, Conv1d/2d/3d, Embedding, "
-            "LayerNorm, BatchNorm). Fix: export those layers with weightport.to_numpy instead."
+            "layer weightport maps (LSTM, GRU, RNN and their cells, Linear, transformers' Conv1D, Conv1d/2d/3d, "
+            "ConvTranspose1d/2d/3d, Embedding, LayerNorm, BatchNorm, GroupNorm). Fix: export those layers with weightport.to_numpy instead."
         )
     state = {name: numpy_of(t, copy=True) for name, t in module.state_dict().items()}
     out: dict[str, np.ndarray] = {}

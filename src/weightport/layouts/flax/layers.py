@@ -14,19 +14,24 @@ arrays is a Dense, Conv, Embed, LayerNorm or BatchNorm, by their names and the k
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from weightport.errors import UnsupportedConfigError
+from weightport.layouts.flax.attention import ATTENTION, PROJECTIONS, attention_node
 from weightport.layouts.flax.cells import CELLS, GATE_NAME, UNSUPPORTED_CELLS, CellSpec, with_article
 from weightport.layouts.flax.facts import ROOT, STATS
 from weightport.layouts.flax.tree import Tree, leaves_of, model_tree, ordered, tree_of
 from weightport.layouts.slots import module_slots
 from weightport.sources.base import Source
 
-__all__ = ["Layer", "layers_in", "settle_norm_kinds"]
+__all__ = ["Layer", "layers_in", "settle_norm_kinds", "DENSE_GENERAL"]
+
+DENSE_GENERAL = "DenseGeneral"
+_DENSE_GENERAL = re.compile(r"^(DenseGeneral|LinearGeneral)_\d+$")  # linen's auto names
 
 
 def layers_in(source: Source) -> list[Layer]:
@@ -46,6 +51,7 @@ class Layer:
     leaves: dict[str, str] = field(default_factory=dict)  # leaf relative to the layer -> source name
     cell: CellSpec | None = None
     backward: tuple[CellSpec, dict[str, str]] | None = None  # a Bidirectional's backward cell
+    parts: list[Layer] = field(default_factory=list)  # an attention layer's own layers, where it is split
 
 
 def _cell(path: str, node: Tree, source: Source) -> tuple[CellSpec, dict[str, str]] | None:
@@ -112,6 +118,9 @@ def _plain(path: str, node: Tree, source: Source) -> Layer | None:
         rank = len(source.infos[leaves["kernel"]].shape)
         if rank == 2:
             return Layer(path, "Linear", "Dense", leaves)
+        bias_rank = len(source.infos[leaves["bias"]].shape) if "bias" in leaves else 1
+        if rank > 2 and (bias_rank > 1 or _DENSE_GENERAL.match(path.rsplit("/", 1)[-1])):
+            return Layer(path, "Linear", DENSE_GENERAL, leaves)  # a Conv's bias is (out,); its name is Conv_#
         if 3 <= rank <= 5:
             return Layer(path, f"Conv{rank - 2}d", f"Conv ({rank - 2}-D)", leaves)
         return None
@@ -127,8 +136,28 @@ def _plain(path: str, node: Tree, source: Source) -> Layer | None:
     return None
 
 
+def _attention(name: str, node: Tree, source: Source) -> Layer | None:
+    """A Flax attention node: one layer, with its query/key/value/out (and q/k norms) as its parts."""
+    leaves = attention_node(node, source)
+    if leaves is None:
+        return None
+    parts = []
+    for key in node:
+        part = _plain(f"{name}/{key}", node[key], source)  # type: ignore[arg-type]
+        if part is None:
+            return None
+        if key in PROJECTIONS:
+            part.kind, part.detail = "Linear", DENSE_GENERAL
+        parts.append(part)
+    return Layer(name, ATTENTION, "MultiHeadDotProductAttention", leaves, parts=parts)
+
+
 def _find_layers(node: Tree, path: str, source: Source, out: list[Layer]) -> None:
     name = path or ROOT
+    attention = _attention(name, node, source)
+    if attention is not None:
+        out.append(attention)
+        return
     found = _cell(name, node, source)
     if found is not None:
         spec, leaves = found

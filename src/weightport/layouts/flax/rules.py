@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from weightport.errors import LayoutError, UnsupportedConfigError
 from weightport.layouts.base import Rule
+from weightport.layouts.flax.attention import ATTENTION, attention_rules, dense_general_rules
+from weightport.layouts.flax.convolutions import conv_transpose_rules
 from weightport.layouts.flax.facts import FRAMEWORK, T, conv_axes
-from weightport.layouts.flax.layers import Layer
+from weightport.layouts.flax.layers import DENSE_GENERAL, Layer
 from weightport.layouts.slots import Paired
 from weightport.sources.base import Source
 from weightport.torch_facts import RNN_GATE_COUNT, RNN_KINDS
@@ -35,8 +37,16 @@ MISSING_STATS = (
 
 
 def layer_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule]:
-    """The rules that put ``layer`` into ``pair.slot``: a cell's, or a plain layer's."""
-    return cell_rules(layer, pair, source) if layer.cell is not None else plain_rules(layer, pair, source)
+    """The rules that put ``layer`` into ``pair.slot``: a cell's, an attention's, or a plain layer's."""
+    if layer.cell is not None:
+        return cell_rules(layer, pair, source)
+    if layer.kind == ATTENTION:
+        return attention_rules(layer, pair, source)
+    if layer.detail == DENSE_GENERAL:
+        return dense_general_rules(layer, pair, source)
+    if layer.kind.startswith("ConvTranspose"):
+        return conv_transpose_rules(layer, pair, source)
+    return plain_rules(layer, pair, source)
 
 
 def cell_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule]:
@@ -126,6 +136,12 @@ def unchecked(pairs: list[tuple[Layer, Paired]]) -> list[str]:
                 f"'{p.slot.label}': Flax SimpleCell's activation_fn (tanh by default) must be the module's "
                 f"nonlinearity='{getattr(module, 'nonlinearity', 'tanh')}', and residual=False"
             )
+        elif lay.kind == ATTENTION:
+            notes.append(
+                f"'{p.slot.label}': Flax attention takes (batch, length, features), as the module does with "
+                f"batch_first=True (it has batch_first={getattr(module, 'batch_first', '?')}); its mask and "
+                "dropout are arguments of the call, not weights"
+            )
         elif lay.kind == "LayerNorm":
             notes.append(
                 f"'{p.slot.label}': the module has eps={getattr(module, 'eps', '?')}; Flax LayerNorm's epsilon "
@@ -137,7 +153,20 @@ def unchecked(pairs: list[tuple[Layer, Paired]]) -> list[str]:
                 f"'{p.slot.label}': Flax BatchNorm's epsilon (1e-5 by default) must equal the module's "
                 f"eps={getattr(module, 'eps', '?')}; PyTorch's momentum is 1 - Flax's (0.01 for Flax's 0.99)"
             )
-        elif lay.kind.startswith("Conv"):
+        elif lay.kind == "GroupNorm":
+            notes.append(
+                f"'{p.slot.label}': Flax GroupNorm's num_groups (32 by default) must be the module's "
+                f"num_groups={getattr(module, 'num_groups', '?')}, and its epsilon (1e-6 by default) the module's "
+                f"eps={getattr(module, 'eps', '?')}; Flax takes channels-last inputs"
+            )
+        elif lay.kind.startswith("ConvTranspose"):
+            notes.append(
+                f"'{p.slot.label}': Flax ConvTranspose's padding, strides and kernel_dilation (PyTorch's padding "
+                "and output_padding for them: weightport.layouts.flax.torch_padding, which refuses what PyTorch "
+                "cannot pad); a kernel with as many inputs as outputs is read as transpose_kernel=False (the "
+                "default); Flax takes channels-last inputs"
+            )
+        elif lay.kind.startswith("Conv") and lay.kind != "Conv1D":
             notes.append(
                 f"'{p.slot.label}': Flax Conv's padding ('SAME' by default; the module has "
                 f"padding={getattr(module, 'padding', '?')}), strides and dilation; Flax takes channels-last "

@@ -23,11 +23,12 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from weightport.layouts.flax.layers import Layer
+from weightport.layouts.flax.attention import ATTENTION
+from weightport.layouts.flax.layers import DENSE_GENERAL, Layer
 from weightport.layouts.flax.tree import name_paths
 from weightport.layouts.slots import Slot, module_slots
 
-__all__ = ["settle_conv1d", "named_slots", "CONV1D", "CONV1D_DETAIL"]
+__all__ = ["settle_conv1d", "settle_attention", "settle_by_name", "named_slots", "CONV1D", "CONV1D_DETAIL"]
 
 CONV1D = "Conv1D"  # the slot kind of transformers' Conv1D (see layouts.slots)
 CONV1D_DETAIL = "FlaxConv1D"
@@ -56,3 +57,59 @@ def settle_conv1d(layers: list[Layer], module: nn.Module, mapping: Mapping[str, 
         named = {slot.kind for slot in named_slots(layer.name, slots, mapping)}
         if named == {CONV1D} or (only_conv1d and not named):
             layer.kind, layer.detail = CONV1D, CONV1D_DETAIL
+
+
+def settle_attention(layers: list[Layer], module: nn.Module, mapping: Mapping[str, str] | None) -> None:
+    """Each Flax attention layer stays one (into an ``nn.MultiheadAttention``) or becomes its parts
+    (``DenseGeneral`` query/key/value/out into Linears, q/k norms into LayerNorms): one where its name is
+    an ``nn.MultiheadAttention``'s path, its parts where their names are modules' paths (or mapping=
+    names them), else one where the module has an ``nn.MultiheadAttention``, its parts where it has none.
+
+    A rank-3 or higher kernel read as a Conv becomes a DenseGeneral where its name is an ``nn.Linear``'s
+    path (a Conv's kernel (k, in, out) and a DenseGeneral's (in..., out) look alike).
+    """
+    slots = module_slots(module)
+    has_attention = ATTENTION in {slot.kind for slot in slots}
+    settled: list[Layer] = []
+    for layer in layers:
+        conv = layer.kind.startswith("Conv") and layer.kind != CONV1D
+        if conv and {slot.kind for slot in named_slots(layer.name, slots, mapping)} == {"Linear"}:
+            layer.kind, layer.detail = "Linear", DENSE_GENERAL
+        if layer.kind != ATTENTION:
+            settled.append(layer)
+            continue
+        whole = {slot.kind for slot in named_slots(layer.name, slots, mapping)}
+        parts = any(named_slots(part.name, slots, mapping) for part in layer.parts)
+        keep = ATTENTION in whole or (not parts and has_attention)
+        settled += [layer] if keep else layer.parts
+    layers[:] = settled
+
+
+_LOOK_ALIKE = {  # a kind the params read as -> kinds with the same params, told apart by names
+    "LayerNorm": ("GroupNorm",),  # scale and bias
+    "Conv1d": ("ConvTranspose1d",),  # kernel (k..., in, out) and bias
+    "Conv2d": ("ConvTranspose2d",),
+    "Conv3d": ("ConvTranspose3d",),
+}
+_AUTO = {"GroupNorm": "GroupNorm_", "ConvTranspose1d": "ConvTranspose_", "ConvTranspose2d": "ConvTranspose_"}
+_AUTO["ConvTranspose3d"] = "ConvTranspose_"
+
+
+def settle_by_name(layers: list[Layer], module: nn.Module, mapping: Mapping[str, str] | None) -> None:
+    """Layers whose params look like another kind's (a GroupNorm's are a LayerNorm's, a ConvTranspose's a
+    Conv's) take the other kind where Flax's own name says so (``GroupNorm_0``, ``ConvTranspose_1``),
+    where their name is such a module's path or ``mapping=`` sends them to one, or where the module has
+    that kind and not the one the params read as (unless Flax named the layer ``LayerNorm_0``/``Conv_0``:
+    then the model differs from the Flax one, and the pairing refuses it)."""
+    slots = module_slots(module)
+    kinds = {slot.kind for slot in slots}
+    for layer in layers:
+        for other in _LOOK_ALIKE.get(layer.kind, ()):
+            named = {slot.kind for slot in named_slots(layer.name, slots, mapping)}
+            last = layer.name.rsplit("/", 1)[-1]
+            auto = last.startswith(_AUTO[other])
+            own = last.startswith(("LayerNorm_", "Conv_"))  # Flax's own name says it is what it reads as
+            alone = not named and not own and other in kinds and layer.kind not in kinds
+            if named == {other} or (auto and not named) or alone:
+                layer.kind = other
+                layer.detail = "GroupNorm" if other == "GroupNorm" else "ConvTranspose"
