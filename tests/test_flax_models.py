@@ -381,3 +381,33 @@ def test_flax_layer_norm_is_not_read_as_a_group_norm(tmp_path: Path) -> None:
     variables, _ = _flax(Model(), IMAGE)
     module = tnn.Sequential(tnn.Conv2d(4, 6, 3, padding=1), tnn.GroupNorm(3, 6))
     _refused(module, _save(variables, tmp_path), WeightportError, "LayerNorm_0")
+
+
+def test_nnx_multi_head_attention_into_multihead_attention() -> None:
+    from flax import nnx
+
+    attention = nnx.MultiHeadAttention(num_heads=HEADS, in_features=E, rngs=nnx.Rngs(0), decode=False)
+    state = _perturb(nnx.state(attention, nnx.Param).to_pure_dict(), np.random.default_rng(9))
+    nnx.update(attention, state)
+    expected = np.asarray(attention(Q, KV))
+    module = tnn.MultiheadAttention(E, HEADS, batch_first=True)
+    report = _load(module, state)
+    _close(_torch_out(module, Q, KV, KV)[0], expected)
+    assert report.pairings[0].source_kind == "MultiHeadDotProductAttention"
+
+
+def test_dense_general_named_by_its_author_is_told_from_a_conv_by_the_module(tmp_path: Path) -> None:
+    """kernel (4, 3, 5) and bias (5,) are a 1-D Conv's params too; the module's Linear at 'proj' says which."""
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            return nn.DenseGeneral(5, axis=(-2, -1), name="proj")(x)
+
+    x = Q[:, :4, :3]
+    variables, expected = _flax(Model(), x)
+    module = tnn.Module()
+    module.proj = tnn.Linear(12, 5)
+    report = _load(module, _save(variables, tmp_path))
+    _close(_torch_out(module.proj, x.reshape(2, 12)), expected)
+    assert report.pairings[0].source_kind == "DenseGeneral"
