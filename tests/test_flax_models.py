@@ -411,3 +411,25 @@ def test_dense_general_named_by_its_author_is_told_from_a_conv_by_the_module(tmp
     report = _load(module, _save(variables, tmp_path))
     _close(_torch_out(module.proj, x.reshape(2, 12)), expected)
     assert report.pairings[0].source_kind == "DenseGeneral"
+
+
+@pytest.mark.parametrize("extra", ["add_zero_attn", "add_bias_kv"])
+def test_flax_attention_into_module_attending_an_extra_position_is_refused(
+    tmp_path: Path, extra: str
+) -> None:
+    variables, _ = _flax(FlaxAttention(), Q, KV)
+    _refused(
+        TorchAttention(E, HEADS, **{extra: True}), _save(variables, tmp_path), UnsupportedConfigError, extra
+    )
+
+
+def test_flax_attention_without_biases(tmp_path: Path) -> None:
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, q: Any, kv: Any) -> Any:
+            return nn.MultiHeadDotProductAttention(num_heads=HEADS, use_bias=False, name="attn")(q, kv)
+
+    variables, expected = _flax(Model(), Q, KV)
+    module = TorchAttention(E, HEADS, bias=False)
+    _load(module, _save(variables, tmp_path))
+    _close(_torch_out(module, Q, KV), expected)

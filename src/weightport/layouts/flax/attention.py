@@ -133,6 +133,13 @@ def attention_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule]:
             "nn.MultiheadAttention cannot. Fix: load its query/key/value/out into nn.Linear modules and apply "
             "the norms in your own attention."
         )
+    extras = [f"{a}=True" for a in ("add_zero_attn",) if getattr(module, a, False)]
+    extras += ["add_bias_kv=True"] if getattr(module, "bias_k", None) is not None else []
+    if extras:
+        raise UnsupportedConfigError(
+            f"{where}: the module has {' and '.join(extras)}, which Flax's attention has no counterpart for "
+            "(an extra attended position). Fix: build nn.MultiheadAttention without it."
+        )
     sizes = f"query input {q[0]}, {heads} heads x {head_dim} = {heads * head_dim} features, output {o[2]}"
     if not (q[0] == heads * head_dim == o[2] == embed) or k[1:] != q[1:] or v[1:] != q[1:] or o[:2] != q[1:]:
         raise UnsupportedConfigError(
