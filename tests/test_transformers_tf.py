@@ -32,6 +32,7 @@ SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "i
 IDS = np.random.default_rng(1).integers(0, 99, (2, 7)).astype(np.int32)
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2], dtype=np.int32)
 PIXELS = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
+AUDIO = np.random.default_rng(4).standard_normal((2, 800)).astype(np.float32)
 TOL = 1e-5  # of the output's scale
 
 
@@ -47,6 +48,27 @@ def _config(kind: str) -> Any:
     if kind == "resnet":
         return transformers.ResNetConfig(
             embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+        )
+    if kind == "bart":
+        return transformers.BartConfig(
+            vocab_size=99,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+        )
+    if kind == "wav2vec2":
+        return transformers.Wav2Vec2Config(
+            vocab_size=99,
+            **SIZES,
+            conv_dim=(8, 8),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
         )
     return transformers.BertConfig(vocab_size=99, **SIZES)
 
@@ -65,6 +87,11 @@ MODELS: dict[str, tuple[str, str, dict[str, np.ndarray]]] = {
     "t5": ("TFT5Model", "T5Model", {"input_ids": IDS, "decoder_input_ids": IDS[:, ::-1].copy()}),
     # Conv2D kernels and BatchNormalization's moving statistics
     "resnet": ("TFResNetModel", "ResNetModel", {"pixel_values": PIXELS}),
+    # 'model.shared/model.shared/embeddings:0' inside 'model'; 'final_logits_bias:0', a layer of one
+    # variable, fills a persistent buffer
+    "bart": ("TFBartForConditionalGeneration", "BartForConditionalGeneration", TEXT),
+    # weight_g/weight_v fill the weight-norm parametrization's original0/original1
+    "wav2vec2": ("TFWav2Vec2Model", "Wav2Vec2Model", {"input_values": AUDIO}),
 }
 _OUTPUTS = ("logits", "prediction_logits", "last_hidden_state")
 
@@ -155,15 +182,22 @@ def test_loads_exactly(checkpoint: Checkpoint) -> None:
 def test_state_dict_is_transformers_converters_bit_for_bit(checkpoint: Checkpoint) -> None:
     kind, path, _ = checkpoint
     module = _torch_model(kind)
-    _load(module, path)
+    report = _load(module, path)
     ours, theirs = module.state_dict(), _converted(kind, path).state_dict()
     assert list(ours) == list(theirs)
-    # transformers' converter reads parameters only: BatchNorm's statistics stay as built (see below)
-    stats = {n for n in ours if n.endswith(("running_mean", "running_var"))}
-    assert (kind == "resnet") == bool(stats)
-    for name in ours:
-        if name not in stats:
-            assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+    # transformers' converter reads parameters only: buffers the file holds (BatchNorm's statistics,
+    # BART's final_logits_bias) it leaves as built; they are the file's here
+    params = dict(module.named_parameters(remove_duplicate=False))
+    from_file = {row.target: row.origin.split(" ", 1)[1] for row in report.rows if row.target not in params}
+    assert (kind in ("resnet", "bart")) == bool(from_file)
+    with weightport.open_source(path) as source:
+        for name in ours:
+            if name in from_file and not name.endswith("num_batches_tracked"):
+                assert np.array_equal(
+                    ours[name].numpy(), source.read(from_file[name]).reshape(ours[name].shape)
+                )
+            elif name in params or name not in from_file:
+                assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
 
 
 def test_batchnorm_statistics_are_the_files(checkpoints: Callable[[str], Checkpoint]) -> None:

@@ -105,18 +105,21 @@ def _copies(layers: list[Layer], source: Source) -> dict[str, str] | None:
     ``None`` where a weight's name follows no convention of transformers' TF checkpoints.
 
     Each weight is named ``<scope>/<its layer>/...`` (the scope is the model's, or the layer's own for
-    a layer built outside the model, as T5's ``shared``); TF also lists a weight under every other
-    layer that uses it (BERT's word embeddings under ``mlm___cls``, ``shared`` under T5's ``encoder``),
-    and the file holds it again there.
+    a layer built outside the model, as T5's ``shared``; BART's ``model.shared`` inside ``model`` is a
+    part of it), or is one variable named as its layer (BART's ``final_logits_bias:0``); TF also lists
+    a weight under every other layer that uses it (BERT's word embeddings under ``mlm___cls``,
+    ``shared`` under T5's ``encoder``), and the file holds it again there.
     """
     copies: dict[str, str] = {}
     for layer in layers:
         for tensor in layer.tensors:
             name = _weight_name(layer, tensor)
             raw = name.split("/")
+            if len(raw) == 1 and name.replace(":0", "") == layer.path:
+                continue
             if len(raw) < 3:
                 return None
-            if raw[1] == layer.path:
+            if raw[1] == layer.path or raw[1].startswith(layer.path + "."):
                 continue
             own = f"{raw[1]}/{name}"
             if own not in source.infos:
@@ -156,7 +159,7 @@ def _variables(layers: list[Layer], source: Source, copies: Mapping[str, str]) -
             name = _weight_name(layer, tensor)
             parts = _components(name)
             raw = name.replace(":0", "").split("/")
-            inner = "/".join(raw[1:-1] if len(raw) > 2 else raw[:-1])
+            inner = "/".join(raw[1:-1] if len(raw) > 2 else raw[:-1]) or layer.path
             shape = source.infos[tensor].shape
             found.append(_Variable(tensor, layer.path, tuple(torch_path(name)), parts[-1], shape, inner))
     return found
@@ -184,15 +187,33 @@ def _targets(
 ) -> dict[str, str]:
     """Source tensor -> the module's name for it (see the module doc for where the layer's name goes)."""
     children = {name for name, _ in module.named_children()}
+    names = _names(module)
     out = {}
     for v in variables:
-        path = list(v.path)
-        if v.layer in mapping:
-            path = [mapping[v.layer], *path[1:]] if mapping[v.layer] else path[1:]
-        elif v.layer in main and path[0] == v.layer and v.layer not in children:
-            path = path[1:]  # the module is that layer (BertModel for 'bert')
-        out[v.tensor] = ".".join(path)
+        name = ".".join(v.path)
+        inside = name.startswith(v.layer + ".")
+        if v.layer in mapping and inside:
+            name = ".".join(p for p in (mapping[v.layer], name[len(v.layer) + 1 :]) if p)
+        elif v.layer in main and inside and v.layer not in children:
+            name = name[len(v.layer) + 1 :]  # the module is that layer (BertModel for 'bert')
+        out[v.tensor] = _parametrized(name, names)
     return out
+
+
+def _parametrized(name: str, names: Mapping[str, str]) -> str:
+    """An old weight-norm name (``conv.weight_g``/``weight_v``) as the module's parametrization names it
+    (``conv.parametrizations.weight.original0``/``original1``), where the module has that instead.
+
+    >>> _parametrized("conv.weight_v", {"conv.parametrizations.weight.original1": "parameter"})
+    'conv.parametrizations.weight.original1'
+    """
+    path, _, leaf = name.rpartition(".")
+    if name in names or leaf[-2:] not in ("_g", "_v"):
+        return name
+    new = (
+        f"{path + '.' if path else ''}parametrizations.{leaf[:-2]}.original{0 if leaf.endswith('_g') else 1}"
+    )
+    return new if new in names else name
 
 
 def _hits(module: nn.Module, variables: list[_Variable], main: set[str], mapping: Mapping[str, str]) -> int:
@@ -284,10 +305,14 @@ def plan(
     batchnorms: list[str] = []
     for v in variables:
         target = targets[v.tensor]
-        module_path = target.rpartition(".")[0]
+        module_path = target.split(".parametrizations.")[0] if ".parametrizations." in target else target
+        module_path = module_path.rpartition(".")[0]
         owner = owners.get(module_path)
         op = _op(v, owner, shapes.get(target))
-        stripped = v.layer not in mapping and len(target.split(".")) < len(v.path)
+        named = ".".join(v.path).startswith(v.layer + ".")
+        stripped = (
+            v.layer in main and v.layer not in mapping and named and not target.startswith(v.layer + ".")
+        )
         rules.append(Rule(lead + target, (v.tensor,), op, f"{where} {v.tensor}"))
         if target in names and owner is not None:
             key = (v.inner, module_path)
