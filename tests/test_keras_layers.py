@@ -314,7 +314,7 @@ def test_inspect_names_keras_variables_and_flags_what_does_not_port(tmp_path: Pa
     from weightport.inspect import describe_source, format_description
 
     inputs = keras.Input((4, 4, 3))
-    y = keras.layers.Rescaling(0.5)(inputs)
+    y = keras.layers.Rescaling(0.5, name="scale")(inputs)
     y = keras.layers.Conv2D(2, 3)(y)
     y = keras.layers.BatchNormalization()(y)
     y = keras.layers.Reshape((4, 2))(y)
@@ -332,6 +332,7 @@ def test_inspect_names_keras_variables_and_flags_what_does_not_port(tmp_path: Pa
         text = format_description(info)
         assert "batch_normalization moving_variance" in text, text
         if path.suffix == ".keras":
+            assert "  scale: Rescaling, 0 tensors; not ported: no PyTorch module computes it" in text, text
             assert "p_re_lu: PReLU, 1 tensor; not ported: weightport has no rule for Keras PReLU" in text, (
                 text
             )

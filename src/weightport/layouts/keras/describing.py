@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from weightport.errors import WeightportError
-from weightport.layouts.keras.layers import KINDS, PREPROCESSING, collect, resolve, wrapped_kind
+from weightport.layouts.keras.layers import KINDS, PREPROCESSING, Layer, collect, resolve, wrapped_kind
 from weightport.sources.base import Source
 
 __all__ = ["describe"]
@@ -19,7 +19,9 @@ __all__ = ["describe"]
 _ALL_KINDS = set(KINDS.values())
 
 
-def _why_not(cls: str | None) -> str:
+def _why_not(cls: str | None, legacy: bool = False) -> str:
+    if cls == "MultiHeadAttention" and legacy:
+        return "a legacy .h5 names its attention weights without their sublayers' groups: save the model as .keras"
     if cls in PREPROCESSING:
         return "no PyTorch module computes it: reported as ignored with its values; apply it to the input"
     return f"weightport has no rule for Keras {cls}: load its arrays yourself, under the module's names"
@@ -28,6 +30,19 @@ def _why_not(cls: str | None) -> str:
 def describe(source: Source) -> list[dict[str, Any]]:
     """The Keras layers in ``source`` in model order where known, with their variables' Keras names."""
     layers, _ = collect(source)
+    named = {layer.name for layer in layers}
+    for position, rec in enumerate(source.metadata.get("layers") or []):
+        if rec.get("class_name") in PREPROCESSING and rec.get("name") not in named:  # no tensors: Rescaling
+            layers.append(
+                Layer(
+                    "",
+                    str(rec.get("name")),
+                    rec.get("class_name"),
+                    rec.get("config"),
+                    seq=("model",),
+                    index=position,
+                )
+            )
     layers.sort(key=lambda layer: (layer.seq, layer.index))
     out = []
     for layer in layers:
@@ -53,7 +68,9 @@ def describe(source: Source) -> list[dict[str, Any]]:
             variables = {t: r for r, t in zip(roles, layer.tensors)}
             why = _why_not(layer.class_name)
         else:
-            why = why or _why_not(layer.class_name or "(class not recorded, shapes fit no kind)")
+            why = why or _why_not(
+                layer.class_name or "(class not recorded, shapes fit no kind)", layer.legacy is not None
+            )
         out.append(
             {
                 "name": layer.name,
