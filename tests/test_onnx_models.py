@@ -151,3 +151,91 @@ def test_timm_models_through_the_dynamo_exporter(arch: str, tmp_path: Path) -> N
     _load(model, exported)
     assert exported.error(model, exported.expected) < TOL
     assert exported.error(model, exported.torch_out) < TOL
+
+
+# --- attention: nn.MultiheadAttention and a small ViT -------------------------------------------------------------
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def _random_parameters(model: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+def _vit(seed: int) -> nn.Module:
+    vit = torchvision().models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+    return _random_parameters(vit, seed)
+
+
+def _port(make: Any, x: torch.Tensor, path: Path, dynamo: bool) -> tuple[nn.Module, np.ndarray, np.ndarray]:
+    original = make(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(original, (x,), str(path), dynamo=dynamo)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        return make(1), np.asarray(expected), original(x).numpy()
+
+
+def _rel(model: nn.Module, x: torch.Tensor, expected: np.ndarray) -> float:
+    with torch.no_grad():
+        return float(np.abs(model(x).numpy() - expected).max() / np.abs(expected).max())
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_multihead_attention_loads_exactly(dynamo: bool, tmp_path: Path) -> None:
+    x = torch.from_numpy(np.random.RandomState(3).standard_normal((2, 5, 8)).astype(np.float32))
+    model, expected, torch_out = _port(
+        lambda s: _random_parameters(_Attention(), s), x, tmp_path / "m.onnx", dynamo
+    )
+    with pytest.warns(UncheckedConfigWarning, match="num_heads and batch_first"):
+        report = weightport.load(model, tmp_path / "m.onnx")
+    assert _rel(model, x, expected) < TOL and _rel(model, x, torch_out) < TOL
+    (pairing,) = [p for p in report.pairings if p.module_path == "attn"]
+    assert pairing.module_kind == "MultiheadAttention" and pairing.how == "by name"
+
+
+def test_a_vit_through_the_legacy_exporter_loads_exactly(tmp_path: Path) -> None:
+    x = torch.from_numpy(np.random.RandomState(4).standard_normal((1, 3, 32, 32)).astype(np.float32))
+    model, expected, torch_out = _port(_vit, x, tmp_path / "vit.onnx", dynamo=False)
+    with pytest.warns(UncheckedConfigWarning, match="num_heads and batch_first"):
+        # the MLPs' MatMul weights are the exporter's onnx::MatMul_*: the call order places them
+        report = weightport.load(model, tmp_path / "vit.onnx", example_inputs=(x,))
+    assert _rel(model, x, expected) < TOL and _rel(model, x, torch_out) < TOL
+    kinds = [p.module_kind for p in report.pairings]
+    assert kinds.count("MultiheadAttention") == 2 and kinds.count("Linear") == 5
+    assert {p.module_path for p in report.pairings if p.source_kind == "ONNX initializer"} == {
+        "class_token",
+        "encoder.pos_embedding",
+    }
+
+
+def test_a_vit_through_the_dynamo_exporter_is_refused_for_its_folded_class_token(tmp_path: Path) -> None:
+    """With a fixed batch size the dynamo exporter folds Expand(class_token) into a constant named 'expand':
+    nothing proves it is class_token, and the refusal says so (the attention layers themselves pair)."""
+    x = torch.from_numpy(np.random.RandomState(4).standard_normal((1, 3, 32, 32)).astype(np.float32))
+    model, _, _ = _port(_vit, x, tmp_path / "vit.onnx", dynamo=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(weightport.LoadError) as caught:
+        weightport.load(model, tmp_path / "vit.onnx", example_inputs=(x,))
+    message = str(caught.value)
+    assert "the graph has no initializer named 'class_token' (1, 1, 32)" in message
+    assert "unread initializers of its shape: 'expand'" in message
+    assert "dynamic batch axis" in message and "dynamo=False" in message
+    assert message.count("problems") <= 1 and "unpaired" not in message and "val_" not in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -24,6 +24,10 @@ What maps, and how:
   into, loads as its exact eval-mode equivalent (:mod:`.folding`), and the plan says
   its training statistics are not in the file. A Conv bias the graph expands from a
   stored zero (the dynamo exporter without ``optimize``) is no bias.
+- ``nn.MultiheadAttention`` (one slot with its ``out_proj``): the packed in_proj ``MatMul``(+``Add``) and
+  the out_proj ``Gemm``, tied by their stored names ``<path>.in_proj_bias`` and ``<path>.out_proj.weight``
+  (:mod:`.attention`); ``num_heads`` and ``batch_first`` are reported unchecked. Parameters of modules of
+  no known kind (a ViT's ``class_token``) take the initializer of their exact name and shape.
 
 A weight may reach its node through ``Identity`` nodes (exporters write one for a tensor used twice)
 and ``Cast`` nodes that widen exactly (float16 storage read as float32); nothing else is evaluated.
@@ -74,7 +78,8 @@ from the module and reported as unchecked.
 
 The package, one phase a module (each imports only those before it): ``ops`` (what each ONNX op is in
 PyTorch), ``graph`` (nodes, wiring, values followed), ``issues`` (refusals), ``pads``, ``checks`` (node
-settings), ``layers`` (finding the layers), ``rules`` (rules for a paired layer), ``folding`` (BatchNorms folded
+settings), ``attention`` (MultiheadAttention and named parameters), ``layers`` (finding the layers), ``rules``
+(rules for a paired layer), ``folding`` (BatchNorms folded
 into the layer before them), ``hints`` (why a module layer got nothing) and ``arrays`` (export() and its
 key scheme).
 
@@ -93,6 +98,7 @@ from torch import nn
 from weightport.errors import LayoutError
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.onnx.arrays import export, nodes_from_keys
+from weightport.layouts.onnx.attention import named_parameter_rules
 from weightport.layouts.onnx.folding import FOLDS_INTO, fold_rules, followers, statistics_note
 from weightport.layouts.onnx.graph import read_nodes, weight_names
 from weightport.layouts.onnx.hints import explain_unrolled_recurrence, loop_hints, unmapped_hints
@@ -198,6 +204,14 @@ def plan(
     hints = loop_hints(module, layers, nodes, source) if "nodes" in source.metadata else {}
     if "nodes" in source.metadata:
         unmapped_hints(module, layers, nodes, source, hints)
+        more, named, why = named_parameter_rules(module, source, used)
+        rules, pairings, used = (
+            rules + more,
+            pairings + named,
+            used | {s for rule in more for s in rule.sources},
+        )
+        for path, hint in why.items():
+            hints.setdefault(path, hint)
     return LayoutPlan(
         name=NAME,
         rules=rules,

@@ -76,6 +76,7 @@ class Layer:
     # (begin, end), or None where the graph computes them); torch.onnx.export writes one for padding_mode
     # other than 'zeros'.
     pad: tuple[str, tuple[tuple[int, ...], tuple[int, ...]] | None] | None = None
+    owner: str | None = None  # the module path its stored names prove, where they name one (attention)
 
 
 def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:
@@ -267,9 +268,29 @@ def weight_names(source: Source) -> list[str]:
     zero their initial states are expanded from, or a loop's bounds, that way.
     """
     names = source.metadata.get("initializers", list(source.infos))
+    scales = _scalar_constants(source)
     return [
-        n for n in names if n in source.infos and is_float(source.infos[n].dtype) and source.infos[n].shape
+        n
+        for n in names
+        if n in source.infos and is_float(source.infos[n].dtype) and source.infos[n].shape and n not in scales
     ]
+
+
+_ARITHMETIC = frozenset({"Mul", "Div", "Add", "Sub", "Pow"})
+
+
+def _scalar_constants(source: Source) -> set[str]:
+    """One-element initializers that only arithmetic nodes read: graph code, as scalars are (the dynamo
+    exporter stores attention's ``1/sqrt(sqrt(head_dim))`` as a ``(1,)`` tensor multiplying q and k)."""
+    readers: dict[str, set[str]] = {}
+    for node in source.metadata.get("nodes", []):
+        for name in node["inputs"]:
+            readers.setdefault(name, set()).add(node["op_type"])
+    return {
+        name
+        for name, ops in readers.items()
+        if name in source.infos and math.prod(source.infos[name].shape) == 1 and ops <= _ARITHMETIC
+    }
 
 
 def is_float(dtype: np.dtype) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from weightport.layouts.onnx.attention import attention_layers
 from weightport.layouts.onnx.checks import check_recurrent_node
 from weightport.layouts.onnx.graph import (
     Graph,
@@ -61,12 +62,15 @@ def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: se
         if key not in seen:
             seen.add(key)
             layers.append(layer)
-    return layers
+    return attention_layers(layers, source)
 
 
 def named_path(layer: Layer) -> tuple[str, ...]:
     """The module path a layer's stored tensors name, where they all share one (``head.weight``, ``head.bias``:
-    ``head``, as torch.onnx.export keeps parameter names); synthetic names (``onnx::LSTM_201``) name none."""
+    ``head``, as torch.onnx.export keeps parameter names); synthetic names (``onnx::LSTM_201``) name none;
+    an attention layer's is the one its in_proj and out_proj names prove."""
+    if layer.owner is not None:
+        return (layer.owner,) if layer.owner else ()
     owners = {name.rpartition(".")[0] for name in layer.tensors.values()}
     (owner,) = owners if len(owners) == 1 else ("",)
     return (owner,) if owner and ":" not in owner else ()

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from weightport.layouts.base import Rule
+from weightport.layouts.onnx.attention import ATTENTION, attention_rules
 from weightport.layouts.onnx.checks import check_conv, check_norm, check_recurrent_module
 from weightport.layouts.onnx.graph import Layer, all_zero
 from weightport.layouts.onnx.issues import Issues
@@ -46,6 +47,8 @@ def layer_rules(
         return _recurrent_rules(layer, pair, source, issues, validated)
     if layer.node.op_type in NORMS:
         return _norm_rules(layer, pair, source, issues, validated)
+    if layer.kind == ATTENTION:
+        return attention_rules(layer, pair, source, issues, validated, unchecked)
     return _plain_rules(layer, pair, source, issues, validated, unchecked, folds)
 
 

@@ -1,0 +1,186 @@
+"""``nn.MultiheadAttention`` as torch.onnx.export writes it, and parameters of modules of no known kind.
+
+Both exporters write an ``nn.MultiheadAttention`` (``kdim == vdim == embed_dim``) as one ``MatMul`` by the
+packed input projection, stored transposed ``(d, 3d)`` under a name of the exporter's own (``val_12``,
+``onnx::MatMul_379``), followed by the ``Add`` of ``<path>.in_proj_bias``; the heads are split, scaled and
+multiplied; then a ``Gemm`` by ``<path>.out_proj.weight`` (and ``.bias``). The two Linear layers found are
+one attention layer where the stored names prove it: an in_proj bias (or weight) named
+``<path>.in_proj_bias`` and an out_proj weight named ``<path>.out_proj.weight``, with ``3d`` and ``d``
+outputs. It fills the one slot of the module at ``<path>`` (its ``out_proj`` included). Without those names
+(``bias=False``, so nothing names the in_proj) nothing proves which MatMul is which attention's, and the two
+stay Linear layers that pair with no module: the missing module's hint says so.
+
+A module of no known kind (``VisionTransformer``'s ``class_token``, its encoder's ``pos_embedding``) takes
+an initializer named exactly as its parameter, of its shape: the exporters keep a parameter's name for the
+tensor itself. An initializer computed from it gets another name (the dynamo exporter with a fixed batch
+size folds ``Expand(class_token)`` into one named ``expand``): the missing parameter's hint says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from weightport.layouts.base import Pairing, Rule
+from weightport.layouts.onnx.graph import Layer, all_zero
+from weightport.layouts.onnx.issues import Issues
+from weightport.layouts.pairing import Paired, module_slots
+from weightport.sources.base import Source
+from weightport.transforms import Identity, Zeros
+
+__all__ = ["ATTENTION", "attention_layers", "attention_rules", "named_parameter_rules"]
+
+ATTENTION = "MultiheadAttention"
+_IN = (".in_proj_bias", ".in_proj_weight")
+_OUT = ".out_proj.weight"
+
+
+def _owner(layer: Layer, suffixes: tuple[str, ...]) -> str | None:
+    for name in layer.tensors.values():
+        for suffix in suffixes:
+            if name == suffix[1:]:
+                return ""  # the model is the attention module itself
+            if name.endswith(suffix) and ":" not in name:
+                return name[: -len(suffix)]
+    return None
+
+
+def attention_layers(layers: list[Layer], source: Source) -> list[Layer]:
+    """``layers`` with each in_proj/out_proj pair of Linear layers that the stored names tie to one
+    ``nn.MultiheadAttention`` made one layer of kind ``MultiheadAttention`` (where the in_proj was)."""
+    out_at = {}
+    for i, layer in enumerate(layers):
+        owner = _owner(layer, (_OUT,)) if layer.kind == "Linear" else None
+        if owner is not None and layer.tensors["weight"] == (f"{owner}{_OUT}" if owner else _OUT[1:]):
+            out_at[owner] = i
+    merged: dict[int, Layer] = {}
+    dropped: set[int] = set()
+    for i, layer in enumerate(layers):
+        owner = _owner(layer, _IN) if layer.kind == "Linear" else None
+        if owner is None or owner not in out_at or out_at[owner] in dropped:
+            continue
+        out = layers[out_at[owner]]
+        d = _outputs(out, source)
+        if d is None or _outputs(layer, source) != 3 * d:
+            continue
+        tensors = {f"in_proj_{k}": v for k, v in layer.tensors.items()}
+        tensors |= {f"out_proj.{k}": v for k, v in out.tensors.items()}
+        ops = {f"in_proj_{k}": v for k, v in layer.ops.items()} | {
+            f"out_proj.{k}": v for k, v in out.ops.items()
+        }
+        merged[i] = Layer(
+            layer.node,
+            ATTENTION,
+            tensors,
+            ops,
+            detail=f"{layer.detail} (in_proj) and {out.detail} '{out.node.label}' (out_proj)",
+            owner=owner,
+        )
+        dropped.add(out_at[owner])
+    return [merged.get(i, layer) for i, layer in enumerate(layers) if i not in dropped]
+
+
+def _outputs(layer: Layer, source: Source) -> int | None:
+    """A Linear layer's output size, from its weight after its op."""
+    shape = source.infos[layer.tensors["weight"]].shape
+    try:
+        out = layer.ops.get("weight", Identity()).out_shape([tuple(shape)])
+    except ValueError:
+        return None
+    return int(out[0]) if len(out) == 2 else None
+
+
+def attention_rules(
+    layer: Layer, pair: Paired, source: Source, issues: Issues, validated: set[str], unchecked: list[str]
+) -> list[Rule]:
+    slot, node = pair.slot, layer.node
+    module: Any = slot.module
+    if not module._qkv_same_embed_dim or module.bias_k is not None:
+        issues.add(
+            node,
+            f"'{slot.label}' has separate q/k/v projections (kdim/vdim other than embed_dim) or add_bias_kv=True, "
+            "while the graph has one packed in_proj and no extra key/value bias. Fix: build it with kdim=vdim="
+            "embed_dim and add_bias_kv=False.",
+        )
+        return []
+    rules = []
+    for role, param in (
+        ("in_proj_weight", "in_proj_weight"),
+        ("in_proj_bias", "in_proj_bias"),
+        ("out_proj.weight", "out_proj.weight"),
+        ("out_proj.bias", "out_proj.bias"),
+    ):
+        name = layer.tensors.get(role)
+        target = module.get_parameter(param) if _has(module, param) else None
+        origin = f"{source.description} node '{node.label}' {role.replace('_', ' ', 1)} '{name}'"
+        if name is not None and target is None:
+            if all_zero(source, name):
+                validated.add(name)
+            else:
+                issues.add(
+                    node,
+                    f"has {role} '{name}' but '{slot.label}' was built with bias=False. Fix: build it with bias=True.",
+                )
+        elif name is not None:
+            rules.append(Rule(slot.name(param), (name,), layer.ops.get(role, Identity()), origin))
+        elif target is not None:
+            rules.append(
+                Rule(
+                    slot.name(param),
+                    (),
+                    Zeros(tuple(target.shape)),
+                    f"{source.description} node '{node.label}' has no {role}: zeros",
+                )
+            )
+    note = "num_heads and batch_first of nn.MultiheadAttention: the graph's Reshape sizes and Transposes carry them, not its weights"
+    if note not in unchecked:
+        unchecked.append(note)
+    return rules
+
+
+def _has(module: nn.Module, param: str) -> bool:
+    try:
+        return module.get_parameter(param) is not None
+    except AttributeError:
+        return False
+
+
+def named_parameter_rules(
+    module: nn.Module, source: Source, used: set[str]
+) -> tuple[list[Rule], list[Pairing], dict[str, str]]:
+    """Rules for the parameters of modules of no known kind from initializers of their exact names and shapes;
+    the pairings to report; and, for those with none, why (module path -> hint)."""
+    rules: list[Rule] = []
+    pairings: list[Pairing] = []
+    hints: dict[str, str] = {}
+    for slot in module_slots(module):
+        if not slot.kind.startswith("other:"):
+            continue
+        for param, tensor in slot.module.named_parameters(recurse=False):
+            full = slot.name(param)
+            info = source.infos.get(full)
+            if info is not None and tuple(info.shape) == tuple(tensor.shape) and full not in used:
+                rules.append(Rule(full, (full,), Identity(), f"{source.description} initializer '{full}'"))
+                pairings.append(
+                    Pairing(
+                        full,
+                        "ONNX initializer",
+                        full,
+                        type(slot.module).__name__,
+                        "by name (the initializer is the parameter)",
+                    )
+                )
+                continue
+            alike = [
+                n for n, i in source.infos.items() if tuple(i.shape) == tuple(tensor.shape) and n not in used
+            ]
+            hints.setdefault(
+                slot.path,
+                f"the graph has no initializer named '{full}' {tuple(tensor.shape)}: the exporter computed the "
+                "parameter into another constant (torch.onnx.export(dynamo=True) with a fixed batch size folds "
+                f"Expand(class_token) so); unread initializers of its shape: {', '.join(repr(n) for n in alike[:4]) or 'none'}, "
+                "and nothing proves which is it. Fix: export with a dynamic batch axis (dynamic_shapes=...) or "
+                "dynamo=False, which keep the parameter under its name",
+            )
+    return rules, pairings, hints
