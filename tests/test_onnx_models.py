@@ -239,3 +239,18 @@ def test_a_vit_through_the_dynamo_exporter_is_refused_for_its_folded_class_token
     assert "dynamic batch axis" in message and "dynamo=False" in message
     assert message.count("problems") <= 1 and "unpaired" not in message and "val_" not in message
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_attention_without_bias_is_refused_with_the_reason(dynamo: bool, tmp_path: Path) -> None:
+    """bias=False leaves nothing that names the packed in_proj: the two projections are not tied by proof."""
+
+    def make(seed: int) -> nn.Module:
+        model = _Attention()
+        model.attn = nn.MultiheadAttention(8, 2, batch_first=True, bias=False)
+        return _random_parameters(model, seed)
+
+    x = torch.from_numpy(np.random.RandomState(3).standard_normal((2, 5, 8)).astype(np.float32))
+    model, _, _ = _port(make, x, tmp_path / "m.onnx", dynamo)
+    with pytest.raises(LayoutError, match="nothing ties it to 'attn'.*the module has no bias"):
+        weightport.load(model, tmp_path / "m.onnx")

@@ -98,7 +98,7 @@ from torch import nn
 from weightport.errors import LayoutError
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.onnx.arrays import export, nodes_from_keys
-from weightport.layouts.onnx.attention import named_parameter_rules
+from weightport.layouts.onnx.attention import explain_unnamed_attention, named_parameter_rules
 from weightport.layouts.onnx.folding import FOLDS_INTO, fold_rules, followers, statistics_note
 from weightport.layouts.onnx.graph import read_nodes, weight_names
 from weightport.layouts.onnx.hints import explain_unrolled_recurrence, loop_hints, unmapped_hints
@@ -181,6 +181,7 @@ def plan(
         )
     except LayoutError as e:
         explain_unrolled_recurrence(module, layers, source.description, e)
+        explain_unnamed_attention(module, layers, source, e)
         raise
     rules: list[Rule] = []
     pairings = as_pairings(paired)

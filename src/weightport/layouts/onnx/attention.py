@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from weightport.errors import LayoutError
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.onnx.graph import Layer, all_zero
 from weightport.layouts.onnx.issues import Issues
@@ -29,7 +30,13 @@ from weightport.layouts.pairing import Paired, module_slots
 from weightport.sources.base import Source
 from weightport.transforms import Identity, Zeros
 
-__all__ = ["ATTENTION", "attention_layers", "attention_rules", "named_parameter_rules"]
+__all__ = [
+    "ATTENTION",
+    "attention_layers",
+    "attention_rules",
+    "explain_unnamed_attention",
+    "named_parameter_rules",
+]
 
 ATTENTION = "MultiheadAttention"
 _IN = (".in_proj_bias", ".in_proj_weight")
@@ -184,3 +191,32 @@ def named_parameter_rules(
                 "dynamo=False, which keep the parameter under its name",
             )
     return rules, pairings, hints
+
+
+def explain_unnamed_attention(
+    module: nn.Module, layers: list[Layer], source: Source, error: LayoutError
+) -> None:
+    """When pairing failed, the model has an ``nn.MultiheadAttention`` that no attention layer was found for,
+    and the graph has a Linear layer of its packed in_proj's size: say why they were not tied."""
+    found = {layer.owner for layer in layers if layer.kind == ATTENTION}
+    for slot in module_slots(module):
+        attention: Any = slot.module
+        if slot.kind != ATTENTION or slot.path in found:
+            continue
+        packed = [
+            layer.node.label
+            for layer in layers
+            if layer.kind == "Linear" and _outputs(layer, source) == 3 * int(attention.embed_dim)
+        ]
+        if not packed:
+            continue
+        label = f"'{slot.path}'" if slot.path else "the model itself"
+        raise LayoutError(
+            f"{source.description} has a MatMul of nn.MultiheadAttention's packed in_proj size "
+            f"({', '.join(repr(p) for p in packed[:4])}), but nothing ties it to {label}: the exporter names the "
+            f"in_proj only through its bias '{slot.name('in_proj_bias')}', and "
+            f"{'the module has no bias (bias=False)' if attention.in_proj_bias is None else 'no such tensor is stored'}, "
+            "so which MatMul and Gemm are this attention's projections is not proven. Fix: load the PyTorch "
+            "weights themselves (weightport.save / layout='torch'), or export a model built with bias=True. "
+            f"(Pairing said: {error})"
+        ) from error
