@@ -176,3 +176,21 @@ def test_no_source_file_is_over_600_lines() -> None:
         if (n := len(p.read_text().splitlines())) > 600
     }
     assert long == {}
+
+
+def test_the_command_line_starts_without_torch(tmp_path: object) -> None:
+    from pathlib import Path
+
+    import numpy as np
+
+    folder = Path(str(tmp_path))
+    np.savez(folder / "small.npz", w=np.ones((2, 3), np.float32))
+    code = (
+        "import sys, weightport.cli\n"
+        f"for argv in (['--version'], ['inspect', {str(folder / 'small.npz')!r}]):\n"
+        "    try:\n        weightport.cli.main(argv)\n    except SystemExit:\n        pass\n"
+        "print(sorted({'torch', 'ml_dtypes'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    assert "weightport " in out and "small.npz" in out

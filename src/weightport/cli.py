@@ -232,6 +232,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="weightport", description="Put NumPy-world weights into PyTorch modules."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"weightport {_version()}")
     verbs = parser.add_subparsers(dest="verb", required=True)
     verbs.add_parser("demo", help="the nn.RNN-from-NumPy case end to end").set_defaults(run=_cmd_demo)
 
@@ -295,3 +296,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in lines[1:]:  # a LoadError lists its problems, one per line
             print(f"  {line.strip()}", file=sys.stderr)
         return 2
+
+
+def _version() -> str:
+    """The installed package's version, read without importing the library (so without torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("weightport")
+    except PackageNotFoundError:
+        return "unknown"

@@ -13,13 +13,15 @@ add are dropped when every source name carries them and the module does not.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.sources.base import Source
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "torch"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")

@@ -237,7 +237,7 @@ def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> 
                 f"{where}: member '{info.filename}' is flagged as encrypted, which np.savez never writes. "
                 "Fix: re-create the file with np.savez."
             )
-        if info.is_dir() or not info.filename.endswith(".npy"):
+        if not info.filename or info.is_dir() or not info.filename.endswith(".npy"):
             source.ignored.append(f"{info.filename} (not a .npy member)")
             continue
         name = info.filename.removesuffix(".npy")
