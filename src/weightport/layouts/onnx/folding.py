@@ -101,6 +101,8 @@ def followers(module: nn.Module, call_order: Mapping[str, int] | None) -> dict[s
     """Conv/Linear slot label -> the BatchNorm slot that follows it in ``module``, and how that is known:
     the next slot the forward pass calls, where ``call_order`` has the layer, else the next registered."""
     slots = module_slots(module)
+    if not any(s.kind == "BatchNorm" for s in slots):
+        return {}  # nothing to fold into: the call order (a forward pass) is not needed
     order = call_order or {}
     called = sorted((s for s in slots if s.path in order), key=lambda s: order[s.path])
     next_called = dict(pairwise(called))
