@@ -315,10 +315,10 @@ def test_inspect_names_keras_variables_and_flags_what_does_not_port(tmp_path: Pa
 
     inputs = keras.Input((4, 4, 3))
     y = keras.layers.Rescaling(0.5, name="scale")(inputs)
-    y = keras.layers.Conv2D(2, 3)(y)
-    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.Conv2D(2, 3, name="conv2d")(y)
+    y = keras.layers.BatchNormalization(name="batch_normalization")(y)
     y = keras.layers.Reshape((4, 2))(y)
-    y = keras.layers.PReLU()(y)
+    y = keras.layers.PReLU(name="p_re_lu")(y)
     model = keras.Model(inputs, y)
     model.save_weights(tmp_path / "m.weights.h5")
     model.save(tmp_path / "m.keras")
