@@ -86,7 +86,7 @@ def test_load_refuses_an_out_suffix_before_loading(tmp_path) -> None:  # type: i
     )
     result = run("load", "mymodels:make", str(src), "--out", str(tmp_path / "out.pt"), cwd=tmp_path)
     assert result.returncode == 2 and "Loaded" not in result.stdout
-    assert "cannot save to '.pt'. Fix: use a .npz or .safetensors path." in result.stderr
+    assert "ends in '.pt'; weightport writes .npz or .safetensors files. Fix: --out " in result.stderr
     dry = run("load", "mymodels:make", str(src), "--dry-run", "--out", str(tmp_path / "o.npz"), cwd=tmp_path)
     assert dry.returncode == 0 and "not written" in dry.stdout and not (tmp_path / "o.npz").exists()
 
@@ -95,9 +95,11 @@ def test_bad_factory_and_shape_mismatch_exit_2(tmp_path) -> None:  # type: ignor
     (tmp_path / "mymodels.py").write_text(FACTORY)
     src = weightport.save({"0.weight": np.ones((3, 3))}, tmp_path / "w.npz")
     bad = run("load", "mymodels-make", str(src), cwd=tmp_path)
-    assert bad.returncode == 2 and "package.module:function" in bad.stderr
+    assert (
+        bad.returncode == 2 and "module:function" in bad.stderr and "path/to/file.py:function" in bad.stderr
+    )
     missing = run("load", "nomodule:make", str(src), cwd=tmp_path)
-    assert missing.returncode == 2 and "cannot import 'nomodule'" in missing.stderr
+    assert missing.returncode == 2 and "no module 'nomodule' in the current directory" in missing.stderr
     shape = run("load", "mymodels:make", str(src), "--lenient", cwd=tmp_path)
     assert shape.returncode == 2 and "'0.weight': expected shape (4, 3)" in shape.stderr
 
@@ -232,11 +234,32 @@ def test_a_closed_pipe_ends_quietly() -> None:
 
 def test_counts_are_pluralized() -> None:
     info = {
-        "source": "'m.keras'",
+        "schema": 1,
+        "source": "models/m.keras",
         "layout": "keras",
-        "tensors": [{"name": "dense/kernel", "shape": [2, 2], "dtype": "float32", "bytes": 16}],
+        "tensors": [
+            {
+                "name": "dense/kernel",
+                "shape": [2, 2],
+                "dtype": "float32",
+                "bytes": 16,
+                "layer": "dense",
+                "variable": None,
+            }
+        ],
         "total_bytes": 16,
-        "layers": [{"name": "dense", "kind": "Dense", "tensors": ["dense/kernel"]}],
+        "constants": [],
+        "constant_bytes": 0,
+        "layers": [
+            {
+                "name": "dense",
+                "kind": "Dense",
+                "config": {},
+                "tensors": ["dense/kernel"],
+                "variables": {},
+                "not_ported": None,
+            }
+        ],
         "ignored": [],
     }
     text = format_description(info)
@@ -331,6 +354,6 @@ def test_example_inputs_show_the_call_order_and_verify_uses_its_own_inputs(tmp_p
         "load", "mymodels:make", str(tmp_path / "m.keras"), "--example-inputs", "in.npz", cwd=tmp_path
     )
     assert loaded.returncode == 0, loaded.stderr
-    assert "by recorded order (Keras) and call order (example_inputs)" in loaded.stdout
+    assert "by recorded order (Keras) and call order (--example-input)" in loaded.stdout
     ok = run("verify", "mymodels:make", str(tmp_path / "m.keras"), "io.npz", "--atol", "1e-5", cwd=tmp_path)
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr

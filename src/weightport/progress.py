@@ -1,7 +1,9 @@
 """A progress bar for big loads: bytes, rate and the current tensor, on stderr.
 
-Shown when asked (``progress=True``), or for loads over :data:`THRESHOLD_BYTES`
-when stderr is a terminal; never otherwise. Uses ``tqdm`` when installed.
+A load shows two bars in turn, one while it checks the values (dry runs too) and one while it writes
+them, each counting the bytes the report counts (each tensor once, in the module's dtype).
+Shown when asked (``progress=True``), or for loads over :data:`THRESHOLD_BYTES` when stderr is a
+terminal; never otherwise. Uses ``tqdm`` when installed.
 
 >>> with progress_callback(None, None, False) as callback:
 ...     callback is None
@@ -17,9 +19,14 @@ from typing import Any
 
 from weightport.errors import MissingDependencyError
 
-__all__ = ["THRESHOLD_BYTES", "progress_callback", "wanted"]
+__all__ = ["THRESHOLD_BYTES", "progress_callback", "wanted", "unique_nbytes"]
 
 THRESHOLD_BYTES = 256 * 1024 * 1024
+
+# exact bytes with thousands separators, as a report prints them
+_FORMAT = (
+    "{desc}: {percentage:3.0f}%|{bar}| {n:,}/{total:,} bytes [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+)
 
 
 def wanted(progress: bool | None, nbytes: int) -> bool:
@@ -29,12 +36,31 @@ def wanted(progress: bool | None, nbytes: int) -> bool:
     return nbytes >= THRESHOLD_BYTES and sys.stderr.isatty()
 
 
+def unique_nbytes(entries: Any) -> int:
+    """The bytes of ``entries``' tensors, a tied tensor once: what the report counts."""
+    seen: set[int] = set()
+    total = 0
+    for entry in entries:
+        if id(entry.tensor) not in seen:
+            seen.add(id(entry.tensor))
+            total += entry.nbytes
+    return total
+
+
 @contextmanager
 def progress_callback(
-    plan: Any, source: Any, progress: bool | None
+    plan: Any, source: Any, progress: bool | None, phase: str = "writing"
 ) -> Iterator[Callable[[Any], None] | None]:
-    """Yield a per-tensor callback that advances a bar, or None when no bar is wanted."""
-    if plan is None or not wanted(progress, plan.nbytes):
+    """Yield a per-tensor callback that advances a bar, or None when no bar is wanted.
+
+    ``phase`` says what the load is doing (``"checking"``, ``"writing"``); the callback counts each
+    tensor once, however often it is called for it (a tied tensor's other names).
+    """
+    if plan is None:
+        yield None
+        return
+    total = unique_nbytes(plan.entries)
+    if not wanted(progress, total):
         yield None
         return
     try:
@@ -47,16 +73,21 @@ def progress_callback(
         yield None
         return
     with tqdm(
-        total=plan.nbytes,
+        total=total,
         unit="B",
         unit_scale=True,
-        unit_divisor=1024,
+        unit_divisor=1000,
         file=sys.stderr,
-        desc=f"loading {source.description}",
+        desc=f"loading {source.description}: {phase}",
+        bar_format=_FORMAT,
         leave=False,
     ) as bar:
+        seen: set[int] = set()
 
         def advance(entry: Any) -> None:
+            if id(entry.tensor) in seen:
+                return
+            seen.add(id(entry.tensor))
             bar.set_postfix_str(entry.target, refresh=False)
             bar.update(entry.nbytes)
 
