@@ -47,6 +47,7 @@ class _Warnings:
     def __init__(self, debug: bool) -> None:
         self.debug = debug
         self.texts: list[str] = []
+        self.kinds: list[str] = []  # each text's category
         self.categories: set[str] = set()
 
     def show(
@@ -65,6 +66,7 @@ class _Warnings:
         if text in self.texts:
             return
         self.texts.append(text)
+        self.kinds.append(category.__name__)
         where = f" ({filename}:{lineno})" if self.debug else ""
         print(f"{_paint('weightport: warning:', 'yellow', sys.stderr)} {text}{where}", file=sys.stderr)
 
@@ -282,13 +284,18 @@ def _cmd_verify(args: argparse.Namespace, shown: _Warnings) -> int:
             verify=verify_json(check, compared),
         )
         return 0 if check else 1
-    lines = str(check).splitlines()
+    lines = speak_cli(str(check)).splitlines()
     if not expected:
         reference = "onnxruntime's" if against else "weightport.reference.forward's"
         lines[0] += f"; {where} has no output_N, so the expected outputs are {reference}"
     lines[0] = _paint(lines[0], "green" if check else "red", sys.stdout)
     if not check:  # what the load warned of may be why (an activation or direction the file did not record)
-        lines += [f"  the load warned: {text}" for text in shown.texts]
+        said = bool(getattr(check, "notes", None))  # the report repeats the notes on forward itself
+        lines += [
+            f"  the load warned: {text}"
+            for text, kind in zip(shown.texts, shown.kinds)
+            if not (said and kind == "ForwardNoteWarning")
+        ]
     print("\n".join(lines))
     return 0 if check else 1
 

@@ -86,6 +86,7 @@ def verify_json(check: Any, against: str) -> dict[str, Any]:
             }
             for o in check.outputs
         ],
+        "notes": [speak_cli(n) for n in getattr(check, "notes", [])],
     }
 
 

@@ -67,7 +67,7 @@ def load_factory(spec: str) -> Any:
         model = target
     if not hasattr(model, "state_dict"):
         raise UsageError(
-            f"factory '{spec}' returned a {type(model).__name__}, not a torch.nn.Module. Fix: make "
+            f"factory '{spec}' returned a value of type {type(model).__name__}, not a torch.nn.Module. Fix: make "
             f"'{attr}' return the model."
         )
     return model
