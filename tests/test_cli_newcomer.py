@@ -299,3 +299,90 @@ def test_example_input_shows_the_call_order(
     assert main(["load", "head_first.py:make", "m.keras", "--example-input", "in.npz"]) == 0
     out = speaks_cli(capsys.readouterr().out)
     assert "call order (--example-input)" in out
+
+
+# --- fixes that name the Python API are said as what the command line does, and doing it works -------------
+
+
+def _fix(err: str, pattern: str) -> re.Match[str]:
+    found = re.search(pattern, err)
+    assert found is not None, err
+    return found
+
+
+def test_a_misspelt_name_is_renamed_with_the_map_the_fix_prints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "models.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    arrays = weightport.to_numpy(torch.nn.LSTM(3, 4, batch_first=True))
+    arrays["weight_hh_I0"] = arrays.pop("weight_hh_l0")
+    np.savez(tmp_path / "typo.npz", **arrays)
+    assert main(["load", "models.py:lstm", "typo.npz"]) == 2
+    err = speaks_cli(capsys.readouterr().err)
+    flag = _fix(err, r"Rename it: (--map \S+)\.")[1].split()
+    assert flag == ["--map", "weight_hh_I0=weight_hh_l0"]
+    assert main(["load", "models.py:lstm", "typo.npz", *flag, "--out", "fixed.npz"]) == 0
+    np.testing.assert_array_equal(
+        weightport.open_source(tmp_path / "fixed.npz").read("weight_hh_l0"), arrays["weight_hh_I0"]
+    )
+
+
+def test_a_checkpoint_of_a_bigger_model_loads_its_part_with_source_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "models.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(3)
+    bigger = torch.nn.Sequential()
+    bigger.add_module("bert", torch.nn.LSTM(3, 4, batch_first=True))
+    bigger.add_module("cls", torch.nn.Linear(4, 2))
+    weightport.save(bigger, tmp_path / "head.npz")
+    assert main(["load", "models.py:lstm", "head.npz"]) == 2
+    err = speaks_cli(capsys.readouterr().err)
+    flag = _fix(err, r"load the source's 'bert\.' part: (--source-prefix \S+),")[1].split()
+    assert main(["load", "models.py:lstm", "head.npz", *flag, "--out", "part.npz"]) == 0
+    assert "from 'head.npz' (under 'bert.')" in capsys.readouterr().out
+    part = weightport.open_source(tmp_path / "part.npz")
+    for name, tensor in bigger.bert.state_dict().items():
+        np.testing.assert_array_equal(part.read(name), tensor.numpy())
+
+
+def test_a_layer_the_model_does_not_take_is_left_out_with_skip_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("h5py")
+    golden = Path(__file__).resolve().parent / "golden" / "keras" / "model.weights.h5"  # an LSTM and a GRU
+    (tmp_path / "models.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    assert main(["load", "models.py:lstm", str(golden)]) == 2
+    err = speaks_cli(capsys.readouterr().err)
+    assert "a layer the model should not take is left out with --skip-layer LAYER" in err
+    assert main(["load", "models.py:lstm", str(golden), "--skip-layer", "gur"]) == 2
+    assert "(its layers: gru, lstm)" in capsys.readouterr().err
+    assert (
+        main(["load", "models.py:lstm", str(golden), "--skip-layer", "gru", "--out", "lstm.safetensors"]) == 0
+    )
+    captured = capsys.readouterr()
+    assert "(layout keras)" in captured.out and captured.err.count("weightport: warning:") == 1
+    source = weightport.open_source(golden)
+    kernel = source.read("layers/lstm/cell/vars/0")
+    np.testing.assert_array_equal(
+        weightport.open_source(tmp_path / "lstm.safetensors").read("weight_ih_l0"), kernel.T
+    )
+
+
+def test_a_torch_pickle_is_converted_by_the_command_the_fix_prints(tmp_path: Path) -> None:
+    (tmp_path / "models.py").write_text(MODELS)
+    torch.manual_seed(4)
+    model = torch.nn.LSTM(3, 4, batch_first=True)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    refused = run("load", "models:lstm", "m.pt", cwd=tmp_path)
+    assert refused.returncode == 2
+    command = _fix(speaks_cli(refused.stderr), r'python -c "([^"]*)", then load (\S+)\.')
+    subprocess.run([sys.executable, "-c", command[1]], cwd=tmp_path, check=True, timeout=300)
+    loaded = run("load", "models:lstm", command[2], "--out", "back.npz", cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr
+    back = weightport.open_source(tmp_path / "back.npz")
+    for name, tensor in model.state_dict().items():
+        np.testing.assert_array_equal(back.read(name), tensor.numpy())

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from weightport.cli.as_json import SCHEMA, error_json, problems_json, report_json, verify_json
 from weightport.cli.factories import UsageError, load_factory, summary
+from weightport.cli.parts import source_part
 from weightport.cli.terms import speak_cli
 
 __all__ = ["main", "load_factory", "UsageError"]
@@ -128,10 +129,11 @@ def _load(args: argparse.Namespace, dry_run: bool, inputs: tuple[Any, ...] | Non
     model = load_factory(args.factory)
     if args.example_input:
         inputs = tuple(_read_io(args.example_input)[0])
+    source, declared = source_part(args.source, args.skip_layer, args.source_prefix)
     report = weightport.load(
         model,
-        args.source,
-        layout=args.layout,
+        source,
+        layout=args.layout or declared,
         mapping=_mapping(args.map),
         dry_run=dry_run,
         strict=not args.lenient,
@@ -372,6 +374,18 @@ def _parser() -> argparse.ArgumentParser:
             help="pair a source layer (or, for PyTorch names, a tensor) with a module path; repeatable",
         )
         p.add_argument("--prefix", metavar="PATH.", help="load into the submodule at this path (encoder.)")
+        p.add_argument(
+            "--source-prefix",
+            metavar="NAME.",
+            help="load only the source's tensors whose names start with this, without it (bert.); read into memory",
+        )
+        p.add_argument(
+            "--skip-layer",
+            action="append",
+            metavar="LAYER",
+            help="leave out a source layer the model should not take (repeatable; weightport inspect lists the "
+            "layers); the rest is read into memory",
+        )
         p.add_argument(
             "--lenient", action="store_true", help="skip names on either side instead of refusing the load"
         )

@@ -52,6 +52,12 @@ def _arg(text: str) -> str:
     return shlex.quote(text)
 
 
+def _safetensors(path: str) -> str:
+    """``path`` with its suffix replaced by ``.safetensors``."""
+    stem, dot, suffix = path.rpartition(".")
+    return f"{stem if dot and '/' not in suffix else path}.safetensors"
+
+
 def _pairs(match: re.Match[str]) -> str:
     """``mapping={'a': 'b', 'c': 'd'}`` as ``--map a=b --map c=d`` (``...`` kept)."""
     body = match[1]
@@ -76,6 +82,48 @@ def _bare(keyword: str) -> Callable[[re.Match[str]], str]:
 
 # (pattern, replacement), applied in order: the forms with a value before the bare keyword
 _RULES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
+    # fixes that name the Python API, said as what the command line does instead
+    (
+        re.compile(
+            r"left out by loading the source's other arrays as a dict \(read with weightport\.open_source\) "
+            r"with layout='\w+'"
+        ),
+        "left out with --skip-layer LAYER",
+    ),
+    (
+        re.compile(
+            r"weightport\.load\(module, \{k\.removeprefix\('([^']*)'\): v for k, v in arrays\.items\(\) "
+            r"if k\.startswith\('\1'\)\}\)"
+        ),
+        lambda m: f"--source-prefix {_arg(m[1])}",
+    ),
+    (
+        re.compile(
+            r"and pass the dict: weightport\.load\(model, torch\.load\('([^']*)', weights_only=True\)(\S*?)\)"
+        ),
+        lambda m: (
+            'and save it in a file weightport reads: python -c "import torch, weightport; weightport.save('
+            f"torch.load('{m[1]}', weights_only=True){m[2]}, '{_safetensors(m[1])}')\", then load "
+            f"{_arg(_safetensors(m[1]))}"
+        ),
+    ),
+    # a renaming, which --map does for state-dict names
+    (
+        re.compile(r"(?m)^(- )?'([^']*)': (.*?)Fix: did you mean '([^']*)'(.*?)\? Rename it\b"),
+        lambda m: (
+            f"{m[1] or ''}'{m[2]}': {m[3]}Fix: did you mean '{m[4]}'{m[5]}? Rename it: --map "
+            + _arg(f"{m[2]}={m[4]}")
+        ),
+    ),
+    (re.compile(r"\? Rename it\b(?!:)"), "? Rename it: --map SOURCE=MODULE_PATH"),
+    (
+        re.compile(r"the source has '([^']*)': rename it to '([^']*)'"),
+        lambda m: f"the source has '{m[1]}': rename it with --map {_arg(m[1] + '=' + m[2])}",
+    ),
+    (
+        re.compile(r"check the names against module\.state_dict\(\)"),
+        "check the names against the model's (its state_dict() keys) and the file's (weightport inspect SOURCE)",
+    ),
     (re.compile(r"\bmapping=\{([^{}]*)\}"), _pairs),
     (re.compile(r"\bstrict=False\b"), FLAGS["strict"]),
     (re.compile(r"\bdry_run=True\b"), FLAGS["dry_run"]),
