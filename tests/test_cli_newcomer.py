@@ -386,3 +386,21 @@ def test_a_torch_pickle_is_converted_by_the_command_the_fix_prints(tmp_path: Pat
     back = weightport.open_source(tmp_path / "back.npz")
     for name, tensor in model.state_dict().items():
         np.testing.assert_array_equal(back.read(name), tensor.numpy())
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_on_request(
+    folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA error: out of memory\nmore lines")
+
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(weightport, "load", broken)
+    assert main(["load", "models.py:lstm", "lstm.npz"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "weightport: error: RuntimeError: CUDA error: out of memory (an unexpected error: weightport or a package "
+        "it uses failed). Fix: --debug shows the traceback; please report it with the command line."
+    ]
+    assert main(["load", "models.py:lstm", "lstm.npz", "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err

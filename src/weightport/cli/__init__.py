@@ -516,6 +516,17 @@ def _run(args: argparse.Namespace, shown: _Warnings) -> int:
         if args.json:
             _print_json(args, shown, ok=False, error=error_json(e, lines[0]), problems=problems_json(e))
         return 2
+    except Exception as e:  # not one of ours: still one line, the traceback on request
+        if args.debug:
+            _print_traceback(e)
+        line = (
+            f"{summary(e)} (an unexpected error: weightport or a package it uses failed). Fix: --debug shows "
+            "the traceback; please report it with the command line."
+        )
+        print(f"{_paint('weightport: error:', 'red', sys.stderr)} {line}", file=sys.stderr)
+        if args.json:
+            _print_json(args, shown, ok=False, error=error_json(e, line), problems=[])
+        return 2
 
 
 def _version() -> str:
