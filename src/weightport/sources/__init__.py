@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -25,7 +27,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from weightport.errors import SourceError
+from weightport.errors import SourceError, a_or_an
 from weightport.sources.base import Source, TensorInfo, check_extent
 from weightport.sources.mapping import MappingSource
 
@@ -127,10 +129,35 @@ def open_source(obj: SourceLike, *, format: str | None = None) -> Source:
                 return reader.open_object(obj)  # type: ignore[no-any-return]
     if isinstance(obj, Mapping):
         return MappingSource.from_mapping(obj)
+    torch = sys.modules.get("torch")  # a torch module can be here only if torch is imported already
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        raise SourceError(
+            f"cannot read weights from {a_or_an(type(obj).__name__)} module itself: weightport reads arrays by "
+            "name. Fix: pass its state dict, weightport.load(model, other.state_dict())."
+        )
     raise SourceError(
-        f"cannot read weights from a {type(obj).__name__}: pass a mapping of names to arrays, "
+        f"cannot read weights from {a_or_an(type(obj).__name__)}: pass a mapping of names to arrays, "
         f"a path to a file or folder ({', '.join(_FORMATS)}), or a Keras model"
     )
+
+
+def _torch_pickle(path: Path) -> bool:
+    """Whether ``path`` looks like a file of ``torch.save``: by its suffix, or a .bin / .ckpt by its bytes
+    (a zip holding ``data.pkl``, or a pickle)."""
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        return True
+    if suffix not in (".bin", ".ckpt") or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return head[:1] == b"\x80"  # a pickle of protocol 2 or later: torch.save's legacy format
 
 
 def _open_path(given: Path, format: str | None) -> Source:
@@ -156,6 +183,13 @@ def _open_path(given: Path, format: str | None) -> Source:
                 # an index names files beside it: beside the link the user gave, in its resolved folder
                 return reader.open(given.parent.resolve() / given.name)  # type: ignore[no-any-return]
             return reader.open(path)  # type: ignore[no-any-return]
+    if _torch_pickle(path):
+        entry = "['state_dict']" if path.suffix.lower() == ".ckpt" else ""
+        raise SourceError(
+            f"'{given}': a PyTorch pickle (torch.save), which weightport does not read (unpickling can run "
+            f"code). Fix: read it with torch, which weights_only=True keeps to tensors, and pass the dict: "
+            f"weightport.load(model, torch.load('{given}', weights_only=True){entry})."
+        )
     raise SourceError(
         f"'{given}': not a format weightport reads. Fix: use one of .npz, .npy, a folder of .npy, "
         f".safetensors (or its .index.json), .weights.h5, .keras, .h5, .msgpack, .onnx, or a transformers "

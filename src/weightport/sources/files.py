@@ -16,7 +16,8 @@ import io
 import math
 import mmap
 import os
-import tempfile
+import secrets
+import stat
 import tokenize
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -223,13 +224,13 @@ def map_array(
 
 
 def read_mapped(fd: int, offset: int, out: np.ndarray, where: str, name: str) -> None:
-    """Fill C-contiguous ``out`` from the file at ``offset`` through mapped windows (torch's parallel copy)."""
-    from weightport.tensors import as_torch
+    """Fill C-contiguous ``out`` from the file at ``offset`` through mapped windows (streamed copies)."""
+    from weightport.copying import copy_array
 
     flat = out.reshape(-1).view(np.uint8)  # bytes as they are: any dtype, any byte order
     done = 0
     for chunk in mapped_chunks(fd, offset, np.dtype(np.uint8), flat.size, where, name):
-        as_torch(flat[done : done + chunk.size]).copy_(as_torch(chunk))
+        copy_array(flat[done : done + chunk.size], chunk)
         done += chunk.size
         del chunk
 
@@ -317,14 +318,45 @@ def open_no_follow(path: os.PathLike[str] | str) -> int:
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Write a file through ``write(f)`` to a temporary name beside ``path``, then rename it into place:
-    a failed write never leaves half a file (h5py, which writes by name, does the same itself)."""
+    a failed write never leaves half a file (h5py, which writes by name, does the same itself).
+
+    The file gets the permissions a plain ``open(path, "wb")`` gives: those of the file it replaces,
+    else 0o666 less the umask (0644 under umask 022, as ``np.savez``).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _create_beside(path)
     try:
+        _keep_mode(fd, path)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new file under an unused name beside ``path``, created with mode 0o666 so that the umask (and a
+    folder's default ACL) applies as to any new file: ``tempfile.mkstemp`` creates it 0o600 whatever they say."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags | getattr(os, "O_NOFOLLOW", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name beside it", str(path))
+
+
+def _keep_mode(fd: int, path: Path) -> None:
+    """Give the new file the permissions of the file it replaces, as writing over that file would."""
+    fchmod = getattr(os, "fchmod", None)  # not on Windows, where the bits mean little
+    if fchmod is None:
+        return
+    try:
+        found = os.stat(path)
+    except OSError:
+        return  # nothing there yet (or nothing readable): the umask decides
+    if stat.S_ISREG(found.st_mode):
+        fchmod(fd, stat.S_IMODE(found.st_mode))
