@@ -90,6 +90,7 @@ def test_mobilenet_v3_small_into_timm_tf_mobilenetv3_small_100(tmp_path: Path) -
     module = timm().create_model("tf_mobilenetv3_small_100", pretrained=False).eval()
     module.flatten = nn.Identity()
     module.classifier = nn.Sequential(nn.Conv2d(1024, 1000, 1), nn.Flatten())
+    # the strided depthwise convs Keras pads with ZeroPadding2D: timm's pad themselves, so nothing is noted
     report = weightport.load(module, tmp_path / "v3.keras", example_inputs=(torch.zeros(1, 3, SIZE, SIZE),))
     x = rng.uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
     compare(model, module, x, x / 127.5 - 1.0)  # Keras's Rescaling(1/127.5, offset=-1)

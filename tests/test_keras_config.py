@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
 
 import weightport  # noqa: E402
-from weightport.errors import LoadError, UnsupportedConfigError  # noqa: E402
+from weightport.errors import ForwardNoteWarning, LoadError, UnsupportedConfigError  # noqa: E402
 
 B, T = 2, 6
 TOL = 1e-5
@@ -40,8 +40,12 @@ def sources(model: Any, tmp_path: Path) -> dict[str, Any]:
 
 
 def load(module: nn.Module, source: Any) -> str:
-    """Loads, and returns the pairings' notes joined."""
-    report = weightport.load(module, source)
+    """Loads, and returns the pairings' notes joined; the notes are a ForwardNoteWarning too."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = weightport.load(module, source)
+    noted = [str(w.message) for w in caught if issubclass(w.category, ForwardNoteWarning)]
+    assert len(noted) == (1 if report.notes else 0) and all(note in noted[0] for note in report.notes), noted
     return " | ".join(p.how for p in report.pairings)
 
 
@@ -156,7 +160,7 @@ def test_channels_first_conv_holds_the_same_kernel(tmp_path: Path) -> None:
 
 
 REFUSED = {
-    "bidirectional_go_backwards": (lambda: keras.layers.Bidirectional(keras.layers.LSTM(3, go_backwards=True, return_sequences=True), backward_layer=keras.layers.LSTM(3, return_sequences=True)), lambda: nn.LSTM(2, 3, bidirectional=True), r"Keras Bidirectional '\w+' wraps a LSTM with go_backwards=True.*halves of the output are swapped.*Fix: rebuild the Keras layer with go_backwards=False"),
+    "bidirectional_go_backwards": (lambda: keras.layers.Bidirectional(keras.layers.LSTM(3, go_backwards=True, return_sequences=True), backward_layer=keras.layers.LSTM(3, return_sequences=True)), lambda: nn.LSTM(2, 3, bidirectional=True), r"Keras Bidirectional '\w+' wraps an LSTM with go_backwards=True.*halves of the output are swapped.*Fix: rebuild the Keras layer with go_backwards=False"),
     "simple_rnn_linear": (lambda: keras.layers.SimpleRNN(3, activation=None), lambda: nn.RNN(2, 3), r"Keras SimpleRNN '\w+' has activation='linear': nn.RNN offers nonlinearity='tanh' or 'relu' only"),
 }  # fmt: skip
 

@@ -26,7 +26,7 @@ keras = pytest.importorskip("keras")
 
 import weightport  # noqa: E402
 from _vision import timm  # noqa: E402
-from weightport.errors import LoadError, UncheckedConfigWarning  # noqa: E402
+from weightport.errors import ForwardNoteWarning, LoadError, UncheckedConfigWarning  # noqa: E402
 from weightport.layouts.keras import export, save_weights_h5  # noqa: E402
 
 B = 2
@@ -48,6 +48,7 @@ def load(target: nn.Module, source: Any) -> weightport.LoadReport:
         warnings.simplefilter(
             "ignore" if str(source).endswith(".weights.h5") else "error", UncheckedConfigWarning
         )
+        warnings.simplefilter("ignore", ForwardNoteWarning)  # notes on forward: tests/test_messages_notes.py
         return weightport.load(target, source)
 
 
@@ -185,7 +186,7 @@ def test_strided_same_and_zero_padding_load_into_timm_conv2d_same(tmp_path: Path
     expected = np.asarray(model(x))
     for kind in (".keras",):
         target = nn.Sequential(Conv2dSame(3, 4, 3, stride=2), Conv2dSame(4, 4, 3, stride=2, groups=4))
-        report = weightport.load(target, files(model, tmp_path)[kind])
+        report = weightport.load(target, files(model, tmp_path)[kind])  # Conv2dSame pads: no note on forward
         close(nchw(target, x), expected)
         assert "Conv2dSame pads inputs of the size it was built for" in report.pairings[1].how
 
@@ -199,7 +200,10 @@ def test_zero_padding_into_an_unpadded_conv_says_to_pad(tmp_path: Path) -> None:
     x = rng.standard_normal((B, 6, 6, 2)).astype(np.float32)
     conv = nn.Conv2d(2, 3, 3)
     model.save(tmp_path / "m.keras")
-    report = weightport.load(conv, tmp_path / "m.keras")
+    with pytest.warns(
+        ForwardNoteWarning, match=r"pads the input by \(\(0, 1\), \(2, 0\)\).*pad it so in forward"
+    ):
+        report = weightport.load(conv, tmp_path / "m.keras")
     assert "pads the input by ((0, 1), (2, 0))" in report.pairings[0].how
     close(nchw(lambda t: conv(F.pad(t, (2, 0, 0, 1))), x), np.asarray(model(x)))
 

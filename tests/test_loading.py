@@ -146,7 +146,7 @@ def test_non_numeric_values_are_refused(value: object, error: str) -> None:
     assert snapshot(lin) == before
 
 
-def test_all_problems_are_collected_sorted_and_capped() -> None:
+def test_all_problems_are_collected_sorted_grouped_and_capped() -> None:
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(30)])
     arrays = {f"{i}.weight": np.ones((3, 3)) for i in range(30)} | {
         f"{i}.bias": np.zeros(2) for i in range(30)
@@ -155,7 +155,20 @@ def test_all_problems_are_collected_sorted_and_capped() -> None:
         weightport.load(model, arrays)
     assert len(info.value.problems) == 30
     assert info.value.problems == sorted(info.value.problems)
-    assert "... and 5 more" in str(info.value)
+    # one cause, one line: the 30 tensors said at once, each one's source under its own name
+    (line,) = info.value.lines()
+    assert line.startswith("'{0..29}.weight' (30 tensors): expected shape (2, 2)")
+    assert "found shape (3, 3) from the given mapping '{0..29}.weight'" in line
+    # 30 different causes: listed up to the cap, then counted
+    arrays = {f"{i}.weight": np.ones((3 + i, 2)) for i in range(30)} | {
+        f"{i}.bias": np.zeros(2) for i in range(30)
+    }
+    with pytest.raises(LoadError) as info:
+        weightport.load(model, arrays)
+    assert len(info.value.lines()) == 30
+    assert "... and 5 more (see the error's .problems)" in str(info.value)
+    assert "... and 20 more (--problems all)" in info.value.format(10, more="--problems all")
+    assert len(info.value.format(None).splitlines()) == 31
 
 
 # --- dtypes that are accepted, and copied correctly ---
@@ -622,7 +635,7 @@ def test_strict_false_that_matches_nothing_is_refused() -> None:
     linear = nn.Linear(3, 2)
     before = snapshot(linear)
     with pytest.raises(
-        LoadError, match=r"none of the source's 1 names match \(first: 'encoder.weight'\).*prefix="
+        LoadError, match=r"the source's one name does not match \('encoder.weight'\).*prefix="
     ):
         weightport.load(linear, {"encoder.weight": np.ones((2, 3), np.float32)}, strict=False)
     assert snapshot(linear) == before

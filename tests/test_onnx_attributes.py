@@ -15,7 +15,7 @@ from torch import nn
 
 import weightport
 from conftest import snapshot
-from weightport.errors import LayoutError, UncheckedConfigWarning, UnsupportedConfigError
+from weightport.errors import ForwardNoteWarning, LayoutError, UncheckedConfigWarning, UnsupportedConfigError
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -237,7 +237,10 @@ def test_activation_alpha_beta_of_default_activations_load(tmp_path: Path) -> No
 def test_sequence_lens_loads_and_matches_a_packed_input(tmp_path: Path) -> None:
     path = lstm_file(tmp_path / "m.onnx", seq_lens=True)
     model = fresh(nn.LSTM, 3, 4)
-    report = weightport.load(model, path)
+    with pytest.warns(
+        ForwardNoteWarning, match=r"sequence_lens.*nn\.utils\.rnn\.pack_padded_sequence\(x, lengths\)"
+    ):
+        report = weightport.load(model, path)
     assert "sequence_lens: steps past each length give zeros" in str(report)
     x, lengths = rand(5, 2, 3, seed=8), np.array([5, 3], np.int32)
     y = run_ort(path, {"X": x, "seq": lengths})[0][:, 0]
@@ -278,7 +281,8 @@ def test_batchnorm_momentum_and_training_mode_load(tmp_path: Path) -> None:
     the batch's statistics, what the module does in train(): the weights are the same."""
     path = bn_file(tmp_path / "m.onnx", momentum=0.5, training_mode=1)
     model = nn.BatchNorm1d(3)
-    report = weightport.load(model, path)
+    with pytest.warns(ForwardNoteWarning, match=r"training_mode=1\): run the module in train\(\) mode"):
+        report = weightport.load(model, path)
     assert "training_mode=1: normalizes with the batch's statistics" in str(report)
     x = rand(2, 3, 4, seed=13)
     np.testing.assert_allclose(

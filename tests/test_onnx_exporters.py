@@ -174,13 +174,13 @@ def test_external_data_is_read_from_the_models_folder_only(tmp_path: Path) -> No
         (
             "tf_simplernn",
             lambda: nn.RNN(F, 4, batch_first=True),
-            r"'weight_ih_l0'.*Fix: the graph has no ONNX RNN node: Loop node 'model/simple_rnn/while_loop' "
+            r"'weight_ih_l0'.*Fix: for each, the graph has no ONNX RNN node: Loop node 'model/simple_rnn/while_loop' "
             r"runs the recurrence.*Load the Keras weights file instead",
         ),
         (
             "tf_gru_reset_before",
             lambda: nn.GRU(F, 4, batch_first=True),
-            r"'weight_ih_l0'.*Fix: the graph has no ONNX GRU node: Loop node 'model/gru/while_loop' "
+            r"'weight_ih_l0'.*Fix: for each, the graph has no ONNX GRU node: Loop node 'model/gru/while_loop' "
             r"runs the recurrence.*GRU\(reset_after=False\) computes what no PyTorch GRU does",
         ),
     ],

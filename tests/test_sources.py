@@ -102,7 +102,7 @@ def test_hub_cache_links_load_by_the_name_given_or_say_how(tmp_path) -> None:  #
     for k, v in weightport.to_numpy(fresh).items():
         np.testing.assert_array_equal(v, state[k])
     before = snapshot(fresh)
-    with pytest.raises(LoadError, match="expected a value for it"):  # one shard, read by its given name
+    with pytest.raises(LoadError, match="expected a value for each"):  # one shard, read by its given name
         weightport.load(fresh, snapshot_dir / "model-00001-of-00002.safetensors")
     with pytest.raises(SourceError, match=r"symbolic link.*snapshot_download\(repo_id, local_dir=...\)"):
         weightport.load(fresh, snapshot_dir / "model.safetensors.index.json")

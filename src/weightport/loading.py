@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import time
 import warnings
 from collections import Counter
 from collections.abc import Collection, Mapping
@@ -26,14 +27,14 @@ from weightport.apply import LocalWrite
 from weightport.call_order import CallOrder, ExampleInputs
 from weightport.distributed import ShardedWrite, agree, has_dtensors
 from weightport.dtypes import describe_dtype
-from weightport.errors import LoadError, Problem, UncheckedConfigWarning
+from weightport.errors import ForwardNoteWarning, LoadError, Problem, UncheckedConfigWarning, counted
 from weightport.layouts import detect_layout, get_layout
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.folded import folded_batchnorms
 from weightport.layouts.pairing import module_slots
 from weightport.options import LoadOptions, NonFinite
 from weightport.plan import Plan, build_plan
-from weightport.report import LoadReport, ReportRow
+from weightport.report import LoadReport, ReportRow, remember_forward_notes
 from weightport.sources import Source, SourceLike, open_source
 from weightport.tensors import unwrap
 
@@ -126,7 +127,9 @@ def _explain_nothing_matched(
             Problem(
                 label,
                 "at least one source tensor that names one of the module's",
-                f"none of the source's {len(names)} names match (first: '{names[0]}')",
+                f"none of the source's {counted(len(names), 'name')} match (first: '{names[0]}')"
+                if len(names) > 1
+                else f"the source's one name does not match ('{names[0]}')",
                 "check the names against module.state_dict(); pass prefix= to load into a submodule, "
                 "layout= if the source is another framework's, or mapping= to pair them",
             )
@@ -240,6 +243,7 @@ def load(
             ],
             target=type(module).__name__,
         )
+    started = time.perf_counter()
     options = LoadOptions(
         strict=strict,
         prefix=prefix,
@@ -274,12 +278,23 @@ def load(
                 ),
                 stacklevel=2,
             )
+        if plan.layout.forward_notes:
+            warnings.warn(
+                ForwardNoteWarning(
+                    f"{src.description}: for its outputs, the model's forward must also do this around the "
+                    f"modules (not checked): {'; '.join(plan.layout.forward_notes)}"
+                ),
+                stacklevel=2,
+            )
         if not dry_run:
             from weightport.progress import progress_callback
 
             with progress_callback(plan, src, progress) as callback:
                 writer.commit(callback)
-        return _report(plan, src, module, dry_run)
+            remember_forward_notes(unwrap(module), plan.prefix, plan.layout.forward_notes)
+        report = _report(plan, src, module, dry_run)
+        report.seconds = time.perf_counter() - started
+        return report
     finally:
         if owned:
             src.close()
@@ -346,6 +361,7 @@ def _report(plan: Plan, source: Source, module: nn.Module, dry_run: bool) -> Loa
         missing=list(plan.missing),
         pairings=_in_module_order(plan),
         unchecked=list(plan.layout.unchecked),
+        notes=list(plan.layout.forward_notes),
         nbytes=sum(math.prod(shape) * dtype.itemsize for _, shape, dtype, *_ in facts),
         dry_run=dry_run,
         scope=plan.layout.scope,

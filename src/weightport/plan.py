@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,11 +29,20 @@ from torch.nn.parameter import is_lazy
 
 from weightport import values
 from weightport.dtypes import describe_dtype
-from weightport.errors import Problem
+from weightport.errors import Problem, a_or_an, counted
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.options import NonFinite
 from weightport.sources.base import Source, TensorInfo
-from weightport.torch_facts import explain_shape
+from weightport.torch_facts import (
+    GATES_OF,
+    RECURRENT_PARAM,
+    RNN_GATE_COUNT,
+    describe_module,
+    explain_shape,
+    recurrent_sizes,
+    rnn_constructor,
+    rnn_kind,
+)
 
 __all__ = ["Entry", "Plan", "build_plan", "check_values", "NonFinite", "value_problem", "allowed_nonfinite"]
 
@@ -204,6 +214,7 @@ def build_plan(
     lacking = _lacking(tensors, optional, layout)
     both_sides = bool(lacking) and _stray(tensors, layout)
     torch_names = layout.name == "torch"
+    mismatched: dict[str, tuple[tuple[int, ...], Problem]] = {}  # target -> found shape, its problem
 
     for rule in layout.rules:
         target = rule.target
@@ -223,7 +234,7 @@ def build_plan(
             continue
         tensor = tensors[target]
         targeted.add(id(tensor))
-        entry = _entry(module, full, target, tensor, rule, source, problems)
+        entry = _entry(module, full, target, tensor, rule, source, problems, mismatched)
         if entry is None:
             continue
         first = written.get(id(tensor))
@@ -234,6 +245,7 @@ def build_plan(
         written[id(tensor)] = entry
         plan.entries.append(entry)
 
+    _explain_recurrent_sizes(module, prefix, source, mismatched, problems)
     used = {s for r in layout.rules for s in r.sources}
     plan.ignored.extend(layout.not_weights)
     for name in layout.unmatched:
@@ -338,6 +350,7 @@ def _entry(
     rule: Rule,
     source: Source,
     problems: list[Problem],
+    mismatched: dict[str, tuple[tuple[int, ...], Problem]],
 ) -> Entry | None:
     if is_lazy(tensor):
         problems.append(
@@ -381,6 +394,7 @@ def _entry(
         exp = f"shape {why or expected}"
         via = f" after {rule.op.describe()}" if rule.op.describe() != "as is" else ""
         problems.append(Problem(full, exp, f"shape {shape} from {origin}{via}", _shape_fix(expected, shape)))
+        mismatched[target] = (shape, problems[-1])
         return None
     if len(inputs) == 1:
         source_dtype = inputs[0].dtype
@@ -400,6 +414,82 @@ def _entry(
     return Entry(full, tensor, rule, inputs, source_dtype, check)
 
 
+def _explain_recurrent_sizes(
+    module: nn.Module,
+    prefix: str,
+    source: Source,
+    mismatched: Mapping[str, tuple[tuple[int, ...], Problem]],
+    problems: list[Problem],
+) -> None:
+    """One problem per recurrent module in place of one per tensor, where every shape that does not fit
+    is explained by other sizes (hidden_size, input_size) or another gate count (a GRU's weights for an
+    LSTM): the cause said once, in the module's terms."""
+    owners: dict[str, dict[str, tuple[tuple[int, ...], Problem]]] = {}
+    for target, mismatch in mismatched.items():
+        path, _, local = target.rpartition(".")
+        if RECURRENT_PARAM.match(local):
+            owners.setdefault(path, {})[local] = mismatch
+    for path, found in owners.items():
+        if len(found) < 2:  # one tensor's own problem says it best
+            continue
+        owner = module.get_submodule(path) if path else module
+        kind = rnn_kind(owner)
+        if kind is None or getattr(owner, "proj_size", None):
+            continue
+        sizes = recurrent_sizes(owner, {local: shape for local, (shape, _) in found.items()})
+        if sizes is None:
+            continue
+        label = prefix + path if path else prefix.rstrip(".") or type(owner).__name__
+        dropped = {id(problem) for _, problem in found.values()}
+        problems[:] = [p for p in problems if id(p) not in dropped]
+        problems.append(_recurrent_problem(owner, kind, label, sizes, found, source))
+
+
+def _recurrent_problem(
+    owner: nn.Module,
+    kind: str,
+    label: str,
+    sizes: tuple[int, int, int],
+    found: Mapping[str, tuple[tuple[int, ...], Problem]],
+    source: Source,
+) -> Problem:
+    module: Any = owner
+    gates, hidden, inputs = sizes
+    cell = isinstance(owner, nn.RNNCellBase)
+    layers = module.num_layers * (2 if module.bidirectional else 1) if not cell else 1
+    where = f"every {kind} layer" if layers > 1 else f"the {type(owner).__name__}"
+    expected, said = [], []
+    other = type(owner).__name__
+    looks = ""
+    if gates != RNN_GATE_COUNT[kind]:
+        other = GATES_OF[gates] + ("Cell" if cell else "")
+        expected.append(counted(RNN_GATE_COUNT[kind], "gate block"))
+        said.append(f"{counted(gates, 'gate block')}")
+        looks = f": this looks like {a_or_an(other)} ({counted(gates, 'gate')}), not {a_or_an(type(owner).__name__)}"
+    for setting, have, got in (
+        ("hidden_size", module.hidden_size, hidden),
+        ("input_size", module.input_size, inputs),
+    ):
+        if have != got:
+            expected.append(f"{setting}={have}")
+            said.append(f"{setting}={got}")
+    # the example that shows the sizes best: weight_hh holds both the gate rows and hidden_size
+    example = min(found, key=lambda n: (not n.startswith("weight_hh"), not n.startswith("weight_ih"), n))
+    built = rnn_constructor(owner, other, inputs, hidden)
+    if gates != RNN_GATE_COUNT[kind]:
+        fix = f"build the module as {built} for these weights, or pass {a_or_an(type(owner).__name__)}'s weights"
+    else:
+        sizes_said = ", ".join(said)
+        fix = f"build the module with {sizes_said}: {built}, or pass arrays made for {', '.join(expected)}"
+    return Problem(
+        label,
+        f"{', '.join(expected)} in {where} ({describe_module(owner)})",
+        f"{', '.join(said)} in {source.description} (by the shapes of its {counted(len(found), 'tensor')} for "
+        f"the module: '{example}' is {found[example][0]}){looks}",
+        fix,
+    )
+
+
 def _shape_fix(expected: tuple[int, ...], found: tuple[int, ...]) -> str:
     if len(expected) == 2 and found == expected[::-1]:
         return f"pass an array of shape {expected}; {found} looks transposed: pass its .T"
@@ -409,16 +499,22 @@ def _shape_fix(expected: tuple[int, ...], found: tuple[int, ...]) -> str:
 
 
 def check_values(
-    plan: Plan, source: Source, allow_nonfinite: NonFinite = False, *, after_fill: bool = False
+    plan: Plan,
+    source: Source,
+    allow_nonfinite: NonFinite = False,
+    *,
+    after_fill: bool = False,
+    progress: Callable[[Entry], None] | None = None,
 ) -> None:
     """Read each planned source tensor once and add a problem for each bad value found.
 
     Values stream through :meth:`Source.iter_chunks` (one small buffer for files);
-    only tied tensors and value-making ops need whole arrays.
+    only tied tensors and value-making ops need whole arrays. ``progress`` is called
+    with each entry once it is checked (a progress bar).
     """
     checked: dict[tuple[str, torch.dtype, bool], str | None] = {}
     firsts: dict[int, tuple[Entry, np.ndarray]] = {}
-    for entry in plan.entries:
+    for entry in _ticked(plan.entries, progress):
         allowed = _allowed(entry.target, allow_nonfinite)
         tied = id(entry.tensor) in firsts
         if tied or entry.aliases:
@@ -446,6 +542,14 @@ def check_values(
             bad = values.find_bad_values(value, entry.tensor.dtype, entry.check, allowed)
         if bad:
             plan.problems.append(value_problem(entry, bad))
+
+
+def _ticked(entries: list[Entry], progress: Callable[[Entry], None] | None) -> Iterator[Entry]:
+    """``entries``, calling ``progress`` with each once the loop is done with it."""
+    for entry in entries:
+        yield entry
+        if progress is not None:
+            progress(entry)
 
 
 def value_problem(entry: Entry, bad: str, where: str = "") -> Problem:

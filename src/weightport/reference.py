@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightport.errors import LayoutError
+from weightport.errors import LayoutError, a_or_an
 from weightport.tensors import unwrap
 from weightport.torch_facts import rnn_param
 
@@ -402,7 +402,9 @@ def _split_state(hx: Any, is_lstm: bool, name: str) -> tuple[Any, ...]:
             f"{name} expects hx as a pair (h0, c0), found {type(hx).__name__}. Pass both states, or None."
         )
     if not is_lstm and isinstance(hx, (tuple, list)):
-        raise LayoutError(f"{name} expects hx as one array h0, found a {type(hx).__name__}. Pass h0 alone.")
+        raise LayoutError(
+            f"{name} expects hx as one array h0, found {a_or_an(type(hx).__name__)}. Pass h0 alone."
+        )
     return tuple(hx) if is_lstm else (hx,)
 
 

@@ -17,6 +17,7 @@ Every layout, the RNN tools and the reference forward read these tables from her
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from torch import nn
 
@@ -29,6 +30,10 @@ __all__ = [
     "rnn_kind",
     "explain_shape",
     "describe_module",
+    "RECURRENT_PARAM",
+    "GATES_OF",
+    "recurrent_sizes",
+    "rnn_constructor",
 ]
 
 RNN_KINDS = ("RNN", "LSTM", "GRU")  # the recurrent kinds PyTorch has: nn.RNN/LSTM/GRU and their cells
@@ -36,6 +41,9 @@ RNN_KINDS = ("RNN", "LSTM", "GRU")  # the recurrent kinds PyTorch has: nn.RNN/LS
 RNN_GATES: dict[str, tuple[str, ...]] = {"RNN": ("",), "LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n")}
 RNN_GATE_COUNT = {kind: len(gates) for kind, gates in RNN_GATES.items()}
 RNN_ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+# the recurrent kind each count of gate blocks is (an RNN has one, a GRU three, an LSTM four)
+GATES_OF = {count: kind for kind, count in RNN_GATE_COUNT.items()}
+RECURRENT_PARAM = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)(?:_l(\d+))?(?:_reverse)?$")
 _RNN_PARAM = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)(?:_l(\d+))?(_reverse)?$")
 
 
@@ -118,3 +126,65 @@ def _formula(module: nn.Module, local_name: str) -> str | None:
     if isinstance(module, nn.Embedding):
         return "(num_embeddings, embedding_dim)"
     return None
+
+
+def recurrent_sizes(owner: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int] | None:
+    """(gate blocks, hidden_size, input_size) that give every shape in ``shapes`` (local name -> shape), where
+    they differ from ``owner``'s; None where no such sizes explain them all.
+
+    >>> gru = {"weight_ih_l0": (12, 3), "weight_hh_l0": (12, 4), "bias_ih_l0": (12,), "bias_hh_l0": (12,)}
+    >>> recurrent_sizes(nn.LSTM(3, 4), gru)  # a GRU's three gate blocks
+    (3, 4, 3)
+    >>> recurrent_sizes(nn.LSTM(3, 4), {"weight_hh_l0": (32, 8), "bias_ih_l0": (32,)})  # hidden_size 8
+    (4, 8, 3)
+    """
+    module: Any = owner
+    kind = rnn_kind(owner) or "RNN"
+    hidden_given = [s[1] for n, s in shapes.items() if n.startswith("weight_hh") and len(s) == 2]
+    hidden = hidden_given[0] if hidden_given else module.hidden_size
+    rows = {s[0] for s in shapes.values() if s}
+    if len(rows) != 1 or hidden < 1 or next(iter(rows)) % hidden:
+        return None
+    gates = next(iter(rows)) // hidden
+    first_layer = [s[1] for n, s in shapes.items() if n in ("weight_ih", "weight_ih_l0") and len(s) == 2]
+    inputs = first_layer[0] if first_layer else module.input_size
+    ours = (RNN_GATE_COUNT[kind], module.hidden_size, module.input_size)
+    if gates not in GATES_OF or (gates, hidden, inputs) == ours:
+        return None
+    directions = 2 if getattr(module, "bidirectional", False) else 1
+    for name, shape in shapes.items():
+        match = RECURRENT_PARAM.match(name)
+        if match is None:
+            return None
+        role, layer = match.groups()
+        if role.startswith("bias"):
+            wanted: tuple[int, ...] = (gates * hidden,)
+        elif role == "weight_hh":
+            wanted = (gates * hidden, hidden)
+        else:
+            wanted = (gates * hidden, inputs if not layer or layer == "0" else directions * hidden)
+        if shape != wanted:
+            return None
+    return gates, hidden, inputs
+
+
+def rnn_constructor(owner: nn.Module, cls: str, inputs: int, hidden: int) -> str:
+    """``owner``'s settings as ``nn.<cls>(...)`` with these sizes.
+
+    >>> rnn_constructor(nn.LSTM(3, 4, num_layers=2, bidirectional=True), "GRU", 3, 8)
+    'nn.GRU(3, 8, num_layers=2, bidirectional=True)'
+    """
+    module: Any = owner
+    extra = []
+    if getattr(module, "num_layers", 1) > 1:
+        extra.append(f"num_layers={module.num_layers}")
+    if not module.bias:
+        extra.append("bias=False")
+    if getattr(module, "batch_first", False):
+        extra.append("batch_first=True")
+    if getattr(module, "bidirectional", False):
+        extra.append("bidirectional=True")
+    nonlinearity = getattr(module, "nonlinearity", "tanh")
+    if cls.startswith("RNN") and nonlinearity != "tanh":
+        extra.append(f"nonlinearity='{nonlinearity}'")
+    return f"nn.{cls}({', '.join([str(inputs), str(hidden), *extra])})"

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightport.errors import MissingDependencyError, SourceError, VerifyError
+from weightport.errors import MissingDependencyError, SourceError, VerifyError, counted
+from weightport.report import forward_notes_of
 from weightport.tensors import numpy_of, unwrap
 
 __all__ = ["OutputCheck", "VerifyReport", "verify", "flatten_outputs"]
@@ -38,12 +39,17 @@ class OutputCheck:
 
 @dataclass
 class VerifyReport:
-    """Truthy when every output is within tolerance; prints one line per output."""
+    """Truthy when every output is within tolerance; prints one line per output.
+
+    ``notes`` are the loads' notes on what the model's ``forward`` must do around its modules
+    (see :class:`~weightport.ForwardNoteWarning`); a failed report repeats them, as a likely cause.
+    """
 
     outputs: list[OutputCheck] = field(default_factory=list)
     rtol: float = 1e-5
     atol: float = 1e-6
     against: str = "expected outputs"
+    notes: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return all(o.ok for o in self.outputs)
@@ -57,12 +63,20 @@ class VerifyReport:
                 f"  {mark} {o.name:<10} {o.shape!s:<16} max abs err {o.max_abs:.3g}  max rel err "
                 f"{o.max_rel:.3g}{'  ' + o.note if o.note else ''}"
             )
+        if not self and self.notes:
+            lines.append("  the outputs differ; the load noted what forward must do, which may be why:")
+            lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     def raise_if_failed(self) -> VerifyReport:
         """Raise :class:`VerifyError` when an output is off; return the report otherwise."""
         if not self:
-            raise VerifyError(str(self) + "\nFix: check the weights' layout and the module's settings.")
+            fix = (
+                "do in forward what the notes say, then check the weights' layout and the module's settings"
+                if self.notes
+                else "check the weights' layout and the module's settings"
+            )
+            raise VerifyError(f"{self}\nFix: {fix}.")
         return self
 
 
@@ -179,16 +193,20 @@ def verify(
         source = "the NumPy reference"
     wanted = flatten_outputs(expected)
     names = _names(unwrap(module), len(actual))
-    report = VerifyReport(rtol=rtol, atol=atol, against=source)
+    # the notes of every load into the module or any module inside it (a wrapper built around a loaded one)
+    loaded = [module, *unwrap(module).modules()]
+    notes = list(dict.fromkeys(note for m in loaded for note in forward_notes_of(m)))
+    report = VerifyReport(rtol=rtol, atol=atol, against=source, notes=notes)
     if len(wanted) != len(actual) and graph_outputs is not None:
         raise VerifyError(
-            f"the module returned {_count(len(actual), 'output')} (flattened in order) but "
-            f"{onnx_file} has {_count(len(wanted), 'output')} ({', '.join(graph_outputs)}). Fix: "
+            f"the module returned {counted(len(actual), 'output')} (flattened in order) but "
+            f"{onnx_file} has {counted(len(wanted), 'output')} ({', '.join(graph_outputs)}). Fix: "
             "compare with the ONNX file exported from this module, or pass the outputs as expected=."
         )
     if len(wanted) != len(actual):
         raise VerifyError(
-            f"the module returned {len(actual)} outputs but {len(wanted)} were expected. "
+            f"the module returned {counted(len(actual), 'output')} but {len(wanted)} "
+            f"{'was' if len(wanted) == 1 else 'were'} expected. "
             "Fix: give expected outputs in the module's own nesting."
         )
     for name, a, e in zip(names, actual, wanted):
@@ -232,8 +250,8 @@ def _run_onnx(path: Path, args: tuple[Any, ...]) -> tuple[list[np.ndarray], list
     tensors = _flat_tensors(args)
     if len(tensors) != len(graph_inputs):
         raise SourceError(
-            f"{where} takes {_count(len(graph_inputs), 'input')} "
-            f"({', '.join(i.name for i in graph_inputs)}) but {_count(len(tensors), 'array')} "
+            f"{where} takes {counted(len(graph_inputs), 'input')} "
+            f"({', '.join(i.name for i in graph_inputs)}) but {counted(len(tensors), 'array')} "
             f"{'was' if len(tensors) == 1 else 'were'} given. Fix: pass the graph's inputs in its order "
             f"({spec}); nested tuples such as (x, (h0, c0)) give one input per array."
         )
@@ -252,10 +270,6 @@ def _run_onnx(path: Path, args: tuple[Any, ...]) -> tuple[list[np.ndarray], list
             f"the shapes and types its graph takes: {spec}."
         ) from e
     return [np.asarray(o) for o in outputs], [o.name for o in session.get_outputs()]
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _first_line(error: BaseException) -> str:

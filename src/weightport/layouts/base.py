@@ -65,7 +65,8 @@ class LayoutPlan:
     ``unmatched`` lists source tensors no rule reads (reported as ignored with
     ``strict=False``, an error otherwise); ``unchecked`` lists settings the source
     did not carry, so they could not be held against the module; ``missing_hints``
-    says, per module path, why the source has nothing for that module.
+    says, per module path, why the source has nothing for that module; ``forward_notes``
+    what the model's ``forward`` must do around a module (weights alike, outputs not).
     """
 
     name: str  # the layout's registry name ("keras")
@@ -79,6 +80,10 @@ class LayoutPlan:
     missing_hints: dict[str, str] = field(default_factory=dict)
     # source tensors that are not weights (a training state's optimizer moments): always ignored, with why
     not_weights: list[str] = field(default_factory=list)
+    # what the model's forward must do around a module for the source's outputs (an activation after it, a
+    # flipped input), each saying the module and source layer it is about: warned, reported, and repeated
+    # by weightport.verify beside a failure
+    forward_notes: list[str] = field(default_factory=list)
 
 
 class Layout(Protocol):

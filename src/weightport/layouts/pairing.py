@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
-from weightport.errors import LayoutError, WeightportError
+from weightport.errors import LayoutError, WeightportError, a_or_an
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.proof import Fits, Prover
 from weightport.layouts.slots import (
@@ -182,7 +182,7 @@ def pair_layers(
                 raise LayoutError(
                     f"mapping '{layer.name}' -> '{slot.label}': {framework} layer '{layer.name}' is "
                     f"{layer.detail or layer.kind} but '{slot.label}' is {type(slot.module).__name__}. "
-                    f"Fix: map it to a {torch_class(layer.kind)} module."
+                    f"Fix: map it to {a_or_an(torch_class(layer.kind))} module."
                 )
             if slot.label in taken:
                 other = next(p.source.name for p in result.values() if p.slot.label == slot.label)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 
 from torch import nn
 
-from weightport.errors import LayoutError
+from weightport.errors import LayoutError, counted
 from weightport.layouts.slots import Paired, Slot, SourceLayer, torch_class
 
 __all__ = ["Fits", "Prover"]
@@ -199,7 +199,7 @@ class Prover:
                 "them within parts only, such as per class and container)"
             )
         elif len(layer_ids) != len(slot_ids):
-            why = f"the model has {len(slot_ids)} modules that could take these {len(layer_ids)} layers"
+            why = f"the model has {counted(len(slot_ids), 'module')} that could take these {len(layer_ids)} layers"
         elif self.call_order is not None:
             why = "the forward pass on example_inputs= does not call each of these modules in an order that fits"
         else:

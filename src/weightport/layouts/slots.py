@@ -103,6 +103,13 @@ class Slot:
         return self.path if self.layer is None else f"{self.path}[{self.layer}]"
 
     @property
+    def said(self) -> str:
+        """How a note names it: ``'encoder.rnn[1]'``, or ``the module (layer 1)`` for the root."""
+        if self.path:
+            return f"'{self.label}'"
+        return "the module" if self.layer is None else f"the module (layer {self.layer})"
+
+    @property
     def bidirectional(self) -> bool:
         return bool(getattr(self.module, "bidirectional", False))
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from weightport.dtypes import ml_float
-from weightport.errors import MissingDependencyError, SourceError
+from weightport.errors import MissingDependencyError, SourceError, a_or_an
 from weightport.sources.base import Source, TensorInfo
 from weightport.sources.mapping import MappingSource, to_array
 
@@ -106,7 +106,7 @@ def open(path: Path) -> Source:
         ) from None
     if not isinstance(tree, dict):
         raise SourceError(
-            f"{where}: holds a {type(tree).__name__} at the top, not a tree of named arrays. "
+            f"{where}: holds {a_or_an(type(tree).__name__)} at the top, not a tree of named arrays. "
             "Fix: save a dict of params (flax.serialization.to_bytes(variables))."
         )
     arrays: dict[str, np.ndarray] = {}
@@ -133,7 +133,7 @@ def _key(where: str, prefix: str, key: Any) -> str:
     if isinstance(key, int) and not isinstance(key, bool):
         return str(key)
     raise SourceError(
-        f"{where}: key {key!r} under '{prefix or '/'}' is a {type(key).__name__}; names must be strings. "
+        f"{where}: key {key!r} under '{prefix or '/'}' is {a_or_an(type(key).__name__)}; names must be strings. "
         "The file is not a Flax state dict."
     )
 

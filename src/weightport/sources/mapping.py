@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from weightport.dtypes import NON_NUMERIC_KINDS, is_numeric
-from weightport.errors import SourceError
+from weightport.errors import SourceError, a_or_an
 from weightport.sources.base import Region, Source, TensorInfo
 
 __all__ = ["MappingSource", "to_array"]
@@ -110,7 +110,7 @@ def _flatten(mapping: Mapping[str, Any], prefix: str, out: dict[str, np.ndarray]
         if isinstance(key, int) and not isinstance(key, bool):
             key = str(key)  # list positions in pytrees (nnx to_pure_dict)
         if not isinstance(key, str):
-            raise SourceError(f"key {key!r} is a {type(key).__name__}; tensor names must be strings")
+            raise SourceError(f"key {key!r} is {a_or_an(type(key).__name__)}; tensor names must be strings")
         name = prefix + key
         if isinstance(value, Mapping):
             _flatten(value, name + "/", out, ignored)

@@ -47,7 +47,8 @@ tanh, SimpleRNN ``activation`` other than tanh/relu, LayerNormalization
 ``rms_scaling``, BatchNormalization ``scale=False`` with ``center=True``, a ``Bidirectional``
 around a layer with ``go_backwards=True`` (its halves come out swapped).
 Settings that act on the input, the state or the output rather than inside the module load, with
-a note in the pairing's "how" saying what ``forward`` must do: ``go_backwards`` (flip the input),
+a note saying what ``forward`` must do (in the pairing's "how" and ``LayoutPlan.forward_notes``, which a
+load gives as a :class:`~weightport.errors.ForwardNoteWarning`): ``go_backwards`` (flip the input),
 ``stateful`` (pass the state on), a Dense/Conv ``activation`` (apply it), Conv ``padding='causal'``
 and ``'same'`` with stride > 1 (pad the input; the module must have ``padding=0``), Embedding
 ``mask_zero`` (pack the sequences). Training-only settings (dropout, initializers, ``unit_forget_bias``,
@@ -190,6 +191,7 @@ def plan(
     problems: list[Problem] = []
     refusals: list[str] = []
     unchecked: list[str] = []
+    forward_notes: list[str] = []
     for found, paired in zip(resolved, pairs):
         slot = paired.slot
         check_direction(found, slot, where)
@@ -198,7 +200,11 @@ def plan(
             rules += part_rules(found, part, slot, source)
             if part.config is not None:
                 problems += check_config(found, part, slot, refusals)
-                how += "".join(f"; {note}" for note in notes(found, part, slot))
+                said = notes(found, part, slot)
+                how += "".join(f"; {note}" for note, _ in said)
+                forward_notes += [
+                    f"{slot.said} <- Keras {part.cls} '{found.layer.name}': {n}" for n, acts in said if acts
+                ]
             else:
                 check_weights_only(found, part, slot, source, problems, refusals, unchecked)
         pairings.append(Pairing(found.layer.name, found.detail, slot.label, type(slot.module).__name__, how))
@@ -221,6 +227,7 @@ def plan(
         unchecked=unchecked,
         scope=wrapped_scope(pairs),
         not_weights=preprocessing,
+        forward_notes=list(dict.fromkeys(forward_notes)),
     )
 
 

@@ -15,10 +15,10 @@ import math
 from collections.abc import Mapping
 from typing import Any, cast
 
-from weightport.errors import LayoutError, Problem
+from weightport.errors import LayoutError, Problem, a_or_an, counted
 from weightport.layouts.keras.attention import attention_notes, attention_problems
 from weightport.layouts.keras.layers import Layer, Part, Resolved, inner_layers
-from weightport.layouts.keras.padding import padding_verdict, transpose_verdict
+from weightport.layouts.keras.padding import padding_of, padding_verdict, transpose_verdict
 from weightport.layouts.pairing import Slot
 from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
@@ -68,7 +68,7 @@ def _refusals(found: Resolved, part: Part, cfg: Mapping[str, Any]) -> list[str]:
         )
     if kind in RNN_KINDS and len(found.parts) == 2 and not part.reverse and cfg.get("go_backwards"):
         out.append(
-            f"Keras Bidirectional '{found.layer.name}' wraps a {part.cls} with go_backwards=True, so its "
+            f"Keras Bidirectional '{found.layer.name}' wraps {a_or_an(part.cls)} with go_backwards=True, so its "
             "'forward' layer reads the input backwards and keeps its outputs in reversed time order while "
             "the 'backward' one reads it forwards; a bidirectional PyTorch module runs its first direction "
             "forwards and realigns the reverse one, so the halves of the output are swapped (and, with "
@@ -90,37 +90,45 @@ def _refusals(found: Resolved, part: Part, cfg: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def notes(found: Resolved, part: Part, slot: Slot) -> list[str]:
-    """What the caller's ``forward`` must do around the module for Keras's outputs (the pairing's "how").
+def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
+    """Notes for the pairing's "how", each with whether the caller's ``forward`` must act on it for
+    Keras's outputs (a :class:`~weightport.errors.ForwardNoteWarning`): padding the module does itself
+    is said for the record only.
 
     These settings act on the input, the state or the output, not on what the module computes, so
     they load: weights are the same, and the note says what to do outside the module.
     """
     cfg, m, kind = part.config or {}, cast(Any, slot.module), found.kind
-    notes = []
+    notes: list[tuple[str, bool]] = []
     if kind in RNN_KINDS and not part.reverse:
         if cfg.get("go_backwards") and len(found.parts) == 1:
-            notes.append("Keras runs it backwards (go_backwards=True): flip the input in time")
+            notes.append(("Keras runs it backwards (go_backwards=True): flip the input in time", True))
         if cfg.get("stateful"):
             state = "h_n, c_n" if kind == "LSTM" else "h_n"
             notes.append(
-                f"Keras carries the state between calls (stateful=True): pass the returned {state} as the "
-                "next call's initial state"
+                (
+                    f"Keras carries the state between calls (stateful=True): pass the returned {state} as the "
+                    "next call's initial state",
+                    True,
+                )
             )
     if kind in _WITH_ACTIVATION and _act(cfg.get("activation")) != "linear":
         notes.append(
-            f"Keras applies activation='{_act(cfg.get('activation'))}' after it: apply it in forward"
+            (f"Keras applies activation='{_act(cfg.get('activation'))}' after it: apply it in forward", True)
         )
     if kind in ("Conv1d", "Conv2d"):
         note, _ = padding_verdict(cfg, m, found.layer)
-        if note:
-            notes.append(note)
+        if note:  # a module that pads by itself leaves forward nothing to do
+            notes.append((note, padding_of(m) == ((0, 0),) * len(m.kernel_size)))
     if kind == "MultiheadAttention":
-        notes += attention_notes(slot)
+        notes += [(note, True) for note in attention_notes(slot)]
     if kind == "Embedding" and cfg.get("mask_zero"):
         notes.append(
-            "Keras masks id 0 (mask_zero=True), so later recurrent layers skip those steps: pass the lengths "
-            "with nn.utils.rnn.pack_padded_sequence"
+            (
+                "Keras masks id 0 (mask_zero=True), so later recurrent layers skip those steps: pass the lengths "
+                "with nn.utils.rnn.pack_padded_sequence",
+                True,
+            )
         )
     return notes
 
@@ -343,7 +351,7 @@ def refuse_whole_model_layer(layers: list[Layer], where: str) -> None:
     inner = inner_layers(layer)
     raise LayoutError(
         f"{where}: the weights sit under the one top-level Keras layer '{layer.name}' "
-        f"({layer.class_name or 'class not recorded'}: {len(layer.tensors)} tensors in {len(inner)} inner layers, "
+        f"({layer.class_name or 'class not recorded'}: {counted(len(layer.tensors), 'tensor')} in {counted(len(inner), 'inner layer')}, "
         f"such as '{inner[0]}'), a layer that holds a whole model. weightport pairs Keras layers that are one "
         "PyTorch module each (Dense, Conv, LSTM, ...), and the layers inside such a layer only where their "
         f"names follow transformers' TF checkpoints ('<model>/{layer.name}/<inner layer>/.../kernel:0', each "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["tf_same", "dynamic_same", "padding_verdict", "transpose_verdict", "TF_SAME"]
+__all__ = ["tf_same", "dynamic_same", "padding_of", "padding_verdict", "transpose_verdict", "TF_SAME"]
 
 TF_SAME = (
     "pad each spatial axis of size n by max((ceil(n / stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0) "
@@ -37,8 +37,9 @@ def dynamic_same(m: Any) -> bool:
     return type(m).__name__ == "Conv2dSame" and type(m).__module__.startswith("timm.")
 
 
-def _fixed(m: Any) -> tuple[tuple[int, int], ...] | None:
-    """The module's own padding as (before, after) per axis, where it is fixed."""
+def padding_of(m: Any) -> tuple[tuple[int, int], ...] | None:
+    """The module's own padding as (before, after) per axis, where it is fixed (None: it pads each input
+    as it comes)."""
     kernel, dilation = m.kernel_size, m.dilation
     if dynamic_same(m):
         return None
@@ -65,7 +66,7 @@ def explicit_padding_matches(layer: Any, fixed: Any, padding: str) -> bool:
 def padding_verdict(cfg: Any, m: Any, layer: Any) -> Verdict:
     """Whether the module pads as Keras does, for a Conv1D/Conv2D/DepthwiseConv2D ``cfg`` and its ``layer``."""
     padding = str(cfg.get("padding", "valid")).lower()
-    fixed = _fixed(m)
+    fixed = padding_of(m)
     rank = len(m.kernel_size)
     zeros = ((0, 0),) * rank
     explicit = tuple(layer.padding) if padding == "valid" and layer.padding else None

@@ -188,6 +188,11 @@ def plan(
     # a BatchNorm that a BatchNormalization node fills is no folded one
     taken = {pair.slot.label for pair in paired}
     folded: list[str] = []
+    forward_notes = [
+        f"{pair.slot.said} <- ONNX {layer.kind} node '{layer.node.label}': {note}"
+        for layer, pair in zip(layers, paired)
+        for note in layer.forward_notes
+    ]
     for layer, pair in zip(layers, paired):
         bn, how = follow.get(pair.slot.label, (None, "")) if layer.kind in FOLDS_INTO else (None, "")
         bn = bn if bn is not None and bn.label not in taken else None
@@ -221,6 +226,7 @@ def plan(
         unmatched=[n for n in weight_names(source) if n not in used],
         unchecked=unchecked,
         missing_hints=hints,
+        forward_notes=forward_notes,
     )
 
 

@@ -77,6 +77,8 @@ class Layer:
     # other than 'zeros'.
     pad: tuple[str, tuple[tuple[int, ...], tuple[int, ...]] | None] | None = None
     owner: str | None = None  # the module path its stored names prove, where they name one (attention)
+    # what the model's forward must do around the module for the graph's outputs (LayoutPlan.forward_notes)
+    forward_notes: tuple[str, ...] = ()
 
 
 def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from weightport.errors import LayoutError
+from weightport.errors import LayoutError, a_or_an
 from weightport.layouts.onnx.graph import Graph, Layer, Node, is_float
 from weightport.layouts.pairing import module_slots, slot_kind
 from weightport.sources.base import Source
@@ -35,7 +35,7 @@ def explain_unrolled_recurrence(
                 f"{where} has ONNX {' and '.join(recurrent)} node(s) but no {kind} node for {label} "
                 f"({type(sub).__name__}): the weights of one kind of recurrent layer do not fit another. "
                 f"Fix: build the module as nn.{recurrent[0]} with the graph's sizes, or load a file exported "
-                f"from a model with a {kind}. (Pairing said: {error})"
+                f"from a model with {a_or_an(kind)}. (Pairing said: {error})"
             ) from error
         raise LayoutError(
             f"{where} has no ONNX {kind} node for {label} ({type(sub).__name__}): the graph computes "

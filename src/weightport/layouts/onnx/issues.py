@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from weightport.errors import LayoutError, UnsupportedConfigError
+from weightport.errors import LayoutError, UnsupportedConfigError, counted
 from weightport.layouts.onnx.graph import Node
 
 __all__ = ["Issues", "computed"]
@@ -35,7 +35,9 @@ class Issues:
         if len(self.messages) == 1:
             raise cls(self.messages[0])
         lines = "\n".join(f"  - {m}" for m in self.messages)
-        raise cls(f"{self.where} cannot be loaded into {target}: {len(self.messages)} problems:\n{lines}")
+        raise cls(
+            f"{self.where} cannot be loaded into {target}: {counted(len(self.messages), 'problem')}:\n{lines}"
+        )
 
 
 def computed(node: Node, role: str, name: str, issues: Issues) -> None:

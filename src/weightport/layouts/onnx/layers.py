@@ -117,7 +117,15 @@ def _recurrent_layer(node: Node, graph: Graph, issues: Issues, validated: set[st
             "sequence_lens: steps past each length give zeros, as PyTorch gives for a packed input "
             "(nn.utils.rnn.pack_padded_sequence)"
         )
-    return Layer(node, kind, tensors, detail=f"ONNX {kind} node ({', '.join(notes)})")
+    forward = (
+        (
+            "the graph takes sequence_lens (steps past each length give zeros): for sequences of different "
+            "lengths, pass the module nn.utils.rnn.pack_padded_sequence(x, lengths), which does the same",
+        )
+        if node.input(4)
+        else ()
+    )
+    return Layer(node, kind, tensors, detail=f"ONNX {kind} node ({', '.join(notes)})", forward_notes=forward)
 
 
 def _bias_op(shape: tuple[int, ...], size: int) -> Op | None:
@@ -327,6 +335,11 @@ def _norm_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
         )
         return None
     detail = f"ONNX {node.op_type} node {shape}"
+    forward: tuple[str, ...] = ()
     if node.attr("training_mode", 0):
         detail += ", training_mode=1: normalizes with the batch's statistics, as the module does in train()"
-    return Layer(node, kind, tensors, detail=detail)
+        forward = (
+            "the graph normalizes with the batch's statistics (training_mode=1): run the module in train() "
+            "mode for its outputs (eval(), as weightport.verify runs it, uses the running statistics)",
+        )
+    return Layer(node, kind, tensors, detail=detail, forward_notes=forward)
