@@ -203,10 +203,17 @@ class LocalWrite:
         """
         if not self.options.check_values:
             return
+        from weightport.progress import progress_callback
+
         try:
-            check_values(
-                self.plan, self.source, self.options.allow_nonfinite, after_fill=not self.options.dry_run
-            )
+            with progress_callback(self.plan, self.source, self.options.progress, "checking") as checked:
+                check_values(
+                    self.plan,
+                    self.source,
+                    self.options.allow_nonfinite,
+                    after_fill=not self.options.dry_run,
+                    progress=checked,
+                )
         except OSError as e:  # nothing is written yet: a read failure is the source's problem
             raise SourceError(
                 f"reading {self.source.description} failed: {e.strerror or e}. Fix: check the file is complete "
