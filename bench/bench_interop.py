@@ -83,14 +83,14 @@ def case(kind: str, hidden: int, layers: int, rounds: int) -> None:
         finally:
             torch.set_num_threads(threads)
 
-    kernel = copying._transpose
+    kernel = copying._kernels
 
     def no_kernel() -> None:
-        copying._transpose = None  # type: ignore[assignment]
+        copying._kernels = None  # type: ignore[assignment]
         try:
             weightport.load(model, keras, layout="keras")
         finally:
-            copying._transpose = kernel
+            copying._kernels = kernel
 
     medians = interleaved(
         {

@@ -19,12 +19,10 @@ NO_KERNEL = pytest.param(False, id="torch-fallback")
 @pytest.fixture(params=[KERNEL, NO_KERNEL])
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     if request.param:
-        if copying._transpose is None:
-            pytest.fail(
-                "the compiled kernel weightport._transpose was not built (is a C compiler installed?)"
-            )
+        if copying._kernels is None:
+            pytest.fail("the compiled kernel weightport._kernels was not built (is a C compiler installed?)")
     else:
-        monkeypatch.setattr(copying, "_transpose", None)
+        monkeypatch.setattr(copying, "_kernels", None)
     return bool(request.param)
 
 
@@ -93,16 +91,16 @@ def test_destination_rows_inside_a_wider_tensor(kernel: bool) -> None:
 
 def test_overlapping_memory_is_not_given_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """A source that shares memory with the destination goes through torch, as ``copy_`` would."""
-    if copying._transpose is None:
-        pytest.fail("the compiled kernel weightport._transpose was not built")
+    if copying._kernels is None:
+        pytest.fail("the compiled kernel weightport._kernels was not built")
     calls: list[tuple[int, ...]] = []
-    real = copying._transpose.transpose
+    real = copying._kernels.transpose
 
     def recorded(*args: int) -> None:
         calls.append(args)
         real(*args)
 
-    monkeypatch.setattr(copying._transpose, "transpose", recorded)
+    monkeypatch.setattr(copying._kernels, "transpose", recorded)
     t = torch.empty(64, 64)
     src = torch.arange(64 * 64, dtype=torch.float32).reshape(64, 64)
     copying.copy_into(t, src.numpy().T)  # disjoint: the kernel
@@ -128,8 +126,8 @@ def test_kernel_matches_numpy_for_any_shape(
     rows: int, cols: int, extra_cols: int, offset: int, itemsize: int, pad: int
 ) -> None:
     """The compiled kernel against NumPy's own transpose, ragged edges and odd strides included."""
-    if copying._transpose is None:
-        pytest.fail("the compiled kernel weightport._transpose was not built")
+    if copying._kernels is None:
+        pytest.fail("the compiled kernel weightport._kernels was not built")
     dtype = {2: np.int16, 4: np.int32, 8: np.int64}[itemsize]
     width = rows + offset + extra_cols
     k = np.arange(cols * width, dtype=dtype).reshape(cols, width)  # the "Keras kernel"

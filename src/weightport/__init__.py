@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from weightport.errors import (
+    ForwardNoteWarning,
     LayoutError,
     LoadError,
     MissingDependencyError,
@@ -71,6 +72,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ForwardNoteWarning",
     "LayoutError",
     "LoadError",
     "LoadReport",

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from weightport.dtypes import NON_NUMERIC_KINDS, holds_all, is_float, is_numeric, ml_floats
+from weightport.kernels import all_finite
 from weightport.tensors import as_torch, to_numpy_dtype, to_torch_dtype
 
 __all__ = ["cast_kind", "find_bad_values"]
@@ -161,8 +162,9 @@ def _bad_floats(tensor: torch.Tensor, target: torch.dtype, check: str, allow_non
     if check == "finite" and allow_nonfinite:
         return None
     if check == "finite":
-        # One read-only pass: a finite sum means no NaN/Inf (an overflowed sum falls through to the mask).
-        low = high = float(tensor.sum())
+        # One read-only pass: the compiled scan, or a finite sum (an overflowed one falls through to the mask).
+        scanned = all_finite(tensor)
+        low = high = float(tensor.sum()) if scanned is None else (0.0 if scanned else math.nan)
     else:
         # One read-only pass: NaN propagates into aminmax, and +-Inf shows as an extreme.
         low, high = (float(x) for x in torch.aminmax(tensor))

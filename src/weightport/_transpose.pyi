@@ -1,3 +1,0 @@
-def transpose(
-    dst: int, src: int, rows: int, cols: int, src_col_stride: int, dst_row_stride: int, itemsize: int, /
-) -> None: ...

@@ -1,0 +1,108 @@
+"""The compiled kernels of ``_kernels.c`` against NumPy and torch: the streaming copy moves every byte
+at any offset and length, and the NaN/Inf scan agrees with ``torch.isfinite`` for every float layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightport import copying, kernels
+
+
+@pytest.fixture
+def compiled():  # type: ignore[no-untyped-def]
+    if kernels.compiled is None:
+        pytest.fail("the compiled extension weightport._kernels was not built (is a C compiler installed?)")
+    return kernels.compiled
+
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(0, 5000), src_offset=st.integers(0, 63), dst_offset=st.integers(0, 63))
+def test_stream_copy_moves_every_byte(length: int, src_offset: int, dst_offset: int) -> None:
+    """Unaligned heads, 64-byte blocks and ragged tails: the bytes around the target stay untouched."""
+    if kernels.compiled is None:
+        pytest.fail("the compiled extension weightport._kernels was not built")
+    rng = np.random.default_rng(length)
+    src = rng.integers(0, 256, length + 64, dtype=np.uint8)
+    dst = np.zeros(length + 128, np.uint8)
+    kernels.compiled.stream_copy(dst.ctypes.data + dst_offset, src.ctypes.data + src_offset, length)
+    assert np.array_equal(dst[dst_offset : dst_offset + length], src[src_offset : src_offset + length])
+    assert not dst[:dst_offset].any() and not dst[dst_offset + length :].any()
+
+
+def test_stream_copy_refuses_a_negative_size(compiled) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="negative"):
+        compiled.stream_copy(0, 0, -1)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_copy_array_and_copy_into_stream_big_copies_exactly(compiled, monkeypatch, parallel: bool) -> None:  # type: ignore[no-untyped-def]
+    """Big contiguous copies go through the streaming kernel (split over threads or not) bit for bit."""
+    monkeypatch.setattr(copying, "PARALLEL_BYTES", 1 if parallel else 1 << 40)
+    calls: list[int] = []
+    real = compiled.stream_copy
+
+    def recorded(dst: int, src: int, nbytes: int) -> None:
+        calls.append(nbytes)
+        real(dst, src, nbytes)
+
+    monkeypatch.setattr(compiled, "stream_copy", recorded)
+    src = np.random.default_rng(0).standard_normal(copying.STREAM_BYTES // 4 + 17).astype(np.float32)
+    out = np.zeros_like(src)
+    copying.copy_array(out, src)
+    assert np.array_equal(out.view(np.uint32), src.view(np.uint32))
+    assert sum(calls) == src.nbytes and (len(calls) > 1) == parallel
+    calls.clear()
+    dst = torch.zeros(src.shape)
+    copying.copy_into(dst, src)
+    assert torch.equal(dst, torch.from_numpy(src)) and sum(calls) == src.nbytes
+
+
+def test_small_casting_and_overlapping_copies_do_not_stream(compiled, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls: list[int] = []
+    monkeypatch.setattr(compiled, "stream_copy", lambda *args: calls.append(args[2]))
+    big = copying.STREAM_BYTES // 4
+    copying.copy_array(np.zeros(8, np.float32), np.ones(8, np.float32))  # small
+    cast = np.zeros(big, np.float64)
+    copying.copy_array(cast, np.ones(big, np.float32))  # a cast
+    buffer = np.arange(2 * big, dtype=np.float32)
+    copying.copy_array(buffer[1 : big + 1], buffer[:big])  # overlapping: NumPy's memmove
+    assert calls == [] and cast.sum() == big
+    assert np.array_equal(buffer[1 : big + 1], np.arange(big, dtype=np.float32))
+
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+SPECIALS = [float("nan"), float("inf"), float("-inf"), -float("nan")]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@settings(max_examples=60, deadline=None)
+@given(length=st.integers(1, 700), where=st.floats(0, 1), special=st.sampled_from([None, *SPECIALS]))
+def test_all_finite_agrees_with_torch(dtype: torch.dtype, length: int, where: float, special) -> None:  # type: ignore[no-untyped-def]
+    """One NaN or Inf anywhere (first item, last item, inside a vector block or its tail) is seen."""
+    values = torch.randn(length, generator=torch.Generator().manual_seed(length)).to(dtype) * 100
+    if special is not None:
+        values[min(int(where * length), length - 1)] = special
+    assert kernels.all_finite(values) == bool(torch.isfinite(values).all())
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_all_finite_edges_of_the_finite_range(compiled, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    """The largest finite value, its negative, -0.0 and subnormals are finite; the next pattern is not."""
+    info = torch.finfo(dtype)
+    edges = torch.tensor([info.max, -info.max, -0.0, info.smallest_normal / 4, info.tiny], dtype=dtype)
+    assert kernels.all_finite(edges) is True
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[edges.element_size()]
+    beyond = edges.view(bits).clone()
+    beyond[1] += 1  # -max plus one ulp of magnitude: -inf
+    assert not bool(torch.isfinite(beyond.view(dtype)).all())
+    assert kernels.all_finite(beyond.view(dtype)) is False
+
+
+def test_all_finite_says_none_where_it_cannot_tell() -> None:
+    assert kernels.all_finite(torch.ones(4, 4).T[:, :2]) is None  # not contiguous
+    assert kernels.all_finite(torch.ones(3, dtype=torch.int32)) is None
+    assert kernels.all_finite(torch.ones(3, dtype=torch.complex64)) is None
