@@ -2,13 +2,16 @@
 
 For each file format, loads into an existing model and into a model built on the
 ``meta`` device, each in a fresh process (so peak RSS is that load's own), in
-interleaved rounds. Prints the median time as a ratio to the memcpy floor
-(``np.copyto`` of the same bytes into preallocated, touched arrays, measured in
-the same run) and to the format's anchor, and the extra peak RSS (peak minus RSS
-after imports and model construction, file-backed pages included) as a multiple
-of the model's bytes. Files are read warm (from the page cache), as the floor is.
+interleaved rounds, every process on ``--threads`` threads (default 1, as the targets are
+stated). Prints the median time as a ratio to the memcpy floor (``np.copyto`` of the same
+bytes into preallocated, touched arrays, split over as many threads, measured in the same
+run) and to the format's anchor: the format's own loader into an existing model, and for
+meta builds the first-touch floor (map the file, allocate fresh tensors, copy the bytes in,
+on as many threads). Extra peak RSS (peak minus RSS after imports and model construction,
+file-backed pages included) is a multiple of the model's bytes. Files are read warm (from the
+page cache), as the floors are. Imports happen before every clock starts.
 
-Run: .venv/bin/python bench/bench_files.py [--rounds 7] [--hidden 1024]
+Run: .venv/bin/python bench/bench_files.py [--rounds 7] [--hidden 1024] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +36,40 @@ sys.path.insert(0, {here!r})
 from _common import reset_peak, rss_bytes
 import numpy as np, torch
 import weightport
-case, path, hidden = sys.argv[1], sys.argv[2], int(sys.argv[3])
+case, path, hidden, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
 
 def build():
     return torch.nn.LSTM(hidden, hidden, num_layers=4, bidirectional=True)
 
+def copy_split(dst, src):  # np.copyto split over `threads` threads, as the floors copy
+    if threads == 1:
+        np.copyto(dst, src)
+        return
+    d, s = dst.reshape(-1), src.reshape(-1)
+    step = -(-d.size // threads)
+    list(pool.map(lambda a: np.copyto(d[a : a + step], s[a : a + step]), range(0, d.size, step)))
+
+def first_touch():  # the meta build's floor: map the .safetensors file, allocate tensors, copy in
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    data = np.memmap(path, np.uint8, "r", offset=8 + size)
+    out = {{}}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=torch.float32)
+        copy_split(tensor.numpy().reshape(-1).view(np.uint8), data[begin:end])
+        out[name] = tensor
+    return out
+
 def run():
+    if case == "first-touch-floor":
+        start = time.perf_counter()
+        first_touch()
+        return time.perf_counter() - start
     if case.startswith("meta:"):
         start = time.perf_counter()
         with torch.device("meta"):
@@ -70,11 +102,17 @@ def run():
             model.load_state_dict({{k: torch.from_numpy(z[k]) for k in z.files}})
     elif case == "torch.load(mmap)+load_state_dict":
         model.load_state_dict(torch.load(path, mmap=True, weights_only=True))
+    elif case == "np.load(.npy files)+load_state_dict":
+        from pathlib import Path
+        model.load_state_dict({{f.stem: torch.from_numpy(np.load(f)) for f in Path(path).glob("*.npy")}})
     else:
         raise SystemExit("unknown case " + case)
     return time.perf_counter() - start
 
 kind_layout = "keras" if path.endswith(".h5") else None
+if threads > 1:
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(threads)
 # Warm up outside the measurement: imports (h5py, safetensors, ...) and first calls cost time and RSS
 # once per process, not per load.
 import safetensors.torch  # noqa: F401
@@ -85,7 +123,7 @@ if not path.endswith(".pt"):
     get_layout(kind_layout or "torch")
 weightport.load(torch.nn.LSTM(2, 2), weightport.to_numpy(torch.nn.LSTM(2, 2)))
 base = None
-if case.startswith("meta:") or case.startswith("default-init"):
+if case.startswith("meta:") or case.startswith("default-init") or case == "first-touch-floor":
     reset_peak(); base = rss_bytes()
 seconds = run()
 print(json.dumps({{"seconds": seconds, "extra": rss_bytes("VmHWM") - base}}))
@@ -122,14 +160,24 @@ def write_files(folder: Path, hidden: int) -> tuple[dict[str, Path], int]:
     return paths, sum(a.nbytes for a in arrays.values())
 
 
-def floor_seconds(nbytes_arrays: list[np.ndarray], rounds: int) -> float:
-    dst = [np.ones_like(a) for a in nbytes_arrays]
+def floor_seconds(arrays: list[np.ndarray], rounds: int, threads: int) -> float:
+    """np.copyto of every array into touched ones, each split over ``threads`` threads."""
+    dst = [np.ones_like(a) for a in arrays]
+    parts = []
+    for d, a in zip(dst, arrays):
+        d, a = d.reshape(-1), a.reshape(-1)
+        step = -(-a.size // threads)
+        parts += [(d[i : i + step], a[i : i + step]) for i in range(0, a.size, step)]
     times = []
-    for _ in range(rounds + 1):
-        start = time.perf_counter()
-        for d, a in zip(dst, nbytes_arrays):
-            np.copyto(d, a)
-        times.append(time.perf_counter() - start)
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(rounds + 1):
+            start = time.perf_counter()
+            if threads == 1:
+                for d, a in parts:
+                    np.copyto(d, a)
+            else:
+                list(pool.map(lambda pair: np.copyto(*pair), parts))
+            times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
 
@@ -137,6 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1, help="torch and copy threads in every process")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -144,6 +193,7 @@ def main() -> None:
         st, npz, npy, pt = paths["safetensors"], paths["npz"], paths["npy-folder"], paths["pt"]
         st_anchor, npz_anchor = "safetensors.load_model", "np.load+load_state_dict"
         pt_anchor, init_anchor = "torch.load(mmap)+load_state_dict", "default-init+load_state_dict"
+        npy_anchor, touch_anchor = "np.load(.npy files)+load_state_dict", "first-touch-floor"
         rows = [  # (label, case run by the child, file, anchor case or None)
             ("safetensors: existing model", "weightport:st", st, st_anchor),
             ("safetensors: existing, rollback=False", "weightport:st:norollback", st, st_anchor),
@@ -157,13 +207,15 @@ def main() -> None:
             ("npz (stored): existing model", "weightport:npz", npz, npz_anchor),
             ("npz (stored): existing, rollback=False", "weightport:npz:norollback", npz, npz_anchor),
             ("np.load + load_state_dict (anchor)", npz_anchor, npz, None),
-            ("npy folder: existing model", "weightport:npy", npy, pt_anchor),
-            ("npy folder: existing, rollback=False", "weightport:npy:norollback", npy, pt_anchor),
-            ("torch.load(mmap) + load_state_dict (anchor)", pt_anchor, pt, None),
-            ("safetensors: meta model, build + load", "meta:st", st, init_anchor),
-            ("npz: meta model, build + load", "meta:npz", npz, init_anchor),
-            ("npy folder: meta model, build + load", "meta:npy", npy, init_anchor),
-            ("default init + load_state_dict (anchor)", init_anchor, npz, None),
+            ("npy folder: existing model", "weightport:npy", npy, npy_anchor),
+            ("npy folder: existing, rollback=False", "weightport:npy:norollback", npy, npy_anchor),
+            ("np.load(each .npy) + load_state_dict (anchor)", npy_anchor, npy, None),
+            ("torch.load(mmap) + load_state_dict (a .pt)", pt_anchor, pt, None),
+            ("safetensors: meta model, build + load", "meta:st", st, touch_anchor),
+            ("npz: meta model, build + load", "meta:npz", npz, touch_anchor),
+            ("npy folder: meta model, build + load", "meta:npy", npy, touch_anchor),
+            ("first-touch floor: map, allocate, copy (anchor)", touch_anchor, st, None),
+            ("default init + load_state_dict", init_anchor, npz, touch_anchor),
         ]
         if "keras" in paths:
             rows.insert(10, ("keras .weights.h5: existing model", "weightport:keras", paths["keras"], None))
@@ -177,7 +229,7 @@ def main() -> None:
                 ),
             )
             rows.append(
-                ("keras .weights.h5: meta model, build + load", "meta:keras", paths["keras"], init_anchor)
+                ("keras .weights.h5: meta model, build + load", "meta:keras", paths["keras"], touch_anchor)
             )
         script = folder / "child.py"
         script.write_text(CHILD.format(here=str(HERE)))
@@ -188,10 +240,10 @@ def main() -> None:
             arrays = [src.read(n) for n in src.infos]
         floors = []
         for _ in range(args.rounds):
-            floors.append(floor_seconds(arrays, 3))
+            floors.append(floor_seconds(arrays, 3, args.threads))
             for _, case, path, _ in rows:
                 out = subprocess.run(
-                    [sys.executable, str(script), case, str(path), str(args.hidden)],
+                    [sys.executable, str(script), case, str(path), str(args.hidden), str(args.threads)],
                     capture_output=True,
                     text=True,
                     check=True,
@@ -203,13 +255,14 @@ def main() -> None:
         peaks = {case: statistics.median(m for _, m in v) for case, v in results.items()}
         print(
             f"LSTM({args.hidden}, {args.hidden}, 4 layers, bidirectional): {nbytes / 1e6:.0f} MB; memcpy floor "
-            f"{floor * 1e3:.1f} ms; {args.rounds} interleaved rounds, a fresh process per load"
+            f"{floor * 1e3:.1f} ms; {args.rounds} interleaved rounds, a fresh process per load, "
+            f"{args.threads} thread(s) each"
         )
-        print(f"{'load':<46} {'ms':>8} {'x floor':>8} {'x anchor':>9} {'extra peak':>11}")
+        print(f"{'load':<50} {'ms':>8} {'x floor':>8} {'x anchor':>9} {'extra peak':>11}")
         for label, case, _, anchor in rows:
             ratio = f"{medians[case] / medians[anchor]:8.2f}x" if anchor else " " * 9
             print(
-                f"{label:<46} {medians[case] * 1e3:8.1f} {medians[case] / floor:7.2f}x {ratio} "
+                f"{label:<50} {medians[case] * 1e3:8.1f} {medians[case] / floor:7.2f}x {ratio} "
                 f"{peaks[case] / nbytes:10.3f}x"
             )
 

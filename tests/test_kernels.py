@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightport import copying, kernels
+from weightport.tensors import numpy_of
 
 
 @pytest.fixture
@@ -106,3 +107,33 @@ def test_all_finite_says_none_where_it_cannot_tell() -> None:
     assert kernels.all_finite(torch.ones(4, 4).T[:, :2]) is None  # not contiguous
     assert kernels.all_finite(torch.ones(3, dtype=torch.int32)) is None
     assert kernels.all_finite(torch.ones(3, dtype=torch.complex64)) is None
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bad", [None, 0, -1, "middle"])
+def test_copy_checked_copies_and_scans_in_one_pass(compiled, monkeypatch, parallel, dtype, bad) -> None:  # type: ignore[no-untyped-def]
+    """Every byte lands whether or not a NaN/Inf is there, in any thread's part, and the scan says so."""
+    monkeypatch.setattr(copying, "PARALLEL_BYTES", 1 if parallel else 1 << 40)
+    values = (torch.randn(copying.STREAM_BYTES // 2 + 3) * 50).to(dtype)
+    if bad is not None:
+        values[values.numel() // 2 if bad == "middle" else bad] = float("nan")
+    src = numpy_of(values)
+    dst = copying.fresh_tensor(tuple(values.shape), dtype)
+    assert copying.copy_checked(dst, src) == (bad is None)
+    assert torch.equal(dst.view(torch.uint8), values.view(torch.uint8))
+
+
+def test_copy_checked_declines_what_it_cannot_do(compiled) -> None:  # type: ignore[no-untyped-def]
+    big = copying.STREAM_BYTES // 4
+    dst = torch.zeros(big)
+    assert copying.copy_checked(dst, np.ones(big, np.float64)) is None  # a cast
+    assert copying.copy_checked(torch.zeros(8), np.ones(8, np.float32)) is None  # small
+    assert copying.copy_checked(torch.zeros(big, dtype=torch.int32), np.ones(big, np.int32)) is None
+    assert not dst.any()  # nothing was copied where it declined
+
+
+def test_fresh_tensor_is_ordinary_writable_memory(compiled) -> None:  # type: ignore[no-untyped-def]
+    tensor = copying.fresh_tensor((4096, 1024), torch.float32)  # 16 MiB: advised huge pages
+    tensor.fill_(3.0)
+    assert tensor.is_contiguous() and float(tensor.sum()) == 3.0 * tensor.numel()

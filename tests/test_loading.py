@@ -608,6 +608,28 @@ def test_meta_values_are_checked_as_they_fill_and_nothing_is_swapped_in(tmp_path
         weightport.load(lstm, path, dry_run=True)  # a dry run checks too, without filling anything
 
 
+@pytest.mark.parametrize("bad", [None, (0, 0), (511, 1023)])
+def test_big_meta_tensors_are_scanned_as_they_are_copied(tmp_path, bad) -> None:  # type: ignore[no-untyped-def]
+    """Tensors of a MiB and more from a mapped file go through the fused copy-and-scan: a NaN at
+    either end is found, nothing is swapped in, and without one the values land bit for bit."""
+    with torch.device("meta"):
+        lin = nn.Linear(1024, 512)
+    rng = np.random.default_rng(1)
+    state = {"weight": rng.standard_normal((512, 1024)).astype(np.float32), "bias": np.zeros(512, np.float32)}
+    if bad is not None:
+        state["weight"][bad] = np.inf
+    path = write_safetensors(state, tmp_path / "m.safetensors")
+    if bad is not None:
+        with pytest.raises(
+            LoadError, match=rf"'weight'.*NaN/Inf value \(first at index \({bad[0]}, {bad[1]}\)"
+        ):
+            weightport.load(lin, path)
+        assert lin.weight.is_meta and lin.bias.is_meta
+        return
+    weightport.load(lin, path)
+    assert np.array_equal(lin.weight.detach().numpy(), state["weight"]) and not lin.bias.is_meta
+
+
 def test_undo_log_spills_beyond_its_memory_budget(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from weightport import apply
 

@@ -21,6 +21,16 @@
  *   or an infinity: the largest magnitude bit pattern is compared with the infinity's, in one
  *   read-only pass (AVX2 where the CPU has it), faster than a sum and without its overflow.
  *
+ * copy_finite(dst, src, count, itemsize, bfloat)
+ *   stream_copy and all_finite fused: each 64 KiB chunk is scanned (which brings it into the
+ *   cache) and then streamed out, so the source is read from memory once for both. Returns
+ *   whether every item was finite; the copy is made either way.
+ *
+ * advise_huge_pages(addr, nbytes)
+ *   madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of a fresh, untouched allocation (Linux),
+ *   so the first touch faults it in 2 MiB pages instead of 4 KiB ones. A hint: ignored where the
+ *   system does not offer it.
+ *
  * The caller (weightport.copying) checks shapes, strides and non-overlap; this file trusts them.
  * Built at install as an optional extension: where it is missing, copying falls back to torch.
  */
@@ -30,6 +40,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #define TILE 256
 #define BLOCK 8
@@ -187,6 +200,8 @@ DEFINE_MAX_MAGNITUDE(max_magnitude_u16_avx2, uint16_t, __attribute__((target("av
 DEFINE_MAX_MAGNITUDE(max_magnitude_u32_avx2, uint32_t, __attribute__((target("avx2"))))
 #endif
 
+static int finite_items(const void *p, size_t n, Py_ssize_t itemsize, int bfloat);
+
 static PyObject *all_finite(PyObject *self, PyObject *args) {
     Py_ssize_t src, count, itemsize;
     int bfloat, finite = 1;
@@ -197,35 +212,78 @@ static PyObject *all_finite(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
+    finite = finite_items((const void *)src, (size_t)count, itemsize, bfloat);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(finite);
+}
+
+#define CHECK_CHUNK (64 * 1024)
+
+/* Whether none of n items at p is a NaN or an Inf (the dispatch of all_finite, without the GIL). */
+static int finite_items(const void *p, size_t n, Py_ssize_t itemsize, int bfloat) {
     if (itemsize == 2) {
-        const uint16_t *p = (const uint16_t *)src;
-        uint16_t inf = bfloat ? 0x7f80 : 0x7c00, m;
+        uint16_t m;
 #ifdef HAVE_AVX2_PATH
         if (__builtin_cpu_supports("avx2"))
-            m = max_magnitude_u16_avx2(p, (size_t)count, 0x7fff);
+            m = max_magnitude_u16_avx2((const uint16_t *)p, n, 0x7fff);
         else
 #endif
-            m = max_magnitude_u16(p, (size_t)count, 0x7fff);
-        finite = m < inf;
-    } else if (itemsize == 4) {
-        const uint32_t *p = (const uint32_t *)src;
+            m = max_magnitude_u16((const uint16_t *)p, n, 0x7fff);
+        return m < (bfloat ? 0x7f80 : 0x7c00);
+    }
+    if (itemsize == 4) {
         uint32_t m;
 #ifdef HAVE_AVX2_PATH
         if (__builtin_cpu_supports("avx2"))
-            m = max_magnitude_u32_avx2(p, (size_t)count, 0x7fffffffu);
+            m = max_magnitude_u32_avx2((const uint32_t *)p, n, 0x7fffffffu);
         else
 #endif
-            m = max_magnitude_u32(p, (size_t)count, 0x7fffffffu);
-        finite = m < 0x7f800000u;
-    } else {
-        finite = max_magnitude_u64((const uint64_t *)src, (size_t)count, 0x7fffffffffffffffull) <
-                 0x7ff0000000000000ull;
+            m = max_magnitude_u32((const uint32_t *)p, n, 0x7fffffffu);
+        return m < 0x7f800000u;
+    }
+    return max_magnitude_u64((const uint64_t *)p, n, 0x7fffffffffffffffull) < 0x7ff0000000000000ull;
+}
+
+static PyObject *copy_finite(PyObject *self, PyObject *args) {
+    Py_ssize_t dst, src, count, itemsize;
+    int bfloat, finite = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnnp:copy_finite", &dst, &src, &count, &itemsize, &bfloat)) return NULL;
+    if (count < 0 || (itemsize != 2 && itemsize != 4 && itemsize != 8)) {
+        PyErr_SetString(PyExc_ValueError, "copy_finite: bad count or itemsize");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    size_t per_chunk = CHECK_CHUNK / (size_t)itemsize;
+    for (size_t done = 0; done < (size_t)count; done += per_chunk) {
+        size_t n = (size_t)count - done < per_chunk ? (size_t)count - done : per_chunk;
+        const char *from = (const char *)src + done * (size_t)itemsize;
+        if (finite) finite = finite_items(from, n, itemsize, bfloat);
+        stream_bytes((char *)dst + done * (size_t)itemsize, from, n * (size_t)itemsize);
     }
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(finite);
 }
 
+static PyObject *advise_huge_pages(PyObject *self, PyObject *args) {
+    Py_ssize_t addr, nbytes;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nn:advise_huge_pages", &addr, &nbytes)) return NULL;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = 2u << 20;
+    uintptr_t begin = ((uintptr_t)addr + huge - 1) & ~(huge - 1), end = ((uintptr_t)addr + (uintptr_t)nbytes) & ~(huge - 1);
+    if (nbytes > 0 && end > begin) (void)madvise((void *)begin, end - begin, MADV_HUGEPAGE);
+#else
+    (void)addr, (void)nbytes;
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
+     "advise_huge_pages(addr, nbytes): madvise(MADV_HUGEPAGE) on the 2 MiB pages inside the range (Linux)."},
+    {"copy_finite", copy_finite, METH_VARARGS,
+     "copy_finite(dst, src, count, itemsize, bfloat): stream_copy of count items, returning all_finite of them."},
     {"all_finite", all_finite, METH_VARARGS,
      "all_finite(src, count, itemsize, bfloat): no NaN or Inf among count IEEE floats at address src."},
     {"stream_copy", stream_copy, METH_VARARGS,

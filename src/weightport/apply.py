@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from weightport.boxes import view_pieces
-from weightport.copying import copy_into
+from weightport.copying import copy_checked, copy_into, fresh_tensor
 from weightport.errors import LoadError, Problem, SourceError
 from weightport.options import LoadOptions
 from weightport.plan import Entry, Plan, check_values, value_problem
@@ -111,13 +111,22 @@ def _array(source: Source, name: str) -> np.ndarray:
     return source.read(name) if array is None else array
 
 
-def _materialize(entry: Entry, source: Source) -> torch.Tensor:
+def _materialize(entry: Entry, source: Source) -> tuple[torch.Tensor, Problem | None]:
+    """A meta tensor's new CPU storage, filled, and the problem with its values (where the check
+    was left for after the fill). A tensor copied as it is from a mapped file is scanned as it is
+    copied: its bytes are read from memory once for both."""
     tensor = entry.tensor
-    new = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="cpu")
-    _write(entry, source, tensor=new)
+    new = fresh_tensor(tuple(tensor.shape), tensor.dtype)
+    finite = None
+    if entry.check_after_fill is False and type(entry.rule.op) is Identity:
+        mapped = source.mapped(entry.rule.sources[0])
+        finite = None if mapped is None else copy_checked(new, mapped)
+    if finite is None:
+        _write(entry, source, tensor=new)
+    problem = None if finite else _check_filled(entry, new)
     if isinstance(tensor, nn.Parameter):
-        return nn.Parameter(new, requires_grad=tensor.requires_grad)
-    return new
+        return nn.Parameter(new, requires_grad=tensor.requires_grad), problem
+    return new, problem
 
 
 def _swap_in(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
@@ -245,8 +254,7 @@ def apply_plan(
                     continue
                 done.add(id(entry.tensor))
                 if entry.tensor.is_meta:
-                    new = materialized[id(entry.tensor)] = _materialize(entry, source)
-                    problem = _check_filled(entry, new)
+                    materialized[id(entry.tensor)], problem = _materialize(entry, source)
                     if problem is not None:
                         problems.append(problem)
                 else:

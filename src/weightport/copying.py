@@ -28,13 +28,23 @@ import numpy as np
 import torch
 
 from weightport.kernels import compiled as _kernels  # None: the torch fallbacks below do the work
+from weightport.kernels import scan_layout
 from weightport.tensors import as_torch, to_torch_dtype
 
-__all__ = ["copy_into", "copy_array", "BAND_ROWS", "PARALLEL_BYTES", "STREAM_BYTES"]
+__all__ = [
+    "copy_into",
+    "copy_array",
+    "copy_checked",
+    "fresh_tensor",
+    "BAND_ROWS",
+    "PARALLEL_BYTES",
+    "STREAM_BYTES",
+]
 
 BAND_ROWS = 128
 PARALLEL_BYTES = 8 * 1024 * 1024
 STREAM_BYTES = 1024 * 1024  # below this the destination stays in the cache: plain stores are as fast
+HUGE_PAGE = 2 * 1024 * 1024
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -127,18 +137,22 @@ def _copy_kernel(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> N
 def _stream(dst: int, src: int, nbytes: int) -> None:
     """``nbytes`` from address ``src`` to ``dst`` (not overlapping) by non-temporal stores, threaded."""
     assert _kernels is not None  # copy_array and _streamable said so
-    workers = _threads() if nbytes >= PARALLEL_BYTES else 1
-    if workers == 1:
+    parts = _parts(nbytes)
+    if len(parts) == 1:
         _kernels.stream_copy(dst, src, nbytes)
         return
-    step = -(-nbytes // workers)
-    step += -step % 4096  # each thread's part starts on a page
-    futures = [
-        _executor().submit(_kernels.stream_copy, dst + a, src + a, min(step, nbytes - a))
-        for a in range(0, nbytes, step)
-    ]
+    futures = [_executor().submit(_kernels.stream_copy, dst + a, src + a, n) for a, n in parts]
     for future in futures:
         future.result()
+
+
+def _parts(nbytes: int) -> list[tuple[int, int]]:
+    """``(first byte, byte count)`` of each thread's part of a copy, each starting on a page (so on
+    an item of any size too)."""
+    workers = _threads() if nbytes >= PARALLEL_BYTES else 1
+    step = -(-nbytes // workers)
+    step += -step % 4096
+    return [(a, min(step, nbytes - a)) for a in range(0, nbytes, step)]
 
 
 def _disjoint(a: int, b: int, nbytes: int) -> bool:
@@ -182,6 +196,46 @@ def _streamable(dst: torch.Tensor, src: np.ndarray) -> bool:
         and to_torch_dtype(src.dtype) == dst.dtype
         and _disjoint(dst.data_ptr(), src.ctypes.data, nbytes)
     )
+
+
+def copy_checked(dst: torch.Tensor, src: np.ndarray) -> bool | None:
+    """``copy_into`` fused with the NaN/Inf scan: the source is read from memory once for both.
+
+    Returns whether every value was finite, with the copy made either way; None (nothing copied)
+    where the compiled kernel cannot do it (another dtype, layout or device, or a small tensor):
+    then copy and scan apart.
+
+    >>> out = torch.empty(2**20)
+    >>> copy_checked(out, np.full(2**20, 2.0, np.float32)) in (True, None)
+    True
+    """
+    layout = scan_layout(dst.dtype)
+    if layout is None or not _streamable(dst, src):
+        return None
+    assert _kernels is not None  # scan_layout said so
+    destination, source = dst.data_ptr(), src.ctypes.data
+    parts = _parts(src.nbytes)
+    if len(parts) == 1:
+        return bool(_kernels.copy_finite(destination, source, src.size, *layout))
+    results = [
+        _executor().submit(_kernels.copy_finite, destination + a, source + a, n // src.itemsize, *layout)
+        for a, n in parts
+    ]
+    return all([r.result() for r in results])
+
+
+def fresh_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty`` on the CPU, its big untouched memory advised to come in huge pages (Linux):
+    the first write then faults a 2 MiB page at a time, not 4 KiB.
+
+    >>> fresh_tensor((2, 3), torch.float32).shape
+    torch.Size([2, 3])
+    """
+    tensor = torch.empty(shape, dtype=dtype)
+    nbytes = tensor.numel() * tensor.element_size()
+    if _kernels is not None and nbytes >= 4 * HUGE_PAGE:
+        _kernels.advise_huge_pages(tensor.data_ptr(), nbytes)
+    return tensor
 
 
 def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:

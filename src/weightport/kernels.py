@@ -20,7 +20,7 @@ try:
 except ImportError:  # the optional extension was not built
     compiled = None
 
-__all__ = ["compiled", "all_finite"]
+__all__ = ["compiled", "all_finite", "scan_layout"]
 
 # torch dtype -> (item size, whether it is bfloat16): the IEEE layouts the scan knows
 _SCANNED = {
@@ -31,10 +31,20 @@ _SCANNED = {
 }
 
 
+def scan_layout(dtype: torch.dtype) -> tuple[int, bool] | None:
+    """``(item size, is bfloat16)`` of a float dtype the compiled scan knows; None for the others
+    (or where the extension was not built).
+
+    >>> scan_layout(torch.bfloat16) in ((2, True), None)
+    True
+    """
+    return None if compiled is None else _SCANNED.get(dtype)
+
+
 def all_finite(tensor: torch.Tensor) -> bool | None:
     """Whether a contiguous CPU float tensor holds no NaN or Inf, in one read-only pass of the
     compiled scan; None where that scan cannot tell (no extension, another dtype or layout)."""
-    layout = _SCANNED.get(tensor.dtype)
+    layout = scan_layout(tensor.dtype)
     if compiled is None or layout is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return None
     return bool(compiled.all_finite(tensor.data_ptr(), tensor.numel(), *layout))
