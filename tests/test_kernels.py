@@ -137,3 +137,21 @@ def test_fresh_tensor_is_ordinary_writable_memory(compiled) -> None:  # type: ig
     tensor = copying.fresh_tensor((4096, 1024), torch.float32)  # 16 MiB: advised huge pages
     tensor.fill_(3.0)
     assert tensor.is_contiguous() and float(tensor.sum()) == 3.0 * tensor.numel()
+
+
+def test_a_forked_child_copies_with_threads_of_its_own(compiled, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The copy threads do not survive a fork (a DataLoader worker): the child starts its own."""
+    import multiprocessing
+
+    monkeypatch.setattr(copying, "PARALLEL_BYTES", 1)
+    src = np.arange(copying.STREAM_BYTES // 2, dtype=np.float32)
+    copying.copy_array(np.empty_like(src), src)  # the parent's pool exists now
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply_async(_copy_in_child, (src,)).get(timeout=60)
+
+
+def _copy_in_child(src: np.ndarray) -> bool:
+    out = np.zeros_like(src)
+    copying.copy_array(out, src)
+    return bool(np.array_equal(out, src))

@@ -46,6 +46,7 @@ PARALLEL_BYTES = 8 * 1024 * 1024
 STREAM_BYTES = 1024 * 1024  # below this the destination stays in the cache: plain stores are as fast
 HUGE_PAGE = 2 * 1024 * 1024
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 
 
 def _threads() -> int:
@@ -53,12 +54,13 @@ def _threads() -> int:
 
 
 def _executor() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid():  # a forked child has the pool but not its threads
         # as many workers as any later call may use: each call submits _threads() tasks at most
         _pool = ThreadPoolExecutor(
             max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="weightport-copy"
         )
+        _pool_pid = os.getpid()
     return _pool
 
 
