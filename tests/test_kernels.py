@@ -142,12 +142,18 @@ def test_fresh_tensor_is_ordinary_writable_memory(compiled) -> None:  # type: ig
 def test_a_forked_child_copies_with_threads_of_its_own(compiled, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The copy threads do not survive a fork (a DataLoader worker): the child starts its own."""
     import multiprocessing
+    import warnings
 
     monkeypatch.setattr(copying, "PARALLEL_BYTES", 1)
     src = np.arange(copying.STREAM_BYTES // 2, dtype=np.float32)
     copying.copy_array(np.empty_like(src), src)  # the parent's pool exists now
     context = multiprocessing.get_context("fork")
-    with context.Pool(1) as pool:
+    with warnings.catch_warnings():
+        # JAX and TensorFlow, loaded by other tests, warn that forking a threaded process may
+        # deadlock; the child touches neither, and the timeout turns a hang into a failure.
+        warnings.simplefilter("ignore")
+        pool = context.Pool(1)
+    with pool:
         assert pool.apply_async(_copy_in_child, (src,)).get(timeout=60)
 
 
