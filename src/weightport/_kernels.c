@@ -200,23 +200,6 @@ DEFINE_MAX_MAGNITUDE(max_magnitude_u16_avx2, uint16_t, __attribute__((target("av
 DEFINE_MAX_MAGNITUDE(max_magnitude_u32_avx2, uint32_t, __attribute__((target("avx2"))))
 #endif
 
-static int finite_items(const void *p, size_t n, Py_ssize_t itemsize, int bfloat);
-
-static PyObject *all_finite(PyObject *self, PyObject *args) {
-    Py_ssize_t src, count, itemsize;
-    int bfloat, finite = 1;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "nnnp:all_finite", &src, &count, &itemsize, &bfloat)) return NULL;
-    if (count < 0 || (itemsize != 2 && itemsize != 4 && itemsize != 8)) {
-        PyErr_SetString(PyExc_ValueError, "all_finite: bad count or itemsize");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    finite = finite_items((const void *)src, (size_t)count, itemsize, bfloat);
-    Py_END_ALLOW_THREADS
-    return PyBool_FromLong(finite);
-}
-
 #define CHECK_CHUNK (64 * 1024)
 
 /* Whether none of n items at p is a NaN or an Inf (the dispatch of all_finite, without the GIL). */
@@ -242,6 +225,21 @@ static int finite_items(const void *p, size_t n, Py_ssize_t itemsize, int bfloat
         return m < 0x7f800000u;
     }
     return max_magnitude_u64((const uint64_t *)p, n, 0x7fffffffffffffffull) < 0x7ff0000000000000ull;
+}
+
+static PyObject *all_finite(PyObject *self, PyObject *args) {
+    Py_ssize_t src, count, itemsize;
+    int bfloat, finite = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnp:all_finite", &src, &count, &itemsize, &bfloat)) return NULL;
+    if (count < 0 || (itemsize != 2 && itemsize != 4 && itemsize != 8)) {
+        PyErr_SetString(PyExc_ValueError, "all_finite: bad count or itemsize");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    finite = finite_items((const void *)src, (size_t)count, itemsize, bfloat);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(finite);
 }
 
 static PyObject *copy_finite(PyObject *self, PyObject *args) {

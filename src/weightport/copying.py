@@ -22,7 +22,9 @@ into a small scratch buffer that stays in cache, then transposed into place by t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +49,7 @@ STREAM_BYTES = 1024 * 1024  # below this the destination stays in the cache: pla
 HUGE_PAGE = 2 * 1024 * 1024
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
+T = TypeVar("T")
 
 
 def _threads() -> int:
@@ -102,14 +105,9 @@ def _kernel_fits(dst: torch.Tensor, src: np.ndarray) -> bool:
         or src.strides[1] <= size
         or src.strides[1] % size
         or rows < 2
-        or tuple(dst.shape) != src.shape
-        or dst.device.type != "cpu"
         or dst.stride(1) != 1
         or dst.stride(0) < cols
-        or to_torch_dtype(src.dtype) != dst.dtype
-        or not src.dtype.isnative
-        or dst.is_conj()
-        or dst.is_neg()
+        or not _plain_destination(dst, src)
     ):
         return False
     src_start = src.__array_interface__["data"][0]
@@ -118,7 +116,7 @@ def _kernel_fits(dst: torch.Tensor, src: np.ndarray) -> bool:
     src_end = src_start + (rows - 1) * size + (cols - 1) * src.strides[1] + size
     dst_start = dst.data_ptr()
     dst_end = dst_start + ((rows - 1) * dst.stride(0) + cols) * size
-    return src_end <= dst_start or dst_end <= src_start
+    return _disjoint(src_start, src_end, dst_start, dst_end)
 
 
 def _copy_kernel(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> None:
@@ -136,16 +134,18 @@ def _copy_kernel(dst: torch.Tensor, src: np.ndarray, start: int, stop: int) -> N
     )
 
 
+def _run(work: Callable[..., T], calls: list[tuple[Any, ...]]) -> list[T]:
+    """``work(*args)`` for each ``args`` of ``calls``, on the copy threads where there is more than one."""
+    if len(calls) == 1:
+        return [work(*calls[0])]
+    futures = [_executor().submit(work, *args) for args in calls]
+    return [future.result() for future in futures]
+
+
 def _stream(dst: int, src: int, nbytes: int) -> None:
     """``nbytes`` from address ``src`` to ``dst`` (not overlapping) by non-temporal stores, threaded."""
     assert _kernels is not None  # copy_array and _streamable said so
-    parts = _parts(nbytes)
-    if len(parts) == 1:
-        _kernels.stream_copy(dst, src, nbytes)
-        return
-    futures = [_executor().submit(_kernels.stream_copy, dst + a, src + a, n) for a, n in parts]
-    for future in futures:
-        future.result()
+    _run(_kernels.stream_copy, [(dst + a, src + a, n) for a, n in _parts(nbytes)])
 
 
 def _parts(nbytes: int) -> list[tuple[int, int]]:
@@ -157,8 +157,21 @@ def _parts(nbytes: int) -> list[tuple[int, int]]:
     return [(a, min(step, nbytes - a)) for a in range(0, nbytes, step)]
 
 
-def _disjoint(a: int, b: int, nbytes: int) -> bool:
-    return a + nbytes <= b or b + nbytes <= a
+def _disjoint(a_start: int, a_end: int, b_start: int, b_end: int) -> bool:
+    """Whether byte ranges ``[a_start, a_end)`` and ``[b_start, b_end)`` share no byte."""
+    return a_end <= b_start or b_end <= a_start
+
+
+def _plain_destination(dst: torch.Tensor, src: np.ndarray) -> bool:
+    """Whether ``dst`` takes ``src``'s items bit for bit: a CPU tensor of its shape and exact dtype
+    (native byte order, no lazy conjugate or negation)."""
+    return (
+        dst.device.type == "cpu"
+        and tuple(dst.shape) == src.shape
+        and src.dtype.isnative
+        and to_torch_dtype(src.dtype) == dst.dtype
+        and not (dst.is_conj() or dst.is_neg())
+    )
 
 
 def copy_array(dst: np.ndarray, src: np.ndarray) -> None:
@@ -176,7 +189,7 @@ def copy_array(dst: np.ndarray, src: np.ndarray) -> None:
         or dst.dtype != src.dtype
         or dst.shape != src.shape
         or not (dst.flags.c_contiguous and src.flags.c_contiguous and dst.flags.writeable)
-        or not _disjoint(dst.ctypes.data, src.ctypes.data, nbytes)
+        or not _disjoint(dst.ctypes.data, dst.ctypes.data + nbytes, src.ctypes.data, src.ctypes.data + nbytes)
     ):
         np.copyto(dst, src)
         return
@@ -185,18 +198,14 @@ def copy_array(dst: np.ndarray, src: np.ndarray) -> None:
 
 def _streamable(dst: torch.Tensor, src: np.ndarray) -> bool:
     """Whether ``dst.copy_(src)`` is a plain byte copy the compiled kernel can stream."""
-    nbytes = src.nbytes
+    nbytes, start = src.nbytes, src.ctypes.data
     return (
         _kernels is not None
         and nbytes >= STREAM_BYTES
         and src.flags.c_contiguous
-        and dst.device.type == "cpu"
         and dst.is_contiguous()
-        and not (dst.is_conj() or dst.is_neg())
-        and tuple(dst.shape) == src.shape
-        and src.dtype.isnative
-        and to_torch_dtype(src.dtype) == dst.dtype
-        and _disjoint(dst.data_ptr(), src.ctypes.data, nbytes)
+        and _plain_destination(dst, src)
+        and _disjoint(dst.data_ptr(), dst.data_ptr() + nbytes, start, start + nbytes)
     )
 
 
@@ -216,14 +225,8 @@ def copy_checked(dst: torch.Tensor, src: np.ndarray) -> bool | None:
         return None
     assert _kernels is not None  # scan_layout said so
     destination, source = dst.data_ptr(), src.ctypes.data
-    parts = _parts(src.nbytes)
-    if len(parts) == 1:
-        return bool(_kernels.copy_finite(destination, source, src.size, *layout))
-    results = [
-        _executor().submit(_kernels.copy_finite, destination + a, source + a, n // src.itemsize, *layout)
-        for a, n in parts
-    ]
-    return all([r.result() for r in results])
+    calls = [(destination + a, source + a, n // src.itemsize, *layout) for a, n in _parts(src.nbytes)]
+    return all(_run(_kernels.copy_finite, calls))
 
 
 def fresh_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -259,11 +262,6 @@ def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
         work, length = _copy_gathered, src.shape[0]
     nbytes = src.size * src.itemsize
     workers = _threads() if nbytes >= PARALLEL_BYTES else 1
-    if workers == 1:
-        work(dst, src, 0, length)
-        return
     step = -(-length // workers)
     step += -step % BAND_ROWS
-    futures = [_executor().submit(work, dst, src, a, min(a + step, length)) for a in range(0, length, step)]
-    for future in futures:
-        future.result()
+    _run(work, [(dst, src, a, min(a + step, length)) for a in range(0, length, step)])
