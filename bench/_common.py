@@ -5,6 +5,9 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -49,3 +52,20 @@ def print_ratios(title: str, medians: dict[str, float], anchor: str, others: tup
     for name, t in medians.items():
         extra = "".join(f"  {t / medians[o]:6.2f}x {o}" for o in others if o != name)
         print(f"  {name:<44} {t * 1e3:9.2f} ms  {t / base:6.2f}x {anchor}{extra}")
+
+
+def split(dst: np.ndarray, src: np.ndarray, threads: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``dst`` and ``src`` (one size) cut into ``threads`` flat (destination, source) parts."""
+    d, a = dst.reshape(-1), src.reshape(-1)
+    step = -(-a.size // threads)
+    return [(d[i : i + step], a[i : i + step]) for i in range(0, a.size, step)]
+
+
+def copy_parts(parts: list[tuple[np.ndarray, np.ndarray]], pool: ThreadPoolExecutor | None) -> None:
+    """``np.copyto`` of each (destination, source) part, on ``pool``'s threads where given: the memcpy
+    floor of a load on that many threads."""
+    if pool is None:
+        for d, a in parts:
+            np.copyto(d, a)
+    else:
+        list(pool.map(lambda part: np.copyto(*part), parts))

@@ -28,12 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import copy_parts, split
+
 HERE = Path(__file__).parent
 
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {here!r})
-from _common import reset_peak, rss_bytes
+from _common import copy_parts, reset_peak, rss_bytes, split
 import numpy as np, torch
 import weightport
 case, path, hidden, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -41,14 +44,6 @@ torch.set_num_threads(threads)
 
 def build():
     return torch.nn.LSTM(hidden, hidden, num_layers=4, bidirectional=True)
-
-def copy_split(dst, src):  # np.copyto split over `threads` threads, as the floors copy
-    if threads == 1:
-        np.copyto(dst, src)
-        return
-    d, s = dst.reshape(-1), src.reshape(-1)
-    step = -(-d.size // threads)
-    list(pool.map(lambda a: np.copyto(d[a : a + step], s[a : a + step]), range(0, d.size, step)))
 
 def first_touch():  # the meta build's floor: map the .safetensors file, allocate tensors, copy in
     with open(path, "rb") as f:
@@ -61,7 +56,7 @@ def first_touch():  # the meta build's floor: map the .safetensors file, allocat
             continue
         begin, end = info["data_offsets"]
         tensor = torch.empty(info["shape"], dtype=torch.float32)
-        copy_split(tensor.numpy().reshape(-1).view(np.uint8), data[begin:end])
+        copy_parts(split(tensor.numpy().reshape(-1).view(np.uint8), data[begin:end], threads), pool)
         out[name] = tensor
     return out
 
@@ -110,9 +105,8 @@ def run():
     return time.perf_counter() - start
 
 kind_layout = "keras" if path.endswith(".h5") else None
-if threads > 1:
-    from concurrent.futures import ThreadPoolExecutor
-    pool = ThreadPoolExecutor(threads)
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(threads) if threads > 1 else None
 # Warm up outside the measurement: imports (h5py, safetensors, ...) and first calls cost time and RSS
 # once per process, not per load.
 import safetensors.torch  # noqa: F401
@@ -162,21 +156,12 @@ def write_files(folder: Path, hidden: int) -> tuple[dict[str, Path], int]:
 
 def floor_seconds(arrays: list[np.ndarray], rounds: int, threads: int) -> float:
     """np.copyto of every array into touched ones, each split over ``threads`` threads."""
-    dst = [np.ones_like(a) for a in arrays]
-    parts = []
-    for d, a in zip(dst, arrays):
-        d, a = d.reshape(-1), a.reshape(-1)
-        step = -(-a.size // threads)
-        parts += [(d[i : i + step], a[i : i + step]) for i in range(0, a.size, step)]
+    parts = [part for a in arrays for part in split(np.ones_like(a), a, threads)]
     times = []
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(rounds + 1):
             start = time.perf_counter()
-            if threads == 1:
-                for d, a in parts:
-                    np.copyto(d, a)
-            else:
-                list(pool.map(lambda pair: np.copyto(*pair), parts))
+            copy_parts(parts, pool if threads > 1 else None)
             times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved, print_ratios
+from _common import copy_parts, interleaved, print_ratios, split
 
 import weightport
 from weightport import copying
@@ -55,23 +55,14 @@ def case(kind: str, hidden: int, layers: int, rounds: int) -> None:
     threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(threads)
 
-    def floor_parts() -> list[tuple[np.ndarray, np.ndarray]]:
-        parts = []
-        for v in keras.values():
-            d, a = np.ones_like(v).reshape(-1), v.reshape(-1)
-            step = -(-a.size // threads)
-            parts += [(d[i : i + step], a[i : i + step]) for i in range(0, a.size, step)]
-        return parts
-
-    parts = floor_parts()
+    parts = [part for v in keras.values() for part in split(np.ones_like(v), v, threads)]
     whole = [(np.ones_like(v), v) for v in keras.values()]
 
     def floor_threads() -> None:
-        list(pool.map(lambda pair: np.copyto(*pair), parts))
+        copy_parts(parts, pool)
 
     def floor_one() -> None:
-        for d, a in whole:
-            np.copyto(d, a)
+        copy_parts(whole, None)
 
     def scanned() -> None:  # the baselines' value check: a finite sum means no NaN/Inf
         for k, v in keras.items():
