@@ -113,27 +113,29 @@ def test_overlapping_memory_is_not_given_to_the_kernel(monkeypatch: pytest.Monke
     assert torch.equal(u, v)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
-    rows=st.integers(1, 40),
-    cols=st.integers(1, 40),
+    rows=st.integers(1, 70),
+    cols=st.integers(1, 70),
     extra_cols=st.integers(0, 9),
     offset=st.integers(0, 9),
     itemsize=st.sampled_from([2, 4, 8]),
-    pad=st.integers(0, 5),
+    pad=st.integers(0, 16),
+    start=st.sampled_from([0, 0, 1, 8]),
 )
 def test_kernel_matches_numpy_for_any_shape(
-    rows: int, cols: int, extra_cols: int, offset: int, itemsize: int, pad: int
+    rows: int, cols: int, extra_cols: int, offset: int, itemsize: int, pad: int, start: int
 ) -> None:
-    """The compiled kernel against NumPy's own transpose, ragged edges and odd strides included."""
+    """The compiled kernel against NumPy's own transpose: ragged edges, odd strides, whole line-wide
+    strips and their remainder, destination rows aligned (streamed stores) or not."""
     if copying._kernels is None:
         pytest.fail("the compiled kernel weightport._kernels was not built")
     dtype = {2: np.int16, 4: np.int32, 8: np.int64}[itemsize]
     width = rows + offset + extra_cols
     k = np.arange(cols * width, dtype=dtype).reshape(cols, width)  # the "Keras kernel"
     view = k[:, offset : offset + rows].T
-    whole = torch.full((rows, cols + pad), -1, dtype=torch.from_numpy(k).dtype)
-    dst = whole[:, :cols]
+    whole = torch.full((rows, start + cols + pad), -1, dtype=torch.from_numpy(k).dtype)
+    dst = whole[:, start : start + cols]
     copying.copy_into(dst, view)
     assert np.array_equal(dst.numpy(), view)
-    assert bool((whole[:, cols:] == -1).all())
+    assert bool((whole[:, :start] == -1).all()) and bool((whole[:, start + cols :] == -1).all())

@@ -20,23 +20,31 @@ def compiled():  # type: ignore[no-untyped-def]
     return kernels.compiled
 
 
-@settings(max_examples=200, deadline=None)
-@given(length=st.integers(0, 5000), src_offset=st.integers(0, 63), dst_offset=st.integers(0, 63))
-def test_stream_copy_moves_every_byte(length: int, src_offset: int, dst_offset: int) -> None:
-    """Unaligned heads, 64-byte blocks and ragged tails: the bytes around the target stay untouched."""
+@settings(max_examples=300, deadline=None)
+@given(
+    length=st.integers(0, 40000),
+    src_offset=st.integers(0, 4200),
+    dst_offset=st.integers(0, 4200),
+    pages=st.sampled_from([1, 2, 3, 4, 16]),
+)
+def test_stream_copy_moves_every_byte(length: int, src_offset: int, dst_offset: int, pages: int) -> None:
+    """Unaligned heads (up to a page), interleaved pages, 64-byte lines and ragged tails: the bytes
+    around the target stay untouched."""
     if kernels.compiled is None:
         pytest.fail("the compiled extension weightport._kernels was not built")
     rng = np.random.default_rng(length)
-    src = rng.integers(0, 256, length + 64, dtype=np.uint8)
-    dst = np.zeros(length + 128, np.uint8)
-    kernels.compiled.stream_copy(dst.ctypes.data + dst_offset, src.ctypes.data + src_offset, length)
+    src = rng.integers(0, 256, length + 4200, dtype=np.uint8)
+    dst = np.zeros(length + 8400, np.uint8)
+    kernels.compiled.stream_copy(dst.ctypes.data + dst_offset, src.ctypes.data + src_offset, length, pages)
     assert np.array_equal(dst[dst_offset : dst_offset + length], src[src_offset : src_offset + length])
     assert not dst[:dst_offset].any() and not dst[dst_offset + length :].any()
 
 
-def test_stream_copy_refuses_a_negative_size(compiled) -> None:  # type: ignore[no-untyped-def]
+def test_stream_copy_refuses_a_negative_size_or_bad_pages(compiled) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="negative"):
         compiled.stream_copy(0, 0, -1)
+    with pytest.raises(ValueError, match="pages"):
+        compiled.stream_copy(0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -46,9 +54,9 @@ def test_copy_array_and_copy_into_stream_big_copies_exactly(compiled, monkeypatc
     calls: list[int] = []
     real = compiled.stream_copy
 
-    def recorded(dst: int, src: int, nbytes: int) -> None:
+    def recorded(dst: int, src: int, nbytes: int, pages: int = 1) -> None:
         calls.append(nbytes)
-        real(dst, src, nbytes)
+        real(dst, src, nbytes, pages)
 
     monkeypatch.setattr(compiled, "stream_copy", recorded)
     src = np.random.default_rng(0).standard_normal(copying.STREAM_BYTES // 4 + 17).astype(np.float32)

@@ -114,11 +114,12 @@ def _array(source: Source, name: str) -> np.ndarray:
 def _materialize(entry: Entry, source: Source) -> tuple[torch.Tensor, Problem | None]:
     """A meta tensor's new CPU storage, filled, and the problem with its values (where the check
     was left for after the fill). A tensor copied as it is from a mapped file is scanned as it is
-    copied: its bytes are read from memory once for both."""
+    copied (its bytes are read from memory once for both), checked or not: the fused kernel is the
+    one that streams into fresh memory best."""
     tensor = entry.tensor
     new = fresh_tensor(tuple(tensor.shape), tensor.dtype)
     finite = None
-    if entry.check_after_fill is False and type(entry.rule.op) is Identity:
+    if type(entry.rule.op) is Identity:
         mapped = source.mapped(entry.rule.sources[0])
         finite = None if mapped is None else copy_checked(new, mapped)
     if finite is None:

@@ -21,6 +21,7 @@ into a small scratch buffer that stays in cache, then transposed into place by t
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -143,9 +144,25 @@ def _run(work: Callable[..., T], calls: list[tuple[Any, ...]]) -> list[T]:
 
 
 def _stream(dst: int, src: int, nbytes: int) -> None:
-    """``nbytes`` from address ``src`` to ``dst`` (not overlapping) by non-temporal stores, threaded."""
+    """``nbytes`` from address ``src`` to ``dst`` (not overlapping) by non-temporal stores, threaded.
+
+    The destinations here are existing memory (a model's tensors, a caller's array), which is in
+    4 KiB pages unless the system backs every big allocation with huge pages: there the kernel
+    streams 4 pages at a time (a quarter faster on 4 KiB pages, a fifth slower on huge ones).
+    """
     assert _kernels is not None  # copy_array and _streamable said so
-    _run(_kernels.stream_copy, [(dst + a, src + a, n) for a, n in _parts(nbytes)])
+    pages = 1 if _huge_pages_always() else 4
+    _run(_kernels.stream_copy, [(dst + a, src + a, n, pages) for a, n in _parts(nbytes)])
+
+
+@functools.cache
+def _huge_pages_always() -> bool:
+    """Whether Linux backs every big allocation with transparent huge pages (``[always]`` mode)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
 
 
 def _parts(nbytes: int) -> list[tuple[int, int]]:
