@@ -95,7 +95,7 @@ def test_all_finite_agrees_with_torch(dtype: torch.dtype, length: int, where: fl
     values = torch.randn(length, generator=torch.Generator().manual_seed(length)).to(dtype) * 100
     if special is not None:
         values[min(int(where * length), length - 1)] = special
-    assert kernels.all_finite(values) == bool(torch.isfinite(values).all())
+    assert copying.all_finite(values) == bool(torch.isfinite(values).all())
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -103,18 +103,29 @@ def test_all_finite_edges_of_the_finite_range(compiled, dtype: torch.dtype) -> N
     """The largest finite value, its negative, -0.0 and subnormals are finite; the next pattern is not."""
     info = torch.finfo(dtype)
     edges = torch.tensor([info.max, -info.max, -0.0, info.smallest_normal / 4, info.tiny], dtype=dtype)
-    assert kernels.all_finite(edges) is True
+    assert copying.all_finite(edges) is True
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[edges.element_size()]
     beyond = edges.view(bits).clone()
     beyond[1] += 1  # -max plus one ulp of magnitude: -inf
     assert not bool(torch.isfinite(beyond.view(dtype)).all())
-    assert kernels.all_finite(beyond.view(dtype)) is False
+    assert copying.all_finite(beyond.view(dtype)) is False
+
+
+@pytest.mark.parametrize("where", [0, 1023, 1024, 5000, -1])
+def test_all_finite_split_over_threads_sees_every_part(compiled, monkeypatch, where: int) -> None:  # type: ignore[no-untyped-def]
+    """Split into page-aligned parts (one per copy thread), a NaN in any part, at its edges too, is seen."""
+    monkeypatch.setattr(copying, "PARALLEL_BYTES", 1)
+    monkeypatch.setattr(copying, "_threads", lambda: 3)
+    values = torch.ones(6001)
+    assert copying.all_finite(values) is True
+    values[where] = float("nan")
+    assert copying.all_finite(values) is False
 
 
 def test_all_finite_says_none_where_it_cannot_tell() -> None:
-    assert kernels.all_finite(torch.ones(4, 4).T[:, :2]) is None  # not contiguous
-    assert kernels.all_finite(torch.ones(3, dtype=torch.int32)) is None
-    assert kernels.all_finite(torch.ones(3, dtype=torch.complex64)) is None
+    assert copying.all_finite(torch.ones(4, 4).T[:, :2]) is None  # not contiguous
+    assert copying.all_finite(torch.ones(3, dtype=torch.int32)) is None
+    assert copying.all_finite(torch.ones(3, dtype=torch.complex64)) is None
 
 
 @pytest.mark.parametrize("parallel", [False, True])

@@ -38,6 +38,7 @@ __all__ = [
     "copy_into",
     "copy_array",
     "copy_checked",
+    "all_finite",
     "fresh_tensor",
     "BAND_ROWS",
     "PARALLEL_BYTES",
@@ -244,6 +245,22 @@ def copy_checked(dst: torch.Tensor, src: np.ndarray) -> bool | None:
     destination, source = dst.data_ptr(), src.ctypes.data
     calls = [(destination + a, source + a, n // src.itemsize, *layout) for a, n in _parts(src.nbytes)]
     return all(_run(_kernels.copy_finite, calls))
+
+
+def all_finite(tensor: torch.Tensor) -> bool | None:
+    """Whether a contiguous CPU float tensor holds no NaN or Inf, in one read-only pass of the
+    compiled scan (split over the copy threads when big); None where that scan cannot tell (no
+    extension, another dtype or layout).
+
+    >>> all_finite(torch.tensor([1.0, float("inf")])) in (False, None)
+    True
+    """
+    layout = scan_layout(tensor.dtype)
+    if _kernels is None or layout is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    start, size = tensor.data_ptr(), layout[0]
+    calls = [(start + a, n // size, *layout) for a, n in _parts(tensor.numel() * size)]
+    return all(_run(_kernels.all_finite, calls))
 
 
 def fresh_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""The compiled kernels of ``_kernels.c`` where the optional extension was built, and the value scan.
+"""The compiled kernels of ``_kernels.c`` where the optional extension was built, and the float
+layouts their value scan knows.
 
 ``compiled`` is the extension module, or None (no C compiler at install): every caller has a
 torch or NumPy path for that case.
 
 >>> import torch
->>> all_finite(torch.tensor([1.0, float("inf")])) in (False, None)
+>>> scan_layout(torch.float32) in ((4, False), None)
 True
 """
 
@@ -20,7 +21,7 @@ try:
 except ImportError:  # the optional extension was not built
     compiled = None
 
-__all__ = ["compiled", "all_finite", "scan_layout"]
+__all__ = ["compiled", "scan_layout"]
 
 # torch dtype -> (item size, whether it is bfloat16): the IEEE layouts the scan knows
 _SCANNED = {
@@ -39,12 +40,3 @@ def scan_layout(dtype: torch.dtype) -> tuple[int, bool] | None:
     True
     """
     return None if compiled is None else _SCANNED.get(dtype)
-
-
-def all_finite(tensor: torch.Tensor) -> bool | None:
-    """Whether a contiguous CPU float tensor holds no NaN or Inf, in one read-only pass of the
-    compiled scan; None where that scan cannot tell (no extension, another dtype or layout)."""
-    layout = scan_layout(tensor.dtype)
-    if compiled is None or layout is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return None
-    return bool(compiled.all_finite(tensor.data_ptr(), tensor.numel(), *layout))

@@ -28,8 +28,8 @@ import math
 import numpy as np
 import torch
 
+from weightport.copying import all_finite
 from weightport.dtypes import NON_NUMERIC_KINDS, holds_all, is_float, is_numeric, ml_floats
-from weightport.kernels import all_finite
 from weightport.tensors import as_torch, to_numpy_dtype, to_torch_dtype
 
 __all__ = ["cast_kind", "find_bad_values"]
