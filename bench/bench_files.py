@@ -7,7 +7,8 @@ stated). Prints the median time as a ratio to the memcpy floor (``np.copyto`` of
 bytes into preallocated, touched arrays, split over as many threads, measured in the same
 run) and to the format's anchor: the format's own loader into an existing model, and for
 meta builds the first-touch floor (map the file, allocate fresh tensors, copy the bytes in,
-on as many threads). Extra peak RSS (peak minus RSS after imports and model construction,
+on as many threads). Each round runs the rows in another rotation, so that none always runs just
+after the floor's big allocations. Extra peak RSS (peak minus RSS after imports and model construction,
 file-backed pages included) is a multiple of the model's bytes. Files are read warm (from the
 page cache), as the floors are. Imports happen before every clock starts.
 
@@ -224,9 +225,10 @@ def main() -> None:
         with open_source(paths["safetensors"]) as src:
             arrays = [src.read(n) for n in src.infos]
         floors = []
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             floors.append(floor_seconds(arrays, 3, args.threads))
-            for _, case, path, _ in rows:
+            start = round_ * len(rows) // args.rounds  # each round starts at another row: no row is always first
+            for _, case, path, _ in rows[start:] + rows[:start]:
                 out = subprocess.run(
                     [sys.executable, str(script), case, str(path), str(args.hidden), str(args.threads)],
                     capture_output=True,

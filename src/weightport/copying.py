@@ -7,8 +7,9 @@ before writing it); big copies are split over a few threads.
 
 A transposed source (a Keras kernel ``(in, gates*hidden)``, or one gate's block of
 its columns, going into PyTorch's ``(gates*hidden, in)``) goes through the compiled
-kernel in ``_kernels.c`` (cache-blocked, GIL released), split over a few threads
-by rows when large. Where that extension was not built (no C compiler at install),
+kernel in ``_kernels.c`` (line-wide strips of whole destination lines, GIL released),
+split over a few threads by rows when large. The NaN/Inf scan (:func:`all_finite`)
+is split over the same threads. Where that extension was not built (no C compiler at install),
 it is copied in bands of destination rows instead: each band's columns are gathered
 into a small scratch buffer that stays in cache, then transposed into place by torch.
 
