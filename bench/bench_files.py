@@ -5,7 +5,8 @@ For each file format, loads into an existing model and into a model built on the
 interleaved rounds, every process on ``--threads`` threads (default 1, as the targets are
 stated). Prints the median time as a ratio to the memcpy floor (``np.copyto`` of the same
 bytes into preallocated, touched arrays, split over as many threads, measured in the same
-run) and to the format's anchor: the format's own loader into an existing model, and for
+run) and to the format's anchor: the format's own loader into an existing model (for Keras
+``.weights.h5``, h5py's read of every dataset into NumPy, with no layout work), and for
 meta builds the first-touch floor (map the file, allocate fresh tensors, copy the bytes in,
 on as many threads). Each round runs the rows in another rotation, so that none always runs just
 after the floor's big allocations. Extra peak RSS (peak minus RSS after imports and model construction,
@@ -98,6 +99,11 @@ def run():
             model.load_state_dict({{k: torch.from_numpy(z[k]) for k in z.files}})
     elif case == "torch.load(mmap)+load_state_dict":
         model.load_state_dict(torch.load(path, mmap=True, weights_only=True))
+    elif case == "h5py.read":  # the HDF5 library's own read of every dataset; no layout work, no copy into the model
+        import h5py
+        with h5py.File(path, "r") as f:
+            arrays = []
+            f.visititems(lambda name, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
     elif case == "np.load(.npy files)+load_state_dict":
         from pathlib import Path
         model.load_state_dict({{f.stem: torch.from_numpy(np.load(f)) for f in Path(path).glob("*.npy")}})
@@ -204,16 +210,17 @@ def main() -> None:
             ("default init + load_state_dict", init_anchor, npz, touch_anchor),
         ]
         if "keras" in paths:
-            rows.insert(10, ("keras .weights.h5: existing model", "weightport:keras", paths["keras"], None))
-            rows.insert(
-                11,
+            h5_anchor = "h5py.read"
+            rows[10:10] = [
+                ("keras .weights.h5: existing model", "weightport:keras", paths["keras"], h5_anchor),
                 (
                     "keras .weights.h5: existing, rollback=False",
                     "weightport:keras:norollback",
                     paths["keras"],
-                    None,
+                    h5_anchor,
                 ),
-            )
+                ("h5py: read every dataset, nothing else (anchor)", h5_anchor, paths["keras"], None),
+            ]
             rows.append(
                 ("keras .weights.h5: meta model, build + load", "meta:keras", paths["keras"], touch_anchor)
             )
@@ -227,7 +234,9 @@ def main() -> None:
         floors = []
         for round_ in range(args.rounds):
             floors.append(floor_seconds(arrays, 3, args.threads))
-            start = round_ * len(rows) // args.rounds  # each round starts at another row: no row is always first
+            start = (
+                round_ * len(rows) // args.rounds
+            )  # each round starts at another row: no row is always first
             for _, case, path, _ in rows[start:] + rows[:start]:
                 out = subprocess.run(
                     [sys.executable, str(script), case, str(path), str(args.hidden), str(args.threads)],

@@ -630,6 +630,35 @@ def test_big_meta_tensors_are_scanned_as_they_are_copied(tmp_path, bad) -> None:
     assert np.array_equal(lin.weight.detach().numpy(), state["weight"]) and not lin.bias.is_meta
 
 
+@pytest.mark.parametrize("check_values", [True, False])
+@pytest.mark.parametrize("dtype", [np.float64, ">f4"])
+def test_big_meta_tensors_the_fused_kernel_cannot_take_are_copied_and_checked(tmp_path, dtype, check_values) -> None:  # type: ignore[no-untyped-def]
+    """A mapped tensor of another dtype or byte order than the meta tensor's (a float64 file, a
+    big-endian .npy) is cast in by ``copy_`` instead: values exact, a NaN still refused with nothing
+    swapped in (unless the checks are off)."""
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((512, 1024)).astype(dtype)
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    np.save(folder / "bias.npy", np.zeros(512, dtype))
+    np.save(folder / "weight.npy", weight)
+    with torch.device("meta"):
+        lin = nn.Linear(1024, 512)
+    weightport.load(lin, folder, check_values=check_values)
+    assert torch.equal(lin.weight.detach(), torch.from_numpy(weight.astype(np.float32)))
+    weight[3, 5] = np.nan
+    np.save(folder / "weight.npy", weight)
+    with torch.device("meta"):
+        fresh = nn.Linear(1024, 512)
+    if not check_values:
+        weightport.load(fresh, folder, check_values=False)
+        assert bool(fresh.weight.isnan()[3, 5]) and int(fresh.weight.isnan().sum()) == 1
+        return
+    with pytest.raises(LoadError, match=r"'weight'.*NaN/Inf value \(first at index \(3, 5\)"):
+        weightport.load(fresh, folder)
+    assert fresh.weight.is_meta and fresh.bias.is_meta
+
+
 def test_undo_log_spills_beyond_its_memory_budget(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from weightport import apply
 

@@ -78,31 +78,46 @@ def _write(
     source: Source,
     stagers: dict[torch.device, Stager] | None = None,
     tensor: torch.Tensor | None = None,
-) -> None:
-    """Fill ``tensor`` (default: the entry's own) with the entry's value, by the cheapest path."""
+    fresh: bool = False,
+) -> bool | None:
+    """Fill ``tensor`` (default: the entry's own) with the entry's value, by the cheapest path.
+
+    Into ``fresh`` memory (a meta tensor's new storage) a tensor copied as it is from a mapped file
+    is scanned as it is streamed in (its bytes read from memory once for both): then the result
+    says whether every value was finite; None where nothing was scanned.
+    """
     tensor = entry.tensor if tensor is None else tensor
     rule = entry.rule
     if stagers is not None and goes_through_staging(tensor):
         if tensor.device not in stagers:
             stagers[tensor.device] = Stager(tensor.device)
         stagers[tensor.device].write(tensor, entry.value(source))
-        return
+        return None
+    if fresh and type(rule.op) is Identity:
+        mapped = source.mapped(rule.sources[0])
+        finite = None if mapped is None else copy_checked(tensor, mapped)
+        if finite is not None:
+            return finite
+        if mapped is not None:
+            copy_into(tensor.detach(), mapped)
+            return None
     if not source.in_memory and type(rule.op) is Identity and entry.inputs[0].dtype.isnative:
         view = host_view(tensor)
         if view is not None and view.dtype == entry.inputs[0].dtype:
             source.read_into(rule.sources[0], view)
-            return
+            return None
     arrays = [_array(source, s) for s in rule.sources]
     if type(rule.op) is Identity:
         copy_into(tensor.detach(), arrays[0])
-        return
+        return None
     pieces = view_pieces(rule.op, arrays)
     if pieces is None:
         copy_into(tensor.detach(), rule.op(*arrays))
-        return
+        return None
     whole = tensor.detach()
     for region, view in pieces:  # the transform fused into the copy: no intermediate array
         copy_into(narrow(whole, region), view)
+    return None
 
 
 def _array(source: Source, name: str) -> np.ndarray:
@@ -113,17 +128,10 @@ def _array(source: Source, name: str) -> np.ndarray:
 
 def _materialize(entry: Entry, source: Source) -> tuple[torch.Tensor, Problem | None]:
     """A meta tensor's new CPU storage, filled, and the problem with its values (where the check
-    was left for after the fill). A tensor copied as it is from a mapped file is scanned as it is
-    copied (its bytes are read from memory once for both), checked or not: the fused kernel is the
-    one that streams into fresh memory best."""
+    was left for after the fill, and not made as the tensor was streamed in)."""
     tensor = entry.tensor
     new = fresh_tensor(tuple(tensor.shape), tensor.dtype)
-    finite = None
-    if type(entry.rule.op) is Identity:
-        mapped = source.mapped(entry.rule.sources[0])
-        finite = None if mapped is None else copy_checked(new, mapped)
-    if finite is None:
-        _write(entry, source, tensor=new)
+    finite = _write(entry, source, tensor=new, fresh=True)
     problem = None if finite else _check_filled(entry, new)
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(new, requires_grad=tensor.requires_grad), problem

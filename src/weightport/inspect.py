@@ -142,7 +142,7 @@ def describe_source(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _weights(layout: Any, source: Source, layers: list[dict[str, Any]]) -> set[str]:
     """The tensors that are weights: as the layout says where it tells weights from a graph's
     constants (ONNX), and every tensor a layer holds; else all of them."""
-    says = getattr(layout, "weight_names", None)
+    says = getattr(layout, "weight_names", None)  # an optional member of the Layout protocol
     if not callable(says):
         return set(source.infos)
     return set(says(source)) | {t for layer in layers for t in layer["tensors"]}

@@ -87,7 +87,13 @@ class LayoutPlan:
 
 
 class Layout(Protocol):
-    """The contract of a framework layout (each ``weightport.layouts`` module or package meets it)."""
+    """The contract of a framework layout (each ``weightport.layouts`` module or package meets it).
+
+    One member is optional, so that a layout registered from outside need not have it:
+    ``weight_names(source) -> list[str]``, the tensors that are weights where a file also holds
+    graph constants (the ONNX layout has it); ``weightport inspect`` takes every tensor for a weight
+    where a layout has none.
+    """
 
     NAME: str
 
