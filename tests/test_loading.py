@@ -632,7 +632,9 @@ def test_big_meta_tensors_are_scanned_as_they_are_copied(tmp_path, bad) -> None:
 
 @pytest.mark.parametrize("check_values", [True, False])
 @pytest.mark.parametrize("dtype", [np.float64, ">f4"])
-def test_big_meta_tensors_the_fused_kernel_cannot_take_are_copied_and_checked(tmp_path, dtype, check_values) -> None:  # type: ignore[no-untyped-def]
+def test_big_meta_tensors_the_fused_kernel_cannot_take_are_copied_and_checked(
+    tmp_path, dtype, check_values
+) -> None:  # type: ignore[no-untyped-def]
     """A mapped tensor of another dtype or byte order than the meta tensor's (a float64 file, a
     big-endian .npy) is cast in by ``copy_`` instead: values exact, a NaN still refused with nothing
     swapped in (unless the checks are off)."""
