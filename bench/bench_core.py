@@ -2,24 +2,26 @@
 
 Prints, side by side from one run (median of interleaved rounds), each approach's
 time as a ratio to the memcpy floor (``np.copyto`` into preallocated, touched
-arrays) and to ``load_state_dict`` of ``torch.from_numpy`` tensors; extra peak
+arrays, split over as many threads as torch and weightport use: ``--threads``, default
+torch's own count) and to ``load_state_dict`` of ``torch.from_numpy`` tensors; extra peak
 RSS during a load as a multiple of the model's bytes; and, for a small LSTM,
 weightport's per-call time against ``load_state_dict``.
 
-Run: .venv/bin/python bench/bench_core.py [--rounds 7] [--hidden 1024]
+Run: .venv/bin/python bench/bench_core.py [--rounds 7] [--hidden 1024] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import extra_peak, interleaved, print_ratios
+from _common import copy_parts, extra_peak, interleaved, print_ratios, split
 
 import weightport
 
@@ -36,8 +38,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
+    pool = ThreadPoolExecutor(args.threads) if args.threads > 1 else None
+    floor_name = f"memcpy floor (np.copyto, {args.threads} thread{'s' if args.threads > 1 else ''})"
 
     h = args.hidden
     lstm = torch.nn.LSTM(h, h, num_layers=4, bidirectional=True)
@@ -46,15 +51,14 @@ def main() -> None:
     print(
         f"LSTM({h}, {h}, num_layers=4, bidirectional=True): {len(arrays)} tensors, {nbytes / 1e6:.0f} MB float32"
     )
-    floor_dst = {k: np.empty_like(v) for k, v in arrays.items()}
-    for v in floor_dst.values():
-        v.fill(1)  # touched
+    floor_parts = [
+        part for v in arrays.values() for part in split(np.ones_like(v), v, args.threads)
+    ]  # touched
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     params = dict(lstm.named_parameters())
 
     def floor() -> None:
-        for k, v in arrays.items():
-            np.copyto(floor_dst[k], v)
+        copy_parts(floor_parts, pool)
 
     def classic() -> None:
         for k, v in arrays.items():
@@ -64,7 +68,7 @@ def main() -> None:
         lstm.load_state_dict(tensors)
 
     cases = {
-        "memcpy floor (np.copyto)": floor,
+        floor_name: floor,
         "load_state_dict(torch.from_numpy)": lambda: lstm.load_state_dict(tensors),
         "weightport.load (all checks)": lambda: weightport.load(lstm, arrays),
         "weightport.load (check_values=False)": lambda: weightport.load(lstm, arrays, check_values=False),
@@ -76,7 +80,7 @@ def main() -> None:
     print_ratios(
         "Time (median of interleaved rounds)",
         medians,
-        "memcpy floor (np.copyto)",
+        floor_name,
         ("load_state_dict(torch.from_numpy)",),
     )
 
