@@ -42,13 +42,14 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> b
         pytest.param(lambda k: k.astype(np.float64).T, id="float64-cast"),
     ],
 )
-def test_copy_into_is_exact(monkeypatch, kernel: bool, parallel: bool, make) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("fresh", [False, True])
+def test_copy_into_is_exact(monkeypatch, kernel: bool, parallel: bool, make, fresh: bool) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(copying, "PARALLEL_BYTES", 1 if parallel else 1 << 40)
     k = np.random.default_rng(0).standard_normal((300, 900)).astype(np.float32)
     view = make(k)
     dtype = {np.dtype(ml_dtypes.bfloat16): torch.bfloat16, np.dtype(np.float16): torch.float16}
     dst = torch.empty(view.shape, dtype=dtype.get(view.dtype, torch.float32))
-    copying.copy_into(dst, view)
+    copying.copy_into(dst, view, fresh=fresh)
     expected = torch.from_numpy(np.ascontiguousarray(view.astype(np.float32))).to(dst.dtype)
     assert torch.equal(dst, expected)
 

@@ -138,7 +138,7 @@ def test_copy_checked_copies_and_scans_in_one_pass(compiled, monkeypatch, parall
     if bad is not None:
         values[values.numel() // 2 if bad == "middle" else bad] = float("nan")
     src = numpy_of(values)
-    dst = copying.fresh_tensor(tuple(values.shape), dtype)
+    dst = torch.empty(tuple(values.shape), dtype=dtype)
     assert copying.copy_checked(dst, src) == (bad is None)
     assert torch.equal(dst.view(torch.uint8), values.view(torch.uint8))
 
@@ -150,12 +150,6 @@ def test_copy_checked_declines_what_it_cannot_do(compiled) -> None:  # type: ign
     assert copying.copy_checked(torch.zeros(8), np.ones(8, np.float32)) is None  # small
     assert copying.copy_checked(torch.zeros(big, dtype=torch.int32), np.ones(big, np.int32)) is None
     assert not dst.any()  # nothing was copied where it declined
-
-
-def test_fresh_tensor_is_ordinary_writable_memory(compiled) -> None:  # type: ignore[no-untyped-def]
-    tensor = copying.fresh_tensor((4096, 1024), torch.float32)  # 16 MiB: advised huge pages
-    tensor.fill_(3.0)
-    assert tensor.is_contiguous() and float(tensor.sum()) == 3.0 * tensor.numel()
 
 
 def test_a_forked_child_copies_with_threads_of_its_own(compiled, monkeypatch) -> None:  # type: ignore[no-untyped-def]

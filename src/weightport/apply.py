@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from weightport.boxes import view_pieces
-from weightport.copying import copy_checked, copy_into, fresh_tensor
+from weightport.copying import copy_checked, copy_into
 from weightport.errors import LoadError, Problem, SourceError
 from weightport.options import LoadOptions
 from weightport.plan import Entry, Plan, check_values, value_problem
@@ -82,9 +82,10 @@ def _write(
 ) -> bool | None:
     """Fill ``tensor`` (default: the entry's own) with the entry's value, by the cheapest path.
 
-    Into ``fresh`` memory (a meta tensor's new storage) a tensor copied as it is from a mapped file
-    is scanned as it is streamed in (its bytes read from memory once for both): then the result
-    says whether every value was finite; None where nothing was scanned.
+    Into ``fresh`` memory (a meta tensor's new storage, never written) the copies use plain stores,
+    and a tensor copied as it is from a mapped file is scanned as it is copied (its bytes read from
+    memory once for both): then the result says whether every value was finite; None where nothing
+    was scanned.
     """
     tensor = entry.tensor if tensor is None else tensor
     rule = entry.rule
@@ -99,7 +100,7 @@ def _write(
         if finite is not None:
             return finite
         if mapped is not None:
-            copy_into(tensor.detach(), mapped)
+            copy_into(tensor.detach(), mapped, fresh=True)
             return None
     if not source.in_memory and type(rule.op) is Identity and entry.inputs[0].dtype.isnative:
         view = host_view(tensor)
@@ -108,15 +109,15 @@ def _write(
             return None
     arrays = [_array(source, s) for s in rule.sources]
     if type(rule.op) is Identity:
-        copy_into(tensor.detach(), arrays[0])
+        copy_into(tensor.detach(), arrays[0], fresh=fresh)
         return None
     pieces = view_pieces(rule.op, arrays)
     if pieces is None:
-        copy_into(tensor.detach(), rule.op(*arrays))
+        copy_into(tensor.detach(), rule.op(*arrays), fresh=fresh)
         return None
     whole = tensor.detach()
     for region, view in pieces:  # the transform fused into the copy: no intermediate array
-        copy_into(narrow(whole, region), view)
+        copy_into(narrow(whole, region), view, fresh=fresh)
     return None
 
 
@@ -130,7 +131,7 @@ def _materialize(entry: Entry, source: Source) -> tuple[torch.Tensor, Problem | 
     """A meta tensor's new CPU storage, filled, and the problem with its values (where the check
     was left for after the fill, and not made as the tensor was streamed in)."""
     tensor = entry.tensor
-    new = fresh_tensor(tuple(tensor.shape), tensor.dtype)
+    new = torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
     finite = _write(entry, source, tensor=new, fresh=True)
     problem = None if finite else _check_filled(entry, new)
     if isinstance(tensor, nn.Parameter):

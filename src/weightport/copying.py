@@ -40,7 +40,6 @@ __all__ = [
     "copy_array",
     "copy_checked",
     "all_finite",
-    "fresh_tensor",
     "BAND_ROWS",
     "PARALLEL_BYTES",
     "STREAM_BYTES",
@@ -49,7 +48,6 @@ __all__ = [
 BAND_ROWS = 128
 PARALLEL_BYTES = 8 * 1024 * 1024
 STREAM_BYTES = 1024 * 1024  # below this the destination stays in the cache: plain stores are as fast
-HUGE_PAGE = 2 * 1024 * 1024
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 T = TypeVar("T")
@@ -229,7 +227,8 @@ def _streamable(dst: torch.Tensor, src: np.ndarray) -> bool:
 
 
 def copy_checked(dst: torch.Tensor, src: np.ndarray) -> bool | None:
-    """``copy_into`` fused with the NaN/Inf scan: the source is read from memory once for both.
+    """``copy_into`` fresh memory (a new tensor never written), fused with the NaN/Inf scan: the
+    source is read from memory once for both, and written with plain stores, which suit fresh pages.
 
     Returns whether every value was finite, with the copy made either way; None (nothing copied)
     where the compiled kernel cannot do it (another dtype, layout or device, or a small tensor):
@@ -264,24 +263,17 @@ def all_finite(tensor: torch.Tensor) -> bool | None:
     return all(_run(_kernels.all_finite, calls))
 
 
-def fresh_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty`` on the CPU, its big untouched memory advised to come in huge pages (Linux):
-    the first write then faults a 2 MiB page at a time, not 4 KiB.
+def copy_into(dst: torch.Tensor, src: np.ndarray, *, fresh: bool = False) -> None:
+    """``dst.copy_(src)`` for a NumPy view of any strides; dtype casts as ``copy_`` does.
 
-    >>> fresh_tensor((2, 3), torch.float32).shape
-    torch.Size([2, 3])
+    ``fresh``: ``dst`` is memory never written before (a new tensor). Its pages are zeroed by the
+    system as they are first touched, which leaves their lines in the cache, so a contiguous copy,
+    which fills each page right after that, is made with plain stores; into existing memory (a
+    model's tensors) it is streamed. Transposed copies stream either way (a strip of one touches
+    every row's page long before it fills them).
     """
-    tensor = torch.empty(shape, dtype=dtype)
-    nbytes = tensor.numel() * tensor.element_size()
-    if _kernels is not None and nbytes >= 4 * HUGE_PAGE:
-        _kernels.advise_huge_pages(tensor.data_ptr(), nbytes)
-    return tensor
-
-
-def copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
-    """``dst.copy_(src)`` for a NumPy view of any strides; dtype casts as ``copy_`` does."""
     if src.flags.c_contiguous:  # the common case: one plain copy
-        if _streamable(dst, src):
+        if not fresh and _streamable(dst, src):
             _stream(dst.data_ptr(), src.ctypes.data, src.nbytes)
         else:
             dst.copy_(as_torch(src))
