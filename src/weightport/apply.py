@@ -129,7 +129,7 @@ def _array(source: Source, name: str) -> np.ndarray:
 
 def _materialize(entry: Entry, source: Source) -> tuple[torch.Tensor, Problem | None]:
     """A meta tensor's new CPU storage, filled, and the problem with its values (where the check
-    was left for after the fill, and not made as the tensor was streamed in)."""
+    was left for after the fill, and not made as the tensor was copied in)."""
     tensor = entry.tensor
     new = torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
     finite = _write(entry, source, tensor=new, fresh=True)
