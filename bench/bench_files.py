@@ -234,9 +234,8 @@ def main() -> None:
         floors = []
         for round_ in range(args.rounds):
             floors.append(floor_seconds(arrays, 3, args.threads))
-            start = (
-                round_ * len(rows) // args.rounds
-            )  # each round starts at another row: no row is always first
+            # each round starts at another row: no row is always first
+            start = round_ * len(rows) // args.rounds
             for _, case, path, _ in rows[start:] + rows[:start]:
                 out = subprocess.run(
                     [sys.executable, str(script), case, str(path), str(args.hidden), str(args.threads)],

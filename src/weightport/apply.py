@@ -96,12 +96,11 @@ def _write(
         return None
     if fresh and type(rule.op) is Identity:
         mapped = source.mapped(rule.sources[0])
-        finite = None if mapped is None else copy_checked(tensor, mapped)
-        if finite is not None:
-            return finite
         if mapped is not None:
-            copy_into(tensor.detach(), mapped, fresh=True)
-            return None
+            finite = copy_checked(tensor, mapped)
+            if finite is None:  # another dtype or a small tensor: a plain copy, scanned later
+                copy_into(tensor.detach(), mapped, fresh=True)
+            return finite
     if not source.in_memory and type(rule.op) is Identity and entry.inputs[0].dtype.isnative:
         view = host_view(tensor)
         if view is not None and view.dtype == entry.inputs[0].dtype:

@@ -216,7 +216,8 @@ def copy_array(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 def _streamable(dst: torch.Tensor, src: np.ndarray) -> bool:
-    """Whether ``dst.copy_(src)`` is a plain byte copy the compiled kernel can stream."""
+    """Whether ``dst.copy_(src)`` is a plain byte copy of a size the compiled kernels take (streamed
+    into existing memory, or fused with the scan into fresh memory)."""
     nbytes, start = src.nbytes, src.ctypes.data
     return (
         _kernels is not None
@@ -243,7 +244,7 @@ def copy_checked(dst: torch.Tensor, src: np.ndarray) -> bool | None:
     layout = scan_layout(dst.dtype)
     if layout is None or not _streamable(dst, src):
         return None
-    assert _kernels is not None  # scan_layout said so
+    assert _kernels is not None  # _streamable said so
     destination, source = dst.data_ptr(), src.ctypes.data
     calls = [(destination + a, source + a, n // src.itemsize, *layout) for a, n in _parts(src.nbytes)]
     return all(_run(_kernels.copy_finite, calls))
