@@ -33,6 +33,10 @@ def test_example_runs(name: str) -> None:
         pytest.skip(f"needs {', '.join(missing)}")
     command = [sys.executable, *LAUNCH.get(name, []), str(EXAMPLES / name)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and _gloo_exit_abort(result):
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=600
+        )  # once more, all checked
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "Traceback" not in result.stderr
     if name == "sharded_torchrun.py":
@@ -40,3 +44,13 @@ def test_example_runs(name: str) -> None:
             "rank 0: read 0.50 of the checkpoint",
             "rank 1: read 0.50 of the checkpoint",
         ]
+
+
+def _gloo_exit_abort(result: subprocess.CompletedProcess[str]) -> bool:
+    """Whether a torchrun example died only in gloo's teardown, after every rank's work was done:
+    each rank printed its line, then a worker aborted at interpreter exit ("terminate called without
+    an active exception", a known PyTorch/gloo exit race with no traceback of ours)."""
+    return (
+        "terminate called without an active exception" in result.stderr
+        and len(re.findall(r"rank \d: read [\d.]+ of the checkpoint", result.stdout)) == 2
+    )
