@@ -9,3 +9,6 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
 # The constraints pin torch==2.13.0 (a CPU build) and every test dependency.
 .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".$1"
+# An editable install compiles nothing, and where PYTHONDONTWRITEBYTECODE is set every process would
+# compile the sources again (50 ms before the first load): compile them once here, as a wheel install does.
+.venv/bin/python -m compileall -q src/weightport > /dev/null

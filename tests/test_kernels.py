@@ -25,26 +25,23 @@ def compiled():  # type: ignore[no-untyped-def]
     length=st.integers(0, 40000),
     src_offset=st.integers(0, 4200),
     dst_offset=st.integers(0, 4200),
-    pages=st.sampled_from([1, 2, 3, 4, 16]),
 )
-def test_stream_copy_moves_every_byte(length: int, src_offset: int, dst_offset: int, pages: int) -> None:
-    """Unaligned heads (up to a page), interleaved pages, 64-byte lines and ragged tails: the bytes
-    around the target stay untouched."""
+def test_stream_copy_moves_every_byte(length: int, src_offset: int, dst_offset: int) -> None:
+    """Unaligned heads (up to a line, and past a page), whole 64-byte lines and ragged tails, with
+    the source prefetched past its end: the bytes around the target stay untouched."""
     if kernels.compiled is None:
         pytest.fail("the compiled extension weightport._kernels was not built")
     rng = np.random.default_rng(length)
     src = rng.integers(0, 256, length + 4200, dtype=np.uint8)
     dst = np.zeros(length + 8400, np.uint8)
-    kernels.compiled.stream_copy(dst.ctypes.data + dst_offset, src.ctypes.data + src_offset, length, pages)
+    kernels.compiled.stream_copy(dst.ctypes.data + dst_offset, src.ctypes.data + src_offset, length)
     assert np.array_equal(dst[dst_offset : dst_offset + length], src[src_offset : src_offset + length])
     assert not dst[:dst_offset].any() and not dst[dst_offset + length :].any()
 
 
-def test_stream_copy_refuses_a_negative_size_or_bad_pages(compiled) -> None:  # type: ignore[no-untyped-def]
+def test_stream_copy_refuses_a_negative_size(compiled) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="negative"):
         compiled.stream_copy(0, 0, -1)
-    with pytest.raises(ValueError, match="pages"):
-        compiled.stream_copy(0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -54,9 +51,9 @@ def test_copy_array_and_copy_into_stream_big_copies_exactly(compiled, monkeypatc
     calls: list[int] = []
     real = compiled.stream_copy
 
-    def recorded(dst: int, src: int, nbytes: int, pages: int = 1) -> None:
+    def recorded(dst: int, src: int, nbytes: int) -> None:
         calls.append(nbytes)
-        real(dst, src, nbytes, pages)
+        real(dst, src, nbytes)
 
     monkeypatch.setattr(compiled, "stream_copy", recorded)
     src = np.random.default_rng(0).standard_normal(copying.STREAM_BYTES // 4 + 17).astype(np.float32)
@@ -131,9 +128,16 @@ def test_all_finite_says_none_where_it_cannot_tell() -> None:
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("bad", [None, 0, -1, "middle"])
-def test_copy_checked_copies_and_scans_in_one_pass(compiled, monkeypatch, parallel, dtype, bad) -> None:  # type: ignore[no-untyped-def]
-    """Every byte lands whether or not a NaN/Inf is there, in any thread's part, and the scan says so."""
+@pytest.mark.parametrize("populated", [True, False])
+def test_copy_checked_copies_and_scans_in_one_pass(compiled, monkeypatch, parallel, dtype, bad, populated) -> None:  # type: ignore[no-untyped-def]
+    """Every byte lands whether or not a NaN/Inf is there, in any thread's part, and the scan says so;
+    by streamed stores into pages backed first, by plain ones where they could not be (an old kernel)."""
     monkeypatch.setattr(copying, "PARALLEL_BYTES", 1 if parallel else 1 << 40)
+    if not populated:
+        monkeypatch.setattr(compiled, "populate", lambda addr, nbytes: False)
+    modes: list[bool] = []
+    real = compiled.copy_finite
+    monkeypatch.setattr(compiled, "copy_finite", lambda *args: modes.append(args[5]) or real(*args))
     values = (torch.randn(copying.STREAM_BYTES // 2 + 3) * 50).to(dtype)
     if bad is not None:
         values[values.numel() // 2 if bad == "middle" else bad] = float("nan")
@@ -141,6 +145,7 @@ def test_copy_checked_copies_and_scans_in_one_pass(compiled, monkeypatch, parall
     dst = torch.empty(tuple(values.shape), dtype=dtype)
     assert copying.copy_checked(dst, src) == (bad is None)
     assert torch.equal(dst.view(torch.uint8), values.view(torch.uint8))
+    assert modes and set(modes) == {populated}
 
 
 def test_copy_checked_declines_what_it_cannot_do(compiled) -> None:  # type: ignore[no-untyped-def]
@@ -150,6 +155,33 @@ def test_copy_checked_declines_what_it_cannot_do(compiled) -> None:  # type: ign
     assert copying.copy_checked(torch.zeros(8), np.ones(8, np.float32)) is None  # small
     assert copying.copy_checked(torch.zeros(big, dtype=torch.int32), np.ones(big, np.int32)) is None
     assert not dst.any()  # nothing was copied where it declined
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4095, 4097])
+def test_populate_backs_whole_pages_and_leaves_every_byte(compiled, offset: int) -> None:
+    """The range is rounded inward to whole pages; contents inside and around it stay as they were
+    (here, memory already written); a negative size is refused."""
+    data = np.random.default_rng(offset).integers(0, 256, 5 << 20, dtype=np.uint8)
+    before = data.copy()
+    assert compiled.populate(data.ctypes.data + offset, (4 << 20) + 123) is True  # Linux 5.14+ here
+    assert np.array_equal(data, before)
+    assert compiled.populate(data.ctypes.data + 1, 100) is False  # no whole page inside
+    with pytest.raises(ValueError, match="negative"):
+        compiled.populate(0, -1)
+
+
+@pytest.mark.parametrize("populated", [True, False])
+def test_copy_into_fresh_memory_streams_only_into_backed_pages(compiled, monkeypatch, populated: bool) -> None:  # type: ignore[no-untyped-def]
+    if not populated:
+        monkeypatch.setattr(compiled, "populate", lambda addr, nbytes: False)
+    streamed: list[int] = []
+    real = compiled.stream_copy
+    monkeypatch.setattr(compiled, "stream_copy", lambda *args: streamed.append(args[2]) or real(*args))
+    src = np.random.default_rng(2).standard_normal(copying.STREAM_BYTES // 4 + 99).astype(np.float32)
+    dst = torch.empty(src.shape)
+    copying.copy_into(dst, src, fresh=True)
+    assert torch.equal(dst, torch.from_numpy(src)) and (sum(streamed) == src.nbytes) == populated
+    assert populated or not streamed
 
 
 def test_a_forked_child_copies_with_threads_of_its_own(compiled, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -24,7 +24,6 @@ into a small scratch buffer that stays in cache, then transposed into place by t
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,17 +54,18 @@ _pool_pid = 0
 T = TypeVar("T")
 
 
+_CPUS = os.cpu_count() or 1  # read once: each call asks the system
+
+
 def _threads() -> int:
-    return max(1, min(4, torch.get_num_threads(), os.cpu_count() or 1))
+    return max(1, min(4, torch.get_num_threads(), _CPUS))
 
 
 def _executor() -> ThreadPoolExecutor:
     global _pool, _pool_pid
     if _pool is None or _pool_pid != os.getpid():  # a forked child has the pool but not its threads
         # as many workers as any later call may use: each call submits _threads() tasks at most
-        _pool = ThreadPoolExecutor(
-            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="weightport-copy"
-        )
+        _pool = ThreadPoolExecutor(max_workers=min(4, _CPUS), thread_name_prefix="weightport-copy")
         _pool_pid = os.getpid()
     return _pool
 
@@ -146,25 +146,9 @@ def _run(work: Callable[..., T], calls: list[tuple[Any, ...]]) -> list[T]:
 
 
 def _stream(dst: int, src: int, nbytes: int) -> None:
-    """``nbytes`` from address ``src`` to ``dst`` (not overlapping) by non-temporal stores, threaded.
-
-    The destinations here are existing memory (a model's tensors, a caller's array), which is in
-    4 KiB pages unless the system backs every big allocation with huge pages: there the kernel
-    streams 4 pages at a time (a quarter faster on 4 KiB pages, a fifth slower on huge ones).
-    """
+    """``nbytes`` from address ``src`` to ``dst`` (not overlapping) by non-temporal stores, threaded."""
     assert _kernels is not None  # copy_array and _streamable said so
-    pages = 1 if _huge_pages_always() else 4
-    _run(_kernels.stream_copy, [(dst + a, src + a, n, pages) for a, n in _parts(nbytes)])
-
-
-@functools.cache
-def _huge_pages_always() -> bool:
-    """Whether Linux backs every big allocation with transparent huge pages (``[always]`` mode)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[always]" in f.read()
-    except OSError:
-        return False
+    _run(_kernels.stream_copy, [(dst + a, src + a, n) for a, n in _parts(nbytes)])
 
 
 def _parts(nbytes: int) -> list[tuple[int, int]]:
@@ -231,7 +215,9 @@ def _streamable(dst: torch.Tensor, src: np.ndarray) -> bool:
 
 def copy_checked(dst: torch.Tensor, src: np.ndarray) -> bool | None:
     """``copy_into`` fresh memory (a new tensor never written), fused with the NaN/Inf scan: the
-    source is read from memory once for both, and written with plain stores, which suit fresh pages.
+    source is read from memory once for both. The pages are backed first, all at once
+    (:func:`_populated`), and then written by streamed stores; where they cannot be, by plain stores,
+    which suit pages first touched as they are written.
 
     Returns whether every value was finite, with the copy made either way; None (nothing copied)
     where the compiled kernel cannot do it (another dtype, layout or device, or a small tensor):
@@ -245,9 +231,22 @@ def copy_checked(dst: torch.Tensor, src: np.ndarray) -> bool | None:
     if layout is None or not _streamable(dst, src):
         return None
     assert _kernels is not None  # _streamable said so
+    streamed = _populated(dst)
     destination, source = dst.data_ptr(), src.ctypes.data
-    calls = [(destination + a, source + a, n // src.itemsize, *layout) for a, n in _parts(src.nbytes)]
+    calls = [
+        (destination + a, source + a, n // src.itemsize, *layout, streamed) for a, n in _parts(src.nbytes)
+    ]
     return all(_run(_kernels.copy_finite, calls))
+
+
+def _populated(fresh: torch.Tensor) -> bool:
+    """Whether the pages of ``fresh`` (a new CPU tensor of 1 MiB or more) were backed all at once,
+    split over the copy threads, rather than one fault per page as they are first written."""
+    nbytes = fresh.numel() * fresh.element_size()
+    if _kernels is None or nbytes < STREAM_BYTES or fresh.device.type != "cpu" or not fresh.is_contiguous():
+        return False
+    start = fresh.data_ptr()
+    return all(_run(_kernels.populate, [(start + a, n) for a, n in _parts(nbytes)]))
 
 
 def all_finite(tensor: torch.Tensor) -> bool | None:
@@ -269,18 +268,20 @@ def all_finite(tensor: torch.Tensor) -> bool | None:
 def copy_into(dst: torch.Tensor, src: np.ndarray, *, fresh: bool = False) -> None:
     """``dst.copy_(src)`` for a NumPy view of any strides; dtype casts as ``copy_`` does.
 
-    ``fresh``: ``dst`` is memory never written before (a new tensor). Its pages are zeroed by the
-    system as they are first touched, which leaves their lines in the cache, so a contiguous copy,
-    which fills each page right after that, is made with plain stores; into existing memory (a
-    model's tensors) it is streamed. Transposed copies stream either way (a strip of one touches
-    every row's page long before it fills them).
+    ``fresh``: ``dst`` is memory never written before (a new tensor). Its pages are backed all at
+    once first (:func:`_populated`), so that a contiguous copy streams into them as into existing
+    memory (a model's tensors); where they cannot be, the system backs and zeroes each page as it is
+    first touched, which leaves its lines in the cache, and the copy is made with plain stores.
+    Transposed copies stream either way.
     """
     if src.flags.c_contiguous:  # the common case: one plain copy
-        if not fresh and _streamable(dst, src):
+        if _streamable(dst, src) and (not fresh or _populated(dst)):
             _stream(dst.data_ptr(), src.ctypes.data, src.nbytes)
         else:
             dst.copy_(as_torch(src))
         return
+    if fresh:
+        _populated(dst)
     if _kernel_fits(dst, src):
         work, length = _copy_kernel, src.shape[0]
     elif not _is_transposed(dst, src) or src.T.flags.c_contiguous or dst.device.type != "cpu":
