@@ -129,7 +129,9 @@ def test_all_finite_says_none_where_it_cannot_tell() -> None:
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("bad", [None, 0, -1, "middle"])
 @pytest.mark.parametrize("populated", [True, False])
-def test_copy_checked_copies_and_scans_in_one_pass(compiled, monkeypatch, parallel, dtype, bad, populated) -> None:  # type: ignore[no-untyped-def]
+def test_copy_checked_copies_and_scans_in_one_pass(
+    compiled, monkeypatch, parallel, dtype, bad, populated
+) -> None:  # type: ignore[no-untyped-def]
     """Every byte lands whether or not a NaN/Inf is there, in any thread's part, and the scan says so;
     by streamed stores into pages backed first, by plain ones where they could not be (an old kernel)."""
     monkeypatch.setattr(copying, "PARALLEL_BYTES", 1 if parallel else 1 << 40)
@@ -171,7 +173,9 @@ def test_populate_backs_whole_pages_and_leaves_every_byte(compiled, offset: int)
 
 
 @pytest.mark.parametrize("populated", [True, False])
-def test_copy_into_fresh_memory_streams_only_into_backed_pages(compiled, monkeypatch, populated: bool) -> None:  # type: ignore[no-untyped-def]
+def test_copy_into_fresh_memory_streams_only_into_backed_pages(
+    compiled, monkeypatch, populated: bool
+) -> None:  # type: ignore[no-untyped-def]
     if not populated:
         monkeypatch.setattr(compiled, "populate", lambda addr, nbytes: False)
     streamed: list[int] = []
