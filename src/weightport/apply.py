@@ -82,10 +82,10 @@ def _write(
 ) -> bool | None:
     """Fill ``tensor`` (default: the entry's own) with the entry's value, by the cheapest path.
 
-    Into ``fresh`` memory (a meta tensor's new storage, never written) the copies use plain stores,
-    and a tensor copied as it is from a mapped file is scanned as it is copied (its bytes read from
-    memory once for both): then the result says whether every value was finite; None where nothing
-    was scanned.
+    Into ``fresh`` memory (a meta tensor's new storage, never written) the pages are backed at once
+    before the copy, and a tensor copied as it is from a mapped file is scanned as it is copied (its
+    bytes read from memory once for both): then the result says whether every value was finite;
+    None where nothing was scanned.
     """
     tensor = entry.tensor if tensor is None else tensor
     rule = entry.rule

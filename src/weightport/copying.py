@@ -3,9 +3,9 @@
 A plain copy (same dtype, both contiguous, on the CPU) of 1 MiB or more into existing memory goes
 through the compiled kernel's ``stream_copy``: non-temporal stores write the destination without
 reading it into the cache first, a third less memory traffic than torch's ``copy_`` (whose stores
-read each line before writing it); big copies are split over a few threads. Into fresh memory (a
-new tensor, ``fresh=True``) plain stores are faster, and :func:`copy_checked` fuses that copy with
-the NaN/Inf scan.
+read each line before writing it); big copies are split over a few threads. Fresh memory (a new
+tensor, ``fresh=True``) has its pages backed all at once first and is then streamed into the same
+way, and :func:`copy_checked` fuses that copy with the NaN/Inf scan.
 
 A transposed source (a Keras kernel ``(in, gates*hidden)``, or one gate's block of
 its columns, going into PyTorch's ``(gates*hidden, in)``) goes through the compiled
