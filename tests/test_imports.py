@@ -179,6 +179,22 @@ def test_no_source_file_is_over_600_lines() -> None:
     assert long == {}
 
 
+def test_loading_machinery_comes_in_with_the_package_only_after_torch() -> None:
+    # torch first (a program about to load weights): the first load pays no imports, and still
+    # neither ml_dtypes nor any optional reader comes in; weightport alone (the CLI) stays lazy.
+    code = (
+        "import sys{torch}; import weightport; "
+        "print(sorted({{'weightport.loading', 'torch', 'ml_dtypes', 'weightport.sources.safetensors'}} & set(sys.modules)))"
+    )
+    runs = {
+        order: subprocess.run(
+            [sys.executable, "-c", code.format(torch=order)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for order in (", torch", "")
+    }
+    assert runs == {", torch": "['torch', 'weightport.loading']", "": "[]"}
+
+
 def test_the_command_line_starts_without_torch(tmp_path: object) -> None:
     from pathlib import Path
 

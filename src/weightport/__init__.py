@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 from weightport.errors import (
@@ -68,6 +69,12 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
+
+# A program that imported torch before weightport is about to load weights: the loading machinery
+# (pure Python, about 0.03 s) comes in now rather than inside the first load's time. The command
+# line starts without torch, so it stays lazy.
+if "torch" in sys.modules:
+    importlib.import_module("weightport.loading")
 
 __version__ = "0.1.0"
 

@@ -28,6 +28,7 @@ from weightport.copying import copy_checked, copy_into
 from weightport.errors import LoadError, Problem, SourceError
 from weightport.options import LoadOptions
 from weightport.plan import Entry, Plan, check_values, value_problem
+from weightport.progress import progress_callback
 from weightport.sources.base import Source
 from weightport.sources.files import byte_view, read_exact
 from weightport.staging import Stager
@@ -221,8 +222,6 @@ class LocalWrite:
         """
         if not self.options.check_values:
             return
-        from weightport.progress import progress_callback
-
         try:
             with progress_callback(self.plan, self.source, self.options.progress, "checking") as checked:
                 check_values(

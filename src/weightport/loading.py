@@ -34,6 +34,7 @@ from weightport.layouts.folded import folded_batchnorms
 from weightport.layouts.pairing import module_slots
 from weightport.options import LoadOptions, NonFinite
 from weightport.plan import Plan, build_plan
+from weightport.progress import progress_callback
 from weightport.report import LoadReport, ReportRow, remember_forward_notes
 from weightport.sources import Source, SourceLike, open_source
 from weightport.tensors import unwrap
@@ -287,8 +288,6 @@ def load(
                 stacklevel=2,
             )
         if not dry_run:
-            from weightport.progress import progress_callback
-
             with progress_callback(plan, src, progress) as callback:
                 writer.commit(callback)
             remember_forward_notes(unwrap(module), plan.prefix, plan.layout.forward_notes)
