@@ -181,7 +181,8 @@ def test_no_source_file_is_over_600_lines() -> None:
 
 def test_loading_machinery_comes_in_with_the_package_only_after_torch() -> None:
     # torch first (a program about to load weights): the first load pays no imports, and still
-    # neither ml_dtypes nor any optional reader comes in; weightport alone (the CLI) stays lazy.
+    # neither ml_dtypes nor a file format's reader (imported when its file shows up) comes in;
+    # weightport alone (the CLI) stays lazy.
     code = (
         "import sys{torch}; import weightport; "
         "print(sorted({{'weightport.loading', 'torch', 'ml_dtypes', 'weightport.sources.safetensors'}} & set(sys.modules)))"

@@ -71,8 +71,8 @@ def __dir__() -> list[str]:
 
 
 # A program that imported torch before weightport is about to load weights: the loading machinery
-# (pure Python, about 0.03 s) comes in now rather than inside the first load's time. The command
-# line starts without torch, so it stays lazy.
+# (pure Python; its cost is in docs/benchmarks.md) comes in now rather than inside the first load's
+# time. The command line starts without torch, so it stays lazy.
 if "torch" in sys.modules:
     importlib.import_module("weightport.loading")
 
