@@ -1143,43 +1143,43 @@ def keras_bidirectional_with_go_backwards(ctx: Ctx) -> None:
 
 @scenario
 def keras_norm_with_center_and_no_scale(ctx: Ctx) -> None:
-    """scale=False, center=True: the old fix (strict=False) met the same refusal; rebuilding the layer with
-    scale=True and gamma ones computes the same and loads exactly."""
+    """scale=False, center=True (Keras InceptionV3's BatchNorms): PyTorch's norm computes the same with its
+    weight 1, so the .keras file loads exactly; a .weights.h5 of three nameless variables could be
+    (gamma, mean, var) or (beta, mean, var), so it is refused with both readings, the module unchanged."""
     keras = _keras()
     L = keras.layers
     keras.backend.clear_session()
-
-    def build(scale: bool) -> Any:
-        return keras.Sequential(
+    original = randomize_keras(
+        keras.Sequential(
             [
                 keras.Input((4,)),
                 L.Dense(4, name="fc"),
-                L.LayerNormalization(scale=scale, center=True, name="ln"),
+                L.LayerNormalization(scale=False, center=True, name="ln"),
+                L.BatchNormalization(scale=False, center=True, name="bn"),
             ]
-        )
-
-    original = randomize_keras(build(False), 14)
+        ),
+        14,
+    )
+    variance = original.get_layer("bn").moving_variance
+    variance.assign(np.abs(np.asarray(variance)) + 0.5)  # randomized, it may be negative
     original.save(ctx.tmp / "no_scale.keras")
-    model = lambda: nn.Sequential(OrderedDict(fc=nn.Linear(4, 4), ln=nn.LayerNorm(4, eps=1e-3)))  # noqa: E731
-    message = refused(
-        lambda: weightport.load(model(), ctx.tmp / "no_scale.keras"),
-        UnsupportedConfigError,
-        "Fix: rebuild the Keras layer with scale=True, set its gamma to ones",
-    )
-    refused(
-        lambda: weightport.load(model(), ctx.tmp / "no_scale.keras", strict=False), UnsupportedConfigError
-    )
-    assert "strict=False" not in message
-    rebuilt = build(True)
-    kernel, bias, beta = original.get_weights()
-    rebuilt.set_weights([kernel, bias, np.ones_like(beta), beta])
+    original.save_weights(ctx.tmp / "no_scale.weights.h5")
+    model = lambda: nn.Sequential(  # noqa: E731
+        OrderedDict(fc=nn.Linear(4, 4), ln=nn.LayerNorm(4, eps=1e-3), bn=nn.BatchNorm1d(4, eps=1e-3))
+    ).eval()
     x = np.random.default_rng(14).standard_normal((3, 4)).astype(np.float32)
-    expected = np.asarray(original(x))
-    assert_outputs(np.asarray(rebuilt(x)), expected)  # "which computes the same"
-    rebuilt.save(ctx.tmp / "scale.keras")
     module = model()
-    quiet(lambda: weightport.load(module, ctx.tmp / "scale.keras"))
-    assert_outputs(run(module, x), expected)
+    report = quiet(lambda: weightport.load(module, ctx.tmp / "no_scale.keras"))
+    assert_outputs(run(module, x), np.asarray(original(x, training=False)))
+    assert "scale=False, so weight = 1" in str(report)
+    module = model()
+    refused(
+        lambda: weightport.load(module, ctx.tmp / "no_scale.weights.h5"),
+        LayoutError,
+        "does not record which of gamma (scale=False) and beta (center=False) was left out",
+        "Fix: load the .keras file",
+        module=module,
+    )
 
 
 # --- Flax ------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
 
 import weightport  # noqa: E402
-from weightport.errors import ForwardNoteWarning, LoadError, UnsupportedConfigError  # noqa: E402
+from weightport.errors import ForwardNoteWarning, LayoutError, LoadError, UnsupportedConfigError  # noqa: E402
 
 B, T = 2, 6
 TOL = 1e-5
@@ -68,6 +68,9 @@ ACCEPTED: dict[str, tuple[Callable[[], Any], tuple[int, ...], Callable[[], nn.Mo
     "conv_activation": (lambda: keras.layers.Conv1D(4, 2, activation="relu"), (T, 3), lambda: nn.Conv1d(3, 4, 2), lambda m, x: torch.relu(channels_first(m, x)), "activation='relu' after it"),
     "dense_activation": (lambda: keras.layers.Dense(4, activation="sigmoid"), (3,), lambda: nn.Linear(3, 4), lambda m, x: torch.sigmoid(m(x)), "activation='sigmoid' after it: apply it in forward"),
     "batch_norm_axis_1": (lambda: keras.layers.BatchNormalization(axis=1, center=False), (3, 4, 5), lambda: nn.BatchNorm2d(3, eps=1e-3), lambda m, x: m(x), "by a unique kind and shape"),
+    "layer_norm_axis_1": (lambda: keras.layers.LayerNormalization(axis=1), (5, 4), lambda: nn.LayerNorm(5, eps=1e-3), lambda m, x: m(x.transpose(1, 2)).transpose(1, 2), "normalizes over axis [1] of its input: move that axis last"),
+    "layer_norm_axis_minus_2": (lambda: keras.layers.LayerNormalization(axis=-2), (5, 4), lambda: nn.LayerNorm(5, eps=1e-3), lambda m, x: m(x.transpose(1, 2)).transpose(1, 2), "move that axis last"),
+    "stacked_first_layer_backwards": (lambda: [keras.layers.LSTM(4, go_backwards=True, return_sequences=True), keras.layers.LSTM(4, return_sequences=True)], (T, 3), lambda: nn.LSTM(3, 4, num_layers=2, batch_first=True), lambda m, x: m(x.flip(1))[0], "flip the input in time"),
 }  # fmt: skip
 
 
@@ -75,7 +78,8 @@ ACCEPTED: dict[str, tuple[Callable[[], Any], tuple[int, ...], Callable[[], nn.Mo
 def test_settings_outside_the_module_load_with_a_note(name: str, tmp_path: Path) -> None:
     layer, shape, module, run, note = ACCEPTED[name]
     rng = np.random.default_rng(sum(map(ord, name)))
-    model = keras.Sequential([keras.Input(shape), layer()])
+    made = layer()
+    model = keras.Sequential([keras.Input(shape), *(made if isinstance(made, list) else [made])])
     randomize(model, rng)
     for w in model.weights:
         if "moving_variance" in w.path:
@@ -227,3 +231,65 @@ def test_mismatches_say_how_to_build_the_module(name: str, tmp_path: Path) -> No
         with pytest.raises(LoadError, match=message):
             weightport.load(target, source)
         assert all(torch.equal(before[k], v) for k, v in target.state_dict().items()), kind
+
+
+# ---- a Keras layer filling one layer of a multi-layer RNN must run as that layer does ---------------------
+
+
+STACKED = {
+    "inner_layer_backwards": ([keras.layers.LSTM(4, return_sequences=True), keras.layers.LSTM(4, go_backwards=True, return_sequences=True)], r"expected a layer that reads its input in time order \(layer 1 of nn.LSTM, fed by layer 0\), found Keras go_backwards=True"),
+    "last_step_only": ([keras.layers.LSTM(4), keras.layers.RepeatVector(T), keras.layers.LSTM(4, return_sequences=True)], r"expected a layer returning every step \(layer 0 of nn.LSTM, read by layer 1\), found Keras return_sequences=False"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(STACKED))
+def test_a_stacked_layer_that_runs_otherwise_is_a_mismatch(name: str, tmp_path: Path) -> None:
+    layers, message = STACKED[name]
+    model = keras.Sequential([keras.Input((T, 3)), *layers])
+    for kind, source in sources(model, tmp_path).items():
+        target = nn.LSTM(3, 4, num_layers=2, batch_first=True)
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(LoadError, match=message):
+            weightport.load(target, source)
+        assert all(torch.equal(before[k], v) for k, v in target.state_dict().items()), kind
+
+
+class Residual(nn.Module):
+    """A residual block whose shortcut conv has the shape of the main branch's last one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.downsample = (
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Conv2d(4, 8, 1),
+            nn.Conv2d(4, 8, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x))) + self.downsample(x)
+
+
+def test_convs_in_parallel_branches_are_refused_and_a_mapping_loads_exactly(tmp_path: Path) -> None:
+    """Keras lists the layers of parallel branches in either order (here the shortcut before the main
+    branch's last conv); matching that list with the model's call order crossed them silently."""
+    rng = np.random.default_rng(9)
+    inputs = keras.Input((6, 6, 4))
+    main = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="main_1")(inputs)
+    shortcut = keras.layers.Conv2D(8, 1, name="shortcut")(inputs)
+    out = keras.layers.Add()([keras.layers.Conv2D(8, 1, name="main_2")(main), shortcut])
+    model = keras.Model(inputs, out)
+    randomize(model, rng)
+    x = rng.standard_normal((B, 6, 6, 4)).astype(np.float32)
+    expected = np.asarray(model(x)).transpose(0, 3, 1, 2)
+    example = (torch.zeros(1, 4, 6, 6),)
+    for kind, source in sources(model, tmp_path).items():
+        block = Residual()
+        with pytest.raises(LayoutError, match=r"'conv2' and 'downsample' run in parallel branches"):
+            weightport.load(block, source, example_inputs=example)
+        mapping = {"main_1": "conv1", "main_2": "conv2", "shortcut": "downsample"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ForwardNoteWarning)  # main_1's relu, applied in forward
+            weightport.load(block, source, mapping=mapping)
+        with torch.no_grad():
+            got = block(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+        np.testing.assert_allclose(got, expected, atol=TOL, err_msg=kind)

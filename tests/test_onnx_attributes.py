@@ -15,7 +15,13 @@ from torch import nn
 
 import weightport
 from conftest import snapshot
-from weightport.errors import ForwardNoteWarning, LayoutError, UncheckedConfigWarning, UnsupportedConfigError
+from weightport.errors import (
+    ForwardNoteWarning,
+    LayoutError,
+    LoadError,
+    UncheckedConfigWarning,
+    UnsupportedConfigError,
+)
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -321,3 +327,75 @@ def test_batched_matmul_says_why_the_linear_is_empty(tmp_path: Path) -> None:
         weightport.LoadError,
         r"MatMul node 'mm' multiplies by the stored 3-D tensor 'W' \(2, 3, 4\), a batched product",
     )
+
+
+# --- LayerNormalization axis; a bias the layer does not hold; example_inputs= leaves the module alone ------
+
+
+@pytest.mark.parametrize(("axis", "scale"), [(1, (4,)), (2, (3, 4))])
+def test_layer_norm_with_a_positive_axis_is_refused(
+    tmp_path: Path, axis: int, scale: tuple[int, ...]
+) -> None:
+    """axis=1 of a (2, 3, 4) input normalizes the last two axes whatever Scale's shape: the graph does not
+    record the input's rank, so a positive axis cannot be told from nn.LayerNorm's trailing ones."""
+    path = save(
+        tmp_path / "ln.onnx",
+        [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=axis)],
+        {"s": rand(*scale), "b": rand(*scale, seed=1)},
+        {"x": [2, 3, 4]},
+    )
+    refused(
+        nn.LayerNorm(scale), path, UnsupportedConfigError, rf"axis={axis} counts from the input's first axis"
+    )
+
+
+def test_a_one_value_bias_added_after_a_reshape_is_not_dropped(tmp_path: Path) -> None:
+    """tf2onnx's Dense on a 3-D input: Reshape, MatMul, Reshape, Add. A Linear(4, 1)'s (1,) bias looked like a
+    scalar constant of the graph's code, and the load wrote zeros into fc.bias; now it is refused."""
+    nodes = [
+        helper.make_node("Reshape", ["x", "s1"], ["x2"]),
+        helper.make_node("MatMul", ["x2", "W"], ["t"]),
+        helper.make_node("Reshape", ["t", "s2"], ["t3"]),
+        helper.make_node("Add", ["t3", "b"], ["y"]),
+    ]
+    inits = {
+        "W": rand(4, 1),
+        "b": np.array([2.5], np.float32),
+        "s1": np.array([6, 4]),
+        "s2": np.array([2, 3, -1]),
+    }
+    path = save(tmp_path / "dense.onnx", nodes, inits, {"x": [2, 3, 4]})
+    refused(fresh(nn.Linear, 4, 1), path, LoadError, r"'b': expected a tensor the layout can place")
+
+
+class Counting(nn.Module):
+    """Its forward changes it: a non-persistent buffer counts the calls, and an Embedding with max_norm
+    renormalizes the rows it looks up, in place."""
+
+    def __init__(self, extra: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 4, max_norm=1.0)
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+        if extra:
+            self.temperature = nn.Parameter(torch.ones(3))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(self.emb(ids))
+
+
+def test_example_inputs_leave_the_module_as_it_was(tmp_path: Path) -> None:
+    ids = torch.tensor([[1, 2, 3]])
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Counting().eval(), (ids,), str(path), opset_version=17, dynamo=False)
+    model = fresh(Counting, extra=True)
+    with torch.no_grad():
+        model.emb.weight.mul_(10)  # rows far above max_norm: a real forward would shrink them
+    before = snapshot(model)
+    calls = model.calls.clone()
+    with pytest.raises(weightport.WeightportError, match="temperature"):
+        weightport.load(model, path, example_inputs=(ids,))
+    assert snapshot(model) == before and torch.equal(model.calls, calls)

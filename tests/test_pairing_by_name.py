@@ -15,6 +15,7 @@ from torch import nn
 
 import weightport
 from weightport import UncheckedConfigWarning
+from weightport.call_order import CallOrder
 from weightport.errors import LayoutError
 from weightport.layouts.pairing import SourceLayer, module_slots, pair_layers
 
@@ -147,15 +148,66 @@ def test_interchangeable_layers_need_a_recorded_order_and_a_call_order() -> None
     ]
     with pytest.raises(LayoutError, match=r"interchangeable.*example_inputs=.*mapping="):
         pair_layers(model, layers, None, framework="Test")
-    pairs = pair_layers(model, layers, None, framework="Test", call_order={"body": 0, "head": 1})
+    order = CallOrder(model, torch.zeros(1, 8))
+    pairs = pair_layers(model, layers, None, framework="Test", call_order=order)
     assert [(p.source.name, p.slot.label) for p in pairs] == [("first", "body"), ("second", "head")]
     assert {p.how for p in pairs} == {"by recorded order (Test) and call order (example_inputs)"}
     unordered = [SourceLayer("first", "Linear"), SourceLayer("second", "Linear")]
     with pytest.raises(LayoutError, match=r"does not record the order of these layers"):
-        pair_layers(model, unordered, None, framework="Test", call_order={"body": 0, "head": 1})
+        pair_layers(model, unordered, None, framework="Test", call_order=order)
     split = [SourceLayer("a", "Linear", order=("dense", 0)), SourceLayer("b", "Linear", order=("other", 0))]
     with pytest.raises(LayoutError, match=r"as one sequence"):
-        pair_layers(model, split, None, framework="Test", call_order={"body": 0, "head": 1})
+        pair_layers(model, split, None, framework="Test", call_order=order)
+
+
+class Residual(nn.Module):
+    """A main branch and a shortcut of one shape, side by side (a ResNet block's ``conv3`` and
+    ``downsample``), then a head that both feed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Linear(8, 8)
+        self.shortcut = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.main(x)) + self.shortcut(x))
+
+
+def test_layers_in_parallel_branches_are_refused_whatever_the_orders() -> None:
+    model = Residual()
+    order = CallOrder(model, torch.zeros(1, 8))
+    assert order.feeds("main", "head") and order.feeds("shortcut", "head")
+    assert not order.feeds("main", "shortcut") and not order.feeds("shortcut", "main")
+    layers = [SourceLayer(name, "Linear", order=("model", i)) for i, name in enumerate(["a", "b", "c"])]
+    # the source's order may list the shortcut first or second: either reading fits its recorded order
+    with pytest.raises(LayoutError, match=r"'main' and 'shortcut' run in parallel branches.*mapping="):
+        pair_layers(model, layers, None, framework="Test", call_order=order)
+    pairs = pair_layers(model, layers, {"a": "main", "b": "shortcut"}, framework="Test", call_order=order)
+    assert [(p.source.name, p.slot.label, p.how) for p in pairs][2] == (
+        "c",
+        "head",
+        "by a unique kind and shape",
+    )
+
+
+def test_a_chain_through_operations_between_modules_pairs_by_order() -> None:
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.late, self.early = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.early(x)
+            return self.late(torch.cat([y[:, :4], y[:, 4:].flip(1)], dim=1).view(1, 8) * 2)
+
+    model = Chain()
+    layers = [
+        SourceLayer("first", "Linear", order=("model", 0)),
+        SourceLayer("second", "Linear", order=("model", 1)),
+    ]
+    pairs = pair_layers(model, layers, None, framework="Test", call_order=CallOrder(model, torch.zeros(1, 8)))
+    assert [(p.source.name, p.slot.label) for p in pairs] == [("first", "early"), ("second", "late")]
 
 
 def test_a_sequential_nested_in_a_custom_module_gives_no_call_order() -> None:

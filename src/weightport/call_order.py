@@ -1,13 +1,17 @@
-"""The order in which a model calls its submodules, from one forward pass that computes nothing.
+"""The order in which a model calls its submodules, and which feed which, from one forward pass that
+computes nothing.
 
 Pairing uses it to match a source's recorded layer order with the model's own
-(``weightport.load(..., example_inputs=x)``). The pass runs on the ``meta``
+(``weightport.load(..., example_inputs=x)``): only for modules that run one after another, each
+reading what the one before it made (:meth:`CallOrder.feeds`); modules in parallel branches (a
+residual block's shortcut conv beside its main branch) run in either order in an equivalent model,
+so no order can tell them apart. The pass runs on the ``meta``
 device: the model's parameters and buffers are swapped for meta tensors of the
 same shapes for the duration of the call (``torch.func.functional_call``), so
 no arithmetic is done, no memory is taken, and the model is left as it was
 (BatchNorm statistics, RNN flat weights and all). A model whose forward needs
-real values (data-dependent control flow) is run once for real, on its own
-parameters and copies of its buffers.
+real values (data-dependent control flow) is run once for real, on copies of its
+parameters and buffers.
 
 >>> import torch
 >>> class HeadFirst(torch.nn.Module):
@@ -18,37 +22,105 @@ parameters and copies of its buffers.
 ...         return self.head(self.body(x))
 >>> call_order(HeadFirst(), torch.zeros(1, 3))
 {'body': 0, 'head': 1}
+>>> CallOrder(HeadFirst(), torch.zeros(1, 3)).feeds("body", "head")
+True
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from weightport.errors import LayoutError
 
-__all__ = ["call_order", "CallOrder", "ExampleInputs"]
+__all__ = ["call_order", "trace_calls", "Calls", "CallOrder", "ExampleInputs"]
 
 ExampleInputs = Any  # a tensor or array, a tuple of them (positional), or a dict (keyword arguments)
 
 
 def call_order(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, int]:
     """Each submodule's path (``""`` excluded) -> the position of its first call in ``model(*inputs)``."""
+    return trace_calls(model, example_inputs).order
+
+
+@dataclass
+class Calls:
+    """What one forward pass showed: ``order``, each submodule's path -> the position of its first call;
+    ``fed_by``, each called submodule's path -> the paths of the modules whose outputs reach its inputs
+    (through any operations in between)."""
+
+    order: dict[str, int] = field(default_factory=dict)
+    fed_by: dict[str, set[str]] = field(default_factory=dict)
+
+
+class _Dataflow(TorchFunctionMode):
+    """Tags every tensor an operation makes with the modules whose outputs went into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made_by: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.tag(out, self.sources(args, kwargs))
+        return out
+
+    def sources(self, *values: Any) -> set[str]:
+        """The modules whose outputs went into the tensors among ``values`` (nested in lists and dicts)."""
+        found: set[str] = set()
+        for tensor in _tensors(values):
+            found |= self.made_by.get(tensor, set())
+        return found
+
+    def tag(self, out: Any, modules: set[str]) -> None:
+        if modules:
+            for tensor in _tensors(out):
+                self.made_by[tensor] = self.made_by.get(tensor, set()) | modules
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
+    """The order ``model(*inputs)`` first calls each submodule in, and which modules feed which."""
     args, kwargs = _arguments(example_inputs)
-    order: dict[str, int] = {}
+    calls = Calls()
+    flow = _Dataflow()
     names = {id(m): name for name, m in model.named_modules() if name}
 
-    def seen(module: nn.Module, _args: object) -> None:  # a pre-hook that returns a value replaces the inputs
-        order.setdefault(names[id(module)], len(order))
+    def before(
+        module: nn.Module, args: Any, kwargs: Any
+    ) -> None:  # a pre-hook returning a value replaces the inputs
+        path = names[id(module)]
+        calls.order.setdefault(path, len(calls.order))
+        calls.fed_by.setdefault(path, set()).update(flow.sources(args, kwargs))
 
-    handles = [module.register_forward_pre_hook(seen) for name, module in model.named_modules() if name]
+    def after(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        flow.tag(output, flow.sources(args, kwargs) | {names[id(module)]})
+
+    modules = [module for name, module in model.named_modules() if name]
+    handles = [m.register_forward_pre_hook(before, with_kwargs=True) for m in modules]
+    handles += [m.register_forward_hook(after, with_kwargs=True) for m in modules]
     flat = {id(m): list(m._flat_weights) for m in model.modules() if isinstance(m, nn.RNNBase)}
     try:
-        _trace(model, args, kwargs)
+        with flow:
+            _trace(model, args, kwargs)
     except Exception as error:  # any failure of the forward is the inputs' problem
         raise LayoutError(
             f"example_inputs: one forward pass of {type(model).__name__}, run to learn the order it calls "
@@ -62,7 +134,7 @@ def call_order(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, int
         for module in model.modules():  # functional_call leaves an RNN's flat weight list pointing at
             if id(module) in flat:  # the swapped-in tensors: put the model's own back
                 module._flat_weights = flat[id(module)]  # type: ignore[assignment]
-    return order
+    return calls
 
 
 class CallOrder(Mapping[str, int]):
@@ -77,7 +149,7 @@ class CallOrder(Mapping[str, int]):
 
     def __init__(self, model: nn.Module, example_inputs: ExampleInputs, prefix: str = "") -> None:
         self._model, self._inputs, self._prefix = model, example_inputs, prefix
-        self._whole: list[dict[str, int]] = []  # shared by every within(): one forward pass at most
+        self._whole: list[Calls] = []  # shared by every within(): one forward pass at most
 
     def within(self, prefix: str) -> CallOrder:
         view = CallOrder(self._model, self._inputs, prefix)
@@ -85,11 +157,22 @@ class CallOrder(Mapping[str, int]):
         return view
 
     @property
-    def _order(self) -> dict[str, int]:
+    def _calls(self) -> Calls:
         if not self._whole:
-            self._whole.append(call_order(self._model, self._inputs))
+            self._whole.append(trace_calls(self._model, self._inputs))
+        return self._whole[0]
+
+    @property
+    def _order(self) -> dict[str, int]:
         p = self._prefix
-        return {path[len(p) :]: n for path, n in self._whole[0].items() if path.startswith(p) and path != p}
+        return {
+            path[len(p) :]: n for path, n in self._calls.order.items() if path.startswith(p) and path != p
+        }
+
+    def feeds(self, earlier: str, later: str) -> bool:
+        """Whether what module ``earlier`` outputs reaches the inputs of module ``later`` in the pass
+        (so any equivalent model runs the two in this order)."""
+        return self._prefix + earlier in self._calls.fed_by.get(self._prefix + later, set())
 
     def __getitem__(self, path: str) -> int:
         return self._order[path]
@@ -122,8 +205,12 @@ def _to(value: Any, convert: Any) -> Any:
 
 
 def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    tensors = model.state_dict(keep_vars=True)
-    buffers = {name for name, _ in model.named_buffers()}
+    # every tensor, non-persistent buffers (left out of state_dict) included: a forward that updates one
+    # updates the stand-in
+    tensors = {
+        **dict(model.named_parameters(remove_duplicate=False)),
+        **dict(model.named_buffers(remove_duplicate=False)),
+    }
     meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
     try:
         with torch.no_grad():
@@ -138,7 +225,8 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> N
         return
     except Exception:  # a forward that needs values (data-dependent control flow): run it for real
         pass
-    # its own parameters, and copies of its buffers (a BatchNorm in training mode updates them)
-    own = {name: t.detach().clone() if name in buffers else t for name, t in tensors.items()}
+    # copies of every tensor: a forward may update any (a BatchNorm's statistics in training mode, an
+    # Embedding's rows with max_norm), and the module must come out as it went in
+    own = {name: t.detach().clone() for name, t in tensors.items()}
     with torch.no_grad():
         torch.func.functional_call(model, own, args, kwargs, tie_weights=True, strict=False)

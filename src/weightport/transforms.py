@@ -33,6 +33,7 @@ __all__ = [
     "Reshape",
     "Chain",
     "Zeros",
+    "Full",
     "Sum",
     "PadBlocks",
 ]
@@ -44,7 +45,7 @@ class Op:
     """A transform from one or more arrays to one array.
 
     ``value_preserving`` ops only move values (so checks on their inputs hold for
-    their output); the others (:class:`Zeros`, :class:`Sum`) make new values.
+    their output); the others (:class:`Zeros`, :class:`Full`, :class:`Sum`) make new values.
     """
 
     arity: int = 1
@@ -323,6 +324,30 @@ class Zeros(Op):
 
     def describe(self) -> str:
         return "zeros"
+
+
+@dataclass(frozen=True)
+class Full(Op):
+    """An array of ``shape`` filled with ``value`` (in ``dtype``), from no input: a folded BatchNorm's
+    ``running_var``, the weight of a Keras norm with ``scale=False``."""
+
+    shape: tuple[int, ...]
+    value: float
+    dtype: str = "float32"
+    arity = 0
+    value_preserving = False
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        return np.full(self.shape, self.value, np.dtype(self.dtype))
+
+    def out_shape(self, shapes: Sequence[Shape]) -> Shape:
+        return self.shape
+
+    def inverse(self) -> Op:
+        raise ValueError("Full has no inverse: the value it makes carries no information")
+
+    def describe(self) -> str:
+        return f"filled with {self.value:.9g}"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import numpy as np
     from torch import nn
 
+    from weightport.call_order import CallOrder
     from weightport.sources.base import Source
 
 __all__ = ["Layout", "Rule", "Pairing", "LayoutPlan"]
@@ -103,7 +104,7 @@ class Layout(Protocol):
         source: Source,
         mapping: Mapping[str, str] | None,
         *,
-        call_order: Mapping[str, int] | None = None,
+        call_order: CallOrder | None = None,
     ) -> LayoutPlan: ...
 
     def export(self, module: nn.Module, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]: ...

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
+from weightport.call_order import CallOrder
 from weightport.errors import LayoutError, WeightportError, a_or_an
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.proof import Fits, Prover
@@ -148,7 +149,7 @@ def pair_layers(
     *,
     framework: str,
     fits: Fits | None = None,
-    call_order: Mapping[str, int] | None = None,
+    call_order: CallOrder | None = None,
     where: str = "",
 ) -> list[Paired]:
     """Pair each source layer with one slot, each by a proof (see the module doc), or refuse.

@@ -4,7 +4,9 @@ Among the layers and slots left, grouped into the parts that could swap (same ki
 a fitting shape), a part is settled only where one assignment fits every layer
 ("by a unique kind and shape"), or where the source records its layers' order and
 the model's call order is known (an ``nn.Sequential``'s and a multi-layer RNN's by
-construction, any other module's from ``example_inputs=``). Anything else is
+construction, any other module's from ``example_inputs=``) and its modules run one
+after another, each fed by the one before (modules in parallel branches may run in
+either order in an equivalent model, so no recorded order tells them apart). Anything else is
 refused with the interchangeable layers on both sides listed, and a fix.
 :func:`weightport.layouts.pairing.pair_layers` runs this after ``mapping=`` and names.
 """
@@ -16,6 +18,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 
 from torch import nn
 
+from weightport.call_order import CallOrder
 from weightport.errors import LayoutError, counted
 from weightport.layouts.slots import Paired, Slot, SourceLayer, torch_class
 
@@ -37,7 +40,7 @@ class Prover:
         taken: set[str],
         framework: str,
         fits: Fits | None,
-        call_order: Mapping[str, int] | None,
+        call_order: CallOrder | None,
         where: str,
     ) -> None:
         self.model, self.layers, self.slots, self.result = model, layers, slots, result
@@ -46,6 +49,7 @@ class Prover:
         self.waiting = [i for i in range(len(layers)) if i not in result]
         self.free = [j for j, s in enumerate(slots) if s.label not in taken]
         self.registration = {s.label: j for j, s in enumerate(slots)}
+        self.parallel: tuple[Slot, Slot] | None = None  # two modules the forward pass runs side by side
 
     def run(self) -> None:
         if not self.waiting:
@@ -91,6 +95,7 @@ class Prover:
         self, layer_ids: list[int], slot_ids: list[int], edges: dict[int, list[int]]
     ) -> tuple[list[tuple[int, int]], str] | None:
         """The layers in their recorded order against the slots in call order, if both are known."""
+        self.parallel = None
         orders = [self.layers[i].order for i in layer_ids]
         if len(layer_ids) != len(slot_ids) or any(o is None for o in orders):
             return None
@@ -111,9 +116,13 @@ class Prover:
         if self.call_order is not None:
             if any(slots[j].path not in self.call_order for j in slot_ids):
                 return None
-            return {
-                j: (self.call_order[slots[j].path], slots[j].layer or 0) for j in slot_ids
-            }, "example_inputs"
+            called = {j: (self.call_order[slots[j].path], slots[j].layer or 0) for j in slot_ids}
+            for a, b in itertools.pairwise(sorted(slot_ids, key=called.__getitem__)):
+                # the layers of one RNN run in index order; two modules, only where one feeds the other
+                if slots[a].path != slots[b].path and not self.call_order.feeds(slots[a].path, slots[b].path):
+                    self.parallel = (slots[a], slots[b])
+                    return None
+            return called, "example_inputs"
         ids = sorted(slot_ids, key=lambda j: self.registration[slots[j].label])
         whats = set()
         for a, b in itertools.pairwise(ids):
@@ -200,6 +209,13 @@ class Prover:
             )
         elif len(layer_ids) != len(slot_ids):
             why = f"the model has {counted(len(slot_ids), 'module')} that could take these {len(layer_ids)} layers"
+        elif self.parallel is not None:
+            a, b = self.parallel
+            why = (
+                f"in the forward pass on example_inputs= the modules '{a.label}' and '{b.label}' run in parallel "
+                "branches (neither one's output reaches the other's input): an equivalent model may run them in "
+                "either order, so no recorded order can say which layer each takes"
+            )
         elif self.call_order is not None:
             why = "the forward pass on example_inputs= does not call each of these modules in an order that fits"
         else:

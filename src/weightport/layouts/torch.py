@@ -23,6 +23,8 @@ from weightport.sources.base import Source
 if TYPE_CHECKING:
     import torch
 
+    from weightport.call_order import CallOrder
+
 NAME = "torch"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -47,7 +49,7 @@ def plan(
     source: Source,
     mapping: Mapping[str, str] | None = None,
     *,
-    call_order: Mapping[str, int] | None = None,
+    call_order: CallOrder | None = None,
 ) -> LayoutPlan:
     """One identity rule per source tensor; ``mapping`` renames source names first."""
     mapping = dict(mapping or {})

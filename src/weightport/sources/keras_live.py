@@ -5,8 +5,8 @@ or ``tf_keras...``). Their variables are read with ``np.asarray`` and named as
 Keras 3 would file them in a ``.weights.h5`` (``layers/lstm/cell/vars/0``), so
 the Keras layout treats a live model and its saved weights alike. Unlike a
 weights file, a live model knows its layer order and each layer's
-``get_config()``, which go into ``metadata["layers"]`` as the ``.keras`` reader
-puts them.
+``get_config()`` (and the input shape it was built for), which go into ``metadata["layers"]`` as
+the ``.keras`` reader puts them.
 
 >>> class Dense:  # a stand-in: real Keras layers are claimed the same way
 ...     __module__ = "keras.src.layers.core.dense"
@@ -77,6 +77,9 @@ def _add(obj: Any, path: str, arrays: dict[str, np.ndarray], layers: list[dict[s
         obj, path = obj.layer, f"{path}layer/"  # one layer applied at every step: that layer's weights
     record = {"path": path.rstrip("/"), "name": name, "class_name": type(obj).__name__}
     record["config"] = _config(obj)
+    shape = _input_shape(obj)
+    if shape is not None:
+        record["input_shape"] = shape
     layers.append(record)
     if hasattr(obj, "forward_layer") and hasattr(obj, "backward_layer"):
         for side in ("forward_layer", "backward_layer"):
@@ -108,3 +111,15 @@ def _config(layer: Any) -> dict[str, Any] | None:
     except (NotImplementedError, TypeError, ValueError, AttributeError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def _input_shape(layer: Any) -> list[int | None] | None:
+    """The input shape a built Keras 3 layer was built for (batch axis first), as a ``.keras`` file's
+    ``build_config`` records it; None where the layer does not say."""
+    try:
+        shape = (layer.get_build_config() or {}).get("input_shape")
+    except (NotImplementedError, TypeError, ValueError, AttributeError):
+        return None
+    if isinstance(shape, (list, tuple)) and all(d is None or isinstance(d, int) for d in shape):
+        return list(shape)
+    return None

@@ -88,6 +88,7 @@ from typing import Any
 
 from torch import nn
 
+from weightport.call_order import CallOrder
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.flax.convolutions import torch_padding
 from weightport.layouts.flax.exporting import export
@@ -118,7 +119,7 @@ def plan(
     source: Source,
     mapping: Mapping[str, str] | None = None,
     *,
-    call_order: Mapping[str, int] | None = None,
+    call_order: CallOrder | None = None,
 ) -> LayoutPlan:
     """Rules for ``module`` from the Flax layers found in ``source`` (see the module doc).
 

@@ -44,8 +44,10 @@ attribute names (subclassed models) record none: they pair by name or by a uniqu
 Refused (:class:`~weightport.errors.UnsupportedConfigError`): GRU ``reset_after=False``,
 ``recurrent_activation`` other than sigmoid, LSTM/GRU ``activation`` other than
 tanh, SimpleRNN ``activation`` other than tanh/relu, LayerNormalization
-``rms_scaling``, BatchNormalization ``scale=False`` with ``center=True``, a ``Bidirectional``
-around a layer with ``go_backwards=True`` (its halves come out swapped).
+``rms_scaling``, a ``Bidirectional`` around a layer with ``go_backwards=True`` (its halves come
+out swapped). A norm with ``scale=False`` loads with the weight 1, one with ``center=False`` with
+the bias 0; a ``.weights.h5`` norm missing one of the two is refused (:class:`~weightport.errors.LayoutError`):
+its nameless variables read either way.
 Settings that act on the input, the state or the output rather than inside the module load, with
 a note saying what ``forward`` must do (in the pairing's "how" and ``LayoutPlan.forward_notes``, which a
 load gives as a :class:`~weightport.errors.ForwardNoteWarning`): ``go_backwards`` (flip the input),
@@ -83,6 +85,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from weightport.call_order import CallOrder
 from weightport.errors import LoadError, Problem, UnsupportedConfigError
 from weightport.layouts.base import LayoutPlan, Pairing, Rule
 from weightport.layouts.keras import describing, hf
@@ -127,7 +130,7 @@ def plan(
     source: Source,
     mapping: Mapping[str, str] | None = None,
     *,
-    call_order: Mapping[str, int] | None = None,
+    call_order: CallOrder | None = None,
 ) -> LayoutPlan:
     """Rules that put the Keras layers of ``source`` into ``module``'s layers.
 

@@ -12,7 +12,7 @@ the rest listed as unchecked.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from weightport.errors import LayoutError, Problem, a_or_an, counted
@@ -81,12 +81,6 @@ def _refusals(found: Resolved, part: Part, cfg: Mapping[str, Any]) -> list[str]:
             "(and has no beta); nn.LayerNorm and nn.RMSNorm compute otherwise. Fix: write that normalization "
             "as a module of your own and load gamma into it with the torch layout."
         )
-    if kind in ("BatchNorm", "LayerNorm") and not cfg.get("scale", True) and cfg.get("center", True):
-        out.append(
-            f"{label} has scale=False but center=True: PyTorch norms have a weight whenever they have a bias, and "
-            "the transforms cannot make the ones it needs. Fix: rebuild the Keras layer with scale=True, set its "
-            "gamma to ones (which computes the same), copy the other weights over, save it and load that file."
-        )
     return out
 
 
@@ -112,6 +106,10 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
                     True,
                 )
             )
+    if kind == "LayerNorm":
+        moved = _moved_norm_axes(cfg, m, found.layer.input_rank)
+        if moved:
+            notes.append((moved, True))
     if kind in _WITH_ACTIVATION and _act(cfg.get("activation")) != "linear":
         notes.append(
             (f"Keras applies activation='{_act(cfg.get('activation'))}' after it: apply it in forward", True)
@@ -133,6 +131,48 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
     return notes
 
 
+def _moved_norm_axes(cfg: Mapping[str, Any], m: Any, input_rank: int | None) -> str:
+    """What ``forward`` must do where a Keras LayerNormalization normalizes other axes than the last
+    ``len(normalized_shape)`` (nn.LayerNorm's), else ``""``. A positive axis counts from the batch axis;
+    where the input's rank is not recorded (tf_keras records axes made positive once built), positive
+    axes in a row are taken as the trailing ones (gamma's shape, which the planner checks, is then
+    ``normalized_shape``)."""
+    axis = cfg.get("axis", -1)
+    axes = sorted(axis if isinstance(axis, list) else [axis])
+    rank = len(m.normalized_shape)
+    if input_rank is not None:
+        axes = sorted(a - input_rank if a >= 0 else a for a in axes)
+    elif all(a >= 0 for a in axes) and axes == list(range(axes[0], axes[0] + rank)):
+        return ""
+    if axes == list(range(-rank, 0)):
+        return ""
+    return (
+        f"Keras normalizes over axis {axis} of its input: move {'that axis' if len(axes) == 1 else 'those axes'} "
+        "last before the module (and back after it)"
+    )
+
+
+def _check_stacked(part: Part, slot: Slot, mismatch: Callable[[str, str, str], None]) -> None:
+    """A Keras recurrent layer filling one layer of a multi-layer RNN must run as that layer does: reading
+    every step the layer below returns, in the order it returns them, and returning every step to the
+    layer above (where the configuration records it)."""
+    cfg, m, layer = part.config or {}, cast(Any, slot.module), cast(int, slot.layer)
+    name = f"nn.{type(m).__name__}"
+    if layer > 0 and cfg.get("go_backwards") and not part.reverse:
+        mismatch(
+            f"a layer that reads its input in time order (layer {layer} of {name}, fed by layer {layer - 1})",
+            "Keras go_backwards=True: it reads its input backwards, and no flip of the module's input reaches "
+            "an inner layer",
+            f"build this layer as an {name} of its own (num_layers=1) and flip its input in time in forward",
+        )
+    if layer < m.num_layers - 1 and cfg.get("return_sequences") is False:
+        mismatch(
+            f"a layer returning every step (layer {layer} of {name}, read by layer {layer + 1})",
+            "Keras return_sequences=False: it returns its last step only",
+            f"build this layer as an {name} of its own (num_layers=1) and give the next one what Keras does",
+        )
+
+
 _CONVS = ("Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d")
 _WITH_ACTIVATION = ("Linear", *_CONVS)
 _NORMS = ("BatchNorm", "LayerNorm", "GroupNorm")
@@ -149,6 +189,8 @@ def check_config(found: Resolved, part: Part, slot: Slot, refusals: list[str]) -
     def mismatch(expected: str, found_: str, fix: str) -> None:
         problems.append(Problem(label, expected, found_, fix))
 
+    if kind in RNN_KINDS and slot.layer is not None:
+        _check_stacked(part, slot, mismatch)
     if kind in RNN_KINDS:
         if "units" in cfg and int(cfg["units"]) != m.hidden_size:
             mismatch(
@@ -172,19 +214,6 @@ def check_config(found: Resolved, part: Part, slot: Slot, refusals: list[str]) -
                 f"eps={eps:g} (Keras epsilon)",
                 f"eps={m.eps:g}",
                 f"build the PyTorch module with eps={eps:g}: Keras's default is 1e-3, PyTorch's 1e-5",
-            )
-    if kind == "LayerNorm":
-        axis = cfg.get("axis", -1)
-        axes = sorted(axis if isinstance(axis, list) else [axis])
-        rank = len(m.normalized_shape)
-        # tf_keras records positive axes once built, without the input's rank: consecutive ones are
-        # taken as trailing (gamma's shape, which the planner checks, must then be normalized_shape).
-        built = all(a >= 0 for a in axes) and axes == list(range(axes[0], axes[0] + rank))
-        if not built and axes != list(range(-rank, 0)):
-            mismatch(
-                f"normalization over the last {rank} axes",
-                f"Keras axis={axis}",
-                "permute the input so the normalized axes come last, and give nn.LayerNorm their sizes",
             )
     if kind == "GroupNorm" and "groups" in cfg and int(cfg["groups"]) != m.num_groups:
         mismatch(
@@ -216,12 +245,14 @@ def _check_bias(found: Resolved, part: Part, slot: Slot, problems: list[Problem]
     elif kind in ("BatchNorm", "GroupNorm"):
         checks.append(("scale/center", "affine", bool(m.affine)))
     elif kind == "LayerNorm":
-        checks.append(("scale", "elementwise_affine", m.weight is not None))
+        checks.append(("scale/center", "elementwise_affine", m.weight is not None))
         if "beta" in part.vars and m.bias is None:
             checks.append(("center", "bias", False))
-    var = {"use_bias": "bias", "scale/center": "gamma", "scale": "gamma", "center": "beta"}
+    # a PyTorch norm's weight and bias come together (or a LayerNorm's weight alone): the one Keras
+    # leaves out is made (scale=False: weight 1; center=False: bias 0)
+    var = {"use_bias": ("bias",), "scale/center": ("gamma", "beta"), "center": ("beta",)}
     for setting, arg, has in checks:
-        keras_has = var[setting] in part.vars
+        keras_has = any(v in part.vars for v in var[setting])
         if keras_has != has:
             problems.append(
                 Problem(
@@ -314,8 +345,6 @@ def check_weights_only(
         settings.append(
             f"epsilon (the module has eps={cast(Any, slot.module).eps:g}; Keras's default is 1e-3)"
         )
-        if "gamma" in part.vars and "beta" not in part.vars:
-            settings.append("center (one of gamma, beta is missing: taken as gamma, center=False)")
     if kind in _CONVS:
         settings.append("strides, padding, dilation_rate, groups")
     if kind == "GroupNorm":

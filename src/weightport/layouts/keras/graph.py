@@ -61,12 +61,15 @@ def _histories(nodes: Any) -> list[str]:
 
 
 def note_padding(layer: Any, graph: dict[str, _Node]) -> None:
-    """Record the ZeroPadding1D/2D that alone feeds ``layer``, and the size ``layer`` was built for."""
+    """Record the ZeroPadding1D/2D that alone feeds ``layer``, and the input ``layer`` was built for (its
+    spatial size and rank)."""
     node = graph.get(layer.name)
     if node is None:
         return
     _, cfg, inputs, built = node
     fmt = str(cfg.get("data_format") or "channels_last")
+    if built is not None:
+        layer.input_rank = len(built)
     if built is not None and len(built) >= 3:
         layer.built = tuple(built[1:-1] if fmt == "channels_last" else built[2:])  # type: ignore[arg-type]
     if len(inputs) != 1 or inputs[0] not in graph:

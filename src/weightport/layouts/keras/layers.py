@@ -108,6 +108,7 @@ class Layer:
     padded_by: str = ""
     padding: tuple[tuple[int, int], ...] | None = None
     built: tuple[int, ...] | None = None  # the input's spatial size as the layer was built (after padding)
+    input_rank: int | None = None  # the rank of the input the layer was built for (batch axis included)
 
     @property
     def tensors(self) -> list[str]:
@@ -142,6 +143,8 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
             layer = Layer(path, str(rec.get("name") or path), rec.get("class_name"), rec.get("config"))
             layer.seq, layer.index = ("model",), position
             note_padding(layer, graph)
+            if layer.input_rank is None and isinstance(rec.get("input_shape"), list):  # a live model's
+                layer.input_rank = len(rec["input_shape"])
             if rec.get("weights") is not None:
                 layer.legacy = list(rec["weights"])
             else:
@@ -404,7 +407,15 @@ def _index_roles(
         elif len(tensors) == len(roles) - 2:
             scale = center = False
         elif len(tensors) == len(roles) - 1:
-            center = False  # scale=False with center=True has no PyTorch form; reported as unchecked
+            left = [r for r in roles if r not in ("gamma", "beta")]
+            raise LayoutError(
+                f"{where}: Keras {cls} '{layer.name}' holds {len(tensors)} variables where the whole layer has "
+                f"{len(roles)} ({', '.join(roles)}), and the file does not record which of gamma (scale=False) "
+                f"and beta (center=False) was left out: either reading loads (gamma, {', '.join(left)} with the "
+                f"bias 0; or beta, {', '.join(left)} with the weight 1) and computes something else. Fix: load "
+                "the .keras file or the live model, which record scale and center, or read the arrays with "
+                "weightport.open_source and pass them as a dict under the module's names."
+            )
         roles = [r for r in roles if (r != "gamma" or scale) and (r != "beta" or center)]
     if len(tensors) > len(roles):
         return {}

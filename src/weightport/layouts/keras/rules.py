@@ -18,6 +18,7 @@ from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
 from weightport.transforms import (
     Chain,
+    Full,
     Identity,
     Op,
     ReorderBlocks,
@@ -150,6 +151,14 @@ def part_rules(found: Resolved, part: Part, slot: Slot, source: Source) -> list[
     if no_beta and getattr(slot.module, "bias", None) is not None:
         size = source.infos[part.vars["gamma"]].shape
         rules.append(Rule(slot.name("bias"), (), Zeros(tuple(size)), f"{origin}: center=False, so bias = 0"))
+    no_gamma = (
+        kind in ("BatchNorm", "LayerNorm", "GroupNorm") and "beta" in part.vars and "gamma" not in part.vars
+    )
+    if no_gamma and getattr(slot.module, "weight", None) is not None:
+        size = source.infos[part.vars["beta"]].shape
+        rules.append(
+            Rule(slot.name("weight"), (), Full(tuple(size), 1.0), f"{origin}: scale=False, so weight = 1")
+        )
     if kind == "BatchNorm" and getattr(slot.module, "track_running_stats", False):
         rules.append(
             Rule(slot.name("num_batches_tracked"), (), Zeros(()), f"{origin}: Keras counts no batches; 0")

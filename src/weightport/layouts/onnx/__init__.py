@@ -95,6 +95,7 @@ from typing import Any
 
 from torch import nn
 
+from weightport.call_order import CallOrder
 from weightport.errors import LayoutError
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.onnx.arrays import export, nodes_from_keys
@@ -127,7 +128,7 @@ def plan(
     source: Source,
     mapping: Mapping[str, str] | None = None,
     *,
-    call_order: Mapping[str, int] | None = None,
+    call_order: CallOrder | None = None,
 ) -> LayoutPlan:
     """Rules for ``module`` from the weight-holding nodes of an ONNX graph (or export()'s keys).
 

@@ -160,7 +160,16 @@ def check_norm(node: Node, layer: Layer, slot: Slot, source: Source, issues: Iss
     if layer.kind == "LayerNorm":
         rank = len(source.infos[layer.tensors["weight"]].shape)
         axis = int(node.attr("axis", -1))
-        if axis < 0 and axis != -rank:
+        if axis >= 0:
+            issues.add(
+                node,
+                f"axis={axis} counts from the input's first axis, and the graph does not record the input's "
+                f"rank, so whether it normalizes over the last {rank} axes its Scale covers (what nn.LayerNorm "
+                "does) is not known. Fix: re-export with a negative axis (torch.onnx.export writes "
+                "-len(normalized_shape)).",
+                unsupported=True,
+            )
+        elif axis != -rank:
             issues.add(
                 node,
                 f"axis={axis} normalizes over the last {-axis} axes, but its Scale has {rank}; nn.LayerNorm "

@@ -41,35 +41,12 @@ from weightport.layouts.onnx.graph import Layer
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.pairing import Paired, Slot, module_slots
 from weightport.sources.base import Source
-from weightport.transforms import Chain, Identity, Op, Shape, Zeros
+from weightport.transforms import Chain, Full, Identity, Op, Shape, Zeros
 
-__all__ = ["FOLDS_INTO", "Full", "Negate", "followers", "fold_rules", "statistics_note"]
+__all__ = ["FOLDS_INTO", "Negate", "followers", "fold_rules", "statistics_note"]
 
 FOLDS_INTO = frozenset({"Conv1d", "Conv2d", "Conv3d", "Linear"})  # the layers exporters fuse a BatchNorm into
 _LISTED = 8
-
-
-@dataclass(frozen=True)
-class Full(Op):
-    """An array of ``shape`` filled with ``value`` (in ``dtype``), from no input."""
-
-    shape: tuple[int, ...]
-    value: float
-    dtype: str = "float32"
-    arity = 0
-    value_preserving = False
-
-    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
-        return np.full(self.shape, self.value, np.dtype(self.dtype))
-
-    def out_shape(self, shapes: Sequence[Shape]) -> Shape:
-        return self.shape
-
-    def inverse(self) -> Op:
-        raise ValueError("Full has no inverse: the value it makes carries no information")
-
-    def describe(self) -> str:
-        return f"filled with {self.value:.9g}"
 
 
 @dataclass(frozen=True)

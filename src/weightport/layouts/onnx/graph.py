@@ -279,20 +279,48 @@ def weight_names(source: Source) -> list[str]:
 
 
 _ARITHMETIC = frozenset({"Mul", "Div", "Add", "Sub", "Pow"})
+_LAYERS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"})  # the nodes a bias is added after
+_RESHAPING = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 
 def _scalar_constants(source: Source) -> set[str]:
     """One-element initializers that only arithmetic nodes read: graph code, as scalars are (the dynamo
-    exporter stores attention's ``1/sqrt(sqrt(head_dim))`` as a ``(1,)`` tensor multiplying q and k)."""
+    exporter stores attention's ``1/sqrt(sqrt(head_dim))`` as a ``(1,)`` tensor multiplying q and k).
+    One added to a layer's output (a ``Linear(n, 1)``'s bias, kept out of the layer by a reshape in
+    between) is a weight like any other: placed, or refused where nothing takes it."""
+    nodes = source.metadata.get("nodes", [])
+    made_by = {out: node for node in nodes for out in node.get("outputs", ())}
     readers: dict[str, set[str]] = {}
-    for node in source.metadata.get("nodes", []):
+    biases: set[str] = set()
+    for node in nodes:
         for name in node["inputs"]:
             readers.setdefault(name, set()).add(node["op_type"])
+        if node["op_type"] in ("Add", "Sub") and len(node["inputs"]) == 2:
+            for name, other in (node["inputs"], node["inputs"][::-1]):
+                if _after_layer(other, made_by):
+                    biases.add(name)
     return {
         name
         for name, ops in readers.items()
-        if name in source.infos and math.prod(source.infos[name].shape) == 1 and ops <= _ARITHMETIC
+        if name in source.infos
+        and math.prod(source.infos[name].shape) == 1
+        and ops <= _ARITHMETIC
+        and name not in biases
     }
+
+
+def _after_layer(name: str, made_by: dict[str, Any]) -> bool:
+    """Whether tensor ``name`` is a layer node's output, through reshaping nodes only."""
+    for _ in range(8):  # a short chain: Reshape, Transpose, ... between the layer and the add
+        node = made_by.get(name)
+        if node is None:
+            return False
+        if node["op_type"] in _LAYERS:
+            return True
+        if node["op_type"] not in _RESHAPING or not node["inputs"]:
+            return False
+        name = node["inputs"][0]
+    return False
 
 
 def is_float(dtype: np.dtype) -> bool:
