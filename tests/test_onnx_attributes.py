@@ -399,3 +399,58 @@ def test_example_inputs_leave_the_module_as_it_was(tmp_path: Path) -> None:
     with pytest.raises(weightport.WeightportError, match="temperature"):
         weightport.load(model, path, example_inputs=(ids,))
     assert snapshot(model) == before and torch.equal(model.calls, calls)
+
+
+def test_default_activations_in_lower_case_load(tmp_path: Path) -> None:
+    """onnxruntime reads activation names in any case: 'sigmoid' is the default 'Sigmoid'."""
+    path = lstm_file(tmp_path / "m.onnx", activations=["sigmoid", "tanh", "tanh"])
+    model = fresh(nn.LSTM, 3, 4)
+    weightport.load(model, path)
+    x = rand(5, 2, 3, seed=7)
+    y = run_ort(path, {"X": x})[0]
+    np.testing.assert_allclose(model(torch.from_numpy(x))[0].detach().numpy(), y[:, 0], atol=TOL)
+
+
+@pytest.mark.parametrize("kernel", [3, (2, 3)])
+def test_padding_same_with_a_padding_mode_through_the_dynamo_exporter_loads(
+    tmp_path: Path, kernel: int | tuple[int, int]
+) -> None:
+    """The dynamo exporter writes the Pad node's amounts; padding='same' pads the smaller half before."""
+    original = fresh(nn.Conv2d, 2, 3, kernel, padding="same", padding_mode="reflect")
+    x = torch.randn(1, 2, 6, 7)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(original.eval(), (x,), str(path), dynamo=True, verbose=False)
+    model = fresh(nn.Conv2d, 2, 3, kernel, padding="same", padding_mode="reflect")
+    nn.init.zeros_(model.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedConfigWarning)
+        weightport.load(model, path)
+    (y,) = run_ort(path, {ort.InferenceSession(str(path)).get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(model(x).detach().numpy(), y, atol=TOL)
+
+
+class TwoShapes(nn.Module):
+    """One Linear called on a 2-D and on a 3-D input: a Gemm, and a MatMul on a copy of the weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.fc(a).sum() + self.fc(b)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_linear_called_on_inputs_of_two_ranks_is_one_layer(tmp_path: Path, dynamo: bool) -> None:
+    args = (torch.randn(3, 4), torch.randn(2, 5, 4))
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fresh(TwoShapes).eval(), args, str(path), dynamo=dynamo, verbose=False)
+    model = TwoShapes()
+    weightport.load(model, path, example_inputs=args)
+    names = [i.name for i in ort.InferenceSession(str(path)).get_inputs()]
+    (y,) = run_ort(path, dict(zip(names, (a.numpy() for a in args))))
+    np.testing.assert_allclose(model(*args).detach().numpy(), y, atol=TOL)

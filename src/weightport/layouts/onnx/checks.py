@@ -61,7 +61,7 @@ def check_recurrent_node(
             unsupported=True,
         )
     defaults = list(ACTIVATIONS[kind]) * directions
-    found = node.attr("activations")
+    found = _activations(node)
     if kind == "RNN":
         if found is not None and not (len(set(found)) == 1 and found[0] in ("Tanh", "Relu")):
             issues.add(
@@ -138,7 +138,7 @@ def check_recurrent_module(node: Node, slot: Slot, how: str, direction: str, iss
             f"hidden_size={hidden}.",
         )
     if node.op_type == "RNN":
-        found = (node.attr("activations") or ["Tanh"])[0]
+        found = (_activations(node) or ["Tanh"])[0]
         expected = "Relu" if module.nonlinearity == "relu" else "Tanh"
         if found in ("Tanh", "Relu") and found != expected:
             issues.add(
@@ -146,6 +146,16 @@ def check_recurrent_module(node: Node, slot: Slot, how: str, direction: str, iss
                 f"activation {found} but '{slot.label}' uses nonlinearity='{module.nonlinearity}'. "
                 f"Fix: build it with nonlinearity='{found.lower()}'.",
             )
+
+
+def _activations(node: Node) -> list[str] | None:
+    """A recurrent node's ``activations``, the names in the spec's spelling (onnxruntime reads them in any
+    case: ``sigmoid`` is ``Sigmoid``)."""
+    found = node.attr("activations")
+    if found is None:
+        return None
+    spelled = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
+    return [spelled.get(str(a).lower(), str(a)) for a in found]
 
 
 def check_norm(node: Node, layer: Layer, slot: Slot, source: Source, issues: Issues) -> None:
@@ -265,7 +275,8 @@ def _check_pad_before(
     """A module with padding_mode other than 'zeros': the graph must pad that way in a Pad node before the
     Conv (what torch.onnx.export writes), the Conv itself not at all."""
     module: Any = slot.module
-    padding, mode = tuple(module.padding), module.padding_mode
+    padding, mode = module.padding, module.padding_mode
+    before, after = _module_pads(module)
     if any(conv_pads[0] + conv_pads[1]) or layer.pad is None or layer.pad[0] != mode:
         how = (
             f"the Conv pads {conv_pads[0]} with zeros"
@@ -285,10 +296,28 @@ def _check_pad_before(
             f"how much the graph pads before Conv '{node.label}' (it computes the amounts); taken to be "
             f"'{slot.label}''s padding={padding}"
         )
-    elif layer.pad[1] != (padding, padding):
+    elif layer.pad[1] != (before, after):
         issues.add(
             node,
             f"the Pad node before it pads begin {layer.pad[1][0]}, end {layer.pad[1][1]}, but '{slot.label}' "
-            f"has padding={padding}. Fix: build it with the Pad node's amounts (equal on both sides).",
-            unsupported=layer.pad[1][0] != layer.pad[1][1],
+            f"has padding={padding!r} (begin {before}, end {after}). Fix: build it with the Pad node's amounts "
+            "(equal on both sides), or padding='same' where they are what it pads.",
+            unsupported=layer.pad[1][0] != layer.pad[1][1] and _same_pads(module) != layer.pad[1],
         )
+
+
+def _same_pads(module: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """What ``padding='same'`` pads a conv by (stride 1): ``dilation * (kernel - 1)`` per axis, the
+    smaller half before, as PyTorch splits it."""
+    total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+    return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+
+
+def _module_pads(module: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """How much a conv pads before and after each spatial axis, for any of its ``padding`` forms."""
+    if module.padding == "same":
+        return _same_pads(module)
+    if module.padding == "valid":
+        zeros = (0,) * len(module.kernel_size)
+        return zeros, zeros
+    return tuple(module.padding), tuple(module.padding)

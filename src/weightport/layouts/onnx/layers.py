@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from weightport.layouts.onnx.attention import attention_layers
 from weightport.layouts.onnx.checks import check_recurrent_node
 from weightport.layouts.onnx.graph import (
@@ -33,6 +35,7 @@ def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: se
     graph = Graph.of(nodes, source)
     layers: list[Layer] = []
     seen: set[tuple[Any, ...]] = set()
+    holding: dict[str, list[Layer]] = {}  # stored tensor -> the layers reading it
     for node in nodes:
         if node.op_type in RNN_KINDS:
             layer = _recurrent_layer(node, graph, issues, validated)
@@ -59,10 +62,34 @@ def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: se
             repr(sorted(node.attributes.items())),
             layer.spatial,
         )
-        if key not in seen:
-            seen.add(key)
-            layers.append(layer)
+        if key in seen:
+            continue
+        sharing = {id(o): o for name in layer.tensors.values() for o in holding.get(name, ())}
+        if any(_same_values(layer, other, source) for other in sharing.values()):
+            validated.update(layer.tensors.values())  # a copy of a layer that is filled: nothing to place
+            continue
+        seen.add(key)
+        layers.append(layer)
+        for name in layer.tensors.values():
+            holding.setdefault(name, []).append(layer)
     return attention_layers(layers, source)
+
+
+def _same_values(layer: Layer, other: Layer, source: Source) -> bool:
+    """Whether ``layer`` is ``other`` (which shares a stored tensor with it) applied again through other
+    nodes: every other stored tensor holds the same values once converted (torch.onnx.export writes one
+    Linear called on a 2-D and a 3-D input as a Gemm on its weight and a MatMul on a transposed copy, with
+    the same bias)."""
+    if layer.kind != other.kind or layer.tensors.keys() != other.tensors.keys():
+        return False
+    for role, name in layer.tensors.items():
+        if name == other.tensors[role]:
+            continue
+        mine = layer.ops.get(role, Identity())(source.read(name))
+        theirs = other.ops.get(role, Identity())(source.read(other.tensors[role]))
+        if mine.shape != theirs.shape or not np.array_equal(mine, theirs):
+            return False
+    return True
 
 
 def named_path(layer: Layer) -> tuple[str, ...]:
