@@ -293,3 +293,20 @@ def test_convs_in_parallel_branches_are_refused_and_a_mapping_loads_exactly(tmp_
         with torch.no_grad():
             got = block(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
         np.testing.assert_allclose(got, expected, atol=TOL, err_msg=kind)
+
+
+@pytest.mark.parametrize("mode", ["int8", "float8"])
+def test_a_quantized_layer_is_refused_with_the_reason(mode: str, tmp_path: Path) -> None:
+    """Keras quantize(): the kernel is stored quantized with scales beside it; the refusal said use_bias=False."""
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the InputLayer has no quantize method
+        model.quantize(mode)
+    for kind, source in sources(model, tmp_path).items():
+        target = nn.Linear(6, 8)
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(
+            UnsupportedConfigError, match=rf"Keras Dense '\w+' is quantized \(Keras quantize\('{mode}'\)\)"
+        ):
+            weightport.load(target, source)
+        assert all(torch.equal(before[k], v) for k, v in target.state_dict().items()), kind

@@ -42,6 +42,14 @@ def _refusals(found: Resolved, part: Part, cfg: Mapping[str, Any]) -> list[str]:
     """Settings no PyTorch module of this kind can express, each with why and what to do."""
     kind, label = found.kind, f"Keras {part.cls} '{found.layer.name}'"
     out = []
+    mode = _quantized(cfg)
+    if mode:
+        out.append(
+            f"{label} is quantized (Keras quantize('{mode}')): its kernel is stored as {mode} values with "
+            "scales beside them, which a copy into a float weight cannot undo. Fix: load the model as saved "
+            "before quantize(), or dequantize the kernel (kernel / kernel_scale, as Keras does) and load the arrays "
+            "as a dict under the module's names."
+        )
     act = _act(cfg.get("activation", "tanh"))
     if kind == "GRU" and not cfg.get("reset_after", True):
         out.append(
@@ -129,6 +137,15 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
             )
         )
     return notes
+
+
+def _quantized(cfg: Mapping[str, Any]) -> str:
+    """The mode of a layer Keras quantized (``int8``, ``int4``, ``float8``: its dtype policy says so), else ``""``."""
+    policy = cfg.get("dtype")
+    if isinstance(policy, Mapping) and "Quantized" in str(policy.get("class_name", "")):
+        inner = policy.get("config")
+        return str(inner.get("mode", "quantized")) if isinstance(inner, Mapping) else "quantized"
+    return ""
 
 
 def _moved_norm_axes(cfg: Mapping[str, Any], m: Any, input_rank: int | None) -> str:
