@@ -454,3 +454,34 @@ def test_a_linear_called_on_inputs_of_two_ranks_is_one_layer(tmp_path: Path, dyn
     names = [i.name for i in ort.InferenceSession(str(path)).get_inputs()]
     (y,) = run_ort(path, dict(zip(names, (a.numpy() for a in args))))
     np.testing.assert_allclose(model(*args).detach().numpy(), y, atol=TOL)
+
+
+class OwnBias(nn.Module):
+    """BART's ``lm_head(x) + final_logits_bias``: the model adds a tensor of its own after a layer without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.lm_head = nn.Linear(6, 5, bias=False)
+        self.final_logits_bias = nn.Parameter(torch.zeros(1, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.fc(x))) + self.final_logits_bias
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_a_tensor_the_model_adds_after_a_layer_without_bias_is_placed_by_its_name(
+    tmp_path: Path, zero: bool
+) -> None:
+    """It was taken for the layer's bias: refused with 'build it with bias=True', or (all zero) said missing."""
+    original = fresh(OwnBias)
+    if not zero:
+        nn.init.uniform_(original.final_logits_bias, -1, 1)
+    x = torch.randn(3, 4)
+    path = torch_export(original, x, tmp_path / "m.onnx")
+    model = OwnBias()
+    nn.init.uniform_(model.final_logits_bias, 2, 3)
+    weightport.load(model, path)
+    (y,) = run_ort(path, {"x": x.numpy()})
+    np.testing.assert_allclose(model(x).detach().numpy(), y, atol=TOL)
+    assert torch.equal(model.final_logits_bias, original.final_logits_bias)

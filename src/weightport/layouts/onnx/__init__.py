@@ -194,10 +194,15 @@ def plan(
         for layer, pair in zip(layers, paired)
         for note in layer.forward_notes
     ]
+    own_names = frozenset(name for name, _ in module.named_parameters()) | frozenset(
+        n for n, _ in module.named_buffers()
+    )
     for layer, pair in zip(layers, paired):
         bn, how = follow.get(pair.slot.label, (None, "")) if layer.kind in FOLDS_INTO else (None, "")
         bn = bn if bn is not None and bn.label not in taken else None
-        rules += layer_rules(layer, pair, source, issues, validated, unchecked, folds=bn is not None)
+        rules += layer_rules(
+            layer, pair, source, issues, validated, unchecked, folds=bn is not None, named=own_names
+        )
         if bn is not None:
             more, pairing = fold_rules(layer, pair, bn, how, source, issues)
             rules += more

@@ -40,16 +40,19 @@ def layer_rules(
     unchecked: list[str],
     *,
     folds: bool = False,
+    named: frozenset[str] = frozenset(),
 ) -> list[Rule]:
     """The rules of ``layer`` in its slot; ``folds``: a BatchNorm the exporter folded into this Conv or Linear
-    follows it in the model, and takes the bias where the module has none (see :mod:`.folding`)."""
+    follows it in the model, and takes the bias where the module has none (see :mod:`.folding`); ``named``:
+    the model's tensor names (a tensor added after a layer without bias that bears one of them is the
+    model's own, placed by that name)."""
     if layer.kind in RNN_KINDS:
         return _recurrent_rules(layer, pair, source, issues, validated)
     if layer.node.op_type in NORMS:
         return _norm_rules(layer, pair, source, issues, validated)
     if layer.kind == ATTENTION:
         return attention_rules(layer, pair, source, issues, validated, unchecked)
-    return _plain_rules(layer, pair, source, issues, validated, unchecked, folds)
+    return _plain_rules(layer, pair, source, issues, validated, unchecked, folds, named)
 
 
 def _origin(source: Source, layer: Layer, role: str, name: str) -> str:
@@ -134,6 +137,7 @@ def _plain_rules(
     validated: set[str],
     unchecked: list[str],
     folds: bool = False,
+    named: frozenset[str] = frozenset(),
 ) -> list[Rule]:
     slot, node = pair.slot, layer.node
     module: Any = slot.module
@@ -149,7 +153,9 @@ def _plain_rules(
     ]
     bias = layer.tensors.get("bias")
     has_bias = getattr(module, "bias", None) is not None
-    if bias is not None and not has_bias:
+    if bias is not None and not has_bias and bias in named:
+        pass  # the model's own tensor by that name (BART's final_logits_bias), added by its forward
+    elif bias is not None and not has_bias:
         if folds:
             pass  # the BatchNorm after it adds the bias (folding.fold_rules)
         elif all_zero(source, bias):
