@@ -256,3 +256,36 @@ def test_tf_bert_loads_by_transformers_names(tf_bert: tuple[Any, Path, np.ndarra
     report = _load(model, path)
     assert isinstance(report, weightport.LoadReport), str(report)
     assert np.abs(_torch_output(model, MASK) - expected).max() < TOL
+
+
+class WithHead(nn.Module):
+    """A user's model: a transformers encoder and a head of its own."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.encoder = transformers.BertModel(config)
+        self.head = nn.Linear(config.hidden_size, 3)
+
+
+def test_a_meta_model_is_not_left_partly_on_meta_by_a_load_that_picks_its_submodule(
+    flax_bert: tuple[Any, Path, np.ndarray],
+) -> None:
+    """Every Flax layer pairs inside 'encoder', so the load goes there by itself: on a model built on the meta
+    device that left the head without values (and report.missing empty); now it is refused, unless prefix= says so."""
+    config, path, expected = flax_bert
+    with torch.device("meta"):
+        model = WithHead(config)
+    embeddings = model.encoder.embeddings
+    embeddings.to_empty(device="cpu")  # the non-persistent buffers (position_ids, token_type_ids) need values
+    embeddings.position_ids.copy_(torch.arange(config.max_position_embeddings).expand((1, -1)))
+    embeddings.token_type_ids.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedConfigWarning)
+        with pytest.raises(
+            WeightportError, match=r"'head.weight, head.bias'.*on meta.*Fix: pass prefix='encoder.'"
+        ):
+            weightport.load(model, path)
+        assert model.head.weight.is_meta
+        weightport.load(model, path, prefix="encoder.")
+    assert not any(t.is_meta for t in model.encoder.state_dict().values())
+    np.testing.assert_allclose(_torch_output(model.encoder.eval(), MASK), expected, atol=TOL)

@@ -78,6 +78,8 @@ def plan_load(module: nn.Module, source: Source, options: LoadOptions) -> Plan:
         layout_plan = layout.plan(scope, source, options.mapping, call_order=_within(order, prefix_))
         layout_plan.scope = inside
     plan = build_plan(scope, source, layout_plan, strict=options.strict, prefix=prefix_)
+    if layout_plan.scope and options.strict:
+        plan.problems += _left_on_meta(root, prefix_)
     plan.ignored.extend(source.ignored)
     folded = folded_batchnorms(scope, source, plan)
     if folded is not None:  # the fused weights alone would load, leaving each BatchNorm as it was
@@ -87,6 +89,27 @@ def plan_load(module: nn.Module, source: Source, options: LoadOptions) -> Plan:
     if not plan.entries:
         _explain_nothing_matched(plan, source, options.layout, scope, prefix_ or _describe(module))
     return plan
+
+
+def _left_on_meta(root: nn.Module, prefix: str) -> list[Problem]:
+    """Where the load went into the submodule at ``prefix`` by itself (every source layer pairs inside it),
+    the model's tensors outside it that are on the ``meta`` device: the load would leave them without
+    values, and the model could not run."""
+    tensors = [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]
+    left = [name for name, t in tensors if t.is_meta and not name.startswith(prefix)]
+    if not left:
+        return []
+    inside = prefix.rstrip(".")
+    return [
+        Problem(
+            ", ".join(left[:4]) + (" ..." if len(left) > 4 else ""),
+            "a value for every tensor of a model built on the meta device",
+            f"{len(left)} tensor(s) outside '{inside}' on meta: the source's layers all pair inside '{inside}', "
+            "so the load would leave them without values",
+            f"pass prefix='{prefix}' to load into '{inside}' only, and give the others values yourself "
+            "(module.to_empty(device=...) and their initialization, or another load)",
+        )
+    ]
 
 
 def _within(order: CallOrder | None, prefix: str) -> CallOrder | None:
