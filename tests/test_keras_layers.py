@@ -26,7 +26,7 @@ keras = pytest.importorskip("keras")
 
 import weightport  # noqa: E402
 from _vision import timm  # noqa: E402
-from weightport.errors import ForwardNoteWarning, LoadError, UncheckedConfigWarning  # noqa: E402
+from weightport.errors import ForwardNoteWarning, LayoutError, LoadError, UncheckedConfigWarning  # noqa: E402
 from weightport.layouts.keras import export, save_weights_h5  # noqa: E402
 
 B = 2
@@ -102,6 +102,10 @@ def test_new_kinds_give_keras_outputs(name: str, tmp_path: Path) -> None:
         if kind == "live" and name.startswith("zero_padding"):
             continue  # a live model's layers carry no graph: the ZeroPadding2D before the conv is not seen
         target = module().eval()
+        if kind == ".weights.h5" and name.endswith("no_center"):  # gamma alone, or beta alone? Not said
+            with pytest.raises(LayoutError, match=r"does not record which of gamma \(scale=False\) and beta"):
+                load(target, source)
+            continue
         report = load(target, source)
         close(nchw(lambda t, m=target: run(m, t), x), expected)
         assert report.pairings, kind
