@@ -190,3 +190,32 @@ def test_verify_against_onnx_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         MissingDependencyError, match=r"'lstm\.onnx' needs onnxruntime: pip install onnxruntime"
     ):
         weightport.verify(lstm, xs, against=path)
+
+
+class Fields(nn.Module):
+    """Returns a mapping of tensors, as transformers' models return a ModelOutput (None fields left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        hidden = self.fc(x)
+        return {"last_hidden_state": hidden, "attentions": None, "pooler_output": hidden.mean(0)}
+
+
+def test_a_mapping_of_outputs_is_compared_by_field() -> None:
+    module = Fields()
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    with torch.no_grad():
+        out = module(torch.from_numpy(x))
+    hidden, pooled = out["last_hidden_state"].numpy(), out["pooler_output"].numpy()
+    whole = weightport.verify(module, x, out)  # crashed: the mapping became a 0-d object array
+    assert whole and [o.name for o in whole.outputs] == ["last_hidden_state", "pooler_output"]
+    named = weightport.verify(module, x, {"pooler_output": pooled})
+    assert named and [o.name for o in named.outputs] == ["pooler_output"]
+    leading = weightport.verify(module, x, hidden)  # the leading field, as the CLI's output_0 gives it
+    assert leading and [o.name for o in leading.outputs] == ["last_hidden_state"]
+    assert not weightport.verify(module, x, {"pooler_output": pooled + 1})
+    with pytest.raises(weightport.WeightportError, match="an output of type object is not an array"):
+        weightport.verify(module, x, object())

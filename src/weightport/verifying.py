@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,36 @@ def _names(module: nn.Module, count: int) -> list[str]:
     return [f"output[{i}]" for i in range(count)]
 
 
+def _fields(outputs: Any) -> list[str] | None:
+    """The names of a mapping of tensors (None values left out, as ``ModelOutput`` leaves them), else None."""
+    if not isinstance(outputs, Mapping):
+        return None
+    items = [(str(k), v) for k, v in outputs.items() if v is not None]
+    return [k for k, _ in items] if all(isinstance(v, torch.Tensor) for _, v in items) else None
+
+
 def flatten_outputs(outputs: Any) -> list[np.ndarray]:
-    """Nested tuples of tensors/arrays in order, as NumPy arrays."""
+    """Nested tuples, lists and mappings (a transformers ``ModelOutput``: its values in order) of
+    tensors/arrays, in order, as NumPy arrays; ``None`` entries are no output.
+
+    >>> [a.shape for a in flatten_outputs({"last": np.zeros((2, 3)), "pooled": (np.ones(3), None)})]
+    [(2, 3), (3,)]
+    """
+    if outputs is None:
+        return []
+    if isinstance(outputs, Mapping):
+        return [a for item in outputs.values() for a in flatten_outputs(item)]
     if isinstance(outputs, (tuple, list)):
         return [a for item in outputs for a in flatten_outputs(item)]
     if isinstance(outputs, torch.Tensor):
         return [numpy_of(outputs, copy=True)]
-    return [np.asarray(outputs)]
+    array = np.asarray(outputs)
+    if array.dtype == object:
+        raise VerifyError(
+            f"an output of type {type(outputs).__name__} is not an array, nor a tuple, list or mapping of "
+            "them. Fix: give the outputs as tensors or arrays, or wrap the module so it returns them."
+        )
+    return [array]
 
 
 def _as_inputs(inputs: Any, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
@@ -132,7 +156,9 @@ def verify(
             is run, and the reference reads the wrapped module's weights.
         inputs: an array, or a tuple of arguments (arrays, or nested tuples like ``(h0, c0)``).
         expected: outputs in the module's own nesting; None (and no ``against``) compares an
-            RNN-family module with :func:`weightport.reference.forward`.
+            RNN-family module with :func:`weightport.reference.forward`. Where the module returns a
+            mapping of tensors (a transformers ``ModelOutput``), a mapping compares the fields it names,
+            and fewer arrays than fields compare the leading fields in order.
         against: an ``.onnx`` file, run with onnxruntime on the same inputs (flattened in order,
             as the graph's inputs); each of the module's outputs, flattened depth-first
             (``out, (h, c)`` is three), is compared with the graph's output in the same place.
@@ -183,7 +209,8 @@ def verify(
     module.eval()
     try:
         with torch.no_grad():
-            actual = flatten_outputs(module(*args))
+            raw = module(*args)
+        actual = flatten_outputs(raw)
     finally:
         module.train(was_training)
     if expected is None:
@@ -193,6 +220,15 @@ def verify(
         source = "the NumPy reference"
     wanted = flatten_outputs(expected)
     names = _names(unwrap(module), len(actual))
+    fields = _fields(raw)
+    if fields is not None:  # a mapping of tensors (a transformers ModelOutput): its fields by name
+        names = fields
+        if isinstance(expected, Mapping) and set(expected) <= set(fields):
+            actual = [a for name, a in zip(fields, actual) if name in expected]
+            names = [name for name in fields if name in expected]
+            wanted = flatten_outputs({name: expected[name] for name in names})
+        elif 0 < len(wanted) < len(actual):  # the leading fields, in order (last_hidden_state, logits)
+            actual, names = actual[: len(wanted)], names[: len(wanted)]
     # the notes of every load into the module or any module inside it (a wrapper built around a loaded one)
     loaded = [module, *unwrap(module).modules()]
     notes = list(dict.fromkeys(note for m in loaded for note in forward_notes_of(m)))
