@@ -289,3 +289,23 @@ def test_a_meta_model_is_not_left_partly_on_meta_by_a_load_that_picks_its_submod
         weightport.load(model, path, prefix="encoder.")
     assert not any(t.is_meta for t in model.encoder.state_dict().values())
     np.testing.assert_allclose(_torch_output(model.encoder.eval(), MASK), expected, atol=TOL)
+
+
+def test_a_safetensors_file_written_from_flax_is_refused_not_read_as_pytorch_names(
+    flax_bert: tuple[Any, Path, np.ndarray], tmp_path: Path
+) -> None:
+    """transformers' Flax save_pretrained(safe_serialization=True) writes Flax names and (in, out) kernels into
+    model.safetensors, with __metadata__ format='flax'; the refusal said to rename 'kernel' to 'weight', which
+    loads square kernels transposed."""
+    config, path, _ = flax_bert
+    with weightport.open_source(
+        path
+    ) as source:  # the Flax params under '.'-joined names, as transformers writes them
+        arrays = {name.replace("/", "."): source.read(name) for name in source.infos}
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    safetensors_numpy.save_file(arrays, str(tmp_path / "model.safetensors"), metadata={"format": "flax"})
+    model = transformers.BertModel(config)
+    before = snapshot(model)
+    with pytest.raises(WeightportError, match=r"written by transformers from a Flax model.*format='flax'"):
+        weightport.load(model, tmp_path / "model.safetensors")
+    assert snapshot(model) == before

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from weightport.errors import LayoutError
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.sources.base import Source
 
@@ -51,7 +52,10 @@ def plan(
     *,
     call_order: CallOrder | None = None,
 ) -> LayoutPlan:
-    """One identity rule per source tensor; ``mapping`` renames source names first."""
+    """One identity rule per source tensor; ``mapping`` renames source names first. A ``.safetensors``
+    file that transformers wrote from a Flax or TensorFlow model (``__metadata__`` ``format``) holds that
+    framework's names and layouts (Dense kernels ``(in, out)``), and is refused."""
+    _refuse_other_frameworks(source)
     mapping = dict(mapping or {})
     names = list(source.infos)
     dropped = ""
@@ -66,6 +70,26 @@ def plan(
         target = mapping.get(name, renamed.get(own[name], own[name]))
         rules.append(Rule(target, (name,), origin=f"{source.description} '{name}'"))
     return LayoutPlan(name=NAME, rules=rules)
+
+
+_FRAMEWORK_FILES = {
+    "flax": ("Flax", "flax_model.msgpack", "from_flax"),
+    "tf": ("TensorFlow", "tf_model.h5", "from_tf"),
+}
+
+
+def _refuse_other_frameworks(source: Source) -> None:
+    declared = source.metadata.get("safetensors", {}).get("format", "pt")
+    if declared not in _FRAMEWORK_FILES:
+        return
+    framework, native, flag = _FRAMEWORK_FILES[declared]
+    raise LayoutError(
+        f"{source.description} was written by transformers from a {framework} model (its __metadata__ says "
+        f"format='{declared}'): it holds {framework}'s names and layouts (Dense kernels stored (in, out)), not "
+        f"PyTorch's, and read as PyTorch names it would load transposed or not at all. Fix: save the model with "
+        f"save_pretrained(..., safe_serialization=False), which writes {native} (weightport ports it), or "
+        f"convert the checkpoint with transformers ({flag}=True) and save it again."
+    )
 
 
 # torch.nn.utils.weight_norm (deprecated) stored g and v as <name>_g, <name>_v; its successor,
