@@ -485,3 +485,36 @@ def test_a_tensor_the_model_adds_after_a_layer_without_bias_is_placed_by_its_nam
     (y,) = run_ort(path, {"x": x.numpy()})
     np.testing.assert_allclose(model(x).detach().numpy(), y, atol=TOL)
     assert torch.equal(model.final_logits_bias, original.final_logits_bias)
+
+
+class NormAndUp(nn.Module):
+    """A LayerNorm (below opset 17 the exporter writes it as ReduceMean, Sub, ..., Mul, Add) and a
+    ConvTranspose2d: modules no ONNX node fills as one layer, kept under their parameters' names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.ln = nn.LayerNorm(6)
+        self.up = nn.ConvTranspose2d(4, 3, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.ln(torch.relu(self.conv(x))))
+
+
+def test_modules_the_graph_computes_from_other_nodes_take_their_parameters_by_name(tmp_path: Path) -> None:
+    original = fresh(NormAndUp)
+    for p in original.parameters():
+        nn.init.uniform_(p, -0.6, 0.6)
+    x = torch.randn(1, 2, 6, 6)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(original.eval(), (x,), str(path), opset_version=16, dynamo=False, input_names=["x"])
+    model = NormAndUp()
+    with pytest.warns(UncheckedConfigWarning, match=r"'ln' \(LayerNorm\) took its parameters by name"):
+        report = weightport.load(model, path)
+    assert {p.how for p in report.pairings if p.module_path.startswith(("ln", "up"))} == {
+        "by name (the initializer is the parameter)"
+    }
+    (y,) = run_ort(path, {"x": x.numpy()})
+    np.testing.assert_allclose(model(x).detach().numpy(), y, atol=TOL)

@@ -216,7 +216,8 @@ def plan(
     hints = loop_hints(module, layers, nodes, source) if "nodes" in source.metadata else {}
     if "nodes" in source.metadata:
         unmapped_hints(module, layers, nodes, source, hints)
-        more, named, why = named_parameter_rules(module, source, used)
+        filled = {rule.target for rule in rules}
+        more, named, why = named_parameter_rules(module, source, used, filled, unchecked)
         rules, pairings, used = (
             rules + more,
             pairings + named,

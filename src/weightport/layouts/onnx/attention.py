@@ -26,7 +26,7 @@ from weightport.errors import LayoutError
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.onnx.graph import Layer, all_zero
 from weightport.layouts.onnx.issues import Issues
-from weightport.layouts.pairing import Paired, module_slots
+from weightport.layouts.pairing import Paired, Slot, module_slots
 from weightport.sources.base import Source
 from weightport.transforms import Identity, Zeros
 
@@ -154,15 +154,23 @@ def _has(module: nn.Module, param: str) -> bool:
 
 
 def named_parameter_rules(
-    module: nn.Module, source: Source, used: set[str]
+    module: nn.Module, source: Source, used: set[str], filled: set[str], unchecked: list[str]
 ) -> tuple[list[Rule], list[Pairing], dict[str, str]]:
     """Rules for the parameters of modules of no known kind from initializers of their exact names and shapes;
-    the pairings to report; and, for those with none, why (module path -> hint)."""
+    the pairings to report; and, for those with none, why (module path -> hint).
+
+    A module of a known kind that no node filled (``filled``: the targets of the rules so far) takes its
+    parameters the same way where the graph holds every one of them under its name and shape, unread by
+    any rule: torch.onnx.export keeps a parameter's name only where it stores it as it is, and computes
+    the module from nodes no layer rule reads (a LayerNorm below opset 17, a ConvTranspose). Its settings
+    are then not checked against the graph, which ``unchecked`` says."""
     rules: list[Rule] = []
     pairings: list[Pairing] = []
     hints: dict[str, str] = {}
     for slot in module_slots(module):
         if not slot.kind.startswith("other:"):
+            if slot.layer is None:
+                _known_by_name(slot, source, used, filled, rules, pairings, unchecked)
             continue
         for param, tensor in slot.module.named_parameters(recurse=False):
             full = slot.name(param)
@@ -191,6 +199,32 @@ def named_parameter_rules(
                 "dynamo=False, which keep the parameter under its name",
             )
     return rules, pairings, hints
+
+
+def _known_by_name(
+    slot: Slot,
+    source: Source,
+    used: set[str],
+    filled: set[str],
+    rules: list[Rule],
+    pairings: list[Pairing],
+    unchecked: list[str],
+) -> None:
+    own = [(slot.name(p), tuple(t.shape)) for p, t in slot.module.named_parameters(recurse=False)]
+    if not own or any(name in filled or name in used for name, _ in own):
+        return
+    if any(name not in source.infos or tuple(source.infos[name].shape) != shape for name, shape in own):
+        return
+    kind = type(slot.module).__name__
+    for name, _ in own:
+        rules.append(Rule(name, (name,), Identity(), f"{source.description} initializer '{name}'"))
+        pairings.append(
+            Pairing(name, "ONNX initializer", name, kind, "by name (the initializer is the parameter)")
+        )
+    unchecked.append(
+        f"'{slot.label}' ({kind}) took its parameters by name: the graph computes it from nodes weightport "
+        "does not read as one layer, so its settings are not checked against the module"
+    )
 
 
 def explain_unnamed_attention(
