@@ -433,3 +433,48 @@ def test_flax_attention_without_biases(tmp_path: Path) -> None:
     module = TorchAttention(E, HEADS, bias=False)
     _load(module, _save(variables, tmp_path))
     _close(_torch_out(module, Q, KV), expected)
+
+
+class BuiltBeforeCalled(nn.Module):
+    """Flax numbers a compact submodule when it is built: 'Dense_0' is built first but runs second."""
+
+    @nn.compact
+    def __call__(self, x: Any) -> Any:
+        head = nn.Dense(4)
+        body = nn.Dense(4)
+        return head(nn.relu(body(x)))
+
+
+class NumberedDownwards(nn.Module):
+    """An author's numbers: the stages run Up_2, Up_1, Up_0."""
+
+    @nn.compact
+    def __call__(self, x: Any) -> Any:
+        for i in reversed(range(3)):
+            x = nn.relu(nn.Dense(4, name=f"Up_{i}")(x))
+        return x
+
+
+@pytest.mark.parametrize(("model", "count"), [(BuiltBeforeCalled(), 2), (NumberedDownwards(), 3)])
+def test_numbers_the_file_order_contradicts_are_no_order(
+    model: nn.Module, count: int, tmp_path: Path
+) -> None:
+    """The params dict holds the layers in the order they first ran; where that contradicts their numbers,
+    neither is taken (the numbers paired them crossed, silently); mapping= loads them exactly."""
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    variables, expected = _flax(model, x)
+    path = _save(variables, tmp_path)
+    names = list(variables["params"])
+    layers: list[tnn.Module] = []
+    for _ in range(count):
+        layers += [tnn.Linear(4, 4), tnn.ReLU()]
+    net = tnn.Sequential(*(layers[:-1] if count == 2 else layers))
+    before = snapshot(net)
+    with pytest.raises(WeightportError, match="lists these layers in another order than their numbers"):
+        weightport.load(net, path)
+    assert snapshot(net) == before
+    # the file's order is the order they ran in: the first listed fills the first Linear
+    weightport.load(net, path, mapping={name: str(2 * i) for i, name in enumerate(names)})
+    with torch.no_grad():
+        got = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, atol=TOL)

@@ -200,7 +200,10 @@ class Prover:
             " ..." if len(slot_ids) > 12 else ""
         )
         call_order_settles = False  # only one recorded order of these layers, one module each, can be matched
-        if any(layer.order is None for layer in layers):
+        unordered = next((layer.unordered for layer in layers if layer.order is None and layer.unordered), "")
+        if unordered:
+            why = unordered
+        elif any(layer.order is None for layer in layers):
             why = f"{self.where} does not record the order of these layers (a file's key order is not one)"
         elif len({layer.order[0] for layer in layers if layer.order is not None}) > 1:
             why = (

@@ -152,6 +152,7 @@ class SourceLayer:
     detail: str = ""
     paths: tuple[str, ...] = ()  # module paths the source's own names suggest (besides ``name`` itself)
     order: tuple[Hashable, int | tuple[int, ...]] | None = None
+    unordered: str = ""  # where ``order`` is None though the source numbers the layer: why
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.flax.convolutions import torch_padding
 from weightport.layouts.flax.exporting import export
 from weightport.layouts.flax.facts import APIS, COLLECTIONS, FRAMEWORK, ROOT, STATS, TRAINING_STATE
-from weightport.layouts.flax.layers import layers_in, settle_norm_kinds
+from weightport.layouts.flax.layers import Layer, layers_in, settle_norm_kinds
 from weightport.layouts.flax.loose import loose_rules
 from weightport.layouts.flax.rules import MISSING_STATS, layer_rules, unchecked
 from weightport.layouts.flax.settle import settle_attention, settle_by_name, settle_conv1d
@@ -133,15 +133,17 @@ def plan(
     settle_by_name(layers, module, mapping)
     settle_norm_kinds(layers, module)
     settle_conv1d(layers, module, mapping)
+    orders = _orders(layers, names)
     wanted = [
         SourceLayer(
             layer.name,
             layer.kind,
             layer.detail,
             paths=name_paths(layer.name),
-            order=recorded_order(layer.name),
+            order=order,
+            unordered="" if order is not None or recorded_order(layer.name) is None else _CONTRADICTED,
         )
-        for layer in layers
+        for layer, order in zip(layers, orders)
     ]
 
     def rules_for(i: int, slot: Slot) -> list[Rule]:
@@ -177,6 +179,35 @@ def plan(
             if layer.kind == "BatchNorm" and not set(STATS) & set(layer.leaves)
         },
     )
+
+
+_CONTRADICTED = (
+    "the file lists these layers in another order than their numbers (Flax numbers a submodule when it is "
+    "built, and a params dict holds it where it was first called), so neither says the order they run in"
+)
+
+
+def _orders(layers: list[Layer], names: list[str]) -> list[Any]:
+    """Each layer's recorded order (Flax numbers a compact module's submodules as they are built), except
+    where the file's own order of the layers contradicts it: a params dict not sorted since (by a
+    ``tree_map``) holds the layers in the order they were first called, so a file listing ``Dense_1``
+    before ``Dense_0`` shows ``Dense_1`` built second but run first (or numbers an author chose), and
+    no order of that group is taken."""
+    orders = [recorded_order(layer.name) for layer in layers]
+    place = {name: i for i, name in enumerate(names)}
+    first = [min((place[leaf] for leaf in layer.leaves.values()), default=0) for layer in layers]
+    groups: dict[Any, list[int]] = {}
+    for i, order in enumerate(orders):
+        if order is not None:
+            groups.setdefault(order[0], []).append(i)
+    for members in groups.values():
+        in_file = sorted(members, key=first.__getitem__)
+        by_number = sorted(members, key=lambda i: orders[i][1])  # type: ignore[index]
+        by_text = sorted(members, key=lambda i: layers[i].name.split("/"))
+        if in_file != by_number and in_file != by_text:
+            for i in members:
+                orders[i] = None
+    return orders
 
 
 def describe(source: Source) -> list[dict[str, Any]]:
