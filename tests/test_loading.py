@@ -828,3 +828,23 @@ def test_old_weight_norm_names_fill_the_parametrization() -> None:
     assert "parametrizations.weight.original0" in report.written
     x = torch.randn(1, 2, 5)
     assert torch.allclose(new(x), old(x), atol=1e-6)
+
+
+def test_arrays_sharing_memory_with_the_module_load_their_values_from_before_the_load() -> None:
+    """A module's own tensors as the source (swapped, transposed): written one after another, a later
+    read saw an earlier write (both GRU directions came out equal; a square weight half transposed)."""
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(3, 3, bidirectional=True)
+    own = gru.state_dict()
+    expected = {k: v.clone() for k, v in own.items()}
+    swapped = {
+        k: own[k.removesuffix("_reverse") if k.endswith("_reverse") else k + "_reverse"] for k in own
+    }  # views of the module's memory, the directions swapped
+    weightport.load(gru, swapped)
+    for k, v in gru.state_dict().items():
+        other = k.removesuffix("_reverse") if k.endswith("_reverse") else k + "_reverse"
+        assert torch.equal(v, expected[other]), k
+    linear = torch.nn.Linear(3, 3, bias=False)
+    w = linear.weight.detach().clone()
+    weightport.load(linear, {"weight": linear.weight.detach().numpy().T})
+    assert torch.equal(linear.weight, w.T)

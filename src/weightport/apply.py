@@ -12,6 +12,8 @@ memory up to the size of what is loaded; pass ``rollback=False`` to skip it).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import signal
 import tempfile
 import threading
@@ -241,6 +243,35 @@ class LocalWrite:
         apply_plan(self.plan, self.source, rollback=self.options.rollback, progress=progress)
 
 
+def _copy_aliased_arrays(plan: Plan, source: Source) -> None:
+    """Give arrays in memory that share bytes with a tensor being written (a module's own
+    ``state_dict()`` tensors, swapped or transposed) copies of their own: written one tensor after
+    another, a later read would otherwise see what an earlier write put there."""
+    arrays = getattr(source, "arrays", None)
+    if not source.in_memory or not isinstance(arrays, dict):
+        return
+    spans = sorted(
+        {
+            (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+            for t in (entry.tensor for entry in plan.entries)
+            if t.device.type == "cpu" and not t.is_meta
+        }
+    )
+    if not spans:
+        return
+    starts = [a for a, _ in spans]
+    reach = list(itertools.accumulate((b for _, b in spans), max))  # the furthest end among spans so far
+    for name, array in arrays.items():
+        if not array.size:
+            continue
+        start = array.__array_interface__["data"][0]
+        low = start + sum(min(0, (n - 1) * stride) for n, stride in zip(array.shape, array.strides))
+        high = start + sum(max(0, (n - 1) * stride) for n, stride in zip(array.shape, array.strides))
+        i = bisect.bisect_left(starts, high + array.itemsize) - 1  # the last span starting before its end
+        if i >= 0 and reach[i] > low:
+            arrays[name] = array.copy()
+
+
 def apply_plan(
     plan: Plan, source: Source, *, rollback: bool = True, progress: Progress | None = None
 ) -> None:
@@ -249,6 +280,7 @@ def apply_plan(
     Meta tensors are read into new storage and swapped in at the end, only if every one
     was read (and, where the checks were left for after the fill, passed them).
     """
+    _copy_aliased_arrays(plan, source)
     done: set[int] = set()
     undo = UndoLog() if rollback else None
     unsaved = 0  # tensors written without an undo copy (their reads cannot fail, or rollback=False)
