@@ -848,3 +848,38 @@ def test_arrays_sharing_memory_with_the_module_load_their_values_from_before_the
     w = linear.weight.detach().clone()
     weightport.load(linear, {"weight": linear.weight.detach().numpy().T})
     assert torch.equal(linear.weight, w.T)
+
+
+@pytest.mark.parametrize("value", [np.array([1e300 + 2j, 1]), np.array([1e300, 1.0])])
+def test_values_beyond_complex64s_range_are_refused(value: np.ndarray) -> None:
+    """A complex target's parts are floats: 1e300 into complex64 became inf without a word."""
+
+    class Holder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("z", torch.zeros(2, dtype=torch.complex64))
+
+    module = Holder()
+    with pytest.raises(
+        weightport.LoadError, match=r"outside complex64's range.*module.to\(torch.complex128\)"
+    ):
+        weightport.load(module, {"z": value})
+    assert not module.z.any()
+    weightport.load(module, {"z": np.array([3e38 + 1j, 1])})  # within range: loads
+    assert module.z[0].real.item() == np.float32(3e38)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8])
+def test_an_integer_zero_is_refused_by_a_float_without_zero(dtype: type) -> None:
+    """float8_e8m0fnu holds powers of two only: torch makes 0 into 2**-127, which cast back is 0 again."""
+
+    class Scales(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(4, dtype=torch.float8_e8m0fnu))
+
+    module = Scales()
+    with pytest.raises(weightport.LoadError, match=r"cannot hold exactly \(first at index \(0,\)"):
+        weightport.load(module, {"scale": np.array([0, 1, 2, 4], dtype)})
+    weightport.load(module, {"scale": np.array([8, 1, 2, 4], dtype)})
+    assert module.scale.float().tolist() == [8.0, 1.0, 2.0, 4.0]

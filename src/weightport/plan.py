@@ -588,6 +588,12 @@ def _value_fix(bad: str) -> str:
     if "NaN" in bad or "Inf" in bad:
         return "replace them, or pass allow_nonfinite=True (or a set of names) if they belong there"
     if "range" in bad:
-        wider = "module.double()" if "float32's range" in bad else "module.float()"
+        wider = (
+            "module.to(torch.complex128)"
+            if "complex64's range" in bad
+            else "module.double()"
+            if "float32's range" in bad
+            else "module.float()"
+        )
         return f"scale the values, or load into a wider dtype ({wider})"
     return "round or convert the values first, or load into a tensor of a dtype that holds them"

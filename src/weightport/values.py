@@ -57,7 +57,10 @@ def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
     src_float = is_float(source)
     if target.is_complex:
         if source.kind == "c" or src_float:
-            return "finite", None
+            # each part is a float of half the complex's width: a wider part must fit its range
+            part = np.dtype(f"f{source.itemsize // 2}") if source.kind == "c" else source.newbyteorder("=")
+            fits = part.itemsize <= torch.empty((), dtype=target).element_size() // 2
+            return ("finite" if fits else "range"), None
         return "exact", None
     if source.kind == "c":
         return (
@@ -145,8 +148,8 @@ def _inexact_float8(array: np.ndarray, target: torch.dtype, allow_nonfinite: boo
                 return _nonfinite_message(inf, wide, "Inf") + f" that {name} cannot hold (it has no infinity)"
         back = _widened(converted.to(source.dtype))
         same = (back == wide) | (torch.isnan(back) & torch.isnan(wide))
-    else:
-        same = converted.to(source.dtype) == source
+    else:  # integers: compared as floats too (e8m0 has no zero: 0 becomes 2**-127, which comes back as 0)
+        same = (converted.to(source.dtype) == source) & (converted.double() == source.double())
     if bool(same.all()):
         return None
     return _inexact_message(
@@ -156,8 +159,7 @@ def _inexact_float8(array: np.ndarray, target: torch.dtype, allow_nonfinite: boo
 
 def _bad_floats(tensor: torch.Tensor, target: torch.dtype, check: str, allow_nonfinite: bool) -> str | None:
     if tensor.is_complex():
-        tensor = torch.view_as_real(tensor)
-        check = "finite"
+        tensor = torch.view_as_real(tensor)  # the real and imaginary parts, each checked as a float
     tensor = _widened(tensor)
     if check == "finite" and allow_nonfinite:
         return None
