@@ -230,3 +230,23 @@ def test_property_load_then_read_back_equals_input(
         np.testing.assert_array_equal(back[name], arrays[name])
     x = torch.from_numpy(rng.standard_normal((4, 2, input_size)).astype(np.float32))
     assert weightport.verify(module, x, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "gate", [np.full(4, 2**24 + 1, np.int64), np.full(4, 1 + 5j), np.full(4, 1e300), np.array(["a"] * 4)]
+)
+def test_a_gate_given_alone_is_checked_as_a_whole_tensor_would_be(gate: np.ndarray) -> None:
+    """The gates were put together in float64 first: an int rounded, a complex lost its imaginary part."""
+    lstm = torch.nn.LSTM(3, 4)
+    before = {k: v.clone() for k, v in lstm.state_dict().items()}
+    with pytest.raises(weightport.WeightportError):
+        set_layer(lstm, 0, bias_ih=np.concatenate([gate] * 4))
+    with pytest.raises(weightport.WeightportError):
+        set_layer(lstm, 0, bias_ih={"f": gate})
+    assert all(torch.equal(before[k], v) for k, v in lstm.state_dict().items())
+
+
+def test_gates_keep_a_bfloat16_modules_dtype() -> None:
+    lstm = torch.nn.LSTM(3, 4).to(torch.bfloat16)
+    set_layer(lstm, 0, bias_ih={"f": np.full(4, 0.5, np.float32)})
+    assert lstm.bias_ih_l0.dtype == torch.bfloat16 and lstm.bias_ih_l0[4:8].float().tolist() == [0.5] * 4

@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from weightport.dtypes import describe_dtype
 from weightport.errors import LoadError, Problem
 from weightport.loading import load
 from weightport.plan import NonFinite
 from weightport.report import LoadReport
-from weightport.tensors import numpy_of, unwrap
+from weightport.sources.mapping import to_array
+from weightport.tensors import numpy_of, to_numpy_dtype, unwrap
 from weightport.torch_facts import RNN_GATES, RNN_ROLES, describe_module, rnn_kind, rnn_param
+from weightport.values import cast_kind, find_bad_values
 
 __all__ = ["GATES", "gates_of", "param_name", "set_layer", "get_layer"]
 
@@ -117,8 +120,9 @@ def _assemble(
     expected = (block, *shape[1:])
     missing = [g for g in gates if g not in value]
     current: np.ndarray | None = None
+    own = to_numpy_dtype(tensor.dtype)  # the gates are put together in the tensor's dtype, each checked first
     if not missing:  # every gate given: the current values are never read (they may be on meta)
-        current = np.empty(shape, np.float64)
+        current = np.empty(shape, own)
     elif tensor.is_meta:
         problems.append(
             Problem(
@@ -129,10 +133,22 @@ def _assemble(
             )
         )
     else:
-        current = numpy_of(tensor, copy=True).astype(np.float64)
+        current = numpy_of(tensor, copy=True)
     ok = current is not None
     for letter, part in value.items():
-        array = np.asarray(part)
+        array = to_array(f"{name}[gate {letter}]", part)
+        bad = _cast_problem(array, tensor.dtype)
+        if bad:
+            problems.append(
+                Problem(
+                    f"{name}[gate {letter}]",
+                    f"values that fit {describe_dtype(tensor.dtype)}",
+                    bad[0],
+                    bad[1],
+                )
+            )
+            ok = False
+            continue
         if array.shape != expected:
             problems.append(
                 Problem(
@@ -148,6 +164,20 @@ def _assemble(
             index = gates.index(letter)
             current[index * block : (index + 1) * block] = array
     return current if ok else None
+
+
+def _cast_problem(array: np.ndarray, target: Any) -> tuple[str, str] | None:
+    """What of a gate's values the cast into ``target`` would change, and the fix, as a whole tensor's
+    would be checked (NaN and Inf are left to the load, which knows ``allow_nonfinite``)."""
+    check, refusal = cast_kind(array.dtype, target)
+    if refusal:
+        return f"{array.dtype}", refusal
+    bad = find_bad_values(array, target, check, True)
+    return (
+        (bad, "round or convert the values first, or build the module in a dtype that holds them")
+        if bad
+        else None
+    )
 
 
 def set_layer(
