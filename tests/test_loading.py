@@ -883,3 +883,38 @@ def test_an_integer_zero_is_refused_by_a_float_without_zero(dtype: type) -> None
         weightport.load(module, {"scale": np.array([0, 1, 2, 4], dtype)})
     weightport.load(module, {"scale": np.array([8, 1, 2, 4], dtype)})
     assert module.scale.float().tolist() == [8.0, 1.0, 2.0, 4.0]
+
+
+def test_allow_nonfinite_takes_one_name_as_a_name_and_refuses_what_is_not_a_choice() -> None:
+    source = {"weight": np.full((2, 2), np.nan, np.float32), "bias": np.zeros(2, np.float32)}
+    linear = torch.nn.Linear(2, 2)
+    weightport.load(linear, source, allow_nonfinite="weight")  # was read letter by letter
+    assert torch.isnan(linear.weight).all()
+    with pytest.raises(weightport.LoadError, match=r"'allow_nonfinite': expected True, False, or a set"):
+        weightport.load(linear, source, allow_nonfinite=None)  # type: ignore[arg-type]
+
+
+def test_long_doubles_are_refused_before_anything_is_written() -> None:
+    linear = torch.nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in linear.state_dict().items()}
+    source = {"weight": np.ones((2, 2), np.longdouble), "bias": np.zeros(2, np.longdouble)}
+    for check in (True, False):
+        with pytest.raises(weightport.LoadError, match="long double"):
+            weightport.load(linear, source, check_values=check)
+        assert all(torch.equal(before[k], v) for k, v in linear.state_dict().items())
+
+
+def test_quantized_modules_are_refused_for_what_they_are() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates its quantized tensors
+        quantized = torch.ao.nn.quantized.Linear(3, 2)
+    with pytest.raises(weightport.LoadError, match="the state of a quantized module"):
+        weightport.load(quantized, {"scale": np.array(1.0)}, strict=False)
+    with pytest.raises(weightport.WeightportError, match="the state of a quantized module"):
+        weightport.to_numpy(quantized)
+    holder = torch.nn.Module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # complex32 is experimental
+        holder.register_buffer("z", torch.zeros(2, dtype=torch.complex32))
+    with pytest.raises(weightport.WeightportError, match="complex32 tensor, a dtype NumPy cannot hold"):
+        weightport.to_numpy(holder)

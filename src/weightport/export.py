@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
+from weightport.errors import SourceError
 from weightport.sources import writer_for
 from weightport.sources.npz import write as write_npz
 from weightport.sources.safetensors import REFUSED as SAFETENSORS_REFUSED
@@ -45,8 +47,26 @@ def __getattr__(name: str) -> Any:
 
 
 def to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
-    """Every tensor of ``module.state_dict()`` as a NumPy copy, by state-dict name."""
-    return {name: numpy_of(t, copy=True) for name, t in module.state_dict().items()}
+    """Every tensor of ``module.state_dict()`` as a NumPy copy, by state-dict name.
+
+    Raises:
+        SourceError: a tensor NumPy cannot hold (complex32), or a quantized module's packed state.
+    """
+    out = {}
+    for name, tensor in module.state_dict().items():
+        if not isinstance(tensor, torch.Tensor) or tensor.is_quantized:
+            raise SourceError(
+                f"'{name}': the state of a quantized module ({type(tensor).__name__}), not a tensor of values. "
+                "Fix: export the float model, before it was quantized."
+            )
+        try:
+            out[name] = numpy_of(tensor, copy=True)
+        except (TypeError, RuntimeError):
+            raise SourceError(
+                f"'{name}': a {str(tensor.dtype).removeprefix('torch.')} tensor, a dtype NumPy cannot hold. "
+                "Fix: convert it first (for complex32: tensor.to(torch.complex64))."
+            ) from None
+    return out
 
 
 def save_path(path: str | os.PathLike[str]) -> Path:

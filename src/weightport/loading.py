@@ -67,6 +67,7 @@ def plan_load(module: nn.Module, source: Source, options: LoadOptions) -> Plan:
     """Everything :func:`load` checks but the values, without writing: the plan, problems included
     (the writer's ``read`` checks the values)."""
     root = unwrap(module)
+    _refuse_quantized(root)
     scope, prefix_ = _scope(root, options.prefix)
     inputs = options.example_inputs
     order = None if inputs is None else CallOrder(root, inputs)  # run only if pairing needs it
@@ -89,6 +90,28 @@ def plan_load(module: nn.Module, source: Source, options: LoadOptions) -> Plan:
     if not plan.entries:
         _explain_nothing_matched(plan, source, options.layout, scope, prefix_ or _describe(module))
     return plan
+
+
+def _refuse_quantized(root: nn.Module) -> None:
+    """A quantized module (torch.ao) keeps packed parameters and dtypes in its state dict, not tensors
+    weightport can write."""
+    odd = [
+        name
+        for name, value in root.state_dict(keep_vars=True).items()
+        if not isinstance(value, torch.Tensor) or value.is_quantized
+    ]
+    if odd:
+        raise LoadError(
+            [
+                Problem(
+                    ", ".join(odd[:4]) + (" ..." if len(odd) > 4 else ""),
+                    "float or integer tensors",
+                    "the state of a quantized module (packed parameters, a dtype, quantized tensors)",
+                    "load the float model, then quantize it (torch.ao.quantization.convert)",
+                )
+            ],
+            target=type(root).__name__,
+        )
 
 
 def _left_on_meta(root: nn.Module, prefix: str) -> list[Problem]:

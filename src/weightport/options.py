@@ -32,3 +32,21 @@ class LoadOptions:
     rollback: bool = True
     progress: bool | None = None
     example_inputs: ExampleInputs | None = None
+
+    def __post_init__(self) -> None:
+        allowed = self.allow_nonfinite
+        if isinstance(allowed, str):  # one name, not its letters
+            object.__setattr__(self, "allow_nonfinite", frozenset([allowed]))
+        elif not isinstance(allowed, (bool, Collection)) or isinstance(allowed, Mapping):
+            from weightport.errors import LoadError, Problem
+
+            raise LoadError(
+                [
+                    Problem(
+                        "allow_nonfinite",
+                        "True, False, or a set of target names",
+                        repr(allowed),
+                        "pass allow_nonfinite=True to accept NaN/Inf everywhere, or a set of names",
+                    )
+                ]
+            )

@@ -54,6 +54,11 @@ def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
         )
     if not is_numeric(source):
         return "none", f"{NON_NUMERIC_KINDS[source.kind]} are not tensor values; pass a numeric array"
+    if source.kind in "fc" and source.itemsize > (8 if source.kind == "f" else 16):
+        return "none", (
+            f"{source.name} (NumPy's long double) has no torch dtype, and torch cannot read it; "
+            f"cast the array to {'float64' if source.kind == 'f' else 'complex128'} first"
+        )
     src_float = is_float(source)
     if target.is_complex:
         if source.kind == "c" or src_float:

@@ -140,9 +140,17 @@ def _open_index(source: ShardedSource, path: Path) -> None:
     try:
         index = json.loads(path.read_bytes())
         weight_map = {str(k): str(v) for k, v in index["weight_map"].items()}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as e:
         raise SourceError(
-            f"{where}: not a valid safetensors index ({e}); it needs a 'weight_map' object."
+            f"{where}: not a valid safetensors index ({e}); it needs a 'weight_map' object. Fix: re-create "
+            "it, or load the shards one by one."
         ) from None
     for file_name in dict.fromkeys(weight_map.values()):
         source.shards[file_name] = _open_shard(path.parent, file_name, where)

@@ -98,7 +98,7 @@ def _config(path: Path, where: str) -> dict[str, Any]:
         os.close(fd)
     try:
         config = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise SourceError(
             f"{where}: config.json is not valid JSON ({e}). Fix: re-create the snapshot."
         ) from None
