@@ -918,3 +918,20 @@ def test_quantized_modules_are_refused_for_what_they_are() -> None:
         holder.register_buffer("z", torch.zeros(2, dtype=torch.complex32))
     with pytest.raises(weightport.WeightportError, match="complex32 tensor, a dtype NumPy cannot hold"):
         weightport.to_numpy(holder)
+
+
+def test_an_npy_of_bfloat16_says_what_numpy_wrote(tmp_path: Path) -> None:
+    """np.save writes an ml_dtypes array as raw void records: no pickle, and no type either."""
+    np.save(tmp_path / "weight.npy", np.ones((2, 2), ml_dtypes.bfloat16))
+    with pytest.raises(weightport.SourceError, match=r"raw 2-byte records.*save it as float32"):
+        weightport.load(torch.nn.Linear(2, 2, bias=False), tmp_path)
+
+
+def test_a_missing_tensor_whose_file_is_a_link_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    np.save(folder / "weight.npy", np.ones((2, 3), np.float32))
+    np.save(tmp_path / "elsewhere.npy", np.zeros(2, np.float32))
+    os.symlink(tmp_path / "elsewhere.npy", folder / "bias.npy")
+    with pytest.raises(weightport.LoadError, match=r"'bias'.*set aside bias.npy \(a link: not followed\)"):
+        weightport.load(torch.nn.Linear(3, 2), folder)

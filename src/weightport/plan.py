@@ -290,6 +290,7 @@ def build_plan(
                     "a value for it",
                     f"nothing in {source.description}",
                     _missing_hint(name, layout.missing_hints)
+                    or _set_aside(name, source.ignored)
                     or _suggest_missing(
                         name,
                         prefix + name,
@@ -318,6 +319,15 @@ def _missing_hint(name: str, hints: dict[str, str]) -> str | None:
     """The layout's word on why the module that holds ``name`` got nothing, if it has one."""
     module = name.rpartition(".")[0]
     return hints.get(module)
+
+
+def _set_aside(name: str, ignored: list[str]) -> str | None:
+    """Where the source set aside an entry of ``name``'s own name (a ``.npy`` folder's symbolic link),
+    the fix that says so."""
+    found = next((entry for entry in ignored if entry.startswith((f"{name}.", f"{name} "))), None)
+    if found is None:
+        return None
+    return f"the source set aside {found}: put the array itself there under that name"
 
 
 def _suggest_missing(name: str, full: str, unknown: list[str], both_sides: bool, torch_names: bool) -> str:

@@ -96,10 +96,17 @@ def parse_npy_header(f: BinaryIO, where: str) -> NpyHeader:
             f"{where}: not a valid .npy header ({type(e).__name__}: {e}); the file is corrupt or not a .npy. "
             "Fix: re-create it."
         ) from e
-    if dtype.hasobject or dtype.kind in "OV":
+    if dtype.hasobject:
         raise SourceError(
             f"{where}: holds Python objects (a pickled array); weightport never unpickles. "
             "Fix: save numeric arrays only (np.save of a float or int array)."
+        )
+    if dtype.kind == "V":
+        raise SourceError(
+            f"{where}: holds raw {dtype.itemsize}-byte records (dtype {dtype.str}), which say nothing of what "
+            "they are: np.save writes an ml_dtypes array (bfloat16, float8) that way, losing its type. "
+            "Fix: save it as float32 (array.astype(np.float32)), or to .safetensors, which records bfloat16 "
+            "and float8."
         )
     if any(int(d) < 0 for d in shape):
         raise SourceError(f"{where}: negative dimension in shape {shape}; the file is corrupt.")
