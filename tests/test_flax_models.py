@@ -478,3 +478,25 @@ def test_numbers_the_file_order_contradicts_are_no_order(
     with torch.no_grad():
         got = net(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, expected, atol=TOL)
+
+
+class WithRMSNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x: Any) -> Any:
+        return nn.RMSNorm()(nn.Dense(6)(x))
+
+
+def test_an_rmsnorm_fills_an_rmsnorm_and_not_a_layernorm(tmp_path: Path) -> None:
+    """Its params are a scale alone, as a LayerNorm's without bias: Flax's name says which it computes."""
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    variables, expected = _flax(WithRMSNorm(), x)
+    path = _save(variables, tmp_path)
+    twin = tnn.Sequential(tnn.Linear(4, 6), tnn.RMSNorm(6, eps=1e-6))
+    with pytest.warns(UncheckedConfigWarning, match="Flax RMSNorm's epsilon"):
+        weightport.load(twin, path)
+    with torch.no_grad():
+        np.testing.assert_allclose(twin(torch.from_numpy(x)).numpy(), expected, atol=TOL)
+    with pytest.raises(
+        WeightportError, match=r"1 Flax RMSNorm layer \('RMSNorm_0'\); the model has no nn.RMSNorm"
+    ):
+        weightport.load(tnn.Sequential(tnn.Linear(4, 6), tnn.LayerNorm(6, eps=1e-6, bias=False)), path)

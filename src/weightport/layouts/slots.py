@@ -54,6 +54,7 @@ _KIND_CLASSES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.modules.batchnorm._BatchNorm, "BatchNorm"),
     (nn.LayerNorm, "LayerNorm"),
     (nn.GroupNorm, "GroupNorm"),
+    (nn.RMSNorm, "RMSNorm"),
 )
 # transformers' Conv1D (GPT-2's attention and MLP): a Linear whose weight is stored (in, out). Known by its
 # class name and home, so transformers is never imported to ask.

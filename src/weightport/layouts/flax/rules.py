@@ -153,6 +153,11 @@ def unchecked(pairs: list[tuple[Layer, Paired]]) -> list[str]:
                 f"'{p.slot.label}': Flax BatchNorm's epsilon (1e-5 by default) must equal the module's "
                 f"eps={getattr(module, 'eps', '?')}; PyTorch's momentum is 1 - Flax's (0.01 for Flax's 0.99)"
             )
+        elif lay.kind == "RMSNorm":
+            notes.append(
+                f"'{p.slot.label}': Flax RMSNorm's epsilon (1e-6 by default) must be the module's "
+                f"eps={getattr(module, 'eps', '?')} (None there means the dtype's machine epsilon)"
+            )
         elif lay.kind == "GroupNorm":
             notes.append(
                 f"'{p.slot.label}': Flax GroupNorm's num_groups (32 by default) must be the module's "

@@ -86,12 +86,18 @@ def settle_attention(layers: list[Layer], module: nn.Module, mapping: Mapping[st
 
 
 _LOOK_ALIKE = {  # a kind the params read as -> kinds with the same params, told apart by names
-    "LayerNorm": ("GroupNorm",),  # scale and bias
+    "LayerNorm": ("GroupNorm", "RMSNorm"),  # scale and bias; RMSNorm: a scale alone
     "Conv1d": ("ConvTranspose1d",),  # kernel (k..., in, out) and bias
     "Conv2d": ("ConvTranspose2d",),
     "Conv3d": ("ConvTranspose3d",),
 }
-_AUTO = {"GroupNorm": "GroupNorm_", "ConvTranspose1d": "ConvTranspose_", "ConvTranspose2d": "ConvTranspose_"}
+_AUTO = {
+    "GroupNorm": "GroupNorm_",
+    "RMSNorm": "RMSNorm_",
+    "ConvTranspose1d": "ConvTranspose_",
+    "ConvTranspose2d": "ConvTranspose_",
+}
+_DETAIL = {"GroupNorm": "GroupNorm", "RMSNorm": "RMSNorm"}  # any other: ConvTranspose
 _AUTO["ConvTranspose3d"] = "ConvTranspose_"
 
 
@@ -112,4 +118,4 @@ def settle_by_name(layers: list[Layer], module: nn.Module, mapping: Mapping[str,
             alone = not named and not own and other in kinds and layer.kind not in kinds
             if named == {other} or (auto and not named) or alone:
                 layer.kind = other
-                layer.detail = "GroupNorm" if other == "GroupNorm" else "ConvTranspose"
+                layer.detail = _DETAIL.get(other, "ConvTranspose")
