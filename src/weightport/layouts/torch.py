@@ -12,6 +12,7 @@ add are dropped when every source name carries them and the module does not.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,16 @@ def plan(
     _refuse_other_frameworks(source)
     mapping = dict(mapping or {})
     names = list(source.infos)
+    unknown = [key for key in mapping if key not in source.infos]
+    if unknown:
+        close = {key: difflib.get_close_matches(key, names, n=1) for key in unknown}
+        said = ", ".join(
+            f"'{k}'" + (f" (did you mean '{close[k][0]}'?)" if close[k] else "") for k in unknown[:8]
+        )
+        raise LayoutError(
+            f"mapping names {said}, which the source ({source.description}) does not hold: mapping= renames the source's "
+            "tensors to the module's names. Fix: key it by the source's names (weightport inspect FILE lists them)."
+        )
     dropped = ""
     if any(n.startswith(WRAPPER_PREFIXES) for n in names):
         module_names = set(module.state_dict(keep_vars=True))

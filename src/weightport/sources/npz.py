@@ -224,7 +224,8 @@ def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> 
     for info in archive.infolist():
         if unsafe_member_name(info.filename):
             raise SourceError(
-                f"{where}: member name '{info.filename}' leaves the archive; refusing the file."
+                f"{where}: member name '{info.filename}' leaves the archive; refusing the file. Fix: re-create "
+                "it with np.savez, whose member names are the arrays' names."
             )
         if info.filename in seen:  # NumPy would take the last: one file, two readings
             raise SourceError(
@@ -243,7 +244,9 @@ def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> 
         name = info.filename.removesuffix(".npy")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise SourceError(
-                f"{where}: member '{name}' uses an unsupported compression ({info.compress_type})."
+                f"{where}: member '{name}' uses compression method {info.compress_type}; np.savez stores members "
+                "and np.savez_compressed deflates them, the two weightport reads. Fix: re-create the file with one "
+                "of those."
             )
         if not 0 <= info.header_offset < size:
             raise SourceError(
@@ -252,7 +255,9 @@ def _index(source: NpzSource, archive: zipfile.ZipFile, fd: int, where: str) -> 
             )
         local = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
         if len(local) < _LOCAL_HEADER.size:
-            raise SourceError(f"{where}: member '{name}' lies past the end of the file; it is truncated.")
+            raise SourceError(
+                f"{where}: member '{name}' lies past the end of the file; it is truncated. Fix: re-create it."
+            )
         signature, name_len, extra_len = _LOCAL_HEADER.unpack(local)
         if signature != b"PK\x03\x04":
             raise SourceError(

@@ -286,7 +286,10 @@ def write(
         data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
         code = codes.get(data.dtype)
         if code is None:
-            raise SourceError(f"'{name}': dtype {array.dtype} cannot be stored in .safetensors")
+            raise SourceError(
+                f"'{name}': dtype {array.dtype} cannot be stored in .safetensors, which has no complex or "
+                "long-double type. Fix: save it to .npz, or store its parts (array.real, array.imag) apart."
+            )
         header[name] = {
             "dtype": code,
             "shape": list(array.shape),
