@@ -57,7 +57,7 @@ FLOORS: list[tuple[str, ...]] = [
     ),
     ("sources",),
     ("layouts",),
-    ("plan", "report", "progress"),
+    ("plan", "value_checks", "report", "progress"),
     ("apply", "distributed"),
     ("loading",),
     ("rnn", "reference", "verifying", "init_schemes", "initializers", "export", "inspect"),

@@ -29,13 +29,14 @@ from weightport.boxes import view_pieces
 from weightport.copying import copy_checked, copy_into
 from weightport.errors import LoadError, Problem, SourceError
 from weightport.options import LoadOptions
-from weightport.plan import Entry, Plan, check_values, value_problem
+from weightport.plan import Entry, Plan
 from weightport.progress import progress_callback
 from weightport.sources.base import Source
 from weightport.sources.files import byte_view, read_exact
 from weightport.staging import Stager
 from weightport.tensors import narrow, numpy_of
 from weightport.transforms import Identity
+from weightport.value_checks import check_values, value_problem
 from weightport.values import find_bad_values
 
 __all__ = ["LocalWrite", "apply_plan", "deferred_interrupts", "UndoLog", "UNDO_MEMORY_BYTES"]

@@ -52,9 +52,10 @@ from weightport.boxes import Piece, region_pieces
 from weightport.copying import copy_into
 from weightport.errors import LoadError, Problem, SourceError
 from weightport.options import LoadOptions
-from weightport.plan import Entry, Plan, allowed_nonfinite, value_problem
+from weightport.plan import Entry, Plan
 from weightport.sources.base import Region, Source, region_shape
 from weightport.tensors import narrow
+from weightport.value_checks import allowed_nonfinite, value_problem
 
 __all__ = ["is_dtensor", "has_dtensors", "local_region", "box_text", "agree", "ShardedWrite"]
 

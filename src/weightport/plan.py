@@ -1,8 +1,8 @@
 """The plan: every tensor a load will write, checked against the module before any write.
 
 :func:`build_plan` checks names, shapes and dtypes from the source's infos alone
-(no data read); :func:`check_values` then reads the data once for the checks that
-need values (NaN/Inf, float range, exact integer casts, tied weights).
+(no data read); :func:`weightport.value_checks.check_values` then reads the data once for
+the checks that need values (NaN/Inf, float range, exact integer casts, tied weights).
 
 >>> import numpy as np, torch
 >>> from weightport.layouts import get_layout
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from weightport.torch_facts import (
     rnn_kind,
 )
 
-__all__ = ["Entry", "Plan", "build_plan", "check_values", "NonFinite", "value_problem", "allowed_nonfinite"]
+__all__ = ["Entry", "Plan", "build_plan", "NonFinite", "origin_of"]
 
 
 @dataclass
@@ -227,7 +227,7 @@ def build_plan(
             if strict:
                 hint = _parametrized_hint(target, tensors) or _suggest(target, lacking, tensors, torch_names)
                 problems.append(
-                    Problem(full, "a name the module has", f"an unknown name from {_origin(rule)}", hint)
+                    Problem(full, "a name the module has", f"an unknown name from {origin_of(rule)}", hint)
                 )
             else:
                 plan.ignored.extend(rule.sources or (target,))
@@ -322,12 +322,11 @@ def _missing_hint(name: str, hints: dict[str, str]) -> str | None:
 
 
 def _set_aside(name: str, ignored: list[str]) -> str | None:
-    """Where the source set aside an entry of ``name``'s own name (a ``.npy`` folder's symbolic link),
-    the fix that says so."""
+    """The fix where the source set aside an entry of ``name``'s own name (a ``.npy`` folder's link)."""
     found = next((entry for entry in ignored if entry.startswith((f"{name}.", f"{name} "))), None)
-    if found is None:
-        return None
-    return f"the source set aside {found}: put the array itself there under that name"
+    return (
+        None if found is None else f"the source set aside {found}: put the array itself there under that name"
+    )
 
 
 def _suggest_missing(name: str, full: str, unknown: list[str], both_sides: bool, torch_names: bool) -> str:
@@ -348,7 +347,7 @@ def _suggest_missing(name: str, full: str, unknown: list[str], both_sides: bool,
     )
 
 
-def _origin(rule: Rule) -> str:
+def origin_of(rule: Rule) -> str:
     return rule.origin or ", ".join(rule.sources) or "the layout"
 
 
@@ -387,7 +386,7 @@ def _entry(
     try:
         shape = tuple(rule.op.out_shape([i.shape for i in inputs]))
     except ValueError as e:
-        origin = _origin(rule)
+        origin = origin_of(rule)
         problems.append(
             Problem(
                 full,
@@ -399,7 +398,7 @@ def _entry(
         return None
     expected = tuple(tensor.shape)
     if shape != expected:
-        origin = _origin(rule)
+        origin = origin_of(rule)
         why = explain_shape(_owner(module, target), target.rpartition(".")[2])
         exp = f"shape {why or expected}"
         via = f" after {rule.op.describe()}" if rule.op.describe() != "as is" else ""
@@ -416,7 +415,7 @@ def _entry(
             Problem(
                 full,
                 f"dtype {describe_dtype(tensor.dtype)}",
-                f"{describe_dtype(source_dtype)} from {_origin(rule)}",
+                f"{describe_dtype(source_dtype)} from {origin_of(rule)}",
                 refusal,
             )
         )
@@ -506,104 +505,3 @@ def _shape_fix(expected: tuple[int, ...], found: tuple[int, ...]) -> str:
     if math.prod(expected) == math.prod(found):
         return f"pass an array of shape {expected} (same size: reshape it if the order is right)"
     return f"pass an array of shape {expected}, or build the module with sizes that match"
-
-
-def check_values(
-    plan: Plan,
-    source: Source,
-    allow_nonfinite: NonFinite = False,
-    *,
-    after_fill: bool = False,
-    progress: Callable[[Entry], None] | None = None,
-) -> None:
-    """Read each planned source tensor once and add a problem for each bad value found.
-
-    Values stream through :meth:`Source.iter_chunks` (one small buffer for files);
-    only tied tensors and value-making ops need whole arrays. ``progress`` is called
-    with each entry once it is checked (a progress bar).
-    """
-    checked: dict[tuple[str, torch.dtype, bool], str | None] = {}
-    firsts: dict[int, tuple[Entry, np.ndarray]] = {}
-    for entry in _ticked(plan.entries, progress):
-        allowed = _allowed(entry.target, allow_nonfinite)
-        tied = id(entry.tensor) in firsts
-        if tied or entry.aliases:
-            value = entry.value(source)
-            if tied:
-                first, first_value = firsts[id(entry.tensor)]
-                if not np.array_equal(first_value, value, equal_nan=True):
-                    plan.problems.append(entry.tie_problem(first))
-                continue
-            firsts[id(entry.tensor)] = (entry, value)
-        if entry.check == "none":
-            continue
-        if after_fill and entry.tensor.is_meta and entry.check == "finite" and entry.rule.op.value_preserving:
-            entry.check_after_fill = allowed  # nothing to undo: the new tensors go in only when all pass
-            continue
-        bad = None
-        if entry.rule.op.value_preserving:
-            for key in entry.rule.sources:
-                memo = (key, entry.tensor.dtype, allowed)
-                if memo not in checked:
-                    checked[memo] = _scan(source, key, entry, allowed)
-                bad = bad or checked[memo]
-        else:
-            value = entry.value(source)
-            bad = values.find_bad_values(value, entry.tensor.dtype, entry.check, allowed)
-        if bad:
-            plan.problems.append(value_problem(entry, bad))
-
-
-def _ticked(entries: list[Entry], progress: Callable[[Entry], None] | None) -> Iterator[Entry]:
-    """``entries``, calling ``progress`` with each once the loop is done with it."""
-    for entry in entries:
-        yield entry
-        if progress is not None:
-            progress(entry)
-
-
-def value_problem(entry: Entry, bad: str, where: str = "") -> Problem:
-    """The problem of ``entry``'s bad values (``bad`` as :func:`values.find_bad_values` says them)."""
-    return Problem(
-        entry.target,
-        f"values that fit {describe_dtype(entry.tensor.dtype)}",
-        f"{bad} in {_origin(entry.rule)}{where}",
-        _value_fix(bad),
-    )
-
-
-def _scan(source: Source, key: str, entry: Entry, allowed: bool) -> str | None:
-    """The first bad-value description for source tensor ``key``, streaming through chunks."""
-    if source.in_memory:  # one chunk: the array itself
-        return values.find_bad_values(source.read(key), entry.tensor.dtype, entry.check, allowed)
-    for chunk in source.iter_chunks(key):
-        if values.find_bad_values(chunk, entry.tensor.dtype, entry.check, allowed):
-            # describe it with indices of the whole tensor (the error path: reading it all is fine)
-            return values.find_bad_values(source.read(key), entry.tensor.dtype, entry.check, allowed)
-    return None
-
-
-def allowed_nonfinite(name: str, allow_nonfinite: NonFinite) -> bool:
-    """Whether target ``name`` may hold NaN/Inf under ``allow_nonfinite`` (a bool, or a set of names)."""
-    return _allowed(name, allow_nonfinite)
-
-
-def _allowed(name: str, allow_nonfinite: NonFinite) -> bool:
-    if isinstance(allow_nonfinite, bool):
-        return allow_nonfinite
-    return name in allow_nonfinite
-
-
-def _value_fix(bad: str) -> str:
-    if "NaN" in bad or "Inf" in bad:
-        return "replace them, or pass allow_nonfinite=True (or a set of names) if they belong there"
-    if "range" in bad:
-        wider = (
-            "module.to(torch.complex128)"
-            if "complex64's range" in bad
-            else "module.double()"
-            if "float32's range" in bad
-            else "module.float()"
-        )
-        return f"scale the values, or load into a wider dtype ({wider})"
-    return "round or convert the values first, or load into a tensor of a dtype that holds them"
