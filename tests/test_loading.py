@@ -940,5 +940,7 @@ def test_a_missing_tensor_whose_file_is_a_link_says_so(tmp_path: Path) -> None:
 def test_a_mapping_key_the_source_lacks_is_refused() -> None:
     """It was silently ignored: the user's renaming did nothing."""
     source = {"weight": np.ones((2, 2), np.float32), "bias": np.zeros(2, np.float32)}
-    with pytest.raises(weightport.WeightportError, match=r"mapping names 'wieght' \(did you mean 'weight'\?\)"):
+    with pytest.raises(
+        weightport.WeightportError, match=r"mapping names 'wieght' \(did you mean 'weight'\?\)"
+    ):
         weightport.load(torch.nn.Linear(2, 2), source, mapping={"wieght": "weight"})
