@@ -518,3 +518,31 @@ def test_modules_the_graph_computes_from_other_nodes_take_their_parameters_by_na
     }
     (y,) = run_ort(path, {"x": x.numpy()})
     np.testing.assert_allclose(model(x).detach().numpy(), y, atol=TOL)
+
+
+class Cross(nn.Module):
+    """nn.MultiheadAttention with a query other than its key and value, as in nn.TransformerDecoderLayer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return self.attn(q, kv, kv, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_cross_attention_is_refused_for_what_it_is(tmp_path: Path, dynamo: bool) -> None:
+    """Its in_proj goes out in unnamed parts; the refusal said the model had no nn.Linear."""
+    args = (torch.randn(2, 4, 8), torch.randn(2, 3, 8))
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fresh(Cross).eval(), args, str(path), dynamo=dynamo, verbose=False)
+    model = Cross()
+    before = snapshot(model)
+    with pytest.raises(
+        LayoutError, match=r"nn.MultiheadAttention 'attn'.*query other than (its )?key and value"
+    ):
+        weightport.load(model, path, example_inputs=args)
+    assert snapshot(model) == before
