@@ -944,3 +944,27 @@ def test_a_mapping_key_the_source_lacks_is_refused() -> None:
         weightport.WeightportError, match=r"mapping names 'wieght' \(did you mean 'weight'\?\)"
     ):
         weightport.load(torch.nn.Linear(2, 2), source, mapping={"wieght": "weight"})
+
+
+@pytest.mark.parametrize("from_file", [False, True])
+def test_a_channels_last_module_built_on_meta_keeps_its_memory_format(
+    tmp_path: Path, from_file: bool
+) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "bias": np.zeros(4, np.float32)}
+    source: object = arrays
+    if from_file:
+        source = weightport.save(arrays, tmp_path / "conv.safetensors")
+    with torch.device("meta"):
+        conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    weightport.load(conv, source)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(conv.weight.detach().numpy(), arrays["weight"])
+    arrays["weight"][1, 2, 0, 1] = np.nan
+    if from_file:
+        source = weightport.save(arrays, tmp_path / "conv.safetensors")
+    with torch.device("meta"):
+        conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    with pytest.raises(weightport.LoadError, match=r"NaN/Inf value \(first at index \(1, 2, 0, 1\)"):
+        weightport.load(conv, source)
+    assert conv.weight.is_meta

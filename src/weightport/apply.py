@@ -134,7 +134,7 @@ def _materialize(entry: Entry, source: Source) -> tuple[torch.Tensor, Problem | 
     """A meta tensor's new CPU storage, filled, and the problem with its values (where the check
     was left for after the fill, and not made as the tensor was copied in)."""
     tensor = entry.tensor
-    new = torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
+    new = torch.empty_like(tensor, device="cpu")  # its memory format too (a channels_last conv stays one)
     finite = _write(entry, source, tensor=new, fresh=True)
     problem = None if finite else _check_filled(entry, new)
     if isinstance(tensor, nn.Parameter):
@@ -206,7 +206,10 @@ def _check_filled(entry: Entry, new: torch.Tensor) -> Problem | None:
     """The problem with a materialized tensor's values, for entries checked after the fill."""
     if entry.check_after_fill is None:
         return None
-    bad = find_bad_values(host_view(new.detach()), new.dtype, "finite", entry.check_after_fill)  # type: ignore[arg-type]
+    view = host_view(new.detach())
+    if view is None:  # channels_last: its values in C order
+        view = host_view(new.detach().contiguous())
+    bad = find_bad_values(view, new.dtype, "finite", entry.check_after_fill)  # type: ignore[arg-type]
     return value_problem(entry, bad) if bad else None
 
 
