@@ -247,6 +247,12 @@ class LocalWrite:
         apply_plan(self.plan, self.source, rollback=self.options.rollback, progress=progress)
 
 
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The byte addresses ``[start, end)`` of the storage under ``tensor``."""
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
 def _copy_aliased_arrays(plan: Plan, source: Source) -> None:
     """Give arrays in memory that share bytes with a tensor being written (a module's own
     ``state_dict()`` tensors, swapped or transposed) copies of their own: written one tensor after
@@ -255,11 +261,7 @@ def _copy_aliased_arrays(plan: Plan, source: Source) -> None:
     if not source.in_memory or not isinstance(arrays, dict):
         return
     spans = sorted(
-        {
-            (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
-            for t in (entry.tensor for entry in plan.entries)
-            if t.device.type == "cpu" and not t.is_meta
-        }
+        {_span(e.tensor) for e in plan.entries if e.tensor.device.type == "cpu" and not e.tensor.is_meta}
     )
     if not spans:
         return

@@ -249,26 +249,24 @@ def explain_unnamed_attention(
             for layer in layers
             if layer.kind == "Linear" and _outputs(layer, source) == 2 * width
         ]
-        if not packed and split:  # a query other than key and value: the in_proj went out in parts
+        if not packed:  # a query other than key and value: the in_proj went out in unnamed parts
+            out = slot.name("out_proj.weight")
+            if split:
+                seen = (
+                    f"has MatMuls of 2 x embed_dim outputs ({', '.join(repr(p) for p in split[:4])}), the key and "
+                    f"value part of nn.MultiheadAttention {label}'s in_proj"
+                )
+            elif any(out in layer.tensors.values() for layer in layers):
+                seen = f"holds nn.MultiheadAttention {label}'s out_proj ('{out}') but no MatMul of its packed in_proj"
+            else:
+                continue
             raise LayoutError(
-                f"{source.description} has MatMuls of 2 x embed_dim outputs ({', '.join(repr(p) for p in split[:4])}), "
-                f"the key and value part of nn.MultiheadAttention {label}'s in_proj: called with a query other than "
-                "its key and value (cross-attention, as in nn.TransformerDecoderLayer), it is exported as unnamed "
-                "query and key-value projections, and nothing in the graph ties them to this attention. Fix: load "
-                "the PyTorch weights themselves (weightport.save of the model, or its state_dict as .safetensors). "
+                f"{source.description} {seen}: the exporter writes the input projections of an attention called "
+                "with a query other than its key and value (cross-attention, as in nn.TransformerDecoderLayer) as "
+                "unnamed nodes, and nothing in the graph ties them to this attention. Fix: load the PyTorch "
+                "weights themselves (weightport.save of the model, or its state_dict as .safetensors). "
                 f"(Pairing said: {error})"
             ) from error
-        out = slot.name("out_proj.weight")
-        if not packed and any(out in layer.tensors.values() for layer in layers):
-            raise LayoutError(
-                f"{source.description} holds nn.MultiheadAttention {label}'s out_proj ('{out}'), but no MatMul of "
-                "its packed in_proj: the exporter computed the input projections into other nodes (as it does for "
-                "a query other than key and value), and nothing in the graph ties them to this attention. Fix: "
-                "load the PyTorch weights themselves (weightport.save of the model, or its state_dict as "
-                f".safetensors). (Pairing said: {error})"
-            ) from error
-        if not packed:
-            continue
         raise LayoutError(
             f"{source.description} has a MatMul of nn.MultiheadAttention's packed in_proj size "
             f"({', '.join(repr(p) for p in packed[:4])}), but nothing ties it to {label}: the exporter names the "
