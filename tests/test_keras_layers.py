@@ -1,5 +1,5 @@
-"""More Keras layer kinds, against Keras's own outputs: DepthwiseConv2D, SeparableConv2D (one layer filling a
-depthwise and a pointwise Conv2d), Conv1DTranspose/Conv2DTranspose, GroupNormalization; Normalization and
+"""More Keras layer kinds, against Keras's own outputs: DepthwiseConv1D/2D, SeparableConv1D/2D (one layer filling a
+depthwise and a pointwise conv), Conv1DTranspose/Conv2DTranspose, GroupNormalization; Normalization and
 Rescaling reported with their values; padding by ZeroPadding2D and strided 'same' into modules that pad so
 (timm's Conv2dSame), and refused with the amounts where a fixed padding cannot. Every comparison in inference
 mode, to 1e-5 of the output's scale.
@@ -80,6 +80,8 @@ CASES: dict[str, Case] = {
     "depthwise_multiplier_2": (lambda: [keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same")], (7, 6, 4), lambda: nn.Conv2d(4, 8, 3, padding=1, groups=4), lambda m, x: m(x)),
     "depthwise_strided_no_bias": (lambda: [keras.layers.DepthwiseConv2D((3, 2), strides=2, use_bias=False, dilation_rate=1)], (9, 8, 3), lambda: nn.Conv2d(3, 3, (3, 2), stride=2, groups=3, bias=False), lambda m, x: m(x)),
     "separable": (lambda: [keras.layers.SeparableConv2D(5, 3, padding="same", depth_multiplier=2)], (6, 6, 3), lambda: nn.Sequential(OrderedDict(depthwise=nn.Conv2d(3, 6, 3, padding=1, groups=3, bias=False), pointwise=nn.Conv2d(6, 5, 1))), lambda m, x: m(x)),
+    "depthwise1d_dilated_same": (lambda: [keras.layers.DepthwiseConv1D(3, depth_multiplier=3, padding="same", dilation_rate=2)], (9, 4), lambda: nn.Conv1d(4, 12, 3, padding=2, dilation=2, groups=4), lambda m, x: m(x)),
+    "separable1d_strided": (lambda: [keras.layers.SeparableConv1D(5, 3, strides=2, depth_multiplier=2)], (9, 3), lambda: nn.Sequential(OrderedDict(depthwise=nn.Conv1d(3, 6, 3, stride=2, groups=3, bias=False), pointwise=nn.Conv1d(6, 5, 1))), lambda m, x: m(x)),
     "conv2d_transpose_valid": (lambda: [keras.layers.Conv2DTranspose(3, 3, strides=2)], (4, 5, 2), lambda: nn.ConvTranspose2d(2, 3, 3, stride=2), lambda m, x: m(x)),
     "conv2d_transpose_same": (lambda: [keras.layers.Conv2DTranspose(3, 4, strides=2, padding="same")], (4, 5, 2), lambda: nn.ConvTranspose2d(2, 3, 4, stride=2, padding=1), lambda m, x: m(x)),
     "conv2d_transpose_same_s3": (lambda: [keras.layers.Conv2DTranspose(2, 2, strides=3, padding="same")], (3, 4, 2), lambda: nn.ConvTranspose2d(2, 2, 2, stride=3, output_padding=1), lambda m, x: m(x)),
@@ -214,6 +216,7 @@ def test_zero_padding_into_an_unpadded_conv_says_to_pad(tmp_path: Path) -> None:
 
 REFUSED: dict[str, tuple[Callable[[], list[Any]], tuple[int, ...], Callable[[], nn.Module], str]] = {
     "depthwise_other_groups": (lambda: [keras.layers.DepthwiseConv2D(1, depth_multiplier=2)], (4, 4, 2), lambda: nn.Conv2d(4, 4, 1, groups=4), r"expected groups=2 and in_channels=2 \(Keras DepthwiseConv2D"),
+    "depthwise1d_other_groups": (lambda: [keras.layers.DepthwiseConv1D(1, depth_multiplier=2)], (4, 2), lambda: nn.Conv1d(4, 4, 1, groups=4), r"expected groups=2 and in_channels=2 \(Keras DepthwiseConv1D"),
     "same_stride_2_symmetric": (lambda: [keras.layers.Conv2D(3, 3, strides=2, padding="same")], (6, 6, 2), lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1), r"axis 0: n % 2 == 0: \(0, 1\), n % 2 == 1: \(1, 1\)"),
     "zero_padding_asymmetric_into_padded": (lambda: [keras.layers.ZeroPadding2D(((0, 1), (0, 1))), keras.layers.Conv2D(3, 3, strides=2)], (6, 6, 2), lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1), r"padding \(before, after\) per axis = \(\(0, 1\), \(0, 1\)\)"),
     "valid_into_conv2d_same": (lambda: [keras.layers.Conv2D(3, 3, strides=2)], (6, 6, 2), lambda: timm().layers.Conv2dSame(2, 3, 3, stride=2), r"found Conv2dSame, which pads each input as 'same'"),
@@ -264,6 +267,26 @@ def test_export_of_the_new_kinds_is_what_keras_loads(tmp_path: Path) -> None:
     save_weights_h5(target, tmp_path / "t.weights.h5")
     model.load_weights(tmp_path / "t.weights.h5")
     x = rng.standard_normal((B, 5, 5, 3)).astype(np.float32)
+    close(nchw(target, x), np.asarray(model(x)))
+
+
+def test_export_of_a_depthwise_conv1d_is_what_keras_loads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    torch.manual_seed(8)
+    target = nn.Sequential(nn.Conv1d(3, 6, 3, padding=1, groups=3), nn.Conv1d(6, 4, 1)).eval()
+    model = keras.Sequential(
+        [
+            keras.Input((7, 3)),
+            keras.layers.DepthwiseConv1D(3, depth_multiplier=2, padding="same"),
+            keras.layers.Conv1D(4, 1),
+        ]
+    )
+    assert sorted(export(target)) == [
+        "layers/conv1d/vars/0", "layers/conv1d/vars/1", "layers/depthwise_conv1d/vars/0", "layers/depthwise_conv1d/vars/1"
+    ]  # fmt: skip
+    save_weights_h5(target, tmp_path / "t.weights.h5")
+    model.load_weights(tmp_path / "t.weights.h5")
+    x = rng.standard_normal((B, 7, 3)).astype(np.float32)
     close(nchw(target, x), np.asarray(model(x)))
 
 
@@ -370,7 +393,7 @@ def test_multi_head_attention_export_is_what_keras_loads(kv_dim: int | None, tmp
 
 
 def test_legacy_h5_from_tf_keras_with_the_new_kinds(tmp_path: Path) -> None:
-    """tf.keras names a depthwise kernel ``depthwise_kernel`` and records ``groups=1`` for it."""
+    """tf.keras names a depthwise kernel ``depthwise_kernel`` and records ``groups=1`` for it (1D kinds too)."""
     tf_keras = pytest.importorskip("tf_keras")
     K = tf_keras.layers
     model = tf_keras.Sequential(
@@ -388,4 +411,21 @@ def test_legacy_h5_from_tf_keras_with_the_new_kinds(tmp_path: Path) -> None:
         nn.ConvTranspose2d(4, 2, 3, stride=2), nn.GroupNorm(2, 2, eps=1e-3),
     ).eval()  # fmt: skip
     weightport.load(target, tmp_path / "m.h5")
+    close(nchw(target, x), model(x).numpy())
+    model = tf_keras.Sequential(
+        [
+            tf_keras.Input((9, 3)),
+            K.DepthwiseConv1D(3, depth_multiplier=2),
+            K.SeparableConv1D(4, 3, padding="same"),
+        ]
+    )
+    randomize(model, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.save(tmp_path / "m1.h5")
+    x = rng.standard_normal((B, 9, 3)).astype(np.float32)
+    target = nn.Sequential(
+        nn.Conv1d(3, 6, 3, groups=3), nn.Conv1d(6, 6, 3, groups=6, bias=False, padding=1), nn.Conv1d(6, 4, 1)
+    ).eval()
+    weightport.load(target, tmp_path / "m1.h5")
     close(nchw(target, x), model(x).numpy())

@@ -36,7 +36,7 @@ from weightport.sources.files import byte_view, read_exact
 from weightport.staging import Stager
 from weightport.tensors import narrow, numpy_of
 from weightport.transforms import Identity
-from weightport.value_checks import check_values, value_problem
+from weightport.value_checks import check_ties, check_values, value_problem
 from weightport.values import find_bad_values
 
 __all__ = ["LocalWrite", "apply_plan", "deferred_interrupts", "UndoLog", "UNDO_MEMORY_BYTES"]
@@ -226,9 +226,10 @@ class LocalWrite:
         A load that will write leaves the NaN/Inf scan of meta tensors to :meth:`commit`, which
         checks their new storage as it fills it (one read of the file instead of two).
         """
-        if not self.options.check_values:
-            return
         try:
+            if not self.options.check_values:
+                check_ties(self.plan, self.source)
+                return
             with progress_callback(self.plan, self.source, self.options.progress, "checking") as checked:
                 check_values(
                     self.plan,

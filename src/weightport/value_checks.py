@@ -27,7 +27,7 @@ from weightport.options import NonFinite
 from weightport.plan import Entry, Plan, origin_of
 from weightport.sources.base import Source
 
-__all__ = ["check_values", "value_problem", "allowed_nonfinite"]
+__all__ = ["check_values", "check_ties", "value_problem", "allowed_nonfinite"]
 
 
 def check_values(
@@ -45,18 +45,11 @@ def check_values(
     with each entry once it is checked (a progress bar).
     """
     checked: dict[tuple[str, torch.dtype, bool], str | None] = {}
-    firsts: dict[int, tuple[Entry, np.ndarray]] = {}
+    second_names = check_ties(plan, source)
     for entry in _ticked(plan.entries, progress):
+        if id(entry) in second_names:  # the same tensor again, compared by check_ties
+            continue
         allowed = _allowed(entry.target, allow_nonfinite)
-        tied = id(entry.tensor) in firsts
-        if tied or entry.aliases:
-            value = entry.value(source)
-            if tied:
-                first, first_value = firsts[id(entry.tensor)]
-                if not np.array_equal(first_value, value, equal_nan=True):
-                    plan.problems.append(entry.tie_problem(first))
-                continue
-            firsts[id(entry.tensor)] = (entry, value)
         if entry.check == "none":
             continue
         if after_fill and entry.tensor.is_meta and entry.check == "finite" and entry.rule.op.value_preserving:
@@ -74,6 +67,26 @@ def check_values(
             bad = values.find_bad_values(value, entry.tensor.dtype, entry.check, allowed)
         if bad:
             plan.problems.append(value_problem(entry, bad))
+
+
+def check_ties(plan: Plan, source: Source) -> set[int]:
+    """Add a problem for each tied tensor given under two names with different values; return the
+    ``id`` of each entry that names such a tensor a second time (made even with ``check_values=False``:
+    a tie can take only one of two values)."""
+    firsts: dict[int, tuple[Entry, np.ndarray]] = {}
+    second_names: set[int] = set()
+    for entry in plan.entries:
+        first = firsts.get(id(entry.tensor))
+        if first is None and not entry.aliases:
+            continue
+        value = entry.value(source)
+        if first is None:
+            firsts[id(entry.tensor)] = (entry, value)
+            continue
+        second_names.add(id(entry))
+        if not np.array_equal(first[1], value, equal_nan=True):
+            plan.problems.append(entry.tie_problem(first[0]))
+    return second_names
 
 
 def _ticked(entries: list[Entry], progress: Callable[[Entry], None] | None) -> Iterator[Entry]:

@@ -16,8 +16,9 @@ What maps, and how (each a rule over :mod:`weightport.transforms`):
   moving_variance -> weight/bias/running_mean/running_var (``num_batches_tracked``
   is set to 0: Keras counts no batches), ``LayerNormalization`` gamma/beta.
 - ``DepthwiseConv2D`` -> ``nn.Conv2d(groups=in)`` (kernel ``(kh, kw, in, m)`` to ``(in, m, kh, kw)``,
-  reshaped to ``(in*m, 1, kh, kw)``), ``SeparableConv2D`` -> two ``nn.Conv2d`` (its ``/depthwise`` and
-  ``/pointwise`` halves, each paired by proof), ``Conv1DTranspose``/``Conv2DTranspose`` ->
+  reshaped to ``(in*m, 1, kh, kw)``; ``DepthwiseConv1D`` likewise into ``nn.Conv1d``), ``SeparableConv2D``
+  -> two ``nn.Conv2d`` (its ``/depthwise`` and ``/pointwise`` halves, each paired by proof;
+  ``SeparableConv1D`` into two ``nn.Conv1d``), ``Conv1DTranspose``/``Conv2DTranspose`` ->
   ``nn.ConvTranspose1d/2d``, ``GroupNormalization`` -> ``nn.GroupNorm``, ``MultiHeadAttention`` ->
   ``nn.MultiheadAttention`` (:mod:`.attention`); ``Normalization``/``Rescaling`` hold no PyTorch weight and
   are reported as ignored with their values (:mod:`.preprocessing`); padding, including a ``ZeroPadding2D``

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from weightport.errors import LayoutError, Problem, a_or_an, counted
 from weightport.layouts.keras.attention import attention_notes, attention_problems
-from weightport.layouts.keras.layers import Layer, Part, Resolved, inner_layers
+from weightport.layouts.keras.layers import DEPTHWISE, Layer, Part, Resolved, inner_layers
 from weightport.layouts.keras.padding import padding_of, padding_verdict, transpose_verdict
 from weightport.layouts.pairing import Slot
 from weightport.sources.base import Source
@@ -246,7 +246,7 @@ def check_config(found: Resolved, part: Part, slot: Slot, refusals: list[str]) -
         )
     if kind in _CONVS:
         # tf.keras records groups=1 for a DepthwiseConv2D (a Conv subclass): its groups are checked by shape
-        conv_cfg = {k: v for k, v in cfg.items() if k != "groups"} if part.cls == "DepthwiseConv2D" else cfg
+        conv_cfg = {k: v for k, v in cfg.items() if k != "groups"} if part.cls in DEPTHWISE else cfg
         _check_conv(conv_cfg, m, found.layer, mismatch)
     return problems
 
@@ -279,29 +279,29 @@ def _check_bias(found: Resolved, part: Part, slot: Slot, problems: list[Problem]
                     f"build the module with {arg}={keras_has}",
                 )
             )
-    if part.cls == "DepthwiseConv2D":
+    if part.cls in DEPTHWISE:
         _check_depthwise(part, slot, problems, label)
     if kind == "MultiheadAttention":
         problems += attention_problems(part, slot, label)
 
 
 def _check_depthwise(part: Part, slot: Slot, problems: list[Problem], label: str) -> None:
-    """A depthwise kernel ``(kh, kw, in, multiplier)`` fills only a conv with ``groups == in_channels == in``:
-    its weight's shape ``(in * multiplier, 1, kh, kw)`` fits any conv whose groups equal its input channels,
+    """A depthwise kernel ``(*k, in, multiplier)`` fills only a conv with ``groups == in_channels == in``:
+    its weight's shape ``(in * multiplier, 1, *k)`` fits any conv whose groups equal its input channels,
     but with other groups each output channel would read another input channel."""
     m: Any = slot.module
     shape = part.shapes.get("kernel", ())
-    if len(shape) != 4:
+    if len(shape) != len(m.kernel_size) + 2:
         return
-    channels, multiplier = shape[2], shape[3]
+    channels, multiplier = shape[-2], shape[-1]
     if m.groups != channels or m.in_channels != channels:
         problems.append(
             Problem(
                 label,
-                f"groups={channels} and in_channels={channels} (Keras DepthwiseConv2D: each of the {channels} "
+                f"groups={channels} and in_channels={channels} (Keras {part.cls}: each of the {channels} "
                 f"input channels its own depth_multiplier={multiplier} outputs, channel i * {multiplier} + m)",
                 f"in_channels={m.in_channels}, groups={m.groups}",
-                f"build nn.Conv2d({channels}, {channels * multiplier}, kernel_size, groups={channels})",
+                f"build nn.{type(m).__name__}({channels}, {channels * multiplier}, kernel_size, groups={channels})",
             )
         )
 

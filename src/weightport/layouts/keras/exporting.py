@@ -56,12 +56,11 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
             )
         table = EXPORT.get(kind, [])
         cls = CLASS_OF_KIND[kind]
-        if kind == "Conv2d" and m.groups > 1 and m.groups == m.in_channels:
-            # a Conv2d(groups=in_channels) is a DepthwiseConv2D: kernel (kh, kw, in, out // in)
-            kh, kw = m.kernel_size
-            shape = (kh, kw, m.in_channels, m.out_channels // m.in_channels)
+        if kind in ("Conv1d", "Conv2d") and m.groups > 1 and m.groups == m.in_channels:
+            # a Conv1d/Conv2d(groups=in_channels) is a DepthwiseConv1D/2D: kernel (*k, in, out // in)
+            shape = (*m.kernel_size, m.in_channels, m.out_channels // m.in_channels)
             table = [("kernel", ("weight",), depthwise_op(shape).inverse()), *EXPORT[kind][1:]]
-            cls = "DepthwiseConv2D"
+            cls = f"DepthwiseConv{len(m.kernel_size)}D"
         base = "bidirectional" if slot.bidirectional else snake_case(cls)
         path = wanted.get(slot.label) or wanted.get(slot.path)
         while path is None or (path in taken and slot.label not in wanted and slot.path not in wanted):

@@ -24,6 +24,7 @@ from weightport.torch_facts import RNN_GATE_COUNT, RNN_KINDS
 __all__ = [
     "KINDS",
     "CLASS_OF_KIND",
+    "DEPTHWISE",
     "Layer",
     "Part",
     "Resolved",
@@ -46,7 +47,9 @@ KINDS = {
     "Embedding": "Embedding",
     "BatchNormalization": "BatchNorm",
     "LayerNormalization": "LayerNorm",
+    "DepthwiseConv1D": "Conv1d",  # into Conv1d(groups=in_channels)
     "DepthwiseConv2D": "Conv2d",  # into Conv2d(groups=in_channels)
+    "SeparableConv1D": "Conv1d",  # split into its depthwise and pointwise halves, one Conv1d each
     "SeparableConv2D": "Conv2d",  # split into its depthwise and pointwise halves, one Conv2d each
     "Conv1DTranspose": "ConvTranspose1d",
     "Conv2DTranspose": "ConvTranspose2d",
@@ -70,7 +73,9 @@ _ROLES = {
     "Embedding": ("embeddings",),
     "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
     "LayerNormalization": ("gamma", "beta"),
+    "DepthwiseConv1D": ("kernel", "bias"),
     "DepthwiseConv2D": ("kernel", "bias"),
+    "SeparableConv1D": ("depthwise_kernel", "pointwise_kernel", "bias"),
     "SeparableConv2D": ("depthwise_kernel", "pointwise_kernel", "bias"),
     "Conv1DTranspose": ("kernel", "bias"),
     "Conv2DTranspose": ("kernel", "bias"),
@@ -78,6 +83,12 @@ _ROLES = {
     "Normalization": ("mean", "variance", "count"),
 }
 _NORMS = ("BatchNormalization", "LayerNormalization", "GroupNormalization")
+DEPTHWISE = ("DepthwiseConv1D", "DepthwiseConv2D")
+# a separable conv's class -> the classes of its depthwise and pointwise halves
+_SEPARABLE = {
+    "SeparableConv1D": ("DepthwiseConv1D", "Conv1D"),
+    "SeparableConv2D": ("DepthwiseConv2D", "Conv2D"),
+}
 
 # a MultiHeadAttention's sublayers, each a group of its own in the file (kernel, then bias)
 ATTENTION_PARTS = ("query_dense", "key_dense", "value_dense", "output_dense")
@@ -103,7 +114,7 @@ class Layer:
     legacy: list[str] | None = None
     seq: tuple[str, ...] = ()
     index: int = 0
-    sub: int = 0  # a SeparableConv2D's halves: 0 depthwise, 1 pointwise (the order they run in)
+    sub: int = 0  # a separable conv's halves: 0 depthwise, 1 pointwise (the order they run in)
     # a ZeroPadding1D/2D feeding this layer alone (.keras, legacy .h5): its name and (before, after) per axis
     padded_by: str = ""
     padding: tuple[tuple[int, int], ...] | None = None
@@ -311,7 +322,7 @@ def resolve(layer: Layer, source: Source, slot_kinds: set[str], mapped: bool, wh
             if layer.legacy is not None
             else _index_roles(cls, tensors, cfg, layer, where)
         )
-        if cls == "DepthwiseConv2D" and "depthwise_kernel" in roles:  # tf.keras's name for it
+        if cls in DEPTHWISE and "depthwise_kernel" in roles:  # tf.keras's name for it
             roles["kernel"] = roles.pop("depthwise_kernel")
         parts.append(Part(cls, roles, cfg, len(parts) == 1, {r: tuple(shapes[t]) for r, t in roles.items()}))
     kind = KINDS[parts[0].cls]
@@ -322,15 +333,16 @@ def resolve(layer: Layer, source: Source, slot_kinds: set[str], mapped: bool, wh
 
 
 def split(found: Resolved) -> list[Resolved]:
-    """A ``SeparableConv2D`` as its two halves, each filling one ``Conv2d`` and paired on its own.
+    """A ``SeparableConv1D``/``SeparableConv2D`` as its two halves, each filling one conv and paired on its own.
 
     The depthwise half (``name/depthwise``: strides, padding, dilation, ``depth_multiplier``, no bias)
     runs first, then the pointwise 1x1 half (``name/pointwise``: ``filters``, ``use_bias``,
     ``activation``), as Keras computes it; any other layer is returned as it is.
     """
     part = found.parts[0]
-    if part.cls != "SeparableConv2D":
+    if part.cls not in _SEPARABLE:
         return [found]
+    depthwise_cls, pointwise_cls = _SEPARABLE[part.cls]
     cfg = part.config
     depthwise: dict[str, Any] | None = None
     pointwise: dict[str, Any] | None = None
@@ -350,8 +362,8 @@ def split(found: Resolved) -> list[Resolved]:
             "activation": cfg.get("activation"),
         }
     halves = [
-        ("depthwise", "DepthwiseConv2D", {"kernel": "depthwise_kernel"}, depthwise),
-        ("pointwise", "Conv2D", {"kernel": "pointwise_kernel", "bias": "bias"}, pointwise),
+        ("depthwise", depthwise_cls, {"kernel": "depthwise_kernel"}, depthwise),
+        ("pointwise", pointwise_cls, {"kernel": "pointwise_kernel", "bias": "bias"}, pointwise),
     ]
     out = []
     for sub, (what, cls, roles, half_cfg) in enumerate(halves):
@@ -361,9 +373,7 @@ def split(found: Resolved) -> list[Resolved]:
         if sub:
             layer.padded_by, layer.padding, layer.built = "", None, None  # the 1x1 half reads no padding
         variables = {role: part.vars[var] for role, var in roles.items() if var in part.vars}
-        out.append(
-            Resolved(layer, "Conv2d", f"SeparableConv2D ({what} half)", [Part(cls, variables, half_cfg)])
-        )
+        out.append(Resolved(layer, found.kind, f"{part.cls} ({what} half)", [Part(cls, variables, half_cfg)]))
     return out
 
 

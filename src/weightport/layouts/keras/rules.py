@@ -86,24 +86,28 @@ EXPORT["LSTM"] = EXPORT["RNN"]
 
 
 def depthwise_op(shape: tuple[int, ...]) -> Op:
-    """A ``DepthwiseConv2D`` kernel ``(kh, kw, in, multiplier)`` as a ``Conv2d(groups=in)`` weight
-    ``(in * multiplier, 1, kh, kw)``: Keras's output channel ``i * multiplier + m`` reads input channel
-    ``i`` (``tf.nn.depthwise_conv2d``), so the kernel goes to ``(in, multiplier, kh, kw)``, then reshapes.
+    """A ``DepthwiseConv1D``/``DepthwiseConv2D`` kernel ``(*k, in, multiplier)`` as a ``Conv(groups=in)``
+    weight ``(in * multiplier, 1, *k)``: Keras's output channel ``i * multiplier + m`` reads input channel
+    ``i`` (``tf.nn.depthwise_conv2d``), so the kernel goes to ``(in, multiplier, *k)``, then reshapes.
 
     >>> depthwise_op((3, 3, 4, 2)).out_shape([(3, 3, 4, 2)])
     (8, 1, 3, 3)
+    >>> depthwise_op((5, 4, 2)).out_shape([(5, 4, 2)])
+    (8, 1, 5)
     """
-    kh, kw, channels, multiplier = shape
+    *kernel, channels, multiplier = shape
+    spatial = tuple(range(len(kernel)))
     return Chain(
-        Transpose((2, 3, 0, 1)),
-        Reshape((channels, multiplier, kh, kw), (channels * multiplier, 1, kh, kw)),
+        Transpose((len(kernel), len(kernel) + 1, *spatial)),
+        Reshape((channels, multiplier, *kernel), (channels * multiplier, 1, *kernel)),
     )
 
 
 def _table(kind: str, part: Part, source: Source) -> list[tuple[str, str, Op]]:
     """The (parameter, variable, op) rows for ``part``: its kind's, but a depthwise kernel's own op."""
     kernel = part.vars.get("kernel")
-    if part.cls == "DepthwiseConv2D" and kernel is not None and len(source.infos[kernel].shape) == 4:
+    rank = {"DepthwiseConv1D": 3, "DepthwiseConv2D": 4}.get(part.cls or "")
+    if rank is not None and kernel is not None and len(source.infos[kernel].shape) == rank:
         return [
             ("weight", "kernel", depthwise_op(tuple(source.infos[kernel].shape))),
             ("bias", "bias", Identity()),
