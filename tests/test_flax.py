@@ -791,6 +791,63 @@ def test_mgu_cell_is_refused() -> None:
         _load(tnn.GRU(F, H, batch_first=True), variables)
 
 
+@needs_flax
+@pytest.mark.parametrize(("first", "second", "hidden"), [("ih", "hh", 6), ("i", "h", 6), ("ih", "hh", 4)])
+def test_dense_layers_named_like_a_cells_gates_are_dense_layers(first: str, second: str, hidden: int) -> None:
+    """Two Dense named ``ih``/``hh`` or ``i``/``h`` are no cell where their shapes cannot be one (outputs of
+    different sizes; 2-D kernels named as a ConvLSTMCell's convolutions): they load as the Dense they are."""
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            return nn.Dense(4, name=second)(nn.relu(nn.Dense(hidden, name=first)(x)))
+
+    x = _inputs(shape=(B, 4))
+    variables = _perturb(Block().init(jax.random.PRNGKey(0), x), np.random.default_rng(1))
+
+    class Twin(tnn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            setattr(self, first, tnn.Linear(4, hidden))
+            setattr(self, second, tnn.Linear(hidden, 4))
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return getattr(self, second)(torch.relu(getattr(self, first)(t)))
+
+    twin = Twin()
+    _load(twin, variables)
+    with torch.no_grad():
+        got = twin(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, np.asarray(Block().apply(variables, x)), atol=TOL)
+
+
+@needs_flax
+def test_a_dense_stacked_by_scan_is_refused_as_stacked_layers() -> None:
+    """nn.scan over params gives a kernel (layers, in, out) and bias (layers, out): named for what it is, not
+    as a DenseGeneral nor as modules too alike to pair (with or without mapping=)."""
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h: Any, _: Any) -> Any:
+            return nn.tanh(nn.Dense(4)(h)), None
+
+    class Stacked(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return scan(name="stack")(x, None)[0]
+
+    variables = Stacked().init(jax.random.PRNGKey(0), _inputs(shape=(B, 4)))
+    model = tnn.Module()
+    model.stack = tnn.ModuleList([tnn.Linear(4, 4) for _ in range(3)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    message = r"'stack/Dense_0' has kernel \(3, 4, 4\) and bias \(3, 4\): 3 layers stacked along axis 0 \(by nn.scan"
+    for kwargs in ({}, {"mapping": {"stack/Dense_0": "stack.0"}}):
+        with pytest.raises(UnsupportedConfigError, match=message):
+            _load(model, variables, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_bidirectional_into_a_one_way_module_is_refused() -> None:
     cell = _linen_gru_tree()["params"]["rnn"]["cell"]
     tree = {"params": {"bi": {"forward_rnn": {"cell": cell}, "backward_rnn": {"cell": cell}}}}

@@ -60,6 +60,11 @@ def _cell(path: str, node: Tree, source: Source) -> tuple[CellSpec, dict[str, st
     if not children or not all(isinstance(v, dict) for v in node.values()):
         return None
     leaves = leaves_of(node)
+    kernels = [tuple(source.infos[v].shape) for k, v in leaves.items() if k.endswith("kernel")]
+    if len({k[-1:] for k in kernels}) > 1:
+        return None  # each gate of a cell, input or hidden side, has H (or blocks * H) outputs: not a cell
+    if children == {"ih", "hh"} and all(len(k) == 2 for k in kernels):
+        return None  # a ConvLSTMCell's ih/hh are convolutions: two Dense layers of that name are no cell
     found = ", ".join(f"{k} {tuple(source.infos[v].shape)}" for k, v in leaves.items())
     if children in UNSUPPORTED_CELLS:
         raise UnsupportedConfigError(
@@ -108,6 +113,26 @@ def _rnn_cell(path: str, node: object, source: Source) -> tuple[CellSpec, dict[s
     return found
 
 
+def _refuse_stacked(path: str, leaves: Mapping[str, str], source: Source) -> None:
+    """Refuse a Dense or Conv stacked along a new axis 0 (``nn.scan``/``nn.vmap`` over ``params``): its bias
+    ``(layers, out)`` is not the kernel's trailing (feature) axes, as a DenseGeneral's bias is."""
+    if "bias" not in leaves:
+        return
+    kernel = tuple(source.infos[leaves["kernel"]].shape)
+    bias = tuple(source.infos[leaves["bias"]].shape)
+    if len(bias) < 2 or bias == kernel[-len(bias) :] or len(kernel) < 3:
+        return
+    if bias[0] != kernel[0] or bias[1:] != kernel[len(kernel) - len(bias) + 1 :]:
+        return
+    raise UnsupportedConfigError(
+        f"{source.description}: Flax layer '{path}' has kernel {kernel} and bias {bias}: {bias[0]} layers "
+        f"stacked along axis 0 (by nn.scan or nn.vmap over 'params'), each a kernel {kernel[1:]} and a bias "
+        f"{bias[1:]}; a DenseGeneral's bias would be the kernel's last axes. weightport does not unstack "
+        "scanned layers. Fix: unstack the arrays along axis 0 into one entry per layer "
+        "(array[i] for layer i), convert them to PyTorch's layout, and load them by name."
+    )
+
+
 def _plain(path: str, node: Tree, source: Source) -> Layer | None:
     """A layer whose children are all arrays: Dense, Conv, Embed, LayerNorm, BatchNorm."""
     if not node or any(isinstance(v, dict) for v in node.values()):
@@ -116,6 +141,7 @@ def _plain(path: str, node: Tree, source: Source) -> Layer | None:
     names = frozenset(leaves)
     if "kernel" in names and names <= {"kernel", "bias"}:
         rank = len(source.infos[leaves["kernel"]].shape)
+        _refuse_stacked(path, leaves, source)
         if rank == 2:
             return Layer(path, "Linear", "Dense", leaves)
         bias_rank = len(source.infos[leaves["bias"]].shape) if "bias" in leaves else 1
