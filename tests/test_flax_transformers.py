@@ -247,3 +247,29 @@ def test_flax_gpt2_lm_head_and_vit_classifier_load_exactly(tmp_path: Path) -> No
         logits = module(torch.from_numpy(PIXELS)).logits.numpy()
     assert _error(logits, np.asarray(vit(PIXELS).logits)) <= TOL
     _assert_same_state(module, _converted(transformers.ViTForImageClassification(config), path))
+
+
+def test_flax_distilbert_vocab_projector_bias_alone_loads_into_the_tied_linear(tmp_path: Path) -> None:
+    """DistilBERT's vocab_projector is a bias in Flax, its kernel the tied word embeddings: it reads as a
+    LayerNorm without scale, but by name it is nn.Linear's bias, the only reading that fills that module."""
+    config = transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37)
+    flax_model = transformers.FlaxDistilBertForMaskedLM(config, seed=0)
+    path = _save(flax_model, tmp_path, 6)  # noise makes the bias non-zero
+    assert np.abs(np.asarray(flax_model.params["vocab_projector"]["bias"])).max() > 0
+    module = transformers.DistilBertForMaskedLM(config).eval()
+    report = _load(module, path)
+    with torch.no_grad():
+        logits = module(torch.from_numpy(IDS).long()).logits.numpy()
+    assert _error(logits, np.asarray(flax_model(IDS).logits)) <= TOL
+    projector = [p for p in report.pairings if p.module_path == "vocab_projector"]
+    assert [p.source_kind for p in projector] == ["a Dense's bias alone"]
+    _assert_same_state(module, _converted(transformers.DistilBertForMaskedLM(config), path))
+    untied = transformers.DistilBertForMaskedLM(
+        transformers.DistilBertConfig(**{**config.to_dict(), "tie_word_embeddings": False})
+    )
+    before = snapshot(untied)
+    with pytest.raises(
+        WeightportError, match=r"'vocab_projector\.weight': expected a value for it, found nothing"
+    ):
+        _load(untied, path)
+    assert snapshot(untied) == before

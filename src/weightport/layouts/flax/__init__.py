@@ -96,7 +96,7 @@ from weightport.layouts.flax.facts import APIS, COLLECTIONS, FRAMEWORK, ROOT, ST
 from weightport.layouts.flax.layers import Layer, layers_in, settle_norm_kinds
 from weightport.layouts.flax.loose import loose_rules
 from weightport.layouts.flax.rules import MISSING_STATS, layer_rules, unchecked
-from weightport.layouts.flax.settle import settle_attention, settle_by_name, settle_conv1d
+from weightport.layouts.flax.settle import settle_attention, settle_by_name, settle_conv1d, settle_lone_bias
 from weightport.layouts.flax.tree import name_paths, recorded_order
 from weightport.layouts.pairing import (
     Paired,
@@ -131,6 +131,7 @@ def plan(
     layers = layers_in(source)
     settle_attention(layers, module, mapping)
     settle_by_name(layers, module, mapping)
+    settle_lone_bias(layers, module, mapping)
     settle_norm_kinds(layers, module)
     settle_conv1d(layers, module, mapping)
     orders = _orders(layers, names)

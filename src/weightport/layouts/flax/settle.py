@@ -28,7 +28,15 @@ from weightport.layouts.flax.layers import DENSE_GENERAL, Layer
 from weightport.layouts.flax.tree import name_paths
 from weightport.layouts.slots import Slot, module_slots
 
-__all__ = ["settle_conv1d", "settle_attention", "settle_by_name", "named_slots", "CONV1D", "CONV1D_DETAIL"]
+__all__ = [
+    "settle_conv1d",
+    "settle_attention",
+    "settle_by_name",
+    "settle_lone_bias",
+    "named_slots",
+    "CONV1D",
+    "CONV1D_DETAIL",
+]
 
 CONV1D = "Conv1D"  # the slot kind of transformers' Conv1D (see layouts.slots)
 CONV1D_DETAIL = "FlaxConv1D"
@@ -119,3 +127,17 @@ def settle_by_name(layers: list[Layer], module: nn.Module, mapping: Mapping[str,
             if named == {other} or (auto and not named) or alone:
                 layer.kind = other
                 layer.detail = _DETAIL.get(other, "ConvTranspose")
+
+
+def settle_lone_bias(layers: list[Layer], module: nn.Module, mapping: Mapping[str, str] | None) -> None:
+    """A layer of a ``bias`` alone reads as a LayerNorm without scale, but is a Dense's bias where its name
+    (or ``mapping=``) is an ``nn.Linear``: a Dense whose kernel lives elsewhere (DistilBERT's
+    ``vocab_projector``, ``x @ embedding.T + bias``; PyTorch ties the weight). No other reading fills that
+    ``nn.Linear``, so this one is no guess; where its weight is not tied, the load says it has no value."""
+    slots = module_slots(module)
+    for layer in layers:
+        if layer.kind != "LayerNorm" or set(layer.leaves) != {"bias"}:
+            continue
+        named = named_slots(layer.name, slots, mapping)
+        if len(named) == 1 and named[0].kind == "Linear":
+            layer.kind, layer.detail = "Linear", "a Dense's bias alone"
