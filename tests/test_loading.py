@@ -974,3 +974,20 @@ def test_a_channels_last_module_built_on_meta_keeps_its_memory_format(
     with pytest.raises(weightport.LoadError, match=r"NaN/Inf value \(first at index \(1, 2, 0, 1\)"):
         weightport.load(conv, source)
     assert conv.weight.is_meta
+
+
+def test_one_source_name_is_never_offered_as_the_rename_of_two_tensors() -> None:
+    """Two tensors lacking a value, one unknown name close to both: only its closest takes the rename."""
+    model = nn.Module()
+    model.pos_key_proj = nn.Linear(2, 2)
+    model.pos_query_proj = nn.Linear(2, 2)
+    arrays = {f"pos_key_proj.{k}": v.numpy() for k, v in model.pos_key_proj.state_dict().items()}
+    arrays |= {f"pos_q_proj.{k}": v.numpy() for k, v in model.pos_query_proj.state_dict().items()}
+    with pytest.raises(LoadError) as info:
+        weightport.load(model, {k: v for k, v in arrays.items() if not k.startswith("pos_key_proj")})
+    fixes = {p.name: p.fix for p in info.value.problems}
+    assert (
+        fixes["pos_query_proj.weight"]
+        == "the source has 'pos_q_proj.weight': rename it to 'pos_query_proj.weight'"
+    )
+    assert "pos_q_proj" not in fixes["pos_key_proj.weight"]

@@ -295,6 +295,7 @@ def build_plan(
                         name,
                         prefix + name,
                         [r.target for r in layout.rules if r.target not in tensors],
+                        lacking,
                         both_sides,
                         torch_names,
                     ),
@@ -329,9 +330,12 @@ def _set_aside(name: str, ignored: list[str]) -> str | None:
     )
 
 
-def _suggest_missing(name: str, full: str, unknown: list[str], both_sides: bool, torch_names: bool) -> str:
+def _suggest_missing(
+    name: str, full: str, unknown: list[str], lacking: list[str], both_sides: bool, torch_names: bool
+) -> str:
     close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.6)
-    if close:
+    # a rename only where each is the other's closest: one source name is never offered to two tensors
+    if close and difflib.get_close_matches(close[0], lacking, n=1, cutoff=0.6) == [name]:
         return f"the source has '{close[0]}': rename it to '{name}'"
     if not both_sides:
         return "add it to the source, or pass strict=False to leave it as it is"
