@@ -521,25 +521,68 @@ def test_modules_the_graph_computes_from_other_nodes_take_their_parameters_by_na
 
 
 class Cross(nn.Module):
-    """nn.MultiheadAttention with a query other than its key and value, as in nn.TransformerDecoderLayer."""
+    """nn.MultiheadAttention with a query other than its key and value, as in nn.TransformerDecoderLayer
+    (``twice``: the value is the key times two, so each of the three projections goes out alone)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bias: bool = True, twice: bool = False) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, bias=bias)
+        self.twice = twice
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        return self.attn(q, kv, kv, need_weights=False)[0]
+        return self.attn(q, kv, kv * 2 if self.twice else kv, need_weights=False)[0]
+
+
+class Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, 2)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return self.decoder(q, kv)
+
+
+def _noisy(model: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)  # every bias non-zero: the exporter keeps each in its own initializer
+    return model.eval()
+
+
+def _cross_export(model: nn.Module, path: Path, dynamo: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (torch.randn(2, 4, 8), torch.randn(2, 3, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), dynamo=dynamo, verbose=False, input_names=["q", "kv"])
+    return args
 
 
 @pytest.mark.parametrize("dynamo", [False, True])
-def test_cross_attention_is_refused_for_what_it_is(tmp_path: Path, dynamo: bool) -> None:
-    """Its in_proj goes out in unnamed parts; the refusal said the model had no nn.Linear."""
-    args = (torch.randn(2, 4, 8), torch.randn(2, 3, 8))
+@pytest.mark.parametrize("cls", [Cross, Decoder])
+def test_cross_attention_loads_exactly(tmp_path: Path, dynamo: bool, cls: Any) -> None:
+    """The in_proj goes out in two parts: unnamed query (d, d) and key-value (d, 2d) MatMuls that the
+    dataflow into the named out_proj proves (legacy), or the named in_proj_weight split in the graph
+    (dynamo). Loaded into a model of other values, the outputs are onnxruntime's."""
     path = tmp_path / "m.onnx"
+    args = _cross_export(_noisy(cls(), 0), path, dynamo)
+    model = _noisy(cls(), 1)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(fresh(Cross).eval(), args, str(path), dynamo=dynamo, verbose=False)
-    model = Cross()
+        warnings.simplefilter("ignore", UncheckedConfigWarning)  # num_heads is not in the weights
+        report = weightport.load(model, path, example_inputs=args)
+    attentions = [p for p in report.pairings if p.module_kind == "MultiheadAttention"]
+    assert len(attentions) == (1 if cls is Cross else 4)
+    assert all(p.how == "by name" for p in attentions)
+    (expected,) = run_ort(path, {"q": args[0].numpy(), "kv": args[1].numpy()})
+    np.testing.assert_allclose(model(*args).detach().numpy(), expected, atol=TOL)
+
+
+def test_cross_attention_with_a_key_other_than_the_value_is_refused(tmp_path: Path) -> None:
+    """Three projections of d outputs each: which is the key's and which the value's is not proven."""
+    path = tmp_path / "m.onnx"
+    args = _cross_export(_noisy(Cross(twice=True), 0), path, dynamo=False)
+    model = Cross(twice=True)
     before = snapshot(model)
     with pytest.raises(
         LayoutError, match=r"nn.MultiheadAttention 'attn'.*query other than (its )?key and value"

@@ -24,7 +24,8 @@ from torch import nn
 
 from weightport.errors import LayoutError
 from weightport.layouts.base import Pairing, Rule
-from weightport.layouts.onnx.graph import Layer, all_zero
+from weightport.layouts.onnx.cross_attention import InProj, dataflow_in_proj, in_proj_roles, split_in_proj
+from weightport.layouts.onnx.graph import Graph, Layer, all_zero
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.pairing import Paired, Slot, module_slots
 from weightport.sources.base import Source
@@ -53,9 +54,10 @@ def _owner(layer: Layer, suffixes: tuple[str, ...]) -> str | None:
     return None
 
 
-def attention_layers(layers: list[Layer], source: Source) -> list[Layer]:
+def attention_layers(layers: list[Layer], source: Source, graph: Graph) -> list[Layer]:
     """``layers`` with each in_proj/out_proj pair of Linear layers that the stored names tie to one
-    ``nn.MultiheadAttention`` made one layer of kind ``MultiheadAttention`` (where the in_proj was)."""
+    ``nn.MultiheadAttention`` made one layer of kind ``MultiheadAttention`` (where the in_proj was);
+    then each out_proj left whose in_proj the graph splits (:mod:`.cross_attention`)."""
     out_at = {}
     for i, layer in enumerate(layers):
         owner = _owner(layer, (_OUT,)) if layer.kind == "Linear" else None
@@ -85,7 +87,47 @@ def attention_layers(layers: list[Layer], source: Source) -> list[Layer]:
             owner=owner,
         )
         dropped.add(out_at[owner])
-    return [merged.get(i, layer) for i, layer in enumerate(layers) if i not in dropped]
+    found = [merged.get(i, layer) for i, layer in enumerate(layers) if i not in dropped]
+    return _cross_attention(
+        found, {owner: layers[i] for owner, i in out_at.items() if i not in dropped}, graph
+    )
+
+
+def _cross_attention(layers: list[Layer], outs: dict[str, Layer], graph: Graph) -> list[Layer]:
+    """Each out_proj in ``outs`` (owner -> layer) made one attention layer with its split in_proj, where
+    the graph proves it; a projection two attentions would claim (or an out_proj) is left to neither."""
+    found: dict[int, tuple[str, Layer, InProj]] = {}
+    claims: dict[int, int] = {id(out): 1 for out in outs.values()}
+    for owner, out in outs.items():
+        width = _outputs(out, graph.source)
+        in_proj = None if width is None else split_in_proj(owner, width, graph)
+        if width is not None and in_proj is None:
+            in_proj = dataflow_in_proj(out, width, layers, graph)
+        if in_proj is not None:
+            found[id(out)] = (owner, out, in_proj)
+            for part in in_proj.parts:
+                claims[id(part)] = claims.get(id(part), 0) + 1
+    proven = {key: entry for key, entry in found.items() if all(claims[id(p)] == 1 for p in entry[2].parts)}
+    taken = {id(part) for _, _, in_proj in proven.values() for part in in_proj.parts}
+    result = []
+    for layer in layers:
+        if id(layer) in taken:
+            continue  # an attention's query or key-value projection
+        if id(layer) not in proven:
+            result.append(layer)
+            continue
+        owner, out, in_proj = proven[id(layer)]
+        result.append(
+            Layer(
+                out.node,
+                ATTENTION,
+                in_proj.tensors | {f"out_proj.{k}": v for k, v in out.tensors.items()},
+                in_proj.ops | {f"out_proj.{k}": v for k, v in out.ops.items()},
+                detail=f"{in_proj.detail} and {out.detail} '{out.node.label}' (out_proj)",
+                owner=owner,
+            )
+        )
+    return result
 
 
 def _outputs(layer: Layer, source: Source) -> int | None:
@@ -112,25 +154,27 @@ def attention_rules(
         )
         return []
     rules = []
-    for role, param in (
-        ("in_proj_weight", "in_proj_weight"),
-        ("in_proj_bias", "in_proj_bias"),
-        ("out_proj.weight", "out_proj.weight"),
-        ("out_proj.bias", "out_proj.bias"),
-    ):
-        name = layer.tensors.get(role)
+    stored = in_proj_roles(layer) | {
+        role: ((layer.tensors[role],), layer.ops.get(role, Identity()))
+        for role in ("out_proj.weight", "out_proj.bias")
+        if role in layer.tensors
+    }
+    for role in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+        names, op = stored.get(role, ((), Identity()))
+        param = role
         target = module.get_parameter(param) if _has(module, param) else None
-        origin = f"{source.description} node '{node.label}' {role.replace('_', ' ', 1)} '{name}'"
-        if name is not None and target is None:
-            if all_zero(source, name):
-                validated.add(name)
+        shown = " and ".join(f"'{n}'" for n in names)
+        origin = f"{source.description} node '{node.label}' {role.replace('_', ' ', 1)} {shown}"
+        if names and target is None:
+            if all(all_zero(source, n) for n in names):
+                validated.update(names)
             else:
                 issues.add(
                     node,
-                    f"has {role} '{name}' but '{slot.label}' was built with bias=False. Fix: build it with bias=True.",
+                    f"has {role} {shown} but '{slot.label}' was built with bias=False. Fix: build it with bias=True.",
                 )
-        elif name is not None:
-            rules.append(Rule(slot.name(param), (name,), layer.ops.get(role, Identity()), origin))
+        elif names:
+            rules.append(Rule(slot.name(param), names, op, origin))
         elif target is not None:
             rules.append(
                 Rule(
@@ -263,8 +307,12 @@ def explain_unnamed_attention(
             raise LayoutError(
                 f"{source.description} {seen}: the exporter writes the input projections of an attention called "
                 "with a query other than its key and value (cross-attention, as in nn.TransformerDecoderLayer) as "
-                "unnamed nodes, and nothing in the graph ties them to this attention. Fix: load the PyTorch "
-                "weights themselves (weightport.save of the model, or its state_dict as .safetensors). "
+                "unnamed nodes. They are tied to the attention only where the dataflow into its named out_proj "
+                "starts at exactly one query (d, d) and one key-value (d, 2d) projection (the key is the value); "
+                "here it does not (a key other than the value gives three projections, which is which unproven; "
+                "an unnamed out_proj names no attention). Fix: load the PyTorch weights themselves "
+                "(weightport.save of the model, or its state_dict as .safetensors), or export with dynamo=True, "
+                "which keeps the in_proj under its name. "
                 f"(Pairing said: {error})"
             ) from error
         raise LayoutError(

@@ -72,7 +72,7 @@ def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: se
         layers.append(layer)
         for name in layer.tensors.values():
             holding.setdefault(name, []).append(layer)
-    return attention_layers(layers, source)
+    return attention_layers(layers, source, graph)
 
 
 def _same_values(layer: Layer, other: Layer, source: Source) -> bool:
