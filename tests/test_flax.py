@@ -848,6 +848,60 @@ def test_a_dense_stacked_by_scan_is_refused_as_stacked_layers() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@needs_flax
+def test_compact_bidirectional_cells_fill_the_sides_mapping_names() -> None:
+    """nn.Bidirectional written in @nn.compact stores its cells as siblings GRUCell_0/GRUCell_1: which runs
+    backward is not recorded, so it is refused with the fix; mapping= 'gru[0]:forward'/'gru[0]:reverse'
+    loads Flax's outputs exactly, and the other assignment (a real other model) does not."""
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            return nn.Dense(2)(nn.Bidirectional(nn.RNN(nn.GRUCell(H)), nn.RNN(nn.GRUCell(H)))(x))
+
+    x = _inputs()
+    variables = _perturb(Model().init(jax.random.PRNGKey(0), x), np.random.default_rng(2))
+    assert {"GRUCell_0", "GRUCell_1"} <= set(variables["params"])
+    expected = np.asarray(Model().apply(variables, x))
+
+    def twin() -> tnn.Module:
+        model = tnn.Module()
+        model.gru = tnn.GRU(F, H, batch_first=True, bidirectional=True)
+        model.fc = tnn.Linear(2 * H, 2)
+        return model
+
+    def run(model: Any) -> np.ndarray:
+        with torch.no_grad():
+            return model.fc(model.gru(torch.from_numpy(x))[0]).numpy()
+
+    model = twin()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        LayoutError, match=r"mapping=\{'GRUCell_0': 'gru\[0\]:forward', 'GRUCell_1': 'gru\[0\]:reverse'\}"
+    ):
+        _load(model, variables)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = _load(model, variables, mapping={"GRUCell_0": "gru[0]:forward", "GRUCell_1": "gru[0]:reverse"})
+    np.testing.assert_allclose(run(model), expected, atol=TOL)
+    assert {p.how for p in report.pairings if p.module_path == "gru[0]"} == {
+        "mapping= (forward direction)",
+        "mapping= (reverse direction)",
+    }
+    swapped = twin()
+    _load(swapped, variables, mapping={"GRUCell_0": "gru[0]:reverse", "GRUCell_1": "gru[0]:forward"})
+    assert np.abs(run(swapped) - expected).max() > 100 * TOL
+    for mapping, message in [
+        (
+            {"GRUCell_0": "gru[0]:forward", "GRUCell_1": "gru[0]:forward"},
+            "sends both 'GRUCell_0' and 'GRUCell_1' to 'gru\\[0\\]:forward'",
+        ),
+        ({"GRUCell_0": "gru[0]:sideways"}, "'sideways' is no direction"),
+        ({"GRUCell_0": "gru[0]:forward"}, "no free nn.GRU left"),
+    ]:
+        with pytest.raises(LayoutError, match=message):
+            _load(twin(), variables, mapping=mapping)
+
+
 def test_bidirectional_into_a_one_way_module_is_refused() -> None:
     cell = _linen_gru_tree()["params"]["rnn"]["cell"]
     tree = {"params": {"bi": {"forward_rnn": {"cell": cell}, "backward_rnn": {"cell": cell}}}}

@@ -689,3 +689,23 @@ def test_onnx_graph_into_renamed_modules_with_mapping(
 def onnx_gemms(backwards_onnx: OnnxFile) -> list[str]:
     onnx, _ = _onnx()
     return [n.name for n in onnx.load(str(backwards_onnx.path)).graph.node if n.op_type == "Gemm"]
+
+
+def test_a_mapping_side_is_for_layouts_with_one_way_cells_only() -> None:
+    """':reverse' names one direction of a bidirectional RNN where a layout pairs one-way cells with sides
+    (Flax); elsewhere a source's bidirectional layer fills both itself, and a one-way module has no side."""
+    from weightport.layouts.pairing import pair_layers
+    from weightport.layouts.slots import SourceLayer
+
+    model = nn.Module()
+    model.gru = nn.GRU(3, 4, bidirectional=True)
+    model.one = nn.GRU(3, 4)
+    layers = [SourceLayer("cell", "GRU")]
+    with pytest.raises(
+        LayoutError, match=r"Keras layers fill both directions .* map it to 'gru\[0\]' without ':reverse'"
+    ):
+        pair_layers(model, layers, {"cell": "gru[0]:reverse"}, framework="Keras")
+    with pytest.raises(LayoutError, match=r"'one\[0\]' runs one direction"):
+        pair_layers(model, layers, {"cell": "one[0]:reverse"}, framework="Flax", sides=True)
+    (pair,) = pair_layers(model, layers, {"cell": "gru[0]:reverse"}, framework="Flax", sides=True)
+    assert (pair.slot.label, pair.side, pair.how) == ("gru[0]", "reverse", "mapping= (reverse direction)")

@@ -8,7 +8,8 @@ module with parameters of its own is one slot, except a multi-layer ``nn.RNN``/`
 Each source layer takes a slot by one of these proofs, tried in turn; the report
 says which:
 
-1. ``mapping=``: the user said so (``{"lstm_1": "encoder[1]"}`` names layer 1 of ``encoder``);
+1. ``mapping=``: the user said so (``{"lstm_1": "encoder[1]"}`` names layer 1 of ``encoder``;
+   ``"encoder[0]:reverse"`` its reverse direction, where the layout pairs one-way cells with sides);
 2. **by name**: the slot's path is the layer's own name under its framework's naming
    rules (``encoder/cell`` is ``encoder.cell``); when every layer pairs by name inside
    one submodule and none at the root (a model wrapped as ``self.m``), inside it;
@@ -115,6 +116,25 @@ def rules_fit(rules: Iterable[Rule], source: Source, shapes: Mapping[str, tuple[
 
 
 _TARGET = re.compile(r"^(?P<path>[\w.]*?)(?:\[(?P<layer>\d+)\])?$")
+SIDES = ("forward", "reverse")
+
+
+def _side(target: str, layer: SourceLayer, framework: str, sides: bool) -> tuple[str, str]:
+    """``target`` without a ``:forward``/``:reverse`` suffix, and that side ("" for none)."""
+    path, colon, side = target.rpartition(":")
+    if not colon:
+        return target, ""
+    if side not in SIDES:
+        raise LayoutError(
+            f"mapping '{layer.name}' -> '{target}': '{side}' is no direction. Fix: end the target with "
+            "':forward' or ':reverse' (one direction of a bidirectional RNN), or with nothing."
+        )
+    if not sides:
+        raise LayoutError(
+            f"mapping '{layer.name}' -> '{target}': {framework} layers fill both directions of a bidirectional "
+            f"RNN themselves. Fix: map it to '{path}' without ':{side}'."
+        )
+    return path, side
 
 
 def _resolve(target: str, slots: list[Slot], source: SourceLayer) -> Slot:
@@ -151,6 +171,7 @@ def pair_layers(
     fits: Fits | None = None,
     call_order: CallOrder | None = None,
     where: str = "",
+    sides: bool = False,
 ) -> list[Paired]:
     """Pair each source layer with one slot, each by a proof (see the module doc), or refuse.
 
@@ -162,6 +183,8 @@ def pair_layers(
         fits: ``fits(i, slot)``: whether layer ``i``'s converted shapes are the slot's.
         call_order: module path -> the position of its first call (``example_inputs=``).
         where: how messages name the source.
+        sides: whether ``mapping=`` may name one direction of a bidirectional RNN (``"rnn[0]:reverse"``):
+            for layouts whose one-way cells can fill a side each.
     """
     slots = module_slots(model)
     mapping = dict(mapping or {})
@@ -178,21 +201,29 @@ def pair_layers(
     result: dict[int, Paired] = {}
     for i, layer in enumerate(layers):
         if layer.name in mapping:
-            slot = _resolve(mapping[layer.name], slots, layer)
+            target, side = _side(mapping[layer.name], layer, framework, sides)
+            slot = _resolve(target, slots, layer)
             if slot.kind != layer.kind:
                 raise LayoutError(
                     f"mapping '{layer.name}' -> '{slot.label}': {framework} layer '{layer.name}' is "
                     f"{layer.detail or layer.kind} but '{slot.label}' is {type(slot.module).__name__}. "
                     f"Fix: map it to {a_or_an(torch_class(layer.kind))} module."
                 )
-            if slot.label in taken:
-                other = next(p.source.name for p in result.values() if p.slot.label == slot.label)
+            if side and not slot.bidirectional:
                 raise LayoutError(
-                    f"mapping sends both '{other}' and '{layer.name}' to '{slot.label}'. "
-                    "Fix: map each source layer to a module of its own."
+                    f"mapping '{layer.name}' -> '{mapping[layer.name]}': '{slot.label}' runs one direction. Fix: "
+                    f"map it to '{slot.label}' without ':{side}', or build the module with bidirectional=True."
+                )
+            others = [p for p in result.values() if p.slot.label == slot.label]
+            if any(not side or not p.side or p.side == side for p in others):
+                shown = f"{slot.label}:{side}" if side else slot.label
+                raise LayoutError(
+                    f"mapping sends both '{others[0].source.name}' and '{layer.name}' to '{shown}'. "
+                    "Fix: map each source layer to a module of its own (or each to one side of a "
+                    "bidirectional RNN: 'rnn[0]:forward' and 'rnn[0]:reverse')."
                 )
             taken.add(slot.label)
-            result[i] = Paired(layer, slot, "mapping=")
+            result[i] = Paired(layer, slot, f"mapping= ({side} direction)" if side else "mapping=", side)
     _pair_by_name(layers, slots, result, taken, "")
     if not mapping and not result and layers:
         inside = _wrapped_scopes(layers, slots)
@@ -205,7 +236,7 @@ def pair_layers(
             )
         if inside:
             _pair_by_name(layers, slots, result, taken, inside[0])
-    Prover(model, layers, slots, result, taken, framework, fits, call_order, where).run()
+    Prover(model, layers, slots, result, taken, framework, fits, call_order, where, sides).run()
     return [result[i] for i in range(len(layers))]
 
 

@@ -42,8 +42,10 @@ class Prover:
         fits: Fits | None,
         call_order: CallOrder | None,
         where: str,
+        sides: bool = False,
     ) -> None:
         self.model, self.layers, self.slots, self.result = model, layers, slots, result
+        self.sides = sides  # mapping= may give one-way cells a side of a bidirectional RNN each
         self.framework, self.fits, self.call_order = framework, fits, call_order
         self.where = where or f"the {framework} source"
         self.waiting = [i for i in range(len(layers)) if i not in result]
@@ -187,6 +189,15 @@ class Prover:
             )
         else:
             fix = f"build the model with one module per source layer; {self._leave_out()}"
+        both = [self.slots[j] for j in slot_ids if self.slots[j].bidirectional]
+        if self.sides and both and len(layer_ids) >= 2:
+            first, second = (self.layers[i].name for i in layer_ids[:2])
+            fix = (
+                f"a bidirectional module takes two one-way cells only through mapping=, one per direction, since "
+                f"the source does not record which runs backward: mapping={{'{first}': '{both[0].label}:forward', "
+                f"'{second}': '{both[0].label}:reverse'}} (check which is which against the source model's outputs); "
+                f"or {fix}"
+            )
         return (
             f"cannot pair {self.framework} layers with the model: the source has {len(layer_ids)} unpaired "
             f"{'/'.join(kinds)} layer(s) ({names}) but the model has only {len(slot_ids)} free module(s) that "

@@ -163,6 +163,9 @@ class Paired:
     source: SourceLayer
     slot: Slot
     how: str
+    side: str = (
+        ""  # "forward" or "reverse": one direction of a bidirectional slot (mapping= "rnn[0]:reverse")
+    )
 
 
 def module_slots(model: nn.Module) -> list[Slot]:

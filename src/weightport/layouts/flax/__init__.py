@@ -158,6 +158,7 @@ def plan(
         fits=fits_by_rules(module, source, rules_for),
         call_order=call_order,
         where=source.description,
+        sides=True,
     )
     rules: list[Rule] = []
     for layer, pair in zip(layers, paired):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from weightport.errors import LayoutError, UnsupportedConfigError
 from weightport.layouts.base import Rule
 from weightport.layouts.flax.attention import ATTENTION, attention_rules, dense_general_rules
+from weightport.layouts.flax.cells import CellSpec
 from weightport.layouts.flax.convolutions import conv_transpose_rules
 from weightport.layouts.flax.facts import FRAMEWORK, T, conv_axes
 from weightport.layouts.flax.layers import DENSE_GENERAL, Layer
@@ -59,6 +60,13 @@ def cell_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule]:
             "which Flax LSTM cells do not have. Fix: build the LSTM with proj_size=0."
         )
     bidirectional = layer.backward is not None
+    if pair.side and bidirectional:
+        raise LayoutError(
+            f"Flax layer '{layer.name}' -> '{slot.label}:{pair.side}': the layer is bidirectional (forward_rnn and "
+            f"backward_rnn) and fills both directions. Fix: map it to '{slot.label}' without ':{pair.side}'."
+        )
+    if pair.side:  # one direction of a bidirectional module, as mapping= says
+        return _direction_rules(layer, pair, source, reverse=pair.side == "reverse")
     if bidirectional != slot.bidirectional:
         have = "is bidirectional (forward_rnn and backward_rnn)" if bidirectional else "runs one direction"
         fix = "bidirectional=True" if bidirectional else "bidirectional=False"
@@ -67,23 +75,36 @@ def cell_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule]:
             f"Fix: build it with {fix}, or pass mapping= to pair the layers yourself."
         )
     assert layer.cell is not None
-    directions = [(False, layer.cell, layer.leaves)]
+    rules = _direction_rules(layer, pair, source, reverse=False)
     if layer.backward is not None:
-        directions.append((True, *layer.backward))
+        rules += _direction_rules(layer, pair, source, reverse=True, cell=layer.backward)
+    return rules
+
+
+def _direction_rules(
+    layer: Layer,
+    pair: Paired,
+    source: Source,
+    *,
+    reverse: bool,
+    cell: tuple[CellSpec, dict[str, str]] | None = None,
+) -> list[Rule]:
+    """The rules of one direction of ``pair.slot`` from one cell: ``layer``'s own, or ``cell`` (its backward_rnn)."""
+    assert layer.cell is not None
+    spec, leaves = cell or (layer.cell, layer.leaves)
+    hidden = int(source.infos[leaves[spec.hidden]].shape[0])
+    where = "backward_rnn of " if cell is not None else ""
     rules = []
-    for reverse, spec, leaves in directions:
-        hidden = int(source.infos[leaves[spec.hidden]].shape[0])
-        where = "backward_rnn of " if reverse else ""
-        for param, (roles, make) in spec.load.items():
-            op = make if isinstance(make, Op) else make(hidden)
-            rules.append(
-                Rule(
-                    slot.name(param, reverse=reverse),
-                    tuple(leaves[r] for r in roles),
-                    op,
-                    origin=f"{FRAMEWORK} {where}'{layer.name}' ({spec.flavor})",
-                )
+    for param, (roles, make) in spec.load.items():
+        op = make if isinstance(make, Op) else make(hidden)
+        rules.append(
+            Rule(
+                pair.slot.name(param, reverse=reverse),
+                tuple(leaves[r] for r in roles),
+                op,
+                origin=f"{FRAMEWORK} {where}'{layer.name}' ({spec.flavor})",
             )
+        )
     return rules
 
 
