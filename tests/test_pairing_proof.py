@@ -709,3 +709,93 @@ def test_a_mapping_side_is_for_layouts_with_one_way_cells_only() -> None:
         pair_layers(model, layers, {"cell": "one[0]:reverse"}, framework="Flax", sides=True)
     (pair,) = pair_layers(model, layers, {"cell": "gru[0]:reverse"}, framework="Flax", sides=True)
     assert (pair.slot.label, pair.side, pair.how) == ("gru[0]", "reverse", "mapping= (reverse direction)")
+
+
+# ---- a subclassed Keras model records no call order; a file path never names another layer's module ----
+
+
+class _Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x))
+
+
+def _subclassed(K: Any) -> Any:
+    class HeadFirst(K.Model):  # type: ignore[misc, name-defined]
+        """Declares head before body, calls body first: its layer list is not its call order."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = K.layers.Dense(4)
+            self.body = K.layers.Dense(4)
+
+        def call(self, x: Any) -> Any:
+            return self.head(self.body(x))
+
+    return HeadFirst()
+
+
+@pytest.mark.parametrize("form", ["keras live", "tf_keras live", "tf_keras save_weights .h5"])
+def test_a_subclassed_keras_model_records_no_call_order(form: str, tmp_path: Path) -> None:
+    keras = pytest.importorskip("tf_keras") if form.startswith("tf_keras") else _keras()
+    rng = np.random.default_rng(11)
+    model = _subclassed(keras)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    model(x)
+    model.set_weights(randomize(model.get_weights(), rng))
+    expected = np.asarray(model(x))
+    source: Any = model
+    if form.endswith(".h5"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_weights(tmp_path / "w.h5")
+        source = tmp_path / "w.h5"
+    module = _Chain()
+    before = snapshot(module)
+    with pytest.raises(
+        LayoutError, match="subclassed Keras model, which lists its layers in the order its attributes"
+    ):
+        load(module, source, example_inputs=torch.zeros(1, 4))
+    assert snapshot(module) == before
+    head, body = (layer.name for layer in model.layers)
+    load(module, source, mapping={body: "fc1", head: "fc2"})
+    assert_exact(module, x, expected, form)
+
+
+@pytest.mark.parametrize("kind", ["live", ".keras", ".weights.h5"])
+def test_a_keras_file_path_never_names_the_module_of_another_layer(kind: str, tmp_path: Path) -> None:
+    """Keras files layer 'first' as 'layers/dense' (numbered per class) while another layer is named 'dense':
+    a model keyed by Keras names takes each layer by its own name, not one by the other's path."""
+    keras = _keras()
+    rng = np.random.default_rng(12)
+    inputs = keras.Input((4,))
+    model = keras.Model(
+        inputs, keras.layers.Dense(4, name="dense")(keras.layers.Dense(4, name="first")(inputs))
+    )
+    model.set_weights(randomize(model.get_weights(), rng))
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    expected = model.predict(x, verbose=0)
+    source: Any = {"live": model, ".keras": tmp_path / "m.keras", ".weights.h5": tmp_path / "m.weights.h5"}[
+        kind
+    ]
+    model.save(tmp_path / "m.keras")
+    model.save_weights(tmp_path / "m.weights.h5")
+
+    class Keyed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleDict({"first": nn.Linear(4, 4), "dense": nn.Linear(4, 4)})
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.layers["dense"](self.layers["first"](t))
+
+    module = Keyed()
+    report = load(module, source)
+    assert_exact(module, x, expected, kind)
+    assert {p.source_layer: p.how.startswith("by name") for p in report.pairings} == {
+        "first": True,
+        "dense": True,
+    }

@@ -240,8 +240,13 @@ def pair_layers(
     return [result[i] for i in range(len(layers))]
 
 
-def _name_paths(layer: SourceLayer) -> tuple[str, ...]:
-    return (layer.name.replace("/", "."), *layer.paths)
+def _name_paths(layer: SourceLayer, layers: list[SourceLayer]) -> tuple[str, ...]:
+    """The module paths ``layer``'s names say: its own name, then the paths its source gives it, except
+    one ending in another layer's name (a Keras file files layer 'first' as 'layers/dense', while another
+    layer is named 'dense': that path names the other layer's module, not this one's)."""
+    own = layer.name.replace("/", ".")
+    others = {x.name.replace("/", ".").rsplit(".", 1)[-1] for x in layers if x is not layer}
+    return (own, *(p for p in layer.paths if p.rsplit(".", 1)[-1] not in others or p == own))
 
 
 def _pair_by_name(
@@ -257,7 +262,7 @@ def _pair_by_name(
     for i, layer in enumerate(layers):
         if i in result:
             continue
-        for path in _name_paths(layer):
+        for path in _name_paths(layer, layers):
             found = by_path.get(f"{inside}.{path}" if inside else path, [])
             if len(found) == 1 and found[0].kind == layer.kind and found[0].label not in taken:
                 taken.add(found[0].label)
@@ -273,7 +278,7 @@ def _wrapped_scopes(layers: list[SourceLayer], slots: list[Slot]) -> list[str]:
     scopes: set[str] | None = None
     for layer in layers:
         here: set[str] = set()
-        for path in _name_paths(layer):
+        for path in _name_paths(layer, layers):
             for slot in slots:
                 named = slot.label if layers_at[slot.path] > 1 else slot.path  # 'rnn[1]' in a stack
                 if slot.kind == layer.kind and named.endswith("." + path):

@@ -120,7 +120,7 @@ def _describe_h5(source: H5Source) -> None:
     meta = source.metadata
     if _list_attr(attrs, "layer_names") is not None:
         meta.update(layout="keras", keras_file="legacy-h5")
-        meta["layers"] = _legacy_layers(source, "", None)
+        meta["layers"] = _unordered_if_subclassed(_legacy_layers(source, "", None))
     elif "model_weights" in source.groups and "model_config" in attrs:
         meta.update(layout="keras", keras_file="legacy-model-h5")
         config = _json(attrs["model_config"], source.description, "model_config")
@@ -170,6 +170,19 @@ def _legacy_layers(source: H5Source, prefix: str, config: dict[str, Any] | None)
                     "weights": part_weights,
                 }
             )
+    return layers
+
+
+def _unordered_if_subclassed(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A subclassed model's ``layer_names`` is its attribute order, not the order it calls its layers in.
+    tf.keras names such a model's weights inside its own scope (``my_model/dense/kernel:0`` in group
+    ``dense``), a Sequential or Functional model's after the layer (``dense/kernel:0``): where every
+    layer's weights sit in one scope other than its name, each record says its order is not recorded."""
+    scopes = {w[len(layer["path"]) + 1 :].split("/", 1)[0] for layer in layers for w in layer["weights"]}
+    inside = len(scopes) == 1 and all(layer["weights"] and scopes != {layer["name"]} for layer in layers)
+    if inside and len(layers) > 1:
+        for layer in layers:
+            layer["unordered"] = True
     return layers
 
 

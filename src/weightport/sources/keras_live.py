@@ -52,7 +52,7 @@ def open_object(obj: Any) -> Source:
     """The variables of a Keras model or layer, named as in a Keras 3 ``.weights.h5``."""
     arrays: dict[str, np.ndarray] = {}
     layers: list[dict[str, Any]] = []
-    _add(obj, "", arrays, layers)
+    _add(obj, "", arrays, layers, ordered=True)
     name = getattr(obj, "name", "")
     source = MappingSource.from_mapping(arrays, description=f"the Keras {type(obj).__name__} '{name}'")
     source.metadata.update(layout="keras", keras_file="live", layers=layers)
@@ -63,19 +63,26 @@ def _is_container(obj: Any) -> bool:
     return isinstance(getattr(obj, "layers", None), list) and not hasattr(obj, "forward_layer")
 
 
-def _add(obj: Any, path: str, arrays: dict[str, np.ndarray], layers: list[dict[str, Any]]) -> None:
+def _add(
+    obj: Any, path: str, arrays: dict[str, np.ndarray], layers: list[dict[str, Any]], ordered: bool
+) -> None:
     if _is_container(obj):
+        # a Sequential's or Functional's layers are in the order it runs them; a subclassed model's in the
+        # order its attributes were set, which records nothing about the order it calls them in
+        ordered = ordered and any(c.__name__ in ("Functional", "Sequential") for c in type(obj).__mro__)
         counts: dict[str, int] = {}
         for layer in obj.layers:
             base = snake_case(type(layer).__name__)
             key = base if base not in counts else f"{base}_{counts[base] + 1}"
             counts[base] = counts.get(base, -1) + 1
-            _add(layer, f"{path}layers/{key}/", arrays, layers)
+            _add(layer, f"{path}layers/{key}/", arrays, layers, ordered)
         return
     name = getattr(obj, "name", None)
     while type(obj).__name__ == "TimeDistributed" and getattr(obj, "layer", None) is not None:
         obj, path = obj.layer, f"{path}layer/"  # one layer applied at every step: that layer's weights
     record = {"path": path.rstrip("/"), "name": name, "class_name": type(obj).__name__}
+    if not ordered:
+        record["unordered"] = True
     record["config"] = _config(obj)
     shape = _input_shape(obj)
     if shape is not None:

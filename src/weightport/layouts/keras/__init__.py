@@ -126,6 +126,13 @@ __all__ = ["NAME", "plan", "export", "describe", "save_weights_h5"]
 NAME = "keras"
 
 
+# why a layer of a subclassed model has no recorded order (pairing's refusal says it)
+_SUBCLASSED = (
+    "the source is a subclassed Keras model, which lists its layers in the order its attributes were set, "
+    "not the order it calls them in"
+)
+
+
 def plan(
     module: nn.Module,
     source: Source,
@@ -181,6 +188,7 @@ def plan(
                 r.detail,
                 paths=(r.layer.path.replace("/", "."),) if r.layer.path else (),
                 order=recorded_order(r.layer),
+                unordered=_SUBCLASSED if r.layer.unordered else "",
             )
             for r in resolved
         ],

@@ -120,6 +120,7 @@ class Layer:
     padding: tuple[tuple[int, int], ...] | None = None
     built: tuple[int, ...] | None = None  # the input's spatial size as the layer was built (after padding)
     input_rank: int | None = None  # the rank of the input the layer was built for (batch axis included)
+    unordered: bool = False  # listed by a subclassed model (attribute order): no recorded order
 
     @property
     def tensors(self) -> list[str]:
@@ -152,7 +153,9 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
         for position, rec in enumerate(records):
             path = str(rec.get("path", ""))
             layer = Layer(path, str(rec.get("name") or path), rec.get("class_name"), rec.get("config"))
-            layer.seq, layer.index = ("model",), position
+            # a subclassed model lists its layers in attribute order, which records no call order
+            layer.unordered = bool(rec.get("unordered"))
+            layer.seq, layer.index = ((path,), 0) if layer.unordered else (("model",), position)
             note_padding(layer, graph)
             if layer.input_rank is None and isinstance(rec.get("input_shape"), list):  # a live model's
                 layer.input_rank = len(rec["input_shape"])
