@@ -412,6 +412,23 @@ def test_legacy_h5_from_tf_keras_with_the_new_kinds(tmp_path: Path) -> None:
     ).eval()  # fmt: skip
     weightport.load(target, tmp_path / "m.h5")
     close(nchw(target, x), model(x).numpy())
+    # weights only (save_weights): no classes; the variables' names and the module's kinds tell them
+    model = tf_keras.Sequential(
+        [tf_keras.Input((6, 6, 3)), K.DepthwiseConv2D(3, depth_multiplier=2, padding="same"), K.SeparableConv2D(4, 3),
+         K.GroupNormalization(2)]
+    )  # fmt: skip
+    randomize(model, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.save_weights(tmp_path / "w.h5")
+    target = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.Conv2d(6, 6, 3, groups=6, bias=False), nn.Conv2d(6, 4, 1),
+        nn.GroupNorm(2, 4, eps=1e-3),
+    ).eval()  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedConfigWarning)  # weights only: settings unrecorded
+        weightport.load(target, tmp_path / "w.h5")
+    close(nchw(target, x), model(x).numpy())
     model = tf_keras.Sequential(
         [
             tf_keras.Input((9, 3)),
@@ -423,9 +440,17 @@ def test_legacy_h5_from_tf_keras_with_the_new_kinds(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model.save(tmp_path / "m1.h5")
+        model.save_weights(tmp_path / "w1.h5")
     x = rng.standard_normal((B, 9, 3)).astype(np.float32)
     target = nn.Sequential(
         nn.Conv1d(3, 6, 3, groups=3), nn.Conv1d(6, 6, 3, groups=6, bias=False, padding=1), nn.Conv1d(6, 4, 1)
     ).eval()
     weightport.load(target, tmp_path / "m1.h5")
+    close(nchw(target, x), model(x).numpy())
+    target = nn.Sequential(
+        nn.Conv1d(3, 6, 3, groups=3), nn.Conv1d(6, 6, 3, groups=6, bias=False, padding=1), nn.Conv1d(6, 4, 1)
+    ).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedConfigWarning)
+        weightport.load(target, tmp_path / "w1.h5")
     close(nchw(target, x), model(x).numpy())

@@ -447,12 +447,15 @@ def _guess(
         rows, cols = dims[1]
         gates = cols // rows if rows and cols % rows == 0 else 0
         candidates = [c for c, k in _RECURRENT.items() if RNN_GATE_COUNT[k] == gates]
+    elif "depthwise_kernel" in names and len(dims[0]) in (3, 4):  # tf.keras's name for a depthwise kernel
+        rank = "1D" if len(dims[0]) == 3 else "2D"
+        candidates = [f"SeparableConv{rank}" if "pointwise_kernel" in names else f"DepthwiseConv{rank}"]
     elif "embeddings" in names:
         candidates = ["Embedding"]
     elif "moving_mean" in names:
         candidates = ["BatchNormalization"]
     elif "gamma" in names or "beta" in names:
-        candidates = ["LayerNormalization"]
+        candidates = ["LayerNormalization", "GroupNormalization"]  # the same variables: the module's kinds tell
     elif dims and len(dims[0]) in (3, 4) and len(dims) <= 2:
         candidates = ["Conv1D" if len(dims[0]) == 3 else "Conv2D"]
     elif dims and len(dims[0]) == 2 and len(dims) == 2 and dims[1] == (dims[0][1],):
