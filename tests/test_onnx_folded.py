@@ -369,3 +369,35 @@ def test_the_call_order_says_which_conv_a_batchnorm_follows(tmp_path: Path) -> N
     _assert_close(model, path)
     (pairing,) = [p for p in report.pairings if p.module_path == "bn"]
     assert pairing.how.startswith("folded into 'b' by the exporter (the BatchNorm called right after it)")
+
+
+class _Shortcut(nn.Module):
+    """A residual block whose strided shortcut conv has the main branch's first conv's shape (1x1, 4 -> 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def conv_bn(inputs: int, outputs: int, kernel: int, stride: int) -> nn.Module:
+            return nn.Sequential(
+                nn.Conv2d(inputs, outputs, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(outputs)
+            )
+
+        self.conv1 = conv_bn(3, 8, 1, 1)
+        self.conv2 = conv_bn(8, 8, 3, 2)
+        self.down = conv_bn(3, 8, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x).relu()) + self.down(x)
+
+
+def test_convs_of_one_shape_but_other_strides_pair_by_their_strides(exporter: str, tmp_path: Path) -> None:
+    """Each node's stride fits one conv only: the pairing is proven (RegNet, ResNeXt, RepVGG blocks), where
+    convs alike in shape were once asked as one group, the strided one fitting nothing, and refused."""
+    path = _export(_with_stats(_Shortcut(), 0), tmp_path / "m.onnx", dynamo=exporter == "dynamo")
+    model = _with_stats(_Shortcut(), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedConfigWarning)  # the folded BatchNorms' statistics
+        weightport.load(model, path, example_inputs=X)
+    with torch.no_grad():
+        out = model(X).numpy()
+    assert np.abs(out - _ort(path)).max() < 1e-5

@@ -41,7 +41,7 @@ a refusal costs a minute, a crossed pairing days.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 from torch import nn
 
@@ -172,6 +172,7 @@ def pair_layers(
     call_order: CallOrder | None = None,
     where: str = "",
     sides: bool = False,
+    fit_context: Callable[[Slot], Hashable] | None = None,
 ) -> list[Paired]:
     """Pair each source layer with one slot, each by a proof (see the module doc), or refuse.
 
@@ -185,6 +186,8 @@ def pair_layers(
         where: how messages name the source.
         sides: whether ``mapping=`` may name one direction of a bidirectional RNN (``"rnn[0]:reverse"``):
             for layouts whose one-way cells can fill a side each.
+        fit_context: what ``fits`` reads of a slot besides the slot's own kind, tensors and settings (the
+            ONNX layout: whether a BatchNorm follows it); slots alike in all of these fit alike.
     """
     slots = module_slots(model)
     mapping = dict(mapping or {})
@@ -236,7 +239,7 @@ def pair_layers(
             )
         if inside:
             _pair_by_name(layers, slots, result, taken, inside[0])
-    Prover(model, layers, slots, result, taken, framework, fits, call_order, where, sides).run()
+    Prover(model, layers, slots, result, taken, framework, fits, call_order, where, sides, fit_context).run()
     return [result[i] for i in range(len(layers))]
 
 

@@ -43,8 +43,10 @@ class Prover:
         call_order: CallOrder | None,
         where: str,
         sides: bool = False,
+        fit_context: Callable[[Slot], Hashable] | None = None,
     ) -> None:
         self.model, self.layers, self.slots, self.result = model, layers, slots, result
+        self.fit_context = fit_context  # what else a layout's fits read of a slot (its neighbours)
         self.sides = sides  # mapping= may give one-way cells a side of a bidirectional RNN each
         self.framework, self.fits, self.call_order = framework, fits, call_order
         self.where = where or f"the {framework} source"
@@ -59,7 +61,8 @@ class Prover:
         # free slots alike in kind and shapes fit alike: one question per layer and group, not per slot
         groups: dict[Hashable, list[int]] = {}
         for j in self.free:
-            groups.setdefault((self.slots[j].kind, _signature(self.slots[j])), []).append(j)
+            context = self.fit_context(self.slots[j]) if self.fit_context is not None else None
+            groups.setdefault((self.slots[j].kind, _signature(self.slots[j]), context), []).append(j)
         by_group = {i: self._candidates(i, groups) for i in self.waiting}
         homeless = [i for i in self.waiting if not by_group[i]]
         if homeless:
@@ -253,12 +256,15 @@ class Prover:
 
 
 def _signature(slot: Slot) -> Hashable:
-    """What decides whether a layer fits a slot: its kind and its own tensors' names and shapes
-    (an RNN's layers differ by name, so each is its own)."""
+    """What decides whether a layer fits a slot: its kind, its own tensors' names and shapes, and its
+    settings (a conv's stride, dilation, groups and padding, which a layout's checks hold against the
+    source's: two convs of one shape but other strides fit different layers); an RNN's layers differ by
+    name, so each is its own."""
     if slot.layer is not None:
         return slot.label, id(slot.module)
     own = [*slot.module.named_parameters(recurse=False), *slot.module.named_buffers(recurse=False)]
-    return slot.kind, slot.bidirectional, tuple((name, tuple(t.shape)) for name, t in own)
+    settings = f"{type(slot.module).__qualname__}({slot.module.extra_repr()})"
+    return slot.kind, slot.bidirectional, tuple((name, tuple(t.shape)) for name, t in own), settings
 
 
 def _known_order(a: Slot, b: Slot, model: nn.Module) -> str | None:

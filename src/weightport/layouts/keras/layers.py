@@ -455,7 +455,8 @@ def _guess(
     elif "moving_mean" in names:
         candidates = ["BatchNormalization"]
     elif "gamma" in names or "beta" in names:
-        candidates = ["LayerNormalization", "GroupNormalization"]  # the same variables: the module's kinds tell
+        # a LayerNormalization's and a GroupNormalization's variables are alike: the module's kinds tell
+        candidates = ["LayerNormalization", "GroupNormalization"]
     elif dims and len(dims[0]) in (3, 4) and len(dims) <= 2:
         candidates = ["Conv1D" if len(dims[0]) == 3 else "Conv2D"]
     elif dims and len(dims[0]) == 2 and len(dims) == 2 and dims[1] == (dims[0][1],):

@@ -179,6 +179,7 @@ def plan(
             fits=fits_by_rules(module, source, rules_for),
             call_order=call_order,
             where=source.description,
+            fit_context=lambda slot: slot.label in follow,
         )
     except LayoutError as e:
         explain_unrolled_recurrence(module, layers, source.description, e)
