@@ -589,3 +589,86 @@ def test_cross_attention_with_a_key_other_than_the_value_is_refused(tmp_path: Pa
     ):
         weightport.load(model, path, example_inputs=args)
     assert snapshot(model) == before
+
+
+# --- a module whose forward uses its weight in another form than its layer does -----------------------------
+
+
+class _ScaledConv(nn.Conv2d):
+    """An equalized-learning-rate conv: its forward scales its weight, which an exporter folds into the W."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * 0.5, self.bias)
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _ScaledConv(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class _Transposed(nn.Module):
+    """A square Linear whose weight the model uses transposed, through F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.a(x).relu(), self.b.weight.t(), self.b.bias)
+
+
+def _onnx(model: nn.Module, x: torch.Tensor, path: Path, dynamo: bool) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_noisy(model, 0), (x,), str(path), dynamo=dynamo, verbose=False)
+    return path
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_conv_whose_forward_changes_its_weight_takes_no_folded_constant(
+    tmp_path: Path, dynamo: bool
+) -> None:
+    """The exporter folds weight * 0.5 into the stored W: loaded into the conv, the forward would scale it
+    again. example_inputs= shows the forward changes it: refused; without, the load notes the risk."""
+    x = torch.randn(1, 3, 6, 6)
+    path = _onnx(_Scaled(), x, tmp_path / "m.onnx", dynamo)
+    model = _noisy(_Scaled(), 1)
+    before = snapshot(model)
+    with pytest.raises(LayoutError, match=r"'conv' \(_ScaledConv\) takes no layer by structure"):
+        weightport.load(model, path, example_inputs=x)
+    assert snapshot(model) == before
+    with pytest.warns(
+        UncheckedConfigWarning, match=r"'conv' \(_ScaledConv\): a subclass whose forward is its own"
+    ):
+        weightport.load(model, path)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_linear_used_transposed_by_the_model_is_refused(tmp_path: Path, dynamo: bool) -> None:
+    """F.linear(x, b.weight.t()): the legacy exporter keeps 'b.weight' as it is for a Gemm with transB=0 (its
+    name and the node read it two ways); the dynamo exporter folds the transpose into a constant of its own."""
+    x = torch.randn(3, 4)
+    path = _onnx(_Transposed(), x, tmp_path / "m.onnx", dynamo)
+    model = _noisy(_Transposed(), 1)
+    before = snapshot(model)
+    message = (
+        "takes no layer by structure"
+        if dynamo
+        else r"reads 'b.weight', which bears the name of the module's own"
+    )
+    with pytest.raises(LayoutError, match=message):
+        weightport.load(model, path, example_inputs=x)
+    assert snapshot(model) == before
+    if not dynamo:  # the fix the message gives: the stored tensors by name
+        with weightport.open_source(path) as source:
+            weightport.load(model, source, layout="torch")
+        (expected,) = run_ort(path, {_input_name(path): x.numpy()})
+        np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)
+
+
+def _input_name(path: Path) -> str:
+    return str(onnx.load(str(path)).graph.input[0].name)

@@ -58,18 +58,48 @@ class Calls:
 
     order: dict[str, int] = field(default_factory=dict)
     fed_by: dict[str, set[str]] = field(default_factory=dict)
+    # modules whose own tensors went into an operation other than a layer's (a weight standardized,
+    # scaled or transposed before use): an exporter folds that into a constant no layer rule can undo
+    changed: set[str] = field(default_factory=set)
+
+
+# the operations that use a layer's tensors as they are (nn.Linear, the convs, norms, embeddings, RNNs,
+# attention, transformers' Conv1D through addmm)
+_AS_THEY_ARE = frozenset(
+    {
+        "linear", "bilinear", "addmm", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+        "conv_transpose3d", "embedding", "embedding_bag", "batch_norm", "layer_norm", "group_norm",
+        "instance_norm", "rms_norm", "prelu", "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell",
+        "rnn_tanh_cell", "rnn_relu_cell", "multi_head_attention_forward", "_native_multi_head_attention",
+    }
+)  # fmt: skip
 
 
 class _Dataflow(TorchFunctionMode):
-    """Tags every tensor an operation makes with the modules whose outputs went into it."""
+    """Tags every tensor an operation makes with the modules whose outputs went into it, and notes the
+    modules whose own tensors an operation other than a layer's reads."""
 
     def __init__(self) -> None:
         super().__init__()
         self.made_by: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.owners: dict[int, str] = {}  # id of a module's (stand-in) tensor -> the module's path
+        self.changed: set[str] = set()
+
+    def own(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take ``{state-dict name: tensor}`` as the modules' own tensors (replacing any before)."""
+        self.owners = {id(t): name.rpartition(".")[0] for name, t in tensors.items()}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if (
+            self.owners
+            and getattr(func, "__name__", "") not in _AS_THEY_ARE
+            and next(_tensors(out), None) is not None
+        ):
+            # a tensor made from a module's own (a property read, a size or a dtype changes nothing)
+            read = {self.owners[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.owners}
+            self.changed.update(read)
         self.tag(out, self.sources(args, kwargs))
         return out
 
@@ -120,7 +150,8 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
     flat = {id(m): list(m._flat_weights) for m in model.modules() if isinstance(m, nn.RNNBase)}
     try:
         with flow:
-            _trace(model, args, kwargs)
+            _trace(model, args, kwargs, flow)
+        calls.changed = flow.changed
     except Exception as error:  # any failure of the forward is the inputs' problem
         raise LayoutError(
             f"example_inputs: one forward pass of {type(model).__name__}, run to learn the order it calls "
@@ -169,6 +200,11 @@ class CallOrder(Mapping[str, int]):
             path[len(p) :]: n for path, n in self._calls.order.items() if path.startswith(p) and path != p
         }
 
+    def changes(self, path: str) -> bool:
+        """Whether the pass read module ``path``'s own tensors through an operation other than a layer's
+        (its forward, or its parent's, standardizes, scales or transposes its weight before use)."""
+        return self._prefix + path in self._calls.changed
+
     def feeds(self, earlier: str, later: str) -> bool:
         """Whether what module ``earlier`` outputs reaches the inputs of module ``later`` in the pass
         (so any equivalent model runs the two in this order)."""
@@ -204,7 +240,7 @@ def _to(value: Any, convert: Any) -> Any:
     return value
 
 
-def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], flow: _Dataflow) -> None:
     # every tensor, non-persistent buffers (left out of state_dict) included: a forward that updates one
     # updates the stand-in
     tensors = {
@@ -212,6 +248,7 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> N
         **dict(model.named_buffers(remove_duplicate=False)),
     }
     meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
+    flow.own(meta)
     try:
         with torch.no_grad():
             torch.func.functional_call(
@@ -228,5 +265,7 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> N
     # copies of every tensor: a forward may update any (a BatchNorm's statistics in training mode, an
     # Embedding's rows with max_norm), and the module must come out as it went in
     own = {name: t.detach().clone() for name, t in tensors.items()}
+    flow.own(own)
+    flow.changed.clear()
     with torch.no_grad():
         torch.func.functional_call(model, own, args, kwargs, tie_weights=True, strict=False)

@@ -173,6 +173,7 @@ def pair_layers(
     where: str = "",
     sides: bool = False,
     fit_context: Callable[[Slot], Hashable] | None = None,
+    folded_constants: bool = False,
 ) -> list[Paired]:
     """Pair each source layer with one slot, each by a proof (see the module doc), or refuse.
 
@@ -188,6 +189,9 @@ def pair_layers(
             for layouts whose one-way cells can fill a side each.
         fit_context: what ``fits`` reads of a slot besides the slot's own kind, tensors and settings (the
             ONNX layout: whether a BatchNorm follows it); slots alike in all of these fit alike.
+        folded_constants: the source may hold constants an exporter computed from parameters (ONNX): with
+            ``call_order``, a module whose forward changes its own weight before use takes no layer by
+            structure, since its layer's tensor may be that change folded in.
     """
     slots = module_slots(model)
     mapping = dict(mapping or {})
@@ -239,7 +243,20 @@ def pair_layers(
             )
         if inside:
             _pair_by_name(layers, slots, result, taken, inside[0])
-    Prover(model, layers, slots, result, taken, framework, fits, call_order, where, sides, fit_context).run()
+    Prover(
+        model,
+        layers,
+        slots,
+        result,
+        taken,
+        framework,
+        fits,
+        call_order,
+        where,
+        sides,
+        fit_context,
+        folded_constants,
+    ).run()
     return [result[i] for i in range(len(layers))]
 
 

@@ -44,9 +44,11 @@ class Prover:
         where: str,
         sides: bool = False,
         fit_context: Callable[[Slot], Hashable] | None = None,
+        folded_constants: bool = False,
     ) -> None:
         self.model, self.layers, self.slots, self.result = model, layers, slots, result
         self.fit_context = fit_context  # what else a layout's fits read of a slot (its neighbours)
+        self.folded_constants = folded_constants  # the source may hold constants computed from parameters
         self.sides = sides  # mapping= may give one-way cells a side of a bidirectional RNN each
         self.framework, self.fits, self.call_order = framework, fits, call_order
         self.where = where or f"the {framework} source"
@@ -54,10 +56,17 @@ class Prover:
         self.free = [j for j, s in enumerate(slots) if s.label not in taken]
         self.registration = {s.label: j for j, s in enumerate(slots)}
         self.parallel: tuple[Slot, Slot] | None = None  # two modules the forward pass runs side by side
+        self.changed: list[int] = []  # slots whose own tensors the forward pass changes before use
 
     def run(self) -> None:
         if not self.waiting:
             return
+        if self.call_order is not None and self.folded_constants:  # a module whose forward changes its own
+            # weight takes no layer by structure: the source may hold what that computed (an exporter folds it)
+            self.changed = [
+                j for j in self.free if self.slots[j].path and self.call_order.changes(self.slots[j].path)
+            ]
+            self.free = [j for j in self.free if j not in self.changed]
         # free slots alike in kind and shapes fit alike: one question per layer and group, not per slot
         groups: dict[Hashable, list[int]] = {}
         for j in self.free:
@@ -164,8 +173,25 @@ class Prover:
                 lines.append(
                     f"the source holds {what} and the model has no free {torch_class(kind)} left "
                     f"(all taken: {', '.join(taken[:8])}{' ...' if len(taken) > 8 else ''})"
+                    if taken
+                    else f"the source holds {what} and no {torch_class(kind)} of the model can take it"
                 )
         fix = f"Fix: build the model with the module each of these layers needs; {self._leave_out()}."
+        changed = [
+            self.slots[j] for j in self.changed if self.slots[j].kind in {self.layers[i].kind for i in ids}
+        ]
+        if changed:
+            shown = ", ".join(f"'{s.label}' ({type(s.module).__name__})" for s in changed[:6])
+            lines.append(
+                f"{shown} {'take' if len(changed) > 1 else 'takes'} no layer by structure: in the forward pass on "
+                "example_inputs its own tensors go through other operations than its layer's (a weight "
+                "standardized, scaled or transposed before use), so the source's tensor may be what that "
+                "computed (an exporter folds it in), and loading it there would apply it twice"
+            )
+            fix = (
+                "Fix: load the module's own tensors by name (tensors stored under its parameter names, e.g. an "
+                "export with do_constant_folding=False or the PyTorch weights themselves), or port it by hand."
+            )
         return f"{self.where} cannot be paired with the model: " + "; ".join(lines) + ". " + fix
 
     def _leave_out(self) -> str:

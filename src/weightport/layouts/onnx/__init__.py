@@ -180,6 +180,7 @@ def plan(
             call_order=call_order,
             where=source.description,
             fit_context=lambda slot: slot.label in follow,
+            folded_constants=True,
         )
     except LayoutError as e:
         explain_unrolled_recurrence(module, layers, source.description, e)
@@ -213,6 +214,8 @@ def plan(
     issues.raise_if_any(target)
     if folded:
         unchecked.append(statistics_note(folded))
+    if call_order is None:
+        unchecked += _own_forwards(paired)
     used = {s for rule in rules for s in rule.sources} | validated
     hints = loop_hints(module, layers, nodes, source) if "nodes" in source.metadata else {}
     if "nodes" in source.metadata:
@@ -236,6 +239,27 @@ def plan(
         missing_hints=hints,
         forward_notes=forward_notes,
     )
+
+
+def _own_forwards(paired: list[Paired]) -> list[str]:
+    """A note for modules paired by structure whose class overrides its PyTorch layer's ``forward``: if that
+    forward changes the weight before use (standardizes or scales it), the exporter folded the change into
+    the stored constant, and the module applies it again; ``example_inputs=`` has that checked."""
+    own = []
+    for pair in paired:
+        module = pair.slot.module
+        base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.")), None)
+        if pair.how.startswith(("by name", "mapping=")) or base is None or type(module).forward is base.forward:
+            continue
+        own.append(f"'{pair.slot.label}' ({type(module).__name__})")
+    if not own:
+        return []
+    return [
+        f"{', '.join(own[:6])}{' ...' if len(own) > 6 else ''}: a subclass whose forward is its own, paired by "
+        "structure: if that forward changes its weight before use (standardizes or scales it), the exporter "
+        "folded the change into the stored tensor and the module applies it again; pass example_inputs= to "
+        "have that checked (such a module is then refused)"
+    ]
 
 
 def describe(source: Source) -> list[dict[str, Any]]:

@@ -143,6 +143,20 @@ def _plain_rules(
     module: Any = slot.module
     if layer.kind.startswith("Conv") and not node.synthetic:
         check_conv(node, layer, slot, source, issues, unchecked)
+    weight, op = layer.tensors["weight"], layer.ops.get("weight", Identity())
+    if weight == slot.name("weight") and not isinstance(op, Identity):
+        # the exporters keep a parameter's name for the parameter as it is: a node that reads it in another
+        # form (Gemm transB=0, a MatMul without Transpose) is a forward that uses it so (F.linear(x, w.t()))
+        issues.add(
+            node,
+            f"reads '{weight}', which bears the name of the module's own tensor, as {op.describe()}: by its "
+            f"name it is '{slot.label}'s weight as stored (the model's forward then uses it in that form, as "
+            f"F.linear(x, weight.t()) does); by the node it is the {layer.kind}'s weight after {op.describe()}. "
+            "Either reading loads, and they differ. Fix: if the model is the one exported, load the stored "
+            "tensors by name: weightport.load(model, weightport.open_source(path), layout='torch'); "
+            "otherwise rename the tensor in the file, or pass mapping= with a model that computes the node.",
+        )
+        return []
     rules = [
         Rule(
             slot.name("weight"),
