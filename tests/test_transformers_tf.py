@@ -337,3 +337,24 @@ def test_persistent_buffer_the_file_lacks_is_named_then_kept_with_strict_false(
     assert torch.equal(module.get_buffer("embeddings.scale"), torch.full((3,), 7.0))
     error_ = np.abs(_torch_output(module, TEXT) - expected).max()
     assert error_ <= TOL * max(1.0, float(np.abs(expected).max()))
+
+
+def test_a_weight_built_twice_with_other_values_is_refused(tmp_path: Path) -> None:
+    """TF ESM builds its word embeddings twice (the encoder's, and the decoder's under lm_head): the file
+    files the second as a copy of the first, but after training they differ, and one tied PyTorch tensor
+    cannot take both. It was loaded from the first, the second dropped as the same weight again."""
+    config = transformers.EsmConfig(
+        vocab_size=33, pad_token_id=1, mask_token_id=32, max_position_embeddings=64,
+        position_embedding_type="absolute", **{**SIZES, "num_hidden_layers": 1},
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TF's unseeded initializer used twice
+        model = transformers.TFEsmForMaskedLM(config)
+        model(model.dummy_inputs)
+    rng = np.random.default_rng(5)
+    for variable in model.weights:
+        variable.assign(variable.numpy() + rng.normal(0.0, 0.1, variable.shape).astype(np.float32))
+    model.save_pretrained(tmp_path)
+    error = _refused(transformers.EsmForMaskedLM(config).eval(), tmp_path / "tf_model.h5")
+    assert "word_embeddings/embeddings:0' is filed as a copy of" in str(error)
+    assert "hold different values" in str(error)

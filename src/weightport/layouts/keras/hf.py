@@ -49,6 +49,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 from torch import nn
 
 from weightport.errors import LayoutError
@@ -126,6 +127,20 @@ def _copies(layers: list[Layer], source: Source) -> dict[str, str] | None:
                 return None
             copies[tensor] = own
     return copies
+
+
+def _check_copies(copies: Mapping[str, str], source: Source) -> None:
+    """A copy is set aside as the same weight again only where it holds the same values: a model that
+    builds a weight twice (TF ESM's decoder embeddings) stores two, and taking one would be wrong."""
+    for copy, own in copies.items():
+        if not np.array_equal(np.asarray(source.read(copy)), np.asarray(source.read(own)), equal_nan=True):
+            raise LayoutError(
+                f"{source.description}: '{copy}' is filed as a copy of '{own}' (TF lists a weight again under "
+                "each layer that uses it), but the two hold different values: the TF model built two weights "
+                "of that name, and which one a PyTorch tensor takes is not proven (one tied tensor cannot hold "
+                "both). Fix: read the arrays with weightport.open_source and load each, converted, under the "
+                "name of the module tensor it is (an untied model, tie_word_embeddings=False, has a place for each)."
+            )
 
 
 def claims(layers: list[Layer], source: Source) -> bool:
@@ -285,6 +300,7 @@ def plan(
             "module path that is that layer ('' for the module itself), or pass prefix= instead."
         )
     copies = _copies(layers, source) or {}
+    _check_copies(copies, source)
     variables = _variables(layers, source, copies)
     main = _whole_model_layers(layers)
     scope = ""

@@ -249,7 +249,11 @@ def _own_forwards(paired: list[Paired]) -> list[str]:
     for pair in paired:
         module = pair.slot.module
         base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.")), None)
-        if pair.how.startswith(("by name", "mapping=")) or base is None or type(module).forward is base.forward:
+        if (
+            pair.how.startswith(("by name", "mapping="))
+            or base is None
+            or type(module).forward is getattr(base, "forward", None)
+        ):
             continue
         own.append(f"'{pair.slot.label}' ({type(module).__name__})")
     if not own:
