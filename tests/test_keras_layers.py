@@ -454,3 +454,23 @@ def test_legacy_h5_from_tf_keras_with_the_new_kinds(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", UncheckedConfigWarning)
         weightport.load(target, tmp_path / "w1.h5")
     close(nchw(target, x), model(x).numpy())
+
+
+@pytest.mark.parametrize("kind", ["live", ".keras"])
+def test_batch_norm_over_another_axis_than_the_last_says_what_forward_does(kind: str, tmp_path: Path) -> None:
+    """BatchNormalization(axis=1) on a channels_last input normalizes its rows, not its channels: it loads
+    with a note that the module needs that axis as dim 1, and so fed gives Keras's outputs."""
+    rng = np.random.default_rng(21)
+    model = keras.Sequential([keras.Input((4, 5, 3)), keras.layers.BatchNormalization(axis=1)])
+    randomize(model, rng)
+    for w in model.weights:
+        if "moving_variance" in w.path:
+            w.assign(rng.uniform(0.5, 1.5, tuple(w.shape)).astype(np.float32))
+    x = rng.standard_normal((B, 4, 5, 3)).astype(np.float32)
+    model.save(tmp_path / "m.keras")
+    bn = nn.BatchNorm2d(4, eps=1e-3).eval()
+    with pytest.warns(ForwardNoteWarning, match=r"normalizes over axis 1 of its 4-D input, not its last"):
+        weightport.load(bn, model if kind == "live" else tmp_path / "m.keras")
+    with torch.no_grad():
+        got = bn(torch.from_numpy(x)).numpy()  # the Keras tensor as it is: dim 1 is the axis normalized
+    close(got, np.asarray(model(x, training=False)))

@@ -118,6 +118,10 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
         moved = _moved_norm_axes(cfg, m, found.layer.input_rank)
         if moved:
             notes.append((moved, True))
+    if kind == "BatchNorm":
+        moved = _batch_norm_axis(cfg, found.layer.input_rank)
+        if moved:
+            notes.append((moved, True))
     if kind in _WITH_ACTIVATION and _act(cfg.get("activation")) != "linear":
         notes.append(
             (f"Keras applies activation='{_act(cfg.get('activation'))}' after it: apply it in forward", True)
@@ -166,6 +170,22 @@ def _moved_norm_axes(cfg: Mapping[str, Any], m: Any, input_rank: int | None) -> 
     return (
         f"Keras normalizes over axis {axis} of its input: move {'that axis' if len(axes) == 1 else 'those axes'} "
         "last before the module (and back after it)"
+    )
+
+
+def _batch_norm_axis(cfg: Mapping[str, Any], input_rank: int | None) -> str:
+    """What ``forward`` must do where a Keras BatchNormalization normalizes another axis than its input's
+    last (the channels of a channels_last model, which its PyTorch twin has as dim 1), else ``""``."""
+    axis = cfg.get("axis", -1)
+    axes = axis if isinstance(axis, list) else [axis]
+    if len(axes) != 1 or not isinstance(axes[0], int):
+        return f"Keras normalizes over axes {axis} of its input, nn.BatchNorm over dim 1: move them there"
+    last = axes[0] == -1 or (input_rank is not None and axes[0] == input_rank - 1)
+    if last or (input_rank is None and axes[0] >= 1):
+        return ""  # the channels (tf.keras records the last axis made positive, the input's rank not)
+    return (
+        f"Keras normalizes over axis {axes[0]} of its {input_rank}-D input, not its last: nn.BatchNorm normalizes "
+        "dim 1, so give the module the tensor whose dim 1 is that axis (a channels_first model's own layout)"
     )
 
 
