@@ -672,3 +672,18 @@ def test_a_linear_used_transposed_by_the_model_is_refused(tmp_path: Path, dynamo
 
 def _input_name(path: Path) -> str:
     return str(onnx.load(str(path)).graph.input[0].name)
+
+
+def test_a_weight_the_graph_computes_from_the_parameter_loads_by_its_name(tmp_path: Path) -> None:
+    """Without constant folding the graph computes weight * 0.5 from the stored 'conv.weight': the parameter
+    itself, placed by its name (its settings noted unchecked), which gives onnxruntime's outputs."""
+    x = torch.randn(1, 3, 6, 6)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_noisy(_Scaled(), 0), (x,), str(path), dynamo=False, do_constant_folding=False)
+    model = _noisy(_Scaled(), 1)
+    with pytest.warns(UncheckedConfigWarning, match=r"'conv' \(_ScaledConv\) took its parameters by name"):
+        weightport.load(model, path, example_inputs=x)
+    (expected,) = run_ort(path, {_input_name(path): x.numpy()})
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)

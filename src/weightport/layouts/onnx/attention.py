@@ -237,10 +237,12 @@ def named_parameter_rules(
             hints.setdefault(
                 slot.path,
                 f"the graph has no initializer named '{full}' {tuple(tensor.shape)}: the exporter computed the "
-                "parameter into another constant (torch.onnx.export(dynamo=True) with a fixed batch size folds "
-                f"Expand(class_token) so); unread initializers of its shape: {', '.join(repr(n) for n in alike[:4]) or 'none'}, "
-                "and nothing proves which is it. Fix: export with a dynamic batch axis (dynamic_shapes=...) or "
-                "dynamo=False, which keep the parameter under its name",
+                "parameter into another constant (constant folding stores what the forward made of it: "
+                "Expand(class_token) under torch.onnx.export(dynamo=True) with a fixed batch size, "
+                f"gamma.reshape(1, -1, 1, 1) of a layer scale); unread initializers of its shape: "
+                f"{', '.join(repr(n) for n in alike[:4]) or 'none'}, and nothing proves which is it. Fix: export "
+                "so that the parameter stays under its name (dynamo=True with a dynamic batch axis, or "
+                "dynamo=False with do_constant_folding=False), or load the PyTorch weights themselves",
             )
     return rules, pairings, hints
 

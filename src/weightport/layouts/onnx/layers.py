@@ -115,7 +115,7 @@ def _stored_inputs(
             continue
         found = graph.stored(name)
         if found is None:
-            computed(node, role, name, issues)
+            computed(node, role, name, issues, graph)
             return None
         tensors[key] = found
     return tensors
@@ -321,7 +321,7 @@ def _conv_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
     if bias and stored_bias is None and zero_filled(bias, graph):
         detail += ", its bias zeros the graph expands (none)"
     elif bias and stored_bias is None:
-        computed(node, "B", bias, issues)
+        computed(node, "B", bias, issues, graph)
     elif stored_bias is not None:
         tensors["bias"] = stored_bias
     else:
