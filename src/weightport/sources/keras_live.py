@@ -17,6 +17,7 @@ the ``.keras`` reader puts them.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,25 @@ def open_object(obj: Any) -> Source:
     name = getattr(obj, "name", "")
     source = MappingSource.from_mapping(arrays, description=f"the Keras {type(obj).__name__} '{name}'")
     source.metadata.update(layout="keras", keras_file="live", layers=layers)
+    config = _model_config(obj)
+    if config is not None:
+        source.metadata["model_config"] = config
     return source
+
+
+def _model_config(obj: Any) -> dict[str, Any] | None:
+    """A Sequential's or Functional's config as a ``.keras`` file records it (its graph: a ZeroPadding2D
+    feeding a conv), or None for other objects."""
+    kinds = [c.__name__ for c in type(obj).__mro__ if c.__name__ in ("Sequential", "Functional")]
+    if not kinds:
+        return None
+    config = _config(obj)
+    if config is None:
+        return None
+    try:  # as a file holds it: lists, not the tuples (a keras_history) a live config may keep
+        return {"class_name": kinds[0], "config": json.loads(json.dumps(config, default=str))}
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_container(obj: Any) -> bool:
