@@ -467,8 +467,25 @@ def test_batch_norm_over_another_axis_than_the_last_says_what_forward_does(kind:
     x = rng.standard_normal((B, 4, 5, 3)).astype(np.float32)
     model.save(tmp_path / "m.keras")
     bn = nn.BatchNorm2d(4, eps=1e-3).eval()
-    with pytest.warns(ForwardNoteWarning, match=r"normalizes over axis 1 of its 4-D input, not its last"):
+    with pytest.warns(
+        ForwardNoteWarning, match=r"takes axis 1 of its 4-D input as the channels, not its last"
+    ):
         weightport.load(bn, model if kind == "live" else tmp_path / "m.keras")
     with torch.no_grad():
         got = bn(torch.from_numpy(x)).numpy()  # the Keras tensor as it is: dim 1 is the axis normalized
+    close(got, np.asarray(model(x, training=False)))
+
+
+def test_group_norm_over_axis_1_is_a_group_norm_of_that_axis(tmp_path: Path) -> None:
+    """GroupNormalization(axis=1), a channels_first model's: nn.GroupNorm given the tensor as it is."""
+    rng = np.random.default_rng(22)
+    model = keras.Sequential([keras.Input((4, 5, 6)), keras.layers.GroupNormalization(groups=2, axis=1)])
+    randomize(model, rng)
+    x = rng.standard_normal((B, 4, 5, 6)).astype(np.float32)
+    model.save(tmp_path / "m.keras")
+    norm = nn.GroupNorm(2, 4, eps=1e-3)
+    with pytest.warns(ForwardNoteWarning, match=r"takes axis 1 of its 4-D input as the channels"):
+        weightport.load(norm, tmp_path / "m.keras")
+    with torch.no_grad():
+        got = norm(torch.from_numpy(x)).numpy()
     close(got, np.asarray(model(x, training=False)))

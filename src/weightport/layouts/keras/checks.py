@@ -118,8 +118,8 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
         moved = _moved_norm_axes(cfg, m, found.layer.input_rank)
         if moved:
             notes.append((moved, True))
-    if kind == "BatchNorm":
-        moved = _batch_norm_axis(cfg, found.layer.input_rank)
+    if kind in ("BatchNorm", "GroupNorm"):
+        moved = _channel_axis(cfg, found.layer.input_rank, f"nn.{type(m).__name__}")
         if moved:
             notes.append((moved, True))
     if kind in _WITH_ACTIVATION and _act(cfg.get("activation")) != "linear":
@@ -173,18 +173,19 @@ def _moved_norm_axes(cfg: Mapping[str, Any], m: Any, input_rank: int | None) -> 
     )
 
 
-def _batch_norm_axis(cfg: Mapping[str, Any], input_rank: int | None) -> str:
-    """What ``forward`` must do where a Keras BatchNormalization normalizes another axis than its input's
-    last (the channels of a channels_last model, which its PyTorch twin has as dim 1), else ``""``."""
+def _channel_axis(cfg: Mapping[str, Any], input_rank: int | None, module: str) -> str:
+    """What ``forward`` must do where a Keras BatchNormalization or GroupNormalization takes another axis
+    than its input's last as its channels (a channels_last model's, which its PyTorch twin has as dim 1),
+    else ``""``."""
     axis = cfg.get("axis", -1)
     axes = axis if isinstance(axis, list) else [axis]
     if len(axes) != 1 or not isinstance(axes[0], int):
-        return f"Keras normalizes over axes {axis} of its input, nn.BatchNorm over dim 1: move them there"
+        return f"Keras normalizes over axes {axis} of its input, {module} over dim 1: move them there"
     last = axes[0] == -1 or (input_rank is not None and axes[0] == input_rank - 1)
     if last or (input_rank is None and axes[0] >= 1):
         return ""  # the channels (tf.keras records the last axis made positive, the input's rank not)
     return (
-        f"Keras normalizes over axis {axes[0]} of its {input_rank}-D input, not its last: nn.BatchNorm normalizes "
+        f"Keras takes axis {axes[0]} of its {input_rank}-D input as the channels, not its last: {module} takes "
         "dim 1, so give the module the tensor whose dim 1 is that axis (a channels_first model's own layout)"
     )
 
@@ -257,12 +258,6 @@ def check_config(found: Resolved, part: Part, slot: Slot, refusals: list[str]) -
             f"num_groups={cfg['groups']} (Keras groups)",
             f"num_groups={m.num_groups}",
             f"build nn.GroupNorm({cfg['groups']}, {m.num_channels}, ...)",
-        )
-    if kind == "GroupNorm" and cfg.get("axis", -1) not in (-1, 3):
-        mismatch(
-            "groups over the channel axis (Keras axis=-1)",
-            f"Keras axis={cfg.get('axis')}",
-            "rebuild the Keras layer with axis=-1 (channels last), which nn.GroupNorm's channel dim 1 matches",
         )
     if kind in _CONVS:
         # tf.keras records groups=1 for a DepthwiseConv2D (a Conv subclass): its groups are checked by shape
