@@ -60,9 +60,12 @@ def _config(kind: str) -> Any:
             encoder_ffn_dim=37,
             decoder_ffn_dim=37,
         )
-    if kind == "wav2vec2":
+    if kind.startswith("wav2vec2"):
         return transformers.Wav2Vec2Config(
             vocab_size=99,
+            use_weighted_layer_sum=kind == "wav2vec2_weighted",
+            num_labels=3,
+            classifier_proj_size=8,
             **SIZES,
             conv_dim=(8, 8),
             conv_stride=(5, 2),
@@ -92,6 +95,12 @@ MODELS: dict[str, tuple[str, str, dict[str, np.ndarray]]] = {
     "bart": ("TFBartForConditionalGeneration", "BartForConditionalGeneration", TEXT),
     # weight_g/weight_v fill the weight-norm parametrization's original0/original1
     "wav2vec2": ("TFWav2Vec2Model", "Wav2Vec2Model", {"input_values": AUDIO}),
+    # the model's own 'layer_weights', filed under 'top_level_model_weights', in no layer
+    "wav2vec2_weighted": (
+        "TFWav2Vec2ForSequenceClassification",
+        "Wav2Vec2ForSequenceClassification",
+        {"input_values": AUDIO},
+    ),
 }
 _OUTPUTS = ("logits", "prediction_logits", "last_hidden_state")
 
@@ -190,13 +199,21 @@ def test_state_dict_is_transformers_converters_bit_for_bit(checkpoint: Checkpoin
     params = dict(module.named_parameters(remove_duplicate=False))
     from_file = {row.target: row.origin.split(" ", 1)[1] for row in report.rows if row.target not in params}
     assert (kind in ("resnet", "bart")) == bool(from_file)
+    # nor the model's own weights, filed under 'top_level_model_weights': it leaves Wav2Vec2's layer_weights
+    own = {
+        row.target: row.origin.split(" ", 1)[1]
+        for row in report.rows
+        if "top_level_model_weights" in row.origin
+    }
+    assert (kind == "wav2vec2_weighted") == bool(own)
+    from_file |= own
     with weightport.open_source(path) as source:
         for name in ours:
             if name in from_file and not name.endswith("num_batches_tracked"):
                 assert np.array_equal(
                     ours[name].numpy(), source.read(from_file[name]).reshape(ours[name].shape)
                 )
-            elif name in params or name not in from_file:
+            elif name not in from_file:
                 assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
 
 

@@ -143,6 +143,34 @@ def _check_copies(copies: Mapping[str, str], source: Source) -> None:
             )
 
 
+_TOP = "top_level_model_weights/"  # tf.keras files a model's own weights (not its layers') under this group
+
+
+def _own_weights(
+    leftover: list[str],
+    names: Mapping[str, str],
+    shapes: Mapping[str, tuple[int, ...]],
+    source: Source,
+    lead: str,
+    rules: list[Rule],
+) -> list[str]:
+    """Rules for the TF model's own weights (Wav2Vec2's ``layer_weights``, filed as
+    ``top_level_model_weights/<model scope>/layer_weights:0``) into the module tensor of that name and
+    shape; the leftover tensors without one."""
+    rest = []
+    for tensor in leftover:
+        target = ".".join(torch_path(tensor[len(_TOP) :])) if tensor.startswith(_TOP) else ""
+        if (
+            target
+            and names.get(target) == "parameter"
+            and shapes.get(target) == tuple(source.infos[tensor].shape)
+        ):
+            rules.append(Rule(lead + target, (tensor,), Identity(), f"{source.description} {tensor}"))
+        else:
+            rest.append(tensor)
+    return rest
+
+
 def claims(layers: list[Layer], source: Source) -> bool:
     """Whether ``source`` is a transformers TF checkpoint: a legacy ``.h5`` whose layers' weights are
     all named ``<scope>/<their layer>/...``, one of them a layer that holds a whole model."""
@@ -343,6 +371,7 @@ def plan(
         name = f"{path}.num_batches_tracked" if path else "num_batches_tracked"
         if name in names:
             rules.append(Rule(lead + name, (), Zeros(()), f"{where}: Keras counts no batches; 0"))
+    leftover = _own_weights(leftover, names, shapes, source, lead, rules)
     filled = {r.target for r in rules}
     hints = {}
     for name, kind in names.items():
