@@ -273,3 +273,28 @@ def test_flax_distilbert_vocab_projector_bias_alone_loads_into_the_tied_linear(t
     ):
         _load(untied, path)
     assert snapshot(untied) == before
+
+
+def test_flax_wav2vec2_weight_normed_conv_fills_the_parametrization(tmp_path: Path) -> None:
+    """Wav2Vec2's positional conv is weight-normed: Flax keeps weight_g, weight_v and bias beside each other
+    (in no Flax layer), PyTorch's parametrization original0/original1 and the conv's bias: by their names."""
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, conv_dim=(8, 8),
+        conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer", do_stable_layer_norm=True,
+    )  # fmt: skip
+    flax_model = transformers.FlaxWav2Vec2Model(config, seed=0)
+    path = _save(flax_model, tmp_path, 7)
+    audio = np.random.default_rng(8).standard_normal((2, 800)).astype(np.float32)
+    module = transformers.Wav2Vec2Model(config).eval()
+    report = _load(module, path)
+    with torch.no_grad():
+        got = module(torch.from_numpy(audio)).last_hidden_state.numpy()
+    assert _error(got, np.asarray(flax_model(audio).last_hidden_state)) <= 1e-5
+    normed = {p.module_path for p in report.pairings if "pos_conv_embed" in p.module_path}
+    assert normed == {
+        "encoder.pos_conv_embed.conv.bias",
+        "encoder.pos_conv_embed.conv.parametrizations.weight.original0",
+        "encoder.pos_conv_embed.conv.parametrizations.weight.original1",
+    }
+    _assert_same_state(module, _converted(transformers.Wav2Vec2Model(config), path))

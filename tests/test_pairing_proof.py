@@ -799,3 +799,22 @@ def test_a_keras_file_path_never_names_the_module_of_another_layer(kind: str, tm
         "first": True,
         "dense": True,
     }
+
+
+def test_the_forward_pass_of_a_model_with_tied_weights_runs() -> None:
+    """A tied tensor is given to the pass once (functional_call ties its other names and refuses both):
+    the pass ran, and a head reading the embedding's weight as it is changes nothing."""
+    from weightport.call_order import trace_calls
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.mid(self.emb(x))))
+
+    calls = trace_calls(TiedLM(), torch.tensor([[1, 2, 3]]))
+    assert calls.order == {"emb": 0, "mid": 1, "head": 2}
+    assert calls.changed == set()

@@ -243,10 +243,9 @@ def _to(value: Any, convert: Any) -> Any:
 def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], flow: _Dataflow) -> None:
     # every tensor, non-persistent buffers (left out of state_dict) included: a forward that updates one
     # updates the stand-in
-    tensors = {
-        **dict(model.named_parameters(remove_duplicate=False)),
-        **dict(model.named_buffers(remove_duplicate=False)),
-    }
+    # one name per tensor: functional_call ties the other names of a tied one itself (tie_weights=True)
+    # and refuses values given for both
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
     flow.own(meta)
     try:

@@ -36,12 +36,21 @@ from weightport.transforms import Identity
 __all__ = ["loose_rules"]
 
 
+# a weight-normed layer's own params (transformers' FlaxConvWithWeightNorm: weight_v in PyTorch's layout,
+# weight_g its norms) -> where torch.nn.utils.parametrizations.weight_norm keeps them
+_WEIGHT_NORM = {
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
+}
+
+
 def _targets(path: str) -> list[str]:
-    """State-dict names a Flax leaf path may name: ``/`` as ``.``, and linen's ``layers_0`` as ``layers.0``."""
+    """State-dict names a Flax leaf path may name: ``/`` as ``.``, and linen's ``layers_0`` as ``layers.0``;
+    a ``weight_g``/``weight_v`` also as the weight-norm parametrization's ``original0``/``original1``."""
     parent, _, leaf = path.rpartition("/")
-    names = [path.replace("/", ".")]
-    if parent:
-        names += [f"{p}.{leaf}" for p in name_paths(parent) if "[" not in p]
+    parents = [parent.replace("/", "."), *(p for p in name_paths(parent) if "[" not in p)] if parent else [""]
+    leaves = [leaf, *([_WEIGHT_NORM[leaf]] if leaf in _WEIGHT_NORM else [])]
+    names = [f"{p}.{x}" if p else x for x in leaves for p in parents]
     return list(dict.fromkeys(names))
 
 
@@ -49,14 +58,18 @@ def loose_rules(module: nn.Module, source: Source, used: Set[str]) -> tuple[list
     """Rules for the source's arrays no layer holds that name a module's own tensor (see the module doc)."""
     state = module.state_dict(keep_vars=True)
     layered = {slot.path for slot in module_slots(module) if not slot.kind.startswith("other:")}
+    leaves = leaves_of(model_tree(tree_of(list(source.infos))))
+    # a node holding weight_g and weight_v is a weight-normed layer no layer rule reads: its bias too
+    normed = {p.rpartition("/")[0] for p in leaves if p.endswith("/weight_g")}
+    normed &= {p.rpartition("/")[0] for p in leaves if p.endswith("/weight_v")}
     rules: list[Rule] = []
     pairings: list[Pairing] = []
-    for path, name in leaves_of(model_tree(tree_of(list(source.infos)))).items():
+    for path, name in leaves.items():
         if name in used:
             continue
         for target in _targets(path):
             owner = target.rpartition(".")[0]
-            if target in state and owner not in layered:
+            if target in state and (owner not in layered or path.rpartition("/")[0] in normed):
                 owner_class = type(module.get_submodule(owner)).__name__
                 rules.append(
                     Rule(target, (name,), Identity(), f"{FRAMEWORK} '{path}' (the model's own param)")
