@@ -262,3 +262,50 @@ def test_attention_without_bias_is_tied_by_its_out_proj_or_refused(dynamo: bool,
         return
     with pytest.raises(LayoutError, match="nothing ties it to 'attn'.*the module has no bias"):
         weightport.load(model, tmp_path / "m.onnx")
+
+
+class _Norms(nn.Module):
+    """Three LayerNorms as built (weight 1, bias 0: equal values) between Linears of their own values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.n1, self.n2, self.n3 = nn.LayerNorm(6), nn.LayerNorm(6), nn.LayerNorm(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.n3(self.fc2(self.n2(self.fc1(self.n1(x)))))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_norms_of_equal_values_stored_once_fill_every_module(dynamo: bool, tmp_path: Path) -> None:
+    """Exporters store equal values once: the legacy exporter gives n2 and n3 Identities of n1's tensors named
+    as their own (by name), the dynamo exporter has all three nodes read n1's (three modules, three nodes:
+    by equal values). A model whose norms hold other values takes the file's: onnxruntime's outputs."""
+
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = _Norms().eval()
+        with torch.no_grad():
+            (
+                model.fc1.weight.normal_(),
+                model.fc2.weight.normal_(),
+                model.fc1.bias.normal_(),
+                model.fc2.bias.normal_(),
+            )
+        return model
+
+    x = torch.from_numpy(np.random.RandomState(5).standard_normal((2, 3, 6)).astype(np.float32))
+    model, expected, _ = _port(make, x, tmp_path / "m.onnx", dynamo)
+    with torch.no_grad():
+        for norm in (model.n1, model.n2, model.n3):
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedConfigWarning)
+        report = weightport.load(model, tmp_path / "m.onnx", example_inputs=x)  # fc1, fc2: unnamed MatMuls
+    assert _rel(model, x, expected) < TOL
+    hows = {p.module_path: p.how for p in report.pairings if p.module_path in ("n1", "n2", "n3")}
+    assert set(hows) == {"n1", "n2", "n3"}
+    if dynamo:
+        assert sum(how.startswith("by equal values") for how in hows.values()) == 2
+    else:
+        assert set(hows.values()) == {"by name"}

@@ -106,6 +106,7 @@ from weightport.layouts.onnx.hints import explain_unrolled_recurrence, loop_hint
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.onnx.layers import find_layers, named_path
 from weightport.layouts.onnx.rules import layer_rules
+from weightport.layouts.onnx.shared import shared_rules
 from weightport.layouts.pairing import (
     Paired,
     Slot,
@@ -211,6 +212,15 @@ def plan(
             if pairing is not None:
                 pairings.append(pairing)
                 folded.append(bn.label)
+    more, shared = shared_rules(
+        module,
+        layers,
+        wanted,
+        rules,
+        fits_by_rules(module, source, rules_for),
+        lambda i, pair: layer_rules(layers[i], pair, source, issues, validated, unchecked, named=own_names),
+    )
+    rules, pairings = rules + more, pairings + shared
     issues.raise_if_any(target)
     if folded:
         unchecked.append(statistics_note(folded))

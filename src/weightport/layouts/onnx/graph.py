@@ -79,6 +79,10 @@ class Layer:
     owner: str | None = None  # the module path its stored names prove, where they name one (attention)
     # what the model's forward must do around the module for the graph's outputs (LayoutPlan.forward_notes)
     forward_notes: tuple[str, ...] = ()
+    # role -> the parameter name the node reads a stored tensor under (an exporter that stores equal values
+    # once gives the others an Identity of it named as their own parameter)
+    aliases: dict[str, str] = field(default_factory=dict)
+    uses: int = 1  # the nodes that apply these very stored tensors (one module called twice, or equal values)
 
 
 def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:

@@ -34,7 +34,7 @@ __all__ = ["find_layers", "named_path"]
 def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: set[str]) -> list[Layer]:
     graph = Graph.of(nodes, source)
     layers: list[Layer] = []
-    seen: set[tuple[Any, ...]] = set()
+    seen: dict[tuple[Any, ...], Layer] = {}
     holding: dict[str, list[Layer]] = {}  # stored tensor -> the layers reading it
     for node in nodes:
         if node.op_type in RNN_KINDS:
@@ -53,26 +53,44 @@ def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: se
             layer = None
         if layer is None:
             continue
+        layer.aliases = _aliases(node, layer, graph)
         # A layer applied twice (one Linear called in two places) shows as two nodes on the same stored
-        # tensors: it is one source layer, filled once.
+        # tensors: it is one source layer, filled once (and counted: equal values stored once are read so too).
         key: tuple[Any, ...] = (
             layer.kind,
             tuple(sorted(layer.tensors.items())),
             repr(sorted(layer.ops.items())),
             repr(sorted(node.attributes.items())),
             layer.spatial,
+            tuple(sorted(layer.aliases.items())),
         )
         if key in seen:
+            seen[key].uses += 1
             continue
         sharing = {id(o): o for name in layer.tensors.values() for o in holding.get(name, ())}
-        if any(_same_values(layer, other, source) for other in sharing.values()):
+        if not layer.aliases and any(_same_values(layer, other, source) for other in sharing.values()):
             validated.update(layer.tensors.values())  # a copy of a layer that is filled: nothing to place
             continue
-        seen.add(key)
+        seen[key] = layer
         layers.append(layer)
         for name in layer.tensors.values():
             holding.setdefault(name, []).append(layer)
     return attention_layers(layers, source, graph)
+
+
+def _aliases(node: Node, layer: Layer, graph: Graph) -> dict[str, str]:
+    """Role -> the name the node reads its stored tensor under, where that is an ``Identity``'s output named
+    as a parameter (``blocks.0.norm2.weight`` = Identity(``blocks.0.norm1.weight``): the legacy exporter
+    stores equal values once, and each other parameter holding them is such an Identity)."""
+    by_stored: dict[str, str] = {}
+    for name in node.inputs:
+        producer = graph.producers.get(name)
+        if producer is None or producer.op_type != "Identity" or name in graph.source.infos:
+            continue
+        stored = graph.stored(name)
+        if stored is not None and "." in name and "::" not in name and not name.startswith("/"):
+            by_stored[stored] = name
+    return {role: by_stored[t] for role, t in layer.tensors.items() if t in by_stored}
 
 
 def _same_values(layer: Layer, other: Layer, source: Source) -> bool:
@@ -94,11 +112,12 @@ def _same_values(layer: Layer, other: Layer, source: Source) -> bool:
 
 def named_path(layer: Layer) -> tuple[str, ...]:
     """The module path a layer's stored tensors name, where they all share one (``head.weight``, ``head.bias``:
-    ``head``, as torch.onnx.export keeps parameter names); synthetic names (``onnx::LSTM_201``) name none;
-    an attention layer's is the one its in_proj and out_proj names prove."""
+    ``head``, as torch.onnx.export keeps parameter names; a tensor read through an Identity named as the
+    node's own parameter by that name); synthetic names (``onnx::LSTM_201``) name none; an attention
+    layer's is the one its in_proj and out_proj names prove."""
     if layer.owner is not None:
         return (layer.owner,) if layer.owner else ()
-    owners = {name.rpartition(".")[0] for name in layer.tensors.values()}
+    owners = {layer.aliases.get(role, name).rpartition(".")[0] for role, name in layer.tensors.items()}
     (owner,) = owners if len(owners) == 1 else ("",)
     return (owner,) if owner and ":" not in owner else ()
 
