@@ -489,3 +489,29 @@ def test_group_norm_over_axis_1_is_a_group_norm_of_that_axis(tmp_path: Path) -> 
     with torch.no_grad():
         got = norm(torch.from_numpy(x)).numpy()
     close(got, np.asarray(model(x, training=False)))
+
+
+def test_zero_padding_before_a_same_conv_adds_to_its_padding(tmp_path: Path) -> None:
+    """ZeroPadding2D(1) then Conv2D(3, padding='same'): 2 per side in all. nn.Conv2d(padding=2) loads exactly;
+    padding=1 (the 'same' alone) is refused with the sum; a strided 'same' after it is refused."""
+    rng = np.random.default_rng(23)
+    model = keras.Sequential(
+        [keras.Input((6, 6, 3)), keras.layers.ZeroPadding2D(1), keras.layers.Conv2D(4, 3, padding="same")]
+    )
+    randomize(model, rng)
+    x = rng.standard_normal((B, 6, 6, 3)).astype(np.float32)
+    model.save(tmp_path / "m.keras")
+    conv = nn.Conv2d(3, 4, 3, padding=2)
+    weightport.load(conv, tmp_path / "m.keras")
+    close(nchw(conv, x), np.asarray(model(x)))
+    with pytest.raises(LoadError, match=r"padding \(before, after\) per axis = \(\(2, 2\), \(2, 2\)\)"):
+        weightport.load(nn.Conv2d(3, 4, 3, padding=1), model)
+    strided = keras.Sequential(
+        [
+            keras.Input((6, 6, 3)),
+            keras.layers.ZeroPadding2D(1),
+            keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+        ]
+    )
+    with pytest.raises(LoadError, match=r"then by TensorFlow's 'same' rule for stride \(2, 2\)"):
+        weightport.load(nn.Conv2d(3, 4, 3, stride=2, padding=2), strided)

@@ -818,3 +818,42 @@ def test_the_forward_pass_of_a_model_with_tied_weights_runs() -> None:
     calls = trace_calls(TiedLM(), torch.tensor([[1, 2, 3]]))
     assert calls.order == {"emb": 0, "mid": 1, "head": 2}
     assert calls.changed == set()
+
+
+@pytest.mark.parametrize("kind", ["live", ".keras"])
+def test_a_name_two_keras_layers_share_is_not_taken_as_a_path(kind: str, tmp_path: Path) -> None:
+    """An inner model reuses the name 'first': both are then named by their file paths, and the outer one's
+    ('layers/dense', numbered per class) never pairs by name with the module of the layer named 'dense'."""
+    keras = _keras()
+    rng = np.random.default_rng(13)
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="first")], name="inner")
+    inputs = keras.Input((4,))
+    model = keras.Model(
+        inputs, keras.layers.Dense(4, name="dense")(inner(keras.layers.Dense(4, name="first")(inputs)))
+    )
+    model.set_weights(randomize(model.get_weights(), rng))
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    expected = np.asarray(model(x))
+    model.save(tmp_path / "m.keras")
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleDict({"first": nn.Linear(4, 4)})
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.layers["first"](t)
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleDict(
+                {"first": nn.Linear(4, 4), "inner": Inner(), "dense": nn.Linear(4, 4)}
+            )
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.layers["dense"](self.layers["inner"](self.layers["first"](t)))
+
+    module = Outer()
+    load(module, model if kind == "live" else tmp_path / "m.keras", example_inputs=torch.zeros(1, 4))
+    assert_exact(module, x, expected, kind)

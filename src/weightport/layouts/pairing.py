@@ -265,8 +265,11 @@ def _name_paths(layer: SourceLayer, layers: list[SourceLayer]) -> tuple[str, ...
     one ending in another layer's name (a Keras file files layer 'first' as 'layers/dense', while another
     layer is named 'dense': that path names the other layer's module, not this one's)."""
     own = layer.name.replace("/", ".")
-    others = {x.name.replace("/", ".").rsplit(".", 1)[-1] for x in layers if x is not layer}
-    return (own, *(p for p in layer.paths if p.rsplit(".", 1)[-1] not in others or p == own))
+    # other layers' own names of one component (Keras names; a hierarchical Flax name repeats its last part)
+    others = {n for x in layers if x is not layer and "." not in (n := x.name.replace("/", "."))}
+    named = own not in layer.paths  # a name that is its file path (two Keras layers of one name) is a path
+    found = [own] if named else []
+    return (*found, *(p for p in layer.paths if p.rsplit(".", 1)[-1] not in others or (named and p == own)))
 
 
 def _pair_by_name(

@@ -71,6 +71,21 @@ def padding_verdict(cfg: Any, m: Any, layer: Any) -> Verdict:
     zeros = ((0, 0),) * rank
     explicit = tuple(layer.padding) if padding == "valid" and layer.padding else None
     name = f"Keras {'ZeroPadding1D' if rank == 1 else 'ZeroPadding2D'} '{layer.padded_by}'"
+    then = "padding='valid'"
+    if padding == "same" and layer.padding:  # the zeros before it, then what 'same' pads the padded input
+        if any(s != 1 for s in m.stride):
+            return None, (
+                f"padding by {name} ({tuple(layer.padding)} (before, after) per axis), then by TensorFlow's "
+                f"'same' rule for stride {tuple(m.stride)}, which depends on the input's size",
+                f"padding={m.padding}"
+                if fixed is not None
+                else "Conv2dSame, which does not add the ZeroPadding",
+                f"build the module with padding=0 and pad the input in forward: by {tuple(layer.padding)}, then "
+                f"as 'same' does ({TF_SAME})",
+            )
+        same = [tf_same(10, k, 1, d) for k, d in zip(m.kernel_size, m.dilation)]
+        explicit = tuple((z[0] + a[0], z[1] + a[1]) for z, a in zip(layer.padding, same))
+        name, then = f"{name} and padding='same' together", "the conv"
     mode = m.padding_mode == "zeros" or fixed == zeros
     if not mode and padding in ("same", "valid") and fixed not in (None, zeros):
         wrong_mode = (
@@ -108,7 +123,7 @@ def padding_verdict(cfg: Any, m: Any, layer: Any) -> Verdict:
                 )
         symmetric = all(a == b for a, b in explicit)
         return None, (
-            f"padding (before, after) per axis = {explicit} ({name}, then padding='valid')",
+            f"padding (before, after) per axis = {explicit} ({name}, then {then})",
             "Conv2dSame, which pads by TensorFlow's 'same' rule" if fixed is None else f"padding={m.padding}",
             f"build the module with padding={tuple(a for a, _ in explicit)}"
             if symmetric
