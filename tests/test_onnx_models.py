@@ -309,3 +309,24 @@ def test_norms_of_equal_values_stored_once_fill_every_module(dynamo: bool, tmp_p
         assert sum(how.startswith("by equal values") for how in hows.values()) == 2
     else:
         assert set(hows.values()) == {"by name"}
+
+
+class _Twice(nn.Module):
+    """One Linear called twice, and a spare of its shape the forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.spare = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.fc(x)))
+
+
+def test_a_module_called_twice_gives_its_values_to_no_other_module(tmp_path: Path) -> None:
+    """Two nodes read fc's tensors; the exporter records that both ran in 'fc': the spare takes nothing."""
+    x = torch.from_numpy(np.random.RandomState(6).standard_normal((2, 6)).astype(np.float32))
+    model, _, _ = _port(lambda s: _random_parameters(_Twice(), s), x, tmp_path / "m.onnx", True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(weightport.LoadError, match=r"'spare\.(weight|bias)'"):
+        weightport.load(model, tmp_path / "m.onnx")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

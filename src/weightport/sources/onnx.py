@@ -9,7 +9,8 @@ come from the ``TensorProto`` fields; data is read only when asked for.
 ``metadata`` carries what the ``onnx`` layout needs to place the weights:
 ``layout="onnx"``, ``nodes`` (the main graph's nodes in order, each a dict with
 ``op_type``, ``domain``, ``name``, ``inputs``, ``outputs`` and ``attributes`` as
-plain Python values), ``initializers`` and ``constants`` (names, in file order),
+plain Python values, and ``module``, the path of the module it ran in, where the dynamo exporter
+recorded it), ``initializers`` and ``constants`` (names, in file order),
 ``opset`` (domain -> version) and ``producer``. Subgraphs of ``If``/``Loop``
 nodes are not read.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -368,8 +370,11 @@ def _open_inside(folder: Path, location: str, where: str, name: str) -> int:
     return fd
 
 
+_SCOPES = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's record of the modules a node ran in
+
+
 def _node_dict(node: Any, onnx: Any) -> dict[str, Any]:
-    return {
+    found = {
         "op_type": node.op_type,
         "domain": node.domain,
         "name": node.name,
@@ -377,6 +382,21 @@ def _node_dict(node: Any, onnx: Any) -> dict[str, Any]:
         "outputs": list(node.output),
         "attributes": {attr.name: _plain(attr, onnx) for attr in node.attribute},
     }
+    scope = _module_scope(node)
+    if scope is not None:
+        found["module"] = scope
+    return found
+
+
+def _module_scope(node: Any) -> str | None:
+    """The path of the module a node ran in, where the exporter recorded it (``['', 'blocks', 'blocks.0',
+    'blocks.0.norm1', 'layer_norm']``: ``blocks.0.norm1``; ``''`` for the model itself), else None."""
+    for prop in getattr(node, "metadata_props", ()):
+        if prop.key != _SCOPES or len(prop.value) > 4096:
+            continue
+        parts = re.findall(r"'((?:[^'\\]|\\.)*)'", prop.value)
+        return parts[-2] if len(parts) >= 2 else None
+    return None
 
 
 def _plain(attr: Any, onnx: Any) -> Any:

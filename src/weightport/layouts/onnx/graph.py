@@ -51,6 +51,7 @@ class Node:
     attributes: dict[str, Any]
     synthetic: bool = False  # made from export()'s keys: no attributes to check
     label: str = ""  # how messages and mapping= name it: its name, made unique
+    module: str | None = None  # the module it ran in, where the exporter recorded it (dynamo)
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name or f"{self.op_type}#{self.index}"
@@ -83,6 +84,7 @@ class Layer:
     # once gives the others an Identity of it named as their own parameter)
     aliases: dict[str, str] = field(default_factory=dict)
     uses: int = 1  # the nodes that apply these very stored tensors (one module called twice, or equal values)
+    modules: list[str | None] = field(default_factory=list)  # the module each of those nodes ran in
 
 
 def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:
@@ -100,6 +102,7 @@ def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:
                 tuple(raw["outputs"]),
                 dict(raw.get("attributes", {})),
                 label="" if names[name] == 1 else f"{name or op}#{index}",
+                module=raw["module"] if isinstance(raw.get("module"), str) else None,
             )
         )
     return nodes

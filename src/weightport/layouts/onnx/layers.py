@@ -66,12 +66,14 @@ def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: se
         )
         if key in seen:
             seen[key].uses += 1
+            seen[key].modules.append(node.module)
             continue
         sharing = {id(o): o for name in layer.tensors.values() for o in holding.get(name, ())}
         if not layer.aliases and any(_same_values(layer, other, source) for other in sharing.values()):
             validated.update(layer.tensors.values())  # a copy of a layer that is filled: nothing to place
             continue
         seen[key] = layer
+        layer.modules = [node.module]
         layers.append(layer)
         for name in layer.tensors.values():
             holding.setdefault(name, []).append(layer)

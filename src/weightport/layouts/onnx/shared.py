@@ -2,10 +2,10 @@
 
 An exporter stores equal values once: the dynamo exporter has every LayerNorm of a freshly built model
 read one pair of initializers (ones and zeros), named after the first. Such a layer is found once, with
-the number of nodes that apply it (:attr:`~weightport.layouts.onnx.graph.Layer.uses`); one module called
-twice is the same. Where exactly ``uses - 1`` modules of its kind that nothing else fills take its
-tensors' shapes and settings, they are those nodes' modules: each gets the same values, and which node
-is whose cannot change what any computes.
+the nodes that apply it (:attr:`~weightport.layouts.onnx.graph.Layer.uses`); one module called twice
+looks the same. The dynamo exporter records the module each node ran in: where those are as many
+modules as nodes, each of this layer's kind and fit for its tensors, and nothing else fills them, each
+takes the same values.
 
 >>> from weightport.layouts.onnx.graph import Layer, Node
 >>> Layer(Node(0, "LayerNormalization", "ln", (), (), {}), "LayerNorm", {}).uses
@@ -47,11 +47,12 @@ def shared_rules(
     more: list[Rule] = []
     pairings: list[Pairing] = []
     for i, layer in enumerate(layers):
-        if layer.uses < 2 or layer.kind in RNN_KINDS:
-            continue
-        takers = [slot for slot in free if slot.kind == layer.kind and fits(i, slot)]
+        ran_in = set(layer.modules)
+        if layer.uses < 2 or layer.kind in RNN_KINDS or None in ran_in or len(ran_in) != layer.uses:
+            continue  # one module called twice, or no record of where the nodes ran
+        takers = [slot for slot in free if slot.path in ran_in and slot.kind == layer.kind and fits(i, slot)]
         if len(takers) != layer.uses - 1:
-            continue  # more modules than nodes (or fewer): which are the nodes' is not proven
+            continue  # the recorded modules are not all free modules of this kind: nothing proven
         how = f"by equal values (the graph applies these stored tensors {layer.uses} times)"
         for slot in takers:
             more += rules_of(i, Paired(wanted[i], slot, how))
