@@ -375,7 +375,8 @@ def check_weights_only(
         settings.append("go_backwards (assumed False)")
     if kind in _NORMS:
         settings.append(
-            f"epsilon (the module has eps={cast(Any, slot.module).eps:g}; Keras's default is 1e-3)"
+            f"epsilon (the module has eps={cast(Any, slot.module).eps:g}; Keras's default is 1e-3), axis "
+            "(assumed the input's last, which the module sees as its channels or normalized dims)"
         )
     if kind in _CONVS:
         settings.append("strides, padding, dilation_rate, groups")
