@@ -19,6 +19,18 @@ def test_import_pulls_in_no_optional_framework() -> None:
     assert out.strip() == "[]"
 
 
+def test_a_meta_model_load_pulls_in_no_symbolic_shapes() -> None:
+    """torch.empty_like of a meta tensor imports sympy (0.4 s); the fill of a meta model takes none."""
+    code = (
+        "import sys, numpy as np, torch, weightport\n"
+        "with torch.device('meta'):\n    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)\n"
+        "weightport.load(conv, {'weight': np.ones((4, 3, 3, 3), np.float32), 'bias': np.zeros(4, np.float32)})\n"
+        "print(conv.weight.is_contiguous(memory_format=torch.channels_last), 'sympy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]
+
+
 def test_public_api() -> None:
     for name in (
         "load",
