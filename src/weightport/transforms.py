@@ -30,6 +30,7 @@ __all__ = [
     "Stack",
     "SliceBlocks",
     "Concat",
+    "ConcatAfter",
     "Reshape",
     "Chain",
     "Zeros",
@@ -241,6 +242,38 @@ class Concat(Op):
 
     def describe(self) -> str:
         return f"concat axis {self.axis}"
+
+
+@dataclass(frozen=True)
+class ConcatAfter(Op):
+    """Each input through its own op, then concatenated along ``axis`` (ONNX: an attention's in_proj from its
+    query and key-value parts, each stored transposed).
+
+    >>> ConcatAfter((Transpose((1, 0)), Transpose((1, 0)))).out_shape([(4, 4), (4, 8)])
+    (12, 4)
+    """
+
+    ops: tuple[Op, ...]
+    axis: int = 0
+
+    @property
+    def arity(self) -> int:  # type: ignore[override]
+        return len(self.ops)
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        return np.concatenate([op(a) for op, a in zip(self.ops, arrays)], axis=self.axis)
+
+    def out_shape(self, shapes: Sequence[Shape]) -> Shape:
+        if len(shapes) != len(self.ops):
+            raise ValueError(f"needs {len(self.ops)} arrays, got {len(shapes)}")
+        parts = [op.out_shape([s]) for op, s in zip(self.ops, shapes)]
+        return Concat(self.axis, len(parts)).out_shape(parts)
+
+    def inverse(self) -> Op:
+        raise ValueError("ConcatAfter has one inverse per input")
+
+    def describe(self) -> str:
+        return f"concat axis {self.axis} of ({'; '.join(op.describe() for op in self.ops)})"
 
 
 @dataclass(frozen=True)

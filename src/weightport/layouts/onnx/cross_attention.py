@@ -21,16 +21,13 @@ proves nothing, and the attention stays unpaired (the missing module's hint says
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from weightport.layouts.onnx.graph import Graph, Layer
 from weightport.sources.base import Source
-from weightport.transforms import Concat, Identity, Op, Shape
+from weightport.transforms import ConcatAfter, Identity, Op
 
-__all__ = ["ConcatAfter", "InProj", "split_in_proj", "dataflow_in_proj", "in_proj_roles"]
+__all__ = ["InProj", "split_in_proj", "dataflow_in_proj", "in_proj_roles"]
 
 # inputs that give a node's sizes, axes or indices, not values flowing into its output
 _SHAPE_OPERANDS = {
@@ -51,33 +48,6 @@ _SHAPE_OPERANDS = {
     "Gather": (1,),
 }
 _SIZES_ONLY = ("Shape", "Size", "ConstantOfShape", "Range", "EyeLike")  # outputs that carry no input values
-
-
-@dataclass(frozen=True)
-class ConcatAfter(Op):
-    """Each input through its own op, then concatenated along ``axis`` (two in_proj parts as one weight)."""
-
-    ops: tuple[Op, ...]
-    axis: int = 0
-
-    @property
-    def arity(self) -> int:  # type: ignore[override]
-        return len(self.ops)
-
-    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
-        return np.concatenate([op(a) for op, a in zip(self.ops, arrays)], axis=self.axis)
-
-    def out_shape(self, shapes: Sequence[Shape]) -> Shape:
-        if len(shapes) != len(self.ops):
-            raise ValueError(f"needs {len(self.ops)} arrays, got {len(shapes)}")
-        parts = [op.out_shape([s]) for op, s in zip(self.ops, shapes)]
-        return Concat(self.axis, len(parts)).out_shape(parts)
-
-    def inverse(self) -> Op:
-        raise ValueError("ConcatAfter has one inverse per input")
-
-    def describe(self) -> str:
-        return f"concat axis {self.axis} of ({'; '.join(op.describe() for op in self.ops)})"
 
 
 @dataclass
