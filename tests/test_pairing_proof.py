@@ -857,3 +857,25 @@ def test_a_name_two_keras_layers_share_is_not_taken_as_a_path(kind: str, tmp_pat
     module = Outer()
     load(module, model if kind == "live" else tmp_path / "m.keras", example_inputs=torch.zeros(1, 4))
     assert_exact(module, x, expected, kind)
+
+
+def test_a_path_ending_in_the_layers_own_name_is_kept() -> None:
+    """Flax names a listed layer 'encoder/layers_0/Dense_0' (module 'encoder.layers.0.Dense_0'); a top-level
+    'Dense_0' beside it does not take that path from it, as a Keras layer's other name would."""
+    from weightport.layouts.pairing import pair_layers
+    from weightport.layouts.slots import SourceLayer
+
+    model = nn.Module()
+    model.Dense_0 = nn.Linear(2, 3)
+    model.encoder = nn.Module()
+    model.encoder.layers = nn.ModuleList([nn.Module()])
+    model.encoder.layers[0].Dense_0 = nn.Linear(2, 3)
+    layers = [
+        SourceLayer("Dense_0", "Linear"),
+        SourceLayer("encoder/layers_0/Dense_0", "Linear", paths=("encoder.layers.0.Dense_0",)),
+    ]
+    pairs = pair_layers(model, layers, None, framework="Flax")
+    assert [(p.slot.label, p.how) for p in pairs] == [
+        ("Dense_0", "by name"),
+        ("encoder.layers.0.Dense_0", "by name"),
+    ]

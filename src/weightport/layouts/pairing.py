@@ -268,8 +268,13 @@ def _name_paths(layer: SourceLayer, layers: list[SourceLayer]) -> tuple[str, ...
     # other layers' own names of one component (Keras names; a hierarchical Flax name repeats its last part)
     others = {n for x in layers if x is not layer and "." not in (n := x.name.replace("/", "."))}
     named = own not in layer.paths  # a name that is its file path (two Keras layers of one name) is a path
-    found = [own] if named else []
-    return (*found, *(p for p in layer.paths if p.rsplit(".", 1)[-1] not in others or (named and p == own)))
+    last = own.rsplit(".", 1)[-1]
+
+    def other_layers(path: str) -> bool:  # its last part is not this layer's name but another layer's
+        end = path.rsplit(".", 1)[-1]
+        return end in others and (end != last or not named)
+
+    return (*([own] if named else []), *(p for p in layer.paths if not other_layers(p)))
 
 
 def _pair_by_name(
