@@ -163,9 +163,8 @@ class Paired:
     source: SourceLayer
     slot: Slot
     how: str
-    side: str = (
-        ""  # "forward" or "reverse": one direction of a bidirectional slot (mapping= "rnn[0]:reverse")
-    )
+    # "forward" or "reverse": one direction of a bidirectional slot (mapping= "rnn[0]:reverse")
+    side: str = ""
 
 
 def module_slots(model: nn.Module) -> list[Slot]:

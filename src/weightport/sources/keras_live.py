@@ -66,16 +66,22 @@ def open_object(obj: Any) -> Source:
 def _model_config(obj: Any) -> dict[str, Any] | None:
     """A Sequential's or Functional's config as a ``.keras`` file records it (its graph: a ZeroPadding2D
     feeding a conv), or None for other objects."""
-    kinds = [c.__name__ for c in type(obj).__mro__ if c.__name__ in ("Sequential", "Functional")]
-    if not kinds:
+    kind = _graph_kind(obj)
+    if kind is None:
         return None
     config = _config(obj)
     if config is None:
         return None
     try:  # as a file holds it: lists, not the tuples (a keras_history) a live config may keep
-        return {"class_name": kinds[0], "config": json.loads(json.dumps(config, default=str))}
+        return {"class_name": kind, "config": json.loads(json.dumps(config, default=str))}
     except (TypeError, ValueError):
         return None
+
+
+def _graph_kind(obj: Any) -> str | None:
+    """``"Sequential"`` or ``"Functional"`` for a model whose layers form a graph (a subclassed model's do
+    not: it lists them in attribute order), else None."""
+    return next((c.__name__ for c in type(obj).__mro__ if c.__name__ in ("Sequential", "Functional")), None)
 
 
 def _is_container(obj: Any) -> bool:
@@ -88,7 +94,7 @@ def _add(
     if _is_container(obj):
         # a Sequential's or Functional's layers are in the order it runs them; a subclassed model's in the
         # order its attributes were set, which records nothing about the order it calls them in
-        ordered = ordered and any(c.__name__ in ("Functional", "Sequential") for c in type(obj).__mro__)
+        ordered = ordered and _graph_kind(obj) is not None
         counts: dict[str, int] = {}
         for layer in obj.layers:
             base = snake_case(type(layer).__name__)

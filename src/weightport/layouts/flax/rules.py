@@ -74,7 +74,6 @@ def cell_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule]:
             f"Flax layer '{layer.name}' {have} but '{slot.label}' is {slot.describe()}. "
             f"Fix: build it with {fix}, or pass mapping= to pair the layers yourself."
         )
-    assert layer.cell is not None
     rules = _direction_rules(layer, pair, source, reverse=False)
     if layer.backward is not None:
         rules += _direction_rules(layer, pair, source, reverse=True, cell=layer.backward)

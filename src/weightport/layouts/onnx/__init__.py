@@ -171,13 +171,14 @@ def plan(
         rules = layer_rules(layers[i], Paired(wanted[i], slot, ""), source, trial, set(), [], folds=folds)
         return None if trial.messages else rules
 
+    fits = fits_by_rules(module, source, rules_for)
     try:
         paired = pair_layers(
             module,
             wanted,
             mapping,
             framework=FRAMEWORK,
-            fits=fits_by_rules(module, source, rules_for),
+            fits=fits,
             call_order=call_order,
             where=source.description,
             fit_context=lambda slot: slot.label in follow,
@@ -217,7 +218,7 @@ def plan(
         layers,
         wanted,
         rules,
-        fits_by_rules(module, source, rules_for),
+        fits,
         lambda i, pair: layer_rules(layers[i], pair, source, issues, validated, unchecked, named=own_names),
     )
     rules, pairings = rules + more, pairings + shared

@@ -24,7 +24,13 @@ from torch import nn
 
 from weightport.errors import LayoutError
 from weightport.layouts.base import Pairing, Rule
-from weightport.layouts.onnx.cross_attention import InProj, dataflow_in_proj, in_proj_roles, split_in_proj
+from weightport.layouts.onnx.cross_attention import (
+    InProj,
+    dataflow_in_proj,
+    in_proj_roles,
+    linear_shape,
+    split_in_proj,
+)
 from weightport.layouts.onnx.graph import Graph, Layer, all_zero
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.pairing import Paired, Slot, module_slots
@@ -132,12 +138,8 @@ def _cross_attention(layers: list[Layer], outs: dict[str, Layer], graph: Graph) 
 
 def _outputs(layer: Layer, source: Source) -> int | None:
     """A Linear layer's output size, from its weight after its op."""
-    shape = source.infos[layer.tensors["weight"]].shape
-    try:
-        out = layer.ops.get("weight", Identity()).out_shape([tuple(shape)])
-    except ValueError:
-        return None
-    return int(out[0]) if len(out) == 2 else None
+    matrix = linear_shape(layer, source)
+    return None if matrix is None else matrix[0]
 
 
 def attention_rules(
@@ -161,8 +163,7 @@ def attention_rules(
     }
     for role in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
         names, op = stored.get(role, ((), Identity()))
-        param = role
-        target = module.get_parameter(param) if _has(module, param) else None
+        target = module.get_parameter(role) if _has(module, role) else None
         shown = " and ".join(f"'{n}'" for n in names)
         origin = f"{source.description} node '{node.label}' {role.replace('_', ' ', 1)} {shown}"
         if names and target is None:
@@ -174,11 +175,11 @@ def attention_rules(
                     f"has {role} {shown} but '{slot.label}' was built with bias=False. Fix: build it with bias=True.",
                 )
         elif names:
-            rules.append(Rule(slot.name(param), names, op, origin))
+            rules.append(Rule(slot.name(role), names, op, origin))
         elif target is not None:
             rules.append(
                 Rule(
-                    slot.name(param),
+                    slot.name(role),
                     (),
                     Zeros(tuple(target.shape)),
                     f"{source.description} node '{node.label}' has no {role}: zeros",

@@ -27,7 +27,7 @@ from weightport.layouts.onnx.graph import Graph, Layer
 from weightport.sources.base import Source
 from weightport.transforms import ConcatAfter, Identity, Op
 
-__all__ = ["InProj", "split_in_proj", "dataflow_in_proj", "in_proj_roles"]
+__all__ = ["InProj", "split_in_proj", "dataflow_in_proj", "in_proj_roles", "linear_shape"]
 
 # inputs that give a node's sizes, axes or indices, not values flowing into its output
 _SHAPE_OPERANDS = {
@@ -75,7 +75,8 @@ def in_proj_roles(layer: Layer) -> dict[str, tuple[tuple[str, ...], Op]]:
 
 
 def split_in_proj(owner: str, width: int, graph: Graph) -> InProj | None:
-    """The attention whose out_proj is ``out``, where the graph splits ``<owner>.in_proj_weight`` itself."""
+    """The in_proj of the attention at ``owner`` (out_proj ``width`` wide), where the graph splits
+    ``<owner>.in_proj_weight`` itself."""
     infos = graph.source.infos
     prefix = f"{owner}." if owner else ""
     weight, bias = f"{prefix}in_proj_weight", f"{prefix}in_proj_bias"
@@ -105,9 +106,9 @@ def dataflow_in_proj(out: Layer, width: int, layers: list[Layer], graph: Graph) 
     """The attention whose out_proj is ``out``, from the two unnamed projections its input is computed
     from (see the module doc), or None where the dataflow proves no such pair."""
     found = _feeding(out, layers, graph)
-    if found is None or len(found) not in (1, 2) or any(layer.kind != "Linear" for layer in found):
+    if len(found) not in (1, 2) or any(layer.kind != "Linear" for layer in found):
         return None
-    sizes = [_matrix(layer, graph.source) for layer in found]
+    sizes = [linear_shape(layer, graph.source) for layer in found]
     if any(size is None or size[1] != width for size in sizes):
         return None
     by_rows = {size[0]: layer for size, layer in zip(sizes, found) if size is not None}
@@ -129,7 +130,7 @@ def dataflow_in_proj(out: Layer, width: int, layers: list[Layer], graph: Graph) 
     return InProj(tensors, ops, detail, (q, kv))
 
 
-def _feeding(out: Layer, layers: list[Layer], graph: Graph) -> list[Layer] | None:
+def _feeding(out: Layer, layers: list[Layer], graph: Graph) -> list[Layer]:
     """The layers first reached following ``out``'s data input back through value-carrying inputs."""
     at_node = {id(layer.node): layer for layer in layers}
     found: dict[int, Layer] = {}
@@ -139,8 +140,6 @@ def _feeding(out: Layer, layers: list[Layer], graph: Graph) -> list[Layer] | Non
         if not name or name in seen or name in graph.source.infos:
             continue
         seen.add(name)
-        if len(seen) > 4 * len(graph.producers) + 16:
-            return None
         node = graph.producers.get(name)
         if node is None or node.op_type in _SIZES_ONLY:
             continue  # a graph input, or sizes only
@@ -153,7 +152,7 @@ def _feeding(out: Layer, layers: list[Layer], graph: Graph) -> list[Layer] | Non
     return list(found.values())
 
 
-def _matrix(layer: Layer, source: Source) -> tuple[int, int] | None:
+def linear_shape(layer: Layer, source: Source) -> tuple[int, int] | None:
     """A Linear layer's weight shape ``(out, in)`` after its op."""
     shape = tuple(source.infos[layer.tensors["weight"]].shape)
     try:

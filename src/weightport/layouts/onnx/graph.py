@@ -83,8 +83,14 @@ class Layer:
     # role -> the parameter name the node reads a stored tensor under (an exporter that stores equal values
     # once gives the others an Identity of it named as their own parameter)
     aliases: dict[str, str] = field(default_factory=dict)
-    uses: int = 1  # the nodes that apply these very stored tensors (one module called twice, or equal values)
-    modules: list[str | None] = field(default_factory=list)  # the module each of those nodes ran in
+    # the module each node that applies these very stored tensors ran in, where recorded (one module
+    # called twice, or equal values stored once)
+    modules: list[str | None] = field(default_factory=list)
+
+    @property
+    def uses(self) -> int:
+        """The nodes that apply these stored tensors."""
+        return max(1, len(self.modules))
 
 
 def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:

@@ -65,7 +65,6 @@ def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: se
             tuple(sorted(layer.aliases.items())),
         )
         if key in seen:
-            seen[key].uses += 1
             seen[key].modules.append(node.module)
             continue
         sharing = {id(o): o for name in layer.tensors.values() for o in holding.get(name, ())}
