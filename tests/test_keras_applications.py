@@ -123,3 +123,47 @@ def test_mobilenet_v2_is_refused_where_padding_makes_it_inexpressible(zoo: str, 
     assert "Keras padding='same' (before, after): axis 0: n % 2 == 0: (0, 1), n % 2 == 1: (1, 1)" in text
     assert "(Keras ZeroPadding2D 'block_1_pad', then padding='valid'), found padding=(1, 1)" in text
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_convnext_tiny_into_torchvision_and_timm_with_its_layer_scales(tmp_path: Path) -> None:
+    """keras.applications ConvNeXtTiny's ``LayerScale`` layers (``x * gamma``) fill torchvision's
+    ``CNBlock.layer_scale`` ``(C, 1, 1)`` and timm's ``ConvNeXtBlock.gamma`` ``(C,)``. Every weight is random
+    (gamma included: its 1e-6 initial value would hide a swapped block) and differs per block, from the live
+    model, the ``.keras`` file and tf_keras's full-model ``.h5``; tf_keras's weights-only ``.h5``, which
+    records no classes, leaves a lone gamma's class open (LayerNormalization or LayerScale): refused."""
+    tf_keras = pytest.importorskip("tf_keras")
+    rng = np.random.default_rng(3)
+    size = 32
+    factory = {"include_preprocessing": False, "classifier_activation": None, "classes": 10}
+    model = keras.applications.ConvNeXtTiny(weights=None, input_shape=(size, size, 3), **factory)
+    for w in model.weights:
+        offset = 1.0 if w.path.endswith(("gamma", "variance")) else 0.0
+        w.assign(offset + rng.normal(0, 0.2, tuple(w.shape)).astype(np.float32))
+    model.save(tmp_path / "c.keras")
+    legacy = tf_keras.applications.ConvNeXtTiny(weights=None, input_shape=(size, size, 3), **factory)
+    legacy.set_weights([np.asarray(w) for w in model.weights])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf_keras calls .h5 a legacy format
+        legacy.save(tmp_path / "full.h5")
+        legacy.save_weights(tmp_path / "weights_only.h5")
+    x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+    example = (torch.zeros(1, 3, size, size),)
+    zoo = {
+        "torchvision": lambda: torchvision().models.convnext_tiny(num_classes=10),
+        "timm": lambda: timm().create_model("convnext_tiny", pretrained=False, num_classes=10),
+    }
+    for name, make in zoo.items():
+        for source in (model, tmp_path / "c.keras", tmp_path / "full.h5"):
+            module = make().eval()
+            report = weightport.load(module, source, example_inputs=example)
+            compare(model, module, x, x)
+            scales = [p for p in report.pairings if p.source_kind == "LayerScale"]
+            assert len(scales) == 18 and all(p.how.startswith("by recorded order") for p in scales), scales
+            first = "features.1.0.layer_scale" if name == "torchvision" else "stages.0.blocks.0.gamma"
+            gamma = np.asarray(model.get_layer("convnext_tiny_stage_0_block_0_layer_scale").weights[0])
+            assert np.array_equal(module.get_parameter(first).detach().numpy().reshape(-1), gamma)
+        module = make().eval()
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        with pytest.raises(weightport.WeightportError, match=r"fits more than one Keras class \(LayerNorm"):
+            weightport.load(module, tmp_path / "weights_only.h5", example_inputs=example)
+        assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

@@ -174,6 +174,7 @@ def pair_layers(
     sides: bool = False,
     fit_context: Callable[[Slot], Hashable] | None = None,
     folded_constants: bool = False,
+    slots: list[Slot] | None = None,
 ) -> list[Paired]:
     """Pair each source layer with one slot, each by a proof (see the module doc), or refuse.
 
@@ -192,8 +193,10 @@ def pair_layers(
         folded_constants: the source may hold constants an exporter computed from parameters (ONNX): with
             ``call_order``, a module whose forward changes its own weight before use takes no layer by
             structure, since its layer's tensor may be that change folded in.
+        slots: the model's slots as the layout sees them (default :func:`module_slots`; the Keras layout
+            gives its layer-scale modules a kind of their own).
     """
-    slots = module_slots(model)
+    slots = module_slots(model) if slots is None else slots
     mapping = dict(mapping or {})
     unknown = sorted(set(mapping) - {layer.name for layer in layers})
     if unknown:

@@ -31,6 +31,7 @@ __all__ = [
     "target_shapes",
     "torch_class",
     "KNOWN_KINDS",
+    "LAYER_SCALE",
 ]
 
 # What a module is, by isinstance, most specific first: a subclass counts as its base
@@ -60,8 +61,16 @@ _KIND_CLASSES: tuple[tuple[type[nn.Module], str], ...] = (
 # class name and home, so transformers is never imported to ask.
 TRANSFORMERS_CONV1D = "Conv1D"
 KNOWN_KINDS = frozenset({kind for _, kind in _KIND_CLASSES} | {TRANSFORMERS_CONV1D})
+# a module holding one layer-scale vector (PyTorch has no module for it): the Keras layout's slots only
+# (weightport.layouts.keras.scale); to every other layout such a module is of no known kind
+LAYER_SCALE = "LayerScale"
 # how a message names a kind's PyTorch module; any other kind: nn.<kind> (nn.LSTM, nn.Linear)
-_TORCH_CLASS = {"BatchNorm": "nn.BatchNorm1d/2d/3d", TRANSFORMERS_CONV1D: "transformers' Conv1D"}
+_TORCH_CLASS = {
+    "BatchNorm": "nn.BatchNorm1d/2d/3d",
+    TRANSFORMERS_CONV1D: "transformers' Conv1D",
+    LAYER_SCALE: "layer-scale module (one vector parameter named 'gamma' or '...scale...', as torchvision's "
+    "CNBlock.layer_scale or timm's LayerScale.gamma)",
+}
 
 
 def slot_kind(module: nn.Module) -> str:

@@ -20,7 +20,8 @@ What maps, and how (each a rule over :mod:`weightport.transforms`):
   -> two ``nn.Conv2d`` (its ``/depthwise`` and ``/pointwise`` halves, each paired by proof;
   ``SeparableConv1D`` into two ``nn.Conv1d``), ``Conv1DTranspose``/``Conv2DTranspose`` ->
   ``nn.ConvTranspose1d/2d``, ``GroupNormalization`` -> ``nn.GroupNorm``, ``MultiHeadAttention`` ->
-  ``nn.MultiheadAttention`` (:mod:`.attention`); ``Normalization``/``Rescaling`` hold no PyTorch weight and
+  ``nn.MultiheadAttention`` (:mod:`.attention`), ConvNeXt's ``LayerScale`` -> a module's one layer-scale
+  vector (:mod:`.scale`); ``Normalization``/``Rescaling`` hold no PyTorch weight and
   are reported as ignored with their values (:mod:`.preprocessing`); padding, including a ``ZeroPadding2D``
   before a conv, is held against the module's (:mod:`.padding`, :mod:`.graph`).
 
@@ -110,11 +111,11 @@ from weightport.layouts.keras.layers import (
 )
 from weightport.layouts.keras.preprocessing import set_aside
 from weightport.layouts.keras.rules import part_rules
+from weightport.layouts.keras.scale import keras_slots
 from weightport.layouts.pairing import (
     Slot,
     SourceLayer,
     fits_by_rules,
-    module_slots,
     pair_layers,
     wrapped_scope,
 )
@@ -156,7 +157,7 @@ def plan(
     layers, preprocessing = set_aside(layers, source)
     unique_names(layers)
     mapping = _translate(mapping, layers)
-    slots = module_slots(module)
+    slots = keras_slots(module)
     slot_kinds = {s.kind for s in slots}
     resolved: list[Resolved] = []
     unmatched = list(leftover)
@@ -197,6 +198,7 @@ def plan(
         fits=fits_by_rules(module, source, rules_for),
         call_order=call_order,
         where=where,
+        slots=slots,
     )
     rules: list[Rule] = []
     pairings: list[Pairing] = []

@@ -17,7 +17,8 @@ from weightport.errors import LayoutError, UnsupportedConfigError
 from weightport.layouts.keras.attention import attention_export
 from weightport.layouts.keras.layers import CLASS_OF_KIND
 from weightport.layouts.keras.rules import EXPORT, depthwise_op
-from weightport.layouts.pairing import module_slots
+from weightport.layouts.keras.scale import keras_slots, scale_parameter
+from weightport.layouts.slots import LAYER_SCALE
 from weightport.sources.keras import snake_case
 from weightport.torch_facts import RNN_KINDS
 
@@ -43,9 +44,9 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
     taken = set(wanted.values())
     counts: dict[str, int] = {}
     out: dict[str, np.ndarray] = {}
-    for slot in module_slots(module):
+    for slot in keras_slots(module):
         kind, m = slot.kind, cast(Any, slot.module)
-        if kind not in EXPORT and kind != "MultiheadAttention":
+        if kind not in EXPORT and kind not in ("MultiheadAttention", LAYER_SCALE):
             raise LayoutError(
                 f"'{slot.label}' is {type(m).__name__}, which the Keras layout cannot export; it exports "
                 f"{', '.join(sorted(CLASS_OF_KIND))} modules."
@@ -70,6 +71,11 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
         taken.add(path)
         if kind == "MultiheadAttention":
             out.update(attention_export(slot, state, path))
+            continue
+        if kind == LAYER_SCALE:  # a vector however the module shapes it: Keras's gamma (C,)
+            out[f"{path}/vars/0"] = numpy_of(state[slot.name(scale_parameter(m) or "")], copy=True).reshape(
+                -1
+            )
             continue
         sides = (
             [("forward_layer/", False), ("backward_layer/", True)] if slot.bidirectional else [("", False)]

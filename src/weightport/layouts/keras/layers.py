@@ -16,6 +16,7 @@ from typing import Any
 
 from weightport.errors import LayoutError
 from weightport.layouts.keras.graph import graph_of, note_padding
+from weightport.layouts.slots import LAYER_SCALE
 from weightport.sources.base import Source
 from weightport.sources.keras import snake_case
 from weightport.sources.keras_h5 import VARS_PATH
@@ -55,6 +56,7 @@ KINDS = {
     "Conv2DTranspose": "ConvTranspose2d",
     "GroupNormalization": "GroupNorm",
     "MultiHeadAttention": "MultiheadAttention",  # its four EinsumDense sublayers: one nn.MultiheadAttention
+    "LayerScale": LAYER_SCALE,  # keras.applications ConvNeXt's x * gamma: a module's one vector (.scale)
 }
 CLASS_OF_KIND: dict[str, str] = {}
 for _cls, _kind in KINDS.items():
@@ -81,6 +83,7 @@ _ROLES = {
     "Conv2DTranspose": ("kernel", "bias"),
     "GroupNormalization": ("gamma", "beta"),
     "Normalization": ("mean", "variance", "count"),
+    "LayerScale": ("gamma",),
 }
 _NORMS = ("BatchNormalization", "LayerNormalization", "GroupNormalization")
 DEPTHWISE = ("DepthwiseConv1D", "DepthwiseConv2D")
@@ -455,8 +458,13 @@ def _guess(
     elif "moving_mean" in names:
         candidates = ["BatchNormalization"]
     elif "gamma" in names or "beta" in names:
-        # a LayerNormalization's and a GroupNormalization's variables are alike: the module's kinds tell
-        candidates = ["LayerNormalization", "GroupNormalization"]
+        # a LayerNormalization's and a GroupNormalization's variables are alike, and a gamma alone may also
+        # be a LayerScale's: the module's kinds tell
+        candidates = [
+            "LayerNormalization",
+            "GroupNormalization",
+            *(["LayerScale"] if names == ["gamma"] else []),
+        ]
     elif dims and len(dims[0]) in (3, 4) and len(dims) <= 2:
         candidates = ["Conv1D" if len(dims[0]) == 3 else "Conv2D"]
     elif dims and len(dims[0]) == 2 and len(dims) == 2 and dims[1] == (dims[0][1],):
@@ -475,7 +483,8 @@ def _guess(
                 f"{where}: Keras layer '{layer.name}' ({shown}) fits more than one Keras class "
                 f"({', '.join(fitting)}), and the module has layers of each kind "
                 f"({', '.join(KINDS[c] for c in fitting)}). Fix: pass mapping={{'{layer.name}': 'module.path'}} "
-                "to say which module it fills, or load the .keras file, which records each layer's class."
+                "to say which module it fills, or load the .keras file or a full-model .h5 (model.save), which record "
+                "each layer's class."
             )
         candidates = fitting or candidates
     return candidates[0] if candidates else None

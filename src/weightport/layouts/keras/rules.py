@@ -13,7 +13,9 @@ from __future__ import annotations
 from weightport.layouts.base import Rule
 from weightport.layouts.keras.attention import attention_rules
 from weightport.layouts.keras.layers import Part, Resolved
+from weightport.layouts.keras.scale import scale_rule
 from weightport.layouts.pairing import Slot
+from weightport.layouts.slots import LAYER_SCALE
 from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
 from weightport.transforms import (
@@ -129,6 +131,9 @@ def part_rules(found: Resolved, part: Part, slot: Slot, source: Source) -> list[
     side = (" backward_layer" if part.reverse else " forward_layer") if len(found.parts) > 1 else ""
     if kind == "MultiheadAttention":
         return attention_rules(part, slot, origin)
+    if kind == LAYER_SCALE and "gamma" in part.vars:
+        gamma = part.vars["gamma"]
+        return [scale_rule(gamma, tuple(source.infos[gamma].shape), slot, f"{origin} gamma")]
     for param, var, op in _table(kind, part, source):
         if var not in part.vars:
             continue
