@@ -327,11 +327,16 @@ class Files:
         return self._keras_port("prelu", [L.Dense(3, name="fc"), L.PReLU(name="act")], (4,), 3)
 
     @cached_property
-    def einsum(self) -> Port:
-        """EinsumDense 'proj' (a Dense in all but class) and Dense 'head'."""
-        L = _keras().layers
-        proj = L.EinsumDense("ab,bc->ac", output_shape=3, bias_axes="c", name="proj")
-        return self._keras_port("einsum", [proj, L.Dense(2, name="head")], (4,), 4)
+    def custom(self) -> Port:
+        """A custom class 'proj' (a Dense in all but class: weightport has no rule for it) and Dense 'head'."""
+        keras = _keras()
+
+        class Projection(keras.layers.Dense):  # type: ignore[misc,name-defined]
+            pass
+
+        return self._keras_port(
+            "custom", [Projection(3, name="proj"), keras.layers.Dense(2, name="head")], (4,), 4
+        )
 
     @cached_property
     def bidirectional(self) -> Port:
@@ -557,17 +562,24 @@ def prefix_that_is_no_submodule(ctx: Ctx) -> None:
 
 @scenario
 def nothing_matched_strict_false(ctx: Ctx) -> None:
-    """strict=False with no name in common: each of prefix=, layout= and mapping= loads exactly."""
+    """strict=False with no name in common: each of prefix=, layout= and mapping= loads exactly; where the
+    names show which (a prefix, '/'-joined names), the fix says it."""
     true = randomized(encoder_head())
     encoder = state(true.encoder)
     fix = "pass prefix= to load into a submodule, layout= if the source is another framework's, or mapping="
-    refused(lambda: weightport.load(encoder_head(), encoder, strict=False), LoadError, fix)
+    refused(
+        lambda: weightport.load(encoder_head(), encoder, strict=False),
+        LoadError,
+        "pass prefix='encoder.' to load",
+    )
     module = encoder_head()
     weightport.load(module, encoder, strict=False, prefix="encoder.")
     assert_values(module.encoder, encoder)
 
     flax_names = {"params/Dense_0/kernel": encoder["weight"].T, "params/Dense_0/bias": encoder["bias"]}
-    refused(lambda: weightport.load(nn.Linear(3, 2), flax_names, strict=False), LoadError, fix)
+    refused(
+        lambda: weightport.load(nn.Linear(3, 2), flax_names, strict=False), LoadError, "pass layout='flax'"
+    )
     module = nn.Linear(3, 2)
     weightport.load(module, flax_names, strict=False, layout="flax")
     assert_values(module, encoder)
@@ -607,6 +619,28 @@ def source_names_start_with_a_prefix(ctx: Ctx) -> None:
     assert code is not None, message
     module = nn.Linear(3, 2)
     eval(code[1], {"weightport": weightport}, {"module": module, "arrays": arrays})
+    assert_values(module, state(true))
+
+
+@scenario
+def file_names_start_with_a_prefix_even_with_strict_false(ctx: Ctx) -> None:
+    """A head model's file (``bert.*`` and a head the module lacks) into the bare model: the fix reads the
+    file's part as written, with the path; strict=False alone, which would write nothing, says the same."""
+    true = randomized(nn.Linear(3, 2))
+    path = ctx.tmp / "head.safetensors"
+    weightport.save({f"bert.{k}": v for k, v in state(true).items()} | {"cls.bias": np.ones(1)}, path)
+    for strict in (True, False):
+        message = refused(
+            lambda strict=strict: weightport.load(nn.Linear(3, 2), path, strict=strict),
+            LoadError,
+            "load the source's 'bert.' part",
+        )
+    code = re.search(
+        r"(with weightport\.open_source\(path\) as src: weightport\.load\(module, \{.*?\}\))", message
+    )
+    assert code is not None, message
+    module = nn.Linear(3, 2)
+    exec(code[1], {"weightport": weightport, "module": module, "path": path})  # one namespace, as in a script
     assert_values(module, state(true))
 
 
@@ -706,14 +740,16 @@ def a_layout_that_is_not_the_files_drop_it(ctx: Ctx) -> None:
 
 @scenario
 def keras_layer_without_a_rule_strict_false(ctx: Ctx) -> None:
-    """A PReLU the model does not have: the module gets every value without it, so strict=False skips it."""
+    """A PReLU the model does not have: the fix says strict=False drops it, and that it changes what the Keras
+    model computes; dropped, the rest is exact (the Keras model without it)."""
     keras = _keras()
     port = ctx.files.prelu
     model = lambda: nn.Sequential(OrderedDict(fc=nn.Linear(4, 3)))  # noqa: E731
     message = refused(
         lambda: weightport.load(model(), port.path),
         LoadError,
-        "pass strict=False to skip it: the module has a value for every tensor without it",
+        "weightport has no rule for Keras PReLU ('act'), and its weights change what the model computes",
+        "strict=False would drop it",
     )
     assert "mapping=" not in message
     module = model()
@@ -732,8 +768,9 @@ def keras_layer_without_a_rule_that_the_model_has(ctx: Ctx) -> None:
     message = refused(
         lambda: weightport.load(target, port.path),
         LoadError,
-        "pass mapping= to place its layer; if weightport has no rule for that layer, load the rest with "
-        "strict=False, then this tensor",
+        "weightport has no rule for Keras PReLU ('act')",
+        "pass mapping= to place the source layer that holds it; if weightport has no rule for that layer, load the "
+        "rest with strict=False, then this tensor",
         "weightport.load(model, {'act.weight': array}, strict=False)",
         module=target,
     )
@@ -750,7 +787,7 @@ def keras_layer_without_a_rule_that_the_model_has(ctx: Ctx) -> None:
 
 @scenario
 def keras_layer_of_an_unknown_class_mapping_places_it(ctx: Ctx) -> None:
-    port = ctx.files.einsum
+    port = ctx.files.custom
     model = lambda: nn.Sequential(OrderedDict(proj=nn.Linear(4, 3), head=nn.Linear(3, 2)))  # noqa: E731
     refused(lambda: weightport.load(model(), port.path), LoadError, "pass mapping= to place its layer")
     module = model()

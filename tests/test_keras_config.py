@@ -141,6 +141,46 @@ def test_mask_zero_loads_and_packed_sequences_give_keras_outputs(tmp_path: Path)
         np.testing.assert_allclose(h[0].numpy(), expected, atol=TOL, err_msg=kind)
 
 
+def test_a_masking_layer_before_an_lstm_says_to_pack_and_packed_gives_keras_outputs(tmp_path: Path) -> None:
+    """A ``Masking`` layer holds no weights, so only the graph shows it: the LSTM after it gets the note,
+    and packing the sequences gives Keras's outputs (unpacked, the padded steps would count)."""
+    rng = np.random.default_rng(12)
+    model = keras.Sequential(
+        [
+            keras.Input((T, 3)),
+            keras.layers.Masking(mask_value=0.0),
+            keras.layers.Dense(3),
+            keras.layers.LSTM(4),
+        ]
+    )
+    randomize(model, rng)
+    x = rng.standard_normal((B, T, 3)).astype(np.float32)
+    lengths = np.array([2, 5])
+    for i, n in enumerate(lengths):
+        x[i, n:] = 0.0  # padded at the end
+    expected = np.asarray(model(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = nn.Linear(3, 3)
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+
+    for kind, source in sources(model, tmp_path).items():
+        net = Net()
+        how = load(net, source)
+        assert "Keras skips the masked steps (Masking 'masking' (mask_value=0) before it)" in how, (kind, how)
+        with torch.no_grad():
+            packed = nn.utils.rnn.pack_padded_sequence(
+                net.dense(torch.from_numpy(x)),
+                torch.from_numpy(lengths),
+                batch_first=True,
+                enforce_sorted=False,
+            )
+            _, (h, _) = net.lstm(packed)
+        np.testing.assert_allclose(h[0].numpy(), expected, atol=TOL, err_msg=kind)
+
+
 def test_channels_first_conv_holds_the_same_kernel(tmp_path: Path) -> None:
     """TensorFlow on CPU runs no channels-first conv; the twin channels-last model gives the outputs."""
     rng = np.random.default_rng(3)

@@ -694,10 +694,12 @@ def test_strict_false_that_matches_nothing_is_refused() -> None:
     linear = nn.Linear(3, 2)
     before = snapshot(linear)
     with pytest.raises(
-        LoadError, match=r"the source's one name does not match \('encoder.weight'\).*prefix="
+        LoadError, match=r"the source's names start with 'encoder\.'.*load the source's 'encoder\.' part"
     ):
         weightport.load(linear, {"encoder.weight": np.ones((2, 3), np.float32)}, strict=False)
     assert snapshot(linear) == before
+    with pytest.raises(LoadError, match=r"the source's one name does not match \('w'\).*prefix="):
+        weightport.load(linear, {"w": np.ones((2, 3), np.float32)}, strict=False)  # no name tells which
     assert weightport.load(linear, {}, strict=False).written == []  # an empty source asks for nothing
 
 
@@ -898,6 +900,57 @@ def test_allow_nonfinite_takes_one_name_as_a_name_and_refuses_what_is_not_a_choi
     assert torch.isnan(linear.weight).all()
     with pytest.raises(weightport.LoadError, match=r"'allow_nonfinite': expected True, False, or a set"):
         weightport.load(linear, source, allow_nonfinite=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "mapping", [{"shared": ["l1", "l2"]}, [("shared", "l1")], {"shared": None}], ids=["list", "pairs", "none"]
+)
+def test_a_mapping_that_is_not_names_to_paths_is_refused_as_such(mapping: object) -> None:
+    linear = torch.nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in linear.state_dict().items()}
+    source = {"weight": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}
+    with pytest.raises(weightport.LoadError, match=r"'mapping': expected a dict of one source layer"):
+        weightport.load(linear, source, mapping=mapping)  # type: ignore[arg-type]
+    assert all(torch.equal(before[k], v) for k, v in linear.state_dict().items())
+
+
+def test_a_name_like_a_non_persistent_buffer_is_not_said_to_be_given() -> None:
+    """An old checkpoint holding a buffer the module now computes (``rotary_emb.inv_freq``, persistent=False)
+    under another path: the fix names the buffer as one checkpoints leave out, not as one the source gives."""
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(2, 2)
+    model.rotary = torch.nn.Module()
+    model.rotary.register_buffer("inv_freq", torch.ones(2), persistent=False)
+    source = {"proj.weight": np.ones((2, 2)), "proj.bias": np.ones(2), "layer.rotary.inv_freq": np.ones(2)}
+    with pytest.raises(weightport.LoadError) as caught:
+        weightport.load(model, source)
+    fix = caught.value.problems[0].fix
+    assert "'rotary.inv_freq', a buffer the module computes itself" in fix and "gives already" not in fix, fix
+
+
+def test_old_norm_names_gamma_and_beta_fill_a_norms_weight_and_bias() -> None:
+    """Old TensorFlow-born checkpoints (BERT's ``LayerNorm.gamma``) load as transformers loads them; a module
+    of another kind keeps its own names (its ``gamma`` is not a norm's weight)."""
+    rng = np.random.default_rng(9)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.BatchNorm1d(4))
+    true = {k: rng.standard_normal(tuple(v.shape)).astype(np.float32) for k, v in model.state_dict().items()}
+    true["2.running_var"] = np.abs(true["2.running_var"])
+    true["2.num_batches_tracked"] = np.array(0)
+    old = {k.replace(".weight", ".gamma") if k[0] in "12" else k: v for k, v in true.items()}
+    old = {k.replace(".bias", ".beta") if k[0] in "12" else k: v for k, v in old.items()}
+    assert "1.gamma" in old and "2.beta" in old
+    report = weightport.load(model, old)
+    for name, value in true.items():
+        np.testing.assert_array_equal(model.state_dict()[name].numpy(), value)
+    assert {r.target: r.origin for r in report.rows}["1.weight"].endswith("'1.gamma'")
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+    with pytest.raises(weightport.LoadError, match="'gamma'"):
+        weightport.load(Scaled(), {"gamma": np.ones(4, np.float32)})
 
 
 def test_long_doubles_are_refused_before_anything_is_written() -> None:

@@ -164,10 +164,12 @@ def _explain_nothing_matched(
 ) -> None:
     """With nothing planned: the likely cause goes first, before one problem per name; and a
     ``strict=False`` load that would write nothing from a non-empty source is a problem itself."""
+    hint = _layout_hint(source, layout) or _prefix_hint(source, list(scope.state_dict(keep_vars=True)))
     if plan.problems:
-        hint = _layout_hint(source, layout) or _prefix_hint(source, list(scope.state_dict(keep_vars=True)))
         if hint is not None:
             plan.problems.insert(0, hint)
+    elif hint is not None and source.infos:  # strict=False: nothing would be written, for that reason
+        plan.problems.append(hint)
     elif source.infos:
         names = list(source.infos)
         plan.problems.append(
@@ -216,10 +218,17 @@ def _prefix_hint(source: Source, module_names: list[str]) -> Problem | None:
                 if side == "module":
                     fix = f"pass prefix='{first}.' to load into that submodule"
                 else:
+                    part = f"k.removeprefix('{first}.')"
+                    code = (
+                        f"weightport.load(module, {{{part}: v for k, v in arrays.items() if k.startswith('{first}.')}})"
+                        if source.in_memory
+                        else f"with weightport.open_source(path) as src: weightport.load(module, {{{part}: "
+                        f"src.read(k) for k in src.infos if k.startswith('{first}.')}})"
+                    )
                     fix = (
-                        f"load the source's '{first}.' part: weightport.load(module, {{k.removeprefix('{first}.'): v "
-                        f"for k, v in arrays.items() if k.startswith('{first}.')}}), or build the model the "
-                        f"checkpoint was saved from"
+                        f"load the source's '{first}.' part: {code}, with strict=False where the checkpoint "
+                        "lacks some of the module's tensors (a head model's has no pooler); or build the model "
+                        "the checkpoint was saved from"
                     )
                 return Problem(
                     "(prefix)",

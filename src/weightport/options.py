@@ -34,6 +34,30 @@ class LoadOptions:
     example_inputs: ExampleInputs | None = None
 
     def __post_init__(self) -> None:
+        mapping = self.mapping
+        wrong = (
+            [f"{mapping!r}"]
+            if mapping is not None and not isinstance(mapping, Mapping)
+            else [
+                f"{k!r}: {v!r}"
+                for k, v in (mapping or {}).items()
+                if not isinstance(k, str) or not isinstance(v, str)
+            ]
+        )
+        if wrong:
+            from weightport.errors import LoadError, Problem
+
+            raise LoadError(
+                [
+                    Problem(
+                        "mapping",
+                        "a dict of one source layer (or tensor) name -> one module path, each a str",
+                        ", ".join(wrong[:4]),
+                        "give each source layer one module path, e.g. mapping={'dense': 'fc'}; one source layer "
+                        "cannot fill two modules (load its arrays into the second by name)",
+                    )
+                ]
+            )
         allowed = self.allow_nonfinite
         if isinstance(allowed, str):  # one name, not its letters
             object.__setattr__(self, "allow_nonfinite", frozenset([allowed]))

@@ -167,15 +167,27 @@ def _stray(tensors: Mapping[str, torch.Tensor], layout: LayoutPlan) -> bool:
     return any(r.target not in tensors for r in layout.rules) or any(n not in used for n in layout.unmatched)
 
 
-def _suggest(name: str, lacking: list[str], given: Collection[str], torch_names: bool) -> str:
+def _suggest(
+    name: str, lacking: list[str], given: Collection[str], optional: Collection[str], torch_names: bool
+) -> str:
+    """The fix for a source name the module lacks: a rename onto a module name still without a value, else
+    removing it (said with the module name it looks like: one the source gives, or a buffer no checkpoint
+    holds, ``given`` and ``optional``)."""
     # only names still without a value: renaming onto a given one would replace that value
     close = difflib.get_close_matches(name, lacking, n=3, cutoff=0.6)
     if close:
         return "did you mean " + " or ".join(f"'{c}'" for c in close) + "? Rename it"
     if lacking:
         return _left_over(name, torch_names)
-    alike = difflib.get_close_matches(name, list(given), n=1, cutoff=0.6)
-    looks = f" (it looks like '{alike[0]}', which the source gives already)" if alike else ""
+    alike = difflib.get_close_matches(name, [*given, *optional], n=1, cutoff=0.6)
+    looks = ""
+    if alike and alike[0] in given:
+        looks = f" (it looks like '{alike[0]}', which the source gives already)"
+    elif alike:
+        looks = (
+            f" (it looks like '{alike[0]}', a buffer the module computes itself, registered with "
+            "persistent=False, which checkpoints leave out)"
+        )
     return f"remove it{looks}, or pass strict=False to skip names the module does not have"
 
 
@@ -225,7 +237,10 @@ def build_plan(
         seen_targets.add(target)
         if target not in tensors:
             if strict:
-                hint = _parametrized_hint(target, tensors) or _suggest(target, lacking, tensors, torch_names)
+                given = [r.target for r in layout.rules if r.target in tensors and r.target not in optional]
+                hint = _parametrized_hint(target, tensors) or _suggest(
+                    target, lacking, given, optional, torch_names
+                )
                 problems.append(
                     Problem(full, "a name the module has", f"an unknown name from {origin_of(rule)}", hint)
                 )
@@ -246,6 +261,8 @@ def build_plan(
         plan.entries.append(entry)
 
     _explain_recurrent_sizes(module, prefix, source, mismatched, problems)
+    if torch_names:
+        problems.extend(_square_too(plan.entries, mismatched, prefix))
     used = {s for r in layout.rules for s in r.sources}
     plan.ignored.extend(layout.not_weights)
     for name in layout.unmatched:
@@ -256,9 +273,12 @@ def build_plan(
                         name,
                         "a tensor the layout can place",
                         f"'{name}' in {source.description}",
-                        _left_over(name, torch_names)
-                        if both_sides
-                        else "pass strict=False to skip it: the module has a value for every tensor without it",
+                        layout.unmatched_hints.get(name)
+                        or (
+                            _left_over(name, torch_names)
+                            if both_sides
+                            else "pass strict=False to skip it: the module has a value for every tensor without it"
+                        ),
                     )
                 )
             else:
@@ -314,6 +334,39 @@ def build_plan(
             plan.missing.append(prefix + name)
         targeted.add(id(tensor))  # report a tied group once
     return plan
+
+
+def _square_too(
+    entries: list[Entry], mismatched: dict[str, tuple[tuple[int, ...], Problem]], prefix: str
+) -> list[Problem]:
+    """Where some 2-D weights of a source come transposed, its square ones, which fit either way, may be
+    transposed too (transformers' Conv1D stores every weight (in, out)): one problem naming them, since
+    loading them as they are after transposing only the others would be silently wrong."""
+    flipped = [
+        t for t, (found, problem) in mismatched.items() if len(found) == 2 and _TRANSPOSED in problem.fix
+    ]
+    square = [
+        e.target
+        for e in entries
+        if len(e.shape) == 2
+        and e.shape[0] == e.shape[1] > 1
+        and e.rule.op.describe() == "as is"
+        and e.target.rpartition(".")[2] == "weight"
+    ]
+    if not flipped or not square:
+        return []
+    others = ", ".join(f"'{prefix}{t}'" for t in flipped[:3]) + (" ..." if len(flipped) > 3 else "")
+    return [
+        Problem(
+            prefix + name,
+            "a weight stored as the module keeps it, (out, in)",
+            f"a square shape, which reads either way, in a source whose weights {others} come transposed",
+            "transpose it too where the source stores every weight (in, out), as transformers' Conv1D "
+            "(GPT-2's c_attn, c_proj, c_fc) does: its shape cannot show it. Loading a transformers snapshot "
+            "folder (config.json beside the weights) transposes GPT-2's Conv1D weights into nn.Linear itself",
+        )
+        for name in square
+    ]
 
 
 def _missing_hint(name: str, hints: dict[str, str]) -> str | None:
@@ -503,9 +556,12 @@ def _recurrent_problem(
     )
 
 
+_TRANSPOSED = "looks transposed: pass its .T"
+
+
 def _shape_fix(expected: tuple[int, ...], found: tuple[int, ...]) -> str:
     if len(expected) == 2 and found == expected[::-1]:
-        return f"pass an array of shape {expected}; {found} looks transposed: pass its .T"
+        return f"pass an array of shape {expected}; {found} {_TRANSPOSED}"
     if math.prod(expected) == math.prod(found):
         return f"pass an array of shape {expected} (same size: reshape it if the order is right)"
     return f"pass an array of shape {expected}, or build the module with sizes that match"

@@ -92,10 +92,15 @@ _RULES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
     ),
     (
         re.compile(
-            r"weightport\.load\(module, \{k\.removeprefix\('([^']*)'\): v for k, v in arrays\.items\(\) "
+            r"(?:with weightport\.open_source\(path\) as src: )?weightport\.load\(module, "
+            r"\{k\.removeprefix\('([^']*)'\): (?:v for k, v in arrays\.items\(\)|src\.read\(k\) for k in src\.infos) "
             r"if k\.startswith\('\1'\)\}\)"
         ),
         lambda m: f"--source-prefix {_arg(m[1])}",
+    ),
+    (
+        re.compile(r"with strict=False where the checkpoint lacks"),
+        "with --lenient where the checkpoint lacks",
     ),
     (
         re.compile(

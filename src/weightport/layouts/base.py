@@ -79,6 +79,9 @@ class LayoutPlan:
     scope: str = ""
     # module path -> why the source has nothing for that module and what to do (for its missing tensors)
     missing_hints: dict[str, str] = field(default_factory=dict)
+    # source tensor -> why no rule reads it and what to do, where the layout knows (a Keras layer of a class
+    # it has no rule for, whose weights change the outputs: strict=False alone would drop them)
+    unmatched_hints: dict[str, str] = field(default_factory=dict)
     # source tensors that are not weights (a training state's optimizer moments): always ignored, with why
     not_weights: list[str] = field(default_factory=list)
     # what the model's forward must do around a module for the source's outputs (an activation after it, a

@@ -21,6 +21,7 @@ import numpy as np
 from weightport.errors import LayoutError
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.sources.base import Source
+from weightport.transforms import Transpose
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +56,11 @@ def plan(
 ) -> LayoutPlan:
     """One identity rule per source tensor; ``mapping`` renames source names first. A ``.safetensors``
     file that transformers wrote from a Flax or TensorFlow model (``__metadata__`` ``format``) holds that
-    framework's names and layouts (Dense kernels ``(in, out)``), and is refused."""
+    framework's names and layouts (Dense kernels ``(in, out)``), and is refused. A transformers snapshot
+    of GPT-2 (and the other models whose ``config.json`` ``model_type`` builds transformers' ``Conv1D``)
+    keeps ``c_attn``/``c_proj``/``c_fc``/``q_attn`` weights ``(in, out)``: into an ``nn.Linear`` they are
+    transposed, square ones too, whose shape could not show it. Old names PyTorch's or transformers' loading
+    accepts are renamed: ``weight_g``/``weight_v`` (weight norm), a norm's ``gamma``/``beta``."""
     _refuse_other_frameworks(source)
     mapping = dict(mapping or {})
     names = list(source.infos)
@@ -76,11 +81,40 @@ def plan(
     own = {name: name[len(dropped) :] if name.startswith(dropped) else name for name in names}
     legacy = [n for n in own.values() if n.endswith(_LEGACY_WEIGHT_NORM)]
     renamed = _weight_norm_names(module, legacy) if legacy else {}
+    old_norms = [n for n in own.values() if n.rpartition(".")[2] in _OLD_NORM_NAMES]
+    renamed.update(_norm_names(module, old_norms) if old_norms else {})
+    conv1d = source.metadata.get("model_type") in _CONV1D_MODEL_TYPES
     rules = []
     for name in names:
         target = mapping.get(name, renamed.get(own[name], own[name]))
-        rules.append(Rule(target, (name,), origin=f"{source.description} '{name}'"))
+        origin = f"{source.description} '{name}'"
+        if conv1d and _into_linear(module, name, target):
+            rules.append(Rule(target, (name,), Transpose((1, 0)), f"{origin} ({_CONV1D_SAID})"))
+        else:
+            rules.append(Rule(target, (name,), origin=origin))
     return LayoutPlan(name=NAME, rules=rules)
+
+
+# transformers models whose checkpoints keep these modules as transformers' Conv1D, a Linear whose weight is
+# stored (in, out): a snapshot's config.json names the model_type (their modeling code builds them so)
+_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+_CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
+_CONV1D_SAID = "transformers' Conv1D stores it (in, out): transposed for nn.Linear"
+
+
+def _into_linear(module: torch.nn.Module, name: str, target: str) -> bool:
+    """Whether source tensor ``name`` is a Conv1D weight going into an ``nn.Linear``'s weight (transposed);
+    into transformers' own Conv1D it goes as it is."""
+    from torch import nn
+
+    path, _, leaf = target.rpartition(".")
+    if leaf != "weight" or name.rpartition(".")[0].rpartition(".")[2] not in _CONV1D_MODULES:
+        return False
+    try:
+        owner = module.get_submodule(path)
+    except AttributeError:
+        return False
+    return isinstance(owner, nn.Linear)
 
 
 _FRAMEWORK_FILES = {
@@ -117,6 +151,31 @@ def _weight_norm_names(module: torch.nn.Module, legacy: list[str]) -> dict[str, 
         path, _, leaf = name.rpartition(".")
         new = f"{path + '.' if path else ''}parametrizations.{leaf[:-2]}.original{0 if leaf.endswith('_g') else 1}"
         if name not in module_names and new in module_names:
+            renamed[name] = new
+    return renamed
+
+
+# Old TensorFlow-born checkpoints (BERT's) name a norm's weight and bias gamma and beta; transformers renames
+# them as it loads: so are they renamed here, where the module is a norm of PyTorch's and has no such names.
+_OLD_NORM_NAMES = {"gamma": "weight", "beta": "bias"}
+
+
+def _norm_names(module: torch.nn.Module, old: list[str]) -> dict[str, str]:
+    """``<norm>.gamma``/``.beta`` -> ``<norm>.weight``/``.bias`` where ``<norm>`` is an ``nn.LayerNorm``,
+    ``nn.GroupNorm`` or ``nn.BatchNorm*d`` of the module."""
+    from torch import nn
+
+    module_names = set(module.state_dict(keep_vars=True))
+    renamed = {}
+    for name in old:
+        path, _, leaf = name.rpartition(".")
+        try:
+            owner = module.get_submodule(path)
+        except AttributeError:
+            continue
+        new = f"{path + '.' if path else ''}{_OLD_NORM_NAMES[leaf]}"
+        norm = isinstance(owner, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm))
+        if norm and name not in module_names and new in module_names:
             renamed[name] = new
     return renamed
 

@@ -100,6 +100,9 @@ from weightport.layouts.keras.checks import (
 )
 from weightport.layouts.keras.exporting import export
 from weightport.layouts.keras.layers import (
+    KINDS,
+    NEEDS_CONFIG,
+    UNPORTED,
     Layer,
     Resolved,
     collect,
@@ -234,6 +237,7 @@ def plan(
     used = {s for rule in rules for s in rule.sources}
     unmatched += [t for r in resolved for t in r.layer.tensors if t not in used]
     return LayoutPlan(
+        unmatched_hints=_no_rule_hints(layers, resolved),
         name=NAME,
         rules=rules,
         pairings=pairings,
@@ -243,6 +247,39 @@ def plan(
         not_weights=preprocessing,
         forward_notes=list(dict.fromkeys(forward_notes)),
     )
+
+
+def _no_rule_hints(layers: list[Layer], resolved: list[Resolved]) -> dict[str, str]:
+    """For each tensor of a layer whose class is known but has no rule here (Attention's scale, PReLU's
+    alpha): why it is left, and that dropping it with strict=False changes the outputs."""
+    ported = {id(r.layer) for r in resolved}
+    hints = {}
+    for layer in layers:
+        if layer.class_name is None or id(layer) in ported:
+            continue
+        if layer.class_name in NEEDS_CONFIG:
+            hint = (
+                f"Keras {layer.class_name} '{layer.name}' loads only where its configuration says how its weights "
+                "read (an EinsumDense's equation; a weights-only file has none, and one no nn.Linear computes has "
+                "no rule): load the .keras file, or write a module for it and load this array by name"
+            )
+        elif layer.class_name in UNPORTED.values():
+            hint = (
+                f"weightport has no rule for Keras {layer.class_name} ('{layer.name}'), and its weights change what "
+                "the model computes: write a module that computes it and load this array into it by name "
+                "(weightport.open_source reads it); strict=False would drop it"
+            )
+        elif layer.class_name not in KINDS:  # a class of the user's own: it may be a known one's subclass
+            hint = (
+                f"weightport has no rule for the Keras class {layer.class_name} ('{layer.name}'): if it computes "
+                f"what a module of the model computes (a Dense subclass into an nn.Linear), pass mapping= to place "
+                f"its layer, mapping={{'{layer.name}': 'module.path'}}; otherwise write a module for it and load "
+                "this array by name. strict=False would drop it, and its weights change the outputs"
+            )
+        else:
+            continue
+        hints.update(dict.fromkeys(layer.tensors, hint))
+    return hints
 
 
 def _translate(mapping: Mapping[str, str] | None, layers: list[Layer]) -> dict[str, str]:

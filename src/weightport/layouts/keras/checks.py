@@ -114,6 +114,14 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
                     True,
                 )
             )
+        if found.layer.masked_by:
+            notes.append(
+                (
+                    f"Keras skips the masked steps ({found.layer.masked_by} before it): pass the lengths with "
+                    "nn.utils.rnn.pack_padded_sequence",
+                    True,
+                )
+            )
     if kind == "LayerNorm":
         moved = _moved_norm_axes(cfg, m, found.layer.input_rank)
         if moved:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["graph_of", "note_padding", "zero_padding"]
+__all__ = ["graph_of", "note_padding", "masking_of", "zero_padding"]
 
 _Node = tuple[str, dict[str, Any], list[str], tuple[int, ...] | None]
 
@@ -79,6 +79,30 @@ def note_padding(layer: Any, graph: dict[str, _Node]) -> None:
         return
     rank = 1 if cls == "ZeroPadding1D" else 2
     layer.padded_by, layer.padding = inputs[0], zero_padding(pad_cfg.get("padding", 1), rank)
+
+
+def masking_of(name: str, graph: dict[str, _Node]) -> str:
+    """The ``Masking`` layer upstream of layer ``name`` (whose mask Keras carries on to it), said with its
+    ``mask_value``; ``""`` where there is none.
+
+    >>> g = graph_of({"class_name": "Sequential", "config": {"layers": [
+    ...     {"class_name": "Masking", "config": {"name": "m", "mask_value": 0.0}},
+    ...     {"class_name": "LSTM", "config": {"name": "lstm"}}]}})
+    >>> masking_of("lstm", g)
+    "Masking 'm' (mask_value=0)"
+    """
+    seen: set[str] = set()
+    waiting = list(graph[name][2]) if name in graph else []
+    while waiting:
+        current = waiting.pop()
+        if current in seen or current not in graph:
+            continue
+        seen.add(current)
+        cls, cfg, inputs, _ = graph[current]
+        if cls == "Masking":
+            return f"Masking '{current}' (mask_value={cfg.get('mask_value', 0.0):g})"
+        waiting += inputs
+    return ""
 
 
 def zero_padding(value: Any, rank: int) -> tuple[tuple[int, int], ...]:

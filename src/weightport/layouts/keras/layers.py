@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from weightport.errors import LayoutError
-from weightport.layouts.keras.graph import graph_of, note_padding
+from weightport.layouts.keras.einsum import dense_reading
+from weightport.layouts.keras.graph import graph_of, masking_of, note_padding
 from weightport.layouts.slots import LAYER_SCALE
 from weightport.sources.base import Source
 from weightport.sources.keras import snake_case
@@ -26,6 +27,8 @@ __all__ = [
     "KINDS",
     "CLASS_OF_KIND",
     "DEPTHWISE",
+    "NEEDS_CONFIG",
+    "UNPORTED",
     "Layer",
     "Part",
     "Resolved",
@@ -57,6 +60,7 @@ KINDS = {
     "GroupNormalization": "GroupNorm",
     "MultiHeadAttention": "MultiheadAttention",  # its four EinsumDense sublayers: one nn.MultiheadAttention
     "LayerScale": LAYER_SCALE,  # keras.applications ConvNeXt's x * gamma: a module's one vector (.scale)
+    "EinsumDense": "Linear",  # where its equation is a Dense's (.einsum); a weights-only file lacks it
 }
 CLASS_OF_KIND: dict[str, str] = {}
 for _cls, _kind in KINDS.items():
@@ -65,6 +69,30 @@ for _cls, _kind in KINDS.items():
 # (with their values) instead of being left unread or silently dropped
 PREPROCESSING = ("Normalization", "Rescaling")
 _CLASS_OF_KEY = {snake_case(c): c for c in [*KINDS, *PREPROCESSING, "Bidirectional"]}
+# Keras's own classes with weights that no rule here ports: never taken for another class whose variables
+# look alike (an EinsumDense 'abc,dc->abd' kernel is (out, in), a Dense's (in, out))
+UNPORTED = {
+    snake_case(c): c
+    for c in (
+        "PReLU",
+        "Conv3D",
+        "Conv3DTranspose",
+        "Attention",
+        "AdditiveAttention",
+        "GroupQueryAttention",
+        "SpectralNormalization",
+        "ConvLSTM1D",
+        "ConvLSTM2D",
+        "ConvLSTM3D",
+        "LocallyConnected1D",
+        "LocallyConnected2D",
+        "RMSNormalization",
+    )
+}
+# classes read only through their configuration (an EinsumDense's equation says how its kernel reads)
+NEEDS_CONFIG = ("EinsumDense",)
+# classes whose variables have the same shapes: a layer named after one (Keras's default name) is that one
+_LOOK_ALIKE = {"Conv1DTranspose": "Conv1D", "Conv2DTranspose": "Conv2D"}
 
 # Keras's variable order per class, for files that number variables (vars/0, vars/1, ...).
 _ROLES = {
@@ -84,6 +112,7 @@ _ROLES = {
     "GroupNormalization": ("gamma", "beta"),
     "Normalization": ("mean", "variance", "count"),
     "LayerScale": ("gamma",),
+    "EinsumDense": ("kernel", "bias"),
 }
 _NORMS = ("BatchNormalization", "LayerNormalization", "GroupNormalization")
 DEPTHWISE = ("DepthwiseConv1D", "DepthwiseConv2D")
@@ -124,6 +153,7 @@ class Layer:
     built: tuple[int, ...] | None = None  # the input's spatial size as the layer was built (after padding)
     input_rank: int | None = None  # the rank of the input the layer was built for (batch axis included)
     unordered: bool = False  # listed by a subclassed model (attribute order): no recorded order
+    masked_by: str = ""  # a Masking layer upstream (its mask reaches this layer): how a note names it
 
     @property
     def tensors(self) -> list[str]:
@@ -160,10 +190,18 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
             layer.unordered = bool(rec.get("unordered"))
             layer.seq, layer.index = ((path,), 0) if layer.unordered else (("model",), position)
             note_padding(layer, graph)
+            layer.masked_by = masking_of(layer.name, graph)
             if layer.input_rank is None and isinstance(rec.get("input_shape"), list):  # a live model's
                 layer.input_rank = len(rec["input_shape"])
             if rec.get("weights") is not None:
                 layer.legacy = list(rec["weights"])
+                _legacy_attention(layer)
+                if layer.class_name is None and _legacy_roles(layer.legacy or []).keys() == {
+                    "mean",
+                    "variance",
+                    "count",
+                }:
+                    layer.class_name = "Normalization"  # Keras's own variable names: reported with its values
             else:
                 _fill(layer, parsed.get(path, {}))
             if layer.tensors:
@@ -178,7 +216,7 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
         if container.rsplit("/", 1)[-1] in ("layers", "_layer_checkpoint_dependencies"):
             m = _KEY.match(key)
             assert m is not None
-            layer.class_name = _CLASS_OF_KEY.get(m["base"])
+            layer.class_name = _CLASS_OF_KEY.get(m["base"]) or UNPORTED.get(m["base"])
             layer.seq, layer.index = (container, m["base"]), int(m["n"] or 0)
         else:
             layer.seq = (path,)
@@ -197,6 +235,30 @@ def _gather_attention(parsed: dict[str, dict[str, dict[int, str]]]) -> None:
             entry = parsed.setdefault(parent, {})
             for sub, p in zip(ATTENTION_PARTS, paths):
                 entry[sub] = parsed.pop(p)["own"]
+
+
+# tf.keras names a MultiHeadAttention's sublayers in a legacy .h5 (``.../query/kernel:0``)
+_LEGACY_ATTENTION = {
+    "query": "query_dense",
+    "key": "key_dense",
+    "value": "value_dense",
+    "attention_output": "output_dense",
+}
+
+
+def _legacy_attention(layer: Layer) -> None:
+    """A legacy layer whose weights are exactly a MultiHeadAttention's four sublayers (kernel, bias each;
+    tf.keras's own names) holds them as a ``.keras`` file's attention does."""
+    if layer.class_name not in (None, "MultiHeadAttention"):
+        return
+    subs: dict[str, dict[int, str]] = {}
+    for name in layer.legacy or []:
+        *_, sub, leaf = name.split(":", 1)[0].split("/")
+        if sub not in _LEGACY_ATTENTION or leaf not in ("kernel", "bias"):
+            return
+        subs.setdefault(_LEGACY_ATTENTION[sub], {})[0 if leaf == "kernel" else 1] = name
+    if set(subs) == set(ATTENTION_PARTS):
+        layer.subs, layer.legacy = subs, None
 
 
 def _fill(layer: Layer, slots: dict[str, dict[int, str]]) -> None:
@@ -319,8 +381,13 @@ def resolve(layer: Layer, source: Source, slot_kinds: set[str], mapped: bool, wh
         return None
     parts: list[Part] = []
     for (cls, cfg), tensors in zip(configs, groups):
+        if cls in NEEDS_CONFIG:
+            cfg = dense_reading(cfg) if cfg is not None else None
+            if cfg is None:
+                return None  # no equation (a weights-only file), or one no nn.Linear computes
         if cls not in KINDS:
-            cls = _guess(tensors, shapes, layer, slot_kinds, where) if cls is None or mapped else None
+            guessable = cls is None or (mapped and cls not in UNPORTED.values())
+            cls = _guess(tensors, shapes, layer, slot_kinds, where) if guessable else None
         if cls is None:
             return None
         roles = (
@@ -441,7 +508,12 @@ def _index_roles(
 def _guess(
     tensors: list[str], shapes: dict[str, tuple[int, ...]], layer: Layer, slot_kinds: set[str], where: str
 ) -> str | None:
-    """The Keras class a layer without a recorded class must be, from its variables' shapes."""
+    """The Keras class a layer without a recorded class must be, from its variables' shapes (and its name,
+    where it is Keras's default name for a class: one this layout does not port is never guessed)."""
+    m = _KEY.match(layer.name.rsplit("/", 1)[-1])
+    named = _CLASS_OF_KEY.get(m["base"]) if m else None
+    if m and (m["base"] in UNPORTED or named in NEEDS_CONFIG):
+        return None
     dims = [shapes[t] for t in tensors]
     names = [t.rsplit("/", 1)[-1].split(":", 1)[0] for t in tensors] if layer.legacy is not None else []
     candidates: list[str] = []
@@ -475,6 +547,8 @@ def _guess(
         candidates = {4: ["BatchNormalization"], 2: ["LayerNormalization", "BatchNormalization"]}.get(
             len(dims), []
         )
+    if named in _LOOK_ALIKE and _LOOK_ALIKE[named] in candidates:
+        return named
     if len(candidates) > 1:
         fitting = [c for c in candidates if KINDS[c] in slot_kinds]
         if len(fitting) > 1:

@@ -191,8 +191,9 @@ def transpose_verdict(cfg: Any, m: Any) -> Verdict:
                 f"a crop PyTorch can make (Keras padding='same' crops {crop // 2} before and "
                 f"{crop - crop // 2} after{' with output_padding' if cfg.get('output_padding') is not None else ''})",
                 f"padding={m.padding}, output_padding={m.output_padding}",
-                "nn.ConvTranspose crops the same amount at both ends: build the Keras layer with padding='valid' "
-                "and crop the output in forward",
+                "nn.ConvTranspose crops the same amount at both ends: build the module with padding=0 and "
+                "output_padding=0, and crop the output in forward as Keras does (on this axis, "
+                f"{crop // 2} before and {crop - crop // 2} after)",
             )
         pads.append(max(crop, 0) // 2)
         outs.append(max(-crop, 0))

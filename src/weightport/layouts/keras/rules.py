@@ -108,6 +108,8 @@ def depthwise_op(shape: tuple[int, ...]) -> Op:
 def _table(kind: str, part: Part, source: Source) -> list[tuple[str, str, Op]]:
     """The (parameter, variable, op) rows for ``part``: its kind's, but a depthwise kernel's own op."""
     kernel = part.vars.get("kernel")
+    if part.cls == "EinsumDense" and (part.config or {}).get("kernel_out_in"):  # stored as nn.Linear keeps it
+        return [("weight", "kernel", Identity()), ("bias", "bias", Identity())]
     rank = {"DepthwiseConv1D": 3, "DepthwiseConv2D": 4}.get(part.cls or "")
     if rank is not None and kernel is not None and len(source.infos[kernel].shape) == rank:
         return [
