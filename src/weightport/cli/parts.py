@@ -56,7 +56,9 @@ def source_part(path: str, skip_layers: Sequence[str] | None, prefix: str | None
         arrays = {new: source.read(old) for new, old in renamed.items()}
         description = f"{source.description} ({', '.join(said)})"
         # what a transformers snapshot says of its model (GPT-2's Conv1D weights are stored (in, out))
-        facts = {k: source.metadata[k] for k in ("model_type", "architectures") if k in source.metadata}
+        facts: dict[str, Any] = {
+            k: source.metadata[k] for k in ("model_type", "architectures") if k in source.metadata
+        }
     part = MappingSource.from_mapping(arrays, description=description)
     part.metadata.update(facts)
     return part, (declared if declared != "torch" else None)
