@@ -375,3 +375,32 @@ def test_a_weight_built_twice_with_other_values_is_refused(tmp_path: Path) -> No
     error = _refused(transformers.EsmForMaskedLM(config).eval(), tmp_path / "tf_model.h5")
     assert "word_embeddings/embeddings:0' is filed as a copy of" in str(error)
     assert "hold different values" in str(error)
+
+
+@pytest.mark.parametrize("composite", ["EncoderDecoderModel", "VisionEncoderDecoderModel"])
+def test_a_composites_parts_load_without_their_main_layer_names(composite: str, tmp_path: Path) -> None:
+    """TF files a composite's encoder under its main layer (``encoder/bert/...``, ``encoder/vit/...``), where the
+    PyTorch part (a ``BertModel``, ``ViTModel``) holds its tensors at its top: the name its
+    ``base_model_prefix`` gives goes, as transformers' own loading drops it. Logits as TensorFlow's."""
+    decoder = transformers.BertConfig(vocab_size=99, is_decoder=True, add_cross_attention=True, **SIZES)
+    if composite == "EncoderDecoderModel":
+        encoder = transformers.BertConfig(vocab_size=99, **SIZES)
+        config: Any = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+        inputs = {"input_ids": IDS, "decoder_input_ids": IDS[:, ::-1].copy()}
+    else:
+        encoder = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, **SIZES)
+        config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+        inputs = {"pixel_values": PIXELS, "decoder_input_ids": IDS}
+    model = getattr(transformers, f"TF{composite}")(config)
+    model(model.dummy_inputs)
+    rng = np.random.default_rng(6)
+    for variable in model.weights:
+        value = variable.numpy()
+        variable.assign(value + rng.normal(0.0, 0.1, value.shape).astype(value.dtype))
+    model.save_pretrained(tmp_path)
+    expected = _tf_output(model, inputs)
+    module = getattr(transformers, composite)(config).eval()
+    report = _load(module, tmp_path / "tf_model.h5")
+    error = np.abs(_torch_output(module, inputs) - expected).max()
+    assert error <= TOL * max(1.0, float(np.abs(expected).max())), f"max error {error}\n{report}"
+    assert set(dict(module.named_parameters())) <= set(report.written)

@@ -22,7 +22,10 @@ same general rules for every model and no table per model:
 - the top-level layer's name stays where the module has a submodule of that name
   (``BertForSequenceClassification.bert``) and goes where the module is that layer (``BertModel``), as
   transformers' ``base_model_prefix`` does; ``mapping={"bert": "encoder"}`` puts it elsewhere, and a model
-  wrapped as ``self.m`` loads inside ``m``.
+  wrapped as ``self.m`` loads inside ``m``;
+- a composite's part (``EncoderDecoderModel.encoder``, a ``BertModel``) holds its tensors at its top,
+  while TF files them under the part's main layer (``encoder/bert/...``): where the module lacks that
+  name and the part's ``base_model_prefix`` is it, it goes, as transformers' own loading drops it.
 
 TF lists a weight under every top-level layer that uses it, and the file holds it again there (BERT's
 word embeddings under ``mlm___cls``; T5's ``shared``, built outside the model's scope as
@@ -239,8 +242,27 @@ def _targets(
             name = ".".join(p for p in (mapping[v.layer], name[len(v.layer) + 1 :]) if p)
         elif v.layer in main and inside and v.layer not in children:
             name = name[len(v.layer) + 1 :]  # the module is that layer (BertModel for 'bert')
-        out[v.tensor] = _parametrized(name, names)
+        out[v.tensor] = _parametrized(_inner_main_layer(module, name, names), names)
     return out
+
+
+def _inner_main_layer(module: nn.Module, name: str, names: Mapping[str, str]) -> str:
+    """``name`` without an inner model's main-layer name, where the module lacks it: a composite's part
+    (``EncoderDecoderModel.encoder``, a ``BertModel``) holds its tensors at its top, while TF files them
+    under the part's main layer (``encoder/bert/...``), which transformers' ``base_model_prefix`` names."""
+    if name in names:
+        return name
+    parts = name.split(".")
+    for i in range(1, len(parts) - 1):
+        try:
+            part = module.get_submodule(".".join(parts[:i]))
+        except AttributeError:
+            return name
+        if getattr(part, "base_model_prefix", None) == parts[i] and not hasattr(part, parts[i]):
+            shorter = ".".join(parts[:i] + parts[i + 1 :])
+            if shorter in names:
+                return shorter
+    return name
 
 
 def _parametrized(name: str, names: Mapping[str, str]) -> str:
