@@ -404,3 +404,29 @@ def test_a_composites_parts_load_without_their_main_layer_names(composite: str, 
     error = np.abs(_torch_output(module, inputs) - expected).max()
     assert error <= TOL * max(1.0, float(np.abs(expected).max())), f"max error {error}\n{report}"
     assert set(dict(module.named_parameters())) <= set(report.written)
+
+
+def test_albert_mlm_heads_unused_zero_bias_is_set_aside(tmp_path: Path) -> None:
+    """TF ALBERT's MLM head builds ``bias`` and ``decoder/bias`` (both start at zero) and adds only
+    ``decoder/bias``; PyTorch ties the two. A trained checkpoint keeps the unused one at zero: it is set aside
+    and the logits are TensorFlow's. Two non-zero copies that differ are still refused (which one the TF
+    model reads is not in the file)."""
+    config = transformers.AlbertConfig(vocab_size=99, embedding_size=16, **SIZES)
+    model = transformers.TFAlbertForMaskedLM(config)
+    model(model.dummy_inputs)
+    rng = np.random.default_rng(7)
+    for variable in model.weights:
+        value = variable.numpy()
+        variable.assign(value + rng.normal(0.0, 0.1, value.shape).astype(value.dtype))
+    (unused,) = [v for v in model.weights if v.name.endswith("predictions/bias:0")]
+    model.save_pretrained(tmp_path / "both")  # two trained copies: refused
+    with pytest.raises(WeightportError, match="they are one tied tensor"):
+        _load(transformers.AlbertForMaskedLM(config), tmp_path / "both" / "tf_model.h5")
+    unused.assign(np.zeros(unused.shape, np.float32))
+    model.save_pretrained(tmp_path / "trained")
+    expected = _tf_output(model, TEXT)
+    module = transformers.AlbertForMaskedLM(config).eval()
+    report = _load(module, tmp_path / "trained" / "tf_model.h5")
+    error = np.abs(_torch_output(module, TEXT) - expected).max()
+    assert error <= TOL * max(1.0, float(np.abs(expected).max())), f"max error {error}\n{report}"
+    assert any("predictions/bias:0 (all zeros where" in i for i in report.ignored), report.ignored

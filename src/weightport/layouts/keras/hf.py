@@ -32,6 +32,11 @@ word embeddings under ``mlm___cls``; T5's ``shared``, built outside the model's 
 ``shared/shared/embeddings:0``, under ``encoder`` and ``decoder``): the copy named after another layer
 is that layer's weight, read once from its own layer and the others ignored.
 
+Two TF variables that fill one tied PyTorch tensor must hold the same values, but for one case: TF ALBERT's
+MLM head builds ``bias`` and ``decoder/bias`` (both starting at zero) and adds only ``decoder/bias``; a
+variable no forward reads keeps its zeros through training, so an all-zero copy beside a trained one is
+set aside (reported as ignored). Copies that differ otherwise are refused.
+
 What the module has and the file lacks: buffers registered with ``persistent=False`` (position ids,
 GPT-2's causal masks) stay as the module built them, as transformers' converter leaves them; any other
 tensor is a problem saying so (a persistent buffer's says that the converter leaves it as built, and
@@ -394,6 +399,7 @@ def plan(
         if name in names:
             rules.append(Rule(lead + name, (), Zeros(()), f"{where}: Keras counts no batches; 0"))
     leftover = _own_weights(leftover, names, shapes, source, lead, rules)
+    rules, unused = _unused_tie_copies(rules, module, source)
     filled = {r.target for r in rules}
     hints = {}
     for name, kind in names.items():
@@ -416,8 +422,35 @@ def plan(
         ],
         scope=scope,
         missing_hints=hints,
-        not_weights=list(copies),  # the same weight again, under a layer that uses it
+        not_weights=list(copies) + unused,  # the same weight again, under a layer that uses it; unused twins
     )
+
+
+def _unused_tie_copies(rules: list[Rule], module: nn.Module, source: Source) -> tuple[list[Rule], list[str]]:
+    """Where two TF variables fill one tied PyTorch tensor with different values and one of them is all
+    zeros, the rules without that one, and why it is set aside. TF ALBERT's MLM head builds ``bias`` and
+    ``decoder/bias``, both starting at zero, and adds only ``decoder/bias``; the PyTorch head ties the two. A
+    variable no forward reads gets no gradient and keeps its zeros, so of a zero copy and a trained one the
+    trained one is the model's (copies that differ otherwise are refused as a tie conflict)."""
+    state = module.state_dict(keep_vars=True)
+    groups: dict[int, list[Rule]] = {}
+    for rule in rules:
+        tensor = state.get(rule.target)
+        if tensor is not None and len(rule.sources) == 1:
+            groups.setdefault(id(tensor), []).append(rule)
+    dropped: dict[int, str] = {}
+    for group in groups.values():
+        if len({r.sources[0] for r in group}) != 2 or len(group) != 2:
+            continue
+        values = [np.asarray(r.op(np.asarray(source.read(r.sources[0])))) for r in group]
+        zero = [not np.any(v) for v in values]
+        if zero.count(True) == 1 and values[0].shape == values[1].shape:
+            unused, used = (group[0], group[1]) if zero[0] else (group[1], group[0])
+            dropped[id(unused)] = (
+                f"{unused.sources[0]} (all zeros where '{used.sources[0]}', which fills the same tied tensor "
+                f"'{used.target}', is trained: a variable the TF model never reads keeps its zero start)"
+            )
+    return [r for r in rules if id(r) not in dropped], list(dropped.values())
 
 
 def _refuse_other_model(
