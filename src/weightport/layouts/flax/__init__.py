@@ -93,10 +93,16 @@ from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.flax.convolutions import torch_padding
 from weightport.layouts.flax.exporting import export
 from weightport.layouts.flax.facts import APIS, COLLECTIONS, FRAMEWORK, ROOT, STATS, TRAINING_STATE
-from weightport.layouts.flax.layers import Layer, layers_in, settle_norm_kinds
+from weightport.layouts.flax.layers import Layer, layers_in
 from weightport.layouts.flax.loose import loose_rules
 from weightport.layouts.flax.rules import MISSING_STATS, layer_rules, unchecked
-from weightport.layouts.flax.settle import settle_attention, settle_by_name, settle_conv1d, settle_lone_bias
+from weightport.layouts.flax.settle import (
+    settle_attention,
+    settle_by_name,
+    settle_conv1d,
+    settle_lone_bias,
+    settle_norm_kinds,
+)
 from weightport.layouts.flax.tree import name_paths, recorded_order
 from weightport.layouts.pairing import (
     Paired,
@@ -132,7 +138,7 @@ def plan(
     settle_attention(layers, module, mapping)
     settle_by_name(layers, module, mapping)
     settle_lone_bias(layers, module, mapping)
-    settle_norm_kinds(layers, module)
+    settle_norm_kinds(layers, module, mapping, source.description)
     settle_conv1d(layers, module, mapping)
     orders = _orders(layers, names)
     wanted = [

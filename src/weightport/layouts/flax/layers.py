@@ -18,17 +18,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from torch import nn
-
 from weightport.errors import UnsupportedConfigError
 from weightport.layouts.flax.attention import ATTENTION, PROJECTIONS, attention_node
 from weightport.layouts.flax.cells import CELLS, GATE_NAME, UNSUPPORTED_CELLS, CellSpec, with_article
 from weightport.layouts.flax.facts import ROOT, STATS
 from weightport.layouts.flax.tree import Tree, leaves_of, model_tree, ordered, tree_of
-from weightport.layouts.slots import module_slots
 from weightport.sources.base import Source
 
-__all__ = ["Layer", "layers_in", "settle_norm_kinds", "DENSE_GENERAL"]
+__all__ = ["Layer", "layers_in", "DENSE_GENERAL"]
 
 DENSE_GENERAL = "DenseGeneral"
 _DENSE_GENERAL = re.compile(r"^(DenseGeneral|LinearGeneral)_\d+$")  # linen's auto names
@@ -214,16 +211,3 @@ def _find_layers(node: Tree, path: str, source: Source, out: list[Layer]) -> Non
         child = node[key]
         if isinstance(child, dict):
             _find_layers(child, f"{path}/{key}" if path else key, source, out)
-
-
-def settle_norm_kinds(layers: list[Layer], module: nn.Module) -> None:
-    """A scale-and-bias layer not named ``BatchNorm_*`` reads as a LayerNorm, but a BatchNorm saved
-    without its ``batch_stats`` (``state.params`` alone, or an nnx ``Param`` filter) looks the same:
-    where the module has BatchNorms and no LayerNorm, such layers are BatchNorms (their running
-    statistics are then missing, and said to be)."""
-    kinds = {slot.kind for slot in module_slots(module)}
-    if "LayerNorm" in kinds or "BatchNorm" not in kinds:
-        return
-    for layer in layers:
-        if layer.kind == "LayerNorm":
-            layer.kind = layer.detail = "BatchNorm"

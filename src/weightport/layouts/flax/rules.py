@@ -29,8 +29,9 @@ from weightport.transforms import Identity, Op, Transpose, Zeros
 __all__ = ["layer_rules", "unchecked", "MISSING_STATS"]
 
 MISSING_STATS = (
-    "Flax keeps a BatchNorm's running statistics in the batch_stats collection, which "
-    "this source lacks: save the whole variables dict ({'params': ..., 'batch_stats': ...}); only if "
+    "Flax keeps a BatchNorm's running statistics apart from its params (linen's batch_stats collection, nnx's "
+    "BatchStat variables), and this source lacks them: save the whole variables dict ({'params': ..., "
+    "'batch_stats': ...}), or nnx.state(model) whole, not its nnx.Param part; only if "
     "the Flax model's were never updated (both start at mean 0, var 1), pass strict=False to keep the "
     "module's own"
 )
@@ -194,7 +195,10 @@ def unchecked(pairs: list[tuple[Layer, Paired]]) -> list[str]:
         elif lay.kind.startswith("Conv") and lay.kind != "Conv1D":
             notes.append(
                 f"'{p.slot.label}': Flax Conv's padding ('SAME' by default; the module has "
-                f"padding={getattr(module, 'padding', '?')}), strides and dilation; Flax takes channels-last "
-                "inputs, so permute them (and a Dense after a flatten sees channels-last order)"
+                f"padding={getattr(module, 'padding', '?')}), strides and dilation ('SAME' with a stride above 1 "
+                "pads by TensorFlow's rule, its extra pixel after, which no fixed symmetric padding gives for "
+                "every input size: build the conv with padding=0 and pad in forward, or use timm's Conv2dSame); "
+                "Flax takes channels-last inputs, so permute them (and a Dense after a flatten sees channels-last "
+                "order)"
             )
     return notes

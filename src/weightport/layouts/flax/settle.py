@@ -23,6 +23,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from weightport.errors import LayoutError
 from weightport.layouts.flax.attention import ATTENTION
 from weightport.layouts.flax.layers import DENSE_GENERAL, Layer
 from weightport.layouts.flax.tree import name_paths
@@ -33,6 +34,7 @@ __all__ = [
     "settle_attention",
     "settle_by_name",
     "settle_lone_bias",
+    "settle_norm_kinds",
     "named_slots",
     "CONV1D",
     "CONV1D_DETAIL",
@@ -141,3 +143,33 @@ def settle_lone_bias(layers: list[Layer], module: nn.Module, mapping: Mapping[st
         named = named_slots(layer.name, slots, mapping)
         if len(named) == 1 and named[0].kind == "Linear":
             layer.kind, layer.detail = "Linear", "a Dense's bias alone"
+
+
+def settle_norm_kinds(
+    layers: list[Layer], module: nn.Module, mapping: Mapping[str, str] | None, where: str
+) -> None:
+    """A scale-and-bias layer not named ``BatchNorm_*`` reads as a LayerNorm, but a BatchNorm saved
+    without its ``batch_stats`` (``state.params`` alone, or an nnx ``Param`` filter) looks the same.
+    The module's modules settle it: the one its name or ``mapping=`` names, else the only kind of the two
+    the module has (a BatchNorm's running statistics are then missing, and said to be). A layer of a
+    name of its own (nnx's attribute names) in a module with both kinds is refused, listing both."""
+    slots = module_slots(module)
+    kinds = {slot.kind for slot in slots}
+    for layer in layers:
+        if layer.kind != "LayerNorm" or set(layer.leaves) - {"scale", "bias"}:
+            continue
+        named = {slot.kind for slot in named_slots(layer.name, slots, mapping)} & {"LayerNorm", "BatchNorm"}
+        if len(named) == 1:
+            layer.kind = layer.detail = named.pop()
+        elif "BatchNorm" in kinds and "LayerNorm" not in kinds:
+            layer.kind = layer.detail = "BatchNorm"
+        elif {"BatchNorm", "LayerNorm"} <= kinds and not layer.name.rsplit("/", 1)[-1].startswith(
+            "LayerNorm"
+        ):
+            raise LayoutError(
+                f"{where}: Flax layer '{layer.name}' ({', '.join(sorted(layer.leaves))}) reads as a LayerNorm, or "
+                "as a BatchNorm saved without its batch statistics, and the model has both kinds: no name says "
+                f"which. Fix: pass mapping={{'{layer.name}': 'module.path'}} (its kind follows the module's), or "
+                "save the statistics with it (linen: {'params': ..., 'batch_stats': ...}; nnx: nnx.state(model), "
+                "not its nnx.Param part alone)."
+            )
