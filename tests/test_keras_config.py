@@ -181,6 +181,41 @@ def test_a_masking_layer_before_an_lstm_says_to_pack_and_packed_gives_keras_outp
         np.testing.assert_allclose(h[0].numpy(), expected, atol=TOL, err_msg=kind)
 
 
+def test_a_layer_called_twice_fills_one_module_called_twice(tmp_path: Path) -> None:
+    """A Keras layer applied twice holds one set of weights: into two modules it is refused, saying so;
+    into one module called twice (two attributes tied to it) it loads, with Keras's outputs."""
+    rng = np.random.default_rng(13)
+    inputs = keras.Input((4,))
+    shared = keras.layers.Dense(4, activation="tanh", name="shared")
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(shared(shared(inputs))))
+    randomize(model, rng)
+    x = rng.standard_normal((B, 4)).astype(np.float32)
+    expected = np.asarray(model(x))
+
+    class Net(nn.Module):
+        def __init__(self, tied: bool) -> None:
+            super().__init__()
+            self.l1 = nn.Linear(4, 4)
+            self.l2 = self.l1 if tied else nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+    example = (torch.zeros(1, 4),)
+    for kind, source in sources(model, tmp_path).items():
+        with pytest.raises(
+            weightport.LayoutError, match="the Keras model calls 'shared' 2 times, with one set"
+        ):
+            weightport.load(Net(tied=False), source, example_inputs=example)
+        net = Net(tied=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ForwardNoteWarning)  # the tanh to apply, said as a note
+            weightport.load(net, source, example_inputs=example)
+        with torch.no_grad():
+            np.testing.assert_allclose(net(torch.from_numpy(x)).numpy(), expected, atol=TOL, err_msg=kind)
+
+
 def test_channels_first_conv_holds_the_same_kernel(tmp_path: Path) -> None:
     """TensorFlow on CPU runs no channels-first conv; the twin channels-last model gives the outputs."""
     rng = np.random.default_rng(3)

@@ -88,7 +88,7 @@ import numpy as np
 from torch import nn
 
 from weightport.call_order import CallOrder
-from weightport.errors import LoadError, Problem, UnsupportedConfigError
+from weightport.errors import LayoutError, LoadError, Problem, UnsupportedConfigError
 from weightport.layouts.base import LayoutPlan, Pairing, Rule
 from weightport.layouts.keras import describing, hf
 from weightport.layouts.keras.checks import (
@@ -99,6 +99,7 @@ from weightport.layouts.keras.checks import (
     refuse_whole_model_layer,
 )
 from weightport.layouts.keras.exporting import export
+from weightport.layouts.keras.graph import shared_layers
 from weightport.layouts.keras.layers import (
     KINDS,
     NEEDS_CONFIG,
@@ -183,26 +184,30 @@ def plan(
             return None
         return [r for part in found.parts for r in part_rules(found, part, slot, source)]
 
-    pairs = pair_layers(
-        module,
-        [
-            SourceLayer(
-                r.layer.name,
-                r.kind,
-                r.detail,
-                paths=(r.layer.path.replace("/", "."),) if r.layer.path else (),
-                order=recorded_order(r.layer),
-                unordered=_SUBCLASSED if r.layer.unordered else "",
-            )
-            for r in resolved
-        ],
-        mapping,
-        framework="Keras",
-        fits=fits_by_rules(module, source, rules_for),
-        call_order=call_order,
-        where=where,
-        slots=slots,
-    )
+    try:
+        pairs = pair_layers(
+            module,
+            [
+                SourceLayer(
+                    r.layer.name,
+                    r.kind,
+                    r.detail,
+                    paths=(r.layer.path.replace("/", "."),) if r.layer.path else (),
+                    order=recorded_order(r.layer),
+                    unordered=_SUBCLASSED if r.layer.unordered else "",
+                )
+                for r in resolved
+            ],
+            mapping,
+            framework="Keras",
+            fits=fits_by_rules(module, source, rules_for),
+            call_order=call_order,
+            where=where,
+            slots=slots,
+        )
+    except LayoutError as e:
+        _say_shared(e, shared_layers(source.metadata.get("model_config")))
+        raise
     rules: list[Rule] = []
     pairings: list[Pairing] = []
     problems: list[Problem] = []
@@ -247,6 +252,18 @@ def plan(
         not_weights=preprocessing,
         forward_notes=list(dict.fromkeys(forward_notes)),
     )
+
+
+def _say_shared(error: LayoutError, shared: dict[str, int]) -> None:
+    """A refusal naming a layer the Keras model calls several times raises again saying so: its one set of
+    weights is one module's, called as often (two modules of the model cannot both take it)."""
+    named = [name for name in shared if f"'{name}'" in str(error)]
+    if named:
+        said = ", ".join(f"'{n}' {shared[n]} times" for n in named)
+        raise LayoutError(
+            f"{error} Note: the Keras model calls {said}, with one set of weights: build the PyTorch model with "
+            "one module called as often (or tie them, self.second = self.first), which then takes the layer."
+        ) from None
 
 
 def _no_rule_hints(layers: list[Layer], resolved: list[Resolved]) -> dict[str, str]:

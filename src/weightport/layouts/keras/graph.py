@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["graph_of", "note_padding", "masking_of", "zero_padding"]
+__all__ = ["graph_of", "note_padding", "masking_of", "shared_layers", "zero_padding"]
 
 _Node = tuple[str, dict[str, Any], list[str], tuple[int, ...] | None]
 
@@ -43,6 +43,25 @@ def graph_of(model_config: Any) -> dict[str, _Node]:
         )
         out[name] = (str(entry.get("class_name")), cfg, inputs, built)  # type: ignore[arg-type]
         previous = [name]
+    return out
+
+
+def shared_layers(model_config: Any) -> dict[str, int]:
+    """The top-level layers a functional model config calls more than once (one set of weights each), with
+    how many times: ``inbound_nodes`` holds one entry per call (Keras 3 and tf.keras alike).
+
+    >>> shared_layers({"class_name": "Functional", "config": {"layers": [
+    ...     {"class_name": "Dense", "config": {"name": "d"}, "inbound_nodes": [{"args": []}, {"args": []}]}]}})
+    {'d': 2}
+    """
+    inner = model_config.get("config") if isinstance(model_config, dict) else None
+    entries = inner.get("layers") if isinstance(inner, dict) else None
+    out: dict[str, int] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        nodes = entry.get("inbound_nodes") if isinstance(entry, dict) else None
+        config = entry.get("config") if isinstance(entry, dict) else None
+        if isinstance(nodes, list) and len(nodes) > 1 and isinstance(config, dict):
+            out[str(config.get("name", ""))] = len(nodes)
     return out
 
 
