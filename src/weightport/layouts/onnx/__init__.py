@@ -101,7 +101,7 @@ from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.onnx.arrays import export, nodes_from_keys
 from weightport.layouts.onnx.attention import explain_unnamed_attention, named_parameter_rules
 from weightport.layouts.onnx.folding import FOLDS_INTO, fold_rules, followers, statistics_note
-from weightport.layouts.onnx.graph import read_nodes, weight_names
+from weightport.layouts.onnx.graph import Layer, read_nodes, weight_names
 from weightport.layouts.onnx.hints import explain_unrolled_recurrence, loop_hints, unmapped_hints
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.onnx.layers import find_layers, named_path
@@ -116,7 +116,9 @@ from weightport.layouts.pairing import (
     pair_layers,
     wrapped_scope,
 )
+from weightport.layouts.slots import slot_kind
 from weightport.sources.base import Source
+from weightport.transforms import Identity
 
 __all__ = ["NAME", "plan", "export", "describe"]
 
@@ -152,7 +154,7 @@ def plan(
             "plain arrays carry no graph, so they are taken to match the module"
         ]
     validated: set[str] = set()
-    layers = find_layers(nodes, source, issues, validated)
+    layers, by_name = _not_layers(module, find_layers(nodes, source, issues, validated), source)
     issues.raise_if_any(target)
     wanted = [
         SourceLayer(
@@ -188,7 +190,7 @@ def plan(
         explain_unrolled_recurrence(module, layers, source.description, e)
         explain_unnamed_attention(module, layers, source, e)
         raise
-    rules: list[Rule] = []
+    rules: list[Rule] = list(by_name)
     pairings = as_pairings(paired)
     # a BatchNorm that a BatchNormalization node fills is no folded one
     taken = {pair.slot.label for pair in paired}
@@ -250,6 +252,31 @@ def plan(
         missing_hints=hints,
         forward_notes=forward_notes,
     )
+
+
+def _not_layers(module: nn.Module, layers: list[Layer], source: Source) -> tuple[list[Layer], list[Rule]]:
+    """The layers to pair, without those whose weight is stored under the name of a tensor the model keeps
+    in a module of no layer kind (a relative-position table a Gather reads, BlurPool's filter a Conv reads):
+    that tensor is the module's own, filled by its name (a buffer here; a parameter by the named-parameter
+    rules), not a layer for a module of the node's kind."""
+    owned: dict[str, tuple[nn.Module, bool]] = {}  # tensor name -> its module, and whether it is a buffer
+    for path, owner in module.named_modules():
+        for tensors, buffer in (
+            (owner.named_parameters(recurse=False), False),
+            (owner.named_buffers(recurse=False), True),
+        ):
+            for local, _ in tensors:
+                owned[f"{path}.{local}" if path else local] = (owner, buffer)
+    kept: list[Layer] = []
+    rules: list[Rule] = []
+    for layer in layers:
+        weight = layer.tensors.get("weight", "")
+        owner, buffer = owned.get(weight, (None, False))
+        if owner is None or len(layer.tensors) != 1 or not slot_kind(owner).startswith("other:"):
+            kept.append(layer)
+        elif buffer:
+            rules.append(Rule(weight, (weight,), Identity(), f"{source.description} initializer '{weight}'"))
+    return kept, rules
 
 
 def _own_forwards(paired: list[Paired]) -> list[str]:

@@ -217,6 +217,7 @@ def named_parameter_rules(
             if slot.layer is None:
                 _known_by_name(slot, source, used, filled, rules, pairings, unchecked)
             continue
+        lacking: list[tuple[str, tuple[int, ...]]] = []
         for param, tensor in slot.module.named_parameters(recurse=False):
             full = slot.name(param)
             info = source.infos.get(full)
@@ -232,18 +233,20 @@ def named_parameter_rules(
                     )
                 )
                 continue
-            alike = [
-                n for n, i in source.infos.items() if tuple(i.shape) == tuple(tensor.shape) and n not in used
-            ]
-            hints.setdefault(
-                slot.path,
-                f"the graph has no initializer named '{full}' {tuple(tensor.shape)}: the exporter computed the "
-                "parameter into another constant (constant folding stores what the forward made of it: "
-                "Expand(class_token) under torch.onnx.export(dynamo=True) with a fixed batch size, "
+            lacking.append((full, tuple(tensor.shape)))
+        if lacking:
+            shapes = {shape for _, shape in lacking}
+            alike = [n for n, i in source.infos.items() if tuple(i.shape) in shapes and n not in used]
+            named = " or ".join(f"'{full}' {shape}" for full, shape in lacking)
+            hints[slot.path] = (
+                f"the graph has no initializer named {named}: the exporter computed the parameter into another "
+                "constant (constant folding stores what the forward made of it: Expand(class_token) under "
+                "torch.onnx.export(dynamo=True) with a fixed batch size, a view or reshape of it, "
                 f"gamma.reshape(1, -1, 1, 1) of a layer scale); unread initializers of its shape: "
                 f"{', '.join(repr(n) for n in alike[:4]) or 'none'}, and nothing proves which is it. Fix: export "
-                "so that the parameter stays under its name (dynamo=True with a dynamic batch axis, or "
-                "dynamo=False with do_constant_folding=False), or load the PyTorch weights themselves",
+                "so that the parameter stays under its name (torch.onnx.export(dynamo=True, optimize=False), or "
+                "with a dynamic batch axis where the forward expands it to the batch; or dynamo=False with "
+                "do_constant_folding=False), or load the PyTorch weights themselves"
             )
     return rules, pairings, hints
 

@@ -283,7 +283,7 @@ def weight_names(source: Source) -> list[str]:
     zero their initial states are expanded from, or a loop's bounds, that way.
     """
     names = source.metadata.get("initializers", list(source.infos))
-    scales = _scalar_constants(source)
+    scales = _scalar_constants(source) | _operands(source)
     return [
         n
         for n in names
@@ -320,6 +320,20 @@ def _scalar_constants(source: Source) -> set[str]:
         and ops <= _ARITHMETIC
         and name not in biases
     }
+
+
+# (op, input position) of float inputs that say how an op runs, not what it computes with: Resize's roi and
+# scales (the dynamo exporter stores an upsampling's scales as an initializer), Upsample's scales, Pad's value
+_OPERANDS = frozenset({("Resize", 1), ("Resize", 2), ("Upsample", 1), ("Pad", 2)})
+
+
+def _operands(source: Source) -> set[str]:
+    """Initializers read only as the operands of :data:`_OPERANDS`: graph code, not weights."""
+    places: dict[str, set[tuple[str, int]]] = {}
+    for node in source.metadata.get("nodes", []):
+        for position, name in enumerate(node["inputs"]):
+            places.setdefault(name, set()).add((node["op_type"], position))
+    return {name for name, where in places.items() if where <= _OPERANDS}
 
 
 def _after_layer(name: str, made_by: dict[str, Any]) -> bool:
