@@ -1001,7 +1001,8 @@ def test_a_batchnorm_saved_without_its_batch_stats() -> None:
     module.add_module("fc", tnn.Linear(3, 4))
     module.add_module("bn", tnn.BatchNorm1d(4))
     with pytest.raises(
-        weightport.LoadError, match=r"'bn.running_mean'.*batch_stats collection, nnx's BatchStat variables\), and this source lacks them"
+        weightport.LoadError,
+        match=r"'bn.running_mean'.*batch_stats collection, nnx's BatchStat variables\), and this source lacks them",
     ):
         _load(module, tree)
     report = _load(module, tree, strict=False)
