@@ -340,8 +340,8 @@ def _square_too(
     entries: list[Entry], mismatched: dict[str, tuple[tuple[int, ...], Problem]], prefix: str
 ) -> list[Problem]:
     """Where some 2-D weights of a source come transposed, its square ones, which fit either way, may be
-    transposed too (transformers' Conv1D stores every weight (in, out)): one problem naming them, since
-    loading them as they are after transposing only the others would be silently wrong."""
+    transposed too (transformers' Conv1D stores every weight (in, out)): a problem for each, since loading
+    them as they are after transposing only the others would be silently wrong."""
     flipped = [
         t for t, (found, problem) in mismatched.items() if len(found) == 2 and _TRANSPOSED in problem.fix
     ]

@@ -70,7 +70,7 @@ for _cls, _kind in KINDS.items():
 PREPROCESSING = ("Normalization", "Rescaling")
 _CLASS_OF_KEY = {snake_case(c): c for c in [*KINDS, *PREPROCESSING, "Bidirectional"]}
 # Keras's own classes with weights that no rule here ports: never taken for another class whose variables
-# look alike (an EinsumDense 'abc,dc->abd' kernel is (out, in), a Dense's (in, out))
+# look alike (a PReLU's alpha for a Conv's kernel or a Dense's)
 UNPORTED = {
     snake_case(c): c
     for c in (
@@ -196,12 +196,7 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
             if rec.get("weights") is not None:
                 layer.legacy = list(rec["weights"])
                 _legacy_attention(layer)
-                if layer.class_name is None and _legacy_roles(layer.legacy or []).keys() == {
-                    "mean",
-                    "variance",
-                    "count",
-                }:
-                    layer.class_name = "Normalization"  # Keras's own variable names: reported with its values
+                _legacy_normalization(layer)
             else:
                 _fill(layer, parsed.get(path, {}))
             if layer.tensors:
@@ -253,12 +248,19 @@ def _legacy_attention(layer: Layer) -> None:
         return
     subs: dict[str, dict[int, str]] = {}
     for name in layer.legacy or []:
-        *_, sub, leaf = name.split(":", 1)[0].split("/")
-        if sub not in _LEGACY_ATTENTION or leaf not in ("kernel", "bias"):
+        parts = name.split(":", 1)[0].split("/")
+        if len(parts) < 2 or parts[-2] not in _LEGACY_ATTENTION or parts[-1] not in ("kernel", "bias"):
             return
-        subs.setdefault(_LEGACY_ATTENTION[sub], {})[0 if leaf == "kernel" else 1] = name
+        subs.setdefault(_LEGACY_ATTENTION[parts[-2]], {})[0 if parts[-1] == "kernel" else 1] = name
     if set(subs) == set(ATTENTION_PARTS):
         layer.subs, layer.legacy = subs, None
+
+
+def _legacy_normalization(layer: Layer) -> None:
+    """A legacy layer of no recorded class holding Keras's ``mean``, ``variance`` and ``count`` is a
+    ``Normalization`` (set aside and reported with its values, as from a file that records the class)."""
+    if layer.class_name is None and _legacy_roles(layer.legacy or []).keys() == {"mean", "variance", "count"}:
+        layer.class_name = "Normalization"
 
 
 def _fill(layer: Layer, slots: dict[str, dict[int, str]]) -> None:
