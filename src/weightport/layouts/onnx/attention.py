@@ -325,8 +325,9 @@ def explain_unnamed_attention(
             f"{source.description} has a MatMul of nn.MultiheadAttention's packed in_proj size "
             f"({', '.join(repr(p) for p in packed[:4])}), but nothing ties it to {label}: the exporter names the "
             f"in_proj only through its bias '{slot.name('in_proj_bias')}', and "
-            f"{'the module has no bias (bias=False)' if attention.in_proj_bias is None else 'no such tensor is stored'}, "
+            f"{'the module has no bias (bias=False)' if attention.in_proj_bias is None else 'the file stores no tensor of that name (its names were changed, or another exporter wrote it)'}, "
             "so which MatMul and Gemm are this attention's projections is not proven. Fix: load the PyTorch "
-            "weights themselves (weightport.save / layout='torch'), or export a model built with bias=True. "
+            "weights themselves (weightport.save / layout='torch'), or "
+            f"{'export a model built with bias=True' if attention.in_proj_bias is None else 'load the file torch.onnx.export wrote, its names as they were'}. "
             f"(Pairing said: {error})"
         ) from error
