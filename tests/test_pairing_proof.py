@@ -879,3 +879,28 @@ def test_a_path_ending_in_the_layers_own_name_is_kept() -> None:
         ("Dense_0", "by name"),
         ("encoder.layers.0.Dense_0", "by name"),
     ]
+
+
+def test_every_group_that_cannot_be_paired_is_listed_in_one_refusal(tmp_path: Path) -> None:
+    """Two groups of interchangeable layers (two convs of one shape, two Denses of another) in a model whose
+    call order is unknown: one refusal lists both, so one mapping= can settle them (a model with many
+    parallel branches took a round per group)."""
+    keras = pytest.importorskip("keras")
+    layers = keras.layers
+    model = keras.Sequential(
+        [keras.Input((5, 4)), *(layers.Conv1D(4, 1) for _ in range(2)), *(layers.Dense(3) for _ in range(3))]
+    )
+    model.save(tmp_path / "m.keras")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv1d(4, 4, 1), nn.Conv1d(4, 4, 1)
+            self.d1, self.d2, self.d3 = nn.Linear(4, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+
+    with pytest.raises(LayoutError) as caught:
+        weightport.load(Net(), tmp_path / "m.keras")
+    text = str(caught.value)
+    assert text.startswith("2 groups of layers cannot be paired"), text
+    assert "c1 (Conv1d (4, 4, 1))" in text and "d2 (Linear (3, 3))" in text, text
+    assert "d1 (Linear" not in text  # its shape is its own: it pairs

@@ -77,9 +77,20 @@ class Prover:
         if homeless:
             raise LayoutError(self._homeless(homeless))
         edges = {i: [j for g in by_group[i] for j in groups[g]] for i in self.waiting}
+        unsettled: list[str] = []  # every part that cannot be settled, so that one refusal lists them all
         for layer_ids, group_ids in _components(by_group):
             slot_ids = sorted(j for g in group_ids for j in groups[g])
-            self._settle(layer_ids, slot_ids, edges)
+            try:
+                self._settle(layer_ids, slot_ids, edges)
+            except LayoutError as e:
+                unsettled.append(str(e))
+        if len(unsettled) == 1:
+            raise LayoutError(unsettled[0])
+        if unsettled:
+            listed = "\n".join(f"  - {m}" for m in unsettled)
+            raise LayoutError(
+                f"{len(unsettled)} groups of layers cannot be paired, each for its reason:\n{listed}"
+            )
 
     def _candidates(self, i: int, groups: Mapping[Hashable, list[int]]) -> list[Hashable]:
         """The groups of free slots layer ``i`` fits; where none fits, every group of its kind (the plan
