@@ -166,3 +166,20 @@ def test_an_einsum_dense_no_linear_computes_is_refused(tmp_path: Path) -> None:
     model.save(tmp_path / "m.keras")
     with pytest.raises(weightport.LoadError, match="its configuration says how its weights read"):
         weightport.load(torch.nn.Linear(6, 6), tmp_path / "m.keras")
+
+
+def test_a_dense_a_user_named_after_an_unported_class_still_loads(tmp_path: Path) -> None:
+    """Only the default names of classes whose variables look like a ported class's (EinsumDense, PReLU)
+    stop the guess: a Dense named 'attention' by its user loads from tf_keras's weights-only file."""
+    rng = np.random.default_rng(6)
+    model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(3, name="attention")])
+    path = weights_only(tf_keras, model, tmp_path, rng)
+    module = torch.nn.Linear(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)
+        weightport.load(module, path)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            module(torch.from_numpy(x)).numpy(), model.predict(x, verbose=0), atol=1e-5
+        )

@@ -91,6 +91,8 @@ UNPORTED = {
 }
 # classes read only through their configuration (an EinsumDense's equation says how its kernel reads)
 NEEDS_CONFIG = ("EinsumDense",)
+# classes whose variables a weights-only file cannot tell from a ported class's (a Dense's kernel, a Conv's)
+_LOOKS_PORTED = (*NEEDS_CONFIG, "PReLU")
 # classes whose variables have the same shapes: a layer named after one (Keras's default name) is that one
 _LOOK_ALIKE = {"Conv1DTranspose": "Conv1D", "Conv2DTranspose": "Conv2D"}
 
@@ -511,10 +513,11 @@ def _guess(
     tensors: list[str], shapes: dict[str, tuple[int, ...]], layer: Layer, slot_kinds: set[str], where: str
 ) -> str | None:
     """The Keras class a layer without a recorded class must be, from its variables' shapes (and its name,
-    where it is Keras's default name for a class: one this layout does not port is never guessed)."""
+    where it is Keras's default name for a class whose variables look like a ported one's: an EinsumDense
+    or a PReLU is never guessed; a name such as 'attention' is a user's as often, and decides nothing)."""
     m = _KEY.match(layer.name.rsplit("/", 1)[-1])
-    named = _CLASS_OF_KEY.get(m["base"]) if m else None
-    if m and (m["base"] in UNPORTED or named in NEEDS_CONFIG):
+    named = (_CLASS_OF_KEY.get(m["base"]) or UNPORTED.get(m["base"])) if m else None
+    if named in _LOOKS_PORTED:
         return None
     dims = [shapes[t] for t in tensors]
     names = [t.rsplit("/", 1)[-1].split(":", 1)[0] for t in tensors] if layer.legacy is not None else []
