@@ -102,7 +102,7 @@ MODELS: dict[str, tuple[str, str, dict[str, np.ndarray]]] = {
         {"input_values": AUDIO},
     ),
 }
-_OUTPUTS = ("logits", "prediction_logits", "last_hidden_state")
+_OUTPUTS = ("logits", "prediction_logits", "logits_per_image", "last_hidden_state")
 
 
 def _tf_output(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -377,7 +377,9 @@ def test_a_weight_built_twice_with_other_values_is_refused(tmp_path: Path) -> No
     assert "hold different values" in str(error)
 
 
-@pytest.mark.parametrize("composite", ["EncoderDecoderModel", "VisionEncoderDecoderModel"])
+@pytest.mark.parametrize(
+    "composite", ["EncoderDecoderModel", "VisionEncoderDecoderModel", "VisionTextDualEncoderModel"]
+)
 def test_a_composites_parts_load_without_their_main_layer_names(composite: str, tmp_path: Path) -> None:
     """TF files a composite's encoder under its main layer (``encoder/bert/...``, ``encoder/vit/...``), where the
     PyTorch part (a ``BertModel``, ``ViTModel``) holds its tensors at its top: the name its
@@ -387,10 +389,17 @@ def test_a_composites_parts_load_without_their_main_layer_names(composite: str, 
         encoder = transformers.BertConfig(vocab_size=99, **SIZES)
         config: Any = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
         inputs = {"input_ids": IDS, "decoder_input_ids": IDS[:, ::-1].copy()}
-    else:
+    elif composite == "VisionEncoderDecoderModel":
         encoder = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, **SIZES)
         config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
         inputs = {"pixel_values": PIXELS, "decoder_input_ids": IDS}
+    else:  # its own logit_scale, filed under top_level_model_weights as (1,), is the model's () parameter
+        vision = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, **SIZES)
+        text = transformers.BertConfig(vocab_size=99, **SIZES)
+        config = transformers.VisionTextDualEncoderConfig.from_vision_text_configs(
+            vision, text, projection_dim=8
+        )
+        inputs = {**TEXT, "pixel_values": PIXELS}
     model = getattr(transformers, f"TF{composite}")(config)
     model(model.dummy_inputs)
     rng = np.random.default_rng(6)

@@ -168,15 +168,18 @@ def _own_weights(
     rest = []
     for tensor in leftover:
         target = ".".join(torch_path(tensor[len(_TOP) :])) if tensor.startswith(_TOP) else ""
-        if (
-            target
-            and names.get(target) == "parameter"
-            and shapes.get(target) == tuple(source.infos[tensor].shape)
-        ):
-            rules.append(Rule(lead + target, (tensor,), Identity(), f"{source.description} {tensor}"))
+        have, want = tuple(source.infos[tensor].shape), shapes.get(target)
+        if target and names.get(target) == "parameter" and want is not None and _sized_alike(have, want):
+            op = Identity() if have == want else Reshape(have, want)  # axes of size 1 only: (1,) into ()
+            rules.append(Rule(lead + target, (tensor,), op, f"{source.description} {tensor}"))
         else:
             rest.append(tensor)
     return rest
+
+
+def _sized_alike(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Whether two shapes differ in axes of size 1 alone (a TF scalar weight stored as (1,))."""
+    return [d for d in have if d != 1] == [d for d in want if d != 1]
 
 
 def claims(layers: list[Layer], source: Source) -> bool:
@@ -325,7 +328,7 @@ def _op(v: _Variable, owner: nn.Module | None, want: tuple[int, ...] | None) -> 
     if axes is not None:
         ops.append(Transpose(axes))
         shape = tuple(shape[a] for a in axes)
-    if want is not None and shape != want and [d for d in shape if d != 1] == [d for d in want if d != 1]:
+    if want is not None and shape != want and _sized_alike(shape, want):
         ops.append(Reshape(shape, want))
     if not ops:
         return Identity()
