@@ -1229,8 +1229,9 @@ def flax_batchnorm_without_batch_stats(ctx: Ctx) -> None:
     refused(
         lambda: weightport.load(model(), params),
         LoadError,
-        "save the whole variables dict ({'params': ..., 'batch_stats': ...}); only if the Flax model's were "
-        "never updated (both start at mean 0, var 1), pass strict=False",
+        "save the whole variables dict ({'params': ..., 'batch_stats': ...}), or nnx.state(model) whole, not "
+        "its nnx.Param part; only if the Flax model's were never updated (both start at mean 0, var 1), pass "
+        "strict=False",
     )
     module = model()
     quiet(lambda: weightport.load(module, whole))
