@@ -285,9 +285,17 @@ class Prover:
             if call_order_settles
             else f"pass {by_hand}"
         )
+        shapes = {
+            tuple(getattr(getattr(self.slots[j].module, "weight", None), "shape", ())) for j in slot_ids
+        }
+        alike = (
+            "same kind and shape"
+            if len(shapes) == 1
+            else "of one kind, each layer's tensors fitting more than one of these shapes"
+        )
         return (
             f"cannot prove which module each {self.framework} layer fills: the layers {names} and the modules "
-            f"{slots} are interchangeable (same kind and shape), and {why}. Pairing them by declaration order "
+            f"{slots} are interchangeable ({alike}), and {why}. Pairing them by declaration order "
             f"could cross them silently. Fix: {fix}."
         )
 
