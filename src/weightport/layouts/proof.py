@@ -285,12 +285,9 @@ class Prover:
             if call_order_settles
             else f"pass {by_hand}"
         )
-        shapes = {
-            tuple(getattr(getattr(self.slots[j].module, "weight", None), "shape", ())) for j in slot_ids
-        }
         alike = (
             "same kind and shape"
-            if len(shapes) == 1
+            if len({self.slots[j].weight_shape for j in slot_ids}) == 1
             else "of one kind, each layer's tensors fitting more than one of these shapes"
         )
         return (

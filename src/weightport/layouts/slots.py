@@ -139,12 +139,17 @@ class Slot:
             return f"{self.label} ({type(m).__name__}(input_size={m.input_size}, hidden_size={m.hidden_size}){extra})"
         return f"{self.label} ({type(m).__name__})"
 
+    @property
+    def weight_shape(self) -> tuple[int, ...] | None:
+        """The shape of the module's ``weight``, where it has one."""
+        shape = getattr(getattr(self.module, "weight", None), "shape", None)
+        return None if shape is None else tuple(shape)
+
     def describe_with_shape(self) -> str:
         """:meth:`describe` with the weight's shape, which tells two modules of one class apart."""
-        shape = getattr(getattr(self.module, "weight", None), "shape", None)
-        if isinstance(self.module, nn.RNNBase) or shape is None:
+        if isinstance(self.module, nn.RNNBase) or self.weight_shape is None:
             return self.describe()
-        return f"{self.label or '(root)'} ({type(self.module).__name__} {tuple(shape)})"
+        return f"{self.label or '(root)'} ({type(self.module).__name__} {self.weight_shape})"
 
 
 @dataclass(frozen=True)

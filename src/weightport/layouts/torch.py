@@ -143,14 +143,29 @@ def _refuse_other_frameworks(source: Source) -> None:
 _LEGACY_WEIGHT_NORM = ("_g", "_v")
 
 
+def weight_norm_name(name: str) -> str | None:
+    """The name ``torch.nn.utils.parametrizations.weight_norm`` keeps an old weight-norm tensor under
+    (``_g``: ``original0``, ``_v``: ``original1``), or None for a name of no such form. The one home of
+    that fact: the PyTorch, transformers-TF and Flax layouts all accept the old names.
+
+    >>> weight_norm_name("conv.weight_v"), weight_norm_name("weight_g"), weight_norm_name("conv.weight")
+    ('conv.parametrizations.weight.original1', 'parametrizations.weight.original0', None)
+    """
+    path, _, leaf = name.rpartition(".")
+    if not leaf.endswith(_LEGACY_WEIGHT_NORM):
+        return None
+    return (
+        f"{path + '.' if path else ''}parametrizations.{leaf[:-2]}.original{0 if leaf.endswith('_g') else 1}"
+    )
+
+
 def _weight_norm_names(module: torch.nn.Module, legacy: list[str]) -> dict[str, str]:
     """Old weight-norm names -> the parametrization's, where the module has those and not the old ones."""
     module_names = set(module.state_dict(keep_vars=True))
     renamed = {}
     for name in legacy:
-        path, _, leaf = name.rpartition(".")
-        new = f"{path + '.' if path else ''}parametrizations.{leaf[:-2]}.original{0 if leaf.endswith('_g') else 1}"
-        if name not in module_names and new in module_names:
+        new = weight_norm_name(name)
+        if new is not None and name not in module_names and new in module_names:
             renamed[name] = new
     return renamed
 

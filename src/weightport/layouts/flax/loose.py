@@ -30,18 +30,11 @@ from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.flax.facts import FRAMEWORK
 from weightport.layouts.flax.tree import leaves_of, model_tree, name_paths, tree_of
 from weightport.layouts.slots import module_slots
+from weightport.layouts.torch import weight_norm_name
 from weightport.sources.base import Source
 from weightport.transforms import Identity
 
 __all__ = ["loose_rules"]
-
-
-# a weight-normed layer's own params (transformers' FlaxConvWithWeightNorm: weight_v in PyTorch's layout,
-# weight_g its norms) -> where torch.nn.utils.parametrizations.weight_norm keeps them
-_WEIGHT_NORM = {
-    "weight_g": "parametrizations.weight.original0",
-    "weight_v": "parametrizations.weight.original1",
-}
 
 
 def _targets(path: str) -> list[str]:
@@ -49,7 +42,10 @@ def _targets(path: str) -> list[str]:
     a ``weight_g``/``weight_v`` also as the weight-norm parametrization's ``original0``/``original1``."""
     parent, _, leaf = path.rpartition("/")
     parents = [parent.replace("/", "."), *(p for p in name_paths(parent) if "[" not in p)] if parent else [""]
-    leaves = [leaf, *([_WEIGHT_NORM[leaf]] if leaf in _WEIGHT_NORM else [])]
+    # a weight-normed layer's own params (transformers' FlaxConvWithWeightNorm: weight_v in PyTorch's layout,
+    # weight_g its norms) -> where torch.nn.utils.parametrizations.weight_norm keeps them
+    normed = weight_norm_name(leaf) if leaf in ("weight_g", "weight_v") else None
+    leaves = [leaf, *([normed] if normed else [])]
     names = [f"{p}.{x}" if p else x for x in leaves for p in parents]
     return list(dict.fromkeys(names))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["graph_of", "note_padding", "masking_of", "shared_layers", "zero_padding"]
+__all__ = ["graph_of", "note_padding", "maskings", "shared_layers", "zero_padding"]
 
 _Node = tuple[str, dict[str, Any], list[str], tuple[int, ...] | None]
 
@@ -21,16 +21,10 @@ _Node = tuple[str, dict[str, Any], list[str], tuple[int, ...] | None]
 def graph_of(model_config: Any) -> dict[str, _Node]:
     """Layer name -> (class, config, the names of the layers feeding it, its built input shape), for the
     top-level layers of a functional or Sequential model config (Keras 3 and tf.keras forms)."""
-    inner = model_config.get("config") if isinstance(model_config, dict) else None
-    entries = inner.get("layers") if isinstance(inner, dict) else None
-    if not isinstance(entries, list):
-        return {}
-    sequential = model_config.get("class_name") == "Sequential"
+    sequential = isinstance(model_config, dict) and model_config.get("class_name") == "Sequential"
     out: dict[str, _Node] = {}
     previous: list[str] = []
-    for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
-            continue
+    for entry in _entries(model_config):
         cfg = entry["config"]
         name = str(cfg.get("name", entry.get("name", "")))
         inputs = previous if sequential else list(dict.fromkeys(_histories(entry.get("inbound_nodes"))))
@@ -54,15 +48,21 @@ def shared_layers(model_config: Any) -> dict[str, int]:
     ...     {"class_name": "Dense", "config": {"name": "d"}, "inbound_nodes": [{"args": []}, {"args": []}]}]}})
     {'d': 2}
     """
+    out: dict[str, int] = {}
+    for entry in _entries(model_config):
+        nodes = entry.get("inbound_nodes")
+        if isinstance(nodes, list) and len(nodes) > 1:
+            out[str(entry["config"].get("name", ""))] = len(nodes)
+    return out
+
+
+def _entries(model_config: Any) -> list[dict[str, Any]]:
+    """The top-level layer entries of a model config (each a dict with a dict ``config``), in its order."""
     inner = model_config.get("config") if isinstance(model_config, dict) else None
     entries = inner.get("layers") if isinstance(inner, dict) else None
-    out: dict[str, int] = {}
-    for entry in entries if isinstance(entries, list) else []:
-        nodes = entry.get("inbound_nodes") if isinstance(entry, dict) else None
-        config = entry.get("config") if isinstance(entry, dict) else None
-        if isinstance(nodes, list) and len(nodes) > 1 and isinstance(config, dict):
-            out[str(config.get("name", ""))] = len(nodes)
-    return out
+    if not isinstance(entries, list):
+        return []
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("config"), dict)]
 
 
 def _histories(nodes: Any) -> list[str]:
@@ -100,28 +100,37 @@ def note_padding(layer: Any, graph: dict[str, _Node]) -> None:
     layer.padded_by, layer.padding = inputs[0], zero_padding(pad_cfg.get("padding", 1), rank)
 
 
-def masking_of(name: str, graph: dict[str, _Node]) -> str:
-    """The ``Masking`` layer upstream of layer ``name`` (whose mask Keras carries on to it), said with its
-    ``mask_value``; ``""`` where there is none.
+def maskings(graph: dict[str, _Node]) -> dict[str, str]:
+    """Layer name -> the ``Masking`` layer upstream of it (whose mask Keras carries on to it), said with its
+    ``mask_value``; layers with none are left out. One walk over the graph, whatever its order.
 
     >>> g = graph_of({"class_name": "Sequential", "config": {"layers": [
     ...     {"class_name": "Masking", "config": {"name": "m", "mask_value": 0.0}},
     ...     {"class_name": "LSTM", "config": {"name": "lstm"}}]}})
-    >>> masking_of("lstm", g)
-    "Masking 'm' (mask_value=0)"
+    >>> maskings(g)
+    {'lstm': "Masking 'm' (mask_value=0)"}
     """
-    seen: set[str] = set()
-    waiting = list(graph[name][2]) if name in graph else []
-    while waiting:
-        current = waiting.pop()
-        if current in seen or current not in graph:
-            continue
-        seen.add(current)
-        cls, cfg, inputs, _ = graph[current]
-        if cls == "Masking":
-            return f"Masking '{current}' (mask_value={cfg.get('mask_value', 0.0):g})"
-        waiting += inputs
-    return ""
+    masked: dict[str, str] = {}
+    changed = True
+    while (
+        changed
+    ):  # once in a config's own (topological) order; again only for an input listed after its reader
+        changed = False
+        for name, (_, _, inputs, _) in graph.items():
+            if name in masked:
+                continue
+            for source in inputs:
+                cls, cfg, _, _ = graph.get(source, ("", {}, [], None))
+                said = (
+                    f"Masking '{source}' (mask_value={cfg.get('mask_value', 0.0):g})"
+                    if cls == "Masking"
+                    else ""
+                )
+                said = said or masked.get(source, "")
+                if said:
+                    masked[name], changed = said, True
+                    break
+    return masked
 
 
 def zero_padding(value: Any, rank: int) -> tuple[tuple[int, int], ...]:

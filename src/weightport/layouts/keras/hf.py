@@ -64,6 +64,7 @@ from weightport.errors import LayoutError
 from weightport.layouts.base import LayoutPlan, Pairing, Rule
 from weightport.layouts.keras.layers import Layer, inner_layers
 from weightport.layouts.slots import TRANSFORMERS_CONV1D, slot_kind
+from weightport.layouts.torch import weight_norm_name
 from weightport.sources.base import Source
 from weightport.transforms import Chain, Identity, Op, Reshape, Transpose, Zeros
 
@@ -280,13 +281,8 @@ def _parametrized(name: str, names: Mapping[str, str]) -> str:
     >>> _parametrized("conv.weight_v", {"conv.parametrizations.weight.original1": "parameter"})
     'conv.parametrizations.weight.original1'
     """
-    path, _, leaf = name.rpartition(".")
-    if name in names or leaf[-2:] not in ("_g", "_v"):
-        return name
-    new = (
-        f"{path + '.' if path else ''}parametrizations.{leaf[:-2]}.original{0 if leaf.endswith('_g') else 1}"
-    )
-    return new if new in names else name
+    new = weight_norm_name(name)
+    return new if name not in names and new is not None and new in names else name
 
 
 def _hits(module: nn.Module, variables: list[_Variable], main: set[str], mapping: Mapping[str, str]) -> int:

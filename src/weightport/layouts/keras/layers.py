@@ -16,7 +16,7 @@ from typing import Any
 
 from weightport.errors import LayoutError
 from weightport.layouts.keras.einsum import dense_reading
-from weightport.layouts.keras.graph import graph_of, masking_of, note_padding
+from weightport.layouts.keras.graph import graph_of, maskings, note_padding
 from weightport.layouts.slots import LAYER_SCALE
 from weightport.sources.base import Source
 from weightport.sources.keras import snake_case
@@ -185,6 +185,7 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
     if records:
         claimed: set[str] = set()
         graph = graph_of(source.metadata.get("model_config"))
+        masks = maskings(graph)
         for position, rec in enumerate(records):
             path = str(rec.get("path", ""))
             layer = Layer(path, str(rec.get("name") or path), rec.get("class_name"), rec.get("config"))
@@ -192,7 +193,7 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
             layer.unordered = bool(rec.get("unordered"))
             layer.seq, layer.index = ((path,), 0) if layer.unordered else (("model",), position)
             note_padding(layer, graph)
-            layer.masked_by = masking_of(layer.name, graph)
+            layer.masked_by = masks.get(layer.name, "")
             if layer.input_rank is None and isinstance(rec.get("input_shape"), list):  # a live model's
                 layer.input_rank = len(rec["input_shape"])
             if rec.get("weights") is not None:
@@ -213,13 +214,19 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
         if container.rsplit("/", 1)[-1] in ("layers", "_layer_checkpoint_dependencies"):
             m = _KEY.match(key)
             assert m is not None
-            layer.class_name = _CLASS_OF_KEY.get(m["base"]) or UNPORTED.get(m["base"])
+            layer.class_name = _class_of_key(m["base"])
             layer.seq, layer.index = (container, m["base"]), int(m["n"] or 0)
         else:
             layer.seq = (path,)
         _fill(layer, slots)
         layers.append(layer)
     return layers, leftover
+
+
+def _class_of_key(base: str) -> str | None:
+    """The Keras class whose default name (and Keras 3 ``.weights.h5`` key) is ``base``, where it is one this
+    layout knows: ported, preprocessing, or without a rule."""
+    return _CLASS_OF_KEY.get(base) or UNPORTED.get(base)
 
 
 def _gather_attention(parsed: dict[str, dict[str, dict[int, str]]]) -> None:
@@ -516,7 +523,7 @@ def _guess(
     where it is Keras's default name for a class whose variables look like a ported one's: an EinsumDense
     or a PReLU is never guessed; a name such as 'attention' is a user's as often, and decides nothing)."""
     m = _KEY.match(layer.name.rsplit("/", 1)[-1])
-    named = (_CLASS_OF_KEY.get(m["base"]) or UNPORTED.get(m["base"])) if m else None
+    named = _class_of_key(m["base"]) if m else None
     if named in _LOOKS_PORTED:
         return None
     dims = [shapes[t] for t in tensors]
