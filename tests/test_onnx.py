@@ -903,6 +903,21 @@ def test_external_data_inside_the_folder_is_read(tmp_path: Path, rng: np.random.
     assert max_err(lin(torch.from_numpy(x)), run_ort(path, {"X": x})[0]) < TOL
 
 
+@pytest.mark.parametrize("location", ["./w.bin", "data/./w.bin"])
+def test_external_data_at_a_dotted_path_inside_the_folder(
+    tmp_path: Path, rng: np.random.Generator, location: str
+) -> None:
+    """'.' parts stay in the folder (onnxruntime reads them too); '..' is refused below."""
+    path, weight = _external_file(tmp_path, rng, location)
+    target = path.parent / location
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(weight.tobytes())
+    lin = nn.Linear(3, 4, bias=False)
+    weightport.load(lin, path)
+    x = rand(rng, B, 3)
+    assert max_err(lin(torch.from_numpy(x)), run_ort(path, {"X": x})[0]) < TOL
+
+
 @pytest.mark.parametrize("case", ["parent", "absolute", "symlink", "symlinked-folder", "past-end", "length"])
 def test_unsafe_external_data_is_refused(
     tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, case: str

@@ -687,3 +687,41 @@ def test_a_weight_the_graph_computes_from_the_parameter_loads_by_its_name(tmp_pa
         weightport.load(model, path, example_inputs=x)
     (expected,) = run_ort(path, {_input_name(path): x.numpy()})
     np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)
+
+
+class _AsIs(_Transposed):
+    """The same model with the weight used as it is, through F.linear in the parent's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.a(x).relu(), self.b.weight, self.b.bias)
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("build", [_Transposed, _AsIs])
+def test_a_square_weight_a_parent_applies_reads_two_ways_without_example_inputs(
+    tmp_path: Path, build: type[nn.Module], rank: int
+) -> None:
+    """The dynamo exporter records that the node ran in the parent's forward and stores the matrix as a
+    constant of its own ('t', 'val_2') for F.linear(x, b.weight) and F.linear(x, b.weight.t()) alike:
+    square, it reads two ways, so it is refused; example_inputs= shows which, and the load gives
+    onnxruntime's outputs (or is refused where the forward transposes the weight)."""
+    x = torch.randn(*([2] * (rank - 1)), 4)
+    path = _onnx(build(), x, tmp_path / "m.onnx", dynamo=True)
+    model = _noisy(build(), 1)
+    before = snapshot(model)
+    if build is _AsIs and rank == 2:  # a Gemm reads the weight as it is: the exporter keeps its name
+        weightport.load(model, path)
+        (expected,) = run_ort(path, {_input_name(path): x.numpy()})
+        np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)
+        return
+    with pytest.raises(LayoutError, match=r"ran in the model's own forward, not in 'b'.*reads two ways"):
+        weightport.load(model, path)
+    assert snapshot(model) == before
+    if build is _Transposed:
+        with pytest.raises(LayoutError, match="takes no layer by structure"):
+            weightport.load(model, path, example_inputs=x)
+        assert snapshot(model) == before
+        return
+    weightport.load(model, path, example_inputs=x)
+    (expected,) = run_ort(path, {_input_name(path): x.numpy()})
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)

@@ -279,7 +279,7 @@ def _external(source: OnnxSource, info: TensorInfo, tensor: Any, sizes: dict[str
             f"{where}: tensor '{info.name}' has external offset/length that are not integers "
             f"({entries.get('offset')!r}, {entries.get('length')!r}); the file is corrupt. Fix: re-export it."
         ) from None
-    _check_location(where, info.name, location)
+    location = _check_location(where, info.name, location)
     if length != info.nbytes:
         raise SourceError(
             f"{where}: tensor '{info.name}' declares shape {info.shape} of {info.dtype.name} ({info.nbytes} bytes) "
@@ -295,15 +295,16 @@ def _external(source: OnnxSource, info: TensorInfo, tensor: Any, sizes: dict[str
     return _External(location, offset, length)
 
 
-def _check_location(where: str, name: str, location: str) -> None:
-    parts = location.split("/")
+def _check_location(where: str, name: str, location: str) -> str:
+    """``location`` without its ``.`` parts (``./w.bin``: ``w.bin``), where it stays inside the folder."""
+    parts = [part for part in location.split("/") if part != "."]
     unsafe = (
-        not location
+        not parts
         or "\\" in location
         or "\x00" in location
         or PurePosixPath(location).is_absolute()
         or bool(PureWindowsPath(location).drive)
-        or any(part in ("", ".", "..") for part in parts)
+        or any(part in ("", "..") for part in parts)
     )
     if unsafe:
         raise SourceError(
@@ -311,6 +312,7 @@ def _check_location(where: str, name: str, location: str) -> None:
             "relative path inside the model's folder (no '..', no absolute path, no empty part); weightport "
             "does not follow it. Fix: keep the data file next to the model and re-save it with a plain name."
         )
+    return "/".join(parts)
 
 
 def _open_inside(folder: Path, location: str, where: str, name: str) -> int:

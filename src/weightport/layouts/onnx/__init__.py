@@ -101,11 +101,12 @@ from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.onnx.arrays import export, nodes_from_keys
 from weightport.layouts.onnx.attention import explain_unnamed_attention, named_parameter_rules
 from weightport.layouts.onnx.folding import FOLDS_INTO, fold_rules, followers, statistics_note
-from weightport.layouts.onnx.graph import Layer, read_nodes, weight_names
+from weightport.layouts.onnx.graph import Graph, Layer, read_nodes, weight_names
 from weightport.layouts.onnx.hints import explain_unrolled_recurrence, loop_hints, unmapped_hints
 from weightport.layouts.onnx.issues import Issues
-from weightport.layouts.onnx.layers import find_layers, named_path
+from weightport.layouts.onnx.layers import find_layers, named_path, owner_path
 from weightport.layouts.onnx.rules import layer_rules
+from weightport.layouts.onnx.runtime import refuse_runtime_graphs
 from weightport.layouts.onnx.shared import shared_rules
 from weightport.layouts.pairing import (
     Paired,
@@ -154,6 +155,7 @@ def plan(
             "plain arrays carry no graph, so they are taken to match the module"
         ]
     validated: set[str] = set()
+    refuse_runtime_graphs(nodes, Graph.of(nodes, source), source.description)
     layers, by_name = _not_layers(module, find_layers(nodes, source, issues, validated), source)
     issues.raise_if_any(target)
     wanted = [
@@ -161,7 +163,7 @@ def plan(
             lay.node.label,
             lay.kind,
             lay.detail,
-            named_path(lay),
+            named_path(lay, call_order.changes if call_order is not None else lambda path: False),
             order=None if lay.node.synthetic else ("graph", lay.node.index),  # nodes are in topological order
         )
         for lay in layers
@@ -203,11 +205,23 @@ def plan(
     own_names = frozenset(name for name, _ in module.named_parameters()) | frozenset(
         n for n, _ in module.named_buffers()
     )
+
+    def uses(path: str) -> bool | None:
+        return None if call_order is None else call_order.changes(path)
+
     for layer, pair in zip(layers, paired):
         bn, how = follow.get(pair.slot.label, (None, "")) if layer.kind in FOLDS_INTO else (None, "")
         bn = bn if bn is not None and bn.label not in taken else None
         rules += layer_rules(
-            layer, pair, source, issues, validated, unchecked, folds=bn is not None, named=own_names
+            layer,
+            pair,
+            source,
+            issues,
+            validated,
+            unchecked,
+            folds=bn is not None,
+            named=own_names,
+            uses=uses,
         )
         if bn is not None:
             more, pairing = fold_rules(layer, pair, bn, how, source, issues)
@@ -221,14 +235,16 @@ def plan(
         wanted,
         rules,
         fits,
-        lambda i, pair: layer_rules(layers[i], pair, source, issues, validated, unchecked, named=own_names),
+        lambda i, pair: layer_rules(
+            layers[i], pair, source, issues, validated, unchecked, named=own_names, uses=uses
+        ),
     )
     rules, pairings = rules + more, pairings + shared
     issues.raise_if_any(target)
     if folded:
         unchecked.append(statistics_note(folded))
     if call_order is None:
-        unchecked += _own_forwards(paired)
+        unchecked += _own_forwards(layers, paired)
     used = {s for rule in rules for s in rule.sources} | validated
     hints = loop_hints(module, layers, nodes, source) if "nodes" in source.metadata else {}
     if "nodes" in source.metadata:
@@ -279,16 +295,18 @@ def _not_layers(module: nn.Module, layers: list[Layer], source: Source) -> tuple
     return kept, rules
 
 
-def _own_forwards(paired: list[Paired]) -> list[str]:
-    """A note for modules paired by structure whose class overrides its PyTorch layer's ``forward``: if that
-    forward changes the weight before use (standardizes or scales it), the exporter folded the change into
-    the stored constant, and the module applies it again; ``example_inputs=`` has that checked."""
+def _own_forwards(layers: list[Layer], paired: list[Paired]) -> list[str]:
+    """A note for modules paired by structure (or by the module a node ran in) whose class overrides its
+    PyTorch layer's ``forward``: if that forward changes the weight before use (standardizes or scales it),
+    the exporter folded the change into the stored constant, and the module applies it again;
+    ``example_inputs=`` has that checked."""
     own = []
-    for pair in paired:
+    for layer, pair in zip(layers, paired):
         module = pair.slot.module
         base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.")), None)
         if (
-            pair.how.startswith(("by name", "mapping="))
+            pair.how.startswith("mapping=")
+            or (pair.how.startswith("by name") and owner_path(layer))
             or base is None
             or type(module).forward is getattr(base, "forward", None)
         ):

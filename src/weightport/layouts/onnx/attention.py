@@ -201,7 +201,9 @@ def _has(module: nn.Module, param: str) -> bool:
 def named_parameter_rules(
     module: nn.Module, source: Source, used: set[str], filled: set[str], unchecked: list[str]
 ) -> tuple[list[Rule], list[Pairing], dict[str, str]]:
-    """Rules for the parameters of modules of no known kind from initializers of their exact names and shapes;
+    """Rules for the parameters and buffers of modules of no known kind from initializers of their exact names
+    and shapes (a buffer registered with ``persistent=False``, which the exporter stores where the forward
+    reads it, too);
     the pairings to report; and, for those with none, why (module path -> hint).
 
     A module of a known kind that no node filled (``filled``: the targets of the rules so far) takes its
@@ -218,7 +220,9 @@ def named_parameter_rules(
                 _known_by_name(slot, source, used, filled, rules, pairings, unchecked)
             continue
         lacking: list[tuple[str, tuple[int, ...]]] = []
-        for param, tensor in slot.module.named_parameters(recurse=False):
+        own = [(name, tensor, False) for name, tensor in slot.module.named_parameters(recurse=False)]
+        own += [(name, tensor, True) for name, tensor in slot.module.named_buffers(recurse=False)]
+        for param, tensor, buffer in own:
             full = slot.name(param)
             info = source.infos.get(full)
             if info is not None and tuple(info.shape) == tuple(tensor.shape) and full not in used:
@@ -229,11 +233,12 @@ def named_parameter_rules(
                         "ONNX initializer",
                         full,
                         type(slot.module).__name__,
-                        "by name (the initializer is the parameter)",
+                        f"by name (the initializer is the {'buffer' if buffer else 'parameter'})",
                     )
                 )
                 continue
-            lacking.append((full, tuple(tensor.shape)))
+            if not buffer:  # a buffer the file lacks keeps the module's value (or is reported by the plan)
+                lacking.append((full, tuple(tensor.shape)))
         if lacking:
             shapes = {shape for _, shape in lacking}
             alike = [n for n, i in source.infos.items() if tuple(i.shape) in shapes and n not in used]

@@ -3,6 +3,7 @@ BatchNormalization, LayerNormalization) as one :class:`~weightport.layouts.onnx.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
 from weightport.transforms import Identity, Op, Reshape, Transpose
 
-__all__ = ["find_layers", "named_path"]
+__all__ = ["find_layers", "named_path", "owner_path"]
 
 
 def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: set[str]) -> list[Layer]:
@@ -111,16 +112,28 @@ def _same_values(layer: Layer, other: Layer, source: Source) -> bool:
     return True
 
 
-def named_path(layer: Layer) -> tuple[str, ...]:
+def owner_path(layer: Layer) -> str:
     """The module path a layer's stored tensors name, where they all share one (``head.weight``, ``head.bias``:
     ``head``, as torch.onnx.export keeps parameter names; a tensor read through an Identity named as the
-    node's own parameter by that name); synthetic names (``onnx::LSTM_201``) name none; an attention
-    layer's is the one its in_proj and out_proj names prove."""
+    node's own parameter by that name); synthetic names (``onnx::LSTM_201``) name none (``""``); an
+    attention layer's is the one its in_proj and out_proj names prove."""
     if layer.owner is not None:
-        return (layer.owner,) if layer.owner else ()
+        return layer.owner
     owners = {layer.aliases.get(role, name).rpartition(".")[0] for role, name in layer.tensors.items()}
     (owner,) = owners if len(owners) == 1 else ("",)
-    return (owner,) if owner and ":" not in owner else ()
+    return owner if ":" not in owner else ""
+
+
+def named_path(layer: Layer, changes: Callable[[str], bool] = lambda path: False) -> tuple[str, ...]:
+    """The module path a layer's names give: :func:`owner_path`, else (the dynamo exporter stores a weight it
+    transposed for a MatMul as ``val_12``) the module the exporter records the node ran in (a parent's,
+    where its forward calls ``F.linear`` itself, pairs with no layer), unless ``changes(path)``: its forward
+    changes its own weight first (``example_inputs=`` shows it), so the stored tensor is what it made of it."""
+    owner = owner_path(layer)
+    if owner or layer.owner is not None:
+        return (owner,) if owner else ()
+    ran_in = layer.node.module
+    return (ran_in,) if ran_in and not changes(ran_in) else ()
 
 
 def _stored_inputs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,18 +42,21 @@ def layer_rules(
     *,
     folds: bool = False,
     named: frozenset[str] = frozenset(),
+    uses: Callable[[str], bool | None] | None = None,
 ) -> list[Rule]:
     """The rules of ``layer`` in its slot; ``folds``: a BatchNorm the exporter folded into this Conv or Linear
     follows it in the model, and takes the bias where the module has none (see :mod:`.folding`); ``named``:
     the model's tensor names (a tensor added after a layer without bias that bears one of them is the
-    model's own, placed by that name)."""
+    model's own, placed by that name); ``uses(path)``: whether the model's forward changes module ``path``'s
+    own tensors before use (None: not known, without ``example_inputs=``; no ``uses``: not asked, as when
+    trying which slots a layer fits)."""
     if layer.kind in RNN_KINDS:
         return _recurrent_rules(layer, pair, source, issues, validated)
     if layer.node.op_type in NORMS:
         return _norm_rules(layer, pair, source, issues, validated)
     if layer.kind == ATTENTION:
         return attention_rules(layer, pair, source, issues, validated, unchecked)
-    return _plain_rules(layer, pair, source, issues, validated, unchecked, folds, named)
+    return _plain_rules(layer, pair, source, issues, validated, unchecked, folds, named, uses)
 
 
 def _origin(source: Source, layer: Layer, role: str, name: str) -> str:
@@ -138,6 +142,7 @@ def _plain_rules(
     unchecked: list[str],
     folds: bool = False,
     named: frozenset[str] = frozenset(),
+    uses: Callable[[str], bool | None] | None = None,
 ) -> list[Rule]:
     slot, node = pair.slot, layer.node
     module: Any = slot.module
@@ -155,6 +160,30 @@ def _plain_rules(
             "Either reading loads, and they differ. Fix: if the model is the one exported, load the stored "
             "tensors by name: weightport.load(model, weightport.open_source(path), layout='torch'); "
             "otherwise rename the tensor in the file, or pass mapping= with a model that computes the node.",
+        )
+        return []
+    changed = uses(slot.path) if uses is not None else False
+    if changed is not False and _applied_elsewhere(layer, pair, source):
+        where = f"'{node.module}'" if node.module else "the model's own forward"
+        name = slot.path.rpartition(".")[2]
+        if changed:
+            why = (
+                "example_inputs= showed that forward changes it before use. Fix: re-export with dynamo=True, "
+                "optimize=False, which keeps the parameter under its own name"
+            )
+        else:
+            why = (
+                "the file does not say which. Fix: pass example_inputs= (inputs for one forward pass, run on "
+                "meta tensors: it shows whether the forward uses the weight as it is), or re-export with "
+                "dynamo=True, optimize=False, which keeps the parameter under its own name"
+            )
+        issues.add(
+            node,
+            f"ran in {where}, not in '{slot.label}' (the exporter records it): that forward applies "
+            f"'{slot.label}'s weight itself (F.linear(x, self.{name}.weight, ...)), and the exporter stored the "
+            f"matrix it multiplies by as '{weight}', a tensor it computed, without the parameter's name. "
+            f"Square {source.infos[weight].shape}, it reads two ways that both load and differ: the weight as "
+            f"it is, or its transpose (F.linear(x, self.{name}.weight.t())); {why}.",
         )
         return []
     rules = [
@@ -199,6 +228,19 @@ def _plain_rules(
             )
         )
     return rules
+
+
+def _applied_elsewhere(layer: Layer, pair: Paired, source: Source) -> bool:
+    """Whether a Linear's square weight is a tensor the dynamo exporter computed for a node that ran outside
+    the module (a parent's ``F.linear(x, self.fc.weight.t())`` and ``F.linear(x, self.fc.weight)`` store it
+    alike, unnamed: the one layout cannot be told from its transpose)."""
+    node, slot, weight = layer.node, pair.slot, layer.tensors["weight"]
+    if layer.kind != "Linear" or node.module is None or node.module == slot.path:
+        return False  # the module's own forward (or no record of where the node ran)
+    if layer.aliases.get("weight", weight) == slot.name("weight"):
+        return False  # read by the parameter's own name: the parameter as it is
+    shape = source.infos[weight].shape
+    return len(shape) == 2 and shape[0] == shape[1]
 
 
 def _norm_rules(

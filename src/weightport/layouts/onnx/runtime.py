@@ -1,0 +1,68 @@
+"""Graphs a runtime rewrote for its own kernels: quantized weights, and onnxruntime's fused contrib ops.
+
+Such a file holds what the runtime computes with, not the model's parameters: int8 weights with their
+scales (``quantize_dynamic``, ``quantize_static``), or a bias moved into a fused node (``BiasGelu``,
+``SkipLayerNormalization``, ``FusedConv``: onnxruntime's optimizer writes them at
+``ORT_ENABLE_EXTENDED`` and above). weightport moves values and never dequantizes, and reads the
+standard operators only: a Linear read from the bare ``MatMul`` would take no bias, so the file is
+refused as a whole, with what it holds and the file to load instead.
+
+>>> from weightport.layouts.onnx.graph import Node
+>>> _rewritten(Node(0, "com.microsoft.BiasGelu", "g", ("h", "fc1.bias"), ("y",), {}), ["fc1.bias"])
+'contrib'
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from weightport.errors import UnsupportedConfigError
+from weightport.layouts.onnx.graph import Graph, Node
+
+__all__ = ["refuse_runtime_graphs"]
+
+# the standard operators that compute with quantized tensors
+QUANTIZED = frozenset(
+    {
+        "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "DequantizeLinear", "QuantizeLinear",
+        "DynamicQuantizeLinear",
+    }
+)  # fmt: skip
+
+
+def _rewritten(node: Node, stored: Iterable[str]) -> str | None:
+    """``"quantized"`` or ``"contrib"`` where ``node`` computes with stored tensors in a runtime's own form."""
+    if not any(stored):
+        return None
+    if node.op_type in QUANTIZED or node.op_type.startswith("com.microsoft.Q"):
+        return "quantized"
+    if "." in node.op_type:  # an operator of a domain other than ONNX's own
+        return "contrib"
+    return None
+
+
+def refuse_runtime_graphs(nodes: list[Node], graph: Graph, where: str) -> None:
+    """Raise UnsupportedConfigError where nodes compute with stored tensors in a runtime's own form."""
+    found: dict[str, Counter[str]] = {"quantized": Counter(), "contrib": Counter()}
+    for node in nodes:
+        kind = _rewritten(node, [s for s in (graph.stored(n) for n in node.inputs) if s])
+        if kind is not None:
+            found[kind][node.op_type] += 1
+    if not any(found.values()):
+        return
+    ops = ", ".join(f"{op} x{n}" for counts in found.values() for op, n in sorted(counts.items()))
+    if found["quantized"]:
+        raise UnsupportedConfigError(
+            f"{where} is quantized: its nodes compute with integer weights and their scales ({ops}), as "
+            "onnxruntime.quantization writes them; weightport moves values and never dequantizes, and a "
+            "PyTorch model of the same layers holds floats. Fix: load the float model's file (the one that "
+            "was quantized), or, for a quantized PyTorch model, quantize it after loading the float weights."
+        )
+    raise UnsupportedConfigError(
+        f"{where} holds operators of a runtime's own ({ops}): onnxruntime's optimizer writes them at "
+        "graph_optimization_level ORT_ENABLE_EXTENDED and above, moving a layer's bias or a folded "
+        "BatchNorm into a fused node, which no PyTorch module's tensors are. weightport reads the standard "
+        "ONNX operators only. Fix: load the file as the exporter wrote it (before optimization), or one "
+        "saved with ORT_ENABLE_BASIC, which keeps the standard operators."
+    )
