@@ -149,3 +149,35 @@ def test_a_parameter_the_forward_reshapes_is_refused_with_the_export_that_keeps_
     weightport.load(module, tmp_path / "kept.onnx", example_inputs=(x,))
     with torch.no_grad():
         np.testing.assert_allclose(module(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+class QkvBias(nn.Module):
+    """timm EVA's attention: a bias-free qkv Linear applied with a bias joined from q_bias, a zero k_bias
+    buffer and v_bias; and a buffer no checkpoint keeps (registered with persistent=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24, bias=False), nn.Linear(8, 8)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+        self.register_buffer("k_bias", torch.zeros(8), persistent=False)
+        self.register_buffer("offset", torch.randn(8), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        q, k, v = F.linear(x + self.offset, self.qkv.weight, bias).chunk(3, dim=-1)
+        return self.proj(q * k + v)
+
+
+def test_a_bias_the_forward_joins_loads_from_the_export_that_keeps_its_parts(tmp_path: Path) -> None:
+    """The default dynamo export stores only the joined bias: refused, naming the module whose forward made
+    it and the export that keeps its parts, which loads (the buffers by their names) as onnxruntime computes."""
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 5, 8)).astype(np.float32))
+    export(QkvBias(), x, tmp_path / "joined.onnx", dynamo=True)
+    with pytest.raises(weightport.LayoutError, match=r"adds a bias '\w+' that 'qkv' \(built with bias=False\)"):
+        weightport.load(QkvBias(), tmp_path / "joined.onnx", example_inputs=(x,))
+    expected = export(QkvBias(), x, tmp_path / "kept.onnx", dynamo=True, optimize=False)
+    torch.manual_seed(1)
+    module = QkvBias().eval()  # another random offset: the file's is the one the graph computes with
+    weightport.load(module, tmp_path / "kept.onnx", example_inputs=(x,))
+    with torch.no_grad():
+        np.testing.assert_allclose(module(x).numpy(), expected, rtol=1e-5, atol=1e-5)

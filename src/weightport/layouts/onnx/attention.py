@@ -201,10 +201,10 @@ def _has(module: nn.Module, param: str) -> bool:
 def named_parameter_rules(
     module: nn.Module, source: Source, used: set[str], filled: set[str], unchecked: list[str]
 ) -> tuple[list[Rule], list[Pairing], dict[str, str]]:
-    """Rules for the parameters and buffers of modules of no known kind from initializers of their exact names
-    and shapes (a buffer registered with ``persistent=False``, which the exporter stores where the forward
-    reads it, too);
-    the pairings to report; and, for those with none, why (module path -> hint).
+    """Rules for the parameters of modules of no known kind, and for any buffer no rule fills (one registered
+    with ``persistent=False`` too, which the exporter stores where the forward reads it), from initializers of
+    their exact names and shapes; the pairings to report; and, for parameters with none, why (module path ->
+    hint).
 
     A module of a known kind that no node filled (``filled``: the targets of the rules so far) takes its
     parameters the same way where the graph holds every one of them under its name and shape, unread by
@@ -220,9 +220,7 @@ def named_parameter_rules(
                 _known_by_name(slot, source, used, filled, rules, pairings, unchecked)
             continue
         lacking: list[tuple[str, tuple[int, ...]]] = []
-        own = [(name, tensor, False) for name, tensor in slot.module.named_parameters(recurse=False)]
-        own += [(name, tensor, True) for name, tensor in slot.module.named_buffers(recurse=False)]
-        for param, tensor, buffer in own:
+        for param, tensor in slot.module.named_parameters(recurse=False):
             full = slot.name(param)
             info = source.infos.get(full)
             if info is not None and tuple(info.shape) == tuple(tensor.shape) and full not in used:
@@ -233,12 +231,11 @@ def named_parameter_rules(
                         "ONNX initializer",
                         full,
                         type(slot.module).__name__,
-                        f"by name (the initializer is the {'buffer' if buffer else 'parameter'})",
+                        "by name (the initializer is the parameter)",
                     )
                 )
                 continue
-            if not buffer:  # a buffer the file lacks keeps the module's value (or is reported by the plan)
-                lacking.append((full, tuple(tensor.shape)))
+            lacking.append((full, tuple(tensor.shape)))
         if lacking:
             shapes = {shape for _, shape in lacking}
             alike = [n for n, i in source.infos.items() if tuple(i.shape) in shapes and n not in used]
@@ -252,6 +249,21 @@ def named_parameter_rules(
                 "so that the parameter stays under its name (torch.onnx.export(dynamo=True, optimize=False), or "
                 "with a dynamic batch axis where the forward expands it to the batch; or dynamo=False with "
                 "do_constant_folding=False), or load the PyTorch weights themselves"
+            )
+    taken = filled | {rule.target for rule in rules}
+    for full, tensor in module.named_buffers():
+        info = source.infos.get(full)
+        if info is not None and tuple(info.shape) == tuple(tensor.shape) and full not in used | taken:
+            rules.append(Rule(full, (full,), Identity(), f"{source.description} initializer '{full}'"))
+            owner = module.get_submodule(full.rpartition(".")[0]) if "." in full else module
+            pairings.append(
+                Pairing(
+                    full,
+                    "ONNX initializer",
+                    full,
+                    type(owner).__name__,
+                    "by name (the initializer is the buffer)",
+                )
             )
     return rules, pairings, hints
 

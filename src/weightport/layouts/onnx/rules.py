@@ -203,6 +203,16 @@ def _plain_rules(
             pass  # the BatchNorm after it adds the bias (folding.fold_rules)
         elif all_zero(source, bias):
             validated.add(bias)
+        elif node.module is not None and node.module != slot.path:
+            where = f"'{node.module}'" if node.module else "the model's own forward"
+            issues.add(
+                node,
+                f"adds a bias '{bias}' that '{slot.label}' (built with bias=False) does not hold: the node ran in "
+                f"{where} (the exporter records it), whose forward applies '{slot.label}'s weight with a bias "
+                "of its own making (timm's EVA joins q_bias, zeros and v_bias), stored here only as the computed "
+                f"'{bias}'. Fix: re-export with dynamo=True, optimize=False, which keeps the tensors it is made "
+                "from under their names.",
+            )
         else:
             issues.add(
                 node,
