@@ -725,3 +725,43 @@ def test_a_square_weight_a_parent_applies_reads_two_ways_without_example_inputs(
     weightport.load(model, path, example_inputs=x)
     (expected,) = run_ort(path, {_input_name(path): x.numpy()})
     np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)
+
+
+class _FunctionalAttention(nn.Module):
+    """torchvision Swin's way: the block's forward applies its children's weights through F.linear."""
+
+    def __init__(self, transposed: bool = False) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.transposed = nn.Linear(4, 12), nn.Linear(4, 4), transposed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = nn.functional.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        proj = self.proj.weight.t() if self.transposed else self.proj.weight
+        return x + nn.functional.linear(q.sigmoid() * k + v, proj, self.proj.bias)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_layers_a_block_applies_itself_pair_inside_it(tmp_path: Path, transposed: bool) -> None:
+    """The dynamo exporter records each MatMul ran in 'blocks.N' (no child module ran): each takes the one
+    module inside its block that fits. The square proj reads two ways, so example_inputs= is needed, which
+    also refuses the forward that transposes it."""
+    x = torch.randn(2, 3, 4)
+
+    def build() -> nn.Module:
+        return nn.Sequential(*(_FunctionalAttention(transposed) for _ in range(2)))
+
+    path = _onnx(build(), x, tmp_path / "m.onnx", dynamo=True)
+    model = _noisy(build(), 1)
+    before = snapshot(model)
+    with pytest.raises(LayoutError, match=r"ran in '0', not in '0.proj'.*Fix: pass example_inputs="):
+        weightport.load(model, path)
+    assert snapshot(model) == before
+    if transposed:
+        with pytest.raises(LayoutError):
+            weightport.load(model, path, example_inputs=x)
+        assert snapshot(model) == before
+        return
+    report = weightport.load(model, path, example_inputs=x)
+    assert any("by the module it ran in ('1')" in p.how for p in report.pairings)
+    (expected,) = run_ort(path, {_input_name(path): x.numpy()})
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)

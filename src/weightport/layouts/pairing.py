@@ -246,6 +246,10 @@ def pair_layers(
             )
         if inside:
             _pair_by_name(layers, slots, result, taken, inside[0])
+    changed = (
+        call_order.changes if call_order is not None and folded_constants else lambda path: False
+    )  # as the proof: a module whose forward changes its weight takes no layer by structure
+    _pair_within(layers, [s for s in slots if not (s.path and changed(s.path))], result, taken, fits)
     Prover(
         model,
         layers,
@@ -299,6 +303,39 @@ def _pair_by_name(
                 taken.add(found[0].label)
                 result[i] = Paired(layer, found[0], how)
                 break
+
+
+def _pair_within(
+    layers: list[SourceLayer],
+    slots: list[Slot],
+    result: dict[int, Paired],
+    taken: set[str],
+    fits: Fits | None,
+) -> None:
+    """A layer the source records running in module ``m`` (whose forward applies a child's weight itself:
+    ``F.linear(x, self.proj.weight)``) takes the one free slot inside ``m`` it fits, where no other such
+    layer could take that slot."""
+    wanted: dict[str, list[int]] = {}
+    for i, layer in enumerate(layers):
+        if i in result or not layer.within:
+            continue
+        inside = [
+            slot
+            for slot in slots
+            if slot.path.startswith(layer.within + ".")
+            and slot.label not in taken
+            and slot.kind == layer.kind
+            and (fits is None or fits(i, slot))
+        ]
+        if len(inside) == 1:
+            wanted.setdefault(inside[0].label, []).append(i)
+    by_label = {slot.label: slot for slot in slots}
+    for label, takers in wanted.items():
+        if len(takers) == 1:
+            (i,) = takers
+            taken.add(label)
+            how = f"by the module it ran in ('{layers[i].within}'), the one inside it that fits"
+            result[i] = Paired(layers[i], by_label[label], how)
 
 
 def _wrapped_scopes(layers: list[SourceLayer], slots: list[Slot]) -> list[str]:

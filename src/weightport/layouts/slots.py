@@ -168,6 +168,9 @@ class SourceLayer:
     paths: tuple[str, ...] = ()  # module paths the source's own names suggest (besides ``name`` itself)
     order: tuple[Hashable, int | tuple[int, ...]] | None = None
     unordered: str = ""  # where ``order`` is None though the source numbers the layer: why
+    # the module the source records the layer ran in, where that is no slot of the layer's kind (a parent
+    # whose forward applies a child's weight itself: the dynamo exporter's name scopes)
+    within: str = ""
 
 
 @dataclass(frozen=True)

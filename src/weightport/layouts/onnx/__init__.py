@@ -165,6 +165,7 @@ def plan(
             lay.detail,
             named_path(lay, call_order.changes if call_order is not None else lambda path: False),
             order=None if lay.node.synthetic else ("graph", lay.node.index),  # nodes are in topological order
+            within=lay.node.module or "",
         )
         for lay in layers
     ]
