@@ -765,3 +765,32 @@ def test_layers_a_block_applies_itself_pair_inside_it(tmp_path: Path, transposed
     assert any("by the module it ran in ('1')" in p.how for p in report.pairings)
     (expected,) = run_ort(path, {_input_name(path): x.numpy()})
     np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)
+
+
+class _Qkv(nn.Module):
+    """Three projections of one shape run side by side: no order tells them apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key, self.value, self.out = (nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        return self.out(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
+
+
+def test_the_legacy_exporters_node_names_pair_layers_by_the_modules_they_spell(tmp_path: Path) -> None:
+    """On a 3-D input torch.onnx.export(dynamo=False) stores each weight transposed under a name of its own
+    ('onnx::MatMul_12'), but names each node by the modules it ran in ('/query/MatMul'): those pair the
+    parallel projections, and the load gives onnxruntime's outputs."""
+    x = torch.randn(2, 3, 4)
+    path = _onnx(_Qkv(), x, tmp_path / "m.onnx", dynamo=False)
+    assert not any(i.name.endswith(".weight") for i in onnx.load(str(path)).graph.initializer)
+    model = _noisy(_Qkv(), 1)
+    report = weightport.load(model, path)
+    assert {p.module_path: p.how for p in report.pairings if p.module_path in ("query", "key")} == {
+        "query": "by name",
+        "key": "by name",
+    }
+    (expected,) = run_ort(path, {_input_name(path): x.numpy()})
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)

@@ -104,7 +104,7 @@ from weightport.layouts.onnx.folding import FOLDS_INTO, fold_rules, followers, s
 from weightport.layouts.onnx.graph import Graph, Layer, read_nodes, weight_names
 from weightport.layouts.onnx.hints import explain_unrolled_recurrence, loop_hints, unmapped_hints
 from weightport.layouts.onnx.issues import Issues
-from weightport.layouts.onnx.layers import find_layers, named_path, owner_path
+from weightport.layouts.onnx.layers import find_layers, named_path, owner_path, ran_in_module
 from weightport.layouts.onnx.rules import layer_rules
 from weightport.layouts.onnx.runtime import refuse_runtime_graphs
 from weightport.layouts.onnx.shared import shared_rules
@@ -165,7 +165,7 @@ def plan(
             lay.detail,
             named_path(lay, call_order.changes if call_order is not None else lambda path: False),
             order=None if lay.node.synthetic else ("graph", lay.node.index),  # nodes are in topological order
-            within=lay.node.module or "",
+            within=ran_in_module(lay),
         )
         for lay in layers
     ]

@@ -218,6 +218,10 @@ def named_parameter_rules(
         if not slot.kind.startswith("other:"):
             if slot.layer is None:
                 _known_by_name(slot, source, used, filled, rules, pairings, unchecked)
+                own = [(slot.name(p), tuple(t.shape)) for p, t in slot.module.named_parameters(recurse=False)]
+                ruled = filled | {rule.target for rule in rules}
+                if own and not any(name in ruled or name in source.infos for name, _ in own):
+                    hints[slot.path] = _folded_hint(own, source, used, "no node applies it and ")
             continue
         lacking: list[tuple[str, tuple[int, ...]]] = []
         for param, tensor in slot.module.named_parameters(recurse=False):
@@ -237,19 +241,7 @@ def named_parameter_rules(
                 continue
             lacking.append((full, tuple(tensor.shape)))
         if lacking:
-            shapes = {shape for _, shape in lacking}
-            alike = [n for n, i in source.infos.items() if tuple(i.shape) in shapes and n not in used]
-            named = " or ".join(f"'{full}' {shape}" for full, shape in lacking)
-            hints[slot.path] = (
-                f"the graph has no initializer named {named}: the exporter computed the parameter into another "
-                "constant (constant folding stores what the forward made of it: Expand(class_token) under "
-                "torch.onnx.export(dynamo=True) with a fixed batch size, a view or reshape of it, "
-                f"gamma.reshape(1, -1, 1, 1) of a layer scale); unread initializers of its shape: "
-                f"{', '.join(repr(n) for n in alike[:4]) or 'none'}, and nothing proves which is it. Fix: export "
-                "so that the parameter stays under its name (torch.onnx.export(dynamo=True, optimize=False), or "
-                "with a dynamic batch axis where the forward expands it to the batch; or dynamo=False with "
-                "do_constant_folding=False), or load the PyTorch weights themselves"
-            )
+            hints[slot.path] = _folded_hint(lacking, source, used)
     taken = filled | {rule.target for rule in rules}
     for full, tensor in module.named_buffers():
         info = source.infos.get(full)
@@ -266,6 +258,30 @@ def named_parameter_rules(
                 )
             )
     return rules, pairings, hints
+
+
+def _folded_hint(
+    lacking: list[tuple[str, tuple[int, ...]]], source: Source, used: set[str], what: str = ""
+) -> str:
+    """Why parameters have no initializer of their names: the exporter folded what the forward made of them."""
+    shapes = {shape for _, shape in lacking}
+    alike = [n for n, i in source.infos.items() if tuple(i.shape) in shapes and n not in used]
+    named = " or ".join(f"'{full}' {shape}" for full, shape in lacking)
+    seen = (
+        f"unread initializers of its shape: {', '.join(repr(n) for n in alike[:4])}, and nothing proves which is it"
+        if alike
+        else "no unread initializer has its shape"
+    )
+    return (
+        f"{what}the graph has no initializer named {named}: the exporter computed the parameter into another "
+        "constant (constant folding stores what the forward made of it: Expand(class_token) under "
+        "torch.onnx.export(dynamo=True) with a fixed batch size, the rows of a position or token-type table "
+        "that fixed inputs gather, a view or reshape of it, "
+        f"gamma.reshape(1, -1, 1, 1) of a layer scale); {seen}. Fix: export "
+        "so that the parameter stays under its name (torch.onnx.export(dynamo=True, optimize=False), or "
+        "with a dynamic batch axis where the forward expands it to the batch; or dynamo=False with "
+        "do_constant_folding=False), or load the PyTorch weights themselves"
+    )
 
 
 def _known_by_name(

@@ -52,6 +52,8 @@ class Node:
     synthetic: bool = False  # made from export()'s keys: no attributes to check
     label: str = ""  # how messages and mapping= name it: its name, made unique
     module: str | None = None  # the module it ran in, where the exporter recorded it (dynamo)
+    # the module path its name spells, where it is torch.onnx.export's (dynamo=False) '/blocks.0/attn/MatMul'
+    name_scope: str | None = None
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name or f"{self.op_type}#{self.index}"
@@ -109,9 +111,24 @@ def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:
                 dict(raw.get("attributes", {})),
                 label="" if names[name] == 1 else f"{name or op}#{index}",
                 module=raw["module"] if isinstance(raw.get("module"), str) else None,
+                name_scope=_name_scope(name),
             )
         )
     return nodes
+
+
+def _name_scope(name: str) -> str | None:
+    """The module path in a node name of torch.onnx.export's TorchScript exporter, which names each node by
+    the modules it ran in and its op (``'/blocks.0/attn/proj/MatMul'``: ``blocks.0.attn.proj``; a module
+    called again gets ``_1``, which names no module).
+
+    >>> _name_scope("/encoder/layer.0/attention/self/query/MatMul"), _name_scope("/MatMul"), _name_scope("fc")
+    ('encoder.layer.0.attention.self.query', '', None)
+    """
+    parts = name.split("/")
+    if len(parts) < 3 or parts[0] or not all(parts[1:]):
+        return None
+    return ".".join(parts[1:-1])
 
 
 # ONNX Cast ``to`` codes and the stored dtypes each widens exactly (every value kept): such a Cast

@@ -29,7 +29,7 @@ from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
 from weightport.transforms import Identity, Op, Reshape, Transpose
 
-__all__ = ["find_layers", "named_path", "owner_path"]
+__all__ = ["find_layers", "named_path", "owner_path", "ran_in_module"]
 
 
 def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: set[str]) -> list[Layer]:
@@ -132,8 +132,15 @@ def named_path(layer: Layer, changes: Callable[[str], bool] = lambda path: False
     owner = owner_path(layer)
     if owner or layer.owner is not None:
         return (owner,) if owner else ()
-    ran_in = layer.node.module
+    ran_in = ran_in_module(layer)
     return (ran_in,) if ran_in and not changes(ran_in) else ()
+
+
+def ran_in_module(layer: Layer) -> str:
+    """The module the exporter records the layer's node ran in (dynamo's name scopes, else the path the
+    TorchScript exporter spells in the node's name); ``""`` for the model itself or no record."""
+    node = layer.node
+    return node.module if node.module is not None else node.name_scope or ""
 
 
 def _stored_inputs(

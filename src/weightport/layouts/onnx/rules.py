@@ -203,7 +203,7 @@ def _plain_rules(
             pass  # the BatchNorm after it adds the bias (folding.fold_rules)
         elif all_zero(source, bias):
             validated.add(bias)
-        elif node.module is not None and node.module != slot.path:
+        elif _ran_in_parent(layer, pair):
             where = f"'{node.module}'" if node.module else "the model's own forward"
             issues.add(
                 node,
@@ -240,13 +240,20 @@ def _plain_rules(
     return rules
 
 
+def _ran_in_parent(layer: Layer, pair: Paired) -> bool:
+    """Whether the dynamo exporter records the node running in a module that holds the paired one: that
+    module's forward applied the paired one's tensors itself."""
+    ran_in = layer.node.module
+    return ran_in is not None and (ran_in == "" or pair.slot.path.startswith(ran_in + "."))
+
+
 def _applied_elsewhere(layer: Layer, pair: Paired, source: Source) -> bool:
     """Whether a Linear's square weight is a tensor the dynamo exporter computed for a node that ran outside
     the module (a parent's ``F.linear(x, self.fc.weight.t())`` and ``F.linear(x, self.fc.weight)`` store it
     alike, unnamed: the one layout cannot be told from its transpose)."""
-    node, slot, weight = layer.node, pair.slot, layer.tensors["weight"]
-    if layer.kind != "Linear" or node.module is None or node.module == slot.path:
-        return False  # the module's own forward (or no record of where the node ran)
+    slot, weight = pair.slot, layer.tensors["weight"]
+    if layer.kind != "Linear" or not _ran_in_parent(layer, pair):
+        return False  # the module's own forward, another's (a BatchNorm folded in), or no record
     if layer.aliases.get("weight", weight) == slot.name("weight"):
         return False  # read by the parameter's own name: the parameter as it is
     shape = source.infos[weight].shape
