@@ -144,3 +144,35 @@ def test_part_of_a_gpt2_snapshot_through_the_command_line_is_transposed(tmp_path
     with torch.no_grad():
         got = mlp["c_proj"](F.gelu(mlp["c_fc"](x), approximate="tanh"))
         torch.testing.assert_close(got, reference.transformer.h[0].mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_from_onnx_fills_its_conv1d_by_name(tmp_path: Path) -> None:
+    """An ONNX export keeps GPT-2's Conv1D weights under their names, read as (in, out) by the node: they fill
+    the Conv1D as they are (c_proj is square: only the name tells it from a transposed Linear), and the
+    logits are onnxruntime's."""
+    ort = pytest.importorskip("onnxruntime")
+    import warnings
+
+    config = transformers.GPT2Config(
+        n_embd=16, n_layer=2, n_head=2, n_positions=16, vocab_size=50, use_cache=False, return_dict=False
+    )
+    torch.manual_seed(0)
+    source = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randint(0, 50, (1, 7))
+    path = tmp_path / "gpt2.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(source, (x,), str(path), dynamo=True, optimize=False, verbose=False)
+    torch.manual_seed(1)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    report = weightport.load(model, path)
+    assert any(r.target == "transformer.h.0.attn.c_proj.weight" for r in report.rows)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (expected, *_) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            model(x)[0].numpy(), expected, atol=1e-5 * max(1.0, float(np.abs(expected).max()))
+        )

@@ -114,12 +114,13 @@ from weightport.layouts.pairing import (
     SourceLayer,
     as_pairings,
     fits_by_rules,
+    module_slots,
     pair_layers,
     wrapped_scope,
 )
-from weightport.layouts.slots import slot_kind
+from weightport.layouts.slots import TRANSFORMERS_CONV1D, slot_kind
 from weightport.sources.base import Source
-from weightport.transforms import Identity
+from weightport.transforms import Identity, Transpose
 
 __all__ = ["NAME", "plan", "export", "describe"]
 
@@ -157,6 +158,7 @@ def plan(
     validated: set[str] = set()
     refuse_runtime_graphs(nodes, Graph.of(nodes, source), source.description)
     layers, by_name = _not_layers(module, find_layers(nodes, source, issues, validated), source)
+    _name_conv1d(module, layers)
     issues.raise_if_any(target)
     wanted = [
         SourceLayer(
@@ -269,6 +271,19 @@ def plan(
         missing_hints=hints,
         forward_notes=forward_notes,
     )
+
+
+def _name_conv1d(module: nn.Module, layers: list[Layer]) -> None:
+    """A Linear layer whose stored names (or the module its node ran in) name a transformers ``Conv1D`` fills
+    it as one: GPT-2's ``x @ weight + bias``, with the weight ``(in, out)`` as the node reads it. Shapes
+    cannot tell it from a Linear's transposed weight (a square one), so only names make it one."""
+    conv1d = {slot.path for slot in module_slots(module) if slot.kind == TRANSFORMERS_CONV1D}
+    for layer in layers:
+        if layer.kind == "Linear" and conv1d and (named_path(layer) or ("",))[0] in conv1d:
+            transposed = isinstance(layer.ops.get("weight"), Transpose)  # the node reads it as (in, out)
+            layer.kind = TRANSFORMERS_CONV1D
+            layer.ops["weight"] = Identity() if transposed else Transpose((1, 0))
+            layer.detail += " (transformers' Conv1D by its name: weight (in, out))"
 
 
 def _not_layers(module: nn.Module, layers: list[Layer], source: Source) -> tuple[list[Layer], list[Rule]]:

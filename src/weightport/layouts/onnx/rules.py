@@ -12,15 +12,20 @@ from weightport.layouts.onnx.attention import ATTENTION, attention_rules
 from weightport.layouts.onnx.checks import check_conv, check_norm, check_recurrent_module
 from weightport.layouts.onnx.graph import Layer, all_zero
 from weightport.layouts.onnx.issues import Issues
-from weightport.layouts.onnx.ops import GATE_ORDER, NORMS
+from weightport.layouts.onnx.ops import CONV_KINDS, GATE_ORDER, NORMS
 from weightport.layouts.pairing import Paired
+from weightport.layouts.slots import TRANSFORMERS_CONV1D
 from weightport.sources.base import Source
 from weightport.torch_facts import RNN_GATE_COUNT, RNN_KINDS
 from weightport.transforms import Chain, Identity, Op, ReorderBlocks, Select, SliceBlocks, Zeros
 
 __all__ = ["layer_rules"]
 
-_WEIGHT_INPUT = {"Linear": "B", "Embedding": "data"}  # the ONNX input a plain layer's weight comes from
+_WEIGHT_INPUT = {
+    "Linear": "B",
+    TRANSFORMERS_CONV1D: "B",
+    "Embedding": "data",
+}  # the ONNX input a plain layer's weight comes from
 # The module setting that leaves it without a tensor the file holds (nn.LayerNorm(bias=False) keeps its weight).
 _NORM_SETTING = {
     ("BatchNorm", "weight"): "affine",
@@ -146,7 +151,7 @@ def _plain_rules(
 ) -> list[Rule]:
     slot, node = pair.slot, layer.node
     module: Any = slot.module
-    if layer.kind.startswith("Conv") and not node.synthetic:
+    if layer.kind in CONV_KINDS.values() and not node.synthetic:
         check_conv(node, layer, slot, source, issues, unchecked)
     weight, op = layer.tensors["weight"], layer.ops.get("weight", Identity())
     if weight == slot.name("weight") and not isinstance(op, Identity):
