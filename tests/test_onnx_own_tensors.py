@@ -183,3 +183,31 @@ def test_a_bias_the_forward_joins_loads_from_the_export_that_keeps_its_parts(tmp
     weightport.load(module, tmp_path / "kept.onnx", example_inputs=(x,))
     with torch.no_grad():
         np.testing.assert_allclose(module(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+class WithMaskToken(nn.Module):
+    """DINOv2's mask token: a parameter only a masked (training) call reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.mask_token = nn.Linear(4, 4), nn.Parameter(torch.randn(1, 4))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_token, x)
+        return self.proj(x)
+
+
+def test_a_parameter_the_forward_never_reads_is_named_as_such(tmp_path: Path) -> None:
+    """No export stores it; example_inputs= shows the forward never reads it, and strict=False (the fix)
+    keeps the module's own and loads the rest as onnxruntime computes."""
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32))
+    expected = export(WithMaskToken(), x, tmp_path / "m.onnx", dynamo=True, optimize=False)
+    module = WithMaskToken().eval()
+    with pytest.raises(weightport.LoadError) as caught:
+        weightport.load(module, tmp_path / "m.onnx", example_inputs=(x,))
+    (problem,) = caught.value.problems
+    assert problem.name == "mask_token" and "never reads 'mask_token'" in problem.fix, problem.fix
+    weightport.load(module, tmp_path / "m.onnx", example_inputs=(x,), strict=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(x).numpy(), expected, rtol=1e-5, atol=1e-5)

@@ -61,6 +61,8 @@ class Calls:
     # modules whose own tensors went into an operation other than a layer's (a weight standardized,
     # scaled or transposed before use): an exporter folds that into a constant no layer rule can undo
     changed: set[str] = field(default_factory=set)
+    # the model's own tensors (state-dict names) that some operation of the pass read
+    read: set[str] = field(default_factory=set)
 
 
 # the operations that use a layer's tensors as they are (nn.Linear, the convs, norms, embeddings, RNNs,
@@ -83,14 +85,19 @@ class _Dataflow(TorchFunctionMode):
         super().__init__()
         self.made_by: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.owners: dict[int, str] = {}  # id of a module's (stand-in) tensor -> the module's path
+        self.names: dict[int, str] = {}  # id of a module's (stand-in) tensor -> its name
         self.changed: set[str] = set()
+        self.read: set[str] = set()
 
     def own(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Take ``{state-dict name: tensor}`` as the modules' own tensors (replacing any before)."""
         self.owners = {id(t): name.rpartition(".")[0] for name, t in tensors.items()}
+        self.names = {id(t): name for name, t in tensors.items()}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if self.names:
+            self.read.update(self.names[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.names)
         out = func(*args, **kwargs)
         if (
             self.owners
@@ -151,7 +158,7 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
     try:
         with flow:
             _trace(model, args, kwargs, flow)
-        calls.changed = flow.changed
+        calls.changed, calls.read = flow.changed, flow.read
     except Exception as error:  # any failure of the forward is the inputs' problem
         raise LayoutError(
             f"example_inputs: one forward pass of {type(model).__name__}, run to learn the order it calls "
@@ -204,6 +211,10 @@ class CallOrder(Mapping[str, int]):
         """Whether the pass read module ``path``'s own tensors through an operation other than a layer's
         (its forward, or its parent's, standardizes, scales or transposes its weight before use)."""
         return self._prefix + path in self._calls.changed
+
+    def reads(self, name: str) -> bool:
+        """Whether the pass read the model's tensor ``name`` (a state-dict name) at all."""
+        return self._prefix + name in self._calls.read
 
     def feeds(self, earlier: str, later: str) -> bool:
         """Whether what module ``earlier`` outputs reaches the inputs of module ``later`` in the pass
@@ -266,5 +277,6 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], flow
     own = {name: t.detach().clone() for name, t in tensors.items()}
     flow.own(own)
     flow.changed.clear()
+    flow.read.clear()
     with torch.no_grad():
         torch.func.functional_call(model, own, args, kwargs, tie_weights=True, strict=False)

@@ -253,7 +253,8 @@ def plan(
     if "nodes" in source.metadata:
         unmapped_hints(module, layers, nodes, source, hints)
         filled = {rule.target for rule in rules}
-        more, named, why = named_parameter_rules(module, source, used, filled, unchecked)
+        reads = call_order.reads if call_order is not None else None
+        more, named, why = named_parameter_rules(module, source, used, filled, unchecked, reads)
         rules, pairings, used = (
             rules + more,
             pairings + named,

@@ -18,6 +18,7 @@ size folds ``Expand(class_token)`` into one named ``expand``): the missing param
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -199,7 +200,12 @@ def _has(module: nn.Module, param: str) -> bool:
 
 
 def named_parameter_rules(
-    module: nn.Module, source: Source, used: set[str], filled: set[str], unchecked: list[str]
+    module: nn.Module,
+    source: Source,
+    used: set[str],
+    filled: set[str],
+    unchecked: list[str],
+    reads: Callable[[str], bool] | None = None,
 ) -> tuple[list[Rule], list[Pairing], dict[str, str]]:
     """Rules for the parameters of modules of no known kind, and for any buffer no rule fills (one registered
     with ``persistent=False`` too, which the exporter stores where the forward reads it), from initializers of
@@ -221,7 +227,7 @@ def named_parameter_rules(
                 own = [(slot.name(p), tuple(t.shape)) for p, t in slot.module.named_parameters(recurse=False)]
                 ruled = filled | {rule.target for rule in rules}
                 if own and not any(name in ruled or name in source.infos for name, _ in own):
-                    hints[slot.path] = _folded_hint(own, source, used, "no node applies it and ")
+                    hints[slot.path] = _folded_hint(own, source, used, reads, "no node applies it and ")
             continue
         lacking: list[tuple[str, tuple[int, ...]]] = []
         for param, tensor in slot.module.named_parameters(recurse=False):
@@ -241,7 +247,7 @@ def named_parameter_rules(
                 continue
             lacking.append((full, tuple(tensor.shape)))
         if lacking:
-            hints[slot.path] = _folded_hint(lacking, source, used)
+            hints[slot.path] = _folded_hint(lacking, source, used, reads)
     taken = filled | {rule.target for rule in rules}
     for full, tensor in module.named_buffers():
         info = source.infos.get(full)
@@ -261,9 +267,20 @@ def named_parameter_rules(
 
 
 def _folded_hint(
-    lacking: list[tuple[str, tuple[int, ...]]], source: Source, used: set[str], what: str = ""
+    lacking: list[tuple[str, tuple[int, ...]]],
+    source: Source,
+    used: set[str],
+    reads: Callable[[str], bool] | None,
+    what: str = "",
 ) -> str:
-    """Why parameters have no initializer of their names: the exporter folded what the forward made of them."""
+    """Why parameters have no initializer of their names: the exporter folded what the forward made of them,
+    or (``reads``, the pass on ``example_inputs=``, shows it) the forward never reads them."""
+    if reads is not None and not any(reads(full) for full, _ in lacking):
+        named = " or ".join(f"'{full}'" for full, _ in lacking)
+        return (
+            f"the forward pass on example_inputs= never reads {named} (a mask token used only in training, as "
+            "DINOv2's), so no export stores it: pass strict=False to keep the module's own value"
+        )
     shapes = {shape for _, shape in lacking}
     alike = [n for n, i in source.infos.items() if tuple(i.shape) in shapes and n not in used]
     named = " or ".join(f"'{full}' {shape}" for full, shape in lacking)
@@ -280,7 +297,9 @@ def _folded_hint(
         f"gamma.reshape(1, -1, 1, 1) of a layer scale); {seen}. Fix: export "
         "so that the parameter stays under its name (torch.onnx.export(dynamo=True, optimize=False), or "
         "with a dynamic batch axis where the forward expands it to the batch; or dynamo=False with "
-        "do_constant_folding=False), or load the PyTorch weights themselves"
+        "do_constant_folding=False), or load the PyTorch weights themselves. Where the forward never reads "
+        "the parameter (a mask token used only in training, as DINOv2's), no export stores it: pass "
+        "strict=False to keep the module's own"
     )
 
 
