@@ -249,9 +249,9 @@ def named_parameter_rules(
         if lacking:
             hints[slot.path] = _folded_hint(lacking, source, used, reads)
     taken = filled | {rule.target for rule in rules}
-    for full, tensor in module.named_buffers():
+    for full, buffer in module.named_buffers():
         info = source.infos.get(full)
-        if info is not None and tuple(info.shape) == tuple(tensor.shape) and full not in used | taken:
+        if info is not None and tuple(info.shape) == tuple(buffer.shape) and full not in used | taken:
             rules.append(Rule(full, (full,), Identity(), f"{source.description} initializer '{full}'"))
             owner = module.get_submodule(full.rpartition(".")[0]) if "." in full else module
             pairings.append(
