@@ -169,7 +169,6 @@ def _plain_rules(
         return []
     changed = uses(slot.path) if uses is not None else False
     if changed is not False and _applied_elsewhere(layer, pair, source):
-        where = f"'{node.module}'" if node.module else "the model's own forward"
         name = slot.path.rpartition(".")[2]
         if changed:
             why = (
@@ -184,7 +183,7 @@ def _plain_rules(
             )
         issues.add(
             node,
-            f"ran in {where}, not in '{slot.label}' (the exporter records it): that forward applies "
+            f"ran in {_ran_in(layer)}, not in '{slot.label}' (the exporter records it): that forward applies "
             f"'{slot.label}'s weight itself (F.linear(x, self.{name}.weight, ...)), and the exporter stored the "
             f"matrix it multiplies by as '{weight}', a tensor it computed, without the parameter's name. "
             f"Square {source.infos[weight].shape}, it reads two ways that both load and differ: the weight as "
@@ -209,11 +208,10 @@ def _plain_rules(
         elif all_zero(source, bias):
             validated.add(bias)
         elif _ran_in_parent(layer, pair):
-            where = f"'{node.module}'" if node.module else "the model's own forward"
             issues.add(
                 node,
                 f"adds a bias '{bias}' that '{slot.label}' (built with bias=False) does not hold: the node ran in "
-                f"{where} (the exporter records it), whose forward applies '{slot.label}'s weight with a bias "
+                f"{_ran_in(layer)} (the exporter records it), whose forward applies '{slot.label}'s weight with a bias "
                 "of its own making (timm's EVA joins q_bias, zeros and v_bias), stored here only as the computed "
                 f"'{bias}'. Fix: re-export with dynamo=True, optimize=False, which keeps the tensors it is made "
                 "from under their names.",
@@ -248,8 +246,13 @@ def _plain_rules(
 def _ran_in_parent(layer: Layer, pair: Paired) -> bool:
     """Whether the dynamo exporter records the node running in a module that holds the paired one: that
     module's forward applied the paired one's tensors itself."""
-    ran_in = layer.node.module
-    return ran_in is not None and (ran_in == "" or pair.slot.path.startswith(ran_in + "."))
+    ran_in, path = layer.node.module, pair.slot.path
+    return ran_in is not None and ran_in != path and (ran_in == "" or path.startswith(ran_in + "."))
+
+
+def _ran_in(layer: Layer) -> str:
+    """The module a node ran in, as messages name it."""
+    return f"'{layer.node.module}'" if layer.node.module else "the model's own forward"
 
 
 def _applied_elsewhere(layer: Layer, pair: Paired, source: Source) -> bool:
