@@ -86,9 +86,12 @@ def test_layer_scales_give_keras_outputs_from_every_source(
     model = keras_model(rng)
     model.save(tmp_path / "m.keras")
     model.save_weights(tmp_path / "m.weights.h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a legacy format
+        model.save(tmp_path / "m.h5")  # Keras 3's legacy .h5 names the unnamed weight 'variable'
     x = rng.standard_normal((2, 5, 3)).astype(np.float32)
     expected = np.asarray(model(x))
-    for source in (model, tmp_path / "m.keras", tmp_path / "m.weights.h5"):
+    for source in (model, tmp_path / "m.keras", tmp_path / "m.weights.h5", tmp_path / "m.h5"):
         module = torch_model(shape=shape)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UncheckedConfigWarning)  # a .weights.h5 records no settings

@@ -152,6 +152,9 @@ def _legacy_layers(source: H5Source, prefix: str, config: dict[str, Any] | None)
             raise SourceError(f"{where}: layer '{name}' lists weight '{missing[0]}', which the file lacks.")
         cls, cfg = configs.get(name, (None, None))
         by_prefix = _by_first_component(path, weights)
+        if cls in _CONTAINERS and set(by_prefix) == {name}:
+            # Keras 3 files a nested model's weights under its own name once more: 'stem/stem_conv/kernel'
+            by_prefix = _by_first_component(f"{path}/{name}", weights)
         if len(by_prefix) > 1 or (cls in _CONTAINERS and by_prefix):
             # a nested model: one entry in layer_names, its layers' weights named by their own layers
             inner = _leaf_configs(cfg)

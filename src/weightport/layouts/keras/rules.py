@@ -10,6 +10,7 @@ same facts the other way round, for export.
 
 from __future__ import annotations
 
+from weightport.errors import LayoutError
 from weightport.layouts.base import Rule
 from weightport.layouts.keras.attention import attention_rules
 from weightport.layouts.keras.layers import Part, Resolved
@@ -133,9 +134,18 @@ def part_rules(found: Resolved, part: Part, slot: Slot, source: Source) -> list[
     side = (" backward_layer" if part.reverse else " forward_layer") if len(found.parts) > 1 else ""
     if kind == "MultiheadAttention":
         return attention_rules(part, slot, origin)
-    if kind == LAYER_SCALE and "gamma" in part.vars:
-        gamma = part.vars["gamma"]
-        return [scale_rule(gamma, tuple(source.infos[gamma].shape), slot, f"{origin} gamma")]
+    if kind == LAYER_SCALE:
+        # its one vector: 'gamma', or what Keras 3's legacy .h5 names an unnamed weight ('variable_3')
+        held = list(part.vars.items())
+        var, gamma = (
+            ("gamma", part.vars["gamma"]) if "gamma" in part.vars else held[0] if len(held) == 1 else ("", "")
+        )
+        if not gamma:
+            raise LayoutError(
+                f"{origin}: a LayerScale holds one vector (gamma); found {sorted(part.vars) or 'none'}. "
+                "Fix: re-save the model (model.save('model.keras')), or load its arrays by name."
+            )
+        return [scale_rule(gamma, tuple(source.infos[gamma].shape), slot, f"{origin} {var}")]
     for param, var, op in _table(kind, part, source):
         if var not in part.vars:
             continue
