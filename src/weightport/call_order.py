@@ -63,6 +63,9 @@ class Calls:
     changed: set[str] = field(default_factory=set)
     # the model's own tensors (state-dict names) that some operation of the pass read
     read: set[str] = field(default_factory=set)
+    # each called submodule's path -> how its input was flattened from a feature map, where it was: whether
+    # the map was permuted channels-last first, and the map's shape without the batch axis
+    flat_input: dict[str, tuple[bool, tuple[int, ...]]] = field(default_factory=dict)
 
 
 # the operations that use a layer's tensors as they are (nn.Linear, the convs, norms, embeddings, RNNs,
@@ -88,6 +91,8 @@ class _Dataflow(TorchFunctionMode):
         self.names: dict[int, str] = {}  # id of a module's (stand-in) tensor -> its name
         self.changed: set[str] = set()
         self.read: set[str] = set()
+        self.channels_last: WeakIdKeyDictionary = WeakIdKeyDictionary()  # maps permuted to (N, ..., C)
+        self.flattened: WeakIdKeyDictionary = WeakIdKeyDictionary()  # (N, features) from a map: how
 
     def own(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Take ``{state-dict name: tensor}`` as the modules' own tensors (replacing any before)."""
@@ -108,7 +113,27 @@ class _Dataflow(TorchFunctionMode):
             read = {self.owners[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.owners}
             self.changed.update(read)
         self.tag(out, self.sources(args, kwargs))
+        if isinstance(out, torch.Tensor):
+            self._follow_layout(getattr(func, "__name__", ""), args, kwargs, out)
         return out
+
+    def _follow_layout(self, name: str, args: Any, kwargs: Any, out: torch.Tensor) -> None:
+        """Note a map permuted channels-last, a map flattened into (batch, features), and carry the latter
+        through operations that keep the shape (dropout, activations)."""
+        first = next(_tensors(args), None)
+        if first is None:
+            return
+        if name == "permute" and _to_channels_last(first.dim(), args[1:], kwargs.get("dims")):
+            self.channels_last[out] = True
+        elif (
+            name in ("flatten", "reshape", "view")
+            and first.dim() >= 3
+            and out.dim() == 2
+            and out.shape[0] == first.shape[0]
+        ):
+            self.flattened[out] = (first in self.channels_last, tuple(first.shape[1:]))
+        elif first in self.flattened and out.shape == first.shape:
+            self.flattened[out] = self.flattened[first]
 
     def sources(self, *values: Any) -> set[str]:
         """The modules whose outputs went into the tensors among ``values`` (nested in lists and dicts)."""
@@ -121,6 +146,17 @@ class _Dataflow(TorchFunctionMode):
         if modules:
             for tensor in _tensors(out):
                 self.made_by[tensor] = self.made_by.get(tensor, set()) | modules
+
+
+def _to_channels_last(rank: int, dims: Any, named: Any) -> bool:
+    """Whether permute's dims (``x.permute(0, 2, 3, 1)``, ``torch.permute(x, (0, 2, 3, 1))``) move a map's
+    channel axis 1 last."""
+    dims = named if named is not None else dims[0] if len(dims) == 1 else dims
+    try:
+        order = tuple(int(d) % rank for d in dims)
+    except (TypeError, ValueError):
+        return False
+    return rank >= 3 and order == (0, *range(2, rank), 1)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -147,6 +183,9 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
         path = names[id(module)]
         calls.order.setdefault(path, len(calls.order))
         calls.fed_by.setdefault(path, set()).update(flow.sources(args, kwargs))
+        first = next(_tensors(args), None)
+        if first is not None and first in flow.flattened:
+            calls.flat_input.setdefault(path, flow.flattened[first])
 
     def after(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         flow.tag(output, flow.sources(args, kwargs) | {names[id(module)]})
@@ -211,6 +250,12 @@ class CallOrder(Mapping[str, int]):
         """Whether the pass read module ``path``'s own tensors through an operation other than a layer's
         (its forward, or its parent's, standardizes, scales or transposes its weight before use)."""
         return self._prefix + path in self._calls.changed
+
+    def flattened(self, path: str) -> tuple[bool, tuple[int, ...]] | None:
+        """How the pass flattened a feature map into module ``path``'s input, where it did: whether the map
+        was permuted channels-last first (``x.permute(0, 2, 3, 1).flatten(1)``), and the map's shape
+        without the batch axis (``(512, 7, 7)`` for ``torch.flatten(x, 1)`` of an NCHW map)."""
+        return self._calls.flat_input.get(self._prefix + path)
 
     def reads(self, name: str) -> bool:
         """Whether the pass read the model's tensor ``name`` (a state-dict name) at all."""

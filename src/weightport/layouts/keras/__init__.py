@@ -90,6 +90,7 @@ from torch import nn
 from weightport.call_order import CallOrder
 from weightport.errors import LayoutError, LoadError, Problem, UnsupportedConfigError
 from weightport.layouts.base import LayoutPlan, Pairing, Rule
+from weightport.layouts.flattening import flatten_unchecked, flattened_rules
 from weightport.layouts.keras import describing, hf
 from weightport.layouts.keras.checks import (
     check_config,
@@ -214,12 +215,18 @@ def plan(
     refusals: list[str] = []
     unchecked: list[str] = []
     forward_notes: list[str] = []
+    convs = any(found.kind.startswith("Conv") for found in resolved)  # maps a Dense may read flattened
     for found, paired in zip(resolved, pairs):
         slot = paired.slot
         check_direction(found, slot, where)
         how = paired.how
         for part in found.parts:
-            rules += part_rules(found, part, slot, source)
+            made = part_rules(found, part, slot, source)
+            rules += (
+                flattened_rules(found, slot, made, source, call_order) if found.kind == "Linear" else made
+            )
+            if part.config is None and found.kind == "Linear" and call_order is None and convs:
+                unchecked.append(flatten_unchecked(f"Keras Dense '{found.layer.name}'"))
             if part.config is not None:
                 problems += check_config(found, part, slot, refusals)
                 said = notes(found, part, slot)

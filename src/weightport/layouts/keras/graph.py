@@ -11,9 +11,10 @@ each layer was built for.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-__all__ = ["graph_of", "note_padding", "maskings", "shared_layers", "zero_padding"]
+__all__ = ["graph_of", "note_padding", "maskings", "shared_layers", "zero_padding", "flattened_maps"]
 
 _Node = tuple[str, dict[str, Any], list[str], tuple[int, ...] | None]
 
@@ -37,6 +38,52 @@ def graph_of(model_config: Any) -> dict[str, _Node]:
         )
         out[name] = (str(entry.get("class_name")), cfg, inputs, built)  # type: ignore[arg-type]
         previous = [name]
+    return out
+
+
+# layers that pass each feature of a flat vector through on its own: a Flatten before them still decides
+# which feature is which
+_PER_FEATURE = frozenset(
+    {
+        "Dropout",
+        "Activation",
+        "ActivityRegularization",
+        "GaussianNoise",
+        "GaussianDropout",
+        "AlphaDropout",
+        "Identity",
+    }
+)
+
+
+def flattened_maps(graph: dict[str, _Node]) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    """Dense layer name -> the ``Flatten`` of a channels-last feature map that feeds it (through layers that
+    keep each feature), and the map's shape without the batch axis where the config records it: the
+    Dense's input rows are that map's (height, width, channels) entries in turn.
+
+    >>> flattened_maps(graph_of({"class_name": "Sequential", "config": {"layers": [
+    ...     {"class_name": "Flatten", "config": {"name": "f"}, "build_config": {"input_shape": [None, 2, 2, 3]}},
+    ...     {"class_name": "Dropout", "config": {"name": "drop"}},
+    ...     {"class_name": "Dense", "config": {"name": "fc"}}]}}))
+    {'fc': ('f', (2, 2, 3))}
+    """
+    out: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    for name, (cls, _, inputs, _) in graph.items():
+        if cls not in ("Dense", "EinsumDense"):
+            continue
+        while len(inputs) == 1 and inputs[0] in graph and graph[inputs[0]][0] in _PER_FEATURE:
+            inputs = graph[inputs[0]][2]
+        if len(inputs) != 1 or inputs[0] not in graph or graph[inputs[0]][0] != "Flatten":
+            continue
+        _, config, _, built = graph[inputs[0]]
+        shape = tuple(d for d in built[1:] if d is not None) if built else None
+        if config.get("data_format") == "channels_first" or (
+            shape is not None and len(shape) != len(built or ()) - 1
+        ):
+            continue  # flattened channels-first, as PyTorch does; or a shape the config does not fix
+        if shape is not None and (len(shape) < 2 or math.prod(shape[:-1]) == 1):
+            continue  # a vector, or a 1 x 1 map: one order
+        out[name] = (inputs[0], shape)
     return out
 
 

@@ -1,0 +1,142 @@
+"""A Dense that reads a flattened feature map: which input row is which.
+
+Keras and Flax run convolutions channels-last, so a ``Flatten`` of a ``(7, 7, 512)`` map numbers the next
+Dense's input rows (height, width, channels). A PyTorch model that flattens its NCHW map (``torch.flatten(x, 1)``,
+as torchvision's VGG does) numbers them (channels, height, width); one that permutes channels-last first
+(``x.permute(0, 2, 3, 1).flatten(1)``) numbers them as Keras does. The shapes are the same either way, so
+only the model's forward tells: the pass on ``example_inputs=`` shows how it flattens (see
+:meth:`weightport.call_order.CallOrder.flattened`), and the kernel's rows are reordered to match. Without
+it, the load is refused with both readings. A source that records no ``Flatten`` (a weights-only file, a
+Flax checkpoint) cannot say it read a map: where the model flattens a channels-first one into the layer,
+the load is refused (:func:`unrecorded_flatten`), and without ``example_inputs=`` the order is reported
+unchecked (:func:`flatten_unchecked`).
+
+>>> from weightport.transforms import Transpose
+>>> op = rows_as_channels_first((2, 2, 3), 5)
+>>> import numpy as np
+>>> kernel = np.arange(12 * 5).reshape(12, 5)  # rows (h, w, c)
+>>> op(kernel)[:, 1].tolist() == kernel.reshape(2, 2, 3, 5).transpose(2, 0, 1, 3).reshape(12, 5)[1].tolist()
+True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from weightport.call_order import CallOrder
+from weightport.errors import LayoutError
+from weightport.layouts.base import Rule
+from weightport.layouts.slots import Slot
+from weightport.sources.base import Source
+from weightport.transforms import Chain, Reshape, Transpose
+
+__all__ = ["rows_as_channels_first", "flattened_rules", "unrecorded_flatten", "flatten_unchecked"]
+
+
+def rows_as_channels_first(shape: tuple[int, ...], out: int) -> Chain:
+    """A Dense kernel ``(prod(shape), out)`` whose rows run over a channels-last map of ``shape`` as the
+    ``(out, in)`` weight of a Linear whose input runs over the channels-first map."""
+    *spatial, channels = shape
+    rank = len(shape)
+    features = math.prod(shape)
+    return Chain(
+        Reshape((features, out), (*shape, out)),
+        Transpose((rank - 1, *range(rank - 1), rank)),
+        Reshape((channels, *spatial, out), (features, out)),
+        Transpose((1, 0)),
+    )
+
+
+def unrecorded_flatten(
+    where: str, said: str, slot: Slot, call_order: CallOrder | None, unknown: str, fix: str
+) -> None:
+    """Refuse a layer ``said`` of a source that records no flatten, where the forward pass on
+    ``example_inputs=`` flattens a channels-first map of more than one position into ``slot``."""
+    seen = call_order.flattened(slot.path) if call_order is not None else None
+    if seen is None or seen[0] or math.prod(seen[1][1:]) == 1:
+        return
+    raise LayoutError(
+        f"{where}: the forward pass on example_inputs= flattens a channels-first map {seen[1]} into {slot.said}, "
+        f"numbering its input rows (channels, height, width); {said} runs channels-last, so one that read a "
+        f"flattened map numbers them (height, width, channels), and {unknown}. Fix: {fix}."
+    )
+
+
+def flatten_unchecked(said: str) -> str:
+    """The note for a Dense of a source with convolutions that records no flatten, loaded without
+    ``example_inputs=``."""
+    return (
+        f"whether {said} reads a flattened feature map: a channels-last framework numbers such rows "
+        "(height, width, channels), a PyTorch flatten of an NCHW map (channels, height, width); "
+        "example_inputs= shows how the model flattens"
+    )
+
+
+def flattened_rules(
+    found: Any, slot: Slot, rules: list[Rule], source: Source, call_order: CallOrder | None
+) -> list[Rule]:
+    """``rules`` for Keras Dense ``found`` (a resolved layer, with ``layer.flattened``) in ``slot``, its kernel's rows in the order the model flattens its map
+    in; a LayoutError where that order is not shown, or not the one the file records."""
+    where, said = source.description, f"Keras Dense '{found.layer.name}'"
+    flat = found.layer.flattened
+    seen = call_order.flattened(slot.path) if call_order is not None else None
+    weight = slot.name("weight")
+    kernel = next((r for r in rules if r.target == weight), None)
+    if kernel is None:
+        return rules
+    if flat is None:  # a file without a configuration: nothing says whether Keras flattened a map
+        unrecorded_flatten(
+            where,
+            said,
+            slot,
+            call_order,
+            "the file, which records no configuration, does not say whether it read a Flatten of a map",
+            "load the .keras file or the Keras model itself (it records the Flatten, and the rows are reordered "
+            "to match), or build the Keras model from these weights and save it with model.save('model.keras')",
+        )
+        return rules
+    flatten, recorded = flat
+    shown = f" {recorded}" if recorded else ""
+    readings = (
+        f"{said} reads Flatten '{flatten}' of a channels-last map{shown}: its kernel's rows run (height, width, "
+        "channels). A PyTorch model that flattens its NCHW map (torch.flatten(x, 1), as torchvision's VGG "
+        "does) reads them (channels, height, width), one that permutes channels-last first "
+        "(x.permute(0, 2, 3, 1).flatten(1)) as Keras does; the weights fit both and the outputs differ"
+    )
+    if seen is None:
+        fix = (
+            "pass example_inputs= (inputs for one forward pass, run on meta tensors: it shows how the model "
+            "flattens, and the rows are reordered to match)"
+            if call_order is None
+            else "flatten a feature map into it in forward, as Keras does before that Dense"
+        )
+        shown_pass = (
+            "" if call_order is None else " The forward pass on example_inputs= flattens no map into it."
+        )
+        raise LayoutError(f"{where}: {readings}.{shown_pass} Fix: {fix}.")
+    channels_last, shape = seen
+    keras_shape = shape if channels_last else (*shape[1:], shape[0])
+    if recorded is not None and tuple(recorded) != keras_shape:
+        raise LayoutError(
+            f"{where}: {readings}. The forward pass on example_inputs= flattens a map {shape} into {slot.said}, "
+            f"which is not that map. Fix: pass example_inputs= of the size the Keras model was built for."
+        )
+    stored = tuple(source.infos[kernel.sources[0]].shape)
+    if channels_last or math.prod(keras_shape[:-1]) == 1:
+        return rules
+    if kernel.op != Transpose((1, 0)) or len(stored) != 2:
+        raise LayoutError(
+            f"{where}: {readings}. The model flattens channels-first, and this kernel {stored} is not stored "
+            "(in, out), so weightport does not reorder it. Fix: permute the map channels-last before "
+            "flattening in the PyTorch model (x.permute(0, 2, 3, 1).flatten(1))."
+        )
+    out = stored[1]
+    reordered = replace(
+        kernel,
+        op=rows_as_channels_first(keras_shape, out),
+        origin=f"{kernel.origin} (rows reordered from Flatten '{flatten}''s (height, width, channels) to "
+        f"the model's (channels, height, width))",
+    )
+    return [reordered if r is kernel else r for r in rules]
