@@ -500,3 +500,49 @@ def test_an_rmsnorm_fills_an_rmsnorm_and_not_a_layernorm(tmp_path: Path) -> None
         WeightportError, match=r"1 Flax RMSNorm layer \('RMSNorm_0'\); the model has no nn.RMSNorm"
     ):
         weightport.load(tnn.Sequential(tnn.Linear(4, 6), tnn.LayerNorm(6, eps=1e-6, bias=False)), path)
+
+
+class _FlaxCnn(nn.Module):
+    """Flax's MNIST example's shape: Conv, then a reshape of the (height, width, channels) map, then Dense."""
+
+    @nn.compact
+    def __call__(self, x: Any) -> Any:
+        x = nn.Conv(4, (3, 3), padding="SAME")(x)
+        return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+class _TorchCnn(tnn.Module):
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__()
+        self.conv, self.fc, self.channels_last = (
+            tnn.Conv2d(2, 4, 3, padding=1),
+            tnn.Linear(4 * 3 * 5, 3),
+            channels_last,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.fc((h.permute(0, 2, 3, 1) if self.channels_last else h).flatten(1))
+
+
+def test_a_dense_after_a_reshaped_map_needs_the_flatten_order_shown(tmp_path: Path) -> None:
+    """The checkpoint records no reshape: a model that flattens its NCHW map (rows (channels, height,
+    width)) is refused where example_inputs= shows it; one that permutes channels-last first gives Flax's
+    outputs; without example_inputs= the order is reported unchecked."""
+    x = np.random.default_rng(4).standard_normal((2, 3, 5, 2)).astype(np.float32)
+    variables, expected = _flax(_FlaxCnn(), x)
+    path = _save(variables, tmp_path)
+    inputs = torch.from_numpy(x).permute(0, 3, 1, 2)
+    module = _TorchCnn(channels_last=False)
+    before = snapshot(module)
+    with pytest.raises(WeightportError, match=r"flattens a channels-first map \(4, 3, 5\) into 'fc'"):
+        weightport.load(module, path, layout="flax", example_inputs=inputs)
+    assert snapshot(module) == before
+    with pytest.warns(
+        UncheckedConfigWarning, match=r"whether Flax Dense 'Dense_0' reads a flattened feature map"
+    ):
+        weightport.load(module, path, layout="flax")
+    faithful = _TorchCnn(channels_last=True).eval()
+    _load(faithful, path, example_inputs=inputs)
+    with torch.no_grad():
+        np.testing.assert_allclose(faithful(inputs).numpy(), expected, rtol=1e-5, atol=1e-5)

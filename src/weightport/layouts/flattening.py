@@ -32,7 +32,15 @@ from weightport.layouts.slots import Slot
 from weightport.sources.base import Source
 from weightport.transforms import Chain, Reshape, Transpose
 
-__all__ = ["rows_as_channels_first", "flattened_rules", "unrecorded_flatten", "flatten_unchecked"]
+__all__ = [
+    "MAP_KINDS",
+    "rows_as_channels_first",
+    "flattened_rules",
+    "unrecorded_flatten",
+    "flatten_unchecked",
+]
+
+MAP_KINDS = frozenset({"Conv1d", "Conv2d", "Conv3d"})  # layers whose outputs a Dense may read flattened
 
 
 def rows_as_channels_first(shape: tuple[int, ...], out: int) -> Chain:

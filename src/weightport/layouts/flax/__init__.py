@@ -90,6 +90,7 @@ from torch import nn
 
 from weightport.call_order import CallOrder
 from weightport.layouts.base import LayoutPlan, Rule
+from weightport.layouts.flattening import MAP_KINDS, flatten_unchecked, unrecorded_flatten
 from weightport.layouts.flax.convolutions import torch_padding
 from weightport.layouts.flax.exporting import export
 from weightport.layouts.flax.facts import APIS, COLLECTIONS, FRAMEWORK, ROOT, STATS, TRAINING_STATE
@@ -167,8 +168,24 @@ def plan(
         sides=True,
     )
     rules: list[Rule] = []
+    convs = any(layer.kind in MAP_KINDS for layer in layers)
+    flat_notes: list[str] = []
     for layer, pair in zip(layers, paired):
         rules += layer_rules(layer, pair, source)
+        if layer.kind == "Linear" and convs:
+            said = f"Flax Dense '{layer.name}'"
+            unrecorded_flatten(
+                source.description,
+                said,
+                pair.slot,
+                call_order,
+                "a Flax checkpoint does not record whether it read a map, or how the Flax model reshaped it",
+                "if the Flax model reshaped its (height, width, channels) map, permute the PyTorch one "
+                "channels-last before flattening (x.permute(0, 2, 3, 1).flatten(1)), as the Flax model "
+                "computes it",
+            )
+            if call_order is None:
+                flat_notes.append(flatten_unchecked(said))
     own, own_pairings = loose_rules(module, source, {s for rule in rules for s in rule.sources})
     rules += own
     used = {s for rule in rules for s in rule.sources}
@@ -180,7 +197,7 @@ def plan(
         scope=wrapped_scope(paired),
         unmatched=[n for n in names if n not in used and n not in training],
         not_weights=[f"{n} (training state)" for n in training],
-        unchecked=unchecked(list(zip(layers, paired))),
+        unchecked=unchecked(list(zip(layers, paired))) + flat_notes,
         missing_hints={
             pair.slot.path: MISSING_STATS
             for layer, pair in zip(layers, paired)

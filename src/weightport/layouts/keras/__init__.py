@@ -90,7 +90,7 @@ from torch import nn
 from weightport.call_order import CallOrder
 from weightport.errors import LayoutError, LoadError, Problem, UnsupportedConfigError
 from weightport.layouts.base import LayoutPlan, Pairing, Rule
-from weightport.layouts.flattening import flatten_unchecked, flattened_rules
+from weightport.layouts.flattening import MAP_KINDS, flatten_unchecked, flattened_rules
 from weightport.layouts.keras import describing, hf
 from weightport.layouts.keras.checks import (
     check_config,
@@ -215,7 +215,7 @@ def plan(
     refusals: list[str] = []
     unchecked: list[str] = []
     forward_notes: list[str] = []
-    convs = any(found.kind.startswith("Conv") for found in resolved)  # maps a Dense may read flattened
+    convs = any(found.kind in MAP_KINDS for found in resolved)
     for found, paired in zip(resolved, pairs):
         slot = paired.slot
         check_direction(found, slot, where)
