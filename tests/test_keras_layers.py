@@ -193,6 +193,20 @@ def test_strided_same_and_zero_padding_load_into_timm_conv2d_same(tmp_path: Path
         report = weightport.load(target, files(model, tmp_path)[kind])  # Conv2dSame pads: no note on forward
         close(nchw(target, x), expected)
         assert "Conv2dSame pads inputs of the size it was built for" in report.pairings[1].how
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a legacy format
+        model.save(tmp_path / "m.h5")  # records no size a layer was built for
+    target = nn.Sequential(Conv2dSame(3, 4, 3, stride=2), Conv2dSame(4, 4, 3, stride=2, groups=4))
+    before = [p.detach().clone() for p in target.parameters()]
+    with pytest.raises(
+        weightport.LoadError, match=r"expected padding \(before, after\) per axis = \(\(0, 1\)"
+    ):
+        weightport.load(target, tmp_path / "m.h5")
+    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))
+    nchw_x = torch.from_numpy(x).permute(0, 3, 1, 2)  # the forward pass gives the size: (4, 5) at the second
+    report = weightport.load(target, tmp_path / "m.h5", example_inputs=nchw_x)
+    close(nchw(target, x), expected)
+    assert "Conv2dSame pads inputs of the size it was built for ((4, 5))" in report.pairings[1].how
 
 
 def test_zero_padding_into_an_unpadded_conv_says_to_pad(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ class Calls:
     # each called submodule's path -> how its input was flattened from a feature map, where it was: whether
     # the map was permuted channels-last first, and the map's shape without the batch axis
     flat_input: dict[str, tuple[bool, tuple[int, ...]]] = field(default_factory=dict)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # each one's first input's
 
 
 # the operations that use a layer's tensors as they are (nn.Linear, the convs, norms, embeddings, RNNs,
@@ -184,6 +185,8 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
         calls.order.setdefault(path, len(calls.order))
         calls.fed_by.setdefault(path, set()).update(flow.sources(args, kwargs))
         first = next(_tensors(args), None)
+        if first is not None:
+            calls.input_shapes.setdefault(path, tuple(first.shape))
         if first is not None and first in flow.flattened:
             calls.flat_input.setdefault(path, flow.flattened[first])
 
@@ -256,6 +259,10 @@ class CallOrder(Mapping[str, int]):
         was permuted channels-last first (``x.permute(0, 2, 3, 1).flatten(1)``), and the map's shape
         without the batch axis (``(512, 7, 7)`` for ``torch.flatten(x, 1)`` of an NCHW map)."""
         return self._calls.flat_input.get(self._prefix + path)
+
+    def input_shape(self, path: str) -> tuple[int, ...] | None:
+        """The shape of the first tensor module ``path`` took in the pass (at its first call)."""
+        return self._calls.input_shapes.get(self._prefix + path)
 
     def reads(self, name: str) -> bool:
         """Whether the pass read the model's tensor ``name`` (a state-dict name) at all."""

@@ -219,6 +219,7 @@ def plan(
     for found, paired in zip(resolved, pairs):
         slot = paired.slot
         check_direction(found, slot, where)
+        _size_from_the_pass(found, slot, call_order)
         how = paired.how
         for part in found.parts:
             made = part_rules(found, part, slot, source)
@@ -259,6 +260,17 @@ def plan(
         not_weights=preprocessing,
         forward_notes=list(dict.fromkeys(forward_notes)),
     )
+
+
+def _size_from_the_pass(found: Resolved, slot: Slot, call_order: CallOrder | None) -> None:
+    """A conv after a ZeroPadding whose file records no size it was built for (a legacy .h5) takes the size
+    the forward pass on ``example_inputs=`` gives the module (a timm ``Conv2dSame`` pads that itself)."""
+    layer = found.layer
+    if call_order is None or layer.built is not None or not layer.padding:
+        return
+    shape = call_order.input_shape(slot.path)
+    if shape is not None and len(shape) == 2 + len(layer.padding):
+        layer.built = tuple(n + before + after for n, (before, after) in zip(shape[2:], layer.padding))
 
 
 def _say_shared(error: LayoutError, shared: dict[str, int]) -> None:

@@ -122,12 +122,20 @@ def padding_verdict(cfg: Any, m: Any, layer: Any) -> Verdict:
                     None,
                 )
         symmetric = all(a == b for a, b in explicit)
+        fix = (
+            f"build the module with padding={tuple(a for a, _ in explicit)}"
+            if symmetric
+            else f"build the module with padding=0 and pad the input by {explicit} (F.pad) in forward"
+        )
+        if fixed is None and layer.built is None:  # the file records no input size to hold it against
+            fix = (
+                "pass example_inputs= (the size the forward pass gives it tells what Conv2dSame pads), load "
+                f"the .keras file (it records the size each layer was built for), or {fix}"
+            )
         return None, (
             f"padding (before, after) per axis = {explicit} ({name}, then {then})",
             "Conv2dSame, which pads by TensorFlow's 'same' rule" if fixed is None else f"padding={m.padding}",
-            f"build the module with padding={tuple(a for a, _ in explicit)}"
-            if symmetric
-            else f"build the module with padding=0 and pad the input by {explicit} (F.pad) in forward",
+            fix,
         )
     if padding == "same":
         unit = all(s == 1 for s in m.stride)
