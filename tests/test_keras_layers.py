@@ -553,3 +553,24 @@ def test_zero_padding_before_a_same_conv_adds_to_its_padding(tmp_path: Path) -> 
     )
     with pytest.raises(LoadError, match=r"then by TensorFlow's 'same' rule for stride \(2, 2\)"):
         weightport.load(nn.Conv2d(3, 4, 3, stride=2, padding=2), strided)
+
+
+def test_a_layer_no_free_module_fits_is_named_with_the_modules_left_empty(tmp_path: Path) -> None:
+    """keras.applications MobileNetV3's head is a 1 x 1 Conv2D where torchvision and timm have a Linear: the
+    refusal names that layer and the Linear that would stay empty (a layer fills a module of its kind)."""
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(4, 3, name="conv"),
+            keras.layers.GlobalAveragePooling2D(keepdims=True),
+            keras.layers.Conv2D(3, 1, name="logits"),
+        ]
+    )
+    model.save(tmp_path / "m.keras")
+    target = nn.Sequential(nn.Conv2d(2, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(
+        LayoutError,
+        match=r"'logits' \(Conv2D\) fits none of those modules; the model's modules of kinds no "
+        r"source layer has, which stay empty: 3 \(Linear \(3, 4\)\)",
+    ):
+        weightport.load(target, tmp_path / "m.keras")

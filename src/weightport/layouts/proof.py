@@ -241,8 +241,32 @@ class Prover:
         return (
             f"cannot pair {self.framework} layers with the model: the source has {len(layer_ids)} unpaired "
             f"{'/'.join(kinds)} layer(s) ({names}) but the model has only {len(slot_ids)} free module(s) that "
-            f"can take them ({free}). Fix: {fix}."
+            f"can take them ({free}){self._misfits(layer_ids, slot_ids)}. Fix: {fix}."
         )
+
+    def _misfits(self, layer_ids: list[int], slot_ids: list[int]) -> str:
+        """Which of the layers fit none of the free modules, and the free modules of other kinds (a layer
+        fills a module of its own kind only: a 1 x 1 convolution is no Linear here)."""
+        said = ""
+        if self.fits is not None:
+            none = [
+                self.layers[i] for i in layer_ids if not any(self.fits(i, self.slots[j]) for j in slot_ids)
+            ]
+            if none and len(none) < len(layer_ids):
+                shown = ", ".join(f"'{x.name}' ({x.detail or x.kind})" for x in none[:6])
+                said += f"; of these, {shown} {'fit' if len(none) > 1 else 'fits'} none of those modules"
+        held = {layer.kind for layer in self.layers}
+        others = [  # modules of kinds no source layer has: they stay empty
+            self.slots[j]
+            for j in self.free
+            if self.slots[j].kind not in held and not self.slots[j].kind.startswith("other:")
+        ]
+        if others:
+            shown = ", ".join(s.describe_with_shape() for s in others[:6]) + (
+                " ..." if len(others) > 6 else ""
+            )
+            said += f"; the model's modules of kinds no source layer has, which stay empty: {shown}"
+        return said
 
     def _interchangeable(self, layer_ids: list[int], slot_ids: list[int]) -> str:
         layers = [self.layers[i] for i in layer_ids]
