@@ -246,10 +246,9 @@ def pair_layers(
             )
         if inside:
             _pair_by_name(layers, slots, result, taken, inside[0])
-    changed = (
-        call_order.changes if call_order is not None and folded_constants else lambda path: False
-    )  # as the proof: a module whose forward changes its weight takes no layer by structure
-    _pair_within(layers, [s for s in slots if not (s.path and changed(s.path))], result, taken, fits)
+    # as the proof: a module whose forward changes its weight takes no layer by structure
+    changed = call_order.changes if call_order is not None and folded_constants else None
+    _pair_within(layers, slots, result, taken, fits, changed)
     Prover(
         model,
         layers,
@@ -311,6 +310,7 @@ def _pair_within(
     result: dict[int, Paired],
     taken: set[str],
     fits: Fits | None,
+    changed: Callable[[str], bool] | None,
 ) -> None:
     """A layer the source records running in module ``m`` (whose forward applies a child's weight itself:
     ``F.linear(x, self.proj.weight)``) takes the one free slot inside ``m`` it fits, where no other such
@@ -326,6 +326,7 @@ def _pair_within(
             and slot.label not in taken
             and slot.kind == layer.kind
             and (fits is None or fits(i, slot))
+            and not (changed is not None and changed(slot.path))  # asked last: it runs the forward pass
         ]
         if len(inside) == 1:
             wanted.setdefault(inside[0].label, []).append(i)

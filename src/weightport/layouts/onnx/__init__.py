@@ -165,7 +165,7 @@ def plan(
             lay.node.label,
             lay.kind,
             lay.detail,
-            named_path(lay, call_order.changes if call_order is not None else lambda path: False),
+            named_path(lay, lambda path: _changes_own(module, path, call_order)),
             order=None if lay.node.synthetic else ("graph", lay.node.index),  # nodes are in topological order
             within=ran_in_module(lay),
         )
@@ -312,6 +312,25 @@ def _not_layers(module: nn.Module, layers: list[Layer], source: Source) -> tuple
     return kept, rules
 
 
+def _own_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class overrides the ``forward`` of the PyTorch layer it is (it may change its
+    weight before use), rather than keeping torch's, which uses each tensor as it is."""
+    base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.")), None)
+    return base is not None and type(module).forward is not getattr(base, "forward", None)
+
+
+def _changes_own(model: nn.Module, path: str, call_order: CallOrder | None) -> bool:
+    """Whether the forward pass on ``example_inputs=`` shows module ``path`` changing its own weight before
+    use; asked only of a module with a forward of its own, so that the pass runs only where it can tell."""
+    if call_order is None:
+        return False
+    try:
+        found = model.get_submodule(path)
+    except AttributeError:
+        return False
+    return _own_forward(found) and call_order.changes(path)
+
+
 def _own_forwards(layers: list[Layer], paired: list[Paired]) -> list[str]:
     """A note for modules paired by structure (or by the module a node ran in) whose class overrides its
     PyTorch layer's ``forward``: if that forward changes the weight before use (standardizes or scales it),
@@ -320,12 +339,10 @@ def _own_forwards(layers: list[Layer], paired: list[Paired]) -> list[str]:
     own = []
     for layer, pair in zip(layers, paired):
         module = pair.slot.module
-        base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.")), None)
         if (
             pair.how.startswith("mapping=")
             or (pair.how.startswith("by name") and owner_path(layer))
-            or base is None
-            or type(module).forward is getattr(base, "forward", None)
+            or not _own_forward(module)
         ):
             continue
         own.append(f"'{pair.slot.label}' ({type(module).__name__})")

@@ -167,8 +167,8 @@ def _plain_rules(
             "otherwise rename the tensor in the file, or pass mapping= with a model that computes the node.",
         )
         return []
-    changed = uses(slot.path) if uses is not None else False
-    if changed is not False and _applied_elsewhere(layer, pair, source):
+    changed = uses(slot.path) if uses is not None and _applied_elsewhere(layer, pair, source) else False
+    if changed is not False:
         name = slot.path.rpartition(".")[2]
         if changed:
             why = (
