@@ -120,15 +120,23 @@ def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:
 def _name_scope(name: str) -> str | None:
     """The module path in a node name of torch.onnx.export's TorchScript exporter, which names each node by
     the modules it ran in and its op (``'/blocks.0/attn/proj/MatMul'``: ``blocks.0.attn.proj``; a module
-    called again gets ``_1``, which names no module).
+    called again gets ``_1``, which names no module). A child of an ``nn.Sequential`` is named by its path
+    from the Sequential's own parent (``'/layer1/layer1.0/conv1/Conv'``: ``layer1.0.conv1``).
 
     >>> _name_scope("/encoder/layer.0/attention/self/query/MatMul"), _name_scope("/MatMul"), _name_scope("fc")
-    ('encoder.layer.0.attention.self.query', '', None)
+    ('encoder.layer.0.attention.self.query', None, None)
+    >>> _name_scope("/layer1/layer1.0/downsample/downsample.0/Conv")
+    'layer1.0.downsample.0'
     """
     parts = name.split("/")
     if len(parts) < 3 or parts[0] or not all(parts[1:]):
         return None
-    return ".".join(parts[1:-1])
+    path: list[str] = []
+    for part in parts[1:-1]:
+        # a dotted segment is named from an ancestor's attribute on: it replaces the path's end it repeats
+        ends = [k for k in range(len(path)) if part.startswith(".".join(path[k:]) + ".")]
+        path = path[: ends[0]] + part.split(".") if ends else path + part.split(".")
+    return ".".join(path)
 
 
 # ONNX Cast ``to`` codes and the stored dtypes each widens exactly (every value kept): such a Cast
