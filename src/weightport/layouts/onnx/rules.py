@@ -207,7 +207,7 @@ def _plain_rules(
             pass  # the BatchNorm after it adds the bias (folding.fold_rules)
         elif all_zero(source, bias):
             validated.add(bias)
-        elif _ran_in_parent(layer, pair):
+        elif _ran_in_parent(layer, pair, named=True):
             issues.add(
                 node,
                 f"adds a bias '{bias}' that '{slot.label}' (built with bias=False) does not hold: the node ran in "
@@ -243,16 +243,20 @@ def _plain_rules(
     return rules
 
 
-def _ran_in_parent(layer: Layer, pair: Paired) -> bool:
-    """Whether the dynamo exporter records the node running in a module that holds the paired one: that
-    module's forward applied the paired one's tensors itself."""
+def _ran_in_parent(layer: Layer, pair: Paired, named: bool = False) -> bool:
+    """Whether the dynamo exporter records the node running in a module that holds the paired one (or, with
+    ``named``, the legacy exporter's node name says so): that module's forward applied the paired one's
+    tensors itself."""
     ran_in, path = layer.node.module, pair.slot.path
+    if ran_in is None and named:
+        ran_in = layer.node.name_scope
     return ran_in is not None and ran_in != path and (ran_in == "" or path.startswith(ran_in + "."))
 
 
 def _ran_in(layer: Layer) -> str:
     """The module a node ran in, as messages name it."""
-    return f"'{layer.node.module}'" if layer.node.module else "the model's own forward"
+    ran_in = layer.node.module if layer.node.module is not None else layer.node.name_scope
+    return f"'{ran_in}'" if ran_in else "the model's own forward"
 
 
 def _applied_elsewhere(layer: Layer, pair: Paired, source: Source) -> bool:
