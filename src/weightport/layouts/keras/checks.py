@@ -334,11 +334,13 @@ def _check_conv(cfg: Mapping[str, Any], m: Any, layer: Layer, mismatch: Any) -> 
         ("strides", "stride", cfg.get("strides")),
         ("dilation_rate", "dilation", cfg.get("dilation_rate")),
     ]
+    differ = False
     for keras, torch_name, value in pairs:
         if value is None:
             continue
         wanted = tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(m.stride)
         if tuple(getattr(m, torch_name)) != wanted:
+            differ = True
             mismatch(
                 f"{torch_name}={wanted} (Keras {keras})",
                 f"{torch_name}={getattr(m, torch_name)}",
@@ -348,6 +350,8 @@ def _check_conv(cfg: Mapping[str, Any], m: Any, layer: Layer, mismatch: Any) -> 
         mismatch(
             f"groups={cfg['groups']}", f"groups={m.groups}", f"build the module with groups={cfg['groups']}"
         )
+    if differ:
+        return  # the padding Keras needs follows from its stride and dilation: said once those agree
     _, problem = (
         transpose_verdict(cfg, m)
         if type(m).__name__.startswith("ConvTranspose")
