@@ -574,3 +574,16 @@ def test_a_layer_no_free_module_fits_is_named_with_the_modules_left_empty(tmp_pa
         r"source layer has, which stay empty: 3 \(Linear \(3, 4\)\)",
     ):
         weightport.load(target, tmp_path / "m.keras")
+
+
+def test_a_stride_that_differs_is_said_without_a_padding_worked_out_for_it(tmp_path: Path) -> None:
+    """Keras ResNet v1 strides the first 1x1 conv, torchvision the 3x3: the stride is the problem, and no
+    padding is worked out from the module's own stride."""
+    model = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(3, 3, padding="same")])
+    model.save(tmp_path / "m.keras")
+    with pytest.raises(LoadError) as caught:
+        weightport.load(nn.Conv2d(2, 3, 3, stride=2, padding=1), tmp_path / "m.keras")
+    (problem,) = caught.value.problems
+    assert "stride=(1, 1) (Keras strides)" in problem.expected and "padding" not in str(caught.value), (
+        caught.value
+    )
