@@ -375,13 +375,18 @@ def _open_inside(folder: Path, location: str, where: str, name: str) -> int:
 _SCOPES = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's record of the modules a node ran in
 
 
+def _text(value: Any) -> str:
+    """A protobuf string field as text (a damaged file can hold bytes that are not UTF-8)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def _node_dict(node: Any, onnx: Any) -> dict[str, Any]:
     found = {
-        "op_type": node.op_type,
-        "domain": node.domain,
-        "name": node.name,
-        "inputs": list(node.input),
-        "outputs": list(node.output),
+        "op_type": _text(node.op_type),
+        "domain": _text(node.domain),
+        "name": _text(node.name),
+        "inputs": [_text(name) for name in node.input],
+        "outputs": [_text(name) for name in node.output],
         "attributes": {attr.name: _plain(attr, onnx) for attr in node.attribute},
     }
     scope = _module_scope(node)
