@@ -1,17 +1,16 @@
 """A Dense that reads a flattened feature map: which input row is which.
 
 Keras and Flax run convolutions channels-last, so a ``Flatten`` of a ``(7, 7, 512)`` map numbers the next
-Dense's input rows (height, width, channels). A PyTorch model that flattens its NCHW map (``torch.flatten(x, 1)``,
-as torchvision's VGG does) numbers them (channels, height, width); one that permutes channels-last first
-(``x.permute(0, 2, 3, 1).flatten(1)``) numbers them as Keras does. The shapes are the same either way, so
-only the model's forward tells: the pass on ``example_inputs=`` shows how it flattens (see
+Dense's input rows (height, width, channels). A PyTorch model that flattens its NCHW map
+(``torch.flatten(x, 1)``, as torchvision's VGG does) numbers them (channels, height, width); one that
+permutes channels-last first (``x.permute(0, 2, 3, 1).flatten(1)``) numbers them as Keras does. The
+shapes are the same either way, so only the model's forward tells: the pass on ``example_inputs=`` shows how it flattens (see
 :meth:`weightport.call_order.CallOrder.flattened`), and the kernel's rows are reordered to match. Without
 it, the load is refused with both readings. A source that records no ``Flatten`` (a weights-only file, a
 Flax checkpoint) cannot say it read a map: where the model flattens a channels-first one into the layer,
 the load is refused (:func:`unrecorded_flatten`), and without ``example_inputs=`` the order is reported
 unchecked (:func:`flatten_unchecked`).
 
->>> from weightport.transforms import Transpose
 >>> op = rows_as_channels_first((2, 2, 3), 5)
 >>> import numpy as np
 >>> kernel = np.arange(12 * 5).reshape(12, 5)  # rows (h, w, c)
@@ -85,8 +84,9 @@ def flatten_unchecked(said: str) -> str:
 def flattened_rules(
     found: Any, slot: Slot, rules: list[Rule], source: Source, call_order: CallOrder | None
 ) -> list[Rule]:
-    """``rules`` for Keras Dense ``found`` (a resolved layer, with ``layer.flattened``) in ``slot``, its kernel's rows in the order the model flattens its map
-    in; a LayoutError where that order is not shown, or not the one the file records."""
+    """``rules`` for Keras Dense ``found`` (a resolved layer, with ``layer.flattened``) in ``slot``, its
+    kernel's rows in the order the model flattens its map in; a LayoutError where that order is not shown,
+    or is not the one the file records."""
     where, said = source.description, f"Keras Dense '{found.layer.name}'"
     flat = found.layer.flattened
     seen = call_order.flattened(slot.path) if call_order is not None else None
