@@ -3,13 +3,13 @@
 Keras and Flax run convolutions channels-last, so a ``Flatten`` of a ``(7, 7, 512)`` map numbers the next
 Dense's input rows (height, width, channels). A PyTorch model that flattens its NCHW map
 (``torch.flatten(x, 1)``, as torchvision's VGG does) numbers them (channels, height, width); one that
-permutes channels-last first (``x.permute(0, 2, 3, 1).flatten(1)``) numbers them as Keras does. The
-shapes are the same either way, so only the model's forward tells: the pass on ``example_inputs=`` shows how it flattens (see
-:meth:`weightport.call_order.CallOrder.flattened`), and the kernel's rows are reordered to match. Without
-it, the load is refused with both readings. A source that records no ``Flatten`` (a weights-only file, a
-Flax checkpoint) cannot say it read a map: where the model flattens a channels-first one into the layer,
-the load is refused (:func:`unrecorded_flatten`), and without ``example_inputs=`` the order is reported
-unchecked (:func:`flatten_unchecked`).
+permutes channels-last first (``x.permute(0, 2, 3, 1).flatten(1)``) numbers them as Keras does. The shapes
+are the same either way, so only the model's forward tells: the pass on ``example_inputs=`` shows how it
+flattens (see :meth:`weightport.call_order.CallOrder.flattened`), and the kernel's rows are reordered to
+match. Without it, the load is refused with both readings. A source that records no ``Flatten`` (a
+weights-only file, a Flax checkpoint) cannot say it read a map: where the model flattens a channels-first
+one into the layer, the load is refused (:func:`unrecorded_flatten`), and without ``example_inputs=`` the
+order is reported unchecked (:func:`flatten_unchecked`).
 
 >>> op = rows_as_channels_first((2, 2, 3), 5)
 >>> import numpy as np
