@@ -125,3 +125,27 @@ def test_a_weights_only_file_says_what_it_cannot_know(files: tuple[Any, Path]) -
     expected = np.asarray(model(x.permute(0, 2, 3, 1).numpy(), training=False))
     with torch.no_grad():
         np.testing.assert_allclose(channels_last(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dense_after_pooling_takes_its_kernel_as_it_is(tmp_path: Path) -> None:
+    """No Flatten in the configuration (GlobalAveragePooling before the Dense): one order, whatever the model
+    flattens, and a model that flattens a pooled 1 x 1 map loads as Keras computes."""
+    model = keras.Sequential(
+        [
+            keras.Input((3, 4, 2)),
+            keras.layers.Conv2D(8, 3),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(5),
+        ]
+    )
+    rng = np.random.default_rng(5)
+    model.set_weights([rng.normal(0, 0.3, tuple(w.shape)).astype(np.float32) for w in model.weights])
+    model.save(tmp_path / "m.keras")
+    x = rng.standard_normal((2, 3, 4, 2)).astype(np.float32)
+    torch_model = nn.Sequential(
+        nn.Conv2d(2, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)
+    ).eval()
+    inputs = torch.from_numpy(x).permute(0, 3, 1, 2)
+    weightport.load(torch_model, tmp_path / "m.keras", example_inputs=inputs)
+    with torch.no_grad():
+        np.testing.assert_allclose(torch_model(inputs).numpy(), np.asarray(model(x)), rtol=1e-5, atol=1e-5)

@@ -94,6 +94,8 @@ def flattened_rules(
     kernel = next((r for r in rules if r.target == weight), None)
     if kernel is None:
         return rules
+    if flat is None and any(part.config is not None for part in found.parts):
+        return rules  # the configuration shows no Flatten before it
     if flat is None:  # a file without a configuration: nothing says whether Keras flattened a map
         unrecorded_flatten(
             where,
