@@ -88,8 +88,7 @@ class _Dataflow(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.made_by: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.owners: dict[int, str] = {}  # id of a module's (stand-in) tensor -> the module's path
-        self.names: dict[int, str] = {}  # id of a module's (stand-in) tensor -> its name
+        self.names: dict[int, str] = {}  # id of a module's (stand-in) tensor -> its state-dict name
         self.changed: set[str] = set()
         self.read: set[str] = set()
         self.channels_last: WeakIdKeyDictionary = WeakIdKeyDictionary()  # maps permuted to (N, ..., C)
@@ -97,25 +96,20 @@ class _Dataflow(TorchFunctionMode):
 
     def own(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Take ``{state-dict name: tensor}`` as the modules' own tensors (replacing any before)."""
-        self.owners = {id(t): name.rpartition(".")[0] for name, t in tensors.items()}
         self.names = {id(t): name for name, t in tensors.items()}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self.names:
-            self.read.update(self.names[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.names)
+        own = [self.names[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.names]
+        self.read.update(own)
         out = func(*args, **kwargs)
-        if (
-            self.owners
-            and getattr(func, "__name__", "") not in _AS_THEY_ARE
-            and next(_tensors(out), None) is not None
-        ):
+        name = getattr(func, "__name__", "")
+        if own and name not in _AS_THEY_ARE and next(_tensors(out), None) is not None:
             # a tensor made from a module's own (a property read, a size or a dtype changes nothing)
-            read = {self.owners[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.owners}
-            self.changed.update(read)
+            self.changed.update(n.rpartition(".")[0] for n in own)
         self.tag(out, self.sources(args, kwargs))
         if isinstance(out, torch.Tensor):
-            self._follow_layout(getattr(func, "__name__", ""), args, kwargs, out)
+            self._follow_layout(name, args, kwargs, out)
         return out
 
     def _follow_layout(self, name: str, args: Any, kwargs: Any, out: torch.Tensor) -> None:
@@ -187,8 +181,8 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
         first = next(_tensors(args), None)
         if first is not None:
             calls.input_shapes.setdefault(path, tuple(first.shape))
-        if first is not None and first in flow.flattened:
-            calls.flat_input.setdefault(path, flow.flattened[first])
+            if first in flow.flattened:
+                calls.flat_input.setdefault(path, flow.flattened[first])
 
     def after(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         flow.tag(output, flow.sources(args, kwargs) | {names[id(module)]})

@@ -89,7 +89,6 @@ def flattened_rules(
     or is not the one the file records."""
     where, said = source.description, f"Keras Dense '{found.layer.name}'"
     flat = found.layer.flattened
-    seen = call_order.flattened(slot.path) if call_order is not None else None
     weight = slot.name("weight")
     kernel = next((r for r in rules if r.target == weight), None)
     if kernel is None:
@@ -108,6 +107,7 @@ def flattened_rules(
         )
         return rules
     flatten, recorded = flat
+    seen = call_order.flattened(slot.path) if call_order is not None else None
     shown = f" {recorded}" if recorded else ""
     readings = (
         f"{said} reads Flatten '{flatten}' of a channels-last map{shown}: its kernel's rows run (height, width, "

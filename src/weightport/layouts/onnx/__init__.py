@@ -101,7 +101,7 @@ from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.onnx.arrays import export, nodes_from_keys
 from weightport.layouts.onnx.attention import explain_unnamed_attention, named_parameter_rules
 from weightport.layouts.onnx.folding import FOLDS_INTO, fold_rules, followers, statistics_note
-from weightport.layouts.onnx.graph import Graph, Layer, read_nodes, weight_names
+from weightport.layouts.onnx.graph import Layer, read_nodes, weight_names
 from weightport.layouts.onnx.hints import explain_unrolled_recurrence, loop_hints, unmapped_hints
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.onnx.layers import find_layers, named_path, owner_path, ran_in_module
@@ -156,7 +156,7 @@ def plan(
             "plain arrays carry no graph, so they are taken to match the module"
         ]
     validated: set[str] = set()
-    refuse_runtime_graphs(nodes, Graph.of(nodes, source), source.description)
+    refuse_runtime_graphs(nodes, source)
     layers, by_name = _not_layers(module, find_layers(nodes, source, issues, validated), source)
     _name_conv1d(module, layers)
     issues.raise_if_any(target)
@@ -279,8 +279,10 @@ def _name_conv1d(module: nn.Module, layers: list[Layer]) -> None:
     it as one: GPT-2's ``x @ weight + bias``, with the weight ``(in, out)`` as the node reads it. Shapes
     cannot tell it from a Linear's transposed weight (a square one), so only names make it one."""
     conv1d = {slot.path for slot in module_slots(module) if slot.kind == TRANSFORMERS_CONV1D}
+    if not conv1d:
+        return
     for layer in layers:
-        if layer.kind == "Linear" and conv1d and (named_path(layer) or ("",))[0] in conv1d:
+        if layer.kind == "Linear" and (named_path(layer) or ("",))[0] in conv1d:
             transposed = isinstance(layer.ops.get("weight"), Transpose)  # the node reads it as (in, out)
             layer.kind = TRANSFORMERS_CONV1D
             layer.ops["weight"] = Identity() if transposed else Transpose((1, 0))

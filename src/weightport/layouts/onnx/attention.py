@@ -225,8 +225,8 @@ def named_parameter_rules(
             if slot.layer is None:
                 _known_by_name(slot, source, used, filled, rules, pairings, unchecked)
                 own = [(slot.name(p), tuple(t.shape)) for p, t in slot.module.named_parameters(recurse=False)]
-                ruled = filled | {rule.target for rule in rules}
-                if own and not any(name in ruled or name in source.infos for name, _ in own):
+                # no rule here targets a name the file lacks: only the layer rules before can fill these
+                if own and not any(name in filled or name in source.infos for name, _ in own):
                     hints[slot.path] = _folded_hint(own, source, used, reads, "no node applies it and ")
             continue
         lacking: list[tuple[str, tuple[int, ...]]] = []

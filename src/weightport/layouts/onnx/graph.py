@@ -120,8 +120,9 @@ def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:
 def _name_scope(name: str) -> str | None:
     """The module path in a node name of torch.onnx.export's TorchScript exporter, which names each node by
     the modules it ran in and its op (``'/blocks.0/attn/proj/MatMul'``: ``blocks.0.attn.proj``; a module
-    called again gets ``_1``, which names no module; ``''``: the model's own forward). A child of an ``nn.Sequential`` is named by its path
-    from the Sequential's own parent (``'/layer1/layer1.0/conv1/Conv'``: ``layer1.0.conv1``).
+    called again gets ``_1``, which names no module; ``''``: the model's own forward). A child of an
+    ``nn.Sequential`` is named by its path from the Sequential's own parent (``'/layer1/layer1.0/conv1/Conv'``:
+    ``layer1.0.conv1``).
 
     >>> _name_scope("/encoder/layer.0/attention/self/query/MatMul"), _name_scope("/MatMul"), _name_scope("fc")
     ('encoder.layer.0.attention.self.query', '', None)

@@ -12,6 +12,7 @@ from weightport.layouts.onnx.attention import ATTENTION, attention_rules
 from weightport.layouts.onnx.checks import check_conv, check_norm, check_recurrent_module
 from weightport.layouts.onnx.graph import Layer, all_zero
 from weightport.layouts.onnx.issues import Issues
+from weightport.layouts.onnx.layers import ran_in_module
 from weightport.layouts.onnx.ops import CONV_KINDS, GATE_ORDER, NORMS
 from weightport.layouts.pairing import Paired
 from weightport.layouts.slots import TRANSFORMERS_CONV1D
@@ -255,7 +256,7 @@ def _ran_in_parent(layer: Layer, pair: Paired, named: bool = False) -> bool:
 
 def _ran_in(layer: Layer) -> str:
     """The module a node ran in, as messages name it."""
-    ran_in = layer.node.module if layer.node.module is not None else layer.node.name_scope
+    ran_in = ran_in_module(layer)
     return f"'{ran_in}'" if ran_in else "the model's own forward"
 
 

@@ -8,17 +8,17 @@ standard operators only: a Linear read from the bare ``MatMul`` would take no bi
 refused as a whole, with what it holds and the file to load instead.
 
 >>> from weightport.layouts.onnx.graph import Node
->>> _rewritten(Node(0, "com.microsoft.BiasGelu", "g", ("h", "fc1.bias"), ("y",), {}), ["fc1.bias"])
+>>> _rewritten(Node(0, "com.microsoft.BiasGelu", "g", ("h", "fc1.bias"), ("y",), {}))
 'contrib'
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 
 from weightport.errors import UnsupportedConfigError
 from weightport.layouts.onnx.graph import Graph, Node
+from weightport.sources.base import Source
 
 __all__ = ["refuse_runtime_graphs"]
 
@@ -31,10 +31,8 @@ QUANTIZED = frozenset(
 )  # fmt: skip
 
 
-def _rewritten(node: Node, stored: Iterable[str]) -> str | None:
-    """``"quantized"`` or ``"contrib"`` where ``node`` computes with stored tensors in a runtime's own form."""
-    if not any(stored):
-        return None
+def _rewritten(node: Node) -> str | None:
+    """``"quantized"`` or ``"contrib"`` where ``node`` is an operator of a runtime's own form."""
     if node.op_type in QUANTIZED or node.op_type.startswith("com.microsoft.Q"):
         return "quantized"
     if "." in node.op_type:  # an operator of a domain other than ONNX's own
@@ -42,15 +40,20 @@ def _rewritten(node: Node, stored: Iterable[str]) -> str | None:
     return None
 
 
-def refuse_runtime_graphs(nodes: list[Node], graph: Graph, where: str) -> None:
-    """Raise UnsupportedConfigError where nodes compute with stored tensors in a runtime's own form."""
+def refuse_runtime_graphs(nodes: list[Node], source: Source) -> None:
+    """Raise UnsupportedConfigError where nodes compute with stored tensors in a runtime's own form (the
+    graph's wiring is worked out only where such an operator is there at all)."""
+    candidates = [(node, kind) for node in nodes if (kind := _rewritten(node)) is not None]
+    if not candidates:
+        return
+    graph = Graph.of(nodes, source)
     found: dict[str, Counter[str]] = {"quantized": Counter(), "contrib": Counter()}
-    for node in nodes:
-        kind = _rewritten(node, [s for s in (graph.stored(n) for n in node.inputs) if s])
-        if kind is not None:
+    for node, kind in candidates:
+        if any(graph.stored(name) for name in node.inputs):
             found[kind][node.op_type] += 1
     if not any(found.values()):
         return
+    where = source.description
     ops = ", ".join(f"{op} x{n}" for counts in found.values() for op, n in sorted(counts.items()))
     if found["quantized"]:
         raise UnsupportedConfigError(
