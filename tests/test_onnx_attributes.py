@@ -794,3 +794,27 @@ def test_the_legacy_exporters_node_names_pair_layers_by_the_modules_they_spell(t
     }
     (expected,) = run_ort(path, {_input_name(path): x.numpy()})
     np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)
+
+
+class _Branches(nn.Module):
+    """Two square Linears inside nn.Sequential blocks, side by side: no order or shape tells them apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.right = nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.left(x) * self.right(x)
+
+
+def test_legacy_node_names_of_sequential_children_pair_them_by_name(tmp_path: Path) -> None:
+    """The legacy exporter names an nn.Sequential's child from its parent on ('/right/right.0/right.0.0/MatMul'):
+    each parallel Linear takes its own module, and the load gives onnxruntime's outputs."""
+    x = torch.randn(2, 3, 4)
+    path = _onnx(_Branches(), x, tmp_path / "m.onnx", dynamo=False)
+    model = _noisy(_Branches(), 1)
+    report = weightport.load(model, path)
+    assert {p.module_path: p.how for p in report.pairings} == {"left.0": "by name", "right.0.0": "by name"}
+    (expected,) = run_ort(path, {_input_name(path): x.numpy()})
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=TOL)
