@@ -528,7 +528,7 @@ class _TorchCnn(tnn.Module):
 def test_a_dense_after_a_reshaped_map_needs_the_flatten_order_shown(tmp_path: Path) -> None:
     """The checkpoint records no reshape: a model that flattens its NCHW map (rows (channels, height,
     width)) is refused where example_inputs= shows it; one that permutes channels-last first gives Flax's
-    outputs; without example_inputs= the order is reported unchecked."""
+    outputs; without example_inputs= a Dense whose inputs are positions of the conv's channels is refused."""
     x = np.random.default_rng(4).standard_normal((2, 3, 5, 2)).astype(np.float32)
     variables, expected = _flax(_FlaxCnn(), x)
     path = _save(variables, tmp_path)
@@ -538,10 +538,11 @@ def test_a_dense_after_a_reshaped_map_needs_the_flatten_order_shown(tmp_path: Pa
     with pytest.raises(WeightportError, match=r"flattens a channels-first map \(4, 3, 5\) into 'fc'"):
         weightport.load(module, path, layout="flax", example_inputs=inputs)
     assert snapshot(module) == before
-    with pytest.warns(
-        UncheckedConfigWarning, match=r"whether Flax Dense 'Dense_0' reads a flattened feature map"
+    with pytest.raises(
+        WeightportError, match=r"Flax Dense 'Dense_0' in 'fc' takes 60 inputs, 15 positions of a map of 4"
     ):
         weightport.load(module, path, layout="flax")
+    assert snapshot(module) == before
     faithful = _TorchCnn(channels_last=True).eval()
     _load(faithful, path, example_inputs=inputs)
     with torch.no_grad():

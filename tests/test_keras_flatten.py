@@ -104,7 +104,8 @@ def test_without_example_inputs_both_readings_are_refused(files: tuple[Any, Path
 
 def test_a_weights_only_file_says_what_it_cannot_know(files: tuple[Any, Path]) -> None:
     """It records no Flatten: a model that flattens a channels-first map is refused (the .keras file is the
-    fix); without example_inputs= the load says the order is unchecked."""
+    fix); without example_inputs= a Dense whose 96 inputs are 12 positions of the conv's 8 channels may read
+    a map, and is refused with both readings."""
     model, folder = files
     x = torch.randn(2, 2, 3, 4)
     module = ChannelsFirst()
@@ -114,10 +115,13 @@ def test_a_weights_only_file_says_what_it_cannot_know(files: tuple[Any, Path]) -
     ):
         weightport.load(module, folder / "m.weights.h5", example_inputs=x)
     assert snapshot(module) == before
-    with pytest.warns(
-        UncheckedConfigWarning, match=r"whether Keras Dense 'fc' reads a flattened feature map"
+    with pytest.raises(
+        LayoutError,
+        match=r"Keras Dense 'fc' in 'fc' takes 96 inputs, 12 positions of a map of 8 channels.*"
+        r"Fix: pass example_inputs=.*or load the \.keras file",
     ):
         weightport.load(module, folder / "m.weights.h5")
+    assert snapshot(module) == before
     channels_last = ChannelsLast().eval()  # Keras's own order: the rows as stored
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UncheckedConfigWarning)  # the conv's settings
@@ -147,5 +151,34 @@ def test_a_dense_after_pooling_takes_its_kernel_as_it_is(tmp_path: Path) -> None
     ).eval()
     inputs = torch.from_numpy(x).permute(0, 3, 1, 2)
     weightport.load(torch_model, tmp_path / "m.keras", example_inputs=inputs)
+    with torch.no_grad():
+        np.testing.assert_allclose(torch_model(inputs).numpy(), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_weights_only_dense_whose_width_a_conv_outputs_loads_with_the_note(tmp_path: Path) -> None:
+    """Pooled to the conv's 8 channels: 8 inputs are no map's positions, so a weights-only file loads
+    without example_inputs= (as Keras computes), noting the order it cannot check; a Dense after it, whose
+    inputs are the first one's outputs, is not taken for a map either."""
+    model = keras.Sequential(
+        [
+            keras.Input((3, 4, 2)),
+            keras.layers.Conv2D(8, 3, name="conv"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(16, name="fc1"),
+            keras.layers.Dense(5, name="fc2"),
+        ]
+    )
+    rng = np.random.default_rng(6)
+    model.set_weights([rng.normal(0, 0.3, tuple(w.shape)).astype(np.float32) for w in model.weights])
+    model.save_weights(tmp_path / "m.weights.h5")
+    x = rng.standard_normal((2, 3, 4, 2)).astype(np.float32)
+    torch_model = nn.Sequential(
+        nn.Conv2d(2, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.Linear(16, 5)
+    ).eval()
+    with pytest.warns(
+        UncheckedConfigWarning, match=r"whether Keras Dense 'fc1' reads a flattened feature map"
+    ):
+        weightport.load(torch_model, tmp_path / "m.weights.h5")
+    inputs = torch.from_numpy(x).permute(0, 3, 1, 2)
     with torch.no_grad():
         np.testing.assert_allclose(torch_model(inputs).numpy(), np.asarray(model(x)), rtol=1e-5, atol=1e-5)

@@ -24,6 +24,8 @@ import math
 from dataclasses import replace
 from typing import Any
 
+from torch import nn
+
 from weightport.call_order import CallOrder
 from weightport.errors import LayoutError
 from weightport.layouts.base import Rule
@@ -36,9 +38,11 @@ __all__ = [
     "rows_as_channels_first",
     "flattened_rules",
     "unrecorded_flatten",
+    "unshown_flatten",
     "flatten_unchecked",
 ]
 
+NO_CONFIG = "the file, which records no configuration, does not say whether it read a Flatten of a map"
 MAP_KINDS = frozenset({"Conv1d", "Conv2d", "Conv3d"})  # layers whose outputs a Dense may read flattened
 
 
@@ -71,6 +75,46 @@ def unrecorded_flatten(
     )
 
 
+def unshown_flatten(where: str, said: str, module: nn.Module, slot: Slot, unknown: str, fix: str) -> None:
+    """Refuse a layer ``said`` of a source that records no flatten, loaded without ``example_inputs=``, into
+    Linear ``slot`` of ``module`` where its input size may be a flattened map: a proper multiple of the
+    channels of the widest convolution or of the last one before it, and no width a module outputs."""
+    rows = getattr(slot.module, "in_features", None)
+    convs: list[int] = []
+    widths: set[int] = set()
+    last = 0
+    for m in module.modules():
+        if m is slot.module:
+            last = convs[-1] if convs else 0
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            convs.append(m.out_channels)
+        for size in _WIDTHS:
+            width = getattr(m, size, None)
+            width = width[-1] if isinstance(width, tuple) and width else width  # a norm's normalized_shape
+            widths |= {width} if isinstance(width, int) else set()
+    maps = sorted({c for c in (max(convs, default=0), last) if c and isinstance(rows, int) and rows % c == 0})
+    if not isinstance(rows, int) or rows in widths or not maps:
+        return
+    raise LayoutError(
+        f"{where}: {said} in {slot.said} takes {rows} inputs, {rows // maps[-1]} positions of a map of "
+        f"{maps[-1]} channels, a width no module outputs: it may read a flattened feature map, and {unknown}. "
+        "A channels-last framework numbers such rows (height, width, channels), a PyTorch flatten of an NCHW "
+        "map (channels, height, width); the weights fit both and the outputs differ. Fix: pass example_inputs= "
+        f"(one forward pass on meta tensors shows whether and how the model flattens a map into it), or {fix}."
+    )
+
+
+_WIDTHS = (
+    "out_channels",
+    "out_features",
+    "num_features",
+    "num_channels",
+    "normalized_shape",
+    "embedding_dim",
+    "hidden_size",
+)
+
+
 def flatten_unchecked(said: str) -> str:
     """The note for a Dense of a source with convolutions that records no flatten, loaded without
     ``example_inputs=``."""
@@ -101,7 +145,7 @@ def flattened_rules(
             said,
             slot,
             call_order,
-            "the file, which records no configuration, does not say whether it read a Flatten of a map",
+            NO_CONFIG,
             "load the .keras file or the Keras model itself (it records the Flatten, and the rows are reordered "
             "to match), or build the Keras model from these weights and save it with model.save('model.keras')",
         )

@@ -90,7 +90,7 @@ from torch import nn
 
 from weightport.call_order import CallOrder
 from weightport.layouts.base import LayoutPlan, Rule
-from weightport.layouts.flattening import MAP_KINDS, flatten_unchecked, unrecorded_flatten
+from weightport.layouts.flattening import MAP_KINDS, flatten_unchecked, unrecorded_flatten, unshown_flatten
 from weightport.layouts.flax.convolutions import torch_padding
 from weightport.layouts.flax.exporting import export
 from weightport.layouts.flax.facts import APIS, COLLECTIONS, FRAMEWORK, ROOT, STATS, TRAINING_STATE
@@ -185,6 +185,15 @@ def plan(
                 "computes it",
             )
             if call_order is None:
+                unshown_flatten(
+                    source.description,
+                    said,
+                    module,
+                    pair.slot,
+                    "a Flax checkpoint does not record whether it read a map",
+                    "permute the PyTorch model's map channels-last before flattening (x.permute(0, 2, 3, 1)"
+                    ".flatten(1)) where the Flax model reshaped its (height, width, channels) map",
+                )
                 flat_notes.append(flatten_unchecked(said))
     own, own_pairings = loose_rules(module, source, {s for rule in rules for s in rule.sources})
     rules += own

@@ -90,7 +90,13 @@ from torch import nn
 from weightport.call_order import CallOrder
 from weightport.errors import LayoutError, LoadError, Problem, UnsupportedConfigError
 from weightport.layouts.base import LayoutPlan, Pairing, Rule
-from weightport.layouts.flattening import MAP_KINDS, flatten_unchecked, flattened_rules
+from weightport.layouts.flattening import (
+    MAP_KINDS,
+    NO_CONFIG,
+    flatten_unchecked,
+    flattened_rules,
+    unshown_flatten,
+)
 from weightport.layouts.keras import describing, hf
 from weightport.layouts.keras.checks import (
     check_config,
@@ -227,7 +233,11 @@ def plan(
                 flattened_rules(found, slot, made, source, call_order) if found.kind == "Linear" else made
             )
             if part.config is None and found.kind == "Linear" and call_order is None and convs:
-                unchecked.append(flatten_unchecked(f"Keras Dense '{found.layer.name}'"))
+                dense = f"Keras Dense '{found.layer.name}'"
+                unshown_flatten(
+                    where, dense, module, slot, NO_CONFIG, "load the .keras file (it records the Flatten)"
+                )
+                unchecked.append(flatten_unchecked(dense))
             if part.config is not None:
                 problems += check_config(found, part, slot, refusals)
                 said = notes(found, part, slot)
