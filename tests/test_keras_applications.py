@@ -81,22 +81,34 @@ def test_efficientnet_b0_into_timm_tf_efficientnet_b0(tmp_path: Path) -> None:
             assert "Keras ZeroPadding2D 'stem_conv_pad' pads ((0, 1), (0, 1))" in stem.how
 
 
-def test_mobilenet_v3_small_into_timm_tf_mobilenetv3_small_100(tmp_path: Path) -> None:
-    """Keras ends in a 1x1 Conv2D of logits where timm has a Linear after flattening: the test's timm
-    model gets that head as a 1x1 Conv2d before the flatten (the same computation)."""
+@pytest.mark.parametrize("head", ["linear", "conv"])
+def test_mobilenet_v3_small_into_timm_tf_mobilenetv3_small_100(tmp_path: Path, head: str) -> None:
+    """Keras ends in 1x1 Conv2D layers after a global pooling with keepdims=True ('Conv_2', then 'Logits');
+    timm applies its conv_head as a 1x1 Conv2d, flattens, and classifies with a Linear: on a map of one
+    position the same computation, so 'Logits' fills the Linear, from the .keras file and the legacy .h5
+    alike. A model given a 1x1 Conv2d classifier takes it as a conv."""
     rng = np.random.default_rng(1)
     model = build(keras.applications.MobileNetV3Small, rng)
     model.save(tmp_path / "v3.keras")
-    module = timm().create_model("tf_mobilenetv3_small_100", pretrained=False).eval()
-    module.flatten = nn.Identity()
-    module.classifier = nn.Sequential(nn.Conv2d(1024, 1000, 1), nn.Flatten())
-    # the strided depthwise convs Keras pads with ZeroPadding2D: timm's pad themselves, so nothing is noted
-    report = weightport.load(module, tmp_path / "v3.keras", example_inputs=(torch.zeros(1, 3, SIZE, SIZE),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a legacy format
+        model.save(tmp_path / "v3.h5")
     x = rng.uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
-    compare(model, module, x, x / 127.5 - 1.0)  # Keras's Rescaling(1/127.5, offset=-1)
-    scaling = next(layer for layer in model.layers if type(layer).__name__ == "Rescaling")
-    said = f"Keras Rescaling '{scaling.name}' (scale 0.00784314, offset -1)"
-    assert any(said in i for i in report.ignored), report.ignored
+    for path in (tmp_path / "v3.keras", tmp_path / "v3.h5"):
+        module = timm().create_model("tf_mobilenetv3_small_100", pretrained=False).eval()
+        if head == "conv":
+            module.flatten = nn.Identity()
+            module.classifier = nn.Sequential(nn.Conv2d(1024, 1000, 1), nn.Flatten())
+        # the strided depthwise convs Keras pads with ZeroPadding2D: timm's pad themselves, so nothing is noted
+        report = weightport.load(module, path, example_inputs=(torch.zeros(1, 3, SIZE, SIZE),))
+        compare(model, module, x, x / 127.5 - 1.0)  # Keras's Rescaling(1/127.5, offset=-1)
+        (logits,) = [p for p in report.pairings if p.source_layer == "logits"]
+        assert (logits.module_kind, logits.source_kind) == (
+            ("Linear", "Conv2D 1x1, of a one-position map") if head == "linear" else ("Conv2d", "Conv2D")
+        )
+        scaling = next(layer for layer in model.layers if type(layer).__name__ == "Rescaling")
+        said = f"Keras Rescaling '{scaling.name}' (scale 0.00784314, offset -1)"
+        assert path.suffix == ".h5" or any(said in i for i in report.ignored), report.ignored
 
 
 @pytest.mark.parametrize("zoo", ["torchvision", "timm"])

@@ -556,8 +556,9 @@ def test_zero_padding_before_a_same_conv_adds_to_its_padding(tmp_path: Path) -> 
 
 
 def test_a_layer_no_free_module_fits_is_named_with_the_modules_left_empty(tmp_path: Path) -> None:
-    """keras.applications MobileNetV3's head is a 1 x 1 Conv2D where torchvision and timm have a Linear: the
-    refusal names that layer and the Linear that would stay empty (a layer fills a module of its kind)."""
+    """keras.applications MobileNetV3's head is a 1 x 1 Conv2D where torchvision and timm have a Linear: from
+    a .keras file (which records the pooling with keepdims=True) it fills the Linear, as Keras computes; a
+    weights-only file records no pooling, so the refusal names the Linear that would stay empty."""
     model = keras.Sequential(
         [
             keras.Input((6, 6, 2)),
@@ -566,14 +567,21 @@ def test_a_layer_no_free_module_fits_is_named_with_the_modules_left_empty(tmp_pa
             keras.layers.Conv2D(3, 1, name="logits"),
         ]
     )
+    rng = np.random.default_rng(3)
+    model.set_weights([rng.normal(0, 0.4, tuple(w.shape)).astype(np.float32) for w in model.weights])
     model.save(tmp_path / "m.keras")
+    model.save_weights(tmp_path / "m.weights.h5")
     target = nn.Sequential(nn.Conv2d(2, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     with pytest.raises(
         LayoutError,
-        match=r"'logits' \(Conv2D\) fits none of those modules; the model's modules of kinds no "
-        r"source layer has, which stay empty: 3 \(Linear \(3, 4\)\)",
+        match=r"the model's modules of kinds no source layer has, which stay empty: 3 \(Linear \(3, 4\)\)",
     ):
-        weightport.load(target, tmp_path / "m.keras")
+        weightport.load(target, tmp_path / "m.weights.h5")
+    weightport.load(target, tmp_path / "m.keras")
+    x = rng.standard_normal((2, 6, 6, 2)).astype(np.float32)
+    with torch.no_grad():
+        got = target(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(got, np.asarray(model(x)).reshape(2, 3), rtol=1e-5, atol=1e-5)
 
 
 def test_a_stride_that_differs_is_said_without_a_padding_worked_out_for_it(tmp_path: Path) -> None:

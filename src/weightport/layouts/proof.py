@@ -187,6 +187,7 @@ class Prover:
                     if taken
                     else f"the source holds {what} and no {torch_class(kind)} of the model can take it"
                 )
+        lines[-1] += self._left_empty()
         fix = f"Fix: build the model with the module each of these layers needs; {self._leave_out()}."
         changed = [
             self.slots[j] for j in self.changed if self.slots[j].kind in {self.layers[i].kind for i in ids}
@@ -255,17 +256,25 @@ class Prover:
             if none and len(none) < len(layer_ids):
                 shown = ", ".join(f"'{x.name}' ({x.detail or x.kind})" for x in none[:6])
                 said += f"; of these, {shown} {'fit' if len(none) > 1 else 'fits'} none of those modules"
+        return said + self._left_empty()
+
+    def _left_empty(self) -> str:
+        """The free modules of kinds no source layer has, which stay empty ("" for none)."""
         held = {layer.kind for layer in self.layers}
-        others = [  # modules of kinds no source layer has: they stay empty
+        others = [
             self.slots[j]
             for j in self.free
             if self.slots[j].kind not in held and not self.slots[j].kind.startswith("other:")
         ]
-        if others:
-            shown = ", ".join(s.describe_with_shape() for s in others[:6]) + (
-                " ..." if len(others) > 6 else ""
+        if not others:
+            return ""
+        shown = ", ".join(s.describe_with_shape() for s in others[:6]) + (" ..." if len(others) > 6 else "")
+        said = f"; the model's modules of kinds no source layer has, which stay empty: {shown}"
+        if any(s.kind == "Linear" for s in others) and any(k.startswith("Conv") for k in held):
+            said += (
+                " (a 1 x 1 convolution fills a Linear only where the source shows it reads a map of one "
+                "position: a Keras configuration records the global pooling with keepdims=True before it)"
             )
-            said += f"; the model's modules of kinds no source layer has, which stay empty: {shown}"
         return said
 
     def _interchangeable(self, layer_ids: list[int], slot_ids: list[int]) -> str:

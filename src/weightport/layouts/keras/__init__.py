@@ -120,6 +120,7 @@ from weightport.layouts.keras.layers import (
     split,
     unique_names,
 )
+from weightport.layouts.keras.pointwise import as_linears
 from weightport.layouts.keras.preprocessing import set_aside
 from weightport.layouts.keras.rules import part_rules
 from weightport.layouts.keras.scale import keras_slots
@@ -184,6 +185,7 @@ def plan(
             resolved += split(found)
     if not resolved:
         refuse_whole_model_layer(layers, where)
+    resolved = as_linears(resolved, slots, {n: _kind_of_target(t, slots) for n, t in mapping.items()})
 
     def rules_for(i: int, slot: Slot) -> list[Rule] | None:
         found = resolved[i]

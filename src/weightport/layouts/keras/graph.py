@@ -14,7 +14,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["graph_of", "note_padding", "maskings", "shared_layers", "zero_padding", "flattened_maps"]
+__all__ = [
+    "graph_of",
+    "note_padding",
+    "maskings",
+    "shared_layers",
+    "zero_padding",
+    "flattened_maps",
+    "one_position_maps",
+]
 
 _Node = tuple[str, dict[str, Any], list[str], tuple[int, ...] | None]
 
@@ -84,6 +92,43 @@ def flattened_maps(graph: dict[str, _Node]) -> dict[str, tuple[str, tuple[int, .
         if shape is not None and (len(shape) < 2 or math.prod(shape[:-1]) == 1):
             continue  # a vector, or a 1 x 1 map: one order
         out[name] = (inputs[0], shape)
+    return out
+
+
+_POOLING = frozenset({f"Global{kind}Pooling{rank}D" for kind in ("Average", "Max") for rank in (1, 2, 3)})
+# layers that keep a map's positions as they are (each position on its own, or the whole map alike)
+_SAME_POSITIONS = _PER_FEATURE | {"ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "BatchNormalization"}
+_JOINS = frozenset({"Add", "Multiply", "Subtract", "Average", "Maximum", "Minimum"})
+
+
+def one_position_maps(graph: dict[str, _Node]) -> set[str]:
+    """The layers that read a map of one position (a global pooling with ``keepdims=True``, then layers
+    that keep its positions, 1 x 1 convolutions included), or were built for one: a 1 x 1 convolution of
+    such a map is a Linear of its channels.
+
+    >>> sorted(one_position_maps(graph_of({"class_name": "Sequential", "config": {"layers": [
+    ...     {"class_name": "GlobalAveragePooling2D", "config": {"name": "pool", "keepdims": True}},
+    ...     {"class_name": "Conv2D", "config": {"name": "c1", "kernel_size": [1, 1]}},
+    ...     {"class_name": "Activation", "config": {"name": "act"}},
+    ...     {"class_name": "Conv2D", "config": {"name": "c2", "kernel_size": [1, 1]}}]}})))
+    ['act', 'c1', 'c2']
+    """
+    out: set[str] = set()
+    one: set[str] = set()  # layers whose outputs are maps of one position
+    for name, (cls, cfg, inputs, built) in graph.items():
+        first = cfg.get("data_format") == "channels_first"
+        spatial = (built[2:] if first else built[1:-1]) if built is not None and len(built) >= 3 else None
+        if (spatial and all(d == 1 for d in spatial)) or (inputs and all(i in one for i in inputs)):
+            out.add(name)
+        reads_one = name in out
+        kernel = cfg.get("kernel_size")
+        pointwise = kernel is not None and all(
+            k == 1 for k in (kernel if isinstance(kernel, list) else [kernel])
+        )
+        if (cls in _POOLING and cfg.get("keepdims")) or (
+            reads_one and (cls in _SAME_POSITIONS or cls in _JOINS or (cls.startswith("Conv") and pointwise))
+        ):
+            one.add(name)
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from weightport.errors import LayoutError
 from weightport.layouts.keras.einsum import dense_reading
-from weightport.layouts.keras.graph import flattened_maps, graph_of, maskings, note_padding
+from weightport.layouts.keras.graph import flattened_maps, graph_of, maskings, note_padding, one_position_maps
 from weightport.layouts.slots import LAYER_SCALE
 from weightport.sources.base import Source
 from weightport.sources.keras import snake_case
@@ -158,6 +158,7 @@ class Layer:
     masked_by: str = ""  # a Masking layer upstream (its mask reaches this layer): how a note names it
     # a Dense fed by a Flatten of a channels-last map: that Flatten's name and the map's shape, where known
     flattened: tuple[str, tuple[int, ...] | None] | None = None
+    one_position: bool = False  # it reads a map of one position (after a global pooling with keepdims=True)
 
     @property
     def tensors(self) -> list[str]:
@@ -189,6 +190,7 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
         graph = graph_of(source.metadata.get("model_config"))
         masks = maskings(graph)
         flats = flattened_maps(graph)
+        pooled = one_position_maps(graph)
         for position, rec in enumerate(records):
             path = str(rec.get("path", ""))
             layer = Layer(path, str(rec.get("name") or path), rec.get("class_name"), rec.get("config"))
@@ -198,6 +200,7 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
             note_padding(layer, graph)
             layer.masked_by = masks.get(layer.name, "")
             layer.flattened = flats.get(layer.name)
+            layer.one_position = layer.name in pooled
             if layer.input_rank is None and isinstance(rec.get("input_shape"), list):  # a live model's
                 layer.input_rank = len(rec["input_shape"])
             if rec.get("weights") is not None:
