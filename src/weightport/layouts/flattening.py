@@ -8,8 +8,11 @@ are the same either way, so only the model's forward tells: the pass on ``exampl
 flattens (see :meth:`weightport.call_order.CallOrder.flattened`), and the kernel's rows are reordered to
 match. Without it, the load is refused with both readings. A source that records no ``Flatten`` (a
 weights-only file, a Flax checkpoint) cannot say it read a map: where the model flattens a channels-first
-one into the layer, the load is refused (:func:`unrecorded_flatten`), and without ``example_inputs=`` the
-order is reported unchecked (:func:`flatten_unchecked`).
+one into the layer, the load is refused (:func:`unrecorded_flatten`). Without ``example_inputs=``, a Dense
+in the first Linear after a convolution (in registration order), whose input size is no module's output
+width, may read a map: where that size is a multiple of the convolution's channels (or the widest one's)
+it is refused with both readings (:func:`unshown_flatten`), otherwise reported unchecked
+(:func:`flatten_unchecked`).
 
 >>> op = rows_as_channels_first((2, 2, 3), 5)
 >>> import numpy as np
@@ -75,26 +78,32 @@ def unrecorded_flatten(
     )
 
 
-def unshown_flatten(where: str, said: str, module: nn.Module, slot: Slot, unknown: str, fix: str) -> None:
+def unshown_flatten(where: str, said: str, module: nn.Module, slot: Slot, unknown: str, fix: str) -> bool:
     """Refuse a layer ``said`` of a source that records no flatten, loaded without ``example_inputs=``, into
-    Linear ``slot`` of ``module`` where its input size may be a flattened map: a proper multiple of the
-    channels of the widest convolution or of the last one before it, and no width a module outputs."""
+    Linear ``slot`` of ``module`` where its input size may be a flattened map: the first Linear after a
+    convolution (in registration order), its input size a proper multiple of the channels of that
+    convolution or of the widest one, and no width a module outputs. Returns whether the slot may read a
+    map at all (the first Linear after a convolution, of no module's output width): its order is unchecked."""
     rows = getattr(slot.module, "in_features", None)
     convs: list[int] = []
     widths: set[int] = set()
-    last = 0
+    last, linear_since = 0, False  # a Linear between the last conv and this one reads no map of that conv
     for m in module.modules():
         if m is slot.module:
-            last = convs[-1] if convs else 0
+            last = 0 if linear_since or not convs else convs[-1]
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             convs.append(m.out_channels)
+            linear_since = False
+        linear_since |= isinstance(m, nn.Linear)
         for size in _WIDTHS:
             width = getattr(m, size, None)
             width = width[-1] if isinstance(width, tuple) and width else width  # a norm's normalized_shape
             widths |= {width} if isinstance(width, int) else set()
-    maps = sorted({c for c in (max(convs, default=0), last) if c and isinstance(rows, int) and rows % c == 0})
-    if not isinstance(rows, int) or rows in widths or not maps:
-        return
+    if not isinstance(rows, int) or not last or rows in widths:
+        return False
+    maps = sorted({c for c in (max(convs), last) if rows % c == 0})
+    if not maps:
+        return True
     raise LayoutError(
         f"{where}: {said} in {slot.said} takes {rows} inputs, {rows // maps[-1]} positions of a map of "
         f"{maps[-1]} channels, a width no module outputs: it may read a flattened feature map, and {unknown}. "

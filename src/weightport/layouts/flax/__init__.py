@@ -184,16 +184,15 @@ def plan(
                 "channels-last before flattening (x.permute(0, 2, 3, 1).flatten(1)), as the Flax model "
                 "computes it",
             )
-            if call_order is None:
-                unshown_flatten(
-                    source.description,
-                    said,
-                    module,
-                    pair.slot,
-                    "a Flax checkpoint does not record whether it read a map",
-                    "permute the PyTorch model's map channels-last before flattening (x.permute(0, 2, 3, 1)"
-                    ".flatten(1)) where the Flax model reshaped its (height, width, channels) map",
-                )
+            if call_order is None and unshown_flatten(
+                source.description,
+                said,
+                module,
+                pair.slot,
+                "a Flax checkpoint does not record whether it read a map",
+                "permute the PyTorch model's map channels-last before flattening (x.permute(0, 2, 3, 1)"
+                ".flatten(1)) where the Flax model reshaped its (height, width, channels) map",
+            ):
                 flat_notes.append(flatten_unchecked(said))
     own, own_pairings = loose_rules(module, source, {s for rule in rules for s in rule.sources})
     rules += own

@@ -236,10 +236,9 @@ def plan(
             )
             if part.config is None and found.kind == "Linear" and call_order is None and convs:
                 dense = f"Keras Dense '{found.layer.name}'"
-                unshown_flatten(
-                    where, dense, module, slot, NO_CONFIG, "load the .keras file (it records the Flatten)"
-                )
-                unchecked.append(flatten_unchecked(dense))
+                fix = "load the .keras file (it records the Flatten)"
+                if unshown_flatten(where, dense, module, slot, NO_CONFIG, fix):
+                    unchecked.append(flatten_unchecked(dense))
             if part.config is not None:
                 problems += check_config(found, part, slot, refusals)
                 said = notes(found, part, slot)
