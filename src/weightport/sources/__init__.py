@@ -50,6 +50,7 @@ SourceLike = Union[Source, Mapping[str, Any], str, "os.PathLike[str]", Any]
 _FORMATS: dict[str, str] = {
     "transformers-snapshot": "weightport.sources.snapshot",
     "safetensors-sharded": "weightport.sources.sharded",
+    "transformers-shards": "weightport.sources.hf_shards",
     "safetensors": "weightport.sources.safetensors",
     "npz": "weightport.sources.npz",
     "npy": "weightport.sources.npy",

@@ -42,7 +42,7 @@ from weightport.errors import MissingDependencyError, SourceError, a_or_an
 from weightport.sources.base import Source, TensorInfo
 from weightport.sources.mapping import MappingSource, to_array
 
-__all__ = ["claims", "open", "claims_object", "open_object", "MAX_BYTES", "SUFFIXES"]
+__all__ = ["claims", "open", "claims_object", "open_object", "arrays_source", "MAX_BYTES", "SUFFIXES"]
 
 MAX_BYTES = 8 * 2**30
 """Largest msgpack file read (bytes); the whole file is held in memory while it is decoded."""
@@ -112,10 +112,11 @@ def open(path: Path) -> Source:
     arrays: dict[str, np.ndarray] = {}
     ignored: list[str] = []
     _flatten(msgpack, where, tree, "", arrays, ignored)
-    return _source(where, arrays, ignored, "flax-msgpack")
+    return arrays_source(where, arrays, ignored, "flax-msgpack")
 
 
-def _source(description: str, arrays: dict[str, np.ndarray], ignored: list[str], fmt: str) -> Source:
+def arrays_source(description: str, arrays: dict[str, np.ndarray], ignored: list[str], fmt: str) -> Source:
+    """Decoded Flax arrays by ``/``-joined name, as the source of a checkpoint in format ``fmt``."""
     infos = {n: TensorInfo(n, tuple(int(d) for d in a.shape), a.dtype) for n, a in arrays.items()}
     return MappingSource(
         description=description,
@@ -282,7 +283,7 @@ def open_object(obj: Any, description: str = "the given nnx State") -> Source:
     arrays: dict[str, np.ndarray] = {}
     ignored: list[str] = []
     _walk_state(obj, "", arrays, ignored)
-    return _source(description, arrays, ignored, "nnx-state")
+    return arrays_source(description, arrays, ignored, "nnx-state")
 
 
 def _walk_state(node: Mapping[Any, Any], prefix: str, out: dict[str, np.ndarray], ignored: list[str]) -> None:

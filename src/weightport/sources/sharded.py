@@ -29,7 +29,7 @@ from weightport.sources.base import Region, Source
 from weightport.sources.files import LINKS_NOT_FOLLOWED, folder_has, open_no_follow
 from weightport.sources.safetensors import SafetensorsSource, read_header
 
-__all__ = ["claims", "open", "ShardedSource"]
+__all__ = ["claims", "open", "ShardedSource", "read_weight_map", "plain_shard_name", "shard_count"]
 
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 FILES_BESIDE_IT = True  # an index given as a link names the shards beside the link, not beside its target
@@ -45,31 +45,39 @@ def claims(path: Path) -> bool:
 class ShardedSource(Source):
     """Several safetensors files read as one source; each name maps to its shard."""
 
-    shards: dict[str, SafetensorsSource] = field(default_factory=dict)
+    shards: dict[str, Source] = field(default_factory=dict)
     owner: dict[str, str] = field(default_factory=dict)
+    inner: dict[str, str] = field(default_factory=dict)  # a name -> its name in its shard, where they differ
+
+    def _in_shard(self, name: str) -> tuple[Source, str]:
+        return self.shards[self.owner[name]], self.inner.get(name, name)
 
     def read_can_fail(self, name: str) -> bool:
-        return self.shards[self.owner[name]].read_can_fail(name)
+        shard, inner = self._in_shard(name)
+        return shard.read_can_fail(inner)
 
     def read_into(self, name: str, out: np.ndarray) -> None:
-        self.shards[self.owner[name]].read_into(name, out)
+        shard, inner = self._in_shard(name)
+        shard.read_into(inner, out)
         self.bytes_read += out.nbytes
 
     def mapped(self, name: str) -> np.ndarray | None:
-        array = self.shards[self.owner[name]].mapped(name)
+        shard, inner = self._in_shard(name)
+        array = shard.mapped(inner)
         self.bytes_read += 0 if array is None else array.nbytes
         return array
 
     def read_region(self, name: str, region: Region, out: np.ndarray | None = None) -> np.ndarray:
-        shard = self.shards[self.owner[name]]
+        shard, inner = self._in_shard(name)
         before = shard.bytes_read
         try:
-            return shard.read_region(name, region, out)
+            return shard.read_region(inner, region, out)
         finally:
             self.bytes_read += shard.bytes_read - before
 
     def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
-        for chunk in self.shards[self.owner[name]].iter_chunks(name):
+        shard, inner = self._in_shard(name)
+        for chunk in shard.iter_chunks(inner):
             self.bytes_read += chunk.nbytes
             yield chunk
 
@@ -78,13 +86,18 @@ class ShardedSource(Source):
             shard.close()
 
 
-def _open_shard(folder: Path, file_name: str, where: str) -> SafetensorsSource:
+def plain_shard_name(file_name: str, where: str) -> str:
+    """``file_name`` where it names a file in the index's own folder (no path, no ``..``)."""
     if not file_name or "/" in file_name or "\\" in file_name or file_name in (".", ".."):
         raise SourceError(
             f"{where}: shard '{file_name}' is not a plain file name in the index's folder; refusing it. "
             "Fix: keep every shard beside the index."
         )
-    fd = open_no_follow(folder / file_name)
+    return file_name
+
+
+def _open_shard(folder: Path, file_name: str, where: str) -> SafetensorsSource:
+    fd = open_no_follow(folder / plain_shard_name(file_name, where))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SourceError(f"{where}: shard '{file_name}' is not a regular file.")
@@ -135,6 +148,15 @@ def open(path: Path) -> Source:
 
 def _open_index(source: ShardedSource, path: Path) -> None:
     where = f"'{path.name}'"
+    weight_map = read_weight_map(path, where, "safetensors")
+    for file_name in dict.fromkeys(weight_map.values()):
+        source.shards[file_name] = _open_shard(path.parent, file_name, where)
+    source.description = f"{where} ({shard_count(len(source.shards))})"
+    _assemble(source, where, weight_map)
+
+
+def read_weight_map(path: Path, where: str, kind: str) -> dict[str, str]:
+    """An index's ``weight_map`` (a tensor's name -> its shard's file name), read within a size bound."""
     if path.stat().st_size > MAX_INDEX_BYTES:
         raise SourceError(f"{where}: an index over {MAX_INDEX_BYTES} bytes is not plausible; refusing it.")
     try:
@@ -149,16 +171,13 @@ def _open_index(source: ShardedSource, path: Path) -> None:
         AttributeError,
     ) as e:
         raise SourceError(
-            f"{where}: not a valid safetensors index ({e}); it needs a 'weight_map' object. Fix: re-create "
+            f"{where}: not a valid {kind} index ({e}); it needs a 'weight_map' object. Fix: re-create "
             "it, or load the shards one by one."
         ) from None
-    for file_name in dict.fromkeys(weight_map.values()):
-        source.shards[file_name] = _open_shard(path.parent, file_name, where)
-    source.description = f"{where} ({_shards(len(source.shards))})"
-    _assemble(source, where, weight_map)
+    return weight_map
 
 
-def _shards(count: int) -> str:
+def shard_count(count: int) -> str:
     return f"{count} shard{'s' if count != 1 else ''}"
 
 
@@ -189,5 +208,5 @@ def _open_folder(source: ShardedSource, path: Path) -> None:
         raise SourceError(
             f"{where}: its .safetensors files ({', '.join(links[:3])}) are symbolic links, {LINKS_NOT_FOLLOWED}."
         )
-    source.description = f"{_shards(len(source.shards))} in {where}"
+    source.description = f"{shard_count(len(source.shards))} in {where}"
     _assemble(source, where, None)

@@ -1,8 +1,9 @@
 """A transformers snapshot folder: ``config.json`` beside the weights in one of the formats it saves.
 
 ``save_pretrained`` (and ``snapshot_download``) write one folder per model: ``config.json`` and
-``model.safetensors`` (or its shards and ``model.safetensors.index.json``), ``tf_model.h5``,
-``flax_model.msgpack``, or ``pytorch_model.bin``. The folder is read as the one weights file
+``model.safetensors``, ``tf_model.h5``, ``flax_model.msgpack`` (or their shards and an index:
+``model.safetensors.index.json``, ``tf_model.h5.index.json``, ``flax_model.msgpack.index.json``), or
+``pytorch_model.bin``. The folder is read as the one weights file
 it holds, by that format's own reader. Where it holds several, each is a reading of the model
 (they may differ): the folder is refused and they are listed, so the user names the file.
 ``pytorch_model.bin`` is a pickle, which weightport never loads.
@@ -36,6 +37,8 @@ WEIGHT_FILES: dict[str, str | None] = {
     "model.safetensors.index.json": "safetensors-sharded",
     "tf_model.h5": "keras",
     "flax_model.msgpack": "flax-msgpack",
+    "tf_model.h5.index.json": "transformers-shards",
+    "flax_model.msgpack.index.json": "transformers-shards",
     "pytorch_model.bin": None,
     "pytorch_model.bin.index.json": None,
 }
