@@ -289,6 +289,24 @@ def test_tied_weights_need_one_value_or_equal_values() -> None:
     np.testing.assert_array_equal(model.embed.weight.detach().numpy(), (w + 2).astype(np.float32))
 
 
+def test_buffers_that_share_their_memory_are_one_tied_tensor() -> None:
+    """transformers' SAM gives its prompt encoder the image embedding's buffer as another tensor object
+    over the same memory: a value for one name fills both, and two different values are refused."""
+    shared = torch.zeros(2, 3)
+    model = nn.Module()
+    model.image, model.prompt = nn.Module(), nn.Module()
+    model.image.register_buffer("pe", shared)
+    model.prompt.register_buffer("pe", shared.view(2, 3))  # another object, the same view of the memory
+    assert model.image.pe is not model.prompt.pe
+    w = np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)
+    weightport.load(model, {"image.pe": w})  # no value for 'prompt.pe' is missing: it is the same tensor
+    np.testing.assert_array_equal(model.prompt.pe.numpy(), w)
+    before = snapshot(model)
+    with pytest.raises(LoadError, match=r"'prompt.pe'.*one tied tensor"):
+        weightport.load(model, {"image.pe": w, "prompt.pe": w + 1})
+    assert snapshot(model) == before
+
+
 def test_buffers_load_with_parameters() -> None:
     bn = nn.BatchNorm1d(3)
     state = {

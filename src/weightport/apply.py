@@ -17,7 +17,7 @@ import itertools
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
@@ -151,7 +151,7 @@ def _fresh_like(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
 
 
-def _swap_in(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
+def _swap_in(module: nn.Module, new: dict[Hashable, torch.Tensor]) -> None:
     touched = set()
     for owner in module.modules():
         for store in (owner._parameters, owner._buffers):
@@ -297,20 +297,20 @@ def apply_plan(
     was read (and, where the checks were left for after the fill, passed them).
     """
     _copy_aliased_arrays(plan, source)
-    done: set[int] = set()
+    done: set[Hashable] = set()
     undo = UndoLog() if rollback else None
     unsaved = 0  # tensors written without an undo copy (their reads cannot fail, or rollback=False)
-    materialized: dict[int, torch.Tensor] = {}
+    materialized: dict[Hashable, torch.Tensor] = {}
     problems: list[Problem] = []
     stagers: dict[torch.device, Stager] = {}
     with deferred_interrupts(), torch.no_grad():
         try:
             for entry in plan.entries:
-                if id(entry.tensor) in done:
+                if entry.key in done:
                     continue
-                done.add(id(entry.tensor))
+                done.add(entry.key)
                 if entry.tensor.is_meta:
-                    materialized[id(entry.tensor)], problem = _materialize(entry, source)
+                    materialized[entry.key], problem = _materialize(entry, source)
                     if problem is not None:
                         problems.append(problem)
                 else:

@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from functools import partial
 
 import numpy as np
@@ -394,11 +394,11 @@ def _in_module_order(plan: Plan) -> list[Pairing]:
 
 
 def _report(plan: Plan, source: Source, module: nn.Module, dry_run: bool) -> LoadReport:
-    seen: set[int] = set()
+    seen: set[Hashable] = set()
     entries = []
     for entry in plan.entries:
-        if id(entry.tensor) not in seen:  # a tied tensor is one row
-            seen.add(id(entry.tensor))
+        if entry.key not in seen:  # a tied tensor is one row
+            seen.add(entry.key)
             entries.append(entry)
     if plan.layout.pairings:  # a framework's layout: rows in the model's own order, as its pairings
         position = {plan.prefix + name: i for i, name in enumerate(plan.module.state_dict(keep_vars=True))}

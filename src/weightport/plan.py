@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from weightport.torch_facts import (
     rnn_kind,
 )
 
-__all__ = ["Entry", "Plan", "build_plan", "NonFinite", "origin_of"]
+__all__ = ["Entry", "Plan", "build_plan", "NonFinite", "origin_of", "identity"]
 
 
 @dataclass
@@ -61,6 +61,11 @@ class Entry:
     # Set by check_values for a meta tensor whose values can be checked after they are read into its new
     # storage (a cast that keeps NaN/Inf as they are): the one read fills and checks; None: checked already.
     check_after_fill: bool | None = None
+
+    @property
+    def key(self) -> Hashable:
+        """The tensor's identity: entries of one key are one (tied) tensor; see :func:`identity`."""
+        return identity(self.tensor)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -112,6 +117,23 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict(keep_vars=True))
 
 
+def identity(tensor: torch.Tensor) -> Hashable:
+    """One key per tensor the module holds: two tensor objects that view the same memory the same way (a
+    buffer tied by sharing its storage, as transformers' SAM does) are one tensor; a meta, empty or
+    distributed tensor is itself."""
+    plain = type(tensor) in (torch.Tensor, nn.Parameter) and tensor.layout == torch.strided
+    if not plain or tensor.is_meta or tensor.numel() == 0 or tensor.is_quantized:
+        return id(tensor)
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+        tensor.device,
+    )
+
+
 def _non_persistent(module: nn.Module) -> dict[str, torch.Tensor]:
     """Buffers registered with ``persistent=False`` (rotary frequencies, position ids): no checkpoint is
     required to hold them, but a source that does fills them, and on the meta device they need values."""
@@ -157,8 +179,10 @@ def _left_over(name: str, torch_names: bool) -> str:
 
 def _lacking(tensors: Mapping[str, torch.Tensor], optional: Collection[str], layout: LayoutPlan) -> list[str]:
     """The module tensors no rule gives a value (lazy and non-persistent ones aside)."""
-    planned = {id(tensors[r.target]) for r in layout.rules if r.target in tensors}
-    return [n for n, t in tensors.items() if id(t) not in planned and not is_lazy(t) and n not in optional]
+    planned = {identity(tensors[r.target]) for r in layout.rules if r.target in tensors}
+    return [
+        n for n, t in tensors.items() if identity(t) not in planned and not is_lazy(t) and n not in optional
+    ]
 
 
 def _stray(tensors: Mapping[str, torch.Tensor], layout: LayoutPlan) -> bool:
@@ -214,12 +238,9 @@ def build_plan(
     tensors = _tensors(module)
     optional = {n: t for n, t in _non_persistent(module).items() if n not in tensors}
     tensors.update(optional)
-    by_identity: dict[int, list[str]] = {}
-    for name, tensor in tensors.items():
-        by_identity.setdefault(id(tensor), []).append(name)
     problems = plan.problems
-    written: dict[int, Entry] = {}
-    targeted: set[int] = set()
+    written: dict[Hashable, Entry] = {}
+    targeted: set[Hashable] = set()
     seen_targets: set[str] = set()
     # Tensors on both sides left over: a source tensor may be a module tensor in a form no rule maps
     # (a packed in_proj_bias, a cls_token under another name), so no fix may say strict=False alone.
@@ -248,16 +269,16 @@ def build_plan(
                 plan.ignored.extend(rule.sources or (target,))
             continue
         tensor = tensors[target]
-        targeted.add(id(tensor))
+        targeted.add(identity(tensor))
         entry = _entry(module, full, target, tensor, rule, source, problems, mismatched)
         if entry is None:
             continue
-        first = written.get(id(tensor))
+        first = written.get(identity(tensor))
         if first is not None:
             first.aliases = (*first.aliases, full)
             plan.entries.append(entry)  # kept so check_values compares the tied values
             continue
-        written[id(tensor)] = entry
+        written[identity(tensor)] = entry
         plan.entries.append(entry)
 
     _explain_recurrent_sizes(module, prefix, source, mismatched, problems)
@@ -285,7 +306,7 @@ def build_plan(
                 plan.ignored.append(name)
 
     for name, tensor in tensors.items():
-        if id(tensor) in targeted:
+        if identity(tensor) in targeted:
             continue
         if is_lazy(tensor):
             continue  # reported by _entry when targeted; lazy and untouched is fine
@@ -301,7 +322,7 @@ def build_plan(
                         "accelerate.init_empty_weights(include_buffers=False)), or give its values in the source",
                     )
                 )
-            targeted.add(id(tensor))
+            targeted.add(identity(tensor))
             continue
         if strict:
             problems.append(
@@ -332,7 +353,7 @@ def build_plan(
             )
         else:
             plan.missing.append(prefix + name)
-        targeted.add(id(tensor))  # report a tied group once
+        targeted.add(identity(tensor))  # report a tied group once
     return plan
 
 

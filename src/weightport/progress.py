@@ -13,7 +13,7 @@ True
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,11 +38,11 @@ def wanted(progress: bool | None, nbytes: int) -> bool:
 
 def unique_nbytes(entries: Any) -> int:
     """The bytes of ``entries``' tensors, a tied tensor once: what the report counts."""
-    seen: set[int] = set()
+    seen: set[Hashable] = set()
     total = 0
     for entry in entries:
-        if id(entry.tensor) not in seen:
-            seen.add(id(entry.tensor))
+        if entry.key not in seen:
+            seen.add(entry.key)
             total += entry.nbytes
     return total
 
@@ -82,12 +82,12 @@ def progress_callback(
         bar_format=_FORMAT,
         leave=False,
     ) as bar:
-        seen: set[int] = set()
+        seen: set[Hashable] = set()
 
         def advance(entry: Any) -> None:
-            if id(entry.tensor) in seen:
+            if entry.key in seen:
                 return
-            seen.add(id(entry.tensor))
+            seen.add(entry.key)
             bar.set_postfix_str(entry.target, refresh=False)
             bar.update(entry.nbytes)
 

@@ -15,7 +15,7 @@ tied tensors given twice); each bad value becomes a problem of the plan, before 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import numpy as np
 import torch
@@ -73,15 +73,15 @@ def check_ties(plan: Plan, source: Source) -> set[int]:
     """Add a problem for each tied tensor given under two names with different values; return the
     ``id`` of each entry that names such a tensor a second time (made even with ``check_values=False``:
     a tie can take only one of two values)."""
-    firsts: dict[int, tuple[Entry, np.ndarray]] = {}
+    firsts: dict[Hashable, tuple[Entry, np.ndarray]] = {}
     second_names: set[int] = set()
     for entry in plan.entries:
-        first = firsts.get(id(entry.tensor))
+        first = firsts.get(entry.key)
         if first is None and not entry.aliases:
             continue
         value = entry.value(source)
         if first is None:
-            firsts[id(entry.tensor)] = (entry, value)
+            firsts[entry.key] = (entry, value)
             continue
         second_names.add(id(entry))
         if not np.array_equal(first[1], value, equal_nan=True):
