@@ -36,6 +36,21 @@ AUDIO = np.random.default_rng(4).standard_normal((2, 800)).astype(np.float32)
 TOL = 1e-5  # of the output's scale
 
 
+_CVT_STAGES = {  # CvT's per-stage settings, one each for its three stages
+    "mlp_ratio": 4.0,
+    "attention_drop_rate": 0.0,
+    "drop_rate": 0.0,
+    "drop_path_rate": 0.0,
+    "qkv_bias": True,
+    "qkv_projection_method": "dw_bn",
+    "kernel_qkv": 3,
+    "padding_kv": 1,
+    "stride_kv": 2,
+    "padding_q": 1,
+    "stride_q": 1,
+}
+
+
 def _config(kind: str) -> Any:
     if kind == "gpt2":
         return transformers.GPT2Config(
@@ -73,6 +88,19 @@ def _config(kind: str) -> Any:
             num_conv_pos_embeddings=16,
             num_conv_pos_embedding_groups=2,
         )
+    if kind == "cvt":
+        config = transformers.CvtConfig(
+            patch_sizes=[7, 3, 3],
+            patch_stride=[4, 2, 2],
+            patch_padding=[2, 1, 1],
+            embed_dim=[8, 16, 24],
+            num_heads=[1, 2, 3],
+            depth=[1, 2, 3],  # TF CvT indexes its drop-path rates by stage: each stage needs that many layers
+            cls_token=[False, False, True],
+            **{f: [v] * 3 for f, v in _CVT_STAGES.items()},
+        )
+        config.image_size = 32  # the TF model's input signature reads it
+        return config
     return transformers.BertConfig(vocab_size=99, **SIZES)
 
 
@@ -93,6 +121,13 @@ MODELS: dict[str, tuple[str, str, dict[str, np.ndarray]]] = {
     # 'model.shared/model.shared/embeddings:0' inside 'model'; 'final_logits_bias:0', a layer of one
     # variable, fills a persistent buffer
     "bart": ("TFBartForConditionalGeneration", "BartForConditionalGeneration", TEXT),
+    # the last stage's cls_token is a variable named by its PyTorch path, in no scope
+    # ('cvt/cvt.encoder.stages.2.cls_token:0'); its BatchNormalization statistics fill the dw_bn projections
+    "cvt": (
+        "TFCvtModel",
+        "CvtModel",
+        {"pixel_values": np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)},
+    ),
     # weight_g/weight_v fill the weight-norm parametrization's original0/original1
     "wav2vec2": ("TFWav2Vec2Model", "Wav2Vec2Model", {"input_values": AUDIO}),
     # the model's own 'layer_weights', filed under 'top_level_model_weights', in no layer
@@ -198,7 +233,7 @@ def test_state_dict_is_transformers_converters_bit_for_bit(checkpoint: Checkpoin
     # BART's final_logits_bias) it leaves as built; they are the file's here
     params = dict(module.named_parameters(remove_duplicate=False))
     from_file = {row.target: row.origin.split(" ", 1)[1] for row in report.rows if row.target not in params}
-    assert (kind in ("resnet", "bart")) == bool(from_file)
+    assert (kind in ("resnet", "bart", "cvt")) == bool(from_file)
     # nor the model's own weights, filed under 'top_level_model_weights': it leaves Wav2Vec2's layer_weights
     own = {
         row.target: row.origin.split(" ", 1)[1]

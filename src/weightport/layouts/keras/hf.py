@@ -125,8 +125,8 @@ def _copies(layers: list[Layer], source: Source) -> dict[str, str] | None:
         for tensor in layer.tensors:
             name = _weight_name(layer, tensor)
             raw = name.split("/")
-            if len(raw) == 1 and name.replace(":0", "") == layer.path:
-                continue
+            if len(raw) == 1 and (name.replace(":0", "") == layer.path or name.startswith(layer.path + ".")):
+                continue  # a variable named as its layer, or by its PyTorch path (TF CvT's 'cvt.encoder...')
             if len(raw) < 3:
                 return None
             if raw[1] == layer.path or raw[1].startswith(layer.path + "."):
