@@ -298,3 +298,23 @@ def test_flax_wav2vec2_weight_normed_conv_fills_the_parametrization(tmp_path: Pa
         "encoder.pos_conv_embed.conv.parametrizations.weight.original1",
     }
     _assert_same_state(module, _converted(transformers.Wav2Vec2Model(config), path))
+
+
+def test_flax_resnet_basic_blocks_pair_by_the_name_of_their_list(tmp_path: Path) -> None:
+    """Flax ResNet's basic block holds its two convs as a list in a module of the list's own name
+    ('layer/layer_0', 'layer/layer_1'), PyTorch's in an nn.Sequential ('layer.0'): of one shape each, they
+    pair by those names (none by shape or order), and the outputs are Flax's, BatchNorm statistics included."""
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+    )
+    flax_model = transformers.FlaxResNetModel(config, seed=0)
+    path = _save(flax_model, tmp_path, 9)
+    module = transformers.ResNetModel(config).eval()
+    report = _load(module, path)
+    pixels = np.random.default_rng(10).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        got = module(torch.from_numpy(pixels)).last_hidden_state.numpy()
+    expected = np.asarray(flax_model(pixels).last_hidden_state)  # transformers takes NCHW in Flax too
+    assert _error(got, expected) <= TOL
+    assert {p.how for p in report.pairings} == {"by name"}
+    assert any(p.module_path == "encoder.stages.0.layers.0.layer.1.convolution" for p in report.pairings)

@@ -85,8 +85,10 @@ class Entry:
         return Problem(
             self.target,
             f"the same values as '{first.target}' (they are one tied tensor)",
-            "different values",
-            "give the tied tensor once, or equal values under both names",
+            f"different values ({origin_of(self.rule)}, and {origin_of(first.rule)})",
+            "give the tied tensor once, or equal values under both names; where the source's model kept two "
+            "weights there (a checkpoint of an untied model), build the module untied so each has its place "
+            "(transformers: tie_word_embeddings=False in the config)",
         )
 
     @property

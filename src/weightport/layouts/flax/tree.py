@@ -108,16 +108,21 @@ def recorded_order(path: str) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
 
 def name_paths(path: str) -> tuple[str, ...]:
     """Module paths a Flax path may name besides its ``/``-to-``.`` form: linen's ``nn.Sequential``
-    files its layers as ``layers_0``, ``layers_1`` where PyTorch's has ``layers.0``.
+    files its layers as ``layers_0``, ``layers_1`` where PyTorch's has ``layers.0``; a module holding a list
+    attribute of its own name (transformers' Flax ResNet: ``layer/layer_0``) is PyTorch's ``layer.0``.
 
     >>> name_paths("rnn/layers_1/cell"), name_paths("mlp/layers_0")
     (('rnn[1]', 'rnn.layers.1'), ('mlp[0]', 'mlp.layers.0'))
+    >>> name_paths("stages/0/layer/layer_1/convolution")
+    ('stages.0.layer.layer.1.convolution', 'stages.0.layer.1.convolution')
     """
     stacked = _STACKED.match(path)
     # one layer of a stack of RNNs, as export() files it: 'rnn/layers_1/cell' is 'rnn[1]'
     layer = (f"{stacked[1].replace('/', '.')}[{stacked[2]}]",) if stacked else ()
     listed = re.sub(r"_(\d+)(?=/|$)", r".\1", path.removesuffix("/cell")).replace("/", ".")
-    return (*layer, listed) if listed != path.replace("/", ".") else layer
+    wrapped = re.sub(r"(?:^|(?<=/))([^/]+)/\1_(\d+)(?=/|$)", r"\1/\2", path.removesuffix("/cell"))
+    unwrapped = (wrapped.replace("/", "."),) if wrapped != path.removesuffix("/cell") else ()
+    return (*layer, listed, *unwrapped) if listed != path.replace("/", ".") else layer
 
 
 _STACKED = re.compile(r"^(.+)/layers_(\d+)(?:/cell)?$")

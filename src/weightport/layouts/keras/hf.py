@@ -148,7 +148,7 @@ def _check_copies(copies: Mapping[str, str], source: Source) -> None:
                 "each layer that uses it), but the two hold different values: the TF model built two weights "
                 "of that name, and which one a PyTorch tensor takes is not proven (one tied tensor cannot hold "
                 "both). Fix: read the arrays with weightport.open_source and load each, converted, under the "
-                "name of the module tensor it is (an untied model, tie_word_embeddings=False, has a place for each)."
+                "name of the module tensor it is, into a model built untied (tie_word_embeddings=False)."
             )
 
 
