@@ -318,3 +318,29 @@ def test_flax_resnet_basic_blocks_pair_by_the_name_of_their_list(tmp_path: Path)
     assert _error(got, expected) <= TOL
     assert {p.how for p in report.pairings} == {"by name"}
     assert any(p.module_path == "encoder.stages.0.layers.0.layer.1.convolution" for p in report.pairings)
+
+
+def test_a_checkpoint_with_a_head_loads_into_its_base_model(tmp_path: Path) -> None:
+    """A FlaxBertForMaskedLM snapshot ('bert/...', 'cls/...') into BertModel, whose base_model_prefix is
+    'bert': the 'bert' part fills it by name, as transformers' loading takes it; the head's arrays have no
+    place, so a strict load names them and strict=False loads the rest, giving the Flax base model's
+    outputs."""
+    config = transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    flax_model = transformers.FlaxBertForMaskedLM(config, seed=0)
+    path = _save(flax_model, tmp_path, 11)
+    base = transformers.FlaxBertModel(config, seed=0, add_pooling_layer=False)
+    base.params = flax_model.params["bert"]
+    module = transformers.BertModel(config, add_pooling_layer=False).eval()
+    before = snapshot(module)
+    with pytest.raises(WeightportError, match=r"'cls/predictions/bias'.*pass strict=False"):
+        _load(module, path)
+    assert snapshot(module) == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedConfigWarning)
+        report = weightport.load(module, path, layout="flax", strict=False)
+    with torch.no_grad():
+        got = module(torch.from_numpy(IDS).long()).last_hidden_state.numpy()
+    assert _error(got, np.asarray(base(IDS).last_hidden_state)) <= TOL
+    assert report.ignored and all(name.startswith("cls/") for name in report.ignored), report.ignored

@@ -104,7 +104,7 @@ from weightport.layouts.flax.settle import (
     settle_lone_bias,
     settle_norm_kinds,
 )
-from weightport.layouts.flax.tree import name_paths, recorded_order
+from weightport.layouts.flax.tree import base_model_part, name_paths, recorded_order
 from weightport.layouts.pairing import (
     Paired,
     Slot,
@@ -135,7 +135,7 @@ def plan(
         LayoutError: layers and the module's slots do not pair, or differ in direction.
     """
     names = list(source.infos)
-    layers = layers_in(source)
+    layers, inside = base_model_part(module, layers_in(source))
     settle_attention(layers, module, mapping)
     settle_by_name(layers, module, mapping)
     settle_lone_bias(layers, module, mapping)
@@ -194,7 +194,7 @@ def plan(
                 ".flatten(1)) where the Flax model reshaped its (height, width, channels) map",
             ):
                 flat_notes.append(flatten_unchecked(said))
-    own, own_pairings = loose_rules(module, source, {s for rule in rules for s in rule.sources})
+    own, own_pairings = loose_rules(module, source, {s for rule in rules for s in rule.sources}, inside)
     rules += own
     used = {s for rule in rules for s in rule.sources}
     training = [n for n in names if n not in used and n.split("/", 1)[0] in TRAINING_STATE]

@@ -50,8 +50,11 @@ def _targets(path: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def loose_rules(module: nn.Module, source: Source, used: Set[str]) -> tuple[list[Rule], list[Pairing]]:
-    """Rules for the source's arrays no layer holds that name a module's own tensor (see the module doc)."""
+def loose_rules(
+    module: nn.Module, source: Source, used: Set[str], inside: str = ""
+) -> tuple[list[Rule], list[Pairing]]:
+    """Rules for the source's arrays no layer holds that name a module's own tensor (see the module doc);
+    with ``inside``, only those under that top-level name, named without it (a base model's part)."""
     state = module.state_dict(keep_vars=True)
     layered = {slot.path for slot in module_slots(module) if not slot.kind.startswith("other:")}
     leaves = leaves_of(model_tree(tree_of(list(source.infos))))
@@ -61,9 +64,9 @@ def loose_rules(module: nn.Module, source: Source, used: Set[str]) -> tuple[list
     rules: list[Rule] = []
     pairings: list[Pairing] = []
     for path, name in leaves.items():
-        if name in used:
+        if name in used or (inside and not path.startswith(inside + "/")):
             continue
-        for target in _targets(path):
+        for target in _targets(path.removeprefix(inside + "/") if inside else path):
             owner = target.rpartition(".")[0]
             if target in state and (owner not in layered or path.rpartition("/")[0] in normed):
                 owner_class = type(module.get_submodule(owner)).__name__

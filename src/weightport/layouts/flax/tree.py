@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from weightport.layouts.flax.facts import COLLECTIONS
 
-__all__ = ["Tree", "tree_of", "model_tree", "recorded_order", "name_paths", "ordered", "leaves_of"]
+__all__ = [
+    "Tree",
+    "tree_of",
+    "model_tree",
+    "recorded_order",
+    "name_paths",
+    "ordered",
+    "leaves_of",
+    "base_model_part",
+]
 
 Tree = dict[str, "Tree | str"]  # a node's children; a leaf is its full source name
 
@@ -156,3 +166,20 @@ def leaves_of(node: Tree, prefix: str = "") -> dict[str, str]:
         else:
             out[prefix + key] = value
     return out
+
+
+def base_model_part(module: Any, layers: list[Any]) -> tuple[list[Any], str]:
+    """transformers' checkpoint of a model with a head (``FlaxBertForMaskedLM``: ``bert/...`` and
+    ``cls/...``) loaded into its base model (``BertModel``, whose ``base_model_prefix`` is ``bert`` and
+    which has no ``bert`` child): the layers under that prefix, named without it, as transformers' own
+    loading takes them, and the prefix; the head's layers are left out (their arrays stay unplaced). Any
+    other model's layers are returned as they are, with ``""``."""
+    prefix = getattr(module, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not prefix or hasattr(module, prefix):
+        return layers, ""
+    inside = [layer for layer in layers if layer.name.startswith(prefix + "/")]
+    if not inside:
+        return layers, ""
+    for layer in inside:
+        layer.name = layer.name[len(prefix) + 1 :]
+    return inside, prefix
