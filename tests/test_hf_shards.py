@@ -93,12 +93,17 @@ def test_the_shards_load_as_the_whole_checkpoint(snapshots: tuple[str, Path, Pat
         assert all(torch.equal(t, theirs[n]) for n, t in module.state_dict().items())
 
 
+def _copy(snapshots: tuple[str, Path, Path, np.ndarray], tmp_path: Path) -> Path:
+    """A copy of the sharded snapshot to spoil."""
+    copy = tmp_path / "copy"
+    shutil.copytree(snapshots[1], copy)
+    return copy
+
+
 def test_an_index_that_does_not_match_its_shards_is_refused(
     snapshots: tuple[str, Path, Path, np.ndarray], tmp_path: Path
 ) -> None:
-    _, sharded, _, _ = snapshots
-    copy = tmp_path / "copy"
-    shutil.copytree(sharded, copy)
+    copy = _copy(snapshots, tmp_path)
     index = _index(copy)
     data = json.loads(index.read_text())
     names = list(data["weight_map"])
@@ -120,9 +125,7 @@ def test_an_index_that_does_not_match_its_shards_is_refused(
 def test_a_shard_that_is_a_link_is_not_followed(
     snapshots: tuple[str, Path, Path, np.ndarray], tmp_path: Path
 ) -> None:
-    _, sharded, _, _ = snapshots
-    copy = tmp_path / "copy"
-    shutil.copytree(sharded, copy)
+    copy = _copy(snapshots, tmp_path)
     shard = sorted(set(json.loads(_index(copy).read_text())["weight_map"].values()))[0]
     os.replace(copy / shard, tmp_path / shard)
     os.symlink(tmp_path / shard, copy / shard)
