@@ -27,9 +27,9 @@ from dataclasses import replace
 from weightport.layouts.keras.layers import Resolved
 from weightport.layouts.slots import Slot
 
-__all__ = ["pointwise", "as_linears"]
+__all__ = ["pointwise", "as_linears", "PLAIN_CONVS"]
 
-_PLAIN_CONVS = frozenset({"Conv1D", "Conv2D", "Conv3D"})
+PLAIN_CONVS = frozenset({"Conv1D", "Conv2D", "Conv3D"})  # no depthwise, separable or transposed one
 
 
 def pointwise(found: Resolved) -> bool:
@@ -39,7 +39,7 @@ def pointwise(found: Resolved) -> bool:
     part = found.parts[0]
     kernel = part.shapes.get("kernel", ())
     return (
-        part.cls in _PLAIN_CONVS
+        part.cls in PLAIN_CONVS
         and part.config is not None
         and int(part.config.get("groups", 1) or 1) == 1
         and len(kernel) >= 3

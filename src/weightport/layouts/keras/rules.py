@@ -14,6 +14,7 @@ from weightport.errors import LayoutError
 from weightport.layouts.base import Rule
 from weightport.layouts.keras.attention import attention_rules
 from weightport.layouts.keras.layers import Part, Resolved
+from weightport.layouts.keras.pointwise import PLAIN_CONVS
 from weightport.layouts.keras.scale import scale_rule
 from weightport.layouts.pairing import Slot
 from weightport.layouts.slots import LAYER_SCALE
@@ -111,7 +112,7 @@ def _table(kind: str, part: Part, source: Source) -> list[tuple[str, str, Op]]:
     kernel = part.vars.get("kernel")
     if part.cls == "EinsumDense" and (part.config or {}).get("kernel_out_in"):  # stored as nn.Linear keeps it
         return [("weight", "kernel", Identity()), ("bias", "bias", Identity())]
-    if kind == "Linear" and kernel is not None and part.cls in ("Conv1D", "Conv2D", "Conv3D"):
+    if kind == "Linear" and kernel is not None and part.cls in PLAIN_CONVS:
         shape = tuple(source.infos[kernel].shape)  # (1, ..., 1, in, out): a 1 x 1 conv as a Linear
         return [("weight", "kernel", Chain(Reshape(shape, shape[-2:]), _T)), ("bias", "bias", Identity())]
     rank = {"DepthwiseConv1D": 3, "DepthwiseConv2D": 4}.get(part.cls or "")
