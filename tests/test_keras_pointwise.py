@@ -148,3 +148,23 @@ def test_mapping_pairs_a_one_position_conv_with_a_linear(files: tuple[Any, Path]
     _compare(model, module)
     with pytest.raises(WeightportError, match=r"mapping 'conv' -> 'hidden'"):
         weightport.load(LinearHead(), folder / "m.keras", mapping={"conv": "hidden"})
+
+
+def test_a_later_conv_the_file_does_not_prove_keeps_the_earlier_ones_convs(tmp_path: Path) -> None:
+    """An upsampling between the two 1x1 convs: 'logits' reads a 2 x 2 map, so it is no Linear, and
+    'hidden', followed by that conv, cannot be the Linear either (a model that flattened its map applies no
+    conv after). Taking 'hidden' for the model's Linear, all 8 -> 8, would fit every shape; the load is
+    refused."""
+    x = inputs = keras.Input((3, 4, 2))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(keepdims=True, name="pool")(x)
+    x = keras.layers.Conv2D(8, 1, name="hidden")(x)
+    x = keras.layers.UpSampling2D(2, name="up")(x)
+    x = keras.layers.Conv2D(8, 1, name="logits")(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="mean")(x))
+    model.save(tmp_path / "m.keras")
+    module = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8, 8))
+    before = snapshot(module)
+    with pytest.raises(WeightportError, match=r"stay empty: 3 \(Linear \(8, 8\)\)"):
+        weightport.load(module, tmp_path / "m.keras", example_inputs=torch.zeros(1, 2, 3, 4))
+    assert snapshot(module) == before

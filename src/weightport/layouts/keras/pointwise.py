@@ -6,9 +6,9 @@ apply ``nn.Linear``. On a map of one position the two compute the same thing: th
 ``(1, 1, in, out)`` is the Linear's ``(out, in)`` weight. Such a layer is taken as a Linear only where
 the file proves the map has one position (a global pooling with ``keepdims=True`` upstream, through
 layers that keep positions, or the size the layer was built for), and only as many of them as the
-model has Linears that no Dense fills and fewer convolutions than the file: the last ones in the
-model's recorded order, since a PyTorch model that has flattened its map applies no convolution to it
-afterwards. ``mapping=`` can name others.
+model has Linears that no Dense fills and fewer convolutions than the file: the last convolutions of the
+model's recorded order, each such a 1 x 1 one (a PyTorch model that has flattened its map applies no
+convolution to it afterwards). ``mapping=`` can name others.
 
 >>> from weightport.layouts.keras.layers import Layer, Part, Resolved
 >>> found = Resolved(Layer("Logits", "Logits", "Conv2D", {"groups": 1}), "Conv2d", "Conv2D",
@@ -52,8 +52,8 @@ def as_linears(
 ) -> list[Resolved]:
     """``resolved`` with the 1 x 1 convolutions of one-position maps that fill the model's Linears taken as
     Linears: those ``mapped`` to a Linear (layer name -> the kind of the module it is mapped to), and of the
-    rest, the last ones in recorded order, as many as the model has Linears no Dense fills and
-    convolutions too few for the file's."""
+    rest, the last convolutions of their kind in recorded order, as many as the model has Linears no Dense
+    fills and convolutions too few for the file's, where each of those is such a 1 x 1 convolution."""
 
     def count(kinds: list[str], kind: str) -> int:
         return sum(k == kind for k in kinds)
@@ -66,10 +66,14 @@ def as_linears(
     for kind in dict.fromkeys(resolved[i].kind for i in free):
         extra_convs = count(layer_kinds, kind) - count(slot_kinds, kind)
         take = min(spare_linears, extra_convs)
-        if take > 0:
-            of_kind = [i for i in free if resolved[i].kind == kind]
-            chosen |= set(of_kind[-take:])
-            spare_linears -= len(of_kind[-take:])
+        last = (
+            [i for i, f in enumerate(resolved) if f.kind == kind and i not in chosen][-take:]
+            if take > 0
+            else []
+        )
+        if last and all(i in free for i in last):  # no conv of the map after them: the model flattened it
+            chosen |= set(last)
+            spare_linears -= len(last)
     return [
         replace(f, kind="Linear", detail=f"{f.detail} 1x1, of a one-position map") if i in chosen else f
         for i, f in enumerate(resolved)
