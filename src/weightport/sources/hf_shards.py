@@ -28,12 +28,10 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from weightport.errors import SourceError
 from weightport.sources.base import Source
 from weightport.sources.files import LINKS_NOT_FOLLOWED
-from weightport.sources.sharded import ShardedSource, plain_shard_name, read_weight_map, shard_count
+from weightport.sources.sharded import ShardedSource, placed, plain_shard_name, read_weight_map, shard_count
 
 __all__ = ["claims", "open", "FLAX_INDEX", "TF_INDEX"]
 
@@ -66,40 +64,13 @@ def _shard_path(folder: Path, file_name: str, where: str) -> Path:
     return shard
 
 
-def _check(where: str, file_name: str, held: set[str], listed: set[str]) -> None:
-    """Every variable the index gives to ``file_name`` is in it, and it holds no other."""
-    absent, extra = sorted(listed - held), sorted(held - listed)
-    if absent:
-        raise SourceError(
-            f"{where}: lists {', '.join(repr(a) for a in absent[:5])} in '{file_name}', which does not hold "
-            "them; the shard is not the one the index was written with. Fix: download the snapshot again."
-        )
-    if extra:
-        raise SourceError(
-            f"{where}: '{file_name}' holds {', '.join(repr(e) for e in extra[:5])}, which the index does not "
-            "list there. Fix: download the snapshot again."
-        )
-
-
-def _by_shard(weight_map: dict[str, str]) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for name, file_name in weight_map.items():
-        out.setdefault(file_name, set()).add(name)
-    return out
-
-
 def _flax(shards: dict[str, Path], weight_map: dict[str, str], description: str) -> Source:
     from weightport.sources import flax
 
-    arrays: dict[str, np.ndarray] = {}
-    ignored: list[str] = []
-    listed = _by_shard(weight_map)
-    for file_name, path in shards.items():
-        shard = flax.open(path)
-        _check(description, file_name, set(shard.infos), listed[file_name])
-        for name in shard.infos:
-            arrays[name] = shard.read(name)
-        ignored += [f"{file_name}: {i}" for i in shard.ignored]
+    opened = {file_name: flax.open(path) for file_name, path in shards.items()}
+    owner = placed(description, {f: shard.infos for f, shard in opened.items()}, weight_map)
+    arrays = {name: opened[f].read(name) for name, f in owner.items()}
+    ignored = [f"{f}: {i}" for f, shard in opened.items() for i in shard.ignored]
     return flax.arrays_source(description, arrays, ignored, "flax-msgpack-sharded")
 
 
@@ -108,7 +79,6 @@ def _tf(shards: dict[str, Path], weight_map: dict[str, str], description: str) -
 
     source = ShardedSource(description=description)
     weights: dict[str, list[str]] = {}  # layer -> its weights, named as one tf_model.h5 names them
-    in_shard: dict[str, set[str]] = {}
     for name, file_name in weight_map.items():
         scope, _, inner = name.partition("/")
         layer = inner.split("/", 1)[0]
@@ -120,12 +90,11 @@ def _tf(shards: dict[str, Path], weight_map: dict[str, str], description: str) -
         outer = f"{layer}/{name}"
         weights.setdefault(layer, []).append(outer)
         source.owner[outer], source.inner[outer] = file_name, inner
-        in_shard.setdefault(file_name, set()).add(inner)
     try:
         for file_name, path in shards.items():
-            shard = open_h5(path, f"'{file_name}'", os.path.getsize(path))
-            source.shards[file_name] = shard
-            _check(description, file_name, set(shard.infos), in_shard[file_name])
+            source.shards[file_name] = open_h5(path, f"'{file_name}'", os.path.getsize(path))
+        held = {f: shard.infos for f, shard in source.shards.items()}
+        placed(description, held, {inner: source.owner[outer] for outer, inner in source.inner.items()})
         for outer, file_name in source.owner.items():
             source.infos[outer] = replace(source.shards[file_name].infos[source.inner[outer]], name=outer)
     except BaseException:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from weightport.sources.base import Region, Source
 from weightport.sources.files import LINKS_NOT_FOLLOWED, folder_has, open_no_follow
 from weightport.sources.safetensors import SafetensorsSource, read_header
 
-__all__ = ["claims", "open", "ShardedSource", "read_weight_map", "plain_shard_name", "shard_count"]
+__all__ = ["claims", "open", "ShardedSource", "read_weight_map", "plain_shard_name", "shard_count", "placed"]
 
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 FILES_BESIDE_IT = True  # an index given as a link names the shards beside the link, not beside its target
@@ -43,7 +43,8 @@ def claims(path: Path) -> bool:
 
 @dataclass
 class ShardedSource(Source):
-    """Several safetensors files read as one source; each name maps to its shard."""
+    """Several files read as one source (safetensors shards; transformers' TF shards, whose names differ
+    from the source's: ``inner``); each name maps to its shard."""
 
     shards: dict[str, Source] = field(default_factory=dict)
     owner: dict[str, str] = field(default_factory=dict)
@@ -111,26 +112,43 @@ def _open_shard(folder: Path, file_name: str, where: str) -> SafetensorsSource:
 
 
 def _assemble(source: ShardedSource, where: str, expected: dict[str, str] | None) -> ShardedSource:
-    for file_name, shard in source.shards.items():
-        for name, info in shard.infos.items():
-            if name in source.owner:
+    source.owner = placed(where, {f: shard.infos for f, shard in source.shards.items()}, expected)
+    source.infos = {name: source.shards[f].infos[name] for name, f in source.owner.items()}
+    return source
+
+
+_REFETCH = "Fix: download the snapshot again (its index and shards must be written together)."
+
+
+def placed(
+    where: str, held: Mapping[str, Iterable[str]], expected: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Each tensor name -> the shard file holding it, from ``held`` (file -> the names in it), where every
+    name is in one shard only and, with an index's ``expected`` (name -> file), in the one it names, and
+    every name it lists is held."""
+    owner: dict[str, str] = {}
+    for file_name, names in held.items():
+        for name in names:
+            if name in owner:
                 raise SourceError(
-                    f"{where}: tensor '{name}' is in both '{source.owner[name]}' and '{file_name}'. "
+                    f"{where}: tensor '{name}' is in both '{owner[name]}' and '{file_name}'. "
                     "Fix: keep each tensor in one shard."
                 )
             if expected is not None and expected.get(name) != file_name:
                 listed = f"lists it in '{expected[name]}'" if name in expected else "does not list it"
-                raise SourceError(f"{where}: tensor '{name}' is in '{file_name}' but the index {listed}.")
-            source.owner[name] = file_name
-            source.infos[name] = info
+                raise SourceError(
+                    f"{where}: tensor '{name}' is in '{file_name}' but the index {listed}. {_REFETCH}"
+                )
+            owner[name] = file_name
     if expected is not None:
-        absent = sorted(set(expected) - set(source.owner))
+        absent = sorted(set(expected) - set(owner))
         if absent:
             raise SourceError(
-                f"{where}: the index lists {', '.join(repr(a) for a in absent[:5])} but no shard holds them; "
-                "a shard is missing or truncated."
+                f"{where}: the index lists {', '.join(f'{a!r} in {expected[a]!r}' for a in absent[:5])}, but no "
+                "shard holds them there; "
+                f"a shard is missing or truncated. {_REFETCH}"
             )
-    return source
+    return owner
 
 
 def open(path: Path) -> Source:
