@@ -24,7 +24,7 @@ True
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -42,6 +42,8 @@ __all__ = [
     "flattened_rules",
     "unrecorded_flatten",
     "unshown_flatten",
+    "map_readers",
+    "MapReaders",
     "flatten_unchecked",
 ]
 
@@ -78,19 +80,31 @@ def unrecorded_flatten(
     )
 
 
-def unshown_flatten(where: str, said: str, module: nn.Module, slot: Slot, unknown: str, fix: str) -> bool:
-    """Refuse a layer ``said`` of a source that records no flatten, loaded without ``example_inputs=``, into
-    Linear ``slot`` of ``module`` where its input size may be a flattened map: the first Linear after a
-    convolution (in registration order), its input size a proper multiple of the channels of that
-    convolution or of the widest one, and no width a module outputs. Returns whether the slot may read a
-    map at all (the first Linear after a convolution, of no module's output width): its order is unchecked."""
-    rows = getattr(slot.module, "in_features", None)
+@dataclass(frozen=True)
+class MapReaders:
+    """What a model's modules say of which Linear may read a flattened map: each first Linear after a
+    convolution (registration order) with that convolution's channels, the widest convolution's channels,
+    and every width a module outputs (:func:`map_readers`)."""
+
+    after_conv: dict[int, int]  # id of a Linear -> the channels of the convolution just before it
+    widest: int
+    widths: frozenset[int]
+
+
+def map_readers(module: nn.Module) -> MapReaders:
+    """One walk over ``module``'s modules for :func:`unshown_flatten`.
+
+    >>> readers = map_readers(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(72, 4), nn.Linear(4, 2)))
+    >>> list(readers.after_conv.values()), readers.widest, sorted(readers.widths)
+    ([8], 8, [2, 4, 8])
+    """
+    after_conv: dict[int, int] = {}
     convs: list[int] = []
     widths: set[int] = set()
-    last, linear_since = 0, False  # a Linear between the last conv and this one reads no map of that conv
+    linear_since = False  # a Linear between the last conv and this one reads no map of that conv
     for m in module.modules():
-        if m is slot.module:
-            last = 0 if linear_since or not convs else convs[-1]
+        if isinstance(m, nn.Linear) and convs and not linear_since:
+            after_conv[id(m)] = convs[-1]
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             convs.append(m.out_channels)
             linear_since = False
@@ -99,9 +113,21 @@ def unshown_flatten(where: str, said: str, module: nn.Module, slot: Slot, unknow
             width = getattr(m, size, None)
             width = width[-1] if isinstance(width, tuple) and width else width  # a norm's normalized_shape
             widths |= {width} if isinstance(width, int) else set()
-    if not isinstance(rows, int) or not last or rows in widths:
+    return MapReaders(after_conv, max(convs, default=0), frozenset(widths))
+
+
+def unshown_flatten(where: str, said: str, readers: MapReaders, slot: Slot, unknown: str, fix: str) -> bool:
+    """Refuse a layer ``said`` of a source that records no flatten, loaded without ``example_inputs=``, into
+    Linear ``slot`` where its input size may be a flattened map: the first Linear after a convolution (in
+    registration order), its input size a proper multiple of the channels of that convolution or of the
+    widest one, and no width a module outputs (``readers``, from :func:`map_readers`). Returns whether the
+    slot may read a map at all (the first Linear after a convolution, of no module's output width): its
+    order is unchecked."""
+    rows = getattr(slot.module, "in_features", None)
+    last = readers.after_conv.get(id(slot.module), 0)
+    if not isinstance(rows, int) or not last or rows in readers.widths:
         return False
-    maps = sorted({c for c in (max(convs), last) if rows % c == 0})
+    maps = sorted({c for c in (readers.widest, last) if rows % c == 0})
     if not maps:
         return True
     raise LayoutError(

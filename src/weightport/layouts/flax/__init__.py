@@ -90,7 +90,13 @@ from torch import nn
 
 from weightport.call_order import CallOrder
 from weightport.layouts.base import LayoutPlan, Rule
-from weightport.layouts.flattening import MAP_KINDS, flatten_unchecked, unrecorded_flatten, unshown_flatten
+from weightport.layouts.flattening import (
+    MAP_KINDS,
+    flatten_unchecked,
+    map_readers,
+    unrecorded_flatten,
+    unshown_flatten,
+)
 from weightport.layouts.flax.convolutions import torch_padding
 from weightport.layouts.flax.exporting import export
 from weightport.layouts.flax.facts import APIS, COLLECTIONS, FRAMEWORK, ROOT, STATS, TRAINING_STATE
@@ -169,6 +175,7 @@ def plan(
     )
     rules: list[Rule] = []
     convs = any(layer.kind in MAP_KINDS for layer in layers)
+    readers = map_readers(module) if convs and call_order is None else None
     flat_notes: list[str] = []
     for layer, pair in zip(layers, paired):
         rules += layer_rules(layer, pair, source)
@@ -184,10 +191,10 @@ def plan(
                 "channels-last before flattening (x.permute(0, 2, 3, 1).flatten(1)), as the Flax model "
                 "computes it",
             )
-            if call_order is None and unshown_flatten(
+            if readers is not None and unshown_flatten(
                 source.description,
                 said,
-                module,
+                readers,
                 pair.slot,
                 "a Flax checkpoint does not record whether it read a map",
                 "permute the PyTorch model's map channels-last before flattening (x.permute(0, 2, 3, 1)"

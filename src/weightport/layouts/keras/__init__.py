@@ -95,6 +95,7 @@ from weightport.layouts.flattening import (
     NO_CONFIG,
     flatten_unchecked,
     flattened_rules,
+    map_readers,
     unshown_flatten,
 )
 from weightport.layouts.keras import describing, hf
@@ -224,6 +225,7 @@ def plan(
     unchecked: list[str] = []
     forward_notes: list[str] = []
     convs = any(found.kind in MAP_KINDS for found in resolved)
+    readers = map_readers(module) if convs and call_order is None else None  # for a weights-only Dense
     for found, paired in zip(resolved, pairs):
         slot = paired.slot
         check_direction(found, slot, where)
@@ -234,10 +236,10 @@ def plan(
             rules += (
                 flattened_rules(found, slot, made, source, call_order) if found.kind == "Linear" else made
             )
-            if part.config is None and found.kind == "Linear" and call_order is None and convs:
+            if part.config is None and found.kind == "Linear" and readers is not None:
                 dense = f"Keras Dense '{found.layer.name}'"
                 fix = "load the .keras file (it records the Flatten)"
-                if unshown_flatten(where, dense, module, slot, NO_CONFIG, fix):
+                if unshown_flatten(where, dense, readers, slot, NO_CONFIG, fix):
                     unchecked.append(flatten_unchecked(dense))
             if part.config is not None:
                 problems += check_config(found, part, slot, refusals)
