@@ -247,7 +247,8 @@ class Prover:
 
     def _misfits(self, layer_ids: list[int], slot_ids: list[int]) -> str:
         """Which of the layers fit none of the free modules, and the free modules of other kinds (a layer
-        fills a module of its own kind only: a 1 x 1 convolution is no Linear here)."""
+        fills a module of its own kind: a layout takes a 1 x 1 convolution for a Linear before pairing, where
+        its source proves it one)."""
         said = ""
         if self.fits is not None:
             none = [

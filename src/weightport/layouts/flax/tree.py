@@ -129,9 +129,10 @@ def name_paths(path: str) -> tuple[str, ...]:
     stacked = _STACKED.match(path)
     # one layer of a stack of RNNs, as export() files it: 'rnn/layers_1/cell' is 'rnn[1]'
     layer = (f"{stacked[1].replace('/', '.')}[{stacked[2]}]",) if stacked else ()
-    listed = re.sub(r"_(\d+)(?=/|$)", r".\1", path.removesuffix("/cell")).replace("/", ".")
-    wrapped = re.sub(r"(?:^|(?<=/))([^/]+)/\1_(\d+)(?=/|$)", r"\1/\2", path.removesuffix("/cell"))
-    unwrapped = (wrapped.replace("/", "."),) if wrapped != path.removesuffix("/cell") else ()
+    own = path.removesuffix("/cell")
+    listed = re.sub(r"_(\d+)(?=/|$)", r".\1", own).replace("/", ".")
+    wrapped = re.sub(r"(?:^|(?<=/))([^/]+)/\1_(\d+)(?=/|$)", r"\1/\2", own)
+    unwrapped = (wrapped.replace("/", "."),) if wrapped != own else ()
     return (*layer, listed, *unwrapped) if listed != path.replace("/", ".") else layer
 
 
