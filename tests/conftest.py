@@ -1,15 +1,31 @@
-"""Shared helpers: module state snapshots for the all-or-nothing checks."""
+"""Shared helpers: module state snapshots for the all-or-nothing checks, and a refusal that leaves the module
+unchanged."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import weightport
 from _vision import allow_torchvision_import
 from weightport.tensors import numpy_of
 
 allow_torchvision_import()  # transformers and timm import torchvision wherever it is installed
+
+
+def refused(
+    module: torch.nn.Module, source: Any, match: str, error: type[Exception] | None = None, **kwargs: Any
+) -> Exception:
+    """Load ``source`` into ``module``, expect ``error`` (any WeightportError by default) matching ``match``,
+    and the module left bit for bit as it was; the error, for more checks."""
+    before = snapshot(module)
+    with pytest.raises(error or weightport.WeightportError, match=match) as caught:
+        weightport.load(module, source, **kwargs)
+    assert snapshot(module) == before, "a refused load wrote to the module"
+    return caught.value
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, tuple[bytes, str, tuple[int, ...], int]]:

@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
 
 import weightport  # noqa: E402
-from conftest import snapshot  # noqa: E402
+from conftest import refused  # noqa: E402
 from weightport.errors import LayoutError, UncheckedConfigWarning  # noqa: E402
 
 
@@ -91,15 +91,12 @@ def test_the_rows_follow_the_order_the_model_flattens_in(
 
 def test_without_example_inputs_both_readings_are_refused(files: tuple[Any, Path]) -> None:
     _, folder = files
-    module = ChannelsFirst()
-    before = snapshot(module)
-    with pytest.raises(
+    refused(
+        ChannelsFirst(),
+        folder / "m.keras",
+        r"Keras Dense 'fc' reads Flatten 'flatten' of a channels-last map \(3, 4, 8\).*Fix: pass example_inputs=",
         LayoutError,
-        match=r"Keras Dense 'fc' reads Flatten 'flatten' of a channels-last map \(3, 4, 8\).*"
-        r"Fix: pass example_inputs=",
-    ):
-        weightport.load(module, folder / "m.keras")
-    assert snapshot(module) == before
+    )
 
 
 def test_a_weights_only_file_says_what_it_cannot_know(files: tuple[Any, Path]) -> None:
@@ -109,19 +106,14 @@ def test_a_weights_only_file_says_what_it_cannot_know(files: tuple[Any, Path]) -
     model, folder = files
     x = torch.randn(2, 2, 3, 4)
     module = ChannelsFirst()
-    before = snapshot(module)
-    with pytest.raises(
-        LayoutError, match=r"flattens a channels-first map \(8, 3, 4\) into 'fc'.*\.keras file"
-    ):
-        weightport.load(module, folder / "m.weights.h5", example_inputs=x)
-    assert snapshot(module) == before
-    with pytest.raises(
-        LayoutError,
-        match=r"Keras Dense 'fc' in 'fc' takes 96 inputs, 12 positions of a map of 8 channels.*"
-        r"Fix: pass example_inputs=.*or load the \.keras file",
-    ):
-        weightport.load(module, folder / "m.weights.h5")
-    assert snapshot(module) == before
+    path = folder / "m.weights.h5"
+    first = r"flattens a channels-first map \(8, 3, 4\) into 'fc'.*\.keras file"
+    refused(module, path, first, LayoutError, example_inputs=x)
+    unshown = (
+        r"Keras Dense 'fc' in 'fc' takes 96 inputs, 12 positions of a map of 8 channels.*"
+        r"Fix: pass example_inputs=.*or load the \.keras file"
+    )
+    refused(module, path, unshown, LayoutError)
     channels_last = ChannelsLast().eval()  # Keras's own order: the rows as stored
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UncheckedConfigWarning)  # the conv's settings

@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
 
 import weightport  # noqa: E402
-from conftest import snapshot  # noqa: E402
+from conftest import refused  # noqa: E402
 from weightport.errors import WeightportError  # noqa: E402
 
 
@@ -116,14 +116,11 @@ def test_without_example_inputs_unique_shapes_pair_them(files: tuple[Any, Path])
 def test_a_weights_only_file_proves_no_one_position_map(files: tuple[Any, Path]) -> None:
     """It records no pooling: its 1x1 convs stay convs, and the refusal names the Linears left empty."""
     _, folder = files
-    module = LinearHead()
-    before = snapshot(module)
-    with pytest.raises(
-        WeightportError,
-        match=r"(?s)no free nn.Conv2d left.*stay empty: hidden \(Linear.*logits \(Linear.*keepdims=True",
-    ):
-        weightport.load(module, folder / "m.weights.h5")
-    assert snapshot(module) == before
+    refused(
+        LinearHead(),
+        folder / "m.weights.h5",
+        r"(?s)no free nn.Conv2d left.*stay empty: hidden \(Linear.*logits \(Linear.*keepdims=True",
+    )
 
 
 def test_a_1x1_conv_of_a_whole_map_is_no_linear(tmp_path: Path) -> None:
@@ -132,11 +129,12 @@ def test_a_1x1_conv_of_a_whole_map_is_no_linear(tmp_path: Path) -> None:
     that far, so the load is refused rather than guessed."""
     model = keras_head(pool_first=False)
     model.save(tmp_path / "late.keras")
-    module = LinearHead()
-    before = snapshot(module)
-    with pytest.raises(WeightportError, match=r"modules of kinds no source layer has"):
-        weightport.load(module, tmp_path / "late.keras", example_inputs=torch.zeros(1, 2, 3, 4))
-    assert snapshot(module) == before
+    refused(
+        LinearHead(),
+        tmp_path / "late.keras",
+        r"modules of kinds no source layer has",
+        example_inputs=torch.zeros(1, 2, 3, 4),
+    )
 
 
 def test_mapping_pairs_a_one_position_conv_with_a_linear(files: tuple[Any, Path]) -> None:
@@ -164,7 +162,9 @@ def test_a_later_conv_the_file_does_not_prove_keeps_the_earlier_ones_convs(tmp_p
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="mean")(x))
     model.save(tmp_path / "m.keras")
     module = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8, 8))
-    before = snapshot(module)
-    with pytest.raises(WeightportError, match=r"stay empty: 3 \(Linear \(8, 8\)\)"):
-        weightport.load(module, tmp_path / "m.keras", example_inputs=torch.zeros(1, 2, 3, 4))
-    assert snapshot(module) == before
+    refused(
+        module,
+        tmp_path / "m.keras",
+        r"stay empty: 3 \(Linear \(8, 8\)\)",
+        example_inputs=torch.zeros(1, 2, 3, 4),
+    )
