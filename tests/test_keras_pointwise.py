@@ -168,3 +168,37 @@ def test_a_later_conv_the_file_does_not_prove_keeps_the_earlier_ones_convs(tmp_p
         r"stay empty: 3 \(Linear \(8, 8\)\)",
         example_inputs=torch.zeros(1, 2, 3, 4),
     )
+
+
+class TwoSquareLinears(nn.Module):
+    """Two 8 -> 8 Linears after the pooling, declared in the opposite order to the one forward calls them in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.second, self.first = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(self.conv(x).mean((2, 3)))))
+
+
+def test_two_square_one_position_convs_fill_the_linears_in_call_order(tmp_path: Path) -> None:
+    """Both 1x1 convs are 8 -> 8 with random biases: shapes cannot tell them apart, nor a transposed kernel,
+    and the model declares its Linears in the other order. The recorded order against the forward pass pairs
+    them; only Keras's outputs show it is right."""
+    x = inputs = keras.Input((3, 4, 2))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(keepdims=True, name="pool")(x)
+    x = keras.layers.Activation("relu", name="relu")(keras.layers.Conv2D(8, 1, name="a")(x))
+    model = keras.Model(inputs, keras.layers.Flatten(name="flat")(keras.layers.Conv2D(8, 1, name="b")(x)))
+    rng = np.random.default_rng(7)
+    model.set_weights([rng.normal(0, 0.4, tuple(w.shape)).astype(np.float32) for w in model.weights])
+    model.save(tmp_path / "m.keras")
+    module = TwoSquareLinears()
+    report = weightport.load(module, tmp_path / "m.keras", example_inputs=torch.zeros(1, 2, 3, 4))
+    _compare(model, module)
+    assert {p.source_layer: p.module_path for p in report.pairings} == {
+        "conv": "conv",
+        "a": "first",
+        "b": "second",
+    }
