@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import weightport
-from conftest import snapshot
+from conftest import refused, snapshot
 from weightport import UncheckedConfigWarning, WeightportError
 
 transformers = pytest.importorskip("transformers")
@@ -309,3 +309,37 @@ def test_a_safetensors_file_written_from_flax_is_refused_not_read_as_pytorch_nam
     with pytest.raises(WeightportError, match=r"written by transformers from a Flax model.*format='flax'"):
         weightport.load(model, tmp_path / "model.safetensors")
     assert snapshot(model) == before
+
+
+@pytest.mark.parametrize("pooler", [False, True], ids=["no-pooler", "pooler"])
+def test_a_pytorch_checkpoint_with_a_head_loads_into_its_base_model(tmp_path: Path, pooler: bool) -> None:
+    """BertForMaskedLM's model.safetensors ('bert.*' beside the head's 'cls.*') into BertModel (whose
+    base_model_prefix is 'bert', with no 'bert' child): the 'bert.' part fills it as transformers' own
+    from_pretrained takes it, giving the masked-LM model's encoder outputs; a strict load refuses over the
+    head's tensors (and the pooler the checkpoint lacks) and writes nothing, strict=False loads the rest."""
+    config = _bert_config("equal")
+    torch.manual_seed(0)
+    source = transformers.BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    source.save_pretrained(tmp_path / "mlm")
+    torch.manual_seed(1)
+    module = transformers.BertModel(config, add_pooling_layer=pooler).eval()
+    refused(module, tmp_path / "mlm", r"'cls\.predictions\.bias'.*unknown name.*strict=False")
+    untouched = snapshot(module)
+    report = weightport.load(module, tmp_path / "mlm", strict=False)
+    with weightport.open_source(tmp_path / "mlm") as saved:
+        head = sorted(n for n in saved.infos if not n.startswith("bert."))
+    assert head and sorted(report.ignored) == head
+    ids = torch.from_numpy(IDS).long()
+    with torch.no_grad():
+        expected = source.bert(ids).last_hidden_state
+        torch.testing.assert_close(module(ids).last_hidden_state, expected, rtol=0, atol=0)
+    if pooler:  # the checkpoint has no pooler: it keeps its values
+        assert all(snapshot(module)[n] == untouched[n] for n in untouched if n.startswith("pooler."))
+    # a model with a 'bert' child (the head model itself) takes the names as they are
+    twin = transformers.BertForMaskedLM(config).eval()
+    weightport.load(twin, tmp_path / "mlm")
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, source(ids).logits, rtol=0, atol=0)

@@ -32,7 +32,23 @@ if TYPE_CHECKING:
     from weightport.call_order import CallOrder
     from weightport.sources.base import Source
 
-__all__ = ["Layout", "Rule", "Pairing", "LayoutPlan"]
+__all__ = ["Layout", "Rule", "Pairing", "LayoutPlan", "base_model_prefix"]
+
+
+def base_model_prefix(module: Any) -> str | None:
+    """The name under which transformers files ``module``'s own tensors in a checkpoint of a model with a head
+    (``bert`` for ``BertModel``: ``BertForMaskedLM`` saves ``bert.embeddings...`` beside ``cls...``), where
+    ``module`` is that base model itself (its ``base_model_prefix``, and no child of that name); else None.
+    transformers' own loading drops that prefix to load such a checkpoint into the base model.
+
+    >>> from torch import nn
+    >>> base_model_prefix(nn.Linear(1, 1)) is None
+    True
+    """
+    prefix = getattr(module, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not prefix or hasattr(module, prefix):
+        return None
+    return prefix
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from weightport.errors import LayoutError
-from weightport.layouts.base import LayoutPlan, Rule
+from weightport.layouts.base import LayoutPlan, Rule, base_model_prefix
 from weightport.sources.base import Source
 from weightport.transforms import Transpose
 
@@ -60,7 +60,9 @@ def plan(
     of GPT-2 (and the other models whose ``config.json`` ``model_type`` builds transformers' ``Conv1D``)
     keeps ``c_attn``/``c_proj``/``c_fc``/``q_attn`` weights ``(in, out)``: into an ``nn.Linear`` they are
     transposed, square ones too, whose shape could not show it. Old names PyTorch's or transformers' loading
-    accepts are renamed: ``weight_g``/``weight_v`` (weight norm), a norm's ``gamma``/``beta``."""
+    accepts are renamed: ``weight_g``/``weight_v`` (weight norm), a norm's ``gamma``/``beta``. A transformers
+    checkpoint of a model with a head goes into its base model as transformers' own loading takes it: the base
+    model's part, its prefix (``bert.``) dropped; the head's tensors find no place."""
     _refuse_other_frameworks(source)
     mapping = dict(mapping or {})
     names = list(source.infos)
@@ -79,6 +81,8 @@ def plan(
         module_names = set(module.state_dict(keep_vars=True))
         dropped = strip_wrapper_prefixes([n for n in names if n not in mapping], module_names)
     own = {name: name[len(dropped) :] if name.startswith(dropped) else name for name in names}
+    base = _base_model_part(module, [own[n] for n in names if n not in mapping])
+    own = {name: target.removeprefix(base) if name not in mapping else target for name, target in own.items()}
     legacy = [n for n in own.values() if n.endswith(_LEGACY_WEIGHT_NORM)]
     renamed = _weight_norm_names(module, legacy) if legacy else {}
     old_norms = [n for n in own.values() if n.rpartition(".")[2] in _OLD_NORM_NAMES]
@@ -135,6 +139,17 @@ def _refuse_other_frameworks(source: Source) -> None:
         f"save_pretrained(..., safe_serialization=False), which writes {native} (weightport ports it), or "
         f"convert the checkpoint with transformers ({flag}=True) and save it again."
     )
+
+
+def _base_model_part(module: torch.nn.Module, names: list[str]) -> str:
+    """The prefix (``bert.``) of the base model's part of a transformers checkpoint of a model with a head,
+    where ``module`` is that base model and some of ``names`` drop into its own names without it; else ''."""
+    prefix = base_model_prefix(module)
+    if prefix is None:
+        return ""
+    module_names = set(module.state_dict(keep_vars=True))
+    inside = f"{prefix}."
+    return inside if any(n.startswith(inside) and n[len(inside) :] in module_names for n in names) else ""
 
 
 # torch.nn.utils.weight_norm (deprecated) stored g and v as <name>_g, <name>_v; its successor,

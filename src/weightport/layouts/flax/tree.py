@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from weightport.layouts.base import base_model_prefix
 from weightport.layouts.flax.facts import COLLECTIONS
 
 __all__ = [
@@ -175,8 +176,8 @@ def base_model_part(module: Any, layers: list[Any]) -> tuple[list[Any], str]:
     which has no ``bert`` child): the layers under that prefix, named without it, as transformers' own
     loading takes them, and the prefix; the head's layers are left out (their arrays stay unplaced). Any
     other model's layers are returned as they are, with ``""``."""
-    prefix = getattr(module, "base_model_prefix", None)
-    if not isinstance(prefix, str) or not prefix or hasattr(module, prefix):
+    prefix = base_model_prefix(module)
+    if prefix is None:
         return layers, ""
     inside = [layer for layer in layers if layer.name.startswith(prefix + "/")]
     if not inside:

@@ -61,7 +61,7 @@ import numpy as np
 from torch import nn
 
 from weightport.errors import LayoutError
-from weightport.layouts.base import LayoutPlan, Pairing, Rule
+from weightport.layouts.base import LayoutPlan, Pairing, Rule, base_model_prefix
 from weightport.layouts.keras.layers import Layer, inner_layers
 from weightport.layouts.slots import TRANSFORMERS_CONV1D, slot_kind
 from weightport.layouts.torch import weight_norm_name
@@ -267,7 +267,7 @@ def _inner_main_layer(module: nn.Module, name: str, names: Mapping[str, str]) ->
             part = module.get_submodule(".".join(parts[:i]))
         except AttributeError:
             return name
-        if getattr(part, "base_model_prefix", None) == parts[i] and not hasattr(part, parts[i]):
+        if base_model_prefix(part) == parts[i]:
             shorter = ".".join(parts[:i] + parts[i + 1 :])
             if shorter in names:
                 return shorter
