@@ -367,6 +367,60 @@ def test_example_inputs_leave_the_module_as_it_was(conv_files: ConvFiles) -> Non
     assert {p.source_layer: p.module_path for p in report.pairings} == CONV_MAPPING
 
 
+class _SharedBlock(nn.Module):
+    def __init__(self, shared: nn.Module) -> None:
+        super().__init__()
+        self.pos = shared  # the parent's module, reachable under a second path (timm's CoaT keeps cpe so)
+        self.fc = nn.Linear(W, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.pos(x)))
+
+
+class _SharedModule(nn.Module):
+    def __init__(self, classes: int = 3, data_dependent: bool = False) -> None:
+        super().__init__()
+        self.pos = nn.Linear(W, W)
+        self.blocks = nn.ModuleList([_SharedBlock(self.pos)])
+        self.head = nn.Linear(W, classes)
+        self.data_dependent = data_dependent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.data_dependent and bool(x.sum() > 1e9):  # needs values: the pass runs on copies, not meta
+            x = x * 2
+        return self.head(self.blocks[0](x))
+
+
+@pytest.mark.parametrize("data_dependent", [False, True], ids=["meta-pass", "copies-pass"])
+def test_example_inputs_leave_a_module_reachable_under_two_paths_as_it_was(
+    data_dependent: bool, tmp_path: Path
+) -> None:
+    """torch's functional_call swaps a shared module's tensors once per path and restored the stand-ins: a
+    refused load said 'nothing was written' and left the module's weights on meta. Now the pass leaves them
+    as they were, a refused load changes nothing, and the same model loads exactly (onnxruntime's outputs)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    original = _SharedModule(data_dependent=data_dependent).eval()
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 5, W)).astype(np.float32))
+    path = tmp_path / "shared.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(original, (x,), str(path), dynamo=False)  # MatMul weights unnamed
+    other_head = _SharedModule(classes=4, data_dependent=data_dependent).eval()
+    before = snapshot(other_head)
+    with pytest.raises(WeightportError):
+        load(other_head, path, example_inputs=(x,))
+    assert snapshot(other_head) == before
+    twin = _SharedModule(data_dependent=data_dependent).eval()
+    load(twin, path, example_inputs=(x,))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(twin(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert twin.pos is twin.blocks[0].pos and not any(t.is_meta for t in twin.state_dict().values())
+
+
 def test_example_inputs_with_a_module_built_on_the_meta_device(conv_files: ConvFiles) -> None:
     path, expected = conv_files.sources[".keras"]
     with torch.device("meta"):

@@ -191,6 +191,10 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
     handles = [m.register_forward_pre_hook(before, with_kwargs=True) for m in modules]
     handles += [m.register_forward_hook(after, with_kwargs=True) for m in modules]
     flat = {id(m): list(m._flat_weights) for m in model.modules() if isinstance(m, nn.RNNBase)}
+    # functional_call swaps a tensor in under each of its names: a module reachable under two paths (timm's
+    # CoaT keeps its cpe in two places) is swapped twice and restored with the stand-in; so every module's
+    # own tensors are put back as they were, whatever the pass did
+    kept = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     try:
         with flow:
             _trace(model, args, kwargs, flow)
@@ -205,6 +209,9 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
     finally:
         for handle in handles:
             handle.remove()
+        for module, parameters, buffers in kept:
+            module._parameters.update(parameters)
+            module._buffers.update(buffers)
         for module in model.modules():  # functional_call leaves an RNN's flat weight list pointing at
             if id(module) in flat:  # the swapped-in tensors: put the model's own back
                 module._flat_weights = flat[id(module)]  # type: ignore[assignment]
