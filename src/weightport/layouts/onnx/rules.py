@@ -10,6 +10,7 @@ import numpy as np
 from weightport.layouts.base import Rule
 from weightport.layouts.onnx.attention import ATTENTION, attention_rules
 from weightport.layouts.onnx.checks import check_conv, check_norm, check_recurrent_module
+from weightport.layouts.onnx.folding import FOLDS_INTO
 from weightport.layouts.onnx.graph import Layer, all_zero
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.onnx.layers import ran_in_module
@@ -139,6 +140,15 @@ def _recurrent_rules(
     return rules
 
 
+# an exporter folds a BatchNorm into the Conv/Linear before it, leaving such a bias: which BatchNorm follows
+# which layer the registration order tells only where the model registers each right after its layer
+_FOLDED_BIAS_FIX = (
+    "; or, where a BatchNorm follows it in the model's forward (the exporter folded it in, leaving this "
+    "bias), pass example_inputs= (an input for one forward pass), which shows which BatchNorm follows "
+    "it where the model does not register each BatchNorm right after its layer."
+)
+
+
 def _plain_rules(
     layer: Layer,
     pair: Paired,
@@ -220,8 +230,8 @@ def _plain_rules(
         else:
             issues.add(
                 node,
-                f"has a bias '{bias}' but '{slot.label}' was built with bias=False. "
-                "Fix: build it with bias=True.",
+                f"has a bias '{bias}' but '{slot.label}' was built with bias=False. Fix: build it with bias=True"
+                + (_FOLDED_BIAS_FIX if layer.kind in FOLDS_INTO else "."),
             )
     elif bias is not None:
         rules.append(
