@@ -12,6 +12,7 @@ the recorded outputs.
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 import weightport
-from conftest import snapshot
+from conftest import refused, snapshot
 from golden.onnx_exporter_models import Mixed, Shared
 from weightport.errors import LayoutError, LoadError, SourceError
 
@@ -286,3 +287,43 @@ def test_a_conv_over_a_unit_axis_is_a_conv1d_only_after_an_unsqueeze(
             weightport.load(nn.Conv1d(2, 4, 3, padding=1), path)
         conv = nn.Conv2d(2, 4, (1, 3), padding=(0, 1), bias=False)
         weightport.load(conv, path)
+
+
+class _PadsInForward(nn.Module):
+    """timm's Conv2dSame in small: the forward pads (right and bottom only), then a padding=0 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=0)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(torch.nn.functional.pad(x, (0, 1, 0, 1))))
+
+
+def test_a_pad_the_optimizer_merged_into_a_conv_is_refused_with_the_export_that_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """dynamo=True's optimizer merges the forward's own zero Pad into the Conv's pads (begin 0, end 1), which no
+    PyTorch Conv pads by: refused, and the fix names the export that keeps the Pad node; that file loads
+    exactly (onnxruntime's outputs)."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    source = _PadsInForward().eval()
+    x = torch.randn(1, 3, 16, 16)
+    paths = {}
+    for optimize in (True, False):
+        paths[optimize] = tmp_path / f"optimize-{optimize}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                source, (x,), str(paths[optimize]), dynamo=True, optimize=optimize, verbose=False
+            )
+    refused(_PadsInForward(), paths[True], r"pads begin \(0, 0\), end \(1, 1\).*dynamo=True, optimize=False")
+    model = _PadsInForward().eval()
+    weightport.load(model, paths[False])
+    session = ort.InferenceSession(str(paths[False]), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert max_err(model(x), expected) <= TOL

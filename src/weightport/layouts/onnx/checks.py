@@ -246,22 +246,31 @@ def check_conv(
         issues.add(
             node,
             f"pads begin {begin}, end {end} (auto_pad={auto}) are what padding='same' pads, but '{slot.label}' "
-            f"has padding={module.padding}. Fix: build it with padding='same'.",
+            f"has padding={module.padding}. Fix: build it with padding='same'{_MERGED_PAD}.",
         )
     elif begin != end:
         issues.add(
             node,
             f"pads begin {begin}, end {end}: PyTorch's Conv pads both sides equally (padding='same' puts "
             f"the odd one at the end, only with stride 1). Fix: put an explicit zero padding (F.pad) "
-            f"before a {name}(padding=0).",
+            f"before a {name}(padding=0){_MERGED_PAD}.",
             unsupported=True,
         )
     else:
         issues.add(
             node,
             f"pads {begin} (with zeros) but '{slot.label}' has padding={module.padding}. Fix: build it "
-            f"with padding={begin}.",
+            f"with padding={begin}{_MERGED_PAD}.",
         )
+
+
+# torch.onnx.export(dynamo=True)'s optimizer merges a zero Pad node into the Conv after it: a model that pads
+# in its forward (timm's Conv2dSame, F.pad before a padding=0 conv) then reads as a Conv that pads itself
+_MERGED_PAD = (
+    "; where the model already pads in its forward (timm's Conv2dSame, an F.pad before the conv), the "
+    "exporter's optimizer merged that padding into this Conv: re-export with dynamo=True, optimize=False "
+    "(or dynamo=False), which keeps the Pad node, and load that file"
+)
 
 
 def _check_pad_before(
