@@ -117,6 +117,9 @@ CASES: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
 }
 
 
+SHOWN_FLATTEN = {"tf_conv1d"}
+
+
 def fresh(build: Callable[[], nn.Module]) -> nn.Module:
     torch.manual_seed(1)
     return build().eval()
@@ -127,9 +130,11 @@ def test_exported_file_loads_into_its_twin(name: str) -> None:
     build, pairs = CASES[name]
     x, expected = recorded(name)
     model = fresh(build)
+    # tf_conv1d's Dense reads a flattened channels-last map: only the forward pass shows the twin flattens so
+    inputs = (x,) if name in SHOWN_FLATTEN else None
     with torch.no_grad():
         assert max_err(model(x), expected) > 1e-2  # nothing matches before loading
-        report = weightport.load(model, GOLDEN / f"{name}.onnx")
+        report = weightport.load(model, GOLDEN / f"{name}.onnx", example_inputs=inputs)
         assert max_err(model(x), expected) < TOL
     assert sorted(p.module_path for p in report.pairings) == sorted(pairs)
     assert not report.ignored
@@ -327,3 +332,25 @@ def test_a_pad_the_optimizer_merged_into_a_conv_is_refused_with_the_export_that_
     (expected,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert max_err(model(x), expected) <= TOL
+
+
+class Conv1dDenseChannelsFirst(Conv1dDense):
+    """tf_conv1d's twin flattening its (channels, time) map as PyTorch does: the Dense's columns reordered."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(torch.relu(self.conv(x.transpose(1, 2))).flatten(1))
+
+
+def test_tf2onnx_flatten_loads_into_either_twin_as_its_forward_flattens() -> None:
+    """tf2onnx's Conv1D -> Flatten -> Dense (Transpose to channels last, Reshape, MatMul): a twin that flattens
+    channels-first loaded it as it was, silently wrong; the forward pass now reorders its columns, each twin
+    giving the recorded outputs, and without example_inputs= the load is refused with both readings."""
+    x, expected = recorded("tf_conv1d")
+    for build in (Conv1dDense, Conv1dDenseChannelsFirst):
+        model = fresh(build)
+        weightport.load(model, GOLDEN / "tf_conv1d.onnx", example_inputs=(x,))
+        with torch.no_grad():
+            assert max_err(model(x), expected) < TOL
+        refused(
+            fresh(build), GOLDEN / "tf_conv1d.onnx", r"reads a flattened channels-last map.*example_inputs="
+        )

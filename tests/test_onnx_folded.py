@@ -366,7 +366,9 @@ def test_the_call_order_says_which_conv_a_batchnorm_follows(tmp_path: Path) -> N
     # by registration, the BatchNorm would be a's, and b's folded bias would have nowhere to go
     refusal = _refusal(model, path)
     assert "'b' was built with bias=False" in refusal
-    assert "pass example_inputs= (an input for one forward pass), which shows which BatchNorm follows" in refusal
+    assert (
+        "pass example_inputs= (an input for one forward pass), which shows which BatchNorm follows" in refusal
+    )
     report = _load_onnx(model, path, example_inputs=(X,))
     _assert_close(model, path)
     (pairing,) = [p for p in report.pairings if p.module_path == "bn"]

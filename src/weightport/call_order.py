@@ -120,6 +120,12 @@ class _Dataflow(TorchFunctionMode):
             return
         if name == "permute" and _to_channels_last(first.dim(), args[1:], kwargs.get("dims")):
             self.channels_last[out] = True
+        elif name in ("transpose", "swapaxes", "movedim", "moveaxis") and _moved_last(
+            name, first.dim(), args[1:]
+        ):
+            self.channels_last[out] = True  # a (N, C, L) map's x.transpose(1, 2), x.movedim(1, -1)
+        elif first in self.channels_last and out.shape == first.shape:
+            self.channels_last[out] = True  # through contiguous(), an activation, dropout
         elif (
             name in ("flatten", "reshape", "view")
             and first.dim() >= 3
@@ -141,6 +147,18 @@ class _Dataflow(TorchFunctionMode):
         if modules:
             for tensor in _tensors(out):
                 self.made_by[tensor] = self.made_by.get(tensor, set()) | modules
+
+
+def _moved_last(name: str, rank: int, axes: Any) -> bool:
+    """Whether ``x.movedim(1, -1)`` (any rank) or a swap of a ``(N, C, L)`` map's axes 1 and 2
+    (``x.transpose(1, 2)``) moves the channel axis 1 last, the others in order."""
+    try:
+        a, b = (int(axis) % rank for axis in axes[:2])
+    except (TypeError, ValueError):
+        return False
+    if name in ("movedim", "moveaxis"):
+        return rank >= 3 and (a, b) == (1, rank - 1)
+    return rank == 3 and {a, b} == {1, 2}
 
 
 def _to_channels_last(rank: int, dims: Any, named: Any) -> bool:

@@ -78,8 +78,8 @@ from the module and reported as unchecked.
 
 The package, one phase a module (each imports only those before it): ``ops`` (what each ONNX op is in
 PyTorch), ``graph`` (nodes, wiring, values followed), ``issues`` (refusals), ``pads``, ``checks`` (node
-settings), ``attention`` (MultiheadAttention and named parameters), ``layers`` (finding the layers), ``rules``
-(rules for a paired layer), ``folding`` (BatchNorms folded
+settings), ``norm_eps`` (the eps of a norm written as basic ops), ``attention`` (MultiheadAttention and named
+parameters), ``layers`` (finding the layers), ``rules`` (rules for a paired layer), ``folding`` (BatchNorms folded
 into the layer before them), ``hints`` (why a module layer got nothing) and ``arrays`` (export() and its
 key scheme).
 
@@ -100,9 +100,15 @@ from weightport.errors import LayoutError
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.onnx.arrays import export, nodes_from_keys
 from weightport.layouts.onnx.attention import explain_unnamed_attention, named_parameter_rules
+from weightport.layouts.onnx.flatten import reorder_flattened
 from weightport.layouts.onnx.folding import FOLDS_INTO, fold_rules, followers, statistics_note
-from weightport.layouts.onnx.graph import Layer, read_nodes, weight_names
-from weightport.layouts.onnx.hints import explain_unrolled_recurrence, loop_hints, unmapped_hints
+from weightport.layouts.onnx.graph import Graph, Layer, read_nodes, weight_names
+from weightport.layouts.onnx.hints import (
+    explain_unrolled_recurrence,
+    loop_hints,
+    unmapped_hints,
+    unread_hints,
+)
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.onnx.layers import find_layers, named_path, owner_path, ran_in_module
 from weightport.layouts.onnx.rules import layer_rules
@@ -232,6 +238,8 @@ def plan(
             if pairing is not None:
                 pairings.append(pairing)
                 folded.append(bn.label)
+    if "nodes" in source.metadata:
+        rules = reorder_flattened(layers, paired, rules, Graph.of(nodes, source), call_order)
     more, shared = shared_rules(
         module,
         layers,
@@ -254,7 +262,10 @@ def plan(
         unmapped_hints(module, layers, nodes, source, hints)
         filled = {rule.target for rule in rules}
         reads = call_order.reads if call_order is not None else None
-        more, named, why = named_parameter_rules(module, source, used, filled, unchecked, reads)
+        more, named, why = named_parameter_rules(
+            module, source, used, filled, unchecked, reads, Graph.of(nodes, source), issues
+        )
+        issues.raise_if_any(target)
         rules, pairings, used = (
             rules + more,
             pairings + named,
@@ -262,12 +273,14 @@ def plan(
         )
         for path, hint in why.items():
             hints.setdefault(path, hint)
+    unplaced = [n for n in weight_names(source) if n not in used]
     return LayoutPlan(
         name=NAME,
         rules=rules,
         pairings=pairings,
         scope=wrapped_scope(paired),
-        unmatched=[n for n in weight_names(source) if n not in used],
+        unmatched=unplaced,
+        unmatched_hints=unread_hints(unplaced, nodes, source) if "nodes" in source.metadata else {},
         unchecked=unchecked,
         missing_hints=hints,
         forward_notes=forward_notes,

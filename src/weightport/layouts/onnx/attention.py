@@ -34,6 +34,7 @@ from weightport.layouts.onnx.cross_attention import (
 )
 from weightport.layouts.onnx.graph import Graph, Layer, all_zero
 from weightport.layouts.onnx.issues import Issues
+from weightport.layouts.onnx.norm_eps import check_norm_eps
 from weightport.layouts.pairing import Paired, Slot, module_slots
 from weightport.sources.base import Source
 from weightport.transforms import Identity, Zeros
@@ -206,6 +207,8 @@ def named_parameter_rules(
     filled: set[str],
     unchecked: list[str],
     reads: Callable[[str], bool] | None = None,
+    graph: Graph | None = None,
+    issues: Issues | None = None,
 ) -> tuple[list[Rule], list[Pairing], dict[str, str]]:
     """Rules for the parameters of modules of no known kind, and for any buffer no rule fills (one registered
     with ``persistent=False`` too, which the exporter stores where the forward reads it), from initializers of
@@ -216,24 +219,32 @@ def named_parameter_rules(
     parameters the same way where the graph holds every one of them under its name and shape, unread by
     any rule: torch.onnx.export keeps a parameter's name only where it stores it as it is, and computes
     the module from nodes no layer rule reads (a LayerNorm below opset 17, a ConvTranspose). Its settings
-    are then not checked against the graph, which ``unchecked`` says."""
+    are then not checked against the graph, which ``unchecked`` says.
+
+    With ``graph`` and ``issues``, a norm's weight filled so (a LayerNorm below opset 17, an RMSNorm, one of
+    no known kind as transformers' ``T5LayerNorm``) has the eps the graph adds to its variance checked against
+    the module's (:mod:`.norm_eps`): a mismatch is an issue, and a LayerNorm or RMSNorm whose eps matches is
+    not reported unchecked."""
+    check = _eps_check(graph, issues)
     rules: list[Rule] = []
     pairings: list[Pairing] = []
     hints: dict[str, str] = {}
     for slot in module_slots(module):
         if not slot.kind.startswith("other:"):
             if slot.layer is None:
-                _known_by_name(slot, source, used, filled, rules, pairings, unchecked)
+                _known_by_name(slot, source, used, filled, rules, pairings, unchecked, check)
                 own = [(slot.name(p), tuple(t.shape)) for p, t in slot.module.named_parameters(recurse=False)]
                 # no rule here targets a name the file lacks: only the layer rules before can fill these
                 if own and not any(name in filled or name in source.infos for name, _ in own):
                     hints[slot.path] = _folded_hint(own, source, used, reads, "no node applies it and ")
             continue
         lacking: list[tuple[str, tuple[int, ...]]] = []
+        took: list[str] = []
         for param, tensor in slot.module.named_parameters(recurse=False):
             full = slot.name(param)
             info = source.infos.get(full)
             if info is not None and tuple(info.shape) == tuple(tensor.shape) and full not in used:
+                took.append(full)
                 rules.append(Rule(full, (full,), Identity(), f"{source.description} initializer '{full}'"))
                 pairings.append(
                     Pairing(
@@ -246,6 +257,9 @@ def named_parameter_rules(
                 )
                 continue
             lacking.append((full, tuple(tensor.shape)))
+        note = check(slot, took)
+        if note is not None and note not in ("equal", "refused"):
+            unchecked.append(note)
         if lacking:
             hints[slot.path] = _folded_hint(lacking, source, used, reads)
     taken = filled | {rule.target for rule in rules}
@@ -311,6 +325,7 @@ def _known_by_name(
     rules: list[Rule],
     pairings: list[Pairing],
     unchecked: list[str],
+    check: Callable[[Slot, list[str]], str | None],
 ) -> None:
     own = [(slot.name(p), tuple(t.shape)) for p, t in slot.module.named_parameters(recurse=False)]
     if not own or any(name in filled or name in used for name, _ in own):
@@ -323,10 +338,21 @@ def _known_by_name(
         pairings.append(
             Pairing(name, "ONNX initializer", name, kind, "by name (the initializer is the parameter)")
         )
+    eps = check(slot, [name for name, _ in own])
+    if eps == "refused" or (eps == "equal" and isinstance(slot.module, (nn.LayerNorm, nn.RMSNorm))):
+        return  # eps is a norm's one setting its weights do not show
     unchecked.append(
         f"'{slot.label}' ({kind}) took its parameters by name: the graph computes it from nodes weightport "
         "does not read as one layer, so its settings are not checked against the module"
     )
+
+
+def _eps_check(graph: Graph | None, issues: Issues | None) -> Callable[[Slot, list[str]], str | None]:
+    """:func:`.norm_eps.check_norm_eps` on ``graph`` into ``issues`` for a slot's parameters filled by name
+    (none: nothing checked)."""
+    if graph is None or issues is None:
+        return lambda slot, params: None
+    return lambda slot, params: check_norm_eps(slot, params, graph, issues) if params else None
 
 
 def explain_unnamed_attention(

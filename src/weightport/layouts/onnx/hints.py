@@ -11,7 +11,7 @@ from weightport.layouts.pairing import module_slots, slot_kind
 from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
 
-__all__ = ["explain_unrolled_recurrence", "loop_hints", "unmapped_hints"]
+__all__ = ["explain_unrolled_recurrence", "loop_hints", "unmapped_hints", "unread_hints"]
 
 
 def explain_unrolled_recurrence(
@@ -103,3 +103,38 @@ def unmapped_hints(
     for slot in module_slots(module):
         if slot.kind in why and slot.kind not in found:
             hints.setdefault(slot.path, why[slot.kind])
+
+
+# nodes that read a stored tensor as a layer's weights (the layers this layout maps, and their kin)
+_WEIGHT_READERS = frozenset(
+    {
+        "Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN", "Gather",
+        "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+    }
+)  # fmt: skip
+
+
+def unread_hints(names: list[str], nodes: list[Node], source: Source) -> dict[str, str]:
+    """For each stored tensor of ``names`` that no rule places: the nodes that read it (through Identity and
+    Cast), so the fix can tell a constant of the computation from a layer's weights in a form weightport does
+    not map (tf2onnx writes a BatchNorm as Mul and Add by two stored vectors)."""
+    graph = Graph.of(nodes, source)
+    hints = {}
+    for name in names:
+        readers = [
+            node
+            for node in nodes
+            if node.op_type not in ("Identity", "Cast") and any(graph.stored(i) == name for i in node.inputs)
+        ]
+        if not readers or any(node.op_type in _WEIGHT_READERS for node in readers):
+            continue  # a layer's node: pairing, not arithmetic, left it out
+        said = ", ".join(f"'{node.label}' ({node.op_type})" for node in readers[:3])
+        more = f" and {len(readers) - 3} more" if len(readers) > 3 else ""
+        hints[name] = (
+            f"it is read by node {said}{more}, which no layer weightport maps takes as weights. Where that is "
+            "arithmetic the model does by itself (a constant the exporter made, as a pooling divisor), pass "
+            "strict=False to skip it; where it holds a layer's values in another form (a BatchNorm written as "
+            "Mul and Add), strict=False would not give that layer these values: convert them and load them by name "
+            "(weightport.load(model, {'module.tensor': array}, strict=False))"
+        )
+    return hints
