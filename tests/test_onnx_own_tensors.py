@@ -214,3 +214,40 @@ def test_a_parameter_the_forward_never_reads_is_named_as_such(tmp_path: Path) ->
     weightport.load(module, tmp_path / "m.onnx", example_inputs=(x,), strict=False)
     with torch.no_grad():
         np.testing.assert_allclose(module(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+class _LayerScale(nn.Module):
+    def __init__(self, channels: int, reshaped: bool) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(channels) + 0.5)
+        self.reshaped = reshaped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # reshaped: constant folding stores gamma.reshape(1, -1, 1, 1), no longer under its name
+        return x * (self.gamma.reshape(1, -1, 1, 1) if self.reshaped else self.gamma)
+
+
+class _TwoScales(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.folded = _LayerScale(4, reshaped=True)
+        self.kept = _LayerScale(4, reshaped=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.folded(self.conv(x))
+        return self.kept(y.permute(0, 2, 3, 1))
+
+
+def test_a_folded_parameters_candidates_leave_out_what_its_name_fills(tmp_path: Path) -> None:
+    """The folded layer scale's refusal listed, as an unread initializer of its shape, the other layer scale,
+    which its name fills in the same pass: only truly unread ones are candidates (here none)."""
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_TwoScales().eval(), (torch.randn(1, 3, 6, 6),), str(path), dynamo=False)
+    with pytest.raises(weightport.WeightportError) as caught:
+        weightport.load(_TwoScales(), path)
+    message = str(caught.value)
+    assert "'folded.gamma'" in message and "no unread initializer has its shape" in message
+    assert "'kept.gamma'" not in message.split("'folded.gamma'", 1)[1].split("\n")[0]

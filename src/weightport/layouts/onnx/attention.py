@@ -229,6 +229,7 @@ def named_parameter_rules(
     rules: list[Rule] = []
     pairings: list[Pairing] = []
     hints: dict[str, str] = {}
+    folded: list[tuple[str, list[tuple[str, tuple[int, ...]]], str]] = []  # said once every rule is made
     for slot in module_slots(module):
         if not slot.kind.startswith("other:"):
             if slot.layer is None:
@@ -236,7 +237,7 @@ def named_parameter_rules(
                 own = [(slot.name(p), tuple(t.shape)) for p, t in slot.module.named_parameters(recurse=False)]
                 # no rule here targets a name the file lacks: only the layer rules before can fill these
                 if own and not any(name in filled or name in source.infos for name, _ in own):
-                    hints[slot.path] = _folded_hint(own, source, used, reads, "no node applies it and ")
+                    folded.append((slot.path, own, "no node applies it and "))
             continue
         lacking: list[tuple[str, tuple[int, ...]]] = []
         took: list[str] = []
@@ -261,7 +262,7 @@ def named_parameter_rules(
         if note is not None and note not in ("equal", "refused"):
             unchecked.append(note)
         if lacking:
-            hints[slot.path] = _folded_hint(lacking, source, used, reads)
+            folded.append((slot.path, lacking, ""))
     taken = filled | {rule.target for rule in rules}
     for full, buffer in module.named_buffers():
         info = source.infos.get(full)
@@ -277,6 +278,9 @@ def named_parameter_rules(
                     "by name (the initializer is the buffer)",
                 )
             )
+    placed = used | {s for rule in rules for s in rule.sources}  # no candidate another rule here takes
+    for path, lacking, what in folded:
+        hints[path] = _folded_hint(lacking, source, placed, reads, what)
     return rules, pairings, hints
 
 
