@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,14 @@ import pytest
 import torch
 
 import weightport
-from conftest import snapshot
+from conftest import refused, snapshot
 from weightport import SourceError
 
 transformers = pytest.importorskip("transformers")
 
 IDS = np.random.default_rng(2).integers(0, 99, (2, 7)).astype(np.int32)
-# Flax's msgpack does not record LayerNorm's epsilon (transformers' config.json does): said as a warning
+# Flax's msgpack does not record LayerNorm's epsilon (transformers' config.json does): said as a warning where
+# the file is loaded alone
 pytestmark = pytest.mark.filterwarnings("ignore::weightport.UncheckedConfigWarning")
 
 
@@ -109,3 +111,65 @@ def test_a_broken_config_is_a_source_error(
     with pytest.raises(SourceError, match=r"config.json"):
         weightport.open_source(tmp_path)
     assert json.loads((flax_folder[0] / "config.json").read_text())["architectures"] == ["BertModel"]
+
+
+@pytest.mark.filterwarnings("error::weightport.UncheckedConfigWarning")
+def test_a_snapshots_config_json_answers_what_its_weights_file_does_not(
+    flax_folder: tuple[Path, np.ndarray],
+) -> None:
+    """From the folder, config.json is held against the model's own configuration, so the Flax LayerNorm
+    epsilon the msgpack does not record is checked: no warning; the file alone still warns."""
+    folder, expected = flax_folder
+    module = _bert()
+    weightport.load(module, folder)
+    with torch.no_grad():
+        out = module(torch.from_numpy(IDS).long()).last_hidden_state.numpy()
+    assert np.abs(out - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+    with pytest.warns(weightport.UncheckedConfigWarning, match="Flax LayerNorm's epsilon"):
+        weightport.load(_bert(), folder / "flax_model.msgpack")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("layer_norm_eps", 0.1), ("hidden_act", "relu"), ("num_attention_heads", 2)],
+)
+def test_a_model_built_with_another_forward_setting_is_refused(
+    tmp_path: Path, setting: str, value: Any
+) -> None:
+    """The weights fit a BertModel built with another eps, activation or head count, and its outputs differ
+    (checked here): the snapshot's config.json says how the model was built, so the load is refused."""
+    torch.manual_seed(0)
+    saved = transformers.BertModel(_config()).eval()
+    saved.save_pretrained(tmp_path / "bert")
+    other = transformers.BertModel(transformers.BertConfig(**{**_config().to_dict(), setting: value})).eval()
+    other.load_state_dict(saved.state_dict())  # the same weights: only the setting differs
+    ids = torch.from_numpy(IDS).long()
+    with torch.no_grad():
+        assert (other(ids).last_hidden_state - saved(ids).last_hidden_state).abs().max() > 1e-4
+    refused(
+        transformers.BertModel(transformers.BertConfig(**{**_config().to_dict(), setting: value})),
+        tmp_path / "bert",
+        rf"'config\.{setting}': expected {setting}=.*config\.json records.*Fix: build the model from the snapshot",
+    )
+
+
+def test_settings_only_training_reads_or_the_forward_does_not_show_load(tmp_path: Path) -> None:
+    """Another dropout loads as it is (eval outputs equal); a setting of the model's own that weightport does
+    not know as one the forward reads loads with a warning naming it."""
+    torch.manual_seed(0)
+    saved = transformers.BertModel(transformers.BertConfig(**_config().to_dict(), my_setting=1)).eval()
+    saved.save_pretrained(tmp_path / "bert")
+    ids = torch.from_numpy(IDS).long()
+    dropout = transformers.BertModel(
+        transformers.BertConfig(**{**_config().to_dict(), "hidden_dropout_prob": 0.3, "my_setting": 1})
+    ).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weightport.load(dropout, tmp_path / "bert")
+    with torch.no_grad():
+        assert torch.equal(dropout(ids).last_hidden_state, saved(ids).last_hidden_state)
+    custom = transformers.BertModel(transformers.BertConfig(**_config().to_dict(), my_setting=2)).eval()
+    with pytest.warns(
+        weightport.UncheckedConfigWarning, match=r"config\.json's my_setting=1, where the model has 2"
+    ):
+        weightport.load(custom, tmp_path / "bert")

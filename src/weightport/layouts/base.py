@@ -91,6 +91,9 @@ class LayoutPlan:
     pairings: list[Pairing] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
+    # settings a transformers snapshot keeps in config.json rather than in its weights file: unchecked, unless
+    # that config.json was held against the model's own configuration (weightport.snapshot_config)
+    config_unchecked: list[str] = field(default_factory=list)
     # a submodule inside which every source layer pairs by name (a wrapped model): the load goes into it
     scope: str = ""
     # module path -> why the source has nothing for that module and what to do (for its missing tensors)

@@ -78,6 +78,7 @@ def open(path: Path) -> Source:
     architectures = [str(a) for a in config.get("architectures") or []]
     source.metadata.setdefault("architectures", architectures)
     source.metadata.setdefault("model_type", config.get("model_type"))
+    source.metadata.setdefault("snapshot_config", config)
     source.description = (
         f"'{path.name}/{readable[0]}' (a transformers snapshot"
         + (f" of {', '.join(architectures)}" if architectures else "")

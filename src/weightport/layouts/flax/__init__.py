@@ -205,6 +205,7 @@ def plan(
     rules += own
     used = {s for rule in rules for s in rule.sources}
     training = [n for n in names if n not in used and n.split("/", 1)[0] in TRAINING_STATE]
+    settings, snapshot = unchecked(list(zip(layers, paired))), "snapshot_config" in source.metadata
     return LayoutPlan(
         name=NAME,
         rules=rules,
@@ -212,7 +213,9 @@ def plan(
         scope=wrapped_scope(paired),
         unmatched=[n for n in names if n not in used and n not in training],
         not_weights=[f"{n} (training state)" for n in training],
-        unchecked=unchecked(list(zip(layers, paired))) + flat_notes,
+        # a transformers snapshot's config.json records the layers' settings (held against the model's own)
+        unchecked=flat_notes if snapshot else settings + flat_notes,
+        config_unchecked=settings if snapshot else [],
         missing_hints={
             pair.slot.path: MISSING_STATS
             for layer, pair in zip(layers, paired)

@@ -415,7 +415,7 @@ def plan(
         rules=rules,
         pairings=list(pairings.values()),
         unmatched=list(leftover),
-        unchecked=[
+        config_unchecked=[
             f"{where} records no settings (LayerNorm epsilon, activations, attention heads): transformers keeps "
             "them in config.json; build the PyTorch model from the same config"
         ],
