@@ -45,6 +45,7 @@ __all__ = [
     "map_readers",
     "MapReaders",
     "flatten_unchecked",
+    "shown_flatten",
 ]
 
 NO_CONFIG = "the file, which records no configuration, does not say whether it read a Flatten of a map"
@@ -160,6 +161,26 @@ def flatten_unchecked(said: str) -> str:
     )
 
 
+def shown_flatten(
+    call_order: CallOrder | None, slot: Slot, readings: str, items: str, as_source: str
+) -> tuple[bool, tuple[int, ...]]:
+    """How the forward pass on ``example_inputs=`` flattens a map into ``slot`` (see
+    :meth:`CallOrder.flattened`); a LayoutError saying ``readings`` (the two readings of the source's
+    ``items``, rows or columns) where the pass did not run, or flattens no map into it (``as_source``: how
+    the source flattens, for the fix)."""
+    seen = call_order.flattened(slot.path) if call_order is not None else None
+    if seen is not None:
+        return seen
+    fix = (
+        "pass example_inputs= (inputs for one forward pass, run on meta tensors: it shows how the model "
+        f"flattens, and the {items} are reordered to match)"
+        if call_order is None
+        else f"flatten a feature map into it in forward, {as_source}"
+    )
+    shown = "" if call_order is None else " The forward pass on example_inputs= flattens no map into it."
+    raise LayoutError(f"{readings}.{shown} Fix: {fix}.")
+
+
 def flattened_rules(
     found: Any, slot: Slot, rules: list[Rule], source: Source, call_order: CallOrder | None
 ) -> list[Rule]:
@@ -186,7 +207,6 @@ def flattened_rules(
         )
         return rules
     flatten, recorded = flat
-    seen = call_order.flattened(slot.path) if call_order is not None else None
     shown = f" {recorded}" if recorded else ""
     readings = (
         f"{said} reads Flatten '{flatten}' of a channels-last map{shown}: its kernel's rows run (height, width, "
@@ -194,18 +214,9 @@ def flattened_rules(
         "does) reads them (channels, height, width), one that permutes channels-last first "
         "(x.permute(0, 2, 3, 1).flatten(1)) as Keras does; the weights fit both and the outputs differ"
     )
-    if seen is None:
-        fix = (
-            "pass example_inputs= (inputs for one forward pass, run on meta tensors: it shows how the model "
-            "flattens, and the rows are reordered to match)"
-            if call_order is None
-            else "flatten a feature map into it in forward, as Keras does before that Dense"
-        )
-        shown_pass = (
-            "" if call_order is None else " The forward pass on example_inputs= flattens no map into it."
-        )
-        raise LayoutError(f"{where}: {readings}.{shown_pass} Fix: {fix}.")
-    channels_last, shape = seen
+    channels_last, shape = shown_flatten(
+        call_order, slot, f"{where}: {readings}", "rows", "as Keras does before that Dense"
+    )
     keras_shape = shape if channels_last else (*shape[1:], shape[0])
     if recorded is not None and tuple(recorded) != keras_shape:
         raise LayoutError(

@@ -151,11 +151,13 @@ def plan(
     target = type(module).__name__
     if "nodes" in source.metadata:
         nodes = read_nodes(source.metadata["nodes"])
+        graph: Graph | None = Graph.of(nodes, source)  # the wiring, for the checks after pairing
         unchecked: list[str] = []
         follow = followers(module, call_order)  # Conv/Linear -> the BatchNorm after it, which may be folded
     else:
         follow = {}
         nodes, pins = nodes_from_keys(module, source)
+        graph = None
         mapping = {**pins, **(mapping or {})}
         unchecked = [
             "ONNX node attributes (activations, clip, linear_before_reset, Conv strides and pads): "
@@ -238,8 +240,8 @@ def plan(
             if pairing is not None:
                 pairings.append(pairing)
                 folded.append(bn.label)
-    if "nodes" in source.metadata:
-        rules = reorder_flattened(layers, paired, rules, Graph.of(nodes, source), call_order)
+    if graph is not None:
+        rules = reorder_flattened(layers, paired, rules, graph, call_order)
     more, shared = shared_rules(
         module,
         layers,
@@ -258,12 +260,12 @@ def plan(
         unchecked += _own_forwards(layers, paired)
     used = {s for rule in rules for s in rule.sources} | validated
     hints = loop_hints(module, layers, nodes, source) if "nodes" in source.metadata else {}
-    if "nodes" in source.metadata:
+    if graph is not None:
         unmapped_hints(module, layers, nodes, source, hints)
         filled = {rule.target for rule in rules}
         reads = call_order.reads if call_order is not None else None
         more, named, why = named_parameter_rules(
-            module, source, used, filled, unchecked, reads, Graph.of(nodes, source), issues
+            module, source, used, filled, unchecked, reads, graph, issues
         )
         issues.raise_if_any(target)
         rules, pairings, used = (
@@ -280,7 +282,7 @@ def plan(
         pairings=pairings,
         scope=wrapped_scope(paired),
         unmatched=unplaced,
-        unmatched_hints=unread_hints(unplaced, nodes, source) if "nodes" in source.metadata else {},
+        unmatched_hints=unread_hints(unplaced, nodes, graph) if graph is not None else {},
         unchecked=unchecked,
         missing_hints=hints,
         forward_notes=forward_notes,

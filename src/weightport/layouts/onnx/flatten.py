@@ -23,7 +23,7 @@ from dataclasses import replace
 from weightport.call_order import CallOrder
 from weightport.errors import LayoutError
 from weightport.layouts.base import Rule
-from weightport.layouts.flattening import rows_as_channels_first
+from weightport.layouts.flattening import rows_as_channels_first, shown_flatten
 from weightport.layouts.onnx.graph import Graph, Layer, Node
 from weightport.layouts.pairing import Paired
 from weightport.transforms import Chain, Transpose
@@ -128,17 +128,7 @@ def flattened_rules(
         "(channels, positions), one that permutes channels-last first (x.permute(0, 2, 3, 1).flatten(1)) as "
         f"the graph does; the weights fit {slot.said} both ways and the outputs differ"
     )
-    seen = call_order.flattened(slot.path) if call_order is not None else None
-    if seen is None:
-        fix = (
-            "pass example_inputs= (inputs for one forward pass, run on meta tensors: it shows how the model "
-            "flattens, and the columns are reordered to match)"
-            if call_order is None
-            else "flatten the feature map into it in forward, as the graph does"
-        )
-        shown = "" if call_order is None else " The forward pass on example_inputs= flattens no map into it."
-        raise LayoutError(f"{readings}.{shown} Fix: {fix}.")
-    channels_last, shape = seen
+    channels_last, shape = shown_flatten(call_order, slot, readings, "columns", "as the graph does")
     if channels_last:
         return rules
     found = int(shape[0])

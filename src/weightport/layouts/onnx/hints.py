@@ -114,22 +114,23 @@ _WEIGHT_READERS = frozenset(
 )  # fmt: skip
 
 
-def unread_hints(names: list[str], nodes: list[Node], source: Source) -> dict[str, str]:
+def unread_hints(names: list[str], nodes: list[Node], graph: Graph) -> dict[str, str]:
     """For each stored tensor of ``names`` that no rule places: the nodes that read it (through Identity and
     Cast), so the fix can tell a constant of the computation from a layer's weights in a form weightport does
     not map (tf2onnx writes a BatchNorm as Mul and Add by two stored vectors)."""
-    graph = Graph.of(nodes, source)
+    wanted = set(names)
+    readers: dict[str, list[Node]] = {}
+    for node in nodes:
+        if node.op_type in ("Identity", "Cast"):
+            continue  # followed by graph.stored: their readers are the tensor's
+        for stored in {graph.stored(i) or "" for i in node.inputs} & wanted:
+            readers.setdefault(stored, []).append(node)
     hints = {}
-    for name in names:
-        readers = [
-            node
-            for node in nodes
-            if node.op_type not in ("Identity", "Cast") and any(graph.stored(i) == name for i in node.inputs)
-        ]
-        if not readers or any(node.op_type in _WEIGHT_READERS for node in readers):
+    for name, read_by in readers.items():
+        if any(node.op_type in _WEIGHT_READERS for node in read_by):
             continue  # a layer's node: pairing, not arithmetic, left it out
-        said = ", ".join(f"'{node.label}' ({node.op_type})" for node in readers[:3])
-        more = f" and {len(readers) - 3} more" if len(readers) > 3 else ""
+        said = ", ".join(f"'{node.label}' ({node.op_type})" for node in read_by[:3])
+        more = f" and {len(read_by) - 3} more" if len(read_by) > 3 else ""
         hints[name] = (
             f"it is read by node {said}{more}, which no layer weightport maps takes as weights. Where that is "
             "arithmetic the model does by itself (a constant the exporter made, as a pooling divisor), pass "
