@@ -26,12 +26,12 @@ C, K, SIDE, OUT = 4, 3, 6, 8  # conv channels, kernel, input side; the map is (C
 ROWS = C * (SIDE - K + 1) ** 2
 
 
-def _tf2onnx_like(path: Path, rng: np.random.Generator) -> Path:
+def _tf2onnx_like(path: Path, rng: np.random.Generator, out: int = OUT) -> Path:
     """The graph tf2onnx writes for Keras Conv2D -> ReLU -> MaxPool-free Flatten -> Dense on an NHWC input."""
     conv_w = rng.standard_normal((C, C, K, K)).astype(np.float32)
     conv_b = rng.standard_normal(C).astype(np.float32)
-    dense_w = rng.standard_normal((ROWS, OUT)).astype(np.float32)  # Keras kernel (in, out), rows (h, w, c)
-    dense_b = rng.standard_normal(OUT).astype(np.float32)
+    dense_w = rng.standard_normal((ROWS, out)).astype(np.float32)  # Keras kernel (in, out), rows (h, w, c)
+    dense_b = rng.standard_normal(out).astype(np.float32)
     nodes = [
         helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
         helper.make_node("Conv", ["nchw", "conv/kernel", "conv/bias"], ["conv"]),
@@ -52,7 +52,7 @@ def _tf2onnx_like(path: Path, rng: np.random.Generator) -> Path:
         nodes,
         "flatten_head",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, SIDE, SIDE, C])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, OUT])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, out])],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -64,10 +64,10 @@ def _tf2onnx_like(path: Path, rng: np.random.Generator) -> Path:
 class FlatHead(nn.Module):
     """The PyTorch twin, NHWC input; ``channels_last``: it flattens as the graph does (permuted first)."""
 
-    def __init__(self, channels_last: bool = False) -> None:
+    def __init__(self, channels_last: bool = False, out: int = OUT) -> None:
         super().__init__()
         self.conv = nn.Conv2d(C, C, K)
-        self.head = nn.Linear(ROWS, OUT)
+        self.head = nn.Linear(ROWS, out)
         self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +101,21 @@ def test_the_forward_pass_decides_the_column_order(
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     head = next(row for row in report.rows if row.target == "head.weight")
     assert ("columns reordered" in head.origin) != channels_last
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["torch-flatten", "permuted-flatten"])
+def test_a_square_head_is_reordered_not_transposed(channels_last: bool, tmp_path: Path) -> None:
+    """A head as wide as the flattened map (64 -> 64): its weight would load transposed or reordered the wrong
+    way with no shape to show it; each twin gives onnxruntime's outputs."""
+    rng = np.random.default_rng(6)
+    path = _tf2onnx_like(tmp_path / "square.onnx", rng, out=ROWS)
+    x = rng.standard_normal((1, SIDE, SIDE, C)).astype(np.float32)
+    expected = _run(path, x)
+    model = FlatHead(channels_last, out=ROWS).eval()
+    weightport.load(model, path, example_inputs=(torch.from_numpy(x),))
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_without_example_inputs_both_readings_are_refused(graph: tuple[Path, np.ndarray, np.ndarray]) -> None:
