@@ -904,6 +904,25 @@ def test_external_data_inside_the_folder_is_read(tmp_path: Path, rng: np.random.
     assert max_err(lin(torch.from_numpy(x)), run_ort(path, {"X": x})[0]) < TOL
 
 
+def test_model_given_as_a_link_reads_external_data_beside_the_link(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """The link is the user's path: its external data is read beside it, as onnxruntime reads it (here the
+    target's folder holds other bytes under the same name)."""
+    path, weight = _external_file(tmp_path, rng, "w.bin")
+    path.with_name("w.bin").write_bytes(rand(rng, 3, 4).tobytes())  # beside the target: not what is read
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    (beside / "w.bin").write_bytes(weight.tobytes())
+    link = beside / "m.onnx"
+    link.symlink_to(path)
+    lin = nn.Linear(3, 4, bias=False)
+    weightport.load(lin, link)
+    x = rand(rng, B, 3)
+    assert np.array_equal(lin.weight.detach().numpy(), weight.T)
+    assert max_err(lin(torch.from_numpy(x)), run_ort(link, {"X": x})[0]) < TOL
+
+
 @pytest.mark.parametrize("location", ["./w.bin", "data/./w.bin"])
 def test_external_data_at_a_dotted_path_inside_the_folder(
     tmp_path: Path, rng: np.random.Generator, location: str

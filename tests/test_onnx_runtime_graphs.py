@@ -93,3 +93,37 @@ def test_quantized_weights_are_refused_as_quantized(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedConfigError, match=r"'q\.onnx' is quantized.*(ConvInteger|MatMulInteger)"):
         weightport.load(model, quantized)
     assert snapshot(model) == before
+
+
+def test_onnxruntimes_quantized_contrib_operators_are_refused_as_quantized(tmp_path: Path) -> None:
+    """DynamicQuantizeLSTM (int8 weights) and MatMulNBits (4-bit blocks) are onnxruntime's own quantized
+    operators: refused as quantized, not as an optimizer's fused graph (whose fix, a less optimized save,
+    would not help)."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    nbits = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+    lstm = _export(nn.LSTM(8, 8), torch.randn(5, 2, 8), tmp_path / "lstm.onnx")
+    lstm_q = tmp_path / "lstm_q.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantization.quantize_dynamic(
+            str(lstm), str(lstm_q), op_types_to_quantize=["LSTM"], weight_type=quantization.QuantType.QInt8
+        )
+        fc = _export(nn.Linear(32, 32), torch.randn(1, 3, 32), tmp_path / "fc.onnx")  # 3-D: a MatMul
+        quantizer = nbits.MatMulNBitsQuantizer(
+            onnx.load(str(fc)),
+            block_size=32,
+            is_symmetric=True,
+        )
+        quantizer.process()
+    fc_q = tmp_path / "fc_q.onnx"
+    quantizer.model.save_model_to_file(str(fc_q))
+    for model, path, op in (
+        (nn.LSTM(8, 8), lstm_q, "DynamicQuantizeLSTM"),
+        (nn.Linear(32, 32), fc_q, "MatMulNBits"),
+    ):
+        before = snapshot(model)
+        for strict in (True, False):
+            with pytest.raises(UnsupportedConfigError, match=rf"is quantized.*com\.microsoft\.{op} x1") as e:
+                weightport.load(model, path, strict=strict)
+            assert "ORT_ENABLE_BASIC" not in str(e.value)
+            assert snapshot(model) == before

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
+import weightport
 from conftest import refused
 
 onnx = pytest.importorskip("onnx")
@@ -54,3 +56,37 @@ def test_a_batchnorm_written_as_mul_and_add_is_refused_naming_its_nodes(tmp_path
         r"'bn/mul': expected a tensor the layout can place.*read by node 'bn/mul_1' \(Mul\).*"
         r"a BatchNorm written as Mul and Add\), strict=False would not give that layer these values",
     )
+
+
+def test_a_weight_read_through_a_narrowing_cast_is_refused_naming_the_cast(tmp_path: Path) -> None:
+    """float64 storage that a Cast rounds to float32 before the Gemm: the refusal names the Cast (it blamed
+    constant folding alone); converting the array as the Cast does and loading it by name, as the fix says,
+    gives onnxruntime's outputs."""
+    ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(3)
+    w64, b64 = rng.standard_normal((N, N)), rng.standard_normal(N)  # not exact in float32
+    nodes = [
+        helper.make_node("Cast", ["w64"], ["weight"], name="cast_w", to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["b64"], ["bias"], name="cast_b", to=TensorProto.FLOAT),
+        helper.make_node("Gemm", ["x", "weight", "bias"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cast",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, N])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, N])],
+        [numpy_helper.from_array(w64, "w64"), numpy_helper.from_array(b64, "b64")],
+    )
+    path = tmp_path / "cast.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = nn.Linear(N, N)
+    refused(
+        model,
+        path,
+        r"'w64': expected a tensor the layout can place.*stored as float64 and read through node 'cast_w' "
+        r"\(Cast to float32\), which rounds.*array\.astype\('float32'\)",
+    )
+    weightport.load(model, {"weight": w64.astype("float32"), "bias": b64.astype("float32")})
+    x = rng.standard_normal((2, N)).astype(np.float32)
+    (expected,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -72,6 +72,9 @@ _FIELDS: dict[int, tuple[str, int]] = {
 }  # fmt: skip
 
 
+FILES_BESIDE_IT = True  # a model given as a link reads its external data beside the link, as onnxruntime does
+
+
 def claims(path: Path) -> bool:
     """Whether ``path`` looks like an ONNX model (by its ``.onnx`` suffix)."""
     return path.suffix.lower() == ".onnx"

@@ -120,12 +120,17 @@ def unread_hints(names: list[str], nodes: list[Node], graph: Graph) -> dict[str,
     not map (tf2onnx writes a BatchNorm as Mul and Add by two stored vectors)."""
     wanted = set(names)
     readers: dict[str, list[Node]] = {}
+    hints = {}
     for node in nodes:
+        if node.op_type == "Cast" and graph.stored(node.outputs[0] if node.outputs else "") is None:
+            narrowed = graph.stored(node.input(0))
+            if narrowed in wanted:
+                hints[narrowed] = _narrowing_hint(narrowed, node, graph)
+            continue
         if node.op_type in ("Identity", "Cast"):
             continue  # followed by graph.stored: their readers are the tensor's
         for stored in {graph.stored(i) or "" for i in node.inputs} & wanted:
             readers.setdefault(stored, []).append(node)
-    hints = {}
     for name, read_by in readers.items():
         if any(node.op_type in _WEIGHT_READERS for node in read_by):
             continue  # a layer's node: pairing, not arithmetic, left it out
@@ -139,3 +144,20 @@ def unread_hints(names: list[str], nodes: list[Node], graph: Graph) -> dict[str,
             "(weightport.load(model, {'module.tensor': array}, strict=False))"
         )
     return hints
+
+
+# ONNX Cast ``to`` codes of the float types a narrowing Cast rounds into
+_FLOAT_NAMES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
+
+
+def _narrowing_hint(name: str, cast: Node, graph: Graph) -> str:
+    """Why stored tensor ``name`` is unplaced where a Cast that does not keep every value reads it."""
+    stored = graph.source.infos[name].dtype.name
+    to = _FLOAT_NAMES.get(cast.attr("to"), f"ONNX type {cast.attr('to')}")
+    return (
+        f"it is stored as {stored} and read through node '{cast.label}' (Cast to {to}), which rounds or "
+        "converts its values, so the layer after it computes with values the file does not hold; weightport "
+        f"follows only casts that keep every value: save the model with this tensor stored as {to} (its "
+        f"Cast removed), or convert it yourself and load it by name: weightport.load(model, "
+        f"{{'module.tensor': array.astype('{to}')}}, strict=False), which checks the values fit"
+    )

@@ -10,10 +10,13 @@ refused as a whole, with what it holds and the file to load instead.
 >>> from weightport.layouts.onnx.graph import Node
 >>> _rewritten(Node(0, "com.microsoft.BiasGelu", "g", ("h", "fc1.bias"), ("y",), {}))
 'contrib'
+>>> _rewritten(Node(0, "com.microsoft.MatMulNBits", "q", ("h", "w_q4", "scales"), ("y",), {}))
+'quantized'
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from weightport.errors import UnsupportedConfigError
@@ -31,24 +34,40 @@ QUANTIZED = frozenset(
 )  # fmt: skip
 
 
-def _rewritten(node: Node) -> str | None:
-    """``"quantized"`` or ``"contrib"`` where ``node`` is an operator of a runtime's own form."""
-    if node.op_type in QUANTIZED or node.op_type.startswith("com.microsoft.Q"):
+# how onnxruntime names its quantized contrib operators: QAttention, QLinearAdd, DynamicQuantizeLSTM,
+# DynamicQuantizeMatMul, MatMulIntegerToFloat, MatMulNBits, GatherBlockQuantized, ...
+_QUANTIZED_NAME = re.compile(r"^Q[A-Z]|Quantiz|Integer|NBits")
+# the element types of quantized weights (int4/uint4 and the float8s are stored packed or as such)
+_QUANTIZED_DTYPES = frozenset({"int8", "uint8", "int4", "uint4", "float8_e4m3fn", "float8_e5m2"})
+
+
+def _rewritten(node: Node, graph: Graph | None = None) -> str | None:
+    """``"quantized"`` or ``"contrib"`` where ``node`` is an operator of a runtime's own form: quantized by
+    its name, or (a contrib operator) by the 8-bit or narrower stored tensors it computes with."""
+    bare = node.op_type.rsplit(".", 1)[-1]
+    if node.op_type in QUANTIZED or _QUANTIZED_NAME.search(bare):
         return "quantized"
-    if "." in node.op_type:  # an operator of a domain other than ONNX's own
-        return "contrib"
-    return None
+    if "." not in node.op_type:
+        return None
+    if graph is not None and any(
+        (stored := graph.stored(name)) is not None
+        and graph.source.infos[stored].dtype.name in _QUANTIZED_DTYPES
+        for name in node.inputs
+    ):
+        return "quantized"
+    return "contrib"  # an operator of a domain other than ONNX's own
 
 
 def refuse_runtime_graphs(nodes: list[Node], source: Source) -> None:
     """Raise UnsupportedConfigError where nodes compute with stored tensors in a runtime's own form (the
     graph's wiring is worked out only where such an operator is there at all)."""
-    candidates = [(node, kind) for node in nodes if (kind := _rewritten(node)) is not None]
+    candidates = [node for node in nodes if _rewritten(node) is not None]
     if not candidates:
         return
     graph = Graph.of(nodes, source)
     found: dict[str, Counter[str]] = {"quantized": Counter(), "contrib": Counter()}
-    for node, kind in candidates:
+    for node in candidates:
+        kind = _rewritten(node, graph) or "contrib"
         if any(graph.stored(name) for name in node.inputs):
             found[kind][node.op_type] += 1
     if not any(found.values()):
