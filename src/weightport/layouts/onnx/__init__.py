@@ -101,7 +101,13 @@ from weightport.layouts.base import LayoutPlan, Rule
 from weightport.layouts.onnx.arrays import export, nodes_from_keys
 from weightport.layouts.onnx.attention import explain_unnamed_attention, named_parameter_rules
 from weightport.layouts.onnx.flatten import reorder_flattened
-from weightport.layouts.onnx.folding import FOLDS_INTO, fold_rules, followers, statistics_note
+from weightport.layouts.onnx.folding import (
+    FOLDS_INTO,
+    fold_rules,
+    followers,
+    refuse_dropped_arithmetic,
+    statistics_note,
+)
 from weightport.layouts.onnx.graph import Graph, Layer, read_nodes, weight_names
 from weightport.layouts.onnx.hints import (
     explain_unrolled_recurrence,
@@ -208,6 +214,7 @@ def plan(
     # a BatchNorm that a BatchNormalization node fills is no folded one
     taken = {pair.slot.label for pair in paired}
     folded: list[str] = []
+    folds: list[tuple[Layer, Slot, Slot]] = []  # (layer, its slot, the BatchNorm taken as folded into it)
     forward_notes = [
         f"{pair.slot.said} <- ONNX {layer.kind} node '{layer.node.label}': {note}"
         for layer, pair in zip(layers, paired)
@@ -240,6 +247,7 @@ def plan(
             if pairing is not None:
                 pairings.append(pairing)
                 folded.append(bn.label)
+                folds.append((layer, pair.slot, bn))
     if graph is not None:
         rules = reorder_flattened(layers, paired, rules, graph, call_order)
     more, shared = shared_rules(
@@ -276,6 +284,9 @@ def plan(
         for path, hint in why.items():
             hints.setdefault(path, hint)
     unplaced = [n for n in weight_names(source) if n not in used]
+    if graph is not None and folds:
+        refuse_dropped_arithmetic(folds, graph, set(unplaced), issues)
+        issues.raise_if_any(target)
     return LayoutPlan(
         name=NAME,
         rules=rules,

@@ -27,6 +27,7 @@ fills. A BatchNorm with ``track_running_stats=False`` normalizes with each batch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -37,13 +38,13 @@ import torch
 from torch import nn
 
 from weightport.layouts.base import Pairing, Rule
-from weightport.layouts.onnx.graph import Layer
+from weightport.layouts.onnx.graph import Graph, Layer, Node
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.pairing import Paired, Slot, module_slots
 from weightport.sources.base import Source
 from weightport.transforms import Chain, Full, Identity, Op, Shape, Zeros
 
-__all__ = ["FOLDS_INTO", "Negate", "followers", "fold_rules", "statistics_note"]
+__all__ = ["FOLDS_INTO", "Negate", "followers", "fold_rules", "statistics_note", "refuse_dropped_arithmetic"]
 
 FOLDS_INTO = frozenset({"Conv1d", "Conv2d", "Conv3d", "Linear"})  # the layers exporters fuse a BatchNorm into
 _LISTED = 8
@@ -191,3 +192,60 @@ def statistics_note(folded: list[str]) -> str:
         "and the folded bias, so outputs in eval() are the file's, but train() normalizes each batch with "
         "its own statistics and updates these, unlike the original model"
     )
+
+
+# element-wise ops between a layer and a BatchNorm written as arithmetic (its bias, an activation)
+_ELEMENTWISE = frozenset(
+    {
+        "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "Tanh", "Clip",
+        "Elu", "Selu", "Celu", "Softplus", "HardSwish", "Gelu", "Identity", "Cast",
+    }
+)  # fmt: skip
+_SCALE_OR_SHIFT = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def arithmetic_after(layer: Layer, graph: Graph, size: int, unplaced: set[str], limit: int = 8) -> list[Node]:
+    """The nodes of the element-wise run after ``layer``'s node that scale or shift by a stored tensor of
+    ``size`` values no rule places: what a BatchNorm written as arithmetic is (tf2onnx writes a Keras
+    BatchNormalization after an activation as ``Mul`` and ``Add``)."""
+    found: list[Node] = []
+    seen: set[int] = set()
+    frontier = list(layer.node.outputs)
+    while frontier and len(seen) < limit:
+        for user in graph.consumers.get(frontier.pop(0), []):
+            if user.index in seen or user.op_type not in _ELEMENTWISE:
+                continue
+            seen.add(user.index)
+            if user.op_type in _SCALE_OR_SHIFT and any(
+                (stored := graph.stored(name)) in unplaced
+                and math.prod(graph.source.infos[stored].shape) == size
+                for name in user.inputs
+            ):
+                found.append(user)
+            frontier.extend(user.outputs)
+    return found
+
+
+def refuse_dropped_arithmetic(
+    folds: list[tuple[Layer, Slot, Slot]], graph: Graph, unplaced: set[str], issues: Issues
+) -> None:
+    """An issue for each BatchNorm taken as folded into its layer where arithmetic by unplaced per-channel
+    tensors follows that layer: the BatchNorm may be that arithmetic, whose values the fold would drop."""
+    for layer, conv, bn in folds:
+        size = int(getattr(bn.module, "num_features", 0))
+        found = arithmetic_after(layer, graph, size, unplaced)
+        if not found:
+            continue
+        nodes = ", ".join(f"'{node.label}' ({node.op_type})" for node in found)
+        tensors = sorted({s for node in found for i in node.inputs if (s := graph.stored(i)) in unplaced})
+        issues.add(
+            layer.node,
+            f"'{bn.label}' would be taken as a BatchNorm the exporter folded into '{conv.label}' (no "
+            f"BatchNormalization node follows it), but node {nodes} after it scale or shift by stored tensors "
+            f"of {size} values that no layer takes ({', '.join(repr(t) for t in tensors)}): they may be this "
+            "BatchNorm written as arithmetic (tf2onnx writes a Keras BatchNormalization after an activation "
+            "so), whose values the fold would drop. Two readings, and nothing in the file proves which. Fix: "
+            "load the file the model was converted from (a Keras model's .keras or .weights.h5), or give "
+            f"'{bn.label}' the values those nodes apply by name (weight = the Mul's vector, bias = the Add's, "
+            "running_mean = 0, running_var = 1 - eps) together with the other layers' weights, as a dict",
+        )
