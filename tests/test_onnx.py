@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import weightport
-from conftest import snapshot
+from conftest import refused, snapshot
 from weightport.errors import (
     LayoutError,
     SourceError,
@@ -613,15 +613,18 @@ def test_stored_non_zero_initial_states_are_refused(
 
 
 def test_layout_attribute_changes_no_weights(tmp_path: Path) -> None:
-    """layout=1 (batch-first I/O; onnxruntime's CPU provider refuses it) loads the same weights as layout=0."""
+    """layout=1 (batch-first I/O; onnxruntime's CPU provider refuses it) loads the same weights as layout=0
+    into a batch_first=True module; into a time-first one it is refused (the I/O axes differ)."""
     loaded = []
     for layout in (0, 1):
         path, _ = recurrent_file(
             tmp_path / f"m{layout}.onnx", np.random.default_rng(3), "LSTM", layout=layout
         )
-        model = make_rnn("LSTM", 3, 4)
+        model = make_rnn("LSTM", 3, 4, batch_first=bool(layout))
         weightport.load(model, path)
         loaded.append(weightport.to_numpy(model))
+        if layout:
+            refused(make_rnn("LSTM", 3, 4), path, "batch_first")
     assert all(np.array_equal(loaded[0][k], loaded[1][k]) for k in loaded[0])
 
 

@@ -1,5 +1,5 @@
-"""Finding the layers: each node that holds weights (LSTM, GRU, RNN, Gemm, MatMul(+Add), Conv, Gather,
-BatchNormalization, LayerNormalization) as one :class:`~weightport.layouts.onnx.graph.Layer`."""
+"""Finding the layers: each node that holds weights (LSTM, GRU, RNN, Gemm, MatMul(+Add), Conv, ConvTranspose,
+Gather, BatchNormalization, LayerNormalization) as one :class:`~weightport.layouts.onnx.graph.Layer`."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from weightport.layouts.onnx.graph import (
     zero_filled,
 )
 from weightport.layouts.onnx.issues import Issues, computed
-from weightport.layouts.onnx.ops import CONV_KINDS, KIND_OF_NORM_OP, NORMS
+from weightport.layouts.onnx.ops import CONV_KINDS, CONV_TRANSPOSE_KINDS, KIND_OF_NORM_OP, NORMS
 from weightport.layouts.onnx.pads import onnx_pads, pad_before
+from weightport.layouts.onnx.stacking import RecurrentLayer, wiring
 from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
 from weightport.transforms import Identity, Op, Reshape, Transpose
@@ -46,6 +47,8 @@ def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: se
             layer = _matmul_layer(node, graph)
         elif node.op_type == "Conv":
             layer = _conv_layer(node, graph, issues)
+        elif node.op_type == "ConvTranspose":
+            layer = _conv_transpose_layer(node, graph, issues)
         elif node.op_type == "Gather":
             layer = _gather_layer(node, graph)
         elif node.op_type in NORMS:
@@ -171,7 +174,7 @@ def _recurrent_layer(node: Node, graph: Graph, issues: Issues, validated: set[st
         issues.add(node, "has no W or R input; the graph is malformed. Fix: re-export the model.")
         return None
     if node.synthetic:
-        return Layer(node, kind, tensors, detail=f"ONNX {kind} arrays")
+        return RecurrentLayer(node, kind, tensors, detail=f"ONNX {kind} arrays")
     check_recurrent_node(node, tensors, graph, issues, validated)
     direction = node.attr("direction", "forward")
     notes = [f"hidden_size={node.attr('hidden_size')}", f"direction={direction}"]
@@ -192,7 +195,10 @@ def _recurrent_layer(node: Node, graph: Graph, issues: Issues, validated: set[st
         if node.input(4)
         else ()
     )
-    return Layer(node, kind, tensors, detail=f"ONNX {kind} node ({', '.join(notes)})", forward_notes=forward)
+    detail = f"ONNX {kind} node ({', '.join(notes)})"
+    return RecurrentLayer(
+        node, kind, tensors, detail=detail, forward_notes=forward, wiring=wiring(node, graph)
+    )
 
 
 def _bias_op(shape: tuple[int, ...], size: int) -> Op | None:
@@ -369,6 +375,24 @@ def _conv_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
         if added is not None:
             tensors["bias"], ops["bias"] = added
     return Layer(node, kind, tensors, ops, detail=detail, spatial=spatial, pad=pad)
+
+
+def _conv_transpose_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
+    """``ConvTranspose(X, W, B)`` with a stored weight: ``nn.ConvTranspose1d/2d/3d``, which keeps W as ONNX
+    does, ``(C_in, C_out / group, *kernel)``; its settings are checked once paired (:mod:`.transposed`)."""
+    weight = graph.stored(node.input(1))
+    if weight is None or len(graph.source.infos[weight].shape) not in CONV_TRANSPOSE_KINDS:
+        return None
+    shape = graph.source.infos[weight].shape
+    tensors = {"weight": weight}
+    bias = node.input(2)
+    stored_bias = graph.stored(bias)
+    if bias and stored_bias is None and not zero_filled(bias, graph):
+        computed(node, "B", bias, issues, graph)
+    elif stored_bias is not None:
+        tensors["bias"] = stored_bias
+    kind = CONV_TRANSPOSE_KINDS[len(shape)]
+    return Layer(node, kind, tensors, detail=f"ONNX ConvTranspose node {shape}")
 
 
 def _gather_layer(node: Node, graph: Graph) -> Layer | None:

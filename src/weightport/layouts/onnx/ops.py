@@ -5,15 +5,24 @@ from :mod:`weightport.torch_facts`, and :data:`GATE_ORDER` reorders one into the
 
 >>> GATE_ORDER
 {'RNN': (0,), 'LSTM': (0, 2, 3, 1), 'GRU': (1, 0, 2)}
->>> CONV_KINDS[4], NORMS["LayerNormalization"]
-('Conv2d', (('weight', 'Scale'), ('bias', 'B')))
+>>> CONV_KINDS[4], CONV_TRANSPOSE_KINDS[3], NORMS["LayerNormalization"]
+('Conv2d', 'ConvTranspose1d', (('weight', 'Scale'), ('bias', 'B')))
 """
 
 from __future__ import annotations
 
 from weightport.torch_facts import RNN_GATES, RNN_KINDS
 
-__all__ = ["ONNX_GATES", "GATE_ORDER", "ACTIVATIONS", "CONV_KINDS", "NORM_OPS", "KIND_OF_NORM_OP", "NORMS"]
+__all__ = [
+    "ONNX_GATES",
+    "GATE_ORDER",
+    "ACTIVATIONS",
+    "CONV_KINDS",
+    "CONV_TRANSPOSE_KINDS",
+    "NORM_OPS",
+    "KIND_OF_NORM_OP",
+    "NORMS",
+]
 
 # Gate letters in ONNX's order of the stacked blocks (its ``c`` is PyTorch's ``g``, its ``h`` PyTorch's ``n``)
 ONNX_GATES: dict[str, tuple[str, ...]] = {"RNN": ("",), "LSTM": ("i", "o", "f", "c"), "GRU": ("z", "r", "h")}
@@ -31,6 +40,8 @@ ACTIVATIONS: dict[str, tuple[str, ...]] = {
     "RNN": ("Tanh",),
 }
 CONV_KINDS = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}  # a Conv weight's rank -> the module kind it fills
+# a ConvTranspose weight's rank -> the module kind it fills: ONNX and PyTorch both keep (C_in, C_out/group, *k)
+CONV_TRANSPOSE_KINDS = {3: "ConvTranspose1d", 4: "ConvTranspose2d", 5: "ConvTranspose3d"}
 # Normalization nodes by module kind: the ONNX op, and for each stored input (by position, from 1) the
 # module tensor it fills and its ONNX name.
 NORM_OPS = {"BatchNorm": "BatchNormalization", "LayerNorm": "LayerNormalization"}

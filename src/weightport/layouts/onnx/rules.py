@@ -14,7 +14,9 @@ from weightport.layouts.onnx.folding import FOLDS_INTO
 from weightport.layouts.onnx.graph import Layer, all_zero
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.onnx.layers import ran_in_module
-from weightport.layouts.onnx.ops import CONV_KINDS, GATE_ORDER, NORMS
+from weightport.layouts.onnx.ops import CONV_KINDS, CONV_TRANSPOSE_KINDS, GATE_ORDER, NORMS
+from weightport.layouts.onnx.stacking import check_stacking
+from weightport.layouts.onnx.transposed import check_conv_transpose
 from weightport.layouts.pairing import Paired
 from weightport.layouts.slots import TRANSFORMERS_CONV1D
 from weightport.sources.base import Source
@@ -58,7 +60,10 @@ def layer_rules(
     own tensors before use (None: not known, without ``example_inputs=``; no ``uses``: not asked, as when
     trying which slots a layer fits)."""
     if layer.kind in RNN_KINDS:
-        return _recurrent_rules(layer, pair, source, issues, validated)
+        # without ``uses`` only the fit is tried: the stack's wiring is checked once the layers are paired
+        return _recurrent_rules(
+            layer, pair, source, issues, validated, unchecked if uses is not None else None
+        )
     if layer.node.op_type in NORMS:
         return _norm_rules(layer, pair, source, issues, validated)
     if layer.kind == ATTENTION:
@@ -71,7 +76,12 @@ def _origin(source: Source, layer: Layer, role: str, name: str) -> str:
 
 
 def _recurrent_rules(
-    layer: Layer, pair: Paired, source: Source, issues: Issues, validated: set[str]
+    layer: Layer,
+    pair: Paired,
+    source: Source,
+    issues: Issues,
+    validated: set[str],
+    unchecked: list[str] | None,
 ) -> list[Rule]:
     node, slot = layer.node, pair.slot
     module: Any = slot.module  # nn.RNNBase or nn.RNNCellBase
@@ -84,6 +94,7 @@ def _recurrent_rules(
     else:
         direction = node.attr("direction", "forward")
         check_recurrent_module(node, slot, pair.how, direction, issues)
+        check_stacking(layer, slot, pair.how, issues, unchecked)
     directions = 2 if direction == "bidirectional" else 1
     if direction != "reverse" and (directions == 2) != bidirectional:
         issues.add(
@@ -164,6 +175,8 @@ def _plain_rules(
     module: Any = slot.module
     if layer.kind in CONV_KINDS.values() and not node.synthetic:
         check_conv(node, layer, slot, source, issues, unchecked)
+    if layer.kind in CONV_TRANSPOSE_KINDS.values() and not node.synthetic:
+        check_conv_transpose(node, layer, slot, source, issues)
     weight, op = layer.tensors["weight"], layer.ops.get("weight", Identity())
     if weight == slot.name("weight") and not isinstance(op, Identity):
         # the exporters keep a parameter's name for the parameter as it is: a node that reads it in another
