@@ -251,14 +251,12 @@ CASES: dict[str, Case] = {
         (3,),
         lambda: nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2, bias=False)),
         call,
-        unchecked=False,
     ),
     "dense_x12_order": Case(
         lambda K: [K.layers.Dense(3) for _ in range(12)],
         (3,),
         lambda: nn.Sequential(*(nn.Linear(3, 3) for _ in range(12))),
         call,
-        unchecked=False,
     ),
     "conv1d_same_even_kernel": Case(
         lambda K: [K.layers.Conv1D(3, 2, padding="same")],
@@ -284,7 +282,6 @@ CASES: dict[str, Case] = {
         (T,),
         lambda: nn.Embedding(10, 4),
         call,
-        unchecked=False,
         ints=10,
     ),
     "embedding_lstm_time_distributed_dense": Case(

@@ -312,7 +312,8 @@ def test_attribute_named_layers_of_one_kind_need_a_mapping(tmp_path: Path, rng: 
         match=r"the layers 'aa', 'zz' and the modules 0 \(Linear \(3, 3\)\), 1 \(Linear \(3, 3\)\) are interchangeable.*'sub.weights.h5' does not record the order of these layers",
     ):
         weightport.load(module, path)
-    weightport.load(module, path, mapping={"zz": "0", "aa": "1"})
+    with pytest.warns(weightport.UncheckedConfigWarning, match="activation"):
+        weightport.load(module, path, mapping={"zz": "0", "aa": "1"})
     with h5py.File(path) as f:
         assert np.array_equal(module[0].weight.detach().numpy(), f["zz/vars/0"][()].T)
 
@@ -327,8 +328,10 @@ def test_a_lone_2d_variable_is_ambiguous_when_the_module_has_both_kinds(tmp_path
         match=r"Keras layer 'table' \(table/vars/0 \(5, 3\)\) fits more than one Keras class \(Dense, Embedding\), and the module has layers of each kind \(Linear, Embedding\)",
     ):
         weightport.load(both, path)
-    weightport.load(nn.Embedding(5, 3), path)  # one kind in the module: no ambiguity
-    weightport.load(both, path, mapping={"table": "emb"}, strict=False)  # the mapping says which
+    with pytest.warns(weightport.UncheckedConfigWarning, match="mask_zero"):
+        weightport.load(nn.Embedding(5, 3), path)  # one kind in the module: no ambiguity
+    with pytest.warns(weightport.UncheckedConfigWarning, match="mask_zero"):
+        weightport.load(both, path, mapping={"table": "emb"}, strict=False)  # the mapping says which
     assert both["emb"].weight.detach().eq(1).all() and not both["fc"].weight.detach().eq(1).all()
 
 

@@ -106,6 +106,7 @@ from weightport.layouts.keras.checks import (
     notes,
     refuse_whole_model_layer,
 )
+from weightport.layouts.keras.einsum import why_not_a_dense
 from weightport.layouts.keras.exporting import export
 from weightport.layouts.keras.graph import shared_layers
 from weightport.layouts.keras.layers import (
@@ -306,7 +307,13 @@ def _no_rule_hints(layers: list[Layer], resolved: list[Resolved]) -> dict[str, s
     for layer in layers:
         if layer.class_name is None or id(layer) in ported:
             continue
-        if layer.class_name in NEEDS_CONFIG:
+        why = why_not_a_dense(layer.config) if layer.class_name in NEEDS_CONFIG and layer.config else ""
+        if why:
+            hint = (
+                f"Keras {layer.class_name} '{layer.name}' computes what no nn.Linear does ({why}): compute it in "
+                "a module of your own and load this array into it by name (weightport.open_source reads it)"
+            )
+        elif layer.class_name in NEEDS_CONFIG:
             hint = (
                 f"Keras {layer.class_name} '{layer.name}' loads only where its configuration says how its weights "
                 "read (an EinsumDense's equation; a weights-only file has none, and one no nn.Linear computes has "

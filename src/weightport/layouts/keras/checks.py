@@ -15,10 +15,12 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from weightport.errors import LayoutError, Problem, a_or_an, counted
+from weightport.errors import LayoutError, LoadError, Problem, a_or_an, counted
 from weightport.layouts.keras.attention import attention_notes, attention_problems
+from weightport.layouts.keras.einsum import why_not_a_dense
 from weightport.layouts.keras.layers import DEPTHWISE, Layer, Part, Resolved, inner_layers
 from weightport.layouts.keras.padding import padding_of, padding_verdict, transpose_verdict
+from weightport.layouts.keras.unshown import unshown_settings
 from weightport.layouts.pairing import Slot
 from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
@@ -29,6 +31,7 @@ __all__ = [
     "check_weights_only",
     "check_direction",
     "refuse_whole_model_layer",
+    "refuse_einsum",
 ]
 
 
@@ -122,6 +125,10 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
                     True,
                 )
             )
+    if kind in RNN_KINDS and len(found.parts) == 2 and not part.reverse:
+        merged = _merge_note(found.layer.config or {}, m)
+        if merged:
+            notes.append((merged, True))
     if kind == "LayerNorm":
         moved = _moved_norm_axes(cfg, m, found.layer.input_rank)
         if moved:
@@ -151,6 +158,30 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
     return notes
 
 
+# a Bidirectional's merge_mode -> how its two halves of PyTorch's output (f, b: out[..., :H], out[..., H:])
+# give Keras's output (Keras's own Bidirectional.call)
+_MERGES = {"sum": "{f} + {b}", "ave": "({f} + {b}) / 2", "mul": "{f} * {b}", None: "({f}, {b}), two outputs"}
+
+
+def merge_mode(cfg: Mapping[str, Any]) -> str | None:
+    """A Bidirectional's recorded ``merge_mode`` (Keras's default: ``'concat'``, as PyTorch's output)."""
+    return cast("str | None", cfg.get("merge_mode", "concat"))
+
+
+def _merge_note(cfg: Mapping[str, Any], m: Any) -> str:
+    """What ``forward`` must do with a bidirectional module's output, whose two directions PyTorch
+    concatenates, where the Keras Bidirectional merges them otherwise; else ``""``."""
+    mode = merge_mode(cfg)
+    if mode == "concat":
+        return ""
+    size = getattr(m, "proj_size", 0) or m.hidden_size
+    merged = _MERGES.get(mode, f"merge_mode={mode!r}").format(f=f"out[..., :{size}]", b=f"out[..., {size}:]")
+    return (
+        f"Keras merges the two directions' outputs with merge_mode={mode!r} where PyTorch concatenates them: "
+        f"from the module's output out, take {merged}"
+    )
+
+
 def _quantized(cfg: Mapping[str, Any]) -> str:
     """The mode of a layer Keras quantized (``int8``, ``int4``, ``float8``: its dtype policy says so), else ``""``."""
     policy = cfg.get("dtype")
@@ -163,46 +194,66 @@ def _quantized(cfg: Mapping[str, Any]) -> str:
 def _moved_norm_axes(cfg: Mapping[str, Any], m: Any, input_rank: int | None) -> str:
     """What ``forward`` must do where a Keras LayerNormalization normalizes other axes than the last
     ``len(normalized_shape)`` (nn.LayerNorm's), else ``""``. A positive axis counts from the batch axis;
-    where the input's rank is not recorded (tf_keras records axes made positive once built), positive
-    axes in a row are taken as the trailing ones (gamma's shape, which the planner checks, is then
-    ``normalized_shape``)."""
+    where the input's rank is not known (tf.keras records axes made positive once built), whether it is
+    the last is not either: the note says so, naming the axis."""
     axis = cfg.get("axis", -1)
+    axis = list(axis) if isinstance(axis, list) else axis  # a live tf.keras layer's ListWrapper
     axes = sorted(axis if isinstance(axis, list) else [axis])
     rank = len(m.normalized_shape)
+    them = "that axis" if len(axes) == 1 else "those axes"
     if input_rank is not None:
         axes = sorted(a - input_rank if a >= 0 else a for a in axes)
-    elif all(a >= 0 for a in axes) and axes == list(range(axes[0], axes[0] + rank)):
-        return ""
+    elif any(a >= 0 for a in axes):
+        return (
+            f"Keras normalizes over axis {axis} of its input (counted from the batch axis), and the source records "
+            f"no input rank to tell whether {them} {'is' if len(axes) == 1 else 'are'} the last: if not, move "
+            f"{them} last before the module (and back after it)"
+        )
     if axes == list(range(-rank, 0)):
         return ""
-    return (
-        f"Keras normalizes over axis {axis} of its input: move {'that axis' if len(axes) == 1 else 'those axes'} "
-        "last before the module (and back after it)"
-    )
+    return f"Keras normalizes over axis {axis} of its input: move {them} last before the module (and back after it)"
 
 
 def _channel_axis(cfg: Mapping[str, Any], input_rank: int | None, module: str) -> str:
     """What ``forward`` must do where a Keras BatchNormalization or GroupNormalization takes another axis
     than its input's last as its channels (a channels_last model's, which its PyTorch twin has as dim 1),
-    else ``""``."""
+    else ``""``. A positive axis where the input's rank is not known (tf.keras) may be the last or not: the
+    note names it."""
     axis = cfg.get("axis", -1)
     axes = axis if isinstance(axis, list) else [axis]
     if len(axes) != 1 or not isinstance(axes[0], int):
         return f"Keras normalizes over axes {axis} of its input, {module} over dim 1: move them there"
-    last = axes[0] == -1 or (input_rank is not None and axes[0] == input_rank - 1)
-    if last or (input_rank is None and axes[0] >= 1):
-        return ""  # the channels (tf.keras records the last axis made positive, the input's rank not)
+    if axes[0] == -1 or (input_rank is not None and axes[0] == input_rank - 1):
+        return ""
+    if input_rank is None and axes[0] >= 0:
+        return (
+            f"Keras takes axis {axes[0]} of its input (counted from the batch axis) as the channels, and the source "
+            f"records no input rank to tell whether that is its last: if not, {module} takes dim 1, so give the "
+            "module the tensor whose dim 1 is that axis (a channels_first model's own layout)"
+        )
+    said = f"{input_rank}-D " if input_rank is not None else ""
     return (
-        f"Keras takes axis {axes[0]} of its {input_rank}-D input as the channels, not its last: {module} takes "
+        f"Keras takes axis {axes[0]} of its {said}input as the channels, not its last: {module} takes "
         "dim 1, so give the module the tensor whose dim 1 is that axis (a channels_first model's own layout)"
     )
 
 
-def _check_stacked(part: Part, slot: Slot, mismatch: Callable[[str, str, str], None]) -> None:
+def _check_stacked(
+    found: Resolved, part: Part, slot: Slot, mismatch: Callable[[str, str, str], None]
+) -> None:
     """A Keras recurrent layer filling one layer of a multi-layer RNN must run as that layer does: reading
-    every step the layer below returns, in the order it returns them, and returning every step to the
-    layer above (where the configuration records it)."""
+    every step the layer below returns, in the order it returns them, and returning every step, both
+    directions concatenated, to the layer above (where the configuration records it)."""
     cfg, m, layer = part.config or {}, cast(Any, slot.module), cast(int, slot.layer)
+    mode = merge_mode(found.layer.config or {})
+    if layer < m.num_layers - 1 and len(found.parts) == 2 and not part.reverse and mode != "concat":
+        mismatch(
+            f"a layer whose two directions' outputs the next one reads concatenated (layer {layer} of "
+            f"nn.{type(m).__name__}, read by layer {layer + 1})",
+            f"Keras merge_mode={mode!r}: it merges them otherwise",
+            f"build this layer as an nn.{type(m).__name__} of its own (num_layers=1) and merge its output's "
+            "halves in forward as Keras does",
+        )
     name = f"nn.{type(m).__name__}"
     if layer > 0 and cfg.get("go_backwards") and not part.reverse:
         mismatch(
@@ -236,7 +287,7 @@ def check_config(found: Resolved, part: Part, slot: Slot, refusals: list[str]) -
         problems.append(Problem(label, expected, found_, fix))
 
     if kind in RNN_KINDS and slot.layer is not None:
-        _check_stacked(part, slot, mismatch)
+        _check_stacked(found, part, slot, mismatch)
     if kind in RNN_KINDS:
         if "units" in cfg and int(cfg["units"]) != m.hidden_size:
             mismatch(
@@ -371,29 +422,15 @@ def check_weights_only(
     unchecked: list[str],
 ) -> None:
     """What the variables alone show, and which settings stay unchecked."""
-    kind, label = found.kind, f"Keras {found.detail} '{found.layer.name}' -> '{slot.label}'"
+    label = f"Keras {found.detail} '{found.layer.name}' -> '{slot.label}'"
     _check_bias(found, part, slot, problems, f"{slot.label} <- Keras {part.cls} '{found.layer.name}'")
     settings: list[str] = []
-    if kind == "GRU":
+    if found.kind == "GRU":
         if "bias" in part.vars and len(source.infos[part.vars["bias"]].shape) == 1:
             refusals += _refusals(found, part, {"reset_after": False})
         elif "bias" not in part.vars:
             settings.append("reset_after (assumed True)")
-    if kind in ("LSTM", "GRU"):
-        settings.append("activation, recurrent_activation (assumed tanh, sigmoid)")
-    if kind == "RNN":
-        settings.append(f"activation (assumed '{cast(Any, slot.module).nonlinearity}', as the module)")
-    if kind in RNN_KINDS:
-        settings.append("go_backwards (assumed False)")
-    if kind in _NORMS:
-        settings.append(
-            f"epsilon (the module has eps={cast(Any, slot.module).eps:g}; Keras's default is 1e-3), axis "
-            "(assumed the input's last, which the module sees as its channels or normalized dims)"
-        )
-    if kind in _CONVS:
-        settings.append("strides, padding, dilation_rate, groups")
-    if kind == "GroupNorm":
-        settings.append(f"groups (assumed num_groups={cast(Any, slot.module).num_groups}, as the module)")
+    settings += unshown_settings(found, part, slot)
     if settings and not part.reverse:
         unchecked.append(f"{label}: {', '.join(settings)}")
 
@@ -417,7 +454,9 @@ def check_direction(found: Resolved, slot: Slot, where: str) -> None:
 def refuse_whole_model_layer(layers: list[Layer], where: str) -> None:
     """Nothing pairs, and the weights sit under one layer that holds a whole model of layers, named
     otherwise than transformers' TF checkpoints (``tf_model.h5``, whose names :mod:`.hf` pairs): say
-    that, once, instead of one problem per tensor."""
+    that, once, instead of one problem per tensor; likewise where an EinsumDense's recorded equation is the
+    reason (:func:`refuse_einsum`)."""
+    refuse_einsum(layers)
     nested = [layer for layer in layers if len(inner_layers(layer)) > 2]
     if len(nested) != 1 or sum(len(layer.tensors) for layer in layers) > 2 * len(nested[0].tensors):
         return
@@ -433,3 +472,37 @@ def refuse_whole_model_layer(layers: list[Layer], where: str) -> None:
         "at its top level (model.save('model.keras')), or convert it with the library that wrote it and save "
         "that PyTorch model's state_dict."
     )
+
+
+def refuse_einsum(layers: list[Layer]) -> None:
+    """Nothing pairs, and an EinsumDense's recorded equation is one no ``nn.Linear`` computes: refuse with
+    what it computes instead, and the module that computes it."""
+    problems = []
+    for layer in layers:
+        why = why_not_a_dense(layer.config) if layer.class_name == "EinsumDense" and layer.config else ""
+        if not why:
+            continue
+        equation, bias = str(layer.config.get("equation")), layer.config.get("bias_axes")  # type: ignore[union-attr]
+        names = layer.tensors
+        read = ", ".join(f"'{role}': source.read('{name}')" for role, name in zip(("kernel", "bias"), names))
+        act = _act(layer.config.get("activation"))  # type: ignore[union-attr]
+        problems.append(
+            Problem(
+                f"Keras EinsumDense '{layer.name}'",
+                "an equation an nn.Linear computes (the input's last axis contracted with one kernel axis, the "
+                "other put last, the bias along it alone, as in 'abc,cd->abd'): an EinsumDense loads into an "
+                "nn.Linear only where its configuration says how its weights read as a Dense's",
+                f"equation='{equation}', bias_axes={bias!r}: {why}",
+                "compute it in a module of your own that holds the kernel"
+                + (" and the bias" if bias else "")
+                + " as Keras stores them (nn.Parameter named kernel"
+                + (", bias" if bias else "")
+                + f") and returns torch.einsum('{equation}', x, self.kernel)"
+                + (" + self.bias" if bias else "")
+                + ("" if act == "linear" else f", then activation='{act}'")
+                + f", and load it with weightport.load(module, {{{read}}}), "
+                "source = weightport.open_source(the same file or model)",
+            )
+        )
+    if problems:
+        raise LoadError(problems)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["dense_reading"]
+__all__ = ["dense_reading", "why_not_a_dense"]
 
 _EQUATION = re.compile(r"^(?P<x>[.a-z]+),(?P<k>[a-z]{2})->(?P<y>[.a-z]+)$")
 
@@ -47,3 +47,56 @@ def dense_reading(config: dict[str, Any]) -> dict[str, Any] | None:
         "activation": config.get("activation"),
         "kernel_out_in": kernel[0] == outer,
     }
+
+
+def why_not_a_dense(config: dict[str, Any]) -> str:
+    """What an ``EinsumDense``'s equation (and ``bias_axes``) computes that no ``nn.Linear`` does, else ``""``.
+
+    >>> why_not_a_dense({"equation": "abc,bcd->abd", "bias_axes": "d"})
+    "its kernel axis 'b' is also an axis of the input and of the output: a separate kernel for each b"
+    >>> why_not_a_dense({"equation": "abc,cd->abd", "bias_axes": "bd"})
+    "its bias (bias_axes='bd') varies along 'b' as well, where nn.Linear's runs along the output axis 'd' alone"
+    """
+    if dense_reading(config) is not None:
+        return ""
+    equation = str(config.get("equation", "")).replace(" ", "")
+    sides = equation.split("->")
+    inputs = sides[0].split(",")
+    if len(sides) != 2 or len(inputs) != 2:
+        return f"its equation '{equation}' is not 'input,kernel->output'"
+    x, kernel, y = inputs[0].replace(".", ""), inputs[1], sides[1].replace(".", "")
+    why = []
+    shared = [a for a in kernel if a in x and a in y]
+    if shared:
+        each = ", ".join(shared)
+        why.append(
+            f"its kernel axis {_axes(shared)} is also an axis of the input and of the output: a separate "
+            f"kernel for each {each}"
+        )
+    contracted = [a for a in x if a in kernel and a not in y]
+    if len(contracted) != 1 or (x and contracted[0] != x[-1]):
+        where = "axes" if len(contracted) != 1 else "axis"
+        why.append(
+            f"it contracts the input's {where} {_axes(contracted)}, where nn.Linear contracts its last axis alone"
+        )
+    added = [a for a in kernel if a not in x]
+    if len(added) != 1:
+        why.append(f"its kernel adds the output axes {_axes(added)}, where nn.Linear adds one")
+    kept = [a for a in x if a not in kernel]
+    if not why and y != "".join(kept) + "".join(added):
+        why.append(
+            f"it orders the output's axes '{y}', where nn.Linear keeps the input's order and puts its output "
+            "axis last"
+        )
+    bias = config.get("bias_axes") or ""
+    if not why and bias and bias != "".join(added):
+        others = [a for a in bias if a not in added]
+        why.append(
+            f"its bias (bias_axes='{bias}') varies along {_axes(others)} as well, where nn.Linear's runs along "
+            f"the output axis {_axes(added)} alone"
+        )
+    return "; ".join(why) or f"its equation '{equation}' is not a Dense's"
+
+
+def _axes(letters: list[str]) -> str:
+    return f"'{''.join(letters)}'" if letters else "none"

@@ -17,6 +17,7 @@ from typing import Any
 from weightport.errors import LayoutError
 from weightport.layouts.keras.einsum import dense_reading
 from weightport.layouts.keras.graph import flattened_maps, graph_of, maskings, note_padding, one_position_maps
+from weightport.layouts.keras.ranks import input_ranks
 from weightport.layouts.slots import LAYER_SCALE
 from weightport.sources.base import Source
 from weightport.sources.keras import snake_case
@@ -191,6 +192,7 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
         masks = maskings(graph)
         flats = flattened_maps(graph)
         pooled = one_position_maps(graph)
+        ranks = input_ranks(graph)  # what the graph's recorded shapes show, where no layer's own build does
         for position, rec in enumerate(records):
             path = str(rec.get("path", ""))
             layer = Layer(path, str(rec.get("name") or path), rec.get("class_name"), rec.get("config"))
@@ -203,6 +205,7 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
             layer.one_position = layer.name in pooled
             if layer.input_rank is None and isinstance(rec.get("input_shape"), list):  # a live model's
                 layer.input_rank = len(rec["input_shape"])
+            layer.input_rank = layer.input_rank or ranks.get(layer.name)
             if rec.get("weights") is not None:
                 layer.legacy = list(rec["weights"])
                 _legacy_attention(layer)
