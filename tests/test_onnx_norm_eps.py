@@ -182,3 +182,75 @@ def test_t5_encoder(tmp_path: Path) -> None:
         str(path),
         r"eps=1e-06.*'encoder\.block\.0\.layer\.0\.layer_norm'.*variance_epsilon=0\.001",
     )
+
+
+class ConvNorm(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+INSTANCE_CASES: list[tuple[str, Callable[[], nn.Module], list[tuple[Callable[[], nn.Module], str]]]] = [
+    (
+        "instancenorm",
+        lambda: nn.InstanceNorm2d(4, affine=True, eps=0.1),
+        [
+            (lambda: nn.InstanceNorm2d(4, affine=True), r"epsilon=0\.1.*built with eps=1e-05"),
+            (
+                lambda: nn.GroupNorm(2, 4, eps=0.1),
+                r"over 4 groups.*\(GroupNorm\) normalizes with num_groups=2",
+            ),
+            (
+                lambda: nn.InstanceNorm2d(4, affine=True, eps=0.1, track_running_stats=True),
+                r"track_running_stats=True",
+            ),
+        ],
+    ),
+    (
+        "groupnorm",
+        lambda: nn.GroupNorm(2, 4, eps=0.1),
+        [
+            (lambda: nn.GroupNorm(2, 4), r"epsilon=0\.1.*built with eps=1e-05"),
+            (lambda: nn.GroupNorm(4, 4, eps=0.1), r"over 2 groups.*num_groups=4"),
+            (lambda: nn.InstanceNorm2d(4, affine=True, eps=0.1), r"over 2 groups.*one group per channel"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "options", [{**LEGACY, "do_constant_folding": False}, DYNAMO], ids=["legacy", "dynamo"]
+)
+@pytest.mark.parametrize(
+    ("make", "wrong"), [c[1:] for c in INSTANCE_CASES], ids=[c[0] for c in INSTANCE_CASES]
+)
+def test_instance_normalization_eps_and_groups(
+    tmp_path: Path,
+    options: dict[str, Any],
+    make: Callable[[], nn.Module],
+    wrong: list[tuple[Callable[[], nn.Module], str]],
+) -> None:
+    """An InstanceNormalization node (nn.InstanceNorm2d's, or nn.GroupNorm's over a (N, groups, -1) reshape):
+    its epsilon and its groups against the module's, each wrong twin shown to differ (it loaded silently)."""
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(2, 3, 9, 9)}
+    path = tmp_path / "m.onnx"
+    expected = exported(randomized(ConvNorm(make()), 1), inputs, path, **options)
+    model = randomized(ConvNorm(make()), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)  # GroupNorm: not one node
+        weightport.load(model, str(path))
+    with torch.no_grad():
+        assert float(np.abs(model(**inputs).numpy() - expected).max()) <= 1e-5 * float(np.abs(expected).max())
+    for build, match in wrong:
+        twin = randomized(ConvNorm(build()), 3)
+        if options is DYNAMO and isinstance(make(), nn.GroupNorm) and "groups" in match:
+            # the dynamo exporter computes the group count (Expand of a constant): not read, and said so
+            with pytest.warns(weightport.UncheckedConfigWarning, match=r"groups of 'norm'.*not checked"):
+                weightport.load(twin, str(path))
+            continue
+        refused(twin, str(path), match)

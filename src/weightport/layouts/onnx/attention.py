@@ -343,12 +343,18 @@ def _known_by_name(
             Pairing(name, "ONNX initializer", name, kind, "by name (the initializer is the parameter)")
         )
     eps = check(slot, [name for name, _ in own])
-    if eps == "refused" or (eps == "equal" and isinstance(slot.module, (nn.LayerNorm, nn.RMSNorm))):
-        return  # eps is a norm's one setting its weights do not show
+    if eps == "refused" or (eps == "equal" and isinstance(slot.module, _NORMS)):
+        return  # eps (and a group norm's groups, checked with it) is what a norm's weights do not show
+    if eps not in (None, "equal"):
+        unchecked.append(eps)  # what the check could not read
+        return
     unchecked.append(
         f"'{slot.label}' ({kind}) took its parameters by name: the graph computes it from nodes weightport "
         "does not read as one layer, so its settings are not checked against the module"
     )
+
+
+_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def _eps_check(graph: Graph | None, issues: Issues | None) -> Callable[[Slot, list[str]], str | None]:

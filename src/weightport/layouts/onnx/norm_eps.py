@@ -5,8 +5,12 @@ transformers' ``T5LayerNorm`` and ``LlamaRMSNorm``: ``x * rsqrt(mean(x^2) + eps)
 itself: its weight is read by a ``Mul``, and the eps is the stored scalar an ``Add`` puts on the variance (a
 ``ReduceMean``) before ``Sqrt`` (then ``Reciprocal`` or a ``Div``) or ``Pow(-0.5)``. Followed from the ``Mul``
 back through that arithmetic (and ``Cast``, ``Identity``, reshapes), the nearest such ``Add`` is the norm's
-(an ``InstanceNormalization``, as ``nn.GroupNorm`` goes out, carries it as ``epsilon``). Values are read,
-never computed; where two different ones are equally near, none is taken.
+(an ``InstanceNormalization``, as ``nn.GroupNorm`` goes out, carries it as ``epsilon``; one whose scale is
+``nn.InstanceNorm*d``'s weight itself too). Values are read, never computed; where two different ones are
+equally near, none is taken. An ``InstanceNormalization`` also says over how many groups of channels it
+normalizes (its stored scale's size), held against the module's ``num_groups`` (a channel each for
+``nn.InstanceNorm*d``, which must not use running statistics); where the graph computes that scale, or the
+norm is basic ops, a group norm's count of groups is reported unchecked.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from weightport.layouts.slots import Slot
 __all__ = ["GraphEps", "graph_epsilon", "module_epsilon", "check_norm_eps"]
 
 EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")  # torch's norms; transformers' own; others
-_FORWARD = frozenset({"Identity", "Cast", "Unsqueeze", "Reshape", "Squeeze", "Expand"})  # weight -> its Mul
+_FORWARD = frozenset(
+    {"Identity", "Cast", "CastLike", "Unsqueeze", "Reshape", "Squeeze", "Expand"}
+)  # weight -> its Mul
 # what lies between the weight's Mul and the eps's Sqrt: the normalization's own arithmetic, reshapes, casts
 _BETWEEN = frozenset(
     {
@@ -36,6 +42,7 @@ _BETWEEN = frozenset(
         "Reciprocal",
         "Sub",
         "Cast",
+        "CastLike",
         "Identity",
         "Reshape",
         "Unsqueeze",
@@ -44,6 +51,7 @@ _BETWEEN = frozenset(
         "Expand",
     }
 )
+_GROUPED = (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)  # norms over groups of channels
 _VARIANCE = frozenset({"ReduceMean", "ReduceSum", "ReduceSumSquare"})
 _DEPTH = 8
 
@@ -145,7 +153,10 @@ def graph_epsilon(weight: str, graph: Graph, path: str | None = None) -> GraphEp
         step = []
         for name in names:
             for reader in graph.consumers.get(name, []):
-                if reader.op_type == "Mul":
+                if reader.op_type == "InstanceNormalization" and reader.input(1) == name:
+                    if _belongs(reader, path):  # nn.InstanceNorm*d(affine=True): the weight is its scale
+                        return _eps_at(reader, graph)
+                elif reader.op_type == "Mul":
                     muls.extend((reader, other) for other in reader.inputs if other != name)
                 elif reader.op_type in _FORWARD and reader.outputs and reader.outputs[0] not in seen:
                     seen.add(reader.outputs[0])
@@ -210,7 +221,18 @@ def check_norm_eps(slot: Slot, params: list[str], graph: Graph, issues: Issues) 
             f"{found.node.op_type} '{found.node.label}'), and the module holds no eps weightport knows "
             f"({', '.join(EPS_ATTRIBUTES)})"
         )
+    if found.node.op_type == "InstanceNormalization":
+        groups = _groups_match(slot, found.node, graph, issues)
+    else:  # normalized by basic ops: over how many groups is not read
+        groups = None if isinstance(slot.module, _GROUPED) else True
+    if groups is False:
+        return "refused"
     attribute, eps = own
+    if found.holds(eps) and groups is None:
+        return (
+            f"the groups of '{slot.label}' ({kind}): the graph normalizes it ({found.node.op_type} "
+            f"'{found.node.label}') over groups of channels it computes, so how many is not checked"
+        )
     if found.holds(eps):
         return "equal"
     where = (
@@ -228,3 +250,39 @@ def check_norm_eps(slot: Slot, params: list[str], graph: Graph, issues: Issues) 
         f"{attribute}={found.value:g}{config}.",
     )
     return "refused"
+
+
+def _groups_match(slot: Slot, node: Node, graph: Graph, issues: Issues) -> bool | None:
+    """Whether ``slot``'s module normalizes each sample over the groups an ``InstanceNormalization`` node does
+    (one per entry of its scale: each channel, or each group where the exporter reshaped ``nn.GroupNorm``'s
+    input to ``(N, groups, -1)``), with each input's own statistics in eval() too; an issue where not; None
+    where the graph computes its scale (how many groups is not read)."""
+    scale = graph.stored(node.input(1))
+    groups = math.prod(graph.source.infos[scale].shape) if scale is not None else None
+    module: Any = slot.module
+    kind = type(module).__name__
+    if isinstance(module, nn.GroupNorm):
+        own, how = int(module.num_groups), f"num_groups={module.num_groups}"
+    elif isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        own, how = int(module.num_features), f"one group per channel ({module.num_features})"
+        if module.track_running_stats:
+            issues.add(
+                node,
+                f"normalizes each input with its own statistics, but '{slot.label}' ({kind}) was built with "
+                "track_running_stats=True, which in eval() normalizes with running statistics instead. Fix: "
+                f"build it with track_running_stats=False (the default).",
+            )
+            return False
+    else:
+        own, how = None, "statistics of its own kind"
+    if own == groups:
+        return True
+    if groups is None:
+        return None
+    issues.add(
+        node,
+        f"normalizes each sample over {groups} groups of channels (InstanceNormalization, its scale of "
+        f"{groups}), but '{slot.label}' ({kind}) normalizes with {how}; the outputs differ. Fix: build it as "
+        f"nn.GroupNorm({groups}, channels) (nn.InstanceNorm*d(affine=True) where each channel is a group).",
+    )
+    return False
