@@ -173,3 +173,39 @@ def test_settings_only_training_reads_or_the_forward_does_not_show_load(tmp_path
         weightport.UncheckedConfigWarning, match=r"config\.json's my_setting=1, where the model has 2"
     ):
         weightport.load(custom, tmp_path / "bert")
+
+
+@pytest.mark.parametrize(("setting", "value"), [("dense_act_fn", "gelu_new"), ("feed_forward_proj", "gelu")])
+def test_a_t5_built_with_another_feed_forward_activation_is_refused(
+    tmp_path: Path, setting: str, value: str
+) -> None:
+    """T5 names its activation dense_act_fn (set from feed_forward_proj): the same weights with another one
+    give other outputs (checked here), and the load is refused; it loaded with a 'whether ... changes the
+    forward' warning."""
+    base = {
+        "vocab_size": 50,
+        "d_model": 16,
+        "d_kv": 4,
+        "d_ff": 24,
+        "num_layers": 1,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "feed_forward_proj": "relu",
+    }
+    torch.manual_seed(0)
+    saved = transformers.T5EncoderModel(transformers.T5Config(**base)).eval()
+    saved.save_pretrained(tmp_path / "t5")
+
+    def other() -> Any:
+        if setting == "feed_forward_proj":  # read when the config is made
+            return transformers.T5EncoderModel(transformers.T5Config(**{**base, setting: value})).eval()
+        config = transformers.T5Config(**base)
+        setattr(config, setting, value)  # made from feed_forward_proj there; set after it, as a model may
+        return transformers.T5EncoderModel(config).eval()
+
+    twin = other()
+    twin.load_state_dict(saved.state_dict())
+    ids = torch.from_numpy(IDS % 50).long()
+    with torch.no_grad():
+        assert (twin(ids).last_hidden_state - saved(ids).last_hidden_state).abs().max() > 1e-4
+    refused(other(), tmp_path / "t5", rf"'config\.{setting}': expected {setting}=")

@@ -26,7 +26,8 @@ __all__ = ["config_differences", "snapshot_config_checks"]
 
 # settings that change the forward while every weight keeps its shape
 _FORWARD = re.compile(
-    r"(eps|epsilon)$|(^|_)(act|activation|activation_function|hidden_act)$|(^|_)(n_head|num_heads|"
+    r"(eps|epsilon)$|(^|_)(act|activation|activation_function|hidden_act|act_fn|hidden_activation)$|"
+    r"feed_forward_proj|is_gated_act|partial_rotary_factor|rotary_pct|rotary_dim|(^|_)(n_head|num_heads|"
     r"num_attention_heads|num_key_value_heads|encoder_attention_heads|decoder_attention_heads)$|"
     r"scale_embedding|position_embedding_type|normalize_before|do_layer_norm_before|pre_norm|rope_theta|"
     r"rope_scaling|scale_attn|attn_logit_softcapping|final_logit_softcapping|layer_norm_type|"
