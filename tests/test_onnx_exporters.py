@@ -258,6 +258,45 @@ def test_a_narrowing_cast_is_not_followed(tmp_path: Path, rng: np.random.Generat
         weightport.load(nn.Linear(3, 4, bias=False), path)
 
 
+class _DenseNormDense(nn.Module):
+    """The twin of the tf_layernorm and tf_dense_relu_bn files (a ReLU before the norm for the second)."""
+
+    def __init__(self, norm: nn.Module, relu: bool) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2, self.relu = nn.Linear(F, 4), norm, nn.Linear(4, 2), relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = h.relu() if self.relu else h
+        if isinstance(self.norm, nn.BatchNorm1d):  # over the features of each step: (B, 4, T)
+            return self.fc2(self.norm(h.transpose(1, 2)).transpose(1, 2))
+        return self.fc2(self.norm(h))
+
+
+def test_tf2onnx_layer_normalization_is_refused_saying_what_the_graph_computes() -> None:
+    """tf2onnx writes a Keras LayerNormalization as a BatchNormalization over moments the graph computes, then
+    Mul and Add by gamma and beta: refused as such (it blamed do_constant_folding=False)."""
+    error = refused(
+        fresh(lambda: _DenseNormDense(nn.LayerNorm(4, eps=1e-3), relu=False)),
+        GOLDEN / "tf_layernorm.onnx",
+        r"\(BatchNormalization\): normalizes with a mean and variance the graph computes from its input.*"
+        r"tf2onnx writes a Keras LayerNormalization so",
+    )
+    assert "do_constant_folding" not in str(error)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_tf2onnx_batchnorm_after_an_activation_is_not_taken_as_folded(strict: bool) -> None:
+    """tf2onnx writes a BatchNormalization after an activation as Mul and Add: the model's BatchNorm after
+    the Linear reads as folded into it or as that arithmetic; refused, strict=False too (it loaded 2.2 off)."""
+    refused(
+        fresh(lambda: _DenseNormDense(nn.BatchNorm1d(4, eps=1e-3), relu=True)),
+        GOLDEN / "tf_dense_relu_bn.onnx",
+        r"'norm' would be taken as a BatchNorm the exporter folded into 'fc1'.*Two readings",
+        strict=strict,
+    )
+
+
 @pytest.mark.parametrize("unsqueezed", [True, False])
 def test_a_conv_over_a_unit_axis_is_a_conv1d_only_after_an_unsqueeze(
     tmp_path: Path, rng: np.random.Generator, unsqueezed: bool

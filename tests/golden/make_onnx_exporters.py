@@ -88,7 +88,24 @@ def keras_models() -> dict[str, tuple[Callable[[], Any], int]]:
         ),
         "tf_simplernn": (model(lambda: layers.SimpleRNN(4, return_sequences=True)), 13),
         "tf_gru_reset_before": (model(lambda: layers.GRU(4, reset_after=False, return_sequences=True)), 13),
+        # normalizations tf2onnx writes as arithmetic (refused): LayerNormalization as a BatchNormalization
+        # over computed moments, then Mul and Add; a BatchNormalization after an activation as Mul and Add
+        "tf_layernorm": (
+            model(lambda: layers.Dense(4), lambda: layers.LayerNormalization(), lambda: layers.Dense(2)),
+            13,
+        ),
+        "tf_dense_relu_bn": (
+            model(
+                lambda: layers.Dense(4, activation="relu"),
+                layers.BatchNormalization,
+                lambda: layers.Dense(2),
+            ),
+            13,
+        ),
     }
+
+
+REFUSED = ("tf_simplernn", "tf_gru_reset_before", "tf_layernorm", "tf_dense_relu_bn")  # no outputs needed
 
 
 def write_keras(arrays: dict[str, np.ndarray]) -> None:
@@ -100,13 +117,14 @@ def write_keras(arrays: dict[str, np.ndarray]) -> None:
     for name, (build, opset) in keras_models().items():
         model = build()
         for weight in model.weights:  # every weight random, biases too (tf2onnx drops an Add of zeros)
-            weight.assign(rng.uniform(-0.6, 0.6, weight.shape).astype(np.float32))
+            low = 0.5 if "variance" in weight.name else -0.6  # a BatchNorm's moving variance stays positive
+            weight.assign(rng.uniform(low, low + 1.2, weight.shape).astype(np.float32))
         spec = [tf.TensorSpec((None, T, F), tf.float32, name="x")]
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
         path = HERE / f"{name}.onnx"
         onnx.save(proto, str(path))
-        if name in ("tf_simplernn", "tf_gru_reset_before"):
-            continue  # refused: no outputs needed
+        if name in REFUSED:
+            continue
         x = rng.standard_normal((B, T, F)).astype(np.float32)
         (y,) = run(path, {"x": x})
         keras_y = model(x).numpy()

@@ -194,11 +194,12 @@ def statistics_note(folded: list[str]) -> str:
     )
 
 
-# element-wise ops between a layer and a BatchNorm written as arithmetic (its bias, an activation)
+# ops between a layer and a BatchNorm written as arithmetic (its bias, an activation, reshapes)
 _ELEMENTWISE = frozenset(
     {
         "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "Tanh", "Clip",
         "Elu", "Selu", "Celu", "Softplus", "HardSwish", "Gelu", "Identity", "Cast",
+        "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten",  # a Dense on 3-D input, as tf2onnx writes it
     }
 )  # fmt: skip
 _SCALE_OR_SHIFT = frozenset({"Add", "Sub", "Mul", "Div"})

@@ -409,6 +409,8 @@ def _gather_layer(node: Node, graph: Graph) -> Layer | None:
 
 def _norm_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
     """BatchNormalization (scale, B, mean, var) or LayerNormalization (Scale, B) with stored inputs."""
+    if node.op_type == "BatchNormalization" and _computed_statistics(node, graph, issues):
+        return None
     inputs = [
         (role, position, onnx_name) for position, (role, onnx_name) in enumerate(NORMS[node.op_type], 1)
     ]
@@ -434,3 +436,24 @@ def _norm_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
             "mode for its outputs (eval(), as weightport.verify runs it, uses the running statistics)",
         )
     return Layer(node, kind, tensors, detail=detail, forward_notes=forward)
+
+
+def _computed_statistics(node: Node, graph: Graph, issues: Issues) -> bool:
+    """Refuse a BatchNormalization whose mean and variance the graph computes from the input (True): a
+    normalization over each input's own statistics, as tf2onnx writes a Keras LayerNormalization (Reshape,
+    this node over computed moments with ones and zeros, Reshape, then Mul and Add by gamma and beta)."""
+    if graph.stored(node.input(3)) is not None or graph.stored(node.input(4)) is not None:
+        return False
+    issues.add(
+        node,
+        "normalizes with a mean and variance the graph computes from its input, not stored running "
+        "statistics: a normalization over each input's own statistics (tf2onnx writes a Keras "
+        "LayerNormalization so: this node over computed moments, then Mul and Add by its gamma and beta), "
+        "which weightport does not read as a layer. Fix: load the source framework's own file (a Keras "
+        "model's .keras or .weights.h5, whose LayerNormalization weightport ports), or load that norm's "
+        "gamma and beta (the stored vectors of the Mul and Add after this node) by name into it, the other "
+        "layers' weights with them, as a dict",
+        unsupported=True,
+    )
+    return True
+
