@@ -40,9 +40,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from weightport.errors import LayoutError
 
-__all__ = ["call_order", "trace_calls", "Calls", "CallOrder", "ExampleInputs"]
+__all__ = ["call_order", "trace_calls", "Calls", "CallOrder", "ExampleInputs", "FlatRead", "Axes", "regroup"]
 
 ExampleInputs = Any  # a tensor or array, a tuple of them (positional), or a dict (keyword arguments)
+# What each axis of a tensor is: the roles it holds in turn (several where a reshape merged them), each with
+# its size. Roles: "c" a map's channels, "s0", "s1" ... its spatial axes in order, "i0", "i1" ... the axes of
+# a model input after its batch axis, BATCH the batch axis, UNKNOWN a piece of a split axis
+Axes = tuple[tuple[tuple[str, int], ...], ...]
+FlatRead = tuple[tuple[str, ...], tuple[int, ...]]  # the roles flattened into one axis, in order, and sizes
+BATCH, UNKNOWN = "n", "?"
 
 
 def call_order(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, int]:
@@ -63,9 +69,8 @@ class Calls:
     changed: set[str] = field(default_factory=set)
     # the model's own tensors (state-dict names) that some operation of the pass read
     read: set[str] = field(default_factory=set)
-    # each called submodule's path -> how its input was flattened from a feature map, where it was: whether
-    # the map was permuted channels-last first, and the map's shape without the batch axis
-    flat_input: dict[str, tuple[bool, tuple[int, ...]]] = field(default_factory=dict)
+    # each called submodule's path -> how the last axis of its input was flattened from several, where it was
+    flat_input: dict[str, FlatRead] = field(default_factory=dict)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # each one's first input's
 
 
@@ -81,6 +86,23 @@ _AS_THEY_ARE = frozenset(
 )  # fmt: skip
 
 
+_CONVS = frozenset(f"conv{k}d" for k in (1, 2, 3)) | frozenset(f"conv_transpose{k}d" for k in (1, 2, 3))
+_PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"})
+_RESHAPES = frozenset(
+    {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+)
+# operations that keep which axis is which while they change sizes
+_SAME_AXES = frozenset(
+    {
+        "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "lp_pool1d",
+        "lp_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+        "adaptive_max_pool2d", "adaptive_max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+        "interpolate", "upsample", "pad", "__getitem__", "narrow", "cat", "concat", "concatenate",
+        "pixel_shuffle", "add", "__add__", "mul", "__mul__", "sub", "__sub__", "contiguous",
+    }
+)  # fmt: skip
+
+
 class _Dataflow(TorchFunctionMode):
     """Tags every tensor an operation makes with the modules whose outputs went into it, and notes the
     modules whose own tensors an operation other than a layer's reads."""
@@ -91,8 +113,13 @@ class _Dataflow(TorchFunctionMode):
         self.names: dict[int, str] = {}  # id of a module's (stand-in) tensor -> its state-dict name
         self.changed: set[str] = set()
         self.read: set[str] = set()
-        self.channels_last: WeakIdKeyDictionary = WeakIdKeyDictionary()  # maps permuted to (N, ..., C)
-        self.flattened: WeakIdKeyDictionary = WeakIdKeyDictionary()  # (N, features) from a map: how
+        self.axes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> what its axes are (Axes)
+
+    def inputs(self, values: Any) -> None:
+        """Take the tensors among ``values`` as the model's inputs: each axis its own (``i0``, ``i1`` ...)."""
+        for tensor in _tensors(values):
+            roles = [BATCH, *(f"i{k}" for k in range(tensor.dim() - 1))][: tensor.dim()]
+            self.axes[tensor] = tuple(((role, int(n)),) for role, n in zip(roles, tensor.shape))
 
     def own(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Take ``{state-dict name: tensor}`` as the modules' own tensors (replacing any before)."""
@@ -113,28 +140,46 @@ class _Dataflow(TorchFunctionMode):
         return out
 
     def _follow_layout(self, name: str, args: Any, kwargs: Any, out: torch.Tensor) -> None:
-        """Note a map permuted channels-last, a map flattened into (batch, features), and carry the latter
-        through operations that keep the shape (dropout, activations)."""
+        """Note which axes of the input ``out``'s axes are (:data:`Axes`): a convolution's map starts them,
+        permutes and transposes reorder them, reshapes merge them, and operations that keep the axes carry
+        them on."""
         first = next(_tensors(args), None)
         if first is None:
             return
-        if name == "permute" and _to_channels_last(first.dim(), args[1:], kwargs.get("dims")):
-            self.channels_last[out] = True
-        elif name in ("transpose", "swapaxes", "movedim", "moveaxis") and _moved_last(
-            name, first.dim(), args[1:]
+        made: Axes | None = None
+        if name in _CONVS:
+            made = _conv_axes(out.dim(), int(name[-2]))
+        elif name in _PERMUTES:
+            order = _permutation(name, first.dim(), args[1:], kwargs)
+            made = None if order is None else tuple(self.axes_of(first)[a] for a in order)
+        elif name in _RESHAPES:
+            made = regroup(self.axes_of(first), tuple(first.shape), tuple(out.shape))
+        elif name in ("linear", "bilinear") and out.dim() == first.dim():
+            made = (*self.axes_of(first)[:-1], (("c", int(out.shape[-1])),))
+        elif first in self.axes and (
+            out.shape == first.shape or (out.dim() == first.dim() and name in _SAME_AXES)
         ):
-            self.channels_last[out] = True  # a (N, C, L) map's x.transpose(1, 2), x.movedim(1, -1)
-        elif first in self.channels_last and out.shape == first.shape:
-            self.channels_last[out] = True  # through contiguous(), an activation, dropout
-        elif (
-            name in ("flatten", "reshape", "view")
-            and first.dim() >= 3
-            and out.dim() == 2
-            and out.shape[0] == first.shape[0]
-        ):
-            self.flattened[out] = (first in self.channels_last, tuple(first.shape[1:]))
-        elif first in self.flattened and out.shape == first.shape:
-            self.flattened[out] = self.flattened[first]
+            made = self.axes[first]  # an activation, dropout, a pooling, padding, a residual sum
+        if made is not None:
+            self.axes[out] = made
+
+    def axes_of(self, tensor: torch.Tensor) -> Axes:
+        """What ``tensor``'s axes are: as followed from the model's inputs (each its own axes: the array the user
+        feeds) and its convolutions, else a map's ``(batch, channels, *spatial)``, PyTorch's layout."""
+        kept = self.axes.get(tensor)
+        if kept is None:
+            kept = _conv_axes(tensor.dim(), max(tensor.dim() - 2, 0))
+        # a lone axis's size is the tensor's own (a pooling or a padding changes it)
+        return tuple(
+            axis if len(axis) > 1 else ((axis[0][0], int(n)),) for axis, n in zip(kept, tensor.shape)
+        )
+
+    def flat_read(self, tensor: torch.Tensor) -> FlatRead | None:
+        """How ``tensor``'s last axis was flattened from several, where it was: their roles and sizes."""
+        axes = self.axes_of(tensor) if tensor.dim() >= 1 else ()
+        if not axes or len(axes[-1]) < 2:
+            return None
+        return tuple(r for r, _ in axes[-1]), tuple(n for _, n in axes[-1])
 
     def sources(self, *values: Any) -> set[str]:
         """The modules whose outputs went into the tensors among ``values`` (nested in lists and dicts)."""
@@ -149,27 +194,73 @@ class _Dataflow(TorchFunctionMode):
                 self.made_by[tensor] = self.made_by.get(tensor, set()) | modules
 
 
-def _moved_last(name: str, rank: int, axes: Any) -> bool:
-    """Whether ``x.movedim(1, -1)`` (any rank) or a swap of a ``(N, C, L)`` map's axes 1 and 2
-    (``x.transpose(1, 2)``) moves the channel axis 1 last, the others in order."""
-    try:
-        a, b = (int(axis) % rank for axis in axes[:2])
-    except (TypeError, ValueError):
-        return False
-    if name in ("movedim", "moveaxis"):
-        return rank >= 3 and (a, b) == (1, rank - 1)
-    return rank == 3 and {a, b} == {1, 2}
+def _conv_axes(rank: int, spatial: int) -> Axes:
+    """A convolution's output: ``(batch, channels, *spatial)``, or ``(channels, *spatial)`` unbatched."""
+    roles = ["c", *(f"s{k}" for k in range(spatial))]
+    roles = [BATCH, *roles] if rank == spatial + 2 else roles
+    return tuple(((role, 0),) for role in roles)
 
 
-def _to_channels_last(rank: int, dims: Any, named: Any) -> bool:
-    """Whether permute's dims (``x.permute(0, 2, 3, 1)``, ``torch.permute(x, (0, 2, 3, 1))``) move a map's
-    channel axis 1 last."""
-    dims = named if named is not None else dims[0] if len(dims) == 1 else dims
+def _permutation(name: str, rank: int, given: Any, kwargs: Any) -> tuple[int, ...] | None:
+    """The source axis of each output axis of ``x.permute(...)``, ``x.transpose(a, b)``, ``x.movedim(a, b)``
+    and their aliases; None where the arguments are not plain axes."""
     try:
-        order = tuple(int(d) % rank for d in dims)
-    except (TypeError, ValueError):
-        return False
-    return rank >= 3 and order == (0, *range(2, rank), 1)
+        if name == "permute":
+            dims = kwargs.get("dims", given[0] if len(given) == 1 else given)
+            order = tuple(int(d) % rank for d in dims)
+            return order if sorted(order) == list(range(rank)) else None
+        a, b = (kwargs.get(k, v) for k, v in zip(("dim0", "dim1"), given[:2]))
+        if name in ("movedim", "moveaxis"):
+            sources = [int(s) % rank for s in (a if isinstance(a, (list, tuple)) else [a])]
+            targets = [int(t) % rank for t in (b if isinstance(b, (list, tuple)) else [b])]
+            rest = iter(d for d in range(rank) if d not in sources)
+            placed = dict(zip(targets, sources))
+            return tuple(placed[d] if d in placed else next(rest) for d in range(rank))
+        order_list = list(range(rank))
+        i, j = int(a) % rank, int(b) % rank
+        order_list[i], order_list[j] = order_list[j], order_list[i]
+        return tuple(order_list)
+    except (TypeError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def regroup(axes: Axes, before: tuple[int, ...], after: tuple[int, ...]) -> Axes | None:
+    """The axes of a reshape from ``before`` to ``after``: each output axis that merges consecutive input
+    axes holds their roles in turn; one input axis split into several gives each piece an unknown role
+    (``?``). None where axes are merged and split at once, or a size is 0.
+
+    >>> regroup(((("n", 2),), (("c", 4),), (("s0", 3),), (("s1", 5),)), (2, 4, 3, 5), (2, 60))
+    ((('n', 2),), (('c', 4), ('s0', 3), ('s1', 5)))
+    """
+    if 0 in before or 0 in after:
+        return None
+    out: list[tuple[tuple[str, int], ...]] = []
+    i = j = 0
+    while j < len(after):
+        if i >= len(before):
+            out.append((("", 1),))  # a new axis of size 1
+            j += 1
+            continue
+        gi, gj, pi, pj = [i], [j], before[i], after[j]
+        while pi != pj:
+            if pi < pj and gi[-1] + 1 < len(before):
+                gi.append(gi[-1] + 1)
+                pi *= before[gi[-1]]
+            elif pj < pi and gj[-1] + 1 < len(after):
+                gj.append(gj[-1] + 1)
+                pj *= after[gj[-1]]
+            else:
+                return None
+        if len(gj) == 1:
+            out.append(tuple(pair for k in gi for pair in axes[k]))
+        elif len(gi) == 1:
+            out += [((UNKNOWN, after[k]),) for k in gj]
+        else:
+            return None
+        i, j = gi[-1] + 1, gj[-1] + 1
+    if out and i < len(before):  # size-1 axes left over join the last
+        out[-1] = (*out[-1], *(pair for k in range(i, len(before)) for pair in axes[k]))
+    return tuple(out)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -199,8 +290,9 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
         first = next(_tensors(args), None)
         if first is not None:
             calls.input_shapes.setdefault(path, tuple(first.shape))
-            if first in flow.flattened:
-                calls.flat_input.setdefault(path, flow.flattened[first])
+            flat = flow.flat_read(first)
+            if flat is not None:
+                calls.flat_input.setdefault(path, flat)
 
     def after(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         flow.tag(output, flow.sources(args, kwargs) | {names[id(module)]})
@@ -273,11 +365,25 @@ class CallOrder(Mapping[str, int]):
         (its forward, or its parent's, standardizes, scales or transposes its weight before use)."""
         return self._prefix + path in self._calls.changed
 
-    def flattened(self, path: str) -> tuple[bool, tuple[int, ...]] | None:
-        """How the pass flattened a feature map into module ``path``'s input, where it did: whether the map
-        was permuted channels-last first (``x.permute(0, 2, 3, 1).flatten(1)``), and the map's shape
-        without the batch axis (``(512, 7, 7)`` for ``torch.flatten(x, 1)`` of an NCHW map)."""
+    def flat_read(self, path: str) -> FlatRead | None:
+        """How the pass flattened several axes into the last axis of module ``path``'s input, where it did:
+        their roles in the order flattened and their sizes (``(("c", "s0", "s1"), (512, 7, 7))`` for
+        ``torch.flatten(x, 1)`` of an NCHW map; see :data:`Axes`)."""
         return self._calls.flat_input.get(self._prefix + path)
+
+    def flattened(self, path: str) -> tuple[bool, tuple[int, ...]] | None:
+        """How the pass flattened a convolution's feature map into module ``path``'s input, where it did in
+        one of PyTorch's two ways: whether the map was permuted channels-last first
+        (``x.permute(0, 2, 3, 1).flatten(1)``), and the map's shape without the batch axis in the order
+        flattened (``(512, 7, 7)`` for ``torch.flatten(x, 1)`` of an NCHW map)."""
+        seen = self.flat_read(path)
+        if seen is None:
+            return None
+        roles, sizes = seen
+        spatial = tuple(f"s{k}" for k in range(len(roles) - 1))
+        if roles == ("c", *spatial):
+            return False, sizes
+        return (True, sizes) if roles == (*spatial, "c") else None
 
     def input_shape(self, path: str) -> tuple[int, ...] | None:
         """The shape of the first tensor module ``path`` took in the pass (at its first call)."""
@@ -331,15 +437,10 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], flow
     meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
     flow.own(meta)
     try:
+        meta_args, meta_kwargs = _to(args, lambda t: t.to("meta")), _to(kwargs, lambda t: t.to("meta"))
+        flow.inputs((meta_args, meta_kwargs))
         with torch.no_grad():
-            torch.func.functional_call(
-                model,
-                meta,
-                _to(args, lambda t: t.to("meta")),
-                _to(kwargs, lambda t: t.to("meta")),
-                tie_weights=True,
-                strict=False,
-            )
+            torch.func.functional_call(model, meta, meta_args, meta_kwargs, tie_weights=True, strict=False)
         return
     except Exception:  # a forward that needs values (data-dependent control flow): run it for real
         pass
@@ -349,5 +450,6 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], flow
     flow.own(own)
     flow.changed.clear()
     flow.read.clear()
+    flow.inputs((args, kwargs))
     with torch.no_grad():
         torch.func.functional_call(model, own, args, kwargs, tie_weights=True, strict=False)

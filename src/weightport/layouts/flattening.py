@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from weightport.call_order import CallOrder
+from weightport.call_order import UNKNOWN, CallOrder
 from weightport.errors import LayoutError
 from weightport.layouts.base import Rule
 from weightport.layouts.slots import Slot
@@ -37,6 +37,9 @@ from weightport.sources.base import Source
 from weightport.transforms import Chain, Reshape, Transpose
 
 __all__ = [
+    "FlatMap",
+    "said_axes",
+    "rows_reordered",
     "MAP_KINDS",
     "rows_as_channels_first",
     "flattened_rules",
@@ -70,14 +73,17 @@ def unrecorded_flatten(
     where: str, said: str, slot: Slot, call_order: CallOrder | None, unknown: str, fix: str
 ) -> None:
     """Refuse a layer ``said`` of a source that records no flatten, where the forward pass on
-    ``example_inputs=`` flattens a channels-first map of more than one position into ``slot``."""
-    seen = call_order.flattened(slot.path) if call_order is not None else None
-    if seen is None or seen[0] or math.prod(seen[1][1:]) == 1:
+    ``example_inputs=`` flattens a convolution's map of more than one position into ``slot`` in an order other
+    than channels-last (a model input flattened as it is fed is no map)."""
+    seen = call_order.flat_read(slot.path) if call_order is not None else None
+    if seen is None or "c" not in seen[0] or _channels_last(seen[0]) or _positions(seen[1]) <= 1:
         return
+    roles, sizes = seen
+    what = f"a channels-first map {sizes}" if _channels_first(roles) else f"a map {sizes}"
     raise LayoutError(
-        f"{where}: the forward pass on example_inputs= flattens a channels-first map {seen[1]} into {slot.said}, "
-        f"numbering its input rows (channels, height, width); {said} runs channels-last, so one that read a "
-        f"flattened map numbers them (height, width, channels), and {unknown}. Fix: {fix}."
+        f"{where}: the forward pass on example_inputs= flattens {what} into {slot.said}, numbering its input "
+        f"rows {said_axes(roles)}; {said} runs channels-last, so one that read a flattened map numbers them "
+        f"{said_axes(_as_channels_last(roles))}, and {unknown}. Fix: {fix}."
     )
 
 
@@ -164,11 +170,25 @@ def flatten_unchecked(said: str) -> str:
 def shown_flatten(
     call_order: CallOrder | None, slot: Slot, readings: str, items: str, as_source: str
 ) -> tuple[bool, tuple[int, ...]]:
-    """How the forward pass on ``example_inputs=`` flattens a map into ``slot`` (see
-    :meth:`CallOrder.flattened`); a LayoutError saying ``readings`` (the two readings of the source's
-    ``items``, rows or columns) where the pass did not run, or flattens no map into it (``as_source``: how
-    the source flattens, for the fix)."""
-    seen = call_order.flattened(slot.path) if call_order is not None else None
+    """How the forward pass on ``example_inputs=`` flattens a map into ``slot``: whether channels-last, and
+    the map's shape in the order flattened; a LayoutError saying ``readings`` (the two readings of the
+    source's ``items``, rows or columns) where the pass did not run, or flattens no convolution's map into it
+    in either of PyTorch's two ways (``as_source``: how the source flattens, for the fix)."""
+    roles, sizes = _shown(call_order, slot, readings, items, as_source)
+    if _channels_first(roles) or _channels_last(roles):
+        return _channels_last(roles), sizes
+    raise LayoutError(
+        f"{readings}. The forward pass on example_inputs= flattens {said_axes(roles, sizes)} into it, neither a "
+        f"channels-first nor a channels-last map. Fix: flatten a feature map into it in forward, {as_source}."
+    )
+
+
+def _shown(
+    call_order: CallOrder | None, slot: Slot, readings: str, items: str, as_source: str
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The axes the forward pass on ``example_inputs=`` flattens into ``slot`` (:meth:`CallOrder.flat_read`);
+    a LayoutError saying ``readings`` where the pass did not run, or flattens nothing into it."""
+    seen = call_order.flat_read(slot.path) if call_order is not None else None
     if seen is not None:
         return seen
     fix = (
@@ -181,12 +201,159 @@ def shown_flatten(
     raise LayoutError(f"{readings}.{shown} Fix: {fix}.")
 
 
+class FlatMap(tuple[str, tuple[int, ...] | None]):
+    """What a Keras Dense reads flattened: ``(layer, shape)``, the layer that flattened it and the sizes of the
+    axes it flattened, in order, where the config records them all; with ``kind`` (``Flatten``, ``Reshape``,
+    ``TimeDistributed(Flatten)``), ``roles`` (those axes, in order, as :data:`weightport.call_order.Axes`
+    names them), ``sizes`` (each, or None) and ``lost`` (why their order is not known, else ``""``).
+
+    >>> flat = FlatMap("flatten", (3, 4, 8), roles=("s0", "s1", "c"))
+    >>> flat, flat.kind, flat.sizes
+    (('flatten', (3, 4, 8)), 'Flatten', (3, 4, 8))
+    """
+
+    kind: str
+    roles: tuple[str, ...]
+    sizes: tuple[int | None, ...]
+    lost: str
+
+    def __new__(
+        cls,
+        layer: str,
+        shape: tuple[int, ...] | None,
+        *,
+        kind: str = "Flatten",
+        roles: tuple[str, ...] = (),
+        sizes: tuple[int | None, ...] = (),
+        lost: str = "",
+    ) -> FlatMap:
+        made = super().__new__(cls, (layer, shape))
+        made.kind, made.roles, made.lost = kind, roles, lost
+        made.sizes = sizes or (shape if shape is not None else (None,) * len(roles))
+        return made
+
+
+_SPATIAL = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
+
+
+def said_axes(roles: tuple[str, ...], sizes: tuple[int | None, ...] | None = None) -> str:
+    """Axes named by role (:data:`weightport.call_order.Axes`), as a message says them.
+
+    >>> said_axes(("s0", "s1", "c")), said_axes(("c", "s0"), (8, 5)), said_axes(("i0", "i1"))
+    ('(height, width, channels)', '(channels 8, length 5)', '(input axis 1, input axis 2)')
+    """
+    spatial = _SPATIAL.get(sum(r.startswith("s") for r in roles), ())
+    words = []
+    for k, role in enumerate(roles):
+        if role == "c":
+            word = "channels"
+        elif role.startswith("s") and int(role[1:]) < len(spatial):
+            word = spatial[int(role[1:])]
+        elif role[:1] in ("s", "i"):
+            word = f"{'spatial' if role[0] == 's' else 'input'} axis {int(role[1:]) + 1}"
+        else:
+            word = "a split axis" if role == UNKNOWN else "a new axis"
+        size = sizes[k] if sizes is not None and k < len(sizes) else None
+        words.append(word if size is None else f"{word} {size}")
+    return f"({', '.join(words)})"
+
+
+def _spatial(roles: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"s{k}" for k in range(sum(r.startswith("s") for r in roles)))
+
+
+def _channels_first(roles: tuple[str, ...]) -> bool:
+    return roles == ("c", *_spatial(roles))
+
+
+def _channels_last(roles: tuple[str, ...]) -> bool:
+    return roles == (*_spatial(roles), "c")
+
+
+def _as_channels_last(roles: tuple[str, ...]) -> tuple[str, ...]:
+    return (*_spatial(roles), "c")
+
+
+def _positions(sizes: tuple[int | None, ...]) -> int:
+    """How many of ``sizes`` are more than 1 (unknown ones counted)."""
+    return sum(n != 1 for n in sizes)
+
+
+def _natural(roles: tuple[str, ...]) -> bool:
+    """Whether a plain ``torch.flatten(x, 1)`` reads axes in this order: an NCHW map's, or the model input's
+    own (the same array fed to both)."""
+    return _channels_first(roles) or roles == tuple(f"i{k}" for k in range(len(roles)))
+
+
+def rows_reordered(shape: tuple[int, ...], order: tuple[int, ...], out: int) -> Chain:
+    """A Dense kernel ``(prod(shape), out)`` whose rows run over axes of ``shape`` as the ``(out, in)`` weight
+    of a Linear whose input runs over those axes in ``order`` (each the index of an axis of ``shape``).
+
+    >>> import numpy as np
+    >>> kernel = np.arange(6 * 2).reshape(6, 2)  # rows (a 2, b 3)
+    >>> rows_reordered((2, 3), (1, 0), 2)(kernel)[0].tolist()  # rows (b, a)
+    [0, 6, 2, 8, 4, 10]
+    """
+    rank, features = len(shape), math.prod(shape)
+    return Chain(
+        Reshape((features, out), (*shape, out)),
+        Transpose((*order, rank)),
+        Reshape((*(shape[k] for k in order), out), (features, out)),
+        Transpose((1, 0)),
+    )
+
+
+def _readings(said: str, flat: FlatMap) -> str:
+    """The two readings of the rows of Keras Dense ``said``, which reads ``flat``."""
+    roles, sizes = flat.roles, flat.sizes
+    shape = f" {tuple(sizes)}" if None not in sizes else ""
+    what = (
+        "the model's input"
+        if "c" not in roles
+        else "a channels-last map"
+        if _channels_last(roles)
+        else "a channels-first map"
+        if _channels_first(roles)
+        else "a map"
+    )
+    head = f"{said} reads {flat.kind} '{flat[0]}' of {what}{shape}: its kernel's rows run {said_axes(roles)}"
+    if "c" not in roles:
+        return f"{head}, as a model that flattens the same array reads them; the weights fit any order"
+    return (
+        f"{head}. A PyTorch model that flattens its NCHW map (torch.flatten(x, 1), as torchvision's VGG does) "
+        f"reads them {said_axes(('c', *_spatial(roles)))}, one that permutes channels-last first "
+        f"(x.permute(0, 2, 3, 1).flatten(1)) reads them {said_axes(_as_channels_last(roles))}; the weights fit "
+        "both and "
+        "the outputs differ"
+    )
+
+
+def _kept(flat: FlatMap, seen: tuple[tuple[str, ...], tuple[int, ...]]) -> list[tuple[str, int | None]]:
+    """The axes Keras flattens (``flat``) but those of one position, in Keras's recorded sizes or the
+    model's."""
+    model = dict(zip(*seen))
+    return [(r, n) for r, n in zip(flat.roles, flat.sizes) if n != 1 and model.get(r) != 1]
+
+
+def _order(flat: FlatMap, seen: tuple[tuple[str, ...], tuple[int, ...]]) -> tuple[int, ...] | str:
+    """The axes the model flattens (``seen``), each as the index of the same axis among those Keras flattens
+    (``flat``), both without axes of one position; or what differs."""
+    keras = _kept(flat, seen)
+    model = [(r, n) for r, n in zip(*seen) if n != 1]
+    where = {r: k for k, (r, _) in enumerate(keras)}
+    if len(where) != len(keras) or sorted(where) != sorted(r for r, _ in model) or len(model) != len(keras):
+        return "axes"
+    if any(keras[where[r]][1] not in (None, n) for r, n in model):
+        return "sizes"
+    return tuple(where[r] for r, _ in model)
+
+
 def flattened_rules(
     found: Any, slot: Slot, rules: list[Rule], source: Source, call_order: CallOrder | None
 ) -> list[Rule]:
-    """``rules`` for Keras Dense ``found`` (a resolved layer, with ``layer.flattened``) in ``slot``, its
-    kernel's rows in the order the model flattens its map in; a LayoutError where that order is not shown,
-    or is not the one the file records."""
+    """``rules`` for Keras Dense ``found`` (a resolved layer, with ``layer.flattened``, a :class:`FlatMap`) in
+    ``slot``, its kernel's rows in the order the model flattens the same axes in; a LayoutError where that
+    order is not shown, or the model flattens other axes."""
     where, said = source.description, f"Keras Dense '{found.layer.name}'"
     flat = found.layer.flattened
     weight = slot.name("weight")
@@ -206,37 +373,48 @@ def flattened_rules(
             "to match), or build the Keras model from these weights and save it with model.save('model.keras')",
         )
         return rules
-    flatten, recorded = flat
-    shown = f" {recorded}" if recorded else ""
-    readings = (
-        f"{said} reads Flatten '{flatten}' of a channels-last map{shown}: its kernel's rows run (height, width, "
-        "channels). A PyTorch model that flattens its NCHW map (torch.flatten(x, 1), as torchvision's VGG "
-        "does) reads them (channels, height, width), one that permutes channels-last first "
-        "(x.permute(0, 2, 3, 1).flatten(1)) as Keras does; the weights fit both and the outputs differ"
-    )
-    channels_last, shape = shown_flatten(
-        call_order, slot, f"{where}: {readings}", "rows", "as Keras does before that Dense"
-    )
-    keras_shape = shape if channels_last else (*shape[1:], shape[0])
-    if recorded is not None and tuple(recorded) != keras_shape:
+    if not isinstance(flat, FlatMap):  # a map recorded channels-last, without its axes
+        flat = FlatMap(flat[0], flat[1], roles=(*(f"s{k}" for k in range(len(flat[1] or (0, 0)) - 1)), "c"))
+    if flat.lost:
         raise LayoutError(
-            f"{where}: {readings}. The forward pass on example_inputs= flattens a map {shape} into {slot.said}, "
-            f"which is not that map. Fix: pass example_inputs= of the size the Keras model was built for."
+            f"{where}: {said} reads {flat.kind} '{flat[0]}' of the output of {flat.lost}: which axis each of its "
+            "kernel's rows belongs to is not known, so no order of them can be checked. Fix: rebuild the Keras "
+            "model so that what it flattens comes from layers whose axes weightport follows (convolutions, "
+            "poolings, normalizations, Permute), or reorder the kernel's rows yourself and load the arrays "
+            "by PyTorch name."
         )
-    stored = tuple(source.infos[kernel.sources[0]].shape)
-    if channels_last or math.prod(keras_shape[:-1]) == 1:
+    readings = _readings(said, flat)
+    natural = _natural(flat.roles)
+    if natural and (call_order is None or call_order.flat_read(slot.path) is None):
+        return rules  # the order torch.flatten reads the same axes in
+    seen = _shown(call_order, slot, f"{where}: {readings}", "rows", "as Keras does before that Dense")
+    order = _order(flat, seen)
+    if isinstance(order, str):
+        keras = said_axes(flat.roles, flat.sizes)
+        raise LayoutError(
+            f"{where}: {readings}. The forward pass on example_inputs= flattens {said_axes(*seen)} into "
+            f"{slot.said}, but Keras's {flat.kind} '{flat[0]}' flattens {keras}: "
+            + (
+                "the sizes differ. Fix: pass example_inputs= of the size the Keras model was built for."
+                if order == "sizes"
+                else f"other axes. Fix: flatten into {slot.said} what Keras flattens, {keras} in any order."
+            )
+        )
+    if order == tuple(sorted(order)):
         return rules
+    stored = tuple(source.infos[kernel.sources[0]].shape)
     if kernel.op != Transpose((1, 0)) or len(stored) != 2:
         raise LayoutError(
-            f"{where}: {readings}. The model flattens channels-first, and this kernel {stored} is not stored "
-            "(in, out), so weightport does not reorder it. Fix: permute the map channels-last before "
-            "flattening in the PyTorch model (x.permute(0, 2, 3, 1).flatten(1))."
+            f"{where}: {readings}. The model flattens {said_axes(seen[0])}, and this kernel {stored} is not stored "
+            "(in, out), so weightport does not reorder it. Fix: flatten in the PyTorch model in Keras's order "
+            f"{said_axes(flat.roles)}."
         )
-    out = stored[1]
+    sizes = {r: n for r, n in zip(*seen)}
+    shape = tuple(sizes[r] for r, _ in _kept(flat, seen))
     reordered = replace(
         kernel,
-        op=rows_as_channels_first(keras_shape, out),
-        origin=f"{kernel.origin} (rows reordered from Flatten '{flatten}''s (height, width, channels) to "
-        f"the model's (channels, height, width))",
+        op=rows_reordered(shape, order, stored[1]),
+        origin=f"{kernel.origin} (rows reordered from {flat.kind} '{flat[0]}''s {said_axes(flat.roles)} to the "
+        f"model's {said_axes(seen[0])})",
     )
     return [reordered if r is kernel else r for r in rules]

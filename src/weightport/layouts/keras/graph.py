@@ -11,8 +11,10 @@ each layer was built for.
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from weightport.layouts.flattening import FlatMap
+from weightport.layouts.keras.axes import PER_FEATURE, Node, flat_reads
 
 __all__ = [
     "graph_of",
@@ -24,19 +26,53 @@ __all__ = [
     "one_position_maps",
 ]
 
-_Node = tuple[str, dict[str, Any], list[str], tuple[int, ...] | None]
+_Node = Node
+_CONTAINERS = frozenset({"Sequential", "Functional", "Model"})
 
 
 def graph_of(model_config: Any) -> dict[str, _Node]:
-    """Layer name -> (class, config, the names of the layers feeding it, its built input shape), for the
-    top-level layers of a functional or Sequential model config (Keras 3 and tf.keras forms)."""
-    sequential = isinstance(model_config, dict) and model_config.get("class_name") == "Sequential"
+    """Layer name -> (class, config, the names of the layers feeding it, its built input shape), for every
+    layer of a functional or Sequential model config (Keras 3 and tf.keras forms), those of nested models
+    included: wired to what feeds the nested model, and read by what reads it.
+
+    >>> g = graph_of({"class_name": "Sequential", "config": {"layers": [
+    ...     {"class_name": "Dense", "config": {"name": "a"}},
+    ...     {"class_name": "Sequential", "config": {"name": "inner", "layers": [
+    ...         {"class_name": "InputLayer", "config": {"name": "in"}},
+    ...         {"class_name": "Dense", "config": {"name": "b"}}]}},
+    ...     {"class_name": "Dense", "config": {"name": "c"}}]}})
+    >>> {name: node[2] for name, node in g.items()}
+    {'a': [], 'b': ['a'], 'c': ['b']}
+    """
     out: dict[str, _Node] = {}
-    previous: list[str] = []
+    _add_model(model_config, [], out)
+    return out
+
+
+def _add_model(model_config: Any, feeds: list[str], out: dict[str, _Node]) -> list[str]:
+    """Add the layers of ``model_config`` to ``out``, its inputs fed by the layers ``feeds`` (none for the
+    model loaded); returns the names of the layers that make its outputs."""
+    sequential = isinstance(model_config, dict) and model_config.get("class_name") == "Sequential"
+    inner = model_config.get("config") if isinstance(model_config, dict) else None
+    starts = _histories(inner.get("input_layers")) if isinstance(inner, dict) else []
+    renamed: dict[
+        str, list[str]
+    ] = {}  # a nested model's name, or its input layer's -> the layers they stand for
+    previous = feeds
     for entry in _entries(model_config):
-        cfg = entry["config"]
+        cfg, cls = entry["config"], str(entry.get("class_name"))
         name = str(cfg.get("name", entry.get("name", "")))
-        inputs = previous if sequential else list(dict.fromkeys(_histories(entry.get("inbound_nodes"))))
+        histories = _histories(entry.get("inbound_nodes"))
+        inputs = (
+            previous if sequential else [n for h in dict.fromkeys(histories) for n in renamed.get(h, [h])]
+        )
+        if cls == "InputLayer" and feeds:  # a nested model's input: what feeds that model
+            fed = [feeds[starts.index(name)]] if len(starts) == len(feeds) and name in starts else feeds
+            renamed[name] = previous = fed
+            continue
+        if cls in _CONTAINERS and isinstance(cfg.get("layers"), list):
+            renamed[name] = previous = _add_model(entry, inputs, out)
+            continue
         build = entry.get("build_config")
         shape = build.get("input_shape") if isinstance(build, dict) else None
         built = (
@@ -44,60 +80,33 @@ def graph_of(model_config: Any) -> dict[str, _Node]:
             if isinstance(shape, list) and all(isinstance(d, (int, type(None))) for d in shape)
             else None
         )
-        out[name] = (str(entry.get("class_name")), cfg, inputs, built)  # type: ignore[arg-type]
+        out[name] = (cls, cfg, inputs, built)  # type: ignore[assignment]
         previous = [name]
-    return out
+    if sequential or not isinstance(inner, dict):
+        return previous
+    ends = _histories(inner.get("output_layers"))
+    return [n for end in ends for n in renamed.get(end, [end])] or previous
 
 
-# layers that pass each feature of a flat vector through on its own: a Flatten before them still decides
-# which feature is which
-_PER_FEATURE = frozenset(
-    {
-        "Dropout",
-        "Activation",
-        "ActivityRegularization",
-        "GaussianNoise",
-        "GaussianDropout",
-        "AlphaDropout",
-        "Identity",
-    }
-)
+def flattened_maps(graph: dict[str, _Node]) -> dict[str, FlatMap]:
+    """Dense layer name -> the Flatten (or Reshape) of several axes that feeds it, through layers that keep
+    each feature: its name, the sizes of the axes flattened where the config records them, and which axes
+    they are, in the order Keras flattens them (see :func:`.axes.flat_reads`).
 
-
-def flattened_maps(graph: dict[str, _Node]) -> dict[str, tuple[str, tuple[int, ...] | None]]:
-    """Dense layer name -> the ``Flatten`` of a channels-last feature map that feeds it (through layers that
-    keep each feature), and the map's shape without the batch axis where the config records it: the
-    Dense's input rows are that map's (height, width, channels) entries in turn.
-
-    >>> flattened_maps(graph_of({"class_name": "Sequential", "config": {"layers": [
+    >>> flat = flattened_maps(graph_of({"class_name": "Sequential", "config": {"layers": [
+    ...     {"class_name": "Conv2D", "config": {"name": "conv"}},
     ...     {"class_name": "Flatten", "config": {"name": "f"}, "build_config": {"input_shape": [None, 2, 2, 3]}},
     ...     {"class_name": "Dropout", "config": {"name": "drop"}},
-    ...     {"class_name": "Dense", "config": {"name": "fc"}}]}}))
-    {'fc': ('f', (2, 2, 3))}
+    ...     {"class_name": "Dense", "config": {"name": "fc"}}]}}))["fc"]
+    >>> flat, flat.roles
+    (('f', (2, 2, 3)), ('s0', 's1', 'c'))
     """
-    out: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-    for name, (cls, _, inputs, _) in graph.items():
-        if cls not in ("Dense", "EinsumDense"):
-            continue
-        while len(inputs) == 1 and inputs[0] in graph and graph[inputs[0]][0] in _PER_FEATURE:
-            inputs = graph[inputs[0]][2]
-        if len(inputs) != 1 or inputs[0] not in graph or graph[inputs[0]][0] != "Flatten":
-            continue
-        _, config, _, built = graph[inputs[0]]
-        shape = tuple(d for d in built[1:] if d is not None) if built else None
-        if config.get("data_format") == "channels_first" or (
-            shape is not None and len(shape) != len(built or ()) - 1
-        ):
-            continue  # flattened channels-first, as PyTorch does; or a shape the config does not fix
-        if shape is not None and (len(shape) < 2 or math.prod(shape[:-1]) == 1):
-            continue  # a vector, or a 1 x 1 map: one order
-        out[name] = (inputs[0], shape)
-    return out
+    return flat_reads(graph)
 
 
 _POOLING = frozenset({f"Global{kind}Pooling{rank}D" for kind in ("Average", "Max") for rank in (1, 2, 3)})
 # layers that keep a map's positions as they are (each position on its own, or the whole map alike)
-_SAME_POSITIONS = _PER_FEATURE | {"ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "BatchNormalization"}
+_SAME_POSITIONS = PER_FEATURE | {"ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "BatchNormalization"}
 _JOINS = frozenset({"Add", "Multiply", "Subtract", "Average", "Maximum", "Minimum"})
 
 
