@@ -4,7 +4,8 @@ own ``batch_input_shape``, a layer's built input shape; each layer's class then 
 
 A tf.keras full-model ``.h5`` records no layer's built shape, and records a norm's axes made positive: the
 rank says whether ``axis=[2]`` is the last axis of a 3-D input or the middle one of a 4-D one. A layer of
-a class not listed here (a Lambda, a nested model) gives no rank, and neither do the layers after it.
+a class not listed here (a Lambda, a TensorFlow op other than an element-wise one) gives no rank, and
+neither do the layers after it.
 
 >>> g = {"in": ("InputLayer", {"batch_input_shape": [None, 4, 4]}, [], None),
 ...      "d": ("Dense", {}, ["in"], None), "f": ("Flatten", {}, ["d"], None), "n": ("LayerNormalization", {}, ["f"], None)}
@@ -64,6 +65,15 @@ _SAME_RANK = frozenset(
     }
 )
 _RECURRENT = frozenset({"SimpleRNN", "LSTM", "GRU"})
+# tf.keras's TFOpLambda functions (a TensorFlow op called on Keras tensors) that work element by element
+_ELEMENTWISE_OPS = frozenset(
+    {
+        *(f"__operators__.{op}" for op in ("add", "sub", "mul", "truediv", "neg")),
+        *(f"math.{op}" for op in ("add", "subtract", "multiply", "divide", "truediv", "negative", "maximum")),
+        *(f"math.{op}" for op in ("minimum", "sigmoid", "tanh", "exp", "abs", "square", "sqrt", "rsqrt")),
+        *(f"nn.{op}" for op in ("relu", "relu6", "gelu", "silu", "swish", "sigmoid", "elu", "selu")),
+    }
+)
 
 
 def input_ranks(graph: dict[str, _Node]) -> dict[str, int]:
@@ -99,7 +109,7 @@ def _output(node: _Node, rank: int | None) -> int | None:
         return 3
     if rank is None:
         return None
-    if cls in _SAME_RANK:
+    if cls in _SAME_RANK or (cls == "TFOpLambda" and cfg.get("function") in _ELEMENTWISE_OPS):
         return rank
     if cls == "Flatten":
         return 2
