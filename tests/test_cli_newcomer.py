@@ -246,7 +246,7 @@ def test_a_keras_weights_file_warns_once_in_one_line_and_verify_repeats_it_besid
     assert len(warnings) == 1 and warnings[0].startswith(
         "weightport: warning: 'back.weights.h5' does not record"
     )
-    assert "go_backwards (assumed False)" in warnings[0]
+    assert re.search(r"go_backwards(, \w+)* \(assumed False\)", warnings[0]), warnings[0]
     speaks_cli(loaded.stderr + loaded.stdout)
     assert "go_backwards" not in loaded.stdout  # said once, on stderr
 
@@ -263,7 +263,9 @@ def test_a_keras_weights_file_warns_once_in_one_line_and_verify_repeats_it_besid
         and document["ok"] is False
         and document["verify"]["outputs"][0]["ok"] is False
     )
-    assert document["warnings"] and "go_backwards (assumed False)" in document["warnings"][0]
+    assert document["warnings"] and re.search(
+        r"go_backwards(, \w+)* \(assumed False\)", document["warnings"][0]
+    )
     assert document["report"]["pairings"][0]["source_layer"] == "lstm"
 
 

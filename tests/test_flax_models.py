@@ -525,6 +525,43 @@ class _TorchCnn(tnn.Module):
         return self.fc((h.permute(0, 2, 3, 1) if self.channels_last else h).flatten(1))
 
 
+class _FcFirst(_TorchCnn):
+    """The same forward, its Linear registered before its conv."""
+
+    def __init__(self) -> None:
+        tnn.Module.__init__(self)
+        self.fc, self.conv, self.channels_last = (
+            tnn.Linear(4 * 3 * 5, 3),
+            tnn.Conv2d(2, 4, 3, padding=1),
+            False,
+        )
+
+
+class _OtherWidth(_TorchCnn):
+    """The same forward, with a module of its own whose output is as wide as the flattened map."""
+
+    def __init__(self) -> None:
+        super().__init__(channels_last=False)
+        self.table = tnn.Embedding(4, 4 * 3 * 5)
+
+
+def test_a_dense_that_may_read_a_map_is_refused_or_noted_whatever_the_registration_order(
+    tmp_path: Path,
+) -> None:
+    """Without example_inputs=, a Linear registered before the conv loaded silently (2.0 off): registration
+    order proves nothing of the forward's, so its width, positions of the conv's channels, refuses it; where a
+    module also outputs that width, either may feed it, and the load warns that the flatten is unchecked."""
+    x = np.random.default_rng(4).standard_normal((2, 3, 5, 2)).astype(np.float32)
+    variables, _ = _flax(_FlaxCnn(), x)
+    path = _save(variables, tmp_path)
+    with pytest.raises(WeightportError, match=r"takes 60 inputs, 15 positions of a map of 4 channels"):
+        weightport.load(_FcFirst(), path, layout="flax")
+    with pytest.warns(
+        UncheckedConfigWarning, match=r"whether Flax Dense 'Dense_0' reads a flattened feature map"
+    ):
+        weightport.load(_OtherWidth(), path, layout="flax", strict=False)
+
+
 def test_a_dense_after_a_reshaped_map_needs_the_flatten_order_shown(tmp_path: Path) -> None:
     """The checkpoint records no reshape: a model that flattens its NCHW map (rows (channels, height,
     width)) is refused where example_inputs= shows it; one that permutes channels-last first gives Flax's

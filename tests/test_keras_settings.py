@@ -144,9 +144,9 @@ def test_a_weights_only_dense_and_conv_warn_that_activation_is_unchecked(
     model = framework.Sequential(
         [
             framework.Input((5, 5, 3)),
-            layers.Conv2D(4, 3, activation="relu"),
+            layers.Conv2D(4, 3, activation="relu", name="conv2d"),
             layers.Flatten(),
-            layers.Dense(4, activation="tanh"),
+            layers.Dense(4, activation="tanh", name="dense"),  # named: the mapping below names it
         ]
     )
     randomize(model)

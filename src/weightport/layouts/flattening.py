@@ -90,11 +90,11 @@ def unrecorded_flatten(
 @dataclass(frozen=True)
 class MapReaders:
     """What a model's modules say of which Linear may read a flattened map: each first Linear after a
-    convolution (registration order) with that convolution's channels, the widest convolution's channels,
-    and every width a module outputs (:func:`map_readers`)."""
+    convolution (registration order), every convolution's channels, and every width a module outputs
+    (:func:`map_readers`)."""
 
-    after_conv: dict[int, int]  # id of a Linear -> the channels of the convolution just before it
-    widest: int
+    after_conv: frozenset[int]  # ids of the Linears registered first after a convolution
+    channels: frozenset[int]
     widths: frozenset[int]
 
 
@@ -102,41 +102,42 @@ def map_readers(module: nn.Module) -> MapReaders:
     """One walk over ``module``'s modules for :func:`unshown_flatten`.
 
     >>> readers = map_readers(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(72, 4), nn.Linear(4, 2)))
-    >>> list(readers.after_conv.values()), readers.widest, sorted(readers.widths)
-    ([8], 8, [2, 4, 8])
+    >>> len(readers.after_conv), sorted(readers.channels), sorted(readers.widths)
+    (1, [8], [2, 4, 8])
     """
-    after_conv: dict[int, int] = {}
-    convs: list[int] = []
+    after_conv: set[int] = set()
+    channels: set[int] = set()
     widths: set[int] = set()
     linear_since = False  # a Linear between the last conv and this one reads no map of that conv
     for m in module.modules():
-        if isinstance(m, nn.Linear) and convs and not linear_since:
-            after_conv[id(m)] = convs[-1]
+        if isinstance(m, nn.Linear) and channels and not linear_since:
+            after_conv.add(id(m))
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            convs.append(m.out_channels)
+            channels.add(m.out_channels)
             linear_since = False
         linear_since |= isinstance(m, nn.Linear)
         for size in _WIDTHS:
             width = getattr(m, size, None)
             width = width[-1] if isinstance(width, tuple) and width else width  # a norm's normalized_shape
             widths |= {width} if isinstance(width, int) else set()
-    return MapReaders(after_conv, max(convs, default=0), frozenset(widths))
+    return MapReaders(frozenset(after_conv), frozenset(channels), frozenset(widths))
 
 
 def unshown_flatten(where: str, said: str, readers: MapReaders, slot: Slot, unknown: str, fix: str) -> bool:
     """Refuse a layer ``said`` of a source that records no flatten, loaded without ``example_inputs=``, into
-    Linear ``slot`` where its input size may be a flattened map: the first Linear after a convolution (in
-    registration order), its input size a proper multiple of the channels of that convolution or of the
-    widest one, and no width a module outputs (``readers``, from :func:`map_readers`). Returns whether the
-    slot may read a map at all (the first Linear after a convolution, of no module's output width): its
-    order is unchecked."""
+    Linear ``slot`` where its input size may be a flattened map: a proper multiple of a convolution's
+    channels that no module outputs as its width (registration order proves nothing of the order the forward
+    calls them in). Returns whether the slot may read a map all the same, its order unchecked: the first Linear
+    registered after a convolution whose input size, positions of its channels, some module also outputs
+    (either may feed it), or no multiple of any convolution's channels (a map of one position reads alike)."""
     rows = getattr(slot.module, "in_features", None)
-    last = readers.after_conv.get(id(slot.module), 0)
-    if not isinstance(rows, int) or not last or rows in readers.widths:
+    if not isinstance(rows, int) or not readers.channels:
         return False
-    maps = sorted({c for c in (readers.widest, last) if rows % c == 0})
+    maps = sorted(c for c in readers.channels if rows % c == 0 and rows > c)  # a map of several positions
+    if rows in readers.widths:
+        return bool(maps) and id(slot.module) in readers.after_conv
     if not maps:
-        return True
+        return id(slot.module) in readers.after_conv
     raise LayoutError(
         f"{where}: {said} in {slot.said} takes {rows} inputs, {rows // maps[-1]} positions of a map of "
         f"{maps[-1]} channels, a width no module outputs: it may read a flattened feature map, and {unknown}. "
