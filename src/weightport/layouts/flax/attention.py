@@ -25,6 +25,8 @@ the kernel's leading axes and ``out`` of the rest, split where the Linear's size
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from weightport.errors import LayoutError, UnsupportedConfigError
@@ -38,11 +40,50 @@ if TYPE_CHECKING:
     from weightport.layouts.flax.layers import Layer
     from weightport.layouts.slots import Paired
 
-__all__ = ["ATTENTION", "PROJECTIONS", "attention_node", "split_at", "dense_general_rules", "attention_rules"]
+__all__ = [
+    "ATTENTION",
+    "PROJECTIONS",
+    "HEAD_COUNTS",
+    "HEAD_SIZES",
+    "Heads",
+    "attention_node",
+    "split_at",
+    "dense_general_rules",
+    "attention_rules",
+]
 
 ATTENTION = "MultiheadAttention"  # the slot kind
 PROJECTIONS = ("query", "key", "value", "out")
 _QK_NORMS = ("query_ln", "key_ln")  # normalize_qk=True
+# what an attention module's own code calls its head count and size (PyTorch's, transformers', timm's)
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "nhead", "heads")
+HEAD_SIZES = ("head_dim", "attention_head_size", "head_size")
+
+
+@dataclass(frozen=True, eq=False)  # one per attention: its parts' notes group by it
+class Heads:
+    """How a Flax attention splits its projections' features (its kernels record it: query ``(in, heads,
+    head_dim)``), for one of them loaded into an ``nn.Linear``, which cannot record it; and what the model
+    declares: each Linear's path -> the head count or size its parent module holds (``num_heads=4``)."""
+
+    attention: str
+    count: int
+    size: int
+    declared: Mapping[str, tuple[tuple[str, int], ...]]
+
+    def check(self, slot_path: str, label: str) -> None:
+        """Refuse a parent module that splits the Linear's features into other heads than Flax's."""
+        for attribute, value in self.declared.get(slot_path, ()):
+            expected = self.count if attribute in HEAD_COUNTS else self.size
+            if value != expected:
+                parent = slot_path.rpartition(".")[0]
+                owner = f"'{parent}'" if parent else "the model"
+                raise UnsupportedConfigError(
+                    f"{FRAMEWORK} attention '{self.attention}' splits its projections into {self.count} heads of "
+                    f"{self.size} (its kernels record them), but {owner}, which holds '{label}', has "
+                    f"{attribute}={value}: the weights fit, the outputs would not. Fix: build {owner} with "
+                    f"{attribute}={expected}, or pass mapping= to pair the layers yourself."
+                )
 
 
 def attention_node(node: Tree, source: Source) -> dict[str, str] | None:
@@ -91,6 +132,8 @@ def dense_general_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule
     """A DenseGeneral (kernel of rank 3 or more) into an ``nn.Linear``: a matmul after a reshape."""
     slot = pair.slot
     origin = f"{FRAMEWORK} '{layer.name}' (DenseGeneral)"
+    if layer.heads is not None:
+        layer.heads.check(slot.path, slot.label)
     kernel = _shape(source, layer.leaves["kernel"])
     size_in, size_out = getattr(slot.module, "in_features", 0), getattr(slot.module, "out_features", 0)
     bias = layer.leaves.get("bias")

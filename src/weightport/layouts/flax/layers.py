@@ -14,12 +14,13 @@ arrays is a Dense, Conv, Embed, LayerNorm or BatchNorm, by their names and the k
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from weightport.errors import UnsupportedConfigError
-from weightport.layouts.flax.attention import ATTENTION, PROJECTIONS, attention_node
+from weightport.layouts.flax.attention import ATTENTION, PROJECTIONS, Heads, attention_node
 from weightport.layouts.flax.cells import CELLS, GATE_NAME, UNSUPPORTED_CELLS, CellSpec, with_article
 from weightport.layouts.flax.facts import ROOT, STATS
 from weightport.layouts.flax.tree import Tree, leaves_of, model_tree, ordered, tree_of
@@ -29,6 +30,8 @@ __all__ = ["Layer", "layers_in", "DENSE_GENERAL"]
 
 DENSE_GENERAL = "DenseGeneral"
 _DENSE_GENERAL = re.compile(r"^(DenseGeneral|LinearGeneral)_\d+$")  # linen's auto names
+_DENSE = re.compile(r"^Dense_\d+$")  # linen's auto name of an nn.Dense, whose kernel is (in, out)
+_LIFTED = re.compile(r"^(Scan|Vmap)[A-Z]\w*_\d+$")  # linen's auto name of nn.scan(Block) / nn.vmap(Block)
 
 
 def layers_in(source: Source) -> list[Layer]:
@@ -49,6 +52,10 @@ class Layer:
     cell: CellSpec | None = None
     backward: tuple[CellSpec, dict[str, str]] | None = None  # a Bidirectional's backward cell
     parts: list[Layer] = field(default_factory=list)  # an attention layer's own layers, where it is split
+    shapes: dict[str, tuple[int, ...]] = field(
+        default_factory=dict
+    )  # a plain layer's leaves' shapes, by role
+    heads: Heads | None = None  # an attention's projection, split into a Linear: the heads its kernel records
 
 
 def _cell(path: str, node: Tree, source: Source) -> tuple[CellSpec, dict[str, str]] | None:
@@ -110,28 +117,82 @@ def _rnn_cell(path: str, node: object, source: Source) -> tuple[CellSpec, dict[s
     return found
 
 
+def _stack_axes(kernel: tuple[int, ...], bias: tuple[int, ...]) -> int:
+    """How many leading axes ``bias`` shares with ``kernel`` before its feature axes (0: none, as a Dense's or a
+    DenseGeneral's bias is the kernel's trailing axes): a stack's, or a DenseGeneral's ``batch_dims``."""
+    if len(bias) < 2 or len(kernel) <= len(bias) or bias == kernel[len(kernel) - len(bias) :]:
+        return 0
+    for lead in range(1, len(bias)):
+        if bias[:lead] == kernel[:lead] and bias[lead:] == kernel[len(kernel) - len(bias) + lead :]:
+            return lead
+    return 0
+
+
+def _stack_reading(kernel: tuple[int, ...], bias: tuple[int, ...] | None, lead: int) -> str:
+    """``3 layers stacked along axis 0 (by nn.scan or nn.vmap over 'params'), each a kernel (6, 4) ...``."""
+    axes = "axis 0" if lead == 1 else f"axes 0-{lead - 1} {kernel[:lead]}"
+    each = f"a kernel {kernel[lead:]}" + (f" and a bias {bias[lead:]}" if bias else "")
+    return f"{math.prod(kernel[:lead])} layers stacked along {axes} (by nn.scan or nn.vmap over 'params'), each {each}"
+
+
+_UNSTACK = (
+    "unstack the arrays along the stacked axes into one entry per layer (array[i] for layer i), convert them to "
+    "PyTorch's layout, and load them by name"
+)
+_BATCHED = (
+    "compute it in PyTorch with the arrays as they are (batch_dims=(0,): torch.einsum('b...i,bio->b...o', x, "
+    "kernel), plus bias[b] on entry b), and leave its entries out of the source you load"
+)
+_SCANNED = "weightport does not unstack scanned layers. Fix: " + _UNSTACK
+_PER_ENTRY = "no nn.Linear computes that: it applies one weight to every entry. Fix: " + _BATCHED
+
+
 def _refuse_stacked(path: str, leaves: Mapping[str, str], source: Source) -> None:
-    """Refuse a Dense or Conv stacked along a new axis 0 (``nn.scan``/``nn.vmap`` over ``params``): its bias
-    ``(layers, out)`` is not the kernel's trailing (feature) axes, as a DenseGeneral's bias is."""
-    if "bias" not in leaves:
+    """Refuse a kernel that holds several: a Dense or Conv stacked along new leading axes (``nn.scan``/
+    ``nn.vmap`` over ``params``), or a DenseGeneral with ``batch_dims``. A bias that repeats the kernel's
+    leading axes before its features shows either, and Flax's names tell which where Flax named the layer
+    (``Dense_0``, ``DenseGeneral_0``, inside ``ScanBlock_0``); else both readings are listed. A ``Dense_#``'s
+    kernel is (in, out), so one of higher rank is a stack, with a bias or without."""
+    kernel = tuple(int(d) for d in source.infos[leaves["kernel"]].shape)
+    bias = tuple(int(d) for d in source.infos[leaves["bias"]].shape) if "bias" in leaves else None
+    last = path.rsplit("/", 1)[-1]
+    where = f"{source.description}: Flax layer '{path}' has kernel {kernel}"
+    where += f" and bias {bias}" if bias else ""
+    lead = _stack_axes(kernel, bias) if bias else 0
+    dense = _DENSE.match(last) is not None
+    if dense and len(kernel) > 2 and not lead:
+        reading = _stack_reading(kernel, bias, len(kernel) - 2)
+        raise UnsupportedConfigError(
+            f"{where}: a Flax Dense's kernel is (in, out), so this is {reading}; {_SCANNED}."
+        )
+    if not lead:
         return
-    kernel = tuple(source.infos[leaves["kernel"]].shape)
-    bias = tuple(source.infos[leaves["bias"]].shape)
-    if len(bias) < 2 or bias == kernel[-len(bias) :] or len(kernel) < 3:
-        return
-    if bias[0] != kernel[0] or bias[1:] != kernel[len(kernel) - len(bias) + 1 :]:
-        return
+    stacked, count = _stack_reading(kernel, bias, lead), math.prod(kernel[:lead])
+    batched = f"a DenseGeneral with batch_dims={tuple(range(lead))}, a kernel {kernel[lead:]} and a bias "
+    batched += f"{bias[lead:]} for each of the {count} entries of its input's batch axes"  # type: ignore[index]
+    if _DENSE_GENERAL.match(last):
+        raise UnsupportedConfigError(f"{where}: {batched}; {_PER_ENTRY}.")
+    lifted = any(_LIFTED.match(part) for part in path.split("/")[:-1])
+    if dense or lifted or last.startswith(("Conv_", "ConvTranspose_")):
+        raise UnsupportedConfigError(f"{where}: {stacked}; {_SCANNED}.")
     raise UnsupportedConfigError(
-        f"{source.description}: Flax layer '{path}' has kernel {kernel} and bias {bias}: {bias[0]} layers "
-        f"stacked along axis 0 (by nn.scan or nn.vmap over 'params'), each a kernel {kernel[1:]} and a bias "
-        f"{bias[1:]}; a DenseGeneral's bias would be the kernel's last axes. weightport does not unstack "
-        "scanned layers. Fix: unstack the arrays along axis 0 into one entry per layer "
-        "(array[i] for layer i), convert them to PyTorch's layout, and load them by name."
+        f"{where}, which reads two ways, neither of which a PyTorch layer computes: {stacked}; or {batched}. "
+        f"Fix: for stacked layers, {_UNSTACK}; for a DenseGeneral, {_BATCHED}."
     )
 
 
 def _plain(path: str, node: Tree, source: Source) -> Layer | None:
-    """A layer whose children are all arrays: Dense, Conv, Embed, LayerNorm, BatchNorm."""
+    """A layer whose children are all arrays: Dense, Conv, Embed, LayerNorm, BatchNorm; with its shapes."""
+    layer = _plain_kind(path, node, source)
+    if layer is not None:
+        layer.shapes = {
+            role: tuple(int(d) for d in source.infos[name].shape) for role, name in layer.leaves.items()
+        }
+    return layer
+
+
+def _plain_kind(path: str, node: Tree, source: Source) -> Layer | None:
+    """The plain layer ``node`` is, by its leaves' names, the kernel's rank and Flax's name for it."""
     if not node or any(isinstance(v, dict) for v in node.values()):
         return None
     leaves: dict[str, str] = dict(node)  # type: ignore[arg-type]
@@ -139,8 +200,9 @@ def _plain(path: str, node: Tree, source: Source) -> Layer | None:
     if "kernel" in names and names <= {"kernel", "bias"}:
         rank = len(source.infos[leaves["kernel"]].shape)
         _refuse_stacked(path, leaves, source)
-        if rank == 2:
-            return Layer(path, "Linear", "Dense", leaves)
+        if rank == 2:  # a DenseGeneral of one input and one feature axis, where linen's name says so
+            detail = DENSE_GENERAL if _DENSE_GENERAL.match(path.rsplit("/", 1)[-1]) else "Dense"
+            return Layer(path, "Linear", detail, leaves)
         bias_rank = len(source.infos[leaves["bias"]].shape) if "bias" in leaves else 1
         if rank > 2 and (bias_rank > 1 or _DENSE_GENERAL.match(path.rsplit("/", 1)[-1])):
             return Layer(path, "Linear", DENSE_GENERAL, leaves)  # a Conv's bias is (out,); its name is Conv_#

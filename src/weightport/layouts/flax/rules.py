@@ -1,5 +1,5 @@
 """The rules per kind: which Flax leaves fill which PyTorch tensor of a paired slot, through which op,
-and what the params cannot say (activations, epsilons, padding), listed as unchecked.
+and what the params cannot say (activations, epsilons, padding), listed as unchecked by :mod:`.notes`.
 
 >>> from weightport.layouts.flax.layers import Layer
 >>> from weightport.layouts.slots import Paired, Slot, SourceLayer
@@ -21,9 +21,9 @@ from weightport.layouts.flax.cells import CellSpec
 from weightport.layouts.flax.convolutions import conv_transpose_rules
 from weightport.layouts.flax.facts import FRAMEWORK, T, conv_axes
 from weightport.layouts.flax.layers import DENSE_GENERAL, Layer
+from weightport.layouts.flax.notes import unchecked
 from weightport.layouts.slots import Paired
 from weightport.sources.base import Source
-from weightport.torch_facts import RNN_GATE_COUNT, RNN_KINDS
 from weightport.transforms import Identity, Op, Transpose, Zeros
 
 __all__ = ["layer_rules", "unchecked", "MISSING_STATS"]
@@ -132,73 +132,3 @@ def plain_rules(layer: Layer, pair: Paired, source: Source) -> list[Rule]:
             Rule(slot.name("num_batches_tracked"), (), Zeros(()), f"{origin}: Flax keeps no batch count")
         )
     return rules
-
-
-def unchecked(pairs: list[tuple[Layer, Paired]]) -> list[str]:
-    """The settings each paired layer computes with that Flax params do not carry, for the report."""
-    notes = []
-    gated = [p.slot.label for lay, p in pairs if lay.kind in RNN_KINDS and RNN_GATE_COUNT[lay.kind] > 1]
-    if gated:
-        notes.append(
-            f"Flax cells' gate_fn and activation_fn ({', '.join(gated)}): PyTorch computes sigmoid gates and "
-            "tanh, Flax's defaults; a cell built with others computes something else"
-        )
-    conv1d = [p.slot.label for lay, p in pairs if lay.kind == "Conv1D"]
-    if conv1d:
-        notes.append(
-            f"{', '.join(conv1d)}: read as transformers' FlaxConv1D, whose kernel is (features, in), since the "
-            "module's are transformers' Conv1D; a Flax Dense's kernel is (in, features), which only a non-square "
-            "shape would show"
-        )
-    for lay, p in pairs:
-        module = p.slot.module
-        if lay.kind == "RNN":
-            notes.append(
-                f"'{p.slot.label}': Flax SimpleCell's activation_fn (tanh by default) must be the module's "
-                f"nonlinearity='{getattr(module, 'nonlinearity', 'tanh')}', and residual=False"
-            )
-        elif lay.kind == ATTENTION:
-            notes.append(
-                f"'{p.slot.label}': Flax attention takes (batch, length, features), as the module does with "
-                f"batch_first=True (it has batch_first={getattr(module, 'batch_first', '?')}); its mask and "
-                "dropout are arguments of the call, not weights"
-            )
-        elif lay.kind == "LayerNorm":
-            notes.append(
-                f"'{p.slot.label}': the module has eps={getattr(module, 'eps', '?')}; Flax LayerNorm's epsilon "
-                "is 1e-6 unless the Flax model set another (transformers: config.layer_norm_eps), and the "
-                "module must use the same"
-            )
-        elif lay.kind == "BatchNorm":
-            notes.append(
-                f"'{p.slot.label}': Flax BatchNorm's epsilon (1e-5 by default) must equal the module's "
-                f"eps={getattr(module, 'eps', '?')}; PyTorch's momentum is 1 - Flax's (0.01 for Flax's 0.99)"
-            )
-        elif lay.kind == "RMSNorm":
-            notes.append(
-                f"'{p.slot.label}': Flax RMSNorm's epsilon (1e-6 by default) must be the module's "
-                f"eps={getattr(module, 'eps', '?')} (None there means the dtype's machine epsilon)"
-            )
-        elif lay.kind == "GroupNorm":
-            notes.append(
-                f"'{p.slot.label}': Flax GroupNorm's num_groups (32 by default) must be the module's "
-                f"num_groups={getattr(module, 'num_groups', '?')}, and its epsilon (1e-6 by default) the module's "
-                f"eps={getattr(module, 'eps', '?')}; Flax takes channels-last inputs"
-            )
-        elif lay.kind.startswith("ConvTranspose"):
-            notes.append(
-                f"'{p.slot.label}': Flax ConvTranspose's padding, strides and kernel_dilation (PyTorch's padding "
-                "and output_padding for them: weightport.layouts.flax.torch_padding, which refuses what PyTorch "
-                "cannot pad); a kernel with as many inputs as outputs is read as transpose_kernel=False (the "
-                "default); Flax takes channels-last inputs"
-            )
-        elif lay.kind.startswith("Conv") and lay.kind != "Conv1D":
-            notes.append(
-                f"'{p.slot.label}': Flax Conv's padding ('SAME' by default; the module has "
-                f"padding={getattr(module, 'padding', '?')}), strides and dilation ('SAME' with a stride above 1 "
-                "pads by TensorFlow's rule, its extra pixel after, which no fixed symmetric padding gives for "
-                "every input size: build the conv with padding=0 and pad in forward, or use timm's Conv2dSame); "
-                "Flax takes channels-last inputs, so permute them (and a Dense after a flatten sees channels-last "
-                "order)"
-            )
-    return notes

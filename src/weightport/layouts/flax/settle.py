@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from weightport.errors import LayoutError
-from weightport.layouts.flax.attention import ATTENTION
+from weightport.layouts.flax.attention import ATTENTION, HEAD_COUNTS, HEAD_SIZES, PROJECTIONS, Heads
 from weightport.layouts.flax.layers import DENSE_GENERAL, Layer
 from weightport.layouts.flax.tree import name_paths
 from weightport.layouts.slots import Slot, module_slots
@@ -36,6 +36,7 @@ __all__ = [
     "settle_lone_bias",
     "settle_norm_kinds",
     "named_slots",
+    "declared_heads",
     "CONV1D",
     "CONV1D_DETAIL",
 ]
@@ -76,10 +77,12 @@ def settle_attention(layers: list[Layer], module: nn.Module, mapping: Mapping[st
     names them), else one where the module has an ``nn.MultiheadAttention``, its parts where it has none.
 
     A rank-3 or higher kernel read as a Conv becomes a DenseGeneral where its name is an ``nn.Linear``'s
-    path (a Conv's kernel (k, in, out) and a DenseGeneral's (in..., out) look alike).
+    path (a Conv's kernel (k, in, out) and a DenseGeneral's (in..., out) look alike). Split parts carry
+    the heads the kernels record, and what the model's modules declare (:func:`declared_heads`).
     """
     slots = module_slots(module)
     has_attention = ATTENTION in {slot.kind for slot in slots}
+    declared: dict[str, tuple[tuple[str, int], ...]] | None = None
     settled: list[Layer] = []
     for layer in layers:
         conv = layer.kind.startswith("Conv") and layer.kind != CONV1D
@@ -91,8 +94,49 @@ def settle_attention(layers: list[Layer], module: nn.Module, mapping: Mapping[st
         whole = {slot.kind for slot in named_slots(layer.name, slots, mapping)}
         parts = any(named_slots(part.name, slots, mapping) for part in layer.parts)
         keep = ATTENTION in whole or (not parts and has_attention)
+        if not keep:
+            declared = declared_heads(module, slots) if declared is None else declared
+            _split_heads(layer, declared)
         settled += [layer] if keep else layer.parts
     layers[:] = settled
+
+
+def declared_heads(module: nn.Module, slots: list[Slot]) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Each ``nn.Linear``'s path -> the head count and size its parent module holds as attributes
+    (``num_heads``, transformers' ``num_attention_heads`` and ``attention_head_size``, ...): what an
+    attention written with separate Linears splits their features into.
+
+    >>> class Attention(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.num_heads, self.query = 2, nn.Linear(8, 8)
+    >>> model = nn.Sequential(Attention())
+    >>> declared_heads(model, module_slots(model))
+    {'0.query': (('num_heads', 2),)}
+    """
+    declared = {}
+    for slot in slots:
+        if slot.kind != "Linear":
+            continue
+        parent = module.get_submodule(slot.path.rpartition(".")[0])
+        found = tuple(
+            (name, value)
+            for name in (*HEAD_COUNTS, *HEAD_SIZES)
+            if isinstance(value := getattr(parent, name, None), int) and not isinstance(value, bool)
+        )
+        if found:
+            declared[slot.path] = found
+    return declared
+
+
+def _split_heads(layer: Layer, declared: dict[str, tuple[tuple[str, int], ...]]) -> None:
+    """Give an attention's projections, split into Linears, the heads its query kernel records."""
+    query = next(part for part in layer.parts if part.name.endswith("/query"))
+    _, count, size = query.shapes["kernel"]
+    heads = Heads(layer.name, count, size, declared)
+    for part in layer.parts:
+        if part.name.rsplit("/", 1)[-1] in PROJECTIONS:
+            part.heads = heads
 
 
 _LOOK_ALIKE = {  # a kind the params read as -> kinds with the same params, told apart by names
