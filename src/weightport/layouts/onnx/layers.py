@@ -456,4 +456,3 @@ def _computed_statistics(node: Node, graph: Graph, issues: Issues) -> bool:
         unsupported=True,
     )
     return True
-
