@@ -336,21 +336,23 @@ def test_a_conv_over_a_unit_axis_is_a_conv1d_only_after_an_unsqueeze(
 class _PadsInForward(nn.Module):
     """timm's Conv2dSame in small: the forward pads (right and bottom only), then a padding=0 conv."""
 
-    def __init__(self) -> None:
+    def __init__(self, pad: tuple[int, ...] = (0, 1, 0, 1)) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=0)
         self.head = nn.Conv2d(4, 4, 1)
+        self.pad = pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.conv(torch.nn.functional.pad(x, (0, 1, 0, 1))))
+        return self.head(self.conv(torch.nn.functional.pad(x, self.pad)))
 
 
-def test_a_pad_the_optimizer_merged_into_a_conv_is_refused_with_the_export_that_keeps_it(
+def test_a_pad_the_optimizer_merged_into_a_conv_loads_where_the_forward_shows_it(
     tmp_path: Path,
 ) -> None:
     """dynamo=True's optimizer merges the forward's own zero Pad into the Conv's pads (begin 0, end 1), which no
-    PyTorch Conv pads by: refused, and the fix names the export that keeps the Pad node; that file loads
-    exactly (onnxruntime's outputs)."""
+    PyTorch Conv pads by: without example_inputs= refused, the fix naming both ways out; the forward pass shows
+    the model's F.pad, and with it the file loads exactly (onnxruntime's outputs), as the export that keeps the
+    Pad node does; a model padding the other side is refused."""
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
@@ -364,13 +366,47 @@ def test_a_pad_the_optimizer_merged_into_a_conv_is_refused_with_the_export_that_
             torch.onnx.export(
                 source, (x,), str(paths[optimize]), dynamo=True, optimize=optimize, verbose=False
             )
-    refused(_PadsInForward(), paths[True], r"pads begin \(0, 0\), end \(1, 1\).*dynamo=True, optimize=False")
-    model = _PadsInForward().eval()
-    weightport.load(model, paths[False])
-    session = ort.InferenceSession(str(paths[False]), providers=["CPUExecutionProvider"])
-    (expected,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    refused(
+        _PadsInForward(), paths[True], r"pads begin \(0, 0\), end \(1, 1\).*example_inputs=.*optimize=False"
+    )
+    refused(
+        _PadsInForward(pad=(1, 0, 1, 0)), paths[True], r"pads begin \(0, 0\), end \(1, 1\)", example_inputs=x
+    )
+    for path, options in ((paths[False], {}), (paths[True], {"example_inputs": x})):
+        model = _PadsInForward().eval()
+        weightport.load(model, path, **options)  # the forward pass shows the pad the optimizer merged
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (expected,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            assert max_err(model(x), expected) <= TOL
+
+
+class _SameStride2(nn.Module):
+    """tf_conv1d_same_stride2's twin: Keras's 'same' for 5 steps, kernel 4, stride 2 pads 1 before and 2
+    after, which the forward does with F.pad before a padding=0 conv (``pad``: the amounts it uses)."""
+
+    def __init__(self, pad: tuple[int, int] = (1, 2)) -> None:
+        super().__init__()
+        self.conv, self.pad = nn.Conv1d(F, 4, 4, stride=2), pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.nn.functional.pad(x.transpose(1, 2), self.pad)).mean(-1)
+
+
+def test_tf2onnx_same_stride_2_loads_where_the_forward_pads_as_it() -> None:
+    """tf2onnx writes the uneven padding of a strided 'same' conv as the Conv's pads (begin 1, end 2), which no
+    PyTorch conv pads by itself: refused without example_inputs=; with it, a model that pads so in forward
+    gives onnxruntime's outputs, and one that pads the other way round is refused."""
+    inputs, expected = recorded("tf_conv1d_same_stride2")
+    path = GOLDEN / "tf_conv1d_same_stride2.onnx"
+    refused(fresh(_SameStride2), path, r"pads begin \(1,\), end \(2,\).*example_inputs=")
+    refused(
+        fresh(lambda: _SameStride2((2, 1))), path, r"pads begin \(1,\), end \(2,\)", example_inputs=inputs
+    )
+    model = fresh(_SameStride2).eval()
+    weightport.load(model, path, example_inputs=inputs)
     with torch.no_grad():
-        assert max_err(model(x), expected) <= TOL
+        assert max_err(model(inputs), expected) <= TOL
 
 
 class Conv1dDenseChannelsFirst(Conv1dDense):

@@ -72,6 +72,9 @@ class Calls:
     # each called submodule's path -> how the last axis of its input was flattened from several, where it was
     flat_input: dict[str, FlatRead] = field(default_factory=dict)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # each one's first input's
+    # each called submodule's path -> the amounts (F.pad's, last axis first) of the zero padding that made its
+    # first input, where one did (F.pad, nn.ZeroPad2d, timm's pad_same before a conv)
+    padded_input: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 # the operations that use a layer's tensors as they are (nn.Linear, the convs, norms, embeddings, RNNs,
@@ -114,6 +117,9 @@ class _Dataflow(TorchFunctionMode):
         self.changed: set[str] = set()
         self.read: set[str] = set()
         self.axes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> what its axes are (Axes)
+        self.zero_padded: WeakIdKeyDictionary = (
+            WeakIdKeyDictionary()
+        )  # tensor -> F.pad's amounts that made it
 
     def inputs(self, values: Any) -> None:
         """Take the tensors among ``values`` as the model's inputs: each axis its own (``i0``, ``i1`` ...)."""
@@ -137,7 +143,18 @@ class _Dataflow(TorchFunctionMode):
         self.tag(out, self.sources(args, kwargs))
         if isinstance(out, torch.Tensor):
             self._follow_layout(name, args, kwargs, out)
+            if name == "pad":
+                self._note_zero_pad(args, kwargs, out)
         return out
+
+    def _note_zero_pad(self, args: Any, kwargs: Any, out: torch.Tensor) -> None:
+        """Note the amounts of ``F.pad(x, pad, mode, value)`` where it pads with zeros."""
+        given = [*args, *(None,) * 4]
+        pad = kwargs.get("pad", given[1])
+        mode = kwargs.get("mode", given[2] or "constant")
+        value = kwargs.get("value", given[3])
+        if mode == "constant" and not value and isinstance(pad, (list, tuple)):
+            self.zero_padded[out] = tuple(int(p) for p in pad)
 
     def _follow_layout(self, name: str, args: Any, kwargs: Any, out: torch.Tensor) -> None:
         """Note which axes of the input ``out``'s axes are (:data:`Axes`): a convolution's map starts them,
@@ -290,6 +307,8 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
         first = next(_tensors(args), None)
         if first is not None:
             calls.input_shapes.setdefault(path, tuple(first.shape))
+            if first in flow.zero_padded:
+                calls.padded_input.setdefault(path, flow.zero_padded[first])
             flat = flow.flat_read(first)
             if flat is not None:
                 calls.flat_input.setdefault(path, flat)
@@ -388,6 +407,11 @@ class CallOrder(Mapping[str, int]):
     def input_shape(self, path: str) -> tuple[int, ...] | None:
         """The shape of the first tensor module ``path`` took in the pass (at its first call)."""
         return self._calls.input_shapes.get(self._prefix + path)
+
+    def padded_input(self, path: str) -> tuple[int, ...] | None:
+        """The amounts of the zero padding (``F.pad``'s order: the last axis's before and after first) that
+        made module ``path``'s first input in the pass, where a zero pad made it."""
+        return self._calls.padded_input.get(self._prefix + path)
 
     def reads(self, name: str) -> bool:
         """Whether the pass read the model's tensor ``name`` (a state-dict name) at all."""

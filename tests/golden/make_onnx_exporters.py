@@ -88,6 +88,11 @@ def keras_models() -> dict[str, tuple[Callable[[], Any], int]]:
         ),
         "tf_simplernn": (model(lambda: layers.SimpleRNN(4, return_sequences=True)), 13),
         "tf_gru_reset_before": (model(lambda: layers.GRU(4, reset_after=False, return_sequences=True)), 13),
+        # 'same' with stride 2 on 5 steps, kernel 4: 3 steps of padding, 1 before and 2 after (uneven pads)
+        "tf_conv1d_same_stride2": (
+            model(lambda: layers.Conv1D(4, 4, strides=2, padding="same"), layers.GlobalAveragePooling1D),
+            13,
+        ),
         # normalizations tf2onnx writes as arithmetic (refused): LayerNormalization as a BatchNormalization
         # over computed moments, then Mul and Add; a BatchNormalization after an activation as Mul and Add
         "tf_layernorm": (

@@ -227,6 +227,9 @@ def plan(
     def uses(path: str) -> bool | None:
         return None if call_order is None else call_order.changes(path)
 
+    def padded(path: str) -> tuple[int, ...] | None:
+        return None if call_order is None else call_order.padded_input(path)
+
     for layer, pair in zip(layers, paired):
         bn, how = follow.get(pair.slot.label, (None, "")) if layer.kind in FOLDS_INTO else (None, "")
         bn = bn if bn is not None and bn.label not in taken else None
@@ -240,6 +243,7 @@ def plan(
             folds=bn is not None,
             named=own_names,
             uses=uses,
+            padded=padded,
         )
         if bn is not None:
             more, pairing = fold_rules(layer, pair, bn, how, source, issues)
@@ -257,7 +261,7 @@ def plan(
         rules,
         fits,
         lambda i, pair: layer_rules(
-            layers[i], pair, source, issues, validated, unchecked, named=own_names, uses=uses
+            layers[i], pair, source, issues, validated, unchecked, named=own_names, uses=uses, padded=padded
         ),
     )
     rules, pairings = rules + more, pairings + shared

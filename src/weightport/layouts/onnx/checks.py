@@ -190,8 +190,17 @@ def check_norm(node: Node, layer: Layer, slot: Slot, source: Source, issues: Iss
 
 
 def check_conv(
-    node: Node, layer: Layer, slot: Slot, source: Source, issues: Issues, unchecked: list[str]
+    node: Node,
+    layer: Layer,
+    slot: Slot,
+    source: Source,
+    issues: Issues,
+    unchecked: list[str],
+    forward_pad: tuple[int, ...] | None = None,
 ) -> None:
+    """Check a Conv node's settings against ``slot``'s module; ``forward_pad``: the zero padding (``F.pad``'s
+    amounts) the model's forward puts on the module's input, which with the module's own padding must make
+    the node's pads where the two differ (a node's uneven pads: ``F.pad`` then a ``padding=0`` conv)."""
     module: Any = slot.module
     dims = len(module.kernel_size)
     # The node's own axes (it may convolve over more, unit ones: see layers._conv_spatial), then the module's.
@@ -241,6 +250,10 @@ def check_conv(
         return
     if (begin, end) == torch_pads(module, kernel, dims):
         return
+    if forward_pad is not None and (begin, end) == _with_forward_pad(
+        torch_pads(module, kernel, dims), forward_pad
+    ):
+        return  # the forward pass showed the model pad the input so before the module
     stride_one = all(s == 1 for s in found["strides"])
     if stride_one and (begin, end) == same_pads(kernel, tuple(module.dilation), upper=True):
         issues.add(
@@ -252,8 +265,9 @@ def check_conv(
         issues.add(
             node,
             f"pads begin {begin}, end {end}: PyTorch's Conv pads both sides equally (padding='same' puts "
-            f"the odd one at the end, only with stride 1). Fix: put an explicit zero padding (F.pad) "
-            f"before a {name}(padding=0){_MERGED_PAD}.",
+            f"the odd one at the end, only with stride 1). Fix: pad the input with zeros in forward "
+            f"(F.pad(x, ...) by the amounts that make these) before a {name}(padding=0), and pass "
+            f"example_inputs= so the forward pass shows it{_MERGED_PAD}.",
             unsupported=True,
         )
     else:
@@ -268,8 +282,8 @@ def check_conv(
 # in its forward (timm's Conv2dSame, F.pad before a padding=0 conv) then reads as a Conv that pads itself
 _MERGED_PAD = (
     "; where the model already pads in its forward (timm's Conv2dSame, an F.pad before the conv), the "
-    "exporter's optimizer merged that padding into this Conv: re-export with dynamo=True, optimize=False "
-    "(or dynamo=False), which keeps the Pad node, and load that file"
+    "exporter's optimizer merged that padding into this Conv: pass example_inputs= (the forward pass shows "
+    "the padding), or re-export with dynamo=True, optimize=False (or dynamo=False), which keeps the Pad node"
 )
 
 
@@ -330,3 +344,22 @@ def _module_pads(module: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
         zeros = (0,) * len(module.kernel_size)
         return zeros, zeros
     return tuple(module.padding), tuple(module.padding)
+
+
+def _with_forward_pad(
+    own: tuple[tuple[int, ...], tuple[int, ...]], pad: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The module's own padding (begin, end per spatial axis) plus a zero ``F.pad`` of its input (its amounts
+    pair up from the last axis back), or None where that pad reaches past the spatial axes.
+
+    >>> _with_forward_pad(((0, 0), (0, 0)), (0, 1, 0, 1))
+    ((0, 0), (1, 1))
+    """
+    dims = len(own[0])
+    if len(pad) % 2 or len(pad) > 2 * dims:
+        return None
+    pairs = [(pad[2 * k], pad[2 * k + 1]) if 2 * k + 1 < len(pad) else (0, 0) for k in range(dims)][::-1]
+    return (
+        tuple(b + p[0] for b, p in zip(own[0], pairs)),
+        tuple(e + p[1] for e, p in zip(own[1], pairs)),
+    )

@@ -52,13 +52,15 @@ def layer_rules(
     folds: bool = False,
     named: frozenset[str] = frozenset(),
     uses: Callable[[str], bool | None] | None = None,
+    padded: Callable[[str], tuple[int, ...] | None] | None = None,
 ) -> list[Rule]:
     """The rules of ``layer`` in its slot; ``folds``: a BatchNorm the exporter folded into this Conv or Linear
     follows it in the model, and takes the bias where the module has none (see :mod:`.folding`); ``named``:
     the model's tensor names (a tensor added after a layer without bias that bears one of them is the
     model's own, placed by that name); ``uses(path)``: whether the model's forward changes module ``path``'s
     own tensors before use (None: not known, without ``example_inputs=``; no ``uses``: not asked, as when
-    trying which slots a layer fits)."""
+    trying which slots a layer fits); ``padded(path)``: the zero padding the forward puts on module ``path``'s
+    input (``F.pad``'s amounts; None: none seen, or no ``example_inputs=``)."""
     if layer.kind in RNN_KINDS:
         # without ``uses`` only the fit is tried: the stack's wiring is checked once the layers are paired
         return _recurrent_rules(
@@ -68,7 +70,7 @@ def layer_rules(
         return _norm_rules(layer, pair, source, issues, validated)
     if layer.kind == ATTENTION:
         return attention_rules(layer, pair, source, issues, validated, unchecked)
-    return _plain_rules(layer, pair, source, issues, validated, unchecked, folds, named, uses)
+    return _plain_rules(layer, pair, source, issues, validated, unchecked, folds, named, uses, padded)
 
 
 def _origin(source: Source, layer: Layer, role: str, name: str) -> str:
@@ -170,11 +172,13 @@ def _plain_rules(
     folds: bool = False,
     named: frozenset[str] = frozenset(),
     uses: Callable[[str], bool | None] | None = None,
+    padded: Callable[[str], tuple[int, ...] | None] | None = None,
 ) -> list[Rule]:
     slot, node = pair.slot, layer.node
     module: Any = slot.module
     if layer.kind in CONV_KINDS.values() and not node.synthetic:
-        check_conv(node, layer, slot, source, issues, unchecked)
+        forward_pad = padded(slot.path) if padded is not None else None
+        check_conv(node, layer, slot, source, issues, unchecked, forward_pad)
     if layer.kind in CONV_TRANSPOSE_KINDS.values() and not node.synthetic:
         check_conv_transpose(node, layer, slot, source, issues)
     weight, op = layer.tensors["weight"], layer.ops.get("weight", Identity())
