@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from torch import nn as tnn
 
 import weightport
+from _flax import perturbed
 from weightport.errors import LayoutError, SourceError, UncheckedConfigWarning, UnsupportedConfigError
 from weightport.layouts import flax as flax_layout
 from weightport.sources import flax as flax_source
@@ -55,14 +56,7 @@ def _perturb(
     tree: Mapping[Any, Any], rng: np.random.Generator, positive: tuple[str, ...] = ()
 ) -> dict[Any, Any]:
     """Every leaf plus noise (biases become non-zero), in the tree's own key order; ``positive`` keys > 0."""
-    out: dict[Any, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out[key] = _perturb(value, rng, positive)
-        else:
-            array = np.asarray(value) + rng.normal(0.0, 0.3, np.shape(value)).astype(np.float32)
-            out[key] = np.abs(array) + 0.5 if key in positive else array
-    return out
+    return perturbed(tree, rng, 0.3, positive)
 
 
 def _flat(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, np.ndarray]:

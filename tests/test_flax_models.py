@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn as tnn
 
 import weightport
+from _flax import flax_outputs, perturbed, save_msgpack
 from conftest import snapshot
 from weightport import UncheckedConfigWarning, WeightportError
 from weightport.errors import UnsupportedConfigError
@@ -32,32 +33,20 @@ from weightport.layouts import flax as flax_layout
 jax = pytest.importorskip("jax")
 flax = pytest.importorskip("flax")
 import flax.linen as nn  # noqa: E402
-from flax import serialization  # noqa: E402
 
 TOL = 1e-5
 
 
 def _perturb(tree: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    return {
-        k: _perturb(v, rng)
-        if isinstance(v, Mapping)
-        else np.asarray(v) + rng.normal(0, 0.1, np.shape(v)).astype(np.float32)
-        for k, v in tree.items()
-    }
+    return perturbed(tree, rng, 0.1)
 
 
 def _flax(model: nn.Module, *inputs: np.ndarray, seed: int = 0) -> tuple[dict[str, Any], np.ndarray]:
     """Perturbed variables and Flax's output for ``inputs``."""
-    variables = _perturb(
-        flax.core.unfreeze(model.init(jax.random.PRNGKey(seed), *inputs)), np.random.default_rng(seed)
-    )
-    return variables, np.asarray(model.apply(variables, *inputs))
+    return flax_outputs(model, *inputs, seed=seed, scale=0.1)
 
 
-def _save(variables: Mapping[str, Any], tmp_path: Path) -> Path:
-    path = tmp_path / "model.msgpack"
-    path.write_bytes(serialization.to_bytes(variables))
-    return path
+_save = save_msgpack
 
 
 def _load(module: tnn.Module, source: Any, **kwargs: Any) -> weightport.LoadReport:

@@ -14,7 +14,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn as tnn
 
 import weightport
+from _flax import flax_outputs, save_msgpack
 from conftest import snapshot
 from weightport import UncheckedConfigWarning
 from weightport.errors import UnsupportedConfigError
@@ -33,31 +34,15 @@ jax = pytest.importorskip("jax")
 flax = pytest.importorskip("flax")
 import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import serialization  # noqa: E402
 
 TOL = 1e-5
 
 
-def _perturb(tree: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    return {
-        k: _perturb(v, rng)
-        if isinstance(v, Mapping)
-        else np.asarray(v) + rng.normal(0, 0.3, np.shape(v)).astype(np.float32)
-        for k, v in tree.items()
-    }
-
-
 def _flax(model: nn.Module, *inputs: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-    variables = _perturb(
-        flax.core.unfreeze(model.init(jax.random.PRNGKey(0), *inputs)), np.random.default_rng(1)
-    )
-    return variables, np.asarray(model.apply(variables, *inputs))
+    return flax_outputs(model, *inputs, seed=0, noise=1)
 
 
-def _save(variables: Mapping[str, Any], tmp_path: Path) -> Path:
-    path = tmp_path / "model.msgpack"
-    path.write_bytes(serialization.to_bytes(variables))
-    return path
+_save = save_msgpack
 
 
 def _load(module: tnn.Module, path: Path, **kwargs: Any) -> str:

@@ -14,7 +14,7 @@ from weightport.layouts.onnx.pads import onnx_pads, same_pads, torch_pads
 from weightport.layouts.pairing import Slot
 from weightport.sources.base import Source
 
-__all__ = ["check_recurrent_node", "check_recurrent_module", "check_norm", "check_conv"]
+__all__ = ["check_recurrent_node", "check_recurrent_module", "check_norm", "check_conv", "malformed_kernel"]
 
 
 # --- the node alone: what PyTorch cannot compute -------------------------------------------------------
@@ -189,6 +189,19 @@ def check_norm(node: Node, layer: Layer, slot: Slot, source: Source, issues: Iss
             )
 
 
+def malformed_kernel(node: Node, kernel: tuple[int, ...], issues: Issues) -> bool:
+    """Whether a (transposed) Conv node declares a ``kernel_shape`` other than its weight's (an issue)."""
+    declared = node.attr("kernel_shape")
+    if declared is None or tuple(declared) == kernel:
+        return False
+    issues.add(
+        node,
+        f"kernel_shape={list(declared)} but its weight W has kernel {list(kernel)}; the graph is malformed "
+        "(onnxruntime refuses it). Fix: re-export the model.",
+    )
+    return True
+
+
 def check_conv(
     node: Node,
     layer: Layer,
@@ -207,13 +220,7 @@ def check_conv(
     node_dims = len(source.infos[layer.tensors["weight"]].shape) - 2
     axes = layer.spatial if layer.spatial is not None else tuple(range(node_dims))
     node_kernel = tuple(source.infos[layer.tensors["weight"]].shape[2:])
-    declared = node.attr("kernel_shape")
-    if declared is not None and tuple(declared) != node_kernel:
-        issues.add(
-            node,
-            f"kernel_shape={list(declared)} but its weight W has kernel {list(node_kernel)}; the graph is "
-            "malformed (onnxruntime refuses it). Fix: re-export the model.",
-        )
+    if malformed_kernel(node, node_kernel, issues):
         return
     strides = node.attr("strides") or [1] * node_dims
     dilations = node.attr("dilations") or [1] * node_dims

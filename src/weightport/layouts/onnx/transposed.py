@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from weightport.layouts.onnx.checks import malformed_kernel
 from weightport.layouts.onnx.graph import Layer, Node
 from weightport.layouts.onnx.issues import Issues
 from weightport.layouts.pairing import Slot
@@ -43,13 +44,7 @@ def check_conv_transpose(node: Node, layer: Layer, slot: Slot, source: Source, i
     name = type(module).__name__
     kernel = tuple(source.infos[layer.tensors["weight"]].shape[2:])
     dims = len(kernel)
-    declared = node.attr("kernel_shape")
-    if declared is not None and tuple(declared) != kernel:
-        issues.add(
-            node,
-            f"kernel_shape={list(declared)} but its weight W has kernel {list(kernel)}; the graph is malformed "
-            "(onnxruntime refuses it). Fix: re-export the model.",
-        )
+    if malformed_kernel(node, kernel, issues):
         return
     found = {
         "strides": tuple(node.attr("strides") or (1,) * dims),
