@@ -363,3 +363,46 @@ def test_a_time_distributed_flatten(tmp_path: Path) -> None:
     )
     for source in (tmp_path / "m.keras", model):
         assert reordered(loads_exactly(StepTwin(), source, tx, model(x), example_inputs=tx))
+
+
+class _FlattenNormDense(nn.Module):
+    """conv -> a flatten (NCHW, or channels-last first) -> a norm of the flat features -> fc."""
+
+    def __init__(self, norm: nn.Module, last: bool) -> None:
+        super().__init__()
+        self.conv, self.norm, self.fc, self.last = nn.Conv2d(2, 5, 2), norm, nn.Linear(30, 3), last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc(self.norm((y.permute(0, 2, 3, 1) if self.last else y).flatten(1)))
+
+
+@pytest.mark.parametrize("norm", ["BatchNormalization", "LayerNormalization"])
+def test_a_norm_between_the_flatten_and_the_dense_is_reordered_too(tmp_path: Path, norm: str) -> None:
+    """Conv -> Flatten -> a norm -> Dense: the norm's vectors run over the flattened features as the Dense's
+    rows do (the NCHW twin loaded 1.9 off, no warning). With example_inputs= both twins give Keras's outputs
+    (norm and Dense reordered alike); without, the norm's two readings are refused."""
+    layers = keras.layers
+    model = randomized(
+        keras.Sequential(
+            [
+                keras.Input((3, 4, 2)),
+                layers.Conv2D(5, 2),
+                layers.Flatten(),
+                getattr(layers, norm)(),
+                layers.Dense(3),
+            ]
+        )
+    )
+    path = tmp_path / "m.keras"
+    model.save(path)
+    x = np.random.default_rng(1).standard_normal((2, 3, 4, 2)).astype(np.float32)
+    expected = model(x, training=False)
+
+    def twin(last: bool) -> nn.Module:
+        made = nn.BatchNorm1d(30, eps=1e-3) if norm == "BatchNormalization" else nn.LayerNorm(30, eps=1e-3)
+        return _FlattenNormDense(made, last)
+
+    for last in (False, True):
+        loads_exactly(twin(last), path, nchw(x), expected, example_inputs=nchw(x))
+    refused(twin(False), path, rf"Keras {norm} '\w+' reads Flatten '\w+' of a channels-last map.*example_inputs=")

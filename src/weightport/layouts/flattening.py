@@ -43,6 +43,7 @@ __all__ = [
     "MAP_KINDS",
     "rows_as_channels_first",
     "flattened_rules",
+    "flattened_norm_rules",
     "unrecorded_flatten",
     "unshown_flatten",
     "map_readers",
@@ -302,6 +303,51 @@ def rows_reordered(shape: tuple[int, ...], order: tuple[int, ...], out: int) -> 
         Reshape((*(shape[k] for k in order), out), (features, out)),
         Transpose((1, 0)),
     )
+
+
+def flattened_norm_rules(
+    found: Any, slot: Slot, rules: list[Rule], source: Source, call_order: CallOrder | None
+) -> list[Rule]:
+    """``rules`` for a Keras norm ``found`` whose input is a flattened map (``layer.flattened``): a vector per
+    feature, its entries in the order the model flattens the same axes in; a LayoutError where that order is
+    not shown, or the model flattens other axes (as :func:`flattened_rules` does for a Dense's rows)."""
+    flat = found.layer.flattened
+    if not isinstance(flat, FlatMap):
+        return rules
+    where, said = source.description, f"Keras {found.layer.class_name} '{found.layer.name}'"
+    if flat.lost:
+        raise LayoutError(
+            f"{where}: {said} reads {flat.kind} '{flat[0]}' of the output of {flat.lost}: which axis each of its "
+            "features belongs to is not known, so no order of its vectors can be checked. Fix: rebuild the Keras "
+            "model so that what it flattens comes from layers whose axes weightport follows, or reorder its "
+            "vectors yourself and load the arrays by PyTorch name."
+        )
+    readings = _readings(said, flat).replace("its kernel's rows run", "its vectors' entries run")
+    if _natural(flat.roles) and (call_order is None or call_order.flat_read(slot.path) is None):
+        return rules
+    seen = _shown(call_order, slot, f"{where}: {readings}", "entries", "as Keras does before that layer")
+    order = _order(flat, seen)
+    if isinstance(order, str):
+        raise LayoutError(
+            f"{where}: {readings}. The forward pass on example_inputs= flattens {said_axes(*seen)} into "
+            f"{slot.said}, but Keras's {flat.kind} '{flat[0]}' flattens {said_axes(flat.roles, flat.sizes)}. "
+            "Fix: flatten into it what Keras flattens, of the size the Keras model was built for."
+        )
+    if order == tuple(sorted(order)):
+        return rules
+    sizes = dict(zip(*seen))
+    shape = tuple(sizes[r] for r, _ in _kept(flat, seen))
+    count = math.prod(shape)
+    reorder = Chain(
+        Reshape((count,), shape), Transpose(order), Reshape(tuple(shape[k] for k in order), (count,))
+    )
+    moved = f" (entries reordered from {flat.kind} '{flat[0]}''s {said_axes(flat.roles)} to the model's {said_axes(seen[0])})"
+    return [
+        replace(r, op=Chain(r.op, reorder), origin=r.origin + moved)
+        if r.sources and math.prod(source.infos[r.sources[0]].shape) == count
+        else r
+        for r in rules
+    ]
 
 
 def _readings(said: str, flat: FlatMap) -> str:

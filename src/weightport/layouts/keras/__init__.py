@@ -94,6 +94,7 @@ from weightport.layouts.flattening import (
     MAP_KINDS,
     NO_CONFIG,
     flatten_unchecked,
+    flattened_norm_rules,
     flattened_rules,
     map_readers,
     unshown_flatten,
@@ -234,9 +235,11 @@ def plan(
         how = paired.how
         for part in found.parts:
             made = part_rules(found, part, slot, source)
-            rules += (
-                flattened_rules(found, slot, made, source, call_order) if found.kind == "Linear" else made
-            )
+            if found.kind == "Linear":
+                made = flattened_rules(found, slot, made, source, call_order)
+            elif found.kind in ("BatchNorm", "LayerNorm"):
+                made = flattened_norm_rules(found, slot, made, source, call_order)
+            rules += made
             if part.config is None and found.kind == "Linear" and readers is not None:
                 dense = f"Keras Dense '{found.layer.name}'"
                 fix = "load the .keras file (it records the Flatten)"

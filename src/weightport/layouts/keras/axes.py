@@ -175,15 +175,16 @@ def _merger(name: str, graph: dict[str, Node]) -> str:
 
 
 def flat_reads(graph: dict[str, Node]) -> dict[str, FlatMap]:
-    """Dense layer name -> the Flatten (or Reshape) of several axes that feeds it through layers that keep
-    each feature, with the roles flattened into its input rows, in order (:class:`FlatMap`); left out where
-    at most one of them has more than one position."""
+    """Dense layer name (or a norm's with a vector per feature of a flat input, whose entries the flatten
+    orders too) -> the Flatten (or Reshape) of several axes that feeds it through layers that keep each
+    feature, with the roles flattened into its input rows, in order (:class:`FlatMap`); left out where at
+    most one of them has more than one position."""
     known = axes_of(graph)
     out: dict[str, FlatMap] = {}
-    for name, (cls, _, inputs, _) in graph.items():
-        if cls not in ("Dense", "EinsumDense"):
+    for name, (cls, cfg, inputs, _) in graph.items():
+        if cls not in ("Dense", "EinsumDense") and not _norm_of_features(cls, cfg):
             continue
-        while len(inputs) == 1 and inputs[0] in graph and graph[inputs[0]][0] in PER_FEATURE:
+        while len(inputs) == 1 and inputs[0] in graph and _passes_features(graph[inputs[0]]):
             inputs = graph[inputs[0]][2]
         if len(inputs) != 1 or inputs[0] not in graph or not _merger(inputs[0], graph):
             continue
@@ -207,3 +208,24 @@ def flat_reads(graph: dict[str, Node]) -> dict[str, FlatMap]:
         shape = None if None in sizes else tuple(int(n) for n in sizes)
         out[name] = FlatMap(source, shape, kind=kind, roles=roles, sizes=sizes)
     return out
+
+
+# norms with a weight per feature of the last axis: after a flatten, the flatten decides which is which
+_FEATURE_NORMS = frozenset({"BatchNormalization", "LayerNormalization"})
+
+
+def _norm_of_features(cls: str, cfg: dict[str, Any]) -> bool:
+    """Whether a layer normalizes a flat input's last axis with a vector per feature (BatchNormalization,
+    LayerNormalization over ``axis=-1``, which tf.keras records as 1 for a 2-D input)."""
+    if cls not in _FEATURE_NORMS:
+        return False
+    axis = cfg.get("axis", -1)
+    axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+    return axis in (-1, 1)
+
+
+def _passes_features(node: Node) -> bool:
+    """Whether a layer passes each feature of a flat vector through on its own (a norm of the features
+    keeps which is which, though it holds a vector over them)."""
+    cls, cfg, _, _ = node
+    return cls in PER_FEATURE or _norm_of_features(cls, cfg)
