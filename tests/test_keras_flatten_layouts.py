@@ -405,4 +405,6 @@ def test_a_norm_between_the_flatten_and_the_dense_is_reordered_too(tmp_path: Pat
 
     for last in (False, True):
         loads_exactly(twin(last), path, nchw(x), expected, example_inputs=nchw(x))
-    refused(twin(False), path, rf"Keras {norm} '\w+' reads Flatten '\w+' of a channels-last map.*example_inputs=")
+    refused(
+        twin(False), path, rf"Keras {norm} '\w+' reads Flatten '\w+' of a channels-last map.*example_inputs="
+    )
