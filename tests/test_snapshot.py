@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +154,10 @@ def test_a_model_built_with_another_forward_setting_is_refused(
     )
 
 
-def test_settings_only_training_reads_or_the_forward_does_not_show_load(tmp_path: Path) -> None:
+def test_settings_only_training_reads_load_and_any_other_difference_is_refused(tmp_path: Path) -> None:
     """Another dropout loads as it is (eval outputs equal); a setting of the model's own that weightport does
-    not know as one the forward reads loads with a warning naming it."""
+    not know is refused, saying so (it loaded with a warning: such settings change outputs, as ALBERT's layer
+    count over its one shared layer does)."""
     torch.manual_seed(0)
     saved = transformers.BertModel(transformers.BertConfig(**_config().to_dict(), my_setting=1)).eval()
     saved.save_pretrained(tmp_path / "bert")
@@ -169,10 +171,75 @@ def test_settings_only_training_reads_or_the_forward_does_not_show_load(tmp_path
     with torch.no_grad():
         assert torch.equal(dropout(ids).last_hidden_state, saved(ids).last_hidden_state)
     custom = transformers.BertModel(transformers.BertConfig(**_config().to_dict(), my_setting=2)).eval()
-    with pytest.warns(
-        weightport.UncheckedConfigWarning, match=r"config\.json's my_setting=1, where the model has 2"
-    ):
-        weightport.load(custom, tmp_path / "bert")
+    refused(
+        custom,
+        tmp_path / "bert",
+        r"'config\.my_setting': expected my_setting=1.*built with my_setting=2: the weights fit both, and "
+        r"whether the outputs differ weightport does not know",
+    )
+
+
+def _roberta(**changes: Any) -> Any:
+    config = transformers.RobertaConfig(**{**_config().to_dict(), "pad_token_id": 1, **changes})
+    return transformers.RobertaModel(config).eval()
+
+
+def _albert(**changes: Any) -> Any:
+    sizes = {"embedding_size": 16, "num_hidden_layers": 2, **changes}
+    config = transformers.AlbertConfig(**{**_config().to_dict(), **sizes})
+    return transformers.AlbertModel(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "setting", "value"),
+    [(_roberta, "pad_token_id", 3), (_albert, "num_hidden_layers", 4), (_roberta, "is_decoder", True)],
+)
+def test_settings_the_forward_reads_that_no_name_shows_are_refused(
+    tmp_path: Path, build: Callable[..., Any], setting: str, value: Any
+) -> None:
+    """RoBERTa makes position ids from its padding id; ALBERT runs its one shared layer num_hidden_layers
+    times; is_decoder makes attention causal: the same weights give other outputs (checked here), and each
+    loaded with a warning or none."""
+    torch.manual_seed(0)
+    saved = build()
+    saved.save_pretrained(tmp_path / "m")
+    twin = build(**{setting: value})
+    twin.load_state_dict(saved.state_dict())
+    ids = torch.from_numpy(IDS % 90 + 5).long()
+    with torch.no_grad():
+        assert (twin(ids).last_hidden_state - saved(ids).last_hidden_state).abs().max() > 1e-4
+    refused(build(**{setting: value}), tmp_path / "m", rf"'config\.{setting}': expected {setting}=")
+
+
+def test_a_nested_config_is_compared_setting_by_setting(tmp_path: Path) -> None:
+    """CLIP's text_config as config.json records it lacks settings the built one has: the same model loads
+    without a word (it warned on every CLIP folder), and another text activation is refused by its name."""
+    text = {"vocab_size": 50, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 12}
+    vision = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision |= {"image_size": 8, "patch_size": 4}
+
+    def clip(**changes: Any) -> Any:
+        config = transformers.CLIPConfig(
+            text_config={**text, **changes}, vision_config=vision, projection_dim=8
+        )
+        return transformers.CLIPModel(config).eval()
+
+    torch.manual_seed(0)
+    clip().save_pretrained(tmp_path / "clip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weightport.load(clip(), tmp_path / "clip")
+    refused(clip(hidden_act="gelu"), tmp_path / "clip", r"'config\.text_config\.hidden_act': expected")
+
+
+def test_a_weights_file_alone_says_the_configuration_is_unchecked(tmp_path: Path) -> None:
+    """model.safetensors without its config.json: into a transformers model, the load warns that the file
+    records none of its configuration (a model built with another eps loaded without a word)."""
+    torch.manual_seed(0)
+    transformers.BertModel(_config()).eval().save_pretrained(tmp_path / "bert")
+    with pytest.warns(weightport.UncheckedConfigWarning, match=r"records none of the transformers model's"):
+        weightport.load(transformers.BertModel(_config()), tmp_path / "bert" / "model.safetensors")
 
 
 @pytest.mark.parametrize(("setting", "value"), [("dense_act_fn", "gelu_new"), ("feed_forward_proj", "gelu")])

@@ -82,13 +82,15 @@ def plan_load(module: nn.Module, source: Source, options: LoadOptions) -> Plan:
     if layout_plan.scope and options.strict:
         plan.problems += _left_on_meta(root, prefix_)
     plan.ignored.extend(source.ignored)
+    from weightport.snapshot_config import snapshot_config_checks, unrecorded_config_note
+
     checked = None
     if "snapshot_config" in source.metadata:  # a transformers snapshot: the model must be built as it records
-        from weightport.snapshot_config import snapshot_config_checks
-
         checked = snapshot_config_checks(scope, source.metadata["snapshot_config"], source.description)
     if checked is None:  # no config.json held against the model's: what it would have answered is unchecked
         plan.layout.unchecked += plan.layout.config_unchecked
+        note = None if plan.layout.config_unchecked else unrecorded_config_note(scope, source.description)
+        plan.layout.unchecked += [note] if note else []
     else:
         plan.problems += checked[0]
         plan.layout.unchecked += checked[1]

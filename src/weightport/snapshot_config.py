@@ -3,18 +3,22 @@
 transformers records in ``config.json`` every setting the model was built with. Into a model of that family
 (its ``config`` a ``PretrainedConfig``) whose own configuration differs, the weights may fit while the
 forward does not: another norm eps, activation or head count gives other outputs with the same tensors.
-Those settings (by their names: an eps, an activation, a head count, an embedding scale, where norms or
-positions go) are refused; any other difference, but those that only training or generation reads
-(dropout, initialization, token ids, output flags), is reported unchecked.
+Every difference is refused but those only training, initialization or generation reads (dropout,
+initialization, generation's token ids, output flags): a setting known to change the forward (an eps, an
+activation, a head count, an embedding scale, where norms or positions go) is said to; of any other, whether
+it does is not known (ALBERT's layer count over one shared layer, a padding id that position ids are made
+from). Nested configurations (CLIP's ``text_config``) are compared setting by setting. A file alone (no
+config.json) records none of this: loaded into a transformers model, that is reported unchecked.
 
->>> sorted(config_differences({"layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1},
-...                           {"layer_norm_eps": 1e-5, "hidden_dropout_prob": 0.0}))
-[('layer_norm_eps', 1e-12, 1e-05)]
+>>> sorted(config_differences({"layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1, "text_config": {"a": 1}},
+...                           {"layer_norm_eps": 1e-5, "hidden_dropout_prob": 0.0, "text_config": {"a": 2, "b": 0}}))
+[('layer_norm_eps', 1e-12, 1e-05), ('text_config.a', 1, 2)]
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +26,7 @@ from torch import nn
 
 from weightport.errors import Problem
 
-__all__ = ["config_differences", "snapshot_config_checks"]
+__all__ = ["config_differences", "snapshot_config_checks", "unrecorded_config_note"]
 
 # settings that change the forward while every weight keeps its shape
 _FORWARD = re.compile(
@@ -36,26 +40,38 @@ _FORWARD = re.compile(
 )
 # settings only training, initialization, generation or the outputs' packaging read
 _IGNORED = re.compile(
-    r"dropout|drop_path|layerdrop|initializer|init_std|_token_id$|token_ids$|^(id2label|label2id|num_labels|"
+    r"(?<!token_)dropout|drop_path|layerdrop|initializer|init_std|token_ids$|"
+    r"^(bos|eos|decoder_start|sep|cls|mask|unk|forced_bos|forced_eos)_token_id$|^(id2label|label2id|num_labels|"
     r"architectures|_name_or_path|transformers_version|torch_dtype|dtype|use_cache|return_dict|"
     r"output_attentions|output_hidden_states|torchscript|problem_type|finetuning_task|tokenizer_class|"
     r"prefix|task_specific_params|auto_map|_commit_hash|gradient_checkpointing|chunk_size_feed_forward|"
-    r"tie_word_embeddings|is_decoder|add_cross_attention|pruned_heads|_attn_implementation.*|"
+    r"tie_word_embeddings|add_cross_attention|pruned_heads|_attn_implementation.*|"
     r"model_type|bad_words_ids|begin_suppress_tokens|suppress_tokens|forced_decoder_ids|max_length|"
     r"min_length|num_beams|.*_penalty|do_sample|early_stopping|temperature|top_k|top_p|typical_p|"
     r"num_return_sequences|output_scores|return_dict_in_generate|tf_legacy_loss|use_bfloat16|"
-    r"cross_attention_hidden_size|is_encoder_decoder|classifier_dropout|summary_.*)$"
+    r"cross_attention_hidden_size|is_encoder_decoder|classifier_dropout)$"
 )
 
 
-def config_differences(recorded: Mapping[str, Any], built: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def config_differences(
+    recorded: Mapping[str, Any], built: Mapping[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
     """``(key, recorded value, built value)`` for each setting both hold with other values, but those only
-    training, initialization or generation read."""
-    return [
-        (key, value, built[key])
-        for key, value in recorded.items()
-        if key in built and not _IGNORED.search(key) and not _same(value, built[key])
-    ]
+    training, initialization or generation read; a nested configuration's settings each on their own
+    (``text_config.hidden_act``)."""
+    found = []
+    for key, value in recorded.items():
+        if key not in built or _IGNORED.search(key):
+            continue
+        own = built[key]
+        if isinstance(value, Mapping) and isinstance(own, Mapping) and key not in _VALUED_DICTS:
+            found += config_differences(value, own, f"{prefix}{key}.")
+        elif not _same(value, own):
+            found.append((prefix + key, value, own))
+    return found
+
+
+_VALUED_DICTS = frozenset({"rope_scaling"})  # settings whose value is a dict, compared whole
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -84,20 +100,42 @@ def snapshot_config_checks(
     built = _model_config(module) if isinstance(recorded, dict) else None
     if built is None:
         return None
-    problems, notes = [], []
-    for key, value, own in config_differences(recorded, built):
-        if _FORWARD.search(key):
-            problems.append(
-                Problem(
-                    f"config.{key}",
-                    f"{key}={value!r}, as {where}'s config.json records the model was built",
-                    f"the model was built with {key}={own!r}: the weights fit both, the outputs differ",
-                    "build the model from the snapshot's configuration "
-                    "(AutoConfig.from_pretrained(folder), or Model.from_pretrained's config)",
-                )
-            )
-        else:
-            notes.append(
-                f"whether config.json's {key}={value!r}, where the model has {own!r}, changes the forward"
-            )
-    return problems, notes
+    recorded = {**_base_defaults(), **recorded}
+    problems = [
+        Problem(
+            f"config.{key}",
+            f"{key}={value!r}, as {where}'s config.json records the model was built",
+            f"the model was built with {key}={own!r}: "
+            + (
+                "the weights fit both, the outputs differ"
+                if _FORWARD.search(key.rpartition(".")[2])
+                else "the weights fit both, and whether the outputs differ weightport does not know"
+            ),
+            "build the model from the snapshot's configuration "
+            "(AutoConfig.from_pretrained(folder), or Model.from_pretrained's config)",
+        )
+        for key, value, own in config_differences(recorded, built)
+    ]
+    return problems, []
+
+
+def unrecorded_config_note(module: nn.Module, where: str) -> str | None:
+    """The note for weights of a transformers model read from a file alone: it records none of the settings
+    config.json holds (None where ``module`` holds no transformers model)."""
+    if _model_config(module) is None:
+        return None
+    return (
+        f"{where} records none of the transformers model's configuration the weights do not show (norm eps, "
+        "activation, attention heads, positions): build the model from the config the weights were made "
+        "with (a transformers snapshot folder, its config.json beside the weights, is checked against it)"
+    )
+
+
+def _base_defaults() -> dict[str, Any]:
+    """The settings every transformers configuration has, at their defaults: save_pretrained writes them to
+    config.json only where they differ (``is_decoder`` is recorded only when True)."""
+    transformers = sys.modules.get("transformers")  # imported: the model is one of its classes
+    base = getattr(transformers, "PretrainedConfig", None)
+    found = base().to_dict() if base is not None else {}
+    return found if isinstance(found, dict) else {}
+

@@ -121,6 +121,8 @@ def map_readers(module: nn.Module) -> MapReaders:
             width = getattr(m, size, None)
             width = width[-1] if isinstance(width, tuple) and width else width  # a norm's normalized_shape
             widths |= {width} if isinstance(width, int) else set()
+        if isinstance(m, nn.RNNBase):  # a bidirectional one outputs both directions side by side
+            widths.add((m.proj_size or m.hidden_size) * (2 if m.bidirectional else 1))
     return MapReaders(frozenset(after_conv), frozenset(channels), frozenset(widths))
 
 
