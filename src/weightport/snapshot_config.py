@@ -138,4 +138,3 @@ def _base_defaults() -> dict[str, Any]:
     base = getattr(transformers, "PretrainedConfig", None)
     found = base().to_dict() if base is not None else {}
     return found if isinstance(found, dict) else {}
-
