@@ -25,6 +25,8 @@ names, and nothing else in a shard is read.
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,13 +81,14 @@ def _tf(shards: dict[str, Path], weight_map: dict[str, str], description: str) -
 
     source = ShardedSource(description=description)
     weights: dict[str, list[str]] = {}  # layer -> its weights, named as one tf_model.h5 names them
+    main = _main_layer(weight_map)
     for name, file_name in weight_map.items():
-        scope, _, inner = name.partition("/")
-        layer = inner.split("/", 1)[0]
-        if not scope or not inner or not layer:
+        layer, inner = _tf_names(name, main)
+        if not layer or not inner:
             raise SourceError(
-                f"{description}: lists '{name}', not a variable named '<model scope>/<layer>/...'. "
-                "Fix: pass a tf_model.h5.index.json that transformers' save_pretrained wrote."
+                f"{description}: lists '{name}', not a variable named '<model scope>/<layer>/...' (or one "
+                "transformers stores under its full name). Fix: pass a tf_model.h5.index.json that "
+                "transformers' save_pretrained wrote."
             )
         outer = f"{layer}/{name}"
         weights.setdefault(layer, []).append(outer)
@@ -106,3 +109,36 @@ def _tf(shards: dict[str, Path], weight_map: dict[str, str], description: str) -
     ]
     source.metadata.update(layout="keras", keras_file="legacy-h5", layers=layers)
     return source
+
+
+def _kept_whole(name: str) -> bool:
+    """Whether transformers' sharded save stores variable ``name`` under its full name: one built outside the
+    model's scope (``model.shared/model.shared/embeddings:0``) or of no layer (``final_logits_bias:0``);
+    every other loses its first part, the model's scope."""
+    return "model." in name or "/" not in name
+
+
+def _main_layer(weight_map: Mapping[str, str]) -> str:
+    """The layer most scoped variables belong to (``model``, from ``tf_bart_model/model/...``): the one a
+    tf_model.h5 keeps the variables built outside the scope under."""
+    layers = Counter(
+        name.split("/")[1] for name in weight_map if not _kept_whole(name) and name.count("/") >= 2
+    )
+    return layers.most_common(1)[0][0] if layers else ""
+
+
+def _tf_names(name: str, main: str) -> tuple[str, str]:
+    """``(layer, dataset)`` of index name ``name``: the top-level layer a tf_model.h5 holds it under, and its
+    path in the shard.
+
+    >>> _tf_names("tf_bart_model/model/encoder/fc1/kernel:0", "model"), _tf_names("final_logits_bias:0", "model")
+    (('model', 'model/encoder/fc1/kernel:0'), ('final_logits_bias', 'final_logits_bias:0'))
+    >>> _tf_names("model.shared/model.shared/embeddings:0", "model")
+    ('model', 'model.shared/model.shared/embeddings:0')
+    """
+    if "/" not in name:
+        return name.rsplit(":", 1)[0], name
+    if _kept_whole(name):
+        return main, name
+    _, _, inner = name.partition("/")
+    return inner.split("/", 1)[0], inner
