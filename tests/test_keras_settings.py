@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -326,3 +327,62 @@ def test_an_einsum_dense_beside_layers_that_pair_says_what_it_computes(tmp_path:
     message = str(caught.value)
     assert "computes what no nn.Linear does (" in message and "a separate kernel for each b" in message
     assert "load the .keras file" not in message
+
+
+class _Pools(nn.Module):
+    """conv -> a max pool 3/2 padded as TensorFlow's 'same' pads an even map -> conv -> an average pool 3/1
+    'same' that leaves the padding out of the average -> conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = (
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Conv2d(4, 5, 1),
+        )
+        self.avg = nn.AvgPool2d(3, 1, padding=1, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.max_pool2d(F.pad(self.c1(x), (0, 1, 0, 1), value=-float("inf")), 3, 2)
+        return self.c3(self.avg(self.c2(h)))
+
+
+def test_a_same_padded_pool_gives_a_note_saying_how_to_pool(tmp_path: Path) -> None:
+    """Pools hold no weights, so nothing pairs them: a Keras pool padded 'same' loaded with no word (0.4-0.9
+    off into PyTorch's default pools). The notes name each and how to pool; the twin built so gives Keras's
+    outputs."""
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            layers.Conv2D(4, 3, padding="same"),
+            layers.MaxPooling2D(3, 2, padding="same"),
+            layers.Conv2D(4, 3, padding="same"),
+            layers.AveragePooling2D(3, 1, padding="same"),
+            layers.Conv2D(5, 1),
+        ]
+    )
+    randomize(model)
+    path = save(model, tmp_path / "m.keras")
+    twin = _Pools().eval()
+    with pytest.warns(weightport.ForwardNoteWarning) as caught:
+        weightport.load(twin, path)
+    said = " ".join(str(w.message) for w in caught)
+    assert "MaxPooling2D" in said and "TensorFlow's 'same' rule" in said and "(pad with -inf)" in said
+    assert "AveragePooling2D" in said and "padding=(1, 1), count_include_pad=False" in said
+    x = np.random.default_rng(2).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    close(twin(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1), model(x))
+
+
+def test_a_strided_1x1_same_conv_pads_nothing_and_needs_no_note(tmp_path: Path) -> None:
+    """'same' with a 1 x 1 kernel pads nothing at any stride (Xception's skip convs): it loaded with a note to pad
+    the input in forward, its only warning, pointing at layers that need nothing."""
+    model = keras.Sequential([keras.Input((7, 6, 3)), keras.layers.Conv2D(4, 1, strides=2, padding="same")])
+    randomize(model)
+    path = save(model, tmp_path / "m.keras")
+    twin = nn.Conv2d(3, 4, 1, stride=2).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weightport.load(twin, path)
+    x = np.random.default_rng(3).standard_normal((2, 7, 6, 3)).astype(np.float32)
+    close(twin(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1), model(x))

@@ -109,7 +109,7 @@ from weightport.layouts.keras.checks import (
 )
 from weightport.layouts.keras.einsum import why_not_a_dense
 from weightport.layouts.keras.exporting import export
-from weightport.layouts.keras.graph import shared_layers
+from weightport.layouts.keras.graph import graph_of, shared_layers
 from weightport.layouts.keras.layers import (
     KINDS,
     NEEDS_CONFIG,
@@ -124,6 +124,7 @@ from weightport.layouts.keras.layers import (
     unique_names,
 )
 from weightport.layouts.keras.pointwise import as_linears
+from weightport.layouts.keras.pooling import pooling_notes
 from weightport.layouts.keras.preprocessing import set_aside
 from weightport.layouts.keras.rules import part_rules
 from weightport.layouts.keras.scale import keras_slots
@@ -275,7 +276,9 @@ def plan(
         unchecked=unchecked,
         scope=wrapped_scope(pairs),
         not_weights=preprocessing,
-        forward_notes=list(dict.fromkeys(forward_notes)),
+        forward_notes=list(
+            dict.fromkeys(forward_notes + pooling_notes(graph_of(source.metadata.get("model_config"))))
+        ),
     )
 
 

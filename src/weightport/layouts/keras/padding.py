@@ -66,6 +66,12 @@ def explicit_padding_matches(layer: Any, fixed: Any, padding: str) -> bool:
 def padding_verdict(cfg: Any, m: Any, layer: Any) -> Verdict:
     """Whether the module pads as Keras does, for a Conv1D/Conv2D/DepthwiseConv2D ``cfg`` and its ``layer``."""
     padding = str(cfg.get("padding", "valid")).lower()
+    if (
+        padding == "same"
+        and not layer.padding
+        and all((k - 1) * d == 0 for k, d in zip(m.kernel_size, m.dilation))
+    ):
+        padding = "valid"  # a 1 x 1 kernel: 'same' pads nothing, whatever the stride
     fixed = padding_of(m)
     rank = len(m.kernel_size)
     zeros = ((0, 0),) * rank
