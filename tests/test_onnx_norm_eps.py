@@ -90,10 +90,12 @@ def loads_exactly(
         warnings.simplefilter("always")
         weightport.load(model, str(path))
     unchecked = [str(w.message) for w in caught if issubclass(w.category, weightport.UncheckedConfigWarning)]
-    noted = ("the eps of", "groups of", "took its parameters by name")  # each norm's settings checked, not noted
+    noted = (
+        "the eps of",
+        "groups of",
+        "took its parameters by name",
+    )  # each norm's settings checked, not noted
     assert not [m for m in unchecked if any(n in m for n in noted)], unchecked
-        unchecked
-    )  # checked, not noted
     with torch.no_grad():
         out = model(**inputs)
     out = out if torch.is_tensor(out) else out[0]
