@@ -316,34 +316,16 @@ def flattened_norm_rules(
     flat = found.layer.flattened
     if not isinstance(flat, FlatMap):
         return rules
-    where, said = source.description, f"Keras {found.layer.class_name} '{found.layer.name}'"
-    if flat.lost:
-        raise LayoutError(
-            f"{where}: {said} reads {flat.kind} '{flat[0]}' of the output of {flat.lost}: which axis each of its "
-            "features belongs to is not known, so no order of its vectors can be checked. Fix: rebuild the Keras "
-            "model so that what it flattens comes from layers whose axes weightport follows, or reorder its "
-            "vectors yourself and load the arrays by PyTorch name."
-        )
-    readings = _readings(said, flat).replace("its kernel's rows run", "its vectors' entries run")
-    if _natural(flat.roles) and (call_order is None or call_order.flat_read(slot.path) is None):
+    said = f"Keras {found.layer.class_name} '{found.layer.name}'"
+    shown = _model_order(flat, slot, said, source.description, call_order, "vectors' entries")
+    if shown is None:
         return rules
-    seen = _shown(call_order, slot, f"{where}: {readings}", "entries", "as Keras does before that layer")
-    order = _order(flat, seen)
-    if isinstance(order, str):
-        raise LayoutError(
-            f"{where}: {readings}. The forward pass on example_inputs= flattens {said_axes(*seen)} into "
-            f"{slot.said}, but Keras's {flat.kind} '{flat[0]}' flattens {said_axes(flat.roles, flat.sizes)}. "
-            "Fix: flatten into it what Keras flattens, of the size the Keras model was built for."
-        )
-    if order == tuple(sorted(order)):
-        return rules
-    sizes = dict(zip(*seen))
-    shape = tuple(sizes[r] for r, _ in _kept(flat, seen))
+    order, shape, seen = shown
     count = math.prod(shape)
     reorder = Chain(
         Reshape((count,), shape), Transpose(order), Reshape(tuple(shape[k] for k in order), (count,))
     )
-    moved = f" (entries reordered from {flat.kind} '{flat[0]}''s {said_axes(flat.roles)} to the model's {said_axes(seen[0])})"
+    moved = f" (entries reordered from {flat.kind} '{flat[0]}''s {said_axes(flat.roles)} to the model's {said_axes(seen)})"
     return [
         replace(r, op=Chain(r.op, reorder), origin=r.origin + moved)
         if r.sources and math.prod(source.infos[r.sources[0]].shape) == count
@@ -352,8 +334,44 @@ def flattened_norm_rules(
     ]
 
 
-def _readings(said: str, flat: FlatMap) -> str:
-    """The two readings of the rows of Keras Dense ``said``, which reads ``flat``."""
+def _model_order(
+    flat: FlatMap, slot: Slot, said: str, where: str, call_order: CallOrder | None, items: str
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]] | None:
+    """How the model's forward reorders what Keras layer ``said`` reads flattened (``flat``): the permutation
+    of the axes Keras flattens (those of one position left out), their sizes, and the model's order of their
+    roles; None where it reads them in Keras's order. A LayoutError where the order is not known, not shown,
+    or the model flattens other axes or sizes (``items``: what the order numbers, for the messages)."""
+    if flat.lost:
+        raise LayoutError(
+            f"{where}: {said} reads {flat.kind} '{flat[0]}' of the output of {flat.lost}: which axis each of its "
+            f"{items} belongs to is not known, so no order of them can be checked. Fix: rebuild the Keras model "
+            "so that what it flattens comes from layers whose axes weightport follows (convolutions, poolings, "
+            f"normalizations, Permute), or reorder its {items} yourself and load the arrays by PyTorch name."
+        )
+    readings = _readings(said, flat, items)
+    if _natural(flat.roles) and (call_order is None or call_order.flat_read(slot.path) is None):
+        return None  # the order torch.flatten reads the same axes in
+    seen = _shown(call_order, slot, f"{where}: {readings}", items, f"as Keras does before {said}")
+    order = _order(flat, seen)
+    if isinstance(order, str):
+        keras = said_axes(flat.roles, flat.sizes)
+        raise LayoutError(
+            f"{where}: {readings}. The forward pass on example_inputs= flattens {said_axes(*seen)} into "
+            f"{slot.said}, but Keras's {flat.kind} '{flat[0]}' flattens {keras}: "
+            + (
+                "the sizes differ. Fix: pass example_inputs= of the size the Keras model was built for."
+                if order == "sizes"
+                else f"other axes. Fix: flatten into {slot.said} what Keras flattens, {keras} in any order."
+            )
+        )
+    if order == tuple(sorted(order)):
+        return None
+    sizes = dict(zip(*seen))
+    return order, tuple(sizes[r] for r, _ in _kept(flat, seen)), seen[0]
+
+
+def _readings(said: str, flat: FlatMap, items: str = "kernel's rows") -> str:
+    """The two readings of what Keras layer ``said`` numbers by ``flat`` (a Dense's kernel's rows)."""
     roles, sizes = flat.roles, flat.sizes
     shape = f" {tuple(sizes)}" if None not in sizes else ""
     what = (
@@ -365,7 +383,7 @@ def _readings(said: str, flat: FlatMap) -> str:
         if _channels_first(roles)
         else "a map"
     )
-    head = f"{said} reads {flat.kind} '{flat[0]}' of {what}{shape}: its kernel's rows run {said_axes(roles)}"
+    head = f"{said} reads {flat.kind} '{flat[0]}' of {what}{shape}: its {items} run {said_axes(roles)}"
     if "c" not in roles:
         return f"{head}, as a model that flattens the same array reads them; the weights fit any order"
     return (
@@ -424,46 +442,21 @@ def flattened_rules(
         return rules
     if not isinstance(flat, FlatMap):  # a map recorded channels-last, without its axes
         flat = FlatMap(flat[0], flat[1], roles=(*(f"s{k}" for k in range(len(flat[1] or (0, 0)) - 1)), "c"))
-    if flat.lost:
-        raise LayoutError(
-            f"{where}: {said} reads {flat.kind} '{flat[0]}' of the output of {flat.lost}: which axis each of its "
-            "kernel's rows belongs to is not known, so no order of them can be checked. Fix: rebuild the Keras "
-            "model so that what it flattens comes from layers whose axes weightport follows (convolutions, "
-            "poolings, normalizations, Permute), or reorder the kernel's rows yourself and load the arrays "
-            "by PyTorch name."
-        )
-    readings = _readings(said, flat)
-    natural = _natural(flat.roles)
-    if natural and (call_order is None or call_order.flat_read(slot.path) is None):
-        return rules  # the order torch.flatten reads the same axes in
-    seen = _shown(call_order, slot, f"{where}: {readings}", "rows", "as Keras does before that Dense")
-    order = _order(flat, seen)
-    if isinstance(order, str):
-        keras = said_axes(flat.roles, flat.sizes)
-        raise LayoutError(
-            f"{where}: {readings}. The forward pass on example_inputs= flattens {said_axes(*seen)} into "
-            f"{slot.said}, but Keras's {flat.kind} '{flat[0]}' flattens {keras}: "
-            + (
-                "the sizes differ. Fix: pass example_inputs= of the size the Keras model was built for."
-                if order == "sizes"
-                else f"other axes. Fix: flatten into {slot.said} what Keras flattens, {keras} in any order."
-            )
-        )
-    if order == tuple(sorted(order)):
+    shown = _model_order(flat, slot, said, where, call_order, "kernel's rows")
+    if shown is None:
         return rules
+    order, shape, seen = shown
     stored = tuple(source.infos[kernel.sources[0]].shape)
     if kernel.op != Transpose((1, 0)) or len(stored) != 2:
         raise LayoutError(
-            f"{where}: {readings}. The model flattens {said_axes(seen[0])}, and this kernel {stored} is not stored "
-            "(in, out), so weightport does not reorder it. Fix: flatten in the PyTorch model in Keras's order "
-            f"{said_axes(flat.roles)}."
+            f"{where}: {_readings(said, flat)}. The model flattens {said_axes(seen)}, and this kernel {stored} is "
+            "not stored (in, out), so weightport does not reorder it. Fix: flatten in the PyTorch model in Keras's "
+            f"order {said_axes(flat.roles)}."
         )
-    sizes = {r: n for r, n in zip(*seen)}
-    shape = tuple(sizes[r] for r, _ in _kept(flat, seen))
     reordered = replace(
         kernel,
         op=rows_reordered(shape, order, stored[1]),
         origin=f"{kernel.origin} (rows reordered from {flat.kind} '{flat[0]}''s {said_axes(flat.roles)} to the "
-        f"model's {said_axes(seen[0])})",
+        f"model's {said_axes(seen)})",
     )
     return [reordered if r is kernel else r for r in rules]
