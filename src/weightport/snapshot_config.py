@@ -10,8 +10,9 @@ it does is not known (ALBERT's layer count over one shared layer, a padding id t
 from). Nested configurations (CLIP's ``text_config``) are compared setting by setting. A file alone (no
 config.json) records none of this: loaded into a transformers model, that is reported unchecked.
 
->>> sorted(config_differences({"layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1, "text_config": {"a": 1}},
-...                           {"layer_norm_eps": 1e-5, "hidden_dropout_prob": 0.0, "text_config": {"a": 2, "b": 0}}))
+>>> text, other = {"model_type": "t", "a": 1}, {"model_type": "t", "a": 2, "b": 0}
+>>> sorted(config_differences({"layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1, "text_config": text},
+...                           {"layer_norm_eps": 1e-5, "hidden_dropout_prob": 0.0, "text_config": other}))
 [('layer_norm_eps', 1e-12, 1e-05), ('text_config.a', 1, 2)]
 """
 
@@ -57,21 +58,18 @@ def config_differences(
     recorded: Mapping[str, Any], built: Mapping[str, Any], prefix: str = ""
 ) -> list[tuple[str, Any, Any]]:
     """``(key, recorded value, built value)`` for each setting both hold with other values, but those only
-    training, initialization or generation read; a nested configuration's settings each on their own
-    (``text_config.hidden_act``)."""
+    training, initialization or generation read; a nested configuration's (a dict naming its ``model_type``)
+    settings each on their own (``text_config.hidden_act``), any other dict (``rope_scaling``) compared whole."""
     found = []
     for key, value in recorded.items():
         if key not in built or _IGNORED.search(key):
             continue
         own = built[key]
-        if isinstance(value, Mapping) and isinstance(own, Mapping) and key not in _VALUED_DICTS:
+        if isinstance(value, Mapping) and isinstance(own, Mapping) and "model_type" in value:
             found += config_differences(value, own, f"{prefix}{key}.")
         elif not _same(value, own):
             found.append((prefix + key, value, own))
     return found
-
-
-_VALUED_DICTS = frozenset({"rope_scaling"})  # settings whose value is a dict, compared whole
 
 
 def _same(a: Any, b: Any) -> bool:

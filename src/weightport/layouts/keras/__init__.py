@@ -167,7 +167,8 @@ def plan(
         call_order: module path -> position of its first call in a forward pass (``example_inputs=``).
     """
     where = source.description
-    layers, leftover = collect(source)
+    graph = graph_of(source.metadata.get("model_config"))
+    layers, leftover = collect(source, graph)
     if hf.claims(layers, source):  # transformers' tf_model.h5: by transformers' names
         return hf.plan(module, source, layers, leftover, mapping)
     layers, preprocessing = set_aside(layers, source)
@@ -276,9 +277,7 @@ def plan(
         unchecked=unchecked,
         scope=wrapped_scope(pairs),
         not_weights=preprocessing,
-        forward_notes=list(
-            dict.fromkeys(forward_notes + pooling_notes(graph_of(source.metadata.get("model_config"))))
-        ),
+        forward_notes=list(dict.fromkeys(forward_notes + pooling_notes(graph))),
     )
 
 

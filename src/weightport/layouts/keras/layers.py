@@ -172,8 +172,9 @@ class Layer:
         return found + list(self.legacy or [])
 
 
-def collect(source: Source) -> tuple[list[Layer], list[str]]:
-    """The source's layers in model order where known, and the tensors no layer claims."""
+def collect(source: Source, graph: dict[str, Any] | None = None) -> tuple[list[Layer], list[str]]:
+    """The source's layers in model order where known, and the tensors no layer claims; ``graph``: the
+    model config's :func:`graph_of`, where the caller has it."""
     records = source.metadata.get("layers")
     parsed: dict[str, dict[str, dict[int, str]]] = {}
     leftover: list[str] = []
@@ -188,7 +189,7 @@ def collect(source: Source) -> tuple[list[Layer], list[str]]:
     layers: list[Layer] = []
     if records:
         claimed: set[str] = set()
-        graph = graph_of(source.metadata.get("model_config"))
+        graph = graph_of(source.metadata.get("model_config")) if graph is None else graph
         masks = maskings(graph)
         flats = flattened_maps(graph)
         pooled = one_position_maps(graph)
