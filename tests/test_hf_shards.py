@@ -126,3 +126,34 @@ def test_a_shard_that_is_a_link_is_not_followed(
     os.replace(copy / shard, tmp_path / shard)
     os.symlink(tmp_path / shard, copy / shard)
     refused(transformers.BertModel(_config()), copy, rf"shard '{shard}' is a symbolic link")
+
+
+@pytest.mark.parametrize("name", ["Bart", "Marian"])
+def test_tf_shards_of_variables_kept_under_their_full_name(tmp_path: Path, name: str) -> None:
+    """transformers' sharded TF save keeps a variable built outside the model's scope (BART's shared embeddings)
+    or of no layer (Marian's final_logits_bias) under its full name: the shards were refused ('download the
+    snapshot again'); they load as the unsharded file, with the TF model's outputs."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf_keras")
+    sizes = {"vocab_size": 99, "d_model": 16, "encoder_layers": 1, "decoder_layers": 1}
+    sizes |= {"encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 24}
+    sizes |= {"decoder_ffn_dim": 24, "max_position_embeddings": 32, "pad_token_id": 98}
+    config = getattr(transformers, f"{name}Config")(**sizes, decoder_start_token_id=98)
+    tf_class = "TFBartModel" if name == "Bart" else "TFMarianMTModel"
+    model = getattr(transformers, tf_class)(config)
+    ids = IDS % 90
+    inputs = {"input_ids": ids, "decoder_input_ids": ids[:, ::-1].copy()}
+    model(inputs)
+    rng = np.random.default_rng(5)
+    for variable in model.weights:
+        variable.assign(rng.normal(0.0, 0.3, tuple(variable.shape)).astype(np.float32))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    out = model(inputs, training=False)
+    expected = np.asarray(out.last_hidden_state if name == "Bart" else out.logits)
+    torch_class = "BartModel" if name == "Bart" else "MarianMTModel"
+    module = getattr(transformers, torch_class)(config).eval()
+    weightport.load(module, tmp_path / "sharded")
+    with torch.no_grad():
+        got = module(**{k: torch.from_numpy(v).long() for k, v in inputs.items()})
+    got_np = (got.last_hidden_state if name == "Bart" else got.logits).numpy()
+    np.testing.assert_allclose(got_np, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
