@@ -4,16 +4,25 @@ transformers records in ``config.json`` every setting the model was built with. 
 (its ``config`` a ``PretrainedConfig``) whose own configuration differs, the weights may fit while the
 forward does not: another norm eps, activation or head count gives other outputs with the same tensors.
 Every difference is refused but those only training, initialization or generation reads (dropout,
-initialization, generation's token ids, output flags): a setting known to change the forward (an eps, an
-activation, a head count, an embedding scale, where norms or positions go) is said to; of any other, whether
-it does is not known (ALBERT's layer count over one shared layer, a padding id that position ids are made
-from). Nested configurations (CLIP's ``text_config``) are compared setting by setting. A file alone (no
-config.json) records none of this: loaded into a transformers model, that is reported unchecked.
+initialization, generation's settings, output flags): a setting known to change the forward (an eps, an
+activation, a head count, an embedding scale, where norms or positions go) is said to; so are another model
+type (a Mistral snapshot into a Llama model: same tensors, another attention), tied or untied output
+embeddings, and special token ids (CLIP pools its text at ``eos_token_id``, BART starts its decoder at
+``decoder_start_token_id``); of any other, whether it does is not known (ALBERT's layer count over one shared
+layer, a padding id that position ids are made from). A list and a tuple of the same values are the same
+setting (config.json has no tuples). Settings config.json records that the model's configuration lacks
+(another transformers version wrote it) are reported unchecked. Nested configurations (CLIP's
+``text_config``) are compared setting by setting. A file alone (no config.json) records none of this:
+loaded into a transformers model, that is reported unchecked.
 
 >>> text, other = {"model_type": "t", "a": 1}, {"model_type": "t", "a": 2, "b": 0}
 >>> sorted(config_differences({"layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1, "text_config": text},
 ...                           {"layer_norm_eps": 1e-5, "hidden_dropout_prob": 0.0, "text_config": other}))
 [('layer_norm_eps', 1e-12, 1e-05), ('text_config.a', 1, 2)]
+>>> config_differences({"depths": [1, 2], "new_setting": 3}, {"depths": (1, 2)})
+[]
+>>> lacking_settings({"depths": [1, 2], "new_setting": 3, "dropout": 0.1}, {"depths": (1, 2)})
+['new_setting']
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from torch import nn
 
 from weightport.errors import Problem
 
-__all__ = ["config_differences", "snapshot_config_checks", "unrecorded_config_note"]
+__all__ = ["config_differences", "lacking_settings", "snapshot_config_checks", "unrecorded_config_note"]
 
 # settings that change the forward while every weight keeps its shape
 _FORWARD = re.compile(
@@ -39,15 +48,23 @@ _FORWARD = re.compile(
     r"residual_in_fp32|use_qk_norm|sliding_window|relative_attention_num_buckets|"
     r"relative_attention_max_distance"
 )
+# settings whose difference has a reason of its own
+_REASONS = {
+    "model_type": "a model of another type: the weights fit both, the forwards differ (attention, norms, "
+    "positions)",
+    "tie_word_embeddings": "the output embedding tied to the input one the other way: the snapshot's tensors "
+    "are not the model's (and T5 scales its decoder output only when tied)",
+}
+_TOKEN_ID = re.compile(r"^(bos|eos|pad|decoder_start|sep|cls|mask|unk)_token_id$")
 # settings only training, initialization, generation or the outputs' packaging read
 _IGNORED = re.compile(
-    r"(?<!token_)dropout|drop_path|layerdrop|initializer|init_std|token_ids$|"
-    r"^(bos|eos|decoder_start|sep|cls|mask|unk|forced_bos|forced_eos)_token_id$|^(id2label|label2id|num_labels|"
+    r"(?<!token_)dropout|drop_path|layerdrop|initializer|init_std|"
+    r"^(forced_bos|forced_eos)_token_id$|^(id2label|label2id|num_labels|"
     r"architectures|_name_or_path|transformers_version|torch_dtype|dtype|use_cache|return_dict|"
     r"output_attentions|output_hidden_states|torchscript|problem_type|finetuning_task|tokenizer_class|"
     r"prefix|task_specific_params|auto_map|_commit_hash|gradient_checkpointing|chunk_size_feed_forward|"
-    r"tie_word_embeddings|add_cross_attention|pruned_heads|_attn_implementation.*|"
-    r"model_type|bad_words_ids|begin_suppress_tokens|suppress_tokens|forced_decoder_ids|max_length|"
+    r"add_cross_attention|pruned_heads|_attn_implementation.*|"
+    r"bad_words_ids|begin_suppress_tokens|suppress_tokens|forced_decoder_ids|max_length|"
     r"min_length|num_beams|.*_penalty|do_sample|early_stopping|temperature|top_k|top_p|typical_p|"
     r"num_return_sequences|output_scores|return_dict_in_generate|tf_legacy_loss|use_bfloat16|"
     r"cross_attention_hidden_size|is_encoder_decoder|classifier_dropout)$"
@@ -72,7 +89,23 @@ def config_differences(
     return found
 
 
+def lacking_settings(recorded: Mapping[str, Any], built: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The settings ``recorded`` holds and ``built`` lacks (another transformers version wrote them), but
+    those only training, initialization or generation read; nested configurations' too."""
+    found = []
+    for key, value in recorded.items():
+        if _IGNORED.search(key):
+            continue
+        if key not in built:
+            found.append(prefix + key)
+        elif isinstance(value, Mapping) and isinstance(built[key], Mapping) and "model_type" in value:
+            found += lacking_settings(value, built[key], f"{prefix}{key}.")
+    return found
+
+
 def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # config.json writes tuples as lists
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b) or abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), abs(float(b)))
     return bool(a == b)
@@ -103,18 +136,35 @@ def snapshot_config_checks(
         Problem(
             f"config.{key}",
             f"{key}={value!r}, as {where}'s config.json records the model was built",
-            f"the model was built with {key}={own!r}: "
-            + (
-                "the weights fit both, the outputs differ"
-                if _FORWARD.search(key.rpartition(".")[2])
-                else "the weights fit both, and whether the outputs differ weightport does not know"
-            ),
+            f"the model was built with {key}={own!r}: " + _reason(key.rpartition(".")[2]),
             "build the model from the snapshot's configuration "
             "(AutoConfig.from_pretrained(folder), or Model.from_pretrained's config)",
         )
         for key, value, own in config_differences(recorded, built)
     ]
-    return problems, []
+    lacking = lacking_settings(recorded, built)
+    notes = (
+        [
+            f"{where}'s config.json records settings the model's configuration does not have ("
+            + ", ".join(lacking)
+            + "): written by another transformers version; whether the model reads them is not checked"
+        ]
+        if lacking
+        else []
+    )
+    return problems, notes
+
+
+def _reason(key: str) -> str:
+    if key in _REASONS:
+        return _REASONS[key]
+    if _FORWARD.search(key):
+        return "the weights fit both, the outputs differ"
+    if _TOKEN_ID.match(key):
+        return (
+            "a special token's id, which a forward may read (pooling at the end token, the decoder's start)"
+        )
+    return "the weights fit both, and whether the outputs differ weightport does not know"
 
 
 def unrecorded_config_note(module: nn.Module, where: str) -> str | None:

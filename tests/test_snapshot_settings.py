@@ -1,0 +1,154 @@
+"""A transformers snapshot's config.json held against the model: the model type, tied output embeddings and
+special token ids, which the same tensors fit while the forward differs, and lists against tuples.
+
+Each model here is saved by transformers itself; the oracle is the saved model's own output, and the same
+weights put into the other model by ``load_state_dict`` (which checks no configuration) show the outputs
+differ.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import weightport
+from conftest import refused
+
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.tensor([[5, 9, 2, 13, 7, 2, 4], [3, 8, 11, 2, 6, 12, 9]])
+LLAMA = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2}
+LLAMA |= {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}
+
+
+def _randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter drawn at random (norm weights too), so no setting hides behind a default value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+def _differ(saved: torch.nn.Module, other: torch.nn.Module, out: str, **inputs: Any) -> float:
+    """The largest difference of ``other``'s outputs from ``saved``'s with ``saved``'s weights in it."""
+    _missing, unexpected = other.load_state_dict(saved.state_dict(), strict=False)
+    assert not unexpected
+    with torch.no_grad():
+        return float((getattr(saved(**inputs), out) - getattr(other(**inputs), out)).abs().max())
+
+
+def test_a_snapshot_of_another_model_type_is_refused(tmp_path: Path) -> None:
+    """A Mistral snapshot (sliding-window attention) fits a LlamaForCausalLM tensor for tensor, and the outputs
+    differ: it loaded without a word (config.json's model_type was not compared, and sliding_window, which
+    LlamaConfig lacks, was skipped)."""
+    mistral = transformers.MistralConfig(**LLAMA, sliding_window=3, head_dim=8)
+    saved = _randomized(transformers.MistralForCausalLM(mistral), 0)
+    saved.save_pretrained(tmp_path / "mistral")
+    llama = transformers.LlamaConfig(
+        **LLAMA, bos_token_id=mistral.bos_token_id, eos_token_id=mistral.eos_token_id
+    )
+    assert _differ(saved, transformers.LlamaForCausalLM(llama).eval(), "logits", input_ids=IDS) > 1e-3
+    refused(
+        transformers.LlamaForCausalLM(llama),
+        tmp_path / "mistral",
+        r"'config\.model_type': expected model_type='mistral'.*built with model_type='llama': a model of "
+        r"another type",
+    )
+    weightport.load(model := transformers.MistralForCausalLM(mistral).eval(), tmp_path / "mistral")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, saved(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_tied_snapshot_into_an_untied_model_names_the_tie(tmp_path: Path, strict: bool) -> None:
+    """save_pretrained leaves a tied lm_head out: into an untied model the refusal asked for lm_head.weight or
+    strict=False, which loaded it 1-9 off (lm_head left as built). It names tie_word_embeddings, strict or not."""
+    saved = _randomized(
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA, tie_word_embeddings=True)), 1
+    )
+    saved.save_pretrained(tmp_path / "tied")
+    untied = transformers.LlamaConfig(**LLAMA, tie_word_embeddings=False)
+    refused(
+        transformers.LlamaForCausalLM(untied),
+        tmp_path / "tied",
+        r"'config\.tie_word_embeddings': expected tie_word_embeddings=True.*built with "
+        r"tie_word_embeddings=False: the output embedding tied to the input one the other way",
+        strict=strict,
+    )
+
+
+def test_an_untied_t5_into_a_tied_one_is_refused_though_its_tensors_fit(tmp_path: Path) -> None:
+    """T5 scales its decoder output by d_model**-0.5 only when tied: an untied snapshot whose lm_head equals its
+    shared embedding fits a tied model exactly, and the outputs differ."""
+    base = {"vocab_size": 40, "d_model": 16, "d_kv": 4, "d_ff": 24, "num_layers": 1, "num_heads": 4}
+    base |= {"relative_attention_num_buckets": 8, "decoder_start_token_id": 0}
+    untied = transformers.T5ForConditionalGeneration(transformers.T5Config(**base, tie_word_embeddings=False))
+    saved = _randomized(untied, 2)
+    with torch.no_grad():
+        saved.lm_head.weight.copy_(saved.shared.weight)
+    saved.save_pretrained(tmp_path / "t5")
+    tied = transformers.T5Config(**base, tie_word_embeddings=True)
+    inputs = {"input_ids": IDS, "decoder_input_ids": IDS[:, :3]}
+    assert _differ(saved, transformers.T5ForConditionalGeneration(tied).eval(), "logits", **inputs) > 1e-3
+    refused(
+        transformers.T5ForConditionalGeneration(tied),
+        tmp_path / "t5",
+        r"'config\.tie_word_embeddings': expected tie_word_embeddings=False",
+    )
+
+
+def _clip(eos: int) -> Any:
+    text = {"vocab_size": 30, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 12, "eos_token_id": eos}
+    vision = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision |= {"image_size": 8, "patch_size": 4}
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    return transformers.CLIPTextModelWithProjection(config.text_config).eval()
+
+
+def test_a_special_token_id_the_forward_reads_is_compared(tmp_path: Path) -> None:
+    """CLIP's text model pools at its eos_token_id (the highest id where it is 2, as older snapshots record):
+    another id loaded without a word, generation's token ids being taken as unread by the forward."""
+    saved = _randomized(_clip(eos=2), 3)
+    saved.save_pretrained(tmp_path / "clip")
+    assert _differ(saved, _clip(eos=7), "text_embeds", input_ids=IDS) > 1e-3
+    refused(
+        _clip(eos=7),
+        tmp_path / "clip",
+        r"'config\.eos_token_id': expected eos_token_id=2.*a special token's id, which a forward may read",
+    )
+
+
+def test_a_model_built_with_tuples_loads_its_own_snapshot(tmp_path: Path) -> None:
+    """config.json writes a tuple as a list: a ResNet built with depths=(1, 1) was refused against its own
+    snapshot ("depths=[1, 1] recorded, built with depths=(1, 1)")."""
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=(8, 16), depths=(1, 1), num_channels=3)
+    saved = _randomized(transformers.ResNetModel(config), 4)
+    for buffer in saved.buffers():
+        buffer.random_(1, 3) if buffer.dtype == torch.long else buffer.uniform_(0.5, 1.5)
+    saved.save_pretrained(tmp_path / "resnet")
+    model = transformers.ResNetModel(config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weightport.load(model, tmp_path / "resnet")
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(images).pooler_output, saved(images).pooler_output)
+
+
+def test_a_setting_the_models_configuration_lacks_is_reported_unchecked(tmp_path: Path) -> None:
+    """A config.json written by another transformers version may record a setting this one's configuration
+    does not have: it was skipped without a word; now the load says which, as unchecked."""
+    saved = _randomized(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)), 5)
+    saved.save_pretrained(tmp_path / "llama")
+    recorded = json.loads((tmp_path / "llama" / "config.json").read_text())
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({**recorded, "attention_sink_size": 4}))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+    with pytest.warns(weightport.UncheckedConfigWarning, match=r"does not have \(attention_sink_size\)"):
+        weightport.load(model, tmp_path / "llama")
