@@ -1395,7 +1395,7 @@ def links_inside_a_folder(ctx: Ctx) -> None:
         lambda: weightport.load(model(), snapshot_dir),
         SourceError,
         "Fix: load from a folder of plain files (huggingface_hub.snapshot_download(repo_id, local_dir=...) "
-        "writes one), or pass a single file's own path",
+        "writes one; or copy it with cp -rL), or pass a single file's own path (a shard holds only its part",
     )
     plain = ctx.tmp / "plain"
     shutil.copytree(snapshot_dir, plain, symlinks=False)  # what local_dir= writes: the files themselves

@@ -152,3 +152,52 @@ def test_a_setting_the_models_configuration_lacks_is_reported_unchecked(tmp_path
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
     with pytest.warns(weightport.UncheckedConfigWarning, match=r"does not have \(attention_sink_size\)"):
         weightport.load(model, tmp_path / "llama")
+
+
+def test_a_table_save_pretrained_leaves_out_is_left_as_the_model_computes_it(tmp_path: Path) -> None:
+    """MarianMTModel's save_pretrained skips its sinusoidal position tables (_keys_to_ignore_on_save): a
+    strict load of its own snapshot was refused asking for them; the model computes them as it is built."""
+    config = transformers.MarianConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=16,
+        pad_token_id=1, decoder_start_token_id=2,
+    )  # fmt: skip
+    saved = transformers.MarianMTModel(config).eval()
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in saved.named_parameters():
+            if "embed_positions" not in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    saved.save_pretrained(tmp_path / "marian")
+    model = transformers.MarianMTModel(config).eval()
+    weightport.load(model, tmp_path / "marian")
+    inputs = {"input_ids": IDS, "decoder_input_ids": IDS[:, :4]}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, saved(**inputs).logits)
+    with torch.device("meta"):  # built on meta, the tables have no values: refused, not left empty
+        on_meta = transformers.MarianMTModel(config)
+    with pytest.raises(
+        weightport.WeightportError,
+        match=r"embed_positions.weight' \(2 tensors\): expected values for it \(trans",
+    ):
+        weightport.load(on_meta, tmp_path / "marian")
+
+
+def test_a_buffer_the_model_computes_is_not_taken_from_an_older_checkpoint(tmp_path: Path) -> None:
+    """Older checkpoints hold buffers today's models register with persistent=False (BERT's position ids,
+    Llama's rotary frequencies); from_pretrained never loads them. Other values in the file were written into
+    the model (0.1-0.2 off); they are now ignored, as from_pretrained ignores them."""
+    from safetensors.torch import load_file, save_file
+
+    saved = _randomized(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)), 7)
+    saved.save_pretrained(tmp_path / "llama")
+    tensors = load_file(tmp_path / "llama" / "model.safetensors")
+    tensors["model.rotary_emb.inv_freq"] = saved.model.rotary_emb.inv_freq / 2
+    save_file(tensors, tmp_path / "llama" / "model.safetensors", metadata={"format": "pt"})
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+    report = weightport.load(model, tmp_path / "llama")
+    assert report.ignored == ["model.rotary_emb.inv_freq"]
+    expected = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, saved(input_ids=IDS).logits)
+        assert torch.equal(model(input_ids=IDS).logits, expected(input_ids=IDS).logits)

@@ -39,9 +39,11 @@ from weightport.torch_facts import (
     RNN_GATE_COUNT,
     describe_module,
     explain_shape,
+    non_persistent_buffers,
     recurrent_sizes,
     rnn_constructor,
     rnn_kind,
+    transformers_computed,
 )
 
 __all__ = ["Entry", "Plan", "build_plan", "NonFinite", "origin_of", "identity"]
@@ -136,18 +138,6 @@ def identity(tensor: torch.Tensor) -> Hashable:
     )
 
 
-def _non_persistent(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffers registered with ``persistent=False`` (rotary frequencies, position ids): no checkpoint is
-    required to hold them, but a source that does fills them, and on the meta device they need values."""
-    found: dict[str, torch.Tensor] = {}
-    for path, owner in module.named_modules(remove_duplicate=False):
-        for local in owner._non_persistent_buffers_set:
-            buffer = owner._buffers.get(local)
-            if buffer is not None:
-                found.setdefault(f"{path}.{local}" if path else local, buffer)
-    return found
-
-
 def _owner(module: nn.Module, name: str) -> nn.Module:
     path = name.rpartition(".")[0]
     return module.get_submodule(path) if path else module
@@ -217,6 +207,24 @@ def _suggest(
     return f"remove it{looks}, or pass strict=False to skip names the module does not have"
 
 
+def _computed_on_meta(full: str, skipped: bool, where: str) -> Problem:
+    """The problem of a tensor the model computes (which checkpoints leave out) left on the meta device."""
+    if skipped:
+        return Problem(
+            full,
+            "values for it (transformers' save_pretrained leaves it out: the model computes it as it is built)",
+            f"nothing in {where}, and the module on the meta device",
+            "build the model off meta, or give its values in the source",
+        )
+    return Problem(
+        full,
+        "values for it (a buffer registered with persistent=False, which checkpoints leave out, on the meta device)",
+        f"nothing in {where}",
+        "build the module's buffers off meta (create only the parameters on meta, e.g. "
+        "accelerate.init_empty_weights(include_buffers=False)), or give its values in the source",
+    )
+
+
 def _parametrized_hint(name: str, names: Collection[str]) -> str | None:
     module_path, _, leaf = name.rpartition(".")
     original = f"{module_path + '.' if module_path else ''}parametrizations.{leaf}.original"
@@ -238,8 +246,10 @@ def build_plan(
     """Check every rule of ``layout`` against ``module`` using infos only (no data read)."""
     plan = Plan(module=module, prefix=prefix, layout=layout)
     tensors = _tensors(module)
-    optional = {n: t for n, t in _non_persistent(module).items() if n not in tensors}
+    optional = {n: t for n, t in non_persistent_buffers(module).items() if n not in tensors}
     tensors.update(optional)
+    skipped, unloaded = transformers_computed(module)
+    optional |= {n: tensors[n] for n in skipped if n in tensors}
     problems = plan.problems
     written: dict[Hashable, Entry] = {}
     targeted: set[Hashable] = set()
@@ -272,6 +282,10 @@ def build_plan(
             continue
         tensor = tensors[target]
         targeted.add(identity(tensor))
+        if torch_names and target in unloaded and not tensor.is_meta:  # a checkpoint's, never loaded (see
+            # transformers_computed); an ONNX graph computes with the file's own, which go in
+            plan.ignored.extend(rule.sources or (target,))
+            continue
         entry = _entry(module, full, target, tensor, rule, source, problems, mismatched)
         if entry is None:
             continue
@@ -314,16 +328,7 @@ def build_plan(
             continue  # reported by _entry when targeted; lazy and untouched is fine
         if name in optional:
             if tensor.is_meta:
-                problems.append(
-                    Problem(
-                        prefix + name,
-                        "values for it (a buffer registered with persistent=False, which checkpoints leave "
-                        "out, on the meta device)",
-                        f"nothing in {source.description}",
-                        "build the module's buffers off meta (create only the parameters on meta, e.g. "
-                        "accelerate.init_empty_weights(include_buffers=False)), or give its values in the source",
-                    )
-                )
+                problems.append(_computed_on_meta(prefix + name, name in skipped, source.description))
             targeted.add(identity(tensor))
             continue
         if strict:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "RNN_KINDS",
@@ -34,6 +34,8 @@ __all__ = [
     "GATES_OF",
     "recurrent_sizes",
     "rnn_constructor",
+    "non_persistent_buffers",
+    "transformers_computed",
 ]
 
 RNN_KINDS = ("RNN", "LSTM", "GRU")  # the recurrent kinds PyTorch has: nn.RNN/LSTM/GRU and their cells
@@ -188,3 +190,42 @@ def rnn_constructor(owner: nn.Module, cls: str, inputs: int, hidden: int) -> str
     if cls.startswith("RNN") and nonlinearity != "tanh":
         extra.append(f"nonlinearity='{nonlinearity}'")
     return f"nn.{cls}({', '.join([str(inputs), str(hidden), *extra])})"
+
+
+def non_persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """Buffers registered with ``persistent=False`` (rotary frequencies, position ids): no checkpoint is
+    required to hold them, but a source that does fills them, and on the meta device they need values.
+
+    >>> import torch
+    >>> m = torch.nn.Module(); m.register_buffer("ids", torch.arange(3), persistent=False)
+    >>> list(non_persistent_buffers(m))
+    ['ids']
+    """
+    found: dict[str, Tensor] = {}
+    for path, owner in module.named_modules(remove_duplicate=False):
+        for local in owner._non_persistent_buffers_set:
+            buffer = owner._buffers.get(local)
+            if buffer is not None:
+                found.setdefault(f"{path}.{local}" if path else local, buffer)
+    return found
+
+
+def transformers_computed(module: nn.Module) -> tuple[set[str], set[str]]:
+    """``(skipped, unloaded)`` for the transformers models in ``module``: the tensors ``save_pretrained``
+    leaves out (a class's ``_keys_to_ignore_on_save``: Marian's sinusoidal position tables, which the model
+    computes as it is built), and the buffers registered with ``persistent=False``, which ``from_pretrained``
+    never loads (position ids, rotary frequencies: the model computes them; older checkpoints hold them).
+
+    >>> import torch
+    >>> transformers_computed(torch.nn.Linear(2, 2))
+    (set(), set())
+    """
+    skipped: set[str] = set()
+    unloaded: set[str] = set()
+    for path, sub in module.named_modules():
+        if not (hasattr(sub, "base_model_prefix") and hasattr(sub, "config")):
+            continue  # no transformers model
+        at = f"{path}." if path else ""
+        skipped |= {at + key for key in getattr(sub, "_keys_to_ignore_on_save", None) or ()}
+        unloaded |= {at + name for name in non_persistent_buffers(sub)}
+    return skipped, unloaded

@@ -304,7 +304,8 @@ def _pread_into(fd: int, out: memoryview, offset: int) -> int:
 LINKS_NOT_FOLLOWED = (
     "and links found inside a folder or an index are not followed (a Hugging Face cache snapshot links "
     "every file to its blobs/ folder). Fix: load from a folder of plain files "
-    "(huggingface_hub.snapshot_download(repo_id, local_dir=...) writes one), or pass a single file's own path"
+    "(huggingface_hub.snapshot_download(repo_id, local_dir=...) writes one; or copy it with cp -rL), or pass a "
+    "single file's own path (a shard holds only its part of the model; config.json is not read then)"
 )
 
 
