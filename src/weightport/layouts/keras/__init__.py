@@ -22,7 +22,7 @@ What maps, and how (each a rule over :mod:`weightport.transforms`):
   ``nn.ConvTranspose1d/2d``, ``GroupNormalization`` -> ``nn.GroupNorm``, ``MultiHeadAttention`` ->
   ``nn.MultiheadAttention`` (:mod:`.attention`), ConvNeXt's ``LayerScale`` -> a module's one layer-scale
   vector (:mod:`.scale`); ``Normalization``/``Rescaling`` hold no PyTorch weight and
-  are reported as ignored with their values (:mod:`.preprocessing`); padding, including a ``ZeroPadding2D``
+  are reported as ignored with their values and where they apply (:mod:`.preprocessing`); padding, including a ``ZeroPadding2D``
   before a conv, is held against the module's (:mod:`.padding`, :mod:`.graph`).
 
 Layers pair with the module's only where the pairing is proven
@@ -54,8 +54,10 @@ Settings that act on the input, the state or the output rather than inside the m
 a note saying what ``forward`` must do (in the pairing's "how" and ``LayoutPlan.forward_notes``, which a
 load gives as a :class:`~weightport.errors.ForwardNoteWarning`): ``go_backwards`` (flip the input),
 ``stateful`` (pass the state on), a Dense/Conv ``activation`` (apply it), Conv ``padding='causal'``
-and ``'same'`` with stride > 1 (pad the input; the module must have ``padding=0``), Embedding
-``mask_zero`` (pack the sequences). Training-only settings (dropout, initializers, ``unit_forget_bias``,
+and ``'same'`` with stride > 1 (pad the input; the module must have ``padding=0``), a ConvTranspose
+``'same'`` crop one more after than before (crop the output), MultiHeadAttention ``attention_axes`` other
+than a 3-D query's sequence (fold the query's axes), Embedding ``mask_zero`` (pack the sequences), and
+layers without weights whose settings PyTorch's defaults lack (a LeakyReLU's slope: :mod:`.weightless`). Training-only settings (dropout, initializers, ``unit_forget_bias``,
 momentum) and ``unroll``, ``return_sequences``, ``return_state``, ``data_format`` load as they are.
 Settings checked where the source carries a configuration (``.keras``, a full
 legacy ``.h5``, a live model): activation vs ``nonlinearity``, ``use_bias`` vs
@@ -125,9 +127,10 @@ from weightport.layouts.keras.layers import (
 )
 from weightport.layouts.keras.pointwise import as_linears
 from weightport.layouts.keras.pooling import pooling_notes
-from weightport.layouts.keras.preprocessing import set_aside
+from weightport.layouts.keras.preprocessing import reported, set_aside
 from weightport.layouts.keras.rules import part_rules
 from weightport.layouts.keras.scale import keras_slots
+from weightport.layouts.keras.weightless import weightless_notes
 from weightport.layouts.pairing import (
     Slot,
     SourceLayer,
@@ -171,7 +174,7 @@ def plan(
     layers, leftover = collect(source, graph)
     if hf.claims(layers, source):  # transformers' tf_model.h5: by transformers' names
         return hf.plan(module, source, layers, leftover, mapping)
-    layers, preprocessing = set_aside(layers, source)
+    layers, preprocessing = set_aside(layers)
     unique_names(layers)
     mapping = _translate(mapping, layers)
     slots = keras_slots(module)
@@ -266,6 +269,7 @@ def plan(
         unchecked.append(
             "a .keras file (model.save('model.keras')) records these settings so they can be checked"
         )
+    modules = {p.source_layer: p.module_path for p in pairings}  # to say where a layer without weights sits
     used = {s for rule in rules for s in rule.sources}
     unmatched += [t for r in resolved for t in r.layer.tensors if t not in used]
     return LayoutPlan(
@@ -276,8 +280,10 @@ def plan(
         unmatched=unmatched,
         unchecked=unchecked,
         scope=wrapped_scope(pairs),
-        not_weights=preprocessing,
-        forward_notes=list(dict.fromkeys(forward_notes + pooling_notes(graph))),
+        not_weights=reported(preprocessing, source, graph, modules),
+        forward_notes=list(
+            dict.fromkeys(forward_notes + pooling_notes(graph) + weightless_notes(graph, modules))
+        ),
     )
 
 

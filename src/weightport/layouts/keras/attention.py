@@ -89,7 +89,7 @@ def attention_rules(part: Part, slot: Slot, origin: str) -> list[Rule]:
     return rules
 
 
-def attention_problems(part: Part, slot: Slot, label: str) -> list[Problem]:
+def attention_problems(part: Part, slot: Slot, label: str, rank: int | None) -> list[Problem]:
     """What ``nn.MultiheadAttention`` cannot compute, or is built otherwise than the Keras layer."""
     kernels = _shapes(part)
     m: Any = slot.module
@@ -147,25 +147,99 @@ def attention_problems(part: Part, slot: Slot, label: str) -> list[Problem]:
                 "build nn.MultiheadAttention with add_bias_kv=False",
             )
         )
-    axes = (part.config or {}).get("attention_axes")
-    if axes not in (None, [1], (1,), 1, [-2], -2):
-        problems.append(
-            Problem(
-                label,
-                "attention over the sequence axis (Keras attention_axes=None)",
-                f"Keras attention_axes={axes}",
-                "nn.MultiheadAttention attends over one sequence axis: rebuild the Keras layer with attention_axes=None",
-            )
-        )
+    _, problem = axes_verdict(part.config, rank)
+    if problem is not None:
+        problems.append(Problem(label, *problem))
     return problems
 
 
-def attention_notes(slot: Slot) -> list[str]:
+def attention_notes(part: Part, slot: Slot, rank: int | None) -> list[str]:
+    """What ``forward`` must do around the module: the order of its arguments, the batch axis, and how the
+    query's axes become one sequence (:func:`axes_verdict`); ``rank``: the query's, where known."""
     m: Any = slot.module
     notes = ["Keras is called (query, value, key=value) and PyTorch (query, key, value)"]
     if not m.batch_first:
         notes.append("Keras takes (batch, time, features): build it with batch_first=True, or transpose")
-    return notes
+    folded, _ = axes_verdict(part.config, rank)
+    return notes + ([folded] if folded else [])
+
+
+def _axes(value: Any) -> tuple[int, ...] | None:
+    """A recorded ``attention_axes`` as a tuple (None: Keras's default)."""
+    if value is None:
+        return None
+    return (int(value),) if isinstance(value, int) else tuple(int(a) for a in value)
+
+
+def axes_verdict(
+    cfg: Mapping[str, Any] | None, rank: int | None
+) -> tuple[str | None, tuple[str, str, str] | None]:
+    """How ``nn.MultiheadAttention``, which attends over dim 1 of a ``(batch, sequence, features)`` input,
+    computes a Keras MultiHeadAttention over its ``attention_axes`` of a query of ``rank`` axes: as it is
+    (one sequence axis), once ``forward`` folds the other axes into the batch and flattens the attended ones
+    into one sequence (a note saying how), or not knowably (a problem).
+
+    Keras attends over the given axes jointly (one softmax over all their positions), separately for each
+    index of the other axes between the batch and the features; ``None`` means all of them, and a negative
+    axis counts from the features (``-2``: the last before them).
+
+    >>> axes_verdict({"attention_axes": None}, 3), axes_verdict({"attention_axes": [1]}, 3)
+    ((None, None), (None, None))
+    >>> axes_verdict({"attention_axes": [-2]}, 4)[0]
+    'Keras attends over axis 2 of its 4-D query (attention_axes=[-2]) separately for each index of axis 1: fold that into the batch before the module, q.flatten(0, 1) (key and value likewise), and unfold its output, out.unflatten(0, q.shape[:2])'
+    """
+    raw = _axes((cfg or {}).get("attention_axes"))
+    said = f"attention_axes={list(raw) if raw is not None else None}"
+    if rank is None:
+        if raw is None or raw == (-2,):
+            return None, None  # one sequence axis for a (batch, time, features) query, the usual case
+        return None, (
+            "a query rank to judge attention_axes against (nn.MultiheadAttention attends over one sequence "
+            "axis, and whether this is that one, or how the others must fold, depends on the query's axes)",
+            f"Keras {said}, and the source records no shape the layer was built for",
+            "load the .keras file (model.save('model.keras')), which records the query's shape",
+        )
+    between = tuple(range(1, rank - 1))
+    axes = between if raw is None else tuple(sorted({a if a >= 0 else rank + a for a in raw}))
+    if not axes or not set(axes) <= set(between):
+        return None, (
+            f"attention axes between the batch axis and the features (1 to {rank - 2} of a {rank}-D query)",
+            f"Keras {said}",
+            "rebuild the Keras layer with attention_axes=None and retrain",
+        )
+    return _fold_note(axes, tuple(a for a in between if a not in axes), rank, said), None
+
+
+def _fold_note(axes: tuple[int, ...], others: tuple[int, ...], rank: int, said: str) -> str | None:
+    """What ``forward`` must do so that dim 1 of the module's input is the attended axes, flattened into
+    one sequence, and its batch the batch and every other axis (None: it is so already)."""
+    if len(axes) == 1 and not others:
+        return None
+    what = f"Keras attends over {_named(axes)} of its {rank}-D query ({said})"
+    if not others:
+        return (
+            f"{what} jointly: flatten them into one sequence before the module, q.flatten(1, {rank - 2}) (key and "
+            f"value likewise), and unflatten its output, out.unflatten(1, q.shape[1:{rank - 1}])"
+        )
+    each = f"separately for each index of {_named(others)}"
+    if axes == (rank - 2,):
+        return (
+            f"{what} {each}: fold {'that' if len(others) == 1 else 'those'} into the batch before the module, "
+            f"q.flatten(0, {rank - 3}) (key and value likewise), and unfold its output, "
+            f"out.unflatten(0, q.shape[:{rank - 2}])"
+        )
+    order = (0, *others, *axes, rank - 1)
+    return (
+        f"{what}{' jointly' if len(axes) > 1 else ''}, {each}: before the module, move the other axes next to "
+        "the batch and fold them into it, and the attended ones next to the features, flattened into one "
+        f"sequence, q.permute{order}.reshape(-1, n, q.shape[-1]) with n the product of the attended axes' sizes "
+        f"(key and value likewise); undo both on its output, out.reshape(q.permute{order}.shape).permute"
+        f"{tuple(order.index(i) for i in range(rank))}"
+    )
+
+
+def _named(axes: tuple[int, ...]) -> str:
+    return f"axis {axes[0]}" if len(axes) == 1 else f"axes {', '.join(map(str, axes))}"
 
 
 def attention_export(slot: Slot, state: Mapping[str, Any], path: str) -> dict[str, np.ndarray]:

@@ -145,8 +145,12 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
         note, _ = padding_verdict(cfg, m, found.layer)
         if note:  # a module that pads by itself leaves forward nothing to do
             notes.append((note, padding_of(m) == ((0, 0),) * len(m.kernel_size)))
+    if kind in ("ConvTranspose1d", "ConvTranspose2d"):
+        note, _ = transpose_verdict(cfg, m)
+        if note:
+            notes.append((note, True))
     if kind == "MultiheadAttention":
-        notes += [(note, True) for note in attention_notes(slot)]
+        notes += [(note, True) for note in attention_notes(part, slot, found.layer.input_rank)]
     if kind == "Embedding" and cfg.get("mask_zero"):
         notes.append(
             (
@@ -356,7 +360,7 @@ def _check_bias(found: Resolved, part: Part, slot: Slot, problems: list[Problem]
     if part.cls in DEPTHWISE:
         _check_depthwise(part, slot, problems, label)
     if kind == "MultiheadAttention":
-        problems += attention_problems(part, slot, label)
+        problems += attention_problems(part, slot, label, found.layer.input_rank)
 
 
 def _check_depthwise(part: Part, slot: Slot, problems: list[Problem], label: str) -> None:

@@ -74,7 +74,7 @@ def _add_model(model_config: Any, feeds: list[str], out: dict[str, _Node]) -> li
             renamed[name] = previous = _add_model(entry, inputs, out)
             continue
         build = entry.get("build_config")
-        shape = build.get("input_shape") if isinstance(build, dict) else None
+        shape = _built_shape(build)
         built = (
             tuple(shape)
             if isinstance(shape, list) and all(isinstance(d, (int, type(None))) for d in shape)
@@ -86,6 +86,15 @@ def _add_model(model_config: Any, feeds: list[str], out: dict[str, _Node]) -> li
         return previous
     ends = _histories(inner.get("output_layers"))
     return [n for end in ends for n in renamed.get(end, [end])] or previous
+
+
+def _built_shape(build: Any) -> Any:
+    """The input shape a ``build_config`` records: ``input_shape``, or a MultiHeadAttention's query's
+    (``shapes_dict``'s ``query_shape``)."""
+    if not isinstance(build, dict):
+        return None
+    shapes = build.get("shapes_dict")
+    return build.get("input_shape") or (shapes.get("query_shape") if isinstance(shapes, dict) else None)
 
 
 def flattened_maps(graph: dict[str, _Node]) -> dict[str, FlatMap]:

@@ -16,7 +16,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["tf_same", "dynamic_same", "padding_of", "padding_verdict", "transpose_verdict", "TF_SAME"]
+__all__ = [
+    "tf_same",
+    "dynamic_same",
+    "padding_of",
+    "padding_verdict",
+    "transpose_verdict",
+    "keras_crop",
+    "TF_SAME",
+]
 
 TF_SAME = (
     "pad each spatial axis of size n by max((ceil(n / stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0) "
@@ -178,43 +186,93 @@ def padding_verdict(cfg: Any, m: Any, layer: Any) -> Verdict:
     )
 
 
-def transpose_verdict(cfg: Any, m: Any) -> Verdict:
-    """Whether a ConvTranspose crops as a Keras Conv1DTranspose/Conv2DTranspose with ``cfg``.
+def keras_crop(kernel: int, stride: int, dilation: int, padding: str, extra: int | None) -> tuple[int, int]:
+    """What Keras crops of a transposed conv's full result on one axis, as (before, after); ``after`` is
+    negative where Keras adds positions instead (zero contributions: the bias alone).
 
-    Keras gives ``(n - 1) * s + k_eff`` outputs for ``'valid'`` (plus ``output_padding`` at the end) and
-    ``n * s`` for ``'same'``, cropping ``P = k_eff - s`` of the full result, ``P // 2`` before; PyTorch
-    crops ``padding`` at both ends and adds ``output_padding`` at the end.
+    On ``n`` inputs the full result is ``(n - 1) * stride + k`` long (``k = (kernel - 1) * dilation + 1``).
+    Keras's output is ``n * stride + max(k - stride, 0)`` long for ``'valid'`` (the full result plus
+    ``output_padding`` where one is given), ``n * stride`` for ``'same'``, and ``(n - 1) * stride + k - 2 * (k //
+    2) + output_padding`` for ``'same'`` with it, cropped at the start by half (rounded down) of what
+    TensorFlow's ``'same'`` rule pads a conv over that output by; none of it depends on ``n``.
+
+    >>> keras_crop(2, 3, 1, "valid", None), keras_crop(3, 2, 1, "same", None), keras_crop(2, 1, 1, "same", None)
+    ((0, -1), (0, 1), (0, 1))
+    """
+    n = 10  # any size: the amounts are the same for all
+    k = (kernel - 1) * dilation + 1
+    full = (n - 1) * stride + k
+    if padding == "valid":
+        return 0, -(max(stride - k, 0) if extra is None else extra)
+    if extra is None:
+        before, size = max(k - stride, 0) // 2, n * stride
+    else:
+        size = full - 2 * (k // 2) + extra
+        rest = size - (n - 1) * stride
+        before = max(k - (stride if rest == 0 else rest), 0) // 2
+    return before, full - before - size
+
+
+def _per_axis(value: Any, rank: int) -> tuple[Any, ...]:
+    """A Keras setting given once or per axis, per axis."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * rank
+
+
+def _crop_slice(crops: tuple[tuple[int, int], ...]) -> str:
+    """The slice of a channels-first output ``y`` that crops (before, after) off each spatial axis."""
+    return "y[..., " + ", ".join(f"{b}:{-a if a else ''}" for b, a in crops) + "]"
+
+
+def _crops_said(crops: tuple[tuple[int, int], ...]) -> str:
+    if len(set(crops)) == 1 and min(crops[0]) >= 0:
+        return f"{crops[0][0]} before and {crops[0][1]} after on {'each' if len(crops) > 1 else 'the'} axis"
+    return f"{crops} (before, after) per axis"
+
+
+def transpose_verdict(cfg: Any, m: Any) -> Verdict:
+    """Whether a ConvTranspose crops as a Keras Conv1DTranspose/Conv2DTranspose with ``cfg``: exactly (its
+    twin), once ``forward`` crops its output (a note), or not (a problem).
+
+    PyTorch crops ``padding`` off both ends of the full result, then adds ``output_padding`` positions at
+    the end, so its twin has ``padding = before`` and ``output_padding = before - after`` of
+    :func:`keras_crop`'s amounts; where Keras crops one more after than before (an odd crop), no
+    ConvTranspose has them, and ``forward`` crops what the module leaves.
+
+    >>> from torch import nn
+    >>> transpose_verdict({"padding": "valid", "strides": 3}, nn.ConvTranspose1d(1, 1, 2, stride=3, output_padding=1))
+    (None, None)
+    >>> transpose_verdict({"padding": "same"}, nn.ConvTranspose2d(1, 1, 2))[0]
+    "Keras padding='same' crops its output unevenly, which no nn.ConvTranspose2d does: crop the module's output in forward by 0 before and 1 after on each axis, y[..., 0:-1, 0:-1]"
     """
     padding = str(cfg.get("padding", "valid")).lower()
-    extra = cfg.get("output_padding")
-    rank = len(m.kernel_size)
-    extra = (
-        (0,) * rank
-        if extra is None
-        else (tuple(extra) if isinstance(extra, (list, tuple)) else (extra,) * rank)
+    given = cfg.get("output_padding")
+    said = f"Keras padding='{padding}'" + ("" if given is None else f" with output_padding={given}")
+    extra = _per_axis(given, len(m.kernel_size))
+    keras = tuple(
+        keras_crop(k, s, d, padding, e) for k, s, d, e in zip(m.kernel_size, m.stride, m.dilation, extra)
     )
-    pads, outs = [], []
-    for k, s, d, e in zip(m.kernel_size, m.stride, m.dilation, extra):
-        if padding == "valid":
-            pads.append(0)
-            outs.append(e)
-            continue
-        crop = (k - 1) * d + 1 - s
-        if cfg.get("output_padding") is not None or (crop > 0 and crop % 2):
-            return None, (
-                f"a crop PyTorch can make (Keras padding='same' crops {crop // 2} before and "
-                f"{crop - crop // 2} after{' with output_padding' if cfg.get('output_padding') is not None else ''})",
-                f"padding={m.padding}, output_padding={m.output_padding}",
-                "nn.ConvTranspose crops the same amount at both ends: build the module with padding=0 and "
-                "output_padding=0, and crop the output in forward as Keras does (on this axis, "
-                f"{crop // 2} before and {crop - crop // 2} after)",
-            )
-        pads.append(max(crop, 0) // 2)
-        outs.append(max(-crop, 0))
-    if tuple(m.padding) == tuple(pads) and tuple(m.output_padding) == tuple(outs):
-        return None, None
+    found = f"padding={m.padding}, output_padding={m.output_padding}"
+    if all(before >= after for before, after in keras):  # the twin exists
+        pads, outs = tuple(b for b, _ in keras), tuple(b - a for b, a in keras)
+        if tuple(m.padding) == pads and tuple(m.output_padding) == outs:
+            return None, None
+        return None, (
+            f"padding={pads}, output_padding={outs} ({said})",
+            found,
+            f"build the module with padding={pads}, output_padding={outs}",
+        )
+    crops = tuple((b - p, a - p + o) for (b, a), p, o in zip(keras, m.padding, m.output_padding))
+    if min(min(c) for c in crops) >= 0:
+        return (
+            f"{said} crops its output unevenly, which no nn.{type(m).__name__} does: crop the module's output "
+            f"in forward by {_crops_said(crops)}, {_crop_slice(crops)}",
+            None,
+        )
+    outs = tuple(max(-a, 0) for _, a in keras)
+    crops = tuple((b, a + o) for (b, a), o in zip(keras, outs))
     return None, (
-        f"padding={tuple(pads)}, output_padding={tuple(outs)} (Keras padding='{padding}')",
-        f"padding={m.padding}, output_padding={m.output_padding}",
-        f"build the module with padding={tuple(pads)}, output_padding={tuple(outs)}",
+        f"a crop PyTorch can make ({said} crops {_crops_said(keras)})",
+        found,
+        "nn.ConvTranspose crops the same amount at both ends: build the module with padding=0 and "
+        f"output_padding={outs}, and crop its output in forward by {_crops_said(crops)}, {_crop_slice(crops)}",
     )
