@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import weightport
-from conftest import snapshot
+from conftest import refused, snapshot
 from weightport import SourceError
 from weightport.inspect import describe_source
 
@@ -214,3 +214,37 @@ def test_msgpack_nesting_and_declared_sizes_are_bounded(tmp_path: Path, content:
     path.write_bytes(content)
     with pytest.raises(SourceError, match=match):
         weightport.open_source(path)
+
+
+def test_an_expanded_target_is_refused_before_anything_is_written() -> None:
+    """A stride-0 buffer passed the checks and failed half-way through the writes, blaming the source ('the
+    file changed while it was being read') with another buffer already written and not put back."""
+    m = torch.nn.Module()
+    m.register_buffer("a", torch.zeros(3))
+    m.register_buffer("x", torch.zeros(1, 3).expand(4, 3))
+    m.register_buffer("z", torch.zeros(3))
+    arrays = {"a": np.ones(3), "x": np.arange(12.0).reshape(4, 3), "z": np.ones(3)}
+    refused(m, arrays, r"'x': expected a tensor with memory of its own.*an expanded tensor")
+    m.x = m.x.clone()  # the fix it names
+    weightport.load(m, arrays)
+    assert torch.equal(m.x, torch.arange(12.0).reshape(4, 3).float())
+
+
+def test_targets_whose_memory_overlaps_in_part_are_refused() -> None:
+    """Two parameters viewing overlapping parts of one storage: the load succeeded and 'a' held [1, 7, 8]
+    where the source gave [1, 2, 3]. A tie (the same view twice) still loads; interleaved columns of one
+    storage share no element and load."""
+    base = torch.zeros(4)
+    m = torch.nn.Module()
+    m.a, m.b = torch.nn.Parameter(base[:3]), torch.nn.Parameter(base[1:])
+    refused(
+        m,
+        {"a": np.array([1.0, 2, 3]), "b": np.array([7.0, 8, 9])},
+        r"'b': .*shares part of its memory with 'a'",
+    )
+    grid = torch.zeros(3, 2)
+    cols = torch.nn.Module()
+    cols.register_buffer("left", grid[:, 0])
+    cols.register_buffer("right", grid[:, 1])
+    weightport.load(cols, {"left": np.array([1.0, 2, 3]), "right": np.array([4.0, 5, 6])})
+    assert grid.tolist() == [[1.0, 4.0], [2.0, 5.0], [3.0, 6.0]]

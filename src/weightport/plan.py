@@ -33,6 +33,7 @@ from weightport.errors import Problem, a_or_an, counted
 from weightport.layouts.base import LayoutPlan, Rule
 from weightport.options import NonFinite
 from weightport.sources.base import Source, TensorInfo
+from weightport.tensors import shared_memory_problems
 from weightport.torch_facts import (
     GATES_OF,
     RECURRENT_PARAM,
@@ -297,6 +298,7 @@ def build_plan(
         written[identity(tensor)] = entry
         plan.entries.append(entry)
 
+    problems += shared_memory_problems([(e.target, e.tensor) for e in plan.entries])
     _explain_recurrent_sizes(module, prefix, source, mismatched, problems)
     if torch_names:
         problems.extend(_square_too(plan.entries, mismatched, prefix))

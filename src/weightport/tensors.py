@@ -23,9 +23,18 @@ import torch
 from torch import nn
 
 from weightport.dtypes import ML_FLOAT_NAMES, is_ml_float, ml_float
-from weightport.errors import SourceError
+from weightport.errors import Problem, SourceError
 
-__all__ = ["to_torch_dtype", "to_numpy_dtype", "as_torch", "numpy_of", "narrow", "unwrap"]
+__all__ = [
+    "to_torch_dtype",
+    "to_numpy_dtype",
+    "as_torch",
+    "numpy_of",
+    "narrow",
+    "unwrap",
+    "shared_memory",
+    "shared_memory_problems",
+]
 
 _PAIRS: list[tuple[np.dtype, torch.dtype]] = [
     (np.dtype(np.float64), torch.float64),
@@ -154,3 +163,79 @@ def unwrap(module: nn.Module) -> nn.Module:
             module = module.module
             continue
         return module
+
+
+def shared_memory(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, str | None]]:
+    """Tensors a write into would change other elements than its own: ``(name, None)`` for one whose elements
+    share memory (expanded: a stride of 0), ``(name, other)`` for two whose memory overlaps in part (two views
+    of the same elements the same way are one tied tensor, not an overlap).
+
+    >>> base = torch.zeros(4)
+    >>> shared_memory([("a", base[:3]), ("b", base[1:]), ("c", torch.zeros(1, 3).expand(2, 3))])
+    [('b', 'a'), ('c', None)]
+    >>> shared_memory([("a", base[:2]), ("b", base[2:]), ("tied", base[:2])])
+    []
+    """
+    found: list[tuple[str, str | None]] = []
+    spans: dict[int, list[tuple[str, torch.Tensor, int, int]]] = {}
+    for name, t in named:
+        if (
+            type(t) not in (torch.Tensor, nn.Parameter)
+            or t.layout != torch.strided
+            or t.is_meta
+            or not t.numel()
+        ):
+            continue
+        if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
+            found.append((name, None))
+            continue
+        shape, strides, offset = (
+            [int(n) for n in t.shape],
+            [int(x) for x in t.stride()],
+            int(t.storage_offset()),
+        )
+        first = offset + sum((n - 1) * x for n, x in zip(shape, strides) if x < 0)
+        last = offset + sum((n - 1) * x for n, x in zip(shape, strides) if x > 0)
+        begin, end = first * t.element_size(), (last + 1) * t.element_size()
+        for other, u, b, e in spans.setdefault(t.untyped_storage().data_ptr(), []):
+            same = (u.storage_offset(), u.shape, u.stride(), u.dtype) == (
+                offset,
+                t.shape,
+                t.stride(),
+                t.dtype,
+            )
+            if not same and b < end and begin < e and _elements_meet(t, u):
+                found.append((name, other))
+                break
+        spans[t.untyped_storage().data_ptr()].append((name, t, begin, end))
+    return found
+
+
+def _elements_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views of one storage whose byte ranges overlap share a byte (interleaved columns do not)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+
+    def bytes_of(t: torch.Tensor) -> np.ndarray:
+        offsets = np.zeros((), np.int64)
+        for n, step in zip(t.shape, t.stride()):
+            offsets = np.add.outer(offsets, np.arange(int(n), dtype=np.int64) * int(step))
+        starts = (offsets.reshape(-1) + int(t.storage_offset())) * t.element_size()
+        return np.add.outer(starts, np.arange(t.element_size())).reshape(-1)
+
+    return bool(np.intersect1d(bytes_of(a), bytes_of(b)).size)
+
+
+def shared_memory_problems(named: list[tuple[str, torch.Tensor]]) -> list[Problem]:
+    """A problem for each tensor of :func:`shared_memory`: found before anything is written (a copy into an
+    expanded tensor fails half-way; into one overlapping another, it overwrites part of that one)."""
+    problems = []
+    for name, other in shared_memory(named):
+        if other is None:
+            found = "an expanded tensor: its elements share memory (a stride of 0), so one write sets several"
+            fix = f"give it memory of its own before loading (set it to {name}.clone(), or build it without expand)"
+        else:
+            found = f"a view that shares part of its memory with '{other}', so writing one changes the other"
+            fix = "give each memory of its own (clone one), or make them one tensor (a tie) if they are one"
+        problems.append(Problem(name, "a tensor with memory of its own to write into", found, fix))
+    return problems
