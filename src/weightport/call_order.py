@@ -89,7 +89,8 @@ _AS_THEY_ARE = frozenset(
 )  # fmt: skip
 
 
-_CONVS = frozenset(f"conv{k}d" for k in (1, 2, 3)) | frozenset(f"conv_transpose{k}d" for k in (1, 2, 3))
+_FORWARD_CONVS = frozenset(f"conv{k}d" for k in (1, 2, 3))
+_CONVS = _FORWARD_CONVS | frozenset(f"conv_transpose{k}d" for k in (1, 2, 3))
 _PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"})
 _RESHAPES = frozenset(
     {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
@@ -117,9 +118,13 @@ class _Dataflow(TorchFunctionMode):
         self.changed: set[str] = set()
         self.read: set[str] = set()
         self.axes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> what its axes are (Axes)
-        self.zero_padded: WeakIdKeyDictionary = (
-            WeakIdKeyDictionary()
-        )  # tensor -> F.pad's amounts that made it
+        # tensor -> F.pad's amounts that made it, and the tensor it padded
+        self.zero_padded: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.entered: dict[
+            str, torch.Tensor
+        ] = {}  # each called module's path -> its first input (first call)
+        # conv module path -> F.pad's amounts its own forward put on its input before its convolution
+        self.padded_inside: dict[str, tuple[int, ...]] = {}
 
     def inputs(self, values: Any) -> None:
         """Take the tensors among ``values`` as the model's inputs: each axis its own (``i0``, ``i1`` ...)."""
@@ -145,6 +150,8 @@ class _Dataflow(TorchFunctionMode):
             self._follow_layout(name, args, kwargs, out)
             if name == "pad":
                 self._note_zero_pad(args, kwargs, out)
+            elif name in _FORWARD_CONVS:
+                self._note_padded_conv(args, kwargs)
         return out
 
     def _note_zero_pad(self, args: Any, kwargs: Any, out: torch.Tensor) -> None:
@@ -153,8 +160,21 @@ class _Dataflow(TorchFunctionMode):
         pad = kwargs.get("pad", given[1])
         mode = kwargs.get("mode", given[2] or "constant")
         value = kwargs.get("value", given[3])
+        padded = kwargs.get("input", args[0] if args else None)
         if mode == "constant" and not value and isinstance(pad, (list, tuple)):
-            self.zero_padded[out] = tuple(int(p) for p in pad)
+            self.zero_padded[out] = (tuple(int(p) for p in pad), padded)
+
+    def _note_padded_conv(self, args: Any, kwargs: Any) -> None:
+        """Note a convolution by a module's own weight on that module's input zero-padded inside its forward
+        (timm's ``Conv2dSame``: ``F.pad`` then ``F.conv2d``): the padding is that conv's, as one before it is."""
+        given = [*args, None, None]
+        x, weight = kwargs.get("input", given[0]), kwargs.get("weight", given[1])
+        owner = self.names.get(id(weight), "").rpartition(".")[0]
+        if not isinstance(x, torch.Tensor) or not owner or x not in self.zero_padded:
+            return
+        amounts, padded = self.zero_padded[x]
+        if padded is not None and self.entered.get(owner) is padded:
+            self.padded_inside.setdefault(owner, amounts)
 
     def _follow_layout(self, name: str, args: Any, kwargs: Any, out: torch.Tensor) -> None:
         """Note which axes of the input ``out``'s axes are (:data:`Axes`): a convolution's map starts them,
@@ -307,8 +327,9 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
         first = next(_tensors(args), None)
         if first is not None:
             calls.input_shapes.setdefault(path, tuple(first.shape))
+            flow.entered.setdefault(path, first)
             if first in flow.zero_padded:
-                calls.padded_input.setdefault(path, flow.zero_padded[first])
+                calls.padded_input.setdefault(path, flow.zero_padded[first][0])
             flat = flow.flat_read(first)
             if flat is not None:
                 calls.flat_input.setdefault(path, flat)
@@ -328,6 +349,7 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
         with flow:
             _trace(model, args, kwargs, flow)
         calls.changed, calls.read = flow.changed, flow.read
+        _add_pads(calls.padded_input, flow.padded_inside)
     except Exception as error:  # any failure of the forward is the inputs' problem
         raise LayoutError(
             f"example_inputs: one forward pass of {type(model).__name__}, run to learn the order it calls "
@@ -345,6 +367,23 @@ def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
             if id(module) in flat:  # the swapped-in tensors: put the model's own back
                 module._flat_weights = flat[id(module)]  # type: ignore[assignment]
     return calls
+
+
+def _add_pads(padded: dict[str, tuple[int, ...]], inside: dict[str, tuple[int, ...]]) -> None:
+    """Add the zero padding each conv's forward puts on its input to any that made that input: both pad it.
+
+    >>> padded = {"a": (1, 1)}
+    >>> _add_pads(padded, {"a": (0, 1, 0, 0), "b": (0, 1)})
+    >>> padded
+    {'a': (1, 2, 0, 0), 'b': (0, 1)}
+    """
+    for path, amounts in inside.items():
+        before = padded.get(path, ())
+        width = max(len(before), len(amounts))
+        padded[path] = tuple(
+            (before[k] if k < len(before) else 0) + (amounts[k] if k < len(amounts) else 0)
+            for k in range(width)
+        )
 
 
 class CallOrder(Mapping[str, int]):
@@ -474,6 +513,8 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], flow
     flow.own(own)
     flow.changed.clear()
     flow.read.clear()
+    flow.entered.clear()
+    flow.padded_inside.clear()
     flow.inputs((args, kwargs))
     with torch.no_grad():
         torch.func.functional_call(model, own, args, kwargs, tie_weights=True, strict=False)

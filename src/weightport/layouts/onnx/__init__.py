@@ -79,7 +79,7 @@ from the module and reported as unchecked.
 The package, one phase a module (each imports only those before it): ``ops`` (what each ONNX op is in
 PyTorch), ``graph`` (nodes, wiring, values followed), ``issues`` (refusals), ``pads``, ``checks`` (node
 settings), ``norm_eps`` (the eps of a norm written as basic ops), ``attention`` (MultiheadAttention and named
-parameters), ``layers`` (finding the layers), ``rules`` (rules for a paired layer), ``folding`` (BatchNorms folded
+parameters), ``groupnorm`` (a GroupNorm's unnamed weight and bias), ``layers`` (finding the layers), ``rules`` (rules for a paired layer), ``folding`` (BatchNorms folded
 into the layer before them), ``hints`` (why a module layer got nothing) and ``arrays`` (export() and its
 key scheme).
 
@@ -109,6 +109,7 @@ from weightport.layouts.onnx.folding import (
     statistics_note,
 )
 from weightport.layouts.onnx.graph import Graph, Layer, read_nodes, weight_names
+from weightport.layouts.onnx.groupnorm import check_group_norm
 from weightport.layouts.onnx.hints import (
     explain_unrolled_recurrence,
     loop_hints,
@@ -245,6 +246,8 @@ def plan(
             uses=uses,
             padded=padded,
         )
+        if graph is not None:
+            check_group_norm(layer, pair.slot, graph, issues, unchecked)
         if bn is not None:
             more, pairing = fold_rules(layer, pair, bn, how, source, issues)
             rules += more

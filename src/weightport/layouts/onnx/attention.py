@@ -243,19 +243,12 @@ def named_parameter_rules(
         took: list[str] = []
         for param, tensor in slot.module.named_parameters(recurse=False):
             full = slot.name(param)
-            info = source.infos.get(full)
-            if info is not None and tuple(info.shape) == tuple(tensor.shape) and full not in used:
+            stored = _stored_as(full, source, graph)
+            info = source.infos.get(stored) if stored is not None else None
+            if stored and info is not None and tuple(info.shape) == tuple(tensor.shape) and full not in used:
                 took.append(full)
-                rules.append(Rule(full, (full,), Identity(), f"{source.description} initializer '{full}'"))
-                pairings.append(
-                    Pairing(
-                        full,
-                        "ONNX initializer",
-                        full,
-                        type(slot.module).__name__,
-                        "by name (the initializer is the parameter)",
-                    )
-                )
+                rules.append(_by_name(full, stored, source))
+                pairings.append(_pairing(full, stored, type(slot.module).__name__, "parameter"))
                 continue
             lacking.append((full, tuple(tensor.shape)))
         note = check(slot, took)
@@ -265,23 +258,47 @@ def named_parameter_rules(
             folded.append((slot.path, lacking, ""))
     taken = filled | {rule.target for rule in rules}
     for full, buffer in module.named_buffers():
-        info = source.infos.get(full)
-        if info is not None and tuple(info.shape) == tuple(buffer.shape) and full not in used | taken:
-            rules.append(Rule(full, (full,), Identity(), f"{source.description} initializer '{full}'"))
+        stored = _stored_as(full, source, graph)
+        info = source.infos.get(stored) if stored is not None else None
+        if (
+            stored
+            and info is not None
+            and tuple(info.shape) == tuple(buffer.shape)
+            and full not in used | taken
+        ):
+            rules.append(_by_name(full, stored, source))
             owner = module.get_submodule(full.rpartition(".")[0]) if "." in full else module
-            pairings.append(
-                Pairing(
-                    full,
-                    "ONNX initializer",
-                    full,
-                    type(owner).__name__,
-                    "by name (the initializer is the buffer)",
-                )
-            )
+            pairings.append(_pairing(full, stored, type(owner).__name__, "buffer"))
     placed = used | {s for rule in rules for s in rule.sources}  # no candidate another rule here takes
     for path, lacking, what in folded:
         hints[path] = _folded_hint(lacking, source, placed, reads, what)
     return rules, pairings, hints
+
+
+def _stored_as(name: str, source: Source, graph: Graph | None) -> str | None:
+    """The stored tensor that holds the model's tensor ``name``: the initializer of that name, or the one an
+    ``Identity`` named so reads (the legacy exporter stores equal values once, and writes each other tensor
+    holding them as such an Identity: Swin's equal ``relative_position_index`` buffers)."""
+    if name in source.infos:
+        return name
+    producer = graph.producers.get(name) if graph is not None else None
+    if producer is None or producer.op_type != "Identity":
+        return None
+    return graph.stored(name) if graph is not None else None
+
+
+def _by_name(full: str, stored: str, source: Source) -> Rule:
+    """The rule filling the model's tensor ``full`` from ``stored``, the initializer :func:`_stored_as` found."""
+    said = f"initializer '{stored}'" + (f" (read as '{full}' through an Identity)" if stored != full else "")
+    return Rule(full, (stored,), Identity(), f"{source.description} {said}")
+
+
+def _pairing(full: str, stored: str, kind: str, what: str) -> Pairing:
+    """How the model's tensor ``full`` (a parameter or a buffer, ``what``) was paired with ``stored``."""
+    how = f"by name (the initializer is the {what})"
+    if stored != full:
+        how = f"by name (an Identity named as the {what} reads these equal values, stored once)"
+    return Pairing(stored if stored != full else full, "ONNX initializer", full, kind, how)
 
 
 def _folded_hint(

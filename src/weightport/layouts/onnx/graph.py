@@ -12,6 +12,7 @@ weight-holding node becomes.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -117,6 +118,11 @@ def read_nodes(raw_nodes: list[Mapping[str, Any]]) -> list[Node]:
     return nodes
 
 
+# the segment onnxruntime's optimizer adds to the name of a node it made by fusing others ('MatMulAddFusion',
+# made unique as 'MatMulAddFusion_token_3' where taken)
+_FUSED = re.compile(r"\w+Fusion(_token_\d+|_\d+)?")
+
+
 def _name_scope(name: str) -> str | None:
     """The module path in a node name of torch.onnx.export's TorchScript exporter, which names each node by
     the modules it ran in and its op (``'/blocks.0/attn/proj/MatMul'``: ``blocks.0.attn.proj``; a module
@@ -128,8 +134,16 @@ def _name_scope(name: str) -> str | None:
     ('encoder.layer.0.attention.self.query', '', None)
     >>> _name_scope("/layer1/layer1.0/downsample/downsample.0/Conv")
     'layer1.0.downsample.0'
+
+    onnxruntime's optimizer names a node it fuses after the one it started from, adding a segment of its
+    own (``'/encoder/layer.0/attention/attention/key/MatMul/MatMulAddFusion'``), which names no module:
+
+    >>> _name_scope("/encoder/layer.0/output/dense/MatMul/MatMulAddFusion")
+    'encoder.layer.0.output.dense'
     """
     parts = name.split("/")
+    while len(parts) > 2 and _FUSED.fullmatch(parts[-1]):
+        parts.pop()
     if len(parts) < 2 or parts[0] or not all(parts[1:]):
         return None
     path: list[str] = []

@@ -22,6 +22,7 @@ from weightport.layouts.onnx.graph import (
     unit_axis_from_unsqueeze,
     zero_filled,
 )
+from weightport.layouts.onnx.groupnorm import group_norm_layer
 from weightport.layouts.onnx.issues import Issues, computed
 from weightport.layouts.onnx.ops import CONV_KINDS, CONV_TRANSPOSE_KINDS, KIND_OF_NORM_OP, NORMS
 from weightport.layouts.onnx.pads import onnx_pads, pad_before
@@ -53,6 +54,8 @@ def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: se
             layer = _gather_layer(node, graph)
         elif node.op_type in NORMS:
             layer = _norm_layer(node, graph, issues)
+        elif node.op_type == "InstanceNormalization":
+            layer = group_norm_layer(node, graph, validated)
         else:
             layer = None
         if layer is None:
@@ -429,7 +432,7 @@ def _norm_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
         return None
     detail = f"ONNX {node.op_type} node {shape}"
     forward: tuple[str, ...] = ()
-    if node.attr("training_mode", 0):
+    if _training_mode(node):
         detail += ", training_mode=1: normalizes with the batch's statistics, as the module does in train()"
         forward = (
             "the graph normalizes with the batch's statistics (training_mode=1): run the module in train() "
@@ -438,12 +441,25 @@ def _norm_layer(node: Node, graph: Graph, issues: Issues) -> Layer | None:
     return Layer(node, kind, tensors, detail=detail, forward_notes=forward)
 
 
+def _training_mode(node: Node) -> bool:
+    """Whether a BatchNormalization normalizes with its batch's statistics: ``training_mode=1`` (opset 14 on),
+    or, before opset 14, which has no such attribute, the running statistics among its outputs (a legacy
+    export in training mode gives five outputs; in inference mode it gives only ``Y``)."""
+    if node.op_type != "BatchNormalization":
+        return False
+    return bool(node.attr("training_mode", 0)) or sum(bool(out) for out in node.outputs) > 1
+
+
 def _computed_statistics(node: Node, graph: Graph, issues: Issues) -> bool:
     """Refuse a BatchNormalization whose mean and variance the graph computes from the input (True): a
     normalization over each input's own statistics, as tf2onnx writes a Keras LayerNormalization (Reshape,
     this node over computed moments with ones and zeros, Reshape, then Mul and Add by gamma and beta)."""
     if graph.stored(node.input(3)) is not None or graph.stored(node.input(4)) is not None:
         return False
+    weight = _reshaped_stored(node.input(0), graph)
+    if weight is not None:
+        _refuse_standardized(node, weight, graph, issues)
+        return True
     issues.add(
         node,
         "normalizes with a mean and variance the graph computes from its input, not stored running "
@@ -456,3 +472,40 @@ def _computed_statistics(node: Node, graph: Graph, issues: Issues) -> bool:
         unsupported=True,
     )
     return True
+
+
+# the ops that only regroup a tensor's values: a stored weight through them is still that weight
+_REGROUPING = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast"})
+
+
+def _reshaped_stored(name: str, graph: Graph) -> str | None:
+    """The stored tensor whose values input ``name`` holds, regrouped (through :data:`_REGROUPING` ops only:
+    a model's forward reshapes its weight so to normalize it), or None where the graph computes new values."""
+    for _ in range(8):
+        found = graph.stored(name)
+        if found is not None:
+            return found
+        node = graph.producers.get(name)
+        if node is None or node.op_type not in _REGROUPING:
+            return None
+        name = node.input(0)
+    return None
+
+
+def _refuse_standardized(node: Node, weight: str, graph: Graph, issues: Issues) -> None:
+    """Refuse a BatchNormalization over the stored ``weight`` with its own statistics: the model's forward
+    standardizes that weight before use (weight standardization: timm's ``StdConv2d`` and ``ScaledStdConv2d``
+    call ``F.batch_norm`` on their reshaped weight), and the exporter kept the computation in the graph.
+    Which module does that is not in the graph, only what it computes."""
+    issues.add(
+        node,
+        f"normalizes the stored '{weight}' (regrouped) with its own mean and variance: the model's forward "
+        "standardizes that weight before a layer uses it (weight standardization), and the graph computes "
+        "it, which weightport does not run. A module that standardizes its weight in its own forward (as timm's "
+        "StdConv2d and ScaledStdConv2d do) takes the stored weight as it is; the graph cannot show that the "
+        "module's forward does so. Fix: where the module standardizes its weight itself, load each tensor "
+        "from the initializer of its name: weightport.load(model, path, layout='torch', strict=False) "
+        "(it skips the file's other initializers, graph constants; the report's missing lists any tensor "
+        "of the model it left as it was); otherwise load the PyTorch weights themselves",
+        unsupported=True,
+    )
