@@ -201,3 +201,30 @@ def test_a_buffer_the_model_computes_is_not_taken_from_an_older_checkpoint(tmp_p
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, saved(input_ids=IDS).logits)
         assert torch.equal(model(input_ids=IDS).logits, expected(input_ids=IDS).logits)
+
+
+def test_a_tie_undone_by_an_empty_weights_build_names_tie_weights(tmp_path: Path) -> None:
+    """accelerate's init_empty_weights re-registers every parameter on meta, which undoes the model's ties: a
+    tied snapshot then lacks lm_head, and the refusal said 'pass strict=False', refused again on meta. It names
+    model.tie_weights(), after which the load is exact."""
+    config = transformers.LlamaConfig(**LLAMA, tie_word_embeddings=True)
+    saved = _randomized(transformers.LlamaForCausalLM(config), 8)
+    saved.save_pretrained(tmp_path / "tied")
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(self: torch.nn.Module, name: str, param: Any) -> None:  # what init_empty_weights does
+        register(self, name, param)
+        if param is not None:
+            self._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.Module, "register_parameter", on_meta)
+        model = transformers.LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    for strict in (True, False):
+        with pytest.raises(weightport.WeightportError, match=r"'lm_head.weight'.*call model.tie_weights\(\)"):
+            weightport.load(model, tmp_path / "tied", strict=strict)
+    model.tie_weights()
+    weightport.load(model, tmp_path / "tied")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, saved(input_ids=IDS).logits)

@@ -38,6 +38,7 @@ from weightport.torch_facts import (
     GATES_OF,
     RECURRENT_PARAM,
     RNN_GATE_COUNT,
+    broken_tie,
     describe_module,
     explain_shape,
     non_persistent_buffers,
@@ -340,6 +341,7 @@ def build_plan(
                     "a value for it",
                     f"nothing in {source.description}",
                     _missing_hint(name, layout.missing_hints)
+                    or broken_tie(module, name)
                     or _set_aside(name, source.ignored)
                     or _suggest_missing(
                         name,
@@ -357,7 +359,7 @@ def build_plan(
                     prefix + name,
                     "a value for it (it is on the meta device and has no data)",
                     f"nothing in {source.description}",
-                    "add it to the source, or build the module off meta",
+                    broken_tie(module, name) or "add it to the source, or build the module off meta",
                 )
             )
         else:

@@ -36,6 +36,7 @@ __all__ = [
     "rnn_constructor",
     "non_persistent_buffers",
     "transformers_computed",
+    "broken_tie",
 ]
 
 RNN_KINDS = ("RNN", "LSTM", "GRU")  # the recurrent kinds PyTorch has: nn.RNN/LSTM/GRU and their cells
@@ -229,3 +230,31 @@ def transformers_computed(module: nn.Module) -> tuple[set[str], set[str]]:
         skipped |= {at + key for key in getattr(sub, "_keys_to_ignore_on_save", None) or ()}
         unloaded |= {at + name for name in non_persistent_buffers(sub)}
     return skipped, unloaded
+
+
+def broken_tie(module: nn.Module, name: str) -> str | None:
+    """The fix where ``name`` is a transformers model's output embedding that its configuration ties to the
+    input embedding (``tie_word_embeddings``) but that is a tensor of its own here (accelerate's
+    ``init_empty_weights`` re-registers each parameter, which undoes ties): a tied checkpoint leaves it out.
+
+    >>> broken_tie(nn.Linear(2, 2), "weight") is None
+    True
+    """
+    for path, sub in module.named_modules():
+        config = getattr(sub, "config", None)
+        if not (getattr(config, "tie_word_embeddings", False) and hasattr(sub, "get_output_embeddings")):
+            continue
+        output, inputs = sub.get_output_embeddings(), sub.get_input_embeddings()
+        weight = getattr(output, "weight", None)
+        if weight is None or weight is getattr(inputs, "weight", None):
+            continue
+        at = f"{path}." if path else ""
+        own = next((f"{at}{n}.weight" for n, m in sub.named_modules() if m is output), None)
+        tied = next((f"{at}{n}.weight" for n, m in sub.named_modules() if m is inputs), None)
+        if own == name and tied is not None:
+            return (
+                f"the model's configuration ties it to '{tied}' (tie_word_embeddings=True), but here it is a "
+                "tensor of its own (accelerate's init_empty_weights re-registers parameters, which undoes ties), "
+                "and a tied checkpoint leaves it out: call model.tie_weights() before loading"
+            )
+    return None
