@@ -228,3 +228,41 @@ def test_a_tie_undone_by_an_empty_weights_build_names_tie_weights(tmp_path: Path
     weightport.load(model, tmp_path / "tied")
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, saved(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("dropped", [("bos_token_id", "eos_token_id", "tie_word_embeddings"), ("head_dim",)])
+def test_settings_config_json_leaves_out_are_filled_as_from_pretrained_fills_them(
+    tmp_path: Path, dropped: tuple[str, ...]
+) -> None:
+    """An older or hand-written config.json lacks settings: from_pretrained fills them with its configuration
+    class's defaults (derived ones, as a head size, derived again). They were filled with every configuration's
+    shared defaults (no token ids, tied embeddings), refusing the model AutoConfig.from_pretrained(folder)
+    builds, which is the saved one."""
+    saved = _randomized(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)), 9)
+    saved.save_pretrained(tmp_path / "llama")
+    recorded = json.loads((tmp_path / "llama" / "config.json").read_text())
+    kept = {k: v for k, v in recorded.items() if k not in dropped}
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(kept))
+    model = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(tmp_path / "llama")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weightport.load(model, tmp_path / "llama")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, saved(input_ids=IDS).logits)
+
+
+def test_a_token_id_a_new_head_sets_is_noted_not_refused(tmp_path: Path) -> None:
+    """A GPT-2 snapshot into GPT2ForSequenceClassification with a pad_token_id of its own (as fine-tuning sets
+    it): its head reads that id, the snapshot's model does not have the head; reported unchecked, not refused."""
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    head = transformers.GPT2ForSequenceClassification(
+        transformers.GPT2Config(**{**config.to_dict(), "pad_token_id": 3})
+    )
+    with pytest.warns(weightport.UncheckedConfigWarning, match=r"pad_token_id=None, the model has 3"):
+        weightport.load(head, tmp_path / "gpt2", strict=False)
+    refused(
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**config.to_dict(), "pad_token_id": 3})),
+        tmp_path / "gpt2",
+        r"'config\.pad_token_id'",
+    )

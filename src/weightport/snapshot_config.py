@@ -111,15 +111,33 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _transformers_model(module: nn.Module) -> nn.Module | None:
+    """The transformers model ``module`` is, or the first one it holds."""
+    for sub in module.modules():
+        if callable(getattr(getattr(sub, "config", None), "to_dict", None)) and hasattr(
+            sub, "base_model_prefix"
+        ):
+            return sub
+    return None
+
+
 def _model_config(module: nn.Module) -> Mapping[str, Any] | None:
     """The configuration of the transformers model ``module`` is, or the first one it holds."""
-    for sub in module.modules():
-        config = getattr(sub, "config", None)
-        to_dict = getattr(config, "to_dict", None)
-        if callable(to_dict) and hasattr(sub, "base_model_prefix"):
-            found = to_dict()
-            return found if isinstance(found, dict) else None
-    return None
+    model = _transformers_model(module)
+    found = getattr(model, "config").to_dict() if model is not None else None  # noqa: B009 (a config, not a Tensor)
+    return found if isinstance(found, dict) else None
+
+
+def _as_loaded(config: Any, recorded: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` as the configuration ``from_pretrained`` builds from it (its class's ``from_dict``): every
+    setting config.json leaves out at that class's default, derived ones (a head size) derived as then."""
+    try:
+        found = type(config).from_dict(dict(recorded)).to_dict()
+    except Exception:  # a config.json its class cannot read: what it records, over the shared defaults
+        found = None
+    if not isinstance(found, dict):
+        return {**_base_defaults(), **recorded}
+    return {**found, "model_type": recorded.get("model_type", found.get("model_type"))}
 
 
 def snapshot_config_checks(
@@ -128,30 +146,46 @@ def snapshot_config_checks(
     """Problems for settings of ``recorded`` (a snapshot's ``config.json``) that change the forward and
     differ in ``module``'s transformers configuration, and notes for the other differences; None where
     ``module`` holds no transformers model (nothing to hold the file's configuration against)."""
-    built = _model_config(module) if isinstance(recorded, dict) else None
-    if built is None:
+    model = _transformers_model(module) if isinstance(recorded, dict) else None
+    built = _model_config(module)
+    if model is None or built is None:
         return None
-    recorded = {**_base_defaults(), **recorded}
-    problems = [
-        Problem(
-            f"config.{key}",
-            f"{key}={value!r}, as {where}'s config.json records the model was built",
-            f"the model was built with {key}={own!r}: " + _reason(key.rpartition(".")[2]),
-            "build the model from the snapshot's configuration "
-            "(AutoConfig.from_pretrained(folder), or Model.from_pretrained's config)",
+    typed = "model_type" in recorded  # PretrainedConfig's own default, '', is no model type to compare with
+    filled = _as_loaded(getattr(model, "config"), recorded)  # noqa: B009
+    if not typed:
+        filled.pop("model_type", None)
+    # a model of a class the snapshot is not (its base, another head): its head may read token ids of its own
+    other_class = type(model).__name__ not in (recorded.get("architectures") or [type(model).__name__])
+    problems, notes = [], []
+    for key, value, own in config_differences(filled, built):
+        if other_class and _TOKEN_ID.match(key.rpartition(".")[2]):
+            notes.append(
+                f"{where}'s config.json records {key}={value!r}, the model has {own!r}: a special token's id, which "
+                f"the snapshot's {', '.join(recorded['architectures'])} may read differently from this "
+                f"{type(model).__name__} (its own head's setting): not checked"
+            )
+            continue
+        problems.append(
+            Problem(
+                f"config.{key}",
+                f"{key}={value!r}, as {where}'s config.json records the model was built",
+                f"the model was built with {key}={own!r}: " + _reason(key.rpartition(".")[2]),
+                "build the model from the snapshot's configuration "
+                "(AutoConfig.from_pretrained(folder), or Model.from_pretrained's config)",
+            )
         )
-        for key, value, own in config_differences(recorded, built)
-    ]
     lacking = lacking_settings(recorded, built)
-    notes = (
-        [
+    if lacking:
+        notes.append(
             f"{where}'s config.json records settings the model's configuration does not have ("
             + ", ".join(lacking)
             + "): written by another transformers version; whether the model reads them is not checked"
-        ]
-        if lacking
-        else []
-    )
+        )
+    if not typed:
+        notes.append(
+            f"{where}'s config.json records no model_type, so whether it is a snapshot of a "
+            f"'{built.get('model_type')}' model is not checked"
+        )
     return problems, notes
 
 

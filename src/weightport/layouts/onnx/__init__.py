@@ -109,7 +109,7 @@ from weightport.layouts.onnx.folding import (
     statistics_note,
 )
 from weightport.layouts.onnx.graph import Graph, Layer, read_nodes, weight_names
-from weightport.layouts.onnx.groupnorm import check_group_norm
+from weightport.layouts.onnx.groupnorm import GROUP_NORM, check_group_norm
 from weightport.layouts.onnx.hints import (
     explain_unrolled_recurrence,
     loop_hints,
@@ -337,7 +337,16 @@ def _not_layers(module: nn.Module, layers: list[Layer], source: Source) -> tuple
                 owned[f"{path}.{local}" if path else local] = (owner, buffer)
     kept: list[Layer] = []
     rules: list[Rule] = []
+    group_norms = any(isinstance(m, nn.GroupNorm) for m in module.modules())
     for layer in layers:
+        if layer.kind == GROUP_NORM and (
+            not group_norms
+            or any(
+                name in owned and not isinstance(owned[name][0], nn.GroupNorm)
+                for name in layer.tensors.values()
+            )
+        ):
+            continue  # an InstanceNorm and the model's own scale and shift (by name, or folded): no GroupNorm's
         weight = layer.tensors.get("weight", "")
         owner, buffer = owned.get(weight, (None, False))
         if owner is None or len(layer.tensors) != 1 or not slot_kind(owner).startswith("other:"):
