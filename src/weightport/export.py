@@ -50,7 +50,8 @@ def to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
     """Every tensor of ``module.state_dict()`` as a NumPy copy, by state-dict name.
 
     Raises:
-        SourceError: a tensor NumPy cannot hold (complex32), or a quantized module's packed state.
+        SourceError: a tensor NumPy cannot hold (complex32, a sparse or meta tensor), or a quantized
+            module's packed state.
     """
     out = {}
     for name, tensor in module.state_dict().items():
@@ -58,6 +59,17 @@ def to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
             raise SourceError(
                 f"'{name}': the state of a quantized module ({type(tensor).__name__}), not a tensor of values. "
                 "Fix: export the float model, before it was quantized."
+            )
+        if tensor.is_meta:  # checked here, where the tensor's name is known
+            raise SourceError(
+                f"'{name}': a tensor on the meta device, which has no values to export. Fix: give the module "
+                "its values first (weightport.load(module, source) fills a meta-device module), then save it."
+            )
+        if tensor.layout != torch.strided:  # sparse (COO, CSR, ...): NumPy holds dense arrays only
+            raise SourceError(
+                f"'{name}': a sparse tensor ({tensor.layout}), where NumPy and the weight files hold dense "
+                "arrays only. Fix: save it dense: weightport.save({k: v.to_dense().numpy() for k, v in "
+                "module.state_dict().items()}, path)."
             )
         try:
             out[name] = numpy_of(tensor, copy=True)

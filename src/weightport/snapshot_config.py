@@ -151,9 +151,10 @@ def snapshot_config_checks(
     if model is None or built is None:
         return None
     typed = "model_type" in recorded  # PretrainedConfig's own default, '', is no model type to compare with
-    filled = _as_loaded(getattr(model, "config"), recorded)  # noqa: B009
-    if not typed:
-        filled.pop("model_type", None)
+    if typed:
+        filled = _as_loaded(getattr(model, "config"), recorded)  # noqa: B009
+    else:  # no class to read it with: what it records, over the settings every configuration shares
+        filled = {**{k: v for k, v in _base_defaults().items() if k != "model_type"}, **recorded}
     # a model of a class the snapshot is not (its base, another head): its head may read token ids of its own
     other_class = type(model).__name__ not in (recorded.get("architectures") or [type(model).__name__])
     problems, notes = [], []

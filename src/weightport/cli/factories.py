@@ -58,6 +58,11 @@ def load_factory(spec: str) -> Any:
     if isinstance(target, type) or (callable(target) and not hasattr(target, "state_dict")):
         try:
             model = target()
+        except SystemExit as e:  # exit code 0 would otherwise end weightport as a success, loading nothing
+            raise UsageError(
+                f"the factory '{spec}' exited (sys.exit({e.code!r})) instead of returning a model; nothing was "
+                f"loaded. Fix: make '{attr}()' return the model without calling sys.exit (or exit())."
+            ) from None
         except Exception as e:
             raise UsageError(
                 f"the factory '{spec}' raised {summary(e)}. Fix: make '{attr}()' build the model "
@@ -93,6 +98,8 @@ def _import_module(spec: str, name: str) -> tuple[ModuleType, str]:
                 f"the file: path/to/{last}.py:{spec.rpartition(':')[2]}."
             ) from e
         raise UsageError(_failed(spec, _found(name), e, cwd)) from e
+    except SystemExit as e:
+        raise UsageError(_exited(spec, _found(name), e)) from None
     except Exception as e:
         raise UsageError(_failed(spec, _found(name), e, cwd)) from e
     finally:
@@ -125,11 +132,13 @@ def _import_file(spec: str, where: str) -> tuple[ModuleType, str]:
     sys.modules[name] = module  # classes and dataclasses in it look their module up by name
     try:
         loaded.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         if previous is None:
             sys.modules.pop(name, None)
         else:
             sys.modules[name] = previous
+        if isinstance(e, SystemExit):
+            raise UsageError(_exited(spec, f"'{where}' ({path})", e)) from None
         raise UsageError(_failed(spec, f"'{where}' ({path})", e, folder)) from e
     finally:
         sys.path.remove(folder)
@@ -144,6 +153,14 @@ def _found(name: str) -> str:
         found = None
     origin = getattr(found, "origin", None)
     return f"'{name}' ({origin})" if origin else f"'{name}'"
+
+
+def _exited(spec: str, what: str, error: SystemExit) -> str:
+    return (
+        f"factory '{spec}': importing {what} exited (sys.exit({error.code!r})) before the factory ran; nothing "
+        "was loaded. Fix: put the file's own command-line code under 'if __name__ == \"__main__\":', so that "
+        "importing it only defines the factory."
+    )
 
 
 def _failed(spec: str, what: str, error: BaseException, first: str) -> str:

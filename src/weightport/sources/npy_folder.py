@@ -39,6 +39,20 @@ def open(path: Path) -> Source:
                 ignored.append(f"{entry.name} (a link: not followed)")
             elif not entry.is_file(follow_symlinks=False):
                 ignored.append(f"{entry.name} (not a regular file)")
+            elif entry.name.lower().endswith(".npy") and not entry.name.endswith(".npy"):
+                stem = entry.name[: -len(".npy")]
+                ignored.append(
+                    f"{entry.name} (its suffix is not '.npy' in lower case: rename the file {stem}.npy)"
+                )
+            elif _doubled(entry.name):  # np.save(folder / "bias.NPY", a) writes bias.NPY.npy
+                stem = entry.name[: -len(".npy.npy")]
+                said = entry.name[len(stem) : -len(".npy")]
+                fix = (
+                    f"delete it: {stem}.npy is there"
+                    if (path / f"{stem}.npy").exists()
+                    else f"rename it {stem}.npy"
+                )
+                ignored.append(f"{entry.name} (np.save added '.npy' after '{said}': {fix})")
             elif not entry.name.endswith(".npy"):
                 ignored.append(f"{entry.name} (not a .npy file)")
             else:
@@ -54,3 +68,9 @@ def open(path: Path) -> Source:
     source = NpyFiles(description=where, infos=infos, ignored=ignored, files=files)
     source.keep_open()
     return source
+
+
+def _doubled(name: str) -> bool:
+    """``bias.NPY.npy``: a name np.save gave a path ending in another case of ``.npy``."""
+    inner = name[: -len(".npy")]
+    return name.endswith(".npy") and inner.lower().endswith(".npy") and not inner.endswith(".npy")

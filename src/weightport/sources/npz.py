@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -295,8 +296,50 @@ def write(arrays: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Pat
     same tensors gives the same bits, but for NaN: it stays NaN of the same sign, and float8_e5m2's
     several NaN payloads become one (``.safetensors`` keeps every bit).
     """
-    out = {k: _npz_ready(np.asarray(v)) for k, v in arrays.items()}
-    return atomic_write(Path(path), lambda f: np.savez(f, **out))  # type: ignore[arg-type]
+    path = Path(path)
+    out = {}
+    for name, value in arrays.items():
+        _check_name(name, path)
+        array = np.asarray(value)
+        if array.dtype.hasobject:
+            raise SourceError(
+                f"'{name}': cannot be saved to '{path.name}': an array of Python objects ({array.dtype}), which "
+                "only pickling could store and no load unpickles. Fix: convert it to numbers first."
+            )
+        out[name] = _npz_ready(array)
+
+    def write_to(f: BinaryIO) -> None:
+        # np.savez's own layout, without its keyword arguments: names such as 'file' or 'allow_pickle' stay names
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in out.items():
+                with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+
+    return atomic_write(path, write_to)
+
+
+def _check_name(name: str, path: Path) -> None:
+    """Refuse a name that the archive could not give back as it was (the reader refuses or drops it)."""
+    member = f"{name}.npy"
+    why = None
+    if "\x00" in name:
+        why = "it holds a NUL byte, where zip cuts a member name short"
+    elif unsafe_member_name(member):
+        why = (
+            f"as the member name {member!r} it would leave the archive (it starts with '/' or a backslash, "
+            "names a drive, or holds a '..' part)"
+        )
+    else:
+        try:
+            member.encode("utf-8")
+        except UnicodeEncodeError:
+            why = "it is not valid Unicode text (a lone surrogate)"
+    if why is not None:
+        raise SourceError(
+            f"{name!r}: cannot be saved to '{path.name}': {why}, so loading the file would refuse it. "
+            "Fix: save to .safetensors, which stores such a name, or rename the tensor "
+            "(weightport.save({new_name: array, ...}, path) with a dict of arrays)."
+        )
 
 
 def _npz_ready(array: np.ndarray) -> np.ndarray:

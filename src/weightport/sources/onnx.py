@@ -170,10 +170,12 @@ def open(path: Path) -> OnnxSource:
     try:
         source.metadata.update(
             layout="onnx",
-            nodes=[_node_dict(node, onnx) for node in model.graph.node],
+            nodes=[_node_dict(where, i, node, onnx) for i, node in enumerate(model.graph.node)],
             opset={op.domain or "ai.onnx": int(op.version) for op in model.opset_import},
             producer=f"{model.producer_name} {model.producer_version}".strip(),
         )
+    except SourceError:
+        raise
     except (TypeError, ValueError, KeyError, UnicodeDecodeError, RecursionError) as e:  # a damaged attribute
         raise SourceError(
             f"{where}: a node of its graph cannot be read ({type(e).__name__}: {e}); the file is damaged. "
@@ -186,15 +188,17 @@ def _add_tensors(source: OnnxSource, graph: Any, onnx: Any) -> None:
     initializers: list[str] = []
     constants: list[str] = []
     sizes: dict[str, int] = {}
-    for tensor in graph.initializer:
-        if _add(source, tensor.name, tensor, sizes):
-            initializers.append(tensor.name)
+    where = source.description
+    for i, tensor in enumerate(graph.initializer):
+        name = _text(tensor.name, f"{where}: the name of initializer {i}")
+        if _add(source, name, tensor, sizes):
+            initializers.append(name)
     for sparse in graph.sparse_initializer:
         source.ignored.append(f"{sparse.values.name} (a sparse initializer, which weightport does not read)")
-    for node in graph.node:
+    for i, node in enumerate(graph.node):
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or not node.output:
             continue
-        name = node.output[0]
+        name = _text(node.output[0], f"{where}: {_node_label(i, node)}: its output name")
         for attr in node.attribute:
             value = _constant_value(attr, onnx)
             if value is not None and _add(source, name, value, sizes):
@@ -272,7 +276,10 @@ def _embedded_array(tensor: Any, info: TensorInfo) -> np.ndarray:
 
 def _external(source: OnnxSource, info: TensorInfo, tensor: Any, sizes: dict[str, int]) -> _External:
     where = source.description
-    entries = {entry.key: entry.value for entry in tensor.external_data}
+    what = f"{where}: tensor '{info.name}': its external data"
+    entries = {
+        _text(entry.key, f"{what} key"): _text(entry.value, f"{what} value") for entry in tensor.external_data
+    }
     location = entries.get("location", "")
     try:
         offset = int(entries.get("offset", 0))
@@ -378,19 +385,42 @@ def _open_inside(folder: Path, location: str, where: str, name: str) -> int:
 _SCOPES = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's record of the modules a node ran in
 
 
-def _text(value: Any) -> str:
-    """A protobuf string field as text (a damaged file can hold bytes that are not UTF-8)."""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+def _text(value: Any, what: str) -> str:
+    """A protobuf string field as text; ``what`` says where it is, for the refusal of one that is not UTF-8."""
+    if not isinstance(value, bytes):  # protobuf hands back bytes for a string field that is not UTF-8
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SourceError(
+            f"{what} is {value!r}, which is not UTF-8 text (ONNX names and strings must be); the file is "
+            "damaged. Fix: re-export or re-download it."
+        ) from None
 
 
-def _node_dict(node: Any, onnx: Any) -> dict[str, Any]:
+def _node_label(index: int, node: Any) -> str:
+    """``node 3 (Gemm 'fc')``, readable even where the node's own fields are damaged."""
+
+    def shown(value: Any) -> str:
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    name = f" {shown(node.name)!r}" if node.name else ""
+    return f"node {index} ({shown(node.op_type)}{name})"
+
+
+def _node_dict(where: str, index: int, node: Any, onnx: Any) -> dict[str, Any]:
+    label = f"{where}: {_node_label(index, node)}"
+    attributes: dict[str, Any] = {}
+    for attr in node.attribute:
+        name = _text(attr.name, f"{label}: an attribute name")
+        attributes[name] = _plain(attr, onnx, f"{label}: attribute '{name}'")
     found = {
-        "op_type": _text(node.op_type),
-        "domain": _text(node.domain),
-        "name": _text(node.name),
-        "inputs": [_text(name) for name in node.input],
-        "outputs": [_text(name) for name in node.output],
-        "attributes": {attr.name: _plain(attr, onnx) for attr in node.attribute},
+        "op_type": _text(node.op_type, f"{label}: its op_type"),
+        "domain": _text(node.domain, f"{label}: its domain"),
+        "name": _text(node.name, f"{label}: its name"),
+        "inputs": [_text(name, f"{label}: input {i}") for i, name in enumerate(node.input)],
+        "outputs": [_text(name, f"{label}: output {i}") for i, name in enumerate(node.output)],
+        "attributes": attributes,
     }
     scope = _module_scope(node)
     if scope is not None:
@@ -409,7 +439,7 @@ def _module_scope(node: Any) -> str | None:
     return None
 
 
-def _plain(attr: Any, onnx: Any) -> Any:
+def _plain(attr: Any, onnx: Any, what: str) -> Any:
     """An attribute as a plain Python value; tensors and graphs as a short description."""
     kind = onnx.AttributeProto
     if attr.type == kind.FLOAT:
@@ -417,13 +447,13 @@ def _plain(attr: Any, onnx: Any) -> Any:
     if attr.type == kind.INT:
         return int(attr.i)
     if attr.type == kind.STRING:
-        return attr.s.decode("utf-8", "replace")
+        return _text(attr.s, what)
     if attr.type == kind.FLOATS:
         return [float(v) for v in attr.floats]
     if attr.type == kind.INTS:
         return [int(v) for v in attr.ints]
     if attr.type == kind.STRINGS:
-        return [s.decode("utf-8", "replace") for s in attr.strings]
+        return [_text(s, f"{what}, string {i}") for i, s in enumerate(attr.strings)]
     if attr.type == kind.TENSOR:
         return f"<tensor {list(attr.t.dims)}>"
     if attr.type == kind.GRAPH:

@@ -137,7 +137,8 @@ class SafetensorsSource(Source):
 
 
 def read_header(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, int], dict[str, str]]:
-    """Infos, absolute data offsets and ``__metadata__`` of the file open at ``fd``, all checked."""
+    """Infos, absolute data offsets and ``__metadata__`` of the file open at ``fd``, all checked (and
+    the bytes of BOOL tensors)."""
     size = os.fstat(fd).st_size
     raw = os.pread(fd, 8, 0)
     if len(raw) < 8:
@@ -207,6 +208,7 @@ def read_header(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, i
             f"{where}: {what}, but the data buffer must be covered exactly; the file is corrupt or has "
             "bytes appended. Fix: re-create it."
         )
+    _check_bools(fd, infos, offsets, where)
     return infos, offsets, {str(k): str(v) for k, v in dict(metadata).items()}
 
 
@@ -222,15 +224,16 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 def _entry(name: str, entry: object, where: str) -> tuple[TensorInfo, int, int]:
     try:
         code = entry["dtype"]  # type: ignore[index]
-        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
-        begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
+        shape = tuple(_integer(d) for d in entry["shape"])  # type: ignore[index]
+        begin, end = (_integer(x) for x in entry["data_offsets"])  # type: ignore[index]
     except KeyError as e:
         raise SourceError(
             f"{where}: tensor '{name}' has no {e} field; the file is corrupt. Fix: re-create or re-download it."
         ) from None
     except (TypeError, ValueError):
         raise SourceError(
-            f"{where}: tensor '{name}' has a malformed header entry; the file is corrupt. Fix: re-create or re-download it."
+            f"{where}: tensor '{name}' has a malformed header entry (expected integer 'shape' and 'data_offsets', "
+            f"found {_fields(entry)}); the file is corrupt. Fix: re-create or re-download it."
         ) from None
     dtype = _dtype_of(code) if isinstance(code, str) else None
     if dtype is None:
@@ -241,6 +244,42 @@ def _entry(name: str, entry: object, where: str) -> tuple[TensorInfo, int, int]:
             f"bytes) but data_offsets [{begin}, {end}]; the file is corrupt. Fix: re-create it."
         )
     return TensorInfo(name, shape, dtype), begin, end
+
+
+def _integer(value: object) -> int:
+    """A header number, which must be a JSON integer: ``24.0`` or ``true`` is no size or offset."""
+    if type(value) is not int:
+        raise ValueError(f"not an integer: {value!r}")
+    return value
+
+
+def _fields(entry: object) -> str:
+    """What a damaged entry holds, short: ``shape [2], data_offsets [24.0, 32.5]``."""
+    if not isinstance(entry, dict):
+        return f"a {type(entry).__name__}, not an object"
+    return ", ".join(f"{key} {str(entry.get(key))[:40]}" for key in ("shape", "data_offsets"))
+
+
+def _check_bools(fd: int, infos: Mapping[str, TensorInfo], offsets: Mapping[str, int], where: str) -> None:
+    """Refuse BOOL bytes other than 0 and 1, which NumPy and torch would read as True. Checked when
+    the file is opened, as the header is: a refusal while writing would leave the module half written
+    (BOOL tensors are masks, small next to the weights)."""
+    for name, info in infos.items():
+        if info.dtype != np.bool_:
+            continue
+        start = 0
+        for chunk in mapped_chunks(fd, offsets[name], info.dtype, math.prod(info.shape), where, name):
+            raw = chunk.reshape(-1).view(np.uint8)
+            bad = np.flatnonzero(raw > 1)
+            if bad.size:
+                first = int(bad[0])
+                index = tuple(int(i) for i in np.unravel_index(start + first, info.shape))
+                raise SourceError(
+                    f"{where}: tensor '{name}' is BOOL but holds byte {int(raw[first])} at index {index} (byte "
+                    f"{offsets[name] + start + first} of the file); a BOOL is stored as 0 or 1, so the "
+                    "file is corrupt. Fix: re-create or re-download it."
+                )
+            start += raw.size
 
 
 def _unsupported(name: str, code: object, where: str) -> str:
@@ -282,6 +321,12 @@ def write(
     offset = 0
     prepared = []
     for name, value in arrays.items():
+        if name == "__metadata__":
+            raise SourceError(
+                f"'{name}': cannot be saved to '{Path(path).name}': the format keeps that header key for the "
+                "file's metadata, so loading the file would refuse it. Fix: save to .npz, or rename the tensor "
+                "(weightport.save({new_name: array, ...}, path) with a dict of arrays)."
+            )
         array = np.asarray(value)
         data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
         code = codes.get(data.dtype)

@@ -100,8 +100,13 @@ def plain_shard_name(file_name: str, where: str) -> str:
 def _open_shard(folder: Path, file_name: str, where: str) -> SafetensorsSource:
     fd = open_no_follow(folder / plain_shard_name(file_name, where))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SourceError(f"{where}: shard '{file_name}' is not a regular file.")
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+            raise SourceError(
+                f"{where}: shard '{file_name}' is {kind}, where the index expects a .safetensors file. Fix: put "
+                f"the shard file '{file_name}' beside the index in place of it (download the snapshot again)."
+            )
         infos, offsets, metadata = read_header(fd, f"'{file_name}'")
     except BaseException:
         os.close(fd)

@@ -4,6 +4,8 @@
 >>> out = export(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.LSTM(2, 3)), api="nnx")
 >>> out["0/kernel"].shape, out["1/cell/ii/kernel"].shape  # channels-last Conv; one Dense per gate
 ((3, 3, 1, 4), (2, 3))
+>>> print(out.notes[0])  # doctest: +ELLIPSIS
+'1[0]' (LSTM): Flax's cell has one bias per gate, so it holds 1.bias_ih_l0 + 1.bias_hh_l0; ...
 """
 
 from __future__ import annotations
@@ -19,9 +21,24 @@ from weightport.layouts.flax.convolutions import flip_and_permute
 from weightport.layouts.flax.facts import APIS, T, conv_axes
 from weightport.layouts.slots import Slot, module_slots
 from weightport.torch_facts import RNN_KINDS
-from weightport.transforms import SliceBlocks, Transpose
+from weightport.transforms import Chain, Op, SliceBlocks, Sum, Transpose
 
-__all__ = ["export"]
+__all__ = ["export", "ExportedArrays"]
+
+
+class ExportedArrays(dict[str, np.ndarray]):
+    """The exported arrays by Flax path, with ``notes``: what the export changed that a load back shows."""
+
+    notes: list[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notes = []
+
+
+def _sums(op: Op) -> bool:
+    """Whether ``op`` adds its inputs together (alone, or first in a chain)."""
+    return isinstance(op, Sum) or (isinstance(op, Chain) and any(isinstance(o, Sum) for o in op.ops))
 
 
 def _layer_path(slot: Slot, names: Mapping[str, str]) -> str:
@@ -66,8 +83,20 @@ def _export_cell(
                     f"{block + 1} of {spec.blocks} is non-zero, and that cell has no place for it (b_hn is "
                     "multiplied by the reset gate). Fix: export with api='linen', whose GRUCell has it."
                 )
+        summed = False
         for leaf, (params_in, op) in spec.export.items():
             out[f"{params}{cell_path}/{leaf}"] = np.ascontiguousarray(op(*(env[p] for p in params_in)))
+            summed = summed or (_sums(op) and all(slot.name(p, reverse=reverse) in state for p in params_in))
+        if summed and isinstance(out, ExportedArrays):
+            ih, hh = (slot.name(p, reverse=reverse) for p in ("bias_ih", "bias_hh"))
+            kept, zeroed = (hh, ih) if slot.kind == "LSTM" else (ih, hh)
+            gates = " for the r and z gates" if slot.kind == "GRU" else ""
+            who = f"'{slot.label}' ({slot.kind})" if slot.label else slot.kind
+            out.notes.append(
+                f"{who}: Flax's cell has one bias per gate, so it holds {ih} + {hh}{gates}; loading it back puts "
+                f"the sum in {kept} and zeros in {zeroed}{' (its r and z blocks)' if gates else ''}: "
+                "the same outputs (up to float rounding), not the same tensors"
+            )
 
 
 _PLAIN_EXPORT = {  # PyTorch param -> (Flax leaf, collection in linen)
@@ -139,7 +168,7 @@ def _own(slot: Slot) -> bool:
 
 def export(
     module: nn.Module, *, api: str = "linen", names: Mapping[str, str] | None = None
-) -> dict[str, np.ndarray]:
+) -> ExportedArrays:
     """``module``'s weights as Flax params, by ``/``-joined name; loading them back is the identity.
 
     Args:
@@ -154,7 +183,7 @@ def export(
     Flax cells have one bias per gate: LSTM biases export as ``bias_ih + bias_hh``,
     linen GRU r/z biases likewise. Loading the result puts them in ``bias_hh``
     (LSTM) or ``bias_ih`` (GRU r/z), so ``export(load(x)) == x`` exactly and the
-    module computes the same.
+    module computes the same; the result's ``notes`` say so for each such cell.
 
     Raises:
         UnsupportedConfigError: a layer has no Flax equivalent (proj_size, an nnx
@@ -182,7 +211,7 @@ def export(
             "ConvTranspose1d/2d/3d, Embedding, LayerNorm, BatchNorm, GroupNorm). Fix: export those layers with weightport.to_numpy instead."
         )
     state = {name: numpy_of(t, copy=True) for name, t in module.state_dict().items()}
-    out: dict[str, np.ndarray] = {}
+    out = ExportedArrays()
     for slot in slots:
         path = _layer_path(slot, names)
         if _own(slot):  # a model's own params (ViT's cls_token): by name, as is

@@ -3,6 +3,13 @@
 >>> import torch
 >>> sorted(export(torch.nn.Linear(3, 2)))
 ['layers/dense/vars/0', 'layers/dense/vars/1']
+
+Keras's SimpleRNN and LSTM have one bias where PyTorch has two: they export as ``bias_ih + bias_hh``, and
+the result's ``notes`` say so (loading it back puts the sum in ``bias_ih`` and zeros in ``bias_hh``: the
+same outputs, other tensors).
+
+>>> print(export(torch.nn.LSTM(3, 2)).notes[0])  # doctest: +ELLIPSIS
+'[0]' (LSTM): Keras has one bias, so it holds bias_ih_l0 + bias_hh_l0; ...
 """
 
 from __future__ import annotations
@@ -21,11 +28,22 @@ from weightport.layouts.keras.scale import keras_slots, scale_parameter
 from weightport.layouts.slots import LAYER_SCALE
 from weightport.sources.keras import snake_case
 from weightport.torch_facts import RNN_KINDS
+from weightport.transforms import Sum
 
-__all__ = ["export"]
+__all__ = ["export", "ExportedArrays"]
 
 
-def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+class ExportedArrays(dict[str, np.ndarray]):
+    """The exported arrays by Keras key, with ``notes``: what the export changed that a load back shows."""
+
+    notes: list[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notes = []
+
+
+def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> ExportedArrays:
     """``module``'s weights as a Keras 3 ``.weights.h5`` holds them for the equivalent Keras model.
 
     Each slot (each layer of a multi-layer RNN) becomes one Keras layer, keyed by
@@ -36,6 +54,9 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
     Args:
         module: the PyTorch model.
         mapping: ``{keras group path or key: "module.path[layer]"}`` to file a slot under another key.
+
+    Returns:
+        The arrays by key (a dict), with ``.notes``: an RNN's or LSTM's two biases summed into Keras's one.
     """
     from weightport.tensors import numpy_of
 
@@ -43,8 +64,14 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
     wanted = {v: (k if "/" in k else f"layers/{k}") for k, v in (mapping or {}).items()}
     taken = set(wanted.values())
     counts: dict[str, int] = {}
-    out: dict[str, np.ndarray] = {}
-    for slot in keras_slots(module):
+    out = ExportedArrays()
+    slots = keras_slots(module)
+    # an nn.MultiheadAttention exports its out_proj as its output_dense: never again as a Dense of its own
+    # (the model itself being one, its out_proj is listed as a slot too)
+    inside = [f"{s.path}." if s.path else "" for s in slots if s.kind == "MultiheadAttention"]
+    for slot in slots:
+        if slot.kind != "MultiheadAttention" and any(slot.path.startswith(p) for p in inside):
+            continue
         kind, m = slot.kind, cast(Any, slot.module)
         if kind not in EXPORT and kind not in ("MultiheadAttention", LAYER_SCALE):
             raise LayoutError(
@@ -87,8 +114,18 @@ def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> dict[
                 names = [slot.name(p, reverse=reverse) for p in params]
                 if not all(n in state for n in names):
                     continue
+                if isinstance(op, Sum):
+                    out.notes.append(_summed_note(slot.label, type(m).__name__, names))
                 out[f"{prefix}{index}"] = np.ascontiguousarray(
                     op(*(numpy_of(state[n], copy=True) for n in names))
                 )
                 index += 1
     return out
+
+
+def _summed_note(label: str, kind: str, names: list[str]) -> str:
+    who = f"'{label}' ({kind})" if label else kind
+    return (
+        f"{who}: Keras has one bias, so it holds {' + '.join(names)}; loading it back puts the sum "
+        f"in {names[0]} and zeros in {names[1]}: the same outputs (up to float rounding), not the same tensors"
+    )

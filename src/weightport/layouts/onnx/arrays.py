@@ -31,6 +31,15 @@ def nodes_from_keys(module: nn.Module, source: Source) -> tuple[list[Node], dict
         label, _, role = name.rpartition("/")
         groups.setdefault(label, {})[role] = name
     unknown = [label for label in groups if label not in slots]
+    if unknown and all("/" not in name for name in source.infos):  # not this key scheme at all
+        names = list(source.infos)
+        dotted = any("." in name for name in names)
+        raise LayoutError(
+            f"{source.description} has no ONNX graph, so its keys must be '<layer>/<ONNX input>' as "
+            f"weightport.layouts.onnx.export writes them, but none has a '/' ({', '.join(repr(n) for n in names[:2])}"
+            f"{' ...' if len(names) > 2 else ''}){': they look like PyTorch state-dict names' if dotted else ''}. "
+            "Fix: drop layout='onnx' (pass layout='torch' for PyTorch's names), or load the .onnx file itself."
+        )
     if unknown:
         raise LayoutError(
             f"{source.description} has no ONNX graph, so its keys must be '<layer>/<ONNX input>' as "
