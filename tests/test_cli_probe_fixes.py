@@ -54,6 +54,10 @@ def test_a_factory_file_that_exits_on_import_is_an_error(work, capsys) -> None:
 def test_a_wrong_layout_on_pytorch_names_says_so_first(work, layout, capsys) -> None:
     _, name = work
     assert main(["load", f"{name}:make", "mlp.npz", "--layout", layout]) == 2
+    if layout == "onnx":  # the ONNX layout's own word on arrays without a graph
+        err = " ".join(capsys.readouterr().err.split())
+        assert "they look like PyTorch state-dict names. Fix: drop --layout onnx" in err
+        return
     err = capsys.readouterr().err.splitlines()
     first = err[1].strip()  # the first problem, after the headline
     assert first.startswith("- '(layout)': expected names in the") and f"'{layout}' layout" in first
@@ -98,3 +102,18 @@ def test_a_damaged_onnx_name_is_one_line_naming_file_and_node(tmp_path, capsys) 
     assert "unexpected error" not in err
     assert "'model.onnx': node 0 (Gemm 'fc')" in err and "an attribute name is b'\\xffransB'" in err
     assert "Fix: re-export or re-download it." in err
+
+
+@pytest.mark.parametrize("layout", ["keras", "flax"])
+def test_a_wrong_layout_on_pytorch_names_in_the_library_says_so_first(layout: str) -> None:
+    """layout='keras'/'flax' on arrays under the model's own state-dict names gave only the layout's generic
+    refusal (its --map / strict=False fixes); the likely cause now goes first, and its fix loads."""
+    import weightport
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 2))
+    arrays = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    with pytest.raises(weightport.LoadError) as info:
+        weightport.load(model, arrays, layout=layout)
+    first = info.value.problems[0]
+    assert first.name == "(layout)" and f"drop layout='{layout}'" in str(first)
+    weightport.load(model, arrays, layout="torch")

@@ -27,7 +27,14 @@ from weightport.apply import LocalWrite
 from weightport.call_order import CallOrder, ExampleInputs
 from weightport.distributed import ShardedWrite, agree, has_dtensors
 from weightport.dtypes import describe_dtype
-from weightport.errors import ForwardNoteWarning, LoadError, Problem, UncheckedConfigWarning, counted
+from weightport.errors import (
+    ForwardNoteWarning,
+    LayoutError,
+    LoadError,
+    Problem,
+    UncheckedConfigWarning,
+    counted,
+)
 from weightport.layouts import detect_layout, get_layout
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.folded import folded_batchnorms
@@ -197,6 +204,42 @@ def _explain_nothing_matched(
         )
 
 
+def _planned_with_layout_hint(module: nn.Module, source: Source, options: LoadOptions) -> Plan:
+    """:func:`plan_load`, where a refusal under a ``layout=`` the source's names do not look like (PyTorch
+    state-dict names of the model's own, read as Keras, Flax or ONNX) says so first."""
+    try:
+        plan = plan_load(module, source, options)
+    except LayoutError as e:
+        hint = _torch_names_hint(module, source, options)
+        if hint is None:
+            raise
+        raise LoadError([hint], target=_describe(module)) from e
+    hint = _torch_names_hint(module, source, options) if plan.problems else None
+    if hint is not None:
+        plan.problems.insert(0, hint)
+    return plan
+
+
+def _torch_names_hint(module: nn.Module, source: Source, options: LoadOptions) -> Problem | None:
+    """The likely cause where ``layout=`` names another framework's layout and at least half the source's
+    names (it declares no layout of its own) are the model's state-dict names."""
+    layout, prefix = options.layout, options.prefix or ""
+    if layout in (None, "torch", "onnx") or detect_layout(source) != "torch":
+        return None  # a file that declares its layout gets _layout_hint's word; arrays as onnx, the layout's
+    wanted = {n[len(prefix) :] for n in unwrap(module).state_dict() if n.startswith(prefix)}
+    names = list(source.infos)
+    matched = [n for n in names if n in wanted]
+    if not matched or len(matched) * 2 < len(names):
+        return None
+    return Problem(
+        "(layout)",
+        f"names in the '{layout}' layout",
+        f"PyTorch state-dict names in {source.description} ({', '.join(repr(n) for n in matched[:2])}"
+        f"{' ...' if len(matched) > 2 else ''}: {len(matched)} of its {len(names)} names are the model's own)",
+        f"drop layout='{layout}' (or pass layout='torch'): the source is in PyTorch's layout",
+    )
+
+
 def _layout_hint(source: Source, layout: str | None) -> Problem | None:
     """Why no name matched, when the layout is the likely cause."""
     declared = detect_layout(source)
@@ -333,7 +376,7 @@ def load(
         src = open_source(source)
     try:
         if not sharded:
-            plan = plan_load(module, src, options)
+            plan = _planned_with_layout_hint(module, src, options)
             writer = LocalWrite(plan, src, options)
             writer.read()
         if plan.problems:

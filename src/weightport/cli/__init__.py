@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from weightport.cli.as_json import SCHEMA, error_json, problems_json, report_json, verify_json
 from weightport.cli.factories import UsageError, load_factory, summary
-from weightport.cli.parts import source_part, torch_names_hint
+from weightport.cli.parts import source_part
 from weightport.cli.terms import speak_cli
 
 __all__ = ["main", "load_factory", "UsageError"]
@@ -130,26 +130,18 @@ def _load(args: argparse.Namespace, dry_run: bool, inputs: tuple[Any, ...] | Non
     if args.example_input:
         inputs = tuple(_read_io(args.example_input)[0])
     source, declared = source_part(args.source, args.skip_layer, args.source_prefix)
-    try:
-        report = weightport.load(
-            model,
-            source,
-            layout=args.layout or declared,
-            mapping=_mapping(args.map),
-            dry_run=dry_run,
-            strict=not args.lenient,
-            prefix=args.prefix,
-            allow_nonfinite=_nonfinite(args.allow_nonfinite),
-            example_inputs=tuple(inputs) if inputs else None,
-            progress=args.progress,
-        )
-    except (weightport.LoadError, weightport.LayoutError) as e:
-        hint = torch_names_hint(source, args.layout, model, args.prefix)
-        if hint is None:
-            raise
-        if isinstance(e, weightport.LoadError):  # the likely cause first, then what the layout found
-            raise weightport.LoadError([hint, *e.problems], target=e.target) from e
-        raise weightport.LoadError([hint], target=type(model).__name__) from e
+    report = weightport.load(
+        model,
+        source,
+        layout=args.layout or declared,
+        mapping=_mapping(args.map),
+        dry_run=dry_run,
+        strict=not args.lenient,
+        prefix=args.prefix,
+        allow_nonfinite=_nonfinite(args.allow_nonfinite),
+        example_inputs=tuple(inputs) if inputs else None,
+        progress=args.progress,
+    )
     return model, report
 
 

@@ -62,34 +62,3 @@ def source_part(path: str, skip_layers: Sequence[str] | None, prefix: str | None
     part = MappingSource.from_mapping(arrays, description=description)
     part.metadata.update(facts)
     return part, (declared if declared != "torch" else None)
-
-
-def torch_names_hint(source: Any, layout: str | None, model: Any, prefix: str | None) -> Any:
-    """The likely cause of a refused ``--layout keras|flax|onnx`` load whose file holds PyTorch state-dict
-    names that the model has (a ``Problem`` to list first), else None.
-
-    The library's own hint covers the reverse (``--layout torch`` on a Keras file): its file declares
-    a layout; a file of PyTorch names declares none, so their names are compared here.
-    """
-    if layout in (None, "torch"):
-        return None
-    from weightport.errors import Problem
-    from weightport.sources import open_source
-
-    wanted = [n for n in model.state_dict() if not prefix or n.startswith(prefix)]
-    wanted_set = {n[len(prefix) :] if prefix else n for n in wanted}
-    with open_source(source) as src:
-        if str(src.metadata.get("layout", "torch")) != "torch":
-            return None  # the file declares its layout: the library says so itself
-        names = list(src.infos)
-        matched = [n for n in names if n in wanted_set]
-        description = src.description
-    if not matched or len(matched) * 2 < len(names):
-        return None
-    return Problem(
-        "(layout)",
-        f"names in the '{layout}' layout",
-        f"PyTorch state-dict names in {description} ({', '.join(repr(n) for n in matched[:2])}"
-        f"{' ...' if len(matched) > 2 else ''}: {len(matched)} of its {len(names)} names are the model's own)",
-        f"drop layout='{layout}' (or pass layout='torch'): the file is in PyTorch's layout",
-    )
