@@ -86,3 +86,18 @@ def test_a_bin_file_that_is_no_pickle_is_not_called_one(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="not a format weightport reads") as info:
         weightport.load(nn.Linear(3, 4), path)
     assert "torch.load" not in str(info.value)
+
+
+def test_a_bad_value_in_a_flax_file_names_the_file(tmp_path: Path) -> None:
+    """A NaN in a Flax .msgpack was refused naming the Flax layer alone ('in Flax 'Dense_0' (Dense)'), not the
+    file it is in; rules whose origin names the file (ONNX, Keras) are unchanged."""
+    serialization = pytest.importorskip("flax.serialization")
+    kernel = np.arange(6, dtype=np.float32).reshape(3, 2)
+    state = {"params": {"Dense_0": {"kernel": kernel, "bias": np.array([np.nan, 0.0], np.float32)}}}
+    path = tmp_path / "nan.msgpack"
+    path.write_bytes(serialization.msgpack_serialize(state))
+    module = nn.Linear(3, 2)
+    with pytest.raises(
+        weightport.LoadError, match=r"NaN/Inf value .* in Flax 'Dense_0' \(Dense\) of 'nan\.msgpack'"
+    ):
+        weightport.load(module, path)

@@ -36,7 +36,7 @@ from weightport.sources.files import byte_view, read_exact
 from weightport.staging import Stager
 from weightport.tensors import narrow, numpy_of
 from weightport.transforms import Identity
-from weightport.value_checks import check_ties, check_values, value_problem
+from weightport.value_checks import check_ties, check_values, of_source, value_problem
 from weightport.values import find_bad_values
 
 __all__ = ["LocalWrite", "apply_plan", "deferred_interrupts", "UndoLog", "UNDO_MEMORY_BYTES"]
@@ -136,7 +136,7 @@ def _materialize(entry: Entry, source: Source) -> tuple[torch.Tensor, Problem | 
     tensor = entry.tensor
     new = _fresh_like(tensor)
     finite = _write(entry, source, tensor=new, fresh=True)
-    problem = None if finite else _check_filled(entry, new)
+    problem = None if finite else _check_filled(entry, new, source)
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(new, requires_grad=tensor.requires_grad), problem
     return new, problem
@@ -211,7 +211,7 @@ class UndoLog:
         self.saved.clear()
 
 
-def _check_filled(entry: Entry, new: torch.Tensor) -> Problem | None:
+def _check_filled(entry: Entry, new: torch.Tensor, source: Source) -> Problem | None:
     """The problem with a materialized tensor's values, for entries checked after the fill."""
     if entry.check_after_fill is None:
         return None
@@ -219,7 +219,7 @@ def _check_filled(entry: Entry, new: torch.Tensor) -> Problem | None:
     if view is None:  # channels_last: its values in C order
         view = host_view(new.detach().contiguous())
     bad = find_bad_values(view, new.dtype, "finite", entry.check_after_fill)  # type: ignore[arg-type]
-    return value_problem(entry, bad) if bad else None
+    return value_problem(entry, bad, of_source(entry, source)) if bad else None
 
 
 class LocalWrite:

@@ -27,7 +27,7 @@ from weightport.options import NonFinite
 from weightport.plan import Entry, Plan, origin_of
 from weightport.sources.base import Source
 
-__all__ = ["check_values", "check_ties", "value_problem", "allowed_nonfinite"]
+__all__ = ["check_values", "check_ties", "value_problem", "of_source", "allowed_nonfinite"]
 
 
 def check_values(
@@ -66,7 +66,7 @@ def check_values(
             value = entry.value(source)
             bad = values.find_bad_values(value, entry.tensor.dtype, entry.check, allowed)
         if bad:
-            plan.problems.append(value_problem(entry, bad))
+            plan.problems.append(value_problem(entry, bad, of_source(entry, source)))
 
 
 def check_ties(plan: Plan, source: Source) -> set[int]:
@@ -95,6 +95,11 @@ def _ticked(entries: list[Entry], progress: Callable[[Entry], None] | None) -> I
         yield entry
         if progress is not None:
             progress(entry)
+
+
+def of_source(entry: Entry, source: Source) -> str:
+    """`` of <the source>`` where the entry's origin does not name it (a Flax layer's name alone), else ``''``."""
+    return "" if source.description in origin_of(entry.rule) else f" of {source.description}"
 
 
 def value_problem(entry: Entry, bad: str, where: str = "") -> Problem:
