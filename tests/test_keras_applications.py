@@ -25,7 +25,7 @@ keras = pytest.importorskip("keras")
 
 import weightport  # noqa: E402
 from _vision import timm, torchvision  # noqa: E402
-from weightport.errors import LoadError, UncheckedConfigWarning  # noqa: E402
+from weightport.errors import ForwardNoteWarning, LoadError, UncheckedConfigWarning  # noqa: E402
 
 SIZE = 64
 
@@ -99,8 +99,11 @@ def test_mobilenet_v3_small_into_timm_tf_mobilenetv3_small_100(tmp_path: Path, h
         if head == "conv":
             module.flatten = nn.Identity()
             module.classifier = nn.Sequential(nn.Conv2d(1024, 1000, 1), nn.Flatten())
-        # the strided depthwise convs Keras pads with ZeroPadding2D: timm's pad themselves, so nothing is noted
-        report = weightport.load(module, path, example_inputs=(torch.zeros(1, 3, SIZE, SIZE),))
+        # the strided depthwise convs Keras pads with ZeroPadding2D: timm's pad themselves, so nothing is noted;
+        # Keras's hard_sigmoid, ReLU(6.0)(x + 3) / 6, is noted as the ReLU6 it is (timm's hard_sigmoid gates do it)
+        with pytest.warns(ForwardNoteWarning, match=r"Keras ReLU 're_lu_\d+' \(max_value=6\)"):
+            report = weightport.load(module, path, example_inputs=(torch.zeros(1, 3, SIZE, SIZE),))
+        assert all(n.endswith("build nn.ReLU6(): a plain nn.ReLU does not cap") for n in report.notes)
         compare(model, module, x, x / 127.5 - 1.0)  # Keras's Rescaling(1/127.5, offset=-1)
         (logits,) = [p for p in report.pairings if p.source_layer == "logits"]
         assert (logits.module_kind, logits.source_kind) == (

@@ -266,13 +266,15 @@ def test_attention_axes_against_no_recorded_rank_are_refused(tmp_path: Path) -> 
 
 
 def test_a_leaky_relu_between_two_denses_gets_a_note_with_its_slope(tmp_path: Path) -> None:
-    model = built((4,), keras.layers.Dense(3), keras.layers.LeakyReLU(0.3), keras.layers.Dense(2), seed=8)
+    model = built(
+        (4,), keras.layers.Dense(3), keras.layers.LeakyReLU(0.3, name="slope"), keras.layers.Dense(2), seed=8
+    )
     x = np.random.default_rng(8).standard_normal((5, 4)).astype(np.float32)
     for source in (sources(model, tmp_path)[".keras"], model):
         target = nn.Sequential(nn.Linear(4, 3), nn.LeakyReLU(), nn.Linear(3, 2))
         _, notes = load(target, source)
         (note,) = notes
-        assert "Keras LeakyReLU 'leaky_re_lu' (negative_slope=0.3) on the output of Keras 'dense" in note
+        assert "Keras LeakyReLU 'slope' (negative_slope=0.3) on the output of Keras 'dense" in note
         assert "(module '0') and before Keras" in note and "build nn.LeakyReLU(0.3)" in note
         target[1] = nn.LeakyReLU(0.3)  # as the note says
         with torch.no_grad():

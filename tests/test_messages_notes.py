@@ -47,11 +47,13 @@ def test_softmax_after_a_dense_warns_and_verify_repeats_it_beside_the_failure(tm
     (message,) = messages
     assert "the model's forward must also do this around the modules" in message
     assert (
-        "the module <- Keras Dense 'out': Keras applies activation='softmax' after it: apply it in forward"
-        in message
+        "the module <- Keras Dense 'out': Keras applies activation='softmax' after it: apply it in forward as "
+        "F.softmax(y, dim=-1) on the module's output y" in message
     )
     assert report.notes == [
-        "the module <- Keras Dense 'out': Keras applies activation='softmax' after it: apply it in forward"
+        "the module <- Keras Dense 'out': Keras applies activation='softmax' after it: apply it in forward as "
+        "F.softmax(y, dim=-1) on the module's output y (nn.Softmax() without dim= takes dim 0 of a 1-D or 3-D "
+        "tensor and dim 1 otherwise)"
     ]
     assert "Notes (what forward must do" in str(report) and report.summary().endswith("notes on forward 1.")
 

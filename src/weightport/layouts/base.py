@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from weightport.transforms import Identity, Op
 
 if TYPE_CHECKING:
@@ -32,7 +34,18 @@ if TYPE_CHECKING:
     from weightport.call_order import CallOrder
     from weightport.sources.base import Source
 
-__all__ = ["Layout", "Rule", "Pairing", "LayoutPlan", "base_model_prefix"]
+__all__ = ["Layout", "Rule", "Pairing", "LayoutPlan", "base_model_prefix", "ExportedArrays"]
+
+
+class ExportedArrays(dict[str, np.ndarray]):
+    """A layout's exported arrays by its own keys, with ``notes``: what the export changed that a load back
+    shows (an LSTM's two biases summed into the one bias Keras and Flax keep)."""
+
+    notes: list[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notes = []
 
 
 def base_model_prefix(module: Any) -> str | None:

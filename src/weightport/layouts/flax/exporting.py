@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from weightport.errors import LayoutError, UnsupportedConfigError
+from weightport.layouts.base import ExportedArrays
 from weightport.layouts.flax.cells import EXPORT_CELLS, with_article
 from weightport.layouts.flax.convolutions import flip_and_permute
 from weightport.layouts.flax.facts import APIS, T, conv_axes
@@ -24,16 +25,6 @@ from weightport.torch_facts import RNN_KINDS
 from weightport.transforms import Chain, Op, SliceBlocks, Sum, Transpose
 
 __all__ = ["export", "ExportedArrays"]
-
-
-class ExportedArrays(dict[str, np.ndarray]):
-    """The exported arrays by Flax path, with ``notes``: what the export changed that a load back shows."""
-
-    notes: list[str]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.notes = []
 
 
 def _sums(op: Op) -> bool:

@@ -53,11 +53,13 @@ its nameless variables read either way.
 Settings that act on the input, the state or the output rather than inside the module load, with
 a note saying what ``forward`` must do (in the pairing's "how" and ``LayoutPlan.forward_notes``, which a
 load gives as a :class:`~weightport.errors.ForwardNoteWarning`): ``go_backwards`` (flip the input),
-``stateful`` (pass the state on), a Dense/Conv ``activation`` (apply it), Conv ``padding='causal'``
+``stateful`` (pass the state on), a Dense/Conv ``activation`` (apply it: the note names the PyTorch call,
+:mod:`.activations`), Conv ``padding='causal'``
 and ``'same'`` with stride > 1 (pad the input; the module must have ``padding=0``), a ConvTranspose
 ``'same'`` crop one more after than before (crop the output), MultiHeadAttention ``attention_axes`` other
 than a 3-D query's sequence (fold the query's axes), Embedding ``mask_zero`` (pack the sequences), and
-layers without weights whose settings PyTorch's defaults lack (a LeakyReLU's slope: :mod:`.weightless`). Training-only settings (dropout, initializers, ``unit_forget_bias``,
+layers without weights whose settings PyTorch's defaults lack (a LeakyReLU's slope, a ReLU's ``max_value``, an
+``Activation('leaky_relu')``: :mod:`.weightless`). Training-only settings (dropout, initializers, ``unit_forget_bias``,
 momentum) and ``unroll``, ``return_sequences``, ``return_state``, ``data_format`` load as they are.
 Settings checked where the source carries a configuration (``.keras``, a full
 legacy ``.h5``, a live model): activation vs ``nonlinearity``, ``use_bias`` vs
@@ -130,6 +132,7 @@ from weightport.layouts.keras.pooling import pooling_notes
 from weightport.layouts.keras.preprocessing import reported, set_aside
 from weightport.layouts.keras.rules import part_rules
 from weightport.layouts.keras.scale import keras_slots
+from weightport.layouts.keras.unshown import unshown_weightless
 from weightport.layouts.keras.weightless import weightless_notes
 from weightport.layouts.pairing import (
     Slot,
@@ -231,6 +234,9 @@ def plan(
     refusals: list[str] = []
     unchecked: list[str] = []
     forward_notes: list[str] = []
+    version = source.metadata.get(
+        "keras_version"
+    )  # a legacy .h5's; what some activations compute changed with it
     convs = any(found.kind in MAP_KINDS for found in resolved)
     readers = map_readers(module) if convs and call_order is None else None  # for a weights-only Dense
     for found, paired in zip(resolved, pairs):
@@ -252,7 +258,7 @@ def plan(
                     unchecked.append(flatten_unchecked(dense))
             if part.config is not None:
                 problems += check_config(found, part, slot, refusals)
-                said = notes(found, part, slot)
+                said = notes(found, part, slot, version)
                 how += "".join(f"; {note}" for note, _ in said)
                 forward_notes += [
                     f"{slot.said} <- Keras {part.cls} '{found.layer.name}': {n}" for n, acts in said if acts
@@ -264,6 +270,8 @@ def plan(
         raise UnsupportedConfigError("\n".join(dict.fromkeys(refusals)))
     if problems:
         raise LoadError(problems, target=type(module).__name__)
+    if not graph:
+        unchecked += unshown_weightless(source)
     if unchecked:
         unchecked = list(dict.fromkeys(unchecked))
         unchecked.append(
@@ -282,7 +290,7 @@ def plan(
         scope=wrapped_scope(pairs),
         not_weights=reported(preprocessing, source, graph, modules),
         forward_notes=list(
-            dict.fromkeys(forward_notes + pooling_notes(graph) + weightless_notes(graph, modules))
+            dict.fromkeys(forward_notes + pooling_notes(graph) + weightless_notes(graph, modules, version))
         ),
     )
 
@@ -375,6 +383,7 @@ def save_weights_h5(
         mapping: as for :func:`export`, e.g. ``{"layers/time_distributed/layer": "fc"}`` for a
             Linear that the Keras model wraps in ``TimeDistributed``.
     """
+    arrays: dict[str, np.ndarray]
     if isinstance(module_or_arrays, nn.Module):
         arrays = export(module_or_arrays, mapping)
     else:

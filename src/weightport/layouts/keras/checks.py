@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from weightport.errors import LayoutError, LoadError, Problem, a_or_an, counted
+from weightport.layouts.keras.activations import activation_name as _act
+from weightport.layouts.keras.activations import activation_note
 from weightport.layouts.keras.attention import attention_notes, attention_problems
 from weightport.layouts.keras.einsum import why_not_a_dense
 from weightport.layouts.keras.layers import DEPTHWISE, Layer, Part, Resolved, inner_layers
@@ -33,12 +35,6 @@ __all__ = [
     "refuse_whole_model_layer",
     "refuse_einsum",
 ]
-
-
-def _act(value: Any) -> str:
-    if isinstance(value, dict):
-        value = (value.get("config") or {}).get("name") or value.get("class_name")
-    return "linear" if value is None else str(value).lower()
 
 
 def _refusals(found: Resolved, part: Part, cfg: Mapping[str, Any]) -> list[str]:
@@ -95,10 +91,13 @@ def _refusals(found: Resolved, part: Part, cfg: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
+def notes(
+    found: Resolved, part: Part, slot: Slot, keras_version: str | None = None
+) -> list[tuple[str, bool]]:
     """Notes for the pairing's "how", each with whether the caller's ``forward`` must act on it for
     Keras's outputs (a :class:`~weightport.errors.ForwardNoteWarning`): padding the module does itself
-    is said for the record only.
+    is said for the record only. ``keras_version``: the Keras that wrote the file, where recorded (an
+    activation's meaning changed with it: :mod:`.activations`).
 
     These settings act on the input, the state or the output, not on what the module computes, so
     they load: weights are the same, and the note says what to do outside the module.
@@ -137,9 +136,11 @@ def notes(found: Resolved, part: Part, slot: Slot) -> list[tuple[str, bool]]:
         moved = _channel_axis(cfg, found.layer.input_rank, f"nn.{type(m).__name__}")
         if moved:
             notes.append((moved, True))
-    if kind in _WITH_ACTIVATION and _act(cfg.get("activation")) != "linear":
+    act = _act(cfg.get("activation"))
+    if kind in _WITH_ACTIVATION and act != "linear":
+        dim = "-1" if kind == "Linear" else "1"  # Keras's axis -1 is a conv's channels, dim 1 of its output
         notes.append(
-            (f"Keras applies activation='{_act(cfg.get('activation'))}' after it: apply it in forward", True)
+            (f"Keras applies activation='{act}' after it: {activation_note(act, dim, keras_version)}", True)
         )
     if kind in ("Conv1d", "Conv2d"):
         note, _ = padding_verdict(cfg, m, found.layer)

@@ -21,6 +21,7 @@ import numpy as np
 from torch import nn
 
 from weightport.errors import LayoutError, UnsupportedConfigError
+from weightport.layouts.base import ExportedArrays
 from weightport.layouts.keras.attention import attention_export
 from weightport.layouts.keras.layers import CLASS_OF_KIND
 from weightport.layouts.keras.rules import EXPORT, depthwise_op
@@ -31,16 +32,6 @@ from weightport.torch_facts import RNN_KINDS
 from weightport.transforms import Sum
 
 __all__ = ["export", "ExportedArrays"]
-
-
-class ExportedArrays(dict[str, np.ndarray]):
-    """The exported arrays by Keras key, with ``notes``: what the export changed that a load back shows."""
-
-    notes: list[str]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.notes = []
 
 
 def export(module: nn.Module, mapping: Mapping[str, str] | None = None) -> ExportedArrays:

@@ -10,13 +10,15 @@ with what the load assumes in its place. Settings the variables show (``units``,
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from weightport.layouts.keras.layers import Part, Resolved
 from weightport.layouts.pairing import Slot
+from weightport.sources.base import Source
 from weightport.torch_facts import RNN_KINDS
 
-__all__ = ["unshown_settings"]
+__all__ = ["unshown_settings", "unshown_weightless"]
 
 _ACTIVATION = "activation (assumed none, 'linear')"
 _CONV = "strides, padding, dilation_rate, groups (assumed as the module's stride, padding, dilation, groups)"
@@ -69,3 +71,50 @@ def unshown_settings(found: Resolved, part: Part, slot: Slot) -> list[str]:
     if kind in RNN_KINDS and len(found.parts) == 2:
         settings.append("merge_mode (assumed 'concat', as PyTorch's output)")
     return settings
+
+
+# Keras's default name for a layer without weights whose settings change its output (:mod:`.weightless`)
+# -> (its class, those settings with Keras's defaults and the PyTorch module computing them)
+_WEIGHTLESS = {
+    "leaky_re_lu": (
+        "LeakyReLU",
+        "negative_slope (Keras's default 0.3: nn.LeakyReLU(0.3); nn.LeakyReLU()'s is 0.01)",
+    ),
+    "elu": ("ELU", "alpha (Keras's default 1: nn.ELU())"),
+    "re_lu": (
+        "ReLU",
+        "negative_slope, threshold, max_value (Keras's defaults 0, 0, None: nn.ReLU(); 6: nn.ReLU6())",
+    ),
+    "activation": (
+        "Activation",
+        "activation (Keras's 'leaky_relu' has slope 0.2, nn.LeakyReLU()'s 0.01; 'softmax' is over axis -1)",
+    ),
+    "unit_normalization": ("UnitNormalization", "axis (Keras's default -1: F.normalize over the channels)"),
+}
+_NAMED = re.compile(rf"(?:^|/)({'|'.join(_WEIGHTLESS)})(?:_\d+)?$")
+
+
+def unshown_weightless(source: Source) -> list[str]:
+    """For a weights-only file, the layers it shows without weights (by Keras's default names, as a Keras 3
+    ``.weights.h5`` files each layer's group and a legacy ``.h5`` lists its layer names) whose settings
+    change what the model computes: each with the settings it cannot show, which the PyTorch model must
+    compute as the Keras model set them."""
+    meta = source.metadata
+    if meta.get("keras_file") == "weights.h5":
+        held = {name.rsplit("/vars/", 1)[0] for name in source.infos}
+        names = [
+            g for g in sorted(getattr(source, "groups", ())) if g not in held and not g.endswith("/vars")
+        ]
+    elif meta.get("keras_file") == "legacy-h5":
+        names = [str(r.get("name")) for r in meta.get("layers") or [] if not r.get("weights")]
+    else:
+        return []
+    out = []
+    for name in names:
+        found = _NAMED.search(name)
+        if found is not None:
+            cls, settings = _WEIGHTLESS[found[1]]
+            out.append(
+                f"Keras {cls} '{name.rsplit('/', 1)[-1]}' (no weights, so nothing pairs it): {settings}"
+            )
+    return out
