@@ -266,3 +266,38 @@ def test_a_token_id_a_new_head_sets_is_noted_not_refused(tmp_path: Path) -> None
         tmp_path / "gpt2",
         r"'config\.pad_token_id'",
     )
+
+
+def test_a_composite_snapshot_loads_into_a_model_of_one_of_its_parts(tmp_path: Path) -> None:
+    """CLIPVisionModel.config_class.from_pretrained(folder) reads the CLIP snapshot's vision_config: the model
+    it builds was refused, its configuration held against CLIP's top level read as a vision config (defaults:
+    hidden_size 768). The part's own settings are compared, and another one is still refused."""
+    text = {"vocab_size": 30, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 12}
+    vision = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision |= {"image_size": 8, "patch_size": 4}
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    saved = _randomized(transformers.CLIPModel(config), 10)
+    saved.save_pretrained(tmp_path / "clip")
+    part = transformers.CLIPVisionConfig.from_pretrained(tmp_path / "clip")
+    model = transformers.CLIPVisionModel(part).eval()
+    weightport.load(model, tmp_path / "clip", strict=False)  # the text tower and projections are not its
+    pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(
+            model(pixel_values=pixels).pooler_output, saved.vision_model(pixel_values=pixels).pooler_output
+        )
+    other = transformers.CLIPVisionConfig(**{**part.to_dict(), "hidden_act": "gelu"})
+    refused(transformers.CLIPVisionModel(other), tmp_path / "clip", r"'config\.hidden_act'", strict=False)
+
+
+def test_a_token_id_only_the_new_head_reads_is_noted_under_a_prefix_too(tmp_path: Path) -> None:
+    """A GPT2Model snapshot into GPT2ForSequenceClassification's transformer (prefix=) with pad_token_id set, as
+    the classification recipe does: the submodule is the snapshot's class, the model is not; noted, not refused."""
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2Model(config).save_pretrained(tmp_path / "gpt2")
+    head = transformers.GPT2ForSequenceClassification(
+        transformers.GPT2Config(**{**config.to_dict(), "pad_token_id": 3})
+    )
+    with pytest.warns(weightport.UncheckedConfigWarning, match=r"pad_token_id=None, the model has 3"):
+        weightport.load(head, tmp_path / "gpt2", prefix="transformer.", strict=False)

@@ -93,7 +93,7 @@ def plan_load(module: nn.Module, source: Source, options: LoadOptions) -> Plan:
 
     checked = None
     if "snapshot_config" in source.metadata:  # a transformers snapshot: the model must be built as it records
-        checked = snapshot_config_checks(scope, source.metadata["snapshot_config"], source.description)
+        checked = snapshot_config_checks(scope, source.metadata["snapshot_config"], source.description, root)
     if checked is None:  # no config.json held against the model's: what it would have answered is unchecked
         plan.layout.unchecked += plan.layout.config_unchecked
         note = None if plan.layout.config_unchecked else unrecorded_config_note(scope, source.description)

@@ -141,22 +141,26 @@ def _as_loaded(config: Any, recorded: dict[str, Any]) -> dict[str, Any]:
 
 
 def snapshot_config_checks(
-    module: nn.Module, recorded: Any, where: str
+    module: nn.Module, recorded: Any, where: str, root: nn.Module | None = None
 ) -> tuple[list[Problem], list[str]] | None:
     """Problems for settings of ``recorded`` (a snapshot's ``config.json``) that change the forward and
     differ in ``module``'s transformers configuration, and notes for the other differences; None where
-    ``module`` holds no transformers model (nothing to hold the file's configuration against)."""
+    ``module`` holds no transformers model (nothing to hold the file's configuration against). ``root``: the
+    model ``module`` is part of (loaded with ``prefix=``), whose class says whether it is the snapshot's."""
     model = _transformers_model(module) if isinstance(recorded, dict) else None
     built = _model_config(module)
     if model is None or built is None:
         return None
+    recorded = _part_of(recorded, built)
     typed = "model_type" in recorded  # PretrainedConfig's own default, '', is no model type to compare with
     if typed:
         filled = _as_loaded(getattr(model, "config"), recorded)  # noqa: B009
     else:  # no class to read it with: what it records, over the settings every configuration shares
         filled = {**{k: v for k, v in _base_defaults().items() if k != "model_type"}, **recorded}
     # a model of a class the snapshot is not (its base, another head): its head may read token ids of its own
-    other_class = type(model).__name__ not in (recorded.get("architectures") or [type(model).__name__])
+    whole = _transformers_model(root) if root is not None else None
+    loaded_into = type(whole or model).__name__
+    other_class = loaded_into not in (recorded.get("architectures") or [loaded_into])
     problems, notes = [], []
     for key, value, own in config_differences(filled, built):
         if other_class and _TOKEN_ID.match(key.rpartition(".")[2]):
@@ -188,6 +192,19 @@ def snapshot_config_checks(
             f"'{built.get('model_type')}' model is not checked"
         )
     return problems, notes
+
+
+def _part_of(recorded: dict[str, Any], built: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration ``recorded`` holds for a model of ``built``'s type: a composite's part (CLIP's
+    ``vision_config`` for a ``CLIPVisionModel``, as that class's ``from_pretrained`` reads it), else
+    ``recorded`` itself. The snapshot's architectures go with the part."""
+    kind = built.get("model_type")
+    if not kind or recorded.get("model_type") == kind:
+        return recorded
+    parts = [v for v in recorded.values() if isinstance(v, dict) and v.get("model_type") == kind]
+    if len(parts) != 1:
+        return recorded
+    return {**parts[0], "architectures": recorded.get("architectures")}
 
 
 def _reason(key: str) -> str:
