@@ -1,8 +1,9 @@
-"""Shared helpers: module state snapshots for the all-or-nothing checks, and a refusal that leaves the module
-unchanged."""
+"""Shared helpers: module state snapshots for the all-or-nothing checks, a refusal that leaves the module
+unchanged, and running a PyTorch module on a channels-last array (as Keras feeds it)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -50,3 +51,12 @@ def random_state(module: torch.nn.Module, rng: np.random.Generator) -> dict[str,
         else:
             out[name] = numpy_of(tensor, copy=True)
     return out
+
+
+def nchw(run: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.ndarray:
+    """``run`` on a channels-last array, through channels-first PyTorch, back to channels last (3-D or 4-D)."""
+    t = torch.from_numpy(x)
+    t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.transpose(1, 2)
+    with torch.no_grad():
+        y = run(t)
+    return (y.permute(0, 2, 3, 1) if y.ndim == 4 else y.transpose(1, 2)).numpy()

@@ -26,6 +26,7 @@ keras = pytest.importorskip("keras")
 
 import weightport  # noqa: E402
 from _vision import timm  # noqa: E402
+from conftest import nchw  # noqa: E402
 from weightport.errors import ForwardNoteWarning, LayoutError, LoadError, UncheckedConfigWarning  # noqa: E402
 from weightport.layouts.keras import export, save_weights_h5  # noqa: E402
 
@@ -50,15 +51,6 @@ def load(target: nn.Module, source: Any) -> weightport.LoadReport:
         )
         warnings.simplefilter("ignore", ForwardNoteWarning)  # notes on forward: tests/test_messages_notes.py
         return weightport.load(target, source)
-
-
-def nchw(run: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.ndarray:
-    """``run`` on a channels-last array, through channels-first PyTorch, back to channels last."""
-    t = torch.from_numpy(x)
-    t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.transpose(1, 2)
-    with torch.no_grad():
-        y = run(t)
-    return (y.permute(0, 2, 3, 1) if y.ndim == 4 else y.transpose(1, 2)).numpy()
 
 
 def close(got: np.ndarray, expected: np.ndarray) -> float:

@@ -25,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
 
 import weightport  # noqa: E402
+from conftest import nchw  # noqa: E402
 from weightport.errors import ForwardNoteWarning, LoadError, UncheckedConfigWarning  # noqa: E402
 
 B = 2
@@ -55,15 +56,6 @@ def load(target: nn.Module, source: Any) -> tuple[weightport.LoadReport, list[st
     return report, notes
 
 
-def channels_last(run: Any, x: np.ndarray) -> np.ndarray:
-    """``run`` on a channels-last array, through channels-first PyTorch, and back."""
-    t = torch.from_numpy(x)
-    t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.transpose(1, 2)
-    with torch.no_grad():
-        y = run(t)
-    return (y.permute(0, 2, 3, 1) if y.ndim == 4 else y.transpose(1, 2)).numpy()
-
-
 def close(got: np.ndarray, expected: np.ndarray) -> None:
     assert got.shape == expected.shape, (got.shape, expected.shape)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -91,7 +83,7 @@ def test_a_valid_transposed_conv_with_a_kernel_below_its_stride_loads_into_its_t
         target = module()
         _, notes = load(target, source)
         assert not notes
-        close(channels_last(target, x), expected)
+        close(nchw(target, x), expected)
     with pytest.raises(LoadError, match=r"expected padding=\(0,( 0)?\), output_padding=\((1,|1, 0)\)"):
         weightport.load(nn.ConvTranspose1d(3, 4, 1, 2) if len(shape) == 2 else nn.ConvTranspose2d(3, 4, (2, 3), (3, 2)), tmp_path / "m.keras")  # fmt: skip
 
@@ -124,7 +116,7 @@ def test_an_uneven_same_crop_loads_into_an_unpadded_transposed_conv_with_a_note(
                 and f"crop the module's output in forward by {said}" in note
             )
             assert said in report.pairings[0].how
-        close(channels_last(lambda t, m=target: m(t)[(..., *crops)], x), expected)
+        close(nchw(lambda t, m=target: m(t)[(..., *crops)], x), expected)
 
 
 def test_the_refusal_of_an_uneven_crop_gives_a_fix_that_loads(tmp_path: Path) -> None:
@@ -137,7 +129,7 @@ def test_the_refusal_of_an_uneven_crop_gives_a_fix_that_loads(tmp_path: Path) ->
     target = nn.ConvTranspose2d(3, 4, (2, 3), (3, 2), output_padding=(1, 0))
     load(target, tmp_path / "m.keras")
     x = np.random.default_rng(3).standard_normal((B, 5, 6, 3)).astype(np.float32)
-    close(channels_last(lambda t: target(t)[..., 0:, 0:-1], x), np.asarray(model(x)))
+    close(nchw(lambda t: target(t)[..., 0:, 0:-1], x), np.asarray(model(x)))
 
 
 # ---- Rescaling and Normalization where they sit ----------------------------------------------------------

@@ -181,6 +181,12 @@ class Graph:
                 consumers.setdefault(name, []).append(node)
         return cls(source, {out: node for node in nodes for out in node.outputs}, consumers)
 
+    def stored_operand(self, node: Node, beside: str) -> str | None:
+        """The stored tensor a two-input ``node`` (an ``Add``, a ``Mul``) combines with its input ``beside``,
+        or None where that other input is computed (or both are ``beside``)."""
+        others = [name for name in node.inputs if name != beside]
+        return self.stored(others[0]) if len(others) == 1 else None
+
     def stored(self, name: str, depth: int = 0) -> str | None:
         """The stored tensor that input ``name`` holds, or None when the graph computes it.
 

@@ -68,8 +68,7 @@ def _per_channel(node: Node | None, op: str, before: Node, graph: Graph) -> str 
     channel broadcast over the axes after the channels: shape ``(C, 1, ...)``, as the exporters write it."""
     if node is None or node.op_type != op or len(node.inputs) != 2 or not before.outputs:
         return None
-    others = [name for name in node.inputs if name != before.outputs[0]]
-    stored = graph.stored(others[0]) if len(others) == 1 else None
+    stored = graph.stored_operand(node, before.outputs[0])
     if stored is None:
         return None
     shape = graph.source.infos[stored].shape

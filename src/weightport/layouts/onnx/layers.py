@@ -273,8 +273,7 @@ def _matmul_layer(node: Node, graph: Graph) -> Layer | None:
     while after is not None and after.op_type != "Add" and keeps_last_axis(after, out_features, graph):
         result, after = after, graph.only_consumer(after)
     if after is not None and after.op_type == "Add" and after.index not in graph.fused:
-        others = [n for n in after.inputs if n != result.outputs[0]]
-        bias = graph.stored(others[0]) if len(others) == 1 else None
+        bias = graph.stored_operand(after, result.outputs[0])
         op = _bias_op(graph.source.infos[bias].shape, out_features) if bias else None
         if bias is not None and op is not None:
             tensors["bias"], ops["bias"] = bias, op
@@ -336,8 +335,7 @@ def _channel_bias(node: Node, channels: int, rank: int, graph: Graph) -> tuple[s
         current, after = after, graph.only_consumer(after)
     if after is None or after.index in graph.fused:
         return None
-    others = [n for n in after.inputs if n != current.outputs[0]]
-    bias = graph.stored(others[0]) if len(others) == 1 else None
+    bias = graph.stored_operand(after, current.outputs[0])
     if bias is None:
         return None
     shape = graph.source.infos[bias].shape
