@@ -121,9 +121,8 @@ def _transformers_model(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _model_config(module: nn.Module) -> Mapping[str, Any] | None:
-    """The configuration of the transformers model ``module`` is, or the first one it holds."""
-    model = _transformers_model(module)
+def _config_dict(model: nn.Module | None) -> Mapping[str, Any] | None:
+    """The configuration of ``model`` (a :func:`_transformers_model`) as a dict; None where there is none."""
     found = getattr(model, "config").to_dict() if model is not None else None  # noqa: B009 (a config, not a Tensor)
     return found if isinstance(found, dict) else None
 
@@ -148,7 +147,7 @@ def snapshot_config_checks(
     ``module`` holds no transformers model (nothing to hold the file's configuration against). ``root``: the
     model ``module`` is part of (loaded with ``prefix=``), whose class says whether it is the snapshot's."""
     model = _transformers_model(module) if isinstance(recorded, dict) else None
-    built = _model_config(module)
+    built = _config_dict(model)
     if model is None or built is None:
         return None
     recorded = _part_of(recorded, built)
@@ -222,7 +221,7 @@ def _reason(key: str) -> str:
 def unrecorded_config_note(module: nn.Module, where: str) -> str | None:
     """The note for weights of a transformers model read from a file alone: it records none of the settings
     config.json holds (None where ``module`` holds no transformers model)."""
-    if _model_config(module) is None:
+    if _config_dict(_transformers_model(module)) is None:
         return None
     return (
         f"{where} records none of the transformers model's configuration the weights do not show (norm eps, "
