@@ -393,3 +393,31 @@ def test_an_instance_norm_and_the_models_own_scale_and_shift_are_no_group_norm(
     model = _randomize(_InstanceAffine(group_norm), 2).eval()
     weightport.load(model, path)
     assert _error(model, x, _run(path, x)) < TOL
+
+
+class _TwoGroupNorms(nn.Module):
+    """Two GroupNorms of one shape, declared in the other order than the forward calls them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second, self.first = nn.GroupNorm(2, 8), nn.GroupNorm(2, 8)
+        self.c1, self.c2, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.second(self.c2(torch.relu(self.first(self.c1(x))))))
+
+
+@pytest.mark.parametrize("export", ["legacy", "dynamo"])
+def test_two_same_shape_group_norms_folded_go_each_into_its_own(export: str, tmp_path: Path) -> None:
+    """Shapes cannot tell two GroupNorms of one width apart: each folded weight and bias goes into its own
+    (by the node's module path), not by declaration order, which is swapped here."""
+    options: dict[str, Any] = {"dynamo": False, "opset_version": 17}
+    if export == "dynamo":
+        pytest.importorskip("onnxscript")
+        options = {"dynamo": True}
+    x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+    path = _export(_randomize(_TwoGroupNorms(), 1).eval(), x, tmp_path / "m.onnx", **options)
+    for example in (None, x):
+        model = _randomize(_TwoGroupNorms(), 2).eval()
+        weightport.load(model, path, example_inputs=example)
+        assert _error(model, x, _run(path, x)) < TOL
