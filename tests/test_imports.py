@@ -69,7 +69,7 @@ FLOORS: list[tuple[str, ...]] = [
     ),
     ("sources",),
     ("layouts",),
-    ("plan", "value_checks", "snapshot_config", "report", "progress"),
+    ("plan", "recurrent_problems", "value_checks", "snapshot_config", "report", "progress"),
     ("apply", "distributed"),
     ("loading",),
     ("rnn", "reference", "verifying", "init_schemes", "initializers", "export", "inspect"),
