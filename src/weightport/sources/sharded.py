@@ -28,6 +28,7 @@ from weightport.errors import SourceError
 from weightport.sources.base import Region, Source
 from weightport.sources.files import LINKS_NOT_FOLLOWED, folder_has, open_no_follow
 from weightport.sources.safetensors import SafetensorsSource, read_header
+from weightport.sources.snapshot import several_readings
 
 __all__ = ["claims", "open", "ShardedSource", "read_weight_map", "plain_shard_name", "shard_count", "placed"]
 
@@ -206,7 +207,9 @@ def shard_count(count: int) -> str:
 
 def _open_folder(source: ShardedSource, path: Path) -> None:
     """Every ``.safetensors`` file in the folder; or, where the folder holds exactly one index, what it lists
-    (a hub repository may keep a consolidated copy beside the shards)."""
+    (a hub repository may keep a consolidated copy beside the shards, under names of its own). A
+    ``.safetensors`` file the index does not list that holds tensors of the index's names is another
+    reading of the model: the folder is refused, as a snapshot holding both is."""
     where = f"folder '{path.name}'"
     with os.scandir(path) as scan:
         entries = sorted(scan, key=lambda e: e.name)
@@ -214,9 +217,9 @@ def _open_folder(source: ShardedSource, path: Path) -> None:
     if len(indexes) == 1 and indexes[0].is_file(follow_symlinks=False):
         _open_index(source, Path(indexes[0].path))
         listed = set(source.shards) | {indexes[0].name}
-        source.ignored += [
-            f"{e.name} (not listed in {indexes[0].name})" for e in entries if e.name not in listed
-        ]
+        unlisted = [e for e in entries if e.name not in listed]
+        _refuse_other_readings(path, indexes[0].name, source.infos.keys(), unlisted)
+        source.ignored += [f"{e.name} (not listed in {indexes[0].name})" for e in unlisted]
         return
     links = []
     for entry in entries:
@@ -233,3 +236,29 @@ def _open_folder(source: ShardedSource, path: Path) -> None:
         )
     source.description = f"{shard_count(len(source.shards))} in {where}"
     _assemble(source, where, None)
+
+
+def _refuse_other_readings(
+    folder: Path, index: str, indexed: Iterable[str], unlisted: list[os.DirEntry[str]]
+) -> None:
+    """Refuse the folder where a regular ``.safetensors`` file the index does not list holds a tensor
+    name the index lists (a consolidated ``model.safetensors`` beside the shards: the two need not agree)."""
+    names = set(indexed)
+    overlapping: dict[str, list[str]] = {}
+    for entry in unlisted:
+        if not entry.name.endswith(".safetensors") or not entry.is_file(follow_symlinks=False):
+            continue
+        fd = open_no_follow(Path(entry.path))
+        try:
+            infos, _, _ = read_header(fd, f"'{entry.name}'")
+        finally:
+            os.close(fd)
+        common = sorted(names.intersection(infos))
+        if common:
+            overlapping[entry.name] = common
+    if overlapping:
+        shared = sorted({n for common in overlapping.values() for n in common})
+        said = ", ".join(f"'{n}'" for n in shared[:3]) + (
+            f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        )
+        raise several_readings(folder, [index, *overlapping], f"tensors of the same names ({said}) in")

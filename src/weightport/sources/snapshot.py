@@ -28,7 +28,7 @@ from weightport.errors import SourceError
 from weightport.sources.base import Source
 from weightport.sources.files import LINKS_NOT_FOLLOWED, open_no_follow
 
-__all__ = ["claims", "open", "WEIGHT_FILES"]
+__all__ = ["claims", "open", "WEIGHT_FILES", "several_readings"]
 
 # The weights files save_pretrained writes, by the format (a name in weightport.sources) that reads them;
 # None: a pickle, never read.
@@ -56,12 +56,7 @@ def open(path: Path) -> Source:
     present = [name for name in WEIGHT_FILES if os.path.lexists(path / name)]
     readable = [name for name in present if WEIGHT_FILES[name] is not None]
     if len(readable) > 1:
-        listed = ", ".join(f"'{path / name}'" for name in readable)
-        raise SourceError(
-            f"{where}: a transformers snapshot with {len(readable)} weights files ({', '.join(readable)}); each is "
-            f"a reading of the model and they need not agree, so weightport does not choose. Fix: pass the file "
-            f"you mean: one of {listed}."
-        )
+        raise several_readings(path, readable, "a transformers snapshot with")
     if not readable:
         raise SourceError(
             f"{where}: its weights are only in {', '.join(present)}, a pickle, which weightport never loads "
@@ -85,6 +80,17 @@ def open(path: Path) -> Source:
         + ")"
     )
     return source
+
+
+def several_readings(folder: Path, names: list[str], what: str) -> SourceError:
+    """The refusal of a folder holding several weights files (``names``), each a reading of the model:
+    ``what`` says what the folder is (``"a transformers snapshot with"``). The one home of that rule."""
+    listed = ", ".join(f"'{folder / name}'" for name in names)
+    return SourceError(
+        f"folder '{folder.name}': {what} {len(names)} weights files ({', '.join(names)}); each is a reading of "
+        f"the model and they need not agree, so weightport does not choose. Fix: pass the file you mean: one of "
+        f"{listed}."
+    )
 
 
 def _config(path: Path, where: str) -> dict[str, Any]:

@@ -1,0 +1,51 @@
+"""Fixes from a second probe of the core load path: two readings of a folder, legacy weight-norm names,
+wrapper prefixes, export of odd tensors, failures while writing, and messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import weightport
+from conftest import snapshot
+from weightport import SourceError
+from weightport.export import write_safetensors
+
+
+def _random_state(module: nn.Module, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(tuple(v.shape)).astype(np.float32) for k, v in module.state_dict().items()}
+
+
+def _net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def test_a_folder_with_shards_and_an_unlisted_file_of_the_same_names_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """model.safetensors beside an index and its shards holds the same names with other values: each is a
+    reading of the model, so the folder is refused and both files listed; each listed file loads its own."""
+    sharded, single = _random_state(_net(), 1), _random_state(_net(), 2)
+    parts = {"model-00001-of-00002.safetensors": ["0.weight", "0.bias"]}
+    parts["model-00002-of-00002.safetensors"] = ["2.weight", "2.bias"]
+    for file_name, keys in parts.items():
+        write_safetensors({k: sharded[k] for k in keys}, tmp_path / file_name)
+    weight_map = {k: f for f, keys in parts.items() for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    write_safetensors(single, tmp_path / "model.safetensors")
+    model = _net()
+    before = snapshot(model)
+    with pytest.raises(
+        SourceError, match=r"2 weights files \(model.safetensors.index.json, model.safetensors\)"
+    ):
+        weightport.load(model, tmp_path)
+    assert snapshot(model) == before
+    x = torch.randn(3, 4)
+    for given, state in (("model.safetensors.index.json", sharded), ("model.safetensors", single)):
+        weightport.load(model, tmp_path / given)  # the fix, followed
+        reference = _net()
+        reference.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
