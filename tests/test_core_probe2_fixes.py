@@ -12,7 +12,7 @@ from torch import nn
 
 import weightport
 from conftest import snapshot
-from weightport import SourceError
+from weightport import LoadError, SourceError
 from weightport.export import write_safetensors
 
 
@@ -49,3 +49,42 @@ def test_a_folder_with_shards_and_an_unlisted_file_of_the_same_names_is_refused(
         reference = _net()
         reference.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+class _ScaleTimesDirection(nn.Module):
+    """weight = g * v: two originals, like weight norm's, but not weight norm."""
+
+    def forward(self, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return g * v
+
+    def right_inverse(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ones(w.shape[0], 1), w
+
+
+def _legacy_weight_norm_state() -> tuple[nn.Module, dict[str, np.ndarray]]:
+    torch.manual_seed(4)
+    with pytest.warns(FutureWarning):  # torch.nn.utils.weight_norm is deprecated: the old names' source
+        old = nn.utils.weight_norm(nn.Linear(4, 3))
+    with torch.no_grad():
+        old.weight_g.uniform_(0.5, 2.0)
+        old.bias.uniform_(-1.0, 1.0)
+    return old, {k: v.detach().numpy().copy() for k, v in old.state_dict().items()}
+
+
+def test_legacy_weight_norm_names_go_only_into_torchs_weight_norm() -> None:
+    old, state = _legacy_weight_norm_state()
+    x = torch.randn(5, 4)
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+    weightport.load(normed, state)
+    torch.testing.assert_close(normed(x), old(x), rtol=0, atol=0)
+    for extra in (False, True):
+        other = nn.Linear(4, 3)
+        if extra:  # weight norm with another parametrization after it: the names no longer mean the same
+            nn.utils.parametrizations.weight_norm(other)
+            nn.utils.parametrize.register_parametrization(other, "weight", nn.Identity())
+        else:
+            nn.utils.parametrize.register_parametrization(other, "weight", _ScaleTimesDirection())
+        before = snapshot(other)
+        with pytest.raises(LoadError, match="'weight_g': expected a name the module has"):
+            weightport.load(other, state)
+        assert snapshot(other) == before

@@ -175,14 +175,46 @@ def weight_norm_name(name: str) -> str | None:
 
 
 def _weight_norm_names(module: torch.nn.Module, legacy: list[str]) -> dict[str, str]:
-    """Old weight-norm names -> the parametrization's, where the module has those and not the old ones."""
+    """Old weight-norm names -> the parametrization's, where the module has those and not the old ones, and
+    the parametrization is torch's weight norm alone (another one of two tensors means something else by them)."""
     module_names = set(module.state_dict(keep_vars=True))
     renamed = {}
     for name in legacy:
         new = weight_norm_name(name)
-        if new is not None and name not in module_names and new in module_names:
+        if (
+            new is not None
+            and name not in module_names
+            and new in module_names
+            and weight_normed(module, name)
+        ):
             renamed[name] = new
     return renamed
+
+
+def weight_normed(module: torch.nn.Module, name: str) -> bool:
+    """Whether old weight-norm name ``name`` (``conv.weight_g``) falls on a tensor of ``module`` that
+    ``torch.nn.utils.parametrizations.weight_norm`` parametrizes, and nothing else does.
+
+    >>> import torch
+    >>> from torch.nn.utils.parametrizations import weight_norm
+    >>> weight_normed(torch.nn.Sequential(weight_norm(torch.nn.Linear(2, 2))), "0.weight_v")
+    True
+    >>> weight_normed(torch.nn.Linear(2, 2), "weight_v")
+    False
+    """
+    from torch.nn.utils import parametrizations, parametrize
+
+    path, _, leaf = name.rpartition(".")
+    try:
+        owner = module.get_submodule(path)
+    except AttributeError:
+        return False
+    tensor = leaf[:-2]
+    if not parametrize.is_parametrized(owner, tensor):
+        return False
+    chain = getattr(owner.parametrizations, tensor)  # a ModuleDict of ParametrizationLists
+    weight_norm = getattr(parametrizations, "_WeightNorm", None)
+    return weight_norm is not None and len(chain) == 1 and type(chain[0]) is weight_norm
 
 
 # Old TensorFlow-born checkpoints (BERT's) name a norm's weight and bias gamma and beta; transformers renames
