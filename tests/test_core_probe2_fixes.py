@@ -3,6 +3,7 @@ wrapper prefixes, export of odd tensors, failures while writing, and messages.""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -88,3 +89,61 @@ def test_legacy_weight_norm_names_go_only_into_torchs_weight_norm() -> None:
         with pytest.raises(LoadError, match="'weight_g': expected a name the module has"):
             weightport.load(other, state)
         assert snapshot(other) == before
+
+
+class _WithModule(nn.Module):
+    """A model with a submodule called ``module`` beside tensors of its own: a DataParallel checkpoint of it
+    holds names the model has both with and without the prefix."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.module = nn.Linear(4, 4)
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.bias = nn.Parameter(torch.randn(4)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x) @ self.weight
+        return out if self.bias is None else out + self.bias
+
+
+def test_a_wrapper_prefix_is_dropped_by_the_reading_that_places_every_name() -> None:
+    torch.manual_seed(5)
+    trained = _WithModule()
+    state = {k: v.detach().numpy().copy() for k, v in nn.DataParallel(trained).state_dict().items()}
+    x = torch.randn(3, 4)
+    for strict in (True, False):
+        model = _WithModule()
+        report = weightport.load(model, state, strict=strict)
+        assert not report.missing and not report.ignored
+        torch.testing.assert_close(model(x), trained(x), rtol=0, atol=0)
+
+
+def test_two_partial_readings_of_a_wrapper_prefix_are_refused_and_the_fix_works() -> None:
+    torch.manual_seed(6)
+    trained = _WithModule()
+    state = {k: v.detach().numpy().copy() for k, v in nn.DataParallel(trained).state_dict().items()}
+    del state[
+        "module.module.bias"
+    ]  # as they are: 'module.weight', 'module.bias' fit; without: all but 'bias'
+    for strict in (True, False):
+        model = _WithModule(bias=False)
+        before = snapshot(model)
+        with pytest.raises(weightport.LayoutError, match="read 2 ways") as caught:
+            weightport.load(model, state, strict=strict)
+        assert snapshot(model) == before
+        assert "as they are, 2 of 3" in str(caught.value) and "without 'module.', 2 of 3" in str(caught.value)
+    names = list(weightport.open_source(state).infos)
+    model = _WithModule(bias=False)
+    expected = copy.deepcopy(model)
+    report = weightport.load(
+        model, state, mapping={n: n.removeprefix("module.") for n in names}, strict=False
+    )
+    assert report.ignored == ["module.bias"] and report.missing == [
+        "module.bias"
+    ]  # the source's name; the model's
+    stripped = {k.removeprefix("module."): torch.from_numpy(v) for k, v in state.items()}
+    expected.load_state_dict(
+        {k: v for k, v in stripped.items() if k != "bias"}, strict=False
+    )  # torch's own load
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), expected(x), rtol=0, atol=0)

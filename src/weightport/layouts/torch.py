@@ -1,7 +1,8 @@
 """The PyTorch layout: source names are state-dict names, values go in as they are.
 
 Prefixes that ``torch.compile`` (``_orig_mod.``) and DataParallel (``module.``)
-add are dropped when every source name carries them and the module does not.
+add are dropped when every source name carries them and the names without them are the module's
+(where both readings are, the one that places every name; else the load is refused).
 
 >>> import numpy as np, torch
 >>> from weightport.sources import open_source
@@ -33,18 +34,59 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def strip_wrapper_prefixes(names: list[str], module_names: set[str]) -> str:
-    """The wrapper prefix to drop from every name ('' if none applies)."""
-    dropped = ""
+    """The wrapper prefix to drop from every name ('' if none applies).
+
+    The readings are the names as they are and with each prefix every name carries dropped in turn. The
+    one complete reading (every name the module's) is taken; where none is complete, the one reading in
+    which any name is the module's (or, where none, every prefix dropped, for the errors to name). Two
+    complete readings, or two partial ones, are refused (a LayoutError listing them): a model with a
+    submodule called ``module`` can take a DataParallel checkpoint's names either way.
+
+    >>> strip_wrapper_prefixes(["module.w", "module.b"], {"module.w", "module.b", "w"})  # as they are: all
+    ''
+    >>> strip_wrapper_prefixes(["module.module.w", "module.w"], {"w", "module.w"})  # without: all
+    'module.'
+    """
+    readings = [""]
     current = names
     changed = True
     while changed and current:
         changed = False
         for prefix in WRAPPER_PREFIXES:
-            if all(n.startswith(prefix) for n in current) and not any(n in module_names for n in current):
-                dropped += prefix
+            if all(n.startswith(prefix) for n in current):
+                readings.append(readings[-1] + prefix)
                 current = [n[len(prefix) :] for n in current]
                 changed = True
-    return dropped
+    matched = {r: [n for n in names if n[len(r) :] in module_names] for r in readings}
+    complete = [r for r in readings if len(matched[r]) == len(names)]
+    partial = [r for r in readings if matched[r]]
+    if len(complete) == 1:
+        return complete[0]
+    if not complete and len(partial) <= 1:
+        return partial[0] if partial else readings[-1]
+    said = "; ".join(_reading(r, names, matched[r]) for r in (complete or partial))
+    choices = " or ".join(
+        f"mapping={{n: n{f'.removeprefix({r!r})' if r else ''} for n in names}} ({'as they are' if not r else f'without {r!r}'})"
+        for r in (complete or partial)
+    )
+    raise LayoutError(
+        f"the source's names can be read {len(complete or partial)} ways, each with names of the module, and "
+        f"weightport does not choose: {said}. Fix: name the reading with {choices}, where names are the source's "
+        "tensor names (weightport.open_source(source).infos; pairs you name with mapping= are taken as they are); "
+        "strict=False does not choose between them."
+    )
+
+
+def _reading(dropped: str, names: list[str], matched: list[str]) -> str:
+    """One reading of ``names`` for a message: what it drops and how many of its names the module has."""
+    how = f"without '{dropped}'" if dropped else "as they are"
+    unmatched = [n[len(dropped) :] for n in names if n not in set(matched)]
+    left = (
+        f", not {', '.join(repr(n) for n in unmatched[:3])}{' ...' if len(unmatched) > 3 else ''}"
+        if unmatched
+        else ""
+    )
+    return f"{how}, {len(matched)} of {len(names)} are the module's{left}"
 
 
 def plan(
