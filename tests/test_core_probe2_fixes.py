@@ -147,3 +147,44 @@ def test_two_partial_readings_of_a_wrapper_prefix_are_refused_and_the_fix_works(
     )  # torch's own load
     x = torch.randn(3, 4)
     torch.testing.assert_close(model(x), expected(x), rtol=0, atol=0)
+
+
+def test_a_lazy_modules_uninitialized_parameters_are_refused_with_a_fix_that_works(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lazy = nn.LazyLinear(3)
+    for export in (
+        lambda: weightport.to_numpy(lazy),
+        lambda: weightport.save(lazy, tmp_path / "a.safetensors"),
+    ):
+        with pytest.raises(SourceError, match="'weight': an uninitialized parameter of a lazy module"):
+            export()
+    assert not (tmp_path / "a.safetensors").exists()
+    x = torch.randn(2, 5)
+    lazy(x)  # the fix: one forward pass
+    weightport.save(lazy, tmp_path / "a.safetensors")
+    plain = nn.Linear(5, 3)
+    weightport.load(plain, tmp_path / "a.safetensors")
+    torch.testing.assert_close(plain(x), lazy(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_a_dict_of_torch_tensors_saves_bit_for_bit(tmp_path, suffix: str) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(7)
+    tensors = {
+        "brain": torch.randn(3, 4).to(torch.bfloat16),
+        "grad": torch.randn(5, requires_grad=True),
+        "float8": torch.randn(6).to(torch.float8_e4m3fn),
+    }
+    path = weightport.save(tensors, tmp_path / f"t{suffix}")
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for name, t in tensors.items():
+                self.register_buffer(name, torch.zeros(t.shape, dtype=t.dtype))
+
+    holder = Holder()
+    weightport.load(holder, path)
+    for name, t in tensors.items():
+        got = getattr(holder, name)
+        assert got.dtype == t.dtype
+        assert torch.equal(got.view(torch.uint8), t.detach().view(torch.uint8))
