@@ -188,3 +188,75 @@ def test_a_dict_of_torch_tensors_saves_bit_for_bit(tmp_path, suffix: str) -> Non
         got = getattr(holder, name)
         assert got.dtype == t.dtype
         assert torch.equal(got.view(torch.uint8), t.detach().view(torch.uint8))
+
+
+def _fail_nth_compressed_read(monkeypatch, n: int, error: BaseException) -> None:  # type: ignore[no-untyped-def]
+    from weightport.sources import npz as reader
+
+    calls = {"n": 0}
+    original = reader.NpzSource._read_compressed
+
+    def flaky(self, name, member, out):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+        return original(self, name, member, out)
+
+    monkeypatch.setattr(reader.NpzSource, "_read_compressed", flaky)
+
+
+def test_an_interrupt_raised_while_writing_puts_back_what_was_written(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Not a SIGINT (held until writing ends) but a KeyboardInterrupt raised inside the writing loop: the
+    tensors written before it had undo copies, and are put back."""
+    model = _net()
+    state = _random_state(model, 8)
+    np.savez_compressed(tmp_path / "w.npz", **state)
+    _fail_nth_compressed_read(monkeypatch, len(state) + 3, KeyboardInterrupt())  # the 3rd read of the writes
+    before = snapshot(model)
+    with pytest.raises(KeyboardInterrupt):
+        weightport.load(model, tmp_path / "w.npz")
+    assert snapshot(model) == before
+
+
+def test_a_failure_that_is_no_read_of_the_source_is_not_blamed_on_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from weightport import apply
+
+    model = _net()
+    state = _random_state(model, 9)
+    calls = {"n": 0}
+    original = apply.copy_into
+
+    def short_of_memory(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("no room")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(apply, "copy_into", short_of_memory)
+    with pytest.raises(MemoryError, match="no room") as caught:
+        weightport.load(model, state)
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert "changed while it was being read" not in notes
+    assert (
+        "writing '2.weight' from the given mapping" in notes
+        and "2 tensors written in full and '2.weight' in part" in notes
+    )
+    # the two written before it hold the source's values: what the note says is so
+    assert np.array_equal(model[0].weight.detach().numpy(), state["0.weight"])
+
+
+def test_a_progress_bar_whose_stderr_fails_does_not_fail_the_load(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("tqdm")
+    import io
+    import sys
+
+    class BrokenPipe(io.TextIOBase):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", BrokenPipe())
+    model = _net()
+    state = _random_state(model, 10)
+    weightport.load(model, state, progress=True)
+    for name, value in weightport.to_numpy(model).items():
+        np.testing.assert_array_equal(value, state[name])

@@ -7,12 +7,15 @@ storage, so new ones are made from the source and swapped in only after every
 one was read. A KeyboardInterrupt while writing is held until writing ends.
 When a lazily read file fails mid-way, what was written is put back from a copy
 of each tensor taken just before it is overwritten (``rollback=True``: extra
-memory up to the size of what is loaded; pass ``rollback=False`` to skip it).
+memory up to the size of what is loaded; pass ``rollback=False`` to skip it). Any other failure
+while writing (out of memory, a KeyboardInterrupt raised in there) puts back the same and is raised
+as it is, with a note of what is left written.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import signal
 import tempfile
@@ -27,7 +30,7 @@ from torch import nn
 
 from weightport.boxes import view_pieces
 from weightport.copying import copy_checked, copy_into
-from weightport.errors import LoadError, Problem, SourceError
+from weightport.errors import LoadError, Problem, SourceError, counted
 from weightport.options import LoadOptions
 from weightport.plan import Entry, Plan
 from weightport.progress import progress_callback
@@ -288,6 +291,25 @@ def _copy_aliased_arrays(plan: Plan, source: Source) -> None:
             arrays[name] = array.copy()
 
 
+def _restored(undo: UndoLog | None, written: int, half: str, from_source: bool) -> str:
+    """What a failure while writing left of the module, for its message: ``written`` tensors went in
+    without an undo copy, and ``half`` (a name, or '') was being written without one."""
+    if (
+        not written and not half
+    ):  # every write had an undo copy, or none began (meta tensors go in at the end)
+        return "every tensor written so far was put back" if undo is not None else "the module is unchanged"
+    if undo is None:
+        return "the module may be PARTLY WRITTEN (rollback=False)"
+    if from_source:  # a memory-mapped file shrank during the writing pass
+        return "the module may be PARTLY WRITTEN (the file changed while it was being read)"
+    what = [counted(written, "tensor") + " written in full"] if written else []
+    what += [f"'{half}' in part"] if half else []
+    return (
+        f"the module is PARTLY WRITTEN: {' and '.join(what)}, without an undo copy (reads from memory and "
+        "memory-mapped files keep none, as they cannot fail)"
+    )
+
+
 def apply_plan(
     plan: Plan, source: Source, *, rollback: bool = True, progress: Progress | None = None
 ) -> None:
@@ -299,18 +321,23 @@ def apply_plan(
     _copy_aliased_arrays(plan, source)
     done: set[Hashable] = set()
     undo = UndoLog() if rollback else None
-    unsaved = 0  # tensors written without an undo copy (their reads cannot fail, or rollback=False)
+    unsaved = 0  # writes begun without an undo copy (their reads cannot fail, or rollback=False)
     materialized: dict[Hashable, torch.Tensor] = {}
     problems: list[Problem] = []
     stagers: dict[torch.device, Stager] = {}
+    target, reading, copied = "", False, True  # reading: inside a read of the source (its failures are the
+    # source's); copied: the tensor being written has an undo copy
     with deferred_interrupts(), torch.no_grad():
         try:
             for entry in plan.entries:
                 if entry.key in done:
                     continue
                 done.add(entry.key)
+                target = entry.target
                 if entry.tensor.is_meta:
+                    reading = True
                     materialized[entry.key], problem = _materialize(entry, source)
+                    reading = False
                     if problem is not None:
                         problems.append(problem)
                 else:
@@ -320,28 +347,37 @@ def apply_plan(
                         and any(source.read_can_fail(s) for s in entry.rule.sources)
                     ):
                         undo.keep(entry.tensor)
+                        copied = True
                     else:
-                        unsaved += 1
+                        unsaved, copied = unsaved + 1, False
+                    reading = True
                     _write(entry, source, stagers)
+                    reading = False
                 if progress is not None:
                     progress(entry)
             for stager in stagers.values():
                 stager.finish()
-        except Exception as e:
+        except BaseException as e:  # a KeyboardInterrupt raised in here too: put back what can be
             for stager in stagers.values():
-                stager.finish()
+                with contextlib.suppress(Exception):  # the failure being handled is the one to report
+                    stager.finish()
             if undo is not None:
                 undo.restore()
-            if undo is not None and unsaved == 0:
-                restored = "every tensor written so far was put back"
-            elif undo is None:
-                restored = "the module may be PARTLY WRITTEN (rollback=False)"
-            else:  # a memory-mapped file shrank during the writing pass, or a bug
-                restored = "the module may be PARTLY WRITTEN (the file changed while it was being read)"
-            raise SourceError(
-                f"reading {source.description} failed while writing '{entry.target}': {e}; {restored}. "
-                "Fix: check the file is complete and not being changed, then load again."
-            ) from e
+            from_source = reading and isinstance(e, (OSError, SourceError)) and not source.in_memory
+            half = reading and not copied  # the tensor being written may be half written
+            restored = _restored(undo, unsaved - half, target if half else "", from_source)
+            if from_source:
+                raise SourceError(
+                    f"reading {source.description} failed while writing '{target}': {e}; {restored}. "
+                    "Fix: check the file is complete and not being changed, then load again."
+                ) from e
+            # not a read of the source (out of memory, an interrupt, a progress callback): raised as it is
+            add_note = getattr(e, "add_note", None)  # Python 3.11+
+            if add_note is not None:
+                add_note(
+                    f"weightport: raised while writing '{target}' from {source.description}; {restored}."
+                )
+            raise
         finally:
             if undo is not None:
                 undo.close()

@@ -77,7 +77,7 @@ def progress_callback(
         unit="B",
         unit_scale=True,
         unit_divisor=1000,
-        file=sys.stderr,
+        file=_Unfailing(sys.stderr),
         desc=f"loading {source.description}: {phase}",
         bar_format=_FORMAT,
         leave=False,
@@ -92,3 +92,28 @@ def progress_callback(
             bar.update(entry.nbytes)
 
         yield advance
+
+
+class _Unfailing:
+    """The bar's stream: a write that fails (stderr a closed pipe) stops the bar's output, never the load."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.failed = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.failed:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):  # ValueError: a closed file
+                self.failed = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.failed:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.failed = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
