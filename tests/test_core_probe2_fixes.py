@@ -260,3 +260,57 @@ def test_a_progress_bar_whose_stderr_fails_does_not_fail_the_load(monkeypatch) -
     weightport.load(model, state, progress=True)
     for name, value in weightport.to_numpy(model).items():
         np.testing.assert_array_equal(value, state[name])
+
+
+def test_a_structured_npy_is_called_what_it_is_and_its_fix_works(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(11)
+    records = np.zeros(3, [("weight", "<f4", (4,)), ("bias", "<f4")])
+    records["weight"], records["bias"] = rng.standard_normal((3, 4)), rng.standard_normal(3)
+    np.save(tmp_path / "records.npy", records)
+    with pytest.raises(SourceError, match=r"structured records \(fields 'weight', 'bias'\)") as caught:
+        weightport.load(nn.Linear(4, 3), tmp_path / "records.npy")
+    assert "bfloat16" not in str(caught.value)
+    linear = nn.Linear(4, 3)
+    weightport.load(linear, {name: records[name] for name in records.dtype.names})  # the fix it names
+    assert np.array_equal(linear.weight.detach().numpy(), records["weight"])
+    assert np.array_equal(linear.bias.detach().numpy(), records["bias"])
+
+
+def test_an_ml_dtypes_int4_array_is_called_int4_and_its_fix_works() -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    values = np.random.default_rng(12).integers(-8, 8, size=6).astype(ml_dtypes.int4)
+    holder = nn.Module()
+    holder.register_buffer("codes", torch.zeros(6, dtype=torch.int8))
+    with pytest.raises(SourceError, match=r"'codes': holds int4 values.*astype\(np.int8\)") as caught:
+        weightport.load(holder, {"codes": values})
+    assert "raw records" not in str(caught.value)
+    weightport.load(holder, {"codes": values.astype(np.int8)})
+    assert holder.codes.tolist() == [int(v) for v in values]
+
+
+def test_an_overflow_message_shows_the_value_past_the_limit() -> None:
+    limit = float(torch.finfo(torch.float32).max)
+    value = float(np.nextafter(limit, np.inf) * (1 + 2**-24))  # past float32's max by more than half an ulp
+    assert torch.isinf(torch.tensor(value, dtype=torch.float64).float())  # torch's own cast overflows
+    with pytest.raises(LoadError, match="outside float32's range") as caught:
+        weightport.load(nn.Linear(1, 1), {"weight": np.array([[value]]), "bias": np.zeros(1)})
+    import re
+
+    shown, bound = re.search(r"value (\S+) outside float32's range \(±(\S+)\)", str(caught.value)).groups()  # type: ignore[union-attr]
+    assert float(shown) > float(bound)
+
+
+def test_a_tie_given_two_values_names_where_they_first_differ() -> None:
+    tied = nn.Module()
+    tied.emb, tied.head = nn.Embedding(4, 3), nn.Linear(3, 4, bias=False)
+    tied.head.weight = tied.emb.weight
+    rng = np.random.default_rng(13)
+    a = rng.standard_normal((4, 3)).astype(np.float32)
+    b = a.copy()
+    b[2, 1] += 1.0
+    b[3, 0] -= 1.0
+    with pytest.raises(LoadError) as caught:
+        weightport.load(tied, {"emb.weight": a, "head.weight": b})
+    assert f"2 elements differ, the first at index (2, 1): {float(b[2, 1])!r} and {float(a[2, 1])!r}" in str(
+        caught.value
+    )

@@ -31,6 +31,7 @@ __all__ = [
     "describe_dtype",
     "is_float",
     "is_numeric",
+    "non_numeric",
     "holds_all",
 ]
 
@@ -96,6 +97,35 @@ def is_float(dtype: np.dtype) -> bool:
 def is_numeric(dtype: np.dtype) -> bool:
     """Whether ``dtype`` holds tensor values: not objects, strings, raw records, dates."""
     return dtype.kind not in NON_NUMERIC_KINDS or is_ml_float(dtype)
+
+
+def non_numeric(dtype: np.dtype) -> tuple[str, str]:
+    """``(what it holds, the fix)`` for a ``dtype`` :func:`is_numeric` refuses, for a message.
+
+    >>> import ml_dtypes
+    >>> non_numeric(np.dtype(ml_dtypes.int4))
+    ('int4 values, an ml_dtypes type torch has no tensors of', 'cast them to int8 first (array.astype(np.int8)), which holds every int4 value')
+    >>> non_numeric(np.dtype([("a", "<f4")]))[0]
+    "structured records (fields 'a'), not one array of numbers"
+    """
+    if dtype.names:
+        fields = ", ".join(repr(n) for n in dtype.names)
+        return (
+            f"structured records (fields {fields}), not one array of numbers",
+            "pass each field as an array of its own (array['field'])",
+        )
+    if dtype.isbuiltin == 2:  # an ml_dtypes type torch has no tensors of (int4, float4, ...)
+        import ml_dtypes
+
+        try:
+            wide = "uint8" if int(ml_dtypes.iinfo(dtype).min) == 0 else "int8"
+        except (ValueError, TypeError):
+            wide = "float32"
+        return (
+            f"{dtype.name} values, an ml_dtypes type torch has no tensors of",
+            f"cast them to {wide} first (array.astype(np.{wide})), which holds every {dtype.name} value",
+        )
+    return f"{NON_NUMERIC_KINDS[dtype.kind]} ({dtype}), not numbers", "pass a numeric NumPy array"
 
 
 @functools.lru_cache(maxsize=128)

@@ -16,12 +16,13 @@ tied tensors given twice); each bad value becomes a problem of the plan, before 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from weightport import values
-from weightport.dtypes import describe_dtype
+from weightport.dtypes import describe_dtype, is_float
 from weightport.errors import Problem
 from weightport.options import NonFinite
 from weightport.plan import Entry, Plan, origin_of
@@ -85,8 +86,30 @@ def check_ties(plan: Plan, source: Source) -> set[int]:
             continue
         second_names.add(id(entry))
         if not np.array_equal(first[1], value, equal_nan=True):
-            plan.problems.append(entry.tie_problem(first[0]))
+            problem = entry.tie_problem(first[0])
+            plan.problems.append(
+                replace(problem, found=f"{problem.found}: {_first_difference(value, first[1])}")
+            )
     return second_names
+
+
+def _first_difference(given: np.ndarray, other: np.ndarray) -> str:
+    """Where two values of one tied tensor first differ, and how many elements do, for a message.
+
+    >>> _first_difference(np.array([[1.0, 2.0], [3.0, np.nan]]), np.array([[1.0, 2.5], [3.0, 4.0]]))
+    '2 elements differ, the first at index (0, 1): 2.0 and 2.5'
+    """
+    if given.shape != other.shape:
+        return f"shapes {given.shape} and {other.shape}"
+    differ = np.asarray(given != other)
+    if all(
+        a.dtype.kind == "c" or is_float(a.dtype) for a in (given, other)
+    ):  # NaN under both names is one value
+        differ &= ~(np.isnan(given) & np.isnan(other))
+    count = int(np.count_nonzero(differ))
+    index = tuple(int(i) for i in np.argwhere(differ)[0]) if differ.ndim else ()
+    noun = "element differs" if count == 1 else "elements differ"
+    return f"{count} {noun}, the first at index {index}: {given[index].item()!r} and {other[index].item()!r}"
 
 
 def _ticked(entries: list[Entry], progress: Callable[[Entry], None] | None) -> Iterator[Entry]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from weightport.copying import all_finite
-from weightport.dtypes import NON_NUMERIC_KINDS, holds_all, is_float, is_numeric, ml_floats
+from weightport.dtypes import holds_all, is_float, is_numeric, ml_floats, non_numeric
 from weightport.tensors import as_torch, to_numpy_dtype, to_torch_dtype
 
 __all__ = ["cast_kind", "find_bad_values"]
@@ -47,13 +47,9 @@ def cast_kind(source: np.dtype, target: torch.dtype) -> tuple[str, str | None]:
     ``range`` (narrower float: finite and in range), ``exact`` (each value must
     survive the cast unchanged; narrower floats into float8 too).
     """
-    if source.isbuiltin == 2 and to_torch_dtype(source) is None:
-        return "none", (
-            f"{source.name} (an ml_dtypes type) has no torch dtype; cast the array to one torch has "
-            "first (float32 holds every float4/float6/float8 value exactly)"
-        )
-    if not is_numeric(source):
-        return "none", f"{NON_NUMERIC_KINDS[source.kind]} are not tensor values; pass a numeric array"
+    if (source.isbuiltin == 2 and to_torch_dtype(source) is None) or not is_numeric(source):
+        what, fix = non_numeric(source)  # an ml_dtypes type torch lacks (int4, float4), strings, records
+        return "none", f"{what}; {fix}"
     if source.kind in "fc" and source.itemsize > (8 if source.kind == "f" else 16):
         return "none", (
             f"{source.name} (NumPy's long double) has no torch dtype, and torch cannot read it; "
@@ -190,9 +186,25 @@ def _bad_floats(tensor: torch.Tensor, target: torch.dtype, check: str, allow_non
     for extreme in (low, high):
         rounded = torch.tensor(extreme, dtype=torch.float64).to(target)
         if not bool(torch.isfinite(rounded)):
-            limit = float(torch.finfo(target).max)
-            return f"value {extreme:.6g} outside {str(target).removeprefix('torch.')}'s range (±{limit:.4g})"
+            value, limit = _apart(extreme, float(torch.finfo(target).max))
+            return f"value {value} outside {str(target).removeprefix('torch.')}'s range (±{limit})"
     return None
+
+
+def _apart(value: float, limit: float) -> tuple[str, str]:
+    """``value`` and ``limit`` printed with digits enough that the value's size visibly passes the limit
+    (3.40282e+38 beside 3.403e+38 does not: 3.40282e+38 beside 3.4028e+38 does).
+
+    >>> _apart(3.4028235677973366e38, 3.4028234663852886e38)
+    ('3.40282e+38', '3.4028e+38')
+    >>> _apart(-1e40, 3.4028234663852886e38)
+    ('-1e+40', '3.403e+38')
+    """
+    for digits in range(4, 18):
+        shown, bound = f"{value:.{max(digits, 6)}g}", f"{limit:.{digits}g}"
+        if abs(float(shown)) > float(bound):
+            return shown, bound
+    return repr(value), repr(limit)
 
 
 def _inexact(array: np.ndarray, target: torch.dtype) -> str | None:

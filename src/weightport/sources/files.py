@@ -101,12 +101,19 @@ def parse_npy_header(f: BinaryIO, where: str) -> NpyHeader:
             f"{where}: holds Python objects (a pickled array); weightport never unpickles. "
             "Fix: save numeric arrays only (np.save of a float or int array)."
         )
+    if dtype.names:  # a structured array: fields of their own dtypes, not one tensor's values
+        fields = ", ".join(repr(n) for n in dtype.names)
+        raise SourceError(
+            f"{where}: holds structured records (fields {fields}), not one array of numbers. Fix: save each "
+            "field as an array of its own (np.save('field.npy', array['field'])), or pass "
+            "{name: array[name] for name in array.dtype.names}."
+        )
     if dtype.kind == "V":
         raise SourceError(
             f"{where}: holds raw {dtype.itemsize}-byte records (dtype {dtype.str}), which say nothing of what "
-            "they are: np.save writes an ml_dtypes array (bfloat16, float8) that way, losing its type. "
-            "Fix: save it as float32 (array.astype(np.float32)), or to .safetensors, which records bfloat16 "
-            "and float8."
+            "they are: np.save writes an ml_dtypes array (bfloat16, float8, int4) that way, losing its type. "
+            "Fix: save it as float32 (array.astype(np.float32); int8 for int4), or to .safetensors, which "
+            "records bfloat16 and float8."
         )
     if any(int(d) < 0 for d in shape):
         raise SourceError(f"{where}: negative dimension in shape {shape}; the file is corrupt.")

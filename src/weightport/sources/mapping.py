@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from weightport.dtypes import NON_NUMERIC_KINDS, is_numeric
+from weightport.dtypes import is_numeric, non_numeric
 from weightport.errors import SourceError, a_or_an
 from weightport.sources.base import Region, Source, TensorInfo
 
@@ -39,10 +39,8 @@ def to_array(name: str, value: Any) -> np.ndarray:
             "Fix: pass a NumPy array of one shape."
         ) from None
     if not is_numeric(array.dtype):
-        raise SourceError(
-            f"'{name}': holds {NON_NUMERIC_KINDS[array.dtype.kind]} ({array.dtype}), not numbers. "
-            "Fix: pass a numeric NumPy array."
-        )
+        what, fix = non_numeric(array.dtype)
+        raise SourceError(f"'{name}': holds {what}. Fix: {fix}.")
     return array
 
 
