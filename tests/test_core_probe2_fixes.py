@@ -314,3 +314,21 @@ def test_a_tie_given_two_values_names_where_they_first_differ() -> None:
     assert f"2 elements differ, the first at index (2, 1): {float(b[2, 1])!r} and {float(a[2, 1])!r}" in str(
         caught.value
     )
+
+
+def test_a_load_without_value_checks_says_its_values_were_not_checked() -> None:
+    holder = nn.Module()
+    holder.register_buffer("counts", torch.zeros(2, dtype=torch.int32))
+    source = {"counts": np.array([2**40 + 3, 7])}  # int32 cannot hold 2**40 + 3: the cast wraps it
+    report = weightport.load(holder, source, check_values=False)
+    assert (
+        holder.counts.tolist()
+        == torch.from_numpy(source["counts"]).to(torch.int32).tolist()
+        != [2**40 + 3, 7]
+    )
+    for text in (report.summary(), str(report), report.table()):
+        assert "Values not checked (check_values=False)" in text
+    with pytest.raises(LoadError, match="int32 cannot hold exactly"):
+        weightport.load(holder, source)
+    checked = weightport.load(holder, {"counts": np.array([3, 7])})
+    assert "Values not checked" not in checked.summary() and "Values not checked" not in str(checked)

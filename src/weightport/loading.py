@@ -402,7 +402,7 @@ def load(
                 writer.commit(callback)
             remember_forward_notes(unwrap(module), plan.prefix, plan.layout.forward_notes)
         report = _report(plan, src, module, dry_run)
-        report.seconds = time.perf_counter() - started
+        report.seconds, report.values_checked = time.perf_counter() - started, check_values
         return report
     finally:
         if owned:

@@ -81,6 +81,8 @@ class LoadReport:
         nbytes: bytes written (or to be written).
         seconds: how long the load took, checks and write.
         dry_run: True when nothing was written.
+        values_checked: False under ``check_values=False``: no value was scanned (NaN/Inf, float
+            ranges, casts that must be exact), and the report says so.
     """
 
     module: str
@@ -96,6 +98,7 @@ class LoadReport:
     scope: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    values_checked: bool = True
 
     @cached_property
     def rows(self) -> list[ReportRow]:
@@ -129,6 +132,8 @@ class LoadReport:
             f"Ignored {len(self.ignored)}, missing {len(self.missing)}, not checked {len(self.unchecked)}, "
             f"notes on forward {len(self.notes)}."
         )
+        if not self.values_checked:
+            lines.append(_VALUES_NOT_CHECKED)
         return "\n".join(lines)
 
     def table(self) -> str:
@@ -182,6 +187,8 @@ class LoadReport:
                 lines.append(f"{title}: {', '.join(listed)}")
         if self.unchecked:
             lines.append(f"Not checked (the source does not carry them): {'; '.join(self.unchecked)}")
+        if not self.values_checked:
+            lines.append(_VALUES_NOT_CHECKED)
         if self.notes:
             lines.append("Notes (what forward must do around the modules; not checked):")
             lines += [f"  - {note}" for note in self.notes]
@@ -191,6 +198,12 @@ class LoadReport:
 
     def _repr_pretty_(self, printer: object, cycle: bool) -> None:  # IPython
         printer.text(str(self))  # type: ignore[attr-defined]
+
+
+_VALUES_NOT_CHECKED = (
+    "Values not checked (check_values=False): no NaN/Inf, range or exact-cast check was made, so a value "
+    "its tensor's dtype cannot hold would go in rounded, wrapped or as inf."
+)
 
 
 def _how(how: str) -> str:
