@@ -32,6 +32,12 @@ from weightport.sources import onnx as onnx_source
 from weightport.sources import open_source
 
 onnx = pytest.importorskip("onnx")
+# Hand-built graphs whose outputs are a node's own (an RNN node's Y: sequence, directions, batch, hidden): the
+# load's run of the graph cannot pair them with the module's outputs and says so; tests/test_onnx_graph_check.py
+# tests that run.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*outputs were not compared:weightport.errors.UncheckedConfigWarning"
+)
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "onnx"
@@ -796,7 +802,9 @@ def test_matmul_and_add(tmp_path: Path, rng: np.random.Generator, with_add: bool
     (y,) = run_ort(path, {"X": x})
     torch.manual_seed(1)
     lin = nn.Linear(3, 4)
-    weightport.load(lin, path)
+    if not with_add:  # the Relu is the graph's, not the Linear's: the outputs differ, so it is applied here
+        refused(lin, path, r"computes something else between its layers")
+    weightport.load(lin, path, check_outputs=with_add)
     out = lin(torch.from_numpy(x))
     assert max_err(out if with_add else torch.relu(out), y) < TOL
 

@@ -254,8 +254,13 @@ def test_instance_normalization_eps_and_groups(
     for build, match in wrong:
         twin = randomized(ConvNorm(build()), 3)
         if options is DYNAMO and isinstance(make(), nn.GroupNorm) and "groups" in match:
-            # the dynamo exporter computes the group count (Expand of a constant): not read, and said so
+            # the dynamo exporter computes the group count (Expand of a constant): not read, and said so; the
+            # run of the graph shows the outputs differ
             with pytest.warns(weightport.UncheckedConfigWarning, match=r"groups of 'norm'.*not checked"):
-                weightport.load(twin, str(path))
+                weightport.load(twin, str(path), check_outputs=False)
+            twin = randomized(ConvNorm(build()), 3)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)
+                refused(twin, str(path), r"computes something else between its layers")
             continue
         refused(twin, str(path), match)

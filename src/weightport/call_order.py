@@ -40,7 +40,18 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from weightport.errors import LayoutError
 
-__all__ = ["call_order", "trace_calls", "Calls", "CallOrder", "ExampleInputs", "FlatRead", "Axes", "regroup"]
+__all__ = [
+    "call_order",
+    "trace_calls",
+    "Calls",
+    "CallOrder",
+    "ExampleInputs",
+    "FlatRead",
+    "Axes",
+    "regroup",
+    "arguments_of",
+    "tensors_to",
+]
 
 ExampleInputs = Any  # a tensor or array, a tuple of them (positional), or a dict (keyword arguments)
 # What each axis of a tensor is: the roles it holds in turn (several where a reshape merged them), each with
@@ -313,7 +324,7 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 
 def trace_calls(model: nn.Module, example_inputs: ExampleInputs) -> Calls:
     """The order ``model(*inputs)`` first calls each submodule in, and which modules feed which."""
-    args, kwargs = _arguments(example_inputs)
+    args, kwargs = arguments_of(example_inputs)
     calls = Calls()
     flow = _Dataflow()
     names = {id(m): name for name, m in model.named_modules() if name}
@@ -471,7 +482,8 @@ class CallOrder(Mapping[str, int]):
         return len(self._order)
 
 
-def _arguments(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def arguments_of(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``example_inputs`` as positional and keyword arguments (a dict is keywords, a tuple positionals)."""
     if isinstance(example_inputs, Mapping):
         return (), {str(k): v for k, v in example_inputs.items()}
     if isinstance(example_inputs, tuple):
@@ -479,15 +491,16 @@ def _arguments(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str
     return (example_inputs,), {}
 
 
-def _to(value: Any, convert: Any) -> Any:
+def tensors_to(value: Any, convert: Any) -> Any:
+    """``value`` with every tensor (and NumPy array) in it, however nested, passed through ``convert``."""
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, torch.Tensor):
         return convert(value)
     if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, convert) for v in value)
+        return type(value)(tensors_to(v, convert) for v in value)
     if isinstance(value, Mapping):
-        return {k: _to(v, convert) for k, v in value.items()}
+        return {k: tensors_to(v, convert) for k, v in value.items()}
     return value
 
 
@@ -500,7 +513,10 @@ def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], flow
     meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
     flow.own(meta)
     try:
-        meta_args, meta_kwargs = _to(args, lambda t: t.to("meta")), _to(kwargs, lambda t: t.to("meta"))
+        meta_args, meta_kwargs = (
+            tensors_to(args, lambda t: t.to("meta")),
+            tensors_to(kwargs, lambda t: t.to("meta")),
+        )
         flow.inputs((meta_args, meta_kwargs))
         with torch.no_grad():
             torch.func.functional_call(model, meta, meta_args, meta_kwargs, tie_weights=True, strict=False)

@@ -35,6 +35,7 @@ from weightport.errors import (
     UncheckedConfigWarning,
     counted,
 )
+from weightport.graph_check import compare_with_graph
 from weightport.layouts import detect_layout, get_layout
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.folded import folded_batchnorms
@@ -308,6 +309,7 @@ def load(
     rollback: bool = True,
     progress: bool | None = None,
     example_inputs: ExampleInputs | None = None,
+    check_outputs: bool = True,
 ) -> LoadReport:
     """Load arrays into ``module``'s parameters and buffers, in place, all or nothing.
 
@@ -334,6 +336,11 @@ def load(
             the order the model calls its submodules in; pairing matches it with the
             order a framework file records where layers of one kind and shape could
             otherwise be swapped (the pass runs only then). The module is not changed by it.
+        check_outputs: from an ONNX file, run its graph (onnxruntime) and the model with the
+            planned tensors on the same inputs before writing, and refuse if their outputs differ
+            (a model that computes something else between its layers). The inputs are
+            ``example_inputs``, or random ones where every graph input is a float tensor of a
+            known shape; where neither can be, a warning says the outputs were not compared.
 
     Returns:
         A :class:`LoadReport`; printing it shows the plan as a table.
@@ -366,6 +373,7 @@ def load(
         rollback=rollback,
         progress=progress,
         example_inputs=example_inputs,
+        check_outputs=check_outputs,
     )
     owned = not isinstance(source, Source)
     sharded = has_dtensors(unwrap(module))
@@ -381,6 +389,11 @@ def load(
             writer.read()
         if plan.problems:
             raise LoadError(plan.problems, target=_describe(module))
+        if check_outputs and not sharded:  # an ONNX file's graph against the model, before any write
+            differs, unrun = compare_with_graph(plan, src, unwrap(module), example_inputs, strict)
+            if differs:
+                raise LoadError(differs, target=_describe(module))
+            plan.layout.unchecked += unrun
         if plan.layout.unchecked:
             warnings.warn(
                 UncheckedConfigWarning(

@@ -32,6 +32,7 @@ class LoadOptions:
     rollback: bool = True
     progress: bool | None = None
     example_inputs: ExampleInputs | None = None
+    check_outputs: bool = True
 
     def __post_init__(self) -> None:
         mapping = self.mapping

@@ -19,23 +19,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightport.errors import MissingDependencyError, SourceError, VerifyError, counted
+from weightport.errors import SourceError, VerifyError, counted
+from weightport.outputs import (
+    OutputCheck,
+    compare_output,
+    flat_tensors,
+    flatten_outputs,
+    graph_session,
+    in_eval,
+    output_fields,
+    run_graph,
+)
 from weightport.report import forward_notes_of
-from weightport.tensors import numpy_of, unwrap
+from weightport.tensors import unwrap
 
 __all__ = ["OutputCheck", "VerifyReport", "verify", "flatten_outputs"]
-
-
-@dataclass(frozen=True)
-class OutputCheck:
-    """One output compared: its name, shape and max absolute / relative errors."""
-
-    name: str
-    shape: tuple[int, ...]
-    max_abs: float
-    max_rel: float
-    ok: bool
-    note: str = ""
 
 
 @dataclass
@@ -93,38 +91,6 @@ def _names(module: nn.Module, count: int) -> list[str]:
     return [f"output[{i}]" for i in range(count)]
 
 
-def _fields(outputs: Any) -> list[str] | None:
-    """The names of a mapping of tensors (None values left out, as ``ModelOutput`` leaves them), else None."""
-    if not isinstance(outputs, Mapping):
-        return None
-    items = [(str(k), v) for k, v in outputs.items() if v is not None]
-    return [k for k, _ in items] if all(isinstance(v, torch.Tensor) for _, v in items) else None
-
-
-def flatten_outputs(outputs: Any) -> list[np.ndarray]:
-    """Nested tuples, lists and mappings (a transformers ``ModelOutput``: its values in order) of
-    tensors/arrays, in order, as NumPy arrays; ``None`` entries are no output.
-
-    >>> [a.shape for a in flatten_outputs({"last": np.zeros((2, 3)), "pooled": (np.ones(3), None)})]
-    [(2, 3), (3,)]
-    """
-    if outputs is None:
-        return []
-    if isinstance(outputs, Mapping):
-        return [a for item in outputs.values() for a in flatten_outputs(item)]
-    if isinstance(outputs, (tuple, list)):
-        return [a for item in outputs for a in flatten_outputs(item)]
-    if isinstance(outputs, torch.Tensor):
-        return [numpy_of(outputs, copy=True)]
-    array = np.asarray(outputs)
-    if array.dtype == object:
-        raise VerifyError(
-            f"an output of type {type(outputs).__name__} is not an array, nor a tuple, list or mapping of "
-            "them. Fix: give the outputs as tensors or arrays, or wrap the module so it returns them."
-        )
-    return [array]
-
-
 def _as_inputs(inputs: Any, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
     def convert(x: Any) -> Any:
         if isinstance(x, (tuple, list)):
@@ -149,7 +115,7 @@ def verify(
 ) -> VerifyReport:
     """Run ``module(*inputs)`` in eval mode and compare with ``expected``, or with an ONNX file.
 
-    The module is run under ``torch.no_grad()`` and its training mode is restored afterwards.
+    The module is run under ``torch.no_grad()`` and every submodule's training mode is restored afterwards (a frozen BatchNorm stays in eval).
 
     Args:
         module: the module to run; under ``torch.compile`` or ``nn.DataParallel`` the wrapper
@@ -205,14 +171,9 @@ def verify(
         onnx_file = f"'{Path(against).name}'"
         expected, graph_outputs = _run_onnx(Path(against), args)
         source = f"{onnx_file} run by onnxruntime"
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            raw = module(*args)
-        actual = flatten_outputs(raw)
-    finally:
-        module.train(was_training)
+    with in_eval(module):
+        raw = module(*args)
+    actual = flatten_outputs(raw)
     if expected is None:
         from weightport.reference import forward
 
@@ -220,7 +181,7 @@ def verify(
         source = "the NumPy reference"
     wanted = flatten_outputs(expected)
     names = _names(unwrap(module), len(actual))
-    fields = _fields(raw)
+    fields = output_fields(raw)
     if fields is not None:  # a mapping of tensors (a transformers ModelOutput): its fields by name
         names = fields
         if isinstance(expected, Mapping) and set(expected) <= set(fields):
@@ -246,18 +207,8 @@ def verify(
             "Fix: give expected outputs in the module's own nesting."
         )
     for name, a, e in zip(names, actual, wanted):
-        report.outputs.append(_compare(name, a, e, rtol, atol))
+        report.outputs.append(compare_output(name, a, e, rtol, atol))
     return report
-
-
-_ONNX_FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
-
-
-def _flat_tensors(args: Any) -> list[torch.Tensor]:
-    """The tensors of nested argument tuples, depth-first; None arguments are not graph inputs."""
-    if isinstance(args, (tuple, list)):
-        return [t for item in args for t in _flat_tensors(item)]
-    return [] if args is None else [args]
 
 
 def _run_onnx(path: Path, args: tuple[Any, ...]) -> tuple[list[np.ndarray], list[str]]:
@@ -268,67 +219,4 @@ def _run_onnx(path: Path, args: tuple[Any, ...]) -> tuple[list[np.ndarray], list
             f"cannot verify against {where}: against= runs .onnx files only (with onnxruntime). "
             "Fix: pass an .onnx file, or the other framework's outputs as expected=."
         )
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise MissingDependencyError(
-            f"Verifying against {where} needs onnxruntime: pip install onnxruntime"
-        ) from e
-    try:
-        session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's errors derive from Exception alone
-        raise SourceError(
-            f"{where}: onnxruntime cannot open it ({_first_line(e)}). Fix: check the path, and that "
-            "the file is a complete ONNX model."
-        ) from e
-    graph_inputs = session.get_inputs()
-    spec = ", ".join(f"{i.name} {i.type} {i.shape}" for i in graph_inputs)
-    tensors = _flat_tensors(args)
-    if len(tensors) != len(graph_inputs):
-        raise SourceError(
-            f"{where} takes {counted(len(graph_inputs), 'input')} "
-            f"({', '.join(i.name for i in graph_inputs)}) but {counted(len(tensors), 'array')} "
-            f"{'was' if len(tensors) == 1 else 'were'} given. Fix: pass the graph's inputs in its order "
-            f"({spec}); nested tuples such as (x, (h0, c0)) give one input per array."
-        )
-    feeds = {}
-    for info, tensor in zip(graph_inputs, tensors):
-        array = numpy_of(tensor, copy=True)
-        wanted = _ONNX_FLOATS.get(info.type)
-        # a float64 module against a float32 graph: the graph's own type, as its exporter fed it
-        feeds[info.name] = array.astype(wanted) if wanted and tensor.is_floating_point() else array
-    try:
-        outputs = session.run(None, feeds)
-    except Exception as e:
-        given = ", ".join(f"{n} {a.dtype} {list(a.shape)}" for n, a in feeds.items())
-        raise SourceError(
-            f"onnxruntime could not run {where} on {given} ({_first_line(e)}). Fix: pass inputs of "
-            f"the shapes and types its graph takes: {spec}."
-        ) from e
-    return [np.asarray(o) for o in outputs], [o.name for o in session.get_outputs()]
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def _compare(name: str, actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float) -> OutputCheck:
-    if actual.shape != expected.shape:
-        return OutputCheck(
-            name,
-            actual.shape,
-            float("inf"),
-            float("inf"),
-            False,
-            f"shape {actual.shape} but expected {expected.shape}",
-        )
-    a = actual.astype(np.float64)
-    e = expected.astype(np.float64)
-    diff = np.abs(a - e)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(e != 0, diff / np.abs(e), np.where(diff == 0, 0.0, np.inf))
-    max_rel = float(rel.max()) if rel.size else 0.0
-    ok = bool(np.all(diff <= atol + rtol * np.abs(e))) and not np.isnan(diff).any()
-    return OutputCheck(name, actual.shape, max_abs, max_rel, ok)
+    return run_graph(graph_session(path, where), flat_tensors(args), where)

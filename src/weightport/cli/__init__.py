@@ -122,8 +122,11 @@ def _cmd_inspect(args: argparse.Namespace, shown: _Warnings) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, dry_run: bool, inputs: tuple[Any, ...] | None = None) -> tuple[Any, Any]:
-    """The factory's model, loaded; ``inputs`` (or ``--example-input``) show pairing its call order."""
+def _load(
+    args: argparse.Namespace, dry_run: bool, inputs: tuple[Any, ...] | None = None, compared: bool = False
+) -> tuple[Any, Any]:
+    """The factory's model, loaded; ``inputs`` (or ``--example-input``) show pairing its call order.
+    ``compared``: the caller compares the outputs itself (verify), so the load does not run an ONNX graph."""
     import weightport
 
     model = load_factory(args.factory)
@@ -141,6 +144,7 @@ def _load(args: argparse.Namespace, dry_run: bool, inputs: tuple[Any, ...] | Non
         allow_nonfinite=_nonfinite(args.allow_nonfinite),
         example_inputs=tuple(inputs) if inputs else None,
         progress=args.progress,
+        check_outputs=not (compared or args.no_check_outputs),
     )
     return model, report
 
@@ -256,7 +260,8 @@ def _cmd_verify(args: argparse.Namespace, shown: _Warnings) -> int:
     where = f"'{os.path.basename(args.io)}'"
     inputs, expected = _read_io(args.io)
     input_names = [f"input_{i}" for i in range(len(inputs))]
-    model, report = _load(args, False, tuple(inputs))  # the inputs also show pairing the call order
+    # the inputs also show pairing the call order; verify's own comparison is the one to show
+    model, report = _load(args, False, tuple(inputs), compared=True)
     # an ONNX file can be run: with no output_N its own outputs are the expected ones
     against = args.source if not expected and args.source.lower().endswith(".onnx") else None
     try:
@@ -402,6 +407,12 @@ def _parser() -> argparse.ArgumentParser:
             metavar="IO.npz",
             help="inputs (input_0, input_1, ...) for one forward pass that shows the order the model calls "
             "its modules in, to pair layers of one kind and shape; verify uses its IO.npz when this is not given",
+        )
+        p.add_argument(
+            "--no-check-outputs",
+            action="store_true",
+            help="from an .onnx SOURCE, do not run its graph and the model on the same inputs before writing "
+            "(by default a model whose outputs differ is refused)",
         )
         p.add_argument(
             "--progress",

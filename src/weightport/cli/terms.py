@@ -28,6 +28,7 @@ FLAGS: dict[str, str] = {
     "layout": "--layout",
     "dry_run": "--dry-run",
     "progress": "--progress",
+    "check_outputs": "--no-check-outputs",  # check_outputs=False
     "rtol": "--rtol",
     "atol": "--atol",
 }
@@ -132,6 +133,7 @@ _RULES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
     (re.compile(r"\bmapping=\{([^{}]*)\}"), _pairs),
     (re.compile(r"\bstrict=False\b"), FLAGS["strict"]),
     (re.compile(r"\bdry_run=True\b"), FLAGS["dry_run"]),
+    (re.compile(r"\bcheck_outputs=False\b"), FLAGS["check_outputs"]),
     (re.compile(r"\bprogress=True\b"), FLAGS["progress"]),
     (
         re.compile(r"\ballow_nonfinite=True \(or a set of names\)"),

@@ -95,6 +95,34 @@ class OnnxSource(Source):
 
     folder: Path = Path()
     payloads: dict[str, Any] = field(default_factory=dict)  # TensorProto, _External or ndarray
+    model: Any = None  # the parsed ModelProto, external data not loaded
+
+    def runnable(self) -> bytes | None:
+        """The model serialized with every tensor inside it, for a runtime to run; external data is read
+        through the checked reader, never from a path the file names. None where a tensor outside the
+        main graph's initializers and Constant nodes keeps external data (a subgraph's)."""
+        model = self.model
+        external = {name for name, payload in self.payloads.items() if isinstance(payload, _External)}
+        if external:
+            from onnx import ModelProto, TensorProto
+
+            model = ModelProto()
+            model.CopyFrom(self.model)
+            tensors = list(model.graph.initializer)
+            tensors += [
+                a.t for node in model.graph.node if node.op_type == "Constant" for a in node.attribute
+            ]
+            for tensor in tensors:
+                if tensor.data_location == TensorProto.EXTERNAL and tensor.name in external:
+                    info = self.infos[tensor.name]
+                    out = np.empty(info.shape, info.dtype)
+                    self._read_external(tensor.name, self.payloads[tensor.name], out)
+                    tensor.raw_data = out.tobytes()
+                    del tensor.external_data[:]
+                    tensor.data_location = TensorProto.DEFAULT
+            if _keeps_external(model.graph):
+                return None
+        return bytes(model.SerializeToString())
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         payload = self.payloads[name]
@@ -125,6 +153,22 @@ class OnnxSource(Source):
                         f"'{name}' ({done} of {ext.nbytes} bytes). Fix: re-create or re-download it."
                     )
                 done += got
+
+
+def _keeps_external(graph: Any) -> bool:
+    """Whether a tensor anywhere in ``graph`` (subgraphs included) still names external data."""
+    for tensor in graph.initializer:
+        if tensor.data_location == _EXTERNAL:
+            return True
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors = [attr.t, *attr.tensors] if attr.HasField("t") else list(attr.tensors)
+            if any(t.data_location == _EXTERNAL for t in tensors):
+                return True
+            graphs = [attr.g, *attr.graphs] if attr.HasField("g") else list(attr.graphs)
+            if any(_keeps_external(g) for g in graphs):
+                return True
+    return False
 
 
 def open(path: Path) -> OnnxSource:
@@ -165,7 +209,7 @@ def open(path: Path) -> OnnxSource:
             f"{where}: holds no ONNX graph (ir_version {model.ir_version}); it is truncated, damaged or not an "
             "ONNX model. Fix: re-export or re-download it."
         )
-    source = OnnxSource(description=where, folder=path.parent)
+    source = OnnxSource(description=where, folder=path.parent, model=model)
     _add_tensors(source, model.graph, onnx)
     try:
         source.metadata.update(
