@@ -1,4 +1,5 @@
-"""Sharded ``.safetensors``: an ``*.safetensors.index.json`` with its shards, or a folder of them.
+"""Sharded ``.safetensors``: an ``*.safetensors.index.json`` (or a variant's, ``model.safetensors.index.fp16.json``)
+with its shards, or a folder of them.
 
 Every shard must be a plain file name inside the index's own folder (no ``..``,
 no path, no link); every name must live in exactly one shard, and where an index
@@ -28,7 +29,7 @@ from weightport.errors import SourceError
 from weightport.sources.base import Region, Source
 from weightport.sources.files import LINKS_NOT_FOLLOWED, folder_has, open_no_follow
 from weightport.sources.safetensors import SafetensorsSource, read_header
-from weightport.sources.snapshot import several_readings
+from weightport.sources.snapshot import is_safetensors_index, several_readings
 
 __all__ = ["claims", "open", "ShardedSource", "read_weight_map", "plain_shard_name", "shard_count", "placed"]
 
@@ -38,7 +39,7 @@ FILES_BESIDE_IT = True  # an index given as a link names the shards beside the l
 
 def claims(path: Path) -> bool:
     if path.is_file():
-        return path.name.endswith(".safetensors.index.json")
+        return is_safetensors_index(path.name)
     return path.is_dir() and folder_has(path, ".safetensors")
 
 
@@ -213,7 +214,7 @@ def _open_folder(source: ShardedSource, path: Path) -> None:
     where = f"folder '{path.name}'"
     with os.scandir(path) as scan:
         entries = sorted(scan, key=lambda e: e.name)
-    indexes = [e for e in entries if e.name.endswith(".safetensors.index.json") and not e.is_symlink()]
+    indexes = [e for e in entries if is_safetensors_index(e.name) and not e.is_symlink()]
     if len(indexes) == 1 and indexes[0].is_file(follow_symlinks=False):
         _open_index(source, Path(indexes[0].path))
         listed = set(source.shards) | {indexes[0].name}

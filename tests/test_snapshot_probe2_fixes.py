@@ -1,0 +1,113 @@
+"""transformers snapshot folders the second probe found read wrongly: variant names, VLM checkpoint names,
+settings that leave eval outputs alone, RWKV's in-place rescaling, DeBERTa-v2 TF names, PEFT adapters.
+
+Every folder here is written by transformers itself (weights random); the oracle is the saved model's own
+outputs (or TensorFlow's), compared bit for bit where the load is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import weightport
+from conftest import refused
+from weightport import SourceError
+
+transformers = pytest.importorskip("transformers")
+
+SIZES = {"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+SIZES |= {"intermediate_size": 48, "num_key_value_heads": 2, "tie_word_embeddings": False}
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+    return model.eval()
+
+
+def _qwen(**changes: Any) -> Any:
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SIZES, **changes)).eval()
+
+
+def _logits(model: Any, **inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+IDS = torch.from_numpy(np.random.default_rng(1).integers(3, 90, (2, 9)))
+
+
+# 1. save_pretrained(variant=...)
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_a_variant_snapshot_is_checked_against_its_config_json(tmp_path: Path, shard: str | None) -> None:
+    """model.fp16.safetensors (or its shards and model.safetensors.index.fp16.json) beside config.json: the
+    folder is a snapshot, so a model built with another norm eps (other outputs, checked here) is refused;
+    it loaded silently, config.json listed as ignored."""
+    saved = _randomize(_qwen(), 7)
+    saved.save_pretrained(tmp_path, variant="fp16", **({"max_shard_size": shard} if shard else {}))
+    assert any(".fp16" in n for n in os.listdir(tmp_path)) and not (tmp_path / "model.safetensors").exists()
+    other = _qwen(rms_norm_eps=0.5)
+    other.load_state_dict(saved.state_dict())
+    assert (_logits(other, input_ids=IDS) - _logits(saved, input_ids=IDS)).abs().max() > 1e-3
+    refused(_qwen(rms_norm_eps=0.5), tmp_path, r"'config\.rms_norm_eps': expected rms_norm_eps=1e-06")
+    same = _qwen()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = weightport.load(same, tmp_path)
+    assert "transformers snapshot of Qwen2ForCausalLM" in report.source
+    assert not any(i.startswith("config.json") for i in report.ignored)
+    assert torch.equal(_logits(same, input_ids=IDS), _logits(saved, input_ids=IDS))
+
+
+def test_two_variants_or_a_variant_beside_the_plain_file_are_refused_and_listed(tmp_path: Path) -> None:
+    saved = _randomize(_qwen(), 7)
+    saved.save_pretrained(tmp_path, variant="fp16")
+    _randomize(_qwen(), 8).save_pretrained(tmp_path / "plain")
+    shutil.copy(tmp_path / "plain" / "model.safetensors", tmp_path)
+    error = refused(_qwen(), tmp_path, r"2 weights files \(model.safetensors, model.fp16.safetensors\)")
+    assert isinstance(error, SourceError) and "Fix: pass the file you mean" in str(error)
+    (tmp_path / "model.safetensors").rename(tmp_path / "model.ema.safetensors")
+    refused(_qwen(), tmp_path, r"2 weights files \(model.ema.safetensors, model.fp16.safetensors\)")
+    chosen = _qwen()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)  # a file alone: config unchecked
+        weightport.load(chosen, tmp_path / "model.fp16.safetensors")  # the fix it names
+    assert torch.equal(_logits(chosen, input_ids=IDS), _logits(saved, input_ids=IDS))
+
+
+def test_a_folder_with_config_json_and_weights_of_other_names_is_still_checked(tmp_path: Path) -> None:
+    """config.json beside .safetensors files transformers does not name: read as a folder of them, and its
+    config.json held against the model (it was listed as ignored, and another eps loaded)."""
+    saved = _randomize(_qwen(), 7)
+    saved.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "weights.safetensors")
+    refused(_qwen(rms_norm_eps=0.5), tmp_path, r"'config\.rms_norm_eps'")
+    same = _qwen()
+    report = weightport.load(same, tmp_path)
+    assert not any(i.startswith("config.json") for i in report.ignored)
+    assert torch.equal(_logits(same, input_ids=IDS), _logits(saved, input_ids=IDS))
+
+
+def test_the_variant_index_given_itself_reads_its_shards(tmp_path: Path) -> None:
+    """model.safetensors.index.fp16.json passed as the path: read as the index it is (it was 'not a format
+    weightport reads')."""
+    saved = _randomize(_qwen(), 7)
+    saved.save_pretrained(tmp_path, variant="fp16", max_shard_size="20KB")
+    loaded = _qwen()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)  # a file alone: config unchecked
+        weightport.load(loaded, tmp_path / "model.safetensors.index.fp16.json")
+    assert torch.equal(_logits(loaded, input_ids=IDS), _logits(saved, input_ids=IDS))
