@@ -111,3 +111,50 @@ def test_the_variant_index_given_itself_reads_its_shards(tmp_path: Path) -> None
         warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)  # a file alone: config unchecked
         weightport.load(loaded, tmp_path / "model.safetensors.index.fp16.json")
     assert torch.equal(_logits(loaded, input_ids=IDS), _logits(saved, input_ids=IDS))
+
+
+# 2. transformers' _checkpoint_conversion_mapping
+
+
+def _llava() -> Any:
+    text = {"model_type": "llama", "vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 4, "intermediate_size": 48, "num_key_value_heads": 2}
+    vision = {"model_type": "clip_vision_model", "image_size": 16, "patch_size": 4, "hidden_size": 32}
+    vision |= {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 40,
+        "projection_dim": 16,
+    }
+    config = transformers.LlavaConfig(
+        text_config=text, vision_config=vision, image_token_index=110, image_seq_length=16
+    )
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+def test_a_llava_snapshot_loads_by_its_checkpoint_conversion_mapping(tmp_path: Path) -> None:
+    """save_pretrained writes Llava's old names (language_model.model.*, language_model.lm_head); from_pretrained
+    maps them back by _checkpoint_conversion_mapping, and so does the load now: bit for bit (it was refused,
+    every name unknown), each renamed rule saying so."""
+    saved = _randomize(_llava(), 1)
+    saved.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+        assert "language_model.lm_head.weight" in f.keys()  # noqa: SIM118 (safe_open has no __contains__)
+    loaded = _llava()
+    report = weightport.load(loaded, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values()))
+    ids = IDS[:1].repeat(1, 3)
+    ids[0, 2:18] = 110
+    pixels = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32))
+    assert torch.equal(
+        _logits(loaded, input_ids=ids, pixel_values=pixels),
+        _logits(saved, input_ids=ids, pixel_values=pixels),
+    )
+    said = [r.origin for r in report.rows if r.target == "lm_head.weight"]
+    assert (
+        said and "_checkpoint_conversion_mapping" in said[0] and "'language_model.lm_head.weight'" in said[0]
+    )
+    renamed = [r for r in report.rows if f"'{r.target}'" not in r.origin]
+    assert renamed and all("_checkpoint_conversion_mapping" in r.origin for r in renamed)

@@ -14,6 +14,7 @@ add are dropped when every source name carries them and the names without them a
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +105,10 @@ def plan(
     transposed, square ones too, whose shape could not show it. Old names PyTorch's or transformers' loading
     accepts are renamed: ``weight_g``/``weight_v`` (weight norm), a norm's ``gamma``/``beta``. A transformers
     checkpoint of a model with a head goes into its base model as transformers' own loading takes it: the base
-    model's part, its prefix (``bert.``) dropped; the head's tensors find no place."""
+    model's part, its prefix (``bert.``) dropped; the head's tensors find no place. A transformers model with a
+    ``_checkpoint_conversion_mapping`` (Llava's: ``save_pretrained`` writes the names older versions had)
+    takes each name renamed by it as ``from_pretrained`` does (the first pattern that matches), where the
+    renamed name is the model's and the name itself is not; each such rule's origin says so."""
     _refuse_other_frameworks(source)
     mapping = dict(mapping or {})
     names = list(source.infos)
@@ -123,6 +127,10 @@ def plan(
         module_names = set(module.state_dict(keep_vars=True))
         dropped = strip_wrapper_prefixes([n for n in names if n not in mapping], module_names)
     own = {name: name[len(dropped) :] if name.startswith(dropped) else name for name in names}
+    converted = _converted_names(module, [own[n] for n in names if n not in mapping])
+    own = {
+        name: converted.get(target, target) if name not in mapping else target for name, target in own.items()
+    }
     base = _base_model_part(module, [own[n] for n in names if n not in mapping])
     own = {name: target.removeprefix(base) if name not in mapping else target for name, target in own.items()}
     legacy = [n for n in own.values() if n.endswith(_LEGACY_WEIGHT_NORM)]
@@ -134,11 +142,39 @@ def plan(
     for name in names:
         target = mapping.get(name, renamed.get(own[name], own[name]))
         origin = f"{source.description} '{name}'"
+        if own[name] in converted.values() and name not in mapping:
+            origin += f" (renamed by {type(module).__name__}._checkpoint_conversion_mapping, as from_pretrained does)"
         if conv1d and _into_linear(module, name, target):
             rules.append(Rule(target, (name,), Transpose((1, 0)), f"{origin} ({_CONV1D_SAID})"))
         else:
             rules.append(Rule(target, (name,), origin=origin))
     return LayoutPlan(name=NAME, rules=rules)
+
+
+def _converted_names(module: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """Source names -> the module's, by the module's ``_checkpoint_conversion_mapping`` (regex -> replacement,
+    the first pattern that matches, as transformers' ``key_mapping``): where the renamed name is the module's
+    and the name is not.
+
+    >>> import torch
+    >>> model = torch.nn.Module(); model.lm_head = torch.nn.Linear(1, 1)
+    >>> model._checkpoint_conversion_mapping = {"^language_model.lm_head": "lm_head"}
+    >>> _converted_names(model, ["language_model.lm_head.weight", "other.weight"])
+    {'language_model.lm_head.weight': 'lm_head.weight'}
+    """
+    conversion = getattr(module, "_checkpoint_conversion_mapping", None)
+    if not isinstance(conversion, Mapping) or not conversion:
+        return {}
+    module_names = set(module.state_dict(keep_vars=True))
+    renamed = {}
+    for name in names:
+        for pattern, replacement in conversion.items():
+            new, count = re.subn(pattern, replacement, name)
+            if count:
+                if new in module_names and name not in module_names:
+                    renamed[name] = new
+                break
+    return renamed
 
 
 # transformers models whose checkpoints keep these modules as transformers' Conv1D, a Linear whose weight is
