@@ -158,3 +158,48 @@ def test_a_llava_snapshot_loads_by_its_checkpoint_conversion_mapping(tmp_path: P
     )
     renamed = [r for r in report.rows if f"'{r.target}'" not in r.origin]
     assert renamed and all("_checkpoint_conversion_mapping" in r.origin for r in renamed)
+
+
+# 3. settings that leave eval outputs alone; rope_scaling's legacy 'type'
+
+MOE = {**SIZES, "num_local_experts": 4, "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("output_router_logits", True), ("router_jitter_noise", 0.1), ("router_aux_loss_coef", 0.5)],
+)
+def test_a_routers_training_settings_load_and_match(tmp_path: Path, setting: str, value: Any) -> None:
+    """A Mixtral built with another router noise, aux-loss weight or output_router_logits gives the same eval
+    logits (checked here): it loads and matches (it was refused as 'whether the outputs differ ... not know')."""
+    saved = _randomize(transformers.MixtralForCausalLM(transformers.MixtralConfig(**MOE)), 1)
+    saved.save_pretrained(tmp_path)
+    other = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**MOE, setting: value})).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weightport.load(other, tmp_path)
+    assert torch.equal(_logits(other, input_ids=IDS), _logits(saved, input_ids=IDS))
+
+
+LLAMA = {k: v for k, v in SIZES.items() if k != "tie_word_embeddings"}
+
+
+def _llama(rope: dict[str, Any]) -> Any:
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA, rope_scaling=rope)).eval()
+
+
+def test_rope_scaling_named_by_its_legacy_type_is_the_same_setting(tmp_path: Path) -> None:
+    """{"type": "linear"} is transformers' old spelling of {"rope_type": "linear"}: the same scaling loads and
+    matches bit for bit (it was refused); another factor, whose outputs differ (checked), stays refused."""
+    saved = _randomize(_llama({"type": "linear", "factor": 2.0}), 2)
+    saved.save_pretrained(tmp_path)
+    same = _llama({"rope_type": "linear", "factor": 2.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weightport.load(same, tmp_path)
+    ids = torch.arange(40).reshape(1, 40) % 90 + 3
+    assert torch.equal(_logits(same, input_ids=ids), _logits(saved, input_ids=ids))
+    other = _llama({"rope_type": "linear", "factor": 4.0})
+    other.load_state_dict(saved.state_dict())
+    assert (_logits(other, input_ids=ids) - _logits(saved, input_ids=ids)).abs().max() > 1e-4
+    refused(_llama({"rope_type": "linear", "factor": 4.0}), tmp_path, r"'config\.rope_scaling': expected")

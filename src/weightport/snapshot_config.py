@@ -4,13 +4,15 @@ transformers records in ``config.json`` every setting the model was built with. 
 (its ``config`` a ``PretrainedConfig``) whose own configuration differs, the weights may fit while the
 forward does not: another norm eps, activation or head count gives other outputs with the same tensors.
 Every difference is refused but those only training, initialization or generation reads (dropout,
-initialization, generation's settings, output flags): a setting known to change the forward (an eps, an
+initialization, generation's settings, output flags, a mixture of experts' router noise, loss terms and
+returned logits): a setting known to change the forward (an eps, an
 activation, a head count, an embedding scale, where norms or positions go) is said to; so are another model
 type (a Mistral snapshot into a Llama model: same tensors, another attention), tied or untied output
 embeddings, and special token ids (CLIP pools its text at ``eos_token_id``, BART starts its decoder at
 ``decoder_start_token_id``); of any other, whether it does is not known (ALBERT's layer count over one shared
 layer, a padding id that position ids are made from). A list and a tuple of the same values are the same
-setting (config.json has no tuples). Settings config.json records that the model's configuration lacks
+setting (config.json has no tuples), and so are rope settings naming their kind ``type`` (transformers' legacy
+name) or ``rope_type``. Settings config.json records that the model's configuration lacks
 (another transformers version wrote it) are reported unchecked. Nested configurations (CLIP's
 ``text_config``) are compared setting by setting. A file alone (no config.json) records none of this:
 loaded into a transformers model, that is reported unchecked.
@@ -67,8 +69,12 @@ _IGNORED = re.compile(
     r"bad_words_ids|begin_suppress_tokens|suppress_tokens|forced_decoder_ids|max_length|"
     r"min_length|num_beams|.*_penalty|do_sample|early_stopping|temperature|top_k|top_p|typical_p|"
     r"num_return_sequences|output_scores|return_dict_in_generate|tf_legacy_loss|use_bfloat16|"
-    r"cross_attention_hidden_size|is_encoder_decoder|classifier_dropout)$"
+    r"cross_attention_hidden_size|is_encoder_decoder|classifier_dropout|"
+    # a mixture of experts' router: logits returned, noise added in training, the loss's auxiliary terms
+    r"output_router_logits|router_jitter_noise|router_aux_loss_coef|router_z_loss_coef)$"
 )
+# settings holding a rope configuration, where 'type' is transformers' legacy name of 'rope_type'
+_ROPE = ("rope_scaling", "rope_parameters")
 
 
 def config_differences(
@@ -84,7 +90,7 @@ def config_differences(
         own = built[key]
         if isinstance(value, Mapping) and isinstance(own, Mapping) and "model_type" in value:
             found += config_differences(value, own, f"{prefix}{key}.")
-        elif not _same(value, own):
+        elif not (_same(_rope(value), _rope(own)) if key in _ROPE else _same(value, own)):
             found.append((prefix + key, value, own))
     return found
 
@@ -100,6 +106,21 @@ def lacking_settings(recorded: Mapping[str, Any], built: Mapping[str, Any], pref
             found.append(prefix + key)
         elif isinstance(value, Mapping) and isinstance(built[key], Mapping) and "model_type" in value:
             found += lacking_settings(value, built[key], f"{prefix}{key}.")
+    return found
+
+
+def _rope(value: Any) -> Any:
+    """A rope configuration with the legacy ``type`` read as ``rope_type``, as transformers reads it
+    (``{"type": "linear", "factor": 2}`` is ``{"rope_type": "linear", "factor": 2}``).
+
+    >>> _rope({"type": "linear", "factor": 2.0}) == _rope({"rope_type": "linear", "type": "linear", "factor": 2.0})
+    True
+    """
+    if not isinstance(value, Mapping) or "type" not in value:
+        return value
+    found = {**value, "rope_type": value.get("rope_type", value["type"])}
+    if found["rope_type"] == found["type"]:
+        del found["type"]
     return found
 
 
