@@ -930,12 +930,16 @@ def a_layer_no_module_can_take(ctx: Ctx) -> None:
     path, ids, expected = ctx.files.flax_dense_embed
     message = refused(
         lambda: weightport.load(nn.Linear(4, 2), path),
-        LayoutError,
-        "Fix: build the model with the module each of these layers needs; a layer the model should not take "
-        "is left out by loading the source's other arrays as a dict (read with weightport.open_source) with "
-        "layout='flax'",
+        LoadError,
+        "Fix: build the model with the module this layer needs, or, where the model should not take it, pass "
+        "strict=False to load the model without it",
     )
     assert "prefix=" not in message
+    module = nn.Linear(4, 2)
+    report = quiet(lambda: weightport.load(module, path, strict=False))
+    assert sorted(report.ignored) == ["params/Embed_0/embedding"]
+    dense = _without(path, "Embed_0")
+    assert_values(module, {"weight": dense["params/Dense_0/kernel"].T, "bias": dense["params/Dense_0/bias"]})
 
     class EmbedDense(nn.Module):
         def __init__(self) -> None:

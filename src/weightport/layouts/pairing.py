@@ -23,7 +23,9 @@ says which:
    3 and 4 are :mod:`weightport.layouts.proof`'s.
 
 Anything else is refused with the interchangeable layers on both sides listed:
-a refusal costs a minute, a crossed pairing days.
+a refusal costs a minute, a crossed pairing days. A layer for which the model has no free module
+of its kind at all is refused too, or left out (``None``, with why in ``Pairs.left_out``) where the
+layout passes ``leave_out=True``: its arrays stay unread, refused unless ``strict=False``.
 
 >>> import torch
 >>> model = torch.nn.Sequential(torch.nn.LSTM(3, 4, num_layers=2), torch.nn.Linear(4, 2))
@@ -62,6 +64,7 @@ from weightport.layouts.slots import (
 from weightport.sources.base import Source
 
 __all__ = [
+    "Pairs",
     "Slot",
     "SourceLayer",
     "Paired",
@@ -113,6 +116,20 @@ def rules_fit(rules: Iterable[Rule], source: Source, shapes: Mapping[str, tuple[
         if got != tuple(want):
             return False
     return True
+
+
+class Pairs(list[Paired | None]):
+    """What :func:`pair_layers` found: each source layer's :class:`Paired`, or ``None`` for a layer left
+    out (``leave_out=True``: no free module of its kind at all), with ``left_out``: that layer's index ->
+    why, and the fix (the hint of a ``strict=True`` refusal of its arrays)."""
+
+    def __init__(self, pairs: Iterable[Paired | None], left_out: Mapping[int, str]) -> None:
+        super().__init__(pairs)
+        self.left_out = dict(left_out)
+
+    def placed(self) -> list[Paired]:
+        """The layers that were paired, in source order."""
+        return [p for p in self if p is not None]
 
 
 _TARGET = re.compile(r"^(?P<path>[\w.]*?)(?:\[(?P<layer>\d+)\])?$")
@@ -175,7 +192,8 @@ def pair_layers(
     fit_context: Callable[[Slot], Hashable] | None = None,
     folded_constants: bool = False,
     slots: list[Slot] | None = None,
-) -> list[Paired]:
+    leave_out: bool = False,
+) -> Pairs:
     """Pair each source layer with one slot, each by a proof (see the module doc), or refuse.
 
     Args:
@@ -195,6 +213,8 @@ def pair_layers(
             structure, since its layer's tensor may be that change folded in.
         slots: the model's slots as the layout sees them (default :func:`module_slots`; the Keras layout
             gives its layer-scale modules a kind of their own).
+        leave_out: a layer no free module of its kind is left for is left out (``None``, why in
+            ``Pairs.left_out``) rather than refused; the layout leaves its arrays unread.
     """
     slots = module_slots(model) if slots is None else slots
     mapping = dict(mapping or {})
@@ -249,7 +269,7 @@ def pair_layers(
     # as the proof: a module whose forward changes its weight takes no layer by structure
     changed = call_order.changes if call_order is not None and folded_constants else None
     _pair_within(layers, slots, result, taken, fits, changed)
-    Prover(
+    prover = Prover(
         model,
         layers,
         slots,
@@ -262,8 +282,10 @@ def pair_layers(
         sides,
         fit_context,
         folded_constants,
-    ).run()
-    return [result[i] for i in range(len(layers))]
+        leave_out,
+    )
+    prover.run()
+    return Pairs((result.get(i) for i in range(len(layers))), prover.left_out)
 
 
 def _name_paths(layer: SourceLayer, layers: list[SourceLayer]) -> tuple[str, ...]:

@@ -7,7 +7,10 @@ the model's call order is known (an ``nn.Sequential``'s and a multi-layer RNN's 
 construction, any other module's from ``example_inputs=``) and its modules run one
 after another, each fed by the one before (modules in parallel branches may run in
 either order in an equivalent model, so no recorded order tells them apart). Anything else is
-refused with the interchangeable layers on both sides listed, and a fix.
+refused with the interchangeable layers on both sides listed, and a fix. A layer no free module of its
+kind is left for at all (the model has no such module, or all of them took other layers) is refused, or,
+where the caller asks (``leave_out``), left out: nothing could cross there, and its arrays stay unread, which
+the plan refuses unless ``strict=False``, with this refusal's reason as the fix.
 :func:`weightport.layouts.pairing.pair_layers` runs this after ``mapping=`` and names.
 """
 
@@ -45,8 +48,13 @@ class Prover:
         sides: bool = False,
         fit_context: Callable[[Slot], Hashable] | None = None,
         folded_constants: bool = False,
+        leave_out: bool = False,
     ) -> None:
         self.model, self.layers, self.slots, self.result = model, layers, slots, result
+        # layers no module of their kind is left for are left out (their arrays stay unread), not refused:
+        # nothing could cross there, and build_plan refuses unread arrays unless strict=False
+        self.leave_out = leave_out
+        self.left_out: dict[int, str] = {}  # layer index -> why it was left out, and the fix
         self.fit_context = fit_context  # what else a layout's fits read of a slot (its neighbours)
         self.folded_constants = folded_constants  # the source may hold constants computed from parameters
         self.sides = sides  # mapping= may give one-way cells a side of a bidirectional RNN each
@@ -74,8 +82,23 @@ class Prover:
             groups.setdefault((self.slots[j].kind, _signature(self.slots[j]), context), []).append(j)
         by_group = {i: self._candidates(i, groups) for i in self.waiting}
         homeless = [i for i in self.waiting if not by_group[i]]
-        if homeless:
+        # refused still: a module of its kind set aside (its forward changes its weight), one side of a
+        # bidirectional module left free by mapping= (the layer may be that side's), or modules of kinds no
+        # layer has, left empty (the layer may be theirs in another form: an RNN unrolled into MatMuls)
+        sides: dict[str, set[str]] = {}
+        for p in self.result.values():
+            sides.setdefault(p.slot.label, set()).add(p.side)
+        kept = {self.slots[j].kind for j in self.changed} | {
+            p.slot.kind for p in self.result.values() if p.side and len(sides[p.slot.label]) == 1
+        }
+        if homeless and (
+            not self.leave_out or any(self.layers[i].kind in kept for i in homeless) or self._left_empty()
+        ):
             raise LayoutError(self._homeless(homeless))
+        for i in homeless:
+            self.left_out[i] = self._left_out_hint(i, homeless)
+        self.waiting = [i for i in self.waiting if i not in self.left_out]
+        by_group = {i: by_group[i] for i in self.waiting}
         edges = {i: [j for g in by_group[i] for j in groups[g]] for i in self.waiting}
         unsettled: list[str] = []  # every part that cannot be settled, so that one refusal lists them all
         for layer_ids, group_ids in _components(by_group):
@@ -161,6 +184,39 @@ class Prover:
 
     def _homeless(self, ids: list[int]) -> str:
         """Layers no free module of their kind can take, said once per kind."""
+        lines = self._homeless_lines(ids)
+        lines[-1] += self._left_empty()
+        fix = f"Fix: build the model with the module each of these layers needs; {self._leave_out()}."
+        changed = [
+            self.slots[j] for j in self.changed if self.slots[j].kind in {self.layers[i].kind for i in ids}
+        ]
+        if changed:
+            shown = ", ".join(f"'{s.label}' ({type(s.module).__name__})" for s in changed[:6])
+            lines.append(
+                f"{shown} {'take' if len(changed) > 1 else 'takes'} no layer by structure: in the forward pass on "
+                "example_inputs its own tensors go through other operations than its layer's (a weight "
+                "standardized, scaled or transposed before use), so the source's tensor may be what that "
+                "computed (an exporter folds it in), and loading it there would apply it twice"
+            )
+            fix = (
+                "Fix: load the module's own tensors by name (tensors stored under its parameter names, e.g. an "
+                "export with do_constant_folding=False or the PyTorch weights themselves), or port it by hand."
+            )
+        return f"{self.where} cannot be paired with the model: " + "; ".join(lines) + ". " + fix
+
+    def _left_out_hint(self, i: int, ids: list[int]) -> str:
+        """The fix for each array of layer ``i``, one of the layers ``ids`` no free module of their kind can
+        take (a ``strict=True`` refusal's hint): why, said for its kind, and what to do."""
+        kind = self.layers[i].kind
+        (line,) = self._homeless_lines([j for j in ids if self.layers[j].kind == kind])
+        return (
+            f"build the model with the module this layer needs, or, where the model should not take it, pass "
+            f"strict=False to load the model without it (its arrays are then listed as ignored): {self.where} "
+            f"cannot be paired with the model: {line}"
+        )
+
+    def _homeless_lines(self, ids: list[int]) -> list[str]:
+        """What the source holds and the model lacks, one line per kind of the layers ``ids``."""
         kinds = {s.kind for s in self.slots}
         lines = []
         for kind in dict.fromkeys(self.layers[i].kind for i in ids):
@@ -187,24 +243,7 @@ class Prover:
                     if taken
                     else f"the source holds {what} and no {torch_class(kind)} of the model can take it"
                 )
-        lines[-1] += self._left_empty()
-        fix = f"Fix: build the model with the module each of these layers needs; {self._leave_out()}."
-        changed = [
-            self.slots[j] for j in self.changed if self.slots[j].kind in {self.layers[i].kind for i in ids}
-        ]
-        if changed:
-            shown = ", ".join(f"'{s.label}' ({type(s.module).__name__})" for s in changed[:6])
-            lines.append(
-                f"{shown} {'take' if len(changed) > 1 else 'takes'} no layer by structure: in the forward pass on "
-                "example_inputs its own tensors go through other operations than its layer's (a weight "
-                "standardized, scaled or transposed before use), so the source's tensor may be what that "
-                "computed (an exporter folds it in), and loading it there would apply it twice"
-            )
-            fix = (
-                "Fix: load the module's own tensors by name (tensors stored under its parameter names, e.g. an "
-                "export with do_constant_folding=False or the PyTorch weights themselves), or port it by hand."
-            )
-        return f"{self.where} cannot be paired with the model: " + "; ".join(lines) + ". " + fix
+        return lines
 
     def _leave_out(self) -> str:
         """How to load a source without the layers the model should not take (weightport skips none)."""

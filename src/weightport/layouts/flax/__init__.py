@@ -163,7 +163,7 @@ def plan(
     def rules_for(i: int, slot: Slot) -> list[Rule]:
         return layer_rules(layers[i], Paired(wanted[i], slot, ""), source)
 
-    paired = pair_layers(
+    found = pair_layers(
         module,
         wanted,
         mapping,
@@ -172,7 +172,11 @@ def plan(
         call_order=call_order,
         where=source.description,
         sides=True,
+        leave_out=True,
     )
+    # a layer the model has no module of its kind left for stays unread (strict=False ignores it)
+    left_hints = {leaf: found.left_out[i] for i in found.left_out for leaf in layers[i].leaves.values()}
+    layers, paired = [layer for layer, pair in zip(layers, found) if pair is not None], found.placed()
     rules: list[Rule] = []
     convs = any(layer.kind in MAP_KINDS for layer in layers)
     readers = map_readers(module) if convs and call_order is None else None
@@ -212,6 +216,7 @@ def plan(
         pairings=as_pairings(paired) + own_pairings,
         scope=wrapped_scope(paired),
         unmatched=[n for n in names if n not in used and n not in training],
+        unmatched_hints={n: hint for n, hint in left_hints.items() if n not in used},
         not_weights=[f"{n} (training state)" for n in training],
         # a transformers snapshot's config.json records the layers' settings (held against the model's own)
         unchecked=flat_notes if snapshot else settings + flat_notes,

@@ -224,7 +224,7 @@ def plan(
             call_order=call_order,
             where=where,
             slots=slots,
-        )
+        ).placed()  # every layer: none is left out here
     except LayoutError as e:
         _say_shared(e, shared_layers(source.metadata.get("model_config")))
         raise

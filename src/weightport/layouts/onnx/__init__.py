@@ -205,7 +205,7 @@ def plan(
             where=source.description,
             fit_context=lambda slot: slot.label in follow,
             folded_constants=True,
-        )
+        ).placed()  # every layer: none is left out here
     except LayoutError as e:
         explain_unrolled_recurrence(module, layers, source.description, e)
         explain_unnamed_attention(module, layers, source, e)
