@@ -27,6 +27,7 @@ from torch import nn
 import weightport
 from _flax import flax_outputs, save_msgpack
 from weightport import LayoutError, LoadError, UncheckedConfigWarning
+from weightport.layouts.flax import torch_padding
 
 jax = pytest.importorskip("jax")
 flax = pytest.importorskip("flax")
@@ -228,3 +229,35 @@ def test_clip_model_snapshot_loads_into_its_vision_model(tmp_path: Path) -> None
     with torch.no_grad():
         got = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
     np.testing.assert_allclose(got, expected, atol=TOL * max(1.0, float(np.abs(expected).max())))
+
+
+# --- 2. a ConvTranspose kernel with as many inputs as outputs ------------------------------------------
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_square_conv_transpose_note_gives_the_fix_for_transpose_kernel(transpose_kernel: bool) -> None:
+    class Up(linen.Module):
+        @linen.compact
+        def __call__(self, x: Any) -> Any:
+            return linen.ConvTranspose(
+                3, (3, 3), strides=(2, 2), padding="VALID", transpose_kernel=transpose_kernel
+            )(x)
+
+    x = np.random.default_rng(2).standard_normal((2, 5, 5, 3)).astype(np.float32)
+    variables, expected = flax_outputs(Up(), x)
+    padding, extra = torch_padding((3, 3), (2, 2), "VALID")
+    model = nn.Sequential(nn.ConvTranspose2d(3, 3, 3, 2, padding=padding, output_padding=extra))
+    report = _load(model, variables, layout="flax")
+    (note,) = [n for n in report.unchecked if "transpose_kernel=True" in n]
+    fix = note.split("fix the weight after the load: ", 1)[1]
+
+    def run() -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+
+    if not transpose_kernel:
+        np.testing.assert_allclose(run(), expected, atol=TOL)  # the default needs nothing
+        return
+    assert np.abs(run() - expected).max() > 100 * TOL  # the default reading, wrong for this layer
+    exec(fix, {"torch": torch, "model": model})  # the note's own line
+    np.testing.assert_allclose(run(), expected, atol=TOL)

@@ -6,7 +6,8 @@ correlates. PyTorch's ``ConvTranspose`` is the gradient of a Conv, which flips: 
 ``(in, out, k...)`` is Flax's kernel flipped on every spatial axis, axes permuted. With
 ``transpose_kernel=True`` Flax flips and swaps the channel axes itself, and keeps the kernel
 ``(k..., out, in)``: a permutation alone. The kernel's shape tells the two apart unless ``in == out``
-(then the default is assumed, and said in the report). Flax has no feature groups here: a module with
+(then the default is assumed, and the report's note gives the one line that turns the loaded weight
+into the other reading's). Flax has no feature groups here: a module with
 ``groups > 1`` is refused.
 
 Padding is a setting of the call, never in the params: :func:`torch_padding` turns Flax's

@@ -125,6 +125,22 @@ def _norm_axes(name: str, module: object) -> str:
     )
 
 
+def _transpose_kernel(lay: Layer, label: str) -> str:
+    """A ConvTranspose kernel (k..., c, c) reads both ways: as Flax's default transpose_kernel=False (flipped
+    here) or as transpose_kernel=True's (k..., out, in), which Flax flips itself. The first is taken; the
+    second is that weight with its channel axes swapped and flipped back: the fix, said whole."""
+    kernel = lay.shapes.get("kernel", ())
+    if len(kernel) < 3 or kernel[-1] != kernel[-2]:
+        return ""  # the kernel's shape said which
+    dims = list(range(2, len(kernel)))
+    return (
+        f"; its kernel has as many inputs as outputs ({kernel[-1]}), so it reads both ways and was read as "
+        "transpose_kernel=False (Flax's default). If the Flax layer set transpose_kernel=True, fix the weight "
+        f"after the load: with torch.no_grad(): w = model.get_submodule('{label}').weight; "
+        f"w.copy_(w.transpose(0, 1).flip({dims}))"
+    )
+
+
 def _layer_notes(lay: Layer, p: Paired) -> list[str]:
     """One layer's own unchecked settings."""
     module = p.slot.module
@@ -169,8 +185,7 @@ def _layer_notes(lay: Layer, p: Paired) -> list[str]:
         return [
             f"'{label}': Flax ConvTranspose's padding, strides and kernel_dilation (PyTorch's padding "
             "and output_padding for them: weightport.layouts.flax.torch_padding, which refuses what PyTorch "
-            "cannot pad); a kernel with as many inputs as outputs is read as transpose_kernel=False (the "
-            "default); Flax takes channels-last inputs"
+            f"cannot pad); Flax takes channels-last inputs{_transpose_kernel(lay, label)}"
         ]
     if lay.kind.startswith("Conv") and lay.kind != "Conv1D":
         return [
