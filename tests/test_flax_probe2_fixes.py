@@ -261,3 +261,74 @@ def test_square_conv_transpose_note_gives_the_fix_for_transpose_kernel(transpose
     assert np.abs(run() - expected).max() > 100 * TOL  # the default reading, wrong for this layer
     exec(fix, {"torch": torch, "model": model})  # the note's own line
     np.testing.assert_allclose(run(), expected, atol=TOL)
+
+
+# --- 3. Orbax checkpoint folders ------------------------------------------------------------------------
+
+
+class _TwoDense(linen.Module):
+    @linen.compact
+    def __call__(self, x: Any) -> Any:
+        return linen.Dense(3)(linen.relu(linen.Dense(6)(x)))
+
+
+def _two_linears() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _restore_call(message: str) -> str:
+    """The fix's code: the statements after 'pass the pytree: '."""
+    return message.split("pass the pytree: ", 1)[1]
+
+
+@pytest.mark.parametrize("manager", [False, True], ids=["checkpointer", "checkpoint_manager"])
+def test_an_orbax_folder_is_refused_with_the_restore_that_loads_it(tmp_path: Path, manager: bool) -> None:
+    ocp = pytest.importorskip("orbax.checkpoint")
+    x = np.random.default_rng(6).standard_normal((2, 8)).astype(np.float32)
+    variables, expected = flax_outputs(_TwoDense(), x)
+    folder = tmp_path / "ckpt"
+    if manager:
+        with ocp.CheckpointManager(folder) as saver:
+            saver.save(3, args=ocp.args.StandardSave(variables))
+            saver.save(7, args=ocp.args.StandardSave(variables))
+            saver.wait_until_finished()
+    else:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(folder, variables)
+        checkpointer.wait_until_finished()
+    model = _two_linears()
+    before = _state(model)
+    with pytest.raises(weightport.SourceError, match="Orbax") as caught:
+        weightport.load(model, folder)
+    assert _unchanged(model, before)
+    message = str(caught.value)
+    assert "never unpickles" in message, message
+    assert ("/7/default'" in message) == manager, message
+    exec(_restore_call(message), {"weightport": weightport, "model": model})
+    with torch.no_grad():
+        np.testing.assert_allclose(model(torch.from_numpy(x)).numpy(), expected, atol=TOL)
+
+
+def test_a_folder_with_orbax_markers_is_refused_as_orbax(tmp_path: Path) -> None:
+    step = tmp_path / "ckpt" / "12"
+    (step / "default").mkdir(parents=True)
+    for name in ("_CHECKPOINT_METADATA", "commit_success.txt"):
+        (step / name).write_text("{}")
+    for name in ("_METADATA", "manifest.ocdbt"):
+        (step / "default" / name).write_text("{}")
+    for folder, what in [
+        (tmp_path / "ckpt", "an Orbax CheckpointManager's folder (steps 12"),
+        (step, "an Orbax checkpoint step holding the item(s) default"),
+        (step / "default", "an Orbax checkpoint,"),
+    ]:
+        with pytest.raises(weightport.SourceError) as caught:
+            weightport.open_source(folder)
+        message = str(caught.value)
+        assert what in message and "does not read" in message, message
+        assert f"restore('{(step / 'default').resolve()}')" in message, message
+        assert "holds no .npy files: it is" in message, message
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("hi")
+    with pytest.raises(weightport.SourceError, match=r"holds no \.npy files\. Fix: save each tensor"):
+        weightport.open_source(plain)

@@ -1,7 +1,10 @@
 """A folder of ``.npy`` files, one tensor each, named by file stem (``encoder.weight_ih_l0.npy``).
 
 Only regular files directly in the folder are read; links, subfolders and other
-files are listed in ``ignored`` (and so in the load report), never followed.
+files are listed in ``ignored`` (and so in the load report), never followed. A folder
+without ``.npy`` files that Orbax wrote (its ``_METADATA``, ``_CHECKPOINT_METADATA``,
+``manifest.ocdbt`` or ``commit_success.txt``, there or in numbered step folders) is refused
+as such, with the call that restores it for :func:`weightport.load`.
 
 >>> import numpy as np, tempfile, pathlib
 >>> folder = pathlib.Path(tempfile.mkdtemp()); np.save(folder / "bias.npy", np.zeros(2))
@@ -62,6 +65,16 @@ def open(path: Path) -> Source:
                 files[name] = NpyFile(file, header)
                 infos[name] = TensorInfo(name, header.shape, header.dtype)
     if not files:
+        orbax = _orbax(path)
+        if orbax is not None:
+            what, item = orbax
+            raise SourceError(
+                f"{where}: holds no .npy files: it is {what}, which weightport does not read (its arrays are in "
+                "TensorStore files that only orbax's own code reads; weightport reads arrays itself and never "
+                "unpickles or runs a checkpoint's code). Fix: restore it with orbax and pass the pytree: import "
+                f"orbax.checkpoint as ocp; weightport.load(model, ocp.StandardCheckpointer().restore({str(item)!r}), "
+                "layout='flax')"
+            )
         raise SourceError(
             f"{where}: holds no .npy files. Fix: save each tensor as <state-dict name>.npy in it."
         )
@@ -74,3 +87,33 @@ def _doubled(name: str) -> bool:
     """``bias.NPY.npy``: a name np.save gave a path ending in another case of ``.npy``."""
     inner = name[: -len(".npy")]
     return name.endswith(".npy") and inner.lower().endswith(".npy") and not inner.endswith(".npy")
+
+
+_ITEM = ("_METADATA", "manifest.ocdbt")  # what Orbax writes in a saved pytree's own folder
+_STEP = ("_CHECKPOINT_METADATA", "commit_success.txt")  # and beside it, in a finished save's folder
+
+
+def _orbax(path: Path) -> tuple[str, Path] | None:
+    """What Orbax checkpoint ``path`` is and the folder ``StandardCheckpointer().restore`` takes, or None
+    where Orbax did not write it: a saved pytree (``_METADATA``), a ``CheckpointManager`` step holding its
+    items (``7/default``), or a ``CheckpointManager``'s folder of numbered steps (the latest is named)."""
+    if any((path / name).is_file() for name in _ITEM):
+        return "an Orbax checkpoint", path
+    items = sorted(p for p in _folders(path) if any((p / name).is_file() for name in _ITEM))
+    if items and any((path / name).is_file() for name in _STEP):
+        return f"an Orbax checkpoint step holding the item(s) {', '.join(p.name for p in items)}", items[0]
+    if any((path / name).is_file() for name in _STEP):  # a finished save whose items are not found
+        return "an Orbax checkpoint", path
+    steps = sorted((p for p in _folders(path) if p.name.isdigit()), key=lambda p: int(p.name))
+    for step in reversed(steps):
+        found = _orbax(step)
+        if found is not None:
+            shown = ", ".join(p.name for p in steps[-6:])
+            return f"an Orbax CheckpointManager's folder (steps {shown}; the latest restored here)", found[1]
+    return None
+
+
+def _folders(path: Path) -> list[Path]:
+    """The folders directly in ``path`` (not links)."""
+    with os.scandir(path) as entries:
+        return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
