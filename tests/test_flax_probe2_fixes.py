@@ -332,3 +332,56 @@ def test_a_folder_with_orbax_markers_is_refused_as_orbax(tmp_path: Path) -> None
     (plain / "notes.txt").write_text("hi")
     with pytest.raises(weightport.SourceError, match=r"holds no \.npy files\. Fix: save each tensor"):
         weightport.open_source(plain)
+
+
+# --- 4. nn.scan stacks ----------------------------------------------------------------------------------
+
+
+class _Block(linen.Module):
+    @linen.compact
+    def __call__(self, h: Any, _: Any) -> Any:
+        return h + linen.Dense(8)(linen.LayerNorm()(h)), None
+
+
+class _Scanned(linen.Module):
+    @linen.compact
+    def __call__(self, x: Any) -> Any:
+        scan = linen.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return scan(name="layers")(x, None)[0]
+
+
+class _TorchBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.LayerNorm_0 = nn.LayerNorm(8, eps=1e-6)
+        self.Dense_0 = nn.Linear(8, 8)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.Dense_0(self.LayerNorm_0(h))
+
+
+class _TorchStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_TorchBlock() for _ in range(3)])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            h = block(h)
+        return h
+
+
+def test_scanned_layers_refusal_gives_the_unstacking_that_loads_them(tmp_path: Path) -> None:
+    x = np.random.default_rng(5).standard_normal((2, 8)).astype(np.float32)
+    variables, expected = flax_outputs(_Scanned(), x)
+    path = save_msgpack(variables, tmp_path)
+    model = _TorchStack()
+    with pytest.raises(weightport.UnsupportedConfigError, match="loads them unstacked") as caught:
+        _load(model, path)
+    code = str(caught.value).split("you loaded): ", 1)[1]
+    assert "k = 'params/layers'" in code, code
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedConfigWarning)
+        exec(code, {"weightport": weightport, "model": model, "source": path})
+    with torch.no_grad():
+        np.testing.assert_allclose(model(torch.from_numpy(x)).numpy(), expected, atol=TOL)

@@ -143,7 +143,31 @@ _BATCHED = (
     "compute it in PyTorch with the arrays as they are (batch_dims=(0,): torch.einsum('b...i,bio->b...o', x, "
     "kernel), plus bias[b] on entry b), and leave its entries out of the source you load"
 )
-_SCANNED = "weightport does not unstack scanned layers. Fix: " + _UNSTACK
+
+
+def _scanned(path: str, kernel_name: str) -> str:
+    """Why a stacked layer is refused, and the lines that load it: its scanned module's arrays unstacked into
+    one entry per layer (``layers/0/Dense_0``, as a loop of modules names them), loaded with layout='flax'.
+    The scanned module is the one linen named ``ScanBlock_0`` (or ``Vmap...``), else the layer's parent."""
+    parts = path.split("/")
+    lifted = [n for n, part in enumerate(parts[:-1]) if _LIFTED.match(part)]
+    end = lifted[-1] + 1 if lifted else len(parts) - 1
+    at = kernel_name.rfind(path)
+    if end == 0 or at < 0:
+        return "weightport does not unstack scanned layers. Fix: " + _UNSTACK
+    scan = kernel_name[:at] + "/".join(parts[:end])
+    return (
+        f"weightport does not unstack scanned layers, but loads them unstacked. Fix: split each array of the "
+        f"scanned module '{scan}' along axis 0 into one entry per layer, named '{scan}/<i>/...' as a loop of "
+        "modules names them, and load that with layout='flax' (the layers then pair as any others: by name, "
+        f"into e.g. a ModuleList '{parts[end - 1]}', or by kind and order; source: the file or pytree you "
+        f"loaded): k = '{scan}'; s = weightport.open_source(source); arrays = {{n: s.read(n) for n in s.infos "
+        f"if not n.startswith(k + '/')}}; arrays |= {{f'{{k}}/{{i}}/{{n[len(k) + 1:]}}': a for n in s.infos "
+        "if n.startswith(k + '/') for i, a in enumerate(s.read(n))}; weightport.load(model, arrays, "
+        "layout='flax')"
+    )
+
+
 _PER_ENTRY = "no nn.Linear computes that: it applies one weight to every entry. Fix: " + _BATCHED
 
 
@@ -163,7 +187,7 @@ def _refuse_stacked(path: str, leaves: Mapping[str, str], source: Source) -> Non
     if dense and len(kernel) > 2 and not lead:
         reading = _stack_reading(kernel, bias, len(kernel) - 2)
         raise UnsupportedConfigError(
-            f"{where}: a Flax Dense's kernel is (in, out), so this is {reading}; {_SCANNED}."
+            f"{where}: a Flax Dense's kernel is (in, out), so this is {reading}; {_scanned(path, leaves['kernel'])}"
         )
     if not lead:
         return
@@ -174,7 +198,7 @@ def _refuse_stacked(path: str, leaves: Mapping[str, str], source: Source) -> Non
         raise UnsupportedConfigError(f"{where}: {batched}; {_PER_ENTRY}.")
     lifted = any(_LIFTED.match(part) for part in path.split("/")[:-1])
     if dense or lifted or last.startswith(("Conv_", "ConvTranspose_")):
-        raise UnsupportedConfigError(f"{where}: {stacked}; {_SCANNED}.")
+        raise UnsupportedConfigError(f"{where}: {stacked}; {_scanned(path, leaves['kernel'])}")
     raise UnsupportedConfigError(
         f"{where}, which reads two ways, neither of which a PyTorch layer computes: {stacked}; or {batched}. "
         f"Fix: for stacked layers, {_UNSTACK}; for a DenseGeneral, {_BATCHED}."
