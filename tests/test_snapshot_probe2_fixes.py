@@ -203,3 +203,36 @@ def test_rope_scaling_named_by_its_legacy_type_is_the_same_setting(tmp_path: Pat
     other.load_state_dict(saved.state_dict())
     assert (_logits(other, input_ids=ids) - _logits(saved, input_ids=ids)).abs().max() > 1e-4
     refused(_llama({"rope_type": "linear", "factor": 4.0}), tmp_path, r"'config\.rope_scaling': expected")
+
+
+# 4. RWKV's in-place rescaling
+
+
+def _rwkv() -> Any:
+    config = transformers.RwkvConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=4, attention_hidden_size=32, intermediate_size=64,
+        context_length=64, rescale_every=1,
+    )  # fmt: skip
+    return transformers.RwkvForCausalLM(config).eval()
+
+
+def test_an_rwkv_that_ran_a_forward_is_refused_and_the_fix_loads_it_exactly(tmp_path: Path) -> None:
+    """After one eval forward RWKV holds two weights per block divided in place (layers_are_rescaled=True):
+    the checkpoint's unscaled weights written then gave wrong outputs (1.58 off, silently). Refused, module
+    unchanged; the fix it names (clear the flag, as from_pretrained's model has it) gives the saved model's
+    own outputs bit for bit."""
+    saved = _randomize(_rwkv(), 5)
+    saved.save_pretrained(tmp_path)
+    ids = IDS[:1, :8]
+    expected = _logits(saved, input_ids=ids)
+    ran = _rwkv()
+    _logits(ran, input_ids=ids)
+    assert ran.rwkv.layers_are_rescaled
+    refused(ran, tmp_path, r"'rwkv\.blocks\.0\.attention\.output\.weight' and 7 more: .*layers_are_rescaled=True.*"
+            r"Fix: set model\.rwkv\.layers_are_rescaled = False")  # fmt: skip
+    ran.rwkv.layers_are_rescaled = False
+    weightport.load(ran, tmp_path)
+    assert torch.equal(_logits(ran, input_ids=ids), expected)
+    fresh = _rwkv()  # never ran: loads as it is
+    weightport.load(fresh, tmp_path)
+    assert torch.equal(_logits(fresh, input_ids=ids), expected)

@@ -37,6 +37,8 @@ __all__ = [
     "non_persistent_buffers",
     "transformers_computed",
     "broken_tie",
+    "RESCALED_IN_PLACE",
+    "rescaled_in_place",
 ]
 
 RNN_KINDS = ("RNN", "LSTM", "GRU")  # the recurrent kinds PyTorch has: nn.RNN/LSTM/GRU and their cells
@@ -258,3 +260,33 @@ def broken_tie(module: nn.Module, name: str) -> str | None:
                 "and a tied checkpoint leaves it out: call model.tie_weights() before loading"
             )
     return None
+
+
+# Modules whose eval forward rescales some of their own weights in place, once, and set a flag saying so (the
+# next training forward scales them back): the flag -> the weights, under the module, that it rescales.
+# transformers' RWKV divides each block's attention.output and feed_forward.value weights by
+# 2 ** (block // config.rescale_every) (no rescaling where rescale_every is 0).
+RESCALED_IN_PLACE = {
+    "layers_are_rescaled": re.compile(r"^blocks\.\d+\.(attention\.output|feed_forward\.value)\.weight$")
+}
+
+
+def rescaled_in_place(module: nn.Module) -> dict[str, str]:
+    """Each tensor of ``module`` that its owner's forward has rescaled in place (``RESCALED_IN_PLACE``; the flag
+    set, RWKV's ``rescale_every`` not 0) -> the flag, named from ``module``: a checkpoint holds it unscaled,
+    so written into the module it is wrong until the flag is cleared.
+
+    >>> rescaled_in_place(nn.Linear(2, 2))
+    {}
+    """
+    found: dict[str, str] = {}
+    for path, sub in module.named_modules():
+        for flag, tensors in RESCALED_IN_PLACE.items():
+            if (
+                getattr(sub, flag, False) is not True
+                or getattr(getattr(sub, "config", None), "rescale_every", 1) == 0
+            ):
+                continue
+            at = f"{path}." if path else ""
+            found.update({at + name: at + flag for name, _ in sub.named_parameters() if tensors.match(name)})
+    return found

@@ -148,7 +148,28 @@ def plan(
             rules.append(Rule(target, (name,), Transpose((1, 0)), f"{origin} ({_CONV1D_SAID})"))
         else:
             rules.append(Rule(target, (name,), origin=origin))
+    _refuse_rescaled(module, rules)
     return LayoutPlan(name=NAME, rules=rules)
+
+
+def _refuse_rescaled(module: torch.nn.Module, rules: list[Rule]) -> None:
+    """A module whose eval forward has rescaled weights in place (RWKV after a forward, ``layers_are_rescaled``)
+    takes a checkpoint's unscaled ones only with its flag cleared, as ``from_pretrained``'s fresh model has it:
+    written as they are, the next forward would not rescale them."""
+    from weightport.torch_facts import rescaled_in_place
+
+    rescaled = rescaled_in_place(module)
+    hit = [r.target for r in rules if r.target in rescaled]
+    if hit:
+        flag = rescaled[hit[0]]
+        raise LayoutError(
+            f"'{hit[0]}'{f' and {len(hit) - 1} more' if len(hit) > 1 else ''}: the model has run an eval forward, "
+            f"which rescaled these weights in place ({flag}=True), while the source holds them unscaled, as "
+            f"save_pretrained writes them: written as they are, the next forward would not rescale them and its "
+            f"outputs would be wrong. Nothing was written. Fix: set model.{flag} = False before loading (the next "
+            "eval forward rescales the loaded weights, as in from_pretrained's model), where the load writes all "
+            "of them; or load into a model built again, before any forward."
+        )
 
 
 def _converted_names(module: torch.nn.Module, names: list[str]) -> dict[str, str]:
