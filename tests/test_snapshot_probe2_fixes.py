@@ -236,3 +236,35 @@ def test_an_rwkv_that_ran_a_forward_is_refused_and_the_fix_loads_it_exactly(tmp_
     fresh = _rwkv()  # never ran: loads as it is
     weightport.load(fresh, tmp_path)
     assert torch.equal(_logits(fresh, input_ids=ids), expected)
+
+
+# 5. DeBERTa-v2's TF layer names
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # DeBERTa's modeling
+def test_a_deberta_v2_tf_checkpoint_loads_its_position_projections(tmp_path: Path) -> None:
+    """TF DeBERTa-v2 (share_att_key=False) names the layers pos_proj / pos_q_proj, PyTorch pos_key_proj /
+    pos_query_proj: the load gives TF's own outputs (it was refused, four tensors unplaced)."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf_keras")
+    config = transformers.DebertaV2Config(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, relative_attention=True, position_buckets=8, max_relative_positions=16,
+        pos_att_type=["p2c", "c2p"],
+    )  # fmt: skip
+    model = transformers.TFDebertaV2Model(config)
+    model(model.dummy_inputs)
+    rng = np.random.default_rng(4)
+    for variable in model.weights:
+        variable.assign(
+            rng.normal(0.0, 0.1, tuple(variable.shape)).astype(np.float32) + ("gamma" in variable.name)
+        )
+    assert any("pos_q_proj" in v.name for v in model.weights)
+    model.save_pretrained(tmp_path)
+    ids = IDS[:, :8].numpy().astype(np.int32)
+    expected = np.asarray(model(ids, training=False).last_hidden_state)
+    loaded = transformers.DebertaV2Model(config).eval()
+    report = weightport.load(loaded, tmp_path)
+    assert any(r.target.endswith("pos_query_proj.weight") and "pos_q_proj" in r.origin for r in report.rows)
+    out = _logits(loaded, input_ids=torch.from_numpy(ids).long()).numpy()
+    assert np.abs(out - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())

@@ -6,7 +6,8 @@ listing its weights as ``<model scope>/<layer>/<inner layers>/<variable>:0``
 (``tf_bert_model/bert/encoder/layer_._0/attention/self/query/kernel:0``). The PyTorch twin built from
 the same config names each of them by transformers' own conventions (its converter,
 ``transformers.modeling_tf_pytorch_utils``, follows them too), so the pairing is by name, with the
-same general rules for every model and no table per model:
+same general rules for every model and no table per model (but a few layers the PyTorch twin names
+otherwise: DeBERTa-v2's ``pos_proj``/``pos_q_proj`` are ``pos_key_proj``/``pos_query_proj``):
 
 - the model scope goes; ``_._`` separates a list index (``layer_._0`` is ``layer.0``); a component
   ``a___b`` is ``b``; ``/`` is ``.``;
@@ -81,6 +82,10 @@ _RENAMED = {
     "pointwise_kernel": ["pointwise", "weight"],
     "depthwise_kernel": ["depthwise", "weight"],
 }
+# TF layers transformers' PyTorch twin names otherwise (DeBERTa-v2's relative-position projections, built
+# where share_att_key=False): renamed where the module has the PyTorch name and not the TF one (DeBERTa's own
+# PyTorch class keeps pos_proj / pos_q_proj)
+_LAYERS_RENAMED = {"pos_proj": "pos_key_proj", "pos_q_proj": "pos_query_proj"}
 _KERNELS = ("kernel", "pointwise_kernel", "depthwise_kernel")
 # TransfoXL's projection lists hold (in, out) matrices without the name 'kernel'
 _PROJECTION_LISTS = ("emb_projs", "out_projs")
@@ -251,8 +256,23 @@ def _targets(
             name = ".".join(p for p in (mapping[v.layer], name[len(v.layer) + 1 :]) if p)
         elif v.layer in main and inside and v.layer not in children:
             name = name[len(v.layer) + 1 :]  # the module is that layer (BertModel for 'bert')
-        out[v.tensor] = _parametrized(_inner_main_layer(module, name, names), names)
+        out[v.tensor] = _renamed_layer(_parametrized(_inner_main_layer(module, name, names), names), names)
     return out
+
+
+def _renamed_layer(name: str, names: Mapping[str, str]) -> str:
+    """``name`` with a TF layer's name the PyTorch twin spells otherwise (``_LAYERS_RENAMED``) in its place,
+    where the module has that and not ``name``.
+
+    >>> _renamed_layer("encoder.layer.0.attention.self.pos_proj.weight",
+    ...                {"encoder.layer.0.attention.self.pos_key_proj.weight": "parameter"})
+    'encoder.layer.0.attention.self.pos_key_proj.weight'
+    """
+    if name in names:
+        return name
+    parts = name.split(".")
+    new = ".".join(_LAYERS_RENAMED.get(p, p) for p in parts[:-1]) + "." + parts[-1]
+    return new if new in names else name
 
 
 def _inner_main_layer(module: nn.Module, name: str, names: Mapping[str, str]) -> str:
