@@ -241,7 +241,9 @@ def test_an_rwkv_that_ran_a_forward_is_refused_and_the_fix_loads_it_exactly(tmp_
 # 5. DeBERTa-v2's TF layer names
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # DeBERTa's modeling
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)  # DeBERTa's modeling
 def test_a_deberta_v2_tf_checkpoint_loads_its_position_projections(tmp_path: Path) -> None:
     """TF DeBERTa-v2 (share_att_key=False) names the layers pos_proj / pos_q_proj, PyTorch pos_key_proj /
     pos_query_proj: the load gives TF's own outputs (it was refused, four tensors unplaced)."""
@@ -268,3 +270,77 @@ def test_a_deberta_v2_tf_checkpoint_loads_its_position_projections(tmp_path: Pat
     assert any(r.target.endswith("pos_query_proj.weight") and "pos_q_proj" in r.origin for r in report.rows)
     out = _logits(loaded, input_ids=torch.from_numpy(ids).long()).numpy()
     assert np.abs(out - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+# 6. PEFT adapters
+
+
+def _adapter(folder: Path, config_json: Path | None = None) -> None:
+    """A LoRA adapter folder as peft's save_pretrained writes it (adapter_config.json, adapter_model.safetensors
+    of base_model.model.* names: lora_A/lora_B and the modules_to_save)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    adapter = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps({**adapter, "modules_to_save": ["lm_head"]}))
+    rng = np.random.default_rng(0)
+    tensors = {"base_model.model.lm_head.weight": rng.standard_normal((97, 32), np.float32)}
+    for i in range(2):
+        for proj, out in (("q_proj", 32), ("v_proj", 16)):
+            at = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            tensors[f"{at}.lora_A.weight"] = rng.standard_normal((4, 32), np.float32)
+            tensors[f"{at}.lora_B.weight"] = rng.standard_normal((out, 4), np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    if config_json is not None:
+        shutil.copy(config_json, folder)
+
+
+def test_a_lora_adapter_into_its_base_model_is_refused_saying_so(tmp_path: Path) -> None:
+    """The folder, the file, with the base model's config.json beside, strict=False or not: refused as a LoRA
+    adapter with the merge that works (it said 'unknown name'; with mapping= naming the head, strict=False
+    would have loaded the head alone, without the update)."""
+    _qwen().save_pretrained(tmp_path / "base")
+    _adapter(tmp_path / "adapter")
+    _adapter(tmp_path / "with_config", tmp_path / "base" / "config.json")
+    said = r"is a LoRA adapter \(PEFT\): '.*lora_A.weight' and 7 more .*Fix: .*merge_and_unload\(\)"
+    for source in (
+        tmp_path / "adapter",
+        tmp_path / "with_config",
+        tmp_path / "adapter" / "adapter_model.safetensors",
+    ):
+        refused(_qwen(), source, said)
+        refused(_qwen(), source, said, strict=False)
+    refused(
+        _qwen(),
+        tmp_path / "adapter",
+        said,
+        strict=False,
+        mapping={"base_model.model.lm_head.weight": "lm_head.weight"},
+    )
+
+
+def test_a_model_with_lora_layers_takes_its_adapters_names(tmp_path: Path) -> None:
+    """A module that has lora_A/lora_B tensors of its own (a PEFT-wrapped model) loads them by name."""
+    model = torch.nn.Module()
+    model.q = torch.nn.Module()
+    model.q.lora_A = torch.nn.Linear(8, 2, bias=False)
+    model.q.lora_B = torch.nn.Linear(2, 8, bias=False)
+    rng = np.random.default_rng(1)
+    state = {"q.lora_A.weight": rng.standard_normal((2, 8), np.float32)}
+    state["q.lora_B.weight"] = rng.standard_normal((8, 2), np.float32)
+    weightport.load(model, state)
+    assert np.array_equal(model.q.lora_B.weight.detach().numpy(), state["q.lora_B.weight"])
+
+
+def test_a_snapshot_with_an_adapter_beside_it_says_the_adapter_is_not_applied(tmp_path: Path) -> None:
+    saved = _randomize(_qwen(), 7)
+    saved.save_pretrained(tmp_path / "m")
+    _adapter(tmp_path / "a")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(tmp_path / "a" / name, tmp_path / "m")
+    loaded = _qwen()
+    report = weightport.load(loaded, tmp_path / "m")
+    assert any("adapter not applied" in i for i in report.ignored)
+    assert torch.equal(_logits(loaded, input_ids=IDS), _logits(saved, input_ids=IDS))

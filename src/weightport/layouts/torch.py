@@ -122,6 +122,7 @@ def plan(
             f"mapping names {said}, which the source ({source.description}) does not hold: mapping= renames the source's "
             "tensors to the module's names. Fix: key it by the source's names (weightport inspect FILE lists them)."
         )
+    _refuse_adapter(module, source, [n for n in names if n not in mapping])
     dropped = ""
     if any(n.startswith(WRAPPER_PREFIXES) for n in names):
         module_names = set(module.state_dict(keep_vars=True))
@@ -150,6 +151,28 @@ def plan(
             rules.append(Rule(target, (name,), origin=origin))
     _refuse_rescaled(module, rules)
     return LayoutPlan(name=NAME, rules=rules)
+
+
+# the modules a PEFT LoRA adapter adds to the layers it adapts (DoRA's magnitude vector too): its file holds
+# their tensors, low-rank updates to the base model's weights rather than weights of it
+_LORA_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+
+
+def _refuse_adapter(module: torch.nn.Module, source: Source, names: list[str]) -> None:
+    """A PEFT LoRA adapter (``adapter_model.safetensors``: ``...q_proj.lora_A.weight``) into a module that has no
+    such tensors (the base model): its tensors update the model's weights, and its other ones (modules_to_save)
+    alone would load a model without the update."""
+    lora = [n for n in names if _LORA_PARTS.intersection(n.split("."))]
+    if not lora or any(_LORA_PARTS.intersection(n.split(".")) for n in module.state_dict(keep_vars=True)):
+        return
+    more = f" and {len(lora) - 1} more" if len(lora) > 1 else ""
+    raise LayoutError(
+        f"{source.description} is a LoRA adapter (PEFT): '{lora[0]}'{more} are low-rank updates (lora_A, lora_B) "
+        f"to the base model's weights, not weights of {type(module).__name__}, and the adapter's other tensors "
+        "alone would load a model without its update. Nothing was written. Fix: merge the adapter into the base "
+        "model with peft and load the result: merged = PeftModel.from_pretrained(base_model, adapter_folder)"
+        ".merge_and_unload(); merged.save_pretrained(folder); weightport.load(model, folder)."
+    )
 
 
 def _refuse_rescaled(module: torch.nn.Module, rules: list[Rule]) -> None:

@@ -120,6 +120,12 @@ def open(path: Path) -> Source:
     from weightport.sources import open_source
 
     source = open_source(member, format=WEIGHT_FILES[weights_file(readable[0]) or ""])
+    if (
+        path / "adapter_config.json"
+    ).exists():  # a PEFT adapter beside the model: its update is not the model's
+        source.ignored.append(
+            "adapter_config.json and its adapter (PEFT): the model's own weights are read, the adapter not applied"
+        )
     return _with_config(source, config, f"'{path.name}/{readable[0]}'")
 
 
