@@ -6,6 +6,7 @@ parameter names), and a weight-norm conv folded into one constant by an export."
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -104,5 +105,70 @@ def test_a_weights_only_file_names_a_weightless_layer_of_an_unknown_class(tmp_pa
     _randomize(model)
     path = tmp_path / "m.weights.h5"
     model.save_weights(path)
-    with pytest.warns(weightport.UncheckedConfigWarning, match="Keras layer 'halve' .*is none weightport knows"):
+    with pytest.warns(
+        weightport.UncheckedConfigWarning, match="Keras layer 'halve' .*is none weightport knows"
+    ):
         weightport.load(nn.Sequential(nn.Linear(4, 3)), path)
+
+
+# ---- ONNX: transformers models exported by torch.onnx.export ----------------------------------------------
+
+
+def _transformers() -> Any:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _vision
+
+    _vision.allow_torchvision_import()
+    return pytest.importorskip("transformers")
+
+
+def _randomize_torch(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g) + (0.5 if p.ndim == 1 else 0.0))
+    return model.eval()
+
+
+def _onnxruntime(path: Path, *inputs: torch.Tensor) -> np.ndarray:
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+    return np.asarray(session.run(None, feed)[0])
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.m(*inputs)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def test_opt_legacy_export_pairs_its_projections_by_their_named_biases(tmp_path: Path) -> None:
+    """The TorchScript exporter folds each projection's transposed weight into 'onnx::MatMul_431' and its
+    bias Add reads 'm.model.decoder.layers.0.self_attn.q_proj.bias': the synthetic name voted '' against the
+    bias's module, so q/k/v/out_proj were refused as interchangeable. Synthetic names now do not vote: the
+    load pairs them by name and gives onnxruntime's logits."""
+    transformers = _transformers()
+    config = transformers.OPTConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, ffn_dim=37, num_attention_heads=4,
+        max_position_embeddings=16, word_embed_proj_dim=32, do_layer_norm_before=True,
+    )  # fmt: skip
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    source = _Logits(_randomize_torch(transformers.OPTForCausalLM(config), 1)).eval()
+    path = tmp_path / "opt.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(source, (ids,), str(path), dynamo=False, opset_version=17)
+    expected = _onnxruntime(path, ids)
+    model = _Logits(_randomize_torch(transformers.OPTForCausalLM(config), 2)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)
+        report = weightport.load(model, path, example_inputs=(ids,))
+    assert any(p.module_path == "m.model.decoder.layers.0.self_attn.q_proj" for p in report.pairings)
+    with torch.no_grad():
+        got = model(ids).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))

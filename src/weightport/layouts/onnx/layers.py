@@ -3,6 +3,7 @@ Gather, BatchNormalization, LayerNormalization) as one :class:`~weightport.layou
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ from weightport.torch_facts import RNN_KINDS
 from weightport.transforms import Identity, Op, Reshape, Transpose
 
 __all__ = ["find_layers", "named_path", "owner_path", "ran_in_module"]
+
+_DYNAMO_VALUE = re.compile(r"val_\d+")
 
 
 def find_layers(nodes: list[Node], source: Source, issues: Issues, validated: set[str]) -> list[Layer]:
@@ -131,15 +134,58 @@ def owner_path(layer: Layer) -> str:
 
 
 def named_path(layer: Layer, changes: Callable[[str], bool] = lambda path: False) -> tuple[str, ...]:
-    """The module path a layer's names give: :func:`owner_path`, else (the dynamo exporter stores a weight it
-    transposed for a MatMul as ``val_12``) the module the exporter records the node ran in (a parent's,
-    where its forward calls ``F.linear`` itself, pairs with no layer), unless ``changes(path)``: its forward
-    changes its own weight first (``example_inputs=`` shows it), so the stored tensor is what it made of it."""
+    """The module path a layer's names give: :func:`owner_path`; else the one its named tensors share beside
+    tensors the exporter computed (:func:`_named_beside_computed`); else (the dynamo exporter stores a weight
+    it transposed for a MatMul as ``val_12``) the module the exporter records the node ran in (a parent's,
+    where its forward calls ``F.linear`` itself, pairs with no layer). Either of the last two unless
+    ``changes(path)``: its forward changes its own weight first (``example_inputs=`` shows it), so the stored
+    tensor is what it made of it."""
     owner = owner_path(layer)
     if owner or layer.owner is not None:
         return (owner,) if owner else ()
-    ran_in = ran_in_module(layer)
-    return (ran_in,) if ran_in and not changes(ran_in) else ()
+    found = _named_beside_computed(layer) or ran_in_module(layer)
+    return (found,) if found and not changes(found) else ()
+
+
+def _named_beside_computed(layer: Layer) -> str:
+    """The module a layer's named tensors share where the others have names the exporter made up for tensors
+    it computed (OPT's ``q_proj``: its weight, transposed and folded, stored as ``onnx::MatMul_431``, its
+    bias Add reading ``m.model.decoder.layers.0.self_attn.q_proj.bias``), provided the exporter records the
+    node running in that very module: a parent's forward applying the module's weight itself
+    (``F.linear(x, self.fc.weight.t(), self.fc.bias)``) stores the same names. ``""`` where the named tensors
+    disagree or none is named.
+
+    >>> [_synthetic(n) for n in ("onnx::MatMul_431", "val_12", "/m/fc/Constant_output_0", "weight", "m.fc.bias")]
+    [True, True, True, True, False]
+    >>> _called_in("m.decoder.layers.0.self_attn.q_proj", "m.model.decoder.layers.0.self_attn.q_proj")
+    True
+    >>> _called_in("", "fc"), _called_in("m.fc", "m.block.proj")
+    (False, False)
+    """
+    names = [layer.aliases.get(role, name) for role, name in layer.tensors.items()]
+    owners = {name.rpartition(".")[0] for name in names if not _synthetic(name)}
+    if len(owners) != 1:
+        return ""
+    (owner,) = owners
+    node = layer.node
+    ran = node.module is not None and node.module == owner
+    return owner if ran or (node.module is None and _called_in(node.name_scope, owner)) else ""
+
+
+def _synthetic(name: str) -> bool:
+    """A stored tensor's name an exporter made up rather than a parameter's dotted path."""
+    return ":" in name or name.startswith("/") or "." not in name or _DYNAMO_VALUE.fullmatch(name) is not None
+
+
+def _called_in(scope: str | None, owner: str) -> bool:
+    """Whether the call path the TorchScript exporter spells in a node's name (:func:`.graph._name_scope`)
+    ends in module ``owner``: the path lists the modules whose forward ran, so it skips one a parent went
+    around (``OPTForCausalLM`` calls ``self.model.decoder``: ``m.decoder...`` for ``m.model.decoder...``),
+    but never adds one, and it ends in the owner's own name."""
+    if not scope:
+        return False
+    called, path = scope.split("."), iter(owner.split("."))
+    return called[-1] == owner.rpartition(".")[2] and all(part in path for part in called)
 
 
 def ran_in_module(layer: Layer) -> str:
