@@ -38,6 +38,7 @@ from weightport.torch_facts import (
     broken_tie,
     explain_shape,
     non_persistent_buffers,
+    parametrized_fix,
     transformers_computed,
 )
 
@@ -226,7 +227,7 @@ def _parametrized_hint(name: str, names: Collection[str]) -> str | None:
     found = [n for n in names if n.startswith(original)]
     if found:
         listed = " and ".join(f"'{n}'" for n in sorted(found))
-        return f"'{name}' is computed by a parametrization; load {listed} instead (or remove the parametrization)"
+        return f"'{name}' is computed by a parametrization from {listed}: {parametrized_fix(name, sorted(found))}"
     return None
 
 

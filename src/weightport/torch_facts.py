@@ -39,6 +39,7 @@ __all__ = [
     "broken_tie",
     "RESCALED_IN_PLACE",
     "rescaled_in_place",
+    "parametrized_fix",
 ]
 
 RNN_KINDS = ("RNN", "LSTM", "GRU")  # the recurrent kinds PyTorch has: nn.RNN/LSTM/GRU and their cells
@@ -290,3 +291,24 @@ def rescaled_in_place(module: nn.Module) -> dict[str, str]:
             at = f"{path}." if path else ""
             found.update({at + name: at + flag for name, _ in sub.named_parameters() if tensors.match(name)})
     return found
+
+
+def parametrized_fix(name: str, originals: list[str]) -> str:
+    """What works where a source holds ``name`` as the one tensor a parametrization computes (weight norm's,
+    folded by an export) and not the ``originals`` the module keeps it as.
+
+    >>> parametrized_fix("conv.weight", ["conv.parametrizations.weight.original0"])[43:]
+    "torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule('conv'), 'weight') leaves \
+'conv.weight' a plain parameter, which takes the source's tensor, and the forward computes the same; or load \
+a source that holds 'conv.parametrizations.weight.original0' by name (torch.onnx.export(..., dynamo=False, \
+do_constant_folding=False) keeps them)"
+    """
+    path, _, leaf = name.rpartition(".")
+    listed = " and ".join(f"'{n}'" for n in originals)
+    module = f"model.get_submodule('{path}')" if path else "model"
+    return (
+        f"remove the parametrization before loading: torch.nn.utils.parametrize.remove_parametrizations({module}, "
+        f"'{leaf}') leaves '{name}' a plain parameter, which takes the source's tensor, and the forward computes "
+        f"the same; or load a source that holds {listed} by name (torch.onnx.export(..., dynamo=False, "
+        "do_constant_folding=False) keeps them)"
+    )
