@@ -50,7 +50,7 @@ from torch import nn
 from weightport.call_order import CallOrder
 from weightport.errors import LayoutError, WeightportError, a_or_an
 from weightport.layouts.base import Pairing, Rule
-from weightport.layouts.proof import Fits, Prover
+from weightport.layouts.proof import Fits, Prover, Settings
 from weightport.layouts.slots import (
     KNOWN_KINDS,
     Paired,
@@ -69,6 +69,7 @@ __all__ = [
     "SourceLayer",
     "Paired",
     "Fits",
+    "Settings",
     "module_slots",
     "pair_layers",
     "slot_kind",
@@ -193,6 +194,7 @@ def pair_layers(
     folded_constants: bool = False,
     slots: list[Slot] | None = None,
     leave_out: bool = False,
+    settings: Settings | None = None,
 ) -> Pairs:
     """Pair each source layer with one slot, each by a proof (see the module doc), or refuse.
 
@@ -215,6 +217,9 @@ def pair_layers(
             gives its layer-scale modules a kind of their own).
         leave_out: a layer no free module of its kind is left for is left out (``None``, why in
             ``Pairs.left_out``) rather than refused; the layout leaves its arrays unread.
+        settings: ``settings(i, slot)``: the problems the layout's settings checks find between layer ``i``
+            and ``slot``; where neither proof settles a part, held against each candidate (see
+            :mod:`weightport.layouts.proof`): a refusal then says first what no ``mapping=`` would cure.
     """
     slots = module_slots(model) if slots is None else slots
     mapping = dict(mapping or {})
@@ -283,6 +288,7 @@ def pair_layers(
         fit_context,
         folded_constants,
         leave_out,
+        settings,
     )
     prover.run()
     return Pairs((result.get(i) for i in range(len(layers))), prover.left_out)

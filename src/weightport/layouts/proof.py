@@ -11,6 +11,12 @@ refused with the interchangeable layers on both sides listed, and a fix. A layer
 kind is left for at all (the model has no such module, or all of them took other layers) is refused, or,
 where the caller asks (``leave_out``), left out: nothing could cross there, and its arrays stay unread, which
 the plan refuses unless ``strict=False``, with this refusal's reason as the fix.
+
+Where a layout gives its settings checks (``settings``) and neither proof settles a part, each layer's
+settings are held against each of its candidate modules: a candidate that differs where others do not is
+no candidate (where that leaves one assignment, it is the proof: "by a unique kind, shape and settings",
+the only one the checks would let load), and a difference every candidate shares (a bias, an eps) is one
+no ``mapping=`` cures, so the refusal says it first, with the differences of the layers already proven.
 :func:`weightport.layouts.pairing.pair_layers` runs this after ``mapping=`` and names.
 """
 
@@ -22,13 +28,17 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from torch import nn
 
 from weightport.call_order import CallOrder
-from weightport.errors import LayoutError, counted
+from weightport.errors import LayoutError, LoadError, Problem, counted
 from weightport.layouts.slots import Paired, Slot, SourceLayer, torch_class
 
-__all__ = ["Fits", "Prover"]
+__all__ = ["Fits", "Settings", "Prover"]
 
 Fits = Callable[[int, Slot], bool]
 """``fits(i, slot)``: whether source layer ``i``'s converted shapes are ``slot``'s."""
+
+Settings = Callable[[int, Slot], list[Problem]]
+"""``settings(i, slot)``: what a layout's settings checks find between source layer ``i`` and ``slot``
+(a bias, strides, padding, an eps): the problems a load pairing them would be refused with."""
 
 
 class Prover:
@@ -49,8 +59,12 @@ class Prover:
         fit_context: Callable[[Slot], Hashable] | None = None,
         folded_constants: bool = False,
         leave_out: bool = False,
+        settings: Settings | None = None,
     ) -> None:
         self.model, self.layers, self.slots, self.result = model, layers, slots, result
+        # the layout's settings checks, held against each candidate where no proof settles a part
+        self.settings = settings
+        self.incurable: list[Problem] = []  # differences every candidate of a waiting layer shares
         # layers no module of their kind is left for are left out (their arrays stay unread), not refused:
         # nothing could cross there, and build_plan refuses unread arrays unless strict=False
         self.leave_out = leave_out
@@ -107,13 +121,15 @@ class Prover:
                 self._settle(layer_ids, slot_ids, edges)
             except LayoutError as e:
                 unsettled.append(str(e))
-        if len(unsettled) == 1:
-            raise LayoutError(unsettled[0])
-        if unsettled:
-            listed = "\n".join(f"  - {m}" for m in unsettled)
-            raise LayoutError(
-                f"{len(unsettled)} groups of layers cannot be paired, each for its reason:\n{listed}"
-            )
+        if not unsettled:
+            return
+        said = (
+            unsettled[0]
+            if len(unsettled) == 1
+            else f"{len(unsettled)} groups of layers cannot be paired, each for its reason:\n"
+            + "\n".join(f"  - {m}" for m in unsettled)
+        )
+        raise LayoutError(self._incurable() + said)
 
     def _candidates(self, i: int, groups: Mapping[Hashable, list[int]]) -> list[Hashable]:
         """The groups of free slots layer ``i`` fits; where none fits, every group of its kind (the plan
@@ -134,10 +150,49 @@ class Prover:
             return
         ordered = self._by_order(layer_ids, slot_ids, edges)
         if ordered is None:
+            if self._by_settings(layer_ids, slot_ids, edges):
+                return
             raise LayoutError(self._interchangeable(layer_ids, slot_ids))
         pairs, how = ordered
         for i, j in pairs:
             self.result[i] = Paired(self.layers[i], self.slots[j], how)
+
+    def _by_settings(self, layer_ids: list[int], slot_ids: list[int], edges: dict[int, list[int]]) -> bool:
+        """Where neither proof settles a part: each layer's settings against each of its candidates. A
+        candidate that differs where another does not is none (settled where one assignment is left, the
+        only one the checks would let load); a difference all candidates of a layer share goes to
+        ``incurable`` (no mapping cures it)."""
+        if self.settings is None:
+            return False
+        fitting: dict[int, list[int]] = {}
+        for i in layer_ids:
+            found = {j: self.settings(i, self.slots[j]) for j in edges[i]}
+            fitting[i] = [j for j in edges[i] if not found[j]]
+            if not fitting[i]:
+                self.incurable += self._shared(i, found)
+        if not all(fitting.values()):
+            return False  # refused whatever the pairing: the refusal says why first
+        matching = _match(layer_ids, fitting)
+        if len(matching) < len(layer_ids) or not _unique(layer_ids, slot_ids, fitting, matching):
+            return False
+        for i, j in matching.items():
+            self.result[i] = Paired(self.layers[i], self.slots[j], "by a unique kind, shape and settings")
+        return True
+
+    def _shared(self, i: int, found: Mapping[int, list[Problem]]) -> list[Problem]:
+        """The differences between layer ``i`` and every one of its candidates ``found`` (slot -> problems):
+        the same setting expected, and the same fix, whatever each candidate has instead."""
+        keyed = [{(p.expected, p.fix): p for p in problems} for problems in found.values()]
+        layer = self.layers[i]
+        detail = layer.detail or layer.kind
+        what = detail if detail.startswith(self.framework) else f"{self.framework} {detail}"
+        shared = []
+        for key in keyed[0]:
+            if all(key in k for k in keyed):
+                founds = " / ".join(dict.fromkeys(k[key].found for k in keyed))
+                name = f"{what} '{layer.name}' in any of its {counted(len(found), 'candidate module')}"
+                shared.append(Problem(name, key[0], founds, key[1]))
+        return shared
 
     def _by_order(
         self, layer_ids: list[int], slot_ids: list[int], edges: dict[int, list[int]]
@@ -181,6 +236,27 @@ class Prover:
         return {j: (n, 0) for n, j in enumerate(ids)}, " and ".join(sorted(whats))
 
     # ---- messages ------------------------------------------------------------------------------------
+
+    def _incurable(self) -> str:
+        """The differences no ``mapping=`` cures, said before a refusal that asks for one ("" for none):
+        those every candidate of a waiting layer shares, and those of the layers paired by proof."""
+        if self.settings is None:
+            return ""
+        problems = list(self.incurable)
+        for i, p in self.result.items():
+            if not p.how.startswith("mapping="):
+                problems += self.settings(i, p.slot)
+        if not problems:
+            return ""
+        lines = LoadError(problems).lines()
+        listed = "\n".join(f"  - {line}" for line in lines[:12])
+        if len(lines) > 12:
+            listed += f"\n  ... and {len(lines) - 12} more"
+        return (
+            f"the model differs from {self.where} in {counted(len(problems), 'setting')} that no mapping= would "
+            "cure (every module that could take the layer differs so, or the one its pairing is proven to): "
+            f"build the model with these first (each line's fix):\n{listed}\nBesides, "
+        )
 
     def _homeless(self, ids: list[int]) -> str:
         """Layers no free module of their kind can take, said once per kind."""

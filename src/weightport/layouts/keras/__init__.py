@@ -83,6 +83,7 @@ held against the module), :mod:`.exporting` (PyTorch -> Keras arrays); :func:`pl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -204,6 +205,22 @@ def plan(
             return None
         return [r for part in found.parts for r in part_rules(found, part, slot, source)]
 
+    def settings(i: int, slot: Slot) -> list[Problem]:
+        """What the settings checks find with layer ``i`` in ``slot`` (pairing asks where it is open)."""
+        found = resolved[i]
+        if (len(found.parts) == 2) != slot.bidirectional:
+            return []
+        built = _built_in_the_pass(found, slot, call_order)
+        if built is not None:  # as the plan will see it there, the layer itself left as it is
+            found = dataclasses.replace(found, layer=dataclasses.replace(found.layer, built=built))
+        problems: list[Problem] = []
+        for part in found.parts:
+            if part.config is not None:
+                problems += check_config(found, part, slot, [])
+            else:
+                check_weights_only(found, part, slot, source, problems, [], [])
+        return problems
+
     try:
         pairs = pair_layers(
             module,
@@ -224,6 +241,7 @@ def plan(
             call_order=call_order,
             where=where,
             slots=slots,
+            settings=settings,
         ).placed()  # every layer: none is left out here
     except LayoutError as e:
         _say_shared(e, shared_layers(source.metadata.get("model_config")))
@@ -242,7 +260,7 @@ def plan(
     for found, paired in zip(resolved, pairs):
         slot = paired.slot
         check_direction(found, slot, where)
-        _size_from_the_pass(found, slot, call_order)
+        found.layer.built = _built_in_the_pass(found, slot, call_order) or found.layer.built
         how = paired.how
         for part in found.parts:
             made = part_rules(found, part, slot, source)
@@ -295,15 +313,16 @@ def plan(
     )
 
 
-def _size_from_the_pass(found: Resolved, slot: Slot, call_order: CallOrder | None) -> None:
+def _built_in_the_pass(found: Resolved, slot: Slot, call_order: CallOrder | None) -> tuple[int, ...] | None:
     """A conv after a ZeroPadding whose file records no size it was built for (a legacy .h5) takes the size
     the forward pass on ``example_inputs=`` gives the module (a timm ``Conv2dSame`` pads that itself)."""
     layer = found.layer
     if call_order is None or layer.built is not None or not layer.padding:
-        return
+        return None
     shape = call_order.input_shape(slot.path)
-    if shape is not None and len(shape) == 2 + len(layer.padding):
-        layer.built = tuple(n + before + after for n, (before, after) in zip(shape[2:], layer.padding))
+    if shape is None or len(shape) != 2 + len(layer.padding):
+        return None
+    return tuple(n + before + after for n, (before, after) in zip(shape[2:], layer.padding))
 
 
 def _say_shared(error: LayoutError, shared: dict[str, int]) -> None:
