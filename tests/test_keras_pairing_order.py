@@ -2,7 +2,9 @@
 parallel branches could swap, so a load asks for ``mapping=``; but where every module that could take a
 layer differs from it in a setting (a bias, an eps), no mapping cures that, and the refusal says so first,
 in the same message. Where only some candidates differ, they are no candidates: one assignment left is the
-proof (the only one the checks would let load). Each checked against Keras's own outputs.
+proof (the only one the checks would let load). Each checked against Keras's own outputs. Also: a Flax
+dict's ``weight_g``/``weight_v`` fill a parametrization's ``original0``/``original1`` only where it is
+torch's weight norm (``layouts.torch.weight_normed``, the one home of that fact).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import weightport
-from weightport.errors import LayoutError
+from weightport.errors import LayoutError, LoadError
 
 INCURABLE = r"no mapping= would cure"
 
@@ -134,3 +138,72 @@ def test_candidates_whose_settings_differ_are_none_and_one_assignment_left_is_th
         how = "by a unique kind, shape and settings"
         assert placed == {"left": ("p" if p_bias else "q", how), "right": ("q" if p_bias else "p", how)}
         _same_outputs(model, twin)
+
+
+# ---- Flax: weight_g / weight_v into a parametrization ----------------------------------------------------
+
+
+class _TwoOriginals(nn.Module):
+    """A parametrization of two tensors that is not weight norm: weight = g * v."""
+
+    def forward(self, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return g * v
+
+    def right_inverse(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ones(w.shape[0], 1, 1), w
+
+
+class _Normed(nn.Module):
+    def __init__(self, custom: bool) -> None:
+        super().__init__()
+        self.body = nn.Module()
+        conv = nn.Conv1d(3, 4, 5)
+        if custom:
+            parametrize.register_parametrization(conv, "weight", _TwoOriginals())
+        else:
+            conv = weight_norm(conv)
+        self.body.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body.conv(x)  # type: ignore[no-any-return]
+
+
+def _flax_weight_normed() -> dict[str, Any]:
+    rng = np.random.default_rng(3)
+    return {
+        "params": {
+            "body": {
+                "conv": {
+                    "weight_g": rng.uniform(0.5, 2.0, (4, 1, 1)).astype(np.float32),
+                    "weight_v": rng.standard_normal((4, 3, 5)).astype(np.float32),
+                    "bias": rng.standard_normal(4).astype(np.float32),
+                }
+            }
+        }
+    }
+
+
+def test_flax_weight_g_and_v_fill_torch_weight_norm_exactly() -> None:
+    arrays = _flax_weight_normed()
+    conv = arrays["params"]["body"]["conv"]
+    module = _Normed(custom=False)
+    weightport.load(module, arrays, layout="flax")
+    state = module.body.conv.parametrizations.weight
+    assert np.array_equal(state.original0.detach().numpy(), conv["weight_g"])
+    assert np.array_equal(state.original1.detach().numpy(), conv["weight_v"])
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 3, 9)).astype(np.float32))
+    v = torch.from_numpy(conv["weight_v"])
+    weight = torch.from_numpy(conv["weight_g"]) * v / v.norm(dim=(1, 2), keepdim=True)
+    expected = torch.nn.functional.conv1d(x, weight, torch.from_numpy(conv["bias"]))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_flax_weight_g_and_v_are_refused_by_a_parametrization_of_two_originals_that_is_not_weight_norm() -> (
+    None
+):
+    module = _Normed(custom=True)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(LoadError, match=r"params/body/conv/weight_g"):
+        weightport.load(module, _flax_weight_normed(), layout="flax")
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())

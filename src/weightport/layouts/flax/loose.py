@@ -30,23 +30,24 @@ from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.flax.facts import FRAMEWORK
 from weightport.layouts.flax.tree import leaves_of, model_tree, name_paths, tree_of
 from weightport.layouts.slots import module_slots
-from weightport.layouts.torch import weight_norm_name
+from weightport.layouts.torch import weight_norm_name, weight_normed
 from weightport.sources.base import Source
 from weightport.transforms import Identity
 
 __all__ = ["loose_rules"]
 
 
-def _targets(path: str) -> list[str]:
+def _targets(path: str, module: nn.Module) -> list[str]:
     """State-dict names a Flax leaf path may name: ``/`` as ``.``, and linen's ``layers_0`` as ``layers.0``;
-    a ``weight_g``/``weight_v`` also as the weight-norm parametrization's ``original0``/``original1``."""
+    a ``weight_g``/``weight_v`` also as the weight-norm parametrization's ``original0``/``original1``, where
+    that parametrization is torch's weight norm (another one of two tensors means something else by them)."""
     parent, _, leaf = path.rpartition("/")
     parents = [parent.replace("/", "."), *(p for p in name_paths(parent) if "[" not in p)] if parent else [""]
-    # a weight-normed layer's own params (transformers' FlaxConvWithWeightNorm: weight_v in PyTorch's layout,
-    # weight_g its norms) -> where torch.nn.utils.parametrizations.weight_norm keeps them
-    normed = weight_norm_name(leaf) if leaf in ("weight_g", "weight_v") else None
-    leaves = [leaf, *([normed] if normed else [])]
-    names = [f"{p}.{x}" if p else x for x in leaves for p in parents]
+    names = [f"{p}.{leaf}" if p else leaf for p in parents]
+    if leaf in ("weight_g", "weight_v"):
+        # a weight-normed layer's own params (transformers' FlaxConvWithWeightNorm: weight_v in PyTorch's
+        # layout, weight_g its norms) -> where torch.nn.utils.parametrizations.weight_norm keeps them
+        names += [weight_norm_name(n) or n for n in names if weight_normed(module, n)]
     return list(dict.fromkeys(names))
 
 
@@ -66,7 +67,7 @@ def loose_rules(
     for path, name in leaves.items():
         if name in used or (inside and not path.startswith(inside + "/")):
             continue
-        for target in _targets(path.removeprefix(inside + "/") if inside else path):
+        for target in _targets(path.removeprefix(inside + "/") if inside else path, module):
             owner = target.rpartition(".")[0]
             if target in state and (owner not in layered or path.rpartition("/")[0] in normed):
                 owner_class = type(module.get_submodule(owner)).__name__
