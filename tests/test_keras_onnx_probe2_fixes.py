@@ -172,3 +172,47 @@ def test_opt_legacy_export_pairs_its_projections_by_their_named_biases(tmp_path:
     with torch.no_grad():
         got = model(ids).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_a_weight_normed_conv_folded_by_the_export_leads_with_removing_the_parametrization(
+    tmp_path: Path,
+) -> None:
+    """Wav2Vec2's positional conv is weight-normed: the default export folds original0 and original1 into one
+    constant. The refusal's fix said to load the originals, which the file does not hold; it now leads with
+    remove_parametrizations, and the model so changed loads (strict=False for the training-only
+    masked_spec_embed, as its own fix says) and gives onnxruntime's outputs."""
+    transformers = _transformers()
+    config = transformers.Wav2Vec2Config(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=4, feat_extract_norm="group", do_stable_layer_norm=False,
+    )  # fmt: skip
+    wav = torch.randn(2, 400, generator=torch.Generator().manual_seed(0))
+    source = _Logits(_randomize_torch(transformers.Wav2Vec2Model(config), 1)).eval()
+    path = tmp_path / "w2v.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(source, (wav,), str(path), dynamo=False, opset_version=17)
+    expected = _onnxruntime(path, wav)
+    model = _Logits(_randomize_torch(transformers.Wav2Vec2Model(config), 2)).eval()
+    conv = "m.encoder.pos_conv_embed.conv"
+    with pytest.raises(weightport.LoadError) as caught:
+        weightport.load(model, path)
+    first = str(caught.value).split("\n  - ")[1]
+    assert first.startswith(f"'{conv}.parametrizations.weight.original{{0,1}}'"), first
+    fix = first.split("Fix: ", 1)[1]
+    removal = (
+        f"remove the parametrization before loading: torch.nn.utils.parametrize.remove_parametrizations("
+        f"model.get_submodule('{conv}'), 'weight')"
+    )
+    assert removal in fix and fix.index(removal) < fix.index("do_constant_folding=False"), fix
+    torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule(conv), "weight")
+    with pytest.raises(weightport.LoadError, match="1 problem") as caught:
+        weightport.load(model, path)
+    assert "'m.masked_spec_embed'" in str(caught.value) and "strict=False" in str(caught.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)
+        weightport.load(model, path, strict=False)
+    with torch.no_grad():
+        got = model(wav).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))

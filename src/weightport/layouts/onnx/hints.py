@@ -4,12 +4,13 @@ unrolled or left in a ``Loop``/``Scan``, a ``Gather`` along another axis, a batc
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from weightport.errors import LayoutError, a_or_an
 from weightport.layouts.onnx.graph import Graph, Layer, Node, is_float
 from weightport.layouts.pairing import module_slots, slot_kind
 from weightport.sources.base import Source
-from weightport.torch_facts import RNN_KINDS
+from weightport.torch_facts import RNN_KINDS, parametrized_fix
 
 __all__ = ["explain_unrolled_recurrence", "loop_hints", "unmapped_hints", "unread_hints"]
 
@@ -78,7 +79,8 @@ def unmapped_hints(
     module: nn.Module, layers: list[Layer], nodes: list[Node], source: Source, hints: dict[str, str]
 ) -> None:
     """Why an Embedding or Linear got nothing when the graph uses a stored table or weight some other way:
-    ``Gather`` along an axis other than 0, ``MatMul`` by a stored tensor of 3 or more axes."""
+    ``Gather`` along an axis other than 0, ``MatMul`` by a stored tensor of 3 or more axes; and why a
+    parametrization's originals did (the export stored what it computes)."""
     graph = Graph.of(nodes, source)
     found = {layer.kind for layer in layers}
     why: dict[str, str] = {}
@@ -103,6 +105,24 @@ def unmapped_hints(
     for slot in module_slots(module):
         if slot.kind in why and slot.kind not in found:
             hints.setdefault(slot.path, why[slot.kind])
+    _parametrized_hints(module, hints)
+
+
+def _parametrized_hints(module: nn.Module, hints: dict[str, str]) -> None:
+    """Why a parametrization's originals (weight norm's ``original0``, ``original1``) got nothing: an export
+    that folds constants stores the tensor it computes, as one constant read where the weight is."""
+    for path, sub in module.named_modules():
+        if not parametrize.is_parametrized(sub):
+            continue
+        at = f"{path}." if path else ""
+        for leaf, held in sub.parametrizations.items():
+            originals = [f"{at}parametrizations.{leaf}.{n}" for n, _ in held.named_parameters(recurse=False)]
+            hints.setdefault(
+                f"{at}parametrizations.{leaf}",
+                f"the graph holds no tensor by these names: an export that folds constants (torch.onnx.export's "
+                f"default) stores the '{at}{leaf}' the parametrization computes from them, as one constant: "
+                + parametrized_fix(f"{at}{leaf}", originals),
+            )
 
 
 # nodes that read a stored tensor as a layer's weights (the layers this layout maps, and their kin)
