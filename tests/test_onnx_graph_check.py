@@ -240,3 +240,87 @@ def test_the_runs_leave_every_submodule_in_its_own_mode(tmp_path: Path) -> None:
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert weightport.verify(model, x.numpy(), against=path)
     assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+class _MaskedMean(nn.Module):
+    """Token embeddings averaged over the positions a 1/0 attention mask keeps (transformers' convention),
+    or over all of them when it ignores the mask."""
+
+    def __init__(self, uses_mask: bool = True) -> None:
+        super().__init__()
+        self.embed, self.head, self.uses_mask = nn.Embedding(20, 6), nn.Linear(6, 3), uses_mask
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        if not self.uses_mask:
+            return self.head(h.mean(1))
+        kept = mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * kept).sum(1) / kept.sum(1))
+
+
+def test_a_model_that_ignores_the_mask_is_refused_on_made_masks(tmp_path: Path) -> None:
+    """The made mask keeps a different prefix of each row: a mask of ones would hide that the twin ignores it."""
+    ids, mask = torch.tensor([[1, 5, 7, 2], [3, 3, 9, 0]]), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    axes = {"ids": {0: "b", 1: "n"}, "mask": {0: "b", 1: "n"}}
+    path = _export(
+        _MaskedMean(), (ids, mask), tmp_path / "m.onnx", input_names=["ids", "mask"], dynamic_axes=axes
+    )
+    refused(
+        _MaskedMean(uses_mask=False), path, r"random inputs of its declared shapes.*computes something else"
+    )
+    _loads_exactly(_MaskedMean(), path, ids, mask)
+
+
+def test_outputs_that_are_not_finite_are_no_comparison(tmp_path: Path) -> None:
+    class Log(nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.fc, self.scale = nn.Linear(4, 4), scale
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(self.fc(x) - 100.0) * self.scale  # NaN for every input near 0
+
+    x = torch.randn(2, 4)
+    path = _export(Log(1.0), (x,), tmp_path / "m.onnx")
+    with pytest.warns(UncheckedConfigWarning, match=r"not compared.*not all finite"):
+        weightport.load(Log(2.0), path)  # NaN == NaN would have passed it
+
+
+def test_a_load_into_a_submodule_runs_that_submodule(tmp_path: Path) -> None:
+    class Wrapper(nn.Module):
+        def __init__(self, act: Callable[[], nn.Module]) -> None:
+            super().__init__()
+            self.body, self.extra = _mlp(act), nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.extra(self.body(x))
+
+    x = torch.randn(2, 6)
+    path = _export(_mlp(nn.ReLU), (x,), tmp_path / "m.onnx")
+    refused(Wrapper(nn.GELU), path, r"computes something else", prefix="body.")
+    wrapper = Wrapper(nn.ReLU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # compared, with inputs made for the submodule's graph
+        weightport.load(wrapper, path, prefix="body.")
+    with torch.no_grad():
+        np.testing.assert_allclose(wrapper.body(x).numpy(), _graph_output(path, x), atol=1e-5)
+
+
+def test_token_ids_reshaped_before_their_embedding_keep_its_bound(tmp_path: Path) -> None:
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(7, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.embed(ids.reshape(-1)).reshape(ids.shape[0], -1, 4)
+
+    from weightport.graph_check import _index_bounds
+    from weightport.sources import open_source
+
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    path = _export(
+        Flat(), (ids,), tmp_path / "m.onnx", input_names=["ids"], dynamic_axes={"ids": {0: "b", 1: "n"}}
+    )
+    with open_source(path) as source:
+        assert _index_bounds(source) == {"ids": 7}

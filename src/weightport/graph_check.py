@@ -16,6 +16,7 @@ tensor of a known shape (a leading symbolic axis taken as a batch of 2). The mod
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import numpy as np
@@ -65,11 +66,15 @@ def compare_with_graph(
     if runnable is None or plan.layout.name != "onnx" or not plan.entries or partial:
         return [], []
     where = source.description
-    why = _not_comparable(plan, root, example_inputs)
-    inputs = None if why else _inputs(source, root, example_inputs)
+    inside = plan.module is not root  # prefix=, or a wrapped model: the graph is the submodule's
+    given = None if inside else example_inputs  # an example is the whole model's inputs
+    if given is None and plan.nbytes > AUTOMATIC_LIMIT:
+        return [], [
+            _unchecked(f"the model is {plan.nbytes / 2**30:.1f} GiB, and no example_inputs were given")
+        ]
+    inputs = _inputs(source, plan.module, given)
     if inputs is None:
-        why = why or _why_no_inputs(source, plan)
-        return [], [_unchecked(why)]
+        return [], [_unchecked(_why_no_inputs(source, plan), inputs_would_help=not inside)]
     args, kwargs = inputs
     try:
         serialized = runnable()
@@ -78,12 +83,17 @@ def compare_with_graph(
         session = graph_session(serialized, where)
         expected, names = run_graph(session, _graph_order(session, args, kwargs, where), where)
     except WeightportError as error:
-        return [], [_unchecked(f"{where} could not be run: {first_line(error)}")]
+        return [], [_unchecked(f"{where} could not be run: {first_line(error)}", given is None)]
+    if not all(np.isfinite(e).all() for e in expected if e.dtype.kind in "fc"):  # NaN is no comparison
+        return [], [_unchecked("the graph's outputs on them are not all finite", given is None)]
     try:
-        actual = _run_model(plan, source, root, args, kwargs)
+        actual = _run_model(plan, source, args, kwargs)
     except Exception as error:  # any failure of the model's own forward: the comparison is what is lost
         return [], [
-            _unchecked(f"the model could not run on them with the planned tensors ({first_line(error)})")
+            _unchecked(
+                f"the model could not run on them with the planned tensors ({first_line(error)})",
+                given is None,
+            )
         ]
     leading = actual[: len(expected)]
     if len(expected) < len(actual) and [a.size for a in leading] == [e.size for e in expected]:
@@ -141,14 +151,6 @@ def _unchecked(why: str, inputs_would_help: bool = True) -> str:
     )
 
 
-def _not_comparable(plan: Plan, root: nn.Module, example_inputs: ExampleInputs | None) -> str | None:
-    if plan.module is not root:
-        return f"the load went into the submodule '{plan.prefix.rstrip('.')}' alone"
-    if example_inputs is None and plan.nbytes > AUTOMATIC_LIMIT:
-        return f"the model is {plan.nbytes / 2**30:.1f} GiB, and no example_inputs were given"
-    return None
-
-
 def _graph_inputs(source: Source) -> list[Any]:
     model = getattr(source, "model", None)
     if model is None:
@@ -179,8 +181,10 @@ def _inputs(
 
 def _made(source: Source) -> dict[str, torch.Tensor] | None:
     """Random values for every graph input of a known shape (a symbolic leading axis taken as 2, others
-    as 8): floats from a normal distribution; integers that index an embedding table (a ``Gather`` of a
-    stored tensor) below its row count, other integers and booleans all 1 (a mask that hides nothing)."""
+    as 11): floats from a normal distribution; integers that index an embedding table (a ``Gather`` of a
+    stored tensor, through ops that only reshape or cast) below its row count; other integers and booleans
+    as masks that keep a different prefix of each row (1 then 0), so that neither reading of a mask (1 keeps,
+    or True pads) hides every position and masking is exercised."""
     rng = np.random.default_rng(0)
     made = {}
     bounds = _index_bounds(source)
@@ -191,7 +195,7 @@ def _made(source: Source) -> dict[str, torch.Tensor] | None:
         dims = [
             d.dim_value
             if d.HasField("dim_value")
-            else (2 if i == 0 else 8)
+            else (2 if i == 0 else 11)
             if d.HasField("dim_param")
             else -1
             for i, d in enumerate(tensor_type.shape.dim)
@@ -204,22 +208,48 @@ def _made(source: Source) -> dict[str, torch.Tensor] | None:
         elif graph_input.name in bounds:
             array = rng.integers(0, bounds[graph_input.name], dims).astype(dtype)
         else:
-            array = np.ones(dims, dtype)
+            array = _mask(dims).astype(dtype)
         made[graph_input.name] = torch.from_numpy(array)
     return made
 
 
+def _mask(dims: list[int]) -> np.ndarray:
+    """1 over a prefix of each row's last axis and 0 after it, the prefix shorter in each row (at least 1)."""
+    if not dims:
+        return np.ones((), np.int64)
+    rows, width = math.prod(dims[:-1]), dims[-1]
+    kept = [max(1, width - 1 - row % max(1, width - 1)) for row in range(rows)]
+    return (np.arange(width)[None, :] < np.array(kept)[:, None]).reshape(dims)
+
+
+# ops whose first input reaches their output as the same values, reshaped or cast: an index stays an index
+_PASSES_INDICES = {"Cast", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Slice"}
+
+
 def _index_bounds(source: Source) -> dict[str, int]:
-    """Graph inputs used as the indices of a ``Gather`` from a stored tensor: the fewest rows they index."""
+    """Graph inputs used, directly or through ops that only reshape or cast them, as the indices of a
+    ``Gather`` from a stored tensor: the fewest rows they index."""
     stored = set(source.infos)
+    nodes = source.metadata.get("nodes", [])
+    origin = {graph_input.name: graph_input.name for graph_input in _graph_inputs(source)}
+    for node in nodes:  # nodes are in topological order: one pass carries each input forward
+        inputs, outputs = node.get("inputs", []), node.get("outputs", [])
+        if node.get("op_type") in _PASSES_INDICES and inputs and inputs[0] in origin and outputs:
+            origin[outputs[0]] = origin[inputs[0]]
     bounds: dict[str, int] = {}
-    for node in source.metadata.get("nodes", []):
+    for node in nodes:
         inputs = node.get("inputs", [])
-        if node.get("op_type") == "Gather" and len(inputs) == 2 and inputs[0] in stored:
+        if (
+            node.get("op_type") == "Gather"
+            and len(inputs) == 2
+            and inputs[0] in stored
+            and inputs[1] in origin
+        ):
             axis = int(node.get("attributes", {}).get("axis", 0))
             shape = source.infos[inputs[0]].shape
             if 0 <= axis < len(shape):
-                bounds[inputs[1]] = min(bounds.get(inputs[1], shape[axis]), shape[axis])
+                name = origin[inputs[1]]
+                bounds[name] = min(bounds.get(name, shape[axis]), shape[axis])
     return bounds
 
 
@@ -254,21 +284,20 @@ def _graph_order(
     return tensors
 
 
-def _run_model(
-    plan: Plan, source: Source, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> list[np.ndarray]:
+def _run_model(plan: Plan, source: Source, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[np.ndarray]:
     """The model's outputs, flattened in order, in eval mode with the planned tensors in place of its own."""
     tensors: dict[str, torch.Tensor] = {}
     tied: set[str] = set()
     device = torch.device("cpu")
     for entry in plan.entries:
-        if any(entry.target in names for names in (tensors, tied)):
+        name = entry.target.removeprefix(plan.prefix)  # the names inside the module loaded into
+        if any(name in names for names in (tensors, tied)):
             continue  # a tied tensor is given once: functional_call ties its other names
         target = entry.tensor
         device = target.device if target.device.type != "meta" else device
         value = as_torch(np.ascontiguousarray(entry.value(source))).reshape(entry.shape)
-        tensors[entry.target] = value.to(dtype=target.dtype)
-        tied.update(entry.aliases)
+        tensors[name] = value.to(dtype=target.dtype)
+        tied.update(alias.removeprefix(plan.prefix) for alias in entry.aliases)
     tensors = {name: t.to(device) for name, t in tensors.items()}
     dtype = plan.entries[0].tensor.dtype
 
@@ -276,9 +305,9 @@ def _run_model(
         t = torch.as_tensor(t).to(device)
         return t.to(dtype) if t.is_floating_point() and dtype.is_floating_point else t
 
-    with in_eval(root):
+    with in_eval(plan.module):
         out = torch.func.functional_call(
-            root, tensors, tensors_to(args, moved), tensors_to(kwargs, moved), strict=False
+            plan.module, tensors, tensors_to(args, moved), tensors_to(kwargs, moved), strict=False
         )
     return flatten_outputs(out)
 
