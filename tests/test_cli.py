@@ -357,3 +357,21 @@ def test_example_inputs_show_the_call_order_and_verify_uses_its_own_inputs(tmp_p
     assert "by recorded order (Keras) and call order (--example-input)" in loaded.stdout
     ok = run("verify", "mymodels:make", str(tmp_path / "m.keras"), "io.npz", "--atol", "1e-5", cwd=tmp_path)
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
+
+
+def test_load_refuses_an_onnx_twin_that_computes_otherwise_and_the_flag_skips_the_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "ports.py").write_text(ONNX_FACTORY)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.bias.uniform_(-1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notices
+        torch.onnx.export(model.eval(), (torch.randn(5, 3),), str(tmp_path / "m.onnx"), dynamo=False)
+    refused = run("load", "ports:tanh", "m.onnx", cwd=tmp_path)
+    assert refused.returncode == 2 and "computes something else between its layers" in refused.stderr
+    assert "pass --no-check-outputs" in refused.stderr, refused.stderr  # the CLI's flag, not the keyword
+    assert run("load", "ports:relu", "m.onnx", cwd=tmp_path).returncode == 0
+    assert run("load", "ports:tanh", "m.onnx", "--no-check-outputs", cwd=tmp_path).returncode == 0
