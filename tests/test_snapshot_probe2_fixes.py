@@ -181,6 +181,27 @@ def test_a_routers_training_settings_load_and_match(tmp_path: Path, setting: str
     assert torch.equal(_logits(other, input_ids=IDS), _logits(saved, input_ids=IDS))
 
 
+def test_a_router_noise_phimoe_reads_in_eval_stays_refused(tmp_path: Path) -> None:
+    """PhiMoE's sparsemixer masks experts by router_jitter_noise in eval too (the outputs differ, checked): a
+    model built with another is refused as unknown (it loaded silently, 'ignored' for every model type)."""
+    phimoe = {**MOE, "max_position_embeddings": 64}
+    saved = _randomize(transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**phimoe)), 3)
+    saved.save_pretrained(tmp_path)
+    config = transformers.PhimoeConfig(**phimoe, router_jitter_noise=0.3)
+    other = transformers.PhimoeForCausalLM(config).eval()
+    other.load_state_dict(saved.state_dict())
+    assert (_logits(other, input_ids=IDS) - _logits(saved, input_ids=IDS)).abs().max() > 1e-3
+    built = transformers.PhimoeForCausalLM(config).eval()
+    before = {k: v.clone() for k, v in built.state_dict().items()}
+    refused(
+        built, tmp_path, r"'config\.router_jitter_noise': expected .*whether the outputs differ weightport"
+    )
+    assert all(torch.equal(v, built.state_dict()[k]) for k, v in before.items())
+    same = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**phimoe)).eval()
+    weightport.load(same, tmp_path)
+    assert torch.equal(_logits(same, input_ids=IDS), _logits(saved, input_ids=IDS))
+
+
 LLAMA = {k: v for k, v in SIZES.items() if k != "tie_word_embeddings"}
 
 

@@ -4,17 +4,17 @@ transformers records in ``config.json`` every setting the model was built with. 
 (its ``config`` a ``PretrainedConfig``) whose own configuration differs, the weights may fit while the
 forward does not: another norm eps, activation or head count gives other outputs with the same tensors.
 Every difference is refused but those only training, initialization or generation reads (dropout,
-initialization, generation's settings, output flags, a mixture of experts' router noise, loss terms and
-returned logits): a setting known to change the forward (an eps, an
-activation, a head count, an embedding scale, where norms or positions go) is said to; so are another model
-type (a Mistral snapshot into a Llama model: same tensors, another attention), tied or untied output
-embeddings, and special token ids (CLIP pools its text at ``eos_token_id``, BART starts its decoder at
-``decoder_start_token_id``); of any other, whether it does is not known (ALBERT's layer count over one shared
-layer, a padding id that position ids are made from). A list and a tuple of the same values are the same
-setting (config.json has no tuples), and so are rope settings naming their kind ``type`` (transformers' legacy
-name) or ``rope_type``. Settings config.json records that the model's configuration lacks
-(another transformers version wrote it) are reported unchecked. Nested configurations (CLIP's
-``text_config``) are compared setting by setting. A file alone (no config.json) records none of this:
+initialization, generation's settings, output flags, a mixture of experts' loss terms and returned logits, its
+router noise where the model type reads it in training alone, as Mixtral, not PhiMoE, does): a setting known
+to change the forward (an eps, an activation, a head count, an embedding scale, where norms or positions go)
+is said to; so are another model type (a Mistral snapshot into a Llama model: same tensors, another
+attention), tied or untied output embeddings, and special token ids (CLIP pools its text at ``eos_token_id``,
+BART starts its decoder at ``decoder_start_token_id``); of any other, whether it does is not known (ALBERT's
+layer count over one shared layer, a padding id that position ids are made from). A list and a tuple of the
+same values are the same setting (config.json has no tuples), and so are rope settings naming their kind
+``type`` (transformers' legacy name) or ``rope_type``. Settings config.json records that the model's
+configuration lacks (another transformers version wrote it) are reported unchecked. Nested configurations
+(CLIP's ``text_config``) are compared setting by setting. A file alone (no config.json) records none of this:
 loaded into a transformers model, that is reported unchecked.
 
 >>> text, other = {"model_type": "t", "a": 1}, {"model_type": "t", "a": 2, "b": 0}
@@ -70,8 +70,15 @@ _IGNORED = re.compile(
     r"min_length|num_beams|.*_penalty|do_sample|early_stopping|temperature|top_k|top_p|typical_p|"
     r"num_return_sequences|output_scores|return_dict_in_generate|tf_legacy_loss|use_bfloat16|"
     r"cross_attention_hidden_size|is_encoder_decoder|classifier_dropout|"
-    # a mixture of experts' router: logits returned, noise added in training, the loss's auxiliary terms
-    r"output_router_logits|router_jitter_noise|router_aux_loss_coef|router_z_loss_coef)$"
+    # a mixture of experts' router: logits returned, the loss's auxiliary terms (transformers 4.57 reads
+    # these nowhere else)
+    r"output_router_logits|router_aux_loss_coef|router_z_loss_coef)$"
+)
+# model types whose modeling code reads router_jitter_noise in training alone (transformers 4.57: the
+# hidden states scaled by noise under `self.training`; llama4's reads it nowhere). PhiMoE's sparsemixer
+# masks experts by it in eval too, so elsewhere a difference stays one weightport does not know about.
+_JITTER_IN_TRAINING = frozenset(
+    {"mixtral", "minimax", "switch_transformers", "gptsan-japanese", "llama4", "llama4_text"}
 )
 # settings holding a rope configuration, where 'type' is transformers' legacy name of 'rope_type'
 _ROPE = ("rope_scaling", "rope_parameters")
@@ -85,7 +92,7 @@ def config_differences(
     settings each on their own (``text_config.hidden_act``), any other dict (``rope_scaling``) compared whole."""
     found = []
     for key, value in recorded.items():
-        if key not in built or _IGNORED.search(key):
+        if key not in built or _ignored(key, recorded):
             continue
         own = built[key]
         if isinstance(value, Mapping) and isinstance(own, Mapping) and "model_type" in value:
@@ -100,13 +107,25 @@ def lacking_settings(recorded: Mapping[str, Any], built: Mapping[str, Any], pref
     those only training, initialization or generation read; nested configurations' too."""
     found = []
     for key, value in recorded.items():
-        if _IGNORED.search(key):
+        if _ignored(key, recorded):
             continue
         if key not in built:
             found.append(prefix + key)
         elif isinstance(value, Mapping) and isinstance(built[key], Mapping) and "model_type" in value:
             found += lacking_settings(value, built[key], f"{prefix}{key}.")
     return found
+
+
+def _ignored(key: str, recorded: Mapping[str, Any]) -> bool:
+    """Whether only training, initialization or generation read ``key`` of ``recorded`` (a configuration,
+    whose ``model_type`` says who reads a router's noise).
+
+    >>> _ignored("router_jitter_noise", {"model_type": "mixtral"}), _ignored("router_jitter_noise", {"model_type": "phimoe"})
+    (True, False)
+    """
+    if key == "router_jitter_noise":
+        return recorded.get("model_type") in _JITTER_IN_TRAINING
+    return _IGNORED.search(key) is not None
 
 
 def _rope(value: Any) -> Any:
