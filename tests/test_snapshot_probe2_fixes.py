@@ -259,6 +259,38 @@ def test_an_rwkv_that_ran_a_forward_is_refused_and_the_fix_loads_it_exactly(tmp_
     assert torch.equal(_logits(fresh, input_ids=ids), expected)
 
 
+def test_one_block_of_an_rwkv_that_ran_a_forward_is_refused_and_the_fix_loads_it_exactly() -> None:
+    """The flag is the RwkvModel's, the load sees only its block (given alone, or under prefix=): block 3's
+    unscaled weights written into the rescaled model gave outputs 1.86 off, silently. Refused, nothing
+    written; the fix it names (scale the model back with a training forward) gives the saved model's own
+    outputs bit for bit, and a block of a model that never ran loads as it is."""
+    saved = _randomize(_rwkv(), 5)
+    state = {k: v.clone() for k, v in saved.state_dict().items()}  # unscaled, as save_pretrained writes
+    block = {k.removeprefix("rwkv.blocks.3."): v.numpy() for k, v in state.items() if ".blocks.3." in k}
+    ids = IDS[:1, :8]
+    expected = _logits(saved, input_ids=ids)
+    ran = _rwkv()
+    ran.load_state_dict(state)
+    _logits(ran, input_ids=ids)  # rescales in place; the outputs are still the saved model's
+    before = {k: v.clone() for k, v in ran.state_dict().items()}
+    said = (
+        r"'attention\.output\.weight' and 1 more: RwkvBlock is part of a RwkvModel .*layers_are_rescaled=True"
+    )
+    refused(ran.rwkv.blocks[3], block, said + r".*Fix: scale the model back first \(model\.train\(\)")
+    refused(ran, block, said, prefix="rwkv.blocks.3.")
+    assert all(torch.equal(v, ran.state_dict()[k]) for k, v in before.items())
+    ran.train()
+    with torch.no_grad():
+        ran(input_ids=ids)
+    ran.eval()
+    weightport.load(ran.rwkv.blocks[3], block)
+    assert torch.equal(_logits(ran, input_ids=ids), expected)
+    fresh = _rwkv()
+    fresh.load_state_dict(state)
+    weightport.load(fresh.rwkv.blocks[3], block)
+    assert torch.equal(_logits(fresh, input_ids=ids), expected)
+
+
 # 5. DeBERTa-v2's TF layer names
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "broken_tie",
     "RESCALED_IN_PLACE",
     "rescaled_in_place",
+    "rescaled_by_owner",
     "parametrized_fix",
 ]
 
@@ -272,6 +273,10 @@ RESCALED_IN_PLACE = {
 }
 
 
+# where the owners' classes are defined: a load into a part of one (an RWKV block) looks for its owner
+_RESCALING_FAMILIES = ("transformers.models.rwkv.",)
+
+
 def rescaled_in_place(module: nn.Module) -> dict[str, str]:
     """Each tensor of ``module`` that its owner's forward has rescaled in place (``RESCALED_IN_PLACE``; the flag
     set, RWKV's ``rescale_every`` not 0) -> the flag, named from ``module``: a checkpoint holds it unscaled,
@@ -282,14 +287,66 @@ def rescaled_in_place(module: nn.Module) -> dict[str, str]:
     """
     found: dict[str, str] = {}
     for path, sub in module.named_modules():
-        for flag, tensors in RESCALED_IN_PLACE.items():
-            if (
-                getattr(sub, flag, False) is not True
-                or getattr(getattr(sub, "config", None), "rescale_every", 1) == 0
-            ):
-                continue
-            at = f"{path}." if path else ""
-            found.update({at + name: at + flag for name, _ in sub.named_parameters() if tensors.match(name)})
+        at = f"{path}." if path else ""
+        found.update({at + name: at + flag for name, flag in _rescaled(sub).items()})
+    return found
+
+
+def rescaled_by_owner(module: nn.Module) -> dict[str, str]:
+    """Each tensor of ``module`` that a module holding it (an ``RwkvModel`` over the ``RwkvBlock`` loaded
+    alone, or under ``prefix=``) has rescaled in place -> that holder's class and flag: the load sees only
+    ``module``, the flag is the holder's, and a checkpoint's unscaled tensor written there stays unscaled.
+    Holders are found among the live modules (only for modules of a family that rescales, see
+    ``_RESCALING_FAMILIES``).
+
+    >>> rescaled_by_owner(nn.Linear(2, 2))
+    {}
+    """
+    if not any(type(sub).__module__.startswith(_RESCALING_FAMILIES) for sub in module.modules()):
+        return {}
+    own = {id(tensor): name for name, tensor in module.named_parameters()}
+    found: dict[str, str] = {}
+    for holder in _holders(module):
+        for name, flag in _rescaled(holder).items():
+            tensor = holder.get_parameter(name)
+            if id(tensor) in own:
+                found.setdefault(own[id(tensor)], f"{type(holder).__name__}.{flag}")
+    return found
+
+
+def _rescaled(module: nn.Module) -> dict[str, str]:
+    """The tensors ``module`` itself has rescaled in place (its flag set) -> the flag."""
+    found: dict[str, str] = {}
+    for flag, tensors in RESCALED_IN_PLACE.items():
+        if (
+            getattr(module, flag, False) is not True
+            or getattr(getattr(module, "config", None), "rescale_every", 1) == 0
+        ):
+            continue
+        found.update({name: flag for name, _ in module.named_parameters() if tensors.match(name)})
+    return found
+
+
+def _holders(module: nn.Module) -> list[nn.Module]:
+    """The live modules that hold ``module`` as a submodule, at any depth (PyTorch keeps no parent links: the
+    garbage collector's objects are searched, once)."""
+    import gc
+
+    parents: dict[int, list[nn.Module]] = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), nn.Module):  # not isinstance: it reads __class__, which proxies warn on
+            for child in obj._modules.values():
+                if child is not None:
+                    parents.setdefault(id(child), []).append(obj)
+    found: list[nn.Module] = []
+    seen = {id(module)}
+    todo = [module]
+    while todo:
+        for parent in parents.get(id(todo.pop()), []):
+            if id(parent) not in seen:
+                seen.add(id(parent))
+                found.append(parent)
+                todo.append(parent)
     return found
 
 

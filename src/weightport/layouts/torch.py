@@ -178,20 +178,36 @@ def _refuse_adapter(module: torch.nn.Module, source: Source, names: list[str]) -
 def _refuse_rescaled(module: torch.nn.Module, rules: list[Rule]) -> None:
     """A module whose eval forward has rescaled weights in place (RWKV after a forward, ``layers_are_rescaled``)
     takes a checkpoint's unscaled ones only with its flag cleared, as ``from_pretrained``'s fresh model has it:
-    written as they are, the next forward would not rescale them."""
-    from weightport.torch_facts import rescaled_in_place
+    written as they are, the next forward would not rescale them. A part of such a model loaded by itself (one
+    block) is refused too: the flag is its holder's, and clearing it would rescale the blocks not loaded twice."""
+    from weightport.torch_facts import rescaled_by_owner, rescaled_in_place
 
     rescaled = rescaled_in_place(module)
     hit = [r.target for r in rules if r.target in rescaled]
+    more = f" and {len(hit) - 1} more" if len(hit) > 1 else ""
     if hit:
         flag = rescaled[hit[0]]
         raise LayoutError(
-            f"'{hit[0]}'{f' and {len(hit) - 1} more' if len(hit) > 1 else ''}: the model has run an eval forward, "
+            f"'{hit[0]}'{more}: the model has run an eval forward, "
             f"which rescaled these weights in place ({flag}=True), while the source holds them unscaled, as "
             f"save_pretrained writes them: written as they are, the next forward would not rescale them and its "
             f"outputs would be wrong. Nothing was written. Fix: set model.{flag} = False before loading (the next "
             "eval forward rescales the loaded weights, as in from_pretrained's model), where the load writes all "
             "of them; or load into a model built again, before any forward."
+        )
+    held = rescaled_by_owner(module)
+    hit = [r.target for r in rules if r.target in held]
+    more = f" and {len(hit) - 1} more" if len(hit) > 1 else ""
+    if hit:
+        holder = held[hit[0]]
+        raise LayoutError(
+            f"'{hit[0]}'{more}: {type(module).__name__} is part of a {holder.partition('.')[0]} that has run an "
+            f"eval forward, which rescaled these weights in place ({holder}=True), while the source holds them "
+            "unscaled, as save_pretrained writes them: written as they are, the next forward would not rescale "
+            "them and its outputs would be wrong (clearing the flag would rescale the parts not loaded twice). "
+            "Nothing was written. Fix: scale the model back first (model.train(), one forward under "
+            "torch.no_grad(), which multiplies every block back and clears the flag, then model.eval()), and "
+            "load; or load into a model built again, before any forward."
         )
 
 
