@@ -397,3 +397,52 @@ def test_a_snapshot_with_an_adapter_beside_it_says_the_adapter_is_not_applied(tm
     report = weightport.load(loaded, tmp_path / "m")
     assert any("adapter not applied" in i for i in report.ignored)
     assert torch.equal(_logits(loaded, input_ids=IDS), _logits(saved, input_ids=IDS))
+
+
+def _other_adapter(folder: Path, peft_type: str, parts: dict[str, tuple[int, ...]]) -> None:
+    """A PEFT adapter folder of another tuner: its tensors ``parts`` (a name -> shape) on q_proj and v_proj of
+    each layer, the head as modules_to_save, adapter_config.json naming ``peft_type``."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    adapter = {"peft_type": peft_type, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+    (folder / "adapter_config.json").write_text(json.dumps(adapter))
+    rng = np.random.default_rng(2)
+    tensors = {"base_model.model.lm_head.weight": rng.standard_normal((97, 32), np.float32)}
+    for i in range(2):
+        for proj in ("q_proj", "v_proj"):
+            at = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            tensors |= {f"{at}.{p}": rng.standard_normal(shape, np.float32) for p, shape in parts.items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("peft_type", "tuner", "parts"),
+    [
+        ("IA3", "IA3", {"ia3_l": (16, 1)}),
+        (
+            "LOHA",
+            "LoHa",
+            {"hada_w1_a": (16, 4), "hada_w1_b": (4, 32), "hada_w2_a": (16, 4), "hada_w2_b": (4, 32)},
+        ),
+        ("LOKR", "LoKr", {"lokr_w1": (2, 2), "lokr_w2": (8, 16)}),
+        ("VERA", "VeRA", {"vera_lambda_b": (16,), "vera_lambda_d": (4,)}),
+        ("OFT", "OFT", {"oft_r": (4, 8, 8)}),
+        ("BOFT", "BOFT", {"boft_R": (1, 4, 8, 8), "boft_s": (16, 1)}),
+        ("C3A", "C3A", {"c3a_kernel": (4, 8, 8)}),  # a tuner known only by its adapter_config.json
+    ],
+)
+def test_an_adapter_of_another_peft_tuner_is_refused_saying_so(
+    tmp_path: Path, peft_type: str, tuner: str, parts: dict[str, tuple[int, ...]]
+) -> None:
+    """IA3, LoHa, LoKr, VeRA, OFT, BOFT adapters (their names, or adapter_config.json's peft_type) are refused as
+    LoRA's are, with the merge that works, strict=False and a mapping of the head too; module unchanged (strict=
+    False with mapping= loaded the head alone, without the update, the adapter's tensors 'ignored')."""
+    _other_adapter(tmp_path / "adapter", peft_type, parts)
+    said = rf"is an? {tuner} adapter \(PEFT\): 'base_model\.model\..*Fix: .*merge_and_unload\(\)"
+    head = {"base_model.model.lm_head.weight": "lm_head.weight"}
+    for source in (tmp_path / "adapter", tmp_path / "adapter" / "adapter_model.safetensors"):
+        for options in ({}, {"strict": False}, {"strict": False, "mapping": head}):
+            refused(_qwen(), source, said, **options)

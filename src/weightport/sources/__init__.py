@@ -161,6 +161,33 @@ def _torch_pickle(path: Path) -> bool:
     return head[:1] == b"\x80"  # a pickle of protocol 2 or later: torch.save's legacy format
 
 
+def _adapter_type(path: Path) -> str | None:
+    """The ``peft_type`` of the PEFT adapter ``path`` is read as (``"unknown"`` where its adapter_config.json
+    does not say): ``adapter_model.*`` with adapter_config.json beside it, or a folder holding both and no
+    model weights a snapshot reads instead (a snapshot with an adapter beside it reads the model's own)."""
+    folder = path if path.is_dir() else path.parent
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        return None
+    if path.is_dir():
+        from weightport.sources.snapshot import weights_file
+
+        names = os.listdir(path)
+        snapshot = (path / "config.json").exists() and any(weights_file(n) for n in names)
+        if snapshot or not any(n.startswith("adapter_model") for n in names):
+            return None
+    elif not path.name.startswith("adapter_model"):
+        return None
+    try:
+        import json
+
+        with open(config, "rb") as f:
+            kind = None if config.is_symlink() else json.loads(f.read(1 << 20)).get("peft_type")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        kind = None
+    return str(kind) if kind else "unknown"
+
+
 def _open_path(given: Path, format: str | None) -> Source:
     try:
         path = given.resolve(strict=True)  # the user's own path: links are followed once, here
@@ -182,8 +209,13 @@ def _open_path(given: Path, format: str | None) -> Source:
         if reader is not None and (format is not None or reader.claims(named)):
             if named is given and getattr(reader, "FILES_BESIDE_IT", False):
                 # an index names files beside it: beside the link the user gave, in its resolved folder
-                return reader.open(given.parent.resolve() / given.name)  # type: ignore[no-any-return]
-            return reader.open(path)  # type: ignore[no-any-return]
+                source: Source = reader.open(given.parent.resolve() / given.name)
+            else:
+                source = reader.open(path)
+            kind = _adapter_type(path)
+            if kind is not None:  # what layouts hold against the module (a PEFT update is no weight of it)
+                source.metadata["peft_type"] = kind
+            return source
     if _torch_pickle(path):
         entry = "['state_dict']" if path.suffix.lower() == ".ckpt" else ""
         raise SourceError(
