@@ -1,8 +1,9 @@
 """Pairing that no proof settles, held against the settings checks first: layers of one kind and shape in
 parallel branches could swap, so a load asks for ``mapping=``; but where every module that could take a
 layer differs from it in a setting (a bias, an eps), no mapping cures that, and the refusal says so first,
-in the same message. Where only some candidates differ, they are no candidates: one assignment left is the
-proof (the only one the checks would let load). Each checked against Keras's own outputs. Also: a Flax
+in the same message. Where only some candidates differ, that proves nothing (the forward code around a
+module may pad or slice what its own settings do not), so the load is refused asking for ``mapping=``, and a
+padding is never said to be past a mapping's reach. Each checked against Keras's own outputs. Also: a Flax
 dict's ``weight_g``/``weight_v`` fill a parametrization's ``original0``/``original1`` only where it is
 torch's weight norm (``layouts.torch.weight_normed``, the one home of that fact).
 """
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
@@ -123,21 +125,148 @@ def test_an_eps_every_candidate_differs_in_is_said_with_the_mapping_request(tmp_
     _same_outputs(model, twin)
 
 
-@pytest.mark.parametrize("p_bias", [False, True])
-def test_candidates_whose_settings_differ_are_none_and_one_assignment_left_is_the_proof(
-    tmp_path: Path, p_bias: bool
+def _same_s2_odd(keras: Any) -> tuple[Any, type[nn.Module], tuple[int, ...]]:
+    """'a': Conv2D 3x3 stride 2 'same' on 7x7 (TF pads (1, 1) there); 'b': ZeroPadding2D(1) + a 'valid' one.
+    The twin: p with padding=1 for 'a', q with padding=0 after F.pad(1) for 'b'; the settings checks flag
+    q for 'a' and p for 'b' (padding), yet the forward pass makes both right."""
+    x = keras.Input((7, 7, 3))
+    a = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="a")(x)
+    b = keras.layers.Conv2D(4, 3, strides=2, name="b")(keras.layers.ZeroPadding2D(1, name="zp")(x))
+
+    class Twin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+            self.q = nn.Conv2d(3, 4, 3, stride=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.p(x), self.q(F.pad(x, (1, 1, 1, 1)))], 1)
+
+    return keras.Model(x, keras.layers.Concatenate()([a, b])), Twin, (2, 7, 7, 3)
+
+
+def _causal_chomp(keras: Any) -> tuple[Any, type[nn.Module], tuple[int, ...]]:
+    """'a': Conv1D 'causal'; 'b': ZeroPadding1D(2) + a 'valid' one. The twin: p with padding=2 and the last
+    two steps chomped (a TCN's Chomp1d) for 'a', q after F.pad(2) for 'b'."""
+    x = keras.Input((10, 3))
+    a = keras.layers.Conv1D(4, 3, padding="causal", name="a")(x)
+    b = keras.layers.Conv1D(4, 3, name="b")(keras.layers.ZeroPadding1D(2, name="zp")(x))
+
+    class Twin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = nn.Conv1d(3, 4, 3, padding=2)
+            self.q = nn.Conv1d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.transpose(1, 2)
+            return torch.cat([self.p(x)[..., :-2], self.q(F.pad(x, (2, 2)))], 2).transpose(1, 2)
+
+    return keras.Model(x, keras.layers.Concatenate(axis=1)([a, b])), Twin, (2, 10, 3)
+
+
+def _dilation_1x1(keras: Any) -> tuple[Any, type[nn.Module], tuple[int, ...]]:
+    """'a': a 1x1 Conv2D with dilation_rate=2, 'b' one without; the twin has the dilation on the other
+    module: over a kernel of 1 a dilation changes nothing, so either pairing computes the same."""
+    x = keras.Input((6, 5, 3))
+    a = keras.layers.Conv2D(4, 1, dilation_rate=2, name="a")(x)
+    b = keras.layers.Conv2D(4, 1, name="b")(x)
+
+    class Twin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = nn.Conv2d(3, 4, 1)
+            self.q = nn.Conv2d(3, 4, 1, dilation=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.p(x), self.q(x)], 1)
+
+    return keras.Model(x, keras.layers.Concatenate()([a, b])), Twin, (2, 6, 5, 3)
+
+
+@pytest.mark.parametrize("case", [_same_s2_odd, _causal_chomp, _dilation_1x1])
+def test_candidates_whose_settings_differ_prove_nothing_and_the_load_asks_for_a_mapping(
+    tmp_path: Path, case: Any
 ) -> None:
-    """'left' has a bias and 'right' none; the module with a bias is the only one 'left' can fill, whichever
-    of the two it is: the pairing follows it, and the outputs are Keras's."""
+    """Each module the settings checks flag for one layer is the right one for the other, once the forward
+    pass pads or slices around it: pairing by those checks would cross them (outputs off by 3 to 6). So
+    the load is refused, asking for mapping=, with nothing written, and no padding is said to be past a
+    mapping's reach."""
     keras = pytest.importorskip("keras")
-    model = _twin_convs(keras, (True, False))
-    for source in _sources(model, tmp_path):
-        twin = TwinConvs((p_bias, not p_bias))
-        report = weightport.load(twin, source)
-        placed = {p.source_layer: (p.module_path, p.how) for p in report.pairings}
-        how = "by a unique kind, shape and settings"
-        assert placed == {"left": ("p" if p_bias else "q", how), "right": ("q" if p_bias else "p", how)}
-        _same_outputs(model, twin)
+    model, twin_class, shape = case(keras)
+    model = _randomized(model, 1)
+    model.save(tmp_path / "m.keras")
+    for source in [model, tmp_path / "m.keras"]:
+        twin = twin_class()
+        before = {k: v.clone() for k, v in twin.state_dict().items()}
+        with pytest.raises(LayoutError, match="cannot prove which module each Keras layer fills") as caught:
+            weightport.load(twin, source)
+        said = str(caught.value)
+        assert "Fix: pass mapping=" in said or "Fix: pass example_inputs=" in said
+        assert INCURABLE not in said
+        assert all(torch.equal(v, before[k]) for k, v in twin.state_dict().items())
+    # the crossed pairing the checks pointed to: each module in the other's place, loaded by hand, is wrong
+    crossed = twin_class()
+    state = {name: torch.from_numpy(np.asarray(w)) for name, w in _torch_arrays(model).items()}
+    with torch.no_grad():
+        for module, layer in ((crossed.p, "b"), (crossed.q, "a")):
+            module.weight.copy_(state[f"{layer}.weight"])
+            module.bias.copy_(state[f"{layer}.bias"])
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    with torch.no_grad():
+        t = torch.from_numpy(x)
+        got = crossed.eval()(t.permute(0, 3, 1, 2) if t.ndim == 4 else t)
+        got = got.permute(0, 2, 3, 1) if got.ndim == 4 else got
+    assert np.abs(got.numpy() - expected).max() > 0.1
+
+
+class _TwinChomped(nn.Module):
+    """Two TCN-style causal convs in parallel: padding=2 on both sides, the last two steps chomped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Conv1d(3, 4, 3, padding=2)
+        self.q = nn.Conv1d(3, 4, 3, padding=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(1, 2)
+        return (self.p(x)[..., :-2] + self.q(x)[..., :-2]).transpose(1, 2)
+
+
+def test_a_padding_every_candidate_differs_in_is_not_said_past_a_mapping_but_a_stride_is() -> None:
+    """Modules built with padding=2 for Keras's 'causal' differ from both layers alike, but a chomp in the
+    forward makes up for it: the refusal only asks for mapping=. Convs of 3x3 built with stride 1 for
+    Keras's 2 differ in what no forward code around such a kernel makes up for: said first."""
+    keras = pytest.importorskip("keras")
+    x = keras.Input((10, 3))
+    left = keras.layers.Conv1D(4, 3, padding="causal", name="left")(x)
+    right = keras.layers.Conv1D(4, 3, padding="causal", name="right")(x)
+    causal = _randomized(keras.Model(x, keras.layers.Add()([left, right])), 3)
+    with pytest.raises(LayoutError, match="cannot prove which module each Keras layer fills") as caught:
+        weightport.load(_TwinChomped(), causal)
+    assert INCURABLE not in str(caught.value)
+    assert "padding" not in str(caught.value)
+
+    x = keras.Input((6, 5, 3))
+    left = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="left")(x)
+    right = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="right")(x)
+    strided = _randomized(keras.Model(x, keras.layers.Add()([left, right])), 4)
+    with pytest.raises(LayoutError) as caught:
+        weightport.load(TwinConvs((True, True)), strided)
+    said = str(caught.value)
+    assert said.index(INCURABLE) < said.index("cannot prove which module each Keras layer fills")
+    assert "expected stride=(2, 2) (Keras strides), found stride=(1, 1)" in said
+
+
+def _torch_arrays(model: Any) -> dict[str, np.ndarray]:
+    """The Keras convs' kernels in PyTorch's layout (out, in, *k), by layer name."""
+    out = {}
+    for name in ("a", "b"):
+        kernel, bias = model.get_layer(name).get_weights()
+        out[f"{name}.weight"] = np.ascontiguousarray(np.moveaxis(kernel, (-1, -2), (0, 1)))
+        out[f"{name}.bias"] = bias
+    return out
 
 
 # ---- Flax: weight_g / weight_v into a parametrization ----------------------------------------------------

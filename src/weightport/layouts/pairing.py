@@ -218,8 +218,9 @@ def pair_layers(
         leave_out: a layer no free module of its kind is left for is left out (``None``, why in
             ``Pairs.left_out``) rather than refused; the layout leaves its arrays unread.
         settings: ``settings(i, slot)``: the problems the layout's settings checks find between layer ``i``
-            and ``slot``; where neither proof settles a part, held against each candidate (see
-            :mod:`weightport.layouts.proof`): a refusal then says first what no ``mapping=`` would cure.
+            and ``slot`` that no forward code makes up for (a bias, an eps; not padding); never a proof, but
+            where neither proof settles a part, a difference every candidate shares is said first in the
+            refusal, as one no ``mapping=`` would cure (see :mod:`weightport.layouts.proof`).
     """
     slots = module_slots(model) if slots is None else slots
     mapping = dict(mapping or {})

@@ -12,11 +12,11 @@ kind is left for at all (the model has no such module, or all of them took other
 where the caller asks (``leave_out``), left out: nothing could cross there, and its arrays stay unread, which
 the plan refuses unless ``strict=False``, with this refusal's reason as the fix.
 
-Where a layout gives its settings checks (``settings``) and neither proof settles a part, each layer's
-settings are held against each of its candidate modules: a candidate that differs where others do not is
-no candidate (where that leaves one assignment, it is the proof: "by a unique kind, shape and settings",
-the only one the checks would let load), and a difference every candidate shares (a bias, an eps) is one
-no ``mapping=`` cures, so the refusal says it first, with the differences of the layers already proven.
+Where a layout gives its settings checks (``settings``: the differences no forward code makes up for, a
+bias, an eps, groups) and neither proof settles a part, no check pairs it: a module the checks flag may be
+the one a forward pass that pads or slices around it makes right, so the refusal asks for ``mapping=``. But
+a difference every candidate of a layer shares is one no ``mapping=`` cures, so the refusal says it first,
+with the differences of the layers already proven.
 :func:`weightport.layouts.pairing.pair_layers` runs this after ``mapping=`` and names.
 """
 
@@ -37,8 +37,9 @@ Fits = Callable[[int, Slot], bool]
 """``fits(i, slot)``: whether source layer ``i``'s converted shapes are ``slot``'s."""
 
 Settings = Callable[[int, Slot], list[Problem]]
-"""``settings(i, slot)``: what a layout's settings checks find between source layer ``i`` and ``slot``
-(a bias, strides, padding, an eps): the problems a load pairing them would be refused with."""
+"""``settings(i, slot)``: what a layout's settings checks find between source layer ``i`` and ``slot`` that
+no forward code makes up for (a bias, an eps, groups; not padding, which an ``F.pad`` or a slice around the
+module can): the problems a load pairing them would be refused with whatever the model's forward does."""
 
 
 class Prover:
@@ -62,7 +63,7 @@ class Prover:
         settings: Settings | None = None,
     ) -> None:
         self.model, self.layers, self.slots, self.result = model, layers, slots, result
-        # the layout's settings checks, held against each candidate where no proof settles a part
+        # the layout's settings checks (differences no forward code makes up for): said, never a proof
         self.settings = settings
         self.incurable: list[Problem] = []  # differences every candidate of a waiting layer shares
         # layers no module of their kind is left for are left out (their arrays stay unread), not refused:
@@ -150,34 +151,20 @@ class Prover:
             return
         ordered = self._by_order(layer_ids, slot_ids, edges)
         if ordered is None:
-            if self._by_settings(layer_ids, slot_ids, edges):
-                return
+            self._note_shared(layer_ids, edges)
             raise LayoutError(self._interchangeable(layer_ids, slot_ids))
         pairs, how = ordered
         for i, j in pairs:
             self.result[i] = Paired(self.layers[i], self.slots[j], how)
 
-    def _by_settings(self, layer_ids: list[int], slot_ids: list[int], edges: dict[int, list[int]]) -> bool:
-        """Where neither proof settles a part: each layer's settings against each of its candidates. A
-        candidate that differs where another does not is none (settled where one assignment is left, the
-        only one the checks would let load); a difference all candidates of a layer share goes to
-        ``incurable`` (no mapping cures it)."""
+    def _note_shared(self, layer_ids: list[int], edges: dict[int, list[int]]) -> None:
+        """Where neither proof settles a part: the differences a layer has with every one of its candidates
+        go to ``incurable`` (no mapping cures them). A difference only some candidates have proves nothing:
+        the forward code around a module may make up for what its own settings do not say."""
         if self.settings is None:
-            return False
-        fitting: dict[int, list[int]] = {}
+            return
         for i in layer_ids:
-            found = {j: self.settings(i, self.slots[j]) for j in edges[i]}
-            fitting[i] = [j for j in edges[i] if not found[j]]
-            if not fitting[i]:
-                self.incurable += self._shared(i, found)
-        if not all(fitting.values()):
-            return False  # refused whatever the pairing: the refusal says why first
-        matching = _match(layer_ids, fitting)
-        if len(matching) < len(layer_ids) or not _unique(layer_ids, slot_ids, fitting, matching):
-            return False
-        for i, j in matching.items():
-            self.result[i] = Paired(self.layers[i], self.slots[j], "by a unique kind, shape and settings")
-        return True
+            self.incurable += self._shared(i, {j: self.settings(i, self.slots[j]) for j in edges[i]})
 
     def _shared(self, i: int, found: Mapping[int, list[Problem]]) -> list[Problem]:
         """The differences between layer ``i`` and every one of its candidates ``found`` (slot -> problems):

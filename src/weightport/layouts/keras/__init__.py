@@ -83,7 +83,6 @@ held against the module), :mod:`.exporting` (PyTorch -> Keras arrays); :func:`pl
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -206,20 +205,18 @@ def plan(
         return [r for part in found.parts for r in part_rules(found, part, slot, source)]
 
     def settings(i: int, slot: Slot) -> list[Problem]:
-        """What the settings checks find with layer ``i`` in ``slot`` (pairing asks where it is open)."""
+        """What the settings checks find with layer ``i`` in ``slot`` that no forward code makes up for
+        (pairing says it where no proof settles a part)."""
         found = resolved[i]
         if (len(found.parts) == 2) != slot.bidirectional:
             return []
-        built = _built_in_the_pass(found, slot, call_order)
-        if built is not None:  # as the plan will see it there, the layer itself left as it is
-            found = dataclasses.replace(found, layer=dataclasses.replace(found.layer, built=built))
         problems: list[Problem] = []
         for part in found.parts:
             if part.config is not None:
                 problems += check_config(found, part, slot, [])
             else:
                 check_weights_only(found, part, slot, source, problems, [], [])
-        return problems
+        return [p for p in problems if _past_forward_code(p, slot.module)]
 
     try:
         pairs = pair_layers(
@@ -323,6 +320,31 @@ def _built_in_the_pass(found: Resolved, slot: Slot, call_order: CallOrder | None
     if shape is None or len(shape) != 2 + len(layer.padding):
         return None
     return tuple(n + before + after for n, (before, after) in zip(shape[2:], layer.padding))
+
+
+# settings no code around a module makes up for: whether it has a bias (or an affine), its eps, its groups
+_PAST_FORWARD_CODE = ("bias", "affine", "elementwise_affine", "add_bias_kv", "eps", "num_groups", "groups")
+
+
+def _past_forward_code(problem: Problem, module: nn.Module) -> bool:
+    """Whether ``problem`` (a settings check's) is a difference no forward code around ``module`` makes up
+    for: a bias, an eps, groups, or a stride or dilation where the kernel spans more than one position. A
+    padding is one ``F.pad`` or slice away (a 'same' stride-2 conv is a ZeroPadding and a 'valid' one), and
+    so is a stride over a kernel of 1 (a slice); a dilation over a kernel of 1 changes nothing."""
+    setting = problem.expected.split("=", 1)[0]
+    if setting in ("stride", "dilation"):  # along an axis the kernel spans: "stride=(2, 2) ..." vs "(1, 1)"
+        wanted, has = (_numbers(problem.expected), _numbers(problem.found))
+        kernel = tuple(getattr(module, "kernel_size", ()))
+        if len(wanted) != len(kernel) or len(has) != len(kernel):
+            return any(k > 1 for k in kernel)
+        return any(k > 1 and w != h for k, w, h in zip(kernel, wanted, has))
+    return setting in _PAST_FORWARD_CODE
+
+
+def _numbers(said: str) -> tuple[int, ...]:
+    """The tuple a settings check says first (``"stride=(2, 1) (Keras strides)"`` -> ``(2, 1)``)."""
+    inside = said.partition("(")[2].partition(")")[0]
+    return tuple(int(n) for n in inside.split(",") if n.strip().isdigit())
 
 
 def _say_shared(error: LayoutError, shared: dict[str, int]) -> None:
