@@ -1062,3 +1062,33 @@ def test_one_source_name_is_never_offered_as_the_rename_of_two_tensors() -> None
         == "the source has 'pos_q_proj.weight': rename it to 'pos_query_proj.weight'"
     )
     assert "pos_q_proj" not in fixes["pos_key_proj.weight"]
+
+
+def test_a_load_pauses_the_cyclic_gc_and_restores_it_as_it_was() -> None:
+    """A full collection set off inside a load walks every object of the process; the load pauses it and
+    leaves it as it found it, enabled or not, after success and after a refusal."""
+    import gc
+
+    seen: list[bool] = []
+    lin = torch.nn.Linear(2, 2)
+    good = {"weight": np.ones((2, 2), np.float32), "bias": np.zeros(2, np.float32)}
+    original = weightport.loading.LocalWrite.read
+
+    def read(self: object) -> None:
+        seen.append(gc.isenabled())
+        original(self)  # type: ignore[arg-type]
+
+    weightport.loading.LocalWrite.read = read  # type: ignore[method-assign]
+    try:
+        assert gc.isenabled()
+        weightport.load(lin, good)
+        assert gc.isenabled() and seen == [False]
+        with pytest.raises(weightport.WeightportError):
+            weightport.load(lin, {"weight": np.ones((3, 3), np.float32)})
+        assert gc.isenabled()
+        gc.disable()
+        weightport.load(lin, good)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        weightport.loading.LocalWrite.read = original  # type: ignore[method-assign]

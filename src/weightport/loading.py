@@ -11,12 +11,14 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc
 import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Collection, Hashable, Mapping
+from collections.abc import Collection, Hashable, Iterator, Mapping
 from functools import partial
 
 import numpy as np
@@ -375,51 +377,66 @@ def load(
         example_inputs=example_inputs,
         check_outputs=check_outputs,
     )
-    owned = not isinstance(source, Source)
-    sharded = has_dtensors(unwrap(module))
-    writer: LocalWrite | ShardedWrite
-    if sharded:  # a collective: every rank reads its own shard, then the ranks agree
-        src, plan, writer = _read_sharded(module, source, options, owned)
-    else:
-        src = open_source(source)
+    with _no_cyclic_gc():  # a load allocates much; a full collection in it walks every object there is
+        owned = not isinstance(source, Source)
+        sharded = has_dtensors(unwrap(module))
+        writer: LocalWrite | ShardedWrite
+        if sharded:  # a collective: every rank reads its own shard, then the ranks agree
+            src, plan, writer = _read_sharded(module, source, options, owned)
+        else:
+            src = open_source(source)
+        try:
+            if not sharded:
+                plan = _planned_with_layout_hint(module, src, options)
+                writer = LocalWrite(plan, src, options)
+                writer.read()
+            if plan.problems:
+                raise LoadError(plan.problems, target=_describe(module))
+            if check_outputs and not sharded:  # an ONNX file's graph against the model, before any write
+                differs, unrun = compare_with_graph(plan, src, unwrap(module), example_inputs, strict)
+                if differs:
+                    raise LoadError(differs, target=_describe(module))
+                plan.layout.unchecked += unrun
+            if plan.layout.unchecked:
+                warnings.warn(
+                    UncheckedConfigWarning(
+                        f"{src.description} does not record these settings, so they were not checked against the "
+                        f"module: {'; '.join(plan.layout.unchecked)}"
+                    ),
+                    stacklevel=2,
+                )
+            if plan.layout.forward_notes:
+                warnings.warn(
+                    ForwardNoteWarning(
+                        f"{src.description}: for its outputs, the model's forward must also do this around the "
+                        f"modules (not checked): {'; '.join(plan.layout.forward_notes)}"
+                    ),
+                    stacklevel=2,
+                )
+            if not dry_run:
+                with progress_callback(plan, src, progress) as callback:
+                    writer.commit(callback)
+                remember_forward_notes(unwrap(module), plan.prefix, plan.layout.forward_notes)
+            report = _report(plan, src, module, dry_run)
+            report.seconds, report.values_checked = time.perf_counter() - started, check_values
+            return report
+        finally:
+            if owned:
+                src.close()
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused for one load, then as it was: the small objects a load allocates can
+    set off a full collection, which walks every object of the process (torch's many: 60 ms measured inside a
+    60 ms load of a 369 MB model). A load leaves no cycles that need freeing before it ends."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        if not sharded:
-            plan = _planned_with_layout_hint(module, src, options)
-            writer = LocalWrite(plan, src, options)
-            writer.read()
-        if plan.problems:
-            raise LoadError(plan.problems, target=_describe(module))
-        if check_outputs and not sharded:  # an ONNX file's graph against the model, before any write
-            differs, unrun = compare_with_graph(plan, src, unwrap(module), example_inputs, strict)
-            if differs:
-                raise LoadError(differs, target=_describe(module))
-            plan.layout.unchecked += unrun
-        if plan.layout.unchecked:
-            warnings.warn(
-                UncheckedConfigWarning(
-                    f"{src.description} does not record these settings, so they were not checked against the "
-                    f"module: {'; '.join(plan.layout.unchecked)}"
-                ),
-                stacklevel=2,
-            )
-        if plan.layout.forward_notes:
-            warnings.warn(
-                ForwardNoteWarning(
-                    f"{src.description}: for its outputs, the model's forward must also do this around the "
-                    f"modules (not checked): {'; '.join(plan.layout.forward_notes)}"
-                ),
-                stacklevel=2,
-            )
-        if not dry_run:
-            with progress_callback(plan, src, progress) as callback:
-                writer.commit(callback)
-            remember_forward_notes(unwrap(module), plan.prefix, plan.layout.forward_notes)
-        report = _report(plan, src, module, dry_run)
-        report.seconds, report.values_checked = time.perf_counter() - started, check_values
-        return report
+        yield
     finally:
-        if owned:
-            src.close()
+        if enabled:
+            gc.enable()
 
 
 def _read_sharded(
