@@ -284,18 +284,24 @@ ONNX_FACTORY = textwrap.dedent(
 )
 
 
-def test_verify_an_onnx_source_without_outputs_runs_it_with_onnxruntime(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("onnxruntime")
+def _relu_mlp_onnx(tmp_path, x: torch.Tensor) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+    """ports.py with the ONNX factories, and m.onnx exported from a Linear-ReLU-Linear with random biases: the model."""
     (tmp_path / "ports.py").write_text(ONNX_FACTORY)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     with torch.no_grad():
         for layer in (model[0], model[2]):
             layer.bias.uniform_(-1, 1)
-    x = torch.randn(5, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notices
         torch.onnx.export(model.eval(), (x,), str(tmp_path / "m.onnx"), dynamo=False)
+    return model
+
+
+def test_verify_an_onnx_source_without_outputs_runs_it_with_onnxruntime(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("onnxruntime")
+    x = torch.randn(5, 3)
+    model = _relu_mlp_onnx(tmp_path, x)
     np.savez(tmp_path / "io.npz", input_0=x.numpy())
 
     ok = run("verify", "ports:relu", "m.onnx", "io.npz", cwd=tmp_path)
@@ -361,15 +367,7 @@ def test_example_inputs_show_the_call_order_and_verify_uses_its_own_inputs(tmp_p
 
 def test_load_refuses_an_onnx_twin_that_computes_otherwise_and_the_flag_skips_the_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("onnxruntime")
-    (tmp_path / "ports.py").write_text(ONNX_FACTORY)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            layer.bias.uniform_(-1, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notices
-        torch.onnx.export(model.eval(), (torch.randn(5, 3),), str(tmp_path / "m.onnx"), dynamo=False)
+    _relu_mlp_onnx(tmp_path, torch.randn(5, 3))
     refused = run("load", "ports:tanh", "m.onnx", cwd=tmp_path)
     assert refused.returncode == 2 and "computes something else between its layers" in refused.stderr
     assert "pass --no-check-outputs" in refused.stderr, refused.stderr  # the CLI's flag, not the keyword

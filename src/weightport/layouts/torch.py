@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -228,8 +228,7 @@ def _refuse_rescaled(module: torch.nn.Module, rules: list[Rule]) -> None:
     from weightport.torch_facts import rescaled_by_owner, rescaled_in_place
 
     rescaled = rescaled_in_place(module)
-    hit = [r.target for r in rules if r.target in rescaled]
-    more = f" and {len(hit) - 1} more" if len(hit) > 1 else ""
+    hit, more = _written_among(rules, rescaled)
     if hit:
         flag = rescaled[hit[0]]
         raise LayoutError(
@@ -241,8 +240,7 @@ def _refuse_rescaled(module: torch.nn.Module, rules: list[Rule]) -> None:
             "of them; or load into a model built again, before any forward."
         )
     held = rescaled_by_owner(module)
-    hit = [r.target for r in rules if r.target in held]
-    more = f" and {len(hit) - 1} more" if len(hit) > 1 else ""
+    hit, more = _written_among(rules, held)
     if hit:
         holder = held[hit[0]]
         raise LayoutError(
@@ -254,6 +252,12 @@ def _refuse_rescaled(module: torch.nn.Module, rules: list[Rule]) -> None:
             "torch.no_grad(), which multiplies every block back and clears the flag, then model.eval()), and "
             "load; or load into a model built again, before any forward."
         )
+
+
+def _written_among(rules: list[Rule], names: Collection[str]) -> tuple[list[str], str]:
+    """The rules' targets among ``names``, and " and N more" past the first, for a message."""
+    hit = [r.target for r in rules if r.target in names]
+    return hit, f" and {len(hit) - 1} more" if len(hit) > 1 else ""
 
 
 def _converted_names(module: torch.nn.Module, names: list[str]) -> dict[str, str]:
