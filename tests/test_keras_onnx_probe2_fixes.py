@@ -131,11 +131,14 @@ def _randomize_torch(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
-def _onnxruntime(path: Path, *inputs: torch.Tensor) -> np.ndarray:
+def _exported(source: nn.Module, x: torch.Tensor, path: Path) -> np.ndarray:
+    """``source`` exported to ``path`` (legacy exporter, opset 17), and onnxruntime's first output on ``x``."""
     ort = pytest.importorskip("onnxruntime")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(source, (x,), str(path), dynamo=False, opset_version=17)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
-    return np.asarray(session.run(None, feed)[0])
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
 class _Logits(nn.Module):
@@ -161,10 +164,7 @@ def test_opt_legacy_export_pairs_its_projections_by_their_named_biases(tmp_path:
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     source = _Logits(_randomize_torch(transformers.OPTForCausalLM(config), 1)).eval()
     path = tmp_path / "opt.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(source, (ids,), str(path), dynamo=False, opset_version=17)
-    expected = _onnxruntime(path, ids)
+    expected = _exported(source, ids, path)
     model = _Logits(_randomize_torch(transformers.OPTForCausalLM(config), 2)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)
@@ -191,10 +191,7 @@ def test_a_weight_normed_conv_folded_by_the_export_leads_with_removing_the_param
     wav = torch.randn(2, 400, generator=torch.Generator().manual_seed(0))
     source = _Logits(_randomize_torch(transformers.Wav2Vec2Model(config), 1)).eval()
     path = tmp_path / "w2v.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(source, (wav,), str(path), dynamo=False, opset_version=17)
-    expected = _onnxruntime(path, wav)
+    expected = _exported(source, wav, path)
     model = _Logits(_randomize_torch(transformers.Wav2Vec2Model(config), 2)).eval()
     conv = "m.encoder.pos_conv_embed.conv"
     with pytest.raises(weightport.LoadError) as caught:
