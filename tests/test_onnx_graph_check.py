@@ -298,6 +298,14 @@ def test_a_load_into_a_submodule_runs_that_submodule(tmp_path: Path) -> None:
     x = torch.randn(2, 6)
     path = _export(_mlp(nn.ReLU), (x,), tmp_path / "m.onnx")
     refused(Wrapper(nn.GELU), path, r"computes something else", prefix="body.")
+    # the example is the whole model's: the submodule runs on inputs made for its graph, and the message says so
+    refused(
+        Wrapper(nn.GELU),
+        path,
+        r"random inputs of its declared shapes.*computes",
+        prefix="body.",
+        example_inputs=x,
+    )
     wrapper = Wrapper(nn.ReLU)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # compared, with inputs made for the submodule's graph
