@@ -37,11 +37,9 @@ from weightport.errors import (
     UncheckedConfigWarning,
     counted,
 )
-from weightport.graph_check import compare_with_graph
 from weightport.layouts import detect_layout, get_layout
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.folded import folded_batchnorms
-from weightport.layouts.pairing import module_slots
 from weightport.options import LoadOptions, NonFinite
 from weightport.plan import Plan, build_plan
 from weightport.progress import progress_callback
@@ -392,7 +390,11 @@ def load(
                 writer.read()
             if plan.problems:
                 raise LoadError(plan.problems, target=_describe(module))
-            if check_outputs and not sharded:  # an ONNX file's graph against the model, before any write
+            if (
+                check_outputs and not sharded and plan.layout.name == "onnx"
+            ):  # the graph vs the model, unwritten
+                from weightport.graph_check import compare_with_graph  # onnxruntime's runner: graphs only
+
                 differs, unrun = compare_with_graph(plan, src, unwrap(module), example_inputs, strict)
                 if differs:
                     raise LoadError(differs, target=_describe(module))
@@ -474,6 +476,8 @@ def _in_module_order(plan: Plan) -> list[Pairing]:
     pairings = list(plan.layout.pairings)
     if len(pairings) < 2:
         return pairings
+    from weightport.layouts.pairing import module_slots  # framework layouts' machinery, imported by them
+
     position = {slot.label: i for i, slot in enumerate(module_slots(plan.module))}
     return sorted(pairings, key=lambda p: position.get(p.module_path, len(position)))
 

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from weightport.errors import Problem
-from weightport.layouts.pairing import module_slots
 from weightport.sources.base import Source
 
 if TYPE_CHECKING:
@@ -53,6 +52,8 @@ def folded_batchnorms(module: nn.Module, source: Source, plan: Plan | None = Non
     nodes: list[Mapping[str, Any]] | None = source.metadata.get("nodes")
     if nodes is None:
         return None  # not a graph: nothing was folded
+    from weightport.layouts.pairing import module_slots  # the graph layouts' machinery, imported by them
+
     entries = plan.entries if plan is not None else []
     prefix = plan.prefix if plan is not None else ""
     filled = {entry.rule.target.rpartition(".")[0] for entry in entries}
