@@ -10,12 +10,14 @@ headers, and the atomic write every writer goes through.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import io
 import math
 import mmap
 import os
+import re
 import secrets
 import stat
 import tokenize
@@ -62,6 +64,7 @@ def parse_npy_header(f: BinaryIO, where: str) -> NpyHeader:
     The header's length is checked against :data:`MAX_NPY_HEADER` before its bytes are read, and
     only those bytes go to NumPy's parser (a damaged length or literal is a SourceError).
     """
+    header = b""
     try:
         prefix = _read_at_most(f, 8)
         if len(prefix) < 8 or prefix[:6] != b"\x93NUMPY":
@@ -92,6 +95,11 @@ def parse_npy_header(f: BinaryIO, where: str) -> NpyHeader:
         MemoryError,
         tokenize.TokenError,
     ) as e:
+        lost = _lost_float(header)
+        if lost is not None:
+            raise SourceError(
+                f"{where}: holds dtype '{lost}', a 1-byte float NumPy has no type for: {_ML_DTYPES_LOST}"
+            ) from e
         raise SourceError(
             f"{where}: not a valid .npy header ({type(e).__name__}: {e}); the file is corrupt or not a .npy. "
             "Fix: re-create it."
@@ -111,13 +119,28 @@ def parse_npy_header(f: BinaryIO, where: str) -> NpyHeader:
     if dtype.kind == "V":
         raise SourceError(
             f"{where}: holds raw {dtype.itemsize}-byte records (dtype {dtype.str}), which say nothing of what "
-            "they are: np.save writes an ml_dtypes array (bfloat16, float8, int4) that way, losing its type. "
-            "Fix: save it as float32 (array.astype(np.float32); int8 for int4), or to .safetensors, which "
-            "records bfloat16 and float8."
+            f"they are: {_ML_DTYPES_LOST}"
         )
     if any(int(d) < 0 for d in shape):
         raise SourceError(f"{where}: negative dimension in shape {shape}; the file is corrupt.")
     return NpyHeader(tuple(int(d) for d in shape), dtype, bool(fortran), offset)
+
+
+_ML_DTYPES_LOST = (
+    "np.save writes an ml_dtypes array (bfloat16, float8, int4) that way, losing its type. Fix: save it as "
+    "float32 (array.astype(np.float32); int8 for int4), or to .safetensors, which records bfloat16 and float8."
+)
+
+
+def _lost_float(header: bytes) -> str | None:
+    """The descr of a header NumPy refused where it names a 1-byte float (``'<f1'``: how np.save writes
+    ml_dtypes' float8_e5m2, whose type code is a float's), else None."""
+    try:
+        fields = ast.literal_eval(header.decode("latin1").strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    descr = fields.get("descr") if isinstance(fields, dict) else None
+    return descr if isinstance(descr, str) and re.fullmatch(r"[<>|=]?f1", descr) else None
 
 
 def _read_at_most(f: BinaryIO, size: int) -> bytes:
