@@ -328,7 +328,7 @@ def build_plan(
                 problems.append(_computed_on_meta(prefix + name, name in skipped, source.description))
             targeted.add(identity(tensor))
             continue
-        if strict:
+        if strict and name not in layout.kept:
             problems.append(
                 Problem(
                     prefix + name,

@@ -120,6 +120,9 @@ class LayoutPlan:
     # flipped input), each saying the module and source layer it is about: warned, reported, and repeated
     # by weightport.verify beside a failure
     forward_notes: list[str] = field(default_factory=list)
+    # module tensors the source is not meant to hold (the base model's, where the source is a PEFT adapter and the
+    # module that model with the adapter's layers): left as they are and reported missing, whatever strict says
+    kept: list[str] = field(default_factory=list)
 
 
 class Layout(Protocol):
