@@ -13,7 +13,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,3 +56,111 @@ def test_float8_e5m2_saved_by_numpy_is_refused_as_a_lost_ml_dtype(tmp_path: Path
     module = torch.nn.Linear(2, 2)
     weightport.load(module, tmp_path / "fixed.npz")
     assert np.array_equal(module.weight.detach().numpy(), weight.astype(np.float32))
+
+
+# --- TensorFlow checkpoints and SavedModels ---------------------------------------------------------------
+
+
+class _TwoDense(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.d1, self.d2 = torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d2(self.d1(x))
+
+
+def _keras_two_dense(seed: int) -> Any:
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(5, name="d1"), keras.layers.Dense(3, name="d2")]
+    )
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.standard_normal(w.shape).astype(np.float32) for w in model.get_weights()])
+    return model
+
+
+def _follow_restore(message: str, keras_model: Any) -> None:
+    """Run the ``tf.train.Checkpoint(...).read(...).assert_existing_objects_matched()`` a refusal gives,
+    on ``keras_model`` as its ``m``."""
+    import tensorflow as tf
+
+    call = re.search(
+        r"(tf\.train\.Checkpoint\((?:model=)?m\)\.read\('[^']+'\)\.assert_existing_objects_matched\(\))",
+        message,
+    )
+    assert call is not None, message
+    eval(call[1], {"tf": tf, "m": keras_model})  # the refusal's own fix, run as written
+
+
+def _matches_keras(module: torch.nn.Module, keras_model: Any) -> None:
+    x = np.random.default_rng(9).standard_normal((2, 4)).astype(np.float32)
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    assert np.abs(got - np.asarray(keras_model(x))).max() < 1e-5
+
+
+def test_a_tensorflow_checkpoint_is_refused_as_one_and_its_fix_loads_it(tmp_path: Path) -> None:
+    tf = pytest.importorskip("tensorflow")
+    saved = _keras_two_dense(seed=1)
+    prefix = tf.train.Checkpoint(model=saved).write(str(tmp_path / "ckpt" / "model"))
+    data = next(p for p in (tmp_path / "ckpt").iterdir() if ".data-" in p.name)
+    for given in (tmp_path / "ckpt", Path(prefix), Path(prefix + ".index"), data):
+        error = refused(
+            _TwoDense(),
+            given,
+            r"a TensorFlow checkpoint \(prefix '.*ckpt/model': model\.index",
+            weightport.SourceError,
+        )
+        assert "weightport does not read" in str(error) and "m.save_weights('m.weights.h5')" in str(error)
+        # the fix, as the message words it: restore into the Keras model built in code, pass that model
+        restored, module = _keras_two_dense(seed=2), _TwoDense()
+        _follow_restore(str(error), restored)
+        weightport.load(module, restored)
+        _matches_keras(module, saved)
+
+
+def test_a_checkpoint_managers_folder_names_its_latest_checkpoint(tmp_path: Path) -> None:
+    tf = pytest.importorskip("tensorflow")
+    saved = _keras_two_dense(seed=1)
+    checkpoint = tf.train.Checkpoint(model=saved)
+    manager = tf.train.CheckpointManager(checkpoint, str(tmp_path / "run"), max_to_keep=20)
+    for step in range(11):  # ckpt-1 .. ckpt-11: the latest is not the last by text
+        if step == 10:
+            saved.set_weights([w + 1 for w in saved.get_weights()])
+        manager.save()
+    assert manager.latest_checkpoint.endswith("ckpt-11")
+    for given in (tmp_path / "run", tmp_path / "run" / "checkpoint"):
+        error = refused(
+            _TwoDense(), given, r"TensorFlow checkpoint \(prefix '.*run/ckpt-11'", weightport.SourceError
+        )
+        restored, module = _keras_two_dense(seed=2), _TwoDense()
+        _follow_restore(str(error), restored)
+        weightport.load(module, restored)
+        _matches_keras(module, saved)
+
+
+def test_a_saved_model_is_refused_as_one_and_its_fix_loads_it(tmp_path: Path) -> None:
+    tf = pytest.importorskip("tensorflow")
+    saved = _keras_two_dense(seed=3)
+    tf.saved_model.save(saved, str(tmp_path / "exported"))
+    folder = tmp_path / "exported"
+    for given in (
+        folder,
+        folder / "variables",
+        folder / "saved_model.pb",
+        folder / "variables" / "variables.index",
+    ):
+        error = refused(
+            _TwoDense(),
+            given,
+            r"a TensorFlow SavedModel \('.*exported': saved_model\.pb",
+            weightport.SourceError,
+        )
+        restored, module = _keras_two_dense(seed=4), _TwoDense()
+        _follow_restore(str(error), restored)
+        weightport.load(module, restored)
+        _matches_keras(module, saved)
+    # a file beside a SavedModel that TensorFlow did not write is no SavedModel
+    (folder / "notes.txt").write_text("hi")
+    refused(_TwoDense(), folder / "notes.txt", "not a format weightport reads", weightport.SourceError)

@@ -161,10 +161,11 @@ def _torch_pickle(path: Path) -> bool:
     return head[:1] == b"\x80"  # a pickle of protocol 2 or later: torch.save's legacy format
 
 
-def _adapter_type(path: Path) -> str | None:
+def _adapter_type(path: Path) -> tuple[str, dict[str, Any]] | None:
     """The ``peft_type`` of the PEFT adapter ``path`` is read as (``"unknown"`` where its adapter_config.json
-    does not say): ``adapter_model.*`` with adapter_config.json beside it, or a folder holding both and no
-    model weights a snapshot reads instead (a snapshot with an adapter beside it reads the model's own)."""
+    does not say), and that adapter_config.json (``{}`` where unreadable): ``adapter_model.*`` with
+    adapter_config.json beside it, or a folder holding both and no model weights a snapshot reads instead (a
+    snapshot with an adapter beside it reads the model's own)."""
     folder = path if path.is_dir() else path.parent
     config = folder / "adapter_config.json"
     if not config.is_file():
@@ -182,16 +183,18 @@ def _adapter_type(path: Path) -> str | None:
         import json
 
         with open(config, "rb") as f:
-            kind = None if config.is_symlink() else json.loads(f.read(1 << 20)).get("peft_type")
+            settings = {} if config.is_symlink() else json.loads(f.read(1 << 20))
+        kind = settings.get("peft_type")
     except (OSError, ValueError, AttributeError, RecursionError):
-        kind = None
-    return str(kind) if kind else "unknown"
+        settings, kind = {}, None
+    return (str(kind) if kind else "unknown"), settings if isinstance(settings, dict) else {}
 
 
 def _open_path(given: Path, format: str | None) -> Source:
     try:
         path = given.resolve(strict=True)  # the user's own path: links are followed once, here
     except FileNotFoundError:
+        _refuse_tensorflow(given)  # a checkpoint's prefix names no file of its own
         raise SourceError(f"'{given}': no such file or folder. Fix: check the path.") from None
     except OSError as e:
         raise SourceError(f"'{given}': cannot be opened ({e.strerror or e}). Fix: check the path.") from None
@@ -212,9 +215,9 @@ def _open_path(given: Path, format: str | None) -> Source:
                 source: Source = reader.open(given.parent.resolve() / given.name)
             else:
                 source = reader.open(path)
-            kind = _adapter_type(path)
-            if kind is not None:  # what layouts hold against the module (a PEFT update is no weight of it)
-                source.metadata["peft_type"] = kind
+            adapter = _adapter_type(path)
+            if adapter is not None:  # what layouts hold against the module (a PEFT update is no weight of it)
+                source.metadata["peft_type"], source.metadata["adapter_config"] = adapter
             return source
     if _torch_pickle(path):
         entry = "['state_dict']" if path.suffix.lower() == ".ckpt" else ""
@@ -223,8 +226,19 @@ def _open_path(given: Path, format: str | None) -> Source:
             f"code). Fix: read it with torch, which weights_only=True keeps to tensors, and pass the dict: "
             f"weightport.load(model, torch.load('{given}', weights_only=True){entry})."
         )
+    _refuse_tensorflow(given)
     raise SourceError(
         f"'{given}': not a format weightport reads. Fix: use one of .npz, .npy, a folder of .npy, "
         f".safetensors (or its .index.json), .weights.h5, .keras, .h5, .msgpack, .onnx, or a transformers "
         "snapshot folder (config.json with model.safetensors, tf_model.h5 or flax_model.msgpack)."
     )
+
+
+def _refuse_tensorflow(given: Path) -> None:
+    """Refuse a TensorFlow checkpoint's or SavedModel's file (or a checkpoint's prefix) as what it is."""
+    from weightport.sources.npy_folder import tensorflow_files
+
+    found = tensorflow_files(given)
+    if found is not None:
+        what, fix = found
+        raise SourceError(f"'{given}': {what}. Fix: {fix}")
