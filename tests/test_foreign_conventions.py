@@ -3,6 +3,8 @@ naming what it is, with a fix that works.
 
 - An ``.npy`` / ``.npz`` member of ml_dtypes' float8_e5m2 (np.save writes descr ``'<f1'``, a type NumPy has
   not) is refused as an ml_dtypes array whose type is lost, not as a corrupt file.
+- A TensorFlow checkpoint or SavedModel is refused as one, with the restore that loads it.
+- ``layout='keras'`` on arrays Keras did not file says what the layout reads, up front.
 """
 
 from __future__ import annotations
@@ -164,3 +166,39 @@ def test_a_saved_model_is_refused_as_one_and_its_fix_loads_it(tmp_path: Path) ->
     # a file beside a SavedModel that TensorFlow did not write is no SavedModel
     (folder / "notes.txt").write_text("hi")
     refused(_TwoDense(), folder / "notes.txt", "not a format weightport reads", weightport.SourceError)
+
+
+# --- layout='keras' on arrays Keras did not file -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+def test_keras_layout_on_arrays_named_by_layer_says_what_it_reads(tmp_path: Path, as_file: bool) -> None:
+    keras_model = _keras_two_dense(seed=5)
+    arrays = {
+        f"{layer.name}/{w.name}": np.asarray(w.numpy()) for layer in keras_model.layers for w in layer.weights
+    }
+    assert sorted(arrays) == ["d1/bias", "d1/kernel", "d2/bias", "d2/kernel"]
+    source: Any = arrays
+    if as_file:
+        np.savez(tmp_path / "named.npz", **arrays)
+        source = tmp_path / "named.npz"
+    fix = r"Fix: pass the live Keras model, weightport\.load\(module, keras_model\), or save it with keras_model\.save_weights\('model\.weights\.h5'\) and load that file\."
+    for mapping in (None, {"d1": "d1", "d2": "d2"}):  # mapping= cannot pair layers the source does not record
+        refused(
+            _TwoDense(),
+            source,
+            "layout='keras' reads the layers Keras itself records .*found no Keras layer "
+            r"in its names \('d1/kernel', 'd1/bias', \.\.\.\)\. " + fix,
+            weightport.LayoutError,
+            layout="keras",
+            mapping=mapping,
+        )
+    # both ways out load exactly
+    module = _TwoDense()
+    weightport.load(module, keras_model)
+    _matches_keras(module, keras_model)
+    keras_model.save_weights(tmp_path / "model.weights.h5")
+    module = _TwoDense()
+    with pytest.warns(weightport.UncheckedConfigWarning, match="activation"):  # a weights file records none
+        weightport.load(module, tmp_path / "model.weights.h5")
+    _matches_keras(module, keras_model)

@@ -149,6 +149,19 @@ __all__ = ["NAME", "plan", "export", "describe", "save_weights_h5"]
 NAME = "keras"
 
 
+def _refuse_no_keras_layers(source: Source) -> None:
+    """``layout='keras'`` on arrays Keras did not file (a dict or ``.npz`` of ``{layer}/{weight}`` names):
+    they record no layer classes or model order, so no layer can be paired; say what the layout reads."""
+    shown = ", ".join(repr(n) for n in list(source.infos)[:2])
+    raise LayoutError(
+        f"{source.description}: layout='keras' reads the layers Keras itself records (a .weights.h5, .keras or "
+        f".h5 file Keras saved, a live Keras model, or arrays keyed as weightport's Keras export writes them: "
+        f"'layers/dense/vars/0'); found no Keras layer in its names ({shown}{', ...' if len(source.infos) > 2 else ''}). "
+        "Fix: pass the live Keras model, weightport.load(module, keras_model), or save it with "
+        "keras_model.save_weights('model.weights.h5') and load that file."
+    )
+
+
 # why a layer of a subclassed model has no recorded order (pairing's refusal says it)
 _SUBCLASSED = (
     "the source is a subclassed Keras model, which lists its layers in the order its attributes were set, "
@@ -175,6 +188,8 @@ def plan(
     where = source.description
     graph = graph_of(source.metadata.get("model_config"))
     layers, leftover = collect(source, graph)
+    if not layers and source.infos and source.metadata.get("layout") != NAME:
+        _refuse_no_keras_layers(source)
     if hf.claims(layers, source):  # transformers' tf_model.h5: by transformers' names
         return hf.plan(module, source, layers, leftover, mapping)
     layers, preprocessing = set_aside(layers)
