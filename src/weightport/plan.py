@@ -30,6 +30,7 @@ from weightport import values
 from weightport.dtypes import describe_dtype
 from weightport.errors import Problem
 from weightport.layouts.base import LayoutPlan, Rule
+from weightport.layouts.quantized import Quantized
 from weightport.options import NonFinite
 from weightport.recurrent_problems import explain_recurrent_sizes
 from weightport.sources.base import Source, TensorInfo
@@ -255,6 +256,7 @@ def build_plan(
     lacking = _lacking(tensors, optional, layout)
     both_sides = bool(lacking) and _stray(tensors, layout)
     torch_names = layout.name == "torch"
+    quantized = Quantized.of(source, layout, tensors)  # codes refused without their scales
     mismatched: dict[str, tuple[tuple[int, ...], Problem]] = {}  # target -> found shape, its problem
 
     for rule in layout.rules:
@@ -265,10 +267,14 @@ def build_plan(
             continue
         seen_targets.add(target)
         if target not in tensors:
+            if quantized.covers(rule.sources):
+                continue  # a scale of codes refused below, named there
             if strict:
                 given = [r.target for r in layout.rules if r.target in tensors and r.target not in optional]
-                hint = _parametrized_hint(target, tensors) or _suggest(
-                    target, lacking, given, optional, torch_names
+                hint = (
+                    _parametrized_hint(target, tensors)
+                    or quantized.hint(rule.sources[0] if rule.sources else target)
+                    or _suggest(target, lacking, given, optional, torch_names)
                 )
                 problems.append(
                     Problem(full, "a name the module has", f"an unknown name from {origin_of(rule)}", hint)
@@ -281,6 +287,10 @@ def build_plan(
         if torch_names and target in unloaded and not tensor.is_meta:  # a checkpoint's, never loaded (see
             # transformers_computed); an ONNX graph computes with the file's own, which go in
             plan.ignored.extend(rule.sources or (target,))
+            continue
+        refusal = quantized.problem(full, tensor, rule, origin_of(rule))
+        if refusal is not None:
+            problems.append(refusal)
             continue
         entry = _entry(module, full, target, tensor, rule, source, problems, mismatched)
         if entry is None:
@@ -300,7 +310,7 @@ def build_plan(
     used = {s for r in layout.rules for s in r.sources}
     plan.ignored.extend(layout.not_weights)
     for name in layout.unmatched:
-        if name not in used:
+        if name not in used and not quantized.covers((name,)):
             if strict:
                 problems.append(
                     Problem(
@@ -308,6 +318,7 @@ def build_plan(
                         "a tensor the layout can place",
                         f"'{name}' in {source.description}",
                         layout.unmatched_hints.get(name)
+                        or quantized.hint(name)
                         or (
                             _left_over(name, torch_names)
                             if both_sides
