@@ -90,14 +90,17 @@ def plan_load(module: nn.Module, source: Source, options: LoadOptions) -> Plan:
     if layout_plan.scope and options.strict:
         plan.problems += _left_on_meta(root, prefix_)
     plan.ignored.extend(source.ignored)
-    from weightport.snapshot_config import snapshot_config_checks, unrecorded_config_note
+    from weightport.snapshot_config import folder_config_checks, unchecked_config_note, unrecorded_config_note
 
-    checked = None
-    if "snapshot_config" in source.metadata:  # a transformers snapshot: the model must be built as it records
-        checked = snapshot_config_checks(scope, source.metadata["snapshot_config"], source.description, root)
-    if checked is None:  # no config.json held against the model's: what it would have answered is unchecked
+    checked, folder = None, source.metadata.get("folder_config")
+    if folder is not None:  # a config file beside the weights: the model must be built as it records
+        checked = folder_config_checks(scope, folder, source.description, root)
+    if checked is None:  # no config file held against the model's: what it would have answered is unchecked
         plan.layout.unchecked += plan.layout.config_unchecked
-        note = None if plan.layout.config_unchecked else unrecorded_config_note(scope, source.description)
+        if folder is not None:  # never dropped silently
+            note: str | None = unchecked_config_note(folder, source.description)
+        else:
+            note = None if plan.layout.config_unchecked else unrecorded_config_note(scope, source.description)
         plan.layout.unchecked += [note] if note else []
     else:
         plan.problems += checked[0]

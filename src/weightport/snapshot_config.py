@@ -17,6 +17,12 @@ configuration lacks (another transformers version wrote it) are reported uncheck
 (CLIP's ``text_config``) are compared setting by setting. A file alone (no config.json) records none of this:
 loaded into a transformers model, that is reported unchecked.
 
+Other projects' folders are held against the model's own record of how it was built, where it keeps one: a
+diffusers model's ``config`` (every constructor argument; ``_class_name`` against its class), a timm model's
+``pretrained_cfg['architecture']`` and the arguments ``timm.create_model`` recorded. A config file held
+against nothing (an open_clip folder, a timm folder loaded into a model timm did not build) is never dropped
+silently: its settings are reported unchecked.
+
 >>> text, other = {"model_type": "t", "a": 1}, {"model_type": "t", "a": 2, "b": 0}
 >>> sorted(config_differences({"layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1, "text_config": text},
 ...                           {"layer_norm_eps": 1e-5, "hidden_dropout_prob": 0.0, "text_config": other}))
@@ -38,7 +44,14 @@ from torch import nn
 
 from weightport.errors import Problem
 
-__all__ = ["config_differences", "lacking_settings", "snapshot_config_checks", "unrecorded_config_note"]
+__all__ = [
+    "config_differences",
+    "lacking_settings",
+    "snapshot_config_checks",
+    "unrecorded_config_note",
+    "folder_config_checks",
+    "unchecked_config_note",
+]
 
 # settings that change the forward while every weight keeps its shape
 _FORWARD = re.compile(
@@ -60,7 +73,7 @@ _REASONS = {
 _TOKEN_ID = re.compile(r"^(bos|eos|pad|decoder_start|sep|cls|mask|unk)_token_id$")
 # settings only training, initialization, generation or the outputs' packaging read
 _IGNORED = re.compile(
-    r"(?<!token_)dropout|drop_path|layerdrop|initializer|init_std|"
+    r"(?<!token_)dropout|drop_path|drop_rate|drop_block_rate|layerdrop|initializer|init_std|"
     r"^(forced_bos|forced_eos)_token_id$|^(id2label|label2id|num_labels|"
     r"architectures|_name_or_path|transformers_version|torch_dtype|dtype|use_cache|return_dict|"
     r"output_attentions|output_hidden_states|torchscript|problem_type|finetuning_task|tokenizer_class|"
@@ -209,15 +222,7 @@ def snapshot_config_checks(
                 f"{type(model).__name__} (its own head's setting): not checked"
             )
             continue
-        problems.append(
-            Problem(
-                f"config.{key}",
-                f"{key}={value!r}, as {where}'s config.json records the model was built",
-                f"the model was built with {key}={own!r}: " + _reason(key.rpartition(".")[2]),
-                "build the model from the snapshot's configuration "
-                "(AutoConfig.from_pretrained(folder), or Model.from_pretrained's config)",
-            )
-        )
+        problems.append(_differs(key, value, f"{key}={own!r}", where, "config.json", _FIXES["transformers"]))
     lacking = lacking_settings(recorded, built)
     if lacking:
         notes.append(
@@ -231,6 +236,235 @@ def snapshot_config_checks(
             f"'{built.get('model_type')}' model is not checked"
         )
     return problems, notes
+
+
+def _differs(key: str, value: Any, own: str, where: str, file: str, fix: str) -> Problem:
+    """The refusal of a setting ``key`` that ``file`` records as ``value`` and the model has as ``own``."""
+    return Problem(
+        f"config.{key}",
+        f"{key}={value!r}, as {where}'s {file} records the model was built",
+        f"the model was built with {own}: " + _reason(key.rpartition(".")[2]),
+        fix,
+    )
+
+
+# how to build the model as each project's config file records it
+_FIXES = {
+    "transformers": "build the model from the snapshot's configuration (AutoConfig.from_pretrained(folder), or "
+    "Model.from_pretrained's config)",
+    "diffusers": "build the model from the folder's configuration (Model.from_config(Model.load_config(folder)), "
+    "or Model.from_pretrained(folder))",
+    "timm": "build the model as config.json records it (timm.create_model(config['architecture'], "
+    "**config['model_args']))",
+    "open_clip": "build the model from it (open_clip.create_model('local-dir:' + folder))",
+}
+# where each project's config file keeps the settings the model is built with (others: the whole file)
+_MODEL_SETTINGS = {
+    "timm": ("architecture", "num_classes", "global_pool", "model_args"),
+    "open_clip": ("model_cfg",),
+}
+
+
+def folder_config_checks(
+    module: nn.Module, folder: Mapping[str, Any], where: str, root: nn.Module | None = None
+) -> tuple[list[Problem], list[str]] | None:
+    """Problems and notes, as :func:`snapshot_config_checks`, for a folder's config file (``folder``:
+    ``writer``, ``file``, ``settings``, as weightport.sources.snapshot reads it) against the record the
+    model keeps of how it was built; None where it keeps none (nothing to hold the file against)."""
+    writer, settings = folder.get("writer"), folder.get("settings")
+    if not isinstance(settings, dict):
+        return None
+    if writer == "diffusers":
+        return _diffusers_checks(module, settings, where)
+    if writer == "timm":
+        return _timm_checks(module, settings, where)
+    if writer in (None, "transformers", "sentence-transformers"):
+        return snapshot_config_checks(module, settings, where, root)
+    return None
+
+
+def unchecked_config_note(folder: Mapping[str, Any], where: str) -> str:
+    """The note for a folder's config file held against nothing: the settings it records that may change
+    the outputs, the forward's own (an eps, an activation, a head count) first.
+
+    >>> unchecked_config_note({"writer": "open_clip", "file": "open_clip_config.json", "settings":
+    ...     {"model_cfg": {"embed_dim": 16, "quick_gelu": True}}}, "folder 'f'")  # doctest: +ELLIPSIS
+    "folder 'f''s open_clip_config.json (open_clip's) records how the model was built (embed_dim=16, quick_gelu=True), ...
+    """
+    writer, file, settings = folder.get("writer"), folder.get("file"), folder.get("settings") or {}
+    kept = _MODEL_SETTINGS.get(str(writer))
+    flat = _flat({k: v for k, v in settings.items() if kept is None or k in kept})
+    if kept is not None:  # the part named for what it holds (model_cfg.quick_gelu): its setting's own name
+        flat = [
+            (k.partition(".")[2] if k.startswith(("model_cfg.", "model_args.")) else k, v) for k, v in flat
+        ]
+    flat.sort(key=lambda kv: not _FORWARD.search(kv[0].rpartition(".")[2]))
+    shown = ", ".join(f"{k}={_short(v)}" for k, v in flat[:10]) + (
+        f" and {len(flat) - 10} more" if len(flat) > 10 else ""
+    )
+    return (
+        f"{where}'s {file} ({writer + chr(39) + 's' if writer else 'of no project weightport knows'}) records "
+        f"how the model was built ({shown or 'no settings'}), and the model keeps no record of its own to hold "
+        f"it against: settings that change the outputs while every weight fits (an activation, an eps, a head "
+        f"count, a pooling) are not checked. Fix: {_FIXES.get(str(writer), 'build the model with these settings')}"
+    )
+
+
+def _flat(settings: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``settings`` as (dotted key, value), nested dicts opened; private (``_``) and training-only ones left
+    out."""
+    found: list[tuple[str, Any]] = []
+    for key, value in settings.items():
+        if str(key).startswith("_") or _ignored(str(key), settings):
+            continue
+        if isinstance(value, Mapping):
+            found += _flat(value, f"{prefix}{key}.")
+        else:
+            found.append((prefix + str(key), value))
+    return found
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _diffusers_checks(
+    module: nn.Module, recorded: dict[str, Any], where: str
+) -> tuple[list[Problem], list[str]] | None:
+    """A diffusers folder's config.json against the diffusers model's ``config`` (every constructor argument,
+    as ``register_to_config`` records them), settings config.json leaves out at the class's defaults, as
+    ``from_pretrained`` builds them."""
+    model = next(
+        (
+            sub
+            for sub in module.modules()
+            if getattr(type(sub), "config_name", None) == "config.json"
+            and isinstance(getattr(sub, "config", None), Mapping)
+        ),
+        None,
+    )
+    if model is None:
+        return None
+    built = {k: v for k, v in getattr(model, "config").items() if not str(k).startswith("_")}  # noqa: B009
+    defaults = _defaults(type(model))
+    given = {k: v for k, v in recorded.items() if not str(k).startswith("_")}
+    filled = {**{k: v for k, v in defaults.items() if k in built}, **given}
+    problems, fix = [], _FIXES["diffusers"]
+    kind = recorded.get("_class_name")
+    if kind and kind != type(model).__name__:
+        problems.append(
+            Problem(
+                "config._class_name",
+                f"a {kind}, as {where}'s config.json records the model",
+                f"a {type(model).__name__}: a model of another class, whose forward may differ with the same "
+                "tensors",
+                f"build a {kind} ({kind}.from_pretrained(folder))",
+            )
+        )
+    for key, value, own in config_differences(filled, built):
+        problems.append(_differs(key, value, f"{key}={own!r}", where, "config.json", fix))
+    lacking = [k for k in given if k not in built and not _ignored(k, given)]
+    notes = [
+        f"{where}'s config.json records settings the model's configuration does not have ({', '.join(lacking)}): "
+        "written by another diffusers version; whether the model reads them is not checked"
+    ]
+    return problems, notes if lacking else []
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The defaults of ``cls``'s constructor arguments (what diffusers builds a setting config.json leaves
+    out with)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()  # type: ignore[misc]
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def _timm_checks(
+    module: nn.Module, recorded: dict[str, Any], where: str
+) -> tuple[list[Problem], list[str]] | None:
+    """A timm folder's config.json (``timm.models.push_to_hf_hub``'s: ``architecture``, ``model_args``)
+    against the timm model's ``pretrained_cfg['architecture']`` and the arguments ``timm.create_model``
+    recorded (timm's own ``get_model_args``, as the file's were written)."""
+    model = next(
+        (
+            sub
+            for sub in module.modules()
+            if "architecture" in (_mapping(getattr(sub, "pretrained_cfg", None)) or {})
+        ),
+        None,
+    )
+    if model is None:
+        return None
+    problems, notes, fix = [], [], _FIXES["timm"]
+    architecture, own = recorded.get("architecture"), (_mapping(model.pretrained_cfg) or {})["architecture"]
+    if architecture != own:
+        problems.append(
+            Problem(
+                "config.architecture",
+                f"a {architecture}, as {where}'s config.json records the model",
+                f"a {own}: another timm architecture, whose forward may differ with the same tensors (padding, "
+                "activations, norms)",
+                fix,
+            )
+        )
+    args, built = recorded.get("model_args"), _timm_args(model)
+    if not isinstance(args, Mapping) or built is None:
+        notes.append(
+            f"{where}'s config.json records "
+            + (
+                "no model_args"
+                if not isinstance(args, Mapping)
+                else "model_args, and the model keeps no record of its own (built by timm.create_model)"
+            )
+            + ": the model's arguments (activation, pooling, norms) are not checked"
+        )
+        return problems, notes
+    given = {**{k: recorded[k] for k in ("num_classes", "global_pool") if k in recorded}, **args}
+    for key, value, own_value in config_differences(given, built):
+        problems.append(_differs(key, value, f"{key}={own_value!r}", where, "config.json", fix))
+    given_to_timm = _mapping(getattr(model, "_model_args", None)) or {}
+    for key in sorted(set(given).symmetric_difference(built)):
+        if _ignored(key, given) or (key not in given and key not in given_to_timm):
+            continue  # a trait timm reports of every model (in_chans): older timm wrote none of them
+        if key in given:
+            problems.append(
+                _differs(
+                    key, given[key], f"{key} left at the architecture's default", where, "config.json", fix
+                )
+            )
+        else:
+            problems.append(
+                Problem(
+                    f"config.{key}",
+                    f"{key} at the architecture's default, as {where}'s config.json records none",
+                    f"the model was built with {key}={built[key]!r}: " + _reason(key),
+                    fix,
+                )
+            )
+    return problems, notes
+
+
+def _mapping(value: Any) -> Mapping[str, Any] | None:
+    return value if isinstance(value, Mapping) else None
+
+
+def _timm_args(model: nn.Module) -> dict[str, Any] | None:
+    """The arguments ``timm.create_model`` built ``model`` with, as timm writes them to config.json (its
+    ``get_model_args``: the recorded ``_model_args`` with the pooling and classes the model has now); None
+    where it recorded none (a model built by its class)."""
+    if not isinstance(getattr(model, "_model_args", None), Mapping):
+        return None
+    reader = getattr(sys.modules.get("timm.models._input"), "get_model_args", None)  # imported: timm built it
+    try:
+        found = reader(model) if reader is not None else getattr(model, "_model_args")  # noqa: B009
+    except Exception:  # a timm whose reader fails on this model: what the factory recorded
+        found = getattr(model, "_model_args")  # noqa: B009
+    return dict(found)
 
 
 def _part_of(recorded: dict[str, Any], built: Mapping[str, Any]) -> dict[str, Any]:

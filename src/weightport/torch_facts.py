@@ -248,7 +248,10 @@ def broken_tie(module: nn.Module, name: str) -> str | None:
         config = getattr(sub, "config", None)
         if not (getattr(config, "tie_word_embeddings", False) and hasattr(sub, "get_output_embeddings")):
             continue
-        output, inputs = sub.get_output_embeddings(), sub.get_input_embeddings()
+        try:
+            output, inputs = sub.get_output_embeddings(), sub.get_input_embeddings()
+        except NotImplementedError:  # transformers' vision models: no token embeddings to tie
+            continue
         weight = getattr(output, "weight", None)
         if weight is None or weight is getattr(inputs, "weight", None):
             continue

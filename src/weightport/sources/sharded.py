@@ -118,8 +118,11 @@ def _open_shard(folder: Path, file_name: str, where: str) -> SafetensorsSource:
     )
 
 
-def _assemble(source: ShardedSource, where: str, expected: dict[str, str] | None) -> ShardedSource:
-    source.owner = placed(where, {f: shard.infos for f, shard in source.shards.items()}, expected)
+def _assemble(
+    source: ShardedSource, where: str, expected: dict[str, str] | None, folder: Path | None = None
+) -> ShardedSource:
+    held = {f: shard.infos for f, shard in source.shards.items()}
+    source.owner = placed(where, held, expected, folder=folder)
     source.infos = {name: source.shards[f].infos[name] for name, f in source.owner.items()}
     return source
 
@@ -128,11 +131,24 @@ _REFETCH = "Fix: download the snapshot again (its index and shards must be writt
 
 
 def placed(
-    where: str, held: Mapping[str, Iterable[str]], expected: Mapping[str, str] | None
+    where: str,
+    held: Mapping[str, Iterable[str]],
+    expected: Mapping[str, str] | None,
+    *,
+    folder: Path | None = None,
 ) -> dict[str, str]:
     """Each tensor name -> the shard file holding it, from ``held`` (file -> the names in it), where every
     name is in one shard only and, with an index's ``expected`` (name -> file), in the one it names, and
-    every name it lists is held."""
+    every name it lists is held. Files of ``folder`` holding the very same names are no shards of one model
+    but several readings of it (a variant beside the plain file): refused as such."""
+    held = {file_name: list(names) for file_name, names in held.items()}
+    if folder is not None and expected is None:
+        alike: dict[frozenset[str], list[str]] = {}
+        for file_name, names in held.items():
+            alike.setdefault(frozenset(names), []).append(file_name)
+        readings = next((files for names, files in alike.items() if names and len(files) > 1), None)
+        if readings is not None:
+            raise several_readings(folder, readings, "the same tensor names in")
     owner: dict[str, str] = {}
     for file_name, names in held.items():
         for name in names:
@@ -236,7 +252,7 @@ def _open_folder(source: ShardedSource, path: Path) -> None:
             f"{where}: its .safetensors files ({', '.join(links[:3])}) are symbolic links, {LINKS_NOT_FOLLOWED}."
         )
     source.description = f"{shard_count(len(source.shards))} in {where}"
-    _assemble(source, where, None)
+    _assemble(source, where, None, path)
 
 
 def _refuse_other_readings(
