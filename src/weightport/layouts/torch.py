@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from weightport.errors import LayoutError, a_or_an
+from weightport.errors import LayoutError
+from weightport.layouts import adapters
 from weightport.layouts.base import LayoutPlan, Rule, base_model_prefix
 from weightport.sources.base import Source
 from weightport.transforms import Transpose
@@ -108,7 +109,8 @@ def plan(
     model's part, its prefix (``bert.``) dropped; the head's tensors find no place. A transformers model with a
     ``_checkpoint_conversion_mapping`` (Llava's: ``save_pretrained`` writes the names older versions had)
     takes each name renamed by it as ``from_pretrained`` does (the first pattern that matches), where the
-    renamed name is the model's and the name itself is not; each such rule's origin says so."""
+    renamed name is the model's and the name itself is not; each such rule's origin says so. A PEFT adapter goes
+    by :mod:`weightport.layouts.adapters`: into a model with its layers as peft loads it, else refused."""
     _refuse_other_frameworks(source)
     mapping = dict(mapping or {})
     names = list(source.infos)
@@ -122,7 +124,9 @@ def plan(
             f"mapping names {said}, which the source ({source.description}) does not hold: mapping= renames the source's "
             "tensors to the module's names. Fix: key it by the source's names (weightport inspect FILE lists them)."
         )
-    _refuse_adapter(module, source, [n for n in names if n not in mapping])
+    adapter = adapters.plan(module, source, mapping, NAME)
+    if adapter is not None:
+        return adapter
     dropped = ""
     if any(n.startswith(WRAPPER_PREFIXES) for n in names):
         module_names = set(module.state_dict(keep_vars=True))
@@ -151,73 +155,6 @@ def plan(
             rules.append(Rule(target, (name,), origin=origin))
     _refuse_rescaled(module, rules)
     return LayoutPlan(name=NAME, rules=rules)
-
-
-# the modules a PEFT LoRA adapter adds to the layers it adapts (DoRA's magnitude vector too): its file holds
-# their tensors, low-rank updates to the base model's weights rather than weights of it
-_LORA_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
-# the prefixes of the tensors PEFT's other tuners add (IA3's ia3_l, LoHa's hada_w1_a, LoKr's lokr_w1, VeRA's
-# vera_lambda_b, OFT's oft_r, BOFT's boft_R; AdaLoRA's lora_E) -> the tuner, where a name is under PEFT's
-# base_model.model. prefix, as its save_pretrained writes them
-_TUNER_PREFIXES = {
-    "lora_": "LoRA", "ia3_": "IA3", "hada_": "LoHa", "lokr_": "LoKr", "vera_lambda_": "VeRA", "oft_": "OFT",
-    "boft_": "BOFT",
-}  # fmt: skip
-
-
-def _adapter_part(name: str) -> str | None:
-    """The PEFT tuner whose added tensor ``name`` is, or None.
-
-    >>> _adapter_part("q.lora_A.weight"), _adapter_part("base_model.model.q.hada_w1_a"), _adapter_part("q.ia3_l")
-    ('LoRA', 'LoHa', None)
-    """
-    parts = name.split(".")
-    if _LORA_PARTS.intersection(parts):
-        return "LoRA"
-    if not name.startswith("base_model.model."):
-        return None
-    return next((t for p, t in _TUNER_PREFIXES.items() for part in parts if part.startswith(p)), None)
-
-
-def _refuse_adapter(module: torch.nn.Module, source: Source, names: list[str]) -> None:
-    """A PEFT adapter (``adapter_model.safetensors``: ``...q_proj.lora_A.weight``, IA3's ``...q_proj.ia3_l``;
-    adapter_config.json in or beside it) into a module that has no such tensors (the base model): its tensors
-    update the model's weights, and its other ones (modules_to_save) alone would load a model without the
-    update."""
-    found = {n: _adapter_part(n) for n in names}
-    updates = [n for n, tuner in found.items() if tuner is not None]
-    kind = source.metadata.get("peft_type")
-    if not updates and kind is None:
-        return
-    own = [_adapter_part(n) for n in module.state_dict(keep_vars=True)]
-    if any(own) or (not updates and set(names) <= set(module.state_dict(keep_vars=True))):
-        return  # a module with the adapter's layers (PEFT's, or one's own) takes them by name
-    listed = updates or names
-    more = f" and {len(listed) - 1} more" if len(listed) > 1 else ""
-    tuner = next((t for t in found.values() if t), None)
-    said = _tuner_name(str(kind) if kind and kind != "unknown" else (tuner or "PEFT"))
-    what = (
-        "low-rank updates (lora_A, lora_B)"
-        if said.upper() in ("LORA", "ADALORA") and tuner == "LoRA"
-        else f"the {said} adapter's updates"
-    )
-    raise LayoutError(
-        f"{source.description} is {a_or_an(said)} adapter (PEFT): '{listed[0]}'{more} are {what} "
-        f"to the base model's weights, not weights of {type(module).__name__}, and the adapter's other tensors "
-        "alone would load a model without its update. Nothing was written. Fix: merge the adapter into the base "
-        "model with peft and load the result: merged = PeftModel.from_pretrained(base_model, adapter_folder)"
-        ".merge_and_unload(); merged.save_pretrained(folder); weightport.load(model, folder)."
-    )
-
-
-def _tuner_name(peft_type: str) -> str:
-    """PEFT's ``peft_type`` as its tuner is named (``"LOHA"`` is LoHa).
-
-    >>> _tuner_name("LOHA"), _tuner_name("LoRA"), _tuner_name("C3A")
-    ('LoHa', 'LoRA', 'C3A')
-    """
-    names = {t.upper(): t for t in _TUNER_PREFIXES.values()}
-    return names.get(peft_type.upper(), peft_type)
 
 
 def _refuse_rescaled(module: torch.nn.Module, rules: list[Rule]) -> None:
