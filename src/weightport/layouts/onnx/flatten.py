@@ -24,7 +24,7 @@ from weightport.call_order import CallOrder
 from weightport.errors import LayoutError
 from weightport.layouts.base import Rule
 from weightport.layouts.flattening import rows_as_channels_first, shown_flatten
-from weightport.layouts.onnx.graph import Graph, Layer, Node
+from weightport.layouts.onnx.graph import Graph, Layer, Node, raw_axes
 from weightport.layouts.pairing import Paired
 from weightport.transforms import Chain, Transpose
 
@@ -49,13 +49,76 @@ def _moves_channels_last(node: Node) -> bool:
 
 
 def _flattens(node: Node, graph: Graph) -> bool:
-    """A Flatten at axis 1, or a Reshape to two axes: every axis after the batch merged into one."""
+    """A Flatten at axis 1, or a Reshape to two axes: every axis after the batch merged into one. The target
+    shape may be computed (tf2onnx's for a dynamic batch: ``Concat`` of the batch, ``Gather``-ed and
+    ``Slice``-d from ``Shape(x)``, and a stored ``-1``): its length, the output's rank, is still fixed."""
     if node.op_type == "Flatten":
         return node.attr("axis", 1) == 1
-    if node.op_type != "Reshape":
-        return False
-    shape = graph.ints(node.input(1))
-    return shape is not None and len(shape) == 2
+    return node.op_type == "Reshape" and _length(node.input(1), graph) == 2
+
+
+def _length(name: str, graph: Graph, depth: int = 0) -> int | None:
+    """How many entries the 1-D integer tensor ``name`` has, where the graph fixes it: stored, or built by
+    ``Shape``, ``Gather``, ``Slice``, ``Unsqueeze``, ``Concat`` and ``Cast`` from tensors whose lengths are
+    fixed (their values may depend on the input); None otherwise (or for a scalar)."""
+    shape = _int_shape(name, graph, depth)
+    return shape[0] if shape is not None and len(shape) == 1 else None
+
+
+def _int_shape(name: str, graph: Graph, depth: int) -> tuple[int, ...] | None:
+    """The shape of the small integer tensor ``name`` (a target shape being built), or None."""
+    stored = graph.stored(name)
+    if stored is not None:
+        return tuple(int(n) for n in graph.source.infos[stored].shape)
+    node = graph.producers.get(name)
+    if node is None or depth > _MAX_STEPS:
+        return None
+    first = _int_shape(node.input(0), graph, depth + 1) if node.op_type != "Shape" else None
+    if node.op_type in ("Cast", "Identity"):
+        return first
+    if node.op_type == "Shape":
+        rank = _rank(node.input(0), graph)
+        kept = None if rank is None else range(rank)[node.attr("start", 0) : node.attr("end", rank)]
+        return None if kept is None else (len(kept),)
+    if node.op_type == "Concat" and node.attr("axis") in (0, -1):
+        parts = [_int_shape(part, graph, depth + 1) for part in node.inputs]
+        if all(part is not None and len(part) == 1 for part in parts):
+            return (sum(part[0] for part in parts if part is not None),)
+        return None
+    if node.op_type == "Gather" and first is not None and len(first) == 1 and node.attr("axis", 0) in (0, -1):
+        indices = graph.stored(node.input(1))
+        return None if indices is None else tuple(int(n) for n in graph.source.infos[indices].shape)
+    if node.op_type == "Unsqueeze" and first == () and raw_axes(node, graph) in ([0], [-1]):
+        return (1,)
+    if node.op_type == "Slice" and first is not None and len(first) == 1:
+        starts, ends = graph.ints(node.input(1)), graph.ints(node.input(2))
+        axes = graph.ints(node.input(3)) if node.input(3) else [0]
+        steps = graph.ints(node.input(4)) if node.input(4) else [1]
+        if starts is None or ends is None or axes not in ([0], [-1]) or steps is None or 0 in steps:
+            return None
+        return (len(range(first[0])[starts[0] : ends[0] : steps[0]]),)  # ONNX clamps as Python slices do
+    return None
+
+
+def _rank(name: str, graph: Graph) -> int | None:
+    """The rank of ``name`` where the graph fixes it: stored, a Conv's output (its weight's rank), or through
+    a Transpose or ops that keep their first input's axes; else None."""
+    for _ in range(_MAX_STEPS):
+        stored = graph.stored(name)
+        if stored is not None:
+            return len(graph.source.infos[stored].shape)
+        node = graph.producers.get(name)
+        if node is None:
+            return None
+        if node.op_type in ("Conv", "ConvTranspose"):
+            weight = graph.stored(node.input(1))
+            return None if weight is None else len(graph.source.infos[weight].shape)
+        if node.op_type == "Transpose" and node.attr("perm"):
+            return len(node.attr("perm"))
+        if node.op_type not in _KEEP_CHANNELS or node.op_type in ("Add", "Mul", "Sub", "Div", "PRelu"):
+            return None  # a binary op broadcasts: its rank may be its other input's
+        name = node.input(0)
+    return None
 
 
 def _channels(node: Node, graph: Graph) -> int | None:

@@ -1,0 +1,164 @@
+"""Graphs in the exact form tf2onnx writes them, made from real Keras weights, loaded into the PyTorch twin.
+
+- A Keras BatchNormalization tf2onnx does not fold (after a Conv2D with a bias, a DepthwiseConv2D, a Dense
+  without bias) is ``Mul`` then ``Add`` right after the layer's node: it loads into the model's BatchNorm
+  (it was refused as possibly folded, "after an activation"); a bias-free twin is refused saying to build
+  the layer with a bias, which then loads.
+- Conv -> Flatten -> Dense with a dynamic batch computes the ``Reshape``'s target shape (``Shape``,
+  ``Gather``, ``Slice``, ``Concat``): still a flatten to two axes (it loaded 8 off with
+  ``check_outputs=False``, the two readings unseen).
+- A Keras 3 GRU (``reset_after=True``) left in a ``Loop``: the refusal says so from the loop's weight
+  shapes (it blamed ``GRU(reset_after=False)``), and its fix (the Keras weights file) loads exactly.
+
+Oracles: onnxruntime's outputs of each graph, and Keras's own for the weights it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import weightport
+from conftest import refused
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+keras = pytest.importorskip("keras")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+EPS = 1e-3  # Keras's BatchNormalization default
+
+
+def _save(path: Path, nodes: list[Any], inits: dict[str, np.ndarray], x: list[Any], out: list[Any]) -> Path:
+    graph = helper.make_graph(
+        nodes,
+        "tf2onnx",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, x)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, out)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"input": x})[0])
+
+
+def _close(got: np.ndarray, expected: np.ndarray, tol: float = 1e-5) -> None:
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tol * max(1.0, float(np.abs(expected).max())))
+
+
+def _randomize(model: Any, rng: np.random.Generator) -> None:
+    for layer in model.layers:
+        values = []
+        for var, value in zip(layer.weights, layer.get_weights()):
+            low = 0.5 if ("variance" in var.path or "gamma" in var.path) else -1.0
+            values.append(rng.uniform(low, 1.5, value.shape).astype(value.dtype))
+        layer.set_weights(values)
+
+
+def _fresh(model: nn.Module, seed: int = 3) -> nn.Module:
+    """``model`` in eval() with random values everywhere, running statistics too (a kept one would show)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+# --- a flatten whose target shape the graph computes ---------------------------------------------------------
+
+
+def _keras_flat(rng: np.random.Generator) -> Any:
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(5, name="fc")(keras.layers.Flatten()(x)))
+    _randomize(model, rng)
+    return model
+
+
+def _tf2onnx_flat(path: Path, model: Any) -> Path:
+    """tf2onnx's graph of :func:`_keras_flat` for a dynamic batch (the probe's out/c1e_bNone.onnx): the
+    target shape is ``Concat(Slice(Cast(Gather(Shape(map), [0, 2, 3, 1])), 0, 1), [144])``."""
+    kernel, bias = model.get_layer("conv").get_weights()
+    dense, dense_bias = model.get_layer("fc").get_weights()
+    inits = {
+        "conv/kernel": kernel.transpose(3, 2, 0, 1).copy(),
+        "conv/Squeeze:0": bias,
+        "fc/kernel": dense,
+        "fc/bias": dense_bias,
+        "Const__28": np.array([0, 2, 3, 1], np.int64),
+        "const_axes__15": np.array([0], np.int64),
+        "const_ends__12": np.array([1], np.int64),
+        "const_fold_opt__30": np.array([144], np.int32),
+    }
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "conv/kernel", "conv/Squeeze:0"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["nhwc"], perm=[0, 2, 3, 1], name="Transpose__22"),
+        helper.make_node("Shape", ["r"], ["shape"]),
+        helper.make_node("Gather", ["shape", "Const__28"], ["nhwc_shape"]),
+        helper.make_node("Cast", ["nhwc_shape"], ["shape32"], to=TensorProto.INT32),
+        helper.make_node(
+            "Slice", ["shape32", "const_axes__15", "const_ends__12", "const_axes__15"], ["batch"]
+        ),
+        helper.make_node("Concat", ["batch", "const_fold_opt__30"], ["target32"], axis=0),
+        helper.make_node("Cast", ["target32"], ["target"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["nhwc", "target"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc/kernel"], ["mm"], name="fc/MatMul"),
+        helper.make_node("Add", ["mm", "fc/bias"], ["out"]),
+    ]
+    return _save(path, nodes, inits, ["N", 8, 8, 3], ["N", 5])
+
+
+class Flat(nn.Module):
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__()
+        self.conv, self.fc, self.channels_last = nn.Conv2d(3, 4, 3), nn.Linear(144, 5), channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x.permute(0, 3, 1, 2)))
+        return self.fc((y.permute(0, 2, 3, 1) if self.channels_last else y).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def flat(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, np.ndarray]:
+    rng = np.random.default_rng(14)
+    model = _keras_flat(rng)
+    path = _tf2onnx_flat(tmp_path_factory.mktemp("flat") / "flat.onnx", model)
+    return model, path, rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["torch-flatten", "permuted-flatten"])
+def test_a_computed_flatten_shape_is_still_a_flatten(
+    flat: tuple[Any, Path, np.ndarray], channels_last: bool
+) -> None:
+    keras_model, path, x = flat
+    refused(
+        _fresh(Flat(channels_last)),
+        path,
+        r"node 'fc/MatMul' \(MatMul\) reads a flattened channels-last map \(Transpose 'Transpose__22'.*"
+        r"\(positions, channels: 4\).*Fix: pass example_inputs=",
+        check_outputs=False,
+    )
+    model = _fresh(Flat(channels_last))
+    weightport.load(model, path, example_inputs=(torch.from_numpy(x),), check_outputs=False)
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    _close(got, _run(path, x))
+    _close(got, np.asarray(keras_model.predict(x, verbose=0)), 1e-4)
