@@ -162,3 +162,78 @@ def test_a_computed_flatten_shape_is_still_a_flatten(
         got = model(torch.from_numpy(x)).numpy()
     _close(got, _run(path, x))
     _close(got, np.asarray(keras_model.predict(x, verbose=0)), 1e-4)
+
+
+# --- a GRU left in a Loop ------------------------------------------------------------------------------------
+
+
+def test_a_gru_left_in_a_loop_is_named_from_its_weights_and_the_keras_file_loads(tmp_path: Path) -> None:
+    """tf2onnx 1.17 leaves a Keras 3 GRU (reset_after=True, the default) in a Loop whose loop-carried inputs
+    are its bias (2, 3H), kernel and recurrent kernel (the probe's out/c1f_GRU.onnx): the refusal says that,
+    and the fix it gives (the Keras weights file) loads into nn.GRU with Keras's outputs."""
+    rng = np.random.default_rng(15)
+    inputs = keras.Input((6, 3))
+    keras_model = keras.Model(
+        inputs, keras.layers.Dense(2, name="fc")(keras.layers.GRU(4, name="gru")(inputs))
+    )
+    _randomize(keras_model, rng)
+    kernel, recurrent, bias = keras_model.get_layer("gru").get_weights()
+    names = [
+        "gru/split/ReadVariableOp/resource:0",
+        "gru/Cast/ReadVariableOp/resource:0",
+        "gru/Cast_1/resource:0",
+    ]
+    carried = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ["h", *names]]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"])]
+        + [helper.make_node("Identity", [v.name], [f"{v.name}_out"]) for v in carried],
+        "while_body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            *carried,
+        ],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])]
+        + [helper.make_tensor_value_info(f"{v.name}_out", TensorProto.FLOAT, None) for v in carried],
+    )
+    inits = {
+        "max": np.array(6, np.int64),
+        "true": np.array(True),
+        "zeros": np.zeros((1, 4), np.float32),
+        names[0]: bias,
+        names[1]: kernel,
+        names[2]: recurrent,
+        "fc/kernel": keras_model.get_layer("fc").get_weights()[0],
+        "fc/bias": keras_model.get_layer("fc").get_weights()[1],
+    }
+    nodes = [
+        helper.make_node("Loop", ["max", "true", "zeros", *names], ["h", "b", "k", "r"], name="gru/while_loop",
+                         body=body),
+        helper.make_node("MatMul", ["h", "fc/kernel"], ["mm"], name="fc"),
+        helper.make_node("Add", ["mm", "fc/bias"], ["out"]),
+    ]  # fmt: skip
+    path = _save(tmp_path / "gru.onnx", nodes, inits, ["N", 6, 3], ["N", 2])
+
+    class Gru(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.gru(x)[1][-1])
+
+    error = refused(
+        _fresh(Gru()),
+        path,
+        r"Loop node 'gru/while_loop' runs the recurrence.*their shapes are a Keras GRU\(reset_after=True\)'s "
+        r"\(kernel \(3, 12\), recurrent kernel \(4, 12\), bias \(2, 12\)\).*Load the Keras weights file instead",
+    )
+    assert "computes what no PyTorch GRU does" not in str(error)
+    keras_model.save_weights(tmp_path / "model.weights.h5")
+    model = _fresh(Gru())
+    with pytest.warns(weightport.UncheckedConfigWarning, match="GRU 'gru'"):  # a .weights.h5 has no config
+        weightport.load(model, tmp_path / "model.weights.h5")
+    x = rng.standard_normal((2, 6, 3)).astype(np.float32)
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    _close(got, np.asarray(keras_model.predict(x, verbose=0)), 1e-4)

@@ -3,6 +3,8 @@ unrolled or left in a ``Loop``/``Scan``, a ``Gather`` along another axis, a batc
 
 from __future__ import annotations
 
+from collections import Counter
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -10,7 +12,7 @@ from weightport.errors import LayoutError, a_or_an
 from weightport.layouts.onnx.graph import Graph, Layer, Node, is_float
 from weightport.layouts.pairing import module_slots, slot_kind
 from weightport.sources.base import Source
-from weightport.torch_facts import RNN_KINDS, parametrized_fix
+from weightport.torch_facts import RNN_GATE_COUNT, RNN_KINDS, parametrized_fix
 
 __all__ = ["explain_unrolled_recurrence", "loop_hints", "unmapped_hints", "unread_hints"]
 
@@ -51,28 +53,97 @@ def explain_unrolled_recurrence(
 def loop_hints(module: nn.Module, layers: list[Layer], nodes: list[Node], source: Source) -> dict[str, str]:
     """Why a recurrent module got nothing when the graph runs its recurrence in a ``Loop`` or ``Scan``.
 
-    tf2onnx rewrites Keras LSTM and GRU(reset_after=True) into ONNX LSTM/GRU nodes, but leaves SimpleRNN,
-    GRU(reset_after=False) and masked layers as a loop whose body (a subgraph, not read here) multiplies
-    by weights passed in as the loop's inputs: nothing says which input is which gate's matrix.
+    tf2onnx rewrites the Keras recurrent layers its patterns match into ONNX LSTM/GRU nodes, and leaves the
+    rest (SimpleRNN, GRU(reset_after=False), masked layers, and layers it does not match, as it does not
+    Keras 3's GRU) as a loop whose body (a subgraph, not read here) multiplies by weights passed in as the
+    loop's inputs: nothing says which input is which gate's. Their shapes still say which Keras layer they
+    are (:func:`_keras_cell`).
     """
     loops = [node for node in nodes if node.op_type in ("Loop", "Scan")]
     found = {layer.kind for layer in layers}
     hints = {}
+    shown: set[int] = set()  # the loops named already: a module of the same sizes after is the next loop's
     for slot in module_slots(module):
         if not loops or slot.kind not in RNN_KINDS or slot.kind in found:
             continue
-        loop = loops[0]
-        weights = [n for n in loop.inputs if n in source.infos and len(source.infos[n].shape) >= 1]
+        shapes = {
+            loop.index: [tuple(source.infos[n].shape) for n in _loop_weights(loop, source)] for loop in loops
+        }
+        held = {loop.index: _keras_cell(slot.module, shapes[loop.index]) for loop in loops}
+        fitting = [lp for lp in loops if held[lp.index] is not None]  # this module's, by its sizes
+        loop = next((lp for lp in fitting if lp.index not in shown), fitting[0] if fitting else loops[0])
+        shown.add(loop.index)
+        weights = _loop_weights(loop, source)
+        holds, fix = held[loop.index] or (
+            "",
+            "Load the Keras weights file instead (weightport.load(model, 'model.weights.h5') maps SimpleRNN, "
+            "LSTM and GRU(reset_after=True); GRU(reset_after=False) computes what no PyTorch GRU does), or "
+            f"convert to ONNX from a model whose {slot.kind} becomes an ONNX {slot.kind} node",
+        )
         hints[slot.path] = (
             f"the graph has no ONNX {slot.kind} node: {loop.op_type} node '{loop.label}' runs the recurrence "
             f"step by step, its body (a subgraph, which weightport does not read) multiplying by "
-            f"{', '.join(repr(w) for w in weights[:4]) or 'tensors'} with nothing to say which is which gate's. "
-            "tf2onnx writes such loops for Keras SimpleRNN, GRU(reset_after=False) and masked layers. "
-            "Load the Keras weights file instead (weightport.load(model, 'model.weights.h5') maps SimpleRNN; "
-            "GRU(reset_after=False) computes what no PyTorch GRU does), or convert to ONNX from a model "
-            f"whose {slot.kind} becomes an ONNX {slot.kind} node"
+            + (", ".join(f"{w!r} {source.infos[w].shape}" for w in weights[:4]) or "tensors")
+            + f" with nothing to say which is which gate's{holds}. tf2onnx writes such loops for the Keras "
+            "recurrent layers it does not rewrite into ONNX LSTM and GRU nodes (SimpleRNN, "
+            "GRU(reset_after=False), masked layers, and others its patterns miss, as Keras 3's GRU). " + fix
         )
     return hints
+
+
+def _loop_weights(loop: Node, source: Source) -> list[str]:
+    """The stored tensors of one or more axes a loop takes as inputs (its weights)."""
+    return [n for n in loop.inputs if n in source.infos and len(source.infos[n].shape) >= 1]
+
+
+def _keras_cell(module: nn.Module, shapes: list[tuple[int, ...]]) -> tuple[str, str] | None:
+    """Where a loop's weights have the shapes of a Keras cell of ``module``'s sizes (kernel ``(in, gates *
+    hidden)``, recurrent kernel ``(hidden, gates * hidden)``, and the bias): which cell they are, and the
+    fix; else None. A GRU's bias tells its ``reset_after``: two rows (input and recurrent biases, as
+    ``nn.GRU`` holds them) for True, one for False.
+
+    >>> print(_keras_cell(nn.GRU(3, 4), [(2, 12), (3, 12), (4, 12)])[0])
+    : their shapes are a Keras GRU(reset_after=True)'s (kernel (3, 12), recurrent kernel (4, 12), bias (2, 12))
+    """
+    kind, hidden, inputs = (
+        slot_kind(module),
+        getattr(module, "hidden_size", 0),
+        getattr(module, "input_size", 0),
+    )
+    if kind not in RNN_KINDS:
+        return None
+    width = RNN_GATE_COUNT[kind] * hidden
+    have = Counter(shapes)
+    if (
+        not have[(inputs, width)]
+        or not have[(hidden, width)]
+        or have[(inputs, width)] + have[(hidden, width)] < 2
+    ):
+        return None  # both matrices: two of one shape where input_size is hidden_size
+    keras = {"RNN": "SimpleRNN", "LSTM": "LSTM", "GRU": "GRU"}[kind]
+    bias: tuple[int, ...]
+    if kind == "GRU" and (2, width) in shapes:
+        keras, bias = "GRU(reset_after=True)", (2, width)
+    elif kind == "GRU" and (width,) in shapes:
+        keras, bias = "GRU(reset_after=False)", (width,)
+    elif (width,) in shapes:
+        bias = (width,)
+    else:
+        return None
+    holds = (
+        f": their shapes are a Keras {keras}'s (kernel {(inputs, width)}, recurrent kernel {(hidden, width)}, "
+        f"bias {bias})"
+    )
+    if keras == "GRU(reset_after=False)":
+        return holds, (
+            "GRU(reset_after=False) computes what no PyTorch GRU does: rebuild the Keras layer with "
+            "reset_after=True (the default) and retrain, or write a custom cell"
+        )
+    return holds, (
+        f"Load the Keras weights file instead (weightport.load(model, 'model.weights.h5') maps its {keras} "
+        f"into this {type(module).__name__}), or convert to ONNX from a model whose {kind} becomes an ONNX "
+        f"{kind} node"
+    )
 
 
 def unmapped_hints(
