@@ -80,6 +80,185 @@ def _fresh(model: nn.Module, seed: int = 3) -> nn.Module:
     return model.eval()
 
 
+# --- a BatchNormalization written as Mul and Add -------------------------------------------------------------
+
+
+def _keras_cnn(rng: np.random.Generator) -> Any:
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(6, use_bias=False, name="fc1")(x)
+    x = keras.layers.BatchNormalization(name="bn3")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="fc2")(x))
+    _randomize(model, rng)
+    return model
+
+
+def _scale_shift(model: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """tf.nn.batch_normalization's eval form, as tf2onnx stores it: x * scale + (beta - mean * scale)."""
+    gamma, beta, mean, var = model.get_layer(name).get_weights()
+    scale = (gamma / np.sqrt(var + np.float32(EPS))).astype(np.float32)
+    return scale, (beta - mean * scale).astype(np.float32)
+
+
+def _tf2onnx_cnn(path: Path, model: Any, conv_bias: np.ndarray | None = None) -> Path:
+    """The graph tf2onnx 1.17 writes for :func:`_keras_cnn` (out/c1_cnn.onnx of the probe): Conv (bias kept),
+    then the BatchNorm as ``Mul`` by ``(1, C, 1, 1)`` and ``Add``; the Dense's as ``(6,)`` vectors."""
+    kernel, bias = model.get_layer("conv1").get_weights()
+    depthwise, dw_bias = model.get_layer("dw").get_weights()
+    inits = {
+        "conv1/kernel": kernel.transpose(3, 2, 0, 1).copy(),
+        "conv1/Squeeze:0": bias if conv_bias is None else conv_bias,
+        "dw/kernel": depthwise.transpose(2, 3, 0, 1).copy(),
+        "dw/Squeeze:0": dw_bias,
+        "fc1/kernel": model.get_layer("fc1").get_weights()[0],
+        "fc2/kernel": model.get_layer("fc2").get_weights()[0],
+        "fc2/bias": model.get_layer("fc2").get_weights()[1],
+        "axes": np.array([2, 3], np.int64),
+    }
+    for bn, shape in (("bn1", (1, 4, 1, 1)), ("bn2", (1, 4, 1, 1)), ("bn3", (6,))):
+        scale, shift = _scale_shift(model, bn)
+        inits[f"{bn}/batchnorm/mul:0"], inits[f"{bn}/batchnorm/sub:0"] = (
+            scale.reshape(shape),
+            shift.reshape(shape),
+        )
+
+    def norm(bn: str, x: str) -> list[Any]:
+        return [
+            helper.make_node(
+                "Mul", [x, f"{bn}/batchnorm/mul:0"], [f"{bn}/mul_1"], name=f"{bn}/batchnorm/mul_1"
+            ),
+            helper.make_node(
+                "Add", [f"{bn}/mul_1", f"{bn}/batchnorm/sub:0"], [bn], name=f"{bn}/batchnorm/add_1"
+            ),
+        ]
+
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node(
+            "Conv", ["nchw", "conv1/kernel", "conv1/Squeeze:0"], ["c1"], name="conv1", pads=[1] * 4
+        ),
+        *norm("bn1", "c1"),
+        helper.make_node("Relu", ["bn1"], ["r1"]),
+        helper.make_node(
+            "Conv", ["r1", "dw/kernel", "dw/Squeeze:0"], ["c2"], name="dw", group=4, pads=[1] * 4
+        ),
+        *norm("bn2", "c2"),
+        helper.make_node("Relu", ["bn2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pool"]),
+        helper.make_node("Squeeze", ["pool", "axes"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc1/kernel"], ["f1"], name="fc1"),
+        *norm("bn3", "f1"),
+        helper.make_node("MatMul", ["bn3", "fc2/kernel"], ["f2"], name="fc2"),
+        helper.make_node("Add", ["f2", "fc2/bias"], ["out"]),
+    ]
+    return _save(path, nodes, inits, ["N", 8, 8, 3], ["N", 3])
+
+
+class Cnn(nn.Module):
+    """The PyTorch twin of :func:`_keras_cnn` on NHWC input; ``bias``: whether the convs hold one."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=bias), nn.BatchNorm2d(4, eps=EPS)
+        self.dw, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=bias), nn.BatchNorm2d(4, eps=EPS)
+        self.fc1, self.bn3 = nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6, eps=EPS)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x.permute(0, 3, 1, 2))))
+        x = F.relu(self.bn2(self.dw(x)))
+        return self.fc2(self.bn3(self.fc1(x.mean((2, 3)))))
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, np.ndarray]:
+    rng = np.random.default_rng(11)
+    model = _keras_cnn(rng)
+    path = _tf2onnx_cnn(tmp_path_factory.mktemp("bn") / "cnn.onnx", model)
+    return model, path, rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["registered", "called"])
+def test_a_batchnorm_written_as_mul_and_add_loads_into_the_batchnorm_after_the_layer(
+    cnn: tuple[Any, Path, np.ndarray], example: bool
+) -> None:
+    keras_model, path, x = cnn
+    model = _fresh(Cnn())
+    with pytest.warns(
+        weightport.UncheckedConfigWarning, match=r"write.* as Mul and Add.*'bn1', 'bn2', 'bn3'"
+    ):
+        report = weightport.load(model, path, example_inputs=(torch.from_numpy(x),) if example else None)
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    _close(got, _run(path, x))
+    _close(got, np.asarray(keras_model.predict(x, verbose=0)), 1e-4)
+    for bn in ("bn1", "bn2", "bn3"):
+        scale, shift = _scale_shift(keras_model, bn)
+        module: Any = getattr(model, bn)
+        assert np.array_equal(module.weight.detach().numpy(), scale)
+        assert np.array_equal(module.bias.detach().numpy(), shift)
+        assert not module.running_mean.any() and module.num_batches_tracked == 0
+        assert torch.all(module.running_var == torch.tensor(1 - EPS))
+    assert np.array_equal(model.conv1.bias.detach().numpy(), keras_model.get_layer("conv1").get_weights()[1])
+    assert "BatchNorm as Mul and Add" in str(report)
+
+
+def test_a_bias_free_twin_is_refused_with_the_fix_that_loads(cnn: tuple[Any, Path, np.ndarray]) -> None:
+    """Folded, the BatchNorm would take the conv's bias and drop the Mul and Add; as those nodes, the conv
+    must add its bias itself. The refusal says so (not "after an activation"); the fix is the twin above."""
+    _, path, _ = cnn
+    error = refused(
+        _fresh(Cnn(bias=False)),
+        path,
+        r"'bn1' would be taken as a BatchNorm the exporter folded into 'conv1'.*right after it scale and shift.*"
+        r"'conv1' must add the node's bias 'conv1/Squeeze:0' itself\. Fix: build 'conv1' with bias=True",
+    )
+    assert "activation" not in str(error) and "Fix: build 'dw' with bias=True" in str(error)
+
+
+def test_a_zero_bias_leaves_both_readings_and_is_refused(tmp_path: Path) -> None:
+    """An all-zero bias fits a folded BatchNorm's shift as well as a bias-free conv: both readings stand."""
+    rng = np.random.default_rng(12)
+    path = _tf2onnx_cnn(tmp_path / "zero.onnx", _keras_cnn(rng), conv_bias=np.zeros(4, np.float32))
+    refused(
+        _fresh(Cnn(bias=False)),
+        path,
+        r"'bn1', the BatchNorm after 'conv1', reads two ways: as node 'bn1/batchnorm/mul_1' \(Mul\) and "
+        r"'bn1/batchnorm/add_1' \(Add\).*or as a BatchNorm the exporter folded into 'conv1'",
+    )
+
+
+def test_a_batchnorm_after_an_activation_is_refused_naming_it(tmp_path: Path) -> None:
+    """Mul and Add past a Relu: the model's modules cannot show whether its BatchNorm runs before or after."""
+    rng = np.random.default_rng(13)
+    inits = {
+        "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "b": rng.standard_normal(4).astype(np.float32),
+        "scale": rng.uniform(0.5, 1.5, (1, 4, 1, 1)).astype(np.float32),
+        "shift": rng.standard_normal((1, 4, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w", "b"], ["c"], name="conv", pads=[1] * 4),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Mul", ["r", "scale"], ["m"], name="mul"),
+        helper.make_node("Add", ["m", "shift"], ["out"], name="add"),
+    ]
+    path = _save(tmp_path / "after.onnx", nodes, inits, [1, 8, 8, 3], [1, 4, 8, 8])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    refused(
+        model,
+        path,
+        r"node 'mul' \(Mul\), 'add' \(Add\) after it, past 'relu' \(Relu\),.*after the activation",
+    )
+
+
 # --- a flatten whose target shape the graph computes ---------------------------------------------------------
 
 

@@ -22,7 +22,8 @@ What maps, and how:
   against ``eps``. Exporters fold an eval-mode BatchNorm into the Conv or Gemm
   before it: a module's BatchNorm with no node, right after the layer it was folded
   into, loads as its exact eval-mode equivalent (:mod:`.folding`), and the plan says
-  its training statistics are not in the file. A Conv bias the graph expands from a
+  its training statistics are not in the file; one tf2onnx writes as ``Mul`` and ``Add`` by
+  per-channel vectors right after the layer loads from those. A Conv bias the graph expands from a
   stored zero (the dynamo exporter without ``optimize``) is no bias.
 - ``nn.MultiheadAttention`` (one slot with its ``out_proj``): the packed in_proj ``MatMul``(+``Add``) and
   the out_proj ``Gemm``, tied by their stored names ``<path>.in_proj_bias`` and ``<path>.out_proj.weight``
@@ -107,6 +108,8 @@ from weightport.layouts.onnx.folding import (
     followers,
     refuse_dropped_arithmetic,
     statistics_note,
+    written_batchnorm,
+    written_rules,
 )
 from weightport.layouts.onnx.graph import Graph, Layer, read_nodes, weight_names
 from weightport.layouts.onnx.groupnorm import GROUP_NORM, check_group_norm
@@ -215,6 +218,7 @@ def plan(
     # a BatchNorm that a BatchNormalization node fills is no folded one
     taken = {pair.slot.label for pair in paired}
     folded: list[str] = []
+    written: list[str] = []  # BatchNorms the graph writes as Mul and Add
     folds: list[tuple[Layer, Slot, Slot]] = []  # (layer, its slot, the BatchNorm taken as folded into it)
     forward_notes = [
         f"{pair.slot.said} <- ONNX {layer.kind} node '{layer.node.label}': {note}"
@@ -234,6 +238,10 @@ def plan(
     for layer, pair in zip(layers, paired):
         bn, how = follow.get(pair.slot.label, (None, "")) if layer.kind in FOLDS_INTO else (None, "")
         bn = bn if bn is not None and bn.label not in taken else None
+        # a BatchNorm the graph writes as Mul and Add right after the layer (tf2onnx) is those nodes, not folded
+        arithmetic = (
+            None if bn is None or graph is None else written_batchnorm(layer, pair.slot, bn, graph, issues)
+        )
         rules += layer_rules(
             layer,
             pair,
@@ -241,14 +249,19 @@ def plan(
             issues,
             validated,
             unchecked,
-            folds=bn is not None,
+            folds=bn is not None and arithmetic is None,
             named=own_names,
             uses=uses,
             padded=padded,
         )
         if graph is not None:
             check_group_norm(layer, pair.slot, graph, issues, unchecked)
-        if bn is not None:
+        if bn is not None and arithmetic is not None:
+            more, shown = written_rules(layer, bn, how, arithmetic, source)
+            rules += more
+            pairings.append(shown)
+            written.append(bn.label)
+        elif bn is not None:
             more, pairing = fold_rules(layer, pair, bn, how, source, issues)
             rules += more
             if pairing is not None:
@@ -269,8 +282,8 @@ def plan(
     )
     rules, pairings = rules + more, pairings + shared
     issues.raise_if_any(target)
-    if folded:
-        unchecked.append(statistics_note(folded))
+    if folded or written:
+        unchecked.append(statistics_note(folded, written))
     if call_order is None:
         unchecked += _own_forwards(layers, paired)
     used = {s for rule in rules for s in rule.sources} | validated
