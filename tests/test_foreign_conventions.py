@@ -5,6 +5,8 @@ naming what it is, with a fix that works.
   not) is refused as an ml_dtypes array whose type is lost, not as a corrupt file.
 - A TensorFlow checkpoint or SavedModel is refused as one, with the restore that loads it.
 - ``layout='keras'`` on arrays Keras did not file says what the layout reads, up front.
+- Flax names joined by ``.`` load with ``layout='flax'``; names are told Flax's, Keras's or PyTorch's (joined
+  by ``/``) by their leaves, and the fix each hint gives loads them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +205,157 @@ def test_keras_layout_on_arrays_named_by_layer_says_what_it_reads(tmp_path: Path
     with pytest.warns(weightport.UncheckedConfigWarning, match="activation"):  # a weights file records none
         weightport.load(module, tmp_path / "model.weights.h5")
     _matches_keras(module, keras_model)
+
+
+# --- Flax names joined by '.', and other frameworks' names told apart by their leaves -------------------------
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6)
+        self.fc1, self.ln, self.fc2 = torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc2(self.ln(self.fc1(x)))
+
+
+def _flax_convnet() -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """A linen twin of :class:`_ConvNet`: its perturbed variables, an NHWC input and Flax's output."""
+    pytest.importorskip("jax")
+    linen = pytest.importorskip("flax.linen")
+    from _flax import flax_outputs
+
+    class Net(linen.Module):
+        @linen.compact
+        def __call__(self, x: Any) -> Any:
+            x = linen.Conv(6, (3, 3), padding=1, name="conv")(x)
+            x = linen.relu(linen.BatchNorm(use_running_average=True, epsilon=1e-5, name="bn")(x))
+            x = linen.Dense(8, name="fc1")(x.mean(axis=(1, 2)))
+            return linen.Dense(4, name="fc2")(linen.LayerNorm(epsilon=1e-5, name="ln")(x))
+
+    x = np.random.default_rng(3).standard_normal((2, 5, 5, 3)).astype(np.float32)
+    variables, expected = flax_outputs(Net(), x, seed=4)
+    variables["batch_stats"]["bn"]["var"] = np.abs(variables["batch_stats"]["bn"]["var"]) + 0.5
+    expected = np.asarray(Net().apply(variables, x))
+    return variables, x, expected
+
+
+def _torch_run(module: torch.nn.Module, x_nhwc: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module.eval()(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def _flat(variables: dict[str, Any], sep: str) -> dict[str, np.ndarray]:
+    from flax.traverse_util import flatten_dict
+
+    return {k: np.asarray(v) for k, v in flatten_dict(variables, sep=sep).items()}
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+def test_flax_names_joined_by_dots_load_with_layout_flax(tmp_path: Path, as_file: bool) -> None:
+    variables, x, expected = _flax_convnet()
+    arrays = _flat(variables, ".")
+    assert "params.conv.kernel" in arrays and "batch_stats.bn.mean" in arrays
+    source: Any = arrays
+    if as_file:
+        np.savez(tmp_path / "dotted.npz", **arrays)
+        source = tmp_path / "dotted.npz"
+    # without layout=, the names are told Flax's by their leaves (it was: unknown names, mapping=)
+    error = refused(
+        _ConvNet(), source, r"found Flax's names in .*\. Fix: pass layout='flax'", weightport.LoadError
+    )
+    assert str(error).index("(layout)") < str(error).index("kernel'") and "drop layout" not in str(error)
+    module = _ConvNet()
+    with warnings.catch_warnings():  # params carry no settings (epsilons, padding): noted, not checked
+        warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)
+        weightport.load(module, source, layout="flax")
+    assert np.abs(_torch_run(module, x) - expected).max() < 1e-5
+    # the same with the params alone (no batch_stats: the module's running statistics stay as they are)
+    params = _flat({"params": variables["params"]}, ".")
+    module = _ConvNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)
+        report = weightport.load(
+            module, {k.removeprefix("params."): v for k, v in params.items()}, layout="flax", strict=False
+        )
+    assert sorted(report.missing) == ["bn.running_mean", "bn.running_var"]
+    assert np.array_equal(module.fc1.weight.detach().numpy(), arrays["params.fc1.kernel"].T)
+    assert np.array_equal(module.ln.weight.detach().numpy(), arrays["params.ln.scale"])
+
+
+def test_flax_dotted_names_under_layout_keras_are_told_flax_not_pytorch() -> None:
+    variables, x, expected = _flax_convnet()
+    arrays = {**_flat(variables["params"], "."), **_flat(variables["batch_stats"], ".")}  # collections merged
+    # its biases are the model's own names; it was told "drop layout='keras'", which loaded the biases alone
+    error = refused(
+        _ConvNet(),
+        arrays,
+        r"expected names in the 'keras' layout, found Flax's names .*Fix: pass layout='flax'",
+        layout="keras",
+    )
+    assert "PyTorch state-dict names in" not in str(error)
+    module = _ConvNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", weightport.UncheckedConfigWarning)
+        weightport.load(module, arrays, layout="flax")
+    assert np.abs(_torch_run(module, x) - expected).max() < 1e-5
+
+
+def test_torch_names_joined_by_slashes_are_told_to_join_with_dots(rng: np.random.Generator) -> None:
+    reference = _ConvNet().eval()
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    for name, array in state.items():
+        if array.dtype == np.float32:
+            state[name] = (
+                rng.uniform(0.5, 1.5, array.shape)
+                if "running_var" in name
+                else rng.standard_normal(array.shape)
+            ).astype(np.float32)
+    arrays = {k.replace(".", "/"): v for k, v in state.items()}
+    error = refused(
+        _ConvNet(),
+        arrays,
+        r"found PyTorch's names joined by '/' in the given mapping \('conv/weight'\)\. Fix: join them with '\.'",
+    )
+    assert "layout='flax'" not in str(error)
+    module = _ConvNet()  # the fix, as written
+    weightport.load(module, {name.replace("/", "."): array for name, array in arrays.items()})
+    assert all(np.array_equal(t.numpy(), state[k]) for k, t in module.state_dict().items())
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    x = rng.standard_normal((2, 5, 5, 3)).astype(np.float32)
+    assert np.array_equal(_torch_run(module, x), _torch_run(reference, x))
+
+
+def test_keras_names_in_a_dict_are_told_keras_not_flax() -> None:
+    keras = pytest.importorskip("keras")
+    normed = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(5, name="d1"), keras.layers.LayerNormalization(name="ln")]
+    )
+    arrays = {
+        f"{layer.name}/{w.name}": np.asarray(w.numpy()) for layer in normed.layers for w in layer.weights
+    }
+    assert "ln/gamma" in arrays
+
+    class DenseNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.d1, self.ln = torch.nn.Linear(4, 5), torch.nn.LayerNorm(5, eps=1e-3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ln(self.d1(x))
+
+    for layout in (None, "flax"):  # Keras's gamma and beta are no Flax names: layout='flax' was not the fix
+        error = refused(
+            DenseNorm(),
+            arrays,
+            r"found Keras's names .*Fix: layout='keras' reads Keras's own files",
+            layout=layout,
+        )
+        assert "pass layout='flax'" not in str(error)
+    module = DenseNorm()  # the fix: the live model
+    weightport.load(module, normed)
+    x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    with torch.no_grad():
+        assert np.abs(module(torch.from_numpy(x)).numpy() - np.asarray(normed(x))).max() < 1e-5

@@ -226,13 +226,21 @@ def _planned_with_layout_hint(module: nn.Module, source: Source, options: LoadOp
 
 def _torch_names_hint(module: nn.Module, source: Source, options: LoadOptions) -> Problem | None:
     """The likely cause where ``layout=`` names another framework's layout and at least half the source's
-    names (it declares no layout of its own) are the model's state-dict names."""
+    names (it declares no layout of its own) are the model's state-dict names, none ending in that layout's
+    own leaves; or, in PyTorch's layout, where the names the model lacks end in another framework's."""
     layout, prefix = options.layout, options.prefix or ""
-    if layout in (None, "torch", "onnx") or detect_layout(source) != "torch":
+    if layout == "onnx" or detect_layout(source) != "torch":
         return None  # a file that declares its layout gets _layout_hint's word; arrays as onnx, the layout's
     wanted = {n[len(prefix) :] for n in unwrap(module).state_dict() if n.startswith(prefix)}
     names = list(source.infos)
     matched = [n for n in names if n in wanted]
+    if layout in (None, "torch"):  # where none matched, _layout_hint says it
+        return _foreign_names_hint(source, [n for n in names if n not in wanted]) if matched else None
+    from weightport.layouts.flax.facts import leaves_framework
+
+    framework = leaves_framework(names, layout)
+    if framework in ("flax", "keras"):  # Flax's fc1.kernel beside fc1.bias: no PyTorch names
+        return None if framework == layout else _foreign_names_hint(source, names, f"the '{layout}' layout")
     if not matched or len(matched) * 2 < len(names):
         return None
     return Problem(
@@ -254,14 +262,42 @@ def _layout_hint(source: Source, layout: str | None) -> Problem | None:
             f"layout='{layout}', but the file is in the '{declared}' layout",
             "drop layout= (weightport reads it from the file)",
         )
-    if (layout or declared) == "torch" and any("/" in name for name in source.infos):
-        return Problem(
-            "(layout)",
-            "PyTorch state-dict names (dotted: 'encoder.weight')",
-            f"'/'-joined names in {source.description} ('{next(n for n in source.infos if '/' in n)}')",
-            "pass layout='flax' for a Flax/JAX pytree or a flat Flax .npz",
+    return _foreign_names_hint(source, list(source.infos)) if (layout or declared) == "torch" else None
+
+
+def _foreign_names_hint(source: Source, names: list[str], layout: str = "") -> Problem | None:
+    """Why ``names`` are not in ``layout`` (PyTorch's by default), where their leaves or ``/`` show it."""
+    from weightport.layouts.flax.facts import leaves_framework
+
+    framework, joined = leaves_framework(names), [n for n in names if "/" in n]
+    expected = f"names in {layout}" if layout else "PyTorch state-dict names (dotted: 'encoder.weight')"
+    if framework in ("flax", "keras"):
+        shown = ", ".join(repr(n) for n in sorted(names, key=lambda n: n.endswith("bias"))[:2])
+        found = f"{'Flax' if framework == 'flax' else 'Keras'}'s names in {source.description} ({shown}"
+        fix = (
+            "pass layout='flax' for a Flax/JAX pytree or a flat Flax .npz (names joined by '/' or '.')"
+            if framework == "flax"
+            else "layout='keras' reads Keras's own files and models, not arrays named by layer: pass the live "
+            "Keras model, weightport.load(module, keras_model), or save it with "
+            "keras_model.save_weights('model.weights.h5') and load that file"
         )
-    return None
+        return Problem("(layout)", expected, f"{found}{' ...' if len(names) > 2 else ''})", fix)
+    if not joined:
+        return None
+    found, fix = (
+        (
+            "PyTorch's names joined by '/'",
+            "join them with '.': pass {name.replace('/', '.'): array for name, "
+            "array in arrays.items()} (dict(np.load(path)) holds an .npz's arrays)",
+        )
+        if framework == "torch"
+        else (
+            "'/'-joined names",
+            "rename them to the module's state-dict names (module.state_dict() lists "
+            "them; mapping= renames), or pass layout= for the framework that wrote them",
+        )
+    )
+    return Problem("(layout)", expected, f"{found} in {source.description} ('{joined[0]}')", fix)
 
 
 def _prefix_hint(source: Source, module_names: list[str]) -> Problem | None:

@@ -1,7 +1,7 @@
 """The Flax layout: linen and nnx params (``(in, out)`` kernels, one Dense per gate) into PyTorch.
 
-A Flax pytree (from a msgpack file, a flat ``.npz`` with ``/``-joined keys, a
-nested dict / ``FrozenDict``, or an nnx ``State``) is walked in its own order and
+A Flax pytree (from a msgpack file, a flat ``.npz`` with ``/``-joined keys, or ``.``-joined where
+:func:`.tree.separator` says, a nested dict / ``FrozenDict``, or an nnx ``State``) is walked in its own order and
 each layer is recognised by the names of its children, wherever it sits:
 ``<attr>/cell/...`` for ``nn.RNN(cell)`` attributes, ``LSTMCell_0/...`` for cells
 bound inside ``@nn.compact``, with or without the ``params/`` and
@@ -110,7 +110,7 @@ from weightport.layouts.flax.settle import (
     settle_lone_bias,
     settle_norm_kinds,
 )
-from weightport.layouts.flax.tree import base_model_part, name_paths, recorded_order
+from weightport.layouts.flax.tree import base_model_part, name_paths, recorded_order, separator
 from weightport.layouts.pairing import (
     Paired,
     Slot,
@@ -208,7 +208,8 @@ def plan(
     own, own_pairings = loose_rules(module, source, {s for rule in rules for s in rule.sources}, inside)
     rules += own
     used = {s for rule in rules for s in rule.sources}
-    training = [n for n in names if n not in used and n.split("/", 1)[0] in TRAINING_STATE]
+    sep = separator(names)
+    training = [n for n in names if n not in used and n.split(sep, 1)[0] in TRAINING_STATE]
     settings, snapshot = unchecked(list(zip(layers, paired))), "snapshot_config" in source.metadata
     return LayoutPlan(
         name=NAME,

@@ -23,7 +23,7 @@ from weightport.errors import UnsupportedConfigError
 from weightport.layouts.flax.attention import ATTENTION, PROJECTIONS, Heads, attention_node
 from weightport.layouts.flax.cells import CELLS, GATE_NAME, UNSUPPORTED_CELLS, CellSpec, with_article
 from weightport.layouts.flax.facts import ROOT, STATS
-from weightport.layouts.flax.tree import Tree, leaves_of, model_tree, ordered, tree_of
+from weightport.layouts.flax.tree import Tree, leaves_of, model_tree, ordered, separator, tree_of
 from weightport.sources.base import Source
 
 __all__ = ["Layer", "layers_in", "DENSE_GENERAL"]
@@ -37,7 +37,8 @@ _LIFTED = re.compile(r"^(Scan|Vmap)[A-Z]\w*_\d+$")  # linen's auto name of nn.sc
 def layers_in(source: Source) -> list[Layer]:
     """The Flax layers of ``source``, in the tree's order (numbered siblings in numeric order)."""
     layers: list[Layer] = []
-    _find_layers(model_tree(tree_of(list(source.infos))), "", source, layers)
+    names = list(source.infos)
+    _find_layers(model_tree(tree_of(names, separator(names))), "", source, layers)
     return layers
 
 

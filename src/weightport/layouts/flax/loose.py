@@ -28,7 +28,7 @@ from torch import nn
 
 from weightport.layouts.base import Pairing, Rule
 from weightport.layouts.flax.facts import FRAMEWORK
-from weightport.layouts.flax.tree import leaves_of, model_tree, name_paths, tree_of
+from weightport.layouts.flax.tree import leaves_of, model_tree, name_paths, separator, tree_of
 from weightport.layouts.slots import module_slots
 from weightport.layouts.torch import weight_norm_name, weight_normed
 from weightport.sources.base import Source
@@ -58,7 +58,8 @@ def loose_rules(
     with ``inside``, only those under that top-level name, named without it (a base model's part)."""
     state = module.state_dict(keep_vars=True)
     layered = {slot.path for slot in module_slots(module) if not slot.kind.startswith("other:")}
-    leaves = leaves_of(model_tree(tree_of(list(source.infos))))
+    names = list(source.infos)
+    leaves = leaves_of(model_tree(tree_of(names, separator(names))))
     # a node holding weight_g and weight_v is a weight-normed layer no layer rule reads: its bias too
     normed = {p.rpartition("/")[0] for p in leaves if p.endswith("/weight_g")}
     normed &= {p.rpartition("/")[0] for p in leaves if p.endswith("/weight_v")}

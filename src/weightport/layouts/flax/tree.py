@@ -1,4 +1,4 @@
-"""The Flax pytree as it comes: nested by ``/``-joined names, nnx variables unwrapped, collections merged,
+"""The Flax pytree as it comes: nested by ``/``-joined names (``.``-joined where :func:`separator` says), nnx variables unwrapped, collections merged,
 and what its names record (Flax's creation order; the module paths they may name).
 
 >>> tree = tree_of(["params/Dense_0/kernel", "params/Dense_0/bias", "batch_stats/BatchNorm_0/mean"])
@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from weightport.layouts.base import base_model_prefix
-from weightport.layouts.flax.facts import COLLECTIONS
+from weightport.layouts.flax.facts import COLLECTIONS, leaves_framework
 
 __all__ = [
     "Tree",
+    "separator",
     "tree_of",
     "model_tree",
     "recorded_order",
@@ -29,15 +30,29 @@ __all__ = [
 Tree = dict[str, "Tree | str"]  # a node's children; a leaf is its full source name
 
 
-def tree_of(names: Sequence[str]) -> Tree:
-    """Nested dicts from ``/``-joined names, in order; a name clashing with a folder is left out.
+def separator(names: Sequence[str]) -> str:
+    """What joins the paths of ``names``: ``/`` (Flax's own files, weightport's flat ``.npz``), or ``.``
+    where no name holds a ``/`` and the ``.``-joined names end in Flax's own leaves, no other framework's
+    (``flax.traverse_util.flatten_dict(params, sep=".")``: ``fc1.kernel``, ``ln.scale``). A ``/``-less
+    reading would make every such name a parameter of the root module named ``fc1.kernel``.
+
+    >>> separator(["fc1.kernel", "fc1.bias"]), separator(["fc1.weight", "fc1.bias"]), separator(["a.b/kernel"])
+    ('.', '/', '/')
+    """
+    if any("/" in name for name in names) or not any("." in name for name in names):
+        return "/"
+    return "." if leaves_framework(names) == "flax" else "/"
+
+
+def tree_of(names: Sequence[str], sep: str = "/") -> Tree:
+    """Nested dicts from names joined by ``sep``, in order; a name clashing with a folder is left out.
 
     nnx variables stored as their own pytree (``kernel/value``) become leaves (see :func:`_unwrap`).
     """
     root: Tree = {}
     for name in names:
         node = root
-        parts = name.split("/")
+        parts = name.split(sep)
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
