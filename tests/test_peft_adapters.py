@@ -71,11 +71,13 @@ def _saved(folder: Path, config: Any) -> torch.Tensor:
 
 
 def _load(model: Any, source: Any, **options: Any) -> Any:
-    with (
-        warnings.catch_warnings()
-    ):  # the base model's config.json is no part of an adapter (noted, not checked)
-        warnings.simplefilter("ignore", UserWarning)
-        return weightport.load(model, source, **options)
+    """weightport.load, with no word that the model's configuration went unchecked: an adapter records its
+    own settings (adapter_config.json, held against peft_config), not the base model's."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", weightport.UncheckedConfigWarning)
+        report = weightport.load(model, source, **options)
+    assert not [w for w in caught if issubclass(w.category, weightport.UncheckedConfigWarning)]
+    return report
 
 
 ADAPTERS = {

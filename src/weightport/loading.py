@@ -100,7 +100,9 @@ def plan_load(module: nn.Module, source: Source, options: LoadOptions) -> Plan:
         if folder is not None:  # never dropped silently
             note: str | None = unchecked_config_note(folder, source.description)
         else:
-            note = None if plan.layout.config_unchecked else unrecorded_config_note(scope, source.description)
+            # an adapter records its own settings (adapter_config.json, held against peft_config), not the model's
+            recorded = plan.layout.config_unchecked or "peft_type" in source.metadata
+            note = None if recorded else unrecorded_config_note(scope, source.description)
         plan.layout.unchecked += [note] if note else []
     else:
         plan.problems += checked[0]
