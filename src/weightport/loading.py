@@ -215,8 +215,8 @@ def _planned_with_layout_hint(module: nn.Module, source: Source, options: LoadOp
     state-dict names of the model's own, read as Keras, Flax or ONNX) says so first."""
     try:
         plan = plan_load(module, source, options)
-    except LayoutError as e:
-        hint = _torch_names_hint(module, source, options)
+    except LayoutError as e:  # in PyTorch's own layout, the layout's refusal is the more specific word
+        hint = None if options.layout in (None, "torch") else _torch_names_hint(module, source, options)
         if hint is None:
             raise
         raise LoadError([hint], target=_describe(module)) from e
