@@ -359,3 +359,36 @@ def test_keras_names_in_a_dict_are_told_keras_not_flax() -> None:
     x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
     with torch.no_grad():
         assert np.abs(module(torch.from_numpy(x)).numpy() - np.asarray(normed(x))).max() < 1e-5
+
+
+class _NamedLikeFlax(torch.nn.Module):
+    """A PyTorch module whose own parameters end in Flax's leaves (``kernel``, ``scale``)."""
+
+    def __init__(self, dense: str, norm: str) -> None:
+        super().__init__()
+        self.add_module(dense, torch.nn.Module())
+        self.add_module(norm, torch.nn.Module())
+        self.get_submodule(dense).kernel = torch.nn.Parameter(torch.randn(4, 4))
+        self.get_submodule(norm).scale = torch.nn.Parameter(torch.randn(4))
+        self.names = (dense, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense, norm = (self.get_submodule(name) for name in self.names)
+        return (x * norm.scale) @ dense.kernel
+
+
+def test_names_ending_in_the_models_own_leaves_are_not_told_flax(tmp_path: Path) -> None:
+    """A module of the user's own with parameters named kernel and scale, saved and loaded into one whose
+    layers are named otherwise: the refusal asks for the rename, which loads it (it said 'pass
+    layout='flax'', which then failed to pair anything)."""
+    saved = _NamedLikeFlax("proj", "norm")
+    np.savez(tmp_path / "w.npz", **{k: v.detach().numpy() for k, v in saved.state_dict().items()})
+    model = _NamedLikeFlax("fc", "ln")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(weightport.LoadError) as caught:
+        weightport.load(model, tmp_path / "w.npz")
+    assert "layout='flax'" not in str(caught.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    weightport.load(model, tmp_path / "w.npz", mapping={"proj.kernel": "fc.kernel", "norm.scale": "ln.scale"})
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), saved(x))

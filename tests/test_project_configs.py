@@ -10,6 +10,7 @@ the oracle is the source model's forward.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -246,6 +247,22 @@ def test_a_config_of_no_known_project_is_reported_not_dropped(tmp_path: Path) ->
         UncheckedConfigWarning, match=r"activation_function='torch\.nn\.modules\.activation\.Tanh'"
     ):
         weightport.load(nn.Linear(4, 3), tmp_path)
+
+
+def test_a_users_own_config_with_a_model_type_is_not_called_transformers(tmp_path: Path) -> None:
+    """model_type alone, beside a weights file transformers does not name its own: the user's config is
+    reported as of no project weightport knows (it was called a transformers snapshot, with
+    AutoConfig.from_pretrained as the fix, which raises for its model_type)."""
+    source = _randomized(nn.Linear(4, 3), 0)
+    safetensors_torch.save_file(source.state_dict(), str(tmp_path / "weights.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mlp", "hidden_size": 8}))
+    model = nn.Linear(4, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UncheckedConfigWarning)
+        weightport.load(model, tmp_path)
+    said = " ".join(str(w.message) for w in caught if issubclass(w.category, UncheckedConfigWarning))
+    assert "hidden_size=8" in said and "transformers" not in said and "AutoConfig" not in said
+    assert torch.equal(model.weight, source.weight) and torch.equal(model.bias, source.bias)
 
 
 def test_a_peft_adapter_beside_a_snapshot_is_another_reading(tmp_path: Path) -> None:

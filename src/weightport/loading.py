@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import gc
 import math
+import re
 import time
 import warnings
 from collections import Counter
@@ -189,7 +190,8 @@ def _explain_nothing_matched(
 ) -> None:
     """With nothing planned: the likely cause goes first, before one problem per name; and a
     ``strict=False`` load that would write nothing from a non-empty source is a problem itself."""
-    hint = _layout_hint(source, layout) or _prefix_hint(source, list(scope.state_dict(keep_vars=True)))
+    own = list(scope.state_dict(keep_vars=True))
+    hint = _layout_hint(source, layout, own) or _prefix_hint(source, own)
     if plan.problems:
         if hint is not None:
             plan.problems.insert(0, hint)
@@ -237,12 +239,16 @@ def _torch_names_hint(module: nn.Module, source: Source, options: LoadOptions) -
     names = list(source.infos)
     matched = [n for n in names if n in wanted]
     if layout in (None, "torch"):  # where none matched, _layout_hint says it
-        return _foreign_names_hint(source, [n for n in names if n not in wanted]) if matched else None
+        return _foreign_names_hint(source, [n for n in names if n not in wanted], wanted) if matched else None
     from weightport.layouts.flax.facts import leaves_framework
 
     framework = leaves_framework(names, layout)
     if framework in ("flax", "keras"):  # Flax's fc1.kernel beside fc1.bias: no PyTorch names
-        return None if framework == layout else _foreign_names_hint(source, names, f"the '{layout}' layout")
+        return (
+            None
+            if framework == layout
+            else _foreign_names_hint(source, names, wanted, f"the '{layout}' layout")
+        )
     if not matched or len(matched) * 2 < len(names):
         return None
     return Problem(
@@ -254,7 +260,7 @@ def _torch_names_hint(module: nn.Module, source: Source, options: LoadOptions) -
     )
 
 
-def _layout_hint(source: Source, layout: str | None) -> Problem | None:
+def _layout_hint(source: Source, layout: str | None, own: Collection[str]) -> Problem | None:
     """Why no name matched, when the layout is the likely cause."""
     declared = detect_layout(source)
     if layout is not None and layout != declared and declared != "torch":
@@ -264,14 +270,22 @@ def _layout_hint(source: Source, layout: str | None) -> Problem | None:
             f"layout='{layout}', but the file is in the '{declared}' layout",
             "drop layout= (weightport reads it from the file)",
         )
-    return _foreign_names_hint(source, list(source.infos)) if (layout or declared) == "torch" else None
+    return _foreign_names_hint(source, list(source.infos), own) if (layout or declared) == "torch" else None
 
 
-def _foreign_names_hint(source: Source, names: list[str], layout: str = "") -> Problem | None:
-    """Why ``names`` are not in ``layout`` (PyTorch's by default), where their leaves or ``/`` show it."""
+def _foreign_names_hint(
+    source: Source, names: list[str], own: Collection[str], layout: str = ""
+) -> Problem | None:
+    """Why ``names`` are not in ``layout`` (PyTorch's by default), where their leaves or ``/`` show it; leaves
+    the model's own names (``own``) end in too (a parameter named ``kernel``) show nothing."""
     from weightport.layouts.flax.facts import leaves_framework
 
     framework, joined = leaves_framework(names), [n for n in names if "/" in n]
+    own_leaves = {name.rpartition(".")[2] for name in own}
+    if framework in ("flax", "keras") and framework != leaves_framework(
+        [n for n in names if re.split(r"[/.]", n)[-1] not in own_leaves]
+    ):
+        framework = None  # only leaves the model's own names end in too: PyTorch names of a module named so
     expected = f"names in {layout}" if layout else "PyTorch state-dict names (dotted: 'encoder.weight')"
     if framework in ("flax", "keras"):
         shown = ", ".join(repr(n) for n in sorted(names, key=lambda n: n.endswith("bias"))[:2])

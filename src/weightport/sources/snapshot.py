@@ -142,7 +142,11 @@ def config_writer(file: str, config: dict[str, Any], names: list[str]) -> str | 
         return "open_clip"
     if "_class_name" in config or "_diffusers_version" in config:
         return "diffusers"
-    if any(k in config for k in ("model_type", "transformers_version", "architectures")):
+    # model_type alone is a user's own config too: with it, a weights file transformers names its own
+    transformers_files = any(not (weights_file(n) or "diffusion").startswith("diffusion") for n in names)
+    if any(k in config for k in ("transformers_version", "architectures")) or (
+        "model_type" in config and transformers_files
+    ):
         return "sentence-transformers" if "modules.json" in names else "transformers"
     if "architecture" in config and ("model_args" in config or "pretrained_cfg" in config):
         return "timm"
