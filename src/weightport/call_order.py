@@ -204,6 +204,8 @@ class _Dataflow(TorchFunctionMode):
             made = regroup(self.axes_of(first), tuple(first.shape), tuple(out.shape))
         elif name in ("linear", "bilinear") and out.dim() == first.dim():
             made = (*self.axes_of(first)[:-1], (("c", int(out.shape[-1])),))
+        elif name == "embedding" and out.dim() == first.dim() + 1:  # the indices' axes, then the features
+            made = (*self.axes_of(first), (("c", int(out.shape[-1])),))
         elif first in self.axes and (
             out.shape == first.shape or (out.dim() == first.dim() and name in _SAME_AXES)
         ):

@@ -381,11 +381,19 @@ def _readings(said: str, flat: FlatMap, items: str = "kernel's rows") -> str:
         if _channels_last(roles)
         else "a channels-first map"
         if _channels_first(roles)
+        else "features over the input's positions"
+        if not _spatial(roles)
         else "a map"
     )
     head = f"{said} reads {flat.kind} '{flat[0]}' of {what}{shape}: its {items} run {said_axes(roles)}"
     if "c" not in roles:
         return f"{head}, as a model that flattens the same array reads them; the weights fit any order"
+    if not _spatial(roles):  # features over the input's own axes (an Embedding's, a Dense's): no map
+        return (
+            f"{head}. A PyTorch model that flattens them as they are (torch.flatten(x, 1)) reads them so, one "
+            f"that moves the features first (x.transpose(1, 2).flatten(1), as before a Conv1d) reads them "
+            f"{said_axes(('c', *(r for r in roles if r != 'c')))}; the weights fit both and the outputs differ"
+        )
     return (
         f"{head}. A PyTorch model that flattens its NCHW map (torch.flatten(x, 1), as torchvision's VGG does) "
         f"reads them {said_axes(('c', *_spatial(roles)))}, one that permutes channels-last first "
