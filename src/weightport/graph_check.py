@@ -40,6 +40,7 @@ from weightport.outputs import (
 )
 from weightport.plan import Plan
 from weightport.sources.base import Source
+from weightport.sources.onnx import BFLOAT16, ONNX_DTYPES
 from weightport.tensors import as_torch
 
 __all__ = ["compare_with_graph", "outputs_agree", "AUTOMATIC_LIMIT"]
@@ -47,9 +48,11 @@ __all__ = ["compare_with_graph", "outputs_agree", "AUTOMATIC_LIMIT"]
 # Random inputs are made (and the graph run without being asked) for models up to this size; above it the
 # run, which holds the graph's weights a second time, happens only for example_inputs.
 AUTOMATIC_LIMIT = 1 << 30
-_FLOAT_TYPES = {1: np.float32, 10: np.float16, 11: np.float64}  # TensorProto.FLOAT, FLOAT16, DOUBLE
-_BFLOAT16 = 16  # TensorProto.BFLOAT16: made in float32, then rounded by torch
-_OTHER_TYPES = {6: np.int32, 7: np.int64, 9: np.bool_}  # INT32, INT64, BOOL
+# The graph input types inputs are made for (by TensorProto code; bfloat16 made in float32, then rounded by torch)
+_FLOAT_TYPES = {code: dtype.type for code, dtype in ONNX_DTYPES.items() if dtype.kind == "f"}
+_OTHER_TYPES = {
+    code: dtype.type for code, dtype in ONNX_DTYPES.items() if dtype.type in (np.int32, np.int64, np.bool_)
+}
 # Allowed difference, in units of the coarser dtype's epsilon times the output's largest value (at least 1).
 # Exact twins measured 1-8 of them against onnxruntime (ResNet-50, ConvNeXt-T, ViT-S, BERT-base, EfficientNet-B0).
 _ULPS = 64
@@ -408,9 +411,7 @@ def _made(source: Source, size: int = _SIZES[0]) -> dict[str, torch.Tensor] | No
             for i, d in enumerate(tensor_type.shape.dim)
         ]
         elem = tensor_type.elem_type
-        dtype = (
-            _FLOAT_TYPES.get(elem) or _OTHER_TYPES.get(elem) or (np.float32 if elem == _BFLOAT16 else None)
-        )
+        dtype = _FLOAT_TYPES.get(elem) or _OTHER_TYPES.get(elem) or (np.float32 if elem == BFLOAT16 else None)
         if dtype is None or any(d <= 0 for d in dims):
             return None
         if size != _SIZES[0] and math.prod(dims) > _MADE_LIMIT:  # a retry's size: not at any cost
@@ -422,7 +423,7 @@ def _made(source: Source, size: int = _SIZES[0]) -> dict[str, torch.Tensor] | No
         else:
             array = _mask(dims).astype(dtype)
         tensor = torch.from_numpy(array)
-        made[graph_input.name] = tensor.to(torch.bfloat16) if elem == _BFLOAT16 else tensor
+        made[graph_input.name] = tensor.to(torch.bfloat16) if elem == BFLOAT16 else tensor
     return made
 
 

@@ -45,7 +45,7 @@ from weightport.dtypes import ml_float
 from weightport.errors import MissingDependencyError, SourceError
 from weightport.sources.base import Source, TensorInfo, check_extent
 
-__all__ = ["MAX_MODEL_BYTES", "OnnxSource", "claims", "open"]
+__all__ = ["MAX_MODEL_BYTES", "ONNX_DTYPES", "BFLOAT16", "OnnxSource", "claims", "open"]
 
 MAX_MODEL_BYTES = 2**31 - 1
 """Largest ``.onnx`` file parsed: protobuf reads whole messages, and caps them at 2 GiB."""
@@ -53,7 +53,7 @@ MAX_MODEL_BYTES = 2**31 - 1
 _DEFAULT, _EXTERNAL = 0, 1  # TensorProto.DataLocation
 
 # TensorProto.DataType -> NumPy dtype (ONNX stores raw data little-endian).
-_DTYPES: dict[int, np.dtype] = {
+ONNX_DTYPES: dict[int, np.dtype] = {
     code: np.dtype(dt).newbyteorder("<")
     for code, dt in {
         1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
@@ -62,7 +62,7 @@ _DTYPES: dict[int, np.dtype] = {
     }.items()
 }  # fmt: skip
 
-_BFLOAT16 = 16  # read as ml_dtypes' bfloat16 (imported only then)
+BFLOAT16 = 16  # read as ml_dtypes' bfloat16 (imported only then)
 
 # Which typed field holds the values when raw_data is empty, and how many per element.
 _FIELDS: dict[int, tuple[str, int]] = {
@@ -275,7 +275,7 @@ def _add(source: OnnxSource, name: str, tensor: Any, sizes: dict[str, int]) -> b
         source.infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype)
         source.payloads[name] = tensor
         return True
-    dtype = ml_float("bfloat16") if tensor.data_type == _BFLOAT16 else _DTYPES.get(tensor.data_type)
+    dtype = ml_float("bfloat16") if tensor.data_type == BFLOAT16 else ONNX_DTYPES.get(tensor.data_type)
     if dtype is None:
         source.ignored.append(f"{name} (ONNX data type {tensor.data_type}, which weightport does not read)")
         return False

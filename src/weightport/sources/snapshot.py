@@ -143,7 +143,8 @@ def config_writer(file: str, config: dict[str, Any], names: list[str]) -> str | 
     if "_class_name" in config or "_diffusers_version" in config:
         return "diffusers"
     # model_type alone is a user's own config too: with it, a weights file transformers names its own
-    transformers_files = any(not (weights_file(n) or "diffusion").startswith("diffusion") for n in names)
+    diffusers = _STEMS[1][0]
+    transformers_files = any((found := weights_file(n)) and not found.startswith(diffusers) for n in names)
     if any(k in config for k in ("transformers_version", "architectures")) or (
         "model_type" in config and transformers_files
     ):
